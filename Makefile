@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` (the main job, end to end, offline) and `make test`.
+# Both create .venv in the repo on first use; every pip call carries constraints.txt so that
+# torch stays at the CPU wheel on the machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip install -c constraints.txt
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean-venv
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/pertvl demo
+
+test: $(STAMP)
+	$(BIN)/ruff check pertvl tests bench
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench
+
+clean-venv:
+	rm -rf $(VENV)
