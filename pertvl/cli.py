@@ -1,0 +1,53 @@
+"""The `pertvl` command: subcommands only, no logic.
+
+Each area of the package registers its own subcommands in a light `cli` module that imports
+nothing heavy (no torch) at parse time; the handlers import their implementation lazily so
+`pertvl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pertvl import __version__
+
+# Area modules, in the order data flows. Each defines `register(subparsers)`.
+_COMMAND_MODULES = (
+    "pertvl.data.cli",
+    "pertvl.train.cli",
+    "pertvl.export.cli",
+    "pertvl.evaluate.cli",
+    "pertvl.demo_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pertvl",
+        description="Pretrain, export and evaluate biomedical vision-language encoders "
+        "with multi-scale contrastive learning and perturbed report discrimination.",
+    )
+    parser.add_argument("--version", action="version", version=f"pertvl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

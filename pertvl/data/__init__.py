@@ -1,0 +1,1 @@
+"""Data: ingestion (Open-I, phantom), the one text rule, perturbations, shards, streaming."""

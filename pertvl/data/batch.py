@@ -1,0 +1,50 @@
+"""The typed batch that the stream produces and the model consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One training/evaluation batch of B samples with K = len(PERTURBATION_TYPES) perturbations.
+
+    images:              [B, 1, H, W] float32, intensities in [0, 1] (grayscale; the image
+                         encoder repeats channels and normalizes itself, so export sees raw pixels)
+    input_ids:           [B, L] int64, original reports (cleaned text)
+    attention_mask:      [B, L] int64
+    word_ids:            [B, L] int64, word index of each token, -1 for [CLS]/[SEP]/pad
+    pert_input_ids:      [B, K, Lp] int64, perturbation k of sample b (order of PERTURBATION_TYPES)
+    pert_attention_mask: [B, K, Lp] int64
+    pert_valid:          [B, K] bool; False where the perturbation is unavailable or its tokens
+                         equal the original's (never a negative then)
+    """
+
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    word_ids: torch.Tensor
+    pert_input_ids: torch.Tensor
+    pert_attention_mask: torch.Tensor
+    pert_valid: torch.Tensor
+    ids: list[str] = field(default_factory=list)
+    study_ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None  # [B, C] float, NaN where unknown (phantom/CheXpert labels)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str, image_dtype: torch.dtype | None = None) -> Batch:
+        """Move tensors to `device`; images optionally cast (bf16/fp16 engines)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=True)
+                if f.name == "images" and image_dtype is not None:
+                    v = v.to(image_dtype)
+            out[f.name] = v
+        return Batch(**out)

