@@ -55,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="folder holding the image files (checked unless --text-only)")
     p.add_argument("--text-only", action="store_true", help="do not check that image files exist")
     p.add_argument("--section", choices=["findings", "impression", "both"], default="findings")
-    p.add_argument("--split", choices=["study", "paper"], default="study",
-                   help="study: whole studies per split from --seed (default); paper: row order 6000/469")
+    p.add_argument("--split", choices=["study", "paper", "given"], default=None,
+                   help="study: whole studies per split from --seed (default for xml/kaggle); "
+                   "paper: row order 6000/469; given: R2Gen's own train/val/test (default for r2gen)")
     p.add_argument("--split-fractions", default="0.8775,0.05,0.0725", help="train,val,test (study split)")
     p.add_argument("--drop-deid", action="store_true", help='remove the "XXXX" de-identification token')
     p.add_argument("--seed", type=int, default=0)
