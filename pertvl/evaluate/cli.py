@@ -1,0 +1,250 @@
+"""`pertvl eval {structure,retrieval,zeroshot,text-structure}`: parsers only, handlers import lazily.
+
+The model comes from an ONNX export (`--export DIR`, onnxruntime via pertvl.infer.Embedder) or a
+torch run (`--run RUN_DIR`, RUN_DIR/final via pertvl.model.DualEncoder), so an export can be
+checked against its checkpoint; `text-structure` also takes a plain HF text model
+(`--text-model PATH`, the untrained baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pertvl.data.records import PERTURBATION_TYPES
+
+
+def _build_encoder(args: argparse.Namespace):
+    """The Encoder named by --export / --run / --text-model, and a description for the result's info."""
+    if args.export:
+        from pertvl.infer import Embedder
+
+        return Embedder.from_export(args.export, batch_size=args.batch_size), {"encoder": "onnx", "export": str(args.export)}
+    if args.run:
+        from pertvl.evaluate.torch_encoder import TorchEncoder
+
+        enc = TorchEncoder.from_run(args.run, device=args.device, batch_size=args.batch_size)
+        return enc, {"encoder": "torch", "run": str(args.run), "device": str(enc.device)}
+    from pertvl.evaluate.torch_encoder import HFTextEncoder
+
+    enc = HFTextEncoder(args.text_model, pooling=args.pooling, device=args.device, batch_size=args.batch_size)
+    return enc, {"encoder": "hf-text", "text_model": str(args.text_model), "pooling": args.pooling}
+
+
+def _samples(args: argparse.Namespace):
+    import itertools
+
+    from pertvl.data.shards import iter_samples
+
+    samples = iter_samples(args.shards, args.split)
+    return itertools.islice(samples, args.limit) if args.limit else samples
+
+
+def _info(args: argparse.Namespace, encoder_info: dict) -> dict:
+    import sys
+
+    from pertvl import __version__
+
+    info = {**encoder_info, "pertvl_version": __version__, "command": " ".join(["pertvl", *sys.argv[1:]])}
+    if getattr(args, "shards", None):
+        info.update(shards=str(args.shards), split=args.split)
+    if getattr(args, "limit", None):
+        info["limit"] = args.limit
+    return info
+
+
+def _print_paths(paths: dict) -> None:
+    for kind, path in paths.items():
+        print(f"  {kind}: {path}")
+
+
+def _structure(args: argparse.Namespace) -> int:
+    from pertvl.evaluate.report import write_structure_outputs
+    from pertvl.evaluate.structure import evaluate_structure
+
+    encoder, enc_info = _build_encoder(args)
+    result = evaluate_structure(encoder, _samples(args), types=args.types, bootstrap=args.bootstrap, seed=args.seed,
+                                batch_size=args.batch_size, info=_info(args, enc_info))
+    paths = write_structure_outputs(result, args.out, args.name or "structure")
+    o = result.overall
+    acc = "n/a" if o.accuracy is None else f"{100 * o.accuracy:.1f}% (chance {100 * o.chance:.1f}%)"
+    print(f"structure accuracy {acc} over {o.n} images")
+    _print_paths(paths)
+    return 0
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from pertvl.evaluate.report import write_retrieval_outputs
+    from pertvl.evaluate.retrieval import evaluate_retrieval
+
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+    except ValueError:
+        raise SystemExit(f"pertvl eval retrieval: --ks must be comma-separated integers, got {args.ks!r}") from None
+    encoder, enc_info = _build_encoder(args)
+    result = evaluate_retrieval(encoder, _samples(args), ks=ks, match=args.match, batch_size=args.batch_size,
+                                info=_info(args, enc_info))
+    paths = write_retrieval_outputs(result, args.out, args.name or "retrieval")
+    i2t = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.image_to_text.items())
+    t2i = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.text_to_image.items())
+    print(f"image→report {i2t}; report→image {t2i} ({result.images} images, {result.texts} reports)")
+    _print_paths(paths)
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    import json
+
+    from pertvl.evaluate.report import write_zeroshot_outputs
+    from pertvl.evaluate.zeroshot import DEFAULT_PROMPTS, evaluate_zeroshot
+
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            try:
+                prompts = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{args.prompts}: not JSON: {e}") from None
+        if not isinstance(prompts, dict):
+            raise SystemExit(f"{args.prompts}: expected {{label: [positive, negative]}}")
+    encoder, enc_info = _build_encoder(args)
+    result = evaluate_zeroshot(encoder, _samples(args), prompts=prompts, batch_size=args.batch_size,
+                               info=_info(args, enc_info))
+    paths = write_zeroshot_outputs(result, args.out, args.name or "zeroshot")
+    mean = result.mean_auroc
+    print(f"zero-shot mean AUROC {'n/a' if mean is None else f'{mean:.3f}'} over "
+          f"{sum(v.auroc is not None for v in result.per_label.values())} labels, {result.images} images")
+    _print_paths(paths)
+    return 0
+
+
+def _text_structure(args: argparse.Namespace) -> int:
+    from pertvl.data.perturb import Perturber
+    from pertvl.evaluate.report import write_structure_outputs
+    from pertvl.evaluate.text_structure import evaluate_text_structure, perturb_findings, read_report_sections
+
+    sections = read_report_sections(args.reports, limit=args.limit)
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(sections.skipped.items())) or "none"
+    print(f"{args.reports}: {len(sections)} reports with findings and impression ({sections.rows_read} read; "
+          f"left out: {skipped})")
+    records = perturb_findings(sections, Perturber(seed=args.perturb_seed), progress=True)
+    encoder, enc_info = _build_encoder(args)
+    info = _info(args, enc_info)
+    info.update(reports=str(args.reports), rows_read=sections.rows_read, rows_left_out=sections.skipped,
+                perturb_seed=args.perturb_seed)
+    result = evaluate_text_structure(encoder, records, types=args.types, bootstrap=args.bootstrap, seed=args.seed,
+                                     batch_size=args.batch_size, info=info, ids=sections.uids)
+    paths = write_structure_outputs(result, args.out, args.name or "text_structure")
+    o = result.overall
+    acc = "n/a" if o.accuracy is None else f"{100 * o.accuracy:.1f}% (chance {100 * o.chance:.1f}%)"
+    print(f"text-structure accuracy {acc} over {o.n} reports")
+    _print_paths(paths)
+    return 0
+
+
+def _types(text: str) -> tuple[str, ...]:
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in types if t not in PERTURBATION_TYPES]
+    if unknown or not types:
+        raise argparse.ArgumentTypeError(f"unknown type(s) {unknown}; choose from {', '.join(PERTURBATION_TYPES)}")
+    return types
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser, text_model: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--export", metavar="DIR", help="ONNX export folder (pertvl export), run on onnxruntime")
+    g.add_argument("--run", metavar="RUN_DIR", help="training run folder; loads RUN_DIR/final with torch")
+    if text_model:
+        g.add_argument("--text-model", metavar="PATH",
+                       help="a plain Hugging Face text model folder (untrained baseline), e.g. the offline MiniLM")
+        p.add_argument("--pooling", choices=["mean", "cls"], default="mean",
+                       help="pooling of --text-model token states (default: mean)")
+    p.add_argument("--device", default="auto", help="torch device for --run/--text-model: auto|cpu|cuda[:N] (default auto)")
+    p.add_argument("--batch-size", type=_positive, default=32, help="images/texts per encoder call (default 32)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON, Markdown and PNG outputs")
+    p.add_argument("--name", help="file stem of the outputs (default: the evaluation's name)")
+
+
+def _shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, metavar="DIR", help="shard folder (pertvl pack), e.g. shards/demo")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
+    p.add_argument("--limit", type=_positive, help="evaluate only the first N samples (quick checks)")
+
+
+def _structure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--types", type=_types, default=PERTURBATION_TYPES,
+                   help="comma-separated perturbation types (default: all nine)")
+    p.add_argument("--bootstrap", type=_non_negative, default=1000,
+                   help="bootstrap resamples for the 95%% CIs, 0 to skip (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure",
+        description="Evaluate pretrained encoders (ONNX export or torch run) on a shard split.",
+    )
+    esub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION", required=True)
+
+    p = esub.add_parser(
+        "structure",
+        help="zero-shot clinical semantic structure (Table IV): original report vs its perturbations",
+        description="For each image, score its report and the report's valid perturbations by "
+        "cosine(image, text); accuracy overall and per perturbation type with bootstrap CIs. "
+        "Writes NAME.json, NAME.md and NAME.png.",
+    )
+    _model_args(p)
+    _shard_args(p)
+    _structure_args(p)
+    p.set_defaults(handler=_structure)
+
+    p = esub.add_parser(
+        "retrieval",
+        help="image→report and report→image Recall@K",
+        description="Recall@K in both directions against the gallery of distinct reports of the split.",
+    )
+    _model_args(p)
+    _shard_args(p)
+    p.add_argument("--ks", default="1,5,10", help="comma-separated K values (default 1,5,10)")
+    p.add_argument("--match", choices=["report", "study"], default="report",
+                   help="report: an image matches every identical report text (default); study: its study's report")
+    p.set_defaults(handler=_retrieval)
+
+    p = esub.add_parser(
+        "zeroshot",
+        help="zero-shot classification from prompt pairs, AUROC per label",
+        description='Score = cos(image, "finding") - cos(image, "no finding") per label; AUROC over '
+        "images with a definite 0/1 label.",
+    )
+    _model_args(p)
+    _shard_args(p)
+    p.add_argument("--prompts", metavar="JSON",
+                   help='JSON file {label: [positive, negative] or [[pos, neg], ...]} (default: built-in prompts)')
+    p.set_defaults(handler=_zeroshot)
+
+    p = esub.add_parser(
+        "text-structure",
+        help="text-only structure check on Open-I: impression vs findings and their perturbations",
+        description="For each report with both sections: anchor = impression, candidates = findings and "
+        "its valid perturbations, scored by the text encoder alone.",
+    )
+    _model_args(p, text_model=True)
+    p.add_argument("--reports", required=True, metavar="CSV", help="the Kaggle layout's indiana_reports.csv")
+    p.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbations (default 0)")
+    p.add_argument("--limit", type=_positive, help="use only the first N reports with both sections")
+    _structure_args(p)
+    p.set_defaults(handler=_text_structure)

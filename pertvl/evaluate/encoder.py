@@ -1,0 +1,151 @@
+"""The encoder interface every evaluation talks to, and the helpers that feed it.
+
+The evaluations need two things from a model: an embedding per image and an embedding per
+(cleaned) report text. Anything with these two methods is an `Encoder`: the onnxruntime
+`pertvl.infer.Embedder`, the torch `pertvl.evaluate.torch_encoder.TorchEncoder`, or a stand-in
+in the tests. Text-only evaluations (`text_structure`) need a `TextEncoder` (embed_texts only),
+which a plain HF text model also provides.
+
+Contract of both methods: return float32 arrays [N, D], one L2-normalized row per input, and
+batch internally. The evaluations still re-normalize (cosine) so that a slightly
+non-normalized implementation cannot change a ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed cleaned texts (pertvl.data.text.clean_text). Returns [N, D] float32, L2-normalized."""
+        ...
+
+
+@runtime_checkable
+class Encoder(TextEncoder, Protocol):
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """Embed images [N, 1, H, W] float32 in [0, 1]. Returns [N, D] float32, L2-normalized."""
+        ...
+
+
+def image_array(sample: Any) -> np.ndarray:
+    """A shard sample's uint8 [H, W] image as float32 [1, H, W] in [0, 1].
+
+    Raises:
+        ValueError: naming the sample key when the image is not a 2-D uint8 array.
+    """
+    img = np.asarray(sample.image)
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(
+            f"sample {getattr(sample, 'key', '?')!r}: expected a uint8 [H, W] grayscale image, "
+            f"got {img.dtype} {tuple(img.shape)}"
+        )
+    return (img.astype(np.float32) / 255.0)[None]
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm, in float64 (so cosine scores are compared without float32 noise)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def check_embeddings(emb: Any, n: int, what: str) -> np.ndarray:
+    """Validate an encoder output: [n, D] finite numbers.
+
+    Raises:
+        ValueError: saying what was expected and what the encoder returned.
+    """
+    arr = np.asarray(emb)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(f"{what}: expected an [{n}, D] embedding array, got shape {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what}: embeddings contain NaN or inf")
+    return arr.astype(np.float32, copy=False)
+
+
+def embed_texts_unique(
+    encoder: TextEncoder, texts: Iterable[str], batch_size: int = 32
+) -> tuple[dict[str, int], np.ndarray]:
+    """Embed each distinct text once.
+
+    Args:
+        encoder: anything with `embed_texts`.
+        texts: cleaned texts, duplicates allowed (a report shared by the views of a study,
+            perturbations shared by identical reports).
+        batch_size: texts handed to the encoder per call (bounds memory; the encoder may
+            batch further).
+
+    Returns:
+        (index, embeddings): `index[text]` is the row of that text in `embeddings` [U, D].
+    """
+    index: dict[str, int] = {}
+    for t in texts:
+        if t not in index:
+            index[t] = len(index)
+    unique = list(index)
+    return index, embed_in_batches(encoder.embed_texts, unique, batch_size, "embed_texts")
+
+
+def embed_in_batches(fn, items: Sequence, batch_size: int, what: str) -> np.ndarray:
+    """Call `fn` on consecutive slices of `items` and stack the checked outputs."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = []
+    for start in range(0, len(items), batch_size):
+        part = items[start : start + batch_size]
+        chunks.append(check_embeddings(fn(part), len(part), what))
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    dims = {c.shape[1] for c in chunks}
+    if len(dims) != 1:
+        raise ValueError(f"{what}: embedding width changed between batches: {sorted(dims)}")
+    return np.concatenate(chunks)
+
+
+class ImageBatcher:
+    """Collects sample images into fixed-size batches and embeds each full batch right away,
+    so an evaluation streams a shard split without holding every image in memory."""
+
+    def __init__(self, encoder: Encoder, batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self._pending: list[np.ndarray] = []
+        self._pending_keys: list[str] = []
+        self._done: list[np.ndarray] = []
+        self._shape: tuple[int, ...] | None = None
+
+    def add(self, sample: Any) -> None:
+        arr = image_array(sample)
+        if self._shape is None:
+            self._shape = arr.shape
+        elif arr.shape != self._shape:
+            raise ValueError(
+                f"sample {getattr(sample, 'key', '?')!r}: image shape {arr.shape[1:]} differs from the "
+                f"split's {self._shape[1:]} (shards hold one image size)"
+            )
+        self._pending.append(arr)
+        self._pending_keys.append(str(getattr(sample, "key", "?")))
+        if len(self._pending) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        batch = np.stack(self._pending).astype(np.float32, copy=False)
+        what = f"embed_images (samples {self._pending_keys[0]!r}..{self._pending_keys[-1]!r})"
+        self._done.append(check_embeddings(self.encoder.embed_images(batch), len(batch), what))
+        self._pending, self._pending_keys = [], []
+
+    def finish(self) -> np.ndarray:
+        """All embeddings so far, [N, D] in the order the samples were added."""
+        self._flush()
+        if not self._done:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(self._done)

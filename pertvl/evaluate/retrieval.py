@@ -1,0 +1,223 @@
+"""Image→report and report→image retrieval, Recall@K, by cosine of global embeddings.
+
+Which retrieved items count as correct:
+- Plain pairs (no group ids): row i of the images goes with row i of the texts.
+- With `study_ids`: all views of a study share one report, so for an image any text of its
+  study is correct, and for a text any image of its study is correct. Texts can form a smaller
+  gallery than the images (`text_study_ids` gives each text's study); otherwise text i belongs
+  to study_ids[i].
+- `evaluate_retrieval` builds the gallery from the distinct report texts and, by default
+  (match="report"), treats every image whose report is exactly that text as its match: Open-I
+  holds many word-for-word identical reports from different studies (templated normals), and an
+  identical text has an identical embedding, so counting it as wrong would only measure list
+  order. match="study" uses the study grouping instead (one gallery entry per study and text).
+
+Rank of the first correct item, ties pessimistic: a wrong item scoring within `tie_tolerance`
+of the best correct item ranks ahead of it (as in the structure evaluation). Recall@K is the
+share of queries whose first correct item has rank ≤ K.
+
+JSON schema "pertvl-retrieval/1":
+    {"schema", "image_to_text": {"R@1": float, ...}, "text_to_image": {"R@1": float, ...},
+     "median_rank": {"image_to_text": float, "text_to_image": float},
+     "images": int, "texts": int, "match": "pairs"|"study"|"report", "skipped": {reason: int},
+     "tie_tolerance": float, "info": {...}}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+from pertvl.evaluate.structure import TIE_TOLERANCE
+
+SCHEMA = "pertvl-retrieval/1"
+DEFAULT_KS = (1, 5, 10)
+
+
+@dataclass
+class RetrievalResult:
+    """Recall@K in both directions; keys of the recall maps are "R@K"."""
+
+    image_to_text: dict[str, float]
+    text_to_image: dict[str, float]
+    median_rank: dict[str, float]
+    images: int
+    texts: int
+    match: str
+    skipped: dict[str, int] = field(default_factory=dict)
+    tie_tolerance: float = TIE_TOLERANCE
+    info: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "image_to_text": dict(self.image_to_text),
+            "text_to_image": dict(self.text_to_image),
+            "median_rank": dict(self.median_rank),
+            "images": self.images,
+            "texts": self.texts,
+            "match": self.match,
+            "skipped": dict(self.skipped),
+            "tie_tolerance": self.tie_tolerance,
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RetrievalResult:
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+            raise ValueError(f"not a pertvl retrieval result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
+        return cls(
+            image_to_text=dict(d["image_to_text"]),
+            text_to_image=dict(d["text_to_image"]),
+            median_rank=dict(d["median_rank"]),
+            images=int(d["images"]),
+            texts=int(d["texts"]),
+            match=d["match"],
+            skipped=dict(d.get("skipped", {})),
+            tie_tolerance=float(d.get("tie_tolerance", TIE_TOLERANCE)),
+            info=dict(d.get("info", {})),
+        )
+
+
+def first_hit_ranks(sim: np.ndarray, hit: np.ndarray, tie_tolerance: float = TIE_TOLERANCE) -> np.ndarray:
+    """1-based rank of the best-scoring correct item of each query, ties counted against it.
+
+    Args:
+        sim: [Q, G] similarities of Q queries to G gallery items.
+        hit: [Q, G] bool, which gallery items are correct for each query (≥ 1 per query).
+
+    Returns:
+        [Q] int ranks.
+
+    Raises:
+        ValueError: when a query has no correct item in the gallery.
+    """
+    if not hit.any(axis=1).all():
+        bad = int(np.flatnonzero(~hit.any(axis=1))[0])
+        raise ValueError(f"query {bad} has no correct item in the gallery (check the study ids)")
+    best = np.where(hit, sim, -np.inf).max(axis=1)
+    ahead = (~hit) & (sim >= best[:, None] - tie_tolerance)
+    return 1 + ahead.sum(axis=1)
+
+
+def retrieval_recall(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    study_ids: Sequence[Any] | None = None,
+    text_study_ids: Sequence[Any] | None = None,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> RetrievalResult:
+    """Image→text and text→image Recall@K by cosine similarity.
+
+    Args:
+        image_emb: [N, D] image embeddings.
+        text_emb: [M, D] text embeddings (M = N without `text_study_ids`).
+        ks: the K values (positive integers).
+        study_ids: [N] group (study) of each image; None means row i matches text i only.
+        text_study_ids: [M] group of each text; defaults to `study_ids` (then M = N).
+        tie_tolerance: cosine margin within which a wrong item ties and ranks ahead.
+
+    Returns:
+        RetrievalResult (info empty; `evaluate_retrieval` fills it).
+
+    Raises:
+        ValueError: on inconsistent shapes, bad K values or a query without a match.
+    """
+    image_emb, text_emb = np.asarray(image_emb), np.asarray(text_emb)
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            f"expected image_emb [N, D] and text_emb [M, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    n, m = len(image_emb), len(text_emb)
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if study_ids is None:
+        if text_study_ids is not None or n != m:
+            raise ValueError(f"without study_ids, images and texts pair row by row: got {n} images and {m} texts")
+        img_groups = txt_groups = np.arange(n)
+        match = "pairs"
+    else:
+        img_groups = np.asarray(list(study_ids), dtype=object)
+        txt_groups = img_groups if text_study_ids is None else np.asarray(list(text_study_ids), dtype=object)
+        if len(img_groups) != n or len(txt_groups) != m:
+            raise ValueError(
+                f"expected {n} image study ids and {m} text study ids, got {len(img_groups)} and {len(txt_groups)}"
+            )
+        match = "study"
+    if n == 0 or m == 0:
+        raise ValueError("retrieval needs at least one image and one text")
+    sim = l2_normalize(image_emb) @ l2_normalize(text_emb).T
+    hit = img_groups[:, None] == txt_groups[None, :]
+    i2t = first_hit_ranks(sim, hit, tie_tolerance)
+    t2i = first_hit_ranks(sim.T, hit.T, tie_tolerance)
+    return RetrievalResult(
+        image_to_text={f"R@{k}": float(np.mean(i2t <= k)) for k in ks},
+        text_to_image={f"R@{k}": float(np.mean(t2i <= k)) for k in ks},
+        median_rank={"image_to_text": float(np.median(i2t)), "text_to_image": float(np.median(t2i))},
+        images=n,
+        texts=m,
+        match=match,
+        tie_tolerance=tie_tolerance,
+    )
+
+
+def evaluate_retrieval(
+    encoder: Encoder,
+    samples: Iterable[Any],
+    ks: Sequence[int] = DEFAULT_KS,
+    match: str = "report",
+    batch_size: int = 32,
+    tie_tolerance: float = TIE_TOLERANCE,
+    info: Mapping[str, Any] | None = None,
+) -> RetrievalResult:
+    """Retrieval over shard samples: every image against the gallery of distinct reports.
+
+    Args:
+        encoder: an Encoder.
+        samples: objects with `.key`, `.image` and `.meta` (`text`, `study_id`, `id`).
+        ks: Recall@K values.
+        match: "report" (an image matches every gallery text equal to its report; default) or
+            "study" (an image matches its study's report; one gallery entry per study and text).
+        batch_size: images / texts per encoder call.
+        tie_tolerance: see `retrieval_recall`.
+        info: provenance stored in the result.
+
+    Returns:
+        RetrievalResult with `match` = "report" or "study".
+    """
+    if match not in ("report", "study"):
+        raise ValueError(f"match must be 'report' or 'study', got {match!r}")
+    batcher = ImageBatcher(encoder, batch_size)
+    skipped: Counter = Counter()
+    image_groups: list[Any] = []
+    gallery: dict[tuple[Any, str], int] = {}
+    for sample in samples:
+        meta = sample.meta
+        text = (meta.get("text") or "").strip()
+        if not text:
+            skipped["empty_text"] += 1
+            continue
+        group = text if match == "report" else str(meta.get("study_id", meta.get("id", sample.key)))
+        batcher.add(sample)
+        image_groups.append(group)
+        gallery.setdefault((group, text), len(gallery))
+    image_emb = batcher.finish()
+    entries = list(gallery)
+    index, text_emb = embed_texts_unique(encoder, [t for _, t in entries], batch_size)
+    gallery_emb = text_emb[[index[t] for _, t in entries]]
+    result = retrieval_recall(
+        image_emb, gallery_emb, ks, study_ids=image_groups, text_study_ids=[g for g, _ in entries],
+        tie_tolerance=tie_tolerance,
+    )
+    result.match = match
+    result.skipped = dict(skipped)
+    result.info = dict(info or {})
+    return result

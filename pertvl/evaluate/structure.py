@@ -1,0 +1,488 @@
+"""Zero-shot clinical semantic structure evaluation (the paper's Table IV, §IV-C-3), done right.
+
+For each test image, the candidates are its original report and the report's *valid*
+perturbations; each candidate is scored by the cosine of the image's global embedding and the
+text's global embedding (paper: S(I,T) = e_I·e_T / (‖e_I‖‖e_T‖)).
+
+- Overall accuracy: the share of images whose original report scores strictly above every one
+  of its valid perturbations. Chance level = mean over those images of 1/(1 + K_i), K_i = the
+  image's number of valid perturbations.
+- Per type t: pairwise, original vs the type-t perturbation, over the images where type t is
+  valid (chance 0.5).
+- Ties count as wrong: a perturbation scoring within `tie_tolerance` (1e-6 cosine) of the
+  original beats it. An encoder that cannot tell the candidates apart (e.g. a bag of words on a
+  shuffle) thus scores 0, never a lucky 50 % from float noise or list order.
+- Excluded, never counted: perturbations listed as unavailable, missing from the record, or
+  whose words equal the original's (a file may say otherwise; such a text is counted under
+  `excluded_identical`). Images left with no valid perturbation are not part of the overall
+  accuracy (nothing to discriminate) and are counted in `images_without_valid_perturbation`.
+- 95 % confidence intervals: percentile bootstrap over images (scipy.stats.bootstrap),
+  `bootstrap` resamples, seeded, each metric from its own `numpy.random.default_rng(seed)` so a
+  number does not depend on which other types were evaluated. Null when fewer than 2 images.
+- Each distinct text is embedded once (views of a study share a report).
+
+JSON schema "pertvl-structure/1" (`StructureResult.to_json`; text_structure.py writes the same
+layout under "pertvl-text-structure/1"):
+
+    {
+      "schema": "pertvl-structure/1",
+      "overall": STAT,                  # original ranked strictly first among all candidates
+      "per_type": {type: STAT, ...},    # every requested type, in PERTURBATION_TYPES order
+      "images": int,                    # samples scored (non-empty report)
+      "images_without_valid_perturbation": int,
+      "skipped": {reason: int},         # samples not scored (e.g. "empty_text")
+      "bootstrap": {"resamples": int, "seed": int, "confidence": 0.95, "method": "percentile"},
+      "tie_tolerance": float,
+      "info": {...}                     # free-form provenance (encoder, shards, split, ...)
+    }
+    STAT = {"accuracy": float|null, "ci95": [low, high]|null, "n": int (images), "correct": int,
+            "chance": float|null, "mean_candidates": float|null,
+            "excluded_identical": int, "unavailable": int, "missing": int}
+
+For the overall STAT the three exclusion counts are totals over types. A null accuracy means
+"not measured" (n = 0), never 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pertvl.data.records import PERTURBATION_TYPES
+from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+
+SCHEMA = "pertvl-structure/1"
+TIE_TOLERANCE = 1e-6
+CONFIDENCE = 0.95
+
+
+@dataclass
+class StructureScores:
+    """Per-image scores of one structure evaluation (N anchors, K perturbation types).
+
+    orig:           [N] cosine(anchor, original report)
+    pert:           [N, K] cosine(anchor, perturbation k), NaN where invalid
+    valid:          [N, K] bool
+    correct:        [N] bool, original strictly above every valid perturbation (False if none valid)
+    pairwise:       [N, K] bool, original strictly above perturbation k (False where invalid)
+    num_candidates: [N] int, 1 + number of valid perturbations
+    """
+
+    orig: np.ndarray
+    pert: np.ndarray
+    valid: np.ndarray
+    correct: np.ndarray
+    pairwise: np.ndarray
+    num_candidates: np.ndarray
+
+    @property
+    def has_candidates(self) -> np.ndarray:
+        """[N] bool: images with at least one valid perturbation (the overall accuracy's images)."""
+        return self.valid.any(axis=1)
+
+
+@dataclass
+class AccuracyStat:
+    """One accuracy with its uncertainty, sample size, chance level and exclusion counts."""
+
+    accuracy: float | None
+    ci95: tuple[float, float] | None
+    n: int
+    correct: int
+    chance: float | None
+    mean_candidates: float | None
+    excluded_identical: int = 0
+    unavailable: int = 0
+    missing: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "ci95": list(self.ci95) if self.ci95 is not None else None,
+            "n": self.n,
+            "correct": self.correct,
+            "chance": self.chance,
+            "mean_candidates": self.mean_candidates,
+            "excluded_identical": self.excluded_identical,
+            "unavailable": self.unavailable,
+            "missing": self.missing,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> AccuracyStat:
+        ci = d.get("ci95")
+        return cls(
+            accuracy=d["accuracy"],
+            ci95=(float(ci[0]), float(ci[1])) if ci is not None else None,
+            n=int(d["n"]),
+            correct=int(d["correct"]),
+            chance=d.get("chance"),
+            mean_candidates=d.get("mean_candidates"),
+            excluded_identical=int(d.get("excluded_identical", 0)),
+            unavailable=int(d.get("unavailable", 0)),
+            missing=int(d.get("missing", 0)),
+        )
+
+
+@dataclass
+class StructureResult:
+    """The outcome of a (text-)structure evaluation; `to_json` gives the documented schema."""
+
+    overall: AccuracyStat
+    per_type: dict[str, AccuracyStat]
+    images: int
+    images_without_valid_perturbation: int
+    skipped: dict[str, int]
+    bootstrap: dict[str, Any]
+    tie_tolerance: float = TIE_TOLERANCE
+    info: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+    # Per-image detail for pictures/debugging; not serialized.
+    ids: list[str] = field(default_factory=list, repr=False, compare=False)
+    scores: StructureScores | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "overall": self.overall.to_json(),
+            "per_type": {t: s.to_json() for t, s in self.per_type.items()},
+            "images": self.images,
+            "images_without_valid_perturbation": self.images_without_valid_perturbation,
+            "skipped": dict(self.skipped),
+            "bootstrap": dict(self.bootstrap),
+            "tie_tolerance": self.tie_tolerance,
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> StructureResult:
+        """Read a result back from its JSON form.
+
+        Raises:
+            ValueError: when `d` is not a pertvl structure result.
+        """
+        schema = d.get("schema") if isinstance(d, Mapping) else None
+        if schema not in (SCHEMA, "pertvl-text-structure/1"):
+            raise ValueError(f"not a pertvl structure result: schema {schema!r}")
+        return cls(
+            overall=AccuracyStat.from_json(d["overall"]),
+            per_type={t: AccuracyStat.from_json(s) for t, s in d["per_type"].items()},
+            images=int(d["images"]),
+            images_without_valid_perturbation=int(d["images_without_valid_perturbation"]),
+            skipped={k: int(v) for k, v in d.get("skipped", {}).items()},
+            bootstrap=dict(d.get("bootstrap", {})),
+            tie_tolerance=float(d.get("tie_tolerance", TIE_TOLERANCE)),
+            info=dict(d.get("info", {})),
+            schema=schema,
+        )
+
+
+def structure_scores(
+    image_emb: np.ndarray,
+    orig_emb: np.ndarray,
+    pert_emb: np.ndarray,
+    valid: np.ndarray,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> StructureScores:
+    """Score each image's original report against its perturbations by cosine similarity.
+
+    Args:
+        image_emb: [N, D] image global embeddings (the anchors; any scale: normalized here).
+        orig_emb: [N, D] global embeddings of each image's original report.
+        pert_emb: [N, K, D] embeddings of the perturbations (anything where invalid).
+        valid: [N, K] bool, which perturbations are candidates.
+        tie_tolerance: a perturbation within this cosine of the original counts as beating it.
+
+    Returns:
+        StructureScores (see its docstring).
+
+    Raises:
+        ValueError: on inconsistent shapes.
+    """
+    image_emb = np.asarray(image_emb)
+    orig_emb = np.asarray(orig_emb)
+    pert_emb = np.asarray(pert_emb)
+    valid = np.asarray(valid)
+    if image_emb.ndim != 2 or orig_emb.shape != image_emb.shape:
+        raise ValueError(
+            f"expected image_emb and orig_emb of the same shape [N, D], got "
+            f"{tuple(image_emb.shape)} and {tuple(orig_emb.shape)}"
+        )
+    n, d = image_emb.shape
+    if pert_emb.ndim != 3 or pert_emb.shape[0] != n or pert_emb.shape[2] != d:
+        raise ValueError(f"expected pert_emb [{n}, K, {d}], got {tuple(pert_emb.shape)}")
+    if valid.shape != pert_emb.shape[:2] or valid.dtype != np.bool_:
+        raise ValueError(f"expected valid as bool [{n}, {pert_emb.shape[1]}], got {valid.dtype} {tuple(valid.shape)}")
+    img = l2_normalize(image_emb)
+    orig = np.einsum("nd,nd->n", img, l2_normalize(orig_emb))
+    pert = np.einsum("nd,nkd->nk", img, l2_normalize(pert_emb))
+    return scores_from_cosines(orig, pert, valid, tie_tolerance)
+
+
+def scores_from_cosines(
+    orig: np.ndarray, pert: np.ndarray, valid: np.ndarray, tie_tolerance: float = TIE_TOLERANCE
+) -> StructureScores:
+    """StructureScores from precomputed cosines: orig [N], pert [N, K], valid [N, K] bool."""
+    orig = np.asarray(orig, dtype=np.float64)
+    pert = np.where(valid, np.asarray(pert, dtype=np.float64), np.nan)
+    # Strictly above, by more than the tolerance: ties go against the original.
+    wins = orig[:, None] - np.nan_to_num(pert, nan=-np.inf) > tie_tolerance
+    pairwise = wins & valid
+    correct = valid.any(axis=1) & np.all(wins | ~valid, axis=1)
+    return StructureScores(
+        orig=orig,
+        pert=pert,
+        valid=valid.copy(),
+        correct=correct,
+        pairwise=pairwise,
+        num_candidates=1 + valid.sum(axis=1),
+    )
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float] | None:
+    """Percentile bootstrap 95 % CI of the mean of `values` (resampling its entries).
+
+    Returns None when it is undefined (fewer than 2 values) or disabled (resamples = 0).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if resamples <= 0 or values.size < 2:
+        return None
+    from scipy.stats import bootstrap
+
+    res = bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=resamples,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+        vectorized=True,
+    )
+    ci = res.confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+@dataclass
+class CandidateCounts:
+    """Exclusion counts per perturbation type, gathered while building the candidate lists."""
+
+    excluded_identical: Counter = field(default_factory=Counter)
+    unavailable: Counter = field(default_factory=Counter)
+    missing: Counter = field(default_factory=Counter)
+
+
+def valid_perturbations(
+    text: str,
+    perturbations: Mapping[str, Any] | None,
+    unavailable: Mapping[str, Any] | None,
+    types: Sequence[str],
+    counts: CandidateCounts,
+) -> list[str | None]:
+    """The candidate text of each type for one report, None where it is not a valid candidate.
+
+    A perturbation whose words equal the original's is invalid whatever its record says
+    (counted as `excluded_identical`); a type listed as unavailable, or absent from both maps
+    (a malformed record), is invalid and counted as `unavailable` / `missing`.
+    """
+    perturbations = perturbations or {}
+    unavailable = unavailable or {}
+    words = text.split()
+    out: list[str | None] = []
+    for t in types:
+        p = perturbations.get(t)
+        if isinstance(p, str) and p.strip():
+            if p.split() == words:
+                counts.excluded_identical[t] += 1
+                out.append(None)
+            else:
+                out.append(p)
+        elif t in unavailable:
+            counts.unavailable[t] += 1
+            out.append(None)
+        else:  # neither a usable text nor a stated reason: a malformed record
+            counts.missing[t] += 1
+            out.append(None)
+    return out
+
+
+def check_types(types: Sequence[str]) -> tuple[str, ...]:
+    """Validate requested perturbation types against PERTURBATION_TYPES (order kept)."""
+    types = tuple(types)
+    unknown = [t for t in types if t not in PERTURBATION_TYPES]
+    if unknown or not types:
+        raise ValueError(f"unknown perturbation type(s) {unknown}; expected a non-empty subset of {PERTURBATION_TYPES}")
+    if len(set(types)) != len(types):
+        raise ValueError(f"perturbation types repeated: {list(types)}")
+    return types
+
+
+def cosine_candidates(
+    anchor_emb: np.ndarray,
+    text_index: dict[str, int],
+    text_emb: np.ndarray,
+    originals: Sequence[str],
+    candidates: Sequence[Sequence[str | None]],
+    num_types: int,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> StructureScores:
+    """Scores from anchors [N, D] and the embeddings of distinct texts, without materializing
+    an [N, K, D] array (the full Open-I split would take hundreds of MB).
+
+    Args:
+        anchor_emb: [N, D] anchors (image embeddings, or impression embeddings for text-structure).
+        text_index: text → row of `text_emb` (from embed_texts_unique).
+        text_emb: [U, D] embeddings of the distinct texts.
+        originals: the N original reports.
+        candidates: N rows of `num_types` perturbation texts, None where not a valid candidate.
+        num_types: K.
+        tie_tolerance: see `scores_from_cosines`.
+
+    Raises:
+        ValueError: when anchor and text embedding widths differ.
+    """
+    n, k = len(originals), num_types
+    if n == 0:
+        empty = np.zeros((0, k))
+        return scores_from_cosines(np.zeros(0), empty, empty.astype(bool), tie_tolerance)
+    if anchor_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            f"anchor embeddings have width {anchor_emb.shape[1]} but text embeddings {text_emb.shape[1]}: "
+            "the two towers must share the joint space"
+        )
+    anchors = l2_normalize(anchor_emb)
+    texts = l2_normalize(text_emb)
+    orig = np.einsum("nd,nd->n", anchors, texts[[text_index[t] for t in originals]])
+    valid = np.array([[c is not None for c in row] for row in candidates], dtype=bool).reshape(n, k)
+    pert = np.full((n, k), np.nan)
+    for j in range(k):
+        rows = np.flatnonzero(valid[:, j])
+        if rows.size:
+            idx = [text_index[candidates[i][j]] for i in rows]
+            pert[rows, j] = np.einsum("nd,nd->n", anchors[rows], texts[idx])
+    return scores_from_cosines(orig, pert, valid, tie_tolerance)
+
+
+def summarize(
+    scores: StructureScores,
+    types: Sequence[str],
+    counts: CandidateCounts,
+    *,
+    skipped: Mapping[str, int],
+    bootstrap: int,
+    seed: int,
+    schema: str = SCHEMA,
+    info: Mapping[str, Any] | None = None,
+    ids: Sequence[str] = (),
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> StructureResult:
+    """Turn per-image scores into overall and per-type accuracies with bootstrap CIs."""
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap resamples must be >= 0, got {bootstrap}")
+    has = scores.has_candidates
+    n_all = int(has.sum())
+    overall_values = scores.correct[has].astype(np.float64)
+    overall = AccuracyStat(
+        accuracy=float(overall_values.mean()) if n_all else None,
+        ci95=bootstrap_ci(overall_values, bootstrap, seed),
+        n=n_all,
+        correct=int(overall_values.sum()),
+        chance=float(np.mean(1.0 / scores.num_candidates[has])) if n_all else None,
+        mean_candidates=float(np.mean(scores.num_candidates[has])) if n_all else None,
+        excluded_identical=sum(counts.excluded_identical.values()),
+        unavailable=sum(counts.unavailable.values()),
+        missing=sum(counts.missing.values()),
+    )
+    per_type: dict[str, AccuracyStat] = {}
+    for j, t in enumerate(types):
+        v = scores.valid[:, j]
+        values = scores.pairwise[v, j].astype(np.float64)
+        n = int(v.sum())
+        per_type[t] = AccuracyStat(
+            accuracy=float(values.mean()) if n else None,
+            ci95=bootstrap_ci(values, bootstrap, seed),
+            n=n,
+            correct=int(values.sum()),
+            chance=0.5 if n else None,
+            mean_candidates=2.0 if n else None,
+            excluded_identical=counts.excluded_identical[t],
+            unavailable=counts.unavailable[t],
+            missing=counts.missing[t],
+        )
+    return StructureResult(
+        overall=overall,
+        per_type=per_type,
+        images=len(scores.orig),
+        images_without_valid_perturbation=int((~has).sum()),
+        skipped=dict(skipped),
+        bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE, "method": "percentile"},
+        tie_tolerance=tie_tolerance,
+        info=dict(info or {}),
+        schema=schema,
+        ids=list(ids),
+        scores=scores,
+    )
+
+
+def evaluate_structure(
+    encoder: Encoder,
+    samples: Iterable[Any],
+    types: Sequence[str] = PERTURBATION_TYPES,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 32,
+    tie_tolerance: float = TIE_TOLERANCE,
+    info: Mapping[str, Any] | None = None,
+) -> StructureResult:
+    """Run the image→report structure evaluation over shard samples.
+
+    Args:
+        encoder: an Encoder (image and text global embeddings in one joint space).
+        samples: objects with `.key`, `.image` (uint8 [H, W]) and `.meta` (dict with `text`,
+            `perturbations`, `unavailable`, `id`), e.g. pertvl.data.shards.iter_samples(...).
+        types: perturbation types to evaluate (subset of PERTURBATION_TYPES, order kept).
+        bootstrap: bootstrap resamples for the 95 % CIs (0 disables them).
+        seed: bootstrap seed.
+        batch_size: images / texts per encoder call.
+        tie_tolerance: cosine margin under which a perturbation ties the original (counts wrong).
+        info: provenance stored in the result's `info`.
+
+    Returns:
+        StructureResult with schema "pertvl-structure/1".
+    """
+    types = check_types(types)
+    counts = CandidateCounts()
+    skipped: Counter = Counter()
+    batcher = ImageBatcher(encoder, batch_size)
+    ids: list[str] = []
+    originals: list[str] = []
+    candidates: list[list[str | None]] = []
+    for sample in samples:
+        meta = sample.meta
+        text = (meta.get("text") or "").strip()
+        if not text:
+            skipped["empty_text"] += 1
+            continue
+        batcher.add(sample)
+        ids.append(str(meta.get("id", getattr(sample, "key", len(ids)))))
+        originals.append(text)
+        candidates.append(valid_perturbations(text, meta.get("perturbations"), meta.get("unavailable"), types, counts))
+    image_emb = batcher.finish()
+    all_texts = originals + [c for row in candidates for c in row if c is not None]
+    index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
+    scores = cosine_candidates(image_emb, index, text_emb, originals, candidates, len(types), tie_tolerance)
+    return summarize(
+        scores,
+        types,
+        counts,
+        skipped=skipped,
+        bootstrap=bootstrap,
+        seed=seed,
+        schema=SCHEMA,
+        info=info,
+        ids=ids,
+        tie_tolerance=tie_tolerance,
+    )

@@ -1,0 +1,164 @@
+"""Torch adapters implementing the evaluation's Encoder protocol (pertvl.evaluate.encoder).
+
+- `TorchEncoder`: a trained `pertvl.model.DualEncoder` (checkpoint path of `pertvl eval --run`),
+  used to check the ONNX export: both paths must give the same numbers within rounding.
+- `HFTextEncoder`: a plain Hugging Face text model (`--text-model PATH`), for the untrained
+  text-encoder baseline of `pertvl eval text-structure`; text only (a TextEncoder).
+
+Texts are tokenized with pertvl.data.tokenize.encode_texts, the tokenization used in training
+and export. Texts are embedded in order of length so a batch pads little; outputs come back in
+input order. Device-agnostic: CPU, CUDA (optional autocast to bf16/fp16); outputs are float32,
+L2-normalized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import numpy as np
+
+from pertvl.data.tokenize import encode_texts
+
+
+def _pick_device(device: Any):
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _length_order(texts: list[str]) -> np.ndarray:
+    """Indices sorting texts by word count (stable), so batches hold texts of similar length."""
+    return np.argsort([len(t.split()) for t in texts], kind="stable")
+
+
+class _TorchBase:
+    def __init__(self, device: Any, batch_size: int, max_length: int, autocast_dtype: Any):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = _pick_device(device)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self):
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _embed_texts(self, texts: list[str], tokenizer, forward) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        order = _length_order(texts)
+        out: list[np.ndarray] = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(texts), self.batch_size):
+                chunk = [texts[i] for i in order[start : start + self.batch_size]]
+                enc = encode_texts(tokenizer, chunk, max_length=self.max_length)
+                tensors = {
+                    k: torch.from_numpy(getattr(enc, k)).to(self.device)
+                    for k in ("input_ids", "attention_mask", "word_ids")
+                }
+                emb = forward(**tensors)
+                out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+        emb = np.concatenate(out)
+        result = np.empty_like(emb)
+        result[order] = emb
+        return result
+
+
+class TorchEncoder(_TorchBase):
+    """Encoder over a `pertvl.model.DualEncoder`: global image / text embeddings, L2-normalized.
+
+    Args:
+        model: a DualEncoder (encode_image, encode_text, tokenizer; docs/ARCHITECTURE.md).
+        device: "cpu", "cuda", "cuda:1", a torch.device, or None/"auto" (CUDA when available).
+        batch_size: images / texts per forward pass.
+        max_length: word pieces per text (the training default is 128).
+        autocast_dtype: e.g. torch.bfloat16 to run under autocast; None runs in the model's dtype.
+    """
+
+    def __init__(self, model, device: Any = None, batch_size: int = 32, max_length: int = 128,
+                 autocast_dtype: Any = None):
+        super().__init__(device, batch_size, max_length, autocast_dtype)
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, **kwargs) -> TorchEncoder:
+        """Load RUN_DIR/final (DualEncoder.save_pretrained layout), or RUN_DIR itself if it is one."""
+        from pathlib import Path
+
+        from pertvl.model import DualEncoder
+
+        run_dir = Path(run_dir)
+        final = run_dir / "final"
+        path = final if final.is_dir() else run_dir
+        if not path.is_dir():
+            raise FileNotFoundError(f"{run_dir}: no trained model (expected {final})")
+        return cls(DualEncoder.from_pretrained(path), **kwargs)
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images [N, 1, H, W] float in [0, 1], got shape {tuple(images.shape)}")
+        if len(images) == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(images), self.batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size], dtype=np.float32))
+                emb = self.model.encode_image(x.to(self.device)).global_emb
+                out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        def forward(input_ids, attention_mask, word_ids):
+            return self.model.encode_text(input_ids, attention_mask, word_ids).global_emb
+
+        return self._embed_texts(texts, self.model.tokenizer, forward)
+
+
+class HFTextEncoder(_TorchBase):
+    """TextEncoder over a plain HF text model (e.g. the offline MiniLM): the untrained baseline.
+
+    Args:
+        path: folder of a transformers model + fast tokenizer (loaded offline; no remote code).
+        pooling: "mean" (mean of token states under the attention mask; what sentence-transformers
+            models such as all-MiniLM-L6-v2 were trained with; default) or "cls" (the [CLS] state).
+        device, batch_size, max_length, autocast_dtype: as for TorchEncoder.
+    """
+
+    def __init__(self, path: str | os.PathLike, pooling: str = "mean", device: Any = None, batch_size: int = 32,
+                 max_length: int = 128, autocast_dtype: Any = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        super().__init__(device, batch_size, max_length, autocast_dtype)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: not a model folder")
+        self.pooling = pooling
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        def forward(input_ids, attention_mask, word_ids):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.pooling == "cls":
+                return hidden[:, 0]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+        return self._embed_texts(texts, self.tokenizer, forward)

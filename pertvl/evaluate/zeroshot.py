@@ -1,0 +1,271 @@
+"""Zero-shot classification from prompt pairs, AUROC per label.
+
+For a label with prompt pairs (positive, negative), e.g. ("pleural effusion", "no pleural
+effusion"), an image's score is cos(image, positive) − cos(image, negative), averaged over the
+label's pairs when it has several. AUROC is computed per label over the images whose label is
+exactly 0 or 1 (uncertain −1, NaN and missing are skipped and counted). A label seen with only
+one class has an undefined AUROC, reported as null (never as 0.5), and is left out of the mean.
+
+Labels are matched to the sample's `labels` keys case-insensitively by name or alias, so the
+phantom corpus (CheXpert header names) and CheXpert itself use the same prompts. Prompts pass
+through pertvl.data.text.clean_text, the rule the encoder was trained on.
+
+JSON schema "pertvl-zeroshot/1":
+    {"schema", "per_label": {label: {"auroc": float|null, "n_pos": int, "n_neg": int,
+     "n_skipped": int, "prompts": [[pos, neg], ...]}}, "mean_auroc": float|null,
+     "labels_defined": int, "images": int, "unprompted_labels": [str], "skipped": {reason: int},
+     "info": {...}}
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pertvl.data.text import clean_text
+from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+
+SCHEMA = "pertvl-zeroshot/1"
+
+
+@dataclass(frozen=True)
+class LabelPrompts:
+    """Prompt pairs for one label. `label` is the name reported; `aliases` are other names the
+    label may have in the data (matched case-insensitively, like `label`)."""
+
+    label: str
+    pairs: tuple[tuple[str, str], ...]
+    aliases: tuple[str, ...] = ()
+
+    def names(self) -> tuple[str, ...]:
+        return (self.label, *self.aliases)
+
+
+# CheXpert header names; the phantom's labels.csv uses the same header.
+DEFAULT_PROMPTS: tuple[LabelPrompts, ...] = (
+    LabelPrompts("Pleural Effusion", (("pleural effusion", "no pleural effusion"),), ("Effusion",)),
+    LabelPrompts("Pneumothorax", (("pneumothorax", "no pneumothorax"),)),
+    LabelPrompts("Consolidation", (("consolidation", "no consolidation"),)),
+    LabelPrompts(
+        "Cardiomegaly",
+        (("cardiomegaly", "no cardiomegaly"), ("enlarged heart", "normal heart size")),
+        ("Enlarged Heart",),
+    ),
+    LabelPrompts("Lung Lesion", (("nodule", "no nodule"),), ("Nodule", "Lung Nodule")),
+    LabelPrompts("Atelectasis", (("atelectasis", "no atelectasis"),)),
+    LabelPrompts("Edema", (("edema", "no edema"), ("pulmonary edema", "no pulmonary edema")), ("Pulmonary Edema",)),
+)
+
+
+@dataclass
+class LabelAUROC:
+    auroc: float | None
+    n_pos: int
+    n_neg: int
+    n_skipped: int  # images with this label uncertain / NaN / not 0-1
+    prompts: list[list[str]]
+
+
+@dataclass
+class ZeroShotResult:
+    per_label: dict[str, LabelAUROC]
+    images: int
+    unprompted_labels: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    @property
+    def mean_auroc(self) -> float | None:
+        """Mean over labels with a defined AUROC; None when there is none."""
+        vals = [v.auroc for v in self.per_label.values() if v.auroc is not None]
+        return float(np.mean(vals)) if vals else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "per_label": {
+                k: {"auroc": v.auroc, "n_pos": v.n_pos, "n_neg": v.n_neg, "n_skipped": v.n_skipped, "prompts": v.prompts}
+                for k, v in self.per_label.items()
+            },
+            "mean_auroc": self.mean_auroc,
+            "labels_defined": sum(v.auroc is not None for v in self.per_label.values()),
+            "images": self.images,
+            "unprompted_labels": list(self.unprompted_labels),
+            "skipped": dict(self.skipped),
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ZeroShotResult:
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+            raise ValueError(f"not a pertvl zero-shot result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
+        return cls(
+            per_label={
+                k: LabelAUROC(v["auroc"], int(v["n_pos"]), int(v["n_neg"]), int(v.get("n_skipped", 0)),
+                              [list(p) for p in v["prompts"]])
+                for k, v in d["per_label"].items()
+            },
+            images=int(d["images"]),
+            unprompted_labels=list(d.get("unprompted_labels", [])),
+            skipped=dict(d.get("skipped", {})),
+            info=dict(d.get("info", {})),
+        )
+
+
+def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
+    """Area under the ROC curve as the Mann–Whitney U statistic, ties given half credit.
+
+    Hand-written (rather than sklearn.metrics.roc_auc_score) so that a single-class label gives
+    None instead of raising, and so the evaluation does not import scikit-learn; the tests check
+    it against sklearn.
+
+    Args:
+        scores: [N] real scores (higher = more likely positive).
+        targets: [N] 0/1.
+
+    Returns:
+        AUROC in [0, 1], or None when only one class is present.
+    """
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets)
+    if scores.shape != targets.shape or scores.ndim != 1:
+        raise ValueError(f"expected scores and targets of the same shape [N], got {scores.shape} and {targets.shape}")
+    pos = targets == 1
+    if not np.all(pos | (targets == 0)):
+        raise ValueError("targets must be 0 or 1")
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(scores)  # average ranks: a tie between a positive and a negative counts 1/2
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def normalize_prompts(prompts: Any) -> tuple[LabelPrompts, ...]:
+    """Accept LabelPrompts, or a mapping {label: (pos, neg) | [(pos, neg), ...]}; clean every prompt.
+
+    Raises:
+        ValueError: when a label has no prompt pair or a prompt cleans to an empty text.
+    """
+    if isinstance(prompts, Mapping):
+        items = []
+        for label, pairs in prompts.items():
+            if len(pairs) == 2 and all(isinstance(p, str) for p in pairs):
+                pairs = (pairs,)
+            items.append(LabelPrompts(str(label), tuple(tuple(p) for p in pairs)))
+        prompts = items
+    out = []
+    for lp in prompts:
+        if not lp.pairs:
+            raise ValueError(f"label {lp.label!r} has no prompt pair")
+        pairs = []
+        for pair in lp.pairs:
+            if len(pair) != 2:
+                raise ValueError(f"label {lp.label!r}: expected (positive, negative) prompts, got {pair!r}")
+            pos, neg = clean_text(pair[0]), clean_text(pair[1])
+            if not pos or not neg or pos == neg:
+                raise ValueError(f"label {lp.label!r}: prompts {pair!r} clean to empty or identical texts")
+            pairs.append((pos, neg))
+        out.append(LabelPrompts(lp.label, tuple(pairs), tuple(lp.aliases)))
+    return tuple(out)
+
+
+def _target(value: Any) -> int | None:
+    """1/0 for a definite label, None for uncertain (−1), NaN, missing or anything else."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
+        if value == 1:
+            return 1
+        if value == 0:
+            return 0
+    return None
+
+
+def evaluate_zeroshot(
+    encoder: Encoder,
+    samples: Iterable[Any],
+    prompts: Any = DEFAULT_PROMPTS,
+    batch_size: int = 32,
+    info: Mapping[str, Any] | None = None,
+) -> ZeroShotResult:
+    """Zero-shot AUROC per label over shard samples with `meta["labels"]`.
+
+    Args:
+        encoder: an Encoder.
+        samples: objects with `.key`, `.image` and `.meta` (`labels`: {name: 1.0/0.0/-1.0/NaN} or None).
+        prompts: LabelPrompts sequence or {label: (pos, neg) | [(pos, neg), ...]}.
+        batch_size: images per encoder call.
+        info: provenance stored in the result.
+
+    Returns:
+        ZeroShotResult; only images with at least one definite label are embedded.
+    """
+    prompts = normalize_prompts(prompts)
+    lookup = {name.lower(): i for i, lp in enumerate(prompts) for name in lp.names()}
+    batcher = ImageBatcher(encoder, batch_size)
+    skipped: Counter = Counter()
+    targets: list[list[int | None]] = []
+    uncertain = Counter()
+    seen_labels: set[str] = set()
+    unprompted: set[str] = set()
+    for sample in samples:
+        labels = sample.meta.get("labels")
+        if not labels:
+            skipped["no_labels"] += 1
+            continue
+        row: list[int | None] = [None] * len(prompts)
+        for key, value in labels.items():
+            i = lookup.get(str(key).lower())
+            if i is None:
+                unprompted.add(str(key))
+                continue
+            seen_labels.add(prompts[i].label)
+            row[i] = _target(value)
+            if row[i] is None:
+                uncertain[i] += 1
+        if all(t is None for t in row):
+            skipped["no_definite_label"] += 1
+            continue
+        batcher.add(sample)
+        targets.append(row)
+    image_emb = batcher.finish()
+    texts = [t for lp in prompts for pair in lp.pairs for t in pair]
+    index, text_emb = embed_texts_unique(encoder, texts, batch_size)
+    per_label: dict[str, LabelAUROC] = {}
+    if targets:
+        if image_emb.shape[1] != text_emb.shape[1]:
+            raise ValueError(f"image embeddings have width {image_emb.shape[1]}, text embeddings {text_emb.shape[1]}")
+        img, txt = l2_normalize(image_emb), l2_normalize(text_emb)
+    for i, lp in enumerate(prompts):
+        col = [(r, t[i]) for r, t in enumerate(targets) if t[i] is not None]
+        if lp.label not in seen_labels:
+            continue  # the data do not have this label at all: nothing to report
+        rows = np.array([r for r, _ in col], dtype=np.int64)
+        y = np.array([t for _, t in col], dtype=np.int64)
+        if rows.size:
+            score = np.mean([img[rows] @ txt[index[p]] - img[rows] @ txt[index[n]] for p, n in lp.pairs], axis=0)
+            value = auroc(score, y)
+        else:
+            value = None
+        per_label[lp.label] = LabelAUROC(
+            auroc=value,
+            n_pos=int((y == 1).sum()),
+            n_neg=int((y == 0).sum()),
+            n_skipped=uncertain[i],
+            prompts=[list(p) for p in lp.pairs],
+        )
+    return ZeroShotResult(
+        per_label=per_label,
+        images=len(targets),
+        unprompted_labels=sorted(unprompted),
+        skipped=dict(skipped),
+        info=dict(info or {}),
+    )
