@@ -1,0 +1,731 @@
+"""The language of the phantom corpus: findings, Open-I style reports, and synthetic NLI items.
+
+A phantom's truth is a list of `Finding`s (type, side, severity, location). This module turns
+that truth into words, and keeps track of what every sentence asserts (`Fact`s), so that
+
+* `write_report` states each present finding with its side, severity and location, and some
+  absent findings as negations ("No pneumothorax or pleural effusion."), in Open-I findings style
+  with synonyms and varied sentence order (10-45 words);
+* `make_nli_items` derives MedNLI-style premise/hypothesis pairs whose gold label follows from
+  the facts the premise sentences assert (entailment / contradiction) or do not address (neutral).
+
+The wording deliberately uses words that the antonym lexicon of the perturbation stage flips
+(left/right, small/large, mild/severe, normal/enlarged, clear, increased, upper/lower, sharp/
+blunted), so that an antonym-perturbed report truly describes another image, and the same words
+in another order describe another image too ("small left pleural effusion. no pneumothorax." vs
+"small pneumothorax. no left pleural effusion.").
+
+Left and right are always the PATIENT's sides (see pertvl.data.phantom for the image convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Finding types, in the canonical order used for storage, counts and captions.
+FINDING_TYPES = (
+    "pleural_effusion",
+    "pneumothorax",
+    "consolidation",
+    "cardiomegaly",
+    "nodule",
+    "atelectasis",
+    "edema",
+)
+
+# The CheXpert label each finding type sets (nodule -> Lung Lesion).
+CHEXPERT_OF_TYPE = {
+    "pleural_effusion": "Pleural Effusion",
+    "pneumothorax": "Pneumothorax",
+    "consolidation": "Consolidation",
+    "cardiomegaly": "Cardiomegaly",
+    "nodule": "Lung Lesion",
+    "atelectasis": "Atelectasis",
+    "edema": "Edema",
+}
+# Labels the phantom models (1.0/0.0), in CheXpert column order. All other CheXpert columns are blank.
+MODELED_LABELS = (
+    "No Finding",
+    "Cardiomegaly",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+)
+
+SEVERITIES = {
+    "pleural_effusion": ("small", "moderate", "large"),
+    "pneumothorax": ("small", "moderate", "large"),
+    "consolidation": ("small", "large"),
+    "cardiomegaly": ("mild", "moderate", "severe"),
+    "nodule": ("small", "large"),
+    "atelectasis": ("mild", "moderate"),
+    "edema": ("mild", "moderate", "severe"),
+}
+LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
+# Allowed sides per type; a lobe fixes the side of consolidation and nodule.
+SIDES = {
+    "pleural_effusion": ("left", "right", "bilateral"),
+    "pneumothorax": ("left", "right"),
+    "consolidation": ("left", "right"),
+    "cardiomegaly": (None,),
+    "nodule": ("left", "right"),
+    "atelectasis": ("left", "right"),
+    "edema": ("bilateral",),
+}
+LOCATIONS = {
+    "consolidation": LOBES,
+    "nodule": LOBES,
+    "atelectasis": ("right lower lobe", "left lower lobe"),
+}
+
+# Words by which a sentence names a type, a side and a severity. The tests read reports with these.
+TYPE_KEYWORDS = {
+    "pleural_effusion": ("effusion", "effusions"),
+    "pneumothorax": ("pneumothorax",),
+    "consolidation": ("consolidation",),
+    "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"),
+    "nodule": ("nodule", "nodular"),
+    "atelectasis": ("atelectasis",),
+    "edema": ("edema",),
+}
+SIDE_WORDS = {"left": ("left",), "right": ("right",), "bilateral": ("bilateral", "bilaterally", "both")}
+NEGATION_WORDS = ("no", "not", "without", "negative")
+# Surface words of each severity (consolidation: radiologists' extent words; cardiomegaly: adverbs too).
+SEVERITY_WORDS = {
+    ("consolidation", "small"): ("small", "focal", "patchy"),
+    ("consolidation", "large"): ("large", "dense", "extensive"),
+    ("cardiomegaly", "mild"): ("mild", "mildly"),
+    ("cardiomegaly", "moderate"): ("moderate", "moderately"),
+    ("cardiomegaly", "severe"): ("severe", "severely", "marked", "markedly"),
+}
+NLI_LABELS = ("entailment", "contradiction", "neutral")
+_PARENCHYMAL = ("consolidation", "nodule", "atelectasis", "edema")
+_NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nodule")
+MIN_WORDS, MAX_WORDS = 10, 45
+
+
+def severity_words(ftype: str, severity: str) -> tuple[str, ...]:
+    """The words a report may use for `severity` of a finding of type `ftype`."""
+    return SEVERITY_WORDS.get((ftype, severity), (severity,))
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One finding of a phantom. `side` is the patient's side; `location` a lobe where it applies."""
+
+    type: str
+    severity: str
+    side: str | None = None
+    location: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in FINDING_TYPES:
+            raise ValueError(f"finding type must be one of {FINDING_TYPES}, got {self.type!r}")
+        if self.severity not in SEVERITIES[self.type]:
+            raise ValueError(f"{self.type} severity must be one of {SEVERITIES[self.type]}, got {self.severity!r}")
+        if self.side not in SIDES[self.type]:
+            raise ValueError(f"{self.type} side must be one of {SIDES[self.type]}, got {self.side!r}")
+        allowed = LOCATIONS.get(self.type)
+        if allowed is None:
+            if self.location is not None:
+                raise ValueError(f"{self.type} takes no location, got {self.location!r}")
+        else:
+            if self.location not in allowed:
+                raise ValueError(f"{self.type} location must be one of {allowed}, got {self.location!r}")
+            if not self.location.startswith(self.side or "?"):
+                raise ValueError(f"{self.type} side {self.side!r} disagrees with location {self.location!r}")
+
+    def covers(self, side: str | None) -> bool:
+        """True when this finding is on `side` (None: anywhere)."""
+        return side is None or self.side == side or self.side == "bilateral" or self.side is None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | Finding) -> Finding:
+        if isinstance(d, Finding):
+            return d
+        try:
+            return cls(type=d["type"], severity=d["severity"], side=d.get("side"), location=d.get("location"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a finding record (needs type and severity): {d!r}") from e
+
+    def caption(self) -> str:
+        """Short human caption, e.g. 'L effusion (small)'."""
+        side = {"left": "L ", "right": "R ", "bilateral": "bilat ", None: ""}[self.side]
+        where = self.location.split(" ", 1)[1].replace(" lobe", "") + " " if self.location else ""
+        name = {"pleural_effusion": "effusion", "pneumothorax": "PTX"}.get(self.type, self.type)
+        if self.location:
+            return f"{side}{where}{name} ({self.severity})"
+        return f"{side}{name} ({self.severity})"
+
+
+def as_findings(findings: Iterable[Finding | dict[str, Any]]) -> list[Finding]:
+    """Validate and order findings canonically; at most one finding per type."""
+    out = [Finding.from_json(f) for f in findings]
+    types = [f.type for f in out]
+    if len(set(types)) != len(types):
+        raise ValueError(f"a phantom holds at most one finding per type, got {types}")
+    return sorted(out, key=lambda f: FINDING_TYPES.index(f.type))
+
+
+def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
+    """The modeled CheXpert labels (1.0/0.0) of a phantom."""
+    present = {CHEXPERT_OF_TYPE[f.type] for f in findings}
+    labels = {name: (1.0 if name in present else 0.0) for name in MODELED_LABELS}
+    labels["No Finding"] = 0.0 if findings else 1.0
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Facts: what a sentence asserts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A claim: finding `type` is present (with optional side/severity/location) or absent (on `side`)."""
+
+    type: str
+    present: bool
+    side: str | None = None
+    severity: str | None = None
+    location: str | None = None
+
+
+def fact_holds(fact: Fact, findings: Sequence[Finding]) -> bool:
+    """Whether `fact` is true of a phantom with these findings.
+
+    A present fact holds when a finding of its type covers its side and matches the severity and
+    location it names (unnamed attributes match anything); an absent fact holds when no finding of
+    its type covers its side.
+    """
+    same = [f for f in findings if f.type == fact.type]
+    if fact.present:
+        if fact.side == "bilateral":
+            return any(f.side == "bilateral" for f in same)
+        return any(
+            f.covers(fact.side)
+            and (fact.severity is None or f.severity == fact.severity)
+            and (fact.location is None or f.location == fact.location)
+            for f in same
+        )
+    return not any(f.covers(fact.side) for f in same)
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One report sentence, the facts it asserts, and the finding types it speaks about."""
+
+    text: str
+    facts: tuple[Fact, ...] = ()
+    topics: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def words(self) -> int:
+        return len(self.text.split())
+
+
+def _pick(rng: np.random.Generator, options: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
+    if weights is None:
+        return options[int(rng.integers(len(options)))]
+    p = np.asarray(weights, dtype=float)
+    return options[int(rng.choice(len(options), p=p / p.sum()))]
+
+
+def _sentence(text: str, facts: Iterable[Fact] = (), topics: Iterable[str] = ()) -> Sentence:
+    text = text.strip()
+    return Sentence(text[0].upper() + text[1:] + ".", tuple(facts), frozenset(topics))
+
+
+def _other(side: str) -> str:
+    return "left" if side == "right" else "right"
+
+
+_ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "severely"}
+
+
+def _lobe_phrase(lobe: str, rng: np.random.Generator) -> str:
+    side, level, _ = lobe.split(" ")
+    if level == "upper":
+        return _pick(rng, [lobe, f"{side} upper lung", f"{side} upper lung zone"], [3, 1, 1])
+    if level == "lower":
+        return _pick(rng, [lobe, f"{side} lung base", f"{side} lower lung zone"], [3, 1, 1])
+    return lobe
+
+
+def _present_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
+    """A sentence stating finding `f` with its side, severity and location."""
+    fact = Fact(f.type, True, f.side, f.severity, f.location)
+    sev, side = f.severity, f.side
+    if f.type == "pleural_effusion":
+        if side == "bilateral":
+            opts = [
+                f"{sev} bilateral pleural effusions",
+                f"there are {sev} bilateral pleural effusions",
+                f"{sev} pleural effusions bilaterally",
+                f"bilateral {sev} pleural effusions are present",
+            ]
+            if sev == "small":
+                opts.append("blunting of both costophrenic angles consistent with small bilateral effusions")
+        else:
+            opts = [
+                f"there is a {sev} {side} pleural effusion",
+                f"{sev} {side} pleural effusion",
+                f"a {sev} {side} pleural effusion is present",
+                f"{sev} pleural effusion on the {side}",
+                f"{sev} {side} effusion",
+            ]
+            if sev == "small":
+                opts += [
+                    f"blunting of the {side} costophrenic angle consistent with a small pleural effusion",
+                    f"the {side} costophrenic angle is blunted by a small effusion",
+                ]
+            else:
+                opts.append(f"{sev} {side} pleural effusion with a meniscus")
+    elif f.type == "pneumothorax":
+        opts = [
+            f"there is a {sev} {side} pneumothorax",
+            f"{sev} {side} pneumothorax",
+            f"{sev} pneumothorax on the {side}",
+            f"{sev} {side} pneumothorax with a visible pleural line",
+            f"there is a {sev} pneumothorax in the {side} hemithorax",
+        ]
+        if sev == "small":
+            opts.append(f"a small {side} apical pneumothorax is present")
+    elif f.type == "consolidation":
+        where = _lobe_phrase(f.location, rng)
+        w = _pick(rng, severity_words(f.type, sev), [3, 1, 1])
+        opts = [
+            f"there is {w} consolidation in the {where}",
+            f"{w} {where} consolidation",
+            f"{w} airspace consolidation in the {where}",
+            f"{w} consolidation of the {where}",
+        ]
+    elif f.type == "cardiomegaly":
+        adv = _ADVERB[sev]
+        opts = [
+            f"the heart is {adv} enlarged",
+            f"{sev} cardiomegaly",
+            f"there is {sev} cardiomegaly",
+            f"heart size is {adv} enlarged",
+            f"the cardiac silhouette is {adv} enlarged",
+            f"{sev} enlargement of the cardiac silhouette",
+        ]
+    elif f.type == "nodule":
+        where = _lobe_phrase(f.location, rng)
+        opts = [
+            f"there is a {sev} nodule in the {where}",
+            f"{sev} {where} nodule",
+            f"a {sev} pulmonary nodule is seen in the {where}",
+            f"{sev} nodular opacity in the {where}",
+            f"{sev} rounded opacity in the {where} compatible with a nodule",
+        ]
+    elif f.type == "atelectasis":
+        opts = [
+            f"{sev} {side} basilar atelectasis",
+            f"there is {sev} atelectasis at the {side} lung base",
+            f"{sev} {side} lower lobe atelectasis",
+            f"{sev} plate-like atelectasis at the {side} base",
+            f"linear opacity at the {side} base consistent with {sev} atelectasis",
+        ]
+        if sev == "moderate":
+            opts.append(f"moderate {side} lower lobe atelectasis with elevation of the {side} hemidiaphragm")
+    else:  # edema
+        opts = [
+            f"there is {sev} pulmonary edema",
+            f"{sev} interstitial edema",
+            f"{sev} pulmonary edema with increased interstitial markings",
+            f"increased interstitial markings consistent with {sev} edema",
+            f"findings of {sev} pulmonary vascular congestion and edema",
+        ]
+        if sev == "severe":
+            opts.append("severe pulmonary edema with bilateral perihilar airspace opacities")
+    return _sentence(_pick(rng, opts), [fact], [f.type])
+
+
+def _heart_normal_sentence(rng: np.random.Generator) -> Sentence:
+    text = _pick(rng, [
+        "heart size is normal",
+        "the heart is normal in size",
+        "normal heart size",
+        "the cardiomediastinal silhouette is normal",
+        "heart size and mediastinal contours are normal",
+        "the cardiac silhouette is within normal limits",
+        "the heart size is within normal limits",
+    ])
+    return _sentence(text, [Fact("cardiomegaly", False)], ["cardiomegaly"])
+
+
+_NEG_NOUNS = {
+    "pneumothorax": ("pneumothorax",),
+    "pleural_effusion": ("pleural effusion", "effusion"),
+    "consolidation": ("focal consolidation", "focal airspace consolidation", "consolidation"),
+    "edema": ("pulmonary edema", "edema"),
+    "nodule": ("suspicious pulmonary nodules", "pulmonary nodules"),
+}
+
+
+def _join(nouns: Sequence[str], rng: np.random.Generator) -> str:
+    if len(nouns) == 1:
+        return nouns[0]
+    if len(nouns) == 2:
+        return f"{nouns[0]} or {nouns[1]}"
+    comma = _pick(rng, [", or ", " or "])
+    return ", ".join(nouns[:-1]) + comma + nouns[-1]
+
+
+def _negation_sentence(types: Sequence[str], rng: np.random.Generator) -> Sentence:
+    """'No pneumothorax or pleural effusion.' for absent `types` (1-3 of them)."""
+    nouns = [_pick(rng, _NEG_NOUNS[t]) for t in types]
+    joined = _join(nouns, rng)
+    verb = "are" if nouns[0].endswith("nodules") else "is"
+    opts = [f"no {joined}", f"there {verb} no {joined}", f"no evidence of {joined}", f"negative for {joined}"]
+    if len(types) == 1:
+        opts.append(f"{joined} {verb} not seen")
+    return _sentence(_pick(rng, opts, [4, 2, 1, 1] + [1] * (len(opts) - 4)),
+                     [Fact(t, False) for t in types], types)
+
+
+def _side_negation_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
+    """A negation of a unilateral pleural finding on the other side ('No right pleural effusion.')."""
+    other = _other(f.side)
+    if f.type == "pleural_effusion":
+        opts = [f"no {other} pleural effusion", f"the {other} costophrenic angle is sharp",
+                f"there is no {other} pleural effusion"]
+    else:
+        opts = [f"no {other} pneumothorax", f"no pneumothorax on the {other}"]
+    return _sentence(_pick(rng, opts), [Fact(f.type, False, other)], [f.type])
+
+
+def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.random.Generator) -> Sentence:
+    """'The lungs are clear.' (or 'otherwise clear'), optionally '... without X or Y'."""
+    otherwise = bool(present & {"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
+    if otherwise:
+        base = _pick(rng, ["the lungs are otherwise clear", "otherwise the lungs are clear", "lungs are otherwise clear"])
+    else:
+        base = _pick(rng, ["the lungs are clear", "lungs are clear bilaterally", "both lungs are clear",
+                           "the lungs are clear bilaterally"])
+    facts = [Fact(t, False) for t in _PARENCHYMAL if t not in present]
+    topics = set(_PARENCHYMAL) | {"pleural_effusion", "pneumothorax"}  # conservative: never 'unaddressed'
+    if extra_neg:
+        base += " without " + _join([_pick(rng, _NEG_NOUNS[t]) for t in extra_neg], rng)
+        facts += [Fact(t, False) for t in extra_neg]
+    return _sentence(base, facts, topics)
+
+
+_BONES = ("no acute bony abnormality", "the osseous structures are intact",
+          "visualized osseous structures are unremarkable", "no acute osseous abnormality")
+_MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
+                "mediastinal contours are within normal limits")
+
+
+def compose_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> list[Sentence]:
+    """The sentences of a report for these findings (see `write_report`).
+
+    Args:
+        findings: the phantom's findings (at most one per type).
+        rng: the generator that picks wording, negations and order.
+
+    Returns:
+        Sentences with their facts, in report order; total length MIN_WORDS..MAX_WORDS words.
+    """
+    fs = as_findings(findings)
+    for _ in range(50):
+        sents = _compose_once(fs, rng)
+        n = sum(s.words for s in sents)
+        if MIN_WORDS <= n <= MAX_WORDS:
+            return sents
+    raise ValueError(f"could not compose a report of {MIN_WORDS}-{MAX_WORDS} words for {fs}")  # pragma: no cover
+
+
+def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]:
+    present = {f.type for f in fs}
+    by_type = {f.type: f for f in fs}
+    heart = (_present_sentence(by_type["cardiomegaly"], rng) if "cardiomegaly" in present
+             else _heart_normal_sentence(rng))
+    findings_s = [_present_sentence(f, rng) for f in fs if f.type != "cardiomegaly"]
+    order = rng.permutation(len(findings_s))
+    findings_s = [findings_s[i] for i in order]
+
+    absent = [t for t in _NEGATABLE if t not in present]
+    absent = [absent[i] for i in rng.permutation(len(absent))]
+    n_neg = min(len(absent), int(_pick(rng, [1, 2, 3, 4], [3, 4, 2, 1])))
+    negated, spare = absent[:n_neg], absent[n_neg:]
+
+    mandatory: list[Sentence] = list(findings_s)
+    optional: list[Sentence] = []
+    lungs_normal = not (present & set(_PARENCHYMAL))
+    # Negations: either folded into the lungs sentence ("clear without X or Y") or stand-alone.
+    neg_groups: list[list[str]] = []
+    if lungs_normal and negated and rng.random() < 0.3:
+        take = int(rng.integers(1, min(3, len(negated)) + 1))
+        mandatory.append(_lungs_clear_sentence(present, negated[:take], rng))
+        negated = negated[take:]
+    elif lungs_normal:
+        mandatory.append(_lungs_clear_sentence(present, (), rng))
+    elif "edema" not in present and rng.random() < 0.4:
+        optional.append(_lungs_clear_sentence(present, (), rng))
+    while negated:
+        take = int(rng.integers(1, min(3, len(negated)) + 1))
+        neg_groups.append(negated[:take])
+        negated = negated[take:]
+    for i, group in enumerate(neg_groups):
+        (mandatory if i == 0 else optional).append(_negation_sentence(group, rng))
+    if spare and rng.random() < 0.5:
+        optional.append(_negation_sentence(spare[:1], rng))
+    for f in fs:
+        if f.type in ("pleural_effusion", "pneumothorax") and f.side != "bilateral" and rng.random() < 0.5:
+            optional.append(_side_negation_sentence(f, rng))
+    if "atelectasis" not in present and rng.random() < 0.25:
+        optional.append(_sentence(_pick(rng, ["lung volumes are normal", "normal lung volumes"]),
+                                  topics=["atelectasis"]))
+    if "mediastinal" not in heart.text and rng.random() < 0.3:
+        optional.append(_sentence(_pick(rng, _MEDIASTINUM)))
+    bones = _sentence(_pick(rng, _BONES)) if rng.random() < 0.6 else None
+
+    # Add optional sentences until the drawn length target is reached.
+    target = int(rng.integers(14, 40))
+    total = heart.words + sum(s.words for s in mandatory) + (bones.words if bones else 0)
+    for i in rng.permutation(len(optional)):
+        s = optional[i]
+        if total + s.words <= min(target, MAX_WORDS) or total < MIN_WORDS:
+            mandatory.append(s)
+            total += s.words
+    # Order: the body shuffled, findings a little more often first; heart usually first, bones last.
+    keys = rng.random(len(mandatory)) - np.array([0.3 if s.facts and s.facts[0].present else 0.0
+                                                   for s in mandatory])
+    body = [mandatory[i] for i in np.argsort(keys, kind="stable")]
+    # "The lungs are otherwise clear" follows the findings it is 'otherwise' to.
+    later = [s for s in body if "otherwise" in s.text.lower()]
+    if later:
+        body.remove(later[0])
+        last = max((i for i, s in enumerate(body) if any(fa.present for fa in s.facts)), default=-1)
+        body.insert(last + 1 + int(rng.integers(0, len(body) - last)), later[0])
+    pos = 0 if rng.random() < 0.55 else int(rng.integers(0, len(body) + 1))
+    body.insert(pos, heart)
+    if bones is not None:
+        body.insert(len(body) if rng.random() < 0.85 else int(rng.integers(0, len(body) + 1)), bones)
+    return body
+
+
+def write_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> str:
+    """An Open-I findings-style report of these findings.
+
+    Args:
+        findings: the phantom's findings (Finding or its JSON dict), at most one per type.
+        rng: the generator that picks wording, negations and order.
+
+    Returns:
+        The report text, 10-45 words, e.g. "Heart size is normal. Small left pleural effusion.
+        No pneumothorax."
+    """
+    return " ".join(s.text for s in compose_report(findings, rng))
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic NLI (MedNLI format)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NliItem:
+    """One MedNLI-style item, with the structured hypothesis kept for checking."""
+
+    sentence1: str
+    sentence2: str
+    gold_label: str
+    pairID: str  # noqa: N815 (MedNLI's field name)
+    hypothesis: Fact
+    premise_topics: frozenset[str]
+
+    def to_json(self) -> dict[str, str]:
+        return {"sentence1": self.sentence1, "sentence2": self.sentence2,
+                "gold_label": self.gold_label, "pairID": self.pairID}
+
+
+_HYP_NOUN = {"pleural_effusion": "pleural effusion", "pneumothorax": "pneumothorax",
+             "consolidation": "consolidation", "nodule": "pulmonary nodule", "atelectasis": "atelectasis",
+             "edema": "pulmonary edema"}
+
+
+def hypothesis_text(fact: Fact, rng: np.random.Generator, definite: bool = False) -> str:
+    """A plain statement of `fact` (worded unlike the report grammar).
+
+    `definite` phrases a present fact about an already-mentioned finding ("The pneumothorax is on the
+    right side.", "The pleural effusion is large."), used for wrong-side / wrong-severity claims.
+    """
+    t, side, sev, loc = fact.type, fact.side, fact.severity, fact.location
+    if fact.present and definite:
+        if t == "cardiomegaly":
+            return _sentence(f"the heart is {_ADVERB[sev]} enlarged").text
+        if loc is not None:
+            return _sentence(f"the {_HYP_NOUN[t]} is in the {loc}").text
+        if sev is not None:
+            return _sentence(f"the {_HYP_NOUN[t]} is {sev}").text
+        return _sentence(f"the {_HYP_NOUN[t]} is on the {side} side").text
+    if not fact.present:
+        if t == "cardiomegaly":
+            return _sentence(_pick(rng, ["the heart is normal in size", "there is no cardiomegaly",
+                                         "the heart is not enlarged"])).text
+        if side is not None:
+            if t == "pleural_effusion":
+                return _sentence(_pick(rng, [f"there is no {side} pleural effusion",
+                                             f"the {side} pleural space is free of fluid"])).text
+            return _sentence(f"there is no {side} {_HYP_NOUN[t]}").text
+        opts = {
+            "pleural_effusion": ["there is no pleural effusion", "no pleural fluid is seen"],
+            "pneumothorax": ["there is no pneumothorax", "the lungs are fully expanded without pneumothorax"],
+            "consolidation": ["there is no consolidation", "there is no focal consolidation"],
+            "nodule": ["there are no pulmonary nodules", "no nodule is seen"],
+            "atelectasis": ["there is no atelectasis"],
+            "edema": ["there is no pulmonary edema", "there is no edema"],
+        }[t]
+        return _sentence(_pick(rng, opts)).text
+    # present, indefinite
+    sev_s = f"{sev} " if sev else ""
+    if t == "cardiomegaly":
+        if sev:
+            return _sentence(f"the cardiac silhouette is {_ADVERB[sev]} enlarged").text
+        return _sentence(_pick(rng, ["the heart is enlarged", "there is cardiomegaly",
+                                     "the heart is not normal in size"])).text
+    if t == "edema":
+        return _sentence(_pick(rng, [f"the patient has {sev_s}pulmonary edema", f"there is {sev_s}interstitial edema"])).text
+    if loc is not None:
+        if t == "consolidation":
+            return _sentence(_pick(rng, [f"there is {sev_s}consolidation in the {loc}", f"the {loc} is consolidated"]
+                                   if not sev else [f"there is {sev_s}consolidation in the {loc}"])).text
+        return _sentence(f"there is a {sev_s}{_HYP_NOUN[t]} in the {loc}").text
+    if side == "bilateral":
+        return _sentence(_pick(rng, [f"there are {sev_s}bilateral pleural effusions",
+                                     "pleural effusions are present on both sides"] if not sev
+                               else [f"there are {sev_s}bilateral pleural effusions"])).text
+    if side is not None:
+        if t == "pleural_effusion" and not sev:
+            return _sentence(_pick(rng, [f"there is a {side} pleural effusion", f"there is fluid in the {side} pleural space",
+                                         f"the {side} costophrenic angle is not sharp"])).text
+        if t == "pneumothorax" and not sev:
+            return _sentence(_pick(rng, [f"there is a {side} pneumothorax", f"air is present in the {side} pleural space"])).text
+        if t == "atelectasis":
+            return _sentence(f"there is {sev_s}atelectasis at the {side} lung base").text
+        return _sentence(f"there is a {sev_s}{side} {_HYP_NOUN[t]}").text
+    art = "" if t in ("consolidation", "atelectasis") else "a "
+    return _sentence(f"there is {art}{sev_s}{_HYP_NOUN[t]}").text
+
+
+def _random_present_fact(t: str, rng: np.random.Generator) -> Fact:
+    """A fully specified present fact of type `t` with random attributes."""
+    loc = _pick(rng, LOCATIONS[t]) if t in LOCATIONS else None
+    side = loc.split(" ")[0] if loc else _pick(rng, SIDES[t])
+    return Fact(t, True, side, _pick(rng, SEVERITIES[t]), loc)
+
+
+def _entailed(fact: Fact, rng: np.random.Generator) -> Fact:
+    """A fact the premise fact entails: the same claim, possibly less specific."""
+    if not fact.present:
+        return fact
+    sev = fact.severity if rng.random() < 0.5 else None
+    loc = fact.location
+    side = fact.side
+    if loc is not None and rng.random() < 0.3 and fact.type != "atelectasis":
+        loc = None  # 'consolidation in the right lower lobe' entails 'a right consolidation'
+    if fact.type == "cardiomegaly":
+        side = None
+    return Fact(fact.type, True, side, sev, loc)
+
+
+def _contradicting(fact: Fact, findings: Sequence[Finding], rng: np.random.Generator) -> tuple[Fact, bool]:
+    """A fact the premise fact (true of `findings`) falsifies, and whether to phrase it definitely."""
+    t = fact.type
+    if not fact.present:
+        if fact.side is not None:
+            sev = _pick(rng, SEVERITIES[t]) if rng.random() < 0.5 else None
+            return Fact(t, True, fact.side, sev), False
+        f = _random_present_fact(t, rng)
+        drop = rng.random() < 0.5
+        return Fact(t, True, None if t == "cardiomegaly" else f.side, None if drop else f.severity,
+                    None if drop else f.location), False
+    # "There is no <type>" half of the time, else a wrong side, lobe or severity.
+    if rng.random() < 0.5:
+        return Fact(t, False), False
+    options: list[tuple[Fact, bool]] = [(Fact(t, False), False)]
+    same = [f for f in findings if f.type == t]
+    if fact.location is not None:
+        for lobe in LOCATIONS[t]:
+            if not fact_holds(Fact(t, True, location=lobe), same):
+                options.append((Fact(t, True, lobe.split(" ")[0], None, lobe), True))
+    elif fact.side in ("left", "right") and not fact_holds(Fact(t, True, _other(fact.side)), same):
+        options.append((Fact(t, True, _other(fact.side)), True))
+    if fact.severity is not None and t != "edema" and len(same) == 1:
+        others = [s for s in SEVERITIES[t] if s != fact.severity]
+        options.append((Fact(t, True, None, _pick(rng, others)), True))
+    return options[int(rng.integers(len(options)))]
+
+
+def _pick_fact(facts: Sequence[Fact], rng: np.random.Generator, p_present: float) -> Fact:
+    """A premise fact: a present one with probability `p_present` when both kinds exist."""
+    present = [f for f in facts if f.present]
+    absent = [f for f in facts if not f.present]
+    pool = present if present and (not absent or rng.random() < p_present) else absent
+    return pool[int(rng.integers(len(pool)))]
+
+
+def make_nli_items(
+    sentences: Sequence[Sentence],
+    findings: Sequence[Finding | dict[str, Any]],
+    rng: np.random.Generator,
+    pair_id: str,
+) -> list[NliItem]:
+    """Three MedNLI-style items (one per label) sharing one premise drawn from a phantom's report.
+
+    The premise is the report without the sentences about one held-out finding type; the neutral
+    hypothesis speaks about that type (which the premise then does not address). The entailment
+    restates (possibly less specifically) a fact a premise sentence asserts; the contradiction
+    falsifies one (present vs absent, wrong side or lobe, wrong severity). Every hypothesis is also
+    checked against the phantom's true findings.
+
+    Args:
+        sentences: the report's sentences (from `compose_report`).
+        findings: the phantom's true findings.
+        rng: the generator for choices and wording.
+        pair_id: the phantom's id; item ids are f"{pair_id}-nli-{e|c|n}".
+
+    Returns:
+        [entailment, contradiction, neutral] items.
+    """
+    fs = as_findings(findings)
+    held = list(FINDING_TYPES)
+    held = [held[i] for i in rng.permutation(len(held))]
+    for t_neutral in held:
+        premise = [s for s in sentences if t_neutral not in s.topics]
+        facts = [fa for s in premise for fa in s.facts]
+        if facts:
+            break
+    else:  # pragma: no cover - every report has a heart sentence and at least one more
+        raise ValueError(f"{pair_id}: no premise with facts can be drawn from the report")
+    topics = frozenset(t for s in premise for t in s.topics)
+    text = " ".join(s.text for s in premise)
+
+    # Source facts are drawn so that a hypothesis' polarity ("no ...") gives its label away as
+    # little as possible: contradictions of absent facts are positive statements, so contradict
+    # present facts more often.
+    ent = _entailed(_pick_fact(facts, rng, 0.5), rng)
+    con, definite = _contradicting(_pick_fact(facts, rng, 0.75), fs, rng)
+    neu = Fact(t_neutral, False) if rng.random() < 0.5 else _random_present_fact(t_neutral, rng)
+    if neu.present and t_neutral == "cardiomegaly":
+        neu = Fact("cardiomegaly", True, None, neu.severity)
+    if not fact_holds(ent, fs) or fact_holds(con, fs):  # pragma: no cover - guarded by construction
+        raise ValueError(f"{pair_id}: NLI hypothesis disagrees with the findings ({ent}, {con})")
+    return [
+        NliItem(text, hypothesis_text(ent, rng), "entailment", f"{pair_id}-nli-e", ent, topics),
+        NliItem(text, hypothesis_text(con, rng, definite), "contradiction", f"{pair_id}-nli-c", con, topics),
+        NliItem(text, hypothesis_text(neu, rng), "neutral", f"{pair_id}-nli-n", neu, topics),
+    ]
