@@ -1,0 +1,137 @@
+"""The main job (`make demo` / `pertvl demo`): the whole pipeline on the embedded offline corpus.
+
+phantoms -> perturb -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
+to ONNX (parity checked) -> evaluate on onnxruntime -> a report folder with the structure table
+per perturbation type, retrieval, zero-shot AUROC, training curves, attention-map examples and
+the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
+final encoders), export/demo, runs/demo/report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from pertvl.pipeline import Stage, StageError, StageRunner, cli, launch_train
+
+log = logging.getLogger(__name__)
+
+
+def build_stages(args: argparse.Namespace) -> list[Stage]:
+    run = Path(args.run)
+    corpus = run / "corpus"
+    shards = Path(args.shards)
+    export = Path(args.export)
+    report = run / "report"
+    evals = report / "eval"
+    pairs = corpus / "pairs.jsonl"
+    perts = corpus / "perturbations.jsonl"
+
+    train_args = ["--config", args.config, "--shards", str(shards), "--out", str(run), "--seed", str(args.seed),
+                  "--resume", "latest"]
+    if args.max_steps:
+        train_args += ["--max-steps", str(args.max_steps)]
+    eval_common = ["--export", str(export), "--shards", str(shards), "--split", "test", "--out", str(evals)]
+
+    return [
+        Stage("phantoms", [pairs, corpus / "summary.json"],
+              lambda: cli(["data", "phantom", "--n", str(args.n), "--seed", str(args.seed), "--size",
+                           str(args.image_size), "--out", str(corpus), "--preview", "--nli"], "phantom corpus"),
+              {"n": args.n, "seed": args.seed, "size": args.image_size}),
+        Stage("perturb", [perts],
+              lambda: cli(["perturb", "--pairs", str(pairs), "--out", str(perts), "--seed", str(args.seed)], "perturb"),
+              {"seed": args.seed, "pairs": str(pairs)}),
+        Stage("pack", [shards / "manifest.json"],
+              lambda: cli(["pack", "--pairs", str(pairs), "--perturbations", str(perts), "--out", str(shards),
+                           "--image-size", str(args.image_size), "--maxcount", "64", "--workers", "2"], "pack"),
+              {"size": args.image_size, "pairs": str(pairs)}),
+        Stage("verify", [shards / "manifest.json"], lambda: cli(["shards", "verify", str(shards)], "verify shards"),
+              {"shards": str(shards)}),
+        Stage("train", [run / "final" / "config.json"],
+              lambda: launch_train(train_args, nproc=args.nproc),
+              {"args": train_args, "nproc": args.nproc, "config": _file_text(args.config)}),
+        Stage("export", [export / "pertvl_export.json"],
+              lambda: cli(["export", "--run", str(run), "--out", str(export)], "export"),
+              {"run": str(run)}),
+        Stage("eval-structure", [evals / "structure.json"],
+              lambda: cli(["eval", "structure", *eval_common, "--name", "structure"], "structure eval"),
+              {"export": str(export)}),
+        Stage("eval-retrieval", [evals / "retrieval.json"],
+              lambda: cli(["eval", "retrieval", *eval_common, "--name", "retrieval"], "retrieval eval"),
+              {"export": str(export)}),
+        Stage("eval-zeroshot", [evals / "zeroshot.json"],
+              lambda: cli(["eval", "zeroshot", *eval_common, "--name", "zeroshot"], "zero-shot eval"),
+              {"export": str(export)}),
+        Stage("report", [report / "README.md"], lambda: write_report(run, export, report, corpus),
+              {"run": str(run)}),
+    ]
+
+
+def _file_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise StageError(f"config {path}: {e}") from e
+
+
+def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
+    """Markdown summary + curves + attention maps from the stage outputs."""
+    from pertvl.data.records import read_pairs
+    from pertvl.evaluate.report import plot_training_curves
+
+    report.mkdir(parents=True, exist_ok=True)
+    evals = report / "eval"
+    structure = json.loads((evals / "structure.json").read_text())
+    retrieval = json.loads((evals / "retrieval.json").read_text())
+    zeroshot = json.loads((evals / "zeroshot.json").read_text())
+    plot_training_curves(run / "metrics.jsonl", report / "training_curves.png")
+
+    # Attention maps for a few test images with their own reports, from the ONNX outputs.
+    test_pairs = [p for p in read_pairs(corpus / "pairs.jsonl") if p.split == "test" and p.labels
+                  and not p.labels.get("No Finding")][:3]
+    attn_dir = report / "attention"
+    if test_pairs:
+        cli(["embed", "--export", str(export), "--images", *[str(corpus / p.image) for p in test_pairs],
+             "--texts", *[p.text for p in test_pairs], "--out", str(report / "embed"),
+             "--attention-maps", str(attn_dir)], "attention maps")
+    attn_pngs = sorted(attn_dir.glob("*.png"))[:12] if attn_dir.is_dir() else []
+
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*")) if (run / "wandb").is_dir() else []
+    lines = ["# pertvl demo report", "",
+             f"Corpus: {corpus} (phantoms; see {corpus / 'preview.png'})  ",
+             f"Run: {run} · ONNX export: {export}", ""]
+    lines += ["## Clinical semantic structure (Table IV), onnxruntime", "",
+              (evals / "structure.md").read_text() if (evals / "structure.md").is_file() else "", ""]
+    lines += ["## Retrieval", "", (evals / "retrieval.md").read_text() if (evals / "retrieval.md").is_file() else
+              "```\n" + json.dumps(retrieval, indent=1)[:2000] + "\n```", ""]
+    lines += ["## Zero-shot classification", "", (evals / "zeroshot.md").read_text() if (evals / "zeroshot.md").is_file()
+              else "```\n" + json.dumps(zeroshot, indent=1)[:2000] + "\n```", ""]
+    lines += ["## Training", "", "![training curves](training_curves.png)", ""]
+    if attn_pngs:
+        lines += ["## Word → region attention (ONNX outputs)", ""]
+        lines += [f"![{p.stem}]({os.path.relpath(p, report)})" for p in attn_pngs]
+        lines += [""]
+    lines += ["## Weights & Biases", ""]
+    if wandb_runs:
+        lines += [f"- offline run: {w} (upload with `wandb sync {w}`)" for w in wandb_runs]
+    else:
+        lines += ["- no W&B run (trained with --no-wandb)"]
+    (report / "README.md").write_text("\n".join(lines) + "\n")
+    del structure
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    runner = StageRunner(Path(args.run) / ".stages", force=args.force)
+    try:
+        runner.run_all(build_stages(args))
+    except StageError as e:
+        print(f"pertvl demo: {e}", flush=True)
+        return 1
+    report = Path(args.run) / "report" / "README.md"
+    print(f"\nDemo complete. Report: {report}")
+    return 0

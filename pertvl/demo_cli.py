@@ -1,0 +1,31 @@
+"""`pertvl demo`: parser only (the main job lives in pertvl/demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pertvl.demo import cli_main
+
+    return cli_main(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job, offline: phantoms -> perturb -> pack -> train (DeepSpeed, 2 ranks) -> ONNX -> eval -> report",
+        description="Run the whole pipeline on the embedded synthetic corpus. Stages whose outputs are "
+        "complete are skipped on re-run (--force re-runs everything).",
+    )
+    p.add_argument("--config", default="configs/demo.yaml", help="training config (default configs/demo.yaml)")
+    p.add_argument("--n", type=int, default=1000, help="phantoms to generate (default 1000)")
+    p.add_argument("--image-size", type=int, default=128, help="phantom and shard image size (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=2, help="training ranks (default 2)")
+    p.add_argument("--max-steps", type=int, help="override the config's training steps")
+    p.add_argument("--shards", default="shards/demo")
+    p.add_argument("--run", default="runs/demo")
+    p.add_argument("--export", default="export/demo")
+    p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.set_defaults(handler=_demo)
