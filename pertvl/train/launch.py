@@ -1,0 +1,541 @@
+"""Which rank this process is, and joining the job: torchrun, the deepspeed launcher, srun, or alone.
+
+The same `python -m pertvl train ...` runs under every launcher; this module turns the launcher's
+environment into a `DistEnv`, initialises the process group through DeepSpeed (gloo on CPU, nccl on
+CUDA, device picked at run time) and loads the DeepSpeed JSON config users pick from ds_configs/.
+
+DeepSpeed on CPU, measured with deepspeed 0.19.8: the first `deepspeed.init_distributed()` builds
+`deepspeed.comm.torch.TorchBackend`, whose constructor JIT-compiles the shared-memory comm op
+`deepspeed_shm_comm` (25-38 s with g++ + ninja, cached in ~/.cache/torch_extensions, rebuilt when
+a different ninja comes first on PATH). It happens at init, for any world size, also when torch
+distributed was initialised first. The op only serves `inference_all_reduce` (DeepSpeed-Inference);
+training collectives go through torch.distributed. `init_distributed` therefore marks the op
+incompatible in `deepspeed.ops.__compatible_ops__` (DeepSpeed's own switch that `build_shm_op`
+reads) unless `shm_comm=True`, and init takes ~0.01 s instead.
+
+`python -m pertvl.train.launch --selftest` initialises, all-reduces the rank and prints one line per
+rank: "rank R/W local L device D sum S" (S = W(W-1)/2) — the smoke test of a launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Launcher = Literal["single", "torchrun", "deepspeed", "slurm"]
+
+# MASTER_PORT derived from SLURM_JOB_ID falls in [15000, 30000): below Linux's ephemeral range
+# (32768-60999) so an outgoing connection never holds it, and away from the well-known ports.
+SLURM_PORT_BASE = 15000
+SLURM_PORT_SPAN = 15000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job.
+
+    Attributes:
+        rank: global rank in [0, world_size).
+        world_size: number of processes in the job.
+        local_rank: rank on this node (selects the GPU).
+        local_world_size: processes on this node (divides the CPU cores).
+        master_addr: host of rank 0's rendezvous store.
+        master_port: its port; 0 means "a free port is picked at init" (single process only).
+        launcher: what started the process.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: Launcher
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_hostlist(spec: str) -> list[str]:
+    """Expand a SLURM hostlist ("gpu[01-03,07],cpu5") into host names, in SLURM's order.
+
+    Hand-written because `scontrol show hostnames` may be missing where the job runs (containers,
+    login-node-less setups) and no maintained Python package does only this. Supports several
+    bracket groups per name ("rack[1-2]-node[01-02]", expanded like scontrol: the last group
+    varies fastest) and keeps zero padding ("[098-101]").
+
+    Args:
+        spec: the compressed list, e.g. the value of SLURM_JOB_NODELIST.
+
+    Returns:
+        The host names.
+
+    Raises:
+        ValueError: unbalanced brackets, an empty item, or a non-numeric / decreasing range.
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(spec):
+        hosts.extend(_expand_item(item, spec))
+    if not hosts:
+        raise ValueError(f"empty SLURM hostlist: {spec!r}")
+    return hosts
+
+
+def _split_top_level(spec: str) -> list[str]:
+    items, depth, current = [], 0, []
+    for ch in spec.strip():
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"nested '[' in SLURM hostlist {spec!r}")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in SLURM hostlist {spec!r}")
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in SLURM hostlist {spec!r}")
+    items.append("".join(current))
+    if any(not it.strip() for it in items):
+        raise ValueError(f"empty item in SLURM hostlist {spec!r}")
+    return [it.strip() for it in items]
+
+
+def _expand_item(item: str, spec: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", item)
+    if match is None:
+        return [item]
+    prefix, body, rest = item[: match.start()], match.group(1), item[match.end() :]
+    tails = _expand_item(rest, spec)
+    out: list[str] = []
+    for part in body.split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"range {part!r} in SLURM hostlist {spec!r} is not numeric")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"decreasing range {part!r} in SLURM hostlist {spec!r}")
+        width = len(lo)
+        for n in range(first, last + 1):
+            out.extend(f"{prefix}{n:0{width}d}{tail}" for tail in tails)
+    return out
+
+
+def parse_tasks_per_node(spec: str) -> list[int]:
+    """Expand SLURM_TASKS_PER_NODE ("2(x3),1") into one count per node ([2, 2, 2, 1]).
+
+    Raises:
+        ValueError: an item that is neither "N" nor "N(xM)".
+    """
+    counts: list[int] = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if match is None:
+            raise ValueError(f"cannot parse tasks-per-node item {item!r} in {spec!r}")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def slurm_master_port(job_id: int | str) -> int:
+    """Rendezvous port derived from the job id, so all ranks of a job agree without talking."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    value = environ.get(name)
+    if value is None:
+        raise ValueError(f"environment variable {name} is missing")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def detect_dist_env(environ: Mapping[str, str] = os.environ, argv_local_rank: int | None = None) -> DistEnv:
+    """Read this process's rank from the launcher's environment.
+
+    Order: variables set by torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT) win over SLURM's, so torchrun inside an allocation works; then a
+    SLURM job step (srun sets SLURM_STEP_ID; the batch shell itself is not a rank); else one
+    process alone.
+
+    Args:
+        environ: the environment to read.
+        argv_local_rank: the `--local_rank` argument the deepspeed launcher passes, if any.
+
+    Returns:
+        The DistEnv.
+
+    Raises:
+        ValueError: a launcher variable is missing or malformed, or ranks are inconsistent.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        env = _from_torch_env(environ, argv_local_rank)
+    elif "SLURM_PROCID" in environ and ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ):
+        env = _from_slurm_env(environ)
+    else:
+        if int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
+            log.warning(
+                "SLURM_NTASKS=%s but this is not an srun step: running as ONE process. "
+                "Start the ranks with `srun python -m pertvl ...`.",
+                environ["SLURM_NTASKS"],
+            )
+        env = DistEnv(
+            rank=0,
+            world_size=1,
+            local_rank=0 if argv_local_rank is None else argv_local_rank,
+            local_world_size=1,
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", "0") or 0),
+            launcher="single",
+        )
+    if not (0 <= env.rank < env.world_size):
+        raise ValueError(f"rank {env.rank} outside world size {env.world_size} ({env.launcher})")
+    if not (0 <= env.local_rank < env.local_world_size):
+        raise ValueError(
+            f"local rank {env.local_rank} outside local world size {env.local_world_size} ({env.launcher})"
+        )
+    return env
+
+
+def _from_torch_env(environ: Mapping[str, str], argv_local_rank: int | None) -> DistEnv:
+    # The deepspeed launcher sets LOCAL_SIZE/CROSS_RANK and passes --local_rank; torchrun sets
+    # LOCAL_WORLD_SIZE and TORCHELASTIC_RUN_ID.
+    is_deepspeed = argv_local_rank is not None or ("LOCAL_SIZE" in environ and "CROSS_RANK" in environ)
+    rank = _int_var(environ, "RANK")
+    world_size = _int_var(environ, "WORLD_SIZE")
+    if "LOCAL_RANK" in environ:
+        local_rank = _int_var(environ, "LOCAL_RANK")
+        if argv_local_rank is not None and argv_local_rank != local_rank:
+            raise ValueError(f"--local_rank={argv_local_rank} disagrees with LOCAL_RANK={local_rank}")
+    elif argv_local_rank is not None:
+        local_rank = argv_local_rank
+    else:
+        raise ValueError("RANK/WORLD_SIZE are set but LOCAL_RANK is missing (and no --local_rank)")
+    if "LOCAL_WORLD_SIZE" in environ:
+        local_world_size = _int_var(environ, "LOCAL_WORLD_SIZE")
+    elif "LOCAL_SIZE" in environ:
+        local_world_size = _int_var(environ, "LOCAL_SIZE")
+    else:
+        # Unknown launcher: assume one node. Only used to share CPU cores between ranks.
+        local_world_size = world_size
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not environ.get(name):
+            raise ValueError(f"RANK/WORLD_SIZE are set but {name} is missing")
+    return DistEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        master_addr=environ["MASTER_ADDR"],
+        master_port=_int_var(environ, "MASTER_PORT"),
+        launcher="deepspeed" if is_deepspeed else "torchrun",
+    )
+
+
+def _from_slurm_env(environ: Mapping[str, str]) -> DistEnv:
+    rank = _int_var(environ, "SLURM_PROCID")
+    world_var = next(
+        (v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if environ.get(v)), None
+    )
+    if world_var is None:
+        raise ValueError("srun step without SLURM_STEP_NUM_TASKS / SLURM_NTASKS")
+    world_size = _int_var(environ, world_var)
+    local_rank = _int_var(environ, "SLURM_LOCALID")
+    node_id = int(environ.get("SLURM_NODEID", "0"))
+    per_node_var = next(
+        (
+            v
+            for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+            if environ.get(v)
+        ),
+        None,
+    )
+    if per_node_var is None:
+        raise ValueError("srun step without SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE")
+    per_node = parse_tasks_per_node(environ[per_node_var])
+    # A single count (SLURM_NTASKS_PER_NODE) applies to every node.
+    local_world_size = per_node[node_id] if node_id < len(per_node) else per_node[-1]
+    if environ.get("MASTER_ADDR"):
+        master_addr = environ["MASTER_ADDR"]
+    else:
+        nodelist_var = next(
+            (v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if environ.get(v)),
+            None,
+        )
+        if nodelist_var is None:
+            raise ValueError("srun step without SLURM_JOB_NODELIST and no MASTER_ADDR")
+        master_addr = expand_hostlist(environ[nodelist_var])[0]
+    if environ.get("MASTER_PORT"):
+        master_port = _int_var(environ, "MASTER_PORT")
+    else:
+        master_port = slurm_master_port(_int_var(environ, "SLURM_JOB_ID"))
+    return DistEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        master_addr=master_addr,
+        master_port=master_port,
+        launcher="slurm",
+    )
+
+
+def default_num_threads(env: DistEnv, environ: Mapping[str, str] = os.environ) -> int:
+    """CPU threads for one rank: SLURM's --cpus-per-task when given, else this process's usable
+    cores divided by the ranks on the node (2 ranks on 2 cores -> 1 thread each, no oversubscription)."""
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(environ["SLURM_CPUS_PER_TASK"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, env.local_world_size))
+
+
+def _free_port() -> int:
+    """A port nothing listens on right now (single-process runs only: nobody else must agree on it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _disable_deepspeed_shm_comm() -> None:
+    """Stop DeepSpeed from JIT-compiling its shared-memory inference all-reduce at init (see module doc)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def init_distributed(
+    env: DistEnv, backend: str | None = None, timeout_s: float = 1800.0, shm_comm: bool = False
+) -> torch.device:
+    """Join the job: pick the device, export the rendezvous variables, init DeepSpeed's comm.
+
+    Args:
+        env: from `detect_dist_env`.
+        backend: torch.distributed backend; default nccl on CUDA, gloo on CPU.
+        timeout_s: collective timeout (a rank that stops answering fails the job after this).
+        shm_comm: let DeepSpeed build its shared-memory inference all-reduce op on CPU
+            (~30 s JIT compile on first use, never needed for training).
+
+    Returns:
+        The device this rank computes on: cuda:LOCAL_RANK when CUDA is available, else cpu.
+
+    Raises:
+        ValueError: LOCAL_RANK has no matching GPU.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        if env.local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {env.local_rank} but only {torch.cuda.device_count()} CUDA devices visible "
+                f"(launcher {env.launcher}); start one rank per GPU"
+            )
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    port = env.master_port or _free_port()
+    # deepspeed.init_distributed (env:// rendezvous) reads exactly these.
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        LOCAL_WORLD_SIZE=str(env.local_world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(port),
+    )
+    if "OMP_NUM_THREADS" not in os.environ:
+        threads = default_num_threads(env)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        # torch read the variable at import; tell it directly as well.
+        torch.set_num_threads(threads)
+    import deepspeed
+
+    if not shm_comm:
+        _disable_deepspeed_shm_comm()
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False
+    )
+    log.info(
+        "rank %d/%d (local %d/%d, %s) on %s, backend %s, rendezvous %s:%d, %s threads",
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.local_world_size,
+        env.launcher,
+        device,
+        backend,
+        env.master_addr,
+        port,
+        os.environ["OMP_NUM_THREADS"],
+    )
+    return device
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (a clean exit; avoids gloo/nccl warnings at interpreter exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+REQUIRED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def load_ds_config(
+    path: str | Path,
+    *,
+    micro_batch: int | None = None,
+    grad_accum: int | None = None,
+    gradient_clipping: float | None = None,
+    world_size: int | None = None,
+) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config of ds_configs/ and apply command-line overrides.
+
+    pertvl passes its own optimizer and LR schedule to deepspeed.initialize, so the file must not
+    hold "optimizer"/"scheduler" blocks, and it must set micro-batch, accumulation and clipping
+    explicitly (DeepSpeed 0.19 silently defaults clipping to 1.0). train_batch_size is derived
+    by DeepSpeed (micro x accumulation x world size); when present it must agree.
+
+    Args:
+        path: the JSON file.
+        micro_batch, grad_accum, gradient_clipping: overrides (None keeps the file's value).
+        world_size: when given, a train_batch_size in the file is checked against it.
+
+    Returns:
+        The config dict for deepspeed.initialize(config=...).
+
+    Raises:
+        ValueError: unreadable JSON, a missing required key, an optimizer/scheduler block, both
+            fp16 and bf16 enabled, or an inconsistent train_batch_size.
+    """
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable DeepSpeed JSON config ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    for block in ("optimizer", "scheduler"):
+        if block in config:
+            raise ValueError(
+                f"{path}: remove the {block!r} block; pertvl passes its SGD and warm-up+cosine schedule itself"
+            )
+    missing = [k for k in REQUIRED_DS_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (pertvl needs them set explicitly)")
+    if micro_batch is not None:
+        config["train_micro_batch_size_per_gpu"] = int(micro_batch)
+    if grad_accum is not None:
+        config["gradient_accumulation_steps"] = int(grad_accum)
+    if gradient_clipping is not None:
+        config["gradient_clipping"] = float(gradient_clipping)
+    if (micro_batch is not None or grad_accum is not None) and "train_batch_size" in config:
+        del config["train_batch_size"]  # re-derived by DeepSpeed from the overrides
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f"{path}: {key} must be a positive integer, got {config[key]!r}")
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        raise ValueError(f"{path}: fp16 and bf16 are both enabled; pick one")
+    if world_size is not None and "train_batch_size" in config:
+        derived = (
+            config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size
+        )
+        if config["train_batch_size"] != derived:
+            raise ValueError(
+                f"{path}: train_batch_size={config['train_batch_size']} but micro-batch x accumulation x "
+                f"world size = {derived}; drop train_batch_size and let DeepSpeed derive it"
+            )
+    return config
+
+
+def _selftest(env: DistEnv, device: torch.device, wait_signal_s: float) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
+
+    total = torch.tensor([float(env.rank)], device=device)
+    dist.all_reduce(total)
+    print(
+        f"rank {env.rank}/{env.world_size} local {env.local_rank} device {device} sum {int(total.item())}",
+        flush=True,
+    )
+    if wait_signal_s <= 0:
+        return 0
+    # Stand-in for a training loop: iterate in lockstep until any rank is signalled.
+    flag = PreemptionFlag().install()
+    print(f"rank {env.rank} waiting for SIGTERM/SIGUSR1 (pid {os.getpid()})", flush=True)
+    deadline = time.monotonic() + wait_signal_s
+    iteration = 0
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        iteration += 1
+        if flag.agreed(device):
+            print(
+                f"rank {env.rank} stopping at iteration {iteration} on {flag.signal_name or 'a peer signal'}",
+                flush=True,
+            )
+            return PREEMPTED_EXIT_CODE
+    print(f"rank {env.rank}: no signal within {wait_signal_s:g} s", flush=True)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pertvl.train.launch", description="Launch smoke test: init + all_reduce of the rank."
+    )
+    parser.add_argument("--selftest", action="store_true", help="initialise, all_reduce the rank, print")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+    )
+    parser.add_argument("--backend", default=None, help="torch.distributed backend (default nccl/gloo)")
+    parser.add_argument(
+        "--wait-signal",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the all_reduce, wait up to SECONDS for SIGTERM/SIGUSR1 and exit with the preemption code",
+    )
+    args = parser.parse_args(argv)
+    if not args.selftest:
+        parser.error("nothing to do: pass --selftest")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    env = detect_dist_env(argv_local_rank=args.local_rank)
+    device = init_distributed(env, backend=args.backend, timeout_s=120.0)
+    try:
+        return _selftest(env, device, args.wait_signal)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""A real single-host SLURM cluster (slurm/local_cluster.sh) runs the sbatch scripts.
+
+Needs Debian's slurmctld/slurmd/slurm-client/munge and root. With PERTVL_INSTALL_SLURM=1 (CI)
+the test installs them through `local_cluster.sh install`; otherwise it skips with the reason.
+The per-rank command is the launch self-test (PERTVL_CMD), which the scripts run exactly as
+they run `python -m pertvl train`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pertvl.train.signals import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm" / "local_cluster.sh"
+SELFTEST_RE = re.compile(r"^rank (\d+)/(\d+) local (\d+) device (\S+) sum (\d+)$", re.MULTILINE)
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _have_packages() -> bool:
+    return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _LAUNCH_VARS
+        }
+        self.env.update(
+            SLURM_CONF=str(state / "slurm.conf"),
+            PERTVL_SLURMCTLD_PORT=str(_free_port()),
+            PERTVL_SLURMD_PORT=str(_free_port()),
+            PERTVL_REPO=str(REPO),
+            PERTVL_PYTHON=sys.executable,
+            TORCH_EXTENSIONS_DIR=str(state / "torch_extensions"),
+        )
+
+    def run(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=120, **kwargs)
+
+    def cluster(self, command: str) -> subprocess.CompletedProcess:
+        return self.run("bash", str(SCRIPT), command, str(self.state))
+
+    def submit(self, script: str, out: Path, extra_env: dict[str, str], *options: str) -> int:
+        proc = subprocess.run(
+            ["sbatch", "--parsable", f"--output={out}", *options, str(REPO / "slurm" / script)],
+            env=self.env | extra_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.strip().split(";")[0])
+
+    def job_field(self, job_id: int, field: str) -> str:
+        text = self.run("scontrol", "show", "job", str(job_id)).stdout
+        match = re.search(rf"\b{field}=(\S+)", text)
+        return match.group(1) if match else ""
+
+    def wait_done(self, job_id: int, timeout: float = 150) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.run("squeue", "-h", "-j", str(job_id), "-o", "%T").stdout.strip():
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"job {job_id} still queued/running after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs as root (SlurmUser=root); not root here")
+    if not _have_packages():
+        if os.environ.get("PERTVL_INSTALL_SLURM") != "1":
+            pytest.skip(
+                "SLURM/munge packages not installed; run `slurm/local_cluster.sh install` "
+                "or set PERTVL_INSTALL_SLURM=1 to let the test install them"
+            )
+        proc = subprocess.run(["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not _have_packages():
+            pytest.skip(f"could not install the SLURM packages: {proc.stderr[-500:]}")
+    # Not under pytest's tmp folder: munged needs o+x on every parent of its socket (pytest's is 0700).
+    cl = Cluster(Path(tempfile.mkdtemp(prefix="pertvl-slurm-test-", dir="/tmp")))
+    try:
+        started = cl.cluster("start")
+        assert started.returncode == 0, started.stdout + started.stderr + _logs(cl.state)
+        yield cl
+    finally:
+        stopped = cl.cluster("stop")
+        leftovers = [n for n in ("munged", "slurmctld", "slurmd") if (cl.state / "run" / f"{n}.pid").exists()]
+        shutil.rmtree(cl.state, ignore_errors=True)
+        assert not leftovers, stopped.stdout + stopped.stderr
+
+
+def _logs(state: Path) -> str:
+    return "".join(f"\n--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((state / "log").glob("*.log")))
+
+
+def _ranks(output: str) -> list[tuple[int, int, int, str, int]]:
+    return sorted((int(m[0]), int(m[1]), int(m[2]), m[3], int(m[4])) for m in SELFTEST_RE.findall(output))
+
+
+def test_cpu_sbatch_runs_two_ranks(cluster: Cluster, tmp_path: Path) -> None:
+    status = cluster.cluster("status")
+    assert status.returncode == 0 and "idle" in status.stdout, status.stdout
+    out = tmp_path / "cpu.out"
+    job = cluster.submit(
+        "pretrain_cpu.sbatch", out, {"PERTVL_CMD": "python -m pertvl.train.launch --selftest"}
+    )
+    cluster.wait_done(job)
+    output = out.read_text()
+    assert cluster.job_field(job, "JobState") == "COMPLETED", output
+    assert cluster.job_field(job, "ExitCode") == "0:0"
+    jobcomp = (cluster.state / "log" / "jobcomp.txt").read_text()
+    assert re.search(rf"JobId={job} .*JobState=COMPLETED", jobcomp), jobcomp
+    assert _ranks(output) == [(0, 2, 0, "cpu", 1), (1, 2, 1, "cpu", 1)], output
+    assert "srun exited with 0" in output
+    assert not (cluster.state / "torch_extensions" / "deepspeed_shm_comm").exists()
+
+
+def test_multinode_sbatch_checkpoints_and_requeues_on_the_time_limit_signal(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The GPU script on this CPU node (1 node x 2 tasks, no GPUs): SIGUSR1 — what
+    --signal=USR1@120 delivers before the time limit — reaches both ranks, they stop after the
+    same iteration with exit code 75, and the script requeues the job."""
+    out = tmp_path / "gpu.out"
+    job = cluster.submit(
+        "pretrain_multinode.sbatch",
+        out,
+        {"PERTVL_CMD": "python -m pertvl.train.launch --selftest --wait-signal 120"},
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        "--time=10",
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            text = out.read_text() if out.exists() else ""
+            if text.count("waiting for SIGTERM/SIGUSR1") == 2:
+                break
+            assert cluster.job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), text
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"ranks never started waiting:\n{out.read_text() if out.exists() else ''}")
+        # scancel --signal reaches the job steps (the ranks), as the time-limit warning does
+        sent = cluster.run("scancel", f"--signal={signal.SIGUSR1.name[3:]}", str(job))
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and cluster.job_field(job, "Restarts") != "1":
+            time.sleep(0.25)
+        output = out.read_text()
+        assert cluster.job_field(job, "Restarts") == "1", output
+        assert cluster.job_field(job, "JobState") in ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING")
+        assert _ranks(output) == [(0, 2, 0, "cpu", 1), (1, 2, 1, "cpu", 1)], output
+        stops = re.findall(r"rank (\d) stopping at iteration (\d+) on (\S+)", output)
+        assert sorted(r for r, _, _ in stops) == ["0", "1"] and len({it for _, it, _ in stops}) == 1, output
+        assert f"exit code {PREEMPTED_EXIT_CODE}" in output
+        assert f"requeueing job {job}" in output
+    finally:
+        cluster.run("scancel", str(job))
