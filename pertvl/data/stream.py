@@ -1,0 +1,755 @@
+"""The training stream: WebDataset shards -> augmented, tokenized `Batch`es, the same number of
+batches on every rank, resumable at any (epoch, batch).
+
+The epoch plan, computed from the manifest and the arguments only (never by counting at run time):
+
+- N samples in S shards, R ranks (world_size), W = max(1, num_workers) loader workers per rank,
+  batch size B. Each rank runs W *streams*, one per worker: R x W streams in all.
+- Every stream yields exactly P = floor(N / (B R W)) full batches per epoch, so every rank yields
+  `batches_per_epoch` = P x W batches: floor(N / (B R)) rounded down to a multiple of W. No partial
+  batch is ever produced; the N - P B R W samples (fewer than one batch per stream) that do not
+  fit are left out of that epoch — different ones each epoch, since the order is reshuffled.
+- Shards: each epoch the shard list is permuted with a seed from (seed, epoch), identically on
+  every rank, and stream (r, w) takes the shards at positions r + R w, r + R (w + W), ... (what
+  webdataset's split_by_node then split_by_worker give), so streams read disjoint shards. Every
+  stream needs a shard: S >= R x W is checked up front.
+- A stream reads its shards in that order and keeps the first Q = P x B *good* samples: bad
+  samples (corrupt PNG, bad json, missing member) and the unreadable rest of a truncated shard are
+  counted, logged with shard and key, and skipped — the next samples take their place. If its
+  shards run out first, the stream reads them again from its first one (wrap), so every stream
+  always delivers Q samples: a corrupt sample never makes one rank shorter (and DDP/DeepSpeed hang).
+- The Q samples pass a shuffle buffer (webdataset's, seeded by (seed, epoch, rank, stream)), are
+  decoded with an explicit allow-list (PNG via PIL, json, txt; nothing is ever unpickled),
+  augmented (pertvl.data.augment, parameters from (seed, epoch, key)), tokenized (exactly
+  encode_texts' output; TextEncoder caches word pieces) and collated into B-sample batches
+  *inside the worker*. The DataLoader (batch_size=None) takes batches from
+  its workers round-robin, so rank batch i is batch i // W of stream i mod W: deterministic.
+- Resampled mode (very large corpora): each stream draws its shards with replacement from all S
+  (seeded by (seed, epoch, rank, stream)); same P and Q, no shard-count requirement.
+- Resume at (epoch, b): stream w drops its first ceil((b - w) / W) batches as raw samples (read
+  and CRC-checked, never decoded, augmented or tokenized), and loader worker j plays stream
+  (j + b) mod W so that round-robin continues at batch b. The remaining batches are identical
+  (ids, order, pixels, tokens) to the uninterrupted epoch's, for the same R, W, B, seed and data.
+  (One exception: a PNG that passes the CRC check but still fails to decode is only found when
+  decoded; before a resume point it shifts that stream by one sample. Real damage breaks CRCs.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pertvl.data.augment import AugmentConfig, apply_augmentation, sample_params
+from pertvl.data.batch import Batch
+from pertvl.data.records import PERTURBATION_TYPES
+from pertvl.data.shards import (
+    ALLOWED_MEMBERS,
+    MANIFEST_NAME,
+    Sample,
+    ShardReadError,
+    check_raw_sample,
+    iter_raw_samples,
+    read_manifest,
+    split_info,
+)
+from pertvl.data.tokenize import Encoded, backend_of, encode_texts
+
+log = logging.getLogger(__name__)
+
+# Keys of TrainStream.skipped (samples not used) and TrainStream.masked (perturbations masked out).
+SKIP_REASONS = (
+    "corrupt_png",
+    "bad_json",
+    "missing_member",
+    "decode_error",
+    "truncated_shard",
+    "unreadable_shard",
+)
+MASK_REASONS = ("unavailable_perturbations", "identical_perturbations")
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1, num_workers: int = 0) -> int:
+    """Batches every rank yields per epoch: floor(N / (B R)) rounded down to a multiple of W.
+
+    Args:
+        num_samples: N, samples of the split (from the manifest).
+        batch_size: B, per rank.
+        world_size: R ranks.
+        num_workers: loader workers per rank (0 counts as one stream in the main process).
+    """
+    streams = world_size * max(1, num_workers)
+    return (num_samples // (batch_size * streams)) * max(1, num_workers)
+
+
+# --------------------------------------------------------------------------------------------
+# Source: folder with manifest, brace pattern, pipe: URL
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Where the shards of one split are and what the manifest says about them."""
+
+    urls: tuple[str, ...]
+    shard_counts: tuple[int | None, ...]  # samples per shard when known (for detecting short shards)
+    num_samples: int
+    image_size: int | None
+    label_names: tuple[str, ...]
+    description: str
+
+
+def _shard_name(url: str) -> str:
+    return os.path.basename(url) if "://" not in url and not url.startswith("pipe:") else url
+
+
+def resolve_source(
+    source: str | os.PathLike,
+    split: str = "train",
+    *,
+    manifest: str | os.PathLike | dict | None = None,
+    num_samples: int | None = None,
+) -> ShardSource:
+    """Resolve a shard source to URLs and counts.
+
+    Args:
+        source: a local shard folder with manifest.json; or a brace pattern of shard paths/URLs
+            ("shards/x/train-{000000..000009}.tar", webdataset's "::" and ${WDS_VAR} rules); or
+            `pipe:` URLs ("pipe:aws s3 cp s3://b/train-{000000..000009}.tar -").
+        split: the manifest split (selects the shards of a folder).
+        manifest: manifest.json (path, folder or dict) for a pattern; a pattern of local files
+            finds the manifest next to them on its own.
+        num_samples: samples per epoch when there is no manifest (it also overrides the manifest's,
+            e.g. for virtual epochs in resampled mode).
+
+    Raises:
+        ValueError: when the sample count cannot be known, or a URL matches no manifest shard.
+    """
+    from webdataset.shardlists import expand_urls
+
+    src = os.fspath(source)
+    man = (
+        manifest
+        if isinstance(manifest, dict)
+        else (read_manifest(manifest) if manifest is not None else None)
+    )
+    if os.path.isdir(src):
+        man = man if man is not None else read_manifest(src)
+        entries = split_info(man, split, os.path.join(src, MANIFEST_NAME))["shards"]
+        urls = [os.path.join(src, e["name"]) for e in entries]
+        counts: list[int | None] = [e["num_samples"] for e in entries]
+    else:
+        urls = expand_urls(src)
+        if not urls:
+            raise ValueError(f"{src}: the pattern expands to no shard")
+        local = all(_shard_name(u) == os.path.basename(u) for u in urls)
+        if man is None and local and (Path(urls[0]).parent / MANIFEST_NAME).is_file():
+            man = read_manifest(Path(urls[0]).parent)
+        counts = [None] * len(urls)
+        if man is not None:
+            known = {e["name"]: e["num_samples"] for e in split_info(man, split)["shards"]}
+            for i, u in enumerate(urls):
+                hits = [n for n in known if n in u]
+                if hits:
+                    counts[i] = known[max(hits, key=len)]
+                elif num_samples is None:
+                    raise ValueError(
+                        f"{u}: no shard of split {split!r} in the manifest matches it; pass num_samples"
+                    )
+    if num_samples is None:
+        if any(c is None for c in counts):
+            raise ValueError(f"{src}: no manifest to count samples; pass manifest= or num_samples=")
+        num_samples = sum(c for c in counts if c is not None)
+    return ShardSource(
+        urls=tuple(urls),
+        shard_counts=tuple(counts),
+        num_samples=int(num_samples),
+        image_size=man.get("image_size") if man else None,
+        label_names=tuple(man.get("label_names", [])) if man else (),
+        description=f"{src} [{split}]",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and collation
+# --------------------------------------------------------------------------------------------
+
+
+class TextEncoder:
+    """`encode_texts` with a word -> word-pieces cache for WordPiece (BERT-family) tokenizers.
+
+    Fed pre-split words, a WordPiece tokenizer handles every word on its own, so a text encodes to
+    [CLS] + its words' pieces (cut to max_length) + [SEP]. The nine perturbations reuse the
+    original's words, so caching each word's pieces makes the 1 + 9 texts of a sample ~10x cheaper
+    than encode_texts (which costs more than decoding and augmenting together). The first call
+    is checked against encode_texts token for token; other tokenizer models, or any difference,
+    use encode_texts itself. Output is always exactly what encode_texts returns.
+    """
+
+    _MAX_CACHE = 1 << 18
+
+    def __init__(self, tokenizer, max_length: int = 128):
+        self.backend = backend_of(tokenizer)
+        self.max_length = max_length
+        self._cache: dict[str, list[int]] = {}
+        self._mode: str | None = None  # None until verified, then "fast" or "reference"
+        self._prefix: list[int] = []
+        self._suffix: list[int] = []
+        self._budget = 0
+        self._pad = 0
+
+    def reference(self, texts: list[str]) -> Encoded:
+        return encode_texts(self.backend, texts, max_length=self.max_length)
+
+    def __call__(self, texts: list[str]) -> Encoded:
+        if self._mode == "fast":
+            return self._fast(texts)
+        reference = self.reference(texts)
+        if self._mode is None:
+            fast = self._fast(texts) if self._setup() else None
+            same = fast is not None and all(
+                np.array_equal(getattr(reference, f), getattr(fast, f))
+                for f in ("input_ids", "attention_mask", "word_ids")
+            )
+            if fast is not None and not same:
+                log.warning(
+                    "word-piece cache disagrees with encode_texts for this tokenizer; using encode_texts"
+                )
+            self._mode = "fast" if same else "reference"
+        return reference
+
+    def _setup(self) -> bool:
+        b = self.backend
+        if type(b.model).__name__ != "WordPiece":
+            return False
+        b.no_padding()
+        b.no_truncation()
+        full = b.encode(["a"], is_pretokenized=True).ids
+        bare = b.encode(["a"], is_pretokenized=True, add_special_tokens=False).ids
+        starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
+        if not bare or not starts:
+            return False
+        self._prefix, self._suffix = full[: starts[0]], full[starts[0] + len(bare) :]
+        self._budget = self.max_length - len(self._prefix) - len(self._suffix)
+        self._pad = int(encode_texts(b, ["", "a b c"], max_length=self.max_length).input_ids[0, -1])
+        return self._budget > 0
+
+    def _fast(self, texts: list[str]) -> Encoded:
+        words = [t.split() for t in texts]
+        new = list({w for ws in words for w in ws if w not in self._cache})
+        if new:
+            if len(self._cache) + len(new) > self._MAX_CACHE:
+                self._cache.clear()
+            self.backend.no_truncation()
+            encs = self.backend.encode_batch(
+                [[w] for w in new], is_pretokenized=True, add_special_tokens=False
+            )
+            self._cache.update(zip(new, (e.ids for e in encs), strict=True))
+        rows = []
+        for ws in words:
+            ids, wids = list(self._prefix), [-1] * len(self._prefix)
+            room = self._budget
+            for j, w in enumerate(ws):
+                pieces = self._cache[w][:room]
+                ids += pieces
+                wids += [j] * len(pieces)
+                room -= len(pieces)
+                if room <= 0:
+                    break
+            rows.append((ids + self._suffix, wids + [-1] * len(self._suffix)))
+        length = max(len(r[0]) for r in rows)
+        n = len(rows)
+        input_ids = np.full((n, length), self._pad, dtype=np.int64)
+        attention_mask = np.zeros((n, length), dtype=np.int64)
+        word_ids = np.full((n, length), -1, dtype=np.int64)
+        for i, (ids, wids) in enumerate(rows):
+            input_ids[i, : len(ids)] = ids
+            attention_mask[i, : len(ids)] = 1
+            word_ids[i, : len(ids)] = wids
+        return Encoded(input_ids, attention_mask, word_ids)
+
+
+def make_decoder():
+    """webdataset's Decoder with an explicit allow-list: PNG (PIL, 8-bit grayscale numpy), json,
+    txt. No default handlers (pre=[], post=[]): nothing is unpickled or torch.load-ed; members
+    without a handler would stay raw bytes (and the reader drops them before they get here)."""
+    import webdataset as wds
+
+    return wds.Decoder(
+        [
+            wds.imagehandler("l8", extensions=["png"]),
+            wds.handle_extension("json", json.loads),
+            wds.handle_extension("txt", lambda b: b.decode("utf-8")),
+        ],
+        pre=[],
+        post=[],
+    )
+
+
+def collate_samples(
+    samples: Sequence[Sample],
+    tokenizer,
+    *,
+    max_length: int = 128,
+    label_names: Sequence[str] = (),
+    image_size: int | None = None,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+) -> tuple[Batch, Counter]:
+    """Collate decoded samples into a Batch.
+
+    Args:
+        samples: from the stream or from pertvl.data.shards.iter_samples (evaluation).
+        tokenizer: a tokenizers.Tokenizer or HF fast tokenizer (encoded with encode_texts), or a
+            TextEncoder (same output, faster; its own max_length applies).
+        max_length: token limit for originals and perturbations.
+        label_names: label order of Batch.labels (manifest["label_names"]); empty -> labels None.
+        image_size: resize images to this side if they differ (antialiased bilinear).
+        augment: augmentation ranges, or None for none.
+        seed, epoch: with each sample key, fix its augmentation.
+
+    Returns:
+        (Batch, counts): pert_valid is False where the perturbation is unavailable or its token ids
+        equal the original's after truncation; counts has "unavailable_perturbations" and
+        "identical_perturbations".
+    """
+    if not samples:
+        raise ValueError("collate_samples needs at least one sample")
+    import torch.nn.functional as F
+
+    target = (image_size, image_size) if image_size else samples[0].image.shape
+    images = []
+    for s in samples:
+        x = torch.tensor(s.image, dtype=torch.float32).div_(255.0)[
+            None, None
+        ]  # copies: decoded arrays are read-only
+        if x.shape[-2:] != target:
+            x = F.interpolate(x, size=tuple(target), mode="bilinear", antialias=True, align_corners=False)
+        images.append(x)
+    img = torch.cat(images).clamp_(0.0, 1.0)
+    keys = [s.key for s in samples]
+    if augment is not None:
+        img = apply_augmentation(img, sample_params(keys, seed=seed, epoch=epoch, config=augment))
+
+    b, k = len(samples), len(PERTURBATION_TYPES)
+    if isinstance(tokenizer, TextEncoder):
+        encode = tokenizer
+    else:
+
+        def encode(texts: list[str]) -> Encoded:
+            return encode_texts(tokenizer, texts, max_length=max_length)
+
+    enc = encode([s.meta["text"] for s in samples])
+    available = np.zeros((b, k), dtype=bool)
+    flat = []
+    for i, s in enumerate(samples):
+        perts = s.meta.get("perturbations") or {}
+        for j, name in enumerate(PERTURBATION_TYPES):
+            text = perts.get(name)
+            available[i, j] = isinstance(text, str)
+            flat.append(text if isinstance(text, str) else "")
+    penc = encode(flat)
+    lp = penc.input_ids.shape[1]
+    p_ids, p_mask = penc.input_ids.reshape(b, k, lp), penc.attention_mask.reshape(b, k, lp)
+    # Identical after truncation: same tokens and same length (compared on a common padded width).
+    width = max(lp, enc.input_ids.shape[1])
+    o_ids = np.pad(enc.input_ids * enc.attention_mask, ((0, 0), (0, width - enc.input_ids.shape[1])))[:, None]
+    o_mask = np.pad(enc.attention_mask, ((0, 0), (0, width - enc.input_ids.shape[1])))[:, None]
+    q_ids = np.pad(p_ids * p_mask, ((0, 0), (0, 0), (0, width - lp)))
+    q_mask = np.pad(p_mask, ((0, 0), (0, 0), (0, width - lp)))
+    identical = available & np.all(o_ids == q_ids, axis=-1) & np.all(o_mask == q_mask, axis=-1)
+    valid = available & ~identical
+    counts = Counter(
+        unavailable_perturbations=int((~available).sum()), identical_perturbations=int(identical.sum())
+    )
+
+    labels = None
+    if label_names:
+        arr = np.full((b, len(label_names)), np.nan, dtype=np.float32)
+        for i, s in enumerate(samples):
+            known = s.meta.get("labels") or {}
+            for j, name in enumerate(label_names):
+                if known.get(name) is not None:
+                    arr[i, j] = float(known[name])
+        labels = torch.from_numpy(arr)
+
+    batch = Batch(
+        images=img,
+        input_ids=torch.from_numpy(enc.input_ids),
+        attention_mask=torch.from_numpy(enc.attention_mask),
+        word_ids=torch.from_numpy(enc.word_ids),
+        pert_input_ids=torch.from_numpy(np.ascontiguousarray(p_ids)),
+        pert_attention_mask=torch.from_numpy(np.ascontiguousarray(p_mask)),
+        pert_valid=torch.from_numpy(valid),
+        ids=[str(s.meta["id"]) for s in samples],
+        study_ids=[str(s.meta.get("study_id", "")) for s in samples],
+        texts=[s.meta["text"] for s in samples],
+        labels=labels,
+    )
+    return batch, counts
+
+
+# --------------------------------------------------------------------------------------------
+# The per-stream pipeline (runs inside a loader worker)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs; plain picklable values (spawn-safe)."""
+
+    source: ShardSource
+    tokenizer: object
+    batch_size: int
+    world_size: int
+    rank: int
+    streams: int  # W
+    seed: int
+    augment: AugmentConfig | None
+    max_length: int
+    resampled: bool
+    image_size: int | None
+    shuffle_buffer: int
+
+    @property
+    def batches_per_stream(self) -> int:
+        return self.source.num_samples // (self.batch_size * self.world_size * self.streams)
+
+
+@dataclass
+class _WorkerReport:
+    """Sent by each worker after its last batch: its skip and mask counts."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _rng_seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def _shard_sequence(plan: _Plan, epoch: int, stream: int) -> tuple[Iterator[int], int]:
+    """(endless iterator of shard indices for this stream, shards per full pass)."""
+    n = len(plan.source.urls)
+    if plan.resampled:
+        rng = random.Random(_rng_seed("resample", plan.seed, epoch, plan.rank, stream))
+        return (rng.randrange(n) for _ in itertools.count()), n
+    order = list(range(n))
+    random.Random(_rng_seed("shards", plan.seed, epoch)).shuffle(order)
+    mine = order[plan.rank + plan.world_size * stream :: plan.world_size * plan.streams]
+    return itertools.cycle(mine), len(mine)
+
+
+def _read_shard(plan: _Plan, index: int, stats: Counter) -> Iterator[tuple]:
+    """Good (raw sample, meta) of one shard; bad samples and damage are counted and logged."""
+    import webdataset as wds
+
+    url, expected = plan.source.urls[index], plan.source.shard_counts[index]
+    name = _shard_name(url)
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as e:  # any opener failure (missing file, failing pipe) makes it unreadable
+        stats["unreadable_shard"] += 1
+        log.warning("cannot open shard %s: %s: %s; continuing with the next shard", name, type(e).__name__, e)
+        return
+    read, last = 0, None
+    try:
+        for raw in iter_raw_samples(stream, name):
+            read += 1
+            if raw.ignored:
+                stats["ignored_members"] += len(raw.ignored)
+                log.warning("shard %s key %s: ignored member(s) %s (only %s are read)",
+                            name, raw.key, sorted(set(raw.ignored)), "/".join(ALLOWED_MEMBERS))  # fmt: skip
+            meta, problem = check_raw_sample(raw)
+            if problem:
+                stats[problem.split(":", 1)[0]] += 1
+                log.warning("skipping sample %s in shard %s: %s", raw.key, name, problem)
+                continue
+            last = raw.key
+            yield raw, meta
+    except ShardReadError as e:
+        stats["truncated_shard"] += 1
+        log.warning(
+            "shard %s is damaged after key %s (%s); continuing with the next shard",
+            name,
+            e.after_key,
+            e.reason,
+        )
+        return
+    finally:
+        try:
+            stream.close()  # a pipe: URL reports its command's failure here
+        except OSError as e:
+            log.warning("shard %s: %s", name, e)
+    if expected is not None and read < expected:
+        stats["truncated_shard"] += 1
+        log.warning("shard %s ended after %d of %d samples (last key %s)", name, read, expected, last)
+
+
+def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Iterator[tuple]:
+    """Endless good raw samples of one stream, wrapping over its shards; raises rather than spin
+    forever when a whole pass over its shards yields nothing."""
+    shards, per_pass = _shard_sequence(plan, epoch, stream)
+    empty = 0
+    tried: set[str] = set()
+    for index in shards:
+        good = 0
+        for item in _read_shard(plan, index, stats):
+            good += 1
+            yield item
+        empty = 0 if good else empty + 1
+        tried.add(_shard_name(plan.source.urls[index]))
+        if empty >= max(per_pass, 1) * (4 if plan.resampled else 1):
+            raise RuntimeError(
+                f"rank {plan.rank} stream {stream}: no usable sample in {empty} consecutive shard reads "
+                f"({sorted(tried)[:8]}...); run `pertvl shards verify` on {plan.source.description}"
+            )
+
+
+def _decoded(items: Iterator[tuple], stats: Counter) -> Iterator[Sample]:
+    decoder = make_decoder()
+    for raw, _ in items:
+        try:
+            out = decoder(
+                {"__key__": raw.key, **{k: v for k, v in raw.members.items() if k in ALLOWED_MEMBERS}}
+            )
+            image, meta = out["png"], out["json"]
+            if not isinstance(image, np.ndarray) or image.ndim != 2:
+                raise ValueError(f"decoded image has shape {getattr(image, 'shape', None)}")
+        except Exception as e:  # a decoder failure on bad bytes: skip and fill
+            stats["decode_error"] += 1
+            log.warning(
+                "skipping sample %s in shard %s: cannot decode: %s", raw.key, raw.shard, e.__cause__ or e
+            )
+            continue
+        yield Sample(key=raw.key, image=image, meta=meta, shard=raw.shard)
+
+
+def _stream_batches(
+    plan: _Plan, epoch: int, stream: int, skip_batches: int
+) -> Iterator[Batch | _WorkerReport]:
+    """The batches of one stream for one epoch from batch `skip_batches` on, then a _WorkerReport."""
+    from webdataset.filters import _shuffle
+
+    stats: Counter = Counter()
+    b = plan.batch_size
+    per_stream = plan.batches_per_stream
+    good = _good_samples(plan, epoch, stream, stats)
+    rng = random.Random(_rng_seed("samples", plan.seed, epoch, plan.rank, stream))
+    bufsize = max(1, plan.shuffle_buffer)
+    shuffled = _shuffle(itertools.islice(good, per_stream * b), bufsize=bufsize, initial=bufsize, rng=rng)
+    for _ in range(skip_batches * b):  # resume: drop raw samples, nothing decoded
+        next(shuffled)
+    # The continuation of `good` is only reached after the shuffled quota is exhausted: it fills
+    # in for samples that fail to decode, keeping the batch count.
+    samples = _decoded(itertools.chain(shuffled, good), stats)
+    for _ in range(per_stream - skip_batches):
+        chunk = [next(samples) for _ in range(b)]
+        batch, counts = collate_samples(
+            chunk,
+            plan.tokenizer,
+            max_length=plan.max_length,
+            label_names=plan.source.label_names,
+            image_size=plan.image_size,
+            augment=plan.augment,
+            seed=plan.seed,
+            epoch=epoch,
+        )
+        stats.update(counts)
+        yield batch
+    yield _WorkerReport(dict(stats))
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """One epoch of one rank; DataLoader worker j plays stream (j + start_batch) mod W."""
+
+    def __init__(self, plan: _Plan, epoch: int, start_batch: int):
+        super().__init__()
+        self.plan, self.epoch, self.start_batch = plan, epoch, start_batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        w = self.plan.streams
+        if workers != w:
+            raise RuntimeError(f"the stream was planned for {w} worker(s) but runs in {workers}")
+        stream = (worker + self.start_batch) % w
+        skip = max(0, -(-(self.start_batch - stream) // w))  # batches of this stream before start_batch
+        return _stream_batches(self.plan, self.epoch, stream, skip)
+
+
+# --------------------------------------------------------------------------------------------
+# Public stream
+# --------------------------------------------------------------------------------------------
+
+
+class TrainStream:
+    """Iterable over the Batches of one epoch of one rank (see the module docstring for the plan).
+
+    Call `set_epoch(e)` before each epoch (or `set_epoch(e, start_batch=b)` to resume); iterating
+    again without it repeats the same epoch. After a complete pass, `skipped` holds the samples
+    skipped per reason and `masked` the perturbations masked out, summed over this rank's workers
+    (also logged). A resume position applies to one pass only.
+    """
+
+    def __init__(self, plan: _Plan, *, epoch: int, start_batch: int, num_workers: int,
+                 prefetch_factor: int, multiprocessing_context) -> None:  # fmt: skip
+        self._plan = plan
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self.batches_per_epoch = plan.batches_per_stream * plan.streams
+        self.samples_per_epoch = self.batches_per_epoch * plan.batch_size
+        self.skipped: dict[str, int] = {}
+        self.masked: dict[str, int] = {}
+        self.set_epoch(epoch, start_batch)
+
+    @property
+    def source(self) -> ShardSource:
+        return self._plan.source
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0 or not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(
+                f"need epoch >= 0 and 0 <= start_batch <= {self.batches_per_epoch}, got {epoch}, {start_batch}"
+            )
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        """Batches the next pass yields."""
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self.epoch, self.start_batch
+        expected = self.batches_per_epoch - start
+        dataset = _EpochDataset(self._plan, epoch, start)
+        if self.num_workers == 0:
+            items = iter(dataset)
+        else:
+            items = iter(
+                torch.utils.data.DataLoader(
+                    dataset,
+                    batch_size=None,  # batches are made inside the workers
+                    num_workers=self.num_workers,
+                    prefetch_factor=self.prefetch_factor,
+                    persistent_workers=False,
+                    multiprocessing_context=self.multiprocessing_context,
+                )
+            )
+        stats: Counter = Counter()
+        produced = 0
+        for item in items:
+            if isinstance(item, _WorkerReport):
+                stats.update(item.counts)
+                continue
+            produced += 1
+            yield item
+        if produced != expected:  # would desynchronise ranks: fail loudly instead of hanging a collective
+            raise RuntimeError(f"rank {self._plan.rank}: produced {produced} batches, planned {expected}")
+        self.skipped = {k: stats[k] for k in SKIP_REASONS if stats[k]}
+        if stats["ignored_members"]:
+            self.skipped["ignored_members"] = stats["ignored_members"]
+        self.masked = {k: stats[k] for k in MASK_REASONS}
+        self.start_batch = 0
+        level = logging.WARNING if self.skipped else logging.INFO
+        log.log(level, "epoch %d rank %d: %d batches from %s; skipped %s; perturbations masked %s",
+                epoch, self._plan.rank, produced, self.source.description, self.skipped or "none", self.masked)  # fmt: skip
+
+
+def build_train_stream(
+    source: str | os.PathLike,
+    split: str = "train",
+    *,
+    tokenizer,
+    batch_size: int,
+    world_size: int = 1,
+    rank: int = 0,
+    num_workers: int = 2,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    augment: bool | AugmentConfig = True,
+    max_length: int = 128,
+    resampled: bool = False,
+    image_size: int | None = None,
+    manifest: str | os.PathLike | dict | None = None,
+    num_samples: int | None = None,
+    shuffle_buffer: int = 1000,
+    prefetch_factor: int = 2,
+    multiprocessing_context=None,
+) -> TrainStream:
+    """Build the training stream of one rank.
+
+    Args:
+        source: shard folder, brace pattern or pipe: URL (see resolve_source).
+        split: manifest split to stream.
+        tokenizer: tokenizers.Tokenizer or HF fast tokenizer (pertvl.data.tokenize.load_tokenizer).
+        batch_size: samples per batch on this rank.
+        world_size, rank: this process's place among the ranks.
+        num_workers: DataLoader workers (0: in this process, one stream).
+        seed: shard order, sample shuffle and augmentation all derive from it.
+        epoch, start_batch: where the first pass starts (resume).
+        augment: True for AugmentConfig() defaults, an AugmentConfig, or False.
+        max_length: token limit.
+        resampled: draw shards with replacement (virtual epochs of num_samples).
+        image_size: resize to this side when it differs from the stored images.
+        manifest, num_samples: for sources without a local manifest (see resolve_source).
+        shuffle_buffer: sample shuffle buffer per stream.
+        prefetch_factor, multiprocessing_context: passed to the DataLoader.
+
+    Raises:
+        ValueError: bad arguments; fewer shards than world_size x workers (with the number
+            needed); fewer samples than one batch per stream.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+        raise ValueError(
+            f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_workers >= 0; got "
+            f"{batch_size}, {world_size}, {rank}, {num_workers}"
+        )
+    src = resolve_source(source, split, manifest=manifest, num_samples=num_samples)
+    streams = max(1, num_workers)
+    needed = world_size * streams
+    if not resampled and len(src.urls) < needed:
+        per_shard = src.num_samples // max(1, len(src.urls))
+        raise ValueError(
+            f"{src.description} has {len(src.urls)} shard(s), but {world_size} rank(s) x {streams} worker(s) "
+            f"need at least {needed} (one per stream); re-pack with a smaller --maxcount "
+            f"(at most {max(1, src.num_samples // needed)} samples per shard; now ~{per_shard}), use fewer "
+            f"workers, or resampled=True"
+        )
+    if src.num_samples < batch_size * needed:
+        raise ValueError(
+            f"{src.description} has {src.num_samples} samples, fewer than one batch of {batch_size} for each of "
+            f"the {needed} streams ({world_size} rank(s) x {streams} worker(s)); lower batch_size or num_workers"
+        )
+    if augment is True:
+        augment = AugmentConfig()
+    backend = backend_of(tokenizer)
+    if num_workers > 0:  # tokenizers' own thread pool does not survive fork; workers parallelize instead
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    plan = _Plan(
+        source=src,
+        tokenizer=TextEncoder(backend, max_length),
+        batch_size=batch_size,
+        world_size=world_size,
+        rank=rank,
+        streams=streams,
+        seed=seed,
+        augment=augment or None,
+        max_length=max_length,
+        resampled=resampled,
+        image_size=image_size or src.image_size,
+        shuffle_buffer=shuffle_buffer,
+    )
+    return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
+                       prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip

@@ -1,0 +1,279 @@
+"""The training stream: equal batches per rank, disjoint coverage, exact resume, skips, no pickle."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_shards import make_corpus
+
+from pertvl.data import shards
+from pertvl.data.augment import AugmentConfig, AugmentParams, apply_augmentation, sample_params
+from pertvl.data.records import PERTURBATION_TYPES
+from pertvl.data.shards import Sample
+from pertvl.data.stream import (
+    batches_per_epoch,
+    build_train_stream,
+    collate_samples,
+    make_decoder,
+    resolve_source,
+)
+from pertvl.data.tokenize import load_tokenizer
+
+N_TRAIN = 32  # 8 shards of 4
+
+
+@pytest.fixture(scope="module")
+def tok(minilm_path):
+    return load_tokenizer(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("streamcorpus")
+    make_corpus(root, {"train": N_TRAIN, "test": 4})
+    shards.pack(
+        root / "pairs.jsonl",
+        root / "perturbations.jsonl",
+        root / "shards",
+        image_size=32,
+        maxcount=4,
+        workers=1,
+    )
+    return root / "shards"
+
+
+def stream(folder, tok, **kw):
+    kw = {"batch_size": 4, "num_workers": 2, "augment": False, "shuffle_buffer": 16} | kw
+    return build_train_stream(folder, "train", tokenizer=tok, **kw)
+
+
+def ids_of(batches) -> list[list[str]]:
+    return [b.ids for b in batches]
+
+
+def assert_same_batches(a, b):
+    assert ids_of(a) == ids_of(b)
+    for x, y in zip(a, b, strict=True):
+        for name in ("images", "input_ids", "attention_mask", "word_ids", "pert_input_ids", "pert_valid"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def test_two_ranks_two_workers_disjoint_and_cover_the_split(folder, tok):
+    all_ids = {f"train.{i}" for i in range(N_TRAIN)}
+    per_rank = []
+    for rank in (0, 1):
+        s = stream(folder, tok, world_size=2, rank=rank)
+        assert s.batches_per_epoch == len(s) == batches_per_epoch(N_TRAIN, 4, 2, 2) == 4
+        batches = list(s)
+        assert len(batches) == 4
+        b = batches[0]
+        assert b.images.shape == (4, 1, 32, 32) and b.images.dtype == torch.float32
+        assert 0.0 <= b.images.min() and b.images.max() <= 1.0
+        assert b.pert_input_ids.shape[:2] == (4, len(PERTURBATION_TYPES))
+        assert b.labels.shape == (4, 2)
+        per_rank.append([i for ids in ids_of(batches) for i in ids])
+    assert len(set(per_rank[0])) == len(per_rank[0]) == 16 == len(set(per_rank[1]))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert set(per_rank[0]) | set(per_rank[1]) == all_ids
+    # Another epoch: another order, same coverage.
+    s = stream(folder, tok, world_size=2, rank=0, epoch=1)
+    other = [i for ids in ids_of(s) for i in ids]
+    assert other != per_rank[0] and len(set(other)) == 16
+
+
+def test_resume_at_epoch_and_batch_gives_the_same_remaining_batches(folder, tok):
+    s = stream(folder, tok, augment=True, epoch=2, seed=7)
+    full = list(s)
+    assert len(full) == 8
+    for start in (3, 6):  # odd and even: the worker that owns the first remaining batch changes
+        resumed = list(stream(folder, tok, augment=True, epoch=2, seed=7, start_batch=start))
+        assert_same_batches(resumed, full[start:])
+    s.set_epoch(2, start_batch=5)
+    assert len(s) == 3
+    assert_same_batches(list(s), full[5:])
+    assert len(s) == 8  # the resume position applied to one pass
+    # Augmentation changed the pixels, and did so per sample, not per batch position.
+    plain = list(stream(folder, tok, augment=False, epoch=2, seed=7))
+    assert ids_of(plain) == ids_of(full)
+    assert not torch.equal(plain[0].images, full[0].images)
+    # Resampled mode resumes exactly as well.
+    res = list(stream(folder, tok, resampled=True, num_workers=0, epoch=1))
+    assert len(res) == 8
+    assert_same_batches(
+        list(stream(folder, tok, resampled=True, num_workers=0, epoch=1, start_batch=5)), res[5:]
+    )
+
+
+def _rewrite_with_corrupt_png(path: Path, key: str) -> None:
+    """Rewrite a shard with one PNG's IDAT byte flipped: a valid tar holding a corrupt image."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == f"{key}.png":
+                data = data[:60] + bytes([data[60] ^ 0x55]) + data[61:]
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(folder, tok, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    _rewrite_with_corrupt_png(bad / "train-000002.tar", "train_9")
+    with tarfile.open(bad / "train-000005.tar") as tar:
+        cut = tar.getmember("train_21.png").offset_data + 100  # inside the 2nd sample of the shard
+    (bad / "train-000005.tar").write_bytes((bad / "train-000005.tar").read_bytes()[:cut])
+    lost = {"train.9", "train.21", "train.22", "train.23"}
+
+    totals: dict[str, int] = {}
+    for rank in (0, 1):
+        s = stream(bad, tok, world_size=2, rank=rank)
+        batches = list(s)
+        assert len(batches) == s.batches_per_epoch == 4  # equal on both ranks despite the damage
+        assert all(len(b) == 4 for b in batches)
+        assert not {i for ids in ids_of(batches) for i in ids} & lost
+        for k, v in s.skipped.items():
+            totals[k] = totals.get(k, 0) + v
+    assert totals["corrupt_png"] >= 1 and totals["truncated_shard"] >= 1
+
+    with caplog.at_level(logging.WARNING, logger="pertvl.data.stream"):
+        s = stream(bad, tok, num_workers=0, batch_size=4)
+        batches = list(s)
+    assert len(batches) == 8 and s.skipped == {"corrupt_png": 1, "truncated_shard": 1}
+    text = caplog.text
+    assert "skipping sample train_9 in shard train-000002.tar: corrupt_png" in text
+    assert "shard train-000005.tar is damaged after key train_20" in text
+    assert "epoch 0 rank 0: 8 batches" in text
+
+
+def test_too_few_shards_fail_at_start_with_the_number_needed(folder, tok):
+    with pytest.raises(
+        ValueError, match=r"has 8 shard\(s\), but 4 rank\(s\) x 4 worker\(s\) need at least 16.*--maxcount"
+    ):
+        stream(folder, tok, world_size=4, rank=0, num_workers=4)
+    with pytest.raises(ValueError, match=r"fewer than one batch of 16"):
+        stream(folder, tok, batch_size=16, num_workers=2, world_size=2)
+    # Resampled mode has no shard requirement: 16 ranks over 8 shards, one batch each.
+    s = stream(folder, tok, world_size=16, rank=11, num_workers=0, batch_size=2, resampled=True)
+    assert len(list(s)) == s.batches_per_epoch == 1
+
+
+class _Exploit:
+    """Unpickling this creates a marker folder: evidence that something unpickled data."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_decoding_never_unpickles(folder, tok, tmp_path):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Exploit(str(marker)))
+    evil = tmp_path / "evil"
+    shutil.copytree(folder, evil)
+    path = evil / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+            if m.name.endswith(".json"):
+                for ext in ("pyd", "pickle"):
+                    info = tarfile.TarInfo(m.name.replace(".json", f".{ext}"))
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+    with open(path, "rb") as f:
+        raw = next(shards.iter_raw_samples(f, path.name))
+    assert set(raw.members) == {"png", "json"} and raw.ignored == ("pyd", "pickle")
+    decoded = make_decoder()({"__key__": "k", "pyd": payload, "pickle": payload})
+    assert decoded["pyd"] == payload and decoded["pickle"] == payload  # left as bytes
+    s = stream(evil, tok, num_workers=0)
+    seen = {i for b in s for i in b.ids}
+    assert len(seen) == N_TRAIN and s.skipped == {"ignored_members": 8}
+    assert not marker.exists()
+
+
+def test_pert_valid_masks_and_word_ids_by_hand(tok):
+    img = np.zeros((32, 32), np.uint8)
+    long = "the lungs are clear there is no acute disease in the chest"  # 12 one-piece words
+    samples = [
+        Sample("a", img, {"id": "a", "study_id": "s", "text": "no pneumothorax seen", "labels": {"Edema": 1.0},
+                          "perturbations": {"shuffle_all": "seen no pneumothorax", "reverse": "seen pneumothorax no"},
+                          "unavailable": {t: "short" for t in PERTURBATION_TYPES[3:]}}),
+        Sample("b", img, {"id": "b", "study_id": "s", "text": long, "labels": None,
+                          "perturbations": {"swap_adjacent": long.replace("the chest", "chest the"),
+                                            "shuffle_all": "lungs " + long.replace("lungs ", "")},
+                          "unavailable": {}}),
+    ]  # fmt: skip
+    batch, counts = collate_samples(samples, tok, max_length=10, label_names=("Edema", "Pneumothorax"))
+    expected_valid = np.zeros((2, 9), bool)
+    expected_valid[0, [0, 2]] = True  # shuffle_all, reverse; swap_adjacent and the rest are unavailable
+    expected_valid[1, 0] = True  # shuffle_all differs within 10 tokens; swap_adjacent only after them
+    np.testing.assert_array_equal(batch.pert_valid.numpy(), expected_valid)
+    assert counts == {"unavailable_perturbations": 9 - 2 + 9 - 2, "identical_perturbations": 1}
+    # "no pneumothorax seen" -> [CLS] no p ##ne ##um ##otho ##ra ##x seen [SEP]
+    assert batch.word_ids[0].tolist() == [-1, 0, 1, 1, 1, 1, 1, 1, 2, -1]
+    assert tok.id_to_token(int(batch.input_ids[0, 2])) == "p" and int(batch.attention_mask[0].sum()) == 10
+    assert batch.word_ids[1].tolist() == [-1, 0, 1, 2, 3, 4, 5, 6, 7, -1]  # truncated to 8 words
+    np.testing.assert_array_equal(
+        batch.labels.numpy(), np.array([[1.0, np.nan], [np.nan, np.nan]], np.float32)
+    )
+    assert batch.images.shape == (2, 1, 32, 32) and batch.ids == ["a", "b"] and batch.texts[1] == long
+
+
+def test_brace_pattern_and_pipe_sources(folder, tok):
+    reference = ids_of(stream(folder, tok, num_workers=0, seed=3))
+    pattern = str(folder / "train-{000000..000007}.tar")
+    assert ids_of(stream(pattern, tok, num_workers=0, seed=3)) == reference  # manifest found beside the files
+    pipe = f"pipe:cat {pattern}"
+    with pytest.raises(ValueError, match="pass manifest= or num_samples="):
+        resolve_source(pipe)
+    assert resolve_source(pipe, manifest=folder).shard_counts == (4,) * 8
+    assert ids_of(build_train_stream(pipe, tokenizer=tok, batch_size=4, num_workers=0, augment=False,
+                                     shuffle_buffer=16, seed=3, manifest=folder)) == reference  # fmt: skip
+    assert len(build_train_stream(pipe, tokenizer=tok, batch_size=4, num_workers=0, num_samples=20)) == 5
+
+
+def test_augmentation_is_per_key_deterministic_and_never_flips():
+    cfg = AugmentConfig()
+    keys = [f"k{i}" for i in range(200)]
+    p = sample_params(keys, seed=1, epoch=0, config=cfg)
+    assert p.angle_deg.abs().max() <= 5 and p.translate.abs().max() <= 0.04
+    assert 0.9 <= p.scale.min() and p.scale.max() <= 1.1 and p.brightness.abs().max() <= 0.1
+    assert p.angle_deg.std() > 2  # spread over the range, not constant
+    again = sample_params(keys[::-1], seed=1, epoch=0, config=cfg)  # order/batch position does not matter
+    assert torch.equal(again.angle_deg.flip(0), p.angle_deg)
+    assert not torch.equal(sample_params(keys, seed=1, epoch=1, config=cfg).angle_deg, p.angle_deg)
+
+    x = torch.zeros(200, 1, 32, 32)
+    x[..., :12] = 0.9  # bright left side, like a report that says "left"
+    y = apply_augmentation(x, p)
+    assert (y[..., 4:10].mean(dim=(1, 2, 3)) > y[..., 22:28].mean(dim=(1, 2, 3)) + 0.5).all()
+    ident = AugmentParams(torch.zeros(2), torch.ones(2), torch.zeros(2, 2), torch.zeros(2), torch.ones(2))
+    z = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(apply_augmentation(z, ident), z, atol=1e-4)
+
+
+def test_text_encoder_equals_encode_texts(tok):
+    from pertvl.data.stream import TextEncoder
+    from pertvl.data.tokenize import encode_texts
+
+    long = " ".join(["pneumothorax"] * 30)  # 180 pieces: cut inside a word at max_length
+    texts = ["no pneumothorax seen", "", "t-spine 2.5 cm 3/4 naïve café", long, "the lungs are clear"]
+    enc = TextEncoder(tok, max_length=32)
+    for _ in range(2):  # first call: verified against encode_texts; second: the cached fast path
+        got, want = enc(texts), encode_texts(tok, texts, max_length=32)
+        for f in ("input_ids", "attention_mask", "word_ids"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    assert enc._mode == "fast" and "pneumothorax" in enc._cache
