@@ -1,0 +1,248 @@
+"""onnxruntime vs torch eager, batch 32, in one run: image tower (small ResNet and ResNet-50 at
+224 px) and text tower (MiniLM, ~40-word reports), fp32 and int8.
+
+    python bench/bench_onnx.py [--quick] [--threads N] [--variants]
+
+Goals (issue 7): every tower at least 1.5x faster than torch eager in fp32, at least 2x in int8;
+the script exits 1 when one is missed. Torch runs the model as trained (its default SDPA
+attention, torch.inference_mode) with the same thread count as onnxruntime (physical cores).
+Times are the best of N interleaved repetitions (torch and onnxruntime alternate, so load from
+other processes hits both); medians are printed too.
+
+`--variants` also times the text tower as exported naively (SDPA trace, no fusion) and traced
+with eager attention but unfused, to show what the attention path and the fusion contribute.
+
+int8 accuracy hook (needs a trained export and packed shards with perturbations; the structure
+evaluation must stay within 1 point of fp32):
+
+    python bench/bench_onnx.py --structure-export export/NAME --shards shards/NAME [--split test] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FP32_GOAL = 1.5
+INT8_GOAL = 2.0
+STRUCTURE_POINTS = 1.0
+
+
+def reports_of_about(n_words: int, count: int) -> list[str]:
+    """`count` cleaned reports of ~n_words words made of the real sentences of the parity set."""
+    from pertvl.data.text import clean_text
+    from pertvl.export.onnx import REAL_REPORTS
+
+    words = " ".join(clean_text(t) for t in REAL_REPORTS).split()
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        n = int(rng.integers(n_words - 8, n_words + 9))
+        start = int(rng.integers(0, len(words)))
+        out.append(" ".join(words[(start + i) % len(words)] for i in range(n)))
+    return out
+
+
+def timed(fns: dict[str, callable], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved timing of several callables: {name: [seconds per repetition]}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_tower(label: str, torch_fn, sessions: dict, feeds: dict, repeats: int, warmup: int) -> list[dict]:
+    fns = {"torch": torch_fn}
+    fns.update({v: (lambda s=s: s.run(None, feeds)) for v, s in sessions.items()})
+    times = timed(fns, repeats, warmup)
+    base = min(times["torch"])
+    rows = []
+    for name, ts in times.items():
+        rows.append({"tower": label, "runtime": name, "best_s": min(ts), "median_s": statistics.median(ts),
+                     "speedup": base / min(ts), "speedup_median": statistics.median(times["torch"]) / statistics.median(ts)})
+    return rows
+
+
+def structure_hook(args) -> int:
+    """fp32 vs int8 structure accuracy of one export (within STRUCTURE_POINTS points)."""
+    import itertools
+
+    from pertvl.data.shards import iter_samples
+    from pertvl.evaluate.structure import evaluate_structure
+    from pertvl.infer import Embedder
+
+    acc = {}
+    for variant in ("fp32", "int8"):
+        emb = Embedder.from_export(args.structure_export, int8=variant == "int8")
+        samples = iter_samples(args.shards, args.split)
+        if args.limit:
+            samples = itertools.islice(samples, args.limit)
+        result = evaluate_structure(emb, samples, bootstrap=0)
+        acc[variant] = result.overall.accuracy
+        print(f"structure accuracy {variant}: {100 * acc[variant]:.2f}% over {result.overall.n} images")
+    diff = 100 * abs(acc["int8"] - acc["fp32"])
+    ok = diff <= STRUCTURE_POINTS
+    print(f"int8 vs fp32: {diff:.2f} points (goal <= {STRUCTURE_POINTS}) -> {'OK' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 repetitions, no extra variants")
+    p.add_argument("--threads", type=int, help="threads for torch and onnxruntime (default: physical cores)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--words", type=int, default=40, help="approximate words per report")
+    p.add_argument("--repeats", type=int, help="timed repetitions (default 3 quick / 8)")
+    p.add_argument("--variants", action="store_true", help="also time the naive text exports")
+    p.add_argument("--structure-export", help="int8 accuracy hook: an export made with --quantize int8")
+    p.add_argument("--shards", help="packed shards for the structure hook")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int)
+    args = p.parse_args(argv)
+    if args.structure_export:
+        if not args.shards:
+            p.error("--structure-export needs --shards")
+        return structure_hook(args)
+
+    import onnxruntime as ort
+    import torch
+
+    from pertvl.infer import physical_cores
+
+    threads = args.threads or physical_cores()
+    torch.set_num_threads(threads)
+    repeats = args.repeats or (3 if args.quick else 8)
+    warmup = 1 if args.quick else 2
+    print(f"batch {args.batch}, {threads} threads (torch and onnxruntime), best of {repeats}; torch {torch.__version__}, "
+          f"onnxruntime {ort.__version__}")
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
+        rows = run_benchmarks(Path(tmp), args, threads, repeats, warmup)
+    return report(rows)
+
+
+def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> list[dict]:
+    """Export the towers into `tmp` and time them; returns the result rows."""
+    import onnxruntime as ort
+    import torch
+
+    from pertvl.data.tokenize import encode_texts
+    from pertvl.export.onnx import (
+        ImageTower,
+        TextTower,
+        export_image_tower,
+        export_model,
+        export_text_tower,
+        phantom_like_images,
+        quantize_int8,
+    )
+    from pertvl.infer import session_options
+    from pertvl.model import create_model
+
+    size, b = 224, args.batch
+
+    def session(path):
+        t0 = time.perf_counter()
+        s = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return s, time.perf_counter() - t0
+
+    images = phantom_like_images(b, size, seed=0)
+    image_feeds = {"images": images}
+    rows: list[dict] = []
+
+    # small ResNet + MiniLM: the exporter as users run it (fused text graph, int8 variants)
+    torch.manual_seed(0)
+    model = create_model({"image_arch": "resnet-tiny"}).eval()
+    t0 = time.perf_counter()
+    export_model(model, tmp / "small", image_size=size, quantize="int8", parity=False)
+    print(f"exported small ResNet + MiniLM with int8 in {time.perf_counter() - t0:.1f} s")
+    texts = reports_of_about(args.words, b)
+    enc = encode_texts(model.tokenizer, texts, max_length=128)
+    text_feeds = {k: getattr(enc, k) for k in ("input_ids", "attention_mask", "word_ids")}
+    print(f"reports: {np.mean([len(t.split()) for t in texts]):.1f} words, {enc.input_ids.shape[1]} word pieces (padded)")
+    sessions, loads = {}, {}
+    for tower in ("image", "text"):
+        for variant, name in (("fp32", f"{tower}_encoder.onnx"), ("int8", f"{tower}_encoder.int8.onnx")):
+            sessions[(tower, variant)], loads[(tower, variant)] = session(tmp / "small" / name)
+    print("session load times: " + ", ".join(f"{t}/{v} {s:.2f} s" for (t, v), s in loads.items()))
+
+    img_t, txt_t = ImageTower(model).eval(), TextTower(model).eval()
+    ids, mask, wids = (torch.from_numpy(text_feeds[k]) for k in ("input_ids", "attention_mask", "word_ids"))
+    x = torch.from_numpy(images)
+    with torch.inference_mode():
+        ref_text = [o.numpy() for o in txt_t(ids, mask, wids)]
+        got_text = sessions[("text", "fp32")].run(None, text_feeds)
+        diff = max(float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max())
+                   for r, g in zip(ref_text[:2], got_text[:2], strict=True))
+        print(f"text fp32 max abs diff vs torch on the bench batch: {diff:.2e}; "
+              f"word masks equal: {bool((ref_text[2] == got_text[2]).all())}")
+        rows += bench_tower("image small ResNet 224px", lambda: img_t(x),
+                            {v: sessions[("image", v)] for v in ("fp32", "int8")}, image_feeds, repeats, warmup)
+        text_sessions = {v: sessions[("text", v)] for v in ("fp32", "int8")}
+        if args.variants and not args.quick:
+            naive, eager_unfused = tmp / "text_naive.onnx", tmp / "text_eager_unfused.onnx"
+            export_text_tower(model, naive, 128, 17, eager=False)
+            export_text_tower(model, eager_unfused, 128, 17, eager=True)
+            text_sessions["fp32 sdpa trace, unfused"] = session(naive)[0]
+            text_sessions["fp32 eager trace, unfused"] = session(eager_unfused)[0]
+        rows += bench_tower(f"text MiniLM ~{args.words} words", lambda: txt_t(ids, mask, wids), text_sessions,
+                            text_feeds, repeats, warmup)
+    sessions.clear()  # free the small model's sessions before ResNet-50
+
+    # ResNet-50 image tower, random init
+    torch.manual_seed(0)
+    model = create_model({"image_arch": "resnet50"}).eval()
+    with torch.inference_mode():
+        grid = model.encode_image(x[:2]).grid
+    path, path8 = tmp / "r50.onnx", tmp / "r50.int8.onnx"
+    export_image_tower(model, path, size, 17, (grid[0] * grid[1], model.local_dim))
+    quantize_int8(path, path8, "image")
+    img_t = ImageTower(model).eval()
+    with torch.inference_mode():
+        rows += bench_tower("image ResNet-50 224px", lambda: img_t(x), {"fp32": session(path)[0],
+                            "int8": session(path8)[0]}, image_feeds, repeats, warmup)
+
+    return rows
+
+
+def report(rows: list[dict]) -> int:
+    """Print the table; 1 when a goal is missed."""
+    print()
+    print(f"{'tower':28s} {'runtime':28s} {'best s':>8s} {'median s':>9s} {'x torch':>8s} {'(median)':>9s}  goal")
+    missed = []
+    for r in rows:
+        goal = {"fp32": FP32_GOAL, "int8": INT8_GOAL}.get(r["runtime"])
+        status = ""
+        if goal is not None:
+            ok = r["speedup"] >= goal
+            status = f">= {goal}x {'OK' if ok else 'MISSED'}"
+            if not ok:
+                missed.append(f"{r['tower']} {r['runtime']}: {r['speedup']:.2f}x < {goal}x")
+        print(f"{r['tower']:28s} {r['runtime']:28s} {r['best_s']:8.3f} {r['median_s']:9.3f} {r['speedup']:7.2f}x "
+              f"{r['speedup_median']:8.2f}x  {status}")
+    print("\nint8: the image towers quantize only their MatMuls (convolutions stay fp32, see pertvl.export.onnx); "
+          "int8 structure accuracy: run with --structure-export/--shards on a trained export.")
+    if missed:
+        print("MISSED: " + "; ".join(missed))
+        return 1
+    print("all speed goals met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Subcommands `export`, `embed`, `similarity`: parsers only; handlers import lazily (no torch at parse time).
+
+`pertvl export` needs torch (pertvl.export.onnx); `pertvl embed` and `pertvl similarity` run on
+onnxruntime only (pertvl.infer).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pertvl.export.onnx import cli_main
+
+    return cli_main(args)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from pertvl.infer import embed_cli_main
+
+    return embed_cli_main(args)
+
+
+def _similarity(args: argparse.Namespace) -> int:
+    from pertvl.infer import similarity_cli_main
+
+    return similarity_cli_main(args)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export", required=True, help="export folder written by `pertvl export`")
+    p.add_argument("--int8", action="store_true", help="use the int8 towers (export made with --quantize int8)")
+    p.add_argument("--batch-size", type=_positive, default=32, help="images / texts per onnxruntime call (32)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the trained encoders to ONNX (+ tokenizer, manifest, parity check)",
+        description="Export both towers of a trained DualEncoder to ONNX files that plain onnxruntime "
+        "runs, with a manifest (pertvl_export.json) and a built-in torch-vs-onnxruntime parity check.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="training run folder (loads RUN_DIR/final)")
+    src.add_argument("--checkpoint", help="a save_pretrained folder, or a DeepSpeed checkpoint folder "
+                     "(then --config or the run's config.yaml gives the model config)")
+    p.add_argument("--config", help="run config.yaml for a DeepSpeed --checkpoint (default: found next to it)")
+    p.add_argument("--out", required=True, help="export folder to create (e.g. export/NAME)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--image-size", type=_positive,
+                   help="side of the square input image (default: the model's / run's image size, else 224)")
+    p.add_argument("--max-length", type=_positive,
+                   help="word pieces per report (default: the run's data.max_length, else 128)")
+    p.add_argument("--quantize", choices=["int8"], help="also write dynamically quantized int8 towers")
+    p.add_argument("--no-parity", action="store_true", help="skip the torch-vs-onnxruntime parity check")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="keep the text graph as exported (skip onnxruntime's transformer optimizer)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed in fp32 (1e-4)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser(
+        "embed",
+        help="embed images and reports with an ONNX export (onnxruntime, no torch)",
+        description="Write image_emb.npy, text_emb.npy, similarity.npy and index.json; optionally "
+        "word→region attention maps as PNG heatmaps.",
+    )
+    _export_args(p)
+    p.add_argument("--images", nargs="+", default=[], metavar="IMAGE", help="image files")
+    p.add_argument("--texts", nargs="+", default=[], metavar="TEXT", help="report texts")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--attention-maps", metavar="DIR", help="also save one PNG per (image, report, word)")
+    p.add_argument("--gamma1", type=float, default=4.0, help="GLoRIA's attention temperature γ1 (4.0)")
+    p.set_defaults(handler=_embed)
+
+    p = sub.add_parser(
+        "similarity",
+        help="print image × report cosine scores with an ONNX export",
+        description="Embed images and reports with onnxruntime and print the cosine similarity table.",
+    )
+    _export_args(p)
+    p.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="image files")
+    p.add_argument("--texts", nargs="+", required=True, metavar="TEXT", help="report texts")
+    p.set_defaults(handler=_similarity)

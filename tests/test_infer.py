@@ -1,0 +1,219 @@
+"""pertvl.infer on an ONNX export: no torch, preprocessing, batching, attention maps, `pertvl embed/similarity`.
+
+The export is the tiny one of tests/test_export.py (built once per session).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_export import build_tiny_export, build_tiny_run, torch_image, torch_text, words_text
+
+from pertvl.data.text import clean_text
+from pertvl.infer import Embedder, attention_maps, format_similarity_table
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory, minilm_path) -> Path:
+    return build_tiny_export(tmp_path_factory.getbasetemp(), minilm_path)
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory, minilm_path, export_dir):
+    from pertvl.model import DualEncoder
+
+    return DualEncoder.from_pretrained(build_tiny_run(tmp_path_factory.getbasetemp(), minilm_path) / "final").eval()
+
+
+@pytest.fixture(scope="session")
+def emb(export_dir) -> Embedder:
+    return Embedder.from_export(export_dir, batch_size=2)
+
+
+@pytest.fixture()
+def image_files(tmp_path) -> list[Path]:
+    """An RGB landscape PNG, an 8-bit portrait PNG and a 16-bit PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = [tmp_path / "rgb.png", tmp_path / "gray.png", tmp_path / "sixteen.png"]
+    Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8), "RGB").save(files[0])
+    Image.fromarray(rng.integers(0, 256, (150, 70), dtype=np.uint8), "L").save(files[1])
+    Image.fromarray(rng.integers(0, 4096, (90, 90)).astype(np.uint16)).save(files[2])
+    return files
+
+
+# ------------------------------------------------------------------------------------------------
+_NO_TORCH = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import onnxruntime as ort
+    export, work = sys.argv[1], sys.argv[2]
+    # plain onnxruntime loads both files
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        session = ort.InferenceSession(f"{export}/{name}", providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map["pertvl.format"] == '"pertvl-export/1"'
+    from pertvl.infer import Embedder, attention_maps
+    e = Embedder.from_export(export)
+    images = np.load(f"{work}/images.npy")
+    texts = json.load(open(f"{work}/texts.json"))
+    np.save(f"{work}/image_emb.npy", e.embed_images(images))
+    np.save(f"{work}/text_emb.npy", e.embed_texts(texts))
+    f, t = e.image_features(images), e.text_features(texts)
+    attention_maps(f.regions[0], f.grid, t.words[0], t.word_mask[0])
+    e.similarity(images, texts)
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+    print(json.dumps(heavy))
+""")
+
+
+def test_fresh_process_never_imports_torch(export_dir, model, tmp_path):
+    from pertvl.export.onnx import REAL_REPORTS, phantom_like_images
+
+    images = phantom_like_images(3, 64, seed=5)
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "texts.json").write_text(json.dumps(list(REAL_REPORTS)))
+    script = tmp_path / "no_torch.py"
+    script.write_text(_NO_TORCH)
+    done = subprocess.run([sys.executable, str(script), str(export_dir), str(tmp_path)], check=True,
+                          capture_output=True, text=True, timeout=120)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []  # neither torch nor transformers
+    assert np.abs(np.load(tmp_path / "image_emb.npy") - torch_image(model, images)[0]).max() <= 1e-4
+    ref = torch_text(model, [clean_text(t) for t in REAL_REPORTS])[0]
+    assert np.abs(np.load(tmp_path / "text_emb.npy") - ref).max() <= 1e-4
+
+
+def test_attention_maps_match_torch_losses():
+    import torch
+
+    from pertvl.losses import local_attention_maps
+
+    rng = np.random.default_rng(0)
+    regions = rng.normal(size=(12, 8)).astype(np.float32)
+    words = rng.normal(size=(7, 8)).astype(np.float32)
+    mask = np.array([True] * 5 + [False] * 2)
+    words[~mask] = 0.0
+    maps = attention_maps(regions, (3, 4), words, mask, gamma1=4.0)
+    ref = local_attention_maps(torch.from_numpy(regions), torch.from_numpy(words[mask]), gamma1=4.0).numpy()
+    assert maps.shape == (5, 3, 4) and maps.dtype == np.float32
+    assert np.abs(maps.reshape(5, 12) - ref).max() <= 1e-5
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-6)
+    # the first softmax is over the report's words only: padding must not change any map
+    assert np.abs(attention_maps(regions, (3, 4), words[mask], None) - maps).max() <= 1e-6
+    with pytest.raises(ValueError, match="grid 3x3 does not hold M=12"):
+        attention_maps(regions, (3, 3), words, mask)
+    with pytest.raises(ValueError, match="same feature width"):
+        attention_maps(regions, (3, 4), words[:, :5], mask)
+    with pytest.raises(ValueError, match="no words"):
+        attention_maps(regions, (3, 4), words, np.zeros(7, bool))
+
+
+def test_load_images_matches_pack_preprocessing(emb, image_files, tmp_path):
+    from PIL import Image
+
+    from pertvl.data.shards import resize_center_crop, to_grayscale8
+
+    arr = emb.load_images(image_files)
+    assert arr.shape == (3, 1, 64, 64) and arr.dtype == np.float32
+    assert 0.0 <= arr.min() and arr.max() <= 1.0
+    for i, path in enumerate(image_files):
+        with Image.open(path) as im:
+            expected = np.asarray(resize_center_crop(to_grayscale8(im), 64), dtype=np.float32) / 255.0
+        np.testing.assert_array_equal(arr[i, 0], expected)
+    assert 0.4 < arr[2].mean() < 0.6  # the 16-bit image is min-max scaled, not clipped to white
+    bad = tmp_path / "report.png"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match=r"report\.png: cannot read as an image"):
+        emb.load_images([image_files[0], bad])
+
+
+def test_input_validation(emb):
+    from pertvl.evaluate.encoder import Encoder
+
+    assert isinstance(emb, Encoder)  # the evaluation protocol
+    with pytest.raises(ValueError, match=r"expected images \[N, 1, 64, 64\]"):
+        emb.embed_images(np.zeros((2, 1, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="divided by 255"):
+        emb.embed_images(np.full((1, 1, 64, 64), 200.0, np.float32))
+    with pytest.raises(ValueError, match="list of texts"):
+        emb.embed_texts("the lungs are clear")
+    assert emb.embed_images(np.zeros((0, 1, 64, 64), np.float32)).shape == (0, 16)
+    assert emb.embed_texts([]).shape == (0, 16)
+
+
+def test_texts_are_cleaned_and_batching_keeps_order(export_dir, emb):
+    messy = ["The LUNGS are clear.  XXXX  No effusión!", "Heart size: normal; t-spine 2.5 cm."]
+    cleaned = [clean_text(t) for t in messy]
+    assert cleaned == ["the lungs are clear no effusion", "heart size normal t-spine 2.5 cm"]
+    assert [clean_text(t) for t in cleaned] == cleaned  # the rule is idempotent
+    np.testing.assert_array_equal(emb.embed_texts(messy), emb.embed_texts(cleaned))
+    texts = [words_text(n, offset=n) for n in (40, 3, 17, 1, 60, 8, 25)]
+    one_batch = Embedder.from_export(export_dir, batch_size=64).embed_texts(texts)
+    many = emb.embed_texts(texts)  # batch_size 2, sorted by length inside
+    assert np.abs(one_batch - many).max() <= 1e-5
+    for i, t in enumerate(texts):
+        assert np.abs(emb.embed_texts([t])[0] - many[i]).max() <= 1e-5
+    feats = emb.text_features(texts)
+    assert feats.word_mask.sum(1).tolist() == [40, 3, 17, 1, 60, 8, 25]
+    assert not feats.words[~feats.word_mask].any()  # padded word slots are zero
+
+
+def test_similarity_is_cosine_of_embeddings(emb, image_files):
+    texts = ["the lungs are clear", "small left pleural effusion", "cardiomegaly"]
+    sim = emb.similarity([str(p) for p in image_files], texts)
+    ref = emb.embed_images(emb.load_images(image_files)) @ emb.embed_texts(texts).T
+    assert sim.shape == (3, 3) and np.abs(sim - ref).max() <= 1e-6
+    table = format_similarity_table(sim, [str(p) for p in image_files], texts)
+    rows = table.splitlines()[-3:]
+    for i, row in enumerate(rows):
+        assert row.startswith(image_files[i].name)
+        assert row.count("*") == 1
+        cells = row[len(row) - 10 * 3:]
+        assert cells[10 * int(np.argmax(sim[i])) : 10 * int(np.argmax(sim[i])) + 10].endswith("*")
+
+
+def test_cli_embed_with_attention_maps(export_dir, emb, image_files, tmp_path, capsys):
+    from PIL import Image
+
+    from pertvl.cli import main
+
+    texts = ["The lungs are clear.", "Small left pleural effusion XXXX."]
+    out, maps = tmp_path / "emb", tmp_path / "maps"
+    assert main(["embed", "--export", str(export_dir), "--images", *map(str, image_files[:2]),
+                 "--texts", *texts, "--out", str(out), "--attention-maps", str(maps)]) == 0
+    img, txt, sim = (np.load(out / f"{n}.npy") for n in ("image_emb", "text_emb", "similarity"))
+    np.testing.assert_array_equal(img, emb.embed_images(emb.load_images(image_files[:2])))
+    np.testing.assert_array_equal(txt, emb.embed_texts(texts))
+    assert np.abs(sim - img @ txt.T).max() <= 1e-6
+    index = json.loads((out / "index.json").read_text())
+    assert index["images"] == [str(p) for p in image_files[:2]] and index["texts"] == texts
+    assert index["cleaned_texts"] == ["the lungs are clear", "small left pleural effusion"]
+    listing = json.loads((maps / "attention_maps.json").read_text())["maps"]
+    assert len(listing) == 2 * (4 + 4) == index["attention_maps"]["count"]
+    assert [r["word"] for r in listing[:4]] == ["the", "lungs", "are", "clear"]
+    pngs = sorted(maps.glob("*.png"))
+    assert len(pngs) == 16
+    with Image.open(pngs[0]) as im:
+        assert im.size == (400, 440)
+
+
+def test_cli_similarity_prints_table(export_dir, emb, image_files, capsys):
+    from pertvl.cli import main
+
+    texts = ["the lungs are clear", "large right pneumothorax"]
+    assert main(["similarity", "--export", str(export_dir), "--images", *map(str, image_files),
+                 "--texts", *texts]) == 0
+    printed = capsys.readouterr().out
+    sim = emb.similarity([str(p) for p in image_files], texts)
+    for i, path in enumerate(image_files):
+        row = next(line for line in printed.splitlines() if line.startswith(path.name))
+        assert [float(x.rstrip("*")) for x in row[len(path.name):].split()] == pytest.approx(sim[i], abs=1e-4)
+    assert "R1  the lungs are clear" in printed
+    with pytest.raises(SystemExit):
+        main(["similarity", "--export", str(export_dir), "--images", str(image_files[0])])  # --texts missing
