@@ -141,6 +141,24 @@ def _text_structure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_nli(args: argparse.Namespace) -> int:
+    from pertvl.evaluate.finetune import nli_cli_main
+
+    return nli_cli_main(args)
+
+
+def _finetune_chexpert(args: argparse.Namespace) -> int:
+    from pertvl.evaluate.finetune import chexpert_cli_main
+
+    return chexpert_cli_main(args)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from pertvl.evaluate.ablate import cli_main
+
+    return cli_main(args)
+
+
 def _types(text: str) -> tuple[str, ...]:
     types = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in types if t not in PERTURBATION_TYPES]
@@ -192,7 +210,35 @@ def _structure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
+def _finetune_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int) -> None:
+    p.add_argument("--epochs", type=_positive,
+                   help=f"training epochs (default {epochs}; 30 with a frozen encoder or --export)")
+    p.add_argument("--lr", type=float, default=lr, help=f"encoder learning rate, AdamW (default {lr:g})")
+    p.add_argument("--head-lr", type=float,
+                   help="learning rate of the new head (default 1e-3; 1e-2 with a frozen encoder or --export)")
+    p.add_argument("--batch-size", type=_positive, default=batch_size, help=f"batch size (default {batch_size})")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on weight matrices (0.01)")
+    p.add_argument("--warmup", type=_fraction, default=0.1, help="linear warm-up fraction of the steps (0.1)")
+    p.add_argument("--dropout", type=_fraction, default=0.1, help="dropout before the head (0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head, shuffling and dropout (and the split) (0)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="keep the pretrained encoder frozen and train the head only (linear probe)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N] (default auto)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32, or bf16/fp16 autocast (default fp32)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.json and NAME.md")
+    p.add_argument("--name", help="file stem of the outputs (default: the task's name)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_finetune(sub)
     ev = sub.add_parser(
         "eval",
         help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure",
@@ -248,3 +294,86 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_positive, help="use only the first N reports with both sections")
     _structure_args(p)
     p.set_defaults(handler=_text_structure)
+
+
+def _register_finetune(sub: argparse._SubParsersAction) -> None:
+    """`pertvl finetune {nli,chexpert}` and `pertvl ablate`."""
+    ft = sub.add_parser(
+        "finetune",
+        help="downstream fine-tuning: NLI (MedNLI/RadNLI, Table III) and CheXpert (Table II)",
+        description="Fine-tune a pretrained encoder (or probe an ONNX export) on a downstream task.",
+    )
+    fsub = ft.add_subparsers(dest="finetune_command", metavar="TASK", required=True)
+
+    p = fsub.add_parser(
+        "nli",
+        help="text encoder + classification head on MedNLI/RadNLI jsonl (sentence1, sentence2, gold_label)",
+        description="BERT sentence-pair input [premise; hypothesis] -> entailment/contradiction/neutral. The "
+        "best dev epoch is scored on dev and test: accuracy, per-class precision/recall/F1, macro F1, confusion "
+        "matrix. --export is frozen (linear probe on the ONNX embeddings).",
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", metavar="RUN_DIR", help="training run folder; fine-tunes RUN_DIR/final's text tower")
+    g.add_argument("--export", metavar="DIR", help="ONNX export: linear probe on [u, v, |u-v|, u*v] embeddings")
+    g.add_argument("--text-model", metavar="PATH", help="a plain Hugging Face model folder (not-pretrained baseline)")
+    p.add_argument("--train", required=True, metavar="JSONL", help="e.g. mli_train_v1.jsonl")
+    p.add_argument("--dev", required=True, metavar="JSONL", help="e.g. mli_dev_v1.jsonl (epoch selection)")
+    p.add_argument("--test", required=True, metavar="JSONL", help="e.g. mli_test_v1.jsonl or radnli_test_v1.jsonl")
+    p.add_argument("--max-length", type=_positive, default=128, help="word pieces per sentence pair (default 128)")
+    _finetune_args(p, epochs=3, lr=2e-5, batch_size=16)
+    p.set_defaults(handler=_finetune_nli)
+
+    p = fsub.add_parser(
+        "chexpert",
+        help="image encoder + multi-label head on a CheXpert-format CSV (Consolidation, Pleural Effusion)",
+        description="Pooled image features -> one logit per label, BCE over the cells the uncertainty policy "
+        "keeps (blank: masked). Test: AUROC and accuracy per label over definite labels, and their mean. "
+        "--export is frozen (linear probe on the ONNX image embedding).",
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", metavar="RUN_DIR", help="training run folder; fine-tunes RUN_DIR/final's image tower")
+    g.add_argument("--export", metavar="DIR", help="ONNX export: linear probe on its image embeddings")
+    p.add_argument("--csv", required=True, help="CheXpert-format CSV (train.csv; the phantom corpus' labels.csv)")
+    p.add_argument("--valid-csv", metavar="CSV",
+                   help="test on this CSV (e.g. CheXpert valid.csv); default: a seeded split of --csv by patient")
+    p.add_argument("--images", required=True, metavar="ROOT", help="folder the CSV's Path column is relative to")
+    p.add_argument("--labels", default="Consolidation,Pleural Effusion",
+                   help='comma-separated label columns (default "Consolidation,Pleural Effusion")')
+    p.add_argument("--uncertain", choices=["zeros", "ones", "ignore"], default="zeros",
+                   help="uncertain (-1) labels in training: U-Zeros -> 0 (default), U-Ones -> 1, U-Ignore -> masked")
+    views = p.add_mutually_exclusive_group()
+    views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
+                       help="use frontal views only (default)")
+    views.add_argument("--all-views", dest="frontal_only", action="store_false", help="use frontal and lateral views")
+    p.add_argument("--image-size", type=_positive,
+                   help="input side in px (default: the export's, else the run's training size, else 224)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of patients held out for test without --valid-csv (default 0.2)")
+    p.add_argument("--group-pattern", default=r"(?:^|/)(patient\d+|p\d{8})(?=/)",
+                   help="regex whose first group is the patient in a Path (split unit); no match: the image itself")
+    p.add_argument("--workers", type=_non_negative, default=2, help="image decoding processes (default 2)")
+    _finetune_args(p, epochs=5, lr=1e-4, batch_size=32)
+    p.set_defaults(handler=_finetune_chexpert)
+
+    p = sub.add_parser(
+        "ablate",
+        help="the four loss configurations x seeds: train, evaluate, comparison table (mean +- std)",
+        description="For each preset and seed: `pertvl train` with loss.preset and train.seed overridden (same "
+        "data, encoders and steps), then structure / retrieval / zero-shot evaluation on the test split, then "
+        "the comparison table in the paper's layout (Markdown + JSON + PNG). Finished runs are skipped on re-run.",
+    )
+    p.add_argument("--config", default="configs/demo.yaml", help="training config (default configs/demo.yaml)")
+    p.add_argument("--shards", default="shards/demo", help="shard folder (default shards/demo)")
+    p.add_argument("--presets", default="convirt,gloria,no_local,full",
+                   help="comma-separated loss presets (default convirt,gloria,no_local,full)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--max-steps", type=_positive, help="override the config's training steps")
+    p.add_argument("--nproc", type=_positive, default=2, help="training ranks per run (default 2)")
+    p.add_argument("--eval-with", choices=["torch", "export"], default="torch",
+                   help="evaluate each run from its torch weights (default) or from an ONNX export of it")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="evaluation split (test)")
+    p.add_argument("--bootstrap", type=_non_negative, default=1000, help="bootstrap resamples of the structure CIs")
+    p.add_argument("--no-wandb", action="store_true", help="train without the W&B offline run")
+    p.add_argument("--out", default="runs/ablate", help="folder of the runs and the table (default runs/ablate)")
+    p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.set_defaults(handler=_ablate)

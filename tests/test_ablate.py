@@ -1,0 +1,267 @@
+"""`pertvl ablate`: orchestration, skip-on-re-run and the comparison table, with training and
+evaluation replaced by stand-ins that write known results (the real 12-run ablation on the phantom
+corpus takes far longer than a unit test; the lead runs it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pertvl import pipeline
+from pertvl.cli import main as pertvl_main
+from pertvl.evaluate import ablate
+from pertvl.evaluate.retrieval import RetrievalResult
+from pertvl.evaluate.structure import AccuracyStat, StructureResult
+from pertvl.evaluate.zeroshot import LabelAUROC, ZeroShotResult
+
+# Known structure accuracy per preset and seed offsets: the table must give their mean ± std.
+BASE = {"convirt": 0.30, "gloria": 0.34, "no_local": 0.62, "full": 0.70}
+SEED_OFFSET = {0: -0.02, 1: 0.0, 2: 0.05}
+SPREAD = {"convirt": 1.0, "gloria": 0.5, "no_local": 2.0, "full": 0.2}  # a different std per preset
+TYPES = ("shuffle_all", "antonym_adjectives")
+
+
+def _value(preset: str, seed: int, shift: float = 0.0) -> float:
+    return round(BASE[preset] + SPREAD[preset] * SEED_OFFSET[seed] + shift, 6)
+
+
+def _stat(acc: float) -> AccuracyStat:
+    return AccuracyStat(accuracy=acc, ci95=(acc - 0.05, acc + 0.05), n=100, correct=round(100 * acc), chance=0.1,
+                        mean_candidates=10.0)
+
+
+def _fabricated(kind: str, preset: str, seed: int) -> dict:
+    if kind == "structure":
+        return StructureResult(overall=_stat(_value(preset, seed)),
+                               per_type={t: _stat(_value(preset, seed, 0.1 * (i + 1))) for i, t in enumerate(TYPES)},
+                               images=100, images_without_valid_perturbation=0, skipped={},
+                               bootstrap={"resamples": 10, "seed": 0}).to_json()
+    if kind == "retrieval":
+        r = {"R@1": _value(preset, seed, -0.2), "R@5": _value(preset, seed), "R@10": _value(preset, seed, 0.1)}
+        return RetrievalResult(image_to_text=r, text_to_image=r, median_rank={"image_to_text": 3, "text_to_image": 3},
+                               images=100, texts=90, match="report").to_json()
+    auc = {"Pleural Effusion": _value(preset, seed, 0.2), "Consolidation": _value(preset, seed, 0.1)}
+    return ZeroShotResult(per_label={k: LabelAUROC(v, 10, 20, 0, [["a", "no a"]]) for k, v in auc.items()},
+                          images=30).to_json()
+
+
+class StandIns:
+    """Replaces pipeline.launch_train and pipeline.cli; records every call."""
+
+    def __init__(self) -> None:
+        self.trained: list[tuple[list[str], int]] = []
+        self.calls: list[list[str]] = []
+        self.fail: str | None = None
+
+    def launch_train(self, args, *, nproc=2, log_file=None):
+        self.trained.append((list(args), nproc))
+        out = Path(args[args.index("--out") + 1])
+        if self.fail and out.name == self.fail:
+            raise pipeline.StageError(f"training exited with 1 ({out.name})")
+        (out / "final").mkdir(parents=True, exist_ok=True)
+        (out / "final" / "config.json").write_text("{}")
+        (out / "final" / "model.safetensors").write_bytes(f"weights of {out.name}".encode())
+
+    def cli(self, argv, what):
+        self.calls.append(list(argv))
+        out = Path(argv[argv.index("--out") + 1])
+        if argv[0] == "export":
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "pertvl_export.json").write_text("{}")
+            return
+        assert argv[0] == "eval"
+        source = Path(argv[argv.index("--run") + 1] if "--run" in argv else argv[argv.index("--export") + 1])
+        run_name = source.name if "--run" in argv else source.parent.name
+        preset, seed = run_name.rsplit("-s", 1)
+        out.mkdir(parents=True, exist_ok=True)
+        name = argv[argv.index("--name") + 1]
+        (out / f"{name}.json").write_text(json.dumps(_fabricated(argv[1], preset, int(seed))))
+
+
+@pytest.fixture
+def stand_ins(monkeypatch) -> StandIns:
+    s = StandIns()
+    monkeypatch.setattr(pipeline, "launch_train", s.launch_train)
+    monkeypatch.setattr(pipeline, "cli", s.cli)
+    return s
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    config = tmp_path / "demo.yaml"
+    config.write_text("train:\n  max_steps: 5\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text('{"format": "pertvl-shards/1"}')
+    return {"config": config, "shards": shards, "out": tmp_path / "ablate"}
+
+
+def _argv(inputs, *extra: str) -> list[str]:
+    return ["ablate", "--config", str(inputs["config"]), "--shards", str(inputs["shards"]),
+            "--presets", "full,convirt,no_local,gloria", "--seeds", "0,1,2", "--max-steps", "7", "--nproc", "2",
+            "--bootstrap", "50", "--out", str(inputs["out"]), *extra]
+
+
+def test_ablation_table_in_paper_order_with_mean_and_std(stand_ins, inputs, capsys):
+    assert pertvl_main(_argv(inputs)) == 0
+    out = inputs["out"]
+    printed = capsys.readouterr().out
+    assert f"Comparison table: {out / 'comparison.md'}" in printed
+
+    # 12 trainings with the same config/shards/steps, differing only in preset and seed.
+    assert len(stand_ins.trained) == 12
+    for args, nproc in stand_ins.trained:
+        preset, seed = Path(args[args.index("--out") + 1]).name.rsplit("-s", 1)
+        assert nproc == 2
+        assert args[:4] == ["--config", str(inputs["config"]), "--shards", str(inputs["shards"])]
+        assert f"loss.preset={preset}" in args and f"train.seed={seed}" in args
+        assert args[args.index("--max-steps") + 1] == "7" and args[args.index("--resume") + 1] == "latest"
+    evals = [c for c in stand_ins.calls if c[0] == "eval"]
+    assert len(evals) == 36 and not [c for c in stand_ins.calls if c[0] == "export"]
+    assert all(c[c.index("--split") + 1] == "test" and "--run" in c for c in evals)
+    assert all(c[c.index("--bootstrap") + 1] == "50" for c in evals if c[1] == "structure")
+
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [r["config"] for r in doc["rows"]] == ["convirt", "gloria", "no_local", "full"]
+    assert [r["seeds"] for r in doc["rows"]] == [3, 3, 3, 3]
+    for row in doc["rows"]:
+        p = row["config"]
+        for key, shift in [("structure/overall", 0.0), ("structure/shuffle_all", 0.1),
+                           ("structure/antonym_adjectives", 0.2), ("retrieval/image_to_text/R@1", -0.2),
+                           ("zeroshot/mean_auroc", 0.15)]:
+            values = [_value(p, s, shift) for s in (0, 1, 2)]
+            m = row["metrics"][key]
+            assert m["mean"] == pytest.approx(np.mean(values), abs=1e-9)
+            assert m["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+    md = (out / "comparison.md").read_text()
+    labels = ["ConVIRT-like", "GLoRIA-like", "Ours w/o local", "Ours"]
+    positions = [md.index(f"| {label} | 3 |") for label in labels]
+    assert positions == sorted(positions)
+    convirt = [_value("convirt", s) for s in (0, 1, 2)]
+    assert f"| ConVIRT-like | 3 | {100 * np.mean(convirt):.1f} ± {100 * np.std(convirt, ddof=1):.1f} |" in md
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(out / "comparison.png") as im:
+        assert im.size == (1500, 550)
+    runs = json.loads((out / "runs.json").read_text())
+    assert [(r["preset"], r["seed"]) for r in runs["runs"]][:4] == [("full", 0), ("convirt", 0), ("no_local", 0),
+                                                                   ("gloria", 0)]
+    assert "Ours w/o local" in printed and "structure overall" in printed
+
+
+def test_rerun_skips_finished_runs_and_redoes_stale_ones(stand_ins, inputs):
+    assert pertvl_main(_argv(inputs)) == 0
+    out = inputs["out"]
+    stand_ins.trained.clear()
+    stand_ins.calls.clear()
+    assert pertvl_main(_argv(inputs)) == 0
+    assert stand_ins.trained == [] and stand_ins.calls == []
+
+    # A deleted evaluation output re-runs that run's evaluation only.
+    (out / "gloria-s1" / "eval" / "retrieval.json").unlink()
+    assert pertvl_main(_argv(inputs)) == 0
+    assert stand_ins.trained == [] and {c[c.index("--run") + 1] for c in stand_ins.calls} == {str(out / "gloria-s1")}
+
+    # New weights (a run retrained by hand) invalidate that run's evaluation, nothing else.
+    stand_ins.calls.clear()
+    (out / "full-s2" / "final" / "model.safetensors").write_bytes(b"retrained")
+    assert pertvl_main(_argv(inputs)) == 0
+    assert stand_ins.trained == [] and {c[c.index("--run") + 1] for c in stand_ins.calls} == {str(out / "full-s2")}
+
+    # A changed training config retrains everything.
+    inputs["config"].write_text("train:\n  max_steps: 9\n")
+    assert pertvl_main(_argv(inputs)) == 0
+    assert len(stand_ins.trained) == 12
+
+
+def test_export_path_and_failures(stand_ins, inputs, capsys):
+    argv = _argv(inputs, "--eval-with", "export")
+    argv[argv.index("--seeds") + 1] = "0"
+    assert pertvl_main(argv) == 0
+    exports = [c for c in stand_ins.calls if c[0] == "export"]
+    assert len(exports) == 4 and all("--force" in c for c in exports)
+    evals = [c for c in stand_ins.calls if c[0] == "eval"]
+    assert all(c[c.index("--export") + 1].endswith("/export") for c in evals)
+    doc = json.loads((inputs["out"] / "comparison.json").read_text())
+    assert [r["metrics"]["structure/overall"]["std"] for r in doc["rows"]] == [None] * 4  # one seed
+
+    stand_ins.fail = "gloria-s1"
+    argv[argv.index("--seeds") + 1] = "0,1"
+    assert pertvl_main(argv) == 1
+    assert "stage 'gloria-s1.train' failed" in capsys.readouterr().err
+
+    assert pertvl_main(_argv(inputs, "--presets", "convirt,bogus")) == 2
+    assert "unknown ['bogus']" in capsys.readouterr().err
+    missing = _argv(inputs)
+    missing[missing.index("--shards") + 1] = str(inputs["out"] / "nowhere")
+    assert pertvl_main(missing) == 2
+    assert "no shard manifest" in capsys.readouterr().err
+
+
+def test_settings_validate_and_order_runs_seed_major(tmp_path):
+    s = ablate.AblationSettings(config="c.yaml", shards="s", presets=("gloria", "full"), seeds=(3, 1), out=str(tmp_path))
+    assert [r.name for r in s.runs()] == ["gloria-s3", "full-s3", "gloria-s1", "full-s1"]
+    assert s.runs()[0].eval_json("structure") == tmp_path / "gloria-s3" / "eval" / "structure.json"
+    with pytest.raises(ValueError, match="must not repeat"):
+        ablate.AblationSettings(config="c", shards="s", seeds=(0, 0))
+    with pytest.raises(ValueError, match="eval_with"):
+        ablate.AblationSettings(config="c", shards="s", eval_with="tensorflow")
+
+
+@pytest.mark.slow
+def test_real_tiny_ablation_end_to_end(tmp_path, minilm_path, monkeypatch, capsys):
+    """Real `pertvl train` (1 rank, 2 steps), real torch evaluation, on a tiny phantom corpus with a tiny
+    model: the overrides reach the resolved run configs (seed 1, not the default 0), the table is
+    written, a re-run skips everything. Mean ± std over seeds is checked by the stand-in test above.
+    (~15 s on 2 idle cores, ~40 s on busy ones.)"""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    bert = tmp_path / "tiny_bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(bert)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(minilm_path) / name, bert)
+    corpus, shards = tmp_path / "corpus", tmp_path / "shards"
+    assert pertvl_main(["data", "phantom", "--n", "80", "--seed", "0", "--size", "64", "--out", str(corpus)]) == 0
+    assert pertvl_main(["perturb", "--pairs", str(corpus / "pairs.jsonl"), "--out",
+                        str(corpus / "perturbations.jsonl"), "--seed", "0"]) == 0
+    assert pertvl_main(["pack", "--pairs", str(corpus / "pairs.jsonl"), "--perturbations",
+                        str(corpus / "perturbations.jsonl"), "--out", str(shards), "--image-size", "64",
+                        "--maxcount", "16", "--workers", "1"]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "data:\n  num_workers: 1\n  shuffle_buffer: 16\n"
+        f"model:\n  text_name_or_path: {bert}\n  image_arch: resnet-tiny\n  embed_dim: 16\n"
+        f"train:\n  deepspeed_config: {repo / 'ds_configs' / 'cpu_zero0_fp32.json'}\n  micro_batch: 8\n"
+        "  grad_accum: 1\n  checkpoint_every: 100\nwandb:\n  enabled: false\n")
+    out = tmp_path / "ablate"
+    argv = ["ablate", "--config", str(config), "--shards", str(shards), "--presets", "full,convirt", "--seeds", "1",
+            "--max-steps", "2", "--nproc", "1", "--bootstrap", "20", "--out", str(out)]
+    assert pertvl_main(argv) == 0
+    import yaml
+
+    for preset in ("full", "convirt"):
+        cfg = yaml.safe_load((out / f"{preset}-s1" / "config.yaml").read_text())
+        assert cfg["loss"]["preset"] == preset and cfg["train"]["seed"] == 1
+        assert cfg["train"]["max_steps"] == 2 and cfg["data"]["shards"] == str(shards)
+        assert (out / f"{preset}-s1" / "final" / "model.safetensors").is_file()
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [r["config"] for r in doc["rows"]] == ["convirt", "full"]
+    for row in doc["rows"]:
+        m = row["metrics"]["structure/overall"]
+        structure = json.loads((out / f"{row['config']}-s1" / "eval" / "structure.json").read_text())
+        assert m["n"] == 1 and m["std"] is None and m["mean"] == structure["overall"]["accuracy"]
+    capsys.readouterr()
+    assert pertvl_main(argv) == 0
+    assert capsys.readouterr().out.count("complete, skipped") == 4

@@ -1,0 +1,448 @@
+"""Downstream fine-tuning: `pertvl finetune nli` and `pertvl finetune chexpert` on fabricated files.
+
+The encoder is a TINY DualEncoder (2-layer BERT of width 32 with MiniLM's tokenizer, resnet-tiny
+at 32 px) saved with save_pretrained as RUN_DIR/final — not a trained run. The NLI set is made
+learnable on purpose (hypothesis = premise → entailment; "no " + premise → contradiction; a sentence
+from an unrelated pool → neutral), so a working fine-tune must beat chance clearly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pertvl.cli import main as pertvl_main
+from pertvl.evaluate import finetune as ft
+
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *ft.CHEXPERT_LABELS]
+
+FINDINGS = ["pleural effusion", "consolidation", "atelectasis", "pneumothorax", "edema", "opacity", "nodule",
+            "cardiomegaly"]
+SIZES = ["small", "moderate", "large", "mild", "trace"]
+PLACES = ["left base", "right base", "left apex", "right apex", "lingula", "right middle lobe"]
+UNRELATED = ["patient reports chest pain since yesterday", "history of diabetes and hypertension",
+             "the patient was admitted for fever", "follow up appointment in two weeks",
+             "family history of heart disease", "patient denies shortness of breath",
+             "medications include aspirin and metformin", "the patient is a former smoker"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP's spinning threads make these tiny
+    models ~100x slower (measured), and the numbers do not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, minilm_path) -> Path:
+    """RUN_DIR with final/ = a tiny DualEncoder (save_pretrained), random weights."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from pertvl.model import create_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    bert_dir = root / "tiny_bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(bert_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(minilm_path) / name, bert_dir)
+    model = create_model({"text_name_or_path": str(bert_dir), "image_arch": "resnet-tiny", "embed_dim": 16})
+    run = root / "run"
+    model.save_pretrained(run / "final")
+    (run / "config.yaml").write_text("data:\n  image_size: 32\n")
+    return run
+
+
+def _nli_items(n_per_class: int, rng: np.random.Generator) -> list[dict]:
+    items = []
+    for i in range(n_per_class):
+        premise = f"{rng.choice(SIZES)} {rng.choice(FINDINGS)} in the {rng.choice(PLACES)}"
+        items.append({"sentence1": premise, "sentence2": premise, "gold_label": "entailment", "pairID": f"e{i}"})
+        premise = f"{rng.choice(SIZES)} {rng.choice(FINDINGS)} in the {rng.choice(PLACES)}"
+        items.append({"sentence1": premise, "sentence2": "no " + premise, "gold_label": "contradiction",
+                      "pairID": f"c{i}"})
+        premise = f"{rng.choice(SIZES)} {rng.choice(FINDINGS)} in the {rng.choice(PLACES)}"
+        items.append({"sentence1": premise, "sentence2": str(rng.choice(UNRELATED)), "gold_label": "neutral",
+                      "pairID": f"n{i}"})
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+@pytest.fixture(scope="module")
+def nli_files(tmp_path_factory) -> dict[str, Path]:
+    """mli_{train,dev,test}_v1.jsonl: 90 / 30 / 30 learnable items; train has 4 bad lines at known places."""
+    root = tmp_path_factory.mktemp("nli")
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, n in (("train", 30), ("dev", 10), ("test", 10)):
+        lines = [json.dumps(it) for it in _nli_items(n, rng)]
+        if split == "train":
+            lines.insert(2, "{not json")  # line 3
+            lines.insert(5, json.dumps({"sentence1": "a", "sentence2": "b", "gold_label": "-"}))  # line 6
+            lines.insert(7, json.dumps({"sentence1": "a", "gold_label": "neutral"}))  # line 8
+            lines.insert(9, json.dumps(["a", "b"]))  # line 10
+            lines.insert(11, "")  # a blank line: not counted as a line at all
+        files[split] = root / f"mli_{split}_v1.jsonl"
+        files[split].write_text("\n".join(lines) + "\n")
+    return files
+
+
+def _png(path: Path, value: int, size: int = 40) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    arr = np.clip(rng.normal(value, 20, (size, size + 8)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr, mode="L").save(path)
+
+
+def _csv_row(path: str, view: str, cons: str, eff: str) -> dict[str, str]:
+    row = {c: "" for c in CHEXPERT_HEADER}
+    row.update({"Path": path, "Sex": "Female", "Age": "60", "Frontal/Lateral": view, "AP/PA": "PA" if view ==
+                "Frontal" else "", "Consolidation": cons, "Pleural Effusion": eff, "No Finding": "0.0"})
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CHEXPERT_HEADER)
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def chexpert(tmp_path_factory) -> dict[str, Path]:
+    """CheXpert layout: 40 patients with a frontal view (pixel brightness follows the labels), and
+    the known rows the policy test checks: uncertain, blank, a lateral view, a missing image, an
+    undecodable one."""
+    root = tmp_path_factory.mktemp("chexpert")
+    images = root / "images"
+    rng = np.random.default_rng(1)
+    rows = [
+        _csv_row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.png", "Frontal", "1.0", "0.0"),
+        _csv_row("CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.png", "Frontal", "-1.0", "1.0"),
+        _csv_row("CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.png", "Frontal", "", "-1.0"),
+        _csv_row("CheXpert-v1.0-small/train/patient00003/study1/view2_lateral.png", "Lateral", "1.0", "1.0"),
+        _csv_row("CheXpert-v1.0-small/train/patient00004/study1/view1_frontal.png", "Frontal", "0.0", "1.0"),
+    ]
+    for r in rows:
+        _png(images / r["Path"], 100)
+    (images / rows[4]["Path"]).unlink()  # patient00004: the missing image
+    for p in range(5, 45):
+        cons, eff = rng.integers(0, 2, 2)
+        path = f"CheXpert-v1.0-small/train/patient{p:05d}/study1/view1_frontal.png"
+        _png(images / path, 60 + 80 * int(eff) + 40 * int(cons))
+        rows.append(_csv_row(path, "Frontal", f"{cons:.1f}", f"{eff:.1f}"))
+    broken = "CheXpert-v1.0-small/train/patient00045/study1/view1_frontal.png"
+    (images / broken).parent.mkdir(parents=True)
+    (images / broken).write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    rows.append(_csv_row(broken, "Frontal", "1.0", "1.0"))
+    _write_csv(root / "train.csv", rows)
+    _write_csv(root / "known.csv", rows[:5])
+    return {"root": root, "images": images, "csv": root / "train.csv", "known": root / "known.csv"}
+
+
+# ----------------------------------------------------------------------------- NLI
+
+
+def test_read_nli_names_and_counts_bad_lines(nli_files):
+    f = ft.read_nli(nli_files["train"])
+    assert len(f.examples) == 90 and f.lines == 94
+    assert sum(f.skipped.values()) == 4
+    where = {p.split(": ", 1)[0].rsplit(":", 1)[1]: p for p in f.problems}
+    assert sorted(where, key=int) == ["3", "6", "8", "10"]
+    assert "not JSON" in where["3"] and "gold_label '-' not one of entailment/contradiction/neutral" in where["6"]
+    assert "missing sentence2" in where["8"] and "not a JSON object (list)" in where["10"]
+    assert all(p.startswith(f"{nli_files['train']}:") for p in f.problems)
+
+
+def test_read_nli_rejects_a_file_without_examples(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence1": "a", "sentence2": "b", "gold_label": "maybe"}\n')
+    with pytest.raises(ValueError, match="no usable NLI example.*'maybe'"):
+        ft.read_nli(bad)
+
+
+def test_classification_metrics_equal_sklearn():
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 3, 50)
+    y_pred = np.where(rng.random(50) < 0.6, y_true, rng.integers(0, 2, 50))  # class 2 predicted only when right
+    y_pred[y_true == 2] = 0  # …and never: its precision is undefined (0.0 as zero_division=0)
+    m = ft.classification_metrics(y_true, y_pred)
+    ref = classification_report(y_true, y_pred, labels=[0, 1, 2], target_names=list(ft.NLI_LABELS),
+                                output_dict=True, zero_division=0)
+    for lab in ft.NLI_LABELS:
+        c = m.per_class[lab]
+        assert (c.precision, c.recall, c.f1, c.support) == pytest.approx(
+            (ref[lab]["precision"], ref[lab]["recall"], ref[lab]["f1-score"], ref[lab]["support"]), abs=1e-12)
+    assert m.accuracy == pytest.approx(ref["accuracy"], abs=1e-12)
+    assert m.macro_f1 == pytest.approx(ref["macro avg"]["f1-score"], abs=1e-12)
+    assert m.confusion == confusion_matrix(y_true, y_pred, labels=[0, 1, 2]).tolist()
+    assert m.per_class["neutral"].precision == 0.0
+
+
+def test_nli_finetune_end_to_end_learns_and_reports(tiny_run, nli_files, tmp_path, capsys):
+    from sklearn.metrics import classification_report
+
+    out = tmp_path / "nli"
+    code = pertvl_main(["finetune", "nli", "--run", str(tiny_run), "--train", str(nli_files["train"]),
+                        "--dev", str(nli_files["dev"]), "--test", str(nli_files["test"]), "--epochs", "6",
+                        "--lr", "1e-2", "--head-lr", "1e-2", "--batch-size", "16", "--dropout", "0",
+                        "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "skipped: not JSON" in printed and str(out / "nli.json") in printed
+    doc = json.loads((out / "nli.json").read_text())
+    assert doc["schema"] == "pertvl-finetune-nli/1" and doc["info"]["encoder"] == "torch-run"
+    assert doc["data"]["train"]["examples"] == 90 and sum(doc["data"]["train"]["skipped"].values()) == 4
+    assert len(doc["history"]) == 6 and 1 <= doc["best_epoch"] <= 6
+    best = doc["history"][doc["best_epoch"] - 1]["metrics"]["dev_accuracy"]
+    assert best == max(h["metrics"]["dev_accuracy"] for h in doc["history"])
+    assert doc["dev"]["accuracy"] == pytest.approx(best)
+    # Clearly above chance (1/3) on a learnable set.
+    assert doc["dev"]["accuracy"] >= 0.7, doc["history"]
+    assert doc["test"]["accuracy"] >= 0.6
+    # Every reported number equals sklearn's on the written predictions.
+    preds = [json.loads(line) for line in (out / "nli.predictions.jsonl").read_text().splitlines()]
+    for split in ("dev", "test"):
+        rows = [p for p in preds if p["split"] == split]
+        assert len(rows) == 30 and all(p["where"].startswith(str(nli_files[split])) for p in rows)
+        ref = classification_report([p["gold"] for p in rows], [p["predicted"] for p in rows],
+                                    labels=list(ft.NLI_LABELS), output_dict=True, zero_division=0)
+        got = doc[split]
+        assert got["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+        assert got["macro_f1"] == pytest.approx(ref["macro avg"]["f1-score"], abs=1e-12)
+        for lab in ft.NLI_LABELS:
+            for key, ref_key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"),
+                                 ("support", "support")):
+                assert got["per_class"][lab][key] == pytest.approx(ref[lab][ref_key], abs=1e-12)
+        assert sum(map(sum, got["confusion"])) == 30
+    md = (out / "nli.md").read_text()
+    assert "| entailment |" in md and "Confusion matrix (test" in md
+
+
+def test_nli_is_seeded(tiny_run, nli_files):
+    from dataclasses import asdict
+
+    files = [ft.read_nli(nli_files[s]) for s in ("train", "dev", "test")]
+    settings = ft.FitSettings(epochs=1, lr=1e-3, batch_size=16, device="cpu", seed=5)
+    a = ft.finetune_nli(*files, run=tiny_run, settings=settings)
+    b = ft.finetune_nli(*files, run=tiny_run, settings=settings)
+    assert a.history[0].train_loss == b.history[0].train_loss
+    assert asdict(a.test) == asdict(b.test) and a.predictions == b.predictions
+
+
+# ----------------------------------------------------------------------------- CheXpert
+
+
+def test_uncertain_policies_on_known_rows(chexpert):
+    nan = math.nan
+    # rows kept (frontal, image present): patient00001 (1, 0), 00002 (-1, 1), 00003 (blank, -1);
+    # the lateral view of 00003 is filtered and 00004's image is missing.
+    expected = {
+        "zeros": ([[1, 0], [0, 1], [0, 0]], [[1, 1], [1, 1], [0, 1]]),
+        "ones": ([[1, 0], [1, 1], [0, 1]], [[1, 1], [1, 1], [0, 1]]),
+        "ignore": ([[1, 0], [0, 1], [0, 0]], [[1, 1], [0, 1], [0, 0]]),
+    }
+    for policy, (targets, mask) in expected.items():
+        data = ft.prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
+                                   uncertain=policy)
+        assert [r.group for r in data.train] == ["patient00001", "patient00002", "patient00003"]
+        np.testing.assert_array_equal(data.train_targets, np.array(targets, np.float32))
+        np.testing.assert_array_equal(data.train_mask, np.array(mask, np.float32))
+        np.testing.assert_array_equal(data.test_values, np.array([[1, 0], [-1, 1], [nan, -1]]))
+        s = data.summary
+        assert s["rows_read"] == 10 and s["rows_skipped"] == {"lateral view (frontal only)": 2}
+        assert s["images_missing"] == 2  # patient00004, in the train and in the (same) test CSV
+        assert all("patient00004" in p and "not found" in p for p in s["image_problems"])
+        assert any(p.endswith(":5: lateral view (frontal only)") for p in s["row_problems"])
+    all_views = ft.prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
+                                    frontal_only=False)
+    assert len(all_views.train) == 4 and all_views.train[3].view == "Lateral"
+    np.testing.assert_array_equal(all_views.train_targets[3], [1, 1])
+
+
+def test_chexpert_targets_reject_unknown_values_and_policies():
+    with pytest.raises(ValueError, match="expected 1, 0, -1 or nan"):
+        ft.chexpert_targets(np.array([[2.0]]))
+    with pytest.raises(ValueError, match="uncertain policy"):
+        ft.chexpert_targets(np.array([[1.0]]), "maybe")
+
+
+def test_read_chexpert_csv_errors_and_bad_cells(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Path,Consolidation\nx.png,1.0\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['Pleural Effusion', 'Frontal/Lateral'\]"):
+        ft.read_chexpert_csv(bad)
+    cells = tmp_path / "cells.csv"
+    _write_csv(cells, [_csv_row("a/patient00001/s/v.png", "Frontal", "yes", "1.0"),
+                       _csv_row("b.png", "Frontal", "1", "0")])
+    table = ft.read_chexpert_csv(cells)
+    assert [r.path for r in table.rows] == ["b.png"] and table.rows[0].group == "b.png"
+    assert table.problems == [f"{cells}:2: bad label value: Consolidation = 'yes' (expected 1.0, 0.0, -1.0 or blank)"]
+
+
+def test_split_by_group_keeps_patients_together():
+    groups = [f"patient{i // 2}" for i in range(40)] + ["lonely.png"]
+    a = ft.split_by_group(groups, 0.25, seed=3)
+    assert (a == ft.split_by_group(groups, 0.25, seed=3)).all()
+    assert not (a == ft.split_by_group(groups, 0.25, seed=4)).all()
+    for g in set(groups):
+        assert len({bool(t) for t, gg in zip(a, groups, strict=True) if gg == g}) == 1
+    assert len({g for g, t in zip(groups, a, strict=True) if t}) == round(0.25 * 21)
+
+
+def test_chexpert_finetune_end_to_end(tiny_run, chexpert, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    out = tmp_path / "cx"
+    code = pertvl_main(["finetune", "chexpert", "--run", str(tiny_run), "--csv", str(chexpert["csv"]),
+                        "--images", str(chexpert["images"]), "--uncertain", "ignore", "--test-fraction", "0.4",
+                        "--epochs", "2", "--batch-size", "8", "--workers", "0", "--lr", "1e-3", "--seed", "1",
+                        "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    doc = json.loads((out / "chexpert.json").read_text())
+    d = doc["data"]
+    assert doc["schema"] == "pertvl-finetune-chexpert/1" and doc["settings"]["image_size"] == 32
+    assert d["rows_read"] == 46 and d["rows_skipped"] == {"lateral view (frontal only)": 1}
+    assert d["images_missing"] == 1 and "patient00004" in d["image_problems"][0]
+    assert d["images_undecodable"] == 1 and any("patient00045" in p and "cannot decode" in p
+                                                for p in d["image_problems"])
+    assert d["train_rows"] + d["test_rows"] == 44  # 45 frontal rows, one image missing
+    same = ft.prepare_chexpert(chexpert["csv"], chexpert["images"], uncertain="ignore", test_fraction=0.4, seed=1)
+    assert len(same.test) == d["test_rows"]
+    broken_in_test = any(r.group == "patient00045" for r in same.test)
+    assert d["test_images_scored"] == d["test_rows"] - broken_in_test
+    per = doc["test"]["per_label"]
+    assert list(per) == ["Consolidation", "Pleural Effusion"]
+    with open(out / "chexpert.predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    assert len(preds) == d["test_images_scored"]
+    for lab in per:
+        rows = [r for r in preds if r[lab] in ("1.0", "0.0")]
+        y = [int(float(r[lab])) for r in rows]
+        p = [float(r[f"{lab} probability"]) for r in rows]
+        assert per[lab]["n"] == len(rows) and per[lab]["n_pos"] == sum(y) and 0 < sum(y) < len(y)
+        assert per[lab]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+        assert per[lab]["accuracy"] == pytest.approx(np.mean([(pp >= 0.5) == (yy == 1) for pp, yy in zip(p, y,
+                                                                                                     strict=True)]))
+    assert doc["test"]["mean_auroc"] == pytest.approx(np.mean([v["auroc"] for v in per.values()]))
+    assert "U-Ignore" in (out / "chexpert.md").read_text()
+
+
+def test_frozen_probe_matches_across_runs_and_split_is_by_patient(tiny_run, chexpert):
+    data = ft.prepare_chexpert(chexpert["csv"], chexpert["images"], test_fraction=0.3, seed=2)
+    train_groups, test_groups = {r.group for r in data.train}, {r.group for r in data.test}
+    assert not train_groups & test_groups
+    settings = ft.FitSettings(epochs=3, lr=1e-3, batch_size=8, device="cpu", freeze_encoder=True, seed=0)
+    a = ft.finetune_chexpert(data, chexpert["images"], run=tiny_run, settings=settings)
+    b = ft.finetune_chexpert(data, chexpert["images"], run=tiny_run, settings=settings)
+    assert a.info["mode"] == "frozen encoder (linear probe)"
+    assert a.predictions == b.predictions and [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
+
+
+# ----------------------------------------------------------------------------- ONNX probe, phantom corpus
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    from pertvl.export.onnx import export_model
+    from pertvl.model import DualEncoder
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_model(DualEncoder.from_pretrained(tiny_run / "final"), out, image_size=32, parity=False, optimize=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from pertvl.data.phantom import generate_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms")
+    generate_phantoms(n=40, seed=0, size=64, out=out, nli=True)
+    return out
+
+
+def test_export_probe_nli_and_chexpert(tiny_export, nli_files, phantoms, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    out = tmp_path / "probe"
+    code = pertvl_main(["finetune", "nli", "--export", str(tiny_export), "--train", str(nli_files["train"]),
+                        "--dev", str(nli_files["dev"]), "--test", str(nli_files["test"]), "--out", str(out)])
+    assert code == 0 and "linear probe" in capsys.readouterr().out
+    doc = json.loads((out / "nli.json").read_text())
+    assert doc["info"]["encoder"] == "onnx-probe" and doc["settings"]["freeze_encoder"] is True
+    assert (doc["settings"]["epochs"], doc["settings"]["head_lr"]) == ft.PROBE_DEFAULTS
+    # [u, v, |u-v|, u*v] separates copies, negations and unrelated sentences even for a random encoder.
+    assert doc["dev"]["accuracy"] >= 0.7, doc["history"]
+
+    code = pertvl_main(["finetune", "chexpert", "--export", str(tiny_export), "--csv", str(phantoms / "labels.csv"),
+                        "--images", str(phantoms), "--workers", "0", "--out", str(out)])
+    assert code == 0
+    doc = json.loads((out / "chexpert.json").read_text())
+    assert doc["settings"]["image_size"] == 32 and doc["data"]["rows_read"] == 40
+    assert doc["data"]["train_rows"] + doc["data"]["test_rows"] == 40
+    with open(out / "chexpert.predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    for lab, scores in doc["test"]["per_label"].items():
+        y = [int(float(r[lab])) for r in preds]
+        p = [float(r[f"{lab} probability"]) for r in preds]
+        expected = roc_auc_score(y, p) if 0 < sum(y) < len(y) else None
+        assert scores["auroc"] == pytest.approx(expected, abs=1e-9)
+
+    code = pertvl_main(["finetune", "chexpert", "--export", str(tiny_export), "--csv", str(phantoms / "labels.csv"),
+                        "--images", str(phantoms), "--image-size", "64", "--out", str(out)])
+    assert code == 2 and "takes 32 px images" in capsys.readouterr().err
+
+
+def test_phantom_corpus_drives_both_tasks(tiny_run, phantoms, tmp_path):
+    summary = json.loads((phantoms / "summary.json").read_text())
+    out = tmp_path / "ph"
+    assert pertvl_main(["finetune", "nli", "--run", str(tiny_run), "--train", str(phantoms / "nli_train.jsonl"),
+                        "--dev", str(phantoms / "nli_dev.jsonl"), "--test", str(phantoms / "nli_test.jsonl"),
+                        "--epochs", "1", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads((out / "nli.json").read_text())
+    for split in ("train", "dev", "test"):
+        assert doc["data"][split]["examples"] == summary["nli"][split]["items"]
+        assert doc["data"][split]["skipped"] == {}
+    assert pertvl_main(["finetune", "chexpert", "--run", str(tiny_run), "--csv", str(phantoms / "labels.csv"),
+                        "--images", str(phantoms), "--epochs", "1", "--workers", "0", "--device", "cpu",
+                        "--out", str(out)]) == 0
+    doc = json.loads((out / "chexpert.json").read_text())
+    assert doc["settings"]["image_size"] == 32  # the run's data.image_size
+    assert doc["data"]["images_missing"] == 0 and doc["data"]["images_undecodable"] == 0
+    counts = doc["data"]["train_label_counts"]["Pleural Effusion"]
+    assert counts["uncertain"] == 0 and counts["blank"] == 0 and counts["positive"] > 0
+
+
+def test_cli_defaults_match_the_module():
+    from pertvl.cli import build_parser
+
+    args = build_parser().parse_args(["finetune", "chexpert", "--run", "r", "--csv", "c", "--images", "i",
+                                      "--out", "o"])
+    assert args.group_pattern == ft.DEFAULT_GROUP_PATTERN and args.frontal_only is True
+    assert args.labels.split(",") == list(ft.PAPER_CHEXPERT_LABELS) and args.uncertain == "zeros"
+    settings = ft._settings(args, "chexpert")
+    assert (settings.epochs, settings.head_lr, settings.freeze_encoder) == (*ft.FINETUNE_DEFAULTS["chexpert"], False)
+    args = build_parser().parse_args(["finetune", "chexpert", "--export", "e", "--csv", "c", "--images", "i",
+                                      "--out", "o", "--all-views", "--epochs", "4"])
+    assert args.frontal_only is False
+    assert (ft._settings(args, "chexpert").epochs, ft._settings(args, "chexpert").freeze_encoder) == (4, True)
