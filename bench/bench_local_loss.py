@@ -1,0 +1,170 @@
+"""Benchmark P1: batched local_attentive_loss vs GLoRIA's per-caption loop, forward + backward.
+
+    python bench/bench_local_loss.py [--quick] [--reps N] [--batch 32 --words 97 --grid 14 --dim 768]
+
+Both compute the same loss (GLoRIA's local loss, mean of the two directions) on the same inputs:
+B = 32 reports of W = 97 words, M = 196 regions (14×14), D = 768 (GLoRIA's sizes). "loop" is
+GLoRIA's gloria/loss/gloria_loss.py (attention_fn + a Python loop over captions, contexts
+materialized); "batched" is pertvl.losses.local_attentive_loss (one chunked autograd Function
+over the whole B×B matrix, contexts never built).
+
+Each variant runs in a fresh subprocess, one after the other (with --quick the first pass is
+the only timed one): peak memory is that process's
+ru_maxrss minus its resident size just before the first forward+backward (inputs and torch
+already loaded), i.e. the high-water mark of the computation itself. tracemalloc cannot see
+torch's allocations, and sharing one process would let the first variant's freed pages hide the
+second's. Time = best (minimum; other jobs only add time) of --reps forward+backward passes after
+that first (warm-up) pass; medians are printed too.
+
+Targets: batched at least 3× faster than the loop, with a peak no higher than the loop's.
+Exit 1 when a target is missed or the two losses disagree (relative 1e-4). Timings on a shared
+machine are noisy; the ratio is what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SPEEDUP_TARGET = 3.0
+
+
+# --- GLoRIA's local loss (gloria/loss/gloria_loss.py), its layouts and loop ----------------------
+def _gloria_local_loss(img_features, words_emb, cap_lens, temp1=4.0, temp2=5.0, temp3=10.0):
+    import torch
+    import torch.nn as nn
+
+    def cosine_similarity(x1, x2, dim=1, eps=1e-8):
+        w12 = torch.sum(x1 * x2, dim)
+        w1 = torch.norm(x1, 2, dim)
+        w2 = torch.norm(x2, 2, dim)
+        return (w12 / (w1 * w2).clamp(min=eps)).squeeze()
+
+    def attention_fn(query, context, temp1):
+        batch_size, query_len = query.size(0), query.size(2)
+        ih, iw = context.size(2), context.size(3)
+        source_len = ih * iw
+        context = context.view(batch_size, -1, source_len)
+        context_t = torch.transpose(context, 1, 2).contiguous()
+        attn = torch.bmm(context_t, query)
+        attn = nn.Softmax(dim=-1)(attn.view(batch_size * source_len, query_len))
+        attn = attn.view(batch_size, source_len, query_len)
+        attn = torch.transpose(attn, 1, 2).contiguous().view(batch_size * query_len, source_len)
+        attn = nn.Softmax(dim=-1)(attn * temp1)
+        attn = attn.view(batch_size, query_len, source_len)
+        attn_t = torch.transpose(attn, 1, 2).contiguous()
+        return torch.bmm(context, attn_t), attn.view(batch_size, -1, ih, iw)
+
+    batch_size = img_features.shape[0]
+    similarities = []
+    for i in range(words_emb.shape[0]):
+        words_num = cap_lens[i]
+        word = words_emb[i, :, :words_num].unsqueeze(0).contiguous().repeat(batch_size, 1, 1)
+        weighted, _ = attention_fn(word, img_features, temp1)
+        word = word.transpose(1, 2).contiguous().view(batch_size * words_num, -1)
+        weighted = weighted.transpose(1, 2).contiguous().view(batch_size * words_num, -1)
+        row_sim = cosine_similarity(word, weighted).view(batch_size, words_num)
+        row_sim = torch.log(row_sim.mul(temp2).exp().sum(dim=1, keepdim=True))
+        similarities.append(row_sim)
+    similarities = torch.cat(similarities, 1) * temp3
+    labels = torch.arange(batch_size)
+    loss0 = nn.CrossEntropyLoss()(similarities, labels)
+    loss1 = nn.CrossEntropyLoss()(similarities.transpose(0, 1), labels)
+    return (loss0 + loss1) / 2
+
+
+# --- one variant in this process ------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(variant: str, b: int, w: int, grid: int, d: int, reps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    # The model's layouts: conv features [B, D, h, w] and word features [B, W, D].
+    img = torch.randn(b, d, grid, grid, requires_grad=True)
+    words = torch.randn(b, w, d, requires_grad=True)
+    lens = [w] * b
+    mask = torch.ones(b, w, dtype=torch.bool)
+
+    if variant == "loop":
+        def run():
+            return _gloria_local_loss(img, words.transpose(1, 2), lens)
+    else:
+        from pertvl.losses import local_attentive_loss
+
+        def run():
+            return local_attentive_loss(img.flatten(2).transpose(1, 2), words, mask)
+
+    def step():
+        img.grad = words.grad = None
+        loss = run()
+        loss.backward()
+        return float(loss.detach())
+
+    base = _rss_bytes()
+    t0 = time.perf_counter()
+    loss = step()
+    first = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = [] if reps else [first]  # --quick: the warm-up pass is the timing
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"variant": variant, "loss": loss, "peak_bytes": peak, "first_s": first, "times_s": times}
+
+
+def run_variant(variant: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--words", str(args.words),
+           "--grid", str(args.grid), "--dim", str(args.dim), "--reps", str(args.reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} worker failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="time the first pass only (the loop takes ~1 min)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions after the warm-up (default 3)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--words", type=int, default=97)
+    ap.add_argument("--grid", type=int, default=14, help="regions = grid × grid")
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--worker", choices=["loop", "batched"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.reps is None:
+        args.reps = 0 if args.quick else 3
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.batch, args.words, args.grid, args.dim, args.reps)))
+        return 0
+
+    reps = f"{args.reps} timed rep(s) after a warm-up" if args.reps else "the first pass timed"
+    print(f"P1 local_attentive_loss fwd+bwd: B={args.batch} W={args.words} M={args.grid ** 2} D={args.dim}, "
+          f"{reps}, each variant in a fresh process")
+    res = {v: run_variant(v, args) for v in ("loop", "batched")}
+    for v, r in res.items():
+        print(f"  {v:8s} best {min(r['times_s']):8.3f} s, median {statistics.median(r['times_s']):8.3f} s  (runs {', '.join(f'{t:.3f}' for t in r['times_s'])}; "
+              f"warm-up {r['first_s']:.3f} s)  peak +{r['peak_bytes'] / 2**20:8.1f} MiB  loss {r['loss']:.6f}")
+    t_loop, t_ours = (min(res[v]["times_s"]) for v in ("loop", "batched"))
+    ratio = t_loop / t_ours
+    mem_ratio = res["batched"]["peak_bytes"] / max(1, res["loop"]["peak_bytes"])
+    rel = abs(res["loop"]["loss"] - res["batched"]["loss"]) / abs(res["loop"]["loss"])
+    print(f"  speed-up loop/batched = {ratio:.2f}x (target >= {SPEEDUP_TARGET}x); "
+          f"peak memory batched/loop = {mem_ratio:.2f} (target <= 1); loss relative difference {rel:.1e}")
+    ok = ratio >= SPEEDUP_TARGET and mem_ratio <= 1.0 and rel <= 1e-4
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

