@@ -37,6 +37,12 @@ DEFAULTS: dict[str, Any] = {
     "loss": {"preset": "full"},
     "train": {
         "deepspeed_config": "ds_configs/cpu_zero1_fp32.json",
+        # None: the DeepSpeed JSON's train_micro_batch_size_per_gpu / gradient_accumulation_steps /
+        # gradient_clipping; a value overrides the file (pertvl.train.launch.load_ds_config).
+        "micro_batch": None,
+        "grad_accum": None,
+        "gradient_clipping": None,
+        "log_samples": True,  # RUN_DIR/samples.jsonl: the sample ids of every optimizer step, per rank
         "out": "runs/demo",
         "max_steps": None,  # None: epochs × batches per epoch
         "epochs": 1,

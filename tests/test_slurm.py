@@ -3,11 +3,13 @@
 Needs Debian's slurmctld/slurmd/slurm-client/munge and root. With PERTVL_INSTALL_SLURM=1 (CI)
 the test installs them through `local_cluster.sh install`; otherwise it skips with the reason.
 The per-rank command is the launch self-test (PERTVL_CMD), which the scripts run exactly as
-they run `python -m pertvl train`.
+they run `python -m pertvl train`; and, with the script's default command, the real 2-rank
+training on tiny phantom shards (conftest.py's `tiny_train`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -139,6 +141,38 @@ def test_cpu_sbatch_runs_two_ranks(cluster: Cluster, tmp_path: Path) -> None:
     assert _ranks(output) == [(0, 2, 0, "cpu", 1), (1, 2, 1, "cpu", 1)], output
     assert "srun exited with 0" in output
     assert not (cluster.state / "torch_extensions" / "deepspeed_shm_comm").exists()
+
+
+def test_cpu_sbatch_trains_two_ranks_and_checkpoints(cluster: Cluster, tiny_train, tmp_path: Path) -> None:
+    """The script's own command (`python -m pertvl train ... --resume latest`) on 2 srun ranks."""
+    from pertvl.train.checkpoint import list_checkpoints
+
+    run, out = tmp_path / "run", tmp_path / "train.out"
+    job = cluster.submit(
+        "pretrain_cpu.sbatch",
+        out,
+        {
+            "PERTVL_CONFIG": str(tiny_train.config),
+            "PERTVL_RUN_DIR": str(run),
+            "PERTVL_MAX_STEPS": "4",
+            "PERTVL_DS_CONFIG": "ds_configs/cpu_zero1_fp32.json",
+            "PERTVL_EXTRA_ARGS": "--no-wandb",
+        },
+    )
+    cluster.wait_done(job, timeout=300)
+    output = out.read_text()
+    assert cluster.job_field(job, "JobState") == "COMPLETED", output[-3000:]
+    assert cluster.job_field(job, "ExitCode") == "0:0"
+    assert re.search(r"\[pertvl\] job \d+ restart 0 on \S+: \S+python\S* -m pertvl train --config ", output), output[:2000]
+    assert "srun exited with 0" in output
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world_size"], r["launcher"], r["global_step"], r["finished"]) for r in ranks] == [
+        (0, 2, "slurm", 4, True),
+        (1, 2, "slurm", 4, True),
+    ]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+    assert [c.step for c in list_checkpoints(run)] == [4]
+    assert (run / "final" / "model.safetensors").is_file()
 
 
 def test_multinode_sbatch_checkpoints_and_requeues_on_the_time_limit_signal(

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -580,6 +581,12 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            # SLURM (scancel, preemption, the time limit) sends SIGTERM to every process of the job,
+            # loader workers included. torch's worker handler then kills the worker, and the main
+            # process dies in its SIGCHLD handler before it can checkpoint. The main process decides
+            # when to stop (pertvl.train.signals) and shuts its workers down itself: ignore it here.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         w = self.plan.streams
         if workers != w:
             raise RuntimeError(f"the stream was planned for {w} worker(s) but runs in {workers}")

@@ -90,6 +90,30 @@ def memory_metrics(device: Any = None) -> dict[str, float]:
     return metrics
 
 
+_FORK_HOOK_INSTALLED = False
+
+
+def _forget_wandb_import_hooks_in_forked_children() -> None:
+    """wandb.init registers post-import hooks (telemetry of ML libraries) that talk to the W&B
+    service. A process forked afterwards — a DataLoader worker — that imports one of those modules
+    (kornia, in the augmentation) fires them and dies with wandb's ForkedError. Clear them in every
+    forked child; the lock is replaced first because another parent thread may have held it."""
+    global _FORK_HOOK_INSTALLED
+    if _FORK_HOOK_INSTALLED:
+        return
+
+    def _clear() -> None:
+        import threading
+
+        from wandb.sdk.lib import import_hooks
+
+        import_hooks._post_import_hooks_lock = threading.RLock()
+        import_hooks.unregister_all_post_import_hooks()
+
+    os.register_at_fork(after_in_child=_clear)
+    _FORK_HOOK_INSTALLED = True
+
+
 class Monitor:
     """Logs training metrics to W&B, RUN_DIR/metrics.jsonl and the console (rank 0 only).
 
@@ -176,6 +200,7 @@ class Monitor:
             mode=self.wandb_mode,
         )
         self.run_id = self._run.id
+        _forget_wandb_import_hooks_in_forked_children()
         log.info("W&B %s run %s in %s", self.wandb_mode, self.run_id, self.run_dir / "wandb")
 
     @staticmethod

@@ -1,0 +1,54 @@
+"""`pertvl train`: parser only (the engine lives in pertvl/train/engine.py and is imported lazily)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pertvl.train.engine import cli_main
+
+    return cli_main(args)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="pretrain the dual encoder with DeepSpeed (any launcher: python, torchrun, deepspeed, srun)",
+        description="Stream the shards into a DeepSpeed engine that trains the dual encoder with "
+        "L = L_global + alpha L_local + beta L_pert, logging to W&B (offline by default) and "
+        "RUN_DIR/metrics.jsonl, checkpointing for exact resume, and writing the final encoders to "
+        "RUN_DIR/final. The config file feeds the defaults; --set and the flags below override it. "
+        "See docs/TRAINING.md.",
+    )
+    p.add_argument("--config", help="run config YAML (sections data/model/loss/train/wandb), e.g. configs/demo.yaml")
+    p.add_argument("--shards", help="shard folder (data.shards)")
+    p.add_argument("--out", help="run folder (train.out)")
+    p.add_argument("--deepspeed-config", help="DeepSpeed JSON from ds_configs/ (train.deepspeed_config)")
+    p.add_argument("--max-steps", type=_positive, help="optimizer steps (train.max_steps; default: epochs)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, shard order, shuffling, augmentation")
+    p.add_argument(
+        "--resume",
+        help="'latest' (a no-op when the run has no checkpoint yet, so the same command serves the first "
+        "and a requeued job) or a checkpoint path",
+    )
+    p.add_argument("--no-wandb", action="store_true", help="no W&B run (metrics.jsonl and console only)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field (value parsed as YAML); repeatable, e.g. --set loss.preset=convirt",
+    )
+    # The deepspeed launcher passes --local_rank; it may land after the subcommand.
+    p.add_argument("--local_rank", "--local-rank", dest="train_local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # fmt: skip
+    p.set_defaults(handler=_train)

@@ -1,0 +1,753 @@
+"""`pertvl train`: the shards stream into a DeepSpeed engine wrapping the dual encoder and its losses.
+
+One process per rank, whatever started it (plain python, torchrun, the deepspeed launcher, srun):
+
+    config (DEFAULTS <- YAML <- --set <- flags) -> ranks (launch.detect_dist_env / init_distributed)
+    -> model (create_model) -> stream (build_train_stream: micro-batches, same count on every rank)
+    -> deepspeed.initialize(model, paper SGD, warm-up + cosine in OPTIMIZER steps, JSON config)
+    -> resume (checkpoint.resume) -> loop -> checkpoints (checkpoint.save) -> RUN_DIR/final
+
+Counting. The stream yields micro-batches of `train_micro_batch_size_per_gpu` samples; one
+optimizer step takes `gradient_accumulation_steps` (A) of them on every rank. An epoch holds
+steps_per_epoch = floor(batches_per_epoch / A) optimizer steps (the < A micro-batches left at the
+end of an epoch are read but not trained on, so a step never spans two epochs and the resume
+position is always a step boundary); `train.max_steps` counts optimizer steps (None: epochs x
+steps_per_epoch), and so do the LR schedule and the checkpoint interval.
+
+Exact resume. A checkpoint holds the DeepSpeed state (weights, optimizer, LR schedule), every
+rank's RNG state (checkpoint.save) and the client state (epoch, step within epoch, the stream's
+resume batch, global step, W&B run id, resolved config). The stream restarts at (epoch, batch)
+with the same samples in the same order and the same augmentation (seeded per sample), dropout
+continues from the restored RNG, and creating a DataLoader iterator (which draws a seed from the
+global torch RNG) is done under `fork_rng`, so a run killed at step k and resumed reaches
+bit-identical fp32 parameters at step n (tests/test_train.py). BatchNorm running statistics are
+averaged across ranks after every optimizer step, so every rank holds the same buffers as well as
+the same parameters and a checkpoint (written from rank 0's module) restores all ranks exactly.
+
+Files in RUN_DIR: config.yaml (resolved config), metrics.jsonl (monitor: "step", "loss/*", "lr",
+"perf/*", "mem/*", "data/*"), samples.jsonl (sample ids of every optimizer step, per rank),
+ranks/rank{R}.json (pid, launcher, final parameter checksum), checkpoints/ (DeepSpeed +
+pertvl markers), wandb/ (offline runs), final/ (DualEncoder.save_pretrained, fp32 safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pertvl.config import load_config, save_config
+from pertvl.train import checkpoint as ckpt
+from pertvl.train.launch import detect_dist_env, init_distributed, load_ds_config, shutdown_distributed
+from pertvl.train.monitor import Monitor, memory_metrics
+from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+SAMPLES_FILE = "samples.jsonl"
+RANKS_DIR = "ranks"
+FINAL_DIR = "final"
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How micro-batches become optimizer steps.
+
+    Attributes:
+        micro_batch: samples per micro-batch per rank.
+        grad_accum: micro-batches per optimizer step (A).
+        world_size: ranks.
+        batches_per_epoch: micro-batches every rank's stream yields per epoch.
+        steps_per_epoch: optimizer steps per epoch, floor(batches_per_epoch / A).
+        total_steps: optimizer steps of the run (max_steps, else epochs x steps_per_epoch).
+        warmup_steps: linear warm-up length (optimizer steps; capped at total_steps).
+    """
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples of one optimizer step over all ranks."""
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def plan_steps(
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    batches_per_epoch: int,
+    max_steps: int | None,
+    epochs: int,
+    warmup_steps: int,
+) -> StepPlan:
+    """Count optimizer steps from the stream's micro-batches per epoch.
+
+    Raises:
+        ValueError: an epoch shorter than one optimizer step, or no step to run.
+    """
+    steps_per_epoch = batches_per_epoch // grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"an epoch has {batches_per_epoch} micro-batch(es) per rank, fewer than the {grad_accum} one "
+            "optimizer step accumulates; use more data, a smaller micro-batch or less accumulation"
+        )
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1 (or null for epochs), got {max_steps}")
+    if max_steps is None and epochs < 1:
+        raise ValueError(f"train.epochs must be >= 1, got {epochs}")
+    total = int(max_steps) if max_steps is not None else int(epochs) * steps_per_epoch
+    return StepPlan(
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=min(max(0, int(warmup_steps)), total),
+    )
+
+
+# ------------------------------------------------------------------------------- small helpers
+
+
+def resolve_config(
+    config: str | os.PathLike | None,
+    overrides: list[str] | None = None,
+    *,
+    shards: str | None = None,
+    out: str | None = None,
+    deepspeed_config: str | None = None,
+    max_steps: int | None = None,
+    seed: int | None = None,
+    resume: str | None = None,
+    no_wandb: bool = False,
+) -> dict[str, Any]:
+    """The run config: DEFAULTS <- CONFIG file <- --set overrides <- explicit flags."""
+    cfg = load_config(config, overrides)
+    flags = {
+        ("data", "shards"): shards,
+        ("train", "out"): out,
+        ("train", "deepspeed_config"): deepspeed_config,
+        ("train", "max_steps"): max_steps,
+        ("train", "seed"): seed,
+        ("train", "resume"): resume,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            cfg[section][key] = value
+    if no_wandb:
+        cfg["wandb"]["enabled"] = False
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    """python, numpy and torch global RNGs (model initialisation is identical on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Per-rank seed for dropout after initialisation (ranks should not share dropout masks)."""
+    digest = hashlib.blake2b(f"pertvl-train/{seed}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def param_checksum(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and floating buffer (name, dtype, shape, bytes), in module order."""
+    h = hashlib.sha256()
+    tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    for name, tensor in tensors:
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sync_float_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Average floating buffers (BatchNorm running statistics) over the ranks.
+
+    Each rank's BatchNorm updates its running statistics from its own micro-batches; DeepSpeed
+    averages gradients but leaves buffers alone. Averaging after each optimizer step gives every
+    rank the statistics of the whole global batch (linear in the batch means) and identical
+    buffers, so the checkpoint (rank 0's module) and the final model describe every rank.
+    """
+    if world_size < 2:
+        return
+    buffers = [b for _, b in module.named_buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().float().reshape(-1) for b in buffers])
+    dist.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= world_size
+    offset = 0
+    for b in buffers:
+        n = b.numel()
+        b.copy_(flat[offset : offset + n].view_as(b).to(b.dtype))
+        offset += n
+
+
+def _image_dtype(engine: Any) -> torch.dtype | None:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return None
+
+
+def _data_metrics(counts: Counter) -> dict[str, int]:
+    """Stream counts summed over ranks and completed epochs, for the monitor: the total of skipped
+    samples, each skip reason that occurred, and the perturbations masked out per reason."""
+    skipped = {k: v for k, v in counts.items() if k.startswith("skipped/")}
+    out = {"data/skipped": sum(skipped.values())} if counts else {}
+    out.update({f"data/{k}": v for k, v in skipped.items() if v})
+    out.update({f"data/{k}": v for k, v in counts.items() if k.startswith("masked/")})
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from pertvl.data.records import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _truncate_jsonl_after(path: Path, step: int) -> None:
+    # Same rule as the monitor's metrics.jsonl: lines of steps after the resumed one are dropped.
+    Monitor._truncate_after(path, step)
+
+
+# --------------------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a rank's `train` call ended with.
+
+    Attributes:
+        run_dir: the run folder.
+        rank: this process's rank.
+        global_step: optimizer steps done (including those of resumed checkpoints).
+        epoch: epoch the next step would be in.
+        preempted: stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+        exit_code: 0, or PREEMPTED_EXIT_CODE.
+        final_dir: RUN_DIR/final (None when preempted).
+        param_sha256: checksum of this rank's parameters and buffers at the end.
+        first_loss, last_loss: mean total loss (over ranks) of the first and last step of this
+            process (None when it ran no step).
+    """
+
+    run_dir: Path
+    rank: int
+    global_step: int
+    epoch: int
+    preempted: bool
+    exit_code: int
+    final_dir: Path | None
+    param_sha256: str
+    first_loss: float | None
+    last_loss: float | None
+
+
+# -------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Builds the engine, stream and monitor of one rank and runs the training loop.
+
+    Args:
+        cfg: the resolved run config (see pertvl.config).
+        local_rank: `--local_rank` from the deepspeed launcher, if any.
+    """
+
+    def __init__(self, cfg: dict[str, Any], local_rank: int | None = None) -> None:
+        # `resume` says how this process starts, not what the run is: the config saved in the run
+        # folder and the checkpoints hold it as null, so `--config RUN_DIR/config.yaml` starts anew.
+        self.resume_from = cfg["train"]["resume"]
+        self.cfg = copy.deepcopy(cfg)
+        self.cfg["train"]["resume"] = None
+        self.tcfg = self.cfg["train"]
+        self.run_dir = Path(self.tcfg["out"])
+        self.env = detect_dist_env(argv_local_rank=local_rank)
+        self.device = init_distributed(self.env)
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.seed = int(self.tcfg["seed"])
+
+    # -- construction ---------------------------------------------------------------------------
+    def build(self) -> None:
+        import deepspeed
+
+        from pertvl.data.stream import build_train_stream
+        from pertvl.losses import PretrainLoss
+        from pertvl.model import create_model
+        from pertvl.train.optim import build_optimizer, build_scheduler
+
+        cfg, tcfg, dcfg = self.cfg, self.tcfg, self.cfg["data"]
+        self._refuse_fresh_start_over_checkpoints()  # every rank (one shared run folder): all stop
+        ds_config = load_ds_config(
+            tcfg["deepspeed_config"],
+            micro_batch=tcfg["micro_batch"],
+            grad_accum=tcfg["grad_accum"],
+            gradient_clipping=tcfg["gradient_clipping"],
+            world_size=self.world_size,
+        )
+        micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+
+        seed_everything(self.seed)  # identical initialisation on every rank
+        model = create_model(cfg["model"])
+        self.loss_fn = PretrainLoss(cfg["loss"])
+        self.need_local = self.loss_fn.config.uses_local
+        self.need_perturbations = self.loss_fn.config.uses_perturbations
+
+        self.stream = build_train_stream(
+            dcfg["shards"],
+            dcfg["split"],
+            tokenizer=model.tokenizer,
+            batch_size=micro,
+            world_size=self.world_size,
+            rank=self.rank,
+            num_workers=int(dcfg["num_workers"]),
+            seed=self.seed,
+            augment=bool(dcfg["augment"]),
+            max_length=int(dcfg["max_length"]),
+            resampled=bool(dcfg["resampled"]),
+            image_size=dcfg["image_size"],
+            shuffle_buffer=int(dcfg["shuffle_buffer"]),
+        )
+        # Record the size actually trained at (export and evaluation read it from config.yaml).
+        dcfg["image_size"] = int(dcfg["image_size"] or self.stream.source.image_size)
+        self.plan = plan_steps(
+            micro_batch=micro,
+            grad_accum=accum,
+            world_size=self.world_size,
+            batches_per_epoch=self.stream.batches_per_epoch,
+            max_steps=tcfg["max_steps"],
+            epochs=int(tcfg["epochs"]),
+            warmup_steps=int(tcfg["warmup_steps"]),
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(
+            trainable, lr=float(tcfg["lr"]), momentum=float(tcfg["momentum"]),
+            weight_decay=float(tcfg["weight_decay"]),
+        )  # fmt: skip
+        scheduler = build_scheduler(
+            optimizer, self.plan.warmup_steps, self.plan.total_steps, float(tcfg["min_lr_ratio"])
+        )
+        model.to(self.device)
+        # A bf16/fp16 engine casts the module to 16 bits, frozen parameters included, and the fp32
+        # masters it keeps (read back for RUN_DIR/final) cover trainable parameters only: keep the
+        # frozen ones' fp32 values (e.g. BERT's unused pooler, frozen layers) to write them exactly.
+        half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+        self._frozen_fp32 = (
+            {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if not p.requires_grad}
+            if half
+            else {}
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        if self.engine.gradient_accumulation_steps() != accum:
+            raise RuntimeError(
+                f"DeepSpeed runs {self.engine.gradient_accumulation_steps()} accumulation steps, planned {accum}"
+            )
+        self.image_dtype = _image_dtype(self.engine)
+        torch.manual_seed(_rank_seed(self.seed, self.rank))  # dropout differs per rank; restored on resume
+        log.info(
+            "rank %d: %d micro-batches of %d per epoch, %d optimizer steps per epoch (accumulation %d, "
+            "%d samples/step over %d rank(s)), %d steps in all, warm-up %d; ZeRO %d, %s",
+            self.rank, self.plan.batches_per_epoch, micro, self.plan.steps_per_epoch, accum,
+            self.plan.samples_per_step, self.world_size, self.plan.total_steps, self.plan.warmup_steps,
+            self.engine.zero_optimization_stage(), self.image_dtype or torch.float32,
+        )  # fmt: skip
+
+    def _refuse_fresh_start_over_checkpoints(self) -> None:
+        if self.resume_from is None and ckpt.list_checkpoints(self.run_dir):
+            raise ValueError(
+                f"{self.run_dir} already holds checkpoints; pass --resume latest to continue that run, "
+                "or choose a new --out (a fresh run would mix its checkpoints and logs with the old ones)"
+            )
+
+    def _data_plan(self) -> dict[str, Any]:
+        dcfg = self.cfg["data"]
+        return {
+            "world_size": self.world_size,
+            "micro_batch": self.plan.micro_batch,
+            "grad_accum": self.plan.grad_accum,
+            "num_workers": int(dcfg["num_workers"]),
+            "seed": self.seed,
+            "num_samples": int(self.stream.source.num_samples),
+            "batches_per_epoch": self.plan.batches_per_epoch,
+        }
+
+    # -- resume ---------------------------------------------------------------------------------
+    def resume(self) -> dict[str, Any] | None:
+        which = self.resume_from
+        if which is None:
+            return None
+        state = ckpt.resume(self.engine, self.run_dir, which)
+        if state is None:
+            log.info("--resume %s: no checkpoint in %s yet; starting fresh", which, self.run_dir)
+            return None
+        if state.get("global_step") is None:
+            raise ValueError(f"{state['checkpoint']}: no pertvl training state in the checkpoint")
+        old_plan = state.get("data_plan") or {}
+        changed = {k: (old_plan.get(k), v) for k, v in self._data_plan().items() if old_plan.get(k) != v}
+        if changed:
+            log.warning(
+                "resuming %s with a different data plan %s (checkpoint, now): training continues, but "
+                "not as an exact replay of the interrupted run",
+                state["checkpoint"], changed,
+            )  # fmt: skip
+        if int(self.engine.global_steps) != int(state["global_step"]):
+            raise RuntimeError(
+                f"{state['checkpoint']}: DeepSpeed restored step {self.engine.global_steps}, pertvl's state "
+                f"says {state['global_step']}"
+            )
+        log.info(
+            "resumed %s: global step %d, epoch %d, step %d of the epoch",
+            state["checkpoint"], state["global_step"], state["epoch"], state["step_in_epoch"],
+        )  # fmt: skip
+        return state
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.build()
+        state = self.resume()
+        global_step = int(state["global_step"]) if state else 0
+        epoch = int(state["epoch"]) if state else 0
+        step_in_epoch = int(state["step_in_epoch"]) if state else 0
+        if step_in_epoch >= self.plan.steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        data_counts: Counter = Counter(state.get("data_counts") or {}) if state else Counter()
+
+        wcfg = self.cfg["wandb"]
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / CONFIG_FILE)
+            samples_path = self.run_dir / SAMPLES_FILE
+            if samples_path.is_file():
+                _truncate_jsonl_after(samples_path, global_step)
+        self.monitor = Monitor(
+            self.run_dir, self.cfg, enabled_wandb=bool(wcfg["enabled"]), project=wcfg["project"],
+            run_name=wcfg["name"], tags=wcfg["tags"], rank=self.rank,
+            resume_run_id=state.get("wandb_run_id") if state else None, mode=wcfg["mode"],
+            resume_step=global_step,
+        )  # fmt: skip
+        self._write_rank_file(global_step, final=False, checksum=False)  # pid etc. for tools and tests
+        samples_file = (
+            open(self.run_dir / SAMPLES_FILE, "a", buffering=1)
+            if self.rank == 0 and self.tcfg["log_samples"]
+            else None
+        )
+        flag = PreemptionFlag().install()
+        bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
+        first_loss = last_loss = None
+        last_saved = global_step if state else -1
+        preempted = False
+        self.engine.train()
+        try:
+            while global_step < self.plan.total_steps and not preempted:
+                self.stream.set_epoch(epoch, start_batch=step_in_epoch * self.plan.grad_accum)
+                batches = iter(self.stream)
+                fresh_iterator = True
+                while step_in_epoch < self.plan.steps_per_epoch and global_step < self.plan.total_steps:
+                    metrics, ids = self._train_step(batches, fresh_iterator)
+                    fresh_iterator = False
+                    global_step += 1
+                    step_in_epoch += 1
+                    if int(self.engine.global_steps) != global_step:  # accumulation boundary mis-counted
+                        raise RuntimeError(
+                            f"DeepSpeed is at optimizer step {self.engine.global_steps}, the loop at {global_step}"
+                        )
+                    if global_step % int(self.tcfg["log_every"]) == 0 or global_step == self.plan.total_steps:
+                        losses = self._reduced_losses(metrics.pop("_loss_sums"))
+                        metrics = {**losses, **metrics, "epoch": epoch}  # losses first: the progress bar shows them
+                        metrics.update(_data_metrics(data_counts))
+                        self.monitor.log(metrics, step=global_step)
+                        first_loss = metrics["loss/total"] if first_loss is None else first_loss
+                        last_loss = metrics["loss/total"]
+                    self._log_samples(samples_file, global_step, epoch, step_in_epoch, ids)
+                    bar.update(1)
+                    every = int(self.tcfg["checkpoint_every"])
+                    if every > 0 and global_step % every == 0 and global_step < self.plan.total_steps:
+                        self._save(global_step, epoch, step_in_epoch, data_counts)
+                        last_saved = global_step
+                    if flag.agreed(self.device):
+                        preempted = True
+                        break
+                if step_in_epoch >= self.plan.steps_per_epoch:
+                    # Read the epoch's last (< accumulation) micro-batches: the stream then reports
+                    # the samples it skipped, summed over ranks here.
+                    for _ in batches:
+                        pass
+                    data_counts.update(self._epoch_data_counts(epoch))
+                    epoch, step_in_epoch = epoch + 1, 0
+                else:
+                    batches.close()  # stopped mid-epoch (max_steps or a signal): end the loader
+            if preempted:
+                log.warning(
+                    "rank %d: %s received; checkpointing step %d and exiting with %d",
+                    self.rank, flag.signal_name or "a peer's stop signal", global_step, PREEMPTED_EXIT_CODE,
+                )  # fmt: skip
+            if last_saved != global_step:
+                self._save(global_step, epoch, step_in_epoch, data_counts)
+            # Checksum first: writing RUN_DIR/final widens rank 0's 16-bit module to fp32 in place.
+            checksum = self._write_rank_file(global_step, final=not preempted)
+            final_dir = None if preempted else self._save_final(global_step)
+            exit_code = PREEMPTED_EXIT_CODE if preempted else 0
+            if self.rank == 0:
+                self.monitor.summary(
+                    {"global_step": global_step, "epoch": epoch, "preempted": preempted,
+                     "final_loss": last_loss, **_data_metrics(data_counts)}
+                )  # fmt: skip
+        except BaseException:
+            self.monitor.finish(exit_code=1)
+            raise
+        finally:
+            if not preempted:
+                # After a stop signal the handlers stay: a launcher that sees a peer exit first sends
+                # SIGTERM to this rank while it finishes, which must not kill it half-way.
+                flag.uninstall()
+            if samples_file is not None:
+                samples_file.close()
+        self.monitor.finish(exit_code=exit_code)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.barrier()  # leave together: a launcher tears the job down when the first rank exits
+        return TrainResult(
+            run_dir=self.run_dir, rank=self.rank, global_step=global_step, epoch=epoch, preempted=preempted,
+            exit_code=exit_code, final_dir=final_dir, param_sha256=checksum,
+            first_loss=first_loss, last_loss=last_loss,
+        )  # fmt: skip
+
+    def _train_step(self, batches, fresh_iterator: bool) -> tuple[dict[str, Any], list[str]]:
+        """One optimizer step: A micro-batches through forward, backward and engine.step()."""
+        engine = self.engine
+        t_start = time.perf_counter()
+        lr = float(engine.get_lr()[0])
+        wait = 0.0
+        sums = torch.zeros(4, dtype=torch.float64)
+        ids: list[str] = []
+        for micro in range(self.plan.grad_accum):
+            t_wait = time.perf_counter()
+            # The first next() of an epoch creates the DataLoader iterator, which draws its base seed
+            # from the global torch RNG: isolate it so dropout's RNG stream does not depend on where
+            # an epoch was entered (fresh or resumed).
+            ctx = self._fork_rng() if fresh_iterator and micro == 0 else contextlib.nullcontext()
+            with ctx:
+                batch = next(batches)
+            wait += time.perf_counter() - t_wait
+            ids.extend(batch.ids)
+            batch = batch.to(self.device, image_dtype=self.image_dtype)
+            out = engine(batch, need_local=self.need_local, need_perturbations=self.need_perturbations)
+            losses = self.loss_fn(out, rank=self.rank, world_size=self.world_size)  # fp32
+            engine.backward(losses.total)
+            engine.step()
+            sums += torch.tensor(
+                [float(v.detach()) for v in (losses.total, losses.global_loss, losses.local_loss, losses.pert_loss)],
+                dtype=torch.float64,
+            )
+        sync_float_buffers(engine.module, self.world_size)
+        step_time = time.perf_counter() - t_start
+        metrics: dict[str, Any] = {
+            "_loss_sums": sums / self.plan.grad_accum,
+            "lr": lr,
+            "perf/step_time_s": step_time,
+            "perf/samples_per_s": self.plan.samples_per_step / step_time,
+            "perf/data_wait_s": wait,
+            "perf/data_wait_frac": wait / step_time,
+            **memory_metrics(self.device),
+        }
+        if engine.fp16_enabled():
+            metrics["train/skipped_steps"] = int(engine.skipped_steps)
+        return metrics, ids
+
+    def _fork_rng(self):
+        devices = [self.device] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    def _reduced_losses(self, sums: torch.Tensor) -> dict[str, float]:
+        """Loss terms averaged over ranks (L_global's per-rank shares average to the global loss)."""
+        values = sums.to(torch.float64)
+        if self.world_size > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values)
+            values = values.cpu() / self.world_size
+        names = ("loss/total", "loss/global", "loss/local", "loss/pert")
+        return {name: float(v) for name, v in zip(names, values, strict=True)}
+
+    def _epoch_data_counts(self, epoch: int) -> Counter:
+        from pertvl.data.stream import MASK_REASONS, SKIP_REASONS
+
+        names = [f"skipped/{k}" for k in (*SKIP_REASONS, "ignored_members")] + [f"masked/{k}" for k in MASK_REASONS]
+        local = [*(self.stream.skipped.get(k, 0) for k in (*SKIP_REASONS, "ignored_members")),
+                 *(self.stream.masked.get(k, 0) for k in MASK_REASONS)]  # fmt: skip
+        counts = torch.tensor(local, dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        out = Counter({name: int(v) for name, v in zip(names, counts.cpu().tolist(), strict=True)})
+        skipped = sum(v for k, v in out.items() if k.startswith("skipped/"))
+        if self.rank == 0:
+            (log.warning if skipped else log.info)(
+                "epoch %d: %d sample(s) skipped over all ranks %s", epoch, skipped,
+                {k: v for k, v in out.items() if v and k.startswith("skipped/")},
+            )  # fmt: skip
+        return out
+
+    def _log_samples(self, handle, step: int, epoch: int, step_in_epoch: int, ids: list[str]) -> None:
+        if not self.tcfg["log_samples"]:
+            return
+        if self.world_size > 1:
+            gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(ids, gathered, dst=0)
+        else:
+            gathered = [ids]
+        if handle is not None:
+            first_batch = (step_in_epoch - 1) * self.plan.grad_accum
+            handle.write(json.dumps({"step": step, "epoch": epoch, "batch": first_batch, "ids": gathered}) + "\n")
+
+    # -- persistence ----------------------------------------------------------------------------
+    def _save(self, global_step: int, epoch: int, step_in_epoch: int, data_counts: Counter) -> None:
+        client_state = {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "stream_position": {"epoch": epoch, "batch": step_in_epoch * self.plan.grad_accum},
+            "global_step": global_step,
+            "wandb_run_id": self.monitor.run_id,
+            "config": self.cfg,
+            "data_plan": self._data_plan(),
+            "data_counts": dict(data_counts),
+        }
+        ckpt.save(self.engine, self.run_dir, global_step, client_state, keep_last=int(self.tcfg["keep_last"]))
+
+    def _save_final(self, global_step: int) -> Path | None:
+        """RUN_DIR/final: the encoders in fp32 with save_pretrained (rank 0; others wait)."""
+        final = self.run_dir / FINAL_DIR
+        if self.rank == 0:
+            import shutil
+
+            model = self.engine.module
+            if self.image_dtype is not None:
+                model = self._fp32_model(global_step)
+            # ZeRO turned the parameters into views of its flat buffers; safetensors refuses views
+            # of a larger storage. Training is over: give every tensor its own storage.
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    tensor.data = tensor.data.clone()
+            tmp = self.run_dir / f".{FINAL_DIR}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            log.info("final encoders (step %d) written to %s", global_step, final)
+        if self.world_size > 1:
+            dist.barrier()
+        return final
+
+    def _fp32_model(self, global_step: int) -> torch.nn.Module:
+        """The module with the fp32 master weights, read back by DeepSpeed's own zero_to_fp32 from
+        the final checkpoint (a bf16/fp16 engine's module holds 16-bit copies; the fp32 masters
+        are partitioned over the ranks)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        model = self.engine.module.float()
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt.checkpoint_root(self.run_dir)), tag=ckpt.tag_for_step(global_step)
+            )
+        except Exception as err:  # noqa: BLE001 - any reader failure: fall back, say so
+            log.warning("zero_to_fp32 could not read the final checkpoint (%s); saving the 16-bit weights "
+                        "widened to fp32", err)  # fmt: skip
+            return model
+        state.update({k: v for k, v in self._frozen_fp32.items() if k not in state})
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        persistent_missing = [k for k in missing if k in model.state_dict()]
+        if persistent_missing or unexpected:
+            raise RuntimeError(
+                f"fp32 weights from the checkpoint do not match the model: missing {persistent_missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        return model
+
+    def _write_rank_file(self, global_step: int, final: bool, checksum: bool = True) -> str | None:
+        """RUN_DIR/ranks/rank{R}.json: where this rank runs, its step, and (at the end) a checksum of
+        its parameters and buffers, which tests and users compare across ranks."""
+        digest = param_checksum(self.engine.module) if checksum else None
+        _write_json(
+            self.run_dir / RANKS_DIR / f"rank{self.rank}.json",
+            {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "local_rank": self.env.local_rank,
+                "launcher": self.env.launcher,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "device": str(self.device),
+                "global_step": global_step,
+                "finished": final,
+                "param_sha256": digest,
+            },
+        )
+        return digest
+
+
+def train(cfg: dict[str, Any], local_rank: int | None = None) -> TrainResult:
+    """Run (or resume) the training described by a resolved config on this rank.
+
+    Args:
+        cfg: from `resolve_config`.
+        local_rank: the deepspeed launcher's --local_rank, if given.
+
+    Returns:
+        TrainResult (exit_code PREEMPTED_EXIT_CODE when stopped by SIGTERM/SIGUSR1).
+    """
+    trainer = Trainer(cfg, local_rank=local_rank)
+    try:
+        return trainer.run()
+    finally:
+        shutdown_distributed()
+
+
+def cli_main(args: Any) -> int:
+    """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = resolve_config(
+        args.config,
+        args.overrides,
+        shards=args.shards,
+        out=args.out,
+        deepspeed_config=args.deepspeed_config,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        resume=args.resume,
+        no_wandb=args.no_wandb,
+    )
+    local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
+    result = train(cfg, local_rank=local_rank)
+    if result.exit_code == 0 and result.final_dir is not None and result.rank == 0:
+        print(f"trained {result.global_step} steps; final encoders in {result.final_dir}", flush=True)
+    return result.exit_code
