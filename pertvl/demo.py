@@ -74,7 +74,7 @@ def _file_text(path: str) -> str:
     try:
         return Path(path).read_text()
     except OSError as e:
-        raise StageError(f"config {path}: {e}") from e
+        raise StageError(f"stage 'train' cannot start: config {path}: {e}") from e
 
 
 def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
@@ -84,9 +84,6 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
 
     report.mkdir(parents=True, exist_ok=True)
     evals = report / "eval"
-    structure = json.loads((evals / "structure.json").read_text())
-    retrieval = json.loads((evals / "retrieval.json").read_text())
-    zeroshot = json.loads((evals / "zeroshot.json").read_text())
     plot_training_curves(run / "metrics.jsonl", report / "training_curves.png")
 
     # Attention maps for a few test images with their own reports, from the ONNX outputs.
@@ -103,12 +100,9 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     lines = ["# pertvl demo report", "",
              f"Corpus: {corpus} (phantoms; see {corpus / 'preview.png'})  ",
              f"Run: {run} · ONNX export: {export}", ""]
-    lines += ["## Clinical semantic structure (Table IV), onnxruntime", "",
-              (evals / "structure.md").read_text() if (evals / "structure.md").is_file() else "", ""]
-    lines += ["## Retrieval", "", (evals / "retrieval.md").read_text() if (evals / "retrieval.md").is_file() else
-              "```\n" + json.dumps(retrieval, indent=1)[:2000] + "\n```", ""]
-    lines += ["## Zero-shot classification", "", (evals / "zeroshot.md").read_text() if (evals / "zeroshot.md").is_file()
-              else "```\n" + json.dumps(zeroshot, indent=1)[:2000] + "\n```", ""]
+    for title, name in (("Clinical semantic structure (Table IV), onnxruntime", "structure"),
+                        ("Retrieval", "retrieval"), ("Zero-shot classification", "zeroshot")):
+        lines += [f"## {title}", "", _demoted(evals / f"{name}.md"), ""]
     lines += ["## Training", "", "![training curves](training_curves.png)", ""]
     if attn_pngs:
         lines += ["## Word → region attention (ONNX outputs)", ""]
@@ -120,7 +114,24 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     else:
         lines += ["- no W&B run (trained with --no-wandb)"]
     (report / "README.md").write_text("\n".join(lines) + "\n")
-    del structure
+
+
+def _demoted(markdown: Path) -> str:
+    """An evaluation's Markdown, its headings moved one level down to nest under the report's."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.read_text().splitlines())
+
+
+def _headline(evals: Path) -> list[str]:
+    """The numbers worth printing at the end of the main job."""
+    structure = json.loads((evals / "structure.json").read_text())["overall"]
+    retrieval = json.loads((evals / "retrieval.json").read_text())
+    zeroshot = json.loads((evals / "zeroshot.json").read_text())
+    return [
+        f"structure accuracy {100 * structure['accuracy']:.1f}% (chance {100 * structure['chance']:.1f}%, "
+        f"{structure['n']} test images)",
+        f"retrieval image→report: {json.dumps(retrieval['image_to_text'])}",
+        f"zero-shot mean AUROC: {zeroshot.get('mean_auroc')}",
+    ]
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -132,6 +143,12 @@ def cli_main(args: argparse.Namespace) -> int:
     except StageError as e:
         print(f"pertvl demo: {e}", flush=True)
         return 1
-    report = Path(args.run) / "report" / "README.md"
-    print(f"\nDemo complete. Report: {report}")
+    report = Path(args.run) / "report"
+    print("\nDemo complete.")
+    try:
+        for line in _headline(report / "eval"):
+            print(f"  {line}")
+    except (OSError, KeyError, TypeError, ValueError) as e:  # the report is still there; say why no headline
+        print(f"  (no headline numbers: {e})")
+    print(f"Report: {report / 'README.md'}")
     return 0
