@@ -199,8 +199,8 @@ def test_read_manifest_errors(tmp_path, packed):
 def test_bad_inputs_are_named(tmp_path):
     make_corpus(tmp_path, {"train": 2})
     bad = tmp_path / "perturbations.jsonl"
-    bad.write_text(bad.read_text() + '{"text": "x", "perturbations": {"flip": "y"}}\n')
-    with pytest.raises(ValueError, match=r"perturbations.jsonl:3: unknown perturbation type"):
+    bad.write_text(bad.read_text() + '{"text": "x", "perturbations": {"flip": "y"}, "unavailable": {}, "seed": 0}\n')
+    with pytest.raises(ValueError, match=r"perturbations.jsonl:3: .*unknown: \['flip'\]"):
         shards.pack(tmp_path / "pairs.jsonl", bad, tmp_path / "out")
     make_corpus(tmp_path, {"train": 2})
     lines = (tmp_path / "pairs.jsonl").read_text().splitlines()

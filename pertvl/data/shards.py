@@ -465,38 +465,19 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def read_perturbations(path: str | os.PathLike) -> dict[str, dict]:
-    """perturbations.jsonl -> {cleaned text: record}; a bad line raises naming file and line."""
+    """perturbations.jsonl -> {cleaned text: {perturbations, unavailable}}.
+
+    Records are parsed and validated by pertvl.data.perturb (a bad line raises naming file and
+    line); two different records for the same text are an error, exact repeats are fine.
+    """
+    from pertvl.data.perturb import read_perturbations as read_records  # no spaCy import at module load
+
     records: dict[str, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON: {e}") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{where}: a perturbation record needs a string 'text'")
-            perts, unavail = rec.get("perturbations", {}), rec.get("unavailable", {})
-            if not isinstance(perts, dict) or not isinstance(unavail, dict):
-                raise ValueError(f"{where}: 'perturbations' and 'unavailable' must be objects")
-            unknown = (set(perts) | set(unavail)) - set(PERTURBATION_TYPES)
-            if unknown:
-                raise ValueError(
-                    f"{where}: unknown perturbation type(s) {sorted(unknown)}; known: {PERTURBATION_TYPES}"
-                )
-            both = set(perts) & set(unavail)
-            if both:
-                raise ValueError(f"{where}: type(s) {sorted(both)} both in 'perturbations' and 'unavailable'")
-            if not all(isinstance(v, str) for v in perts.values()):
-                raise ValueError(f"{where}: perturbation texts must be strings")
-            slim = {"perturbations": perts, "unavailable": unavail}
-            if rec["text"] in records and records[rec["text"]] != slim:
-                raise ValueError(
-                    f"{where}: a second, different record for the same text {rec['text'][:60]!r}"
-                )
-            records[rec["text"]] = slim
+    for rec in read_records(path):
+        slim = {"perturbations": rec.perturbations, "unavailable": rec.unavailable}
+        if records.get(rec.text, slim) != slim:
+            raise ValueError(f"{path}: a second, different record for the same text {rec.text[:60]!r}")
+        records[rec.text] = slim
     return records
 
 
