@@ -22,8 +22,12 @@ test: $(STAMP)
 	$(BIN)/ruff check pertvl tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# Every benchmark in turn (each prints both sides of its comparison and exits non-zero when its
+# target is missed); BENCH_FLAGS=--quick for a short run. Run on an otherwise idle machine.
+BENCHES := phantom perturb loader local_loss step train onnx
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m bench
+	@status=0; for b in $(BENCHES); do echo "== bench/bench_$$b.py $(BENCH_FLAGS)"; \
+	  HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_$$b.py $(BENCH_FLAGS) || status=1; done; exit $$status
 
 clean-venv:
 	rm -rf $(VENV)
