@@ -475,6 +475,13 @@ def load_ds_config(
     return config
 
 
+
+def _say(line: str) -> None:
+    """One write per line: ranks share the launcher's stdout, and print() writes the text and the
+    newline separately, so two ranks' lines could otherwise run together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
 def _selftest(env: DistEnv, device: torch.device, wait_signal_s: float) -> int:
     import torch
     import torch.distributed as dist
@@ -483,27 +490,21 @@ def _selftest(env: DistEnv, device: torch.device, wait_signal_s: float) -> int:
 
     total = torch.tensor([float(env.rank)], device=device)
     dist.all_reduce(total)
-    print(
-        f"rank {env.rank}/{env.world_size} local {env.local_rank} device {device} sum {int(total.item())}",
-        flush=True,
-    )
+    _say(f"rank {env.rank}/{env.world_size} local {env.local_rank} device {device} sum {int(total.item())}")
     if wait_signal_s <= 0:
         return 0
     # Stand-in for a training loop: iterate in lockstep until any rank is signalled.
     flag = PreemptionFlag().install()
-    print(f"rank {env.rank} waiting for SIGTERM/SIGUSR1 (pid {os.getpid()})", flush=True)
+    _say(f"rank {env.rank} waiting for SIGTERM/SIGUSR1 (pid {os.getpid()})")
     deadline = time.monotonic() + wait_signal_s
     iteration = 0
     while time.monotonic() < deadline:
         time.sleep(0.2)
         iteration += 1
         if flag.agreed(device):
-            print(
-                f"rank {env.rank} stopping at iteration {iteration} on {flag.signal_name or 'a peer signal'}",
-                flush=True,
-            )
+            _say(f"rank {env.rank} stopping at iteration {iteration} on {flag.signal_name or 'a peer signal'}")
             return PREEMPTED_EXIT_CODE
-    print(f"rank {env.rank}: no signal within {wait_signal_s:g} s", flush=True)
+    _say(f"rank {env.rank}: no signal within {wait_signal_s:g} s")
     return 1
 
 
