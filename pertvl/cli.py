@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 from pertvl import __version__
 
@@ -22,6 +23,24 @@ _COMMAND_MODULES = (
     "pertvl.evaluate.cli",
     "pertvl.demo_cli",
 )
+
+
+def lazy_handler(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand handler that imports `module` only when the subcommand runs (keeps --help fast)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    handler.__name__ = f"{module}.{function}"
+    return handler
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1 (batch sizes, steps, workers)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

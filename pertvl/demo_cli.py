@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from pertvl.cli import lazy_handler
 
-def _demo(args: argparse.Namespace) -> int:
-    from pertvl.demo import cli_main
-
-    return cli_main(args)
+_demo = lazy_handler("pertvl.demo", "cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,35 +7,21 @@ from __future__ import annotations
 
 import argparse
 
+from pertvl.cli import lazy_handler
 
-def _openi(args: argparse.Namespace) -> int:
-    from pertvl.data.openi import cli_main
-
-    return cli_main(args)
+_openi = lazy_handler("pertvl.data.openi", "cli_main")
 
 
-def _phantom(args: argparse.Namespace) -> int:
-    from pertvl.data.phantom import cli_main
-
-    return cli_main(args)
+_phantom = lazy_handler("pertvl.data.phantom", "cli_main")
 
 
-def _perturb(args: argparse.Namespace) -> int:
-    from pertvl.data.perturb import cli_main
-
-    return cli_main(args)
+_perturb = lazy_handler("pertvl.data.perturb", "cli_main")
 
 
-def _pack(args: argparse.Namespace) -> int:
-    from pertvl.data.shards import pack_cli_main
-
-    return pack_cli_main(args)
+_pack = lazy_handler("pertvl.data.shards", "pack_cli_main")
 
 
-def _verify(args: argparse.Namespace) -> int:
-    from pertvl.data.shards import verify_cli_main
-
-    return verify_cli_main(args)
+_verify = lazy_handler("pertvl.data.shards", "verify_cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

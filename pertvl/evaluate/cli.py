@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from pertvl.cli import lazy_handler, positive_int
 from pertvl.data.records import PERTURBATION_TYPES
 
 
@@ -141,22 +142,13 @@ def _text_structure(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_nli(args: argparse.Namespace) -> int:
-    from pertvl.evaluate.finetune import nli_cli_main
-
-    return nli_cli_main(args)
+_finetune_nli = lazy_handler("pertvl.evaluate.finetune", "nli_cli_main")
 
 
-def _finetune_chexpert(args: argparse.Namespace) -> int:
-    from pertvl.evaluate.finetune import chexpert_cli_main
-
-    return chexpert_cli_main(args)
+_finetune_chexpert = lazy_handler("pertvl.evaluate.finetune", "chexpert_cli_main")
 
 
-def _ablate(args: argparse.Namespace) -> int:
-    from pertvl.evaluate.ablate import cli_main
-
-    return cli_main(args)
+_ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main")
 
 
 def _types(text: str) -> tuple[str, ...]:
@@ -165,13 +157,6 @@ def _types(text: str) -> tuple[str, ...]:
     if unknown or not types:
         raise argparse.ArgumentTypeError(f"unknown type(s) {unknown}; choose from {', '.join(PERTURBATION_TYPES)}")
     return types
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _non_negative(text: str) -> int:
@@ -191,7 +176,7 @@ def _model_args(p: argparse.ArgumentParser, text_model: bool = False) -> None:
         p.add_argument("--pooling", choices=["mean", "cls"], default="mean",
                        help="pooling of --text-model token states (default: mean)")
     p.add_argument("--device", default="auto", help="torch device for --run/--text-model: auto|cpu|cuda[:N] (default auto)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="images/texts per encoder call (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images/texts per encoder call (default 32)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON, Markdown and PNG outputs")
     p.add_argument("--name", help="file stem of the outputs (default: the evaluation's name)")
 
@@ -199,7 +184,7 @@ def _model_args(p: argparse.ArgumentParser, text_model: bool = False) -> None:
 def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, metavar="DIR", help="shard folder (pertvl pack), e.g. shards/demo")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
-    p.add_argument("--limit", type=_positive, help="evaluate only the first N samples (quick checks)")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N samples (quick checks)")
 
 
 def _structure_args(p: argparse.ArgumentParser) -> None:
@@ -218,12 +203,12 @@ def _fraction(text: str) -> float:
 
 
 def _finetune_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int) -> None:
-    p.add_argument("--epochs", type=_positive,
+    p.add_argument("--epochs", type=positive_int,
                    help=f"training epochs (default {epochs}; 30 with a frozen encoder or --export)")
     p.add_argument("--lr", type=float, default=lr, help=f"encoder learning rate, AdamW (default {lr:g})")
     p.add_argument("--head-lr", type=float,
                    help="learning rate of the new head (default 1e-3; 1e-2 with a frozen encoder or --export)")
-    p.add_argument("--batch-size", type=_positive, default=batch_size, help=f"batch size (default {batch_size})")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"batch size (default {batch_size})")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on weight matrices (0.01)")
     p.add_argument("--warmup", type=_fraction, default=0.1, help="linear warm-up fraction of the steps (0.1)")
     p.add_argument("--dropout", type=_fraction, default=0.1, help="dropout before the head (0.1)")
@@ -291,7 +276,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model_args(p, text_model=True)
     p.add_argument("--reports", required=True, metavar="CSV", help="the Kaggle layout's indiana_reports.csv")
     p.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbations (default 0)")
-    p.add_argument("--limit", type=_positive, help="use only the first N reports with both sections")
+    p.add_argument("--limit", type=positive_int, help="use only the first N reports with both sections")
     _structure_args(p)
     p.set_defaults(handler=_text_structure)
 
@@ -319,7 +304,7 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, metavar="JSONL", help="e.g. mli_train_v1.jsonl")
     p.add_argument("--dev", required=True, metavar="JSONL", help="e.g. mli_dev_v1.jsonl (epoch selection)")
     p.add_argument("--test", required=True, metavar="JSONL", help="e.g. mli_test_v1.jsonl or radnli_test_v1.jsonl")
-    p.add_argument("--max-length", type=_positive, default=128, help="word pieces per sentence pair (default 128)")
+    p.add_argument("--max-length", type=positive_int, default=128, help="word pieces per sentence pair (default 128)")
     _finetune_args(p, epochs=3, lr=2e-5, batch_size=16)
     p.set_defaults(handler=_finetune_nli)
 
@@ -345,7 +330,7 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
                        help="use frontal views only (default)")
     views.add_argument("--all-views", dest="frontal_only", action="store_false", help="use frontal and lateral views")
-    p.add_argument("--image-size", type=_positive,
+    p.add_argument("--image-size", type=positive_int,
                    help="input side in px (default: the export's, else the run's training size, else 224)")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of patients held out for test without --valid-csv (default 0.2)")
@@ -367,8 +352,8 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", default="convirt,gloria,no_local,full",
                    help="comma-separated loss presets (default convirt,gloria,no_local,full)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
-    p.add_argument("--max-steps", type=_positive, help="override the config's training steps")
-    p.add_argument("--nproc", type=_positive, default=2, help="training ranks per run (default 2)")
+    p.add_argument("--max-steps", type=positive_int, help="override the config's training steps")
+    p.add_argument("--nproc", type=positive_int, default=2, help="training ranks per run (default 2)")
     p.add_argument("--eval-with", choices=["torch", "export"], default="torch",
                    help="evaluate each run from its torch weights (default) or from an ONNX export of it")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="evaluation split (test)")

@@ -8,36 +8,22 @@ from __future__ import annotations
 
 import argparse
 
-
-def _export(args: argparse.Namespace) -> int:
-    from pertvl.export.onnx import cli_main
-
-    return cli_main(args)
+from pertvl.cli import lazy_handler, positive_int
 
 
-def _embed(args: argparse.Namespace) -> int:
-    from pertvl.infer import embed_cli_main
-
-    return embed_cli_main(args)
+_export = lazy_handler("pertvl.export.onnx", "cli_main")
 
 
-def _similarity(args: argparse.Namespace) -> int:
-    from pertvl.infer import similarity_cli_main
-
-    return similarity_cli_main(args)
+_embed = lazy_handler("pertvl.infer", "embed_cli_main")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+_similarity = lazy_handler("pertvl.infer", "similarity_cli_main")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", required=True, help="export folder written by `pertvl export`")
     p.add_argument("--int8", action="store_true", help="use the int8 towers (export made with --quantize int8)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="images / texts per onnxruntime call (32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images / texts per onnxruntime call (32)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,9 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="run config.yaml for a DeepSpeed --checkpoint (default: found next to it)")
     p.add_argument("--out", required=True, help="export folder to create (e.g. export/NAME)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--image-size", type=_positive,
+    p.add_argument("--image-size", type=positive_int,
                    help="side of the square input image (default: the model's / run's image size, else 224)")
-    p.add_argument("--max-length", type=_positive,
+    p.add_argument("--max-length", type=positive_int,
                    help="word pieces per report (default: the run's data.max_length, else 128)")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamically quantized int8 towers")
     p.add_argument("--no-parity", action="store_true", help="skip the torch-vs-onnxruntime parity check")

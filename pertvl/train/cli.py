@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from pertvl.cli import lazy_handler, positive_int
 
-def _train(args: argparse.Namespace) -> int:
-    from pertvl.train.engine import cli_main
-
-    return cli_main(args)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+_train = lazy_handler("pertvl.train.engine", "cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", help="shard folder (data.shards)")
     p.add_argument("--out", help="run folder (train.out)")
     p.add_argument("--deepspeed-config", help="DeepSpeed JSON from ds_configs/ (train.deepspeed_config)")
-    p.add_argument("--max-steps", type=_positive, help="optimizer steps (train.max_steps; default: epochs)")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (train.max_steps; default: epochs)")
     p.add_argument("--seed", type=int, help="seed of initialisation, shard order, shuffling, augmentation")
     p.add_argument(
         "--resume",
