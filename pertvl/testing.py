@@ -1,4 +1,4 @@
-"""Reference implementations that tests and benchmarks check pertvl against.
+"""Reference implementations and small helpers that tests and benchmarks share.
 
 GLoRIA's local loss (gloria/loss/gloria_loss.py: attention_fn, cosine_similarity, local_loss),
 rewritten step by step with its Python loop over captions and its tensor layouts
@@ -8,6 +8,8 @@ to this loop (values and gradients); bench/bench_local_loss.py times the two sid
 """
 
 from __future__ import annotations
+
+import socket
 
 import torch
 import torch.nn as nn
@@ -63,3 +65,10 @@ def gloria_local_loss(img_features, words_emb, cap_lens, temp1=4.0, temp2=5.0, t
     loss0 = F.cross_entropy(similarities, labels)
     loss1 = F.cross_entropy(similarities.transpose(0, 1), labels)
     return loss0, loss1, att_maps
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for MASTER_PORT of local multi-rank runs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from pertvl.testing import free_port
 from pertvl.train import checkpoint as ck
 from pertvl.train.launch import detect_dist_env, init_distributed, load_ds_config
 from pertvl.train.optim import build_optimizer, build_scheduler
@@ -372,7 +373,7 @@ print(json.dumps({"rank": env.rank, "same": same, "rank_state": state["rank_stat
 def test_two_ranks_save_and_resume_exactly(tmp_path: Path) -> None:
     """2 gloo ranks, ZeRO-2: both ranks' ZeRO shards and RNG files are in the checkpoint and the
     resumed run equals the uninterrupted one on every rank."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS} | {
@@ -407,14 +408,6 @@ def test_two_ranks_save_and_resume_exactly(tmp_path: Path) -> None:
     assert {"pertvl_rank00000.pt", "pertvl_rank00001.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
         marker["files"]
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_schedule_counts_optimizer_steps_under_deepspeed() -> None:

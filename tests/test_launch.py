@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pertvl.testing import free_port
 from pertvl.train.launch import (
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
@@ -31,12 +31,6 @@ from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SELFTEST_RE = re.compile(r"^rank (\d+)/(\d+) local (\d+) device (\S+) sum (\d+)$", re.MULTILINE)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _child_env(tmp_path: Path) -> dict[str, str]:
@@ -325,7 +319,7 @@ def test_preemption_flag_catches_own_signal(sig: signal.Signals) -> None:
 def test_signal_to_one_rank_stops_all_ranks_at_the_same_iteration(tmp_path: Path) -> None:
     """Two gloo ranks loop in lockstep; SIGUSR1 reaches rank 1 only; both stop after the same
     iteration (the flag is all-reduced) and exit with the preemption code."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = _child_env(tmp_path) | {
@@ -392,7 +386,7 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
             "--nproc_per_node",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "pertvl.train.launch",
             "--selftest",
@@ -415,7 +409,7 @@ def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
             "--num_gpus",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "--module",
             "pertvl.train.launch",
             "--selftest",

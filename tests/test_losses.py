@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +21,7 @@ from pertvl.losses import (
     local_similarity,
     perturbation_loss,
 )
-from pertvl.testing import gloria_local_loss
+from pertvl.testing import free_port, gloria_local_loss
 
 
 def _local_inputs(seed, b=5, d=24, grid=(3, 4), w=9, lens=(9, 3, 6, 1, 5), dtype=torch.float64):
@@ -125,12 +124,6 @@ def test_global_loss_hand_computation_and_learnable_temperature():
     assert scale.grad is not None and scale.grad.abs().item() > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_data():
     g = torch.Generator().manual_seed(7)
     x_img, x_txt = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
@@ -175,7 +168,7 @@ def test_global_loss_two_gloo_ranks_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     world = 2
-    mp.spawn(_global_rank, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_global_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     x_img, x_txt = _global_data()
     model, scale = _global_model()
     img = model["img"](x_img)

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from pertvl.testing import free_port
 from pertvl.train.signals import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slurm
@@ -38,12 +38,6 @@ def _have_packages() -> bool:
     return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Cluster:
     def __init__(self, state: Path) -> None:
         self.state = state
@@ -52,8 +46,8 @@ class Cluster:
         }
         self.env.update(
             SLURM_CONF=str(state / "slurm.conf"),
-            PERTVL_SLURMCTLD_PORT=str(_free_port()),
-            PERTVL_SLURMD_PORT=str(_free_port()),
+            PERTVL_SLURMCTLD_PORT=str(free_port()),
+            PERTVL_SLURMD_PORT=str(free_port()),
             PERTVL_REPO=str(REPO),
             PERTVL_PYTHON=sys.executable,
             TORCH_EXTENSIONS_DIR=str(state / "torch_extensions"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pertvl.testing import free_port
 from pertvl.train.engine import plan_steps, resolve_config
 from pertvl.train.signals import PREEMPTED_EXIT_CODE
 
@@ -32,12 +32,6 @@ TIMEOUT = 300
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _child_env(tmp_path: Path) -> dict[str, str]:
@@ -58,9 +52,9 @@ def _child_env(tmp_path: Path) -> dict[str, str]:
 
 def _launcher(name: str) -> list[str]:
     if name == "torchrun":
-        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "pertvl"]
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pertvl"]
     # On CPU `--include localhost:0,1` fails (device count = NUMA nodes); --num_gpus 2 works.
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "pertvl"]
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pertvl"]
 
 
 def _train_args(setup, run: Path, ds_config: str, *extra: str) -> list[str]:
