@@ -16,7 +16,7 @@ from pertvl.data.records import (
     write_pairs,
 )
 from pertvl.data.text import clean_text, normalize_report
-from pertvl.data.tokenize import encode_texts, load_tokenizer
+from pertvl.data.tokenize import CachedTokenizer, encode_texts, load_tokenizer
 
 
 def _pairs(n_studies: int, views: int = 2) -> list[Pair]:
@@ -115,3 +115,16 @@ def test_encode_texts_word_ids(minilm_path):
     trunc = encode_texts(tok, ["no pneumothorax"], max_length=5)
     assert trunc.input_ids.shape == (1, 5) and trunc.word_ids[0, -1] == -1
     assert np.array_equal(trunc.word_ids[0], [-1, 0, 1, 1, -1])
+
+
+def test_cached_tokenizer_equals_encode_texts(minilm_path):
+    tok = load_tokenizer(minilm_path)
+
+    long = " ".join(["pneumothorax"] * 30)  # 180 pieces: cut inside a word at max_length
+    texts = ["no pneumothorax seen", "", "t-spine 2.5 cm 3/4 naïve café", long, "the lungs are clear"]
+    enc = CachedTokenizer(tok, max_length=32)
+    for _ in range(2):  # first call: verified against encode_texts; second: the cached fast path
+        got, want = enc(texts), encode_texts(tok, texts, max_length=32)
+        for f in ("input_ids", "attention_mask", "word_ids"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    assert enc._mode == "fast" and "pneumothorax" in enc._cache

@@ -263,17 +263,3 @@ def test_augmentation_is_per_key_deterministic_and_never_flips():
     ident = AugmentParams(torch.zeros(2), torch.ones(2), torch.zeros(2, 2), torch.zeros(2), torch.ones(2))
     z = torch.rand(2, 1, 32, 32)
     assert torch.allclose(apply_augmentation(z, ident), z, atol=1e-4)
-
-
-def test_text_encoder_equals_encode_texts(tok):
-    from pertvl.data.stream import TextEncoder
-    from pertvl.data.tokenize import encode_texts
-
-    long = " ".join(["pneumothorax"] * 30)  # 180 pieces: cut inside a word at max_length
-    texts = ["no pneumothorax seen", "", "t-spine 2.5 cm 3/4 naïve café", long, "the lungs are clear"]
-    enc = TextEncoder(tok, max_length=32)
-    for _ in range(2):  # first call: verified against encode_texts; second: the cached fast path
-        got, want = enc(texts), encode_texts(tok, texts, max_length=32)
-        for f in ("input_ids", "attention_mask", "word_ids"):
-            np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
-    assert enc._mode == "fast" and "pneumothorax" in enc._cache
