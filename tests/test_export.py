@@ -166,8 +166,55 @@ def test_export_folder_files_and_manifest(tiny_export, manifest):
     assert txt["outputs"][2]["dtype"] == "bool"
     assert txt["cleaning"] == {"rule": "pertvl.data.text.clean_text", "max_words": 60, "drop_deid": True}
     assert txt["max_length"] == 128
-    fused = manifest["exporter"]["text_fusion"]["fused"]
-    assert fused["Attention"] == 2 and fused["EmbedLayerNormalization"] == 1  # both layers fused
+    graph = manifest["exporter"]["text_graph"]
+    assert graph["mode"] == "unpadded" and graph["contrib_ops"] == {"MultiHeadAttention": 2}  # both layers
+    assert graph["int8"]["op_types"] == ["MatMul", "Gemm", "Attention"]
+
+
+def _weight_ops(path: Path) -> tuple[dict[str, list[str]], dict[str, int], dict]:
+    """({op type: [initializers it reads]}, {op type: node count}, {initializer: TensorProto})."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    reads: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        reads.setdefault(node.op_type, []).extend(i for i in node.input if i in inits)
+    return reads, counts, inits
+
+
+def test_text_graphs_are_unpadded_and_int8_keeps_embeddings_float(tiny_export):
+    """The fp32 text graph: dense layers as Gemm, attention as the MultiHeadAttention contrib op
+    (none of the padded-row Attention/SkipLayerNormalization fusion). int8: every dense layer runs
+    as integer matmuls, twice (the [CLS]/[SEP] rows apart from the word rows) on one stored int8
+    weight; the embedding tables stay float."""
+    import onnx
+
+    _, counts, _ = _weight_ops(tiny_export / "text_encoder.onnx")
+    assert counts["MultiHeadAttention"] == 2 and "Attention" not in counts and "SkipLayerNormalization" not in counts
+    assert counts["Gemm"] == 2 * 4 + 1 and counts["MatMul"] == 2  # + word projection, word-piece mean
+    reads, counts, inits = _weight_ops(tiny_export / "text_encoder.int8.onnx")
+    assert "Gemm" not in counts and counts["MatMul"] == 1  # only the word-piece mean (no weight) is float
+    weights = [n for n in reads["MatMulInteger"] if n.endswith("_quantized")]
+    assert len(weights) == 2 * 2 * 4 + 2 and len(set(weights)) == 2 * 4 + 2  # shared by the two row groups
+    assert all(inits[n].data_type == onnx.TensorProto.INT8 for n in weights)
+    tables = [n for n in reads["Gather"] if n.endswith("embeddings.weight")]
+    assert any("word_embeddings" in n for n in tables)
+    assert all(inits[n].data_type == onnx.TensorProto.FLOAT for n in tables)
+
+
+def test_fused_text_graph_passes_parity(tiny_model, tmp_path):
+    """text_graph="fused": onnxruntime's BERT fusion of the eager-attention trace, checked
+    against torch by the built-in parity check (export_model raises ParityError otherwise)."""
+    from pertvl.export.onnx import export_model
+
+    result = export_model(tiny_model, tmp_path / "fused", image_size=64, text_graph="fused")
+    graph = result.manifest["exporter"]["text_graph"]
+    assert graph["mode"] == "fused" and graph["fused"]["Attention"] == 2 and graph["fused"]["EmbedLayerNormalization"] == 1
+    assert max(result.manifest["parity"]["fp32"]["max_abs"]["text"].values()) <= 1e-4
+    assert _weight_ops(tmp_path / "fused" / "text_encoder.onnx")[1]["Attention"] == 2
 
 
 def test_builtin_parity_covers_batches_and_lengths(manifest):
@@ -285,7 +332,7 @@ def test_mismatched_onnx_file_from_another_export(tiny_export, tiny_model, tmp_p
     from pertvl.export.onnx import export_model
     from pertvl.infer import Embedder
 
-    other = export_model(tiny_model, tmp_path / "other", image_size=64, parity=False, optimize=False).out_dir
+    other = export_model(tiny_model, tmp_path / "other", image_size=64, parity=False, text_graph="traced").out_dir
     mixed = _copy(tiny_export, tmp_path / "mixed")
     shutil.copy(other / "text_encoder.onnx", mixed / "text_encoder.onnx")
     with pytest.raises(ExportFormatError, match=r"text_encoder\.onnx: its ONNX metadata does not match.*another "
@@ -333,7 +380,7 @@ def test_failed_parity_leaves_no_folder(tiny_run, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(exp, "run_torch", shifted)
     out = tmp_path / "exports" / "bad"
-    assert main(["export", "--run", str(tiny_run), "--out", str(out), "--no-optimize"]) == 1
+    assert main(["export", "--run", str(tiny_run), "--out", str(out), "--text-graph", "traced"]) == 1
     err = capsys.readouterr().err
     assert "parity check FAILED" in err and "image_encoder.onnx: output 'image_emb' differs from torch" in err
     assert not out.exists() and list((tmp_path / "exports").iterdir()) == []
@@ -343,11 +390,11 @@ def test_existing_out_needs_force_and_attention_restored(tiny_run, tiny_model, t
     from pertvl.export.onnx import export_model
 
     before = tiny_model.text.backbone.config._attn_implementation
-    first = export_model(tiny_model, tmp_path / "e", image_size=64, parity=False, optimize=False)
+    first = export_model(tiny_model, tmp_path / "e", image_size=64, parity=False, text_graph="traced")
     assert tiny_model.text.backbone.config._attn_implementation == before  # eager only during the trace
     with pytest.raises(FileExistsError, match="use --force"):
-        export_model(tiny_model, tmp_path / "e", image_size=64, parity=False, optimize=False)
-    second = export_model(tiny_model, tmp_path / "e", image_size=64, parity=False, optimize=False, force=True)
+        export_model(tiny_model, tmp_path / "e", image_size=64, parity=False, text_graph="traced")
+    second = export_model(tiny_model, tmp_path / "e", image_size=64, parity=False, text_graph="traced", force=True)
     assert second.manifest["export_id"] != first.manifest["export_id"]
     assert json.loads((tmp_path / "e" / MANIFEST_NAME).read_text())["export_id"] == second.manifest["export_id"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]

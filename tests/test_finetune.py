@@ -368,7 +368,7 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     from pertvl.model import DualEncoder
 
     out = tmp_path_factory.mktemp("export") / "tiny"
-    export_model(DualEncoder.from_pretrained(tiny_run / "final"), out, image_size=32, parity=False, optimize=False)
+    export_model(DualEncoder.from_pretrained(tiny_run / "final"), out, image_size=32, parity=False, text_graph="traced")
     return out
 
 

@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="word pieces per report (default: the run's data.max_length, else 128)")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamically quantized int8 towers")
     p.add_argument("--no-parity", action="store_true", help="skip the torch-vs-onnxruntime parity check")
-    p.add_argument("--no-optimize", action="store_true",
-                   help="keep the text graph as exported (skip onnxruntime's transformer optimizer)")
+    p.add_argument("--text-graph", choices=["auto", "unpadded", "fused", "traced"], default="auto",
+                   help="text tower graph: unpadded (BERT: dense layers on real tokens only), fused "
+                   "(onnxruntime's BERT fusion), traced (as traced); auto = unpadded when supported, else fused")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed in fp32 (1e-4)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(handler=_export)

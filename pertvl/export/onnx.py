@@ -5,9 +5,11 @@
 1. Each tower is wrapped in a small module (`ImageTower`, `TextTower`) that calls
    `model.encode_image` / `model.encode_text` and L2-normalizes the global embedding, and is
    exported with dynamic batch (and sequence length for text).
-2. The text graph goes through onnxruntime's transformer optimizer (attention, embedding and
-   layer-norm fusion into com.microsoft contrib ops that the CPU and CUDA providers both run), so
-   it is saved already fused and loads fast.
+2. The text graph (`text_graph`, see TEXT_GRAPHS): for a BERT backbone, "unpadded" — the dense
+   layers run on the real tokens of the batch only and the attention core is onnxruntime's
+   MultiHeadAttention contrib op (pertvl.export.unpadded); otherwise "fused" — traced under eager
+   attention and fused by onnxruntime's transformer optimizer (Attention, EmbedLayerNormalization,
+   SkipLayerNormalization). Both run on the CPU and CUDA providers.
 3. Each file gets the export's facts as metadata_props (pertvl.export.tower_metadata).
 4. Parity: random and real inputs (phantom-like images, real report sentences) at batch sizes
    1, 3 and 8 and reports of 5 and 60 words run through torch and onnxruntime; the max absolute
@@ -17,12 +19,12 @@
 6. The manifest pertvl_export.json (sha256 of every file) is written last, in a temporary folder
    that is renamed to the export name only when everything passed: a failed export leaves no folder.
 
-Exporter choice: torch.onnx.export with dynamo=False (TorchScript tracer, opset 17), with the
-text transformer switched to its eager ("math") attention for the trace. Measured here on MiniLM:
-onnxruntime's BERT fusion recognizes the eager attention pattern of this graph (6/6 Attention,
-EmbedLayerNormalization and 12 SkipLayerNormalization fused), but neither the SDPA graph of the
-same exporter nor anything of the dynamo exporter's graph (0 Attention fused); the fused graph is
-what makes the text tower faster than torch. Both exporters give the same numbers otherwise.
+Exporter choice: torch.onnx.export with dynamo=False (TorchScript tracer, opset 17). Measured here
+on MiniLM, batch 32 of ~40-word reports against torch eager (bench/bench_onnx.py --variants):
+the SDPA trace runs unfused (neither it nor anything of the dynamo exporter's graph is recognized
+by onnxruntime's fusion); the eager-attention trace fuses 6/6 Attention but lands at torch's speed,
+because the fused graph keeps every padded token row and onnxruntime's CPU SkipLayerNormalization
+is slow; the unpadded graph is the fastest in fp32 and int8.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch import nn
 from pertvl import __version__
 from pertvl.data.text import DEFAULT_MAX_WORDS, clean_text
 from pertvl.data.tokenize import encode_texts
+from pertvl.export.unpadded import UnpaddedBert, unpadded_unsupported
 from pertvl.export import (
     FORMAT,
     IMAGE_INPUTS,
@@ -68,12 +71,19 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 DEFAULT_IMAGE_SIZE = 224
-EXPORTER = "torch.onnx.export(dynamo=False), eager attention"
+EXPORTER = "torch.onnx.export(dynamo=False)"
+# text graph: "auto" = "unpadded" when the backbone supports it (BertModel), else "fused"
+TEXT_GRAPHS = ("auto", "unpadded", "fused", "traced")
 _TWO_GB = 2**31 - 1
 # Dynamic quantization per tower. Convolutions stay fp32: onnxruntime's ConvInteger (what dynamic
 # quantization makes of a Conv) measured 4-8x SLOWER than the fp32 convolution on this CPU for a
 # ResNet-50, so the int8 image tower quantizes its MatMuls (projection heads) only.
-_INT8_OP_TYPES = {"image": ["MatMul"], "text": None}  # None: every op dynamic quantization supports
+# The text tower quantizes its dense layers (MatMul/Gemm; Attention in the fused graph) and keeps
+# the word-embedding table in fp32: quantizing that Gather cost 5.6 points of structure accuracy
+# on the demo's test split. Its unpadded graph is quantized from the "unpadded-split" trace (see
+# pertvl.export.unpadded.UnpaddedBert): [CLS]/[SEP] rows get their own dynamic scale, which took
+# the demo's int8 structure accuracy from 3.8 to 0.5 points below fp32 (950 images).
+_INT8_OP_TYPES = {"image": ["MatMul"], "text": ["MatMul", "Gemm", "Attention"]}
 
 # Real report sentences for the parity check (Open-I-style findings; cleaned before use).
 REAL_REPORTS = (
@@ -117,15 +127,26 @@ class ImageTower(nn.Module):
 
 class TextTower(nn.Module):
     """input_ids, attention_mask, word_ids [B, L] -> (text_emb [B, D] L2-normalized,
-    words [B, W, Dl], word_mask [B, W] bool) with W = L (the model's static word slots)."""
+    words [B, W, Dl], word_mask [B, W] bool) with W = L (the model's static word slots).
 
-    def __init__(self, model: nn.Module):
+    unpadded: compute the transformer's hidden states with pertvl.export.unpadded.UnpaddedBert
+    (same numbers, dense layers on real tokens only) instead of the backbone's own forward;
+    split_special: in it, run the [CLS]/[SEP] rows through the dense layers separately (the
+    source graph of int8 quantization, which keeps those rows in fp32)."""
+
+    def __init__(self, model: nn.Module, unpadded: bool = False, split_special: bool = False):
         super().__init__()
         self.model = model
+        special = model.text.special_ids if split_special else ()
+        self.unpadded = UnpaddedBert(model.text.backbone, special) if unpadded else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.model.encode_text(input_ids, attention_mask, word_ids)
+        if self.unpadded is None:
+            out = self.model.encode_text(input_ids, attention_mask, word_ids)
+        else:
+            hidden = self.unpadded(input_ids, attention_mask)
+            out = self.model.text.outputs(hidden, input_ids, attention_mask, word_ids)
         return F.normalize(out.global_emb, dim=-1), out.words, out.word_mask
 
 
@@ -256,17 +277,26 @@ def set_output_dims(path: Path, dims: dict[str, list[int | str]]) -> None:
     onnx.save_model(model, os.fspath(path))
 
 
-def export_text_tower(model: nn.Module, path: Path, max_length: int, opset: int, eager: bool = True) -> list[str]:
-    """Trace the text tower to `path` (dynamic batch and sequence); with `eager` (default) under
-    eager attention (the pattern onnxruntime fuses). Returns the modules switched to eager attention."""
+TEXT_TRACES = ("unpadded", "unpadded-split", "eager", "sdpa")
+
+
+def export_text_tower(model: nn.Module, path: Path, max_length: int, opset: int, trace: str = "unpadded") -> list[str]:
+    """Trace the text tower to `path` (dynamic batch and sequence). trace: "unpadded"
+    (pertvl.export.unpadded), "unpadded-split" (the same with [CLS]/[SEP] rows apart: the int8
+    source graph), "eager" (the backbone under eager attention: the pattern onnxruntime's fusion
+    recognizes) or "sdpa" (the backbone as it is). Returns the modules switched to eager attention."""
+    if trace not in TEXT_TRACES:
+        raise ValueError(f"trace: expected one of {TEXT_TRACES}, got {trace!r}")
+    # two reports of different lengths: the trace sees padding
     texts = [clean_text(REAL_REPORTS[0]), clean_text(REAL_REPORTS[2])]
     enc = encode_texts(model.tokenizer, texts, max_length=max_length)
     example = tuple(torch.from_numpy(getattr(enc, k)) for k in TEXT_INPUTS)
     seq = {0: "batch", 1: "sequence"}
-    attention = eager_attention(model) if eager else contextlib.nullcontext([])
+    attention = eager_attention(model) if trace == "eager" else contextlib.nullcontext([])
     with torch.no_grad(), _quiet_export(), attention as switched:
         torch.onnx.export(
-            TextTower(model).eval(), example, os.fspath(path),
+            TextTower(model, unpadded=trace.startswith("unpadded"), split_special=trace == "unpadded-split").eval(),
+            example, os.fspath(path),
             input_names=list(TEXT_INPUTS), output_names=list(TEXT_OUTPUTS),
             dynamic_axes={**{k: seq for k in TEXT_INPUTS}, "text_emb": {0: "batch"}, "words": seq, "word_mask": seq},
             opset_version=opset, dynamo=False, do_constant_folding=True,
@@ -508,7 +538,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
     parity: bool = True,
-    optimize: bool = True,
+    text_graph: str = "auto",
     tolerance: float = PARITY_TOLERANCE,
     force: bool = False,
     source: dict[str, Any] | None = None,
@@ -526,7 +556,9 @@ def export_model(
         opset: ONNX opset.
         quantize: None or "int8".
         parity: run the torch-vs-onnxruntime check (fp32 must be within `tolerance`).
-        optimize: fuse the text graph with onnxruntime's transformer optimizer.
+        text_graph: "auto" ("unpadded" when the backbone supports it, else "fused"), "unpadded",
+            "fused" (eager-attention trace + onnxruntime's transformer optimizer) or "traced"
+            (eager-attention trace as it is).
         tolerance: max abs difference allowed per fp32 output.
         force: replace an existing `out_dir`.
         source: where the model came from (recorded in the manifest).
@@ -537,6 +569,7 @@ def export_model(
     Raises:
         FileExistsError: `out_dir` exists and `force` is False.
         ParityError: onnxruntime and torch disagree; nothing is written.
+        ValueError: an unknown `text_graph`, or "unpadded" for a backbone that does not support it.
     """
     import onnx
     import onnxruntime as ort
@@ -546,6 +579,8 @@ def export_model(
         raise FileExistsError(f"{out_dir}: already exists (use --force to replace it)")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
+    if text_graph not in TEXT_GRAPHS:
+        raise ValueError(f"text_graph: expected one of {TEXT_GRAPHS}, got {text_graph!r}")
     max_length = int(max_length or getattr(getattr(model, "config", None), "max_length", 128) or 128)
     model = model.to("cpu", torch.float32).eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -558,18 +593,8 @@ def export_model(
         embedding_dim, local_dim = int(probe.global_emb.shape[1]), int(probe.regions.shape[2])
         paths = {t: tmp / ONNX_FILES[(t, "fp32")] for t in ("image", "text")}
         export_image_tower(model, paths["image"], image_size, opset, (grid[0] * grid[1], local_dim))
-        switched = export_text_tower(model, paths["text"], max_length, opset)
-        log.info("traced both towers in %.1f s (eager attention for: %s)", time.perf_counter() - t0,
-                 ", ".join(switched) or "none")
-        fusion: dict[str, Any] = {"applied": False}
-        tcfg = _text_transformer_config(model)
-        if optimize and tcfg is not None:
-            stats = optimize_text_graph(paths["text"], tcfg.num_attention_heads, tcfg.hidden_size)
-            fusion = {"applied": True, "tool": "onnxruntime.transformers.optimizer (model_type=bert, opt_level=0)",
-                      "num_heads": int(tcfg.num_attention_heads), "hidden_size": int(tcfg.hidden_size),
-                      "fused": stats}
-            if not stats.get("Attention"):
-                log.warning("text graph: onnxruntime fused no Attention node (fused: %s); it will run unfused", stats)
+        text_info = _export_text_graph(model, paths["text"], max_length, opset, text_graph)
+        log.info("traced both towers in %.1f s (text graph: %s)", time.perf_counter() - t0, text_info["mode"])
         tok_files = sorted(Path(p).name for p in model.tokenizer.save_pretrained(tmp) if Path(p).is_file())
 
         image_io, text_io = graph_io(paths["image"]), graph_io(paths["text"])
@@ -585,7 +610,7 @@ def export_model(
             "embedding_dim": embedding_dim,
             "local_dim": local_dim,
             "exporter": {"method": EXPORTER, "torch": torch.__version__, "onnx": onnx.__version__,
-                         "onnxruntime": ort.__version__, "text_fusion": fusion},
+                         "onnxruntime": ort.__version__, "text_graph": text_info},
             "image": {
                 "inputs": image_io[0], "outputs": image_io[1], "grid": grid,
                 "preprocessing": {
@@ -615,8 +640,9 @@ def export_model(
 
         variants = ["fp32"] + (["int8"] if quantize == "int8" else [])
         if "int8" in variants:
-            for tower in ("image", "text"):
-                quantize_int8(paths[tower], tmp / ONNX_FILES[(tower, "int8")], tower)
+            quantize_int8(paths["image"], tmp / ONNX_FILES[("image", "int8")], "image")
+            text_info["int8"] = _quantize_text(model, paths["text"], tmp / ONNX_FILES[("text", "int8")],
+                                               text_info["mode"], max_length, opset)
         for variant in variants:
             for tower in ("image", "text"):
                 path = tmp / ONNX_FILES[(tower, variant)]
@@ -649,6 +675,49 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir, manifest)
+
+
+def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int, text_graph: str) -> dict[str, Any]:
+    """Write the text tower's graph in the `text_graph` form; returns its manifest entry."""
+    import onnx
+
+    backbone = model.text.backbone
+    reason = unpadded_unsupported(backbone)
+    if text_graph == "unpadded" and reason:
+        raise ValueError(f"text_graph 'unpadded': {reason}; use 'fused'")
+    mode = ("fused" if reason else "unpadded") if text_graph == "auto" else text_graph
+    info: dict[str, Any] = {"mode": mode}
+    if text_graph == "auto" and reason:
+        info["unpadded_unsupported"] = reason
+    switched = export_text_tower(model, path, max_length, opset, "unpadded" if mode == "unpadded" else "eager")
+    if mode == "unpadded":
+        ops = [n.op_type for n in onnx.load(os.fspath(path), load_external_data=False).graph.node]
+        info["contrib_ops"] = {"MultiHeadAttention": ops.count("MultiHeadAttention")}
+    else:
+        info["eager_attention_for"] = switched
+    cfg = _text_transformer_config(model)
+    if mode == "fused" and cfg is not None:
+        info["tool"] = "onnxruntime.transformers.optimizer (model_type=bert, opt_level=0)"
+        info["fused"] = optimize_text_graph(path, cfg.num_attention_heads, cfg.hidden_size)
+        if not info["fused"].get("Attention"):
+            log.warning("text graph: onnxruntime fused no Attention node (fused: %s); it will run unfused",
+                        info["fused"])
+    return info
+
+
+def _quantize_text(model: nn.Module, fp32: Path, dst: Path, mode: str, max_length: int, opset: int) -> dict[str, Any]:
+    """Write the int8 text tower; returns its manifest entry."""
+    if mode != "unpadded":
+        quantize_int8(fp32, dst, "text")
+        return {"source": "the fp32 graph", "op_types": _INT8_OP_TYPES["text"]}
+    source = dst.with_name(".text_int8_source.onnx")
+    try:
+        export_text_tower(model, source, max_length, opset, "unpadded-split")
+        quantize_int8(source, dst, "text")
+    finally:
+        source.unlink(missing_ok=True)
+    return {"source": "unpadded-split trace ([CLS]/[SEP] rows quantized apart from word rows)",
+            "op_types": _INT8_OP_TYPES["text"], "fp32": ["word/position embeddings", "attention core", "layer norms"]}
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -837,7 +906,7 @@ def cli_main(args) -> int:
     try:
         result = export_model(
             model, args.out, image_size=image_size, max_length=max_length, opset=args.opset,
-            quantize=args.quantize, parity=not args.no_parity, optimize=not args.no_optimize,
+            quantize=args.quantize, parity=not args.no_parity, text_graph=args.text_graph,
             tolerance=args.tolerance, force=args.force, source=source,
             command=" ".join(["pertvl", *sys.argv[1:]]),
         )
@@ -847,9 +916,9 @@ def cli_main(args) -> int:
     m = result.manifest
     print(f"exported to {result.out_dir} (export_id {m['export_id']}, opset {m['opset']}, image {image_size} px, "
           f"D={m['embedding_dim']}, Dl={m['local_dim']}, grid {m['image']['grid']})")
-    fused = m["exporter"]["text_fusion"].get("fused")
-    if fused:
-        print(f"  text graph fused: {fused}")
+    graph = m["exporter"]["text_graph"]
+    print(f"  text graph: {graph['mode']}" + (f", fused {graph['fused']}" if graph.get("fused") else "")
+          + (f" (unpadded unsupported: {graph['unpadded_unsupported']})" if graph.get("unpadded_unsupported") else ""))
     if m["parity"]:
         for variant in ("fp32", "int8"):
             if variant in m["parity"]:

@@ -1,0 +1,153 @@
+"""An export-only BERT forward that runs the dense layers on real tokens only ("remove padding").
+
+A batch of reports is padded to its longest one; with Open-I findings (7–60 words) a quarter or
+more of the token rows are padding, and every GEMM of a BERT layer (QKV, attention output, both
+FFN layers: ~97 % of its multiply-adds) would spend that share on rows nobody reads. This module
+computes the same hidden states as `BertModel(input_ids, attention_mask).last_hidden_state`
+(zeroed on padding) from the same weights, but:
+
+* the embeddings, QKV projection, attention output, FFN and layer norms run on a [T, H] matrix of
+  the T real tokens of the batch (gathered once, by the attention mask);
+* only the attention core needs the [B, L] layout: the QKV rows are gathered back into padded
+  slots (padding slots borrow a real token's row: as keys they are masked, as queries their
+  output is dropped), and the core is onnxruntime's `com.microsoft.MultiHeadAttention` contrib
+  op (CPU and CUDA kernels; the padding mask as its key_padding_mask).
+
+Why not onnxruntime's own tools: its BERT fusion (`Attention`, `SkipLayerNormalization`,
+`BiasGelu`) keeps every padded row, and on the CPU provider of onnxruntime 1.32
+SkipLayerNormalization measured 5x slower than Add + LayerNormalization (2.45 vs 0.50 ms for
+[32, 87, 384]); its padding-free kernels (PackedAttention) exist for CUDA only. Measured on
+MiniLM, batch 32 of ~40-word reports (bench/bench_onnx.py --variants): see docs/EXPORT.md.
+
+Supported backbones: transformers' BertModel (BERT, MiniLM, CXR-BERT, PubMedBERT...) with
+absolute position embeddings, as an encoder. Others are exported as traced (pertvl.export.onnx).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def unpadded_unsupported(backbone: nn.Module) -> str | None:
+    """None when `backbone` can be exported unpadded, else the reason why not."""
+    from transformers import BertModel
+
+    if not isinstance(backbone, BertModel):
+        return f"{type(backbone).__name__} is not a transformers BertModel"
+    cfg = backbone.config
+    if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
+        return f"position_embedding_type={cfg.position_embedding_type!r} (needs 'absolute')"
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return "the BertModel is configured as a decoder"
+    if cfg.hidden_size % cfg.num_attention_heads:
+        return f"hidden_size {cfg.hidden_size} is not a multiple of {cfg.num_attention_heads} heads"
+    return None
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """Scaled dot-product attention over [B, L, H] q/k/v with a [B, L] key padding mask: the
+    math in torch, `com.microsoft.MultiHeadAttention` in the ONNX graph (same definition:
+    scale 1/sqrt(head size), masked keys get `MASK_FILTER` added before the softmax)."""
+
+    MASK_FILTER = -10000.0  # the contrib op's default mask_filter_value; exp() of it is 0 in fp32
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, num_heads: int):  # noqa: ARG004 (autograd.Function signature)
+        b, l, h = q.shape
+        d = h // num_heads
+        q, k, v = (t.view(b, l, num_heads, d).transpose(1, 2) for t in (q, k, v))
+        bias = (1.0 - key_mask[:, None, None, :].to(q.dtype)) * _MultiHeadAttention.MASK_FILTER
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (d**-0.5) + bias
+        return torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(b, l, h)
+
+    @staticmethod
+    def symbolic(g, q, k, v, key_mask, num_heads):
+        mask = g.op("Cast", key_mask, to_i=6)  # int32, as the contrib op requires
+        no_bias = g.op("prim::Constant")  # an omitted optional input ("" in the ONNX node)
+        no_bias.setType(torch._C.OptionalType.ofTensor())
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, no_bias, mask, num_heads_i=int(num_heads),
+                    mask_filter_value_f=_MultiHeadAttention.MASK_FILTER)
+
+
+class _SpecialRows(nn.Module):
+    """Applies a linear layer to the special-token rows: a node of its own (named
+    .../special_rows/...) that reads the same weight as the word rows' node."""
+
+    def forward(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, linear.weight, linear.bias)
+
+
+class UnpaddedBert(nn.Module):
+    """[B, L] input_ids/attention_mask -> [B, L, H] last hidden states (zeros on padding), equal
+    to the wrapped BertModel's up to float rounding, with the dense layers on real tokens only.
+
+    The wrapped model's modules are used as they are (no copies of its weights), except the
+    per-layer QKV projection: query/key/value are concatenated into one [3H, H] linear (one GEMM
+    instead of three), built from the current weights at construction.
+
+    special_ids: with token ids given ([CLS]/[SEP]), their rows go through every dense layer as
+    a matrix of their own, apart from the word rows (same weights, same numbers in fp32). This
+    is the graph int8 quantization starts from: in BERT those few rows carry activations 2-5x
+    larger than any word row (the demo's MiniLM: FFN inputs up to 28 vs 8-12), and dynamic int8
+    quantization scales a whole matrix by its largest value, so quantizing them apart shrinks
+    the quantization step of the word rows by that factor.
+    """
+
+    def __init__(self, bert: nn.Module, special_ids: tuple[int, ...] = ()):
+        super().__init__()
+        reason = unpadded_unsupported(bert)
+        if reason:
+            raise ValueError(f"UnpaddedBert: {reason}")
+        self.bert = bert
+        self.num_heads = int(bert.config.num_attention_heads)
+        self.special_ids = tuple(int(i) for i in special_ids)
+        self.special_rows = _SpecialRows()
+        self.qkv = nn.ModuleList()
+        for layer in bert.encoder.layer:
+            att = layer.attention.self
+            fused = nn.Linear(att.query.in_features, 3 * att.query.out_features,
+                              dtype=att.query.weight.dtype, device=att.query.weight.device)
+            with torch.no_grad():
+                fused.weight.copy_(torch.cat([att.query.weight, att.key.weight, att.value.weight]))
+                fused.bias.copy_(torch.cat([att.query.bias, att.key.bias, att.value.bias]))
+            self.qkv.append(fused)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, l = input_ids.shape
+        flat_ids = input_ids.reshape(-1)
+        real = attention_mask.reshape(-1) > 0  # [B*L]
+        special = torch.zeros_like(real)
+        for sid in self.special_ids:  # a fixed tuple: unrolled at export
+            special = special | (flat_ids == sid)
+        # Token rows in two groups, special-token rows then word rows (one group when no
+        # special_ids are given); every dense layer runs on each group.
+        groups = [real & special, real & ~special] if self.special_ids else [real]
+        slots = [torch.nonzero(g).squeeze(1) for g in groups]  # flat slot of each row
+        order = torch.cat(slots) if len(slots) > 1 else slots[0]
+        # the row (in group order) of each slot; padding slots point at row 0 (masked as keys,
+        # dropped as queries)
+        slot_row = torch.zeros_like(flat_ids).index_put((order,), torch.arange(order.shape[0], device=order.device))
+        positions = torch.arange(l, device=input_ids.device).repeat(b)
+        emb = self.bert.embeddings
+        xs = [emb.LayerNorm(emb.word_embeddings(flat_ids[r]) + emb.position_embeddings(positions[r])
+                            + emb.token_type_embeddings.weight[0]) for r in slots]
+        h = emb.word_embeddings.embedding_dim
+        for layer, qkv in zip(self.bert.encoder.layer, self.qkv, strict=True):
+            rows = torch.cat(self._dense(qkv, xs)) if len(xs) > 1 else qkv(xs[0])
+            q, k, v = rows[slot_row].view(b, l, 3 * h).split(h, dim=-1)
+            context = _MultiHeadAttention.apply(q, k, v, attention_mask, self.num_heads).reshape(b * l, h)
+            att_out, ffn = layer.attention.output, layer.output
+            xs = [att_out.LayerNorm(y + x) for y, x in zip(self._dense(att_out.dense, [context[r] for r in slots]), xs)]
+            inner = self._dense(layer.intermediate.dense, xs)
+            inner = [layer.intermediate.intermediate_act_fn(y) for y in inner]
+            xs = [ffn.LayerNorm(y + x) for y, x in zip(self._dense(ffn.dense, inner), xs)]
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        return (x[slot_row] * real.unsqueeze(1).to(x.dtype)).view(b, l, h)
+
+    def _dense(self, linear: nn.Linear, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The linear layer on each row group: special rows via special_rows, word rows directly."""
+        if len(xs) == 1:
+            return [linear(xs[0])]
+        return [self.special_rows(linear, xs[0]), linear(xs[1])]
