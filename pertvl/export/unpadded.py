@@ -1,8 +1,8 @@
 """An export-only BERT forward that runs the dense layers on real tokens only ("remove padding").
 
-A batch of reports is padded to its longest one; with Open-I findings (7–60 words) a quarter or
-more of the token rows are padding, and every GEMM of a BERT layer (QKV, attention output, both
-FFN layers: ~97 % of its multiply-adds) would spend that share on rows nobody reads. This module
+A batch of reports is padded to its longest one; with Open-I findings (7–60 words) about a quarter
+of the token rows are padding, and every GEMM of a BERT layer (QKV, attention output, both
+FFN layers: ~96 % of its multiply-adds) would spend that share on rows nobody reads. This module
 computes the same hidden states as `BertModel(input_ids, attention_mask).last_hidden_state`
 (zeroed on padding) from the same weights, but:
 
@@ -17,7 +17,7 @@ Why not onnxruntime's own tools: its BERT fusion (`Attention`, `SkipLayerNormali
 `BiasGelu`) keeps every padded row, and on the CPU provider of onnxruntime 1.32
 SkipLayerNormalization measured 5x slower than Add + LayerNormalization (2.45 vs 0.50 ms for
 [32, 87, 384]); its padding-free kernels (PackedAttention) exist for CUDA only. Measured on
-MiniLM, batch 32 of ~40-word reports (bench/bench_onnx.py --variants): see docs/EXPORT.md.
+MiniLM, batch 32 of ~40-word reports: docs/EXPORT.md (bench/bench_onnx.py --variants).
 
 Supported backbones: transformers' BertModel (BERT, MiniLM, CXR-BERT, PubMedBERT...) with
 absolute position embeddings, as an encoder. Others are exported as traced (pertvl.export.onnx).
