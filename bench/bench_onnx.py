@@ -166,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> list[dict]:
     """Export the towers into `tmp` and time them; returns the result rows."""
-    import onnxruntime as ort
     import torch
 
     from pertvl.data.tokenize import encode_texts
@@ -180,14 +179,14 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
         phantom_like_images,
         quantize_int8,
     )
-    from pertvl.infer import session_options
+    from pertvl.infer import open_session
     from pertvl.model import create_model
 
     size, b = 224, args.batch
 
     def session(path):
         t0 = time.perf_counter()
-        s = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        s = open_session(path, ["CPUExecutionProvider"], threads)
         return s, time.perf_counter() - t0
 
     images = phantom_like_images(b, size, seed=0)

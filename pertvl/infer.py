@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ __all__ = [
     "TextFeatures",
     "attention_maps",
     "default_providers",
+    "open_session",
     "physical_cores",
     "session_options",
 ]
@@ -94,12 +97,47 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _load_session(path: Path, providers: Sequence[str] | None, threads: int | None):
+# Sessions are created with denormals flushed to zero: the masked softmax of the text tower's
+# attention produces denormals, and flushing them made the text tower 7 % (fp32) and 13 % (int8)
+# faster here with bit-identical outputs. onnxruntime also sets that flag on the thread that creates
+# the session or calls run(), so both happen on one private thread: the caller's floating-point
+# mode (numpy, torch in the same process) stays as it was.
+_RUNNER: ThreadPoolExecutor | None = None
+_RUNNER_LOCK = threading.Lock()
+
+
+def _runner() -> ThreadPoolExecutor:
+    global _RUNNER
+    with _RUNNER_LOCK:
+        if _RUNNER is None:
+            _RUNNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pertvl-onnxruntime")
+        return _RUNNER
+
+
+class IsolatedSession:
+    """An onnxruntime InferenceSession whose run() executes on pertvl's onnxruntime thread (see
+    above); every other attribute is the session's own. Calls from several threads queue."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, output_names, input_feed, run_options=None):
+        return _runner().submit(self.session.run, output_names, input_feed, run_options).result()
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
+def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> IsolatedSession:
+    """An onnxruntime session of `path` with pertvl's options (session_options, denormals as zero)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(
-        os.fspath(path), sess_options=session_options(threads), providers=list(providers or default_providers())
-    )
+    options = session_options(threads)
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    create = _runner().submit(ort.InferenceSession, os.fspath(path), sess_options=options,
+                              providers=list(providers or default_providers()))
+    return IsolatedSession(create.result())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +477,7 @@ def _verified_session(export_dir: Path, manifest: dict, tower: str, variant: str
     expected_sha = manifest["files"][name]["sha256"]
     got_sha = sha256_file(path)
     try:
-        session = _load_session(path, providers, threads)
+        session = open_session(path, providers, threads)
     except Exception as e:  # onnxruntime raises its own exception types for unparsable graphs
         raise ExportFormatError(
             f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

@@ -217,3 +217,21 @@ def test_cli_similarity_prints_table(export_dir, emb, image_files, capsys):
     assert "R1  the lungs are clear" in printed
     with pytest.raises(SystemExit):
         main(["similarity", "--export", str(export_dir), "--images", str(image_files[0])])  # --texts missing
+
+
+def test_sessions_leave_the_callers_float_mode_alone(export_dir):
+    """onnxruntime sessions run with denormals flushed to zero (faster masked softmax); that
+    flag must stay on pertvl's onnxruntime thread, not leak into the caller's numpy/torch. A fresh
+    process: onnxruntime sets the flag while creating the first session of the process."""
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from pertvl.export.onnx import REAL_REPORTS
+        from pertvl.infer import Embedder
+        emb = Embedder.from_export({str(export_dir)!r}, int8=True)
+        emb.embed_texts(list(REAL_REPORTS))
+        emb.embed_images(np.zeros((2, 1, 64, 64), np.float32))
+        assert emb.text_session.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1"
+        print("denormal", (np.array([1e-39], np.float32) * np.float32(1.0))[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "denormal 1e-39" in out, out

@@ -449,12 +449,9 @@ def check_parity(model: nn.Module, files: dict[str, Path], cases, tolerance: flo
         ParityError: naming the file, output and case whose difference exceeds the bound, or
             when shapes or word masks disagree.
     """
-    import onnxruntime as ort
+    from pertvl.infer import open_session
 
-    from pertvl.infer import session_options
-
-    sessions = {t: ort.InferenceSession(os.fspath(p), session_options(), providers=["CPUExecutionProvider"])
-                for t, p in files.items()}
+    sessions = {t: open_session(p, ["CPUExecutionProvider"]) for t, p in files.items()}
     names = {"image": IMAGE_OUTPUTS, "text": TEXT_OUTPUTS}
     max_abs = {t: dict.fromkeys(names[t], 0.0) for t in files}
     scale = {t: dict.fromkeys(names[t], 0.0) for t in files}
@@ -496,16 +493,14 @@ def check_parity(model: nn.Module, files: dict[str, Path], cases, tolerance: flo
 
 def measure_speed(files: dict[str, dict[str, Path]], cases, repeats: int = 3) -> dict[str, Any]:
     """onnxruntime time of fp32 vs int8 per tower on the largest parity batch (best of `repeats`)."""
-    import onnxruntime as ort
-
-    from pertvl.infer import session_options
+    from pertvl.infer import open_session
 
     out: dict[str, Any] = {}
     for tower in ("image", "text"):
         feeds = max((c for c in cases if c[0] == tower), key=lambda c: next(iter(c[2].values())).size)
         times = {}
         for variant, path in files[tower].items():
-            session = ort.InferenceSession(os.fspath(path), session_options(), providers=["CPUExecutionProvider"])
+            session = open_session(path, ["CPUExecutionProvider"])
             session.run(None, feeds[2])
             best = float("inf")
             for _ in range(repeats):
