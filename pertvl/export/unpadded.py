@@ -67,8 +67,10 @@ class _MultiHeadAttention(torch.autograd.Function):
         mask = g.op("Cast", key_mask, to_i=6)  # int32, as the contrib op requires
         no_bias = g.op("prim::Constant")  # an omitted optional input ("" in the ONNX node)
         no_bias.setType(torch._C.OptionalType.ofTensor())
-        return g.op("com.microsoft::MultiHeadAttention", q, k, v, no_bias, mask, num_heads_i=int(num_heads),
-                    mask_filter_value_f=_MultiHeadAttention.MASK_FILTER)
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, no_bias, mask, num_heads_i=int(num_heads),
+                   mask_filter_value_f=_MultiHeadAttention.MASK_FILTER)
+        out.setType(q.type())  # [B, L, H] like the query (v has the same width); spares a shape-inference warning
+        return out
 
 
 class _SpecialRows(nn.Module):
