@@ -132,7 +132,7 @@ class TextTower(nn.Module):
     unpadded: compute the transformer's hidden states with pertvl.export.unpadded.UnpaddedBert
     (same numbers, dense layers on real tokens only) instead of the backbone's own forward;
     split_special: in it, run the [CLS]/[SEP] rows through the dense layers separately (the
-    source graph of int8 quantization, which keeps those rows in fp32)."""
+    source graph of int8 quantization, which gives those rows their own scale)."""
 
     def __init__(self, model: nn.Module, unpadded: bool = False, split_special: bool = False):
         super().__init__()
