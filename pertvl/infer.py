@@ -114,6 +114,16 @@ def _runner() -> ThreadPoolExecutor:
         return _RUNNER
 
 
+def _forget_runner_in_child() -> None:
+    """A forked child has no copy of the runner's thread: give it a fresh executor (and lock)."""
+    global _RUNNER, _RUNNER_LOCK
+    _RUNNER, _RUNNER_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_runner_in_child)
+
+
 class IsolatedSession:
     """An onnxruntime InferenceSession whose run() executes on pertvl's onnxruntime thread (see
     above); every other attribute is the session's own. Calls from several threads queue."""

@@ -6,6 +6,7 @@ The export is the tiny one of tests/test_export.py (built once per session).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -235,3 +236,23 @@ def test_sessions_leave_the_callers_float_mode_alone(export_dir):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "denormal 1e-39" in out, out
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sessions_work_in_a_forked_child(export_dir):
+    """The private onnxruntime thread does not survive fork(); a child gets a fresh one instead
+    of queueing its calls behind a thread that does not exist (which would hang)."""
+    import signal
+
+    emb = Embedder.from_export(export_dir)
+    emb.embed_texts(["the lungs are clear"])
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if a new session runs; the alarm turns a hang into a failure
+        signal.alarm(60)
+        ok = False
+        try:
+            ok = Embedder.from_export(export_dir).embed_texts(["no pleural effusion"]).shape == (1, 16)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
