@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--words", type=int, default=40, help="approximate words per report")
     p.add_argument("--repeats", type=int, help="timed repetitions (default 3 quick / 8)")
-    p.add_argument("--variants", action="store_true", help="also time the naive text exports")
+    p.add_argument("--variants", action="store_true", help="also time the other text graphs, and torch on the unpadded module")
     p.add_argument("--structure-export", help="int8 accuracy hook: an export made with --quantize int8")
     p.add_argument("--shards", help="packed shards for the structure hook")
     p.add_argument("--split", default="test", help="split(s) for the structure hook, comma-separated (test)")
@@ -228,7 +228,8 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
                 path = tmp / f"text_{trace}_{fuse}.onnx"
                 export_text_tower(model, path, 128, 17, trace=trace)
                 if fuse:
-                    optimize_text_graph(path, 12, 384)
+                    cfg = model.text.backbone.config
+                    optimize_text_graph(path, cfg.num_attention_heads, cfg.hidden_size)
                 text_sessions[label] = session(path)[0]
         rows += bench_tower(f"text MiniLM ~{args.words} words", lambda: txt_t(ids, mask, wids), text_sessions,
                             text_feeds, repeats, warmup)
