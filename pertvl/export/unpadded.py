@@ -73,6 +73,11 @@ class _MultiHeadAttention(torch.autograd.Function):
         return out
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of the groups in order (no copy, and no Concat node, for a single group)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class _SpecialRows(nn.Module):
     """Applies a linear layer to the special-token rows: a node of its own (named
     .../special_rows/...) that reads the same weight as the word rows' node."""
@@ -127,7 +132,7 @@ class UnpaddedBert(nn.Module):
         # special_ids are given); every dense layer runs on each group.
         groups = [real & special, real & ~special] if self.special_ids else [real]
         slots = [torch.nonzero(g).squeeze(1) for g in groups]  # flat slot of each row
-        order = torch.cat(slots) if len(slots) > 1 else slots[0]
+        order = _cat(slots)
         # the row (in group order) of each slot; padding slots point at row 0 (masked as keys,
         # dropped as queries)
         slot_row = torch.zeros_like(flat_ids).index_put((order,), torch.arange(order.shape[0], device=order.device))
@@ -137,7 +142,7 @@ class UnpaddedBert(nn.Module):
                             + emb.token_type_embeddings.weight[0]) for r in slots]
         h = emb.word_embeddings.embedding_dim
         for layer, qkv in zip(self.bert.encoder.layer, self.qkv, strict=True):
-            rows = torch.cat(self._dense(qkv, xs)) if len(xs) > 1 else qkv(xs[0])
+            rows = _cat(self._dense(qkv, xs))
             q, k, v = rows[slot_row].view(b, l, 3 * h).split(h, dim=-1)
             context = _MultiHeadAttention.apply(q, k, v, attention_mask, self.num_heads).reshape(b * l, h)
             att_out, ffn = layer.attention.output, layer.output
@@ -145,7 +150,7 @@ class UnpaddedBert(nn.Module):
             inner = self._dense(layer.intermediate.dense, xs)
             inner = [layer.intermediate.intermediate_act_fn(y) for y in inner]
             xs = [ffn.LayerNorm(y + x) for y, x in zip(self._dense(ffn.dense, inner), xs)]
-        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        x = _cat(xs)
         return (x[slot_row] * real.unsqueeze(1).to(x.dtype)).view(b, l, h)
 
     def _dense(self, linear: nn.Linear, xs: list[torch.Tensor]) -> list[torch.Tensor]:
