@@ -53,7 +53,6 @@ from torch import nn
 from pertvl import __version__
 from pertvl.data.text import DEFAULT_MAX_WORDS, clean_text
 from pertvl.data.tokenize import encode_texts
-from pertvl.export.unpadded import UnpaddedBert, unpadded_unsupported
 from pertvl.export import (
     FORMAT,
     IMAGE_INPUTS,
@@ -65,6 +64,7 @@ from pertvl.export import (
     sha256_file,
     tower_metadata,
 )
+from pertvl.export.unpadded import UnpaddedBert, unpadded_unsupported
 
 log = logging.getLogger(__name__)
 
