@@ -10,9 +10,10 @@ Times are the best of N interleaved repetitions (torch and onnxruntime alternate
 other processes hits both; each timed call follows an untimed one, see `timed`); medians are
 printed too.
 
-`--variants` also times the other text graphs (the SDPA trace as exported naively, the eager
-attention trace, and that trace fused by onnxruntime's BERT optimizer) against the default
-unpadded graph, and torch eager running the unpadded module itself (information, not a goal).
+`--variants` also times the int8 text tower without its residual pass (pertvl.export.int8), the
+other text graphs (the SDPA trace as exported naively, the eager attention trace, and that trace
+fused by onnxruntime's BERT optimizer) against the default unpadded graph, and torch eager
+running the unpadded module itself (information, not a goal).
 
 int8 accuracy hook (needs a trained export and packed shards with perturbations; the structure
 evaluation must stay within 1 point of fp32):
@@ -169,6 +170,7 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
     import torch
 
     from pertvl.data.tokenize import encode_texts
+    from pertvl.export.int8 import quantize_int8
     from pertvl.export.onnx import (
         ImageTower,
         TextTower,
@@ -177,7 +179,6 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
         export_text_tower,
         optimize_text_graph,
         phantom_like_images,
-        quantize_int8,
     )
     from pertvl.infer import open_session
     from pertvl.model import create_model
@@ -231,6 +232,9 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
                     cfg = model.text.backbone.config
                     optimize_text_graph(path, cfg.num_attention_heads, cfg.hidden_size)
                 text_sessions[label] = session(path)[0]
+            # the int8 tower without the default residual pass on the FFN input layers
+            export_model(model, tmp / "small-nores", image_size=size, quantize="int8", parity=False, int8_residual=())
+            text_sessions["int8, no residual pass"] = session(tmp / "small-nores" / "text_encoder.int8.onnx")[0]
         rows += bench_tower(f"text MiniLM ~{args.words} words", lambda: txt_t(ids, mask, wids), text_sessions,
                             text_feeds, repeats, warmup)
         if args.variants and not args.quick:  # what the same trick does for torch (not a goal)
@@ -270,7 +274,7 @@ def report(rows: list[dict]) -> int:
                 missed.append(f"{r['tower']} {r['runtime']}: {r['speedup']:.2f}x < {goal}x")
         print(f"{r['tower']:28s} {r['runtime']:28s} {r['best_s']:8.3f} {r['median_s']:9.3f} {r['speedup']:7.2f}x "
               f"{r['speedup_median']:8.2f}x  {status}")
-    print("\nint8: the image towers quantize only their MatMuls (convolutions stay fp32, see pertvl.export.onnx); "
+    print("\nint8: the image towers quantize only their MatMuls (convolutions stay fp32, see pertvl.export.int8); "
           "int8 structure accuracy: run with --structure-export/--shards on a trained export.")
     if missed:
         print("MISSED: " + "; ".join(missed))

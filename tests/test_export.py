@@ -169,6 +169,7 @@ def test_export_folder_files_and_manifest(tiny_export, manifest):
     graph = manifest["exporter"]["text_graph"]
     assert graph["mode"] == "unpadded" and graph["contrib_ops"] == {"MultiHeadAttention": 2}  # both layers
     assert graph["int8"]["op_types"] == ["MatMul", "Gemm", "Attention"]
+    assert graph["int8"]["residual"] == {"ffn-in": 2 * 2}  # the default: both layers, both row groups
 
 
 def _weight_ops(path: Path) -> tuple[dict[str, list[str]], dict[str, int], dict]:
@@ -189,7 +190,8 @@ def test_text_graphs_are_unpadded_and_int8_keeps_embeddings_float(tiny_export):
     """The fp32 text graph: dense layers as Gemm, attention as the MultiHeadAttention contrib op
     (none of the padded-row Attention/SkipLayerNormalization fusion). int8: every dense layer runs
     as integer matmuls, twice (the [CLS]/[SEP] rows apart from the word rows) on one stored int8
-    weight; the embedding tables stay float."""
+    weight, and the FFN input layers once more for their residual pass; the embedding tables
+    stay float."""
     import onnx
 
     _, counts, _ = _weight_ops(tiny_export / "text_encoder.onnx")
@@ -198,7 +200,10 @@ def test_text_graphs_are_unpadded_and_int8_keeps_embeddings_float(tiny_export):
     reads, counts, inits = _weight_ops(tiny_export / "text_encoder.int8.onnx")
     assert "Gemm" not in counts and counts["MatMul"] == 1  # only the word-piece mean (no weight) is float
     weights = [n for n in reads["MatMulInteger"] if n.endswith("_quantized")]
-    assert len(weights) == 2 * 2 * 4 + 2 and len(set(weights)) == 2 * 4 + 2  # shared by the two row groups
+    # shared by the two row groups (and the residual pass of the FFN input layers)
+    assert len(weights) == 2 * 2 * 4 + 2 + 2 * 2 and len(set(weights)) == 2 * 4 + 2
+    residual = [n for n in weights if ".intermediate.dense." in n]
+    assert len(residual) == 2 * 2 * 2 and len(set(residual)) == 2
     assert all(inits[n].data_type == onnx.TensorProto.INT8 for n in weights)
     tables = [n for n in reads["Gather"] if n.endswith("embeddings.weight")]
     assert any("word_embeddings" in n for n in tables)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from pertvl.cli import lazy_handler, positive_int
+from pertvl.export.int8 import parse_residual_layers
 
 
 _export = lazy_handler("pertvl.export.onnx", "cli_main")
@@ -18,6 +19,14 @@ _embed = lazy_handler("pertvl.infer", "embed_cli_main")
 
 
 _similarity = lazy_handler("pertvl.infer", "similarity_cli_main")
+
+
+def _residual_layers(text: str) -> str:
+    try:
+        parse_residual_layers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=positive_int,
                    help="word pieces per report (default: the run's data.max_length, else 128)")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamically quantized int8 towers")
+    p.add_argument("--int8-residual", type=_residual_layers, default="ffn-in", metavar="LAYERS",
+                   help="with --quantize int8: text layers (comma list of qkv, attn-out, ffn-in, ffn-out, or "
+                   "'none') whose input int8 sees at ~16-bit precision via a second int8 GEMM on the rounding "
+                   "residual (default ffn-in: structure-test noise std 0.0053 -> 0.0041 on the demo, ~20%% slower)")
     p.add_argument("--no-parity", action="store_true", help="skip the torch-vs-onnxruntime parity check")
     p.add_argument("--text-graph", choices=["auto", "unpadded", "fused", "traced"], default="auto",
                    help="text tower graph: unpadded (BERT: dense layers on real tokens only), fused "

@@ -64,6 +64,14 @@ from pertvl.export import (
     sha256_file,
     tower_metadata,
 )
+from pertvl.export.int8 import (
+    DEFAULT_RESIDUAL,
+    INT8_OP_TYPES,
+    add_residual_passes,
+    parse_residual_layers,
+    quantize_int8,
+    quiet_onnxruntime_tools,
+)
 from pertvl.export.unpadded import UnpaddedBert, unpadded_unsupported
 
 log = logging.getLogger(__name__)
@@ -75,15 +83,6 @@ EXPORTER = "torch.onnx.export(dynamo=False)"
 # text graph: "auto" = "unpadded" when the backbone supports it (BertModel), else "fused"
 TEXT_GRAPHS = ("auto", "unpadded", "fused", "traced")
 _TWO_GB = 2**31 - 1
-# Dynamic quantization per tower. Convolutions stay fp32: onnxruntime's ConvInteger (what dynamic
-# quantization makes of a Conv) measured 4-8x SLOWER than the fp32 convolution on this CPU for a
-# ResNet-50, so the int8 image tower quantizes its MatMuls (projection heads) only.
-# The text tower quantizes its dense layers (MatMul/Gemm; Attention in the fused graph) and keeps
-# the word-embedding table in fp32: quantizing that Gather cost 5.6 points of structure accuracy
-# on the demo's test split. Its unpadded graph is quantized from the "unpadded-split" trace (see
-# pertvl.export.unpadded.UnpaddedBert): [CLS]/[SEP] rows get their own dynamic scale, which halved
-# the noise int8 adds to the demo's structure-test margins (std 0.0101 -> 0.0053, 1,000 images).
-_INT8_OP_TYPES = {"image": ["MatMul"], "text": ["MatMul", "Gemm", "Attention"]}
 
 # Real report sentences for the parity check (Open-I-style findings; cleaned before use).
 REAL_REPORTS = (
@@ -230,18 +229,6 @@ def _quiet_export():
         yield
 
 
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """onnxruntime.quantization logs every tensor at INFO/WARNING on the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def export_image_tower(model: nn.Module, path: Path, image_size: int, opset: int, regions_shape: Sequence[int]) -> None:
     """Trace the image tower to `path` (dynamic batch; example batch 2: size-1 dims get fixed).
 
@@ -310,27 +297,12 @@ def optimize_text_graph(path: Path, num_heads: int, hidden_size: int) -> dict[st
     of fused operators."""
     from onnxruntime.transformers import optimizer
 
-    with _quiet_export(), _quiet_root_logger(), contextlib.redirect_stdout(sys.stderr):
+    with quiet_onnxruntime_tools():
         opt = optimizer.optimize_model(os.fspath(path), model_type="bert", num_heads=int(num_heads),
                                        hidden_size=int(hidden_size), opt_level=0)
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
         opt.save_model_to_file(os.fspath(path))
     return stats
-
-
-def quantize_int8(src: Path, dst: Path, tower: str) -> None:
-    """Dynamic int8 quantization (weights int8, activations quantized at run time)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet_export(), _quiet_root_logger(), contextlib.redirect_stdout(sys.stderr):
-        quantize_dynamic(
-            os.fspath(src), os.fspath(dst), op_types_to_quantize=_INT8_OP_TYPES[tower],
-            # per-channel weight scales: on MiniLM the min embedding cosine to fp32 rose 0.96 -> 0.99, same speed
-            weight_type=QuantType.QInt8, per_channel=True,
-            # fused contrib ops (Attention, SkipLayerNormalization) have no shape-inference types
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
 
 
 def set_metadata(path: Path, props: dict[str, str], doc: str) -> list[str]:
@@ -532,6 +504,7 @@ def export_model(
     max_length: int | None = None,
     opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
+    int8_residual: Sequence[str] = DEFAULT_RESIDUAL,
     parity: bool = True,
     text_graph: str = "auto",
     tolerance: float = PARITY_TOLERANCE,
@@ -550,6 +523,8 @@ def export_model(
         max_length: word pieces per report (default: the model config's max_length, else 128).
         opset: ONNX opset.
         quantize: None or "int8".
+        int8_residual: text layers whose int8 input gets a residual pass (pertvl.export.int8:
+            "qkv", "attn-out", "ffn-in", "ffn-out"); unpadded text graph only, () for none.
         parity: run the torch-vs-onnxruntime check (fp32 must be within `tolerance`).
         text_graph: "auto" ("unpadded" when the backbone supports it, else "fused"), "unpadded",
             "fused" (eager-attention trace + onnxruntime's transformer optimizer) or "traced"
@@ -564,7 +539,8 @@ def export_model(
     Raises:
         FileExistsError: `out_dir` exists and `force` is False.
         ParityError: onnxruntime and torch disagree; nothing is written.
-        ValueError: an unknown `text_graph`, or "unpadded" for a backbone that does not support it.
+        ValueError: an unknown `text_graph` or `int8_residual` layer, or "unpadded" for a backbone
+            that does not support it.
     """
     import onnx
     import onnxruntime as ort
@@ -576,6 +552,7 @@ def export_model(
         raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
     if text_graph not in TEXT_GRAPHS:
         raise ValueError(f"text_graph: expected one of {TEXT_GRAPHS}, got {text_graph!r}")
+    int8_residual = parse_residual_layers(",".join(int8_residual))
     max_length = int(max_length or getattr(getattr(model, "config", None), "max_length", 128) or 128)
     model = model.to("cpu", torch.float32).eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -637,7 +614,7 @@ def export_model(
         if "int8" in variants:
             quantize_int8(paths["image"], tmp / ONNX_FILES[("image", "int8")], "image")
             text_info["int8"] = _quantize_text(model, paths["text"], tmp / ONNX_FILES[("text", "int8")],
-                                               text_info["mode"], max_length, opset)
+                                               text_info["mode"], max_length, opset, int8_residual)
         for variant in variants:
             for tower in ("image", "text"):
                 path = tmp / ONNX_FILES[(tower, variant)]
@@ -700,19 +677,26 @@ def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int
     return info
 
 
-def _quantize_text(model: nn.Module, fp32: Path, dst: Path, mode: str, max_length: int, opset: int) -> dict[str, Any]:
-    """Write the int8 text tower; returns its manifest entry."""
+def _quantize_text(model: nn.Module, fp32: Path, dst: Path, mode: str, max_length: int, opset: int,
+                   residual: tuple[str, ...]) -> dict[str, Any]:
+    """Write the int8 text tower; returns its manifest entry. The residual passes need the
+    unpadded graph (they find the layers by their weight names there); other graphs get none."""
     if mode != "unpadded":
         quantize_int8(fp32, dst, "text")
-        return {"source": "the fp32 graph", "op_types": _INT8_OP_TYPES["text"]}
+        if residual:
+            log.warning("int8: residual passes %s need the unpadded text graph; the %s graph gets none",
+                        list(residual), mode)
+        return {"source": "the fp32 graph", "op_types": INT8_OP_TYPES["text"], "residual": {}}
     source = dst.with_name(".text_int8_source.onnx")
     try:
         export_text_tower(model, source, max_length, opset, "unpadded-split")
         quantize_int8(source, dst, "text")
     finally:
         source.unlink(missing_ok=True)
+    counts = add_residual_passes(dst, residual) if residual else {}
     return {"source": "unpadded-split trace ([CLS]/[SEP] rows quantized apart from word rows)",
-            "op_types": _INT8_OP_TYPES["text"], "fp32": ["word/position embeddings", "attention core", "layer norms"]}
+            "op_types": INT8_OP_TYPES["text"], "fp32": ["word/position embeddings", "attention core", "layer norms"],
+            "residual": counts}
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -901,7 +885,8 @@ def cli_main(args) -> int:
     try:
         result = export_model(
             model, args.out, image_size=image_size, max_length=max_length, opset=args.opset,
-            quantize=args.quantize, parity=not args.no_parity, text_graph=args.text_graph,
+            quantize=args.quantize, int8_residual=parse_residual_layers(args.int8_residual),
+            parity=not args.no_parity, text_graph=args.text_graph,
             tolerance=args.tolerance, force=args.force, source=source,
             command=" ".join(["pertvl", *sys.argv[1:]]),
         )
