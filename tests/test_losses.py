@@ -137,28 +137,42 @@ def _global_model():
     return model, scale
 
 
+def _global_rank_step(rank: int, world: int, out_dir: str) -> None:
+    """One rank's share of the batch: loss, backward, DDP-style gradient averaging, saved."""
+    import torch.distributed as dist
+
+    x_img, x_txt = _global_data()
+    b = x_img.shape[0] // world
+    part = slice(rank * b, (rank + 1) * b)
+    model, scale = _global_model()
+    img = model["img"](x_img[part]).requires_grad_()
+    img.retain_grad()
+    loss = global_contrastive_loss(img, model["txt"](x_txt[part]), 1 / scale.exp(), rank=rank, world_size=world)
+    loss.backward()
+    params = [*model.parameters(), scale]
+    for p in params:  # what DDP/DeepSpeed do with parameter gradients
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    losses = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(losses, loss.detach().reshape(1))
+    torch.save({"losses": torch.cat(losses), "grads": [p.grad for p in params], "img_grad": img.grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _global_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import gc
+
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        x_img, x_txt = _global_data()
-        b = x_img.shape[0] // world
-        part = slice(rank * b, (rank + 1) * b)
-        model, scale = _global_model()
-        img = model["img"](x_img[part]).requires_grad_()
-        img.retain_grad()
-        loss = global_contrastive_loss(img, model["txt"](x_txt[part]), 1 / scale.exp(), rank=rank, world_size=world)
-        loss.backward()
-        params = [*model.parameters(), scale]
-        for p in params:  # what DDP/DeepSpeed do with parameter gradients
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        losses = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-        dist.all_gather(losses, loss.detach().reshape(1))
-        torch.save({"losses": torch.cat(losses), "grads": [p.grad for p in params], "img_grad": img.grad},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        _global_rank_step(rank, world, out_dir)
+        # A rank once aborted at exit ("terminate called without an active exception", 1 of 5
+        # full-suite runs): gloo objects freed during interpreter teardown can do that (pytorch
+        # PR 179291). The autograd graph of the distributed all_gather holds the process group,
+        # so free everything while the group is alive, then tear down together.
+        gc.collect()
         dist.barrier()  # nobody tears gloo down while the other rank still talks to it
     finally:
         dist.destroy_process_group()

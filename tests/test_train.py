@@ -10,6 +10,7 @@ The tiny set-up (64 px phantoms, 2-layer BERT) is the session fixture `tiny_trai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ def _child_env(tmp_path: Path) -> dict[str, str]:
         WANDB_MODE="offline",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",  # SIGABRT on a hang prints every thread's Python stack (see _wait)
         TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"),
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
@@ -62,13 +64,33 @@ def _train_args(setup, run: Path, ds_config: str, *extra: str) -> list[str]:
             "--deepspeed-config", str(REPO / "ds_configs" / ds_config), "--resume", "latest", *extra]  # fmt: skip
 
 
-def _launch(launcher: str, args: list[str], log: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def _start(launcher: str, args: list[str], log: Path, tmp_path: Path) -> subprocess.Popen:
+    """The launcher in a process group of its own, so that a hang can be ended for all its ranks."""
     with open(log, "w") as out:
-        proc = subprocess.run(
+        return subprocess.Popen(
             [*_launcher(launcher), *args], env=_child_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
-            cwd=REPO, timeout=TIMEOUT,
+            cwd=REPO, start_new_session=True,
         )  # fmt: skip
-    return proc
+
+
+def _wait(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> int:
+    """The launcher's exit code; on a timeout, every process of the run gets SIGABRT (faulthandler
+    writes each one's Python stacks to the log), then SIGKILL, and the test fails with the log."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGABRT, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+        pytest.fail(f"{' '.join(map(str, proc.args[:3]))}... still running after {timeout:.0f} s; "
+                    f"its log, with the stacks at the timeout:\n{_tail(log, 20000)}")
+
+
+def _launch(launcher: str, args: list[str], log: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    proc = _start(launcher, args, log, tmp_path)
+    return subprocess.CompletedProcess(proc.args, _wait(proc, log))
 
 
 def _tail(log: Path, n: int = 4000) -> str:
@@ -108,11 +130,7 @@ def _preempt_then_resume(launcher: str, ds_config: str, setup, tmp_path: Path) -
     """Start the run, SIGUSR1 rank 1 once step 2 is logged, check the clean stop, resume."""
     run = tmp_path / "run"
     log = tmp_path / "preempted.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*_launcher(launcher), *_train_args(setup, run, ds_config)], env=_child_env(tmp_path),
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-        )  # fmt: skip
+    proc = _start(launcher, _train_args(setup, run, ds_config), log, tmp_path)
     try:
         deadline = time.monotonic() + TIMEOUT
         metrics = run / "metrics.jsonl"
@@ -121,10 +139,10 @@ def _preempt_then_resume(launcher: str, ds_config: str, setup, tmp_path: Path) -
             assert time.monotonic() < deadline, _tail(log)
             time.sleep(0.05)
         os.kill(_rank_files(run)[1]["pid"], signal.SIGUSR1)  # one rank: the other must stop too
-        rc = proc.wait(timeout=TIMEOUT)
+        rc = _wait(proc, log)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text(errors="replace")
     assert rc != 0, f"the run was not stopped by the signal:\n{_tail(log)}"
     assert "rank 1: SIGUSR1 received" in text and "rank 0: a peer's stop signal received" in text, _tail(log)
@@ -194,6 +212,34 @@ def test_cli_accepts_every_flag_and_the_deepspeed_local_rank() -> None:
     assert parser.parse_args(["train", "--local_rank", "0"]).train_local_rank == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--max-steps", "0"])
+
+
+def test_a_hung_run_is_ended_with_every_process_stack(tmp_path: Path) -> None:
+    """The harness of the launcher tests: a run that outlives the timeout is ended for all of its
+    processes (launcher and ranks), and the failure carries each one's Python stack."""
+    script = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
+    log = tmp_path / "hung.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], env=_child_env(tmp_path), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    time.sleep(1.0)  # both processes are up
+    with pytest.raises(pytest.fail.Exception, match="still running after 2 s") as failed:
+        _wait(proc, log, timeout=2)
+    # faulthandler's report (the two processes write to the log at once, so their lines interleave)
+    assert "Fatal Python error: Aborted" in failed.value.msg and "most recent call first" in failed.value.msg
+    assert _live_processes_in_group(proc.pid) == []  # nothing of the run is left (zombies aside)
+
+
+def _live_processes_in_group(pgid: int) -> list[int]:
+    """pids in process group `pgid` that are not zombies (Linux /proc)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
+                live.append(int(stat.parent.name))
+    return live
 
 
 @pytest.mark.slow

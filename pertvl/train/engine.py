@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -725,10 +726,13 @@ def train(cfg: dict[str, Any], local_rank: int | None = None) -> TrainResult:
     Returns:
         TrainResult (exit_code PREEMPTED_EXIT_CODE when stopped by SIGTERM/SIGUSR1).
     """
-    trainer = Trainer(cfg, local_rank=local_rank)
     try:
-        return trainer.run()
+        return Trainer(cfg, local_rank=local_rank).run()
     finally:
+        # The engine and the last step's autograd graph (its all_gather nodes hold the process
+        # group) form reference cycles; collect them while the group is alive, not at interpreter
+        # teardown, where gloo's threads can abort the process.
+        gc.collect()
         shutdown_distributed()
 
 
