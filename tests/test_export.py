@@ -373,6 +373,25 @@ def test_manifest_tokenizer_and_missing_files(tiny_export, tmp_path):
         Embedder.from_export(tmp_path)
 
 
+def test_int8_residual_layers_from_the_command_line(tiny_run, tmp_path, capsys):
+    """--int8-residual chooses the layers that get a residual pass ('none': no extra matmul)."""
+    from pertvl.cli import main
+
+    for spec, expected in (("qkv,ffn-out", {"qkv": 2 * 2, "ffn-out": 2 * 2}), ("none", {})):
+        out = tmp_path / spec.replace(",", "_")
+        assert main(["export", "--run", str(tiny_run), "--out", str(out), "--quantize", "int8", "--no-parity",
+                     "--int8-residual", spec]) == 0  # fmt: skip
+        manifest = json.loads((out / "pertvl_export.json").read_text())
+        assert manifest["exporter"]["text_graph"]["int8"]["residual"] == expected
+        _, counts, _ = _weight_ops(out / "text_encoder.int8.onnx")
+        assert counts["MatMulInteger"] == 2 * 2 * 4 + 2 + sum(expected.values())
+        printed = capsys.readouterr().out
+        assert "int8 text residual passes: " + ("qkv (4 matmuls), ffn-out (4 matmuls)" if expected else "none") in printed
+    with pytest.raises(SystemExit):
+        main(["export", "--run", str(tiny_run), "--out", str(tmp_path / "x"), "--int8-residual", "ffn"])
+    assert "unknown ['ffn']" in capsys.readouterr().err
+
+
 def test_failed_parity_leaves_no_folder(tiny_run, tmp_path, monkeypatch, capsys):
     import pertvl.export.onnx as exp
     from pertvl.cli import main

@@ -899,6 +899,9 @@ def cli_main(args) -> int:
     graph = m["exporter"]["text_graph"]
     print(f"  text graph: {graph['mode']}" + (f", fused {graph['fused']}" if graph.get("fused") else "")
           + (f" (unpadded unsupported: {graph['unpadded_unsupported']})" if graph.get("unpadded_unsupported") else ""))
+    if "int8" in graph:
+        residual = graph["int8"].get("residual") or {}
+        print("  int8 text residual passes: " + (", ".join(f"{k} ({n} matmuls)" for k, n in residual.items()) or "none"))
     if m["parity"]:
         for variant in ("fp32", "int8"):
             if variant in m["parity"]:
