@@ -504,7 +504,7 @@ def export_model(
     max_length: int | None = None,
     opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
-    int8_residual: Sequence[str] = DEFAULT_RESIDUAL,
+    int8_residual: str | Sequence[str] = DEFAULT_RESIDUAL,
     parity: bool = True,
     text_graph: str = "auto",
     tolerance: float = PARITY_TOLERANCE,
@@ -524,7 +524,8 @@ def export_model(
         opset: ONNX opset.
         quantize: None or "int8".
         int8_residual: text layers whose int8 input gets a residual pass (pertvl.export.int8:
-            "qkv", "attn-out", "ffn-in", "ffn-out"); unpadded text graph only, () for none.
+            "qkv", "attn-out", "ffn-in", "ffn-out", as a sequence or a comma list; () or "none"
+            for none); unpadded text graph only.
         parity: run the torch-vs-onnxruntime check (fp32 must be within `tolerance`).
         text_graph: "auto" ("unpadded" when the backbone supports it, else "fused"), "unpadded",
             "fused" (eager-attention trace + onnxruntime's transformer optimizer) or "traced"
@@ -552,7 +553,7 @@ def export_model(
         raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
     if text_graph not in TEXT_GRAPHS:
         raise ValueError(f"text_graph: expected one of {TEXT_GRAPHS}, got {text_graph!r}")
-    int8_residual = parse_residual_layers(",".join(int8_residual))
+    int8_residual = parse_residual_layers(int8_residual if isinstance(int8_residual, str) else ",".join(int8_residual))
     max_length = int(max_length or getattr(getattr(model, "config", None), "max_length", 128) or 128)
     model = model.to("cpu", torch.float32).eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -683,9 +684,9 @@ def _quantize_text(model: nn.Module, fp32: Path, dst: Path, mode: str, max_lengt
     unpadded graph (they find the layers by their weight names there); other graphs get none."""
     if mode != "unpadded":
         quantize_int8(fp32, dst, "text")
-        if residual:
-            log.warning("int8: residual passes %s need the unpadded text graph; the %s graph gets none",
-                        list(residual), mode)
+        if residual:  # a warning when asked for, not for the default
+            (log.info if residual == DEFAULT_RESIDUAL else log.warning)(
+                "int8: residual passes %s need the unpadded text graph; the %s graph gets none", list(residual), mode)
         return {"source": "the fp32 graph", "op_types": INT8_OP_TYPES["text"], "residual": {}}
     source = dst.with_name(".text_int8_source.onnx")
     try:
