@@ -96,3 +96,18 @@ def test_residual_layer_names():
              "ffn-out": "model.text.backbone.encoder.layer.3.output.dense.weight_Transposed_quantized"}
     for kind, pattern in RESIDUAL_LAYERS.items():
         assert [k for k, n in names.items() if pattern.search(n)] == [kind]
+
+
+def test_residual_pass_refuses_a_graph_of_another_shape(tmp_path):
+    """A MatMulInteger whose output is not Cast -> Mul(scales) (not quantize_dynamic's pattern)."""
+    import onnx
+    from onnx import helper
+
+    _linear_graph(tmp_path / "fp32.onnx", np.random.default_rng(2))
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", "text")
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMulInteger")
+    model.graph.node.append(helper.make_node("Identity", [matmul.output[0]], ["extra"]))  # a second reader
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    with pytest.raises(ValueError, match="is not in quantize_dynamic's pattern"):
+        add_residual_passes(tmp_path / "other.onnx", ("ffn-in",))

@@ -90,6 +90,11 @@ def quantize_int8(src: Path, dst: Path, tower: str) -> None:
         )
 
 
+def _only(nodes: list):
+    """The single node of a list, else None."""
+    return nodes[0] if len(nodes) == 1 else None
+
+
 def add_residual_passes(path: Path, layers: tuple[str, ...]) -> dict[str, int]:
     """Give the quantized layers named in `layers` (keys of RESIDUAL_LAYERS) a residual pass, in
     place, in a graph written by `quantize_int8`. Returns the number of MatMuls changed per layer
@@ -115,12 +120,14 @@ def add_residual_passes(path: Path, layers: tuple[str, ...]) -> dict[str, int]:
             continue
         # quantize_dynamic's pattern: DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)
         xq, wq, xzp, wzp = node.input
-        dql = producer[xq]
-        (cast,) = consumers[node.output[0]]
-        (rescale,) = consumers[cast.output[0]]
-        scales = producer[next(i for i in rescale.input if i != cast.output[0])]
-        if dql.op_type != "DynamicQuantizeLinear" or cast.op_type != "Cast" or scales.op_type != "Mul":
-            raise ValueError(f"{node.name}: not the DynamicQuantizeLinear/MatMulInteger pattern of quantize_dynamic")
+        dql = producer.get(xq)
+        cast = _only(consumers.get(node.output[0], []))
+        rescale = _only(consumers.get(cast.output[0], [])) if cast is not None else None
+        scales = producer.get(next((i for i in rescale.input if i != cast.output[0]), "")) if rescale else None
+        if (getattr(dql, "op_type", None), getattr(cast, "op_type", None), getattr(rescale, "op_type", None),
+                getattr(scales, "op_type", None)) != ("DynamicQuantizeLinear", "Cast", "Mul", "Mul"):
+            raise ValueError(f"{path}: {node.name} is not in quantize_dynamic's pattern "
+                             "(DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul by x_scale * w_scale)")
         x, x_scale = dql.input[0], dql.output[1]
         w_scale = next(i for i in scales.input if i != x_scale)
         p = f"{node.name}/residual"

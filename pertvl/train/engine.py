@@ -729,9 +729,9 @@ def train(cfg: dict[str, Any], local_rank: int | None = None) -> TrainResult:
     try:
         return Trainer(cfg, local_rank=local_rank).run()
     finally:
-        # The engine and the last step's autograd graph (its all_gather nodes hold the process
-        # group) form reference cycles; collect them while the group is alive, not at interpreter
-        # teardown, where gloo's threads can abort the process.
+        # What the run leaves in reference cycles (the engine, the last step's tensors; the
+        # distributed all_gather's autograd nodes hold the process group) is collected while the
+        # group is alive: gloo objects freed at interpreter teardown can abort the process.
         gc.collect()
         shutdown_distributed()
 
