@@ -64,13 +64,12 @@ def _train_args(setup, run: Path, ds_config: str, *extra: str) -> list[str]:
             "--deepspeed-config", str(REPO / "ds_configs" / ds_config), "--resume", "latest", *extra]  # fmt: skip
 
 
-def _start(launcher: str, args: list[str], log: Path, tmp_path: Path) -> subprocess.Popen:
-    """The launcher in a process group of its own, so that a hang can be ended for all its ranks."""
+def _start(cmd: list[str], log: Path, tmp_path: Path) -> subprocess.Popen:
+    """`cmd` (a launcher, or pertvl itself) in a process group of its own, so that a hang can be
+    ended for all its processes."""
     with open(log, "w") as out:
-        return subprocess.Popen(
-            [*_launcher(launcher), *args], env=_child_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
-            cwd=REPO, start_new_session=True,
-        )  # fmt: skip
+        return subprocess.Popen(cmd, env=_child_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)  # fmt: skip
 
 
 def _wait(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> int:
@@ -89,7 +88,7 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> int:
 
 
 def _launch(launcher: str, args: list[str], log: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    proc = _start(launcher, args, log, tmp_path)
+    proc = _start([*_launcher(launcher), *args], log, tmp_path)
     return subprocess.CompletedProcess(proc.args, _wait(proc, log))
 
 
@@ -130,7 +129,7 @@ def _preempt_then_resume(launcher: str, ds_config: str, setup, tmp_path: Path) -
     """Start the run, SIGUSR1 rank 1 once step 2 is logged, check the clean stop, resume."""
     run = tmp_path / "run"
     log = tmp_path / "preempted.log"
-    proc = _start(launcher, _train_args(setup, run, ds_config), log, tmp_path)
+    proc = _start([*_launcher(launcher), *_train_args(setup, run, ds_config)], log, tmp_path)
     try:
         deadline = time.monotonic() + TIMEOUT
         metrics = run / "metrics.jsonl"
@@ -220,9 +219,7 @@ def test_a_hung_run_is_ended_with_every_process_stack(tmp_path: Path) -> None:
     script = ("import subprocess, sys, time; "
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)")
     log = tmp_path / "hung.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", script], env=_child_env(tmp_path), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start([sys.executable, "-c", script], log, tmp_path)
     time.sleep(1.0)  # both processes are up
     with pytest.raises(pytest.fail.Exception, match="still running after 2 s") as failed:
         _wait(proc, log, timeout=2)
@@ -245,13 +242,9 @@ def _live_processes_in_group(pgid: int) -> list[int]:
 @pytest.mark.slow
 def test_refuses_a_fresh_start_over_existing_checkpoints(fp32_run: Path, tiny_train, tmp_path: Path) -> None:
     log = tmp_path / "refused.log"
-    with open(log, "w") as out:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pertvl", "train", "--config", str(tiny_train.config),
-             "--out", str(fp32_run), "--no-wandb"],
-            env=_child_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, timeout=TIMEOUT,
-        )  # fmt: skip
-    assert proc.returncode != 0
+    proc = _start([sys.executable, "-m", "pertvl", "train", "--config", str(tiny_train.config),
+                   "--out", str(fp32_run), "--no-wandb"], log, tmp_path)  # fmt: skip
+    assert _wait(proc, log) != 0
     assert "already holds checkpoints; pass --resume latest" in log.read_text()
 
 
@@ -261,19 +254,15 @@ def test_sigterm_to_every_process_of_the_job_checkpoints_and_exits_75(tiny_train
     from pertvl.train.checkpoint import list_checkpoints
 
     run, log = tmp_path / "run", tmp_path / "sigterm.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pertvl", "train", "--config", str(tiny_train.config), "--out", str(run),
-             "--max-steps", "500", "--no-wandb", "--set", "train.checkpoint_every=0"],
-            env=_child_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-        )  # fmt: skip
+    proc = _start([sys.executable, "-m", "pertvl", "train", "--config", str(tiny_train.config), "--out", str(run),
+                   "--max-steps", "500", "--no-wandb", "--set", "train.checkpoint_every=0"], log, tmp_path)  # fmt: skip
     try:
         deadline = time.monotonic() + TIMEOUT
         while not ((run / "metrics.jsonl").is_file() and _jsonl(run / "metrics.jsonl")):
             assert proc.poll() is None and time.monotonic() < deadline, _tail(log)
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGTERM)
-        rc = proc.wait(timeout=TIMEOUT)
+        rc = _wait(proc, log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
