@@ -20,7 +20,13 @@ from torch import nn
 
 from pertvl.testing import free_port
 from pertvl.train import checkpoint as ck
-from pertvl.train.launch import detect_dist_env, init_distributed, load_ds_config
+from pertvl.train.launch import (
+    check_precision,
+    detect_dist_env,
+    init_distributed,
+    load_ds_config,
+    unsupported_precision,
+)
 from pertvl.train.optim import build_optimizer, build_scheduler
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -297,7 +303,12 @@ def test_loading_refuses_pickled_objects(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config_path", DS_CONFIGS, ids=[p.stem for p in DS_CONFIGS])
 def test_every_ds_config_trains_saves_and_resumes(tmp_path: Path, config_path: Path) -> None:
     """Each config initialises a DeepSpeed engine (GPU configs too: on CPU they still run here),
-    trains one optimizer step, and its checkpoint loads back with weights_only loading."""
+    trains one optimizer step, and its checkpoint loads back with weights_only loading. A precision
+    this CPU cannot run (fp16 without AVX-512 FP16/AMX-FP16) is skipped with DeepSpeed's reason;
+    `pertvl train` refuses it up front (test_train_refuses_an_unsupported_precision)."""
+    reason = unsupported_precision(json.loads(config_path.read_text()))
+    if reason:
+        pytest.skip(f"{config_path.name}: {reason}")
     engine = make_engine(config_path.stem)
     assert (
         engine.zero_optimization_stage() == json.loads(config_path.read_text())["zero_optimization"]["stage"]
@@ -312,6 +323,24 @@ def test_every_ds_config_trains_saves_and_resumes(tmp_path: Path, config_path: P
     assert ck.resume(resumed, tmp_path) is not None
     assert type(resumed.checkpoint_engine).__name__ == "WeightsOnlyCheckpointEngine"
     assert_same(params(resumed), expected)
+
+
+def test_precision_check_asks_the_accelerator(monkeypatch) -> None:
+    """The up-front check agrees with what DeepSpeed's accelerator says, on whatever CPU runs it,
+    and names the file and the configs that do run when it refuses."""
+    from deepspeed.accelerator import get_accelerator
+
+    fp16 = load_ds_config(REPO / "ds_configs" / "gpu_zero2_fp16.json")
+    bf16 = load_ds_config(REPO / "ds_configs" / "cpu_zero1_bf16.json")
+    fp32 = load_ds_config(REPO / "ds_configs" / "cpu_zero1_fp32.json")
+    acc = get_accelerator()
+    assert (unsupported_precision(fp16) is None) == bool(acc.is_fp16_supported())
+    assert (unsupported_precision(bf16) is None) == bool(acc.is_bf16_supported())
+    assert unsupported_precision(fp32) is None
+    monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: False)
+    with pytest.raises(ValueError, match=r"gpu_zero2_fp16\.json: trains in fp16, but .* does not support fp16.*cpu_zero1_fp32"):
+        check_precision(fp16, "ds_configs/gpu_zero2_fp16.json")
+    check_precision(fp32, "ds_configs/cpu_zero1_fp32.json")
 
 
 @pytest.mark.parametrize("config_name", ["cpu_zero1_fp32", "cpu_zero2_fp32"])

@@ -223,8 +223,17 @@ def test_fused_text_graph_passes_parity(tiny_model, tmp_path):
 
 
 def test_builtin_parity_covers_batches_and_lengths(manifest):
+    from pertvl.export.onnx import PARITY_TOLERANCE, parity_bound
+
     fp32 = manifest["parity"]["fp32"]
-    assert all(v <= 1e-4 for tower in fp32["max_abs"].values() for v in tower.values())
+    # The gate's own bound: absolute on the normalized embeddings, relative to the magnitude on the
+    # unnormalized region/word features (|x| reaches ~400 here, where fp32 rounding alone is ~1e-4
+    # and differs between CPUs' kernels).
+    for tower, outputs in fp32["max_abs"].items():
+        for name, diff in outputs.items():
+            bound = parity_bound(name, PARITY_TOLERANCE, fp32["scale"][tower][name])
+            assert diff <= bound, (tower, name, diff, bound)
+    assert all(v <= PARITY_TOLERANCE for t in fp32["max_abs"].values() for k, v in t.items() if k.endswith("_emb"))
     inputs = [c["input"] for c in fp32["cases"]]
     for b in (1, 3, 8):
         assert f"random uniform, batch {b}" in inputs

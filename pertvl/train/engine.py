@@ -53,7 +53,13 @@ import torch.distributed as dist
 
 from pertvl.config import load_config, save_config
 from pertvl.train import checkpoint as ckpt
-from pertvl.train.launch import detect_dist_env, init_distributed, load_ds_config, shutdown_distributed
+from pertvl.train.launch import (
+    check_precision,
+    detect_dist_env,
+    init_distributed,
+    load_ds_config,
+    shutdown_distributed,
+)
 from pertvl.train.monitor import Monitor, memory_metrics
 from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 
@@ -317,6 +323,7 @@ class Trainer:
             gradient_clipping=tcfg["gradient_clipping"],
             world_size=self.world_size,
         )
+        check_precision(ds_config, tcfg["deepspeed_config"])  # before minutes of model building
         micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
         seed_everything(self.seed)  # identical initialisation on every rank

@@ -405,6 +405,50 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def config_precision(config: dict[str, Any]) -> str:
+    """"fp16", "bf16" or "fp32": what a DeepSpeed config trains in."""
+    if config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "bf16" if config.get("bf16", {}).get("enabled") else "fp32"
+
+
+def unsupported_precision(config: dict[str, Any]) -> str | None:
+    """Why this machine cannot train in the config's precision, or None when it can.
+
+    DeepSpeed asks its accelerator at `initialize` and fails with "Type fp16 is not supported on
+    your device". On CPU the answer depends on the CPU model: fp16 needs oneDNN's fp16 kernels
+    (AVX-512 FP16 or AMX-FP16: recent Intel Xeons, not AMD EPYC up to Zen 5), bf16 is always
+    accepted (emulated where the CPU lacks AVX-512 BF16 / AMX, and slow there).
+    """
+    precision = config_precision(config)
+    if precision == "fp32":
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = acc.is_fp16_supported() if precision == "fp16" else acc.is_bf16_supported()
+    if supported:
+        return None
+    name = acc.device_name()
+    why = (" (oneDNN has no fp16 kernels for this CPU: it needs AVX-512 FP16 or AMX-FP16)"
+           if name == "cpu" and precision == "fp16" else "")  # fmt: skip
+    return f"DeepSpeed's {name} accelerator does not support {precision} on this machine{why}"
+
+
+def check_precision(config: dict[str, Any], source: str | Path) -> None:
+    """Fail before building anything when the machine cannot train in the config's precision.
+
+    Raises:
+        ValueError: naming the config file, the reason and the configs that do run here.
+    """
+    reason = unsupported_precision(config)
+    if reason:
+        raise ValueError(
+            f"{source}: trains in {config_precision(config)}, but {reason}; use an fp32 or bf16 config "
+            "(ds_configs/cpu_zero1_fp32.json, ds_configs/cpu_zero1_bf16.json, or --set train.deepspeed_config=...)"
+        )
+
+
 REQUIRED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
