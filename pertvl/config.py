@@ -56,6 +56,12 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 1,
         "seed": 0,
         "resume": None,
+        # Failing fast (pertvl.train.watchdog; docs/TRAINING.md "What happens when something fails"):
+        "failure_timeout_s": 30,  # a rank that raised is gone this long after, whatever blocks its clean-up
+        "stall_timeout_s": 1800,  # no optimizer step for this long: stacks in the log, exit 70 (null: off)
+        "stall_factor": 50,  # ... or for this many median step times (after 5 steps; null: off)
+        "stall_min_s": 120,  # ... but never less than this
+        "stop_grace_s": 300,  # SIGTERM/SIGUSR1 unanswered by a step boundary this long: exit 143 (null: wait)
     },
     "wandb": {"enabled": True, "project": "pertvl", "name": None, "tags": [], "mode": "offline"},
 }

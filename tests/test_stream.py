@@ -113,6 +113,79 @@ def test_resume_at_epoch_and_batch_gives_the_same_remaining_batches(folder, tok)
     )
 
 
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _worker_processes(s) -> list:
+    return list(s._workers.iterator._workers)
+
+
+def test_one_set_of_workers_serves_consecutive_epochs_and_resumes(folder, tok):
+    """Workers start once and run on from epoch to epoch (no start-up stall at an epoch boundary, no
+    fork of a threaded rank every epoch): the batches equal fresh streams' epoch for epoch, also
+    after an odd resume position, where the two workers have unequal counts (fillers keep the
+    round-robin aligned into the next epoch)."""
+    fresh = [list(stream(folder, tok, augment=True, seed=5, epoch=e)) for e in range(3)]
+    s = stream(folder, tok, augment=True, seed=5)
+    for e in range(3):
+        s.set_epoch(e)
+        assert_same_batches(list(s), fresh[e])
+    assert s.workers_started == 1
+    if Path("/proc").is_dir():  # started by a forkserver, not forked from this (threaded) process
+        assert all(_parent_pid(p.pid) != os.getpid() for p in _worker_processes(s))
+    resumed = stream(folder, tok, augment=True, seed=5, epoch=1, start_batch=3)
+    assert_same_batches(list(resumed), fresh[1][3:])
+    resumed.set_epoch(2)
+    assert_same_batches(list(resumed), fresh[2])
+    assert resumed.workers_started == 1
+    resumed.close()
+    # A pass abandoned half-way ends its workers; the next pass starts new ones.
+    procs = _worker_processes(s)
+    s.set_epoch(3)
+    it = iter(s)
+    first = next(it)
+    it.close()
+    assert s.workers_started == 1 and s._workers is None and not any(p.is_alive() for p in procs)
+    s.set_epoch(3)
+    again = list(s)
+    assert s.workers_started == 2 and len(again) == 8
+    assert_same_batches(again[:1], [first])
+    # Another epoch than the one the workers are preparing: new workers as well.
+    s.set_epoch(1)
+    assert_same_batches(list(s), fresh[1])
+    assert s.workers_started == 3
+    s.close()
+
+
+def test_a_failing_worker_raises_and_leaves_no_process(folder, tok, monkeypatch):
+    from pertvl.faults import ENV_VAR, InjectedFault
+
+    monkeypatch.setenv(ENV_VAR, "worker-raise:sample=9,worker=1")
+    s = stream(folder, tok)
+    with pytest.raises(InjectedFault, match="injected failure in rank 0 worker 1 sample 9"):
+        list(s)
+    assert s._workers is None  # closed on the way out: nothing is left to block the exit
+
+
+def test_a_missing_worker_dependency_fails_before_the_first_batch(folder, tok, monkeypatch):
+    import importlib
+
+    from pertvl.data import stream as stream_module
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name.startswith("kornia"):
+            raise ModuleNotFoundError("No module named 'kornia'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(stream_module.importlib, "import_module", fake)
+    with pytest.raises(ImportError, match=r"needs kornia for augmentation .*data.augment=false"):
+        stream(folder, tok, augment=True)
+    stream(folder, tok, augment=False).close()  # without augmentation kornia is not needed
+
+
 def _rewrite_with_corrupt_png(path: Path, key: str) -> None:
     """Rewrite a shard with one PNG's IDAT byte flipped: a valid tar holding a corrupt image."""
     with tarfile.open(path) as tar:

@@ -64,12 +64,12 @@ def _train_args(setup, run: Path, ds_config: str, *extra: str) -> list[str]:
             "--deepspeed-config", str(REPO / "ds_configs" / ds_config), "--resume", "latest", *extra]  # fmt: skip
 
 
-def _start(cmd: list[str], log: Path, tmp_path: Path) -> subprocess.Popen:
+def _start(cmd: list[str], log: Path, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`cmd` (a launcher, or pertvl itself) in a process group of its own, so that a hang can be
-    ended for all its processes."""
+    ended for all its processes; `env` adds to the child environment."""
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=_child_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(cmd, env=_child_env(tmp_path) | (env or {}), stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO, start_new_session=True)  # fmt: skip
 
 
 def _wait(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> int:

@@ -36,7 +36,10 @@ The epoch plan, computed from the manifest and the arguments only (never by coun
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -328,6 +331,7 @@ class _Plan:
     resampled: bool
     image_size: int | None
     shuffle_buffer: int
+    faults: tuple = ()  # pertvl.faults.Fault from PERTVL_FAULT, read in the main process
 
     @property
     def batches_per_stream(self) -> int:
@@ -336,9 +340,14 @@ class _Plan:
 
 @dataclass
 class _WorkerReport:
-    """Sent by each worker after its last batch: its skip and mask counts."""
+    """Sent by each worker after its last batch of an epoch: its skip and mask counts. A `filler`
+    stands in for a batch the worker does not have (a resumed epoch gives workers unequal counts),
+    so that every worker sends the same number of items per epoch and the loader's round-robin
+    stays aligned from one epoch to the next."""
 
+    epoch: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    filler: bool = False
 
 
 def _rng_seed(*parts) -> int:
@@ -443,10 +452,13 @@ def _decoded(items: Iterator[tuple], stats: Counter) -> Iterator[Sample]:
 
 
 def _stream_batches(
-    plan: _Plan, epoch: int, stream: int, skip_batches: int
+    plan: _Plan, epoch: int, stream: int, skip_batches: int, *, items: int | None = None, worker: int = 0
 ) -> Iterator[Batch | _WorkerReport]:
-    """The batches of one stream for one epoch from batch `skip_batches` on, then a _WorkerReport."""
+    """The batches of one stream for one epoch from batch `skip_batches` on, filler reports up to
+    `items` items (None: none), then its _WorkerReport."""
     from webdataset.filters import _shuffle
+
+    from pertvl import faults
 
     stats: Counter = Counter()
     b = plan.batch_size
@@ -460,7 +472,11 @@ def _stream_batches(
     # The continuation of `good` is only reached after the shuffled quota is exhausted: it fills
     # in for samples that fail to decode, keeping the batch count.
     samples = _decoded(itertools.chain(shuffled, good), stats)
-    for _ in range(per_stream - skip_batches):
+    count = per_stream - skip_batches
+    for i in range(count):
+        if plan.faults:
+            for j in range(b):
+                faults.at_worker_sample(plan.faults, rank=plan.rank, worker=worker, sample=i * b + j + 1)
         chunk = [next(samples) for _ in range(b)]
         batch, counts = collate_samples(
             chunk,
@@ -474,15 +490,40 @@ def _stream_batches(
         )
         stats.update(counts)
         yield batch
-    yield _WorkerReport(dict(stats))
+    for _ in range((items or count) - count):
+        yield _WorkerReport(epoch, filler=True)
+    yield _WorkerReport(epoch, dict(stats))
 
 
-class _EpochDataset(torch.utils.data.IterableDataset):
-    """One epoch of one rank; DataLoader worker j plays stream (j + start_batch) mod W."""
+# Loader workers register this signal with faulthandler: a rank's watchdog (pertvl.train.watchdog)
+# sends it to them before ending a stalled run, so the workers' Python stacks are in the log too.
+WORKER_STACKS_SIGNAL = signal.SIGUSR2
 
-    def __init__(self, plan: _Plan, epoch: int, start_batch: int):
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its parent goes (a rank killed by the OOM killer must not
+    leave workers behind, which a deadlocked worker would never notice)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / no prctl: torch's parent check remains
+        pass
+
+
+class _RunDataset(torch.utils.data.IterableDataset):
+    """The epochs of one rank from (epoch, start_batch) on, one worker per stream.
+
+    In epoch `epoch` worker j plays stream (j + start_batch) mod W (from its resume point); in every
+    later epoch worker j plays stream j. Every worker sends the same number of items per epoch
+    (batches, fillers, one report), so the loader's round-robin delivers the rank's batches in
+    order across epoch boundaries: one set of workers serves the whole run.
+    """
+
+    def __init__(self, plan: _Plan, epoch: int, start_batch: int, epochs: int | None):
         super().__init__()
-        self.plan, self.epoch, self.start_batch = plan, epoch, start_batch
+        self.plan, self.epoch, self.start_batch, self.epochs = plan, epoch, start_batch, epochs
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -491,14 +532,57 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             # SLURM (scancel, preemption, the time limit) sends SIGTERM to every process of the job,
             # loader workers included. torch's worker handler then kills the worker, and the main
             # process dies in its SIGCHLD handler before it can checkpoint. The main process decides
-            # when to stop (pertvl.train.signals) and shuts its workers down itself: ignore it here.
+            # when to stop (pertvl.train.signals) and ends its workers itself (SIGKILL, TrainStream.close).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True)
+            _die_with_parent()
         w = self.plan.streams
         if workers != w:
             raise RuntimeError(f"the stream was planned for {w} worker(s) but runs in {workers}")
-        stream = (worker + self.start_batch) % w
-        skip = max(0, -(-(self.start_batch - stream) // w))  # batches of this stream before start_batch
-        return _stream_batches(self.plan, self.epoch, stream, skip)
+        return self._epochs(worker)
+
+    def _epochs(self, worker: int) -> Iterator[Batch | _WorkerReport]:
+        w, total = self.plan.streams, self.plan.batches_per_stream * self.plan.streams
+        epoch, start = self.epoch, self.start_batch
+        while self.epochs is None or epoch < self.epoch + self.epochs:
+            stream = (worker + start) % w
+            skip = max(0, -(-(start - stream) // w))  # batches of this stream before start_batch
+            items = -(-(total - start) // w)  # what worker 0 (the one with the most batches) sends
+            yield from _stream_batches(self.plan, epoch, stream, skip, items=items, worker=worker)
+            epoch, start = epoch + 1, 0
+
+
+class _Workers:
+    """A DataLoader iterator whose workers serve consecutive epochs, and where it is."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, epoch: int):
+        self.iterator = iter(loader)
+        self.next_epoch = epoch  # the epoch whose first item comes next
+        self._closed = False
+        # Runs before multiprocessing's own exit hook (atexit is LIFO), which would SIGTERM the
+        # workers (ignored: see _RunDataset) and then join them forever.
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the workers: torch's shutdown (a done event, then join), then SIGKILL any still alive."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        it = self.iterator
+        workers = list(getattr(it, "_workers", []))
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception as e:  # noqa: BLE001 - a broken queue must not stop the kill below
+                log.warning("loader shutdown: %s: %s", type(e).__name__, e)
+        # torch's shutdown ends a worker that does not stop by itself with SIGTERM, which ours ignore
+        # (see _RunDataset): a hung worker would stay, and block the interpreter's exit.
+        for proc in workers:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +597,14 @@ class TrainStream:
     again without it repeats the same epoch. After a complete pass, `skipped` holds the samples
     skipped per reason and `masked` the perturbations masked out, summed over this rank's workers
     (also logged). A resume position applies to one pass only.
+
+    Workers. With `num_workers` > 0 one set of loader workers serves consecutive epochs: after a
+    complete pass of epoch e they are already preparing epoch e + 1, so an epoch boundary costs no
+    start-up, and no worker is started again while training runs. They start from a `forkserver`
+    by default (a single-threaded server process), never by forking the rank itself, whose
+    threads (gloo, W&B, tqdm) may hold a lock at the moment of the fork that the child then waits
+    on forever. A pass that is not the continuation of the last complete one (another epoch, a
+    resume position, a pass abandoned half-way) starts new workers. `close()` ends them.
     """
 
     def __init__(self, plan: _Plan, *, epoch: int, start_batch: int, num_workers: int,
@@ -525,6 +617,8 @@ class TrainStream:
         self.samples_per_epoch = self.batches_per_epoch * plan.batch_size
         self.skipped: dict[str, int] = {}
         self.masked: dict[str, int] = {}
+        self.workers_started = 0  # sets of loader workers started so far (tests, logs)
+        self._workers: _Workers | None = None
         self.set_epoch(epoch, start_batch)
 
     @property
@@ -542,31 +636,60 @@ class TrainStream:
         """Batches the next pass yields."""
         return self.batches_per_epoch - self.start_batch
 
+    def close(self) -> None:
+        """End the loader workers (idempotent; the next pass starts new ones)."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close()
+
+    def _items(self, epoch: int, start: int) -> Iterator[Batch | _WorkerReport]:
+        if self.num_workers == 0:
+            return iter(_RunDataset(self._plan, epoch, start, epochs=1))
+        workers = self._workers
+        if workers is None or workers.next_epoch != epoch or start != 0:
+            self.close()
+            context = self.multiprocessing_context
+            if context is None:
+                context = default_worker_context()
+            loader = torch.utils.data.DataLoader(
+                _RunDataset(self._plan, epoch, start, epochs=None),
+                batch_size=None,  # batches are made inside the workers
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
+                multiprocessing_context=context,
+            )
+            workers = self._workers = _Workers(loader, epoch)
+            self.workers_started += 1
+        return workers.iterator
+
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self.epoch, self.start_batch
         expected = self.batches_per_epoch - start
-        dataset = _EpochDataset(self._plan, epoch, start)
-        if self.num_workers == 0:
-            items = iter(dataset)
-        else:
-            items = iter(
-                torch.utils.data.DataLoader(
-                    dataset,
-                    batch_size=None,  # batches are made inside the workers
-                    num_workers=self.num_workers,
-                    prefetch_factor=self.prefetch_factor,
-                    persistent_workers=False,
-                    multiprocessing_context=self.multiprocessing_context,
-                )
-            )
+        streams = self._plan.streams
         stats: Counter = Counter()
-        produced = 0
-        for item in items:
-            if isinstance(item, _WorkerReport):
-                stats.update(item.counts)
-                continue
-            produced += 1
-            yield item
+        produced = reports = 0
+        complete = False
+        try:
+            items = self._items(epoch, start)
+            for item in items:
+                if isinstance(item, _WorkerReport):
+                    if item.epoch != epoch:  # the round-robin lost its alignment: never train on it
+                        raise RuntimeError(f"rank {self._plan.rank}: a worker reported epoch {item.epoch} "
+                                           f"during epoch {epoch}")  # fmt: skip
+                    if not item.filler:
+                        stats.update(item.counts)
+                        reports += 1
+                        if reports == streams:  # every stream is done: the epoch is complete
+                            break
+                    continue
+                produced += 1
+                yield item
+            complete = reports == streams
+        finally:
+            if not complete:  # abandoned or failed half-way: these workers are mid-epoch
+                self.close()
+        if self._workers is not None:
+            self._workers.next_epoch = epoch + 1
         if produced != expected:  # would desynchronise ranks: fail loudly instead of hanging a collective
             raise RuntimeError(f"rank {self._plan.rank}: produced {produced} batches, planned {expected}")
         self.skipped = {k: stats[k] for k in SKIP_REASONS if stats[k]}
@@ -577,6 +700,41 @@ class TrainStream:
         level = logging.WARNING if self.skipped else logging.INFO
         log.log(level, "epoch %d rank %d: %d batches from %s; skipped %s; perturbations masked %s",
                 epoch, self._plan.rank, produced, self.source.description, self.skipped or "none", self.masked)  # fmt: skip
+
+
+def default_worker_context() -> str | None:
+    """How loader workers start: "forkserver" where the platform has it (Linux, macOS), whose server
+    preloads this module so that a worker starts in a fraction of a second; else the platform's
+    default. Set once per process, before the server starts."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return "forkserver"
+
+
+def preflight_imports(augment: bool) -> None:
+    """Import in this process what the loader workers import, so that a missing or broken package
+    is one clear error before the first step instead of a worker crash mid-run.
+
+    Raises:
+        ImportError: naming the package, what needs it and how to install it.
+    """
+    needed = [("webdataset", "reading shards"), ("PIL.Image", "decoding PNG"), ("tokenizers", "tokenizing")]
+    if augment:
+        needed.append(("kornia.geometry.transform", "augmentation (data.augment)"))
+    for module, why in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            top = module.split(".")[0]
+            raise ImportError(
+                f"the training stream needs {top} for {why}, and importing {module} failed: {e}; "
+                f"install it (pip install -c constraints.txt {'pillow' if top == 'PIL' else top}) "
+                f"{'or set data.augment=false' if module.startswith('kornia') else ''}".rstrip()
+            ) from e
 
 
 def build_train_stream(
@@ -618,7 +776,8 @@ def build_train_stream(
         image_size: resize to this side when it differs from the stored images.
         manifest, num_samples: for sources without a local manifest (see resolve_source).
         shuffle_buffer: sample shuffle buffer per stream.
-        prefetch_factor, multiprocessing_context: passed to the DataLoader.
+        prefetch_factor: passed to the DataLoader.
+        multiprocessing_context: how workers start (None: `default_worker_context()`, a forkserver).
 
     Raises:
         ValueError: bad arguments; fewer shards than world_size x workers (with the number
@@ -647,6 +806,11 @@ def build_train_stream(
         )
     if augment is True:
         augment = AugmentConfig()
+    from pertvl import faults
+
+    injected = tuple(faults.active("worker-"))
+    if num_workers > 0:
+        preflight_imports(bool(augment))
     backend = backend_of(tokenizer)
     if num_workers > 0:  # tokenizers' own thread pool does not survive fork; workers parallelize instead
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -663,6 +827,7 @@ def build_train_stream(
         resampled=resampled,
         image_size=image_size or src.image_size,
         shuffle_buffer=shuffle_buffer,
+        faults=injected,
     )
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip

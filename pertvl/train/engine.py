@@ -42,6 +42,7 @@ import os
 import random
 import socket
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pertvl import faults
 from pertvl.config import load_config, save_config
 from pertvl.train import checkpoint as ckpt
 from pertvl.train.launch import (
@@ -62,6 +64,7 @@ from pertvl.train.launch import (
 )
 from pertvl.train.monitor import Monitor, memory_metrics
 from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
+from pertvl.train.watchdog import Watchdog, exit_deadline
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +476,15 @@ class Trainer:
             else None
         )
         flag = PreemptionFlag().install()
+        self.watchdog = Watchdog(
+            rank=self.rank,
+            stall_timeout_s=self.tcfg["stall_timeout_s"],
+            stall_factor=self.tcfg["stall_factor"],
+            min_stall_s=float(self.tcfg["stall_min_s"]),
+            stop_grace_s=self.tcfg["stop_grace_s"],
+            stop_requested=lambda: flag.requested,
+        ).start()
+        injected = faults.active("rank-")
         bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
         first_loss = last_loss = None
         last_saved = global_step if state else -1
@@ -484,7 +496,10 @@ class Trainer:
                 batches = iter(self.stream)
                 fresh_iterator = True
                 while step_in_epoch < self.plan.steps_per_epoch and global_step < self.plan.total_steps:
+                    if injected:
+                        faults.at_rank_step(injected, rank=self.rank, step=global_step + 1)
                     metrics, ids = self._train_step(batches, fresh_iterator)
+                    self.watchdog.beat()
                     fresh_iterator = False
                     global_step += 1
                     step_in_epoch += 1
@@ -522,11 +537,12 @@ class Trainer:
                     "rank %d: %s received; checkpointing step %d and exiting with %d",
                     self.rank, flag.signal_name or "a peer's stop signal", global_step, PREEMPTED_EXIT_CODE,
                 )  # fmt: skip
-            if last_saved != global_step:
-                self._save(global_step, epoch, step_in_epoch, data_counts)
-            # Checksum first: writing RUN_DIR/final widens rank 0's 16-bit module to fp32 in place.
-            checksum = self._write_rank_file(global_step, final=not preempted)
-            final_dir = None if preempted else self._save_final(global_step)
+            with self.watchdog.phase("final checkpoint and save"):
+                if last_saved != global_step:
+                    self._save(global_step, epoch, step_in_epoch, data_counts)
+                # Checksum first: writing RUN_DIR/final widens rank 0's 16-bit module to fp32 in place.
+                checksum = self._write_rank_file(global_step, final=not preempted)
+                final_dir = None if preempted else self._save_final(global_step)
             exit_code = PREEMPTED_EXIT_CODE if preempted else 0
             if self.rank == 0:
                 self.monitor.summary(
@@ -537,6 +553,8 @@ class Trainer:
             self.monitor.finish(exit_code=1)
             raise
         finally:
+            self.watchdog.stop()
+            self.stream.close()
             if not preempted:
                 # After a stop signal the handlers stay: a launcher that sees a peer exit first sends
                 # SIGTERM to this rank while it finishes, which must not kill it half-way.
@@ -650,7 +668,8 @@ class Trainer:
             "data_plan": self._data_plan(),
             "data_counts": dict(data_counts),
         }
-        ckpt.save(self.engine, self.run_dir, global_step, client_state, keep_last=int(self.tcfg["keep_last"]))
+        with self.watchdog.phase("checkpoint"):
+            ckpt.save(self.engine, self.run_dir, global_step, client_state, keep_last=int(self.tcfg["keep_last"]))
 
     def _save_final(self, global_step: int) -> Path | None:
         """RUN_DIR/final: the encoders in fp32 with save_pretrained (rank 0; others wait)."""
@@ -718,6 +737,7 @@ class Trainer:
                 "global_step": global_step,
                 "finished": final,
                 "param_sha256": digest,
+                "loader_starts": self.stream.workers_started,  # 1 per run (or resume): workers span epochs
             },
         )
         return digest
@@ -735,6 +755,15 @@ def train(cfg: dict[str, Any], local_rank: int | None = None) -> TrainResult:
     """
     try:
         return Trainer(cfg, local_rank=local_rank).run()
+    except BaseException as err:
+        # Fail fast: this rank's error in its own log, then an exit that nothing can block (a peer
+        # waiting in a collective learns of it when this process's connections close; torchrun, the
+        # deepspeed launcher and srun end the other ranks when one exits non-zero).
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        if not isinstance(err, KeyboardInterrupt):
+            log.error("rank %s failed:\n%s", rank, "".join(traceback.format_exception(err)).rstrip())
+        exit_deadline(float(cfg["train"]["failure_timeout_s"]), f"rank {rank} failed with {type(err).__name__}")
+        raise
     finally:
         # What the run leaves in reference cycles (the engine, the last step's tensors; the
         # distributed all_gather's autograd nodes hold the process group) is collected while the
