@@ -56,7 +56,7 @@ def worker(variant: str, b: int, w: int, grid: int, d: int, reps: int) -> dict:
 
         def run():
             loss0, loss1, _ = gloria_local_loss(img, words.transpose(1, 2), lens)
-            return (loss0 + loss1) / 2
+            return loss0 + loss1  # GLoRIA adds the two directions (pertvl's default reduction "sum")
     else:
         from pertvl.losses import local_attentive_loss
 

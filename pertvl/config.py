@@ -4,7 +4,8 @@ A config is a nested dict with five sections::
 
     data:   where the shards are and how they stream (image size, workers, augmentation …)
     model:  passed to pertvl.model.create_model (image / text towers, projection, temperature)
-    loss:   passed to pertvl.losses.LossConfig (preset convirt | gloria | no_local | full, α, β, τ, γ)
+    loss:   passed to pertvl.losses.LossConfig (preset convirt | gloria | no_local | full, α, β, τ, γ,
+            global_reduction / local_reduction: mean | sum of each loss's two directions)
     train:  DeepSpeed config file, steps/epochs, the paper's SGD + warm-up/cosine, checkpoints, seed
     wandb:  W&B project / run name / tags / mode (offline by default; the API key only from the env)
 
@@ -34,7 +35,10 @@ DEFAULTS: dict[str, Any] = {
         "resampled": False,
     },
     "model": {},  # create_model's defaults (pertvl.model.DualEncoderConfig)
-    "loss": {"preset": "full"},
+    # L_global's two directions averaged (the paper's "symmetric cross-entropy" as CLIP), L_local's
+    # added (the paper: "Addition of the symmetrical cross-entropy loss", as GLoRIA); see
+    # pertvl.losses and docs/TRAINING.md "Loss definitions". configs/demo.yaml pins local "mean".
+    "loss": {"preset": "full", "global_reduction": "mean", "local_reduction": "sum"},
     "train": {
         "deepspeed_config": "ds_configs/cpu_zero1_fp32.json",
         # None: the DeepSpeed JSON's train_micro_batch_size_per_gpu / gradient_accumulation_steps /

@@ -2,6 +2,16 @@
 
     L = L_global + α·L_local + β·L_pert            (paper Eq. 1–3; α = β = 0.1, τ = 0.07)
 
+How each contrastive loss combines its two directions (image→text, text→image) is explicit
+(`LossConfig.global_reduction` / `local_reduction`, "mean" or "sum"):
+* L_global (§III-B 1): the paper calls it "a symmetric cross-entropy loss [3]" (CLIP) and prints
+  one direction's term, −log exp(e_ij·e_tj/τ) / Σ_k exp(e_ik·e_tj/τ) (text j against all images);
+  CLIP's reference averages the two directions, so the paper's L_global is the MEAN (default).
+* L_local (§III-B 2): "Addition of the symmetrical cross-entropy loss for Image-Text and Text-Image
+  matching becomes the final contrastive loss", as GLoRIA does (l_loss0 + l_loss1): the SUM
+  (default). pertvl averaged them until issue 15 (α = 0.1 then acted as 0.05); configs/demo.yaml
+  pins "mean" to keep its tuned behaviour.
+
 * `global_contrastive_loss`  — L_global (§III-B 1): symmetric InfoNCE between the global image and
   report embeddings of the batch; across ranks the features are gathered *with gradient*
   (open_clip's gather_with_grad + local-loss pattern), so N ranks × batch b equal one process with
@@ -43,6 +53,15 @@ __all__ = [
 ]
 
 _EPS = 1e-8  # GLoRIA's cosine_similarity clamps |a|·|b| at 1e-8
+REDUCTIONS = ("mean", "sum")  # how a contrastive loss combines its image→text and text→image terms
+
+
+def _check_reduction(fn: str, name: str, value: Any) -> float:
+    """The factor applied to CE(image→text) + CE(text→image): 0.5 for "mean", 1 for "sum"."""
+    if value not in REDUCTIONS:
+        raise ValueError(f"{fn}: expected {name} 'mean' or 'sum' (of the image→text and text→image "
+                         f"cross-entropies), got {value!r}")
+    return 0.5 if value == "mean" else 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,10 +126,18 @@ def global_contrastive_loss(
     temperature: float | torch.Tensor = 0.07,
     rank: int = 0,
     world_size: int = 1,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """L_global (paper §III-B 1): symmetric InfoNCE over the batch on L2-normalized embeddings,
 
-        L = ½ [ CE_i(cos(v_i, t_j)/τ → j=i) + CE_i(cos(t_i, v_j)/τ → j=i) ].
+        L = ½ [ CE_i(cos(v_i, t_j)/τ → j=i) + CE_i(cos(t_i, v_j)/τ → j=i) ]      ("mean", default)
+        L =     CE_i(cos(v_i, t_j)/τ → j=i) + CE_i(cos(t_i, v_j)/τ → j=i)        ("sum", GLoRIA's)
+
+    The paper's equation for L_global prints the text→image term of pair j,
+    −log exp(e_ij·e_tj/τ) / [exp(e_ij·e_tj/τ) + Σ_{k≠j} exp(e_ik·e_tj/τ)], and calls the loss "a
+    symmetric cross-entropy loss [3]": CLIP [3] averages its two directions, so the paper's
+    L_global is the batch mean of that term and of its image→text mirror, averaged ("mean").
+    GLoRIA adds them (g_loss0 + g_loss1): "sum".
 
     With `world_size` > 1 (torch.distributed initialized), each rank's features are gathered from
     all ranks with gradient and this rank's rows are scored against the whole global batch, with
@@ -124,10 +151,12 @@ def global_contrastive_loss(
         text_emb: [b, D] global report embeddings, row i paired with image i.
         temperature: τ, a float or a one-element tensor (e.g. 1 / learnable logit scale).
         rank, world_size: this process's rank and the number of ranks.
+        reduction: "mean" (the paper's, CLIP's) or "sum" (GLoRIA's) of the two directions.
     Returns:
         scalar float32 loss.
     """
     fn = "global_contrastive_loss"
+    factor = _check_reduction(fn, "reduction", reduction)
     _check_tensor(fn, "image_emb", image_emb, "[B, D]", 2)
     _check_tensor(fn, "text_emb", text_emb, "[B, D]", 2)
     _check_dims(fn, "text_emb.shape (same as image_emb)", tuple(image_emb.shape), tuple(text_emb.shape))
@@ -152,7 +181,7 @@ def global_contrastive_loss(
         labels = torch.arange(b, device=img.device) + rank * b
         logits_per_image = img @ all_txt.T / tau  # [b, N·b]
         logits_per_text = txt @ all_img.T / tau
-        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+        return factor * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,10 +355,18 @@ def local_attentive_loss(
     gamma2: float = 5.0,
     gamma3: float = 10.0,
     aggregation: str = "sum",
+    reduction: str = "sum",
 ) -> torch.Tensor:
     """L_local (paper §III-B 2, GLoRIA's local loss): logits γ3·S(I_j, T_i) over all image×report
     pairs of the batch (S from `local_similarity`), cross-entropy image→report and report→image
-    with the matching pair as target; returns the mean of the two directions.
+    with the matching pair as target, combined by `reduction`:
+
+        L_local = CE(image→report) + CE(report→image)          ("sum", default: the paper, GLoRIA)
+        L_local = ½ [CE(image→report) + CE(report→image)]      ("mean": pertvl before issue 15)
+
+    The paper (§III-B 2, the L_local equation): "Addition of the symmetrical cross-entropy loss
+    for Image-Text and Text-Image matching becomes the final contrastive loss"; GLoRIA's
+    pretraining loss is local_loss_weight · (l_loss0 + l_loss1).
 
     Equal to GLoRIA's `local_loss` (a Python loop over captions, gloria/loss/gloria_loss.py) up to
     float rounding, with padded words masked instead of sliced. A report with no word is out of
@@ -339,12 +376,14 @@ def local_attentive_loss(
     Args:
         region_feats: [B, M, D]; word_feats: [B, W, D]; word_mask: [B, W] bool (True = real word).
         gamma1, gamma2, gamma3: GLoRIA's temperatures (4, 5, 10).
-        aggregation: "sum" (GLoRIA's default) or "mean".
+        aggregation: "sum" (GLoRIA's default) or "mean" over words inside S (not the directions).
+        reduction: "sum" (the paper's, GLoRIA's) or "mean" of the two directions.
     Returns:
         scalar float32 loss.
     """
     fn = "local_attentive_loss"
     _check_local_inputs(fn, region_feats, word_feats, word_mask)
+    factor = _check_reduction(fn, "reduction", reduction)
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
@@ -355,9 +394,9 @@ def local_attentive_loss(
             if not bool(ok.any()):
                 return _zero_with_grad(_upcast(region_feats), _upcast(word_feats))
             idx = ok.nonzero().squeeze(1)
-            return 0.5 * (F.cross_entropy(logits[idx], idx) + F.cross_entropy(logits.T[idx], idx))
+            return factor * (F.cross_entropy(logits[idx], idx) + F.cross_entropy(logits.T[idx], idx))
         labels = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        return factor * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, gamma1: float = 4.0) -> torch.Tensor:
@@ -460,6 +499,11 @@ class LossConfig:
     preset. When `DualOutput.logit_scale` is set (learnable temperature), it replaces
     `temperature` in L_global; `pert_temperature` stays fixed (the authors' evaluated checkpoint
     used 0.01 there).
+
+    `global_reduction` / `local_reduction`: "mean" or "sum" of each contrastive loss's
+    image→text and text→image cross-entropies. Defaults are the paper's: L_global "mean"
+    (a symmetric cross-entropy as CLIP [3], which averages) and L_local "sum" ("Addition of the
+    symmetrical cross-entropy loss", as GLoRIA). GLoRIA itself also sums L_global's directions.
     """
 
     preset: str = "full"
@@ -471,12 +515,18 @@ class LossConfig:
     gamma2: float = 5.0
     gamma3: float = 10.0
     local_aggregation: str = "sum"
+    global_reduction: str = "mean"
+    local_reduction: str = "sum"
 
     def __post_init__(self) -> None:
         if self.preset not in LOSS_PRESETS:
             raise ValueError(f"LossConfig: expected preset in {sorted(LOSS_PRESETS)}, got {self.preset!r}")
         if self.local_aggregation not in ("sum", "mean"):
             raise ValueError(f"LossConfig: expected local_aggregation 'sum' or 'mean', got {self.local_aggregation!r}")
+        for name in ("global_reduction", "local_reduction"):
+            if getattr(self, name) not in REDUCTIONS:
+                raise ValueError(f"LossConfig: expected {name} 'mean' or 'sum' (of the image→text and "
+                                 f"text→image cross-entropies), got {getattr(self, name)!r}")
         for name in ("alpha", "beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LossConfig: expected {name} >= 0, got {getattr(self, name)}")
@@ -541,7 +591,8 @@ class PretrainLoss:
         if out.logit_scale is not None:
             tau = 1.0 / out.logit_scale.float()
         zero = img.new_zeros((), dtype=torch.float32)
-        g = global_contrastive_loss(img, out.text.global_emb, tau, rank=rank, world_size=world_size)
+        g = global_contrastive_loss(img, out.text.global_emb, tau, rank=rank, world_size=world_size,
+                                    reduction=cfg.global_reduction)
         total = g
         local = pert = zero
         if cfg.uses_local:
@@ -552,7 +603,7 @@ class PretrainLoss:
                 )
             local = local_attentive_loss(
                 out.image.regions, out.text.words, out.text.word_mask,
-                cfg.gamma1, cfg.gamma2, cfg.gamma3, cfg.local_aggregation,
+                cfg.gamma1, cfg.gamma2, cfg.gamma3, cfg.local_aggregation, cfg.local_reduction,
             )
             total = total + cfg.alpha * local
         if cfg.uses_perturbations:

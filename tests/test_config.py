@@ -14,7 +14,7 @@ def test_file_then_overrides(tmp_path):
     cfg = load_config(path, ["train.max_steps=7", "wandb.tags=[a, b]", "loss.alpha=0.5"])
     assert cfg["train"]["max_steps"] == 7
     assert cfg["train"]["lr"] == DEFAULTS["train"]["lr"]
-    assert cfg["loss"] == {"preset": "convirt", "alpha": 0.5}
+    assert cfg["loss"] == {"preset": "convirt", "alpha": 0.5, "global_reduction": "mean", "local_reduction": "sum"}
     assert cfg["model"] == {"embed_dim": 64}
     assert cfg["wandb"]["tags"] == ["a", "b"]
     save_config(cfg, tmp_path / "resolved.yaml")
@@ -41,3 +41,20 @@ def test_shipped_configs_load():
     for path in sorted(root.glob("*.yaml")):
         cfg = load_config(path)
         assert cfg["loss"]["preset"] in {"convirt", "gloria", "no_local", "full"}, path
+
+
+def test_every_shipped_config_states_the_reductions_and_word_features():
+    """The loss reductions and the word features are written in every shipped config (not left to a
+    default); the paper's configs add L_local's directions, the demo keeps its tuned mean."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert DEFAULTS["loss"]["local_reduction"] == "sum" and DEFAULTS["loss"]["global_reduction"] == "mean"
+    seen = {}
+    for path in sorted(root.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        assert {"global_reduction", "local_reduction"} <= set(raw["loss"]), path
+        assert raw["model"].get("word_features") in ("paper", "gloria"), path
+        seen[path.name] = (raw["loss"]["global_reduction"], raw["loss"]["local_reduction"])
+    assert seen["demo.yaml"] == ("mean", "mean")
+    assert seen["openi_paper.yaml"] == ("mean", "sum") and seen["cxr_bert.yaml"] == ("mean", "sum")

@@ -69,7 +69,7 @@ def build_tiny_run(base: Path, minilm_path: str) -> Path:
     for _ in range(2):
         img, txt = model.encode_image(images), model.encode_text(**tokens)
         loss = global_contrastive_loss(img.global_emb, txt.global_emb) + local_attentive_loss(
-            img.regions, txt.words, txt.word_mask)
+            img.regions, txt.words, txt.word_mask, reduction="mean")
         opt.zero_grad()
         loss.backward()
         opt.step()

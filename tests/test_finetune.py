@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -250,10 +251,159 @@ def test_nli_is_seeded(tiny_run, nli_files):
     assert asdict(a.test) == asdict(b.test) and a.predictions == b.predictions
 
 
+@pytest.fixture(scope="module")
+def radnli_files(tmp_path_factory) -> dict[str, Path]:
+    """radnli_{dev,test}_v1.jsonl in RadNLI's format (sentence1, sentence2, gold_label): RadNLI ships
+    no training file. 45 / 30 learnable items, 15 / 10 per label."""
+    root = tmp_path_factory.mktemp("radnli")
+    rng = np.random.default_rng(7)
+    files = {}
+    for split, n in (("dev", 15), ("test", 10)):
+        files[split] = root / f"radnli_{split}_v1.jsonl"
+        files[split].write_text("".join(json.dumps(it) + "\n" for it in _nli_items(n, rng)))
+    return files
+
+
+def _text_tokenizer(tiny_run):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_run / "final" / "text_encoder")
+
+
+def test_nli_sentences_reach_the_tokenizer_unchanged(tiny_run):
+    """No report cleaning for NLI: "isn't" stays "isn't" (clean_text made it "isn t", losing the
+    negation cue); the uncased tokenizer lowercases by itself and keeps the apostrophe piece."""
+    tok = _text_tokenizer(tiny_run)
+    seen = []
+
+    class Spy:
+        def __call__(self, a, b, **kw):
+            seen.append((list(a), list(b)))
+            return tok(a, b, **kw)
+
+    premise, hypothesis = "The heart isn't enlarged.", "No CARDIOMEGALY; the lungs aren't clear."
+    batch = ft._NliCollate(Spy(), 256)([ft.NliExample(premise, hypothesis, 1, "x.jsonl:1")])
+    assert seen == [([premise], [hypothesis])]
+    tokens = tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert tokens[:8] == ["[CLS]", "the", "heart", "isn", "'", "t", "enlarged", "."]
+    assert "'" in tokens[tokens.index("[SEP]"):] and "cardiomegaly" in "".join(tokens).replace("##", "")
+    assert batch["token_type_ids"][0].tolist() == [0] * (tokens.index("[SEP]") + 1) + [1] * (
+        len(tokens) - tokens.index("[SEP]") - 1)
+
+
+def test_nli_truncation_is_counted_and_reported(tiny_run, radnli_files, tmp_path, capsys):
+    tok = _text_tokenizer(tiny_run)
+    long_premise = " ".join(["small left pleural effusion"] * 12) + "."
+    lines = [{"sentence1": long_premise, "sentence2": "there is an effusion", "gold_label": "entailment"},
+             {"sentence1": "no effusion", "sentence2": "there is an effusion", "gold_label": "contradiction"},
+             {"sentence1": "heart size normal", "sentence2": long_premise, "gold_label": "neutral"}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    f = ft.read_nli(path)
+    lengths = [len(tok(e.premise, e.hypothesis)["input_ids"]) for e in f.examples]
+    assert lengths[0] > 32 and lengths[1] < 32 and lengths[2] > 32
+    t = ft.nli_truncation(tok, f.examples, 32)
+    assert t == {"pairs": 2, "longest": max(lengths), "max_length": 32, "first": f"{path}:1"}
+    settings = ft.FitSettings(epochs=1, batch_size=8, device="cpu", freeze_encoder=True)
+    r = ft.finetune_nli(f, None, ft.read_nli(radnli_files["test"]), run=tiny_run, settings=settings, max_length=32)
+    printed = capsys.readouterr().out
+    assert f"warning: {path}: 2 of 3 sentence pairs exceed 32 word pieces (longest {max(lengths)})" in printed
+    assert r.data["train"]["truncated"] == t and r.data["test"]["truncated"]["pairs"] == 0
+    assert r.settings["max_length"] == 32 and "no report cleaning" in r.data["text"]
+    # Above the encoder's positions (the tiny BERT has 128), pairs are cut at 128, said once.
+    r = ft.finetune_nli(f, None, f, run=tiny_run, settings=settings, max_length=512)
+    assert r.settings["max_length"] == 128 and "max_length 512 > the encoder's 128 positions" in capsys.readouterr().out
+
+
+def test_nli_folds_are_stratified_disjoint_and_seeded():
+    rng = np.random.default_rng(0)
+    f = ft.NliFile("x.jsonl", [ft.NliExample(it["sentence1"], it["sentence2"], ft.NLI_LABELS.index(it["gold_label"]),
+                                             f"x.jsonl:{i + 1}") for i, it in enumerate(_nli_items(10, rng))], 30)
+    folds = ft.nli_folds(f.examples, 4, seed=3)
+    assert sorted(i for fold in folds for i in fold) == list(range(30))
+    assert [len(fold) for fold in folds] == [8, 8, 7, 7]
+    for fold in folds:  # 10 per label over 4 folds: 2 or 3 of each label per fold
+        counts = Counter(f.examples[i].label for i in fold)
+        assert all(counts[lab] in (2, 3) for lab in range(3)), counts
+    assert folds == ft.nli_folds(f.examples, 4, seed=3) and folds != ft.nli_folds(f.examples, 4, seed=4)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        ft.nli_folds(f.examples, 1, seed=0)
+    with pytest.raises(ValueError, match="31 folds need at least 31 examples, got 30"):
+        ft.nli_folds(f.examples, 31, seed=0)
+
+
+def test_radnli_train_on_dev_test_on_test(tiny_run, radnli_files, tmp_path, capsys):
+    """The authors' RadNLI protocol: train on radnli_dev_v1.jsonl, test on radnli_test_v1.jsonl, no --dev."""
+    out = tmp_path / "radnli"
+    code = pertvl_main(["finetune", "nli", "--run", str(tiny_run), "--train", str(radnli_files["dev"]),
+                        "--test", str(radnli_files["test"]), "--epochs", "2", "--batch-size", "16",
+                        "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"{radnli_files['dev']}: 45 examples (entailment 15, contradiction 15, neutral 15;" in printed
+    assert f"{radnli_files['test']}: 30 examples (entailment 10, contradiction 10, neutral 10;" in printed
+    assert "protocol: train/test (last epoch; no dev set)" in printed
+    doc = json.loads((out / "nli.json").read_text())
+    assert doc["dev"] is None and doc["best_epoch"] == 2 and len(doc["history"]) == 2
+    assert doc["settings"]["protocol"] == "train/test" and doc["settings"]["selection"] == "last epoch (no dev set)"
+    assert set(doc["data"]) >= {"train", "test"} and "dev" not in doc["data"]
+    assert doc["data"]["train"]["labels"] == {"entailment": 15, "contradiction": 15, "neutral": 15}
+    preds = [json.loads(line) for line in (out / "nli.predictions.jsonl").read_text().splitlines()]
+    assert {p["split"] for p in preds} == {"test"} and len(preds) == 30
+    assert doc["test"]["accuracy"] == pytest.approx(np.mean([p["gold"] == p["predicted"] for p in preds]), abs=1e-12)
+    assert "last epoch of 2 (no dev set)" in (out / "nli.md").read_text()
+
+
+def test_radnli_k_fold_cross_validation(tiny_run, radnli_files, tmp_path, capsys):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    out = tmp_path / "cv"
+    code = pertvl_main(["finetune", "nli", "--run", str(tiny_run), "--train", str(radnli_files["dev"]), "--cv", "3",
+                        "--freeze-encoder", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+                        "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"{radnli_files['dev']}: 45 examples (entailment 15, contradiction 15, neutral 15;" in printed
+    for k in (1, 2, 3):  # 15 per label over 3 folds: exactly 5 of each in every test fold
+        assert (f"fold {k}/3: train 30 (entailment 10, contradiction 10, neutral 10), test 15 (entailment 5, "
+                "contradiction 5, neutral 5)") in printed
+    doc = json.loads((out / "nli.json").read_text())
+    assert doc["schema"] == "pertvl-finetune-nli-cv/1" and doc["settings"]["folds"] == 3
+    assert doc["data"]["folds"] == [15, 15, 15] and len(doc["folds"]) == 3
+    preds = [json.loads(line) for line in (out / "nli.predictions.jsonl").read_text().splitlines()]
+    # every example is predicted exactly once, by the fold that held it out
+    assert sorted(p["where"] for p in preds) == sorted(f"{radnli_files['dev']}:{i}" for i in range(1, 46))
+    per_fold = []
+    for k in (1, 2, 3):
+        rows = [p for p in preds if p["split"] == f"fold{k}"]
+        per_fold.append(accuracy_score([p["gold"] for p in rows], [p["predicted"] for p in rows]))
+        assert doc["folds"][k - 1]["test"]["metrics"]["accuracy"] == pytest.approx(per_fold[-1], abs=1e-12)
+        assert doc["folds"][k - 1]["train"]["examples"] == 30 and doc["folds"][k - 1]["test"]["examples"] == 15
+    assert doc["accuracy"]["per_fold"] == pytest.approx(per_fold, abs=1e-12)
+    assert doc["accuracy"]["mean"] == pytest.approx(np.mean(per_fold), abs=1e-12)
+    assert doc["accuracy"]["std"] == pytest.approx(np.std(per_fold, ddof=1), abs=1e-12)
+    gold, pred = [p["gold"] for p in preds], [p["predicted"] for p in preds]
+    assert doc["pooled"]["accuracy"] == pytest.approx(accuracy_score(gold, pred), abs=1e-12)
+    assert doc["pooled"]["macro_f1"] == pytest.approx(
+        f1_score(gold, pred, labels=list(ft.NLI_LABELS), average="macro", zero_division=0), abs=1e-12)
+    assert "3-fold cross-validation" in (out / "nli.md").read_text()
+
+
+def test_nli_protocol_errors(tiny_run, radnli_files, tmp_path, capsys):
+    base = ["finetune", "nli", "--run", str(tiny_run), "--train", str(radnli_files["dev"]), "--out", str(tmp_path)]
+    assert pertvl_main([*base, "--cv", "3", "--test", str(radnli_files["test"])]) == 2
+    assert "--cv K cross-validates on --train alone; drop --dev/--test" in capsys.readouterr().err
+    assert pertvl_main(base) == 2
+    assert "give --test JSONL (train/test or train/dev/test protocol) or --cv K" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pertvl_main([*base, "--cv", "1"])
+
+
 # ----------------------------------------------------------------------------- CheXpert
 
 
-def test_uncertain_policies_on_known_rows(chexpert):
+@pytest.mark.parametrize("blank", ["mask", "zero"])
+def test_uncertain_policies_on_known_rows(chexpert, blank):
     nan = math.nan
     # rows kept (frontal, image present): patient00001 (1, 0), 00002 (-1, 1), 00003 (blank, -1);
     # the lateral view of 00003 is filtered and 00004's image is missing.
@@ -261,10 +411,15 @@ def test_uncertain_policies_on_known_rows(chexpert):
         "zeros": ([[1, 0], [0, 1], [0, 0]], [[1, 1], [1, 1], [0, 1]]),
         "ones": ([[1, 0], [1, 1], [0, 1]], [[1, 1], [1, 1], [0, 1]]),
         "ignore": ([[1, 0], [0, 1], [0, 0]], [[1, 1], [0, 1], [0, 0]]),
+        # Consolidation and Pleural Effusion are both U-Zeros labels of the authors' mix
+        "u-mix": ([[1, 0], [0, 1], [0, 0]], [[1, 1], [1, 1], [0, 1]]),
     }
     for policy, (targets, mask) in expected.items():
+        if blank == "zero":  # patient00003's blank Consolidation: a negative in the loss
+            mask = [row[:] for row in mask]
+            mask[2][0] = 1
         data = ft.prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
-                                   uncertain=policy)
+                                   uncertain=policy, blank=blank)
         assert [r.group for r in data.train] == ["patient00001", "patient00002", "patient00003"]
         np.testing.assert_array_equal(data.train_targets, np.array(targets, np.float32))
         np.testing.assert_array_equal(data.train_mask, np.array(mask, np.float32))
@@ -275,7 +430,7 @@ def test_uncertain_policies_on_known_rows(chexpert):
         assert all("patient00004" in p and "not found" in p for p in s["image_problems"])
         assert any(p.endswith(":5: lateral view (frontal only)") for p in s["row_problems"])
     all_views = ft.prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
-                                    frontal_only=False)
+                                    frontal_only=False, blank=blank)
     assert len(all_views.train) == 4 and all_views.train[3].view == "Lateral"
     np.testing.assert_array_equal(all_views.train_targets[3], [1, 1])
 
@@ -285,6 +440,57 @@ def test_chexpert_targets_reject_unknown_values_and_policies():
         ft.chexpert_targets(np.array([[2.0]]))
     with pytest.raises(ValueError, match="uncertain policy"):
         ft.chexpert_targets(np.array([[1.0]]), "maybe")
+    with pytest.raises(ValueError, match=r"blank policy: expected one of \('zero', 'mask'\), got 'drop'"):
+        ft.chexpert_targets(np.array([[1.0]]), blank="drop")
+    with pytest.raises(ValueError, match="'u-mix' needs the 1 label names"):
+        ft.chexpert_targets(np.array([[-1.0]]), "u-mix")
+
+
+def test_blank_cells_are_negatives_by_default_in_a_chexpert_csv(tmp_path):
+    """CheXpert's convention: a blank cell = not mentioned = negative. A frontal "No Finding" row with
+    blank Consolidation / Pleural Effusion trains with targets [0, 0] (it trained nothing before)."""
+    header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(ft.CHEXPERT_LABELS)
+    assert header.startswith("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,") and "Pleural Effusion" in header
+    cells = {name: "" for name in ft.CHEXPERT_LABELS}
+    cells["No Finding"] = "1.0"
+    row = "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP," + ",".join(
+        cells[name] for name in ft.CHEXPERT_LABELS)
+    (tmp_path / "train.csv").write_text(header + "\n" + row + "\n")
+    _png(tmp_path / "images" / "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg", 90)
+    data = ft.prepare_chexpert(tmp_path / "train.csv", tmp_path / "images", valid_csv=tmp_path / "train.csv")
+    np.testing.assert_array_equal(data.test_values, [[np.nan, np.nan]])
+    np.testing.assert_array_equal(data.train_targets, np.array([[0, 0]], np.float32))
+    np.testing.assert_array_equal(data.train_mask, np.array([[1, 1]], np.float32))
+    assert data.summary["blank_policy"] == "zero"
+    masked = ft.prepare_chexpert(tmp_path / "train.csv", tmp_path / "images", valid_csv=tmp_path / "train.csv",
+                                 blank="mask")
+    np.testing.assert_array_equal(masked.train_mask, np.array([[0, 0]], np.float32))
+
+
+def test_u_mix_is_u_ones_for_edema_and_atelectasis_only():
+    labels = ("Edema", "Atelectasis", "Consolidation", "Pleural Effusion", "Cardiomegaly")
+    values = np.array([[-1.0, -1.0, -1.0, -1.0, -1.0], [0.0, np.nan, 1.0, np.nan, -1.0]])
+    targets, mask = ft.chexpert_targets(values, "u-mix", labels=labels)
+    np.testing.assert_array_equal(targets, np.array([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0]], np.float32))
+    np.testing.assert_array_equal(mask, np.ones((2, 5), np.float32))
+    targets, mask = ft.chexpert_targets(values, "u-mix", blank="mask", labels=labels)
+    np.testing.assert_array_equal(mask, np.array([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1]], np.float32))
+
+
+def test_test_scores_follow_the_blank_policy():
+    from sklearn.metrics import roc_auc_score
+
+    values = np.array([[1.0], [0.0], [np.nan], [-1.0], [np.nan], [1.0]])
+    probs = np.array([[0.9], [0.2], [0.6], [0.5], [0.1], [0.4]])
+    zero = ft.multilabel_scores(probs, values, ["Edema"])["Edema"]
+    y, p = [1, 0, 0, 0, 1], [0.9, 0.2, 0.6, 0.1, 0.4]  # blanks scored as negatives, uncertain left out
+    assert (zero.n, zero.n_pos, zero.n_neg, zero.blank_negatives) == (5, 2, 3, 2)
+    assert (zero.excluded_uncertain, zero.excluded_blank) == (1, 0)
+    assert zero.auroc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert zero.accuracy == pytest.approx(3 / 5)
+    mask = ft.multilabel_scores(probs, values, ["Edema"], blank="mask")["Edema"]
+    assert (mask.n, mask.n_pos, mask.n_neg, mask.blank_negatives, mask.excluded_blank) == (3, 2, 1, 0, 2)
+    assert mask.auroc == pytest.approx(roc_auc_score([1, 0, 1], [0.9, 0.2, 0.4]), abs=1e-12)
 
 
 def test_read_chexpert_csv_errors_and_bad_cells(tmp_path):
@@ -337,8 +543,8 @@ def test_chexpert_finetune_end_to_end(tiny_run, chexpert, tmp_path):
         preds = list(csv.DictReader(f))
     assert len(preds) == d["test_images_scored"]
     for lab in per:
-        rows = [r for r in preds if r[lab] in ("1.0", "0.0")]
-        y = [int(float(r[lab])) for r in rows]
+        rows = [r for r in preds if r[lab] in ("1.0", "0.0", "")]  # blanks are negatives (--blank zero)
+        y = [int(r[lab] == "1.0") for r in rows]
         p = [float(r[f"{lab} probability"]) for r in rows]
         assert per[lab]["n"] == len(rows) and per[lab]["n_pos"] == sum(y) and 0 < sum(y) < len(y)
         assert per[lab]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
@@ -440,6 +646,11 @@ def test_cli_defaults_match_the_module():
                                       "--out", "o"])
     assert args.group_pattern == ft.DEFAULT_GROUP_PATTERN and args.frontal_only is True
     assert args.labels.split(",") == list(ft.PAPER_CHEXPERT_LABELS) and args.uncertain == "zeros"
+    assert args.blank == "zero"
+    args_nli = build_parser().parse_args(["finetune", "nli", "--run", "r", "--train", "t", "--test", "x", "--out", "o"])
+    assert args_nli.max_length == ft.NLI_MAX_LENGTH == 256 and args_nli.dev is None and args_nli.cv is None
+    assert build_parser().parse_args(["finetune", "chexpert", "--run", "r", "--csv", "c", "--images", "i", "--out",
+                                      "o", "--blank", "mask", "--uncertain", "u-mix"]).blank == "mask"
     settings = ft._settings(args, "chexpert")
     assert (settings.epochs, settings.head_lr, settings.freeze_encoder) == (*ft.FINETUNE_DEFAULTS["chexpert"], False)
     args = build_parser().parse_args(["finetune", "chexpert", "--export", "e", "--csv", "c", "--images", "i",

@@ -46,7 +46,7 @@ def test_local_loss_equals_gloria_loop_values_and_gradients(agg, dtype):
     img.requires_grad_(True)
     words.requires_grad_(True)
     l0, l1, _ = gloria_local_loss(img, words, lens.tolist(), agg=agg)
-    ref = (l0 + l1) / 2
+    ref = l0 + l1  # GLoRIA (and the paper) add the two directions: reduction "sum", the default
     ref_gi, ref_gw = torch.autograd.grad(ref, [img, words])
 
     regions = img.flatten(2).transpose(1, 2)  # [B, M, D]
@@ -96,17 +96,105 @@ def test_local_loss_report_without_words_is_left_out():
     loss = local_attentive_loss(regions, word_feats, mask)
     keep = torch.tensor([0, 1, 3, 4])
     logits = 10 * s  # report 2 is out of every image's softmax (S = -inf); image 2 stays a negative
-    expected = 0.5 * (F.cross_entropy(logits[keep][:, keep], torch.arange(4)) + F.cross_entropy(logits.T[keep], keep))
+    expected = F.cross_entropy(logits[keep][:, keep], torch.arange(4)) + F.cross_entropy(logits.T[keep], keep)
     torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(local_attentive_loss(regions, word_feats, mask, reduction="mean"), expected / 2)
     none = local_attentive_loss(regions.requires_grad_(), word_feats, torch.zeros_like(mask))
     assert none.item() == 0.0
     none.backward()
     assert regions.grad is not None and torch.all(regions.grad == 0)
 
 
+def test_local_reduction_sum_is_the_papers_addition_and_mean_is_the_old_value():
+    """Paper §III-B 2: "Addition of the symmetrical cross-entropy loss for Image-Text and Text-Image
+    matching" (GLoRIA: l_loss0 + l_loss1). pertvl averaged them before issue 15."""
+    img, words, lens, mask = _local_inputs(4)
+    l0, l1, _ = gloria_local_loss(img, words, lens.tolist())
+    regions, word_feats = img.flatten(2).transpose(1, 2), words.transpose(1, 2)
+    # the two directions by hand from the similarity matrix, GLoRIA's γ3 = 10
+    logits = 10 * local_similarity(regions, word_feats, mask)
+    labels = torch.arange(5)
+    i2t, t2i = F.cross_entropy(logits, labels), F.cross_entropy(logits.T, labels)
+    torch.testing.assert_close(i2t + t2i, l0 + l1, rtol=1e-12, atol=0)
+    assert LossConfig().local_reduction == "sum"
+    assert local_attentive_loss(regions, word_feats, mask).item() == (i2t + t2i).item()
+    assert local_attentive_loss(regions, word_feats, mask, reduction="sum").item() == (i2t + t2i).item()
+    assert local_attentive_loss(regions, word_feats, mask, reduction="mean").item() == (0.5 * (i2t + t2i)).item()
+    out = SimpleNamespace(
+        image=SimpleNamespace(global_emb=torch.randn(5, 24, dtype=torch.float64), regions=regions),
+        text=SimpleNamespace(global_emb=torch.randn(5, 24, dtype=torch.float64), words=word_feats, word_mask=mask),
+        pert_emb=None, pert_valid=None, logit_scale=None)
+    g = global_contrastive_loss(out.image.global_emb, out.text.global_emb)
+    paper = PretrainLoss({"preset": "gloria"})(out)
+    assert paper.local_loss.item() == (i2t + t2i).item()
+    assert paper.total.item() == (g + 0.1 * (i2t + t2i)).item()
+    old = PretrainLoss({"preset": "gloria", "local_reduction": "mean"})(out)
+    assert old.local_loss.item() == (0.5 * (i2t + t2i)).item()
+    with pytest.raises(ValueError, match=r"local_attentive_loss: expected reduction 'mean' or 'sum'.*got 'max'"):
+        local_attentive_loss(regions, word_feats, mask, reduction="max")
+
+
 # ----------------------------------------------------------------------------------------------
 # L_global
 # ----------------------------------------------------------------------------------------------
+def test_global_loss_is_the_papers_equation_averaged_over_both_directions():
+    """Paper §III-B 1: L_global = −log exp(e_ij·e_tj/τ) / [exp(e_ij·e_tj/τ) + Σ_{k≠j} exp(e_ik·e_tj/τ)]
+    (text j against every image), "a symmetric cross-entropy loss [3]": the batch mean of that term
+    and of its image→text mirror, the two directions averaged as CLIP [3] does."""
+    g = torch.Generator().manual_seed(5)
+    b, tau = 6, 0.07
+    img, txt = torch.randn(b, 8, generator=g, dtype=torch.float64), torch.randn(b, 8, generator=g, dtype=torch.float64)
+    e_i, e_t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+
+    def dot(k, j):  # e_{i_k}^T · e_{t_j}
+        return float((e_i[k] * e_t[j]).sum())
+
+    text_to_image = image_to_text = 0.0
+    for j in range(b):
+        pos = math.exp(dot(j, j) / tau)
+        text_to_image += -math.log(pos / (pos + sum(math.exp(dot(k, j) / tau) for k in range(b) if k != j)))
+        image_to_text += -math.log(pos / (pos + sum(math.exp(dot(j, k) / tau) for k in range(b) if k != j)))
+    text_to_image, image_to_text = text_to_image / b, image_to_text / b
+    paper = (text_to_image + image_to_text) / 2
+    assert LossConfig().global_reduction == "mean"
+    assert global_contrastive_loss(img, txt).item() == pytest.approx(paper, rel=1e-12, abs=0)
+    assert global_contrastive_loss(img, txt, reduction="mean").item() == pytest.approx(paper, rel=1e-12, abs=0)
+    # The printed equation alone is one direction; the implementation is not that.
+    assert abs(global_contrastive_loss(img, txt).item() - text_to_image) > 1e-3
+    # "sum" (GLoRIA's g_loss0 + g_loss1), through the config too.
+    assert global_contrastive_loss(img, txt, reduction="sum").item() == pytest.approx(
+        text_to_image + image_to_text, rel=1e-12, abs=0)
+    out = SimpleNamespace(image=SimpleNamespace(global_emb=img), text=SimpleNamespace(global_emb=txt),
+                          logit_scale=None)
+    assert PretrainLoss({"preset": "convirt"})(out).total.item() == pytest.approx(paper, rel=1e-12, abs=0)
+    assert PretrainLoss({"preset": "convirt", "global_reduction": "sum"})(out).total.item() == pytest.approx(
+        text_to_image + image_to_text, rel=1e-12, abs=0)
+    with pytest.raises(ValueError, match=r"global_contrastive_loss: expected reduction 'mean' or 'sum'.*got 'avg'"):
+        global_contrastive_loss(img, txt, reduction="avg")
+
+
+def test_demo_config_keeps_the_old_loss_bit_for_bit():
+    """configs/demo.yaml pins local_reduction: mean, so its losses are exactly the pre-issue-15 ones:
+    ½ (CE + CE) for both contrastive terms."""
+    from pathlib import Path
+
+    from pertvl.config import load_config
+
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")["loss"]
+    assert demo["local_reduction"] == "mean" and demo["global_reduction"] == "mean"
+    out = _fake_output()
+    res = PretrainLoss(demo)(out)
+    img = F.normalize(out.image.global_emb, dim=-1)
+    txt = F.normalize(out.text.global_emb, dim=-1)
+    labels = torch.arange(4)
+    g_old = 0.5 * (F.cross_entropy(img @ txt.T / 0.07, labels) + F.cross_entropy(txt @ img.T / 0.07, labels))
+    logits = 10 * local_similarity(out.image.regions, out.text.words, out.text.word_mask)
+    l_old = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    pert = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid)
+    assert torch.equal(res.global_loss, g_old) and torch.equal(res.local_loss, l_old)
+    assert torch.equal(res.total, g_old + 0.1 * l_old + 0.1 * pert)
+
+
 def test_global_loss_hand_computation_and_learnable_temperature():
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
@@ -320,6 +408,9 @@ def test_loss_config_validation():
         LossConfig(preset="clip")
     with pytest.raises(ValueError, match=r"unknown keys \['alhpa'\]"):
         LossConfig.from_dict({"alhpa": 0.2})
+    for key in ("global_reduction", "local_reduction"):
+        with pytest.raises(ValueError, match=rf"LossConfig: expected {key} 'mean' or 'sum'.*got 'max'"):
+            LossConfig(**{key: "max"})
     missing = _fake_output()
     missing.image.regions = None
     with pytest.raises(ValueError, match="need_local=True"):

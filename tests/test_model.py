@@ -233,6 +233,101 @@ def test_aggregate_words_small_example_and_mean_pooling(tiny_bert):
         torch.testing.assert_close(emb[0], model.text.global_proj(h[0, 1:9].mean(0)))
 
 
+@pytest.fixture(scope="module")
+def tiny_bert4(tmp_path_factory, minilm_path) -> str:
+    """A 4-layer, 32-wide random BERT (seeded, no download) with MiniLM's tokenizer: GLoRIA's word
+    features sum the last 4 hidden states."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny_bert4")
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _gloria_words_by_hand(tokens: list[str], hidden_states: tuple, row: int) -> torch.Tensor:
+    """GLoRIA's BertEncoder.aggregate_tokens + local_loss slice, written out: per layer of the last
+    4, a word = the sum of its pieces ("##" continues a word; [CLS] is a word; stop at [SEP]); the
+    layers are summed; local_loss keeps the first (words not starting with "[") + 1 slots."""
+    per_layer = []
+    for layer in hidden_states[-4:]:
+        words, bank = [], []
+        for t, tok in enumerate(tokens):
+            if tok == "[SEP]":
+                words.append(torch.stack(bank).sum(0))
+                break
+            if tok.startswith("##"):
+                bank.append(layer[row, t])
+            else:
+                if bank:
+                    words.append(torch.stack(bank).sum(0))
+                bank = [layer[row, t]]
+        per_layer.append(torch.stack(words))
+    summed = torch.stack(per_layer).sum(0)
+    cap_len = len([t for t in tokens[:tokens.index("[SEP]")] if not t.startswith(("[", "##"))]) + 1
+    return summed[:cap_len]
+
+
+def test_gloria_word_features_equal_a_hand_computation(tiny_bert4):
+    model = _model(tiny_bert4, word_features="gloria").double().eval()
+    assert model.text.word_features == "gloria"
+    reports = [clean_text(t) for t in REPORTS] + [clean_text("Small left pneumothorax.")]
+    enc = model.tokenize(reports)
+    with torch.no_grad():
+        out = model.encode_text(enc["input_ids"], enc["attention_mask"], enc["word_ids"])
+        hs = model.text.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 output_hidden_states=True).hidden_states
+        assert len(hs) == 5  # embeddings + 4 layers: the last 4 are the 4 layers
+        for i, text in enumerate(reports):
+            n = int(enc["attention_mask"][i].sum())
+            tokens = model.tokenizer.convert_ids_to_tokens(enc["input_ids"][i, :n].tolist())
+            by_hand = _gloria_words_by_hand(tokens, hs, i)
+            assert by_hand.shape[0] == len(text.split()) + 1  # [CLS] + the words; [SEP] is not kept
+            assert out.word_mask[i].sum().item() == by_hand.shape[0]
+            assert not out.word_mask[i, by_hand.shape[0]:].any()
+            torch.testing.assert_close(out.words[i, :by_hand.shape[0]], model.text.word_proj(by_hand),
+                                       rtol=1e-12, atol=1e-12)
+        # "pneumothorax" is 6 word pieces: GLoRIA SUMS them (the paper's features average them).
+        last = len(reports) - 1
+        assert model.tokenizer.convert_ids_to_tokens(enc["input_ids"][last, 3:9].tolist())[1] == "##ne"
+        pieces = sum(h[last, 3:9] for h in hs[-4:]).sum(0)
+        torch.testing.assert_close(out.words[last, 3], model.text.word_proj(pieces), rtol=1e-12, atol=1e-12)
+        # The training forward (one packed pass, batch word slots) gives the same word features.
+        batch = make_batch(model.tokenizer)
+        batch.images = batch.images.double()
+        train = model(batch)
+        for i in range(3):
+            n = int(batch.attention_mask[i].sum())
+            alone = model.encode_text(batch.input_ids[i:i + 1, :n], batch.attention_mask[i:i + 1, :n],
+                                      batch.word_ids[i:i + 1, :n])
+            w = int(alone.word_mask.sum())
+            assert w == len(batch.texts[i].split()) + 1 and int(train.text.word_mask[i].sum()) == w
+            torch.testing.assert_close(train.text.words[i, :w], alone.words[0, :w], rtol=1e-9, atol=1e-9)
+
+
+def test_word_features_default_is_the_papers_and_gloria_needs_4_hidden_states(tiny_bert):
+    assert DualEncoderConfig().word_features == "paper"
+    model = _model(tiny_bert).eval()
+    enc = model.tokenize([clean_text(REPORTS[0])])
+    with torch.no_grad():
+        hidden = model.text.hidden_states(enc["input_ids"], enc["attention_mask"])
+        out = model.encode_text(enc["input_ids"], enc["attention_mask"], enc["word_ids"])
+    words, _ = aggregate_words(hidden, enc["word_ids"])  # last layer, pieces averaged, no [CLS]/[SEP]
+    assert torch.equal(out.words, model.text.word_proj(words) * out.word_mask.unsqueeze(-1).float())
+    with pytest.raises(ValueError, match=r"word_features: expected one of \('paper', 'gloria'\), got 'last4'"):
+        DualEncoderConfig(word_features="last4")
+    with pytest.raises(ValueError, match="word_features 'gloria' sums the last 4 hidden states; BertModel has 2 layers"):
+        _model(tiny_bert, word_features="gloria")
+    with pytest.raises(ValueError, match="pass word_hidden from TextEncoder.states"):
+        gl = model.text
+        gl.word_features = "gloria"
+        gl.outputs(hidden, enc["input_ids"], enc["attention_mask"], enc["word_ids"])
+
+
 def test_word_aggregation_exports_without_data_dependent_shapes():
     """With W = L (num_words=None) the word mean traces with a dynamic batch and length."""
 

@@ -195,6 +195,13 @@ def _structure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (folds), got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -293,26 +300,44 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p = fsub.add_parser(
         "nli",
         help="text encoder + classification head on MedNLI/RadNLI jsonl (sentence1, sentence2, gold_label)",
-        description="BERT sentence-pair input [premise; hypothesis] -> entailment/contradiction/neutral. The "
-        "best dev epoch is scored on dev and test: accuracy, per-class precision/recall/F1, macro F1, confusion "
-        "matrix. --export is frozen (linear probe on the ONNX embeddings).",
+        description="BERT sentence-pair input [premise; hypothesis] -> entailment/contradiction/neutral; the "
+        "sentences reach the model's tokenizer as written (no report cleaning). Three protocols: "
+        "(1) --train --dev --test (MedNLI: mli_{train,dev,test}_v1.jsonl): the best dev epoch is scored on dev and "
+        "test; (2) --train --test without --dev (RadNLI, the authors' protocol: --train radnli_dev_v1.jsonl "
+        "--test radnli_test_v1.jsonl; RadNLI ships no training file): the last epoch is scored on test; "
+        "(3) --train FILE --cv K: K-fold cross-validation on one file (label-stratified folds seeded by --seed, "
+        "each fold trained afresh from the pretrained encoder, last epoch): accuracy per fold, mean +- std and "
+        "pooled out-of-fold metrics. Examples per label are printed for every file and fold. Scores: accuracy, "
+        "per-class precision/recall/F1, macro F1, confusion matrix. --export is frozen (linear probe on the "
+        "ONNX embeddings).",
     )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", metavar="RUN_DIR", help="training run folder; fine-tunes RUN_DIR/final's text tower")
     g.add_argument("--export", metavar="DIR", help="ONNX export: linear probe on [u, v, |u-v|, u*v] embeddings")
     g.add_argument("--text-model", metavar="PATH", help="a plain Hugging Face model folder (not-pretrained baseline)")
-    p.add_argument("--train", required=True, metavar="JSONL", help="e.g. mli_train_v1.jsonl")
-    p.add_argument("--dev", required=True, metavar="JSONL", help="e.g. mli_dev_v1.jsonl (epoch selection)")
-    p.add_argument("--test", required=True, metavar="JSONL", help="e.g. mli_test_v1.jsonl or radnli_test_v1.jsonl")
-    p.add_argument("--max-length", type=positive_int, default=128, help="word pieces per sentence pair (default 128)")
+    p.add_argument("--train", required=True, metavar="JSONL",
+                   help="training file: mli_train_v1.jsonl (MedNLI), radnli_dev_v1.jsonl (RadNLI), or with --cv "
+                   "the one file to cross-validate on")
+    p.add_argument("--dev", metavar="JSONL",
+                   help="dev file for epoch selection, e.g. mli_dev_v1.jsonl; optional: without it the last "
+                   "epoch is scored (RadNLI has no dev file besides the one it trains on)")
+    p.add_argument("--test", metavar="JSONL",
+                   help="test file, e.g. mli_test_v1.jsonl or radnli_test_v1.jsonl (required unless --cv)")
+    p.add_argument("--cv", type=_at_least_two, metavar="K",
+                   help="K-fold cross-validation on --train alone (no --dev/--test): label-stratified folds "
+                   "seeded by --seed")
+    p.add_argument("--max-length", type=positive_int, default=256,
+                   help="word pieces per sentence pair (default 256: MedNLI's longest pairs reach ~200+ pieces); "
+                   "longer pairs are truncated, and how many is printed and recorded")
     _finetune_args(p, epochs=3, lr=2e-5, batch_size=16)
     p.set_defaults(handler=_finetune_nli)
 
     p = fsub.add_parser(
         "chexpert",
         help="image encoder + multi-label head on a CheXpert-format CSV (Consolidation, Pleural Effusion)",
-        description="Pooled image features -> one logit per label, BCE over the cells the uncertainty policy "
-        "keeps (blank: masked). Test: AUROC and accuracy per label over definite labels, and their mean. "
+        description="Pooled image features -> one logit per label, BCE over the cells the blank and uncertainty "
+        "policies keep (default: blank = 0, uncertain = 0). Test: AUROC and accuracy per label over the 1/0 "
+        "cells (and blanks as negatives unless --blank mask), and their mean. "
         "--export is frozen (linear probe on the ONNX image embedding).",
     )
     g = p.add_mutually_exclusive_group(required=True)
@@ -324,8 +349,13 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, metavar="ROOT", help="folder the CSV's Path column is relative to")
     p.add_argument("--labels", default="Consolidation,Pleural Effusion",
                    help='comma-separated label columns (default "Consolidation,Pleural Effusion")')
-    p.add_argument("--uncertain", choices=["zeros", "ones", "ignore"], default="zeros",
-                   help="uncertain (-1) labels in training: U-Zeros -> 0 (default), U-Ones -> 1, U-Ignore -> masked")
+    p.add_argument("--uncertain", choices=["zeros", "ones", "ignore", "u-mix"], default="zeros",
+                   help="uncertain (-1) labels in training: zeros = U-Zeros -> 0 (default), ones = U-Ones -> 1, "
+                   "ignore = U-Ignore -> masked, u-mix = U-Ones for Edema and Atelectasis, U-Zeros for the "
+                   "other labels (the CheXpert authors' per-label choice); uncertain test cells are never scored")
+    p.add_argument("--blank", choices=["zero", "mask"], default="zero",
+                   help="blank (not mentioned) label cells: zero = negative, CheXpert's convention (default; "
+                   "blank test cells are scored as negatives), mask = out of the loss and of the test scores")
     views = p.add_mutually_exclusive_group()
     views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
                        help="use frontal views only (default)")

@@ -1,19 +1,34 @@
 """Downstream fine-tuning (paper §IV, Tables II and III): `pertvl finetune nli` and `pertvl finetune chexpert`.
 
 NLI (Table III: MedNLI / RadNLI). The pretrained TEXT transformer reads the BERT sentence-pair
-input "[CLS] premise [SEP] hypothesis [SEP]" (both sentences cleaned by pertvl's clean_text, the
-text the encoder was pretrained on; pairs are tokenized by the HF tokenizer, since pairs are not
-part of pertvl's word-aware encode_texts); a dropout + linear head on the [CLS] state predicts
-entailment / contradiction / neutral. Cross-entropy, AdamW, linear warm-up then linear decay. The
-epoch with the best dev accuracy is kept (ties: the earlier epoch) and evaluated on dev and test.
+input "[CLS] premise [SEP] hypothesis [SEP]": the sentences go to the model's HF tokenizer as
+written — no report cleaning (pertvl's clean_text would split "isn't" into "isn t", a lost negation
+cue; an uncased tokenizer lowercases by itself) — and pairs longer than `max_length` word pieces
+(default 256: MedNLI's longest pairs reach ~200+ pieces) are truncated, counted and reported. A
+dropout + linear head on the [CLS] state predicts entailment / contradiction / neutral.
+Cross-entropy, AdamW, linear warm-up then linear decay. Protocols (`nli_protocol`):
+    train / dev / test   (MedNLI: mli_{train,dev,test}_v1.jsonl) the epoch with the best dev accuracy
+                         is kept (ties: the earlier epoch) and evaluated on dev and test;
+    train / test         (RadNLI, the authors' protocol: train on radnli_dev_v1.jsonl, test on
+                         radnli_test_v1.jsonl; RadNLI ships no training file) the last epoch is
+                         evaluated on test (no dev set to select on);
+    k-fold CV on one file (`cross_validate_nli`; e.g. RadNLI's 480 dev + 480 test pairs in one file):
+                         label-stratified seeded folds, each fold trained from the pretrained
+                         encoder on the others and tested on itself (last epoch); accuracy per fold,
+                         mean ± std, and the pooled out-of-fold metrics.
 
 CheXpert (Table II: Consolidation, Pleural Effusion). The pretrained IMAGE backbone's pooled
 global features (the input of the global projection head) + a dropout + linear multi-label head,
-binary cross-entropy over the label cells the policy keeps:
-    1.0 → target 1;  0.0 → target 0;  blank (not mentioned) → masked out of the loss;
-    -1.0 (uncertain) → U-Zeros: target 0 (default) | U-Ones: target 1 | U-Ignore: masked out
-(Irvin et al. 2019, CheXpert §4). Only definite 0/1 labels are scored at test time, whatever the
-training policy. Frontal views only by default (the paper's setting). Without --valid-csv the CSV
+binary cross-entropy over the label cells the policies keep:
+    1.0 → target 1;  0.0 → target 0;
+    blank (the labeler found no mention) → `blank` policy: "zero" → target 0 (default: CheXpert's
+        convention "not mentioned = negative", as the authors' and GLoRIA's code fill blanks with 0)
+        | "mask" → out of the loss;
+    -1.0 (uncertain) → `uncertain` policy: "zeros" U-Zeros → 0 (default) | "ones" U-Ones → 1 |
+        "ignore" U-Ignore → out of the loss | "u-mix" → U-Ones for Edema and Atelectasis, U-Zeros
+        for every other label (the per-label mix of the CheXpert authors, Irvin et al. 2019 §4).
+At test time 1/0 cells are scored, blank cells as negatives under blank "zero" (excluded under
+"mask"), uncertain cells never. Frontal views only by default (the paper's setting). Without --valid-csv the CSV
 is split into train/test by patient (seeded), so no patient is on both sides. The last epoch is
 evaluated (there is no separate dev set to select on; selecting on the test set would be cheating).
 
@@ -59,11 +74,15 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.records import atomic_write_text, write_json
-from pertvl.data.text import clean_text
 
 log = logging.getLogger(__name__)
 
 NLI_SCHEMA = "pertvl-finetune-nli/1"
+NLI_CV_SCHEMA = "pertvl-finetune-nli-cv/1"
+# Word pieces per NLI sentence pair: MedNLI's longest pairs reach ~200+ pieces with BERT WordPiece
+# vocabularies; 256 covers them (the authors used 512, which only pads). Longer pairs are truncated
+# and reported; the value is capped at the encoder's max_position_embeddings.
+NLI_MAX_LENGTH = 256
 CHEXPERT_SCHEMA = "pertvl-finetune-chexpert/1"
 NLI_LABELS = ("entailment", "contradiction", "neutral")
 CHEXPERT_LABELS = (
@@ -72,7 +91,11 @@ CHEXPERT_LABELS = (
     "Fracture", "Support Devices",
 )
 PAPER_CHEXPERT_LABELS = ("Consolidation", "Pleural Effusion")
-UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore", "u-mix")
+UNCERTAIN_NAMES = {"zeros": "U-Zeros", "ones": "U-Ones", "ignore": "U-Ignore",
+                   "u-mix": "U-mix (U-Ones for Edema and Atelectasis, U-Zeros otherwise)"}
+U_MIX_ONES = ("Edema", "Atelectasis")  # the labels "u-mix" maps uncertain to 1; U-Zeros for the others
+BLANK_POLICIES = ("zero", "mask")
 VIEW_COLUMN = "Frontal/Lateral"
 # The patient folder of CheXpert ("…/patient00001/study1/…") or MIMIC-CXR ("…/p10/p10000032/s5…/…").
 DEFAULT_GROUP_PATTERN = r"(?:^|/)(patient\d+|p\d{8})(?=/)"
@@ -101,11 +124,46 @@ class NliFile:
     skipped: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
+    def label_counts(self) -> dict[str, int]:
         counts = Counter(NLI_LABELS[e.label] for e in self.examples)
+        return {lab: counts.get(lab, 0) for lab in NLI_LABELS}
+
+    def summary(self) -> dict[str, Any]:
         return {"file": self.path, "lines": self.lines, "examples": len(self.examples),
-                "labels": {lab: counts.get(lab, 0) for lab in NLI_LABELS}, "skipped": dict(self.skipped),
-                "problems": self.problems}
+                "labels": self.label_counts(), "skipped": dict(self.skipped), "problems": self.problems}
+
+    def describe(self) -> str:
+        """One line: examples per label, lines read, skips (printed by the CLI)."""
+        per_label = ", ".join(f"{lab} {n}" for lab, n in self.label_counts().items())
+        return (f"{self.path}: {len(self.examples)} examples ({per_label}; {self.lines} lines; "
+                f"skipped: {_skips(self.skipped)})")
+
+    def subset(self, indices: Sequence[int], name: str) -> NliFile:
+        """The examples at `indices` as an NliFile named `name` (a cross-validation fold)."""
+        return NliFile(name, [self.examples[i] for i in indices], len(indices))
+
+
+def nli_folds(examples: Sequence[NliExample], k: int, seed: int) -> list[list[int]]:
+    """k label-stratified folds of example indices: the examples of each label are permuted by
+    numpy's default_rng(seed) and dealt round-robin (label after label, continuing where the last
+    label stopped), so fold sizes differ by at most one and every label is spread evenly.
+
+    Raises:
+        ValueError: k < 2 or more folds than examples.
+    """
+    if k < 2:
+        raise ValueError(f"cross-validation: expected at least 2 folds, got {k}")
+    if k > len(examples):
+        raise ValueError(f"cross-validation: {k} folds need at least {k} examples, got {len(examples)}")
+    rng = np.random.default_rng(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    at = 0
+    for label in range(len(NLI_LABELS)):
+        idx = [i for i, e in enumerate(examples) if e.label == label]
+        for i in rng.permutation(len(idx)):
+            folds[at % k].append(idx[i])
+            at += 1
+    return [sorted(f) for f in folds]
 
 
 def read_nli(path: str | os.PathLike) -> NliFile:
@@ -292,29 +350,50 @@ def _label_value(cell: str) -> float | None:
     return value if value in (1.0, 0.0, -1.0) else None
 
 
-def chexpert_targets(values: np.ndarray, uncertain: str = "zeros") -> tuple[np.ndarray, np.ndarray]:
-    """Training targets and loss mask from CheXpert label values (the uncertainty policy).
+def chexpert_targets(
+    values: np.ndarray,
+    uncertain: str = "zeros",
+    blank: str = "zero",
+    labels: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training targets and loss mask from CheXpert label values (the blank and uncertainty policies).
 
     Args:
         values: [N, L] with 1, 0, -1 (uncertain) or nan (blank).
-        uncertain: "zeros" (U-Zeros: -1 → 0), "ones" (U-Ones: -1 → 1) or "ignore" (U-Ignore: masked).
+        uncertain: "zeros" (U-Zeros: -1 → 0), "ones" (U-Ones: -1 → 1), "ignore" (U-Ignore: masked) or
+            "u-mix" (U-Ones for Edema and Atelectasis, U-Zeros for the other labels; needs `labels`).
+        blank: "zero" (not mentioned = negative, CheXpert's convention: target 0) or "mask" (out of
+            the loss).
+        labels: the L column names (needed by "u-mix").
     Returns:
-        (targets, mask), float32 [N, L]: mask is 1 where the cell enters the loss; blanks are masked.
+        (targets, mask), float32 [N, L]: mask is 1 where the cell enters the loss.
     """
     if uncertain not in UNCERTAIN_POLICIES:
         raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
     values = np.asarray(values, dtype=np.float64)
+    if uncertain == "u-mix":
+        if labels is None or len(labels) != values.shape[-1]:
+            raise ValueError(f"uncertain policy 'u-mix' needs the {values.shape[-1]} label names of the columns, "
+                             f"got {labels!r}")
+        unknown = [name for name in labels if name not in CHEXPERT_LABELS]
+        if unknown:
+            raise ValueError(f"uncertain policy 'u-mix': unknown label(s) {unknown}; expected CheXpert's")
     known = ~np.isnan(values)
     bad = known & ~np.isin(values, (1.0, 0.0, -1.0))
     if bad.any():
         raise ValueError(f"label values: expected 1, 0, -1 or nan, got {sorted(set(values[bad].tolist()))}")
     is_unc = values == -1.0
-    targets = np.where(values == 1.0, 1.0, 0.0)
-    mask = known.astype(np.float64)
+    targets = np.where(values == 1.0, 1.0, 0.0)  # 0 for 0, -1 and blank so far
+    mask = known.astype(np.float64) if blank == "mask" else np.ones_like(values)
     if uncertain == "ones":
         targets[is_unc] = 1.0
     elif uncertain == "ignore":
         mask[is_unc] = 0.0
+    elif uncertain == "u-mix":
+        ones = np.array([name in U_MIX_ONES for name in labels], dtype=bool)
+        targets[is_unc & ones[None, :]] = 1.0
     return targets.astype(np.float32), mask.astype(np.float32)
 
 
@@ -426,27 +505,36 @@ class LabelScores:
     n_neg: int
     excluded_uncertain: int
     excluded_blank: int
+    blank_negatives: int = 0  # blank cells scored as negatives (blank policy "zero")
 
 
-def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[str]) -> dict[str, LabelScores]:
-    """AUROC (pertvl.evaluate.zeroshot.auroc) and accuracy per label over definite test labels.
+def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[str],
+                      blank: str = "zero") -> dict[str, LabelScores]:
+    """AUROC (pertvl.evaluate.zeroshot.auroc) and accuracy per label over the scored test cells.
 
     Args:
         probs: [N, L] predicted probabilities.
-        values: [N, L] test label values (1, 0, -1 uncertain, nan blank); only 1/0 are scored.
+        values: [N, L] test label values (1, 0, -1 uncertain, nan blank): 1/0 are scored, blanks as
+            negatives under blank "zero" (excluded under "mask"), uncertain cells never.
+        blank: "zero" or "mask" (as in training; chexpert_targets).
     """
     from pertvl.evaluate.zeroshot import auroc
 
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
     out = {}
     for j, name in enumerate(labels):
         v, p = values[:, j], probs[:, j]
-        definite = (v == 1.0) | (v == 0.0)
-        y = v[definite].astype(np.int64)
+        is_blank = np.isnan(v)
+        scored = (v == 1.0) | (v == 0.0) | (is_blank if blank == "zero" else False)
+        y = (v[scored] == 1.0).astype(np.int64)
         out[name] = LabelScores(
-            auroc=auroc(p[definite], y) if definite.any() else None,
-            accuracy=float(((p[definite] >= 0.5) == (y == 1)).mean()) if definite.any() else None,
-            n=int(definite.sum()), n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()),
-            excluded_uncertain=int((v == -1.0).sum()), excluded_blank=int(np.isnan(v).sum()),
+            auroc=auroc(p[scored], y) if scored.any() else None,
+            accuracy=float(((p[scored] >= 0.5) == (y == 1)).mean()) if scored.any() else None,
+            n=int(scored.sum()), n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()),
+            excluded_uncertain=int((v == -1.0).sum()),
+            excluded_blank=int(is_blank.sum()) if blank == "mask" else 0,
+            blank_negatives=int(is_blank.sum()) if blank == "zero" else 0,
         )
     return out
 
@@ -689,7 +777,7 @@ def run_image_size(run: str | os.PathLike) -> int | None:
 
 @dataclass
 class NliResult:
-    dev: ClassificationMetrics
+    dev: ClassificationMetrics | None  # None without a dev file (train/test protocol)
     test: ClassificationMetrics
     history: list[EpochLog]
     best_epoch: int
@@ -702,52 +790,57 @@ class NliResult:
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
                 "history": [asdict(h) for h in self.history], "best_epoch": self.best_epoch,
-                "dev": self.dev.to_json(), "test": self.test.to_json()}
+                "dev": None if self.dev is None else self.dev.to_json(), "test": self.test.to_json()}
 
 
 def finetune_nli(
     train: NliFile,
-    dev: NliFile,
+    dev: NliFile | None,
     test: NliFile,
     *,
     run: str | os.PathLike | None = None,
     text_model: str | os.PathLike | None = None,
     export: str | os.PathLike | None = None,
     settings: FitSettings | None = None,
-    max_length: int = 128,
+    max_length: int = NLI_MAX_LENGTH,
     info: dict[str, Any] | None = None,
 ) -> NliResult:
     """Fine-tune (or probe) a text encoder on NLI and score dev and test (see the module docstring).
 
     Args:
-        train, dev, test: read_nli outputs.
+        train, dev, test: read_nli outputs. dev None: the train/test protocol (RadNLI: train on
+            radnli_dev_v1.jsonl, test on radnli_test_v1.jsonl): the last epoch is evaluated.
         run / text_model / export: exactly one encoder source.
         settings: FitSettings (an export is always frozen).
-        max_length: word pieces per sentence pair.
+        max_length: word pieces per sentence pair (capped at the encoder's position embeddings);
+            longer pairs are truncated and counted per file (data[split]["truncated"]).
         info: facts recorded in the result (command, versions).
     Returns:
-        NliResult with the best-dev-epoch model's dev and test metrics.
+        NliResult with the selected epoch's dev (None without dev) and test metrics.
     """
     import torch
 
     if sum(x is not None for x in (run, text_model, export)) != 1:
         raise ValueError("give exactly one of run / text_model / export")
+    if max_length < 8:
+        raise ValueError(f"max_length: expected at least 8 word pieces per pair, got {max_length}")
     settings = settings or FitSettings()
     if export is not None and not settings.freeze_encoder:
         settings = dataclasses.replace(settings, freeze_encoder=True)
     device = pick_device(settings.device)
     generator = _seed_everything(settings.seed)
     info = dict(info or {})
-    y = {name: torch.tensor([e.label for e in f.examples]) for name, f in
-         (("train", train), ("dev", dev), ("test", test))}
+    splits = [("train", train), ("test", test)] if dev is None else [("train", train), ("dev", dev), ("test", test)]
+    y = {name: torch.tensor([e.label for e in f.examples]) for name, f in splits}
+    truncated: dict[str, dict[str, Any]] = {}
 
     if export is not None:
         from pertvl.infer import Embedder
 
         embedder = Embedder.from_export(export, batch_size=max(settings.batch_size, 32))
-        info.update(encoder="onnx-probe", export=str(export), features="[u, v, |u-v|, u*v] of the global embeddings")
-        feats = {name: _pair_embeddings(embedder, f.examples) for name, f in
-                 (("train", train), ("dev", dev), ("test", test))}
+        info.update(encoder="onnx-probe", export=str(export), features="[u, v, |u-v|, u*v] of the global embeddings",
+                    text="each sentence as the export's manifest says (its cleaning and max_length)")
+        feats = {name: _pair_embeddings(embedder, f.examples) for name, f in splits}
         backbone = None
     else:
         if run is not None:
@@ -762,7 +855,19 @@ def finetune_nli(
             info.update(encoder="hf-text", text_model=str(text_model))
         backbone = backbone.to(device)
         backbone.requires_grad_(not settings.freeze_encoder)
+        positions = getattr(backbone.config, "max_position_embeddings", None)
+        if positions and max_length > int(positions):
+            print(f"note: max_length {max_length} > the encoder's {positions} positions: pairs are cut at "
+                  f"{positions} word pieces", flush=True)
+            max_length = int(positions)
         collate = _NliCollate(tokenizer, max_length)
+        for name, f in splits:
+            truncated[name] = nli_truncation(tokenizer, f.examples, max_length)
+            t = truncated[name]
+            if t["pairs"]:
+                print(f"warning: {f.path}: {t['pairs']} of {len(f.examples)} sentence pairs exceed {max_length} "
+                      f"word pieces (longest {t['longest']}) and are truncated; first: {t['first']}", flush=True)
+                log.warning("%s: %d pairs truncated at %d word pieces", f.path, t["pairs"], max_length)
 
         def encode(batch):
             return backbone(**{k: v.to(device) for k, v in batch.items() if k != "labels"},
@@ -772,7 +877,7 @@ def finetune_nli(
         if settings.freeze_encoder:
             backbone.eval()
             feats = {}
-            for name, f in (("train", train), ("dev", dev), ("test", test)):
+            for name, f in splits:
                 feats[name] = _encode_all(encode, _loader(f.examples, collate, settings.batch_size), device, settings)
     info["mode"] = "frozen encoder (linear probe)" if settings.freeze_encoder else "fine-tuned end to end"
 
@@ -803,6 +908,7 @@ def finetune_nli(
 
         def predict(name: str) -> np.ndarray:
             f = {"dev": dev, "test": test}[name]
+            assert f is not None
             out = []
             with torch.inference_mode():
                 for batch in _loader(f.examples, collate, settings.batch_size):
@@ -815,21 +921,120 @@ def finetune_nli(
     def on_epoch(epoch: int) -> dict[str, float | None]:
         return {"dev_accuracy": float((predict("dev") == y["dev"].numpy()).mean())}
 
-    history, best = fit(module, groups, loader, step, settings, device, on_epoch,
-                        select=lambda m: m["dev_accuracy"])
-    preds = {name: predict(name) for name in ("dev", "test")}
-    result = {name: classification_metrics(y[name].numpy(), preds[name]) for name in ("dev", "test")}
+    if dev is not None:
+        history, best = fit(module, groups, loader, step, settings, device, on_epoch,
+                            select=lambda m: m["dev_accuracy"])
+    else:
+        history, best = fit(module, groups, loader, step, settings, device)
+    scored = [(name, f) for name, f in splits if name != "train"]
+    preds = {name: predict(name) for name, _ in scored}
+    result = {name: classification_metrics(y[name].numpy(), preds[name]) for name, _ in scored}
     predictions = {name: [(e.where, e.label, int(p)) for e, p in zip(f.examples, preds[name], strict=True)]
-                   for name, f in (("dev", dev), ("test", test))}
+                   for name, f in scored}
     settings_json = {**asdict(settings), "device": str(device), "max_length": max_length,
-                     "selection": "best dev accuracy (first on ties)"}
-    data = {"train": train.summary(), "dev": dev.summary(), "test": test.summary(), "labels": list(NLI_LABELS),
-            "cleaning": "pertvl.data.text.clean_text on both sentences"}
-    return NliResult(result["dev"], result["test"], history, best, data, settings_json, info, predictions)
+                     "protocol": "train/dev/test" if dev is not None else "train/test",
+                     "selection": "best dev accuracy (first on ties)" if dev is not None else "last epoch (no dev set)"}
+    data: dict[str, Any] = {name: f.summary() for name, f in splits}
+    for name, t in truncated.items():
+        data[name]["truncated"] = t
+    data.update(labels=list(NLI_LABELS),
+                text="raw sentences to the model's tokenizer as a pair (no report cleaning)"
+                if export is None else "the export's own text pipeline")
+    return NliResult(result.get("dev"), result["test"], history, best, data, settings_json, info, predictions)
+
+
+def nli_truncation(tokenizer, examples: Sequence[NliExample], max_length: int) -> dict[str, Any]:
+    """How many sentence pairs exceed `max_length` word pieces ([CLS] a [SEP] b [SEP]) untruncated:
+    {"pairs", "longest", "max_length", "first" (file:line of the first)}."""
+    if not examples:
+        return {"pairs": 0, "longest": 0, "max_length": max_length, "first": None}
+    enc = tokenizer([e.premise for e in examples], [e.hypothesis for e in examples], truncation=False,
+                    add_special_tokens=True)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > max_length]
+    return {"pairs": len(over), "longest": max(lengths), "max_length": max_length,
+            "first": examples[over[0]].where if over else None}
+
+
+@dataclass
+class NliCvResult:
+    """k-fold cross-validation on one NLI file (cross_validate_nli)."""
+
+    folds: list[NliResult]  # per fold: the held-out fold is its test
+    pooled: ClassificationMetrics  # over every example's out-of-fold prediction
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    info: dict[str, Any]
+    schema: str = NLI_CV_SCHEMA
+
+    @property
+    def fold_accuracies(self) -> list[float]:
+        return [f.test.accuracy for f in self.folds]
+
+    @property
+    def mean_accuracy(self) -> float:
+        return float(np.mean(self.fold_accuracies))
+
+    @property
+    def std_accuracy(self) -> float:
+        """Sample standard deviation over folds (ddof = 1)."""
+        return float(np.std(self.fold_accuracies, ddof=1)) if len(self.folds) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
+                "folds": [{"fold": k, "history": [asdict(h) for h in f.history], "train": f.data["train"],
+                           "test": {**f.data["test"], "metrics": f.test.to_json()}}
+                          for k, f in enumerate(self.folds, 1)],
+                "accuracy": {"per_fold": self.fold_accuracies, "mean": self.mean_accuracy, "std": self.std_accuracy},
+                "pooled": self.pooled.to_json()}
+
+
+def cross_validate_nli(
+    data: NliFile,
+    folds: int = 5,
+    *,
+    seed: int = 0,
+    run: str | os.PathLike | None = None,
+    text_model: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None,
+    settings: FitSettings | None = None,
+    max_length: int = NLI_MAX_LENGTH,
+    info: dict[str, Any] | None = None,
+    on_fold: Callable[[int, NliFile, NliFile], None] | None = None,
+) -> NliCvResult:
+    """k-fold cross-validation on one NLI file (e.g. RadNLI, which has no training file): `nli_folds`
+    (label-stratified, seeded by `seed`); fold k trains a fresh copy of the encoder on the other
+    folds (finetune_nli's train/test protocol: last epoch) and is tested on itself.
+
+    on_fold(k, train, test) is called before fold k trains (the CLI prints the label counts).
+    """
+    settings = settings or FitSettings()
+    parts = nli_folds(data.examples, folds, seed)
+    results: list[NliResult] = []
+    gold, pred = [], []
+    for k, test_idx in enumerate(parts, 1):
+        held = set(test_idx)
+        train_idx = [i for i in range(len(data.examples)) if i not in held]
+        train_k = data.subset(train_idx, f"{data.path} (fold {k} of {folds}: train)")
+        test_k = data.subset(test_idx, f"{data.path} (fold {k} of {folds}: test)")
+        if on_fold is not None:
+            on_fold(k, train_k, test_k)
+        r = finetune_nli(train_k, None, test_k, run=run, text_model=text_model, export=export, settings=settings,
+                         max_length=max_length, info=info)
+        results.append(r)
+        gold += [g for _, g, _ in r.predictions["test"]]
+        pred += [p for _, _, p in r.predictions["test"]]
+    first = results[0]
+    settings_json = {**first.settings, "protocol": f"{folds}-fold cross-validation", "folds": folds, "fold_seed": seed,
+                     "selection": "last epoch of each fold"}
+    summary = {"file": data.summary(), "folds": [len(p) for p in parts], "labels": list(NLI_LABELS),
+               "text": first.data["text"]}
+    return NliCvResult(results, classification_metrics(gold, pred), summary, settings_json, dict(first.info))
 
 
 class _NliCollate:
-    """Examples → HF sentence-pair encoding ("[CLS] premise [SEP] hypothesis [SEP]") + labels."""
+    """Examples → HF sentence-pair encoding ("[CLS] premise [SEP] hypothesis [SEP]", truncated to
+    max_length word pieces, longest-first) + labels."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -837,8 +1042,9 @@ class _NliCollate:
     def __call__(self, examples: list[NliExample]) -> dict[str, Any]:
         import torch
 
-        enc = self.tokenizer([clean_text(e.premise, max_words=None) for e in examples],
-                             [clean_text(e.hypothesis, max_words=None) for e in examples],
+        # The sentences as written: the tokenizer normalizes them as its model expects (an uncased
+        # BERT lowercases and strips accents itself); report cleaning would drop "n't" cues.
+        enc = self.tokenizer([e.premise for e in examples], [e.hypothesis for e in examples],
                              padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         batch["labels"] = torch.tensor([e.label for e in examples])
@@ -929,9 +1135,15 @@ def prepare_chexpert(
     test_fraction: float = 0.2,
     seed: int = 0,
     group_pattern: str = DEFAULT_GROUP_PATTERN,
+    blank: str = "zero",
 ) -> ChexpertData:
     """Read the CSV(s), split (without valid_csv: by patient, seeded), drop rows whose image file is
-    missing (counted and named), and apply the uncertainty policy to the training labels."""
+    missing (counted and named), and apply the blank and uncertainty policies to the training
+    labels (chexpert_targets; blank "zero" also scores test blanks as negatives)."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
     unknown = [name for name in labels if name not in CHEXPERT_LABELS]
     if unknown or not labels:
         raise ValueError(f"labels: unknown {unknown}; choose from {', '.join(CHEXPERT_LABELS)}")
@@ -965,10 +1177,10 @@ def prepare_chexpert(
             raise ValueError(f"no {name} rows with an image file left (CSV {csv_path}, images {root})")
     if missing:
         log.warning("%d image file(s) not found, rows skipped; first: %s", len(missing), missing[0])
-    targets, mask = chexpert_targets(_values(kept["train"], labels), uncertain)
+    targets, mask = chexpert_targets(_values(kept["train"], labels), uncertain, blank, labels)
     summary = {
         "csv": [t.path for t in tables], "images": str(root), "labels": list(labels),
-        "frontal_only": frontal_only, "uncertain_policy": uncertain, "split": split,
+        "frontal_only": frontal_only, "uncertain_policy": uncertain, "blank_policy": blank, "split": split,
         "rows_read": sum(t.rows_read for t in tables),
         "rows_skipped": dict(sum((Counter(t.skipped) for t in tables), Counter())),
         "row_problems": [p for t in tables for p in t.problems][:MAX_LISTED_PROBLEMS],
@@ -1167,14 +1379,17 @@ def finetune_chexpert(
 
     history, _ = fit(module, groups, loader, step, settings, device)
     test_idx, probs = predict()
-    per_label = multilabel_scores(probs, data.test_values[test_idx], data.labels)
+    per_label = multilabel_scores(probs, data.test_values[test_idx], data.labels,
+                                  data.summary.get("blank_policy", "zero"))
     summary = dict(data.summary)
     summary["images_undecodable"] = len(problems.items)
     summary["image_problems"] = (summary["image_problems"] + list(problems.items))[:MAX_LISTED_PROBLEMS]
     summary["test_images_scored"] = int(len(test_idx))
     settings_json = {**asdict(settings), "device": str(device), "image_size": size,
                      "selection": "last epoch", "threshold": 0.5,
-                     "scored": "definite test labels only (1/0); uncertain and blank excluded"}
+                     "scored": ("1/0 test labels and blanks as negatives; uncertain excluded"
+                                if data.summary.get("blank_policy", "zero") == "zero"
+                                else "definite test labels only (1/0); uncertain and blank excluded")}
     predictions = [(data.test[i].path, data.test[i].values, tuple(float(x) for x in p))
                    for i, p in zip(test_idx.tolist(), probs, strict=True)]
     return ChexpertResult(per_label, history, summary, settings_json, info, predictions)
@@ -1214,49 +1429,91 @@ def _skips(skipped: dict[str, int]) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in skipped.items()) or "none"
 
 
+def _nli_class_tables(split: str, m: ClassificationMetrics) -> list[str]:
+    rows = [[lab, _num(c.precision), _num(c.recall), _num(c.f1), str(c.support)] for lab, c in m.per_class.items()]
+    return [f"## {split}: per class", "", _md_table(["class", "precision", "recall", "F1", "support"], rows), "",
+            f"Confusion matrix ({split}; rows = true, columns = predicted):", "",
+            _md_table(["true \\ predicted", *m.labels],
+                      [[lab, *map(str, row)] for lab, row in zip(m.labels, m.confusion, strict=True)]), ""]
+
+
+def _truncation_note(d: dict[str, Any]) -> str:
+    t = d.get("truncated")
+    if not t:
+        return ""
+    return f"; {t['pairs']} pairs truncated at {t['max_length']} word pieces (longest {t['longest']})"
+
+
 def nli_markdown(result: NliResult, title: str) -> str:
+    scored = [(s, m) for s, m in (("dev", result.dev), ("test", result.test)) if m is not None]
+    selection = (f"best dev epoch {result.best_epoch} of {len(result.history)}" if result.dev is not None
+                 else f"protocol train/test: last epoch of {len(result.history)} (no dev set)")
     parts = [f"# {title}", "",
-             f"Encoder: {result.info.get('encoder')} ({result.info.get('mode')}); best dev epoch "
-             f"{result.best_epoch} of {len(result.history)}.", "",
+             f"Encoder: {result.info.get('encoder')} ({result.info.get('mode')}); {selection}.", "",
              _md_table(["split", "n", "accuracy", "macro F1"],
-                       [[s, str(m.n), _num(m.accuracy, True), _num(m.macro_f1)]
-                        for s, m in (("dev", result.dev), ("test", result.test))]), ""]
-    for split, m in (("dev", result.dev), ("test", result.test)):
-        rows = [[lab, _num(c.precision), _num(c.recall), _num(c.f1), str(c.support)] for lab, c in m.per_class.items()]
-        parts += [f"## {split}: per class", "", _md_table(["class", "precision", "recall", "F1", "support"], rows), "",
-                  f"Confusion matrix ({split}; rows = true, columns = predicted):", "",
-                  _md_table(["true \\ predicted", *m.labels],
-                            [[lab, *map(str, row)] for lab, row in zip(m.labels, m.confusion, strict=True)]), ""]
+                       [[s, str(m.n), _num(m.accuracy, True), _num(m.macro_f1)] for s, m in scored]), ""]
+    for split, m in scored:
+        parts += _nli_class_tables(split, m)
     parts.append("## Data")
     parts.append("")
     for split in ("train", "dev", "test"):
+        if split not in result.data:
+            continue
         d = result.data[split]
-        parts.append(f"- {split}: {d['examples']} examples from {d['file']} ({d['lines']} lines; skipped: "
-                     f"{_skips(d['skipped'])})")
+        labels = ", ".join(f"{lab} {n}" for lab, n in d["labels"].items())
+        parts.append(f"- {split}: {d['examples']} examples ({labels}) from {d['file']} ({d['lines']} lines; "
+                     f"skipped: {_skips(d['skipped'])}{_truncation_note(d)})")
+    return "\n".join(parts) + "\n"
+
+
+def nli_cv_markdown(result: NliCvResult, title: str) -> str:
+    d = result.data["file"]
+    labels = ", ".join(f"{lab} {n}" for lab, n in d["labels"].items())
+    rows = []
+    for k, f in enumerate(result.folds, 1):
+        tr, te = f.data["train"], f.data["test"]
+        rows.append([str(k), str(tr["examples"]), str(te["examples"]),
+                     " / ".join(str(te["labels"][lab]) for lab in NLI_LABELS),
+                     _num(f.test.accuracy, True), _num(f.test.macro_f1)])
+    parts = [f"# {title}", "",
+             f"Encoder: {result.info.get('encoder')} ({result.info.get('mode')}); "
+             f"{result.settings['protocol']} on {d['file']} ({d['examples']} examples: {labels}); "
+             f"label-stratified folds (seed {result.settings['fold_seed']}); last epoch of each fold.", "",
+             f"Accuracy: mean {_num(result.mean_accuracy, True)} ± {100 * result.std_accuracy:.1f} (std over "
+             f"folds); pooled out-of-fold accuracy {_num(result.pooled.accuracy, True)}, macro F1 "
+             f"{_num(result.pooled.macro_f1)}.", "",
+             _md_table(["fold", "train", "test", "test entailment / contradiction / neutral", "accuracy", "macro F1"],
+                       rows), ""]
+    parts += _nli_class_tables("pooled out-of-fold", result.pooled)
     return "\n".join(parts) + "\n"
 
 
 def chexpert_markdown(result: ChexpertResult, title: str) -> str:
     rows = [[name, _num(s.auroc), _num(s.accuracy, True), str(s.n), str(s.n_pos), str(s.n_neg),
-             f"{s.excluded_uncertain} / {s.excluded_blank}"] for name, s in result.per_label.items()]
-    rows.append(["**mean**", _num(result.mean_auroc), _num(result.mean_accuracy, True), "", "", "", ""])
+             str(s.blank_negatives), f"{s.excluded_uncertain} / {s.excluded_blank}"]
+            for name, s in result.per_label.items()]
+    rows.append(["**mean**", _num(result.mean_auroc), _num(result.mean_accuracy, True), "", "", "", "", ""])
     d = result.data
     return "\n".join([
         f"# {title}", "",
         f"Encoder: {result.info.get('encoder')} ({result.info.get('mode')}); {result.settings['epochs']} epochs, "
-        f"{result.settings['image_size']} px; uncertain policy U-{d['uncertain_policy'].capitalize()}; "
+        f"{result.settings['image_size']} px; uncertain policy {UNCERTAIN_NAMES[d['uncertain_policy']]}; "
+        f"blank cells: {'negative (0)' if d.get('blank_policy', 'zero') == 'zero' else 'masked'}; "
         f"{'frontal views only' if d['frontal_only'] else 'all views'}.", "",
-        _md_table(["label", "AUROC", "accuracy", "n", "positives", "negatives", "excluded (uncertain / blank)"], rows),
+        _md_table(["label", "AUROC", "accuracy", "n", "positives", "negatives", "of which blank",
+                   "excluded (uncertain / blank)"], rows),
         "",
         f"Split: {d['split']['method']}. Train rows {d['train_rows']}, test rows {d['test_rows']} "
         f"({d['test_images_scored']} test images scored). Rows left out: {_skips(d['rows_skipped'])}. Images "
         f"missing: {d['images_missing']}, undecodable: {d['images_undecodable']}.",
         "",
-        "Accuracy at probability 0.5; only definite (1/0) test labels are scored.",
+        "Accuracy at probability 0.5; 1/0 test labels are scored"
+        + (", blank cells as negatives." if d.get("blank_policy", "zero") == "zero" else "; blank cells are not."),
     ]) + "\n"
 
 
-def write_outputs(result: NliResult | ChexpertResult, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+def write_outputs(result: NliResult | NliCvResult | ChexpertResult, out_dir: str | os.PathLike,
+                  name: str) -> dict[str, Path]:
     """Write NAME.json, NAME.md and the per-item predictions (NLI: NAME.predictions.jsonl with split,
     where, gold, predicted; CheXpert: NAME.predictions.csv with Path and per label the test value and
     the predicted probability), so any other metric can be computed from them.
@@ -1267,7 +1524,14 @@ def write_outputs(result: NliResult | ChexpertResult, out_dir: str | os.PathLike
     out = Path(out_dir)
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
     write_json(paths["json"], result.to_json())
-    if isinstance(result, NliResult):
+    if isinstance(result, NliCvResult):
+        md = nli_cv_markdown(result, f"NLI cross-validation: {name}")
+        paths["predictions"] = out / f"{name}.predictions.jsonl"
+        lines = [json.dumps({"split": f"fold{k}", "where": where, "gold": NLI_LABELS[gold],
+                             "predicted": NLI_LABELS[pred]})
+                 for k, fold in enumerate(result.folds, 1) for where, gold, pred in fold.predictions["test"]]
+        atomic_write_text(paths["predictions"], "".join(line + "\n" for line in lines))
+    elif isinstance(result, NliResult):
         md = nli_markdown(result, f"NLI fine-tuning: {name}")
         paths["predictions"] = out / f"{name}.predictions.jsonl"
         lines = [json.dumps({"split": split, "where": where, "gold": NLI_LABELS[gold], "predicted": NLI_LABELS[pred]})
@@ -1311,23 +1575,66 @@ def _settings(args, task: str) -> FitSettings:
                        workers=getattr(args, "workers", 0), freeze_encoder=frozen)
 
 
+def nli_protocol(args) -> str:
+    """"train/dev/test", "train/test" or "cv" from the CLI arguments; ValueError for a bad mix."""
+    cv = getattr(args, "cv", None)
+    if cv is not None:
+        if args.dev or args.test:
+            raise ValueError("--cv K cross-validates on --train alone; drop --dev/--test (or drop --cv for the "
+                             "train/dev/test or train/test protocol)")
+        return "cv"
+    if not args.test:
+        raise ValueError("give --test JSONL (train/test or train/dev/test protocol) or --cv K (cross-validation "
+                         "on --train)")
+    return "train/dev/test" if args.dev else "train/test"
+
+
 def nli_cli_main(args) -> int:
     """`pertvl finetune nli`."""
     try:
-        files = [read_nli(p) for p in (args.train, args.dev, args.test)]
+        protocol = nli_protocol(args)
         if args.export and not args.freeze_encoder:
             print("note: --export holds no torch weights: the ONNX encoder stays frozen and a linear probe "
                   "is trained on its embeddings (fine-tuning needs --run)", flush=True)
-        for f in files:
-            print(f"{f.path}: {len(f.examples)} examples ({f.lines} lines; skipped: {_skips(f.skipped)})", flush=True)
-        result = finetune_nli(*files, run=args.run, text_model=args.text_model, export=args.export,
-                              settings=_settings(args, "nli"), max_length=args.max_length, info=_info())
+        common = dict(run=args.run, text_model=args.text_model, export=args.export,
+                      settings=_settings(args, "nli"), max_length=args.max_length, info=_info())
+        if protocol == "cv":
+            data = read_nli(args.train)
+            print(data.describe(), flush=True)
+            print(f"protocol: {args.cv}-fold cross-validation on {data.path} (label-stratified, seed {args.seed}; "
+                  "last epoch of each fold)", flush=True)
+
+            def on_fold(k: int, train: NliFile, test: NliFile) -> None:
+                print(f"fold {k}/{args.cv}: train {len(train.examples)} ("
+                      + ", ".join(f"{lab} {n}" for lab, n in train.label_counts().items()) + f"), test "
+                      f"{len(test.examples)} (" + ", ".join(f"{lab} {n}" for lab, n in test.label_counts().items())
+                      + ")", flush=True)
+
+            result: NliResult | NliCvResult = cross_validate_nli(data, args.cv, seed=args.seed, on_fold=on_fold,
+                                                                 **common)
+        else:
+            train = read_nli(args.train)
+            dev = read_nli(args.dev) if args.dev else None
+            test = read_nli(args.test)
+            for f in (train, dev, test):
+                if f is not None:
+                    print(f.describe(), flush=True)
+            print(f"protocol: {protocol}" + (" (best dev epoch)" if dev else " (last epoch; no dev set)"), flush=True)
+            result = finetune_nli(train, dev, test, **common)
     except (FileNotFoundError, ValueError) as e:
         print(f"pertvl finetune nli: {e}", file=sys.stderr)
         return 2
     paths = write_outputs(result, args.out, args.name or "nli")
-    print(f"NLI: dev accuracy {100 * result.dev.accuracy:.1f}% (macro F1 {result.dev.macro_f1:.3f}), test accuracy "
-          f"{100 * result.test.accuracy:.1f}% (macro F1 {result.test.macro_f1:.3f}); best epoch {result.best_epoch}")
+    if isinstance(result, NliCvResult):
+        print(f"NLI {args.cv}-fold CV: accuracy {100 * result.mean_accuracy:.1f}% ± {100 * result.std_accuracy:.1f} "
+              f"(per fold: {', '.join(f'{100 * a:.1f}%' for a in result.fold_accuracies)}); pooled out-of-fold "
+              f"accuracy {100 * result.pooled.accuracy:.1f}% (macro F1 {result.pooled.macro_f1:.3f})")
+    else:
+        dev_part = (f"dev accuracy {100 * result.dev.accuracy:.1f}% (macro F1 {result.dev.macro_f1:.3f}), "
+                    if result.dev is not None else "")
+        print(f"NLI: {dev_part}test accuracy {100 * result.test.accuracy:.1f}% (macro F1 "
+              f"{result.test.macro_f1:.3f}); " + (f"best epoch {result.best_epoch}" if result.dev is not None
+                                                  else f"last epoch {result.best_epoch}"))
     for kind, path in paths.items():
         print(f"  {kind}: {path}")
     return 0
@@ -1338,7 +1645,7 @@ def chexpert_cli_main(args) -> int:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     try:
         data = prepare_chexpert(args.csv, args.images, valid_csv=args.valid_csv, labels=labels,
-                                uncertain=args.uncertain, frontal_only=args.frontal_only,
+                                uncertain=args.uncertain, blank=args.blank, frontal_only=args.frontal_only,
                                 test_fraction=args.test_fraction, seed=args.seed, group_pattern=args.group_pattern)
         s = data.summary
         print(f"CheXpert: {s['train_rows']} train / {s['test_rows']} test rows ({s['split']['method']}); left out: "

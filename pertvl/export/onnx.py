@@ -656,6 +656,9 @@ def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int
 
     backbone = model.text.backbone
     reason = unpadded_unsupported(backbone)
+    if reason is None and getattr(model.text, "needs_word_states", False):
+        reason = (f"word_features {model.text.word_features!r} needs intermediate hidden states, which the "
+                  "unpadded graph does not return")
     if text_graph == "unpadded" and reason:
         raise ValueError(f"text_graph 'unpadded': {reason}; use 'fused'")
     mode = ("fused" if reason else "unpadded") if text_graph == "auto" else text_graph

@@ -40,6 +40,7 @@ from pertvl.model.image import (
 )
 from pertvl.model.text import (
     POOLINGS,
+    WORD_FEATURES,
     TextEncoder,
     TextOutput,
     default_text_model,
@@ -80,6 +81,9 @@ class DualEncoderConfig:
     text_name_or_path:  any BERT-family model (local folder or hub id); None → the offline MiniLM.
                         CXR-BERT: "microsoft/BiomedVLP-CXR-BERT-specialized" with trust_remote_code.
     text_pooling:       "cls" (paper) or "mean" (over word pieces).
+    word_features:      word features of L_local: "paper" (§III-A: last layer, word pieces averaged,
+                        [CLS]/[SEP] excluded) or "gloria" (GLoRIA's: sum of the last 4 hidden states,
+                        pieces summed, [CLS] kept as a word); see pertvl.model.text.
     trust_remote_code:  passed to transformers' from_pretrained; False unless asked for.
     max_length:         word pieces per report in `DualEncoder.tokenize`.
     freeze_text:        freeze the whole text transformer.
@@ -102,6 +106,7 @@ class DualEncoderConfig:
     freeze_image: bool = False
     text_name_or_path: str | None = None
     text_pooling: str = "cls"
+    word_features: str = "paper"
     trust_remote_code: bool = False
     max_length: int = 128
     freeze_text: bool = False
@@ -115,6 +120,8 @@ class DualEncoderConfig:
             raise ValueError(f"image_arch: expected one of {sorted(IMAGE_ARCHS)}, got {self.image_arch!r}")
         if self.text_pooling not in POOLINGS:
             raise ValueError(f"text_pooling: expected one of {POOLINGS}, got {self.text_pooling!r}")
+        if self.word_features not in WORD_FEATURES:
+            raise ValueError(f"word_features: expected one of {WORD_FEATURES}, got {self.word_features!r}")
         if self.projection not in ("linear", "mlp"):
             raise ValueError(f"projection: expected 'linear' or 'mlp', got {self.projection!r}")
         if self.embed_dim < 1 or (self.local_dim is not None and self.local_dim < 1):
@@ -163,7 +170,8 @@ class DualEncoder(nn.Module):
             config.text_name_or_path or default_text_model(), config.trust_remote_code
         )
         local_dim = config.local_dim or int(backbone.config.hidden_size)
-        self.text = TextEncoder(backbone, tokenizer, config.embed_dim, local_dim, config.projection, config.text_pooling)
+        self.text = TextEncoder(backbone, tokenizer, config.embed_dim, local_dim, config.projection, config.text_pooling,
+                                config.word_features)
         self.text.freeze(whole=config.freeze_text, layers=config.freeze_text_layers)
         supported = packing_supported(backbone)
         if config.text_packing and not supported:
@@ -246,13 +254,15 @@ class DualEncoder(nn.Module):
         # Drop columns that are padding in every row (the batch was padded for all perturbations).
         length = max(1, int(all_mask.sum(1).max()))
         all_ids, all_mask = all_ids[:, :length], all_mask[:, :length]
-        hidden = self.text.hidden_states(all_ids, all_mask, pack=self.pack_texts)  # THE text pass
+        # THE text pass (word_hidden: the word features' states when not the last layer, else None)
+        hidden, word_hidden = self.text.states(all_ids, all_mask, pack=self.pack_texts, need_words=need_local)
         num_words = None
         w_ids = None
         if need_local:
             w_ids = _pad_to(word_ids, length, -1)
             num_words = max(1, int(w_ids.max()) + 1)  # word slots of this batch (not exported)
-        text = self.text.outputs(hidden[:b], all_ids[:b], all_mask[:b], w_ids, num_words, need_local)
+        text = self.text.outputs(hidden[:b], all_ids[:b], all_mask[:b], w_ids, num_words, need_local,
+                                 None if word_hidden is None else word_hidden[:b])
         pert_emb = pert_valid = None
         if need_perturbations:
             p_emb = self.text.embed(hidden[b:], all_ids[b:], all_mask[b:])  # [V, D]

@@ -4,9 +4,16 @@
   the mean over the report's word pieces (pooling="mean"; [CLS]/[SEP]/padding excluded — computed
   from token ids alone so originals and perturbations, which carry no word ids, pool the same way),
   projected to d_e.
-* Word features (paper §III-A): each word's vector is the mean of its word-piece hidden states,
-  with word boundaries from the fast tokenizer's word ids (pertvl.data.tokenize.encode_texts);
-  [CLS]/[SEP]/padding are not words. Projected to the local width Dl, with a word mask.
+* Word features for L_local (`word_features`, docs/TRAINING.md "Loss definitions"), projected to
+  the local width Dl, with a word mask; word boundaries come from the fast tokenizer's word ids
+  (pertvl.data.tokenize.encode_texts):
+    "paper"  (default; paper §III-A): the LAST layer's hidden states, a word's pieces AVERAGED;
+             [CLS]/[SEP]/padding are not words.
+    "gloria" (GLoRIA's BertEncoder + local_loss): the SUM of the last 4 hidden states
+             (hidden_states[-4:], the embedding output counts as one when the encoder has 3 layers),
+             a word's pieces SUMMED, and [CLS] kept as word 0 (GLoRIA's aggregate_tokens makes
+             [CLS] a word and its local_loss takes the first len(words) + 1 slots: [CLS] and the
+             words; [SEP] and padding are dropped).
 
 Packing (the training forward): the B originals and the valid perturbations vary a lot in length
 (Open-I findings: 7–60 words), so padding them to one length wastes about half of the token rows.
@@ -38,6 +45,8 @@ from pertvl.model.image import projection_head
 log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
+WORD_FEATURES = ("paper", "gloria")
+GLORIA_LAYERS = 4  # GLoRIA's last_n_layers: hidden states summed for its word features
 
 
 @dataclass
@@ -59,14 +68,15 @@ def default_text_model() -> str:
 
 
 def aggregate_words(
-    hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None
+    hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None, reduce: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of each word's word-piece vectors.
+    """Mean (or sum) of each word's word-piece vectors.
 
     Args:
         hidden: [N, L, H] token features.
         word_ids: [N, L] int, the word index of each token, -1 for [CLS]/[SEP]/padding.
         num_words: W, the number of word slots (static); None → L. Tokens of words ≥ W are dropped.
+        reduce: "mean" (the paper's §III-A) or "sum" (GLoRIA's) of a word's pieces.
     Returns:
         words [N, W, H] (zero where a slot has no token) and word_mask [N, W] bool.
     """
@@ -75,11 +85,15 @@ def aggregate_words(
             f"aggregate_words: expected hidden [N, L, H] and word_ids [N, L], got {tuple(hidden.shape)} "
             f"and {tuple(word_ids.shape)}"
         )
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"aggregate_words: expected reduce 'mean' or 'sum', got {reduce!r}")
     w = hidden.shape[1] if num_words is None else int(num_words)
     slots = torch.arange(w, device=word_ids.device, dtype=word_ids.dtype)
     onehot = (word_ids.unsqueeze(1) == slots.view(1, w, 1)).to(hidden.dtype)  # [N, W, L]
     counts = onehot.sum(-1)  # word pieces per word
-    words = torch.bmm(onehot, hidden) / counts.clamp(min=1).unsqueeze(-1)
+    words = torch.bmm(onehot, hidden)
+    if reduce == "mean":
+        words = words / counts.clamp(min=1).unsqueeze(-1)
     return words, counts > 0
 
 
@@ -147,16 +161,29 @@ class TextEncoder(nn.Module):
         backbone: a transformers encoder returning `last_hidden_state`.
         tokenizer: its fast tokenizer (kept as an attribute; not a module).
         embed_dim: d_e; local_dim: Dl; projection: "linear" | "mlp"; pooling: "cls" | "mean".
+        word_features: "paper" | "gloria" (see the module doc).
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, embed_dim: int, local_dim: int,
-                 projection: str = "linear", pooling: str = "cls") -> None:
+                 projection: str = "linear", pooling: str = "cls", word_features: str = "paper") -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"text_pooling: expected one of {POOLINGS}, got {pooling!r}")
+        if word_features not in WORD_FEATURES:
+            raise ValueError(f"word_features: expected one of {WORD_FEATURES}, got {word_features!r}")
+        if word_features == "gloria":
+            layers = getattr(backbone.config, "num_hidden_layers", None)
+            if layers is None or int(layers) + 1 < GLORIA_LAYERS:
+                raise ValueError(f"word_features 'gloria' sums the last {GLORIA_LAYERS} hidden states; "
+                                 f"{type(backbone).__name__} has {layers} layers ({layers} + 1 hidden states "
+                                 "with the embedding output); use word_features 'paper'")
+            if tokenizer.cls_token_id is None:
+                raise ValueError("word_features 'gloria' keeps [CLS] as a word; the tokenizer has no cls_token")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling = pooling
+        self.word_features = word_features
+        self.cls_id: int | None = int(tokenizer.cls_token_id) if tokenizer.cls_token_id is not None else None
         hidden = int(backbone.config.hidden_size)
         self.global_proj = projection_head(projection, hidden, embed_dim)
         self.word_proj = nn.Linear(hidden, local_dim)
@@ -200,8 +227,29 @@ class TextEncoder(nn.Module):
         pack: place several texts per row (see the module doc); same outputs, fewer token rows.
         Right-padded rows are expected (attention_mask = 1 then 0), as encode_texts makes them.
         """
+        return self.states(input_ids, attention_mask, pack, need_words=False)[0]
+
+    @property
+    def needs_word_states(self) -> bool:
+        """True when the word features are not computed from the last layer (word_features 'gloria')."""
+        return self.word_features == "gloria"
+
+    def _call(self, need_words: bool, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not (need_words and self.needs_word_states):
+            return self.backbone(**kwargs, return_dict=True).last_hidden_state, None
+        out = self.backbone(**kwargs, output_hidden_states=True, return_dict=True)
+        return out.last_hidden_state, torch.stack(out.hidden_states[-GLORIA_LAYERS:]).sum(0)
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False,
+               need_words: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The one call of the transformer → (last layer [N, L, H], word states [N, L, H] or None).
+
+        The word states are what the word features aggregate when they differ from the last layer
+        (word_features 'gloria': the sum of the last 4 hidden states); None otherwise (the last layer
+        serves) or when `need_words` is False.
+        """
         if not pack:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+            return self._call(need_words, input_ids=input_ids, attention_mask=attention_mask)
         if not packing_supported(self.backbone):
             raise ValueError(f"text packing needs a BertModel with sdpa/eager attention, got "
                              f"{type(self.backbone).__name__}; set text_packing: false")
@@ -225,10 +273,14 @@ class TextEncoder(nn.Module):
         if self.backbone.config._attn_implementation == "eager":  # eager adds the mask to the scores
             dtype = next(self.backbone.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        out = self.backbone(input_ids=flat_ids.view(rows, capacity), attention_mask=mask,
-                            position_ids=flat_pos.view(rows, capacity), return_dict=True).last_hidden_state
-        gathered = out.reshape(rows * capacity, -1)[dest]  # [N, L, H]
-        return gathered * real.unsqueeze(-1).to(gathered.dtype)
+        out, word_out = self._call(need_words, input_ids=flat_ids.view(rows, capacity), attention_mask=mask,
+                                   position_ids=flat_pos.view(rows, capacity))
+
+        def unpack(x: torch.Tensor) -> torch.Tensor:
+            gathered = x.reshape(rows * capacity, -1)[dest]  # [N, L, H]
+            return gathered * real.unsqueeze(-1).to(gathered.dtype)
+
+        return unpack(out), None if word_out is None else unpack(word_out)
 
     def embed(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Global embedding [N, D] from token features (pooling, then the projection head)."""
@@ -242,24 +294,46 @@ class TextEncoder(nn.Module):
             pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
         return self.global_proj(pooled)
 
-    def words(self, hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None):
-        """Projected word features [N, W, Dl] (zeros on padded slots) and word_mask [N, W]."""
-        words, mask = aggregate_words(hidden, word_ids, num_words)
+    def words(self, hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None,
+              input_ids: torch.Tensor | None = None):
+        """Projected word features [N, W, Dl] (zeros on padded slots) and word_mask [N, W].
+
+        hidden: the word states (`states`: the last layer for 'paper', the last-4 sum for 'gloria').
+        num_words: word slots W for the encode_texts words (None → L); 'gloria' adds one slot for
+        [CLS] (word 0, found at position 0 of `input_ids`, which it then needs).
+        """
+        if self.word_features == "paper":
+            words, mask = aggregate_words(hidden, word_ids, num_words)
+        else:
+            if input_ids is None:
+                raise ValueError("word_features 'gloria': words() needs input_ids to find [CLS] (word 0)")
+            first = torch.zeros_like(word_ids, dtype=torch.bool)
+            first[:, 0] = True
+            ids = torch.where(word_ids >= 0, word_ids + 1, word_ids)
+            ids = torch.where(first & (input_ids == self.cls_id), torch.zeros_like(ids), ids)
+            words, mask = aggregate_words(hidden, ids, None if num_words is None else int(num_words) + 1, reduce="sum")
         return self.word_proj(words) * mask.unsqueeze(-1).to(hidden.dtype), mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_ids: torch.Tensor | None = None,
                 num_words: int | None = None, need_local: bool = True) -> TextOutput:
         """Args: input_ids/attention_mask/word_ids [N, L] (encode_texts); num_words W (None → L).
         Returns: TextOutput (words None when need_local is False)."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        return self.outputs(hidden, input_ids, attention_mask, word_ids, num_words, need_local)
+        hidden, word_hidden = self.states(input_ids, attention_mask, need_words=need_local)
+        return self.outputs(hidden, input_ids, attention_mask, word_ids, num_words, need_local, word_hidden)
 
-    def outputs(self, hidden, input_ids, attention_mask, word_ids=None, num_words=None, need_local=True) -> TextOutput:
-        """TextOutput from already computed token features (DualEncoder shares one pass)."""
+    def outputs(self, hidden, input_ids, attention_mask, word_ids=None, num_words=None, need_local=True,
+                word_hidden=None) -> TextOutput:
+        """TextOutput from already computed token features (DualEncoder shares one pass).
+
+        word_hidden: the word states of `states` (needed for word_features 'gloria'; None → `hidden`).
+        """
         emb = self.embed(hidden, input_ids, attention_mask)
         if not need_local:
             return TextOutput(global_emb=emb, words=None, word_mask=None)
         if word_ids is None:
             raise ValueError("encode_text: word features need word_ids [N, L] (pertvl.data.tokenize.encode_texts)")
-        words, mask = self.words(hidden, word_ids, num_words)
+        if word_hidden is None and self.needs_word_states:
+            raise ValueError(f"word_features {self.word_features!r} aggregates the sum of the last {GLORIA_LAYERS} "
+                             "hidden states, not the last layer: pass word_hidden from TextEncoder.states")
+        words, mask = self.words(hidden if word_hidden is None else word_hidden, word_ids, num_words, input_ids)
         return TextOutput(global_emb=emb, words=words, word_mask=mask)
