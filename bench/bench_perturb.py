@@ -40,9 +40,10 @@ def naive(perturber: Perturber, texts: list[str], batch_size: int, workers: int)
     """Parse every text once per type; merge the nine single-type results into one record each."""
     merged = [PerturbationRecord(text=t, perturbations={}, unavailable={}, seed=perturber.seed) for t in texts]
     for ptype in PERTURBATION_TYPES:
-        tags = perturber.tag(texts, batch_size=batch_size, workers=workers)
-        for rec, text, tg in zip(merged, texts, tags, strict=True):
-            one = perturb_tagged(text, tg, seed=perturber.seed, types=(ptype,), lexicon=perturber.lexicon)
+        analyzed = perturber.analyze(texts, batch_size=batch_size, workers=workers)
+        for rec, text, a in zip(merged, texts, analyzed, strict=True):
+            one = perturb_tagged(text, a.pos, seed=perturber.seed, types=(ptype,), lexicon=perturber.lexicon,
+                                 negated=a.negated, fixed=a.fixed)
             if ptype in one.perturbations:
                 rec.perturbations[ptype] = one.perturbations[ptype]
             else:

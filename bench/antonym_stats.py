@@ -1,0 +1,140 @@
+"""Antonym negatives on the real Open-I findings: how many are made and why the others are not.
+
+    python bench/antonym_stats.py [--reports indiana_reports.csv] [--before b653ac0] [--json OUT]
+
+Counts the `antonym_adjectives` perturbation over every non-empty Open-I findings section (3,337
+reports; one record per report, so a text repeated by several reports counts each time) with
+the current code, and with the code and antonyms.tsv of the git revision `--before` (loaded
+with `git show`, nothing is checked out). For the negatives the old rule made, it also tells
+how many flip a word that the current rule finds inside a negation scope or a fixed phrase,
+flip more than one word, or use a word outside the current reviewed table. Prints a Markdown
+table (docs/PERTURBATIONS.md); exits 2 when the reports file is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pertvl.data.perturb import ANTONYM_REASONS, Perturber  # noqa: E402
+from pertvl.data.text import clean_text  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REPORTS = Path(os.environ.get("PERTVL_OPENI_DIR", REPO.parent / "shared" / "data" / "openi")) / "indiana_reports.csv"
+TYPE = "antonym_adjectives"
+
+
+def load_findings(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [r["findings"] for r in csv.DictReader(f) if r["findings"] and r["findings"].strip()]
+
+
+def _git_show(rev: str, path: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def before_perturber(rev: str, tmp: Path) -> Any:
+    """The Perturber of revision `rev` (its perturb.py and antonyms.tsv), imported under another name."""
+    src = tmp / "perturb_before.py"
+    src.write_text(_git_show(rev, "pertvl/data/perturb.py"))
+    tsv = tmp / "antonyms_before.tsv"
+    tsv.write_text(_git_show(rev, "pertvl/data/antonyms.tsv"))
+    spec = importlib.util.spec_from_file_location("pertvl_perturb_before", src)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.Perturber(antonyms_path=tsv)
+
+
+def count(records: list[Any]) -> dict[str, Any]:
+    made = sum(TYPE in r.perturbations for r in records)
+    reasons = Counter(r.unavailable[TYPE] for r in records if TYPE in r.unavailable)
+    return {"reports": len(records), "made": made, "unavailable": dict(sorted(reasons.items()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reports", type=Path, default=DEFAULT_REPORTS, help="Open-I indiana_reports.csv")
+    ap.add_argument("--before", default="b653ac0", help="git revision of the old rule ('' to skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the counts here")
+    args = ap.parse_args(argv)
+    if not args.reports.is_file():
+        print(f"antonym_stats: {args.reports} not found (set PERTVL_OPENI_DIR or --reports)", file=sys.stderr)
+        return 2
+    findings = load_findings(args.reports)
+    now = Perturber(seed=args.seed, types=[TYPE])
+    after = now.perturb_many(findings)
+    result: dict[str, Any] = {"after": count(after)}
+    attrs: Counter[str] = Counter()
+    for r in after:
+        if TYPE in r.perturbations:
+            (i,) = [i for i, (a, b) in enumerate(zip(r.text.split(), r.perturbations[TYPE].split(), strict=True))
+                    if a != b]
+            attrs[now.lexicon.attributes[r.text.split()[i]]] += 1
+    result["after_attributes"] = dict(attrs.most_common())
+
+    if args.before:
+        with tempfile.TemporaryDirectory() as tmp:
+            old = before_perturber(args.before, Path(tmp))
+            old.seed, old.types = args.seed, (TYPE,)
+            before = old.perturb_many(findings)
+        result["before"] = count(before)
+        texts = list(dict.fromkeys(r.text for r in before if TYPE in r.perturbations))
+        scope = dict(zip(texts, now.analyze(texts), strict=True))
+        faults: Counter[str] = Counter()
+        for r in before:
+            if TYPE not in r.perturbations:
+                continue
+            a = scope[r.text]
+            changed = [i for i, (x, y) in enumerate(zip(r.text.split(), r.perturbations[TYPE].split(), strict=True))
+                       if x != y]
+            new_words = [r.perturbations[TYPE].split()[i] for i in changed]
+            flags = {
+                "flips a word inside a negation scope": any(a.negated[i] for i in changed),
+                "flips a word of a fixed phrase": any(a.fixed[i] for i in changed),
+                "flips more than one word": len(changed) > 1,
+                "writes a word outside the reviewed table": any(w not in now.lexicon.pairs for w in new_words),
+            }
+            faults.update(k for k, v in flags.items() if v)
+            faults["any of these"] += any(flags.values())
+        result["before_faults"] = dict(faults)
+
+    print(f"Open-I findings: {len(findings)} reports, {len({clean_text(f) for f in findings})} distinct cleaned texts, "
+          f"seed {args.seed}\n")
+    cols = ["before", "after"] if args.before else ["after"]
+    print("| | " + " | ".join(cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    print("| antonym negative made | " + " | ".join(str(result[c]["made"]) for c in cols) + " |")
+    reasons = list(ANTONYM_REASONS) + sorted({k for c in cols for k in result[c]["unavailable"]} - set(ANTONYM_REASONS))
+    for reason in reasons:
+        print(f"| unavailable: `{reason}` | " + " | ".join(str(result[c]["unavailable"].get(reason, 0)) for c in cols) + " |")
+    if args.before:
+        print("\nOld negatives that the current rule would not make:\n")
+        print("| old negative ... | reports |\n|---|---:|")
+        for k, v in result["before_faults"].items():
+            print(f"| {k} | {v} |")
+    print("\nAttribute flipped by the current rule:\n")
+    print("| attribute | reports |\n|---|---:|")
+    for k, v in result["after_attributes"].items():
+        print(f"| {k} | {v} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
