@@ -169,6 +169,32 @@ def test_cpu_sbatch_trains_two_ranks_and_checkpoints(cluster: Cluster, tiny_trai
     assert (run / "final" / "model.safetensors").is_file()
 
 
+def test_cpu_sbatch_a_failing_rank_ends_the_job(cluster: Cluster, tiny_train, tmp_path: Path) -> None:
+    """Fail fast under srun: rank 1 raises before step 2 (PERTVL_FAULT); both ranks are gone and the
+    job FAILED within a minute of its start, with the error in the job's output."""
+    run, out = tmp_path / "run", tmp_path / "fail.out"
+    t0 = time.monotonic()
+    job = cluster.submit(
+        "pretrain_cpu.sbatch",
+        out,
+        {
+            "PERTVL_CONFIG": str(tiny_train.config),
+            "PERTVL_RUN_DIR": str(run),
+            "PERTVL_MAX_STEPS": "50",
+            "PERTVL_DS_CONFIG": "ds_configs/cpu_zero1_fp32.json",
+            "PERTVL_EXTRA_ARGS": "--no-wandb",
+            "PERTVL_FAULT": "rank-raise:rank=1,step=2",
+        },
+    )
+    cluster.wait_done(job, timeout=90)
+    took = time.monotonic() - t0
+    output = out.read_text()
+    assert cluster.job_field(job, "JobState") == "FAILED", output[-3000:]
+    assert took < 60 + 15, f"{took:.0f} s\n{output[-3000:]}"  # + the cluster's scheduling latency
+    assert "injected failure in rank 1 before step 2" in output and "rank 1 failed" in output, output[-3000:]
+    assert "srun exited with 0" not in output
+
+
 def test_multinode_sbatch_checkpoints_and_requeues_on_the_time_limit_signal(
     cluster: Cluster, tmp_path: Path
 ) -> None:
