@@ -32,6 +32,11 @@ The epoch plan, computed from the manifest and the arguments only (never by coun
   (ids, order, pixels, tokens) to the uninterrupted epoch's, for the same R, W, B, seed and data.
   (One exception: a PNG that passes the CRC check but still fails to decode is only found when
   decoded; before a resume point it shifts that stream by one sample. Real damage breaks CRCs.)
+- Workers: one set per rank serves consecutive epochs (worker j plays stream j in every epoch after
+  the first), started from a forkserver, never forked from the (threaded) rank; see TrainStream.
+  Each worker sends the same number of items per epoch (batches, then fillers, then its report), so
+  the DataLoader's round-robin stays aligned across epoch boundaries, also after a resume position
+  that left the workers unequal counts.
 """
 
 from __future__ import annotations
