@@ -11,6 +11,11 @@ It first packs its own temporary shards: synthetic 8-bit radiograph-like images 
 Prints pack speed, the loader's samples/s (steady state: after each epoch's first batch, and
 end to end including worker start-up) and the ratio to the target; exits 1 if the steady-state
 rate misses the target.
+
+The epoch boundary, side by side in the same run: the wait for the first batch of every epoch
+after the first, with the stream's one set of workers serving every epoch (today) against workers
+forked anew each epoch (pertvl before issue 16: `close()` before every epoch, fork context), with a
+simulated training step between batches so that workers can work ahead as they do in training.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--target", type=float, default=500.0, help="samples/s the loader must reach")
+    ap.add_argument("--step-ms", type=float, default=100.0, help="simulated training step for the epoch-boundary comparison")
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.epochs = 256, 2
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             end = time.perf_counter()
             steady_t += end - first
             total_t += end - start
+        waits = {name: _epoch_boundary_waits(root / "shards", tok, args, restart)
+                 for name, restart in (("one set of workers", False), ("workers forked each epoch", True))}  # fmt: skip
     steady, overall = steady_n / steady_t, total_n / total_t
     print(f"pack: {args.samples} samples at {args.size} px with {args.workers} workers in {pack_s:.1f} s "
           f"({args.samples / pack_s:.0f} samples/s)")  # fmt: skip
@@ -118,7 +126,31 @@ def main(argv: list[str] | None = None) -> int:
           f"+collate): steady {steady:.0f} samples/s, end-to-end incl. worker start {overall:.0f} samples/s")  # fmt: skip
     print(f"target {args.target:.0f} samples/s: ratio steady/target = {steady / args.target:.2f} "
           f"(end-to-end {overall / args.target:.2f}) -> {'PASS' if steady >= args.target else 'MISS'}")  # fmt: skip
+    keep, fork = (sum(w) / len(w) for w in waits.values())
+    print(f"epoch boundary (first batch of epochs 2..{args.epochs}, {args.step_ms:.0f} ms simulated step): "
+          + ", ".join(f"{name} {sum(w) / len(w) * 1000:.0f} ms" for name, w in waits.items())
+          + f"; ratio {fork / max(keep, 1e-6):.1f}x")  # fmt: skip
     return 0 if steady >= args.target else 1
+
+
+def _epoch_boundary_waits(shards: Path, tok, args, restart: bool) -> list[float]:
+    """Seconds spent waiting for the first batch of each epoch after the first."""
+    from pertvl.data.stream import build_train_stream
+
+    stream = build_train_stream(shards, tokenizer=tok, batch_size=args.batch_size, num_workers=args.workers,
+                                augment=True, seed=0, multiprocessing_context="fork" if restart else None)  # fmt: skip
+    waits = []
+    for epoch in range(args.epochs):
+        if restart:
+            stream.close()
+        stream.set_epoch(epoch)
+        t = time.perf_counter()
+        for i, _ in enumerate(stream):
+            if i == 0 and epoch > 0:
+                waits.append(time.perf_counter() - t)
+            time.sleep(args.step_ms / 1000)  # the training step the workers overlap with
+    stream.close()
+    return waits
 
 
 if __name__ == "__main__":
