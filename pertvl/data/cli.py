@@ -15,6 +15,9 @@ _openi = lazy_handler("pertvl.data.openi", "cli_main")
 _phantom = lazy_handler("pertvl.data.phantom", "cli_main")
 
 
+_mimic = lazy_handler("pertvl.data.mimic", "cli_main")
+
+
 _perturb = lazy_handler("pertvl.data.perturb", "cli_main")
 
 
@@ -25,7 +28,7 @@ _verify = lazy_handler("pertvl.data.shards", "verify_cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="ingest Open-I or generate the phantom corpus")
+    data = sub.add_parser("data", help="ingest Open-I or MIMIC-CXR, or generate the phantom corpus")
     dsub = data.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
 
     p = dsub.add_parser(
@@ -49,6 +52,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
     p.set_defaults(handler=_openi)
+
+    p = dsub.add_parser(
+        "mimic-cxr",
+        help="read MIMIC-CXR-JPG (v2.0.0/v2.1.0 layout) and its reports into pairs.jsonl",
+        description="Join the official split, metadata and (optional) CheXpert/NegBio label files, the "
+        "images under files/ and the free-text reports (a folder or mimic-cxr-reports.zip, read without "
+        "unpacking) into one normalized pairs.jsonl + summary.json; the official split is kept.",
+    )
+    p.add_argument("--root", required=True, help="the MIMIC-CXR-JPG folder (mimic-cxr-2.0.0-*.csv.gz, files/)")
+    p.add_argument("--reports", help="reports folder or mimic-cxr-reports.zip (default: ROOT/mimic-cxr-reports.zip, else ROOT)")
+    p.add_argument("--section", choices=["findings", "impression", "both", "findings-else-impression"],
+                   default="findings")
+    p.add_argument("--views", default="PA,AP", help="ViewPosition values to keep, comma-separated (default PA,AP)")
+    p.add_argument("--labels", help="CheXpert/NegBio label CSV(.gz) (default: ROOT/mimic-cxr-2.0.0-chexpert.csv.gz "
+                   "if present; '' for none)")
+    p.add_argument("--text-only", action="store_true", help="do not check that image files exist")
+    p.add_argument("--drop-deid", action="store_true", help='remove the "___" de-identification marks')
+    p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
+    p.set_defaults(handler=_mimic)
 
     p = dsub.add_parser(
         "phantom",
