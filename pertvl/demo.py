@@ -1,9 +1,9 @@
 """The main job (`make demo` / `pertvl demo`): the whole pipeline on the embedded offline corpus.
 
 phantoms -> perturb -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
-to ONNX (parity checked) -> evaluate on onnxruntime -> a report folder with the structure table
-per perturbation type, retrieval, zero-shot AUROC, training curves, attention-map examples and
-the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
+to ONNX (parity checked) -> evaluate on onnxruntime (every evaluation of the DEMO suite of
+pertvl.evaluate.registry: structure per perturbation type, retrieval, zero-shot AUROC) -> a report
+folder with their tables, training curves, attention-map examples and the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
 final encoders), export/demo, runs/demo/report.
 """
 
@@ -36,6 +36,14 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         train_args += ["--max-steps", str(args.max_steps)]
     eval_common = ["--export", str(export), "--shards", str(shards), "--split", "test", "--out", str(evals)]
 
+    from pertvl.evaluate.registry import demo_evaluations
+
+    eval_stages = [
+        Stage(f"eval-{e.name}", [evals / f"{e.key}.json"],
+              (lambda e=e: cli(["eval", e.name, *eval_common, "--name", e.key], f"{e.name} eval")),
+              {"export": str(export)})
+        for e in demo_evaluations()
+    ]
     return [
         Stage("phantoms", [pairs, corpus / "summary.json"],
               lambda: cli(["data", "phantom", "--n", str(args.n), "--seed", str(args.seed), "--size",
@@ -56,15 +64,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         Stage("export", [export / "pertvl_export.json"],
               lambda: cli(["export", "--run", str(run), "--out", str(export)], "export"),
               {"run": str(run)}),
-        Stage("eval-structure", [evals / "structure.json"],
-              lambda: cli(["eval", "structure", *eval_common, "--name", "structure"], "structure eval"),
-              {"export": str(export)}),
-        Stage("eval-retrieval", [evals / "retrieval.json"],
-              lambda: cli(["eval", "retrieval", *eval_common, "--name", "retrieval"], "retrieval eval"),
-              {"export": str(export)}),
-        Stage("eval-zeroshot", [evals / "zeroshot.json"],
-              lambda: cli(["eval", "zeroshot", *eval_common, "--name", "zeroshot"], "zero-shot eval"),
-              {"export": str(export)}),
+        *eval_stages,  # one per evaluation of the DEMO suite (pertvl.evaluate.registry)
         Stage("report", [report / "README.md"], lambda: write_report(run, export, report, corpus),
               {"run": str(run)}),
     ]
@@ -100,9 +100,7 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     lines = ["# pertvl demo report", "",
              f"Corpus: {corpus} (phantoms; see {corpus / 'preview.png'})  ",
              f"Run: {run} · ONNX export: {export}", ""]
-    for title, name in (("Clinical semantic structure (Table IV), onnxruntime", "structure"),
-                        ("Retrieval", "retrieval"), ("Zero-shot classification", "zeroshot")):
-        lines += [f"## {title}", "", _demoted(evals / f"{name}.md"), ""]
+    lines += report_sections(evals, "onnxruntime")
     lines += ["## Training", "", "![training curves](training_curves.png)", ""]
     if attn_pngs:
         lines += ["## Word → region attention (ONNX outputs)", ""]
@@ -116,22 +114,29 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     (report / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def report_sections(evals: Path, where: str = "") -> list[str]:
+    """A section per evaluation of the DEMO suite whose EVAL/KEY.md exists: its title, its Markdown."""
+    from pertvl.evaluate.registry import demo_evaluations
+
+    lines: list[str] = []
+    for e in demo_evaluations():
+        md = evals / f"{e.key}.md"
+        if md.is_file():
+            lines += [f"## {e.title}" + (f", {where}" if where else ""), "", _demoted(md), ""]
+    return lines
+
+
 def _demoted(markdown: Path) -> str:
     """An evaluation's Markdown, its headings moved one level down to nest under the report's."""
     return "\n".join("#" + line if line.startswith("#") else line for line in markdown.read_text().splitlines())
 
 
 def _headline(evals: Path) -> list[str]:
-    """The numbers worth printing at the end of the main job."""
-    structure = json.loads((evals / "structure.json").read_text())["overall"]
-    retrieval = json.loads((evals / "retrieval.json").read_text())
-    zeroshot = json.loads((evals / "zeroshot.json").read_text())
-    return [
-        f"structure accuracy {100 * structure['accuracy']:.1f}% (chance {100 * structure['chance']:.1f}%, "
-        f"{structure['n']} test images)",
-        f"retrieval image→report: {json.dumps(retrieval['image_to_text'])}",
-        f"zero-shot mean AUROC: {zeroshot.get('mean_auroc')}",
-    ]
+    """The numbers worth printing at the end of the main job: each demo evaluation's headline."""
+    from pertvl.evaluate.registry import demo_evaluations, result_from_json
+
+    return [result_from_json(json.loads((evals / f"{e.key}.json").read_text())).headline()
+            for e in demo_evaluations()]
 
 
 def cli_main(args: argparse.Namespace) -> int:

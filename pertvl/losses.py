@@ -21,7 +21,9 @@ How each contrastive loss combines its two directions (image→text, text→imag
   instead of GLoRIA's Python loop over captions; same values, ~3× faster, less memory.
 * `perturbation_loss`        — L_pert (§III-B 3): each image must prefer its original report over the
   report's (valid) perturbations.
-* `LossConfig` / `PretrainLoss` — the weighted sum, with presets that name the paper's ablations.
+* `LossConfig` / `PretrainLoss` — the weighted sum of named terms (`LOSS_TERMS`: global, local,
+  pert; `register_term` adds one), with presets that name the paper's ablations (`LOSS_PRESETS`,
+  `register_preset`). The engine logs every term as `loss/{name}` without knowing the names.
 
 All losses are computed in float32 (inputs are upcast and autocast is disabled) so that bf16/fp16
 engines get the same numbers as fp32 ones. Every function validates its inputs and raises
@@ -30,26 +32,37 @@ ValueError saying what it expected and what it got.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from pertvl.registry import Registry
+
 if TYPE_CHECKING:
     from pertvl.model.dual import DualOutput
 
 __all__ = [
     "LOSS_PRESETS",
+    "LOSS_TERMS",
+    "Feature",
     "LossConfig",
     "LossOutput",
+    "LossPreset",
+    "LossTerm",
     "PretrainLoss",
     "global_contrastive_loss",
     "local_attention_maps",
     "local_attentive_loss",
     "local_similarity",
     "perturbation_loss",
+    "preset_label",
+    "register_preset",
+    "register_term",
 ]
 
 _EPS = 1e-8  # GLoRIA's cosine_similarity clamps |a|·|b| at 1e-8
@@ -480,25 +493,144 @@ def perturbation_loss(
 
 
 # ----------------------------------------------------------------------------------------------
-# the weighted sum and the paper's ablations
+# named terms, presets, and the weighted sum
 # ----------------------------------------------------------------------------------------------
-# preset -> (uses L_local, uses L_pert)
-LOSS_PRESETS: dict[str, tuple[bool, bool]] = {
-    "convirt": (False, False),  # global only (ConVIRT-like baseline)
-    "gloria": (True, False),  # global + local (GLoRIA-like)
-    "no_local": (False, True),  # global + perturbation ("w/o local" ablation)
-    "full": (True, True),  # the paper's method
-}
+class Feature(enum.Enum):
+    """What a loss term needs from `DualEncoder.forward` beyond the global embeddings, which it
+    always returns. The value is the forward's keyword that turns the feature on."""
+
+    LOCAL = "need_local"  # ImageOutput.regions, TextOutput.words / word_mask
+    PERTURBATIONS = "need_perturbations"  # DualOutput.pert_emb / pert_valid
+
+    def missing(self, out: DualOutput) -> bool:
+        """True when `out` lacks this feature (the model ran without it)."""
+        if self is Feature.LOCAL:
+            return out.image.regions is None or out.text.words is None or out.text.word_mask is None
+        return out.pert_emb is None or out.pert_valid is None
+
+    @property
+    def description(self) -> str:
+        return "region and word features" if self is Feature.LOCAL else "perturbation embeddings"
+
+
+# fn(out, config, rank, world_size) -> scalar float32 tensor
+TermFn = Callable[["DualOutput", "LossConfig", int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One named term of the pretraining loss.
+
+    Attributes:
+        name: logged as `loss/{name}` (metrics.jsonl, W&B) and the key in `LossOutput.terms`.
+        fn: fn(out: DualOutput, config: LossConfig, rank, world_size) -> scalar tensor.
+        needs: the model features the term reads (the engine asks the model for these only).
+        weight: None (added unscaled, as L_global in Eq. 1), the name of the LossConfig field
+            holding the weight ("alpha"), or a number. `LossConfig.weights[name]` overrides a
+            number (a field is set through its own key, e.g. `loss.alpha`).
+        label: how reports name the term ("L_local").
+    """
+
+    name: str
+    fn: TermFn
+    needs: frozenset[Feature] = frozenset()
+    weight: str | float | None = None
+    label: str = ""
+
+    def weight_in(self, config: LossConfig) -> float | None:
+        """The term's weight under `config` (None: added unscaled)."""
+        if isinstance(self.weight, str):
+            return getattr(config, self.weight)
+        if self.name in config.weights:
+            return float(config.weights[self.name])
+        return None if self.weight is None else float(self.weight)
+
+
+@dataclass(frozen=True)
+class LossPreset:
+    """A named set of terms, summed in this order (the order is part of the numerics).
+
+    Attributes:
+        name: the `loss.preset` value.
+        terms: names of registered LossTerms.
+        label: the row label in reports (the paper's Tables II-IV).
+    """
+
+    name: str
+    terms: tuple[str, ...]
+    label: str
+
+
+def _global_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
+    tau: float | torch.Tensor = cfg.temperature
+    if out.logit_scale is not None:  # learnable temperature replaces τ in L_global only
+        tau = 1.0 / out.logit_scale.float()
+    return global_contrastive_loss(out.image.global_emb, out.text.global_emb, tau, rank=rank,
+                                   world_size=world_size, reduction=cfg.global_reduction)
+
+
+def _local_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
+    # Each rank's own batch: L_local over the global batch would need every rank's region maps.
+    return local_attentive_loss(out.image.regions, out.text.words, out.text.word_mask, cfg.gamma1, cfg.gamma2,
+                                cfg.gamma3, cfg.local_aggregation, cfg.local_reduction)
+
+
+def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
+    # No cross-sample term: each rank's own batch.
+    return perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid,
+                             cfg.pert_temperature)
+
+
+# The paper's three terms (§III-B 1-3) and its ablations (Tables II-IV), in its row order.
+LOSS_TERMS: Registry[LossTerm] = Registry("loss term", [
+    ("global", LossTerm("global", _global_term, frozenset(), None, "L_global")),
+    ("local", LossTerm("local", _local_term, frozenset({Feature.LOCAL}), "alpha", "L_local")),
+    ("pert", LossTerm("pert", _pert_term, frozenset({Feature.PERTURBATIONS}), "beta", "L_pert")),
+])
+LOSS_PRESETS: Registry[LossPreset] = Registry("loss preset", [
+    ("convirt", LossPreset("convirt", ("global",), "ConVIRT-like")),  # global only
+    ("gloria", LossPreset("gloria", ("global", "local"), "GLoRIA-like")),
+    ("no_local", LossPreset("no_local", ("global", "pert"), "Ours w/o local")),  # "w/o local" ablation
+    ("full", LossPreset("full", ("global", "local", "pert"), "Ours")),  # the paper's method
+])
+
+
+def register_term(name: str, fn: TermFn, *, needs: Iterable[Feature] = (), weight: str | float | None = 1.0,
+                  label: str = "", replace: bool = False) -> LossTerm:
+    """Add a loss term (see `LossTerm`); a preset that lists it sums it. Returns the term."""
+    needs = frozenset(needs)
+    bad = [f for f in needs if not isinstance(f, Feature)]
+    if bad:
+        raise ValueError(f"register_term({name!r}): needs must be pertvl.losses.Feature members, got {bad}")
+    if isinstance(weight, str) and weight not in {f.name for f in fields(LossConfig)}:
+        raise ValueError(f"register_term({name!r}): weight {weight!r} is not a LossConfig field")
+    return LOSS_TERMS.register(name, LossTerm(name, fn, needs, weight, label or name), replace=replace)
+
+
+def register_preset(name: str, terms: Sequence[str], label: str = "", *, replace: bool = False) -> LossPreset:
+    """Add a preset: the registered terms it sums, in order, and its label in reports."""
+    terms = tuple(terms)
+    unknown = [t for t in terms if t not in LOSS_TERMS]
+    if unknown or not terms or len(set(terms)) != len(terms):
+        raise ValueError(f"register_preset({name!r}): expected distinct registered terms, got {list(terms)} "
+                         f"(unknown: {unknown}; registered: {list(LOSS_TERMS)})")
+    return LOSS_PRESETS.register(name, LossPreset(name, terms, label or name), replace=replace)
+
+
+def preset_label(name: str) -> str:
+    """The report label of a preset ("Ours"); the name itself for an unknown one."""
+    return LOSS_PRESETS[name].label if name in LOSS_PRESETS else name
 
 
 @dataclass
 class LossConfig:
     """Weights and temperatures of L = L_global + α·L_local + β·L_pert (paper Eq. 1).
 
-    `preset` names the ablation (which terms are on); α, β, τ, the γs are overridable for any
-    preset. When `DualOutput.logit_scale` is set (learnable temperature), it replaces
-    `temperature` in L_global; `pert_temperature` stays fixed (the authors' evaluated checkpoint
-    used 0.01 there).
+    `preset` names the ablation (which terms are on, `LOSS_PRESETS`); α, β, τ, the γs are
+    overridable for any preset, and `weights` sets the weight of a registered term by name (for
+    terms whose weight is not one of these fields). When `DualOutput.logit_scale` is set
+    (learnable temperature), it replaces `temperature` in L_global; `pert_temperature` stays fixed
+    (the authors' evaluated checkpoint used 0.01 there).
 
     `global_reduction` / `local_reduction`: "mean" or "sum" of each contrastive loss's
     image→text and text→image cross-entropies. Defaults are the paper's: L_global "mean"
@@ -517,6 +649,7 @@ class LossConfig:
     local_aggregation: str = "sum"
     global_reduction: str = "mean"
     local_reduction: str = "sum"
+    weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.preset not in LOSS_PRESETS:
@@ -533,6 +666,15 @@ class LossConfig:
         for name in ("temperature", "pert_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LossConfig: expected {name} > 0, got {getattr(self, name)}")
+        self.weights = dict(self.weights or {})
+        for name, value in self.weights.items():
+            term = LOSS_TERMS.get(name)
+            if term is None:
+                raise ValueError(f"LossConfig: weights names unknown term {name!r}; registered: {list(LOSS_TERMS)}")
+            if isinstance(term.weight, str):
+                raise ValueError(f"LossConfig: the weight of term {name!r} is loss.{term.weight}, not weights.{name}")
+            if not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"LossConfig: expected weights.{name} to be a number >= 0, got {value!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | LossConfig | None) -> LossConfig:
@@ -550,68 +692,95 @@ class LossConfig:
         return asdict(self)
 
     @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        """The preset's terms, in summation order."""
+        return tuple(LOSS_TERMS[name] for name in LOSS_PRESETS[self.preset].terms)
+
+    @property
+    def needs(self) -> frozenset[Feature]:
+        """The model features the preset's terms read."""
+        return frozenset(f for t in self.terms for f in t.needs)
+
+    @property
     def uses_local(self) -> bool:
-        return LOSS_PRESETS[self.preset][0]
+        return Feature.LOCAL in self.needs
 
     @property
     def uses_perturbations(self) -> bool:
-        return LOSS_PRESETS[self.preset][1]
+        return Feature.PERTURBATIONS in self.needs
 
 
 @dataclass
 class LossOutput:
-    """The total and its terms (terms a preset does not use are 0 tensors)."""
+    """The total and the preset's terms by name (only the terms the preset sums)."""
 
     total: torch.Tensor
-    global_loss: torch.Tensor
-    local_loss: torch.Tensor
-    pert_loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
 
     def as_floats(self) -> dict[str, float]:
-        """Detached values for logging."""
-        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
+        """Detached values for logging: "total" and one entry per term."""
+        return {"total": float(self.total.detach()), **{k: float(v.detach()) for k, v in self.terms.items()}}
+
+    # The paper's three terms by their old field names (0 when the preset does not use one).
+    @property
+    def global_loss(self) -> torch.Tensor:
+        return self._term("global")
+
+    @property
+    def local_loss(self) -> torch.Tensor:
+        return self._term("local")
+
+    @property
+    def pert_loss(self) -> torch.Tensor:
+        return self._term("pert")
+
+    def _term(self, name: str) -> torch.Tensor:
+        value = self.terms.get(name)
+        return value if value is not None else self.total.new_zeros((), dtype=torch.float32)
 
 
 class PretrainLoss:
-    """L = L_global + α·L_local + β·L_pert over a `DualOutput` (paper Eq. 1).
+    """L = Σ over the preset's terms of weight·term (paper Eq. 1 for the built-in presets).
 
-    Pass `need_local=config.uses_local, need_perturbations=config.uses_perturbations` to the
-    model's forward so it skips what the preset does not use. L_global spans all ranks; L_local
-    and L_pert are computed on each rank's own batch (L_pert has no cross-sample term; L_local over
-    the global batch would need every rank's region maps).
+    `names` are the logged names ("total", then each term's); `model_kwargs()` are the keywords
+    that make `DualEncoder.forward` return exactly the features the terms need. L_global spans all
+    ranks; L_local and L_pert are computed on each rank's own batch.
     """
 
     def __init__(self, config: LossConfig | dict[str, Any] | None = None) -> None:
         self.config = LossConfig.from_dict(config)
+        self.terms = self.config.terms
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """"total" and the term names, the order of `LossOutput.as_floats` and of the engine's log."""
+        return ("total", *(t.name for t in self.terms))
+
+    def model_kwargs(self) -> dict[str, bool]:
+        """Forward keywords of the model: each Feature on exactly when a term needs it."""
+        needs = self.config.needs
+        return {f.value: f in needs for f in Feature}
 
     def __call__(self, out: DualOutput, rank: int = 0, world_size: int = 1) -> LossOutput:
         cfg = self.config
-        img = out.image.global_emb
-        tau: float | torch.Tensor = cfg.temperature
-        if out.logit_scale is not None:
-            tau = 1.0 / out.logit_scale.float()
-        zero = img.new_zeros((), dtype=torch.float32)
-        g = global_contrastive_loss(img, out.text.global_emb, tau, rank=rank, world_size=world_size,
-                                    reduction=cfg.global_reduction)
-        total = g
-        local = pert = zero
-        if cfg.uses_local:
-            if out.image.regions is None or out.text.words is None or out.text.word_mask is None:
-                raise ValueError(
-                    f"PretrainLoss: preset {cfg.preset!r} needs region and word features; "
-                    "run the model with need_local=True"
-                )
-            local = local_attentive_loss(
-                out.image.regions, out.text.words, out.text.word_mask,
-                cfg.gamma1, cfg.gamma2, cfg.gamma3, cfg.local_aggregation, cfg.local_reduction,
-            )
-            total = total + cfg.alpha * local
-        if cfg.uses_perturbations:
-            if out.pert_emb is None or out.pert_valid is None:
-                raise ValueError(
-                    f"PretrainLoss: preset {cfg.preset!r} needs perturbation embeddings; "
-                    "run the model with need_perturbations=True"
-                )
-            pert = perturbation_loss(img, out.text.global_emb, out.pert_emb, out.pert_valid, cfg.pert_temperature)
-            total = total + cfg.beta * pert
-        return LossOutput(total=total, global_loss=g, local_loss=local, pert_loss=pert)
+        values: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for term in self.terms:
+            for feature in term.needs:
+                if feature.missing(out):
+                    raise ValueError(
+                        f"PretrainLoss: term {term.name!r} of preset {cfg.preset!r} needs {feature.description}; "
+                        f"run the model with {feature.value}=True"
+                    )
+            value = term.fn(out, cfg, rank, world_size)
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                raise ValueError(f"PretrainLoss: term {term.name!r} must return a scalar tensor, got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+            values[term.name] = value
+            weight = term.weight_in(cfg)
+            weighted = value if weight is None else weight * value
+            # First term as is, then total + w·term: the same ops in the same order as before the
+            # terms were named (training stays bit-identical).
+            total = weighted if total is None else total + weighted
+        assert total is not None  # a preset has at least one term
+        return LossOutput(total=total, terms=values)

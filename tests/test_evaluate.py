@@ -21,9 +21,7 @@ from pertvl.evaluate.report import (
     plot_training_curves,
     save_attention_map,
     write_comparison_table,
-    write_retrieval_outputs,
-    write_structure_outputs,
-    write_zeroshot_outputs,
+    write_result,
 )
 from pertvl.evaluate.retrieval import RetrievalResult, evaluate_retrieval, retrieval_recall
 from pertvl.evaluate.structure import StructureResult, bootstrap_ci, evaluate_structure, structure_scores
@@ -412,7 +410,7 @@ def test_read_report_sections_rejects_other_csv(tmp_path):
 def test_write_structure_outputs(tmp_path):
     enc, samples = hand_built_structure_case()
     r = evaluate_structure(enc, samples, types=T3, bootstrap=100)
-    paths = write_structure_outputs(r, tmp_path / "out", "structure")
+    paths = write_result(r, tmp_path / "out", "structure")
     d = json.loads(paths["json"].read_text())
     assert StructureResult.from_json(d).to_json() == r.to_json() == d
     md = paths["markdown"].read_text()
@@ -427,12 +425,12 @@ def test_write_structure_outputs(tmp_path):
 
 def test_write_retrieval_and_zeroshot_outputs(tmp_path):
     r = retrieval_recall(np.eye(3), np.eye(3), ks=(1, 5))
-    p = write_retrieval_outputs(r, tmp_path, "retrieval")
+    p = write_result(r, tmp_path, "retrieval")
     assert json.loads(p["json"].read_text())["image_to_text"] == {"R@1": 1.0, "R@5": 1.0}
     assert "| image → report | 100.0% | 100.0% | 1 |" in p["markdown"].read_text()
     z = ZeroShotResult.from_json({"schema": "pertvl-zeroshot/1", "images": 3, "per_label": {
         "Edema": {"auroc": None, "n_pos": 3, "n_neg": 0, "prompts": [["edema", "no edema"]]}}})
-    p = write_zeroshot_outputs(z, tmp_path, "zeroshot")
+    p = write_result(z, tmp_path, "zeroshot")
     assert "| Edema | undefined (one class) | 3 | 0 |" in p["markdown"].read_text()
 
 
@@ -464,7 +462,8 @@ def test_write_comparison_table(tmp_path):
     md = paths["markdown"].read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     labels = [line.split("|")[1].strip() for line in lines]
-    assert labels == ["Method", "ConVIRT-like", "GLoRIA-like", "Ours w/o local", "Ours"] * 2
+    # one table per evaluation in the registry's order: structure, retrieval, zero-shot
+    assert labels == ["Method", "ConVIRT-like", "GLoRIA-like", "Ours w/o local", "Ours"] * 3
     assert "| ConVIRT-like | 2 | 30.0 ± 14.1 |" in md and "| Ours w/o local | 1 | 60.0 |" in md
     with Image.open(paths["png"]) as im:
         assert im.size == (1500, 550)

@@ -389,7 +389,9 @@ def test_presets_weights_and_terms():
     res = PretrainLoss(LossConfig(preset="full", alpha=0.5, beta=2.0, pert_temperature=0.01))(out)
     pert01 = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid, 0.01)
     torch.testing.assert_close(res.total, g + 0.5 * loc + 2.0 * pert01)
-    assert set(res.as_floats()) == {"total", "global_loss", "local_loss", "pert_loss"}
+    # named terms: "total" and the preset's terms, in summation order (the engine logs loss/{name})
+    assert list(res.as_floats()) == ["total", "global", "local", "pert"] == list(PretrainLoss(cfg).names)
+    assert list(PretrainLoss({"preset": "no_local"})(out).terms) == ["global", "pert"]
 
 
 def test_learnable_scale_and_bf16_inputs_give_fp32_losses():

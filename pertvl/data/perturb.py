@@ -73,6 +73,7 @@ from typing import Any
 
 from pertvl.data.records import PERTURBATION_TYPES, atomic_write_text, read_pairs, write_json
 from pertvl.data.text import DEFAULT_MAX_WORDS, clean_text
+from pertvl.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -335,11 +336,12 @@ class PerturbationRecord:
             raise ValueError(f"not a perturbation record ({e!r})") from e
         both = set(rec.perturbations) & set(rec.unavailable)
         listed = set(rec.perturbations) | set(rec.unavailable)
-        if both or listed != set(PERTURBATION_TYPES):
+        # The nine always; a registered type (pertvl.data.perturb.register_type) may be there too.
+        missing, unknown = set(PERTURBATION_TYPES) - listed, listed - set(PERTURBATIONS)
+        if both or missing or unknown:
             raise ValueError(f"record for {rec.text[:40]!r}: each of {list(PERTURBATION_TYPES)} must be in "
                              f"exactly one of perturbations/unavailable (both: {sorted(both)}, "
-                             f"missing: {sorted(set(PERTURBATION_TYPES) - listed)}, "
-                             f"unknown: {sorted(listed - set(PERTURBATION_TYPES))})")
+                             f"missing: {sorted(missing)}, unknown: {sorted(unknown)})")
         same = [t for t, p in rec.perturbations.items() if p == rec.text]
         if same:
             raise ValueError(f"record for {rec.text[:40]!r}: perturbation(s) {same} equal the original")
@@ -492,47 +494,103 @@ _NA = NOUN_POS | ADJ_POS
 _NVA = NOUN_POS | ADJ_POS | VERB_POS
 
 
-def _apply(ptype: str, words: list[str], pos: Sequence[str], rng: random.Random,
-           lexicon: AntonymLexicon, scope: Callable[[], tuple[list[bool], list[bool]]]) -> Result:
-    if ptype == "shuffle_all":
-        return _shuffle_positions(words, list(range(len(words))), rng)
-    if ptype == "swap_adjacent":
-        return _deterministic(words, _swap_adjacent(words))
-    if ptype == "reverse":
-        return _deterministic(words, words[::-1])
-    if ptype == "shuffle_within_trigrams":
-        return _shuffle_within_trigrams(words, rng)
-    if ptype == "shuffle_trigrams":
-        return _shuffle_trigrams(words, rng)
-    if ptype == "shuffle_nouns_adjectives":  # two permutations: every slot keeps its class
-        return _shuffle_classes(words, [_positions(pos, lambda p: p in NOUN_POS),
-                                        _positions(pos, lambda p: p in ADJ_POS)], rng)
-    if ptype == "shuffle_all_but_nouns_adjectives":  # one pool: Table I mixes DET/PRON/AUX slots
-        return _shuffle_positions(words, _positions(pos, lambda p: p not in _NA), rng)
-    if ptype == "shuffle_nouns_verbs_adjectives":  # one pool: Table I puts "is" in a noun slot
-        return _shuffle_positions(words, _positions(pos, lambda p: p in _NVA), rng)
-    if ptype == "antonym_adjectives":
-        return _antonym(words, pos, lexicon, rng, *scope())
-    raise ValueError(f"unknown perturbation type {ptype!r}; expected one of {list(PERTURBATION_TYPES)}")
+@dataclass(frozen=True)
+class RuleInput:
+    """What a rule sees of one cleaned, non-empty text.
+
+    Attributes:
+        words: the cleaned words (split on spaces).
+        pos: one universal POS tag per word.
+        rng: the type's generator, seeded from (seed, type, text) (`_rng`).
+        lexicon: the antonym table.
+        scope: () -> (negated, fixed) per word; computed on demand (only the antonym rule needs it).
+    """
+
+    words: list[str]
+    pos: Sequence[str]
+    rng: random.Random
+    lexicon: AntonymLexicon
+    scope: Callable[[], tuple[list[bool], list[bool]]]
+
+
+# A rule returns the perturbed words, or an unavailable reason (one of UNAVAILABLE_REASONS, or
+# a registered type's own); returning the original words is caught and reported as "identical".
+Rule = Callable[[RuleInput], Result]
+
+
+@dataclass(frozen=True)
+class PerturbationType:
+    """One row of Table I: its name (the data formats' key), its rule and its label in reports."""
+
+    name: str
+    rule: Rule
+    label: str
+
+
+# The nine types of Table I: name -> rule, label (the paper's wording, shortened for axis labels).
+# Checked against PERTURBATION_TYPES (the names the data formats use) right below.
+PERTURBATIONS: Registry[PerturbationType] = Registry("perturbation type", [(t.name, t) for t in (
+    PerturbationType("shuffle_all", lambda x: _shuffle_positions(x.words, list(range(len(x.words))), x.rng),
+                     "Shuffle all words"),
+    PerturbationType("swap_adjacent", lambda x: _deterministic(x.words, _swap_adjacent(x.words)),
+                     "Swap adjacent words"),
+    PerturbationType("reverse", lambda x: _deterministic(x.words, x.words[::-1]), "Reverse sentence"),
+    PerturbationType("shuffle_within_trigrams", lambda x: _shuffle_within_trigrams(x.words, x.rng),
+                     "Shuffle within trigrams"),
+    PerturbationType("shuffle_trigrams", lambda x: _shuffle_trigrams(x.words, x.rng), "Shuffle trigrams"),
+    # two permutations: every slot keeps its class
+    PerturbationType("shuffle_nouns_adjectives", lambda x: _shuffle_classes(
+        x.words, [_positions(x.pos, lambda p: p in NOUN_POS), _positions(x.pos, lambda p: p in ADJ_POS)], x.rng),
+        "Shuffle nouns & adjectives"),
+    # one pool: Table I mixes DET/PRON/AUX slots
+    PerturbationType("shuffle_all_but_nouns_adjectives", lambda x: _shuffle_positions(
+        x.words, _positions(x.pos, lambda p: p not in _NA), x.rng), "Shuffle all but nouns & adj."),
+    # one pool: Table I puts "is" in a noun slot
+    PerturbationType("shuffle_nouns_verbs_adjectives", lambda x: _shuffle_positions(
+        x.words, _positions(x.pos, lambda p: p in _NVA), x.rng), "Shuffle nouns, verbs & adj."),
+    PerturbationType("antonym_adjectives", lambda x: _antonym(x.words, x.pos, x.lexicon, x.rng, *x.scope()),
+                     "Adjectives → antonyms"),
+)])
+if PERTURBATIONS.builtin != PERTURBATION_TYPES:  # the table and the data formats' names must agree
+    raise ImportError(f"pertvl.data.perturb: the rule table {list(PERTURBATIONS.builtin)} does not match "
+                      f"PERTURBATION_TYPES {list(PERTURBATION_TYPES)} (pertvl/data/records.py)")
+
+
+def register_type(name: str, rule: Rule, label: str = "", *, replace: bool = False) -> PerturbationType:
+    """Add a perturbation type (a plugin's): `rule(RuleInput) -> words | reason`, `label` for reports.
+
+    A registered type is computed when asked for (`Perturber(types=...)`, `pertvl perturb --types`,
+    `pertvl eval structure|text-structure --types`); without a request the nine of
+    PERTURBATION_TYPES are computed, so perturbations.jsonl and shards keep their format.
+    """
+    if not callable(rule):
+        raise ValueError(f"register_type({name!r}): rule must be callable, got {type(rule).__name__}")
+    return PERTURBATIONS.register(name, PerturbationType(name, rule, label or name), replace=replace)
+
+
+def type_label(name: str) -> str:
+    """A type's label in reports ("Reverse sentence"); the name itself for an unknown type."""
+    return PERTURBATIONS[name].label if name in PERTURBATIONS else name
 
 
 def check_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
-    """Validate a subset of PERTURBATION_TYPES (list or comma-separated string); None = all nine.
+    """Validate requested types (list or comma-separated string) against the registered ones;
+    None = the nine of PERTURBATION_TYPES.
 
     Returns:
-        The requested types in PERTURBATION_TYPES order.
+        The requested types in table order (the nine, then registered types).
     """
     if types is None:
         return PERTURBATION_TYPES
     if isinstance(types, str):
         types = [t.strip() for t in types.split(",") if t.strip()]
     wanted = set(types)
-    unknown = sorted(wanted - set(PERTURBATION_TYPES))
+    unknown = sorted(wanted - set(PERTURBATIONS))
     if unknown:
-        raise ValueError(f"unknown perturbation type(s) {unknown}; expected some of {list(PERTURBATION_TYPES)}")
+        raise ValueError(f"unknown perturbation type(s) {unknown}; expected some of {list(PERTURBATIONS)}")
     if not wanted:
-        raise ValueError(f"no perturbation type requested; expected some of {list(PERTURBATION_TYPES)}")
-    return tuple(t for t in PERTURBATION_TYPES if t in wanted)
+        raise ValueError(f"no perturbation type requested; expected some of {list(PERTURBATIONS)}")
+    return tuple(t for t in PERTURBATIONS if t in wanted)
 def perturb_tagged(
     text: str,
     pos: Sequence[str],
@@ -571,14 +629,16 @@ def perturb_tagged(
 
     perturbations: dict[str, str] = {}
     unavailable: dict[str, str] = {}
-    for ptype in PERTURBATION_TYPES:
+    # The nine always appear (one map or the other); a registered type only when requested.
+    for ptype in (*PERTURBATION_TYPES, *(t for t in PERTURBATIONS if t in types and t not in PERTURBATION_TYPES)):
         if ptype not in types:
             unavailable[ptype] = NOT_REQUESTED
             continue
         if not words:
             unavailable[ptype] = EMPTY_TEXT
             continue
-        result = _apply(ptype, words, pos, _rng(seed, ptype, text), lexicon, scope)
+        rule = PERTURBATIONS[ptype].rule  # KeyError names the registered types
+        result = rule(RuleInput(words, pos, _rng(seed, ptype, text), lexicon, scope))
         if isinstance(result, str):
             unavailable[ptype] = result
         else:
@@ -636,7 +696,7 @@ class Perturber:
         spacy_model: any installed spaCy pipeline that assigns universal POS tags (a dependency
             parser, when it has one, widens the negation scopes).
         seed: perturbation seed.
-        types: subset of PERTURBATION_TYPES (None = all nine).
+        types: registered types to compute (None = the nine of PERTURBATION_TYPES).
         max_words: word cap of clean_text (0 or None: no cap).
         antonyms_path: antonym TSV (None: the packaged table).
     """
@@ -797,7 +857,8 @@ def perturb_pairs_file(
     atomic_write_text(out, "".join(lines))
 
     made: Counter[str] = Counter()
-    missing: dict[str, Counter[str]] = {t: Counter() for t in PERTURBATION_TYPES}
+    listed = (*PERTURBATION_TYPES, *(t for t in perturber.types if t not in PERTURBATION_TYPES))
+    missing: dict[str, Counter[str]] = {t: Counter() for t in listed}
     for r in by_text.values():
         made.update(r.perturbations.keys())
         for t, reason in r.unavailable.items():
@@ -812,8 +873,8 @@ def perturb_pairs_file(
         empty_texts=sum(1 for t in by_text if not t),
         non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()),
         capped_texts=0 if cap is None else sum(1 for t in raw_texts if len(clean_text(t, max_words=None).split()) > cap),
-        perturbations={t: made.get(t, 0) for t in PERTURBATION_TYPES},
-        unavailable={t: dict(sorted(missing[t].items())) for t in PERTURBATION_TYPES},
+        perturbations={t: made.get(t, 0) for t in listed},
+        unavailable={t: dict(sorted(missing[t].items())) for t in listed},
         seed=perturber.seed,
         types=list(perturber.types),
         spacy_model=perturber.spacy_model,

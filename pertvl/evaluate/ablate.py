@@ -1,14 +1,15 @@
 """`pertvl ablate`: the paper's four loss configurations × seeds, trained and evaluated alike, in one table.
 
 For every seed and preset (convirt = L_global; gloria = + L_local; no_local = L_global + L_pert;
-full = all three — pertvl.losses.LOSS_PRESETS), in OUT/<preset>-s<seed>/:
+full = all three — pertvl.losses.LOSS_PRESETS, plus registered presets), in OUT/<preset>-s<seed>/:
 
 1. train: `pertvl train --config CONFIG --shards SHARDS --out RUN --resume latest --set loss.preset=P
    --set train.seed=S [--max-steps N]` under torchrun on --nproc ranks (pertvl.pipeline.launch_train).
    Everything else — data, encoders, steps, schedule — comes from the one config, so the presets
    differ in their loss only, and a seed gives every preset the same initialization and data order.
 2. (--eval-with export only) export: `pertvl export --run RUN --out RUN/export`.
-3. eval: `pertvl eval structure|retrieval|zeroshot` on the --split of the same shards into RUN/eval.
+3. eval: `pertvl eval NAME` for every evaluation of the ABLATE suite (pertvl.evaluate.registry:
+   structure, retrieval, zeroshot, and registered ones) on the --split of the same shards into RUN/eval.
    Default --eval-with torch: the run's torch weights (RUN/final) are scored directly. The ONNX
    path gives the same numbers within rounding (checked by the export's parity test and by
    `pertvl eval --export` vs `--run`), and skipping 12 exports saves their tracing and parity time;
@@ -28,7 +29,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,21 @@ from pertvl.data.records import write_json
 
 log = logging.getLogger(__name__)
 
-PAPER_PRESETS = ("convirt", "gloria", "no_local", "full")
-EVALUATIONS = ("structure", "retrieval", "zeroshot")
+
+
+def paper_presets() -> tuple[str, ...]:
+    """The built-in loss presets (the paper's rows), the default of --presets."""
+    from pertvl.losses import LOSS_PRESETS
+
+    return LOSS_PRESETS.builtin
+
+
+def evaluations() -> list:
+    """The registered evaluations of the ABLATE suite that read shard samples (registry order)."""
+    from pertvl.evaluate.evaluation import Source, Suite
+    from pertvl.evaluate.registry import in_suite
+
+    return [e for e in in_suite(Suite.ABLATE) if e.source is Source.SHARDS]
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ class AblationRun:
 class AblationSettings:
     config: str
     shards: str
-    presets: tuple[str, ...] = PAPER_PRESETS
+    presets: tuple[str, ...] = field(default_factory=paper_presets)
     seeds: tuple[int, ...] = (0, 1, 2)
     out: str = "runs/ablate"
     max_steps: int | None = None
@@ -159,17 +173,18 @@ def _export_stage(run: AblationRun, weights_sha: str) -> pipeline.Stage:
 def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_sha: str) -> pipeline.Stage:
     source = ["--export", str(run.export)] if s.eval_with == "export" else ["--run", str(run.dir)]
     common = [*source, "--shards", s.shards, "--split", s.split, "--out", str(run.eval_dir)]
+    evals = evaluations()
 
     def evaluate() -> None:
-        for evaluation in EVALUATIONS:
-            extra = ["--bootstrap", str(s.bootstrap)] if evaluation == "structure" else []
-            pipeline.cli(["eval", evaluation, *common, "--name", evaluation, *extra],
-                         f"{evaluation} evaluation of {run.name}")
+        for e in evals:
+            # --bootstrap goes to every evaluation that has the option (structure's CIs)
+            extra = ["--bootstrap", str(s.bootstrap)] if "--bootstrap" in e.options() else []
+            pipeline.cli(["eval", e.name, *common, "--name", e.key, *extra], f"{e.name} evaluation of {run.name}")
 
     return pipeline.Stage(
-        f"{run.name}.eval", [run.eval_json(e) for e in EVALUATIONS], _named(f"{run.name}.eval", evaluate),
+        f"{run.name}.eval", [run.eval_json(e.key) for e in evals], _named(f"{run.name}.eval", evaluate),
         {"weights_sha256": weights_sha, "eval_with": s.eval_with, "split": s.split, "bootstrap": s.bootstrap,
-         "shards_manifest": shards_sha},
+         "shards_manifest": shards_sha, "evaluations": [e.name for e in evals]},
     )
 
 
@@ -206,31 +221,40 @@ def run_ablation(s: AblationSettings) -> AblationResult:
         index += 1
         runner.run(_eval_stage(run, s, weights_sha, shards_sha), index, total)
 
+    keys = [e.key for e in evaluations()]
     results: dict[str, list[dict[str, Any]]] = {p: [] for p in s.presets}
     for run in runs:
-        results[run.preset].append({e: json.loads(run.eval_json(e).read_text(encoding="utf-8")) for e in EVALUATIONS})
+        results[run.preset].append({k: json.loads(run.eval_json(k).read_text(encoding="utf-8")) for k in keys})
     paths = write_comparison_table(results, out, "comparison")
     table = json.loads(paths["json"].read_text(encoding="utf-8"))
     write_json(out / "runs.json", {
         "config": str(config), "shards": s.shards, "split": s.split, "eval_with": s.eval_with,
         "max_steps": s.max_steps, "nproc": s.nproc, "presets": list(s.presets), "seeds": list(s.seeds),
         "runs": [{"preset": r.preset, "seed": r.seed, "dir": str(r.dir),
-                  "eval": {e: str(r.eval_json(e)) for e in EVALUATIONS}} for r in runs],
+                  "eval": {k: str(r.eval_json(k)) for k in keys}} for r in runs],
         "stage_seconds": runner.timings, "stages_skipped": runner.skipped,
     })
     return AblationResult(paths, table, runs, list(runner.skipped))
 
 
 def structure_summary(table: dict[str, Any]) -> list[str]:
-    """One line per preset: structure accuracy mean ± std over seeds (for the console)."""
+    """One line per preset: the table's first column (structure overall), mean ± std over seeds."""
+    from pertvl.evaluate.registry import metric_info
+
+    if not table["columns"]:
+        return []
+    first = table["columns"][0]
+    info = metric_info(first)
+    scale, digits, unit = (100.0, 1, "%") if info.percent else (1.0, 3, "")
     lines = []
     for row in table["rows"]:
-        m = row["metrics"].get("structure/overall") or {}
+        m = row["metrics"].get(first) or {}
         if m.get("mean") is None:
-            lines.append(f"  {row['label']:<16} structure overall —")
+            lines.append(f"  {row['label']:<16} {info.label.lower()} —")
             continue
-        std = "" if m.get("std") is None else f" ± {100 * m['std']:.1f}"
-        lines.append(f"  {row['label']:<16} structure overall {100 * m['mean']:.1f}%{std} (n={m['n']} seeds)")
+        std = "" if m.get("std") is None else f" ± {scale * m['std']:.{digits}f}"
+        lines.append(f"  {row['label']:<16} {info.label.lower()} {scale * m['mean']:.{digits}f}{unit}{std} "
+                     f"(n={m['n']} seeds)")
     return lines
 
 
@@ -247,8 +271,9 @@ def cli_main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     try:
+        presets = _csv_list(args.presets, "presets") if args.presets else paper_presets()
         settings = AblationSettings(
-            config=args.config, shards=args.shards, presets=_csv_list(args.presets, "presets"),
+            config=args.config, shards=args.shards, presets=presets,
             seeds=_csv_list(args.seeds, "seeds", int), out=args.out, max_steps=args.max_steps, nproc=args.nproc,
             eval_with=args.eval_with, split=args.split, bootstrap=args.bootstrap, no_wandb=args.no_wandb,
             force=args.force,

@@ -1,4 +1,8 @@
-"""`pertvl eval {structure,retrieval,zeroshot,text-structure}`: parsers only, handlers import lazily.
+"""`pertvl eval NAME` for every registered evaluation (pertvl.evaluate.registry), `pertvl finetune`, `pertvl ablate`.
+
+Each evaluation declares its own options; this module adds the shared ones (the encoder, --out,
+--name and, for evaluations of shard samples, --shards/--split/--limit) and runs it the same way:
+data -> encoder -> run -> NAME.json, NAME.md (+ its figures) -> its headline.
 
 The model comes from an ONNX export (`--export DIR`, onnxruntime via pertvl.infer.Embedder) or a
 torch run (`--run RUN_DIR`, RUN_DIR/final via pertvl.model.DualEncoder), so an export can be
@@ -11,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 from pertvl.cli import lazy_handler, positive_int
-from pertvl.data.records import PERTURBATION_TYPES
 
 
 def _build_encoder(args: argparse.Namespace):
@@ -58,86 +61,19 @@ def _print_paths(paths: dict) -> None:
         print(f"  {kind}: {path}")
 
 
-def _structure(args: argparse.Namespace) -> int:
-    from pertvl.evaluate.report import write_structure_outputs
-    from pertvl.evaluate.structure import evaluate_structure
+def _evaluate(args: argparse.Namespace) -> int:
+    """`pertvl eval NAME`: load the data, build the encoder, run, write NAME.json/.md (+ figures)."""
+    from pertvl.evaluate.evaluation import Source
+    from pertvl.evaluate.registry import EVALUATIONS
+    from pertvl.evaluate.report import write_result
 
+    evaluation = EVALUATIONS[args.evaluation]
+    data = evaluation.load(args) if evaluation.source is Source.OWN else _samples(args)
     encoder, enc_info = _build_encoder(args)
-    result = evaluate_structure(encoder, _samples(args), types=args.types, bootstrap=args.bootstrap, seed=args.seed,
-                                batch_size=args.batch_size, info=_info(args, enc_info))
-    paths = write_structure_outputs(result, args.out, args.name or "structure")
-    o = result.overall
-    acc = "n/a" if o.accuracy is None else f"{100 * o.accuracy:.1f}% (chance {100 * o.chance:.1f}%)"
-    print(f"structure accuracy {acc} over {o.n} images")
-    _print_paths(paths)
-    return 0
-
-
-def _retrieval(args: argparse.Namespace) -> int:
-    from pertvl.evaluate.report import write_retrieval_outputs
-    from pertvl.evaluate.retrieval import evaluate_retrieval
-
-    try:
-        ks = tuple(int(k) for k in args.ks.split(","))
-    except ValueError:
-        raise SystemExit(f"pertvl eval retrieval: --ks must be comma-separated integers, got {args.ks!r}") from None
-    encoder, enc_info = _build_encoder(args)
-    result = evaluate_retrieval(encoder, _samples(args), ks=ks, match=args.match, batch_size=args.batch_size,
-                                info=_info(args, enc_info))
-    paths = write_retrieval_outputs(result, args.out, args.name or "retrieval")
-    i2t = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.image_to_text.items())
-    t2i = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.text_to_image.items())
-    print(f"image→report {i2t}; report→image {t2i} ({result.images} images, {result.texts} reports)")
-    _print_paths(paths)
-    return 0
-
-
-def _zeroshot(args: argparse.Namespace) -> int:
-    import json
-
-    from pertvl.evaluate.report import write_zeroshot_outputs
-    from pertvl.evaluate.zeroshot import DEFAULT_PROMPTS, evaluate_zeroshot
-
-    prompts = DEFAULT_PROMPTS
-    if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            try:
-                prompts = json.load(f)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{args.prompts}: not JSON: {e}") from None
-        if not isinstance(prompts, dict):
-            raise SystemExit(f"{args.prompts}: expected {{label: [positive, negative]}}")
-    encoder, enc_info = _build_encoder(args)
-    result = evaluate_zeroshot(encoder, _samples(args), prompts=prompts, batch_size=args.batch_size,
-                               info=_info(args, enc_info))
-    paths = write_zeroshot_outputs(result, args.out, args.name or "zeroshot")
-    mean = result.mean_auroc
-    print(f"zero-shot mean AUROC {'n/a' if mean is None else f'{mean:.3f}'} over "
-          f"{sum(v.auroc is not None for v in result.per_label.values())} labels, {result.images} images")
-    _print_paths(paths)
-    return 0
-
-
-def _text_structure(args: argparse.Namespace) -> int:
-    from pertvl.data.perturb import Perturber
-    from pertvl.evaluate.report import write_structure_outputs
-    from pertvl.evaluate.text_structure import evaluate_text_structure, perturb_findings, read_report_sections
-
-    sections = read_report_sections(args.reports, limit=args.limit)
-    skipped = ", ".join(f"{k} {v}" for k, v in sorted(sections.skipped.items())) or "none"
-    print(f"{args.reports}: {len(sections)} reports with findings and impression ({sections.rows_read} read; "
-          f"left out: {skipped})")
-    records = perturb_findings(sections, Perturber(seed=args.perturb_seed), progress=True)
-    encoder, enc_info = _build_encoder(args)
-    info = _info(args, enc_info)
-    info.update(reports=str(args.reports), rows_read=sections.rows_read, rows_left_out=sections.skipped,
-                perturb_seed=args.perturb_seed)
-    result = evaluate_text_structure(encoder, records, types=args.types, bootstrap=args.bootstrap, seed=args.seed,
-                                     batch_size=args.batch_size, info=info, ids=sections.uids)
-    paths = write_structure_outputs(result, args.out, args.name or "text_structure")
-    o = result.overall
-    acc = "n/a" if o.accuracy is None else f"{100 * o.accuracy:.1f}% (chance {100 * o.chance:.1f}%)"
-    print(f"text-structure accuracy {acc} over {o.n} reports")
+    result = evaluation.run(encoder, data, args)
+    result.info = {**_info(args, enc_info), **result.info}  # provenance first, the evaluation's own after
+    paths = write_result(result, args.out, args.name or evaluation.key)
+    print(result.headline())
     _print_paths(paths)
     return 0
 
@@ -149,14 +85,6 @@ _finetune_chexpert = lazy_handler("pertvl.evaluate.finetune", "chexpert_cli_main
 
 
 _ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main")
-
-
-def _types(text: str) -> tuple[str, ...]:
-    types = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in types if t not in PERTURBATION_TYPES]
-    if unknown or not types:
-        raise argparse.ArgumentTypeError(f"unknown type(s) {unknown}; choose from {', '.join(PERTURBATION_TYPES)}")
-    return types
 
 
 def _non_negative(text: str) -> int:
@@ -185,14 +113,6 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, metavar="DIR", help="shard folder (pertvl pack), e.g. shards/demo")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N samples (quick checks)")
-
-
-def _structure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--types", type=_types, default=PERTURBATION_TYPES,
-                   help="comma-separated perturbation types (default: all nine)")
-    p.add_argument("--bootstrap", type=_non_negative, default=1000,
-                   help="bootstrap resamples for the 95%% CIs, 0 to skip (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
 def _at_least_two(text: str) -> int:
@@ -233,59 +153,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_finetune(sub)
     ev = sub.add_parser(
         "eval",
-        help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure",
+        help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure (and registered ones)",
         description="Evaluate pretrained encoders (ONNX export or torch run) on a shard split.",
     )
     esub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION", required=True)
+    from pertvl.evaluate.evaluation import Source
+    from pertvl.evaluate.registry import EVALUATIONS
 
-    p = esub.add_parser(
-        "structure",
-        help="zero-shot clinical semantic structure (Table IV): original report vs its perturbations",
-        description="For each image, score its report and the report's valid perturbations by "
-        "cosine(image, text); accuracy overall and per perturbation type with bootstrap CIs. "
-        "Writes NAME.json, NAME.md and NAME.png.",
-    )
-    _model_args(p)
-    _shard_args(p)
-    _structure_args(p)
-    p.set_defaults(handler=_structure)
-
-    p = esub.add_parser(
-        "retrieval",
-        help="image→report and report→image Recall@K",
-        description="Recall@K in both directions against the gallery of distinct reports of the split.",
-    )
-    _model_args(p)
-    _shard_args(p)
-    p.add_argument("--ks", default="1,5,10", help="comma-separated K values (default 1,5,10)")
-    p.add_argument("--match", choices=["report", "study"], default="report",
-                   help="report: an image matches every identical report text (default); study: its study's report")
-    p.set_defaults(handler=_retrieval)
-
-    p = esub.add_parser(
-        "zeroshot",
-        help="zero-shot classification from prompt pairs, AUROC per label",
-        description='Score = cos(image, "finding") - cos(image, "no finding") per label; AUROC over '
-        "images with a definite 0/1 label.",
-    )
-    _model_args(p)
-    _shard_args(p)
-    p.add_argument("--prompts", metavar="JSON",
-                   help='JSON file {label: [positive, negative] or [[pos, neg], ...]} (default: built-in prompts)')
-    p.set_defaults(handler=_zeroshot)
-
-    p = esub.add_parser(
-        "text-structure",
-        help="text-only structure check on Open-I: impression vs findings and their perturbations",
-        description="For each report with both sections: anchor = impression, candidates = findings and "
-        "its valid perturbations, scored by the text encoder alone.",
-    )
-    _model_args(p, text_model=True)
-    p.add_argument("--reports", required=True, metavar="CSV", help="the Kaggle layout's indiana_reports.csv")
-    p.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbations (default 0)")
-    p.add_argument("--limit", type=positive_int, help="use only the first N reports with both sections")
-    _structure_args(p)
-    p.set_defaults(handler=_text_structure)
+    for evaluation in EVALUATIONS.values():  # built-ins, then plugins' (pertvl --plugin)
+        p = esub.add_parser(evaluation.name, help=evaluation.help, description=evaluation.description)
+        _model_args(p, text_model=evaluation.text_only)
+        if evaluation.source is Source.SHARDS:
+            _shard_args(p)
+        evaluation.add_arguments(p)
+        p.set_defaults(handler=_evaluate, evaluation=evaluation.name)
 
 
 def _register_finetune(sub: argparse._SubParsersAction) -> None:
@@ -379,8 +260,8 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default="configs/demo.yaml", help="training config (default configs/demo.yaml)")
     p.add_argument("--shards", default="shards/demo", help="shard folder (default shards/demo)")
-    p.add_argument("--presets", default="convirt,gloria,no_local,full",
-                   help="comma-separated loss presets (default convirt,gloria,no_local,full)")
+    p.add_argument("--presets", help="comma-separated loss presets (default: the built-in ones, "
+                   "convirt,gloria,no_local,full; pertvl.losses.LOSS_PRESETS)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
     p.add_argument("--max-steps", type=positive_int, help="override the config's training steps")
     p.add_argument("--nproc", type=positive_int, default=2, help="training ranks per run (default 2)")

@@ -1,4 +1,8 @@
-"""Writers for evaluation outputs: JSON (stable schemas), Markdown tables, PNG figures.
+"""Generic writers for evaluation outputs: a result's files, the comparison table, training curves.
+
+Nothing here knows an evaluation by name: a result (pertvl.evaluate.evaluation.Result) brings its
+JSON, Markdown, figures and flat metrics, and pertvl.evaluate.registry says which evaluation a
+schema or a metric belongs to. The helpers below (tables, figures) are shared by the evaluations.
 
 Figures are drawn on matplotlib `Figure` objects with the Agg canvas (no pyplot, no global
 backend state) at fixed sizes (no tight bounding box), so a PNG's pixel size is
@@ -18,46 +22,22 @@ from typing import Any
 
 import numpy as np
 
-from pertvl.data.records import PERTURBATION_TYPES, atomic_write_text, write_json
-from pertvl.evaluate.retrieval import RetrievalResult
-from pertvl.evaluate.structure import StructureResult
-from pertvl.evaluate.zeroshot import ZeroShotResult
+from pertvl.data.records import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
 COMPARISON_SCHEMA = "pertvl-comparison/1"
 DPI = 100
-STRUCTURE_FIGSIZE = (11.0, 5.0)  # → 1100 × 500 px
 COMPARISON_FIGSIZE = (15.0, 5.5)  # → 1500 × 550 px
 CURVES_FIGSIZE = (10.0, 6.0)  # → 1000 × 600 px
 ATTENTION_FIGSIZE = (4.0, 4.4)  # → 400 × 440 px
-
-# Table I names of the perturbation types (the paper's wording, shortened for axis labels).
-TYPE_NAMES = {
-    "shuffle_all": "Shuffle all words",
-    "swap_adjacent": "Swap adjacent words",
-    "reverse": "Reverse sentence",
-    "shuffle_within_trigrams": "Shuffle within trigrams",
-    "shuffle_trigrams": "Shuffle trigrams",
-    "shuffle_nouns_adjectives": "Shuffle nouns & adjectives",
-    "shuffle_all_but_nouns_adjectives": "Shuffle all but nouns & adj.",
-    "shuffle_nouns_verbs_adjectives": "Shuffle nouns, verbs & adj.",
-    "antonym_adjectives": "Adjectives → antonyms",
-}
-
-# The paper's rows (Tables II-IV), in its order: config name → row label.
-CONFIG_NAMES = {
-    "convirt": "ConVIRT-like",
-    "gloria": "GLoRIA-like",
-    "no_local": "Ours w/o local",
-    "full": "Ours",
-}
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _new_figure(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib Figure on the Agg canvas at DPI, constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -66,7 +46,7 @@ def _new_figure(figsize: tuple[float, float]):
     return fig
 
 
-def _save_png(fig, path: str | os.PathLike) -> Path:
+def save_png(fig, path: str | os.PathLike) -> Path:
     """Save at the figure's own size, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,15 +61,16 @@ def _save_png(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
+def pct(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def _ci(ci: Sequence[float] | None) -> str:
-    return "—" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+def ci(interval: Sequence[float] | None) -> str:
+    return "—" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A Markdown table; `align` one letter per column, "l" or "r" (default: first left, rest right)."""
     align = align or ("l" + "r" * (len(header) - 1))
     sep = ["---:" if a == "r" else ":---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
@@ -97,206 +78,46 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str |
     return "\n".join(lines) + "\n"
 
 
-def type_name(t: str) -> str:
-    return TYPE_NAMES.get(t, t)
+# ----------------------------------------------------------------------------- one result
 
 
-# ----------------------------------------------------------------------------- structure
-
-
-def structure_markdown(result: StructureResult, title: str) -> str:
-    """The overall + per-type table of one structure result."""
-    is_text = result.schema.startswith("pertvl-text-structure")
-    unit = "reports" if is_text else "images"
-    rows = []
-    o = result.overall
-    rows.append(
-        [
-            "**Overall** (original ranked first)",
-            _pct(o.accuracy),
-            _ci(o.ci95),
-            str(o.n),
-            _pct(o.chance),
-            "—" if o.mean_candidates is None else f"{o.mean_candidates:.2f}",
-            f"{o.excluded_identical} / {o.unavailable} / {o.missing}",
-        ]
-    )
-    for t, s in result.per_type.items():
-        rows.append(
-            [
-                f"{type_name(t)} (`{t}`)",
-                _pct(s.accuracy),
-                _ci(s.ci95),
-                str(s.n),
-                _pct(s.chance),
-                "—" if s.mean_candidates is None else f"{s.mean_candidates:.0f}",
-                f"{s.excluded_identical} / {s.unavailable} / {s.missing}",
-            ]
-        )
-    header = ["", "accuracy", "95% CI", f"n ({unit})", "chance", "candidates", "excluded (identical / unavailable / missing)"]
-    b = result.bootstrap
-    notes = [
-        f"# {title}",
-        "",
-        _md_table(header, rows),
-        f"{result.images} {unit} scored; {result.images_without_valid_perturbation} without any valid "
-        f"perturbation (not in the overall accuracy)"
-        + (f"; skipped: {', '.join(f'{k} {v}' for k, v in sorted(result.skipped.items()))}" if result.skipped else "")
-        + ".",
-        "",
-        f"Per type: original vs that perturbation (chance 50%). Ties (within {result.tie_tolerance:g} cosine) "
-        f"count as wrong. CI: {b.get('method', 'percentile')} bootstrap over {unit}, "
-        f"{b.get('resamples')} resamples, seed {b.get('seed')}.",
-    ]
-    return "\n".join(notes) + "\n"
-
-
-def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: str = "") -> Path:
-    """Bar chart: overall + one bar per type, CI error bars, the chance level of each bar."""
-    names = ["Overall"] + [type_name(t) for t in result.per_type]
-    stats = [result.overall, *result.per_type.values()]
-    acc = np.array([np.nan if s.accuracy is None else 100 * s.accuracy for s in stats])
-    lo = np.array([0.0 if s.ci95 is None or s.accuracy is None else 100 * (s.accuracy - s.ci95[0]) for s in stats])
-    hi = np.array([0.0 if s.ci95 is None or s.accuracy is None else 100 * (s.ci95[1] - s.accuracy) for s in stats])
-    x = np.arange(len(stats))
-    fig = _new_figure(STRUCTURE_FIGSIZE)
-    ax = fig.add_subplot()
-    colors = ["#1f4e79"] + ["#4f81bd"] * (len(stats) - 1)
-    ax.bar(x, np.nan_to_num(acc), color=colors, width=0.7, yerr=[lo, hi], capsize=4, ecolor="#333333")
-    for i, s in enumerate(stats):
-        if s.chance is not None:
-            ax.hlines(100 * s.chance, i - 0.42, i + 0.42, colors="#c0392b", linestyles="--", linewidth=1.8,
-                      label="chance" if i == 0 else None)
-        label = "n/a" if s.accuracy is None else f"{acc[i]:.0f}%"
-        top = 0.0 if s.accuracy is None else acc[i] + hi[i]  # above the error bar
-        ax.text(i, top + 1.5, f"{label}\nn={s.n}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=9)
-    ax.set_ylim(0, 115)  # room for the labels above a 100 % bar
-    ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    ax.set_title(title or "Clinical semantic structure: original report ranked above perturbations")
-    fig.legend(loc="outside upper right", fontsize=9)  # outside the axes: never over a bar label
-    return _save_png(fig, out_png)
-
-
-def write_structure_outputs(result: StructureResult, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
-    """Write NAME.json (the result's schema), NAME.md (the table) and NAME.png (the bar chart).
+def write_result(result: Any, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+    """NAME.json (the result's schema), NAME.md (its Markdown) and its figures (e.g. NAME.png).
 
     Returns:
-        {"json": path, "markdown": path, "png": path}.
+        {"json": path, "markdown": path, **figures}.
     """
     out = Path(out_dir)
-    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}
-    is_text = result.schema.startswith("pertvl-text-structure")
-    title = ("Text-only structure (impression → findings): " if is_text else "Clinical semantic structure: ") + name
-    write_json(paths["json"], result.to_json())
-    atomic_write_text(paths["markdown"], structure_markdown(result, title))
-    plot_structure(result, paths["png"], title)
-    return paths
-
-
-# ----------------------------------------------------------------------------- retrieval / zero-shot
-
-
-def write_retrieval_outputs(result: RetrievalResult, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
-    """Write NAME.json and NAME.md (Recall@K both directions)."""
-    out = Path(out_dir)
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
-    ks = list(result.image_to_text)
-    rows = [
-        ["image → report", *[_pct(result.image_to_text[k]) for k in ks], f"{result.median_rank['image_to_text']:g}"],
-        ["report → image", *[_pct(result.text_to_image[k]) for k in ks], f"{result.median_rank['text_to_image']:g}"],
-    ]
-    md = (
-        f"# Retrieval: {name}\n\n"
-        + _md_table(["", *ks, "median rank"], rows)
-        + f"\n{result.images} images, {result.texts} distinct reports in the gallery; matching by {result.match}; "
-        f"ties (within {result.tie_tolerance:g} cosine) rank against the correct item.\n"
-    )
     write_json(paths["json"], result.to_json())
-    atomic_write_text(paths["markdown"], md)
-    return paths
-
-
-def write_zeroshot_outputs(result: ZeroShotResult, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
-    """Write NAME.json and NAME.md (AUROC per label, null = only one class present)."""
-    out = Path(out_dir)
-    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
-    rows = [
-        [
-            label,
-            "undefined (one class)" if v.auroc is None else f"{v.auroc:.3f}",
-            str(v.n_pos),
-            str(v.n_neg),
-            str(v.n_skipped),
-            "; ".join(f'"{p}" vs "{n}"' for p, n in v.prompts),
-        ]
-        for label, v in result.per_label.items()
-    ]
-    mean = result.mean_auroc
-    md = (
-        f"# Zero-shot classification: {name}\n\n"
-        + _md_table(["label", "AUROC", "positives", "negatives", "uncertain/unknown", "prompts"], rows, "lrrrrl")
-        + f"\nMean AUROC over defined labels: {'—' if mean is None else f'{mean:.3f}'}; {result.images} images.\n"
-    )
-    write_json(paths["json"], result.to_json())
-    atomic_write_text(paths["markdown"], md)
+    atomic_write_text(paths["markdown"], result.markdown(name))
+    paths.update(result.figures(out, name))
     return paths
 
 
 # ----------------------------------------------------------------------------- comparison (ablation)
 
 
-def comparison_columns(types: Sequence[str] = PERTURBATION_TYPES, ks: Sequence[int] = (1, 5, 10)) -> list[str]:
-    """Metric keys of the comparison table, in column order."""
-    return (
-        ["structure/overall"]
-        + [f"structure/{t}" for t in types]
-        + [f"retrieval/image_to_text/R@{k}" for k in ks]
-        + [f"retrieval/text_to_image/R@{k}" for k in ks]
-        + ["zeroshot/mean_auroc"]
-    )
-
-
-def _result_from_json(d: Mapping[str, Any]):
-    schema = str(d.get("schema", ""))
-    if schema.startswith(("pertvl-structure", "pertvl-text-structure")):
-        return StructureResult.from_json(d)
-    if schema.startswith("pertvl-retrieval"):
-        return RetrievalResult.from_json(d)
-    if schema.startswith("pertvl-zeroshot"):
-        return ZeroShotResult.from_json(d)
-    raise ValueError(f"unknown result schema {schema!r}")
-
-
 def flatten_metrics(item: Any) -> dict[str, float | None]:
     """Metric key → value for one run (one seed of one configuration).
 
-    Accepts a StructureResult / RetrievalResult / ZeroShotResult, the JSON dict of one, a dict
-    {"structure": …, "retrieval": …, "zeroshot": …} of those, or an already flat
-    {metric key: number} dict (keys as in `comparison_columns`).
+    Accepts a registered result, the JSON dict of one, a dict {evaluation key or name: result or
+    its JSON} of those, or an already flat {metric key: number} dict ("structure/overall", ...).
 
     Raises:
         ValueError: on anything else.
     """
-    if isinstance(item, StructureResult):
-        out: dict[str, float | None] = {"structure/overall": item.overall.accuracy}
-        out.update({f"structure/{t}": s.accuracy for t, s in item.per_type.items()})
-        return out
-    if isinstance(item, RetrievalResult):
-        out = {f"retrieval/image_to_text/{k}": v for k, v in item.image_to_text.items()}
-        out.update({f"retrieval/text_to_image/{k}": v for k, v in item.text_to_image.items()})
-        return out
-    if isinstance(item, ZeroShotResult):
-        return {"zeroshot/mean_auroc": item.mean_auroc}
+    from pertvl.evaluate.evaluation import Result
+    from pertvl.evaluate.registry import EVALUATIONS, by_key, result_from_json
+
+    if isinstance(item, Result) and not isinstance(item, Mapping):
+        return item.metrics()
     if isinstance(item, Mapping):
         if "schema" in item:
-            return flatten_metrics(_result_from_json(item))
-        parts = {k: v for k, v in item.items() if k in ("structure", "retrieval", "zeroshot")}
+            return result_from_json(item).metrics()
+        parts = {k: v for k, v in item.items() if isinstance(k, str) and (by_key(k) or k in EVALUATIONS)}
         if parts:
-            out = {}
+            out: dict[str, float | None] = {}
             for v in parts.values():
                 out.update(flatten_metrics(v))
             return out
@@ -304,6 +125,30 @@ def flatten_metrics(item: Any) -> dict[str, float | None]:
             return {k: (None if v is None else float(v)) for k, v in item.items()}
     raise ValueError(f"cannot read metrics from {type(item).__name__}: expected a pertvl result, its JSON, "
                      "or a {metric: number} dict")
+
+
+def comparison_columns(keys: Sequence[str]) -> list[str]:
+    """Metric keys in table order: evaluations in registry order, each in its own metric order."""
+    from pertvl.evaluate.registry import EVALUATIONS, evaluation_for_metric, metric_info
+
+    order = {e.name: i for i, e in enumerate(EVALUATIONS.values())}
+
+    def sort_key(k: str) -> tuple:
+        e = evaluation_for_metric(k)
+        return (order[e.name] if e is not None else len(order), metric_info(k).order, k)
+
+    return sorted(set(keys), key=sort_key)
+
+
+def _column_groups(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(title, columns) per evaluation in column order; metrics of no evaluation under "Other metrics"."""
+    from pertvl.evaluate.registry import evaluation_for_metric
+
+    groups: dict[str, list[str]] = {}
+    for c in columns:
+        e = evaluation_for_metric(c)
+        groups.setdefault(e.title if e is not None else "Other metrics", []).append(c)
+    return list(groups.items())
 
 
 def _aggregate(values: list[float]) -> dict[str, Any]:
@@ -318,11 +163,14 @@ def _aggregate(values: list[float]) -> dict[str, Any]:
 
 
 def _ordered_configs(names: Sequence[str]) -> list[str]:
-    known = [c for c in CONFIG_NAMES if c in names]
-    return known + [c for c in names if c not in CONFIG_NAMES]
+    """Loss presets in their table order (pertvl.losses.LOSS_PRESETS), then other names."""
+    from pertvl.losses import LOSS_PRESETS
+
+    known = [c for c in LOSS_PRESETS if c in names]
+    return known + [c for c in names if c not in LOSS_PRESETS]
 
 
-def _fmt_mean_std(agg: Mapping[str, Any], percent: bool) -> str:
+def _fmt_mean_std(agg: Mapping[str, Any] | None, percent: bool) -> str:
     if agg is None or agg["mean"] is None:
         return "—"
     scale, digits = (100.0, 1) if percent else (1.0, 3)
@@ -338,8 +186,8 @@ def write_comparison_table(
     """The ablation table in the paper's layout, mean ± std over seeds.
 
     Args:
-        results: config name (convirt, gloria, no_local, full, or others) → one item per seed;
-            an item is anything `flatten_metrics` reads.
+        results: config name (a loss preset, or another name) → one item per seed; an item is
+            anything `flatten_metrics` reads.
         out_dir: folder for NAME.json, NAME.md, NAME.png.
         name: file stem.
 
@@ -348,24 +196,22 @@ def write_comparison_table(
 
     JSON schema "pertvl-comparison/1": {"schema", "columns": [metric key], "rows": [{"config",
     "label", "seeds", "metrics": {metric key: {"mean", "std", "n", "values"}}}]}; std is the
-    sample standard deviation (ddof=1), null for one seed.
+    sample standard deviation (ddof=1), null for one seed. Rows follow the presets' order and
+    take their labels (pertvl.losses.LOSS_PRESETS); columns follow the evaluation registry.
     """
+    from pertvl.losses import preset_label
+
     if not results:
         raise ValueError("write_comparison_table: no configurations given")
     flat = {c: [flatten_metrics(item) for item in items] for c, items in results.items()}
-    types = [t for t in PERTURBATION_TYPES if any(f"structure/{t}" in m for ms in flat.values() for m in ms)]
-    extra_types = sorted({k.split("/", 1)[1] for ms in flat.values() for m in ms for k in m
-                          if k.startswith("structure/") and k != "structure/overall"} - set(types))
-    columns = comparison_columns([*types, *extra_types])
-    present = {k for ms in flat.values() for m in ms for k in m}
-    columns = [c for c in columns if c in present] + sorted(present - set(columns))
+    columns = comparison_columns([k for ms in flat.values() for m in ms for k in m])
     rows = []
     for config in _ordered_configs(list(flat)):
         runs = flat[config]
         rows.append(
             {
                 "config": config,
-                "label": CONFIG_NAMES.get(config, config),
+                "label": preset_label(config),
                 "seeds": len(runs),
                 "metrics": {c: _aggregate([m.get(c) for m in runs]) for c in columns},
             }
@@ -379,53 +225,36 @@ def write_comparison_table(
     return paths
 
 
-def _column_label(c: str) -> str:
-    if c == "structure/overall":
-        return "Structure overall"
-    if c.startswith("structure/"):
-        return type_name(c.split("/", 1)[1])
-    if c.startswith("retrieval/image_to_text/"):
-        return "I→R " + c.rsplit("/", 1)[1]
-    if c.startswith("retrieval/text_to_image/"):
-        return "R→I " + c.rsplit("/", 1)[1]
-    if c == "zeroshot/mean_auroc":
-        return "Zero-shot mean AUROC"
-    return c
-
-
 def comparison_markdown(doc: Mapping[str, Any]) -> str:
-    """Two tables (structure accuracy; retrieval + zero-shot), one row per configuration."""
-    cols = doc["columns"]
-    s_cols = [c for c in cols if c.startswith("structure/")]
-    o_cols = [c for c in cols if not c.startswith("structure/")]
+    """One table per evaluation (registry order), one row per configuration."""
+    from pertvl.evaluate.registry import metric_info
+
     parts = ["# Ablation: loss configurations (mean ± std over seeds)", ""]
-    for title, group in (("Clinical semantic structure accuracy (%)", s_cols),
-                         ("Retrieval Recall@K (%) and zero-shot AUROC", o_cols)):
-        if not group:
-            continue
+    for title, group in _column_groups(doc["columns"]):
         rows = [
-            [r["label"], str(r["seeds"]), *[_fmt_mean_std(r["metrics"].get(c), percent=c != "zeroshot/mean_auroc")
-                                            for c in group]]
+            [r["label"], str(r["seeds"]), *[_fmt_mean_std(r["metrics"].get(c), metric_info(c).percent) for c in group]]
             for r in doc["rows"]
         ]
-        parts += [f"## {title}", "", _md_table(["Method", "seeds", *[_column_label(c) for c in group]], rows), ""]
-    parts.append("Std: sample standard deviation over seeds (— with one seed). Per-type structure accuracy is "
-                 "pairwise (chance 50%); overall is the original ranked first among all valid candidates.")
+        unit = " (%)" if all(metric_info(c).percent for c in group) else ""
+        parts += [f"## {title}{unit}", "", md_table(["Method", "seeds", *[metric_info(c).label for c in group]], rows),
+                  ""]
+    parts.append("Std: sample standard deviation over seeds (— with one seed). Percentages ×100; other "
+                 "metrics (AUROC) as they are. Per-type structure accuracy is pairwise (chance 50%); overall "
+                 "is the original ranked first among all valid candidates.")
     return "\n".join(parts) + "\n"
 
 
 def plot_comparison(doc: Mapping[str, Any], out_png: str | os.PathLike) -> Path:
-    """Grouped bars: structure accuracy per type (left), retrieval and zero-shot (right)."""
-    cols = doc["columns"]
-    s_cols = [c for c in cols if c.startswith("structure/")]
-    o_cols = [c for c in cols if not c.startswith("structure/")]
+    """Grouped bars, one panel per evaluation; values ×100 (AUROC too), a dashed line at each
+    column's chance level where the evaluation states one."""
+    from pertvl.evaluate.registry import metric_info
+
     rows = doc["rows"]
-    fig = _new_figure(COMPARISON_FIGSIZE)
-    panels = [(s_cols, "Clinical semantic structure accuracy (%)")] + ([(o_cols, "Retrieval R@K (%) / zero-shot AUROC (×100)")]
-                                                                         if o_cols else [])
-    axes = fig.subplots(1, len(panels), width_ratios=[max(len(g), 1) for g, _ in panels], squeeze=False)[0]
+    panels = _column_groups(doc["columns"]) or [("(no metrics)", [])]
+    fig = new_figure(COMPARISON_FIGSIZE)
+    axes = fig.subplots(1, len(panels), width_ratios=[max(len(g), 1) for _, g in panels], squeeze=False)[0]
     palette = ["#7f7f7f", "#bcbd22", "#4f81bd", "#c0504d", "#8064a2", "#f79646"]
-    for ax, (group, title) in zip(axes, panels, strict=True):
+    for ax, (title, group) in zip(axes, panels, strict=True):
         x = np.arange(len(group))
         width = 0.8 / max(len(rows), 1)
         for j, r in enumerate(rows):
@@ -440,18 +269,19 @@ def plot_comparison(doc: Mapping[str, Any], out_png: str | os.PathLike) -> Path:
                 color=palette[j % len(palette)],
                 label=f"{r['label']} (n={r['seeds']})",
             )
-        ax.set_xticks(x, [_column_label(c) for c in group], rotation=35, ha="right", fontsize=8)
+        for i, c in enumerate(group):
+            chance = metric_info(c).chance
+            if chance is not None:
+                ax.hlines(100 * chance, i - 0.45, i + 0.45, colors="#c0392b", linestyles="--", linewidth=1)
+        ax.set_xticks(x, [metric_info(c).label for c in group], rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 118)  # headroom for the legend above the 100 % line
         ax.set_yticks(range(0, 101, 20))
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         ax.set_title(title, fontsize=11)
-    if len(s_cols) > 1:  # the 50 % chance holds for the per-type (pairwise) columns only
-        axes[0].hlines(50, 0.5, len(s_cols) - 0.5, colors="#c0392b", linestyles="--", linewidth=1,
-                       label="pairwise chance")
     axes[0].legend(fontsize=8, loc="upper center", ncols=5)
-    fig.suptitle("Ablation: mean ± std over seeds")
-    return _save_png(fig, out_png)
+    fig.suptitle("Ablation: mean ± std over seeds (×100)")
+    return save_png(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- training curves
@@ -517,7 +347,7 @@ def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.Pat
     if not loss_keys:
         raise ValueError(f"{metrics_jsonl}: no 'loss/…' values with a 'step' to plot")
     has_lr = any(isinstance(r.get("lr"), int | float) for r in rows)
-    fig = _new_figure(CURVES_FIGSIZE)
+    fig = new_figure(CURVES_FIGSIZE)
     axes = fig.subplots(2 if has_lr else 1, 1, sharex=True, height_ratios=[3, 1] if has_lr else None, squeeze=False)[:, 0]
     colors = {"loss/total": "black", "loss/global": "#4f81bd", "loss/local": "#9bbb59", "loss/pert": "#c0504d"}
     for i, k in enumerate(loss_keys):
@@ -542,7 +372,7 @@ def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.Pat
         axes[1].grid(alpha=0.3)
         axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     axes[-1].set_xlabel("step")
-    path = _save_png(fig, out_png)
+    path = save_png(fig, out_png)
     return {"png": path, "keys": loss_keys + (["lr"] if has_lr else []), "points": len(rows), "bad_lines": bad}
 
 
@@ -576,11 +406,11 @@ def save_attention_map(
     up = np.asarray(Image.fromarray(attn).resize((w, h), Image.Resampling.BILINEAR))
     span = float(up.max() - up.min())
     up = (up - up.min()) / span if span > 0 else np.zeros_like(up)
-    fig = _new_figure(ATTENTION_FIGSIZE)
+    fig = new_figure(ATTENTION_FIGSIZE)
     ax = fig.add_subplot()
     ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
     # Opacity follows attention, so unattended regions show the plain radiograph.
     ax.imshow(up, cmap="jet", alpha=0.65 * up, vmin=0, vmax=1, interpolation="bilinear")
     ax.set_axis_off()
     ax.set_title(word, fontsize=16)
-    return _save_png(fig, out_png)
+    return save_png(fig, out_png)

@@ -25,14 +25,18 @@ JSON schema "pertvl-retrieval/1":
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
+from pertvl.evaluate.report import md_table, pct
 from pertvl.evaluate.structure import TIE_TOLERANCE
 
 SCHEMA = "pertvl-retrieval/1"
@@ -83,6 +87,42 @@ class RetrievalResult:
             tie_tolerance=float(d.get("tie_tolerance", TIE_TOLERANCE)),
             info=dict(d.get("info", {})),
         )
+
+
+    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
+    def markdown(self, name: str) -> str:
+        ks = list(self.image_to_text)
+        rows = [
+            ["image → report", *[pct(self.image_to_text[k]) for k in ks], f"{self.median_rank['image_to_text']:g}"],
+            ["report → image", *[pct(self.text_to_image[k]) for k in ks], f"{self.median_rank['text_to_image']:g}"],
+        ]
+        return (
+            f"# Retrieval: {name}\n\n"
+            + md_table(["", *ks, "median rank"], rows)
+            + f"\n{self.images} images, {self.texts} distinct reports in the gallery; matching by {self.match}; "
+            f"ties (within {self.tie_tolerance:g} cosine) rank against the correct item.\n"
+        )
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        return {}
+
+    def metrics(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {f"retrieval/image_to_text/{k}": v for k, v in self.image_to_text.items()}
+        out.update({f"retrieval/text_to_image/{k}": v for k, v in self.text_to_image.items()})
+        return out
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        _, direction, k = key.split("/", 2)
+        arrow = {"image_to_text": "I→R", "text_to_image": "R→I"}
+        number = int(k[2:]) if k.startswith("R@") and k[2:].isdigit() else 0
+        return MetricInfo(f"{arrow.get(direction, direction)} {k}", order=(list(arrow).index(direction)
+                                                                             if direction in arrow else 2, number))
+
+    def headline(self) -> str:
+        i2t = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.image_to_text.items())
+        t2i = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.text_to_image.items())
+        return f"image→report {i2t}; report→image {t2i} ({self.images} images, {self.texts} reports)"
 
 
 def first_hit_ranks(sim: np.ndarray, hit: np.ndarray, tie_tolerance: float = TIE_TOLERANCE) -> np.ndarray:
@@ -221,3 +261,40 @@ def evaluate_retrieval(
     result.skipped = dict(skipped)
     result.info = dict(info or {})
     return result
+
+
+# ----------------------------------------------------------------------------- the registry entry
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ks must be comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--ks must be positive integers, got {text!r}")
+    return ks
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ks", type=_ks, default=DEFAULT_KS, help="comma-separated K values (default 1,5,10)")
+    p.add_argument("--match", choices=["report", "study"], default="report",
+                   help="report: an image matches every identical report text (default); study: its study's report")
+
+
+def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> RetrievalResult:
+    """`pertvl eval retrieval`: `evaluate_retrieval` over the shard samples."""
+    return evaluate_retrieval(encoder, data, ks=options.ks, match=options.match, batch_size=options.batch_size)
+
+
+EVALUATION = Evaluation(
+    name="retrieval",
+    help="image→report and report→image Recall@K",
+    description="Recall@K in both directions against the gallery of distinct reports of the split.",
+    add_arguments=add_arguments,
+    run=run,
+    result_type=RetrievalResult,
+    schemas=(SCHEMA,),
+    title="Retrieval",
+    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
+)

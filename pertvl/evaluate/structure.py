@@ -45,15 +45,20 @@ For the overall STAT the three exclusion counts are totals over types. A null ac
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
+from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-structure/1"
 TIE_TOLERANCE = 1e-6
@@ -145,6 +150,11 @@ class StructureResult:
     ids: list[str] = field(default_factory=list, repr=False, compare=False)
     scores: StructureScores | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def is_text(self) -> bool:
+        """A text-structure result (anchor = impression, "images" count reports)."""
+        return self.schema.startswith("pertvl-text-structure")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
@@ -179,6 +189,43 @@ class StructureResult:
             info=dict(d.get("info", {})),
             schema=schema,
         )
+
+
+    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
+    def markdown(self, name: str) -> str:
+        title = ("Text-only structure (impression → findings): " if self.is_text
+                 else "Clinical semantic structure: ") + name
+        return structure_markdown(self, title)
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        title = ("Text-only structure (impression → findings): " if self.is_text
+                 else "Clinical semantic structure: ") + name
+        return {"png": plot_structure(self, Path(out_dir) / f"{name}.png", title)}
+
+    def metrics(self) -> dict[str, float | None]:
+        key = "text_structure" if self.is_text else "structure"
+        out: dict[str, float | None] = {f"{key}/overall": self.overall.accuracy}
+        out.update({f"{key}/{t}": s.accuracy for t, s in self.per_type.items()})
+        return out
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        from pertvl.data.perturb import PERTURBATIONS, type_label
+
+        prefix, metric = key.split("/", 1)
+        if metric == "overall":
+            return MetricInfo("Text structure overall" if prefix == "text_structure" else "Structure overall",
+                              order=(0,))
+        types = list(PERTURBATIONS)
+        # per type: original vs that perturbation, pairwise (chance 50 %)
+        return MetricInfo(type_label(metric), order=(1, types.index(metric)) if metric in types else (2, metric),
+                          chance=0.5)
+
+    def headline(self) -> str:
+        o = self.overall
+        acc = "n/a" if o.accuracy is None else f"{100 * o.accuracy:.1f}% (chance {100 * o.chance:.1f}%)"
+        what, unit = ("text-structure", "reports") if self.is_text else ("structure", "images")
+        return f"{what} accuracy {acc} over {o.n} {unit}"
 
 
 def structure_scores(
@@ -310,11 +357,13 @@ def valid_perturbations(
 
 
 def check_types(types: Sequence[str]) -> tuple[str, ...]:
-    """Validate requested perturbation types against PERTURBATION_TYPES (order kept)."""
+    """Validate requested perturbation types against the registered ones (order kept)."""
+    from pertvl.data.perturb import PERTURBATIONS
+
     types = tuple(types)
-    unknown = [t for t in types if t not in PERTURBATION_TYPES]
+    unknown = [t for t in types if t not in PERTURBATIONS]
     if unknown or not types:
-        raise ValueError(f"unknown perturbation type(s) {unknown}; expected a non-empty subset of {PERTURBATION_TYPES}")
+        raise ValueError(f"unknown perturbation type(s) {unknown}; expected a non-empty subset of {tuple(PERTURBATIONS)}")
     if len(set(types)) != len(types):
         raise ValueError(f"perturbation types repeated: {list(types)}")
     return types
@@ -486,3 +535,119 @@ def evaluate_structure(
         ids=ids,
         tie_tolerance=tie_tolerance,
     )
+
+
+# ----------------------------------------------------------------------------- Markdown and figure
+
+STRUCTURE_FIGSIZE = (11.0, 5.0)  # → 1100 × 500 px
+
+
+def structure_markdown(result: StructureResult, title: str) -> str:
+    """The overall + per-type table of one structure result (type labels: pertvl.data.perturb)."""
+    from pertvl.data.perturb import type_label
+
+    unit = "reports" if result.is_text else "images"
+    o = result.overall
+    rows = [[
+        "**Overall** (original ranked first)", pct(o.accuracy), ci(o.ci95), str(o.n), pct(o.chance),
+        "—" if o.mean_candidates is None else f"{o.mean_candidates:.2f}",
+        f"{o.excluded_identical} / {o.unavailable} / {o.missing}",
+    ]]
+    for t, st in result.per_type.items():
+        rows.append([
+            f"{type_label(t)} (`{t}`)", pct(st.accuracy), ci(st.ci95), str(st.n), pct(st.chance),
+            "—" if st.mean_candidates is None else f"{st.mean_candidates:.0f}",
+            f"{st.excluded_identical} / {st.unavailable} / {st.missing}",
+        ])
+    header = ["", "accuracy", "95% CI", f"n ({unit})", "chance", "candidates", "excluded (identical / unavailable / missing)"]
+    b = result.bootstrap
+    notes = [
+        f"# {title}",
+        "",
+        md_table(header, rows),
+        f"{result.images} {unit} scored; {result.images_without_valid_perturbation} without any valid "
+        f"perturbation (not in the overall accuracy)"
+        + (f"; skipped: {', '.join(f'{k} {v}' for k, v in sorted(result.skipped.items()))}" if result.skipped else "")
+        + ".",
+        "",
+        f"Per type: original vs that perturbation (chance 50%). Ties (within {result.tie_tolerance:g} cosine) "
+        f"count as wrong. CI: {b.get('method', 'percentile')} bootstrap over {unit}, "
+        f"{b.get('resamples')} resamples, seed {b.get('seed')}.",
+    ]
+    return "\n".join(notes) + "\n"
+
+
+def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: str = "") -> Path:
+    """Bar chart: overall + one bar per type, CI error bars, the chance level of each bar."""
+    from pertvl.data.perturb import type_label
+
+    names = ["Overall"] + [type_label(t) for t in result.per_type]
+    stats = [result.overall, *result.per_type.values()]
+    acc = np.array([np.nan if s.accuracy is None else 100 * s.accuracy for s in stats])
+    lo = np.array([0.0 if s.ci95 is None or s.accuracy is None else 100 * (s.accuracy - s.ci95[0]) for s in stats])
+    hi = np.array([0.0 if s.ci95 is None or s.accuracy is None else 100 * (s.ci95[1] - s.accuracy) for s in stats])
+    x = np.arange(len(stats))
+    fig = new_figure(STRUCTURE_FIGSIZE)
+    ax = fig.add_subplot()
+    colors = ["#1f4e79"] + ["#4f81bd"] * (len(stats) - 1)
+    ax.bar(x, np.nan_to_num(acc), color=colors, width=0.7, yerr=[lo, hi], capsize=4, ecolor="#333333")
+    for i, s in enumerate(stats):
+        if s.chance is not None:
+            ax.hlines(100 * s.chance, i - 0.42, i + 0.42, colors="#c0392b", linestyles="--", linewidth=1.8,
+                      label="chance" if i == 0 else None)
+        label = "n/a" if s.accuracy is None else f"{acc[i]:.0f}%"
+        top = 0.0 if s.accuracy is None else acc[i] + hi[i]  # above the error bar
+        ax.text(i, top + 1.5, f"{label}\nn={s.n}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=9)
+    ax.set_ylim(0, 115)  # room for the labels above a 100 % bar
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.set_title(title or "Clinical semantic structure: original report ranked above perturbations")
+    fig.legend(loc="outside upper right", fontsize=9)  # outside the axes: never over a bar label
+    return save_png(fig, out_png)
+
+
+# ----------------------------------------------------------------------------- the registry entry
+
+
+def types_arg(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated registered perturbation types."""
+    from pertvl.data.perturb import PERTURBATIONS
+
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in types if t not in PERTURBATIONS]
+    if unknown or not types:
+        raise argparse.ArgumentTypeError(f"unknown type(s) {unknown}; choose from {', '.join(PERTURBATIONS)}")
+    return types
+
+
+def add_structure_arguments(p: argparse.ArgumentParser) -> None:
+    """--types, --bootstrap, --seed (shared with text-structure)."""
+    p.add_argument("--types", type=types_arg, default=PERTURBATION_TYPES,
+                   help="comma-separated perturbation types (default: the nine; registered types by name)")
+    p.add_argument("--bootstrap", type=non_negative, default=1000,
+                   help="bootstrap resamples for the 95%% CIs, 0 to skip (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> StructureResult:
+    """`pertvl eval structure`: `evaluate_structure` over the shard samples."""
+    return evaluate_structure(encoder, data, types=options.types, bootstrap=options.bootstrap, seed=options.seed,
+                              batch_size=options.batch_size)
+
+
+EVALUATION = Evaluation(
+    name="structure",
+    help="zero-shot clinical semantic structure (Table IV): original report vs its perturbations",
+    description="For each image, score its report and the report's valid perturbations by "
+    "cosine(image, text); accuracy overall and per perturbation type with bootstrap CIs. "
+    "Writes NAME.json, NAME.md and NAME.png.",
+    add_arguments=add_structure_arguments,
+    run=run,
+    result_type=StructureResult,
+    schemas=(SCHEMA,),
+    title="Clinical semantic structure (Table IV)",
+    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
+)

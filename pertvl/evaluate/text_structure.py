@@ -21,6 +21,7 @@ in, so this module does not depend on spaCy.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 from collections import Counter
@@ -31,10 +32,12 @@ from typing import Any
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import TextEncoder, embed_texts_unique
+from pertvl.evaluate.evaluation import Evaluation, Source, positive_int
 from pertvl.evaluate.structure import (
     TIE_TOLERANCE,
     CandidateCounts,
     StructureResult,
+    add_structure_arguments,
     check_types,
     cosine_candidates,
     summarize,
@@ -197,3 +200,60 @@ def evaluate_text_structure(
         ids=kept_ids,
         tie_tolerance=tie_tolerance,
     )
+
+
+# ----------------------------------------------------------------------------- the registry entry
+
+
+@dataclass
+class TextStructureData:
+    """What `load` reads and perturbs for `run`: the report sections and one record per report."""
+
+    sections: ReportSections
+    records: list[tuple[str, Any]]
+
+
+def load(options: argparse.Namespace) -> TextStructureData:
+    """Read --reports, perturb the findings (spaCy, --perturb-seed; the --types asked for)."""
+    from pertvl.data.perturb import Perturber
+
+    sections = read_report_sections(options.reports, limit=options.limit)
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(sections.skipped.items())) or "none"
+    print(f"{options.reports}: {len(sections)} reports with findings and impression ({sections.rows_read} read; "
+          f"left out: {skipped})")
+    extra = [t for t in options.types if t not in PERTURBATION_TYPES]  # registered types are computed on request
+    perturber = Perturber(seed=options.perturb_seed, types=[*PERTURBATION_TYPES, *extra]) if extra else \
+        Perturber(seed=options.perturb_seed)
+    return TextStructureData(sections, perturb_findings(sections, perturber, progress=True))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reports", required=True, metavar="CSV", help="the Kaggle layout's indiana_reports.csv")
+    p.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbations (default 0)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N reports with both sections")
+    add_structure_arguments(p)
+
+
+def run(encoder: TextEncoder, data: TextStructureData, options: argparse.Namespace) -> StructureResult:
+    """`pertvl eval text-structure`: `evaluate_text_structure` on the perturbed findings."""
+    sections = data.sections
+    info = {"reports": str(options.reports), "rows_read": sections.rows_read, "rows_left_out": sections.skipped,
+            "perturb_seed": options.perturb_seed}
+    return evaluate_text_structure(encoder, data.records, types=options.types, bootstrap=options.bootstrap,
+                                   seed=options.seed, batch_size=options.batch_size, info=info, ids=sections.uids)
+
+
+EVALUATION = Evaluation(
+    name="text-structure",
+    help="text-only structure check on Open-I: impression vs findings and their perturbations",
+    description="For each report with both sections: anchor = impression, candidates = findings and "
+    "its valid perturbations, scored by the text encoder alone.",
+    add_arguments=add_arguments,
+    run=run,
+    result_type=StructureResult,
+    schemas=(SCHEMA,),
+    title="Text-only structure (impression → findings)",
+    source=Source.OWN,
+    load=load,
+    text_only=True,
+)

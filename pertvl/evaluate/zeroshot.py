@@ -19,16 +19,21 @@ JSON schema "pertvl-zeroshot/1":
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
+from pertvl.evaluate.report import md_table
 
 SCHEMA = "pertvl-zeroshot/1"
 
@@ -116,6 +121,37 @@ class ZeroShotResult:
             skipped=dict(d.get("skipped", {})),
             info=dict(d.get("info", {})),
         )
+
+
+    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
+    def markdown(self, name: str) -> str:
+        rows = [
+            [label, "undefined (one class)" if v.auroc is None else f"{v.auroc:.3f}", str(v.n_pos), str(v.n_neg),
+             str(v.n_skipped), "; ".join(f'"{p}" vs "{n}"' for p, n in v.prompts)]
+            for label, v in self.per_label.items()
+        ]
+        mean = self.mean_auroc
+        return (
+            f"# Zero-shot classification: {name}\n\n"
+            + md_table(["label", "AUROC", "positives", "negatives", "uncertain/unknown", "prompts"], rows, "lrrrrl")
+            + f"\nMean AUROC over defined labels: {'—' if mean is None else f'{mean:.3f}'}; {self.images} images.\n"
+        )
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        return {}
+
+    def metrics(self) -> dict[str, float | None]:
+        return {"zeroshot/mean_auroc": self.mean_auroc}
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        label = "Zero-shot mean AUROC" if key == "zeroshot/mean_auroc" else key
+        return MetricInfo(label, percent=False, order=(0,) if key == "zeroshot/mean_auroc" else (1, key))
+
+    def headline(self) -> str:
+        mean = self.mean_auroc
+        return (f"zero-shot mean AUROC {'n/a' if mean is None else f'{mean:.3f}'} over "
+                f"{sum(v.auroc is not None for v in self.per_label.values())} labels, {self.images} images")
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
@@ -269,3 +305,39 @@ def evaluate_zeroshot(
         skipped=dict(skipped),
         info=dict(info or {}),
     )
+
+
+# ----------------------------------------------------------------------------- the registry entry
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", metavar="JSON",
+                   help='JSON file {label: [positive, negative] or [[pos, neg], ...]} (default: built-in prompts)')
+
+
+def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> ZeroShotResult:
+    """`pertvl eval zeroshot`: `evaluate_zeroshot` with the built-in prompts or --prompts."""
+    prompts: Any = DEFAULT_PROMPTS
+    if options.prompts:
+        with open(options.prompts, encoding="utf-8") as f:
+            try:
+                prompts = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{options.prompts}: not JSON: {e}") from None
+        if not isinstance(prompts, dict):
+            raise SystemExit(f"{options.prompts}: expected {{label: [positive, negative]}}")
+    return evaluate_zeroshot(encoder, data, prompts=prompts, batch_size=options.batch_size)
+
+
+EVALUATION = Evaluation(
+    name="zeroshot",
+    help="zero-shot classification from prompt pairs, AUROC per label",
+    description='Score = cos(image, "finding") - cos(image, "no finding") per label; AUROC over '
+    "images with a definite 0/1 label.",
+    add_arguments=add_arguments,
+    run=run,
+    result_type=ZeroShotResult,
+    schemas=(SCHEMA,),
+    title="Zero-shot classification",
+    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
+)

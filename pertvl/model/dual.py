@@ -228,9 +228,9 @@ class DualEncoder(nn.Module):
 
         Args:
             batch: a pertvl.data.batch.Batch.
-            need_local: compute region and word features (L_local); PretrainLoss's config says
-                whether it is needed (`LossConfig.uses_local`).
-            need_perturbations: encode the perturbations (L_pert; `LossConfig.uses_perturbations`).
+            need_local: compute region and word features (L_local; pertvl.losses.Feature.LOCAL).
+            need_perturbations: encode the perturbations (L_pert; Feature.PERTURBATIONS).
+                `PretrainLoss.model_kwargs()` sets both from the terms of the loss preset.
                 Without it only the B originals go through the text transformer.
         Returns:
             DualOutput. Heads a preset does not use (region/word projections) get no gradient:

@@ -24,7 +24,8 @@ bit-identical fp32 parameters at step n (tests/test_train.py). BatchNorm running
 averaged across ranks after every optimizer step, so every rank holds the same buffers as well as
 the same parameters and a checkpoint (written from rank 0's module) restores all ranks exactly.
 
-Files in RUN_DIR: config.yaml (resolved config), metrics.jsonl (monitor: "step", "loss/*", "lr",
+Files in RUN_DIR: config.yaml (resolved config), metrics.jsonl (monitor: "step", "loss/total" and
+"loss/{term}" for every term of the loss preset (pertvl.losses.LOSS_PRESETS), "lr",
 "perf/*", "mem/*", "data/*"), samples.jsonl (sample ids of every optimizer step, per rank),
 ranks/rank{R}.json (pid, launcher, final parameter checksum), checkpoints/ (DeepSpeed +
 pertvl markers), wandb/ (offline runs), final/ (DualEncoder.save_pretrained, fp32 safetensors).
@@ -332,8 +333,9 @@ class Trainer:
         seed_everything(self.seed)  # identical initialisation on every rank
         model = create_model(cfg["model"])
         self.loss_fn = PretrainLoss(cfg["loss"])
-        self.need_local = self.loss_fn.config.uses_local
-        self.need_perturbations = self.loss_fn.config.uses_perturbations
+        # The model computes only the features the preset's terms read (e.g. no region maps for
+        # convirt); the loss, not the engine, knows which.
+        self.model_kwargs = self.loss_fn.model_kwargs()
 
         self.stream = build_train_stream(
             dcfg["shards"],
@@ -576,7 +578,8 @@ class Trainer:
         t_start = time.perf_counter()
         lr = float(engine.get_lr()[0])
         wait = 0.0
-        sums = torch.zeros(4, dtype=torch.float64)
+        names = self.loss_fn.names  # "total" and the preset's terms, whatever they are
+        sums = torch.zeros(len(names), dtype=torch.float64)
         ids: list[str] = []
         for micro in range(self.plan.grad_accum):
             t_wait = time.perf_counter()
@@ -589,14 +592,12 @@ class Trainer:
             wait += time.perf_counter() - t_wait
             ids.extend(batch.ids)
             batch = batch.to(self.device, image_dtype=self.image_dtype)
-            out = engine(batch, need_local=self.need_local, need_perturbations=self.need_perturbations)
+            out = engine(batch, **self.model_kwargs)
             losses = self.loss_fn(out, rank=self.rank, world_size=self.world_size)  # fp32
             engine.backward(losses.total)
             engine.step()
-            sums += torch.tensor(
-                [float(v.detach()) for v in (losses.total, losses.global_loss, losses.local_loss, losses.pert_loss)],
-                dtype=torch.float64,
-            )
+            values = losses.as_floats()
+            sums += torch.tensor([values[name] for name in names], dtype=torch.float64)
         sync_float_buffers(engine.module, self.world_size)
         step_time = time.perf_counter() - t_start
         metrics: dict[str, Any] = {
@@ -617,14 +618,14 @@ class Trainer:
         return torch.random.fork_rng(devices=devices)
 
     def _reduced_losses(self, sums: torch.Tensor) -> dict[str, float]:
-        """Loss terms averaged over ranks (L_global's per-rank shares average to the global loss)."""
+        """"loss/{name}" of the total and of every term of the preset, averaged over ranks
+        (L_global's per-rank shares average to the global loss)."""
         values = sums.to(torch.float64)
         if self.world_size > 1:
             values = values.to(self.device)
             dist.all_reduce(values)
             values = values.cpu() / self.world_size
-        names = ("loss/total", "loss/global", "loss/local", "loss/pert")
-        return {name: float(v) for name, v in zip(names, values, strict=True)}
+        return {f"loss/{name}": float(v) for name, v in zip(self.loss_fn.names, values, strict=True)}
 
     def _epoch_data_counts(self, epoch: int) -> Counter:
         from pertvl.data.stream import MASK_REASONS, SKIP_REASONS
@@ -667,6 +668,7 @@ class Trainer:
             "config": self.cfg,
             "data_plan": self._data_plan(),
             "data_counts": dict(data_counts),
+            "loss_terms": list(self.loss_fn.names[1:]),  # what loss/* holds in this run's metrics
         }
         with self.watchdog.phase("checkpoint"):
             ckpt.save(self.engine, self.run_dir, global_step, client_state, keep_last=int(self.tcfg["keep_last"]))

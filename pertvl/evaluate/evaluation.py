@@ -1,0 +1,152 @@
+"""What an evaluation declares to take part in `pertvl eval`, `pertvl ablate`, `pertvl demo` and the reports.
+
+An evaluation is one module with a `run(encoder, data, options) -> Result`, the arguments it adds
+to its `pertvl eval NAME` parser, and one `Evaluation` entry (EVALUATION = Evaluation(...)) that
+pertvl.evaluate.registry lists. Everything about its output is on its Result: the schema, the
+JSON round trip, the Markdown, the flat metrics (the comparison table's columns) and a headline.
+The commands and writers (pertvl.evaluate.cli, report, ablate, pertvl.demo) loop over the registry
+and know no evaluation by name.
+
+This module imports nothing heavy: the CLI parser is built from these declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Evaluation", "MetricInfo", "Result", "Source", "Suite", "non_negative", "positive_int"]
+
+
+class Source(enum.Enum):
+    """Where `run`'s `data` comes from."""
+
+    SHARDS = "shards"  # shard samples of --shards/--split (first --limit); pertvl.data.shards.iter_samples
+    OWN = "own"  # Evaluation.load(options): the evaluation's own arguments name its inputs
+
+
+class Suite(enum.Enum):
+    """The pipelines an evaluation is part of by default."""
+
+    DEMO = "demo"  # `pertvl demo`: a stage eval-NAME on the test split, a section in the report
+    ABLATE = "ablate"  # `pertvl ablate`: every run is evaluated, its metrics are table columns
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How the comparison table shows one flat metric.
+
+    Attributes:
+        label: the column header ("I→R R@1").
+        percent: shown ×100 with one decimal (accuracies, recalls), else with three decimals.
+        order: sort key of the column within its evaluation's table.
+        chance: the chance level, drawn in the comparison figure (None: none stated).
+    """
+
+    label: str
+    percent: bool = True
+    order: tuple = ()
+    chance: float | None = None
+
+
+@runtime_checkable
+class Result(Protocol):
+    """The output of an evaluation (a dataclass in each evaluation module)."""
+
+    schema: str  # "pertvl-NAME/VERSION", the JSON's "schema"
+    info: dict[str, Any]  # provenance; `pertvl eval` adds the encoder, version, command, inputs
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Result: ...
+
+    def markdown(self, name: str) -> str:
+        """NAME.md: a titled table."""
+        ...
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        """Extra files beside NAME.json / NAME.md ({"png": path}); {} for none."""
+        ...
+
+    def metrics(self) -> dict[str, float | None]:
+        """Flat "KEY/metric" -> value (KEY = the evaluation's key); the comparison table's cells."""
+        ...
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        """Label, unit and order of a flat metric key this result type writes."""
+        ...
+
+    def headline(self) -> str:
+        """One line for the console ("structure accuracy 61.0% (chance 12.5%) over 40 images")."""
+        ...
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One registered evaluation.
+
+    Attributes:
+        name: `pertvl eval NAME`.
+        help, description: the subcommand's help texts.
+        add_arguments: adds the evaluation's own options to its parser (the encoder options
+            --export/--run[/--text-model], --device, --batch-size, --out, --name, and for
+            Source.SHARDS --shards/--split/--limit are added for it).
+        run: run(encoder, data, options: argparse.Namespace) -> Result.
+        result_type: the Result class (from_json, metric_info).
+        schemas: the JSON schemas it reads back (`result_type.from_json`).
+        key: file stem of its outputs and prefix of its flat metrics (default: name with "_").
+        title: heading of its section in reports and of its comparison table.
+        source: where `data` comes from; `load(options)` for Source.OWN.
+        text_only: the encoder may be a plain text model (--text-model).
+        suites: the pipelines that run it by default (Suite.DEMO, Suite.ABLATE).
+    """
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[Any, Any, argparse.Namespace], Result]
+    result_type: type
+    schemas: tuple[str, ...]
+    title: str
+    key: str = ""
+    source: Source = Source.SHARDS
+    load: Callable[[argparse.Namespace], Any] | None = None
+    text_only: bool = False
+    suites: frozenset[Suite] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.name.replace("-", "_"))
+        if self.source is Source.OWN and self.load is None:
+            raise ValueError(f"evaluation {self.name!r}: Source.OWN needs a load(options) function")
+        if not self.schemas:
+            raise ValueError(f"evaluation {self.name!r}: expected at least one schema")
+
+    def options(self) -> set[str]:
+        """The option strings its own arguments define ("--bootstrap", ...)."""
+        p = argparse.ArgumentParser(add_help=False)
+        self.add_arguments(p)
+        return {s for a in p._actions for s in a.option_strings}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    """argparse type: an integer >= 0 (bootstrap resamples)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
