@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
         "shuffle_buffer": 256,
         "augment": True,
         "resampled": False,
+        "download_retries": 3,  # shards from a URL: retries (with back-off) before the run fails
     },
     "model": {},  # create_model's defaults (pertvl.model.DualEncoderConfig)
     # L_global's two directions averaged (the paper's "symmetric cross-entropy" as CLIP), L_local's

@@ -186,6 +186,65 @@ def test_a_missing_worker_dependency_fails_before_the_first_batch(folder, tok, m
     stream(folder, tok, augment=False).close()  # without augmentation kornia is not needed
 
 
+class _ShardServer:
+    """A local HTTP server over a shard folder; paths in `failing` answer 500 and are counted."""
+
+    def __init__(self, folder: Path, failing: tuple[str, ...] = ()):
+        import functools
+        import http.server
+        import threading
+
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server API
+                server.requests.append(self.path)
+                if self.path.lstrip("/") in failing:
+                    self.send_error(500, "injected failure")
+                    return
+                super().do_GET()
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_shards_stream_from_the_url_of_their_manifest(folder, tok):
+    """data.shards = http://.../manifest.json: 2 ranks (2 workers each) stream the same batches as
+    from the folder, each shard read from the server (streamed, not copied); a shard that keeps
+    failing ends the stream with an error naming its URL after the bounded retries."""
+    server = _ShardServer(folder)
+    try:
+        url = f"{server.url}/manifest.json"
+        for rank in (0, 1):
+            remote = stream(url, tok, world_size=2, rank=rank, epoch=1)
+            assert all(u.startswith(server.url + "/train-") for u in remote.source.urls)
+            assert_same_batches(list(remote), list(stream(folder, tok, world_size=2, rank=rank, epoch=1)))
+            remote.close()
+        assert sorted(set(server.requests)) == ["/manifest.json"] + [f"/train-{i:06d}.tar" for i in range(8)]
+    finally:
+        server.close()
+    server = _ShardServer(folder, failing=("train-000003.tar",))
+    try:
+        s = stream(f"{server.url}/manifest.json", tok, num_workers=0, download_retries=2)
+        with pytest.raises(OSError, match=r"/train-000003\.tar: download failed after 3 attempt\(s\): HTTPError: HTTP Error 500"):
+            list(s)
+        assert server.requests.count("/train-000003.tar") == 3  # 1 try + 2 retries, then the error
+        with pytest.raises(OSError, match=r"/nothing/manifest\.json: download failed after 1 attempt\(s\): HTTPError: HTTP Error 404"):
+            stream(f"{server.url}/nothing/manifest.json", tok, download_retries=0)
+    finally:
+        server.close()
+
+
 def _rewrite_with_corrupt_png(path: Path, key: str) -> None:
     """Rewrite a shard with one PNG's IDAT byte flipped: a valid tar holding a corrupt image."""
     with tarfile.open(path) as tar:

@@ -397,3 +397,27 @@ def test_preempted_and_resumed_bf16_run_matches_within_bf16_rounding(
     for key in ref:
         tol = ref[key].abs().max().item() * 2**-8 + 1e-12
         assert (ref[key] - got[key]).abs().max().item() <= tol, (key, stopped)
+
+
+def test_torchrun_trains_from_shards_served_over_http(tiny_train, tmp_path: Path) -> None:
+    """data.shards = the URL of a manifest: 2 ranks stream their shards from a local HTTP server
+    (nothing copied), train, and see the same samples as from the folder."""
+    from test_stream import _ShardServer
+
+    server = _ShardServer(tiny_train.shards)
+    try:
+        run, log = tmp_path / "run", tmp_path / "http.log"
+        args = ["train", "--config", str(tiny_train.config), "--out", str(run), "--max-steps", "3", "--no-wandb",
+                "--deepspeed-config", str(REPO / "ds_configs" / "cpu_zero1_fp32.json"),
+                "--shards", f"{server.url}/manifest.json"]  # fmt: skip
+        proc = _launch("torchrun", args, log, tmp_path)
+        assert proc.returncode == 0, _tail(log)
+    finally:
+        server.close()
+    from pertvl.data.shards import iter_samples
+
+    train_ids = {s.meta["id"] for s in iter_samples(tiny_train.shards, "train")}
+    samples = _jsonl(run / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1, 2, 3]
+    assert {i for s in samples for r in s["ids"] for i in r} <= train_ids
+    assert any(p.endswith(".tar") for p in server.requests) and "/manifest.json" in server.requests

@@ -51,6 +51,7 @@ import logging
 import os
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -122,17 +123,66 @@ def _shard_name(url: str) -> str:
     return os.path.basename(url) if "://" not in url and not url.startswith("pipe:") else url
 
 
+class ShardDownloadError(OSError):
+    """A remote shard or manifest could not be fetched after the allowed attempts (names the URL)."""
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def _open_remote(url: str, retries: int, timeout_s: float = 60.0):
+    """A binary stream of `url` (http(s) through urllib, other schemes through fsspec), opened with
+    up to `retries` retries and exponential back-off; a ShardDownloadError names the URL, the
+    attempts and the last reason. The body streams: nothing is copied to disk."""
+    scheme, attempts, last = _scheme(url), max(1, retries + 1), ""
+    for attempt in range(attempts):
+        try:
+            if scheme in ("http", "https"):
+                import urllib.request
+
+                return urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 - the user's own URL
+            try:
+                import fsspec
+            except ImportError as e:
+                raise ShardDownloadError(f"{url}: {scheme}:// needs fsspec (and its {scheme} backend): {e}") from e
+            return fsspec.open(url, "rb").open()
+        except ShardDownloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - HTTP 5xx/4xx, refused, timeout, a backend's own errors
+            last = f"{type(e).__name__}: {e}"
+            if attempt + 1 < attempts:
+                log.warning("%s: attempt %d of %d failed (%s); retrying", url, attempt + 1, attempts, last)
+                time.sleep(min(8.0, 0.25 * 2**attempt))
+    raise ShardDownloadError(f"{url}: download failed after {attempts} attempt(s): {last}")
+
+
+def _remote_manifest(url: str, retries: int) -> dict:
+    with _open_remote(url, retries) as f:
+        data = f.read()
+    try:
+        man = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{url}: not a shard manifest (not JSON: {e})") from e
+    if not isinstance(man, dict) or "splits" not in man:
+        raise ValueError(f"{url}: not a pertvl shard manifest (no 'splits')")
+    return man
+
+
 def resolve_source(
     source: str | os.PathLike,
     split: str = "train",
     *,
     manifest: str | os.PathLike | dict | None = None,
     num_samples: int | None = None,
+    retries: int = 3,
 ) -> ShardSource:
     """Resolve a shard source to URLs and counts.
 
     Args:
-        source: a local shard folder with manifest.json; or a brace pattern of shard paths/URLs
+        source: a local shard folder with manifest.json; the URL of a manifest.json
+            (http(s)://host/shards/NAME/manifest.json, or any fsspec URL such as s3://bucket/NAME/manifest.json:
+            the shards are read from beside it, streamed, never copied); or a brace pattern of shard paths/URLs
             ("shards/x/train-{000000..000009}.tar", webdataset's "::" and ${WDS_VAR} rules); or
             `pipe:` URLs ("pipe:aws s3 cp s3://b/train-{000000..000009}.tar -").
         split: the manifest split (selects the shards of a folder).
@@ -140,6 +190,7 @@ def resolve_source(
             finds the manifest next to them on its own.
         num_samples: samples per epoch when there is no manifest (it also overrides the manifest's,
             e.g. for virtual epochs in resampled mode).
+        retries: retries for fetching a remote manifest.
 
     Raises:
         ValueError: when the sample count cannot be known, or a URL matches no manifest shard.
@@ -152,7 +203,13 @@ def resolve_source(
         if isinstance(manifest, dict)
         else (read_manifest(manifest) if manifest is not None else None)
     )
-    if os.path.isdir(src):
+    if _scheme(src) and src.split("?", 1)[0].endswith(".json"):  # the URL of a manifest
+        man = man if man is not None else _remote_manifest(src, retries)
+        entries = split_info(man, split, src)["shards"]
+        base = src.split("?", 1)[0].rsplit("/", 1)[0]
+        urls = [f"{base}/{e['name']}" for e in entries]
+        counts = [e["num_samples"] for e in entries]
+    elif os.path.isdir(src):
         man = man if man is not None else read_manifest(src)
         entries = split_info(man, split, os.path.join(src, MANIFEST_NAME))["shards"]
         urls = [os.path.join(src, e["name"]) for e in entries]
@@ -337,6 +394,7 @@ class _Plan:
     image_size: int | None
     shuffle_buffer: int
     faults: tuple = ()  # pertvl.faults.Fault from PERTVL_FAULT, read in the main process
+    download_retries: int = 3  # remote shards: retries before the run fails
 
     @property
     def batches_per_stream(self) -> int:
@@ -377,8 +435,14 @@ def _read_shard(plan: _Plan, index: int, stats: Counter) -> Iterator[tuple]:
 
     url, expected = plan.source.urls[index], plan.source.shard_counts[index]
     name = _shard_name(url)
+    if _scheme(url):
+        # A remote shard that cannot be fetched after the retries is an infrastructure failure, not
+        # damaged data: the run fails with the URL named (a local missing file is counted and skipped).
+        stream = _open_remote(url, plan.download_retries)
+    else:
+        stream = None
     try:
-        stream = wds.gopen(url, "rb")
+        stream = stream or wds.gopen(url, "rb")
     except Exception as e:  # any opener failure (missing file, failing pipe) makes it unreadable
         stats["unreadable_shard"] += 1
         log.warning("cannot open shard %s: %s: %s; continuing with the next shard", name, type(e).__name__, e)
@@ -763,6 +827,7 @@ def build_train_stream(
     shuffle_buffer: int = 1000,
     prefetch_factor: int = 2,
     multiprocessing_context=None,
+    download_retries: int = 3,
 ) -> TrainStream:
     """Build the training stream of one rank.
 
@@ -783,6 +848,8 @@ def build_train_stream(
         shuffle_buffer: sample shuffle buffer per stream.
         prefetch_factor: passed to the DataLoader.
         multiprocessing_context: how workers start (None: `default_worker_context()`, a forkserver).
+        download_retries: remote manifest and shards (http(s), fsspec URLs): retries with back-off
+            before a ShardDownloadError naming the URL ends the run.
 
     Raises:
         ValueError: bad arguments; fewer shards than world_size x workers (with the number
@@ -793,7 +860,7 @@ def build_train_stream(
             f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_workers >= 0; got "
             f"{batch_size}, {world_size}, {rank}, {num_workers}"
         )
-    src = resolve_source(source, split, manifest=manifest, num_samples=num_samples)
+    src = resolve_source(source, split, manifest=manifest, num_samples=num_samples, retries=download_retries)
     streams = max(1, num_workers)
     needed = world_size * streams
     if not resampled and len(src.urls) < needed:
@@ -833,6 +900,7 @@ def build_train_stream(
         image_size=image_size or src.image_size,
         shuffle_buffer=shuffle_buffer,
         faults=injected,
+        download_retries=download_retries,
     )
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip

@@ -351,6 +351,7 @@ class Trainer:
             resampled=bool(dcfg["resampled"]),
             image_size=dcfg["image_size"],
             shuffle_buffer=int(dcfg["shuffle_buffer"]),
+            download_retries=int(dcfg["download_retries"]),
         )
         # Record the size actually trained at (export and evaluation read it from config.yaml).
         dcfg["image_size"] = int(dcfg["image_size"] or self.stream.source.image_size)
