@@ -54,7 +54,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -81,15 +80,8 @@ from pertvl.data.phantom_report import (
     make_nli_items,
     write_report,
 )
-from pertvl.data.records import (
-    SPLITS,
-    Pair,
-    assign_splits,
-    atomic_write_text,
-    split_counts,
-    write_json,
-    write_pairs,
-)
+from pertvl.data.records import SPLITS, Pair, assign_splits, split_counts, write_pairs
+from pertvl.files import atomic_write_bytes, atomic_write_text, write_json
 
 __all__ = [
     "CHEXPERT_COLUMNS",
@@ -703,17 +695,6 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # Corpus generation
 # ----------------------------------------------------------------------------------------------
@@ -747,7 +728,7 @@ def _make_range(task: tuple[int, int, int, int, str, bool]) -> list[_Made]:
         png = encode_png(img)
         t1 = time.perf_counter()
         pid = phantom_id(seed, i)
-        _write_bytes(Path(images_dir) / f"{pid}.png", png)
+        atomic_write_bytes(Path(images_dir) / f"{pid}.png", png)
         items = [it.to_json() for it in make_nli_items(sentences, findings, r_nli, pid)] if nli else []
         out.append(_Made(i, [f.to_json() for f in findings], " ".join(s.text for s in sentences), items,
                          t1 - t0, time.perf_counter() - t1))
@@ -830,7 +811,7 @@ def write_preview(out: Path, made: Sequence[_Made], seed: int, tile: int = 224, 
     path = out / "preview.png"
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    _write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from pertvl.data.records import PERTURBATION_TYPES, atomic_write_text, write_jso
 from pertvl.evaluate.retrieval import RetrievalResult
 from pertvl.evaluate.structure import StructureResult
 from pertvl.evaluate.zeroshot import ZeroShotResult
+from pertvl.files import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,8 @@ def _new_figure(figsize: tuple[float, float]):
 def _save_png(fig, path: str | os.PathLike) -> Path:
     """Save at the figure's own size, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=DPI, format="png")
     return path
 
 
