@@ -118,7 +118,7 @@ def test_attention_maps_match_torch_losses():
 def test_load_images_matches_pack_preprocessing(emb, image_files, tmp_path):
     from PIL import Image
 
-    from pertvl.data.shards import resize_center_crop, to_grayscale8
+    from pertvl.data.image import resize_center_crop, to_grayscale8
 
     arr = emb.load_images(image_files)
     assert arr.shape == (3, 1, 64, 64) and arr.dtype == np.float32

@@ -18,10 +18,10 @@ _phantom = lazy_handler("pertvl.data.phantom", "cli_main")
 _perturb = lazy_handler("pertvl.data.perturb", "cli_main")
 
 
-_pack = lazy_handler("pertvl.data.shards", "pack_cli_main")
+_pack = lazy_handler("pertvl.data.shards.packing", "pack_cli_main")
 
 
-_verify = lazy_handler("pertvl.data.shards", "verify_cli_main")
+_verify = lazy_handler("pertvl.data.shards.verification", "verify_cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
