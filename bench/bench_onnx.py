@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from pertvl.infer import physical_cores
+    from pertvl.export.runtime import physical_cores
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -180,7 +180,7 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
         optimize_text_graph,
         phantom_like_images,
     )
-    from pertvl.infer import open_session
+    from pertvl.export.runtime import open_session
     from pertvl.model import create_model
 
     size, b = 224, args.batch

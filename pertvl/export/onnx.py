@@ -421,7 +421,7 @@ def check_parity(model: nn.Module, files: dict[str, Path], cases, tolerance: flo
         ParityError: naming the file, output and case whose difference exceeds the bound, or
             when shapes or word masks disagree.
     """
-    from pertvl.infer import open_session
+    from pertvl.export.runtime import open_session
 
     sessions = {t: open_session(p, ["CPUExecutionProvider"]) for t, p in files.items()}
     names = {"image": IMAGE_OUTPUTS, "text": TEXT_OUTPUTS}
@@ -465,7 +465,7 @@ def check_parity(model: nn.Module, files: dict[str, Path], cases, tolerance: flo
 
 def measure_speed(files: dict[str, dict[str, Path]], cases, repeats: int = 3) -> dict[str, Any]:
     """onnxruntime time of fp32 vs int8 per tower on the largest parity batch (best of `repeats`)."""
-    from pertvl.infer import open_session
+    from pertvl.export.runtime import open_session
 
     out: dict[str, Any] = {}
     for tower in ("image", "text"):
