@@ -77,7 +77,7 @@ _NO_TORCH = textwrap.dedent("""
 
 
 def test_fresh_process_never_imports_torch(export_dir, model, tmp_path):
-    from pertvl.export.onnx import REAL_REPORTS, phantom_like_images
+    from pertvl.export.samples import REAL_REPORTS, phantom_like_images
 
     images = phantom_like_images(3, 64, seed=5)
     np.save(tmp_path / "images.npy", images)
@@ -228,7 +228,7 @@ def test_sessions_leave_the_callers_float_mode_alone(export_dir):
     process: onnxruntime sets the flag while creating the first session of the process."""
     code = textwrap.dedent(f"""
         import numpy as np
-        from pertvl.export.onnx import REAL_REPORTS
+        from pertvl.export.samples import REAL_REPORTS
         from pertvl.infer import Embedder
         emb = Embedder.from_export({str(export_dir)!r}, int8=True)
         emb.embed_texts(list(REAL_REPORTS))

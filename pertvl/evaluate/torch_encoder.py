@@ -94,17 +94,12 @@ class TorchEncoder(_TorchBase):
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, **kwargs) -> TorchEncoder:
-        """Load RUN_DIR/final (DualEncoder.save_pretrained layout), or RUN_DIR itself if it is one."""
-        from pathlib import Path
+        """Load RUN_DIR/final (DualEncoder.save_pretrained layout), or RUN_DIR itself if it is one
+        (pertvl.train.rundir.RunDir.model_dir)."""
+        from pertvl.train.rundir import RunDir
 
-        from pertvl.model import DualEncoder
-
-        run_dir = Path(run_dir)
-        final = run_dir / "final"
-        path = final if final.is_dir() else run_dir
-        if not path.is_dir():
-            raise FileNotFoundError(f"{run_dir}: no trained model (expected {final})")
-        return cls(DualEncoder.from_pretrained(path), **kwargs)
+        model, _ = RunDir(run_dir).load_model()
+        return cls(model, **kwargs)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         import torch

@@ -55,6 +55,14 @@ class ExportFormatError(ValueError):
     """An export folder or one of its files does not match the pertvl export format."""
 
 
+class ExportError(RuntimeError):
+    """The export could not be completed (the message says which step and why)."""
+
+
+class ParityError(ExportError):
+    """onnxruntime's outputs differ from torch's by more than the tolerance."""
+
+
 def tower_metadata(manifest: Mapping[str, Any], tower: str, variant: str = "fp32") -> dict[str, str]:
     """The ONNX metadata_props of one tower file, derived from the manifest.
 

@@ -11,7 +11,6 @@ import argparse
 from pertvl.cli import lazy_handler, positive_int
 from pertvl.export.int8 import parse_residual_layers
 
-
 _export = lazy_handler("pertvl.export.onnx", "cli_main")
 
 

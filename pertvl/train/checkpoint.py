@@ -46,10 +46,11 @@ import torch
 import torch.distributed as dist
 
 from pertvl.files import atomic_write_text, fsync_path
+from pertvl.train.rundir import CHECKPOINTS_NAME
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = CHECKPOINTS_NAME  # the run folder layout is pertvl.train.rundir
 LATEST_FILE = "latest"
 MARKER_FILE = "pertvl_checkpoint.json"
 MARKER_FORMAT = "pertvl-checkpoint/1"
