@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.records import PERTURBATION_TYPES, atomic_write_text, write_json
+from pertvl.evaluate.markdown import markdown_table
 from pertvl.evaluate.retrieval import RetrievalResult
 from pertvl.evaluate.structure import StructureResult
 from pertvl.evaluate.zeroshot import ZeroShotResult
@@ -83,11 +84,7 @@ def _ci(ci: Sequence[float] | None) -> str:
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    align = align or ("l" + "r" * (len(header) - 1))
-    sep = ["---:" if a == "r" else ":---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, rows, align) + "\n"
 
 
 def type_name(t: str) -> str:
