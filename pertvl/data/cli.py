@@ -12,7 +12,7 @@ from pertvl.cli import lazy_handler
 _openi = lazy_handler("pertvl.data.openi", "cli_main")
 
 
-_phantom = lazy_handler("pertvl.data.phantom", "cli_main")
+_phantom = lazy_handler("pertvl.data.phantom.corpus", "cli_main")
 
 
 _perturb = lazy_handler("pertvl.data.perturb", "cli_main")
