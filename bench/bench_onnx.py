@@ -44,7 +44,7 @@ STRUCTURE_POINTS = 1.0
 def reports_of_about(n_words: int, count: int) -> list[str]:
     """`count` cleaned reports of ~n_words words made of the real sentences of the parity set."""
     from pertvl.data.text import clean_text
-    from pertvl.export.onnx import REAL_REPORTS
+    from pertvl.export.samples import REAL_REPORTS
 
     words = " ".join(clean_text(t) for t in REAL_REPORTS).split()
     rng = np.random.default_rng(0)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from pertvl.infer import physical_cores
+    from pertvl.export.runtime import physical_cores
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -170,17 +170,12 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
     import torch
 
     from pertvl.data.tokenize import encode_texts
+    from pertvl.export.graphs import export_image_tower, export_text_tower, optimize_text_graph
     from pertvl.export.int8 import quantize_int8
-    from pertvl.export.onnx import (
-        ImageTower,
-        TextTower,
-        export_image_tower,
-        export_model,
-        export_text_tower,
-        optimize_text_graph,
-        phantom_like_images,
-    )
-    from pertvl.infer import open_session
+    from pertvl.export.onnx import export_model
+    from pertvl.export.runtime import open_session
+    from pertvl.export.samples import phantom_like_images
+    from pertvl.export.towers import ImageTower, TextTower
     from pertvl.model import create_model
 
     size, b = 224, args.batch

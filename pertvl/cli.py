@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "pertvl.train.cli",
     "pertvl.export.cli",
     "pertvl.evaluate.cli",
+    "pertvl.evaluate.embed_cli",
     "pertvl.demo_cli",
 )
 

@@ -128,6 +128,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def save_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:
-    from pertvl.data.records import atomic_write_text
+    from pertvl.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

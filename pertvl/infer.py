@@ -6,29 +6,32 @@ pertvl_export.json and that each ONNX file's metadata_props agree with it, then 
 towers with onnxruntime. It implements the evaluation's `Encoder` protocol
 (pertvl.evaluate.encoder: `embed_images`, `embed_texts`), so every evaluation runs on an export.
 
-This module imports numpy, onnxruntime, tokenizers and PIL only — never torch nor transformers'
-models — so an export can be served where torch is not installed.
+This module imports numpy, onnxruntime, tokenizers and PIL only — never torch, transformers'
+models, matplotlib nor any evaluation module — so an export can be served where torch is not
+installed (tests/test_architecture.py checks it in a fresh process).
 
 Texts are cleaned with the export's own cleaning rule (pertvl.data.text.clean_text with the
 recorded max_words/drop_deid; cleaning a cleaned text changes nothing) and tokenized with
-pertvl.data.tokenize.encode_texts, exactly as in training. Images are preprocessed like the
-shards (pertvl.data.shards: grayscale, shorter side resized, center crop) and scaled to [0, 1];
-the intensity normalization of the image model lives inside the graph.
+pertvl.data.tokenize.encode_texts, exactly as in training. Image files are read by the pixel
+rule of the shards (pertvl.data.image: grayscale, shorter side resized, center crop) and scaled
+to [0, 1]; the intensity normalization of the image model lives inside the graph.
+
+Files, pictures and the `pertvl embed` / `pertvl similarity` commands are pertvl.evaluate.embed;
+onnxruntime sessions are pertvl.export.runtime.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pertvl.data.image import read_image
 from pertvl.data.text import clean_text
 from pertvl.data.tokenize import encode_texts, load_tokenizer
 from pertvl.export import (
@@ -42,9 +45,10 @@ from pertvl.export import (
     decode_metadata,
     metadata_differences,
     read_manifest,
-    sha256_file,
     tower_metadata,
 )
+from pertvl.export.runtime import open_session
+from pertvl.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,100 +58,7 @@ __all__ = [
     "ImageFeatures",
     "TextFeatures",
     "attention_maps",
-    "default_providers",
-    "open_session",
-    "physical_cores",
-    "session_options",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# onnxruntime sessions
-# ----------------------------------------------------------------------------------------------
-def physical_cores() -> int:
-    """Physical CPU cores (hyper-threads do not help GEMM-bound inference); os.cpu_count() as fallback."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except ImportError:  # psutil is optional: it only refines the thread count
-        n = None
-    return max(1, int(n or os.cpu_count() or 1))
-
-
-def session_options(threads: int | None = None):
-    """onnxruntime SessionOptions used for every tower: all graph optimizations, intra-op threads =
-    physical cores (`threads` overrides), one inter-op thread (the graphs are sequential)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = int(threads) if threads else physical_cores()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
-    return so
-
-
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, then CPU (Azure and friends are skipped)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-# Sessions are created with denormals flushed to zero: the masked softmax of the text tower's
-# attention produces denormals, and flushing them made the text tower 7 % (fp32) and 13 % (int8)
-# faster here with bit-identical outputs. onnxruntime also sets that flag on the thread that creates
-# the session or calls run(), so both happen on one private thread: the caller's floating-point
-# mode (numpy, torch in the same process) stays as it was.
-_RUNNER: ThreadPoolExecutor | None = None
-_RUNNER_LOCK = threading.Lock()
-
-
-def _runner() -> ThreadPoolExecutor:
-    global _RUNNER
-    with _RUNNER_LOCK:
-        if _RUNNER is None:
-            _RUNNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pertvl-onnxruntime")
-        return _RUNNER
-
-
-def _forget_runner_in_child() -> None:
-    """A forked child has no copy of the runner's thread: give it a fresh executor (and lock)."""
-    global _RUNNER, _RUNNER_LOCK
-    _RUNNER, _RUNNER_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_runner_in_child)
-
-
-class IsolatedSession:
-    """An onnxruntime InferenceSession whose run() executes on pertvl's onnxruntime thread (see
-    above); every other attribute is the session's own. Calls from several threads queue."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def run(self, output_names, input_feed, run_options=None):
-        return _runner().submit(self.session.run, output_names, input_feed, run_options).result()
-
-    def __getattr__(self, name: str):
-        return getattr(self.session, name)
-
-
-def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> IsolatedSession:
-    """An onnxruntime session of `path` with pertvl's options (session_options, denormals as zero)."""
-    import onnxruntime as ort
-
-    options = session_options(threads)
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    create = _runner().submit(ort.InferenceSession, os.fspath(path), sess_options=options,
-                              providers=list(providers or default_providers()))
-    return IsolatedSession(create.result())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,21 +262,12 @@ class Embedder:
         (bilinear), center crop S × S, /255 — the preprocessing of `pertvl pack`.
 
         Raises:
-            ValueError: naming the file that cannot be read as an image.
+            FileNotFoundError: naming a missing file.
+            pertvl.data.image.ImageReadError (a ValueError): naming a file that cannot be decoded.
         """
-        from PIL import Image, UnidentifiedImageError
-
-        from pertvl.data.shards import resize_center_crop, to_grayscale8
-
         out = np.empty((len(paths), 1, self.image_size, self.image_size), dtype=np.float32)
         for i, path in enumerate(paths):
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    img = resize_center_crop(to_grayscale8(im), self.image_size)
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                raise ValueError(f"{path}: cannot read as an image ({e})") from None
-            out[i, 0] = np.asarray(img, dtype=np.float32) / 255.0
+            out[i, 0] = read_image(path, self.image_size).astype(np.float32) / 255.0
         return out
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
@@ -511,109 +413,3 @@ def _verified_session(export_dir: Path, manifest: dict, tower: str, variant: str
     if got_in != want_in or got_out != want_out:
         raise ExportFormatError(f"{path}: expected inputs {want_in} and outputs {want_out}, got {got_in} and {got_out}")
     return session
-
-
-# ----------------------------------------------------------------------------------------------
-# `pertvl embed` / `pertvl similarity` (parsers in pertvl.export.cli)
-# ----------------------------------------------------------------------------------------------
-def _safe_name(text: str, limit: int = 40) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
-    return keep[:limit] or "_"
-
-
-def save_attention_pngs(embedder: Embedder, images: np.ndarray, image_names: Sequence[str], texts: list[str],
-                        out_dir: str | os.PathLike, gamma1: float = 4.0) -> list[dict[str, Any]]:
-    """One PNG heatmap per (image, report, word) over the preprocessed image, the word as title.
-
-    Returns:
-        index rows {"image", "text", "word_index", "word", "png"} of the files written.
-    """
-    from pertvl.evaluate.report import save_attention_map
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    img = embedder.image_features(images)
-    txt = embedder.text_features(texts)
-    rows = []
-    for i, name in enumerate(image_names):
-        pixels = np.round(images[i, 0] * 255.0).clip(0, 255).astype(np.uint8)
-        for j in range(len(texts)):
-            if not txt.word_mask[j].any():
-                log.warning("report %d is empty after cleaning: no attention maps", j)
-                continue
-            maps = attention_maps(img.regions[i], img.grid, txt.words[j], txt.word_mask[j], gamma1=gamma1)
-            for k, (word, attn) in enumerate(zip(txt.word_lists[j], maps, strict=True)):
-                png = out_dir / f"img{i:03d}_txt{j:03d}_w{k:03d}_{_safe_name(word)}.png"
-                save_attention_map(pixels, attn, word, png)
-                rows.append({"image": name, "text": j, "word_index": k, "word": word, "png": png.name})
-    return rows
-
-
-def embed_cli_main(args) -> int:
-    """`pertvl embed`: write image_emb.npy, text_emb.npy, similarity.npy and index.json."""
-    from pertvl.data.records import write_json
-
-    if not args.images and not args.texts:
-        raise SystemExit("pertvl embed: give --images and/or --texts")
-    embedder = Embedder.from_export(args.export, int8=args.int8, batch_size=args.batch_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = {"export": str(args.export), "export_id": embedder.manifest["export_id"],
-                             "variant": embedder.variant, "images": [], "texts": [], "files": {}}
-    images = img_emb = txt_emb = None
-    if args.images:
-        images = embedder.load_images(args.images)
-        img_emb = embedder.embed_images(images)
-        np.save(out / "image_emb.npy", img_emb)
-        index["images"] = [str(p) for p in args.images]
-        index["files"]["image_emb"] = "image_emb.npy"
-    if args.texts:
-        txt_emb = embedder.embed_texts(args.texts)
-        np.save(out / "text_emb.npy", txt_emb)
-        index["texts"] = list(args.texts)
-        index["cleaned_texts"] = embedder.clean(args.texts)
-        index["files"]["text_emb"] = "text_emb.npy"
-    if img_emb is not None and txt_emb is not None:
-        sim = (img_emb.astype(np.float64) @ txt_emb.astype(np.float64).T).astype(np.float32)
-        np.save(out / "similarity.npy", sim)
-        index["files"]["similarity"] = "similarity.npy"
-    if args.attention_maps:
-        if images is None or not args.texts:
-            raise SystemExit("pertvl embed: --attention-maps needs both --images and --texts")
-        rows = save_attention_pngs(embedder, images, index["images"], list(args.texts), args.attention_maps,
-                                   gamma1=args.gamma1)
-        write_json(Path(args.attention_maps) / "attention_maps.json", {"gamma1": args.gamma1, "maps": rows})
-        index["attention_maps"] = {"dir": str(args.attention_maps), "count": len(rows)}
-    write_json(out / "index.json", index)
-    written = [f"{name} {list(np.load(out / name, mmap_mode='r').shape)}" for name in index["files"].values()]
-    print(f"wrote {', '.join(written)} and index.json to {out}")
-    if args.attention_maps:
-        print(f"wrote {index['attention_maps']['count']} attention maps to {args.attention_maps}")
-    return 0
-
-
-def format_similarity_table(sim: np.ndarray, image_names: Sequence[str], texts: Sequence[str],
-                            width: int = 70) -> str:
-    """An image × report table of cosine scores, the best report of each image marked with '*'."""
-    lines = ["reports:"]
-    for j, t in enumerate(texts):
-        short = t if len(t) <= width else t[: width - 3] + "..."
-        lines.append(f"  R{j + 1}  {short}")
-    names = [os.path.basename(str(n)) for n in image_names]
-    w0 = max([len(n) for n in names] + [5])
-    lines.append("")
-    lines.append(f"{'image':<{w0}}" + "".join(f"{'R' + str(j + 1):>10}" for j in range(len(texts))))
-    for i, name in enumerate(names):
-        best = int(np.argmax(sim[i])) if sim.shape[1] else -1
-        cells = "".join(f"{sim[i, j]:>9.4f}{'*' if j == best else ' '}" for j in range(sim.shape[1]))
-        lines.append(f"{name:<{w0}}{cells}")
-    return "\n".join(lines)
-
-
-def similarity_cli_main(args) -> int:
-    """`pertvl similarity`: print the image × report cosine table."""
-    embedder = Embedder.from_export(args.export, int8=args.int8, batch_size=args.batch_size)
-    sim = embedder.similarity(list(args.images), list(args.texts))
-    print(f"cosine similarity, export {args.export} ({embedder.variant})")
-    print(format_similarity_table(sim, args.images, args.texts))
-    return 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pertvl.data.records import write_json
+from pertvl.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -197,14 +197,14 @@ def test_crash_mid_save_keeps_previous_checkpoint_latest(
     assert ck.resolve_checkpoint(tmp_path).tag == "step00000002"
 
     # (b) crash after the marker, before `latest` is replaced
-    real_write = ck._atomic_write_text
+    real_write = ck.atomic_write_text
 
-    def crash_on_latest(path: Path, text: str) -> None:
+    def crash_on_latest(path: Path, text: str, **kwargs) -> None:
         if path.name == ck.LATEST_FILE:
             raise OSError("simulated crash")
-        real_write(path, text)
+        real_write(path, text, **kwargs)
 
-    monkeypatch.setattr(ck, "_atomic_write_text", crash_on_latest)
+    monkeypatch.setattr(ck, "atomic_write_text", crash_on_latest)
     with pytest.raises(OSError, match="simulated crash"):
         ck.save(engine, tmp_path, 4, client(4))
     monkeypatch.undo()

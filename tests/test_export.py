@@ -1,4 +1,4 @@
-"""ONNX export (pertvl.export.onnx, `pertvl export`): files, manifest, metadata, parity, int8, errors.
+"""ONNX export (pertvl.export.onnx and its steps, `pertvl export`): files, manifest, metadata, parity, int8, errors.
 
 The model is tiny and really trained for two SGD steps: the small ResNet at 64 px and a random
 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved with save_pretrained as a run's `final`.
@@ -49,7 +49,7 @@ def build_tiny_run(base: Path, minilm_path: str) -> Path:
     from transformers import BertConfig, BertModel
 
     from pertvl.data.text import clean_text
-    from pertvl.export.onnx import REAL_REPORTS, phantom_like_images
+    from pertvl.export.samples import REAL_REPORTS, phantom_like_images
     from pertvl.losses import global_contrastive_loss, local_attentive_loss
     from pertvl.model import create_model
 
@@ -223,7 +223,7 @@ def test_fused_text_graph_passes_parity(tiny_model, tmp_path):
 
 
 def test_builtin_parity_covers_batches_and_lengths(manifest):
-    from pertvl.export.onnx import PARITY_TOLERANCE, parity_bound
+    from pertvl.export.parity import PARITY_TOLERANCE, parity_bound
 
     fp32 = manifest["parity"]["fp32"]
     # The gate's own bound: absolute on the normalized embeddings, relative to the magnitude on the
@@ -246,7 +246,7 @@ def test_builtin_parity_covers_batches_and_lengths(manifest):
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_image_parity_against_torch(embedder, tiny_model, batch):
-    from pertvl.export.onnx import phantom_like_images
+    from pertvl.export.samples import phantom_like_images
 
     images = np.concatenate([np.random.default_rng(batch).random((batch, 1, 64, 64), dtype=np.float32),
                              phantom_like_images(batch, 64, seed=batch)])
@@ -255,7 +255,7 @@ def test_image_parity_against_torch(embedder, tiny_model, batch):
     assert feats.emb.shape == (2 * batch, 16) and feats.regions.shape == (2 * batch, 16, 24)
     assert np.abs(feats.emb - emb).max() <= 1e-4
     # regions are not normalized (|x| ~ 170 here: BatchNorm running stats after 2 steps), so fp32
-    # rounding is relative: the bound is 1e-4 x max(1, |x|)  (pertvl.export.onnx.parity_bound)
+    # rounding is relative: the bound is 1e-4 x max(1, |x|)  (pertvl.export.parity.parity_bound)
     assert np.abs(feats.regions - regions).max() <= 1e-4 * max(1.0, np.abs(regions).max())
     np.testing.assert_allclose(np.linalg.norm(feats.emb, axis=1), 1.0, atol=1e-6)
 
@@ -300,7 +300,7 @@ def test_metadata_round_trip(tiny_export, manifest, embedder):
 
 
 def test_int8_agrees_in_cosine(tiny_export, manifest, embedder):
-    from pertvl.export.onnx import REAL_REPORTS, phantom_like_images
+    from pertvl.export.samples import REAL_REPORTS, phantom_like_images
     from pertvl.infer import Embedder
 
     int8 = Embedder.from_export(tiny_export, int8=True)
@@ -402,7 +402,7 @@ def test_int8_residual_layers_from_the_command_line(tiny_run, tmp_path, capsys):
 
 
 def test_failed_parity_leaves_no_folder(tiny_run, tmp_path, monkeypatch, capsys):
-    import pertvl.export.onnx as exp
+    import pertvl.export.parity as exp
     from pertvl.cli import main
 
     real = exp.run_torch
@@ -441,7 +441,7 @@ _DS_SCRIPT = textwrap.dedent("""
     from pertvl.train.checkpoint import save
     from pertvl.model import create_model
     from pertvl.losses import global_contrastive_loss
-    from pertvl.export.onnx import phantom_like_images, REAL_REPORTS
+    from pertvl.export.samples import phantom_like_images, REAL_REPORTS
     run, model_cfg, ds_config = sys.argv[1], yaml.safe_load(sys.argv[2]), sys.argv[3]
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "config.yaml"), "w") as f:
@@ -474,7 +474,7 @@ def test_export_from_deepspeed_checkpoint(tiny_run, tmp_path):
     """A ZeRO-1 checkpoint + the run's config.yaml export to the weights the engine trained."""
     pytest.importorskip("deepspeed")
     from pertvl.cli import main
-    from pertvl.export.onnx import REAL_REPORTS, phantom_like_images
+    from pertvl.export.samples import REAL_REPORTS, phantom_like_images
     from pertvl.infer import Embedder
 
     run = tmp_path / "dsrun"

@@ -282,7 +282,9 @@ def test_nli_sentences_reach_the_tokenizer_unchanged(tiny_run):
             return tok(a, b, **kw)
 
     premise, hypothesis = "The heart isn't enlarged.", "No CARDIOMEGALY; the lungs aren't clear."
-    batch = ft._NliCollate(Spy(), 256)([ft.NliExample(premise, hypothesis, 1, "x.jsonl:1")])
+    from pertvl.evaluate.finetune.nli import NliCollate
+
+    batch = NliCollate(Spy(), 256)([ft.NliExample(premise, hypothesis, 1, "x.jsonl:1")])
     assert seen == [([premise], [hypothesis])]
     tokens = tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert tokens[:8] == ["[CLS]", "the", "heart", "isn", "'", "t", "enlarged", "."]
@@ -651,9 +653,9 @@ def test_cli_defaults_match_the_module():
     assert args_nli.max_length == ft.NLI_MAX_LENGTH == 256 and args_nli.dev is None and args_nli.cv is None
     assert build_parser().parse_args(["finetune", "chexpert", "--run", "r", "--csv", "c", "--images", "i", "--out",
                                       "o", "--blank", "mask", "--uncertain", "u-mix"]).blank == "mask"
-    settings = ft._settings(args, "chexpert")
+    settings = ft.fit_settings(args, "chexpert")
     assert (settings.epochs, settings.head_lr, settings.freeze_encoder) == (*ft.FINETUNE_DEFAULTS["chexpert"], False)
     args = build_parser().parse_args(["finetune", "chexpert", "--export", "e", "--csv", "c", "--images", "i",
                                       "--out", "o", "--all-views", "--epochs", "4"])
     assert args.frontal_only is False
-    assert (ft._settings(args, "chexpert").epochs, ft._settings(args, "chexpert").freeze_encoder) == (4, True)
+    assert (ft.fit_settings(args, "chexpert").epochs, ft.fit_settings(args, "chexpert").freeze_encoder) == (4, True)

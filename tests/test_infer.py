@@ -17,7 +17,8 @@ import pytest
 from test_export import build_tiny_export, build_tiny_run, torch_image, torch_text, words_text
 
 from pertvl.data.text import clean_text
-from pertvl.infer import Embedder, attention_maps, format_similarity_table
+from pertvl.evaluate.embed import format_similarity_table
+from pertvl.infer import Embedder, attention_maps
 
 
 @pytest.fixture(scope="session")
@@ -69,13 +70,14 @@ _NO_TORCH = textwrap.dedent("""
     f, t = e.image_features(images), e.text_features(texts)
     attention_maps(f.regions[0], f.grid, t.words[0], t.word_mask[0])
     e.similarity(images, texts)
-    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "matplotlib")
+                   or m.startswith("pertvl.evaluate"))
     print(json.dumps(heavy))
 """)
 
 
 def test_fresh_process_never_imports_torch(export_dir, model, tmp_path):
-    from pertvl.export.onnx import REAL_REPORTS, phantom_like_images
+    from pertvl.export.samples import REAL_REPORTS, phantom_like_images
 
     images = phantom_like_images(3, 64, seed=5)
     np.save(tmp_path / "images.npy", images)
@@ -84,7 +86,7 @@ def test_fresh_process_never_imports_torch(export_dir, model, tmp_path):
     script.write_text(_NO_TORCH)
     done = subprocess.run([sys.executable, str(script), str(export_dir), str(tmp_path)], check=True,
                           capture_output=True, text=True, timeout=120)
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []  # neither torch nor transformers
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []  # neither torch, transformers, matplotlib nor an evaluation module
     assert np.abs(np.load(tmp_path / "image_emb.npy") - torch_image(model, images)[0]).max() <= 1e-4
     ref = torch_text(model, [clean_text(t) for t in REAL_REPORTS])[0]
     assert np.abs(np.load(tmp_path / "text_emb.npy") - ref).max() <= 1e-4
@@ -118,7 +120,7 @@ def test_attention_maps_match_torch_losses():
 def test_load_images_matches_pack_preprocessing(emb, image_files, tmp_path):
     from PIL import Image
 
-    from pertvl.data.shards import resize_center_crop, to_grayscale8
+    from pertvl.data.image import resize_center_crop, to_grayscale8
 
     arr = emb.load_images(image_files)
     assert arr.shape == (3, 1, 64, 64) and arr.dtype == np.float32
@@ -130,7 +132,7 @@ def test_load_images_matches_pack_preprocessing(emb, image_files, tmp_path):
     assert 0.4 < arr[2].mean() < 0.6  # the 16-bit image is min-max scaled, not clipped to white
     bad = tmp_path / "report.png"
     bad.write_text("not an image")
-    with pytest.raises(ValueError, match=r"report\.png: cannot read as an image"):
+    with pytest.raises(ValueError, match=r"report\.png: cannot decode as an image"):
         emb.load_images([image_files[0], bad])
 
 
@@ -226,7 +228,7 @@ def test_sessions_leave_the_callers_float_mode_alone(export_dir):
     process: onnxruntime sets the flag while creating the first session of the process."""
     code = textwrap.dedent(f"""
         import numpy as np
-        from pertvl.export.onnx import REAL_REPORTS
+        from pertvl.export.samples import REAL_REPORTS
         from pertvl.infer import Embedder
         emb = Embedder.from_export({str(export_dir)!r}, int8=True)
         emb.embed_texts(list(REAL_REPORTS))

@@ -14,14 +14,17 @@ from PIL import Image
 from pertvl.cli import main as pertvl_main
 from pertvl.data.phantom import (
     CHEXPERT_COLUMNS,
+    FINDING_TYPES,
     Finding,
+    compose_report,
+    fact_holds,
     generate_phantoms,
+    make_nli_items,
     phantom_id,
     render_phantom,
     sample_findings,
     write_report,
 )
-from pertvl.data.phantom_report import FINDING_TYPES, compose_report, fact_holds, make_nli_items
 from pertvl.data.records import read_pairs
 from pertvl.data.text import clean_text
 

@@ -14,8 +14,9 @@ from PIL import Image
 
 import pertvl
 from pertvl.cli import main as pertvl_main
-from pertvl.data import shards
+from pertvl.data import image, shards
 from pertvl.data.records import PERTURBATION_TYPES, Pair, write_pairs
+from pertvl.data.shards import packing
 from pertvl.data.text import clean_text
 
 WORDS = "the lungs are clear there is no pleural effusion or pneumothorax heart size normal".split()
@@ -161,7 +162,7 @@ def test_sample_json_carries_cleaned_text_perturbations_and_labels(packed):
     assert s.image.dtype == np.uint8 and s.image.shape == (32, 32)
     # The stored pixels are the source image resized once (40x30 -> shorter side 32 -> crop).
     src = Image.open(root / pair.image)
-    expected = np.asarray(shards.resize_center_crop(src, 32))
+    expected = np.asarray(image.resize_center_crop(src, 32))
     np.testing.assert_array_equal(s.image, expected)
 
 
@@ -169,29 +170,29 @@ def test_resize_shorter_side_then_center_crop(tmp_path):
     wide = np.zeros((32, 96), np.uint8)
     wide[:, 32:64] = 200  # only the centre third survives the crop of a 96x32 image to 32x32
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    out = np.asarray(Image.open(io.BytesIO(shards.encode_image_file(tmp_path / "wide.png", 32))))
+    out = np.asarray(Image.open(io.BytesIO(image.encode_image_file(tmp_path / "wide.png", 32))))
     assert out.shape == (32, 32) and (out == 200).all()
     tall = np.zeros((128, 64, 3), np.uint8)  # RGB, 64 wide: halve to 32x64, keep rows 16..48 of it
     tall[24:104] = (255, 255, 255)  # black only in rows the crop removes
     Image.fromarray(tall).save(tmp_path / "tall.png")
-    out = np.asarray(Image.open(io.BytesIO(shards.encode_image_file(tmp_path / "tall.png", 32))))
+    out = np.asarray(Image.open(io.BytesIO(image.encode_image_file(tmp_path / "tall.png", 32))))
     assert out.shape == (32, 32) and out.min() >= 250
     ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60 + 1000).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")  # 16-bit: min-max scaled, not clipped
-    im = Image.open(io.BytesIO(shards.encode_image_file(tmp_path / "ramp16.png", 32)))
+    im = Image.open(io.BytesIO(image.encode_image_file(tmp_path / "ramp16.png", 32)))
     arr = np.asarray(im)
     assert im.mode == "L" and arr.min() == 0 and arr.max() == 255 and len(np.unique(arr)) > 200
 
 
 def test_read_manifest_errors(tmp_path, packed):
     with pytest.raises(FileNotFoundError, match="no manifest"):
-        shards.read_manifest(tmp_path)
+        shards.read_shards_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
-        shards.read_manifest(tmp_path)
+        shards.read_shards_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="pertvl-shards/1"):
-        shards.read_manifest(tmp_path)
+        shards.read_shards_manifest(tmp_path)
     with pytest.raises(ValueError, match=r"no split 'dev'.*'test', 'train', 'val'"):
         list(shards.iter_samples(packed[1], "dev"))
 
@@ -216,7 +217,7 @@ def test_crash_leaves_no_shard_and_rerun_resumes(tmp_path, monkeypatch):
     out = tmp_path / "crashed"
 
     calls = {"n": 0}
-    real_member = shards._member
+    real_member = packing._member
 
     def crash_in_second_shard(name, data):
         calls["n"] += 1
@@ -224,7 +225,7 @@ def test_crash_leaves_no_shard_and_rerun_resumes(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real_member(name, data)
 
-    monkeypatch.setattr(shards, "_member", crash_in_second_shard)
+    monkeypatch.setattr(packing, "_member", crash_in_second_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
         shards.pack(tmp_path / "pairs.jsonl", tmp_path / "perturbations.jsonl", out, image_size=32, maxcount=4,
                     workers=1)  # fmt: skip
@@ -232,7 +233,7 @@ def test_crash_leaves_no_shard_and_rerun_resumes(tmp_path, monkeypatch):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["manifest.partial.json", "train-000000.tar"]  # no half shard under any name
     with pytest.raises(FileNotFoundError, match="did not finish"):
-        shards.read_manifest(out)
+        shards.read_shards_manifest(out)
     assert not shards.verify(out).ok
     # What a hard kill (no exception handler) would leave: a temp file holding part of a shard.
     leftover = out / ".train-000001.tar.tmp-99999"

@@ -12,7 +12,7 @@ from pertvl.cli import lazy_handler
 _openi = lazy_handler("pertvl.data.openi", "cli_main")
 
 
-_phantom = lazy_handler("pertvl.data.phantom", "cli_main")
+_phantom = lazy_handler("pertvl.data.phantom.corpus", "cli_main")
 
 
 _mimic = lazy_handler("pertvl.data.mimic", "cli_main")
@@ -21,10 +21,10 @@ _mimic = lazy_handler("pertvl.data.mimic", "cli_main")
 _perturb = lazy_handler("pertvl.data.perturb", "cli_main")
 
 
-_pack = lazy_handler("pertvl.data.shards", "pack_cli_main")
+_pack = lazy_handler("pertvl.data.shards.packing", "pack_cli_main")
 
 
-_verify = lazy_handler("pertvl.data.shards", "verify_cli_main")
+_verify = lazy_handler("pertvl.data.shards.verification", "verify_cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

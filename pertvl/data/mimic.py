@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pertvl.data.records import PROJECTIONS, SPLITS, Pair, split_counts, write_json, write_pairs
+from pertvl.data.records import PROJECTIONS, SPLITS, Pair, split_counts, write_pairs
 from pertvl.data.text import normalize_report
+from pertvl.files import write_json
 
 log = logging.getLogger(__name__)
 

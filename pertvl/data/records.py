@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+# The file helpers live in pertvl.files; these two names stay importable from here for older callers.
+from pertvl.files import atomic_write_text
+from pertvl.files import write_json as write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -73,24 +75,6 @@ class Pair:
             source=d.get("source", ""),
             extra=d.get("extra", {}) or {},
         )
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that a crash never leaves a half-written one under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:

@@ -70,7 +70,7 @@ from pertvl.data.shards import (
     ShardReadError,
     check_raw_sample,
     iter_raw_samples,
-    read_manifest,
+    read_shards_manifest,
     split_info,
 )
 from pertvl.data.tokenize import CachedTokenizer, Encoded, backend_of, encode_texts
@@ -201,7 +201,7 @@ def resolve_source(
     man = (
         manifest
         if isinstance(manifest, dict)
-        else (read_manifest(manifest) if manifest is not None else None)
+        else (read_shards_manifest(manifest) if manifest is not None else None)
     )
     if _scheme(src) and src.split("?", 1)[0].endswith(".json"):  # the URL of a manifest
         man = man if man is not None else _remote_manifest(src, retries)
@@ -210,7 +210,7 @@ def resolve_source(
         urls = [f"{base}/{e['name']}" for e in entries]
         counts = [e["num_samples"] for e in entries]
     elif os.path.isdir(src):
-        man = man if man is not None else read_manifest(src)
+        man = man if man is not None else read_shards_manifest(src)
         entries = split_info(man, split, os.path.join(src, MANIFEST_NAME))["shards"]
         urls = [os.path.join(src, e["name"]) for e in entries]
         counts: list[int | None] = [e["num_samples"] for e in entries]
@@ -220,7 +220,7 @@ def resolve_source(
             raise ValueError(f"{src}: the pattern expands to no shard")
         local = all(_shard_name(u) == os.path.basename(u) for u in urls)
         if man is None and local and (Path(urls[0]).parent / MANIFEST_NAME).is_file():
-            man = read_manifest(Path(urls[0]).parent)
+            man = read_shards_manifest(Path(urls[0]).parent)
         counts = [None] * len(urls)
         if man is not None:
             known = {e["name"]: e["num_samples"] for e in split_info(man, split)["shards"]}

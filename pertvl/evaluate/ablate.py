@@ -129,7 +129,7 @@ class AblationResult:
 
 
 def _fingerprint(path: Path) -> str:
-    from pertvl.data.shards import sha256_file
+    from pertvl.files import sha256_file
 
     return sha256_file(path)
 

@@ -15,14 +15,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pertvl.data.records import atomic_write_text, write_json
+from pertvl.evaluate.markdown import markdown_table
+from pertvl.files import atomic_open, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,8 @@ def new_figure(figsize: tuple[float, float]):
 def save_png(fig, path: str | os.PathLike) -> Path:
     """Save at the figure's own size, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=DPI, format="png")
     return path
 
 
@@ -70,12 +63,8 @@ def ci(interval: Sequence[float] | None) -> str:
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    """A Markdown table; `align` one letter per column, "l" or "r" (default: first left, rest right)."""
-    align = align or ("l" + "r" * (len(header) - 1))
-    sep = ["---:" if a == "r" else ":---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    """A Markdown table ending with a newline (pertvl.evaluate.markdown.markdown_table)."""
+    return markdown_table(header, rows, align) + "\n"
 
 
 # ----------------------------------------------------------------------------- one result

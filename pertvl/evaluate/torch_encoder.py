@@ -22,10 +22,11 @@ import numpy as np
 from pertvl.data.tokenize import encode_texts
 
 
-def _pick_device(device: Any):
+def pick_device(device: Any):
+    """A torch.device: `device` as given, or CUDA when available else CPU for None, "" or "auto"."""
     import torch
 
-    if device is None or device == "auto":
+    if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
@@ -39,7 +40,7 @@ class _TorchBase:
     def __init__(self, device: Any, batch_size: int, max_length: int, autocast_dtype: Any):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_length = max_length
         self.autocast_dtype = autocast_dtype
@@ -94,17 +95,12 @@ class TorchEncoder(_TorchBase):
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, **kwargs) -> TorchEncoder:
-        """Load RUN_DIR/final (DualEncoder.save_pretrained layout), or RUN_DIR itself if it is one."""
-        from pathlib import Path
+        """Load RUN_DIR/final (DualEncoder.save_pretrained layout), or RUN_DIR itself if it is one
+        (pertvl.train.rundir.RunDir.model_dir)."""
+        from pertvl.train.rundir import RunDir
 
-        from pertvl.model import DualEncoder
-
-        run_dir = Path(run_dir)
-        final = run_dir / "final"
-        path = final if final.is_dir() else run_dir
-        if not path.is_dir():
-            raise FileNotFoundError(f"{run_dir}: no trained model (expected {final})")
-        return cls(DualEncoder.from_pretrained(path), **kwargs)
+        model, _ = RunDir(run_dir).load_model()
+        return cls(model, **kwargs)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         import torch

@@ -176,7 +176,7 @@ def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
         raise ValueError(f"expected scores and targets of the same shape [N], got {scores.shape} and {targets.shape}")
     pos = targets == 1
     if not np.all(pos | (targets == 0)):
-        raise ValueError("targets must be 0 or 1")
+        raise ValueError(f"targets must be 0 or 1, got {sorted(set(targets[~(pos | (targets == 0))].tolist()))[:5]}")
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return None

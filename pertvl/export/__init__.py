@@ -20,11 +20,12 @@ imports nothing beyond the standard library.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from pertvl.files import sha256_file as sha256_file  # the exporter's manifest hashes (one home: pertvl.files)
 
 FORMAT = "pertvl-export/1"
 MANIFEST_NAME = "pertvl_export.json"
@@ -54,13 +55,12 @@ class ExportFormatError(ValueError):
     """An export folder or one of its files does not match the pertvl export format."""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class ExportError(RuntimeError):
+    """The export could not be completed (the message says which step and why)."""
+
+
+class ParityError(ExportError):
+    """onnxruntime's outputs differ from torch's by more than the tolerance."""
 
 
 def tower_metadata(manifest: Mapping[str, Any], tower: str, variant: str = "fp32") -> dict[str, str]:

@@ -1,7 +1,7 @@
-"""Subcommands `export`, `embed`, `similarity`: parsers only; handlers import lazily (no torch at parse time).
+"""Subcommand `export`: the parser only; the handler imports lazily (no torch at parse time).
 
-`pertvl export` needs torch (pertvl.export.onnx); `pertvl embed` and `pertvl similarity` run on
-onnxruntime only (pertvl.infer).
+`pertvl export` needs torch (pertvl.export.onnx). The commands that apply an export (`pertvl
+embed`, `pertvl similarity`) are registered by pertvl.evaluate.embed_cli.
 """
 
 from __future__ import annotations
@@ -11,14 +11,7 @@ import argparse
 from pertvl.cli import lazy_handler, positive_int
 from pertvl.export.int8 import parse_residual_layers
 
-
 _export = lazy_handler("pertvl.export.onnx", "cli_main")
-
-
-_embed = lazy_handler("pertvl.infer", "embed_cli_main")
-
-
-_similarity = lazy_handler("pertvl.infer", "similarity_cli_main")
 
 
 def _residual_layers(text: str) -> str:
@@ -27,12 +20,6 @@ def _residual_layers(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
-
-
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--export", required=True, help="export folder written by `pertvl export`")
-    p.add_argument("--int8", action="store_true", help="use the int8 towers (export made with --quantize int8)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images / texts per onnxruntime call (32)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,27 +52,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed in fp32 (1e-4)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(handler=_export)
-
-    p = sub.add_parser(
-        "embed",
-        help="embed images and reports with an ONNX export (onnxruntime, no torch)",
-        description="Write image_emb.npy, text_emb.npy, similarity.npy and index.json; optionally "
-        "word→region attention maps as PNG heatmaps.",
-    )
-    _export_args(p)
-    p.add_argument("--images", nargs="+", default=[], metavar="IMAGE", help="image files")
-    p.add_argument("--texts", nargs="+", default=[], metavar="TEXT", help="report texts")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--attention-maps", metavar="DIR", help="also save one PNG per (image, report, word)")
-    p.add_argument("--gamma1", type=float, default=4.0, help="GLoRIA's attention temperature γ1 (4.0)")
-    p.set_defaults(handler=_embed)
-
-    p = sub.add_parser(
-        "similarity",
-        help="print image × report cosine scores with an ONNX export",
-        description="Embed images and reports with onnxruntime and print the cosine similarity table.",
-    )
-    _export_args(p)
-    p.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="image files")
-    p.add_argument("--texts", nargs="+", required=True, metavar="TEXT", help="report texts")
-    p.set_defaults(handler=_similarity)

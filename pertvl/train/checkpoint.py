@@ -45,9 +45,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pertvl.files import atomic_write_text, fsync_path
+from pertvl.train.rundir import CHECKPOINTS_NAME
+
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = CHECKPOINTS_NAME  # the run folder layout is pertvl.train.rundir
 LATEST_FILE = "latest"
 MARKER_FILE = "pertvl_checkpoint.json"
 MARKER_FORMAT = "pertvl-checkpoint/1"
@@ -322,27 +325,6 @@ def resolve_checkpoint(run_dir: str | Path, which: str | Path = "latest") -> Che
     raise FileNotFoundError(f"{path}: no complete pertvl/DeepSpeed checkpoint there")
 
 
-# ------------------------------------------------------------------------------ atomic writes
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -443,7 +425,7 @@ def save(
         files = {}
         for file in sorted(tag_dir.iterdir()):
             if file.is_file() and not file.name.startswith("."):
-                _fsync_path(file)
+                fsync_path(file)
                 files[file.name] = file.stat().st_size
         missing = [rank_file_name(r) for r in range(world_size) if rank_file_name(r) not in files]
         if missing:
@@ -458,8 +440,8 @@ def save(
             "created_unix": time.time(),
             "files": files,
         }
-        _atomic_write_text(tag_dir / MARKER_FILE, json.dumps(marker, indent=1) + "\n")
-        _atomic_write_text(root / LATEST_FILE, tag)  # the commit point
+        atomic_write_text(tag_dir / MARKER_FILE, json.dumps(marker, indent=1) + "\n", durable=True)
+        atomic_write_text(root / LATEST_FILE, tag, durable=True)  # the commit point
         removed = _prune(root, keep=tag, keep_step=int(step), keep_last=keep_last)
         log.info(
             "checkpoint %s written (%d files)%s",

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pertvl.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -217,9 +219,7 @@ class Monitor:
             else:
                 kept.append(line)
         if dropped:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
             log.info("%s: dropped %d lines after resumed step %d", path, dropped, step)
 
     def progress(self, total: int, initial: int = 0) -> Any:
@@ -266,9 +266,7 @@ class Monitor:
         path = self.run_dir / SUMMARY_FILE
         merged = json.loads(path.read_text()) if path.is_file() else {}
         merged.update(clean)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
         if self._run is not None:
             self._run.summary.update(clean)
 

@@ -1,6 +1,6 @@
-"""The language of the phantom corpus: findings, Open-I style reports, and synthetic NLI items.
+"""The language of the phantom corpus: Open-I style reports and synthetic NLI items from the findings.
 
-A phantom's truth is a list of `Finding`s (type, side, severity, location). This module turns
+A phantom's truth is a list of `Finding`s (pertvl.data.phantom.findings). This module turns
 that truth into words, and keeps track of what every sentence asserts (`Fact`s), so that
 
 * `write_report` states each present finding with its side, severity and location, and some
@@ -21,173 +21,24 @@ Left and right are always the PATIENT's sides (see pertvl.data.phantom for the i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-# Finding types, in the canonical order used for storage, counts and captions.
-FINDING_TYPES = (
-    "pleural_effusion",
-    "pneumothorax",
-    "consolidation",
-    "cardiomegaly",
-    "nodule",
-    "atelectasis",
-    "edema",
+from pertvl.data.phantom.findings import (
+    FINDING_TYPES,
+    LOCATIONS,
+    NEGATABLE,
+    PARENCHYMAL,
+    SEVERITIES,
+    SIDES,
+    Finding,
+    as_findings,
+    severity_words,
 )
 
-# The CheXpert label each finding type sets (nodule -> Lung Lesion).
-CHEXPERT_OF_TYPE = {
-    "pleural_effusion": "Pleural Effusion",
-    "pneumothorax": "Pneumothorax",
-    "consolidation": "Consolidation",
-    "cardiomegaly": "Cardiomegaly",
-    "nodule": "Lung Lesion",
-    "atelectasis": "Atelectasis",
-    "edema": "Edema",
-}
-# Labels the phantom models (1.0/0.0), in CheXpert column order. All other CheXpert columns are blank.
-MODELED_LABELS = (
-    "No Finding",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-)
-
-SEVERITIES = {
-    "pleural_effusion": ("small", "moderate", "large"),
-    "pneumothorax": ("small", "moderate", "large"),
-    "consolidation": ("small", "large"),
-    "cardiomegaly": ("mild", "moderate", "severe"),
-    "nodule": ("small", "large"),
-    "atelectasis": ("mild", "moderate"),
-    "edema": ("mild", "moderate", "severe"),
-}
-LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
-# Allowed sides per type; a lobe fixes the side of consolidation and nodule.
-SIDES = {
-    "pleural_effusion": ("left", "right", "bilateral"),
-    "pneumothorax": ("left", "right"),
-    "consolidation": ("left", "right"),
-    "cardiomegaly": (None,),
-    "nodule": ("left", "right"),
-    "atelectasis": ("left", "right"),
-    "edema": ("bilateral",),
-}
-LOCATIONS = {
-    "consolidation": LOBES,
-    "nodule": LOBES,
-    "atelectasis": ("right lower lobe", "left lower lobe"),
-}
-
-# Words by which a sentence names a type, a side and a severity. The tests read reports with these.
-TYPE_KEYWORDS = {
-    "pleural_effusion": ("effusion", "effusions"),
-    "pneumothorax": ("pneumothorax",),
-    "consolidation": ("consolidation",),
-    "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"),
-    "nodule": ("nodule", "nodular"),
-    "atelectasis": ("atelectasis",),
-    "edema": ("edema",),
-}
-SIDE_WORDS = {"left": ("left",), "right": ("right",), "bilateral": ("bilateral", "bilaterally", "both")}
-NEGATION_WORDS = ("no", "not", "without", "negative")
-# Surface words of each severity (consolidation: radiologists' extent words; cardiomegaly: adverbs too).
-SEVERITY_WORDS = {
-    ("consolidation", "small"): ("small", "focal", "patchy"),
-    ("consolidation", "large"): ("large", "dense", "extensive"),
-    ("cardiomegaly", "mild"): ("mild", "mildly"),
-    ("cardiomegaly", "moderate"): ("moderate", "moderately"),
-    ("cardiomegaly", "severe"): ("severe", "severely", "marked", "markedly"),
-}
-NLI_LABELS = ("entailment", "contradiction", "neutral")
-_PARENCHYMAL = ("consolidation", "nodule", "atelectasis", "edema")
-_NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nodule")
-MIN_WORDS, MAX_WORDS = 10, 45
-
-
-def severity_words(ftype: str, severity: str) -> tuple[str, ...]:
-    """The words a report may use for `severity` of a finding of type `ftype`."""
-    return SEVERITY_WORDS.get((ftype, severity), (severity,))
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One finding of a phantom. `side` is the patient's side; `location` a lobe where it applies."""
-
-    type: str
-    severity: str
-    side: str | None = None
-    location: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.type not in FINDING_TYPES:
-            raise ValueError(f"finding type must be one of {FINDING_TYPES}, got {self.type!r}")
-        if self.severity not in SEVERITIES[self.type]:
-            raise ValueError(f"{self.type} severity must be one of {SEVERITIES[self.type]}, got {self.severity!r}")
-        if self.side not in SIDES[self.type]:
-            raise ValueError(f"{self.type} side must be one of {SIDES[self.type]}, got {self.side!r}")
-        allowed = LOCATIONS.get(self.type)
-        if allowed is None:
-            if self.location is not None:
-                raise ValueError(f"{self.type} takes no location, got {self.location!r}")
-        else:
-            if self.location not in allowed:
-                raise ValueError(f"{self.type} location must be one of {allowed}, got {self.location!r}")
-            if not self.location.startswith(self.side or "?"):
-                raise ValueError(f"{self.type} side {self.side!r} disagrees with location {self.location!r}")
-
-    def covers(self, side: str | None) -> bool:
-        """True when this finding is on `side` (None: anywhere)."""
-        return side is None or self.side == side or self.side == "bilateral" or self.side is None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any] | Finding) -> Finding:
-        if isinstance(d, Finding):
-            return d
-        try:
-            return cls(type=d["type"], severity=d["severity"], side=d.get("side"), location=d.get("location"))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a finding record (needs type and severity): {d!r}") from e
-
-    def caption(self) -> str:
-        """Short human caption, e.g. 'L effusion (small)'."""
-        side = {"left": "L ", "right": "R ", "bilateral": "bilat ", None: ""}[self.side]
-        where = self.location.split(" ", 1)[1].replace(" lobe", "") + " " if self.location else ""
-        name = {"pleural_effusion": "effusion", "pneumothorax": "PTX"}.get(self.type, self.type)
-        if self.location:
-            return f"{side}{where}{name} ({self.severity})"
-        return f"{side}{name} ({self.severity})"
-
-
-def as_findings(findings: Iterable[Finding | dict[str, Any]]) -> list[Finding]:
-    """Validate and order findings canonically; at most one finding per type."""
-    out = [Finding.from_json(f) for f in findings]
-    types = [f.type for f in out]
-    if len(set(types)) != len(types):
-        raise ValueError(f"a phantom holds at most one finding per type, got {types}")
-    return sorted(out, key=lambda f: FINDING_TYPES.index(f.type))
-
-
-def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
-    """The modeled CheXpert labels (1.0/0.0) of a phantom."""
-    present = {CHEXPERT_OF_TYPE[f.type] for f in findings}
-    labels = {name: (1.0 if name in present else 0.0) for name in MODELED_LABELS}
-    labels["No Finding"] = 0.0 if findings else 1.0
-    return labels
-
-
-# ----------------------------------------------------------------------------------------------
-# Facts: what a sentence asserts
-# ----------------------------------------------------------------------------------------------
+MIN_WORDS, MAX_WORDS = 10, 45  # the length range of a composed report, in words
 
 
 @dataclass(frozen=True)
@@ -414,8 +265,8 @@ def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.r
     else:
         base = _pick(rng, ["the lungs are clear", "lungs are clear bilaterally", "both lungs are clear",
                            "the lungs are clear bilaterally"])
-    facts = [Fact(t, False) for t in _PARENCHYMAL if t not in present]
-    topics = set(_PARENCHYMAL) | {"pleural_effusion", "pneumothorax"}  # conservative: never 'unaddressed'
+    facts = [Fact(t, False) for t in PARENCHYMAL if t not in present]
+    topics = set(PARENCHYMAL) | {"pleural_effusion", "pneumothorax"}  # conservative: never 'unaddressed'
     if extra_neg:
         base += " without " + _join([_pick(rng, _NEG_NOUNS[t]) for t in extra_neg], rng)
         facts += [Fact(t, False) for t in extra_neg]
@@ -424,6 +275,8 @@ def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.r
 
 _BONES = ("no acute bony abnormality", "the osseous structures are intact",
           "visualized osseous structures are unremarkable", "no acute osseous abnormality")
+
+
 _MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
                 "mediastinal contours are within normal limits")
 
@@ -456,14 +309,14 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
     order = rng.permutation(len(findings_s))
     findings_s = [findings_s[i] for i in order]
 
-    absent = [t for t in _NEGATABLE if t not in present]
+    absent = [t for t in NEGATABLE if t not in present]
     absent = [absent[i] for i in rng.permutation(len(absent))]
     n_neg = min(len(absent), int(_pick(rng, [1, 2, 3, 4], [3, 4, 2, 1])))
     negated, spare = absent[:n_neg], absent[n_neg:]
 
     mandatory: list[Sentence] = list(findings_s)
     optional: list[Sentence] = []
-    lungs_normal = not (present & set(_PARENCHYMAL))
+    lungs_normal = not (present & set(PARENCHYMAL))
     # Negations: either folded into the lungs sentence ("clear without X or Y") or stand-alone.
     neg_groups: list[list[str]] = []
     if lungs_normal and negated and rng.random() < 0.3:
@@ -529,11 +382,6 @@ def write_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Ge
         No pneumothorax."
     """
     return " ".join(s.text for s in compose_report(findings, rng))
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic NLI (MedNLI format)
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

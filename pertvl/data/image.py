@@ -1,0 +1,110 @@
+"""The pixel rule: how an image file becomes the model's input (numpy + PIL only, no torch).
+
+One rule for every place that reads an image file — packing (`pertvl pack` stores the result as
+PNG), inference on an ONNX export (pertvl.infer) and fine-tuning (pertvl.evaluate.finetune):
+
+1. decode with PIL (EXIF orientation applied);
+2. 8-bit grayscale: PIL's luma for 8-bit modes; 16/32-bit integer and float images min-max scaled;
+3. shorter side resized to `size` (bilinear, antialiased), then a center crop size × size.
+
+The model sees the uint8 result / 255 (float32 in [0, 1]); its intensity normalization lives in
+the model (and in the exported graph).
+
+Errors: a missing file raises FileNotFoundError, a file that cannot be decoded ImageReadError
+(a ValueError); both name the file and the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+
+class ImageReadError(ValueError):
+    """An image file exists but cannot be decoded. `path` is the file, `reason` the decoder's error."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: cannot decode as an image ({reason})")
+        self.path, self.reason = os.fspath(path), reason
+
+
+def to_grayscale8(image) -> Any:
+    """A PIL image as 8-bit grayscale ("L").
+
+    8-bit modes (L, RGB, P, ...) use PIL's luma conversion. 16/32-bit integer and float images
+    (DICOM-derived PNGs) are min-max scaled to 0..255: PIL's own conversion would clip them at
+    255 and turn most radiographs white.
+    """
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "L":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros(arr.shape, np.uint8) if hi <= lo else np.round((arr - lo) * (255.0 / (hi - lo)))
+        return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    return image.convert("L")
+
+
+def resize_center_crop(image, size: int):
+    """Resize so the shorter side is `size` (bilinear, antialiased), then center-crop size x size.
+
+    The same geometry as BioViL's Resize(size) + CenterCrop(size) (torchvision rounding of the
+    crop offset).
+    """
+    from PIL import Image
+
+    w, h = image.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        w, h = (size, max(size, round(h * scale))) if w <= h else (max(size, round(w * scale)), size)
+        image = image.resize((w, h), Image.Resampling.BILINEAR)
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    if (w, h) != (size, size):
+        image = image.crop((left, top, left + size, top + size))
+    return image
+
+
+def load_image(path: str | os.PathLike, size: int):
+    """An image file as a PIL "L" image, size × size, by the pixel rule (see the module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ImageReadError: the file cannot be decoded (whatever the decoder raised on its bytes).
+    """
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return resize_center_crop(to_grayscale8(im), size)
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... on bad bytes
+        raise ImageReadError(path, f"{type(e).__name__}: {e}") from None
+
+
+def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An image file as np.uint8 [size, size] by the pixel rule (errors: see load_image)."""
+    return np.asarray(load_image(path, size), dtype=np.uint8)
+
+
+def encode_image_file(path: str | os.PathLike, size: int) -> bytes:
+    """PNG bytes of an image file's size × size grayscale version (what a shard stores; errors: see load_image)."""
+    buf = io.BytesIO()
+    load_image(path, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png_gray(data: bytes) -> np.ndarray:
+    """PNG bytes (a shard's image member) -> np.uint8 [H, W], converted to 8-bit grayscale if stored otherwise."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return np.asarray(to_grayscale8(im), dtype=np.uint8).copy()

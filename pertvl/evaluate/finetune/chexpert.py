@@ -1,0 +1,571 @@
+"""CheXpert fine-tuning (Table II): the label CSV, its policies (uncertain, blank), the patient split, the image rows and the fine-tune or probe.
+
+See pertvl.evaluate.finetune for the protocol."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pertvl.data.image import ImageReadError, read_image
+from pertvl.evaluate.finetune.fit import (
+    EpochLog,
+    FitSettings,
+    Precision,
+    feature_loader,
+    fit,
+    linear_head,
+    param_groups,
+    seeded_generator,
+    standardize,
+)
+from pertvl.evaluate.finetune.metrics import LabelScores, mean_defined, multilabel_scores
+from pertvl.evaluate.finetune.tasks import (
+    BLANK_POLICIES,
+    CHEXPERT_LABELS,
+    CHEXPERT_SCHEMA,
+    MAX_LISTED_PROBLEMS,
+    PAPER_CHEXPERT_LABELS,
+    U_MIX_ONES,
+    UNCERTAIN_POLICIES,
+)
+from pertvl.evaluate.torch_encoder import pick_device
+from pertvl.train.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+VIEW_COLUMN = "Frontal/Lateral"
+
+
+# The patient folder of CheXpert ("…/patient00001/study1/…") or MIMIC-CXR ("…/p10/p10000032/s5…/…").
+DEFAULT_GROUP_PATTERN = r"(?:^|/)(patient\d+|p\d{8})(?=/)"
+
+
+@dataclass
+class ChexpertRow:
+    path: str  # as written in the CSV (relative to --images)
+    view: str  # the Frontal/Lateral cell ("" when the column is absent)
+    group: str  # patient (or the path itself when no patient folder is in it)
+    values: tuple[float, ...]  # per chosen label: 1.0, 0.0, -1.0 (uncertain) or nan (blank)
+    where: str  # "file:line"
+
+
+@dataclass
+class ChexpertTable:
+    """Rows of a CheXpert-format CSV kept for the chosen labels and views, and what was left out."""
+
+    path: str
+    labels: tuple[str, ...]
+    rows: list[ChexpertRow]
+    rows_read: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def values(self) -> np.ndarray:
+        """[N, L] float: 1, 0, -1 (uncertain), nan (blank)."""
+        return np.array([r.values for r in self.rows], dtype=np.float64).reshape(len(self.rows), len(self.labels))
+
+
+def group_of(path: str, pattern: re.Pattern[str]) -> str:
+    """The split group of an image path: the first capture of `pattern` (the patient folder), else the
+    path itself (no grouping visible: each image is its own group)."""
+    m = pattern.search(path.replace("\\", "/"))
+    return m.group(1) if m else path
+
+
+def read_chexpert_csv(
+    path: str | os.PathLike,
+    labels: Sequence[str] = PAPER_CHEXPERT_LABELS,
+    frontal_only: bool = True,
+    group_pattern: str = DEFAULT_GROUP_PATTERN,
+) -> ChexpertTable:
+    """Read a CheXpert-format CSV (Path, Sex, Age, Frontal/Lateral, AP/PA, 14 label columns).
+
+    Args:
+        path: the CSV.
+        labels: label columns to keep, in output order.
+        frontal_only: keep rows whose Frontal/Lateral cell is "Frontal" (others skipped and counted).
+        group_pattern: regex whose first group names a row's patient (the train/test split unit).
+    Returns:
+        ChexpertTable. A row without a Path or with a label cell other than 1/0/-1/blank is skipped,
+        counted and named (file:line).
+    Raises:
+        FileNotFoundError, ValueError: missing file; a missing Path / label / Frontal/Lateral column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such CSV")
+    pattern = re.compile(group_pattern)
+    if pattern.groups < 1:
+        raise ValueError(f"group pattern {group_pattern!r}: expected a regex with one capture group")
+    labels = tuple(labels)
+    rows: list[ChexpertRow] = []
+    skipped: Counter[str] = Counter()
+    problems: list[str] = []
+    rows_read = 0
+
+    def skip(reason: str, where: str) -> None:
+        skipped[reason] += 1
+        if len(problems) < MAX_LISTED_PROBLEMS:
+            problems.append(f"{where}: {reason}")
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in ("Path", *labels) if c not in header]
+        if frontal_only and VIEW_COLUMN not in header:
+            missing.append(VIEW_COLUMN)
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing} (header: {header}); a CheXpert CSV has "
+                             f"Path, {VIEW_COLUMN} and the label columns" +
+                             (" (use --all-views for a CSV without view information)" if VIEW_COLUMN in missing else ""))
+        for row in reader:
+            rows_read += 1
+            where = f"{path}:{reader.line_num}"
+            image = (row.get("Path") or "").strip()
+            if not image:
+                skip("empty Path", where)
+                continue
+            view = (row.get(VIEW_COLUMN) or "").strip()
+            if frontal_only and view.lower() != "frontal":
+                skip("lateral view (frontal only)" if view.lower() == "lateral" else f"view {view!r} (frontal only)",
+                     where)
+                continue
+            values, bad = [], None
+            for name in labels:
+                cell = (row.get(name) or "").strip()
+                value = _label_value(cell)
+                if value is None:
+                    bad = f"{name} = {cell!r} (expected 1.0, 0.0, -1.0 or blank)"
+                    break
+                values.append(value)
+            if bad:
+                skip(f"bad label value: {bad}", where)
+                continue
+            rows.append(ChexpertRow(image, view, group_of(image, pattern), tuple(values), where))
+    if skipped:
+        log.info("%s: kept %d of %d rows; left out: %s", path, len(rows), rows_read,
+                 ", ".join(f"{k} ×{v}" for k, v in skipped.items()))
+    return ChexpertTable(str(path), labels, rows, rows_read, dict(skipped), problems)
+
+
+def _label_value(cell: str) -> float | None:
+    """1.0 / 0.0 / -1.0 for those numbers, nan for a blank cell, None for anything else."""
+    if not cell:
+        return math.nan
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if value in (1.0, 0.0, -1.0) else None
+
+
+def chexpert_targets(
+    values: np.ndarray,
+    uncertain: str = "zeros",
+    blank: str = "zero",
+    labels: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training targets and loss mask from CheXpert label values (the blank and uncertainty policies).
+
+    Args:
+        values: [N, L] with 1, 0, -1 (uncertain) or nan (blank).
+        uncertain: "zeros" (U-Zeros: -1 → 0), "ones" (U-Ones: -1 → 1), "ignore" (U-Ignore: masked) or
+            "u-mix" (U-Ones for Edema and Atelectasis, U-Zeros for the other labels; needs `labels`).
+        blank: "zero" (not mentioned = negative, CheXpert's convention: target 0) or "mask" (out of
+            the loss).
+        labels: the L column names (needed by "u-mix").
+    Returns:
+        (targets, mask), float32 [N, L]: mask is 1 where the cell enters the loss.
+    """
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
+    values = np.asarray(values, dtype=np.float64)
+    if uncertain == "u-mix":
+        if labels is None or len(labels) != values.shape[-1]:
+            raise ValueError(f"uncertain policy 'u-mix' needs the {values.shape[-1]} label names of the columns, "
+                             f"got {labels!r}")
+        unknown = [name for name in labels if name not in CHEXPERT_LABELS]
+        if unknown:
+            raise ValueError(f"uncertain policy 'u-mix': unknown label(s) {unknown}; expected CheXpert's")
+    known = ~np.isnan(values)
+    bad = known & ~np.isin(values, (1.0, 0.0, -1.0))
+    if bad.any():
+        raise ValueError(f"label values: expected 1, 0, -1 or nan, got {sorted(set(values[bad].tolist()))}")
+    is_unc = values == -1.0
+    targets = np.where(values == 1.0, 1.0, 0.0)  # 0 for 0, -1 and blank so far
+    mask = known.astype(np.float64) if blank == "mask" else np.ones_like(values)
+    if uncertain == "ones":
+        targets[is_unc] = 1.0
+    elif uncertain == "ignore":
+        mask[is_unc] = 0.0
+    elif uncertain == "u-mix":
+        ones = np.array([name in U_MIX_ONES for name in labels], dtype=bool)
+        targets[is_unc & ones[None, :]] = 1.0
+    return targets.astype(np.float32), mask.astype(np.float32)
+
+
+def split_by_group(groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
+    """Seeded train/test split of rows by group: returns a bool [N] array, True = test.
+
+    The sorted distinct groups are permuted by numpy's default_rng(seed) and the first
+    round(test_fraction × G) (at least 1, at most G − 1) go to test, so every row of a group lands
+    on the same side and the split depends on the seed and the set of groups only.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction: expected a number in (0, 1), got {test_fraction}")
+    distinct = sorted(set(groups))
+    if len(distinct) < 2:
+        raise ValueError(f"need at least 2 patients/images to split into train and test, got {len(distinct)}")
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    n_test = min(max(1, round(test_fraction * len(distinct))), len(distinct) - 1)
+    test_groups = {distinct[i] for i in order[:n_test]}
+    return np.array([g in test_groups for g in groups], dtype=bool)
+
+
+@dataclass
+class ChexpertResult:
+    per_label: dict[str, LabelScores]
+    history: list[EpochLog]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    info: dict[str, Any]
+    # test rows scored: (image path as in the CSV, label values, predicted probabilities)
+    predictions: list[tuple[str, tuple[float, ...], tuple[float, ...]]] = field(default_factory=list)
+    schema: str = CHEXPERT_SCHEMA
+
+    @property
+    def mean_auroc(self) -> float | None:
+        return mean_defined(s.auroc for s in self.per_label.values())
+
+    @property
+    def mean_accuracy(self) -> float | None:
+        return mean_defined(s.accuracy for s in self.per_label.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
+                "history": [asdict(h) for h in self.history],
+                "test": {"per_label": {k: asdict(v) for k, v in self.per_label.items()},
+                         "mean_auroc": self.mean_auroc, "mean_accuracy": self.mean_accuracy}}
+
+
+@dataclass
+class ChexpertData:
+    """The rows a CheXpert fine-tune trains and tests on, after the split and the image check."""
+
+    labels: tuple[str, ...]
+    train: list[ChexpertRow]
+    test: list[ChexpertRow]
+    train_targets: np.ndarray  # [N, L] float32 (policy applied)
+    train_mask: np.ndarray  # [N, L] float32 (1 = in the loss)
+    test_values: np.ndarray  # [M, L] 1 / 0 / -1 / nan: only 1/0 are scored
+    summary: dict[str, Any]
+
+
+def prepare_chexpert(
+    csv_path: str | os.PathLike,
+    images: str | os.PathLike,
+    *,
+    valid_csv: str | os.PathLike | None = None,
+    labels: Sequence[str] = PAPER_CHEXPERT_LABELS,
+    uncertain: str = "zeros",
+    frontal_only: bool = True,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    group_pattern: str = DEFAULT_GROUP_PATTERN,
+    blank: str = "zero",
+) -> ChexpertData:
+    """Read the CSV(s), split (without valid_csv: by patient, seeded), drop rows whose image file is
+    missing (counted and named), and apply the blank and uncertainty policies to the training
+    labels (chexpert_targets; blank "zero" also scores test blanks as negatives)."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
+    unknown = [name for name in labels if name not in CHEXPERT_LABELS]
+    if unknown or not labels:
+        raise ValueError(f"labels: unknown {unknown}; choose from {', '.join(CHEXPERT_LABELS)}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels: duplicates in {list(labels)}")
+    root = Path(images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image root folder not found")
+    table = read_chexpert_csv(csv_path, labels, frontal_only, group_pattern)
+    if valid_csv is not None:
+        test_table = read_chexpert_csv(valid_csv, labels, frontal_only, group_pattern)
+        train_rows, test_rows = table.rows, test_table.rows
+        split = {"method": "given", "valid_csv": str(valid_csv)}
+        tables = [table, test_table]
+    else:
+        is_test = split_by_group([r.group for r in table.rows], test_fraction, seed)
+        train_rows = [r for r, t in zip(table.rows, is_test, strict=True) if not t]
+        test_rows = [r for r, t in zip(table.rows, is_test, strict=True) if t]
+        n_groups = len({r.group for r in table.rows})
+        split = {"method": "seeded split by patient (Path prefix; else per image)", "test_fraction": test_fraction,
+                 "seed": seed, "groups": n_groups, "test_groups": len({r.group for r in test_rows}),
+                 "group_pattern": group_pattern}
+        tables = [table]
+    missing: list[str] = []
+    kept = {}
+    for name, rows in (("train", train_rows), ("test", test_rows)):
+        ok = [r for r in rows if (root / r.path).is_file()]
+        missing += [f"{r.where}: image {root / r.path} not found" for r in rows if not (root / r.path).is_file()]
+        kept[name] = ok
+        if not ok:
+            raise ValueError(f"no {name} rows with an image file left (CSV {csv_path}, images {root})")
+    if missing:
+        log.warning("%d image file(s) not found, rows skipped; first: %s", len(missing), missing[0])
+    targets, mask = chexpert_targets(_values(kept["train"], labels), uncertain, blank, labels)
+    summary = {
+        "csv": [t.path for t in tables], "images": str(root), "labels": list(labels),
+        "frontal_only": frontal_only, "uncertain_policy": uncertain, "blank_policy": blank, "split": split,
+        "rows_read": sum(t.rows_read for t in tables),
+        "rows_skipped": dict(sum((Counter(t.skipped) for t in tables), Counter())),
+        "row_problems": [p for t in tables for p in t.problems][:MAX_LISTED_PROBLEMS],
+        "images_missing": len(missing), "image_problems": missing[:MAX_LISTED_PROBLEMS],
+        "train_rows": len(kept["train"]), "test_rows": len(kept["test"]),
+        "train_label_counts": _label_counts(_values(kept["train"], labels), labels),
+        "test_label_counts": _label_counts(_values(kept["test"], labels), labels),
+    }
+    return ChexpertData(tuple(labels), kept["train"], kept["test"], targets, mask,
+                        _values(kept["test"], labels), summary)
+
+
+def _values(rows: Sequence[ChexpertRow], labels: Sequence[str]) -> np.ndarray:
+    return np.array([r.values for r in rows], dtype=np.float64).reshape(len(rows), len(labels))
+
+
+def _label_counts(values: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {name: {"positive": int((values[:, j] == 1).sum()), "negative": int((values[:, j] == 0).sum()),
+                   "uncertain": int((values[:, j] == -1).sum()), "blank": int(np.isnan(values[:, j]).sum())}
+            for j, name in enumerate(labels)}
+
+
+class _ImageRows:
+    """A map-style dataset of image files: item i → (i, uint8 [S, S] array or None, problem)."""
+
+    def __init__(self, root: Path, rows: Sequence[ChexpertRow], size: int):
+        self.root, self.rows, self.size = root, rows, size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            return i, read_image(self.root / row.path, self.size), ""
+        except (FileNotFoundError, ImageReadError) as e:
+            return i, None, f"{row.where}: {e}"
+
+
+def _collate_images(items):
+    """→ (indices [B'] of decoded images, images [B', 1, S, S] float in [0, 1] or None, problems)."""
+    import torch
+
+    good = [(i, a) for i, a, _ in items if a is not None]
+    problems = [p for _, a, p in items if a is None]
+    idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+    imgs = torch.from_numpy(np.stack([a for _, a in good])).unsqueeze(1).float() / 255.0 if good else None
+    return idx, imgs, problems
+
+
+class ImageProblems:
+    """Undecodable images met while reading batches, each recorded once."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, None] = {}
+
+    def add(self, problems: Iterable[str]) -> None:
+        for p in problems:
+            if p not in self.items:
+                log.warning("skipped: %s", p)
+                self.items[p] = None
+
+
+def finetune_chexpert(
+    data: ChexpertData,
+    images: str | os.PathLike,
+    *,
+    run: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    settings: FitSettings | None = None,
+    info: dict[str, Any] | None = None,
+) -> ChexpertResult:
+    """Fine-tune (or probe) the image encoder on CheXpert labels and score the test rows.
+
+    Args:
+        data: prepare_chexpert output.
+        images: the image root the CSV paths are relative to.
+        run / export: exactly one encoder source.
+        image_size: side of the square input (default: the export's, else the run's, else 224).
+        settings: FitSettings (an export is always frozen).
+        info: facts recorded in the result.
+    Returns:
+        ChexpertResult (AUROC and accuracy per label over definite test labels; their means).
+    """
+    import torch
+
+    if (run is None) == (export is None):
+        raise ValueError("give exactly one of run / export")
+    settings = settings or FitSettings(epochs=5, lr=1e-4)
+    root = Path(images)
+    info = dict(info or {})
+    if export is not None:
+        settings = dataclasses.replace(settings, freeze_encoder=True)
+    device = pick_device(settings.device)
+    generator = seeded_generator(settings.seed)
+    problems = ImageProblems()
+    n_labels = len(data.labels)
+
+    def image_loader(rows, shuffle=False, gen=None):
+        from torch.utils.data import DataLoader
+
+        # Training batches drop the ragged last batch: BatchNorm in train mode fails on a batch of one.
+        return DataLoader(_ImageRows(root, rows, size), batch_size=settings.batch_size, shuffle=shuffle,
+                          generator=gen, collate_fn=_collate_images, num_workers=settings.workers,
+                          drop_last=shuffle and len(rows) > settings.batch_size)
+
+    if export is not None:
+        from pertvl.infer import Embedder
+
+        embedder = Embedder.from_export(export, batch_size=settings.batch_size)
+        if image_size is not None and image_size != embedder.image_size:
+            raise ValueError(f"--image-size {image_size}: the export {export} takes {embedder.image_size} px images")
+        size = embedder.image_size
+        info.update(encoder="onnx-probe", export=str(export), features="the export's global image embedding")
+
+        def encode(imgs):
+            return torch.from_numpy(embedder.embed_images(imgs.numpy()))
+
+        backbone = None
+    else:
+        run_dir = RunDir(run)
+        dual, path = run_dir.load_model()
+        size = image_size or run_dir.image_size() or 224
+        backbone = dual.image.to(device)  # ImageEncoder: normalization + ResNet (+ unused projections)
+        del dual
+        backbone.backbone.requires_grad_(not settings.freeze_encoder)
+        for head_module in (backbone.global_proj, backbone.local_proj):  # pretraining heads: not used here
+            head_module.requires_grad_(False)
+        info.update(encoder="torch-run", run=str(run), model=str(path),
+                    features="pooled ResNet features (input of the global projection)")
+
+        def encode(imgs):
+            out = backbone.backbone(backbone.normalize(imgs.to(device)), return_dict=True)
+            return out.pooler_output.flatten(1)
+
+    info["mode"] = "frozen encoder (linear probe)" if settings.freeze_encoder else "fine-tuned end to end"
+    targets = torch.from_numpy(data.train_targets)
+    mask = torch.from_numpy(data.train_mask)
+
+    def masked_bce(logits, idx):
+        t, m = targets[idx].to(logits.device), mask[idx].to(logits.device)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), t, reduction="none")
+        return (loss * m).sum() / m.sum().clamp(min=1.0)
+
+    if settings.freeze_encoder:
+        if backbone is not None:
+            backbone.eval()
+        feats = {}
+        for name, rows in (("train", data.train), ("test", data.test)):
+            feats[name] = _features(image_loader(rows), encode, problems, device, settings)
+        scaled = standardize({k: x for k, (_, x) in feats.items()}, "train")
+        feats = {k: (idx, scaled[k]) for k, (idx, _) in feats.items()}
+        head = linear_head(int(feats["train"][1].shape[1]), n_labels, settings.dropout).to(device)
+        module = head
+        tr_idx, tr_x = feats["train"]
+        loader = feature_loader(tr_x, tr_idx, batch_size=settings.batch_size, shuffle=True, generator=generator)
+
+        def step(batch):
+            x, idx = batch
+            if not idx.numel() or not mask[idx].any():
+                return None
+            return masked_bce(head(x.to(device)), idx)
+
+        def predict() -> tuple[np.ndarray, np.ndarray]:
+            te_idx, te_x = feats["test"]
+            with torch.inference_mode():
+                return te_idx.numpy(), torch.sigmoid(head(te_x.to(device)).float()).cpu().numpy()
+
+        groups = param_groups([], head.parameters(), settings)
+    else:
+        in_dim = int(backbone.backbone.config.hidden_sizes[-1])
+        head = linear_head(in_dim, n_labels, settings.dropout).to(device)
+        module = torch.nn.ModuleDict({"backbone": backbone.backbone, "head": head})
+        loader = image_loader(data.train, shuffle=True, gen=generator)
+
+        def step(batch):
+            idx, imgs, bad = batch
+            problems.add(bad)
+            if imgs is None or not mask[idx].any():
+                return None
+            return masked_bce(head(encode(imgs)), idx)
+
+        def predict() -> tuple[np.ndarray, np.ndarray]:
+            idx_all, probs = [], []
+            with torch.inference_mode(), Precision(device, settings.precision).autocast():
+                for idx, imgs, bad in image_loader(data.test):
+                    problems.add(bad)
+                    if imgs is not None:
+                        idx_all.append(idx.numpy())
+                        probs.append(torch.sigmoid(head(encode(imgs)).float()).cpu().numpy())
+            if not probs:
+                raise _nothing_decoded("test ", root, len(data.test), problems)
+            return np.concatenate(idx_all), np.concatenate(probs)
+
+        groups = param_groups(backbone.backbone.parameters(), head.parameters(), settings)
+
+    history, _ = fit(module, groups, loader, step, settings, device)
+    test_idx, probs = predict()
+    per_label = multilabel_scores(probs, data.test_values[test_idx], data.labels,
+                                  data.summary.get("blank_policy", "zero"))
+    summary = dict(data.summary)
+    summary["images_undecodable"] = len(problems.items)
+    summary["image_problems"] = (summary["image_problems"] + list(problems.items))[:MAX_LISTED_PROBLEMS]
+    summary["test_images_scored"] = int(len(test_idx))
+    settings_json = {**asdict(settings), "device": str(device), "image_size": size,
+                     "selection": "last epoch", "threshold": 0.5,
+                     "scored": ("1/0 test labels and blanks as negatives; uncertain excluded"
+                                if data.summary.get("blank_policy", "zero") == "zero"
+                                else "definite test labels only (1/0); uncertain and blank excluded")}
+    predictions = [(data.test[i].path, data.test[i].values, tuple(float(x) for x in p))
+                   for i, p in zip(test_idx.tolist(), probs, strict=True)]
+    return ChexpertResult(per_label, history, summary, settings_json, info, predictions)
+
+
+def _nothing_decoded(which: str, root: Path, rows: int, problems: ImageProblems) -> ValueError:
+    """The error when not one image of a set could be read: names the image root, the row count and
+    the first problem met."""
+    first = next(iter(problems.items), "none recorded")
+    return ValueError(f"{root}: no {which}image could be decoded ({rows} rows; first problem: {first})")
+
+
+def _features(loader, encode, problems: ImageProblems, device, settings: FitSettings):
+    """(row indices [N'], features [N', D]) of every decodable image, the encoder frozen."""
+    import torch
+
+    idx_all, feats = [], []
+    with torch.inference_mode(), Precision(device, settings.precision).autocast():
+        for idx, imgs, bad in loader:
+            problems.add(bad)
+            if imgs is not None:
+                idx_all.append(idx)
+                feats.append(encode(imgs).float().cpu())
+    if not feats:
+        raise _nothing_decoded("", loader.dataset.root, len(loader.dataset), problems)
+    return torch.cat(idx_all), torch.cat(feats)

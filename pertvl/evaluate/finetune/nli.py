@@ -1,0 +1,461 @@
+"""NLI fine-tuning (Table III: MedNLI / RadNLI): the JSONL files, the sentence-pair fine-tune or probe, k-fold cross-validation.
+
+See pertvl.evaluate.finetune for the protocols."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pertvl.evaluate.finetune.fit import (
+    EpochLog,
+    FitSettings,
+    Precision,
+    encode_all,
+    feature_loader,
+    fit,
+    item_loader,
+    linear_head,
+    param_groups,
+    seeded_generator,
+    standardize,
+)
+from pertvl.evaluate.finetune.metrics import ClassificationMetrics, classification_metrics
+from pertvl.evaluate.finetune.tasks import (
+    MAX_LISTED_PROBLEMS,
+    NLI_CV_SCHEMA,
+    NLI_LABELS,
+    NLI_SCHEMA,
+    format_skips,
+)
+from pertvl.evaluate.torch_encoder import pick_device
+from pertvl.train.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+# Word pieces per NLI sentence pair: MedNLI's longest pairs reach ~200+ pieces with BERT WordPiece
+# vocabularies; 256 covers them (the authors used 512, which only pads). Longer pairs are truncated
+# and reported; the value is capped at the encoder's max_position_embeddings.
+NLI_MAX_LENGTH = 256
+
+
+@dataclass
+class NliExample:
+    premise: str
+    hypothesis: str
+    label: int  # index into NLI_LABELS
+    where: str  # "file:line"
+
+
+@dataclass
+class NliFile:
+    """One MedNLI/RadNLI jsonl file: the usable examples and what was skipped (reason → count,
+    and the first MAX_LISTED_PROBLEMS problems as "file:line: reason")."""
+
+    path: str
+    examples: list[NliExample]
+    lines: int  # non-blank lines read
+    skipped: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def label_counts(self) -> dict[str, int]:
+        counts = Counter(NLI_LABELS[e.label] for e in self.examples)
+        return {lab: counts.get(lab, 0) for lab in NLI_LABELS}
+
+    def summary(self) -> dict[str, Any]:
+        return {"file": self.path, "lines": self.lines, "examples": len(self.examples),
+                "labels": self.label_counts(), "skipped": dict(self.skipped), "problems": self.problems}
+
+    def describe(self) -> str:
+        """One line: examples per label, lines read, skips (printed by the CLI)."""
+        per_label = ", ".join(f"{lab} {n}" for lab, n in self.label_counts().items())
+        return (f"{self.path}: {len(self.examples)} examples ({per_label}; {self.lines} lines; "
+                f"skipped: {format_skips(self.skipped)})")
+
+    def subset(self, indices: Sequence[int], name: str) -> NliFile:
+        """The examples at `indices` as an NliFile named `name` (a cross-validation fold)."""
+        return NliFile(name, [self.examples[i] for i in indices], len(indices))
+
+
+def nli_folds(examples: Sequence[NliExample], k: int, seed: int) -> list[list[int]]:
+    """k label-stratified folds of example indices: the examples of each label are permuted by
+    numpy's default_rng(seed) and dealt round-robin (label after label, continuing where the last
+    label stopped), so fold sizes differ by at most one and every label is spread evenly.
+
+    Raises:
+        ValueError: k < 2 or more folds than examples.
+    """
+    if k < 2:
+        raise ValueError(f"cross-validation: expected at least 2 folds, got {k}")
+    if k > len(examples):
+        raise ValueError(f"cross-validation: {k} folds need at least {k} examples, got {len(examples)}")
+    rng = np.random.default_rng(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    at = 0
+    for label in range(len(NLI_LABELS)):
+        idx = [i for i, e in enumerate(examples) if e.label == label]
+        for i in rng.permutation(len(idx)):
+            folds[at % k].append(idx[i])
+            at += 1
+    return [sorted(f) for f in folds]
+
+
+def read_nli(path: str | os.PathLike) -> NliFile:
+    """Read a MedNLI/RadNLI jsonl file (fields sentence1, sentence2, gold_label).
+
+    A line that is not a JSON object, lacks a non-empty sentence1/sentence2, or whose gold_label is
+    not entailment/contradiction/neutral (case-insensitive; e.g. SNLI's "-") is skipped, counted
+    under its reason (the offending label is named in the reason) and listed as file:line.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: no usable example in the file (the message gives the skip counts).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such NLI file")
+    examples: list[NliExample] = []
+    skipped: Counter[str] = Counter()
+    problems: list[str] = []
+    lines = 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            lines += 1
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+                reason = None if isinstance(obj, dict) else f"not a JSON object ({type(obj).__name__})"
+            except json.JSONDecodeError as e:
+                obj, reason = None, f"not JSON ({e.msg})"
+            if reason is None:
+                reason = _nli_problem(obj)
+            if reason is not None:
+                skipped[reason] += 1
+                if len(problems) < MAX_LISTED_PROBLEMS:
+                    problems.append(f"{where}: {reason}")
+                continue
+            label = NLI_LABELS.index(str(obj["gold_label"]).strip().lower())
+            examples.append(NliExample(obj["sentence1"].strip(), obj["sentence2"].strip(), label, where))
+    if skipped:
+        log.warning("%s: skipped %d of %d lines (%s); first: %s", path, sum(skipped.values()), lines,
+                    ", ".join(f"{k} ×{v}" for k, v in skipped.items()), problems[0])
+    if not examples:
+        raise ValueError(f"{path}: no usable NLI example in {lines} lines"
+                         + (f" (skipped: {dict(skipped)})" if skipped else ""))
+    return NliFile(str(path), examples, lines, dict(skipped), problems)
+
+
+def _nli_problem(obj: dict) -> str | None:
+    for key in ("sentence1", "sentence2"):
+        value = obj.get(key)
+        if value is None:
+            return f"missing {key}"
+        if not isinstance(value, str) or not value.strip():
+            return f"empty or non-text {key}"
+    label = obj.get("gold_label")
+    if label is None:
+        return "missing gold_label"
+    if str(label).strip().lower() not in NLI_LABELS:
+        return f"gold_label {label!r} not one of {'/'.join(NLI_LABELS)}"
+    return None
+
+
+@dataclass
+class NliResult:
+    dev: ClassificationMetrics | None  # None without a dev file (train/test protocol)
+    test: ClassificationMetrics
+    history: list[EpochLog]
+    best_epoch: int
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    info: dict[str, Any]
+    predictions: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)  # split → (file:line, gold, pred)
+    schema: str = NLI_SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
+                "history": [asdict(h) for h in self.history], "best_epoch": self.best_epoch,
+                "dev": None if self.dev is None else self.dev.to_json(), "test": self.test.to_json()}
+
+
+def finetune_nli(
+    train: NliFile,
+    dev: NliFile | None,
+    test: NliFile,
+    *,
+    run: str | os.PathLike | None = None,
+    text_model: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None,
+    settings: FitSettings | None = None,
+    max_length: int = NLI_MAX_LENGTH,
+    info: dict[str, Any] | None = None,
+) -> NliResult:
+    """Fine-tune (or probe) a text encoder on NLI and score dev and test (see the module docstring).
+
+    Args:
+        train, dev, test: read_nli outputs. dev None: the train/test protocol (RadNLI: train on
+            radnli_dev_v1.jsonl, test on radnli_test_v1.jsonl): the last epoch is evaluated.
+        run / text_model / export: exactly one encoder source.
+        settings: FitSettings (an export is always frozen).
+        max_length: word pieces per sentence pair (capped at the encoder's position embeddings);
+            longer pairs are truncated and counted per file (data[split]["truncated"]).
+        info: facts recorded in the result (command, versions).
+    Returns:
+        NliResult with the selected epoch's dev (None without dev) and test metrics.
+    """
+    import torch
+
+    if sum(x is not None for x in (run, text_model, export)) != 1:
+        raise ValueError("give exactly one of run / text_model / export")
+    if max_length < 8:
+        raise ValueError(f"max_length: expected at least 8 word pieces per pair, got {max_length}")
+    settings = settings or FitSettings()
+    if export is not None and not settings.freeze_encoder:
+        settings = dataclasses.replace(settings, freeze_encoder=True)
+    device = pick_device(settings.device)
+    generator = seeded_generator(settings.seed)
+    info = dict(info or {})
+    splits = [("train", train), ("test", test)] if dev is None else [("train", train), ("dev", dev), ("test", test)]
+    y = {name: torch.tensor([e.label for e in f.examples]) for name, f in splits}
+    truncated: dict[str, dict[str, Any]] = {}
+
+    if export is not None:
+        from pertvl.infer import Embedder
+
+        embedder = Embedder.from_export(export, batch_size=max(settings.batch_size, 32))
+        info.update(encoder="onnx-probe", export=str(export), features="[u, v, |u-v|, u*v] of the global embeddings",
+                    text="each sentence as the export's manifest says (its cleaning and max_length)")
+        feats = {name: _pair_embeddings(embedder, f.examples) for name, f in splits}
+        backbone = None
+    else:
+        if run is not None:
+            dual, path = RunDir(run).load_model()
+            backbone, tokenizer = dual.text.backbone, dual.tokenizer
+            del dual  # the image tower and the projection heads are not used
+            info.update(encoder="torch-run", run=str(run), model=str(path))
+        else:
+            from pertvl.model.text import load_text_backbone
+
+            backbone, tokenizer = load_text_backbone(text_model)
+            info.update(encoder="hf-text", text_model=str(text_model))
+        backbone = backbone.to(device)
+        backbone.requires_grad_(not settings.freeze_encoder)
+        positions = getattr(backbone.config, "max_position_embeddings", None)
+        if positions and max_length > int(positions):
+            print(f"note: max_length {max_length} > the encoder's {positions} positions: pairs are cut at "
+                  f"{positions} word pieces", flush=True)
+            max_length = int(positions)
+        collate = NliCollate(tokenizer, max_length)
+        for name, f in splits:
+            truncated[name] = nli_truncation(tokenizer, f.examples, max_length)
+            t = truncated[name]
+            if t["pairs"]:
+                print(f"warning: {f.path}: {t['pairs']} of {len(f.examples)} sentence pairs exceed {max_length} "
+                      f"word pieces (longest {t['longest']}) and are truncated; first: {t['first']}", flush=True)
+                log.warning("%s: %d pairs truncated at %d word pieces", f.path, t["pairs"], max_length)
+
+        def encode(batch):
+            return backbone(**{k: v.to(device) for k, v in batch.items() if k != "labels"},
+                            return_dict=True).last_hidden_state[:, 0]
+
+        feats = None
+        if settings.freeze_encoder:
+            backbone.eval()
+            feats = {}
+            for name, f in splits:
+                feats[name] = encode_all(encode, item_loader(f.examples, collate, settings.batch_size), device, settings)
+    info["mode"] = "frozen encoder (linear probe)" if settings.freeze_encoder else "fine-tuned end to end"
+
+    in_dim = int(feats["train"].shape[1]) if feats is not None else int(backbone.config.hidden_size)
+    head = linear_head(in_dim, len(NLI_LABELS), settings.dropout).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if feats is not None:  # frozen: the head trains on precomputed, standardized features
+        feats = standardize(feats, "train")
+        module = head
+        loader = feature_loader(feats["train"], y["train"], batch_size=settings.batch_size, shuffle=True,
+                                 generator=generator)
+
+        def step(batch):
+            x, t = (b.to(device) for b in batch)
+            return loss_fn(head(x).float(), t)
+
+        def predict(name: str) -> np.ndarray:
+            with torch.inference_mode():
+                return head(feats[name].to(device)).float().argmax(1).cpu().numpy()
+
+        groups = param_groups([], head.parameters(), settings)
+    else:
+        module = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+        loader = item_loader(train.examples, collate, settings.batch_size, shuffle=True, generator=generator)
+
+        def step(batch):
+            return loss_fn(head(encode(batch)).float(), batch["labels"].to(device))
+
+        def predict(name: str) -> np.ndarray:
+            f = {"dev": dev, "test": test}[name]
+            assert f is not None
+            out = []
+            with torch.inference_mode():
+                for batch in item_loader(f.examples, collate, settings.batch_size):
+                    with Precision(device, settings.precision).autocast():
+                        out.append(head(encode(batch)).float().argmax(1).cpu().numpy())
+            return np.concatenate(out)
+
+        groups = param_groups(backbone.parameters(), head.parameters(), settings)
+
+    def on_epoch(epoch: int) -> dict[str, float | None]:
+        return {"dev_accuracy": float((predict("dev") == y["dev"].numpy()).mean())}
+
+    if dev is not None:
+        history, best = fit(module, groups, loader, step, settings, device, on_epoch,
+                            select=lambda m: m["dev_accuracy"])
+    else:
+        history, best = fit(module, groups, loader, step, settings, device)
+    scored = [(name, f) for name, f in splits if name != "train"]
+    preds = {name: predict(name) for name, _ in scored}
+    result = {name: classification_metrics(y[name].numpy(), preds[name]) for name, _ in scored}
+    predictions = {name: [(e.where, e.label, int(p)) for e, p in zip(f.examples, preds[name], strict=True)]
+                   for name, f in scored}
+    settings_json = {**asdict(settings), "device": str(device), "max_length": max_length,
+                     "protocol": "train/dev/test" if dev is not None else "train/test",
+                     "selection": "best dev accuracy (first on ties)" if dev is not None else "last epoch (no dev set)"}
+    data: dict[str, Any] = {name: f.summary() for name, f in splits}
+    for name, t in truncated.items():
+        data[name]["truncated"] = t
+    data.update(labels=list(NLI_LABELS),
+                text="raw sentences to the model's tokenizer as a pair (no report cleaning)"
+                if export is None else "the export's own text pipeline")
+    return NliResult(result.get("dev"), result["test"], history, best, data, settings_json, info, predictions)
+
+
+def nli_truncation(tokenizer, examples: Sequence[NliExample], max_length: int) -> dict[str, Any]:
+    """How many sentence pairs exceed `max_length` word pieces ([CLS] a [SEP] b [SEP]) untruncated:
+    {"pairs", "longest", "max_length", "first" (file:line of the first)}."""
+    if not examples:
+        return {"pairs": 0, "longest": 0, "max_length": max_length, "first": None}
+    enc = tokenizer([e.premise for e in examples], [e.hypothesis for e in examples], truncation=False,
+                    add_special_tokens=True)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > max_length]
+    return {"pairs": len(over), "longest": max(lengths), "max_length": max_length,
+            "first": examples[over[0]].where if over else None}
+
+
+@dataclass
+class NliCvResult:
+    """k-fold cross-validation on one NLI file (cross_validate_nli)."""
+
+    folds: list[NliResult]  # per fold: the held-out fold is its test
+    pooled: ClassificationMetrics  # over every example's out-of-fold prediction
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    info: dict[str, Any]
+    schema: str = NLI_CV_SCHEMA
+
+    @property
+    def fold_accuracies(self) -> list[float]:
+        return [f.test.accuracy for f in self.folds]
+
+    @property
+    def mean_accuracy(self) -> float:
+        return float(np.mean(self.fold_accuracies))
+
+    @property
+    def std_accuracy(self) -> float:
+        """Sample standard deviation over folds (ddof = 1)."""
+        return float(np.std(self.fold_accuracies, ddof=1)) if len(self.folds) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
+                "folds": [{"fold": k, "history": [asdict(h) for h in f.history], "train": f.data["train"],
+                           "test": {**f.data["test"], "metrics": f.test.to_json()}}
+                          for k, f in enumerate(self.folds, 1)],
+                "accuracy": {"per_fold": self.fold_accuracies, "mean": self.mean_accuracy, "std": self.std_accuracy},
+                "pooled": self.pooled.to_json()}
+
+
+def cross_validate_nli(
+    data: NliFile,
+    folds: int = 5,
+    *,
+    seed: int = 0,
+    run: str | os.PathLike | None = None,
+    text_model: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None,
+    settings: FitSettings | None = None,
+    max_length: int = NLI_MAX_LENGTH,
+    info: dict[str, Any] | None = None,
+    on_fold: Callable[[int, NliFile, NliFile], None] | None = None,
+) -> NliCvResult:
+    """k-fold cross-validation on one NLI file (e.g. RadNLI, which has no training file): `nli_folds`
+    (label-stratified, seeded by `seed`); fold k trains a fresh copy of the encoder on the other
+    folds (finetune_nli's train/test protocol: last epoch) and is tested on itself.
+
+    on_fold(k, train, test) is called before fold k trains (the CLI prints the label counts).
+    """
+    settings = settings or FitSettings()
+    parts = nli_folds(data.examples, folds, seed)
+    results: list[NliResult] = []
+    gold, pred = [], []
+    for k, test_idx in enumerate(parts, 1):
+        held = set(test_idx)
+        train_idx = [i for i in range(len(data.examples)) if i not in held]
+        train_k = data.subset(train_idx, f"{data.path} (fold {k} of {folds}: train)")
+        test_k = data.subset(test_idx, f"{data.path} (fold {k} of {folds}: test)")
+        if on_fold is not None:
+            on_fold(k, train_k, test_k)
+        r = finetune_nli(train_k, None, test_k, run=run, text_model=text_model, export=export, settings=settings,
+                         max_length=max_length, info=info)
+        results.append(r)
+        gold += [g for _, g, _ in r.predictions["test"]]
+        pred += [p for _, _, p in r.predictions["test"]]
+    first = results[0]
+    settings_json = {**first.settings, "protocol": f"{folds}-fold cross-validation", "folds": folds, "fold_seed": seed,
+                     "selection": "last epoch of each fold"}
+    summary = {"file": data.summary(), "folds": [len(p) for p in parts], "labels": list(NLI_LABELS),
+               "text": first.data["text"]}
+    return NliCvResult(results, classification_metrics(gold, pred), summary, settings_json, dict(first.info))
+
+
+class NliCollate:
+    """Examples → HF sentence-pair encoding ("[CLS] premise [SEP] hypothesis [SEP]", truncated to
+    max_length word pieces, longest-first) + labels."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, examples: list[NliExample]) -> dict[str, Any]:
+        import torch
+
+        # The sentences as written: the tokenizer normalizes them as its model expects (an uncased
+        # BERT lowercases and strips accents itself); report cleaning would drop "n't" cues.
+        enc = self.tokenizer([e.premise for e in examples], [e.hypothesis for e in examples],
+                             padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        batch["labels"] = torch.tensor([e.label for e in examples])
+        return batch
+
+
+def _pair_embeddings(embedder, examples: Sequence[NliExample]):
+    """[u, v, |u-v|, u*v] from the export's L2-normalized text embeddings (each distinct text once)."""
+    import torch
+
+    from pertvl.evaluate.encoder import embed_texts_unique
+
+    texts = [e.premise for e in examples] + [e.hypothesis for e in examples]
+    index, emb = embed_texts_unique(embedder, texts, batch_size=embedder.batch_size)
+    u = emb[[index[e.premise] for e in examples]]
+    v = emb[[index[e.hypothesis] for e in examples]]
+    return torch.from_numpy(np.concatenate([u, v, np.abs(u - v), u * v], axis=1).astype(np.float32))

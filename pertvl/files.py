@@ -1,0 +1,103 @@
+"""File helpers every stage shares: atomic writes, JSON files, sha256 of a file.
+
+The bottom layer of the package (standard library only): data, training, export and evaluation
+all write through here, so "a crash never leaves a half-written file under the final name" is one
+rule in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+_HASH_CHUNK = 1 << 20
+# Temporary files are ".{final name}.tmp-{random}" in the final file's folder (os.replace is atomic
+# only within one file system); TEMP_MARK lets a resuming writer recognize its own leftovers.
+TEMP_MARK = ".tmp-"
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename inside it durable); a platform
+    that cannot open folders is skipped: the rename is still atomic there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside `path`, created like open() would (permissions from the umask,
+    unlike tempfile.mkstemp's 0600: shards and reports are read by other users)."""
+    while True:
+        tmp = path.with_name(f".{path.name}{TEMP_MARK}{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = False) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it is removed.
+
+    Args:
+        path: the final file (its folder is created).
+        mode: "w" (text, UTF-8) or "wb".
+        durable: fsync the file before the rename and the folder after it (commit points that
+            must survive a power loss: a checkpoint's `latest`, shard files).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, mode, encoding="utf-8" if mode == "w" else None) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_path(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> None:
+    """Write a text file (UTF-8) so that a crash never leaves a half-written one under the final name."""
+    with atomic_open(path, "w", durable=durable) as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> None:
+    """Write a binary file atomically (see atomic_write_text)."""
+    with atomic_open(path, "wb", durable=durable) as f:
+        f.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON (keys in insertion order) plus a newline, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = _HASH_CHUNK) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
