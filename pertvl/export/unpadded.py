@@ -55,12 +55,12 @@ class _MultiHeadAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_mask, num_heads: int):  # noqa: ARG004 (autograd.Function signature)
-        b, l, h = q.shape
+        b, length, h = q.shape
         d = h // num_heads
-        q, k, v = (t.view(b, l, num_heads, d).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(b, length, num_heads, d).transpose(1, 2) for t in (q, k, v))
         bias = (1.0 - key_mask[:, None, None, :].to(q.dtype)) * _MultiHeadAttention.MASK_FILTER
         scores = torch.matmul(q, k.transpose(-1, -2)) * (d**-0.5) + bias
-        return torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(b, l, h)
+        return torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(b, length, h)
 
     @staticmethod
     def symbolic(g, q, k, v, key_mask, num_heads):
@@ -122,7 +122,7 @@ class UnpaddedBert(nn.Module):
             self.qkv.append(fused)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        b, l = input_ids.shape
+        b, length = input_ids.shape
         flat_ids = input_ids.reshape(-1)
         real = attention_mask.reshape(-1) > 0  # [B*L]
         special = torch.zeros_like(real)
@@ -136,7 +136,7 @@ class UnpaddedBert(nn.Module):
         # the row (in group order) of each slot; padding slots point at row 0 (masked as keys,
         # dropped as queries)
         slot_row = torch.zeros_like(flat_ids).index_put((order,), torch.arange(order.shape[0], device=order.device))
-        positions = torch.arange(l, device=input_ids.device).repeat(b)
+        positions = torch.arange(length, device=input_ids.device).repeat(b)
         emb = self.bert.embeddings
         xs = [emb.LayerNorm(emb.word_embeddings(flat_ids[r]) + emb.position_embeddings(positions[r])
                             + emb.token_type_embeddings.weight[0]) for r in slots]
@@ -146,15 +146,15 @@ class UnpaddedBert(nn.Module):
         qkv_rows = [3 * slot_row + j for j in range(3)]
         for layer, qkv in zip(self.bert.encoder.layer, self.qkv, strict=True):
             rows = _cat(self._dense(qkv, xs)).reshape(-1, h)
-            q, k, v = (rows[r].view(b, l, h) for r in qkv_rows)
-            context = _MultiHeadAttention.apply(q, k, v, attention_mask, self.num_heads).reshape(b * l, h)
+            q, k, v = (rows[r].view(b, length, h) for r in qkv_rows)
+            context = _MultiHeadAttention.apply(q, k, v, attention_mask, self.num_heads).reshape(b * length, h)
             att_out, ffn = layer.attention.output, layer.output
-            xs = [att_out.LayerNorm(y + x) for y, x in zip(self._dense(att_out.dense, [context[r] for r in slots]), xs)]
+            xs = [att_out.LayerNorm(y + x) for y, x in zip(self._dense(att_out.dense, [context[r] for r in slots]), xs, strict=True)]
             inner = self._dense(layer.intermediate.dense, xs)
             inner = [layer.intermediate.intermediate_act_fn(y) for y in inner]
-            xs = [ffn.LayerNorm(y + x) for y, x in zip(self._dense(ffn.dense, inner), xs)]
+            xs = [ffn.LayerNorm(y + x) for y, x in zip(self._dense(ffn.dense, inner), xs, strict=True)]
         x = _cat(xs)
-        return (x[slot_row] * real.unsqueeze(1).to(x.dtype)).view(b, l, h)
+        return (x[slot_row] * real.unsqueeze(1).to(x.dtype)).view(b, length, h)
 
     def _dense(self, linear: nn.Linear, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The linear layer on each row group: special rows via special_rows, word rows directly."""
