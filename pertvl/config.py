@@ -1,6 +1,7 @@
 """Run configuration: a YAML file feeds the defaults, every field is overridable on the CLI.
 
-A config is a nested dict with five sections::
+A config has five sections, typed as dataclasses (RunConfig: DataConfig, TrainConfig, WandbConfig;
+`model` and `loss` stay open mappings validated by the component that consumes them)::
 
     data:   where the shards are and how they stream (image size, workers, augmentation …)
     model:  passed to pertvl.model.create_model (image / text towers, projection, temperature)
@@ -12,64 +13,168 @@ A config is a nested dict with five sections::
 `load_config(path, overrides)` merges DEFAULTS <- file <- overrides, where an override is
 "section.key=value" (value parsed as YAML, so `train.max_steps=20`, `loss.preset=convirt`,
 `wandb.tags=[a,b]` all work). Unknown keys fail loudly: a typo must not be silently ignored.
+`RunConfig.from_dict(cfg)` gives the typed view, refusing a value of the wrong type by its dotted
+name; the engine reads every field from it, so a field can be followed from YAML to its use.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-DEFAULTS: dict[str, Any] = {
-    "data": {
-        "shards": "shards/demo",
-        "split": "train",
-        "image_size": None,  # None: the size the shards were packed at
-        "max_length": 128,  # word pieces per report (clean_text caps reports at 60 words)
-        "num_workers": 2,
-        "shuffle_buffer": 256,
-        "augment": True,
-        "resampled": False,
-        "download_retries": 3,  # shards from a URL: retries (with back-off) before the run fails
-    },
-    "model": {},  # create_model's defaults (pertvl.model.DualEncoderConfig)
-    # L_global's two directions averaged (the paper's "symmetric cross-entropy" as CLIP), L_local's
-    # added (the paper: "Addition of the symmetrical cross-entropy loss", as GLoRIA); see
-    # pertvl.losses and docs/TRAINING.md "Loss definitions". configs/demo.yaml pins local "mean".
-    "loss": {"preset": "full", "global_reduction": "mean", "local_reduction": "sum"},
-    "train": {
-        "deepspeed_config": "ds_configs/cpu_zero1_fp32.json",
-        # None: the DeepSpeed JSON's train_micro_batch_size_per_gpu / gradient_accumulation_steps /
-        # gradient_clipping; a value overrides the file (pertvl.train.launch.load_ds_config).
-        "micro_batch": None,
-        "grad_accum": None,
-        "gradient_clipping": None,
-        "log_samples": True,  # RUN_DIR/samples.jsonl: the sample ids of every optimizer step, per rank
-        "out": "runs/demo",
-        "max_steps": None,  # None: epochs × batches per epoch
-        "epochs": 1,
-        "lr": 0.0015,  # the paper's SGD
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "warmup_steps": 10,
-        "min_lr_ratio": 0.0,
-        "checkpoint_every": 50,
-        "keep_last": 2,
-        "log_every": 1,
-        "seed": 0,
-        "resume": None,
-        # Failing fast (pertvl.train.watchdog; docs/TRAINING.md "What happens when something fails"):
-        "failure_timeout_s": 30,  # a rank that raised is gone this long after, whatever blocks its clean-up
-        "stall_timeout_s": 1800,  # no optimizer step for this long: stacks in the log, exit 70 (null: off)
-        "stall_factor": 50,  # ... or for this many median step times (after 5 steps; null: off)
-        "stall_min_s": 120,  # ... but never less than this
-        "stop_grace_s": 300,  # SIGTERM/SIGUSR1 unanswered by a step boundary this long: exit 143 (null: wait)
-    },
-    "wandb": {"enabled": True, "project": "pertvl", "name": None, "tags": [], "mode": "offline"},
-}
+
+@dataclass
+class DataConfig:
+    """`data`: where the shards are and how they stream (pertvl.data.stream.build_train_stream)."""
+
+    shards: str = "shards/demo"  # a shard folder, the URL of a manifest.json, or a brace pattern
+    split: str = "train"
+    image_size: int | None = None  # None: the size the shards were packed at
+    max_length: int = 128  # word pieces per report (clean_text caps reports at 60 words)
+    num_workers: int = 2  # loader workers per rank (one set for the whole run)
+    shuffle_buffer: int = 256
+    augment: bool = True
+    resampled: bool = False
+    download_retries: int = 3  # shards from a URL: retries (with back-off) before the run fails
+
+
+@dataclass
+class TrainConfig:
+    """`train`: the engine (pertvl.train.engine): DeepSpeed config, steps, the paper's SGD with
+    warm-up + cosine, checkpoints, seed, and how a failing or stalled run ends."""
+
+    deepspeed_config: str = "ds_configs/cpu_zero1_fp32.json"
+    # None: the DeepSpeed JSON's train_micro_batch_size_per_gpu / gradient_accumulation_steps /
+    # gradient_clipping; a value overrides the file (pertvl.train.launch.load_ds_config).
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    gradient_clipping: float | None = None
+    log_samples: bool = True  # RUN_DIR/samples.jsonl: the sample ids of every optimizer step, per rank
+    out: str = "runs/demo"
+    max_steps: int | None = None  # None: epochs × batches per epoch
+    epochs: int = 1
+    lr: float = 0.0015  # the paper's SGD
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    resume: str | None = None
+    # Failing fast (pertvl.train.watchdog; docs/TRAINING.md "What happens when something fails"):
+    failure_timeout_s: float = 30.0  # a rank that raised is gone this long after, whatever blocks its clean-up
+    stall_timeout_s: float | None = 1800.0  # no optimizer step for this long: stacks in the log, exit 70
+    stall_factor: float | None = 50.0  # ... or for this many median step times (after 5 steps)
+    stall_min_s: float = 120.0  # ... but never less than this
+    stop_grace_s: float | None = 300.0  # SIGTERM/SIGUSR1 unanswered by a step boundary this long: exit 143
+
+
+@dataclass
+class WandbConfig:
+    """`wandb`: pertvl.train.monitor.Monitor (offline by default; the API key only from the env)."""
+
+    enabled: bool = True
+    project: str = "pertvl"
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # offline | online | disabled
+
+
+# L_global's two directions averaged (the paper's "symmetric cross-entropy" as CLIP), L_local's
+# added (the paper: "Addition of the symmetrical cross-entropy loss", as GLoRIA); see
+# pertvl.losses and docs/TRAINING.md "Loss definitions". configs/demo.yaml pins local "mean".
+_LOSS_DEFAULTS = {"preset": "full", "global_reduction": "mean", "local_reduction": "sum"}
+
+
+@dataclass
+class RunConfig:
+    """A resolved run config. `model` and `loss` stay open mappings: their keys are validated by
+    the component that consumes them (pertvl.model.DualEncoderConfig, pertvl.losses.LossConfig)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # create_model's defaults when empty
+    loss: dict[str, Any] = field(default_factory=lambda: dict(_LOSS_DEFAULTS))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], where: str = "config") -> RunConfig:
+        """Typed sections from a merged dict (load_config's); a value of the wrong type is refused
+        with its dotted name, e.g. "config: train.max_steps must be int or None, got 'ten' (str)".
+
+        Raises:
+            KeyError: an unknown section or key of a closed section.
+            TypeError: a value of the wrong type.
+        """
+        unknown = sorted(set(cfg) - {f.name for f in fields(cls)})
+        if unknown:
+            raise KeyError(f"{where}: unknown config section(s) {unknown}")
+        sections: dict[str, Any] = {}
+        for f in fields(cls):
+            value = cfg.get(f.name)
+            kind = _SECTION_TYPES.get(f.name)
+            if kind is None:  # open section
+                if value is not None and not isinstance(value, dict):
+                    raise TypeError(f"{where}: {f.name} must be a mapping, got {type(value).__name__}")
+                sections[f.name] = copy.deepcopy(value) if value is not None else f.default_factory()
+            else:
+                sections[f.name] = _typed(kind, value or {}, f"{where}: {f.name}")
+        return cls(**sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "wandb": WandbConfig}
+
+
+def _check(value: Any, hint: str) -> bool:
+    """Whether `value` fits the (string) annotation of a config field."""
+    options = [h.strip() for h in hint.split("|")]
+    for opt in options:
+        if opt == "None" and value is None:
+            return True
+        if opt == "bool" and isinstance(value, bool):
+            return True
+        if opt == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if opt == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if opt == "str" and isinstance(value, str):
+            return True
+        if opt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True
+    return False
+
+
+def _typed(kind: type, values: dict[str, Any], where: str) -> Any:
+    hints = {f.name: str(f.type) for f in fields(kind)}
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise KeyError(f"{where}: unknown key(s) {unknown}; known keys here: {', '.join(sorted(hints))}")
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, str) and hints[name].startswith("float"):
+            try:  # YAML 1.1 (PyYAML) reads "1e-3" as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if not _check(value, hints[name]):
+            raise TypeError(f"{where}.{name} must be {hints[name].replace(' | ', ' or ')}, got {value!r} "
+                            f"({type(value).__name__})")  # fmt: skip
+        out[name] = float(value) if hints[name].startswith("float") and isinstance(value, int) else value
+    return kind(**out)
+
+
+DEFAULTS: dict[str, Any] = RunConfig().to_dict()
+"""The defaults as a nested dict (what `load_config` merges a YAML file and overrides into)."""
 
 # Sections whose keys are free-form (validated by the component that consumes them).
 _OPEN_SECTIONS = {"model", "loss"}

@@ -58,3 +58,32 @@ def test_every_shipped_config_states_the_reductions_and_word_features():
         seen[path.name] = (raw["loss"]["global_reduction"], raw["loss"]["local_reduction"])
     assert seen["demo.yaml"] == ("mean", "mean")
     assert seen["openi_paper.yaml"] == ("mean", "sum") and seen["cxr_bert.yaml"] == ("mean", "sum")
+
+
+def test_typed_sections_follow_a_field_and_refuse_wrong_types(tmp_path):
+    """RunConfig: typed data/train/wandb sections (model and loss stay open mappings); every shipped
+    config converts, a wrong type is refused by its dotted name, and YAML 1.1's "1e-3" string
+    is read as the float it means."""
+    from pathlib import Path
+
+    from pertvl.config import DataConfig, RunConfig, TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        typed = RunConfig.from_dict(load_config(path), str(path))
+        assert isinstance(typed.train, TrainConfig) and isinstance(typed.data, DataConfig)
+        assert typed.to_dict() == load_config(path) | {"train": typed.to_dict()["train"]}  # floats widened only
+    demo = RunConfig.from_dict(load_config(root / "demo.yaml"))
+    raw = yaml.safe_load((root / "demo.yaml").read_text())
+    assert demo.train.micro_batch == raw["train"]["micro_batch"] and demo.loss["local_reduction"] == "mean"
+    assert RunConfig().to_dict() == DEFAULTS
+    with pytest.raises(TypeError, match=r"config: train\.max_steps must be int or None, got 'ten' \(str\)"):
+        RunConfig.from_dict(load_config(None, ["train.max_steps=ten"]))
+    with pytest.raises(TypeError, match=r"config: data\.augment must be bool, got 1 \(int\)"):
+        RunConfig.from_dict(load_config(None, ["data.augment=1"]))
+    with pytest.raises(TypeError, match=r"config: wandb\.tags must be list\[str\]"):
+        RunConfig.from_dict(load_config(None, ["wandb.tags=x"]))
+    assert RunConfig.from_dict(load_config(None, ["train.lr=1e-3"])).train.lr == 0.001
+    assert RunConfig.from_dict(load_config(None, ["train.epochs=3"])).train.epochs == 3
+    with pytest.raises(KeyError, match=r"unknown key\(s\) \['lr'\]"):
+        RunConfig.from_dict({"data": {"lr": 1}})

@@ -445,7 +445,7 @@ def test_redraw_fallback_and_unavailable_reasons():
     with pytest.raises(ValueError, match="2 POS tags for 3 words"):
         perturb_tagged("a b c", ["X", "X"], lexicon=lex)
     with pytest.raises(ValueError, match="unknown perturbation type"):
-        P.check_types("reverse,shuffle_everything")
+        P.select_types("reverse,shuffle_everything")
 
 
 def test_bad_inputs_follow_the_rules(perturber):

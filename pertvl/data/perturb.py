@@ -490,8 +490,8 @@ def _antonym(words: list[str], pos: Sequence[str], lexicon: AntonymLexicon, rng:
     return out
 
 
-_NA = NOUN_POS | ADJ_POS
-_NVA = NOUN_POS | ADJ_POS | VERB_POS
+_NOUN_ADJ_POS = NOUN_POS | ADJ_POS
+_NOUN_VERB_ADJ_POS = NOUN_POS | ADJ_POS | VERB_POS
 
 
 @dataclass(frozen=True)
@@ -544,10 +544,10 @@ PERTURBATIONS: Registry[PerturbationType] = Registry("perturbation type", [(t.na
         "Shuffle nouns & adjectives"),
     # one pool: Table I mixes DET/PRON/AUX slots
     PerturbationType("shuffle_all_but_nouns_adjectives", lambda x: _shuffle_positions(
-        x.words, _positions(x.pos, lambda p: p not in _NA), x.rng), "Shuffle all but nouns & adj."),
+        x.words, _positions(x.pos, lambda p: p not in _NOUN_ADJ_POS), x.rng), "Shuffle all but nouns & adj."),
     # one pool: Table I puts "is" in a noun slot
     PerturbationType("shuffle_nouns_verbs_adjectives", lambda x: _shuffle_positions(
-        x.words, _positions(x.pos, lambda p: p in _NVA), x.rng), "Shuffle nouns, verbs & adj."),
+        x.words, _positions(x.pos, lambda p: p in _NOUN_VERB_ADJ_POS), x.rng), "Shuffle nouns, verbs & adj."),
     PerturbationType("antonym_adjectives", lambda x: _antonym(x.words, x.pos, x.lexicon, x.rng, *x.scope()),
                      "Adjectives → antonyms"),
 )])
@@ -573,9 +573,9 @@ def type_label(name: str) -> str:
     return PERTURBATIONS[name].label if name in PERTURBATIONS else name
 
 
-def check_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
-    """Validate requested types (list or comma-separated string) against the registered ones;
-    None = the nine of PERTURBATION_TYPES.
+def select_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
+    """The types to generate: requested types (list or comma-separated string) validated against
+    the registered ones, in table order; None = the nine of PERTURBATION_TYPES.
 
     Returns:
         The requested types in table order (the nine, then registered types).
@@ -591,6 +591,8 @@ def check_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
     if not wanted:
         raise ValueError(f"no perturbation type requested; expected some of {list(PERTURBATIONS)}")
     return tuple(t for t in PERTURBATIONS if t in wanted)
+
+
 def perturb_tagged(
     text: str,
     pos: Sequence[str],
@@ -713,7 +715,7 @@ class Perturber:
 
         self.spacy_model = spacy_model
         self.seed = int(seed)
-        self.types = check_types(types)
+        self.types = select_types(types)
         if max_words is not None and max_words < 0:
             raise ValueError(f"max_words must be >= 0 (0 = no cap), got {max_words}")
         self.max_words = max_words or None
@@ -902,7 +904,7 @@ def cli_main(args: Any) -> int:
     try:
         if bool(args.pairs) == (args.text is not None):
             raise ValueError("give either --pairs FILE or --text TEXT")
-        types = check_types(args.types)
+        types = select_types(args.types)
         perturber = Perturber(spacy_model=args.spacy_model, seed=args.seed, types=types,
                               max_words=args.max_words)
         if args.text is not None:

@@ -773,14 +773,15 @@ class TrainStream:
 
 def default_worker_context() -> str | None:
     """How loader workers start: "forkserver" where the platform has it (Linux, macOS), whose server
-    preloads this module so that a worker starts in a fraction of a second; else the platform's
-    default. Set once per process, before the server starts."""
+    preloads this module so that a worker starts in a fraction of a second, and ignores SIGTERM as
+    the workers do (pertvl.data._forkserver); else the platform's default. Set once per process,
+    before the server starts."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(["pertvl.data._forkserver", __name__])  # the first: SIGTERM ignored there
     return "forkserver"
 
 

@@ -356,8 +356,10 @@ def valid_perturbations(
     return out
 
 
-def check_types(types: Sequence[str]) -> tuple[str, ...]:
-    """Validate requested perturbation types against the registered ones (order kept)."""
+def requested_types(types: Sequence[str]) -> tuple[str, ...]:
+    """The perturbation types to score, in the order asked (the table's columns), validated against
+    the registered ones; a repeated type is refused. (pertvl.data.perturb.select_types is the
+    generation side: table order, a comma string accepted.)"""
     from pertvl.data.perturb import PERTURBATIONS
 
     types = tuple(types)
@@ -502,7 +504,7 @@ def evaluate_structure(
     Returns:
         StructureResult with schema "pertvl-structure/1".
     """
-    types = check_types(types)
+    types = requested_types(types)
     counts = CandidateCounts()
     skipped: Counter = Counter()
     batcher = ImageBatcher(encoder, batch_size)

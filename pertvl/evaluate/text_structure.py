@@ -38,8 +38,8 @@ from pertvl.evaluate.structure import (
     CandidateCounts,
     StructureResult,
     add_structure_arguments,
-    check_types,
     cosine_candidates,
+    requested_types,
     summarize,
     valid_perturbations,
 )
@@ -155,7 +155,7 @@ def evaluate_text_structure(
     Returns:
         StructureResult with schema "pertvl-text-structure/1".
     """
-    types = check_types(types)
+    types = requested_types(types)
     counts = CandidateCounts()
     skipped: Counter = Counter()
     anchors: list[str] = []

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from pertvl import faults
-from pertvl.config import load_config, save_config
+from pertvl.config import RunConfig, TrainConfig, load_config, save_config
 from pertvl.train import checkpoint as ckpt
 from pertvl.train.launch import (
     check_precision,
@@ -64,15 +64,16 @@ from pertvl.train.launch import (
     shutdown_distributed,
 )
 from pertvl.train.monitor import Monitor, memory_metrics
+from pertvl.train.rundir import CONFIG_NAME, FINAL_NAME
 from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from pertvl.train.watchdog import Watchdog, exit_deadline
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = CONFIG_NAME  # the run folder's layout is pertvl.train.rundir's
 SAMPLES_FILE = "samples.jsonl"
 RANKS_DIR = "ranks"
-FINAL_DIR = "final"
+FINAL_DIR = FINAL_NAME
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -296,18 +297,16 @@ class Trainer:
         local_rank: `--local_rank` from the deepspeed launcher, if any.
     """
 
-    def __init__(self, cfg: dict[str, Any], local_rank: int | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> None:
+        self.config = copy.deepcopy(cfg) if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
         # `resume` says how this process starts, not what the run is: the config saved in the run
         # folder and the checkpoints hold it as null, so `--config RUN_DIR/config.yaml` starts anew.
-        self.resume_from = cfg["train"]["resume"]
-        self.cfg = copy.deepcopy(cfg)
-        self.cfg["train"]["resume"] = None
-        self.tcfg = self.cfg["train"]
-        self.run_dir = Path(self.tcfg["out"])
+        self.resume_from, self.config.train.resume = self.config.train.resume, None
+        self.run_dir = Path(self.config.train.out)
         self.env = detect_dist_env(argv_local_rank=local_rank)
         self.device = init_distributed(self.env)
         self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.seed = int(self.tcfg["seed"])
+        self.seed = self.config.train.seed
 
     # -- construction ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -318,59 +317,58 @@ class Trainer:
         from pertvl.model import create_model
         from pertvl.train.optim import build_optimizer, build_scheduler
 
-        cfg, tcfg, dcfg = self.cfg, self.tcfg, self.cfg["data"]
+        train, data = self.config.train, self.config.data
         self._refuse_fresh_start_over_checkpoints()  # every rank (one shared run folder): all stop
         ds_config = load_ds_config(
-            tcfg["deepspeed_config"],
-            micro_batch=tcfg["micro_batch"],
-            grad_accum=tcfg["grad_accum"],
-            gradient_clipping=tcfg["gradient_clipping"],
+            train.deepspeed_config,
+            micro_batch=train.micro_batch,
+            grad_accum=train.grad_accum,
+            gradient_clipping=train.gradient_clipping,
             world_size=self.world_size,
         )
-        check_precision(ds_config, tcfg["deepspeed_config"])  # before minutes of model building
+        check_precision(ds_config, train.deepspeed_config)  # before minutes of model building
         micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
         seed_everything(self.seed)  # identical initialisation on every rank
-        model = create_model(cfg["model"])
-        self.loss_fn = PretrainLoss(cfg["loss"])
+        model = create_model(self.config.model)
+        self.loss_fn = PretrainLoss(self.config.loss)
         # The model computes only the features the preset's terms read (e.g. no region maps for
         # convirt); the loss, not the engine, knows which.
         self.model_kwargs = self.loss_fn.model_kwargs()
 
         self.stream = build_train_stream(
-            dcfg["shards"],
-            dcfg["split"],
+            data.shards,
+            data.split,
             tokenizer=model.tokenizer,
             batch_size=micro,
             world_size=self.world_size,
             rank=self.rank,
-            num_workers=int(dcfg["num_workers"]),
+            num_workers=data.num_workers,
             seed=self.seed,
-            augment=bool(dcfg["augment"]),
-            max_length=int(dcfg["max_length"]),
-            resampled=bool(dcfg["resampled"]),
-            image_size=dcfg["image_size"],
-            shuffle_buffer=int(dcfg["shuffle_buffer"]),
-            download_retries=int(dcfg["download_retries"]),
+            augment=data.augment,
+            max_length=data.max_length,
+            resampled=data.resampled,
+            image_size=data.image_size,
+            shuffle_buffer=data.shuffle_buffer,
+            download_retries=data.download_retries,
         )
         # Record the size actually trained at (export and evaluation read it from config.yaml).
-        dcfg["image_size"] = int(dcfg["image_size"] or self.stream.source.image_size)
+        data.image_size = int(data.image_size or self.stream.source.image_size)
         self.plan = plan_steps(
             micro_batch=micro,
             grad_accum=accum,
             world_size=self.world_size,
             batches_per_epoch=self.stream.batches_per_epoch,
-            max_steps=tcfg["max_steps"],
-            epochs=int(tcfg["epochs"]),
-            warmup_steps=int(tcfg["warmup_steps"]),
+            max_steps=train.max_steps,
+            epochs=train.epochs,
+            warmup_steps=train.warmup_steps,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(
-            trainable, lr=float(tcfg["lr"]), momentum=float(tcfg["momentum"]),
-            weight_decay=float(tcfg["weight_decay"]),
+            trainable, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
         )  # fmt: skip
         scheduler = build_scheduler(
-            optimizer, self.plan.warmup_steps, self.plan.total_steps, float(tcfg["min_lr_ratio"])
+            optimizer, self.plan.warmup_steps, self.plan.total_steps, train.min_lr_ratio
         )
         model.to(self.device)
         # A bf16/fp16 engine casts the module to 16 bits, frozen parameters included, and the fp32
@@ -407,12 +405,11 @@ class Trainer:
             )
 
     def _data_plan(self) -> dict[str, Any]:
-        dcfg = self.cfg["data"]
         return {
             "world_size": self.world_size,
             "micro_batch": self.plan.micro_batch,
             "grad_accum": self.plan.grad_accum,
-            "num_workers": int(dcfg["num_workers"]),
+            "num_workers": self.config.data.num_workers,
             "seed": self.seed,
             "num_samples": int(self.stream.source.num_samples),
             "batches_per_epoch": self.plan.batches_per_epoch,
@@ -459,32 +456,32 @@ class Trainer:
             epoch, step_in_epoch = epoch + 1, 0
         data_counts: Counter = Counter(state.get("data_counts") or {}) if state else Counter()
 
-        wcfg = self.cfg["wandb"]
+        tracking = self.config.wandb
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / CONFIG_FILE)
+            save_config(self.config.to_dict(), self.run_dir / CONFIG_FILE)
             samples_path = self.run_dir / SAMPLES_FILE
             if samples_path.is_file():
                 _truncate_jsonl_after(samples_path, global_step)
         self.monitor = Monitor(
-            self.run_dir, self.cfg, enabled_wandb=bool(wcfg["enabled"]), project=wcfg["project"],
-            run_name=wcfg["name"], tags=wcfg["tags"], rank=self.rank,
-            resume_run_id=state.get("wandb_run_id") if state else None, mode=wcfg["mode"],
+            self.run_dir, self.config.to_dict(), enabled_wandb=tracking.enabled, project=tracking.project,
+            run_name=tracking.name, tags=tracking.tags, rank=self.rank,
+            resume_run_id=state.get("wandb_run_id") if state else None, mode=tracking.mode,
             resume_step=global_step,
         )  # fmt: skip
         self._write_rank_file(global_step, final=False, checksum=False)  # pid etc. for tools and tests
         samples_file = (
             open(self.run_dir / SAMPLES_FILE, "a", buffering=1)
-            if self.rank == 0 and self.tcfg["log_samples"]
+            if self.rank == 0 and self.config.train.log_samples
             else None
         )
         flag = PreemptionFlag().install()
         self.watchdog = Watchdog(
             rank=self.rank,
-            stall_timeout_s=self.tcfg["stall_timeout_s"],
-            stall_factor=self.tcfg["stall_factor"],
-            min_stall_s=float(self.tcfg["stall_min_s"]),
-            stop_grace_s=self.tcfg["stop_grace_s"],
+            stall_timeout_s=self.config.train.stall_timeout_s,
+            stall_factor=self.config.train.stall_factor,
+            min_stall_s=self.config.train.stall_min_s,
+            stop_grace_s=self.config.train.stop_grace_s,
             stop_requested=lambda: flag.requested,
         ).start()
         injected = faults.active("rank-")
@@ -510,7 +507,7 @@ class Trainer:
                         raise RuntimeError(
                             f"DeepSpeed is at optimizer step {self.engine.global_steps}, the loop at {global_step}"
                         )
-                    if global_step % int(self.tcfg["log_every"]) == 0 or global_step == self.plan.total_steps:
+                    if global_step % self.config.train.log_every == 0 or global_step == self.plan.total_steps:
                         losses = self._reduced_losses(metrics.pop("_loss_sums"))
                         metrics = {**losses, **metrics, "epoch": epoch}  # losses first: the progress bar shows them
                         metrics.update(_data_metrics(data_counts))
@@ -519,7 +516,7 @@ class Trainer:
                         last_loss = metrics["loss/total"]
                     self._log_samples(samples_file, global_step, epoch, step_in_epoch, ids)
                     bar.update(1)
-                    every = int(self.tcfg["checkpoint_every"])
+                    every = self.config.train.checkpoint_every
                     if every > 0 and global_step % every == 0 and global_step < self.plan.total_steps:
                         self._save(global_step, epoch, step_in_epoch, data_counts)
                         last_saved = global_step
@@ -647,7 +644,7 @@ class Trainer:
         return out
 
     def _log_samples(self, handle, step: int, epoch: int, step_in_epoch: int, ids: list[str]) -> None:
-        if not self.tcfg["log_samples"]:
+        if not self.config.train.log_samples:
             return
         if self.world_size > 1:
             gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
@@ -666,13 +663,13 @@ class Trainer:
             "stream_position": {"epoch": epoch, "batch": step_in_epoch * self.plan.grad_accum},
             "global_step": global_step,
             "wandb_run_id": self.monitor.run_id,
-            "config": self.cfg,
+            "config": self.config.to_dict(),
             "data_plan": self._data_plan(),
             "data_counts": dict(data_counts),
             "loss_terms": list(self.loss_fn.names[1:]),  # what loss/* holds in this run's metrics
         }
         with self.watchdog.phase("checkpoint"):
-            ckpt.save(self.engine, self.run_dir, global_step, client_state, keep_last=int(self.tcfg["keep_last"]))
+            ckpt.save(self.engine, self.run_dir, global_step, client_state, keep_last=self.config.train.keep_last)
 
     def _save_final(self, global_step: int) -> Path | None:
         """RUN_DIR/final: the encoders in fp32 with save_pretrained (rank 0; others wait)."""
@@ -746,7 +743,14 @@ class Trainer:
         return digest
 
 
-def train(cfg: dict[str, Any], local_rank: int | None = None) -> TrainResult:
+def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
+    try:
+        return float(cfg.train.failure_timeout_s if isinstance(cfg, RunConfig) else cfg["train"]["failure_timeout_s"])
+    except (KeyError, TypeError, ValueError):  # the config itself is what failed
+        return TrainConfig.failure_timeout_s
+
+
+def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> TrainResult:
     """Run (or resume) the training described by a resolved config on this rank.
 
     Args:
@@ -765,7 +769,7 @@ def train(cfg: dict[str, Any], local_rank: int | None = None) -> TrainResult:
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         if not isinstance(err, KeyboardInterrupt):
             log.error("rank %s failed:\n%s", rank, "".join(traceback.format_exception(err)).rstrip())
-        exit_deadline(float(cfg["train"]["failure_timeout_s"]), f"rank {rank} failed with {type(err).__name__}")
+        exit_deadline(_failure_timeout(cfg), f"rank {rank} failed with {type(err).__name__}")
         raise
     finally:
         # What the run leaves in reference cycles (the engine, the last step's tensors; the

@@ -1,0 +1,17 @@
+"""Imported by the loader workers' forkserver process only (pertvl.data.stream.default_worker_context).
+
+The forkserver lives in the rank's process group, so SLURM's SIGTERM to the job (scancel, preemption,
+the time limit) reaches it too. Its default action would kill it, its workers would then see their
+parent gone and exit, and the rank would fail with "DataLoader worker exited unexpectedly" before
+it could checkpoint. Like the workers, the server ignores SIGTERM: the rank decides when to stop,
+and the server exits by itself when the rank closes its end of the server's pipe.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+# Only inside the server: a fresh `python -c "from multiprocessing.forkserver import main; ..."`.
+if sys.argv[:1] == ["-c"] and "multiprocessing.forkserver" in sys.modules:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
