@@ -428,9 +428,14 @@ def _edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def _nearest(texts: Iterable[str], to: str, limit: int = 4) -> list[str]:
-    """The `limit` texts nearest to `to` in word edit distance (ties by text): the minimal edits."""
+    """The `limit` texts nearest to `to` in word edit distance, ties broken by more words kept,
+    then by text: the minimal edits."""
     ref = _WORD.findall(to.lower())
-    return sorted(texts, key=lambda t: (_edit_distance(_WORD.findall(t.lower()), ref), t))[:limit]
+
+    def key(t: str) -> tuple[int, int, str]:
+        ws = _WORD.findall(t.lower())
+        return _edit_distance(ws, ref), -len(set(ws) & set(ref)), t
+    return sorted(texts, key=key)[:limit]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -861,6 +866,9 @@ _NO_MIRROR = re.compile(r"\b(middle lobe|lingula|lingular)\b", re.IGNORECASE)
 # clear." mirrored is not false.
 _NORMAL_WORDS = re.compile(r"\b(normal|clear|unremarkable|intact|limits|midline|sharp|expanded)\b",
                            re.IGNORECASE)
+# A sentence with a verb or a leading article is a clause: "No " cannot go in front of it.
+_CLAUSE = re.compile(r"^(the|a|an|this|these|there)\b|\b(is|are|was|were|has|have|had|appears?|remains?|shows?|"
+                     r"demonstrates?|measures?|projects?|overlies|overlie|seen|noted|identified)\b", re.IGNORECASE)
 # Negated -> asserted, first rule that matches (applied once, to the first cue).
 _ASSERT_RULES = (
     (re.compile(r"\b(there (?:is|are)) no ", re.IGNORECASE), r"\1 "),
@@ -874,7 +882,8 @@ _ASSERT_RULES = (
 # Asserted -> negated.
 _NEGATE_RULES = (
     (re.compile(r"^(there (?:is|are)) (?:an? )?", re.IGNORECASE), r"\1 no "),
-    (re.compile(r"\b(is|are)\b(?! not\b)", re.IGNORECASE), r"\1 not"),
+    # not before "unchanged"/"stable": "is not unchanged" denies the change, not the finding
+    (re.compile(r"\b(is|are)\b(?! not\b)(?! (?:unchanged|stable|again|similar)\b)", re.IGNORECASE), r"\1 not"),
 )
 
 
@@ -894,8 +903,8 @@ def _negate_sentence(s: str) -> str | None:
         new, n = pattern.subn(repl, body, count=1)
         if n:
             return _restore_case(new, body) + s[len(body):]
-    if _NORMAL_WORDS.search(body):
-        return None  # a verbless normal statement ("Heart size normal.") has no negation by rule
+    if _NORMAL_WORDS.search(body) or _CLAUSE.search(body):
+        return None  # "No heart size normal.", "No the heart and lungs have ...": no sentence
     return "No " + body[0].lower() + body[1:] + s[len(body):]
 
 
@@ -921,7 +930,7 @@ def _text_laterality(text: str) -> str | Reason:
 
 def _text_negation(text: str) -> str | Reason:
     parts = _sentences_with_space(text)
-    sentences = [(i, s) for i, s in enumerate(parts) if i % 2 == 0 and s.strip()]
+    sentences = [(i, s) for i, s in enumerate(parts) if i % 2 == 0 and re.search("[A-Za-z]", s)]
     # 1. an asserted finding sentence (not a normal statement) is negated;
     # 2. else the first negated sentence is asserted; 3. else an asserted normal statement is negated.
     order = ([(i, s, _negate_sentence) for i, s in sentences
@@ -957,7 +966,7 @@ def text_counterfactuals(text: str) -> dict[str, str]:
     * cf_negation: one sentence is flipped, the first of: an asserted finding sentence, negated
       ("There is a small right effusion." -> "There is no small right effusion."; "X is
       present." -> "X is not present."; a verbless "Left basilar atelectasis." -> "No left
-      basilar atelectasis."); else a negated sentence, asserted at its first cue ("There is no
+      basilar atelectasis.", never a clause: "No the heart has ..."); else a negated sentence, asserted at its first cue ("There is no
       X" -> "There is X", "No evidence of X" -> "There is evidence of X", "X is not seen" -> "X
       is seen", "negative for" -> "positive for", "No X." -> "X.", "without" -> "with"); else an
       asserted normal statement with a verb, negated ("The lungs are clear." -> "The lungs are
@@ -1088,7 +1097,7 @@ def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: 
     made: Counter[str] = Counter()
     missing: dict[str, Counter[str]] = {t: Counter() for t in COUNTERFACTUAL_TYPES}
     for r in records:
-        made.update(r.counterfactuals)
+        made.update(r.counterfactuals.keys())
         for t, reason in r.unavailable.items():
             missing[t][reason] += 1
     summary = CounterfactualSummary(
