@@ -760,12 +760,14 @@ def _negation(sents: list[ReportSentence], fs: list[Finding], rng: random.Random
             cf = _replace_finding(fs, f, None)
             if f.type == "cardiomegaly":
                 pool = bank[(Kind.HEART_NORMAL, "cardiomegaly")]
+            elif (f.type in _PARENCHYMAL and not {h.type for h in cf} & set(_PARENCHYMAL)
+                  and not any(s.kind is Kind.LUNGS_CLEAR for s in sents)):
+                # The lungs are now normal, and a report of normal lungs says "the lungs are clear".
+                otherwise = "otherwise" if {h.type for h in cf} & _OTHERWISE else ""
+                pool = bank.get((Kind.LUNGS_CLEAR, f"{otherwise}:"), ()) + bank.get(
+                    (Kind.LUNGS_CLEAR, f"{otherwise}:{f.type}"), ())
             else:
                 pool = bank.get((Kind.NEGATION, f.type), ())
-                if f.type in _PARENCHYMAL:  # "The lungs are clear." says it too
-                    otherwise = "otherwise" if {h.type for h in cf} & _OTHERWISE else ""
-                    pool += bank.get((Kind.LUNGS_CLEAR, f"{otherwise}:"), ())
-                    pool += bank.get((Kind.LUNGS_CLEAR, f"{otherwise}:{f.type}"), ())
             for alt in _nearest(pool, texts[i], limit=6):
                 yield from filter(None, [_with_replaced(texts, i, alt, cf)])
         else:
@@ -775,7 +777,7 @@ def _negation(sents: list[ReportSentence], fs: list[Finding], rng: random.Random
                 cf = _replace_finding(fs, None, g)
                 for alt in _nearest(_present_bank(g), texts[i]):
                     s = sents[i]
-                    if s.kind is Kind.NEGATION and len(s.nouns) == 1 or s.kind is Kind.HEART_NORMAL:
+                    if (s.kind is Kind.NEGATION and len(s.nouns) == 1) or s.kind is Kind.HEART_NORMAL:
                         yield from filter(None, [_with_replaced(texts, i, alt, cf)])
                     else:  # the negation names other types too: they stay, the assertion goes first
                         edited = texts[:i] + [alt] + texts[i:]
