@@ -49,6 +49,11 @@ Counting, so that the summary reconciles (see `Tally`):
   ``missing_image`` (checked in that order).
 - Hence ``pairs_written + sum(skipped_by_level["image"]) == images_read`` and
   ``pairs_written + sum(skipped) == considered == images_read + sum(skipped_by_level["report"])``.
+
+Text overlap: ``summary["text_overlap"]`` = {val|test: pairs, pairs_in_train, texts,
+texts_in_train}, the held-out pairs and distinct cleaned texts identical to a training report
+(pertvl.data.overlap.text_overlap; the CLI prints it). On the Kaggle layout with the default
+study split (seed 0): test 131 of 469 pairs (44 of 222 texts), val 101 of 323 (38 of 147).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from typing import Any
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
+from pertvl.data.overlap import text_overlap
 from pertvl.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
     PROJECTIONS,
@@ -708,6 +714,9 @@ def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, spli
         + ("XXXX removed" if inputs["drop_deid"] else "XXXX kept"),
         "inputs": inputs,
         "skipped_examples": {r: tally.examples[r] for r in sorted(tally.examples)},
+        # Held-out pairs whose cleaned text is a training report's: their perturbations are
+        # training negatives word for word (issue 13, section 3); evaluations report the rest too.
+        "text_overlap": text_overlap(pairs).to_json(),
     }
     if len(pairs) + sum(skipped.values()) != summary["considered"]:  # a bug in this module, never the input
         raise RuntimeError(f"Open-I counts do not reconcile: {summary}")
@@ -750,6 +759,9 @@ def cli_main(args: Any) -> int:
     write_pairs(out / "pairs.jsonl", result.pairs)
     write_json(out / "summary.json", result.summary)
     s = result.summary
+    print("held-out text seen in training: " + "; ".join(
+        f"{split} {o['pairs_in_train']} of {o['pairs']} pairs ({o['texts_in_train']} of {o['texts']} distinct "
+        "cleaned texts)" for split, o in s["text_overlap"].items()))
     log.info(
         "openi %s -> %s: reports_read=%d images_read=%d pairs_written=%d skipped=%s splits=%s "
         "studies=%s projections=%s",
