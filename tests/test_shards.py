@@ -114,8 +114,9 @@ def test_pack_counts_manifest_and_reconciliation(packed):
     assert m["label_names"] == ["Edema", "Pleural Effusion"]
     assert m["perturbation_types"] == list(PERTURBATION_TYPES)  # each type available or unavailable somewhere
     assert {s: v["num_samples"] for s, v in m["splits"].items()} == {"train": 9, "val": 2, "test": 2}
+    # shard k holds the good samples of pairs 4k..4k+3: train.4 (missing image) leaves shard 1 three
     assert [[e["name"], e["num_samples"]] for e in m["splits"]["train"]["shards"]] == [
-        ["train-000000.tar", 4], ["train-000001.tar", 4], ["train-000002.tar", 1]]  # fmt: skip
+        ["train-000000.tar", 4], ["train-000001.tar", 3], ["train-000002.tar", 2]]  # fmt: skip
     assert [(s["id"], s["reason"]) for s in m["skipped"]] == [
         ("train.4", "missing_image"), ("val.1", "missing_perturbations"), ("test.2", "undecodable_image")]  # fmt: skip
     assert m["pairs_in"] == len(pairs) == 13 + len(m["skipped"])
@@ -309,3 +310,38 @@ def test_verify_passes_then_names_damaged_shards(tmp_path, capsys):
     assert any(m.startswith("shard train-000000.tar") and "damaged tar" in m for m in messages)
     assert any(m.startswith("shard train-000000.tar") and "samples, manifest says 4" in m for m in messages)
     assert "shard train-000009.tar: tar file in the folder but not in the manifest" in messages
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_packing_in_parts_then_merging_equals_one_pack(tmp_path, parts):
+    """`pertvl pack --part I/N` for every I (a SLURM array), in one folder, then `pertvl shards merge`:
+    the same shards, byte for byte, and the same manifest content as one pack (but its command and
+    time); a shard never spans parts; merging refuses missing parts and damaged shards."""
+    make_corpus(tmp_path, {"train": 13, "val": 3, "test": 5}, missing_image=("train.5",),
+                undecodable=("test.1",), missing_perturbations=("val.2",))  # fmt: skip
+    one, split = tmp_path / "one", tmp_path / "parts"
+    assert pertvl_main(pack_args(tmp_path, one, maxcount=3)) == 0
+    assert pertvl_main(["shards", "merge", str(split), "--if-complete"]) == 0  # nothing there yet: no-op
+    for i in range(parts):
+        assert pertvl_main([*pack_args(tmp_path, split, maxcount=3), "--part", f"{i}/{parts}"]) == 0
+        if i < parts - 1:
+            assert not (split / "manifest.json").exists()
+            with pytest.raises(ValueError, match=rf"part\(s\) \[{i + 1}.*\] of {parts} are missing"):
+                shards.merge_parts(split)
+    assert pertvl_main(["shards", "merge", str(split)]) == 0
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (one, split))
+    assert b["parts"] == parts and not list(split.glob("manifest.part-*"))
+    for key in ("splits", "skipped", "skipped_counts", "pairs_in", "inputs", "image_size", "label_names",
+                "perturbation_types"):  # fmt: skip
+        assert a[key] == b[key], key
+    tars = sorted(p.name for p in one.glob("*.tar"))
+    assert tars == sorted(p.name for p in split.glob("*.tar")) and len(tars) == 5 + 1 + 2
+    assert all((one / t).read_bytes() == (split / t).read_bytes() for t in tars)
+    assert pertvl_main(["shards", "verify", str(split)]) == 0
+    # damage: a part's shard that no longer matches its hash is named
+    again = tmp_path / "again"
+    for i in range(parts):
+        assert pertvl_main([*pack_args(tmp_path, again, maxcount=3), "--part", f"{i}/{parts}"]) == 0
+    (again / "train-000001.tar").write_bytes(b"not a tar")
+    with pytest.raises(ValueError, match=r"train-000001\.tar: missing, or not the shard"):
+        shards.merge_parts(again)

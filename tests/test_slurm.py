@@ -195,6 +195,29 @@ def test_cpu_sbatch_a_failing_rank_ends_the_job(cluster: Cluster, tiny_train, tm
     assert "srun exited with 0" not in output
 
 
+def test_pack_array_job_packs_in_parts_and_merges(cluster: Cluster, tiny_train, tmp_path: Path) -> None:
+    """slurm/pack_array.sbatch as a 3-task array on the local cluster: each task packs its part into
+    one folder, the last one merges; the shards equal one `pertvl pack` byte for byte."""
+    corpus = tiny_train.root / "corpus"
+    out = tmp_path / "shards"
+    job = cluster.submit(
+        "pack_array.sbatch",
+        tmp_path / "pack-%a.out",
+        {"PERTVL_PAIRS": str(corpus / "pairs.jsonl"), "PERTVL_PERTURBATIONS": str(corpus / "perturbations.jsonl"),
+         "PERTVL_SHARDS_OUT": str(out), "PERTVL_IMAGE_SIZE": "64", "PERTVL_MAXCOUNT": "8",
+         "PERTVL_PACK_WORKERS": "1"},
+        "--array=0-2", "--cpus-per-task=1",
+    )  # fmt: skip
+    cluster.wait_done(job, timeout=150)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("pack-*.out")))
+    assert (out / "manifest.json").is_file(), logs[-3000:]
+    merged = json.loads((out / "manifest.json").read_text())
+    single = json.loads((tiny_train.shards / "manifest.json").read_text())
+    assert merged["parts"] == 3 and merged["splits"] == single["splits"], logs[-3000:]
+    assert sorted(re.findall(r"task \d+: part (\d)/3", logs)) == ["0", "1", "2"]
+    assert logs.count("merged 3 part(s) into") == 1  # one task merged
+
+
 def test_multinode_sbatch_checkpoints_and_requeues_on_the_time_limit_signal(
     cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -27,6 +27,20 @@ _pack = lazy_handler("pertvl.data.shards.packing", "pack_cli_main")
 _verify = lazy_handler("pertvl.data.shards.verification", "verify_cli_main")
 
 
+_merge = lazy_handler("pertvl.data.shards.packing", "merge_cli_main")
+
+
+def _part(text: str) -> tuple[int, int]:
+    """argparse type of --part: "I/N" with 0 <= I < N (a SLURM array task: $SLURM_ARRAY_TASK_ID/N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/8), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return i, n
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="ingest Open-I or MIMIC-CXR, or generate the phantom corpus")
     dsub = data.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
@@ -114,8 +128,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-root", help="folder that relative image paths are resolved against "
                    "(default: the pairs file's folder)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--maxcount", type=int, default=256, help="samples per shard")
+    p.add_argument("--maxcount", type=int, default=256,
+                   help="pairs per shard (a shard holds the good samples among them)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--part", type=_part, default=None, metavar="I/N",
+                   help="pack part I of N (0-based): a contiguous range of each split's shards, with "
+                   "manifest.part-I-of-N.json; parts run at the same time in one folder; then "
+                   "`pertvl shards merge OUT` (slurm/pack_array.sbatch)")
     p.set_defaults(handler=_pack)
 
     p = sub.add_parser("shards", help="inspect shard folders")
@@ -123,3 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = ssub.add_parser("verify", help="re-hash every shard against the manifest and decode every sample")
     v.add_argument("folder")
     v.set_defaults(handler=_verify)
+    m = ssub.add_parser("merge", help="join the manifests of `pertvl pack --part I/N`'s parts into manifest.json "
+                        "(every shard's hash checked)")
+    m.add_argument("folder")
+    m.add_argument("--if-complete", action="store_true",
+                   help="do nothing (exit 0) while parts are missing; only one caller merges (SLURM array tasks)")
+    m.set_defaults(handler=_merge)

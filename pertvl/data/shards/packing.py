@@ -7,8 +7,16 @@ same command with the same inputs keeps every finished shard whose bytes still h
 recorded sha256 and continues from there. `manifest.json` is written last, so a folder without it
 is never mistaken for a finished pack.
 
+Shard k of a split holds the good samples of the split's pairs k·maxcount ... (k+1)·maxcount − 1
+(pairs-file order): fewer than maxcount when some of those pairs are skipped, and no shard at all
+when every one is. A shard is therefore a function of its own pairs only, which is what lets
+`pack(part=(i, n))` pack a disjoint, contiguous range of each split's shards (a SLURM array task;
+slurm/pack_array.sbatch) and `merge_parts` assemble one manifest from the parts' manifests after
+checking every shard's hash.
+
 The shard tars are written with fixed member metadata (mtime 0, uid 0, mode 644), so the same
-inputs give byte-identical shards whether packed in one run, resumed, or with any worker count.
+inputs give byte-identical shards whether packed in one run, resumed, with any worker count, or in
+parts.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import re
 import sys
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -187,9 +196,9 @@ def _meta_bytes(job: _Job, split: str) -> bytes:
     return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
-def _load_previous(out: Path, inputs: dict) -> dict | None:
+def _load_previous(out: Path, inputs: dict, *names: str) -> dict | None:
     """The progress of an earlier run with the same inputs (partial manifest first), or None."""
-    for name in (PARTIAL_NAME, MANIFEST_NAME):
+    for name in names:
         path = out / name
         if not path.is_file():
             continue
@@ -203,6 +212,33 @@ def _load_previous(out: Path, inputs: dict) -> dict | None:
         log.info("%s was written for other inputs or settings; rebuilding every shard", path)
         return None
     return None
+
+
+def part_name(part: tuple[int, int], partial: bool = False) -> str:
+    """manifest.part-I-of-N.json (or its in-progress manifest.partial.part-I-of-N.json)."""
+    return f"manifest.{'partial.' if partial else ''}part-{part[0]}-of-{part[1]}.json"
+
+
+_PART_NAME = re.compile(r"^manifest\.part-(\d+)-of-(\d+)\.json$")
+
+
+def _part_range(n_pairs: int, maxcount: int, part: tuple[int, int] | None) -> tuple[int, int]:
+    """The pair positions [lo, hi) of a split that part (i, n) packs: whole shards, contiguous."""
+    if part is None:
+        return 0, n_pairs
+    shards = -(-n_pairs // maxcount)
+    first, last = shards * part[0] // part[1], shards * (part[0] + 1) // part[1]
+    return min(first * maxcount, n_pairs), min(last * maxcount, n_pairs)
+
+
+def _in_part(temp_name: str, part: tuple[int, int], pairs: list[Pair], maxcount: int) -> bool:
+    """Whether a crashed run's temp shard file belongs to this part (others may be writing theirs)."""
+    m = re.match(r"^\.([A-Za-z0-9_]+)-(\d{6})\.tar", temp_name)
+    if m is None:
+        return False
+    n = sum(p.split == m.group(1) for p in pairs)
+    lo, hi = _part_range(n, maxcount, part)
+    return lo <= int(m.group(2)) * maxcount < hi
 
 
 def _kept_prefix(out: Path, entries: list[dict]) -> list[dict]:
@@ -232,6 +268,7 @@ def pack(
     maxcount: int = 256,
     workers: int = 2,
     command: list[str] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> PackResult:
     """Pack pairs + their perturbations into `out/{split}-NNNNNN.tar` + `out/manifest.json`.
 
@@ -242,17 +279,25 @@ def pack(
         out: shard folder (created).
         images_root: folder relative image paths are resolved against (default: the pairs file's folder).
         image_size: side of the stored square images (resize shorter side, center crop).
-        maxcount: samples per shard (the last shard of a split may hold fewer).
+        maxcount: pairs per shard (a shard holds the good samples among its pairs).
         workers: image-encoding processes (1 = encode in this process).
         command: the command line recorded in the manifest.
+        part: (i, n) packs part i of n (0 <= i < n): of every split, the contiguous range of shards
+            floor(S·i/n) .. floor(S·(i+1)/n) − 1 of its S = ceil(pairs / maxcount) shards, and writes
+            `manifest.part-I-of-N.json` instead of manifest.json (`merge_parts` joins the parts).
+            Parts may run at the same time, in one folder.
 
     Returns:
-        PackResult with the manifest. Reconciliation: pairs_in == samples_written + len(skipped).
+        PackResult with the manifest. Reconciliation: pairs_in == samples_written + len(skipped)
+        (for a part: its pairs).
     """
     if image_size < 1 or maxcount < 1 or workers < 1:
         raise ValueError(
             f"image_size, maxcount and workers must be >= 1, got {image_size}, {maxcount}, {workers}"
         )
+    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise ValueError(f"part must be I/N with 0 <= I < N, got {part[0]}/{part[1]}")
+    partial_name = PARTIAL_NAME if part is None else part_name(part, partial=True)
     pairs_path, perturbations_path, out = Path(pairs_path), Path(perturbations_path), Path(out)
     root = Path(images_root) if images_root is not None else pairs_path.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -270,20 +315,22 @@ def pack(
     keys = _assign_keys(pairs, str(pairs_path))
 
     for leftover in out.iterdir():  # temp files of a crashed run are never shards
-        if _TEMP_NAME.match(leftover.name):
+        if _TEMP_NAME.match(leftover.name) and (part is None or _in_part(leftover.name, part, pairs, maxcount)):
             log.info("removing %s left by an interrupted run", leftover.name)
-            leftover.unlink()
-    prev = _load_previous(out, inputs)
+            leftover.unlink(missing_ok=True)
+    prev = _load_previous(out, inputs, partial_name, MANIFEST_NAME if part is None else part_name(part))
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is not a finished pack until the end
 
     by_split: dict[str, list[Pair]] = {s: [] for s in _split_order(pairs)}
     for p in pairs:
         by_split[p.split].append(p)
-    packer = _Packer(out, inputs, image_size, maxcount, {s: _SplitState() for s in by_split})
+    ranges = {split: _part_range(len(ps), maxcount, part) for split, ps in by_split.items()}
+    packer = _Packer(out, inputs, image_size, maxcount, {s: _SplitState(pos=ranges[s][0]) for s in by_split},
+                     partial_name)  # fmt: skip
     if prev is not None:
         for split, info in prev.get("splits", {}).items():
             if split in by_split and (kept := _kept_prefix(out, info["shards"])):
-                done = {p.id for p in by_split[split][: kept[-1]["pairs_consumed"]]}
+                done = {p.id for p in by_split[split][ranges[split][0] : kept[-1]["pairs_consumed"]]}
                 packer.states[split] = _SplitState(
                     shards=kept,
                     pos=kept[-1]["pairs_consumed"],
@@ -309,7 +356,7 @@ def pack(
         for split, split_pairs in by_split.items():
             st = packer.states[split]
             jobs: list[_Job] = []
-            for pos in range(st.pos, len(split_pairs)):
+            for pos in range(st.pos, ranges[split][1]):
                 p = split_pairs[pos]
                 rec = records.get(clean_text(p.text))
                 path = Path(p.image) if os.path.isabs(p.image) else root / p.image
@@ -321,7 +368,7 @@ def pack(
                     )
                 else:
                     jobs.append(_Job(pos, p, keys[p.id], str(path), rec))
-            packer.pack_split(split, jobs, len(split_pairs), pool)
+            packer.pack_split(split, jobs, ranges[split][1], pool)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -330,21 +377,26 @@ def pack(
         order = {p.id: i for i, p in enumerate(split_pairs)}
         packer.states[split].skipped.sort(key=lambda s: order[s["id"]])
     skipped = [s for st in packer.states.values() for s in st.skipped]
+    pairs_in = sum(hi - lo for lo, hi in ranges.values())
     manifest = _manifest(
-        packer.states, skipped, label_names, types_present, inputs, image_size, command, len(pairs)
+        packer.states, skipped, label_names, types_present, inputs, image_size, command, pairs_in
     )
     n_out = sum(s["num_samples"] for s in manifest["splits"].values())
-    if n_out + len(skipped) != len(pairs):  # a bug, not bad input: refuse to write a wrong manifest
+    if n_out + len(skipped) != pairs_in:  # a bug, not bad input: refuse to write a wrong manifest
         raise RuntimeError(
-            f"reconciliation failed: {len(pairs)} pairs in, {n_out} written + {len(skipped)} skipped"
+            f"reconciliation failed: {pairs_in} pairs in, {n_out} written + {len(skipped)} skipped"
         )
     listed = {s["name"] for info in manifest["splits"].values() for s in info["shards"]}
-    for f in out.iterdir():
-        if SHARD_NAME.match(f.name) and f.name not in listed:
-            log.info("removing stale shard %s (not part of this pack)", f.name)
-            f.unlink()
-    write_json(out / MANIFEST_NAME, manifest)
-    (out / PARTIAL_NAME).unlink(missing_ok=True)
+    if part is None:  # a part shares the folder with the others: it never removes their shards
+        for f in out.iterdir():
+            if SHARD_NAME.match(f.name) and f.name not in listed:
+                log.info("removing stale shard %s (not part of this pack)", f.name)
+                f.unlink()
+        write_json(out / MANIFEST_NAME, manifest)
+    else:
+        manifest["part"] = {"index": part[0], "count": part[1], "pairs": {s: list(r) for s, r in ranges.items()}}
+        write_json(out / part_name(part), manifest)
+    (out / partial_name).unlink(missing_ok=True)
     reasons = Counter(s["reason"] for s in skipped)
     log.info(
         "packed %d of %d pairs into %d shard(s) in %s (%s); skipped %d %s; %d shard(s) kept from an earlier run",
@@ -368,17 +420,23 @@ class _Packer:
     image_size: int
     maxcount: int
     states: dict[str, _SplitState]
+    partial_name: str = PARTIAL_NAME
     written: int = 0
 
-    def pack_split(self, split: str, jobs: list[_Job], n_pairs: int, pool) -> None:
-        """Encode the remaining jobs of one split in order and write each shard as it fills."""
+    def pack_split(self, split: str, jobs: list[_Job], end: int, pool) -> None:
+        """Encode the remaining jobs of one split (pairs up to position `end`) in order and write
+        shard k when its pairs k·maxcount ... (k+1)·maxcount − 1 are done."""
         st = self.states[split]
         args = [(j.pos, j.path, self.image_size) for j in jobs]
         results = pool.map(_encode_job, args, chunksize=8) if pool is not None else map(_encode_job, args)
         by_pos = {j.pos: j for j in jobs}
         buffer: list[tuple[str, bytes, bytes]] = []
+        chunk = st.pos // self.maxcount
         for pos, png, err in results:
             job = by_pos[pos]
+            if pos // self.maxcount != chunk:  # the pairs of shard `chunk` are all done
+                self._flush(split, chunk, buffer)
+                buffer, chunk = [], pos // self.maxcount
             if png is None:
                 st.skipped.append(
                     {"id": job.pair.id, "split": split, "reason": UNDECODABLE_IMAGE, "detail": err}
@@ -386,19 +444,18 @@ class _Packer:
                 log.warning("skipping %s: cannot decode %s: %s", job.pair.id, job.path, err)
                 continue
             buffer.append((job.key, png, _meta_bytes(job, split)))
-            if len(buffer) == self.maxcount:
-                self._flush(split, buffer, consumed=pos + 1)
-                buffer = []
         if buffer:
-            self._flush(split, buffer, consumed=n_pairs)
-        st.pos = n_pairs
+            self._flush(split, chunk, buffer)
+        st.pos = end
 
-    def _flush(self, split: str, samples: list[tuple[str, bytes, bytes]], consumed: int) -> None:
+    def _flush(self, split: str, chunk: int, samples: list[tuple[str, bytes, bytes]]) -> None:
         st = self.states[split]
-        entry = write_shard(self.out / f"{split}-{len(st.shards):06d}.tar", samples)
-        entry["pairs_consumed"] = consumed
+        st.pos = (chunk + 1) * self.maxcount
+        if not samples:  # every pair of this shard was skipped: no empty tar
+            return
+        entry = write_shard(self.out / f"{split}-{chunk:06d}.tar", samples)
+        entry["pairs_consumed"] = st.pos
         st.shards.append(entry)
-        st.pos = consumed
         self.written += 1
         # Progress for a re-run: finished shards, and the skips among the pairs they consumed.
         partial = {
@@ -407,7 +464,7 @@ class _Packer:
             "splits": {s: {"shards": x.shards} for s, x in self.states.items()},
             "skipped": [s for x in self.states.values() for s in x.skipped],
         }
-        write_json(self.out / PARTIAL_NAME, partial)
+        write_json(self.out / self.partial_name, partial)
 
 
 def _manifest(
@@ -440,6 +497,103 @@ def _manifest(
     }
 
 
+def merge_parts(folder: str | os.PathLike, *, if_complete: bool = False, command: list[str] | None = None) -> dict | None:
+    """Join the manifests of `pack(part=...)`'s n parts into `folder/manifest.json`, after checking
+    that all n parts are there, were packed from the same inputs, and that every shard they list
+    has its recorded size and sha256. The shards are those a single `pack` writes, byte for byte.
+
+    Args:
+        if_complete: return None (and do nothing) while parts are missing, and let only one
+            caller merge (a lock file): every task of a SLURM array can call it when it ends.
+
+    Raises:
+        ValueError: naming the part manifests that are missing or disagree, or the shard that
+            does not match its hash.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        if if_complete:
+            return None
+        raise ValueError(f"{folder}: no such shard folder")
+    lock = folder / ".merge.lock"
+    if if_complete:
+        # One merger at a time, and each caller looks only once it holds the lock: the last task
+        # to write its part then always sees every part (one that found the lock taken waits).
+        for _ in range(600):
+            try:
+                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                break
+            except FileExistsError:
+                time.sleep(0.1)
+        else:
+            raise ValueError(f"{lock}: held for a minute; remove it if no merge is running")
+    try:
+        found = {}
+        for f in folder.iterdir():
+            if m := _PART_NAME.match(f.name):
+                found[(int(m.group(1)), int(m.group(2)))] = f
+        counts = {n for _, n in found}
+        if not found:
+            if if_complete:
+                return None
+            raise ValueError(f"{folder}: no part manifest (manifest.part-I-of-N.json); run `pertvl pack --part I/N` first")
+        if len(counts) != 1:
+            raise ValueError(f"{folder}: part manifests of different part counts: {sorted(f.name for f in found.values())}")
+        n = counts.pop()
+        missing = [i for i in range(n) if (i, n) not in found]
+        if missing:
+            if if_complete:
+                return None
+            raise ValueError(f"{folder}: part(s) {missing} of {n} are missing (no manifest.part-I-of-{n}.json)")
+        return _merge(folder, found, n, command)
+    finally:
+        if if_complete:
+            lock.unlink(missing_ok=True)
+
+
+def _merge(folder: Path, found: dict[tuple[int, int], Path], n: int, command: list[str] | None) -> dict:
+    """The merge itself, once all n part manifests are there (see merge_parts)."""
+    parts = [json.loads(found[(i, n)].read_text(encoding="utf-8")) for i in range(n)]
+    first = parts[0]
+    for i, p in enumerate(parts):
+        for key in ("format", "inputs", "image_size", "perturbation_types", "label_names"):
+            if p.get(key) != first.get(key):
+                raise ValueError(f"{found[(i, n)]}: {key} differs from part 0's: the parts were not packed "
+                                 "from the same inputs and settings")  # fmt: skip
+    splits: dict[str, dict] = {}
+    for p in parts:
+        for split, info in p["splits"].items():
+            splits.setdefault(split, {"num_samples": 0, "shards": []})
+            splits[split]["num_samples"] += info["num_samples"]
+            splits[split]["shards"].extend(info["shards"])
+    for info in splits.values():
+        for e in info["shards"]:
+            path = folder / e["name"]
+            if not path.is_file() or path.stat().st_size != e["bytes"] or sha256_file(path) != e["sha256"]:
+                raise ValueError(f"{path}: missing, or not the shard its part manifest lists (size/sha256)")
+    order = {s: i for i, s in enumerate(first["splits"])}
+    skipped = sorted((s for p in parts for s in p["skipped"]), key=lambda s: order.get(s["split"], len(order)))
+    # stable sort: within a split, parts are contiguous ranges in pairs-file order
+    manifest = {
+        **{k: first[k] for k in ("format", "pertvl_version", "image_size", "perturbation_types", "label_names")},
+        "command": command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "argv": list(sys.argv),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "splits": splits,
+        "skipped": skipped,
+        "skipped_counts": dict(Counter(s["reason"] for s in skipped)),
+        "pairs_in": sum(p["pairs_in"] for p in parts),
+        "inputs": first["inputs"],
+        "parts": n,
+    }
+    write_json(folder / MANIFEST_NAME, manifest)
+    for f in found.values():
+        f.unlink()
+    log.info("merged %d part(s) into %s: %s", n, folder / MANIFEST_NAME,
+             ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in splits.items()))  # fmt: skip
+    return manifest
+
+
 def command_of(args: argparse.Namespace) -> list[str]:
     """The `pertvl pack` command line that reproduces this run (all options spelled out)."""
     cmd = [
@@ -454,14 +608,24 @@ def command_of(args: argparse.Namespace) -> list[str]:
     ]
     if args.images_root:
         cmd += ["--images-root", str(args.images_root)]
-    return cmd + [
-        "--image-size",
-        str(args.image_size),
-        "--maxcount",
-        str(args.maxcount),
-        "--workers",
-        str(args.workers),
-    ]
+    cmd += ["--image-size", str(args.image_size), "--maxcount", str(args.maxcount), "--workers", str(args.workers)]
+    return cmd + (["--part", f"{args.part[0]}/{args.part[1]}"] if args.part else [])
+
+
+def merge_cli_main(args: argparse.Namespace) -> int:
+    """`pertvl shards merge FOLDER`: see `merge_parts`."""
+    try:
+        m = merge_parts(args.folder, if_complete=args.if_complete,
+                        command=["pertvl", "shards", "merge", str(args.folder)])  # fmt: skip
+    except ValueError as e:
+        log.error("pertvl shards merge: %s", e)
+        return 2
+    if m is None:
+        print(f"{args.folder}: parts still missing or another task is merging; nothing to do")
+        return 0
+    counts = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in m["splits"].items())
+    print(f"{args.folder}: merged {m['parts']} part(s): {counts}; skipped {len(m['skipped'])} {m['skipped_counts']}")
+    return 0
 
 
 def pack_cli_main(args: argparse.Namespace) -> int:
@@ -475,6 +639,7 @@ def pack_cli_main(args: argparse.Namespace) -> int:
         maxcount=args.maxcount,
         workers=args.workers,
         command=command_of(args),
+        part=args.part,
     )
     m = result.manifest
     counts = ", ".join(

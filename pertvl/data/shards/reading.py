@@ -17,7 +17,14 @@ from typing import IO
 import numpy as np
 
 from pertvl.data.image import decode_png_gray
-from pertvl.data.shards.format import ALLOWED_MEMBERS, MANIFEST_NAME, META_FIELDS, read_shards_manifest, split_info, split_member_name
+from pertvl.data.shards.format import (
+    ALLOWED_MEMBERS,
+    MANIFEST_NAME,
+    META_FIELDS,
+    read_shards_manifest,
+    split_info,
+    split_member_name,
+)
 
 
 @dataclass
