@@ -134,3 +134,20 @@ def test_cli_writes_the_pairs_contract_and_refuses_bad_input(tree: Path, tmp_pat
     (bad / METADATA_FILE).write_bytes(gzip.compress(b"dicom_id,study_id\ne1,1\n"))
     with pytest.raises(MimicError, match=r"metadata.csv.gz: missing column\(s\) subject_id, ViewPosition"):
         ingest_mimic_cxr(bad)
+
+
+def test_phantoms_in_the_mimic_layout_read_back_to_the_same_pairs(tmp_path: Path) -> None:
+    """`pertvl data phantom --layout mimic-cxr` writes the real layout; `pertvl data mimic-cxr` reads
+    it back: the same report texts, labels and splits, one frontal JPEG per study."""
+    out = tmp_path / "corpus"
+    assert pertvl_main(["data", "phantom", "--n", "12", "--size", "64", "--out", str(out), "--layout", "mimic-cxr"]) == 0
+    tree = out / "mimic-cxr-jpg"
+    assert (tree / "mimic-cxr-reports.zip").is_file() and len(list((tree / "files").rglob("*.jpg"))) == 12
+    result = ingest_mimic_cxr(tree)
+    phantoms = list(read_pairs(out / "pairs.jsonl"))
+    assert result.summary["pairs_written"] == 12 and result.summary["skipped"] == {}
+    by_id = {p.id: p for p in result.pairs}
+    for ph in phantoms:
+        got = by_id[ph.id.replace(".", "-")]
+        assert (got.text, got.split, got.projection) == (ph.text, ph.split, "Frontal")
+        assert got.labels == ph.labels

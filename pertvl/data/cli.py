@@ -98,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--nli", action="store_true", help="also write a synthetic NLI set (nli_{train,dev,test}.jsonl)")
     p.add_argument("--preview", action="store_true", help="also write a contact sheet PNG (preview.png)")
+    p.add_argument("--layout", choices=["pertvl", "mimic-cxr"], default="pertvl",
+                   help="mimic-cxr: also write the phantoms as a MIMIC-CXR-JPG tree (JPEGs, split/metadata/"
+                   "CheXpert CSV.gz, sectioned reports in mimic-cxr-reports.zip) under OUT/mimic-cxr-jpg")
     p.set_defaults(handler=_phantom)
 
     p = sub.add_parser(

@@ -470,3 +470,27 @@ def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, r
     if label_file:
         _gz_csv(root / LABEL_FILES[0], ("subject_id", "study_id", *CHEXPERT_LABELS), label_rows)
     return root
+
+
+def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike, *, reports_zip: bool = True,
+                           quality: int = 95) -> Path:  # fmt: skip
+    """Rewrite a phantom corpus (`pertvl data phantom` output: pairs.jsonl + images) as a MIMIC-CXR-JPG
+    tree: one study per phantom with its image as a PA JPEG, its report as the FINDINGS section of
+    a MIMIC-style sectioned report, its labels in the CheXpert CSV, its split as train/validate/test.
+    `pertvl data mimic-cxr --root OUT` then reads it back to the same texts, labels and splits."""
+    from PIL import Image
+
+    from pertvl.data.records import read_pairs
+
+    corpus = Path(corpus)
+    to_official = {v: k for k, v in _SPLIT_NAMES.items()}
+    studies = []
+    for i, pair in enumerate(read_pairs(corpus / "pairs.jsonl")):
+        buf = io.BytesIO()
+        Image.open(corpus / pair.image).convert("L").save(buf, format="JPEG", quality=quality)
+        subject, study = f"1{i // 3:07d}", f"5{i:07d}"  # a few studies per subject, as in MIMIC
+        labels = {k: f"{v:.1f}" for k, v in (pair.labels or {}).items() if k in CHEXPERT_LABELS}
+        studies.append(TreeStudy(subject, study, to_official.get(pair.split, pair.split),
+                                 mimic_report_text(pair.text, indication="___ year old with dyspnea"),
+                                 ((f"{pair.id.replace('.', '-')}", "PA", buf.getvalue()),), labels))  # fmt: skip
+    return write_mimic_tree(out, studies, reports_zip=reports_zip)

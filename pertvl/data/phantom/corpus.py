@@ -315,6 +315,12 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"pertvl data phantom: error: cannot write the corpus to {args.out}: {e}", file=sys.stderr)
         return 1
     out = Path(args.out)
+    if getattr(args, "layout", "pertvl") == "mimic-cxr":
+        from pertvl.data.mimic import phantoms_to_mimic_tree
+
+        tree = phantoms_to_mimic_tree(out, out / "mimic-cxr-jpg")
+        print(f"MIMIC-CXR-JPG layout of the same phantoms in {tree} (read it with "
+              f"`pertvl data mimic-cxr --root {tree}`)")  # fmt: skip
     f = summary["findings"]
     print(f"wrote {summary['pairs_written']} phantoms ({args.size} px) to {out}: "
           f"splits {summary['splits']}, normal {summary['labels']['No Finding']}, "
