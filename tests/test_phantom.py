@@ -350,3 +350,19 @@ def test_cli_end_to_end(tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     assert pertvl_main(["data", "phantom", "--n", "2", "--size", "64", "--out", str(tmp_path / "a_file")]) == 1
     assert "cannot write the corpus to" in capsys.readouterr().err
+
+
+def test_fact_holds_checks_the_severity_of_a_bilateral_finding():
+    """A present bilateral fact holds only with the severity (and location) it names: "severe
+    pulmonary edema" is false of mild edema (it used to be answered by the side alone)."""
+    from pertvl.data.phantom.findings import Finding
+    from pertvl.data.phantom.language import Fact
+
+    mild = [Finding("edema", "mild", "bilateral")]
+    assert fact_holds(Fact("edema", True, "bilateral"), mild)
+    assert fact_holds(Fact("edema", True, "bilateral", "mild"), mild)
+    assert not fact_holds(Fact("edema", True, "bilateral", "severe"), mild)
+    effusions = [Finding("pleural_effusion", "small", "bilateral")]
+    assert fact_holds(Fact("pleural_effusion", True, "left", "small"), effusions)
+    assert not fact_holds(Fact("pleural_effusion", True, "bilateral", "large"), effusions)
+    assert not fact_holds(Fact("pleural_effusion", True, "bilateral"), [Finding("pleural_effusion", "small", "left")])

@@ -61,10 +61,8 @@ def fact_holds(fact: Fact, findings: Sequence[Finding]) -> bool:
     """
     same = [f for f in findings if f.type == fact.type]
     if fact.present:
-        if fact.side == "bilateral":
-            return any(f.side == "bilateral" for f in same)
         return any(
-            f.covers(fact.side)
+            (f.side == "bilateral" if fact.side == "bilateral" else f.covers(fact.side))
             and (fact.severity is None or f.severity == fact.severity)
             and (fact.location is None or f.location == fact.location)
             for f in same
