@@ -2,7 +2,8 @@
 
 phantoms -> perturb -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
 to ONNX (parity checked) -> evaluate on onnxruntime (every evaluation of the DEMO suite of
-pertvl.evaluate.registry: structure per perturbation type, retrieval, zero-shot AUROC) -> a report
+pertvl.evaluate.registry: structure per perturbation type with its control anchors and the
+image-grounding margin, retrieval, zero-shot AUROC, grounding of the local branch) -> a report
 folder with their tables, training curves, attention-map examples and the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
 final encoders), export/demo, runs/demo/report.
 """
@@ -100,6 +101,10 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     lines = ["# pertvl demo report", "",
              f"Corpus: {corpus} (phantoms; see {corpus / 'preview.png'})  ",
              f"Run: {run} · ONNX export: {export}", ""]
+    try:  # the same lines `pertvl demo` prints at the end
+        lines += ["## Headline", "", *[f"- {line}" for line in _headline(evals)], ""]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        lines += ["## Headline", "", f"- (no headline numbers: {e})", ""]
     lines += report_sections(evals, "onnxruntime")
     lines += ["## Training", "", "![training curves](training_curves.png)", ""]
     if attn_pngs:

@@ -219,17 +219,103 @@ def test_structure_result_json_round_trips():
     enc, samples = hand_built_structure_case()
     r = evaluate_structure(enc, samples, types=PERTURBATION_TYPES, bootstrap=50, info={"split": "test"})
     d = json.loads(json.dumps(r.to_json()))
-    assert d["schema"] == "pertvl-structure/1"
+    assert d["schema"] == "pertvl-structure/2"
     assert list(d["per_type"]) == list(PERTURBATION_TYPES)
     assert set(d) == {"schema", "overall", "per_type", "images", "images_without_valid_perturbation", "skipped",
-                      "bootstrap", "tie_tolerance", "info"}
+                      "bootstrap", "tie_tolerance", "controls", "info"}
     assert set(d["overall"]) == {"accuracy", "ci95", "n", "correct", "chance", "mean_candidates",
-                                 "excluded_identical", "unavailable", "missing"}
+                                 "excluded_identical", "unavailable", "missing", "cos_original", "cos_perturbed"}
+    assert set(d["controls"]) == {"wrong_image", "mean_image", "text_only", "margin", "margin_per_type", "pairing"}
     # Types present in no record are "not measured", never 0.
     assert d["per_type"]["swap_adjacent"]["accuracy"] is None and d["per_type"]["swap_adjacent"]["missing"] == 6
     assert StructureResult.from_json(d).to_json() == d
     with pytest.raises(ValueError, match="schema"):
         StructureResult.from_json({"schema": "something-else"})
+    # A /1 file (before the controls and the mean cosines) is still read.
+    old = {k: v for k, v in d.items() if k != "controls"} | {"schema": "pertvl-structure/1"}
+    old["overall"] = {k: v for k, v in d["overall"].items() if not k.startswith("cos_")}
+    back = StructureResult.from_json(old)
+    assert back.controls is None and back.overall.cos_original is None and back.overall.accuracy == r.overall.accuracy
+
+
+def grounded_case(n: int = 4):
+    """Image i = e_i; its report = e_i; every perturbation = e_n (orthogonal to all images).
+
+    Own image: cos(original) = 1 > 0 → all correct. Wrong image e_j: original and perturbations
+    both at 0 → ties → all wrong. Mean image: original at 1/√n > 0 → all correct. Text only (mean of
+    the other reports): 0 vs 0 → all wrong. So own 100 %, wrong 0 %, margin +100 pts.
+    """
+    eye = np.eye(n + 1)
+    samples, text_vecs = [], {}
+    for i in range(n):
+        text = f"report {i} lungs clear"
+        pert = {"reverse": " ".join(text.split()[::-1]), "shuffle_all": " ".join(sorted(text.split()))}
+        text_vecs[text] = eye[i]
+        for p in pert.values():
+            text_vecs[p] = eye[n]
+        samples.append(make_sample(i, text, pert, labels={"No Finding": 0.0, f"Finding {i}": 1.0}))
+    return LookupEncoder({i: eye[i] for i in range(n)}, text_vecs), samples
+
+
+def test_structure_controls_wrong_mean_and_text_only_anchors():
+    enc, samples = grounded_case()
+    r = evaluate_structure(enc, samples, types=("reverse", "shuffle_all"), bootstrap=100)
+    c = r.controls
+    assert r.overall.accuracy == 1.0 and c.wrong_image.overall.accuracy == 0.0
+    assert c.mean_image.overall.accuracy == 1.0 and c.text_only.overall.accuracy == 0.0
+    assert (c.margin.margin, c.margin.n, c.margin.own, c.margin.wrong) == (1.0, 4, 1.0, 0.0)
+    assert c.margin.ci95 == (1.0, 1.0) and c.margin_per_type["reverse"].margin == 1.0
+    assert c.pairing["paired"] == 4 and c.pairing["unpaired"] == 0 and "labels differ" in c.pairing["rule"]
+    # The mean cosines show the offsets: own 1 vs 0, wrong 0 vs 0, mean image 1/2 vs 0.
+    assert (r.overall.cos_original, r.overall.cos_perturbed) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert c.wrong_image.overall.cos_original == pytest.approx(0.0)
+    assert c.mean_image.overall.cos_original == pytest.approx(0.5)
+    m = r.metrics()
+    assert (m["structure/wrong_image"], m["structure/mean_image"], m["structure/text_only"], m["structure/margin"]) \
+        == (0.0, 1.0, 0.0, 1.0)
+    md = r.markdown("structure")
+    assert "| **image-grounding margin** (own − wrong, paired images) | +100.0 pts | [+100.0, +100.0] | 4 |" in md
+    assert "| wrong image (another study's, findings differ) | 0.0% |" in md
+    assert "image-grounding margin +100.0 pts" in r.headline()
+    from pertvl.evaluate.registry import metric_info
+
+    assert metric_info("structure/margin").label.startswith("Grounding margin")
+
+
+def test_constant_image_embedding_gives_margin_exactly_zero():
+    """An image tower that ignores the image: whatever the texts, own and wrong anchors are the
+    same vector, so the margin is exactly 0 (overall and per type)."""
+    rng = np.random.default_rng(0)
+    samples, text_vecs = [], {}
+    for i in range(30):
+        text = f"case {i} " + " ".join(rng.choice(["left", "right", "small", "large", "effusion"], 5))
+        pert = {"reverse": " ".join(text.split()[::-1]), "shuffle_all": text + " x"}
+        for t in (text, *pert.values()):
+            text_vecs[t] = rng.standard_normal(8)
+        samples.append(make_sample(i, text, pert, labels={"Edema": float(i % 3 == 0), "Pleural Effusion": float(i % 2)}))
+    enc = LookupEncoder({i: np.full(8, 0.3) for i in range(30)}, text_vecs)
+    r = evaluate_structure(enc, samples, types=("reverse", "shuffle_all"), bootstrap=200)
+    c = r.controls
+    assert c.margin.margin == 0.0 and c.margin.ci95 == (0.0, 0.0) and c.margin.n == 30
+    assert all(mt.margin == 0.0 for mt in c.margin_per_type.values())
+    assert c.wrong_image.overall.accuracy == r.overall.accuracy == c.mean_image.overall.accuracy
+    assert r.metrics()["structure/margin"] == 0.0
+
+
+def test_wrong_image_partners_rule():
+    from pertvl.evaluate.structure import wrong_image_partners
+
+    sig = [frozenset({"a"})] * 6 + [frozenset({"b"})] * 6 + [None] * 3
+    studies = [f"s{i // 2}" for i in range(15)]  # two images per study
+    p = wrong_image_partners(sig, studies, seed=3)
+    assert np.array_equal(p, wrong_image_partners(sig, studies, seed=3))
+    assert (p >= 0).all() and sorted(p.tolist()) == list(range(15))  # a permutation: each image used once
+    for i, j in enumerate(p):
+        assert j != i and studies[j] != studies[i]
+        assert sig[i] is None or sig[j] is None or sig[i] != sig[j]
+    # Nobody to pair with: one label set for all, or a single study.
+    assert (wrong_image_partners([frozenset({"a"})] * 4, ["a", "b", "c", "d"], 0) == -1).all()
+    assert (wrong_image_partners([None] * 3, ["s"] * 3, 0) == -1).all()
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -358,7 +444,7 @@ def test_text_structure_bag_of_words_ties_and_bigrams_win():
         assert all(sorted(p.split()) == sorted(fnd.split()) for p in perts.values())
     bow = evaluate_text_structure(HashedNgramEncoder(1), text_records(), bootstrap=50)
     order = evaluate_text_structure(bigrams, text_records(), bootstrap=50)
-    assert bow.schema == order.schema == "pertvl-text-structure/1"
+    assert bow.schema == order.schema == "pertvl-text-structure/2"
     assert (bow.overall.accuracy, bow.overall.n) == (0.0, 3)
     assert (order.overall.accuracy, order.overall.n) == (1.0, 3)
     assert bow.overall.chance == pytest.approx(0.25)
@@ -414,7 +500,8 @@ def test_write_structure_outputs(tmp_path):
     d = json.loads(paths["json"].read_text())
     assert StructureResult.from_json(d).to_json() == r.to_json() == d
     md = paths["markdown"].read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    main_table = md.split("## Controls")[0]
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 1 + 3  # header, overall, three types
     assert rows[1].startswith("| **Overall**") and "| 60.0% |" in rows[1] and "| 31.7% |" in rows[1]
     assert "`reverse`" in rows[3] and "| 100.0% | [100.0, 100.0] | 4 | 50.0% |" in rows[3]
@@ -619,7 +706,10 @@ def test_eval_cli_handlers_write_outputs(tmp_path, monkeypatch, capsys):
     assert main(["eval", "text-structure", "--text-model", "unused", "--reports", str(csv_path),
                  "--out", str(tmp_path), "--types", "reverse", "--bootstrap", "0"]) == 0
     t = json.loads((tmp_path / "text_structure.json").read_text())
-    assert t["schema"] == "pertvl-text-structure/1" and t["per_type"]["reverse"] == {
+    reverse = t["per_type"]["reverse"]
+    assert t["schema"] == "pertvl-text-structure/2" and "controls" not in t and {
+        k: v for k, v in reverse.items() if not k.startswith("cos_")} == {
         "accuracy": 0.0, "ci95": None, "n": 1, "correct": 0, "chance": 0.5, "mean_candidates": 2.0,
         "excluded_identical": 0, "unavailable": 0, "missing": 0}
+    assert reverse["cos_original"] > reverse["cos_perturbed"] - 1e-9  # a bag of words: reversal ties
     assert t["skipped"] == {"impression_equals_findings": 1} and t["info"]["rows_left_out"] == {"no_findings": 1}

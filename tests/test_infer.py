@@ -258,3 +258,26 @@ def test_sessions_work_in_a_forked_child(export_dir):
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_torch_encoder_local_features_match_the_export(emb, model):
+    """The grounding evaluation reads regions and words from either path (--export / --run): the
+    torch adapter gives what the ONNX export gives, word lists included."""
+    from pertvl.evaluate.torch_encoder import TorchEncoder
+
+    enc = TorchEncoder(model, device="cpu", batch_size=2)
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 1, emb.image_size, emb.image_size), dtype=np.float32)
+    texts = [clean_text(t) for t in ("Small left pleural effusion. No pneumothorax.", "Heart size is normal.",
+                                     "The lungs are clear without focal consolidation or pleural effusion.")]
+    ti, oi = enc.image_features(images), emb.image_features(images)
+    assert ti.grid == oi.grid and np.allclose(ti.regions, oi.regions, atol=2e-3)
+    assert np.allclose(ti.emb, oi.emb, atol=2e-3)
+    tt, ot = enc.text_features(texts), emb.text_features(texts)
+    assert tt.word_lists == ot.word_lists == [t.split() for t in texts]
+    for i in range(3):
+        a, b = tt.words[i][tt.word_mask[i]], ot.words[i][ot.word_mask[i]]
+        assert a.shape == b.shape and np.allclose(a, b, atol=2e-3)
+        maps_t = attention_maps(ti.regions[0], ti.grid, tt.words[i], tt.word_mask[i])
+        maps_o = attention_maps(oi.regions[0], oi.grid, ot.words[i], ot.word_mask[i])
+        assert np.allclose(maps_t, maps_o, atol=1e-3)

@@ -23,6 +23,7 @@ _BUILTIN = (
     "pertvl.evaluate.retrieval",
     "pertvl.evaluate.zeroshot",
     "pertvl.evaluate.text_structure",
+    "pertvl.evaluate.grounding",
 )
 
 

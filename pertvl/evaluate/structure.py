@@ -21,11 +21,30 @@ text's global embedding (paper: S(I,T) = e_I·e_T / (‖e_I‖‖e_T‖)).
   number does not depend on which other types were evaluated. Null when fewer than 2 images.
 - Each distinct text is embedded once (views of a study share a report).
 
-JSON schema "pertvl-structure/1" (`StructureResult.to_json`; text_structure.py writes the same
-layout under "pertvl-text-structure/1"):
+Controls (image structure only): the same test with another anchor in place of each image's
+own embedding, so that what the image contributes can be told from a preference of the text side
+(a direction "reads like a training report" scores the same whatever the anchor):
+
+- wrong image: a fixed derangement of the test images (`wrong_image_partners`, seeded by --seed):
+  each image's anchor is another study's image whose positive labels differ (`finding_signature`;
+  for the phantoms the labels are the finding types). Samples without labels (Open-I) only get
+  the other-study rule, and their partner may show the same findings; images no rule-keeping
+  partner exists for are left out and counted (`pairing`).
+- mean image: one anchor for every image, the mean of the L2-normalized test-image embeddings.
+- text only: no image at all; image i's anchor is the mean L2-normalized embedding of the test
+  reports whose text differs from its own report (so the anchor never contains the report it
+  scores). A report that scores high here is preferred for its wording alone.
+- image-grounding margin = own − wrong-image accuracy, over the images that have a partner: the
+  mean of the per-image difference (1/0 correct), with the percentile bootstrap CI over those
+  images; per type likewise (pairwise). An encoder whose image embedding ignores the image has a
+  margin of exactly 0.
+
+JSON schema "pertvl-structure/2" (`StructureResult.to_json`; text_structure.py writes the same
+layout without "controls" under "pertvl-text-structure/2"; /1 files, without the mean cosines and
+the controls, are still read):
 
     {
-      "schema": "pertvl-structure/1",
+      "schema": "pertvl-structure/2",
       "overall": STAT,                  # original ranked strictly first among all candidates
       "per_type": {type: STAT, ...},    # every requested type, in PERTURBATION_TYPES order
       "images": int,                    # samples scored (non-empty report)
@@ -33,11 +52,24 @@ layout under "pertvl-text-structure/1"):
       "skipped": {reason: int},         # samples not scored (e.g. "empty_text")
       "bootstrap": {"resamples": int, "seed": int, "confidence": 0.95, "method": "percentile"},
       "tie_tolerance": float,
+      "controls": {                     # null when no image was scored
+        "wrong_image" | "mean_image" | "text_only": {"overall": STAT, "per_type": {type: STAT},
+                                                      "unpaired": int (images left out)},
+        "margin": MARGIN, "margin_per_type": {type: MARGIN},
+        "pairing": {"rule": str, "seed": int, "paired": int, "unpaired": int}
+      },
       "info": {...}                     # free-form provenance (encoder, shards, split, ...)
     }
     STAT = {"accuracy": float|null, "ci95": [low, high]|null, "n": int (images), "correct": int,
             "chance": float|null, "mean_candidates": float|null,
-            "excluded_identical": int, "unavailable": int, "missing": int}
+            "excluded_identical": int, "unavailable": int, "missing": int,
+            "cos_original": float|null,   # mean cosine(anchor, original) over the STAT's images
+            "cos_perturbed": float|null}  # mean cosine(anchor, negative) over their valid negatives
+    MARGIN = {"margin": float|null, "ci95": [low, high]|null, "n": int (paired images),
+              "own": float|null, "wrong": float|null}   # own and wrong accuracy on those images
+
+Flat metrics: structure/overall, structure/TYPE, structure/{wrong_image,mean_image,text_only}
+(overall accuracy with that anchor), structure/margin and structure/margin_ci_{low,high}.
 
 For the overall STAT the three exclusion counts are totals over types. A null accuracy means
 "not measured" (n = 0), never 0.
@@ -60,7 +92,9 @@ from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l
 from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
-SCHEMA = "pertvl-structure/1"
+SCHEMA = "pertvl-structure/2"
+# /1: before the controls and mean cosines (read back with controls None and cosines null).
+READABLE_SCHEMAS = ("pertvl-structure/1", SCHEMA, "pertvl-text-structure/1", "pertvl-text-structure/2")
 TIE_TOLERANCE = 1e-6
 CONFIDENCE = 0.95
 
@@ -103,6 +137,10 @@ class AccuracyStat:
     excluded_identical: int = 0
     unavailable: int = 0
     missing: int = 0
+    # Mean cosine of the anchor with the originals and with the negatives these images were scored
+    # against: an offset shared by all candidates shows here, not in the accuracy.
+    cos_original: float | None = None
+    cos_perturbed: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -115,6 +153,8 @@ class AccuracyStat:
             "excluded_identical": self.excluded_identical,
             "unavailable": self.unavailable,
             "missing": self.missing,
+            "cos_original": self.cos_original,
+            "cos_perturbed": self.cos_perturbed,
         }
 
     @classmethod
@@ -130,7 +170,76 @@ class AccuracyStat:
             excluded_identical=int(d.get("excluded_identical", 0)),
             unavailable=int(d.get("unavailable", 0)),
             missing=int(d.get("missing", 0)),
+            cos_original=d.get("cos_original"),
+            cos_perturbed=d.get("cos_perturbed"),
         )
+
+
+@dataclass
+class AnchorControl:
+    """The structure accuracies with another anchor in place of each image's own embedding."""
+
+    overall: AccuracyStat
+    per_type: dict[str, AccuracyStat]
+    unpaired: int = 0  # images left out (wrong image: no partner whose findings differ)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"overall": self.overall.to_json(), "per_type": {t: s.to_json() for t, s in self.per_type.items()},
+                "unpaired": self.unpaired}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> AnchorControl:
+        return cls(AccuracyStat.from_json(d["overall"]),
+                   {t: AccuracyStat.from_json(s) for t, s in d["per_type"].items()}, int(d.get("unpaired", 0)))
+
+
+@dataclass
+class MarginStat:
+    """own − wrong-image accuracy over the images that have a wrong-image partner (paired)."""
+
+    margin: float | None
+    ci95: tuple[float, float] | None
+    n: int
+    own: float | None
+    wrong: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"margin": self.margin, "ci95": list(self.ci95) if self.ci95 is not None else None, "n": self.n,
+                "own": self.own, "wrong": self.wrong}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> MarginStat:
+        ci = d.get("ci95")
+        return cls(d["margin"], (float(ci[0]), float(ci[1])) if ci is not None else None, int(d["n"]),
+                   d.get("own"), d.get("wrong"))
+
+
+@dataclass
+class Controls:
+    """The anchors that tell image-grounded structure from a text-side preference (module docstring)."""
+
+    wrong_image: AnchorControl
+    mean_image: AnchorControl
+    text_only: AnchorControl
+    margin: MarginStat
+    margin_per_type: dict[str, MarginStat]
+    pairing: dict[str, Any]  # how wrong images were chosen: rule, seed, paired, unpaired
+
+    def anchors(self) -> dict[str, AnchorControl]:
+        return {"wrong_image": self.wrong_image, "mean_image": self.mean_image, "text_only": self.text_only}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: a.to_json() for k, a in self.anchors().items()},
+                "margin": self.margin.to_json(),
+                "margin_per_type": {t: m.to_json() for t, m in self.margin_per_type.items()},
+                "pairing": dict(self.pairing)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Controls:
+        return cls(AnchorControl.from_json(d["wrong_image"]), AnchorControl.from_json(d["mean_image"]),
+                   AnchorControl.from_json(d["text_only"]), MarginStat.from_json(d["margin"]),
+                   {t: MarginStat.from_json(m) for t, m in d.get("margin_per_type", {}).items()},
+                   dict(d.get("pairing", {})))
 
 
 @dataclass
@@ -146,6 +255,7 @@ class StructureResult:
     tie_tolerance: float = TIE_TOLERANCE
     info: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    controls: Controls | None = None  # image structure only (None: text-structure, or a /1 file)
     # Per-image detail for pictures/debugging; not serialized.
     ids: list[str] = field(default_factory=list, repr=False, compare=False)
     scores: StructureScores | None = field(default=None, repr=False, compare=False)
@@ -165,6 +275,7 @@ class StructureResult:
             "skipped": dict(self.skipped),
             "bootstrap": dict(self.bootstrap),
             "tie_tolerance": self.tie_tolerance,
+            **({} if self.is_text else {"controls": self.controls.to_json() if self.controls else None}),
             "info": dict(self.info),
         }
 
@@ -176,8 +287,9 @@ class StructureResult:
             ValueError: when `d` is not a pertvl structure result.
         """
         schema = d.get("schema") if isinstance(d, Mapping) else None
-        if schema not in (SCHEMA, "pertvl-text-structure/1"):
+        if schema not in READABLE_SCHEMAS:
             raise ValueError(f"not a pertvl structure result: schema {schema!r}")
+        controls = d.get("controls")
         return cls(
             overall=AccuracyStat.from_json(d["overall"]),
             per_type={t: AccuracyStat.from_json(s) for t, s in d["per_type"].items()},
@@ -188,6 +300,7 @@ class StructureResult:
             tie_tolerance=float(d.get("tie_tolerance", TIE_TOLERANCE)),
             info=dict(d.get("info", {})),
             schema=schema,
+            controls=Controls.from_json(controls) if controls else None,
         )
 
 
@@ -206,6 +319,12 @@ class StructureResult:
         key = "text_structure" if self.is_text else "structure"
         out: dict[str, float | None] = {f"{key}/overall": self.overall.accuracy}
         out.update({f"{key}/{t}": s.accuracy for t, s in self.per_type.items()})
+        if self.controls is not None:
+            c = self.controls
+            out.update({f"{key}/{name}": a.overall.accuracy for name, a in c.anchors().items()})
+            out[f"{key}/margin"] = c.margin.margin
+            out[f"{key}/margin_ci_low"] = c.margin.ci95[0] if c.margin.ci95 else None
+            out[f"{key}/margin_ci_high"] = c.margin.ci95[1] if c.margin.ci95 else None
         return out
 
     @classmethod
@@ -216,6 +335,8 @@ class StructureResult:
         if metric == "overall":
             return MetricInfo("Text structure overall" if prefix == "text_structure" else "Structure overall",
                               order=(0,))
+        if metric in CONTROL_LABELS:  # after the per-type columns
+            return MetricInfo(CONTROL_LABELS[metric], order=(3, list(CONTROL_LABELS).index(metric)))
         types = list(PERTURBATIONS)
         # per type: original vs that perturbation, pairwise (chance 50 %)
         return MetricInfo(type_label(metric), order=(1, types.index(metric)) if metric in types else (2, metric),
@@ -225,7 +346,30 @@ class StructureResult:
         o = self.overall
         acc = "n/a" if o.accuracy is None else f"{100 * o.accuracy:.1f}% (chance {100 * o.chance:.1f}%)"
         what, unit = ("text-structure", "reports") if self.is_text else ("structure", "images")
-        return f"{what} accuracy {acc} over {o.n} {unit}"
+        line = f"{what} accuracy {acc} over {o.n} {unit}"
+        if self.controls is not None:
+            c = self.controls
+            line += (f"; own image {pct(o.accuracy)} vs wrong image {pct(c.wrong_image.overall.accuracy)}: "
+                     f"image-grounding margin {margin_text(c.margin)}")
+        return line
+
+
+CONTROL_LABELS = {
+    "wrong_image": "Wrong image",
+    "mean_image": "Mean image",
+    "text_only": "Text-only anchor",
+    "margin": "Grounding margin (own − wrong)",
+    "margin_ci_low": "Margin 95% CI low",
+    "margin_ci_high": "Margin 95% CI high",
+}
+
+
+def margin_text(m: MarginStat) -> str:
+    """"+2.8 pts [−1.4, 6.9] (n=72)": percentage points, its CI, the paired images."""
+    if m.margin is None:
+        return "n/a (no paired image)"
+    ci_part = "" if m.ci95 is None else f" [{100 * m.ci95[0]:+.1f}, {100 * m.ci95[1]:+.1f}]"
+    return f"{100 * m.margin:+.1f} pts{ci_part} (n={m.n})"
 
 
 def structure_scores(
@@ -417,23 +561,23 @@ def cosine_candidates(
     return scores_from_cosines(orig, pert, valid, tie_tolerance)
 
 
-def summarize(
+def _mean(x: np.ndarray) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.mean()) if x.size else None
+
+
+def accuracy_stats(
     scores: StructureScores,
     types: Sequence[str],
     counts: CandidateCounts,
-    *,
-    skipped: Mapping[str, int],
     bootstrap: int,
     seed: int,
-    schema: str = SCHEMA,
-    info: Mapping[str, Any] | None = None,
-    ids: Sequence[str] = (),
-    tie_tolerance: float = TIE_TOLERANCE,
-) -> StructureResult:
-    """Turn per-image scores into overall and per-type accuracies with bootstrap CIs."""
-    if bootstrap < 0:
-        raise ValueError(f"bootstrap resamples must be >= 0, got {bootstrap}")
-    has = scores.has_candidates
+    rows: np.ndarray | None = None,
+) -> tuple[AccuracyStat, dict[str, AccuracyStat]]:
+    """Overall and per-type AccuracyStats of `scores` (restricted to the bool [N] `rows` if given),
+    with bootstrap CIs and the mean cosines of originals and negatives."""
+    keep = np.ones(len(scores.orig), bool) if rows is None else np.asarray(rows, bool)
+    has = scores.has_candidates & keep
     n_all = int(has.sum())
     overall_values = scores.correct[has].astype(np.float64)
     overall = AccuracyStat(
@@ -446,10 +590,12 @@ def summarize(
         excluded_identical=sum(counts.excluded_identical.values()),
         unavailable=sum(counts.unavailable.values()),
         missing=sum(counts.missing.values()),
+        cos_original=_mean(scores.orig[has]),
+        cos_perturbed=_mean(scores.pert[has][scores.valid[has]]),
     )
     per_type: dict[str, AccuracyStat] = {}
     for j, t in enumerate(types):
-        v = scores.valid[:, j]
+        v = scores.valid[:, j] & keep
         values = scores.pairwise[v, j].astype(np.float64)
         n = int(v.sum())
         per_type[t] = AccuracyStat(
@@ -462,12 +608,35 @@ def summarize(
             excluded_identical=counts.excluded_identical[t],
             unavailable=counts.unavailable[t],
             missing=counts.missing[t],
+            cos_original=_mean(scores.orig[v]),
+            cos_perturbed=_mean(scores.pert[v, j]),
         )
+    return overall, per_type
+
+
+def summarize(
+    scores: StructureScores,
+    types: Sequence[str],
+    counts: CandidateCounts,
+    *,
+    skipped: Mapping[str, int],
+    bootstrap: int,
+    seed: int,
+    schema: str = SCHEMA,
+    info: Mapping[str, Any] | None = None,
+    ids: Sequence[str] = (),
+    tie_tolerance: float = TIE_TOLERANCE,
+    controls: Controls | None = None,
+) -> StructureResult:
+    """Turn per-image scores into overall and per-type accuracies with bootstrap CIs."""
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap resamples must be >= 0, got {bootstrap}")
+    overall, per_type = accuracy_stats(scores, types, counts, bootstrap, seed)
     return StructureResult(
         overall=overall,
         per_type=per_type,
         images=len(scores.orig),
-        images_without_valid_perturbation=int((~has).sum()),
+        images_without_valid_perturbation=int((~scores.has_candidates).sum()),
         skipped=dict(skipped),
         bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE, "method": "percentile"},
         tie_tolerance=tie_tolerance,
@@ -475,7 +644,131 @@ def summarize(
         schema=schema,
         ids=list(ids),
         scores=scores,
+        controls=controls,
     )
+
+
+# ----------------------------------------------------------------------------- controls
+
+
+def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
+    """What "the findings differ" compares: the set of positive (1.0) labels of a sample's json;
+    None when it has no labels (Open-I: its findings are unknown)."""
+    labels = meta.get("labels")
+    if not isinstance(labels, Mapping) or not labels:
+        return None
+    return frozenset(k for k, v in labels.items() if v == 1.0)
+
+
+def wrong_image_partners(
+    signatures: Sequence[frozenset[str] | None], studies: Sequence[str], seed: int
+) -> np.ndarray:
+    """A fixed derangement: for each image i the image whose embedding replaces its own, -1 if none.
+
+    The partner is another study's image, and where both signatures are known they differ (the
+    wrong image's findings are not the report's). Rule: a random cycle through all images (seeded),
+    so every image is used once as a wrong anchor; a pair breaking the rule is repaired by swapping
+    partners with another image where both new pairs keep it; what no swap repairs is left unpaired.
+    Where a signature is unknown only the study rule applies (such a partner may show the same
+    findings).
+    """
+    n = len(studies)
+    partner = np.full(n, -1, dtype=np.int64)
+    if n < 2:
+        return partner
+
+    def ok(a: int, b: int) -> bool:
+        if a == b or studies[a] == studies[b]:
+            return False
+        sa, sb = signatures[a], signatures[b]
+        return sa is None or sb is None or sa != sb
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    partner[order] = np.roll(order, -1)
+    for i in rng.permutation(n):
+        if ok(i, partner[i]):
+            continue
+        for j in rng.permutation(n):
+            if j != i and ok(i, partner[j]) and ok(j, partner[i]):
+                partner[i], partner[j] = partner[j], partner[i]
+                break
+    bad = np.array([not ok(i, partner[i]) for i in range(n)])
+    partner[bad] = -1
+    return partner
+
+
+def pairing_rule(signatures: Sequence[frozenset[str] | None]) -> str:
+    known = sum(s is not None for s in signatures)
+    if known == len(signatures):
+        return "another study's image whose positive labels differ"
+    if known == 0:
+        return "another study's image (findings unknown: the partner's may be the same)"
+    return f"another study's image; positive labels differ where both are known ({known}/{len(signatures)} known)"
+
+
+def _margin(own: np.ndarray, wrong: np.ndarray, rows: np.ndarray, bootstrap: int, seed: int) -> MarginStat:
+    own_v, wrong_v = own[rows].astype(np.float64), wrong[rows].astype(np.float64)
+    n = int(rows.sum())
+    diff = own_v - wrong_v
+    return MarginStat(margin=float(diff.mean()) if n else None, ci95=bootstrap_ci(diff, bootstrap, seed), n=n,
+                      own=float(own_v.mean()) if n else None, wrong=float(wrong_v.mean()) if n else None)
+
+
+def structure_controls(
+    image_emb: np.ndarray,
+    own: StructureScores,
+    text_index: dict[str, int],
+    text_emb: np.ndarray,
+    originals: Sequence[str],
+    candidates: Sequence[Sequence[str | None]],
+    types: Sequence[str],
+    counts: CandidateCounts,
+    signatures: Sequence[frozenset[str] | None],
+    studies: Sequence[str],
+    *,
+    bootstrap: int,
+    seed: int,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> Controls:
+    """The three control anchors and the image-grounding margin (module docstring)."""
+    n, k = len(originals), len(types)
+    img = l2_normalize(image_emb)
+    partner = wrong_image_partners(signatures, studies, seed)
+    paired = partner >= 0
+    # Raw rows, normalized by cosine_candidates exactly as the own anchors are: a constant image
+    # embedding gives bit-identical scores, so a margin of exactly 0.
+    wrong_anchor = np.asarray(image_emb)[np.where(paired, partner, np.arange(n))]  # unpaired: left out below
+    mean_anchor = np.broadcast_to(img.mean(axis=0), img.shape)
+    # Text-only: the mean embedding of the other reports (those whose text differs), so the
+    # anchor never contains the report it scores.
+    txt = l2_normalize(text_emb)
+    orig_rows = np.array([text_index[t] for t in originals], dtype=np.int64)
+    orig_vecs = txt[orig_rows]
+    total = orig_vecs.sum(axis=0)
+    same = np.bincount(orig_rows, minlength=len(txt))[orig_rows].astype(np.float64)
+    others = n - same
+    text_anchor = (total[None] - same[:, None] * orig_vecs) / np.maximum(others, 1)[:, None]
+    has_other = others > 0
+
+    def score(anchor: np.ndarray) -> StructureScores:
+        return cosine_candidates(anchor, text_index, text_emb, originals, candidates, k, tie_tolerance)
+
+    wrong = score(wrong_anchor)
+    text_scores = score(text_anchor)
+    controls = {}
+    for name, sc, rows in (("wrong_image", wrong, paired), ("mean_image", score(mean_anchor), None),
+                           ("text_only", text_scores, has_other)):
+        overall, per_type = accuracy_stats(sc, types, counts, bootstrap, seed, rows)
+        left_out = 0 if rows is None else int((~rows & sc.has_candidates).sum())
+        controls[name] = AnchorControl(overall, per_type, left_out)
+    both = paired & own.has_candidates
+    margin = _margin(own.correct, wrong.correct, both, bootstrap, seed)
+    per_type = {t: _margin(own.pairwise[:, j], wrong.pairwise[:, j], paired & own.valid[:, j], bootstrap, seed)
+                for j, t in enumerate(types)}
+    pairing = {"rule": pairing_rule(signatures), "seed": seed, "paired": int(paired.sum()),
+               "unpaired": int((~paired).sum())}
+    return Controls(controls["wrong_image"], controls["mean_image"], controls["text_only"], margin, per_type, pairing)
 
 
 def evaluate_structure(
@@ -502,7 +795,7 @@ def evaluate_structure(
         info: provenance stored in the result's `info`.
 
     Returns:
-        StructureResult with schema "pertvl-structure/1".
+        StructureResult with schema "pertvl-structure/2" (controls included).
     """
     types = requested_types(types)
     counts = CandidateCounts()
@@ -511,6 +804,8 @@ def evaluate_structure(
     ids: list[str] = []
     originals: list[str] = []
     candidates: list[list[str | None]] = []
+    signatures: list[frozenset[str] | None] = []
+    studies: list[str] = []
     for sample in samples:
         meta = sample.meta
         text = (meta.get("text") or "").strip()
@@ -521,10 +816,16 @@ def evaluate_structure(
         ids.append(str(meta.get("id", getattr(sample, "key", len(ids)))))
         originals.append(text)
         candidates.append(valid_perturbations(text, meta.get("perturbations"), meta.get("unavailable"), types, counts))
+        signatures.append(finding_signature(meta))
+        studies.append(str(meta.get("study_id", ids[-1])))
     image_emb = batcher.finish()
     all_texts = originals + [c for row in candidates for c in row if c is not None]
     index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
     scores = cosine_candidates(image_emb, index, text_emb, originals, candidates, len(types), tie_tolerance)
+    controls = None
+    if originals:
+        controls = structure_controls(image_emb, scores, index, text_emb, originals, candidates, types, counts,
+                                      signatures, studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance)
     return summarize(
         scores,
         types,
@@ -536,6 +837,7 @@ def evaluate_structure(
         info=info,
         ids=ids,
         tie_tolerance=tie_tolerance,
+        controls=controls,
     )
 
 
@@ -544,8 +846,13 @@ def evaluate_structure(
 STRUCTURE_FIGSIZE = (11.0, 5.0)  # → 1100 × 500 px
 
 
+def cos(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 def structure_markdown(result: StructureResult, title: str) -> str:
-    """The overall + per-type table of one structure result (type labels: pertvl.data.perturb)."""
+    """The overall + per-type table of one structure result (type labels: pertvl.data.perturb),
+    then, for image structure, the control anchors and the image-grounding margin."""
     from pertvl.data.perturb import type_label
 
     unit = "reports" if result.is_text else "images"
@@ -553,15 +860,18 @@ def structure_markdown(result: StructureResult, title: str) -> str:
     rows = [[
         "**Overall** (original ranked first)", pct(o.accuracy), ci(o.ci95), str(o.n), pct(o.chance),
         "—" if o.mean_candidates is None else f"{o.mean_candidates:.2f}",
+        cos(o.cos_original), cos(o.cos_perturbed),
         f"{o.excluded_identical} / {o.unavailable} / {o.missing}",
     ]]
     for t, st in result.per_type.items():
         rows.append([
             f"{type_label(t)} (`{t}`)", pct(st.accuracy), ci(st.ci95), str(st.n), pct(st.chance),
             "—" if st.mean_candidates is None else f"{st.mean_candidates:.0f}",
+            cos(st.cos_original), cos(st.cos_perturbed),
             f"{st.excluded_identical} / {st.unavailable} / {st.missing}",
         ])
-    header = ["", "accuracy", "95% CI", f"n ({unit})", "chance", "candidates", "excluded (identical / unavailable / missing)"]
+    header = ["", "accuracy", "95% CI", f"n ({unit})", "chance", "candidates", "mean cos original",
+              "mean cos negatives", "excluded (identical / unavailable / missing)"]
     b = result.bootstrap
     notes = [
         f"# {title}",
@@ -574,9 +884,59 @@ def structure_markdown(result: StructureResult, title: str) -> str:
         "",
         f"Per type: original vs that perturbation (chance 50%). Ties (within {result.tie_tolerance:g} cosine) "
         f"count as wrong. CI: {b.get('method', 'percentile')} bootstrap over {unit}, "
-        f"{b.get('resamples')} resamples, seed {b.get('seed')}.",
+        f"{b.get('resamples')} resamples, seed {b.get('seed')}. Mean cos: cosine of the anchor with the "
+        "original reports and with the negatives of the same rows.",
     ]
+    if result.controls is not None:
+        notes += ["", controls_markdown(result)]
     return "\n".join(notes) + "\n"
+
+
+ANCHOR_TEXT = {
+    "own": "own image",
+    "wrong_image": "wrong image (another study's, findings differ)",
+    "mean_image": "mean test-image embedding",
+    "text_only": "text only (mean embedding of the other test reports)",
+}
+
+
+def controls_markdown(result: StructureResult) -> str:
+    """Overall accuracy per anchor with mean cosines, the margin, and per type per anchor."""
+    from pertvl.data.perturb import type_label
+
+    c = result.controls
+    assert c is not None
+    anchors = {"own": AnchorControl(result.overall, result.per_type), **c.anchors()}
+    rows = [[ANCHOR_TEXT[name], pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
+             cos(a.overall.cos_original), cos(a.overall.cos_perturbed)] for name, a in anchors.items()]
+    m = c.margin
+    rows.append(["**image-grounding margin** (own − wrong, paired images)",
+                 "—" if m.margin is None else f"{100 * m.margin:+.1f} pts",
+                 "—" if m.ci95 is None else f"[{100 * m.ci95[0]:+.1f}, {100 * m.ci95[1]:+.1f}]", str(m.n), "", ""])
+    per_type = []
+    for t in result.per_type:
+        mt = c.margin_per_type.get(t)
+        cells = [f"{pct(a.per_type[t].accuracy)} ({cos(a.per_type[t].cos_original)} / "
+                 f"{cos(a.per_type[t].cos_perturbed)})" for a in anchors.values()]
+        margin = "—" if mt is None or mt.margin is None else f"{100 * mt.margin:+.1f} pts " + (
+            "" if mt.ci95 is None else f"[{100 * mt.ci95[0]:+.1f}, {100 * mt.ci95[1]:+.1f}]")
+        per_type.append([f"{type_label(t)} (`{t}`)", *cells, margin])
+    p = c.pairing
+    return "\n".join([
+        "## Controls: the same test with another anchor",
+        "",
+        md_table(["anchor", "overall accuracy", "95% CI", "n (images)", "mean cos original", "mean cos negatives"],
+                 rows),
+        md_table(["type", "own image", "wrong image", "mean image", "text only", "margin (own − wrong) [95% CI]"],
+                 per_type),
+        "Per-type cells: pairwise accuracy (mean cos original / mean cos that perturbation). "
+        f"Wrong image: a fixed derangement of the test images (seed {p.get('seed')}): {p.get('rule')}; "
+        f"{p.get('paired')} paired, {p.get('unpaired')} without a partner (left out of the wrong-image rows "
+        "and the margin). Mean image: one anchor for all, the mean of the normalized test-image embeddings. "
+        "Text only: no image; each image's anchor is the mean normalized embedding of the test reports whose "
+        "text differs from its own. The margin is the mean over paired images of own − wrong "
+        "(1 correct, 0 wrong), its CI a percentile bootstrap over those images.",
+    ])
 
 
 def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: str = "") -> Path:
@@ -600,13 +960,24 @@ def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: s
         label = "n/a" if s.accuracy is None else f"{acc[i]:.0f}%"
         top = 0.0 if s.accuracy is None else acc[i] + hi[i]  # above the error bar
         ax.text(i, top + 1.5, f"{label}\nn={s.n}", ha="center", va="bottom", fontsize=8)
+    c = result.controls
+    if c is not None:  # the same bars' accuracies with the control anchors, as markers beside them
+        for k, (name, style) in enumerate((("wrong_image", ("X", "#222222")), ("mean_image", ("o", "#7f7f7f")),
+                                            ("text_only", ("D", "#e67e22")))):
+            a = c.anchors()[name]
+            ys = [a.overall.accuracy, *[a.per_type[t].accuracy if t in a.per_type else None for t in result.per_type]]
+            ax.scatter(x + 0.22 * (k - 1), [np.nan if y is None else 100 * y for y in ys], marker=style[0],
+                       color=style[1], s=28, zorder=3, label=ANCHOR_TEXT[name].split(" (")[0])
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=9)
     ax.set_ylim(0, 115)  # room for the labels above a 100 % bar
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.set_title(title or "Clinical semantic structure: original report ranked above perturbations")
+    title = title or "Clinical semantic structure: original report ranked above perturbations"
+    if c is not None:
+        title += f"\nbars: own image; image-grounding margin (own − wrong image) {margin_text(c.margin)}"
+    ax.set_title(title, fontsize=10 if c is not None else None)
     fig.legend(loc="outside upper right", fontsize=9)  # outside the axes: never over a bar label
     return save_png(fig, out_png)
 

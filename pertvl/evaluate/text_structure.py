@@ -6,7 +6,7 @@ cosine(text embedding of the impression, text embedding of the candidate) with t
 encoder alone. Accuracy overall (findings ranked strictly first among all candidates) and per
 type (findings vs that type), with the same rules, tie policy, exclusions, bootstrap and result
 layout as pertvl.evaluate.structure — see its docstring — under the schema
-"pertvl-text-structure/1", "images" there counting reports here. A report whose impression
+"pertvl-text-structure/2", "images" there counting reports here. A report whose impression
 equals its findings word for word is skipped (counted as "impression_equals_findings"): the
 anchor would be its own candidate. (6 of the 3,331 Open-I reports with both sections.)
 
@@ -44,7 +44,7 @@ from pertvl.evaluate.structure import (
     valid_perturbations,
 )
 
-SCHEMA = "pertvl-text-structure/1"
+SCHEMA = "pertvl-text-structure/2"  # /2: mean cosines in every STAT (structure.py)
 REQUIRED_COLUMNS = ("uid", "findings", "impression")
 
 
@@ -153,7 +153,7 @@ def evaluate_text_structure(
         ids: optional report ids (e.g. Open-I uids), one per record.
 
     Returns:
-        StructureResult with schema "pertvl-text-structure/1".
+        StructureResult with schema "pertvl-text-structure/2".
     """
     types = requested_types(types)
     counts = CandidateCounts()

@@ -125,6 +125,64 @@ class TorchEncoder(_TorchBase):
 
         return self._embed_texts(texts, self.model.tokenizer, forward)
 
+    # -- the local branch, as pertvl.infer.Embedder gives it (the grounding evaluation) ------------
+    def image_features(self, images: np.ndarray):
+        """pertvl.infer.ImageFeatures (L2-normalized global embeddings, region features, grid) of
+        images [N, 1, H, W] float in [0, 1]."""
+        import torch
+        import torch.nn.functional as F
+
+        from pertvl.infer import ImageFeatures
+
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images [N, 1, H, W] float in [0, 1], got shape {tuple(images.shape)}")
+        embs, regions, grid = [], [], (0, 0)
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(images), self.batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size], dtype=np.float32))
+                out = self.model.encode_image(x.to(self.device), need_local=True)
+                embs.append(F.normalize(out.global_emb.float(), dim=-1).cpu().numpy())
+                regions.append(out.regions.float().cpu().numpy())
+                grid = tuple(out.grid)
+        if not embs:
+            raise ValueError("image_features: no images")
+        return ImageFeatures(np.concatenate(embs), np.concatenate(regions), grid)
+
+    def text_features(self, texts: list[str]):
+        """pertvl.infer.TextFeatures (global embeddings, word features, word masks, the words seen)
+        of cleaned texts, tokenized as in training (one batch per `batch_size` texts)."""
+        import torch
+        import torch.nn.functional as F
+
+        from pertvl.infer import TextFeatures
+
+        texts = list(texts)
+        n = len(texts)
+        parts = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, n, self.batch_size):
+                chunk = texts[start : start + self.batch_size]
+                enc = encode_texts(self.model.tokenizer, chunk, max_length=self.max_length)
+                tensors = {k: torch.from_numpy(getattr(enc, k)).to(self.device)
+                           for k in ("input_ids", "attention_mask", "word_ids")}
+                out = self.model.encode_text(**tensors)
+                parts.append((F.normalize(out.global_emb.float(), dim=-1).cpu().numpy(),
+                              out.words.float().cpu().numpy(), out.word_mask.bool().cpu().numpy(), enc.num_words))
+        width = max([p[1].shape[1] for p in parts] + [0])
+        dim = parts[0][1].shape[2] if parts else 0
+        emb = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 0), np.float32)
+        words = np.zeros((n, width, dim), np.float32)
+        mask = np.zeros((n, width), bool)
+        word_lists: list[list[str]] = []
+        row = 0
+        for e, w, m, num in parts:
+            words[row : row + len(e), : w.shape[1]] = w
+            mask[row : row + len(e), : m.shape[1]] = m
+            word_lists += [texts[row + i].split()[: int(num[i])] for i in range(len(e))]
+            row += len(e)
+        return TextFeatures(emb, words, mask, texts, word_lists)
+
 
 class HFTextEncoder(_TorchBase):
     """TextEncoder over a plain HF text model (e.g. the offline MiniLM): the untrained baseline.

@@ -4,7 +4,9 @@
 
 * DIR/images/<id>.png   8-bit grayscale PA chest "radiographs" (PX x PX),
 * DIR/pairs.jsonl       `pertvl.data.records.Pair` records (study-level split from the seed; labels;
-                        the structured findings under extra["findings"]),
+                        the structured findings under extra["findings"], and extra["render"] =
+                        {generator, seed, index, size}: what re-draws the findings' masks, see
+                        pertvl.data.phantom.grounding),
 * DIR/labels.csv        the CheXpert header; Path relative to DIR, Frontal, PA; 1.0/0.0 for the labels
                         the phantom models (No Finding, Cardiomegaly, Lung Lesion = nodule, Edema,
                         Consolidation, Atelectasis, Pneumothorax, Pleural Effusion); blank for the
@@ -43,7 +45,9 @@ same seed and N give byte-identical images, pairs.jsonl, labels.csv and NLI file
 number of worker processes (PNGs are written with fixed settings and no timestamp chunk).
 
 Modules: findings.py (the truth: vocabulary, Finding, CheXpert labels, the sampler), render.py
-(pixels), language.py (reports and NLI items), corpus.py (the files and `pertvl data phantom`).
+(pixels, and finding_masks: where each finding is drawn), language.py (reports and NLI items),
+corpus.py (the files and `pertvl data phantom`), grounding.py (masks and finding words of a
+sample, from its seed: the grounding evaluation's truth).
 """
 
 from pertvl.data.phantom.corpus import (

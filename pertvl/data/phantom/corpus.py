@@ -71,6 +71,12 @@ class _Made:
     write_s: float
 
 
+def render_ref(seed: int, index: int, size: int) -> dict[str, Any]:
+    """What re-creates a phantom's rendering generator and pixel grid (extra["render"] of its pair):
+    pertvl.data.phantom.grounding reads it to draw the findings' masks."""
+    return {"generator": GENERATOR_VERSION, "seed": seed, "index": index, "size": size}
+
+
 def _streams(seed: int, index: int) -> list[np.random.Generator]:
     """The independent generators of phantom `index`: findings, pixels, report, NLI."""
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed, spawn_key=(index,)).spawn(4)]
@@ -228,7 +234,8 @@ def generate_phantoms(
         pid = phantom_id(seed, m.index)
         fs = [Finding.from_json(f) for f in m.findings]
         pairs.append(Pair(id=pid, study_id=pid, image=f"images/{pid}.png", projection="Frontal", text=m.text,
-                          labels=chexpert_labels(fs), source="phantom", extra={"findings": m.findings}))
+                          labels=chexpert_labels(fs), source="phantom",
+                          extra={"findings": m.findings, "render": render_ref(seed, m.index, size)}))
     assign_splits(pairs, seed=seed)
     write_pairs(out / "pairs.jsonl", pairs)
     atomic_write_text(out / "labels.csv", _labels_csv(pairs))

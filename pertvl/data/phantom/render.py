@@ -286,10 +286,12 @@ def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rng: np.random.Generat
     return pt
 
 
-def _draw_effusion(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
+def _draw_effusion(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """Dense fluid at the base; its surface climbs the lateral wall (meniscus), so a small
-    effusion only fills (blunts) the costophrenic angle and a large one hides the dome."""
+    effusion only fills (blunts) the costophrenic angle and a large one hides the dome.
+    Returns the fluid inside the lung fields (0..1), like every drawer its footprint."""
     cv, pt = s.cv, s.cv.pt
+    footprint = np.zeros_like(cv.xa)
     for side in (("left", "right") if f.side == "bilateral" else (f.side,)):
         k = _SIDE_INDEX[side]
         H = pt.y_cp[k] - pt.y_top[k]
@@ -301,11 +303,14 @@ def _draw_effusion(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
         fluid = np.clip((cv.ya - y_f) * _f32(1 / 0.012) + _f32(0.3), 0, 1) * cv.side_mask(side)
         s.lung_eff *= 1 - _f32(0.94) * fluid
         s.extra += _f32(0.05) * fluid * np.clip((cv.ya - y_f) * _f32(1 / H), 0, 1) * s.lung.mask
+        footprint = np.maximum(footprint, fluid * s.lung.mask)
+    return footprint
 
 
-def _draw_pneumothorax(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
+def _draw_pneumothorax(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """The lung collapses toward its base and hilum (most air at the apex, less along the wall):
-    the space between is darker and has no markings; the visceral pleural line is visible."""
+    the space between is darker and has no markings; the visceral pleural line is visible.
+    Returns the air space (0..1)."""
     cv, pt = s.cv, s.cv.pt
     k = _SIDE_INDEX[f.side]
     sy = {"small": 0.85, "moderate": 0.71, "large": 0.55}[f.severity] + rng.uniform(-0.03, 0.03)
@@ -321,11 +326,12 @@ def _draw_pneumothorax(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
     s.vessel_gain *= 1 - space
     s.lung_eff *= 1 - _f32(0.12) * col * side
     s.extra += _f32(-0.07) * space + _f32(0.17) * line
+    return space
 
 
-def _draw_consolidation(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
+def _draw_consolidation(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """Dense patchy airspace opacity in its lobe (markings hidden); the right upper lobe one stops
-    sharply at the minor fissure."""
+    sharply at the minor fissure. Returns the opacity (0..1)."""
     cv, pt = s.cv, s.cv.pt
     r, c = _pick_pixel(rng, _lobe_zone(cv, s.lung, f.location, pt) * s.lung.mask * (1 - s.heart), 0.9)
     cx, cy = float(cv.xa[r, c]), float(cv.ya[r, c])
@@ -342,10 +348,12 @@ def _draw_consolidation(s: _Scene, f: Finding, rng: np.random.Generator) -> None
         cons *= cv.ramp(_f32(pt.y_top[kr] + 0.44 * (pt.y_cp[kr] - pt.y_top[kr])) - cv.ya, 1.2)
     s.lung_eff *= 1 - _f32(0.88) * cons
     s.vessel_gain *= 1 - cons
+    return cons
 
 
-def _draw_nodule(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
-    """A round, well-defined soft-tissue density in its lobe, clear of the heart and lung edges."""
+def _draw_nodule(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
+    """A round, well-defined soft-tissue density in its lobe, clear of the heart and lung edges.
+    Returns the disk (0..1)."""
     cv, pt = s.cv, s.cv.pt
     rad = rng.uniform(0.016, 0.022) if f.severity == "small" else rng.uniform(0.03, 0.04)
     room = (s.thick > 0.97).astype(np.float32)  # neighbourhood all lung
@@ -357,11 +365,13 @@ def _draw_nodule(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
     s.lung_eff *= 1 - _f32(0.92) * disk
     s.extra += _f32(0.06) * disk
     s.vessel_gain *= 1 - disk
+    return disk
 
 
-def _draw_atelectasis(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
+def _draw_atelectasis(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """Plate-like linear opacities at the base (the hemidiaphragm was lifted in _adjust_anatomy);
-    moderate adds a wedge of collapsed lower lobe at the medial base."""
+    moderate adds a wedge of collapsed lower lobe at the medial base. Returns the plates (and
+    wedge), 0..1; the lifted dome is not part of it."""
     cv, pt = s.cv, s.cv.pt
     xa, ya = cv.xa, cv.ya
     k = _SIDE_INDEX[f.side]
@@ -383,11 +393,13 @@ def _draw_atelectasis(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
     plates *= s.lung.mask * cv.side_mask(f.side)
     s.lung_eff *= 1 - _f32(0.85) * plates
     s.vessel_gain *= 1 - plates
+    return plates
 
 
-def _draw_edema(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
+def _draw_edema(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """Bilateral perihilar haze ('bat wing'), prominent vessels and a reticular interstitial
-    pattern, all growing with severity."""
+    pattern, all growing with severity. Returns the perihilar haze inside the lung fields (0..1):
+    the vessel and reticular changes cover both lungs and are not part of it."""
     cv, pt = s.cv, s.cv.pt
     e = {"mild": 1, "moderate": 2, "severe": 3}[f.severity]
     amp = (0.4, 0.6, 0.8)[e - 1]
@@ -399,6 +411,7 @@ def _draw_edema(s: _Scene, f: Finding, rng: np.random.Generator) -> None:
     net = np.exp(-((s.fine * _f32(1 / 0.22)) ** 2))  # zero-level lines of smooth noise: a network
     s.extra += _f32(0.035 * e) * net * s.lung_eff
     s.vessel_gain *= _f32(1 + 0.35 * e)
+    return haze * s.lung.mask
 
 
 # Drawn in this order (the findings generator is consumed in it).
@@ -412,22 +425,28 @@ _DRAW = {
 }
 
 
-def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw one PA chest radiograph phantom with the given findings.
+@dataclass
+class _Prepared:
+    """What the image and the finding masks share: the patient, the anatomy the findings are
+    placed by, and the scene with every finding drawn (each drawer's footprint kept)."""
 
-    The generator is split into independent streams (anatomy, vessels, findings, noise), so the same
-    generator state with and without a finding gives the same patient, markings and noise: the
-    difference between the two images is the finding itself.
+    pt: _Patient
+    cv: _Canvas
+    L: np.ndarray
+    lung: _Lung
+    thick: np.ndarray
+    heart: np.ndarray
+    med: np.ndarray
+    top_h: float
+    vessels: np.ndarray
+    scene: _Scene
+    footprints: dict[str, np.ndarray]
+    r_noise: np.random.Generator
 
-    Args:
-        findings: Finding objects (or their JSON dicts), at most one per type.
-        size: image side in pixels (64..2048).
-        rng: the phantom's rendering generator.
 
-    Returns:
-        uint8 array [size, size], 0 = black (air), 255 = white (bone/fluid); patient's left on the
-        image right.
-    """
+def _prepare(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator) -> _Prepared:
+    """Everything up to the drawn findings, with the generator streams consumed as render_phantom
+    always has (anatomy, vessels, findings, noise), so the image and the masks agree."""
     if not MIN_SIZE <= int(size) <= MAX_SIZE:
         raise ValueError(f"phantom size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
     size = int(size)
@@ -439,19 +458,10 @@ def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng:
     L = cv.per_side(pt.lung_w)
     lung = _lung_shape(cv, ad, ya, pt.m0, L, cv.per_side(pt.y_top), cv.per_side(pt.y_cp), cv.per_side(pt.dome_top))
     thorax_w = 2 * pt.m0 + pt.lung_w[0] + pt.lung_w[1]
-
-    # Body outline: neck, sloping shoulders, chest wall widening slightly downward.
-    wall = _f32(0.465 * pt.body_w) + _f32(0.02) * np.clip(ya - _f32(0.3), 0, 1)
-    sh = np.clip((ya - _f32(pt.y_top[0] - 0.13)) * _f32(1 / 0.2), 0, 1)
-    body = cv.ramp(np.maximum(_f32(0.1), wall * (1 - (1 - sh) ** 2) ** _f32(0.7)) - ad, 2.5)
     # Depth of lung each ray crosses: thinner near the edges of the field (blurred mask).
     thick = np.asarray(Image.fromarray((lung.mask * 255).astype(np.uint8)).filter(
         ImageFilter.GaussianBlur(radius=0.035 * size * pt.scale)), dtype=np.float32) * _f32(1 / 255)
     lung_depth = lung.mask * (_f32(0.55) + _f32(0.45) * np.clip(thick * _f32(1.6), 0, 1))
-    abdomen = cv.ramp(ya - lung.y_dome, 1.5) * body
-    bubble_r = np.sqrt(((xa - _f32(0.5 + pt.m0 + 0.35 * pt.lung_w[1])) * _f32(1 / 0.045)) ** 2
-                       + ((ya - _f32(pt.dome_top[1] + 0.05)) * _f32(1 / 0.026)) ** 2)
-    bubble = cv.ramp((1 - bubble_r) * _f32(0.026), 2) * abdomen  # gastric air under the LEFT dome
 
     # Heart: the upper half of a sheared ellipse centred at the level of the domes, so that it sits
     # on the diaphragm, widest at its base, apex to the image right (the patient's left); its width
@@ -467,6 +477,78 @@ def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng:
     knob = cv.ramp(_f32(0.03) - np.sqrt(((xa - _f32(0.5 + pt.med_w + 0.012)) * _f32(1.1)) ** 2
                                         + (ya - _f32(top_h - 0.055)) ** 2), 1.2)
     med = np.maximum(med, knob)
+
+    vessels = _vessels(cv, lung.mask, r_vessel)
+    scene = _Scene(
+        cv=cv, lung=lung, thick=thick, heart=heart,
+        fine=_smooth_noise(r_vessel, size, 24), blotch=_smooth_noise(r_vessel, size, 9),
+        lung_eff=lung_depth * (1 - _f32(0.93) * heart) * (1 - _f32(0.93) * med),  # minus what lies in front
+        vessel_gain=np.ones_like(xa), extra=np.zeros_like(xa),
+    )
+    footprints = {ftype: draw(scene, fs[ftype], r_find) for ftype, draw in _DRAW.items() if ftype in fs}
+    if "cardiomegaly" in fs:  # drawn as anatomy (_adjust_anatomy): the enlarged heart is its place
+        footprints["cardiomegaly"] = heart
+    return _Prepared(pt, cv, L, lung, thick, heart, med, top_h, vessels, scene, footprints, r_noise)
+
+
+MASK_LEVEL = 0.5  # a pixel belongs to a finding where its drawn layer reaches half strength
+
+
+def finding_masks(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+    """Where each finding of a phantom is drawn: bool [size, size] per finding type.
+
+    Called with the generator state `render_phantom` got (the same findings, size and seed), it
+    reproduces the patient and the findings' random placement exactly, from the same streams,
+    without composing the image (no bones, body, exposure or noise). A pixel is in a finding's
+    mask where the layer its drawer adds reaches MASK_LEVEL: the fluid of an effusion (inside the
+    lung fields), the air space of a pneumothorax, the consolidation's opacity, the nodule's disk,
+    atelectasis' plates (and wedge; not the lifted dome), edema's perihilar haze (not the
+    lung-wide vessel and reticular changes), and for cardiomegaly the enlarged heart.
+
+    Args:
+        findings: the phantom's findings (Finding or JSON dicts), at most one per type.
+        size: the size the phantom was rendered at (placement is chosen on that pixel grid).
+        rng: the phantom's rendering generator, in the state render_phantom received.
+
+    Returns:
+        {finding type: bool mask}, one entry per finding.
+    """
+    prep = _prepare(findings, size, rng)
+    return {t: fp >= _f32(MASK_LEVEL) for t, fp in prep.footprints.items()}
+
+
+def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw one PA chest radiograph phantom with the given findings.
+
+    The generator is split into independent streams (anatomy, vessels, findings, noise), so the same
+    generator state with and without a finding gives the same patient, markings and noise: the
+    difference between the two images is the finding itself. `finding_masks` with the same
+    generator state says where each finding is.
+
+    Args:
+        findings: Finding objects (or their JSON dicts), at most one per type.
+        size: image side in pixels (64..2048).
+        rng: the phantom's rendering generator.
+
+    Returns:
+        uint8 array [size, size], 0 = black (air), 255 = white (bone/fluid); patient's left on the
+        image right.
+    """
+    prep = _prepare(findings, size, rng)
+    size = int(size)
+    pt, cv, L, lung, scene = prep.pt, prep.cv, prep.L, prep.lung, prep.scene
+    heart, med, top_h, r_noise = prep.heart, prep.med, prep.top_h, prep.r_noise
+    xa, ya, d, ad = cv.xa, cv.ya, cv.d, cv.ad
+
+    # Body outline: neck, sloping shoulders, chest wall widening slightly downward.
+    wall = _f32(0.465 * pt.body_w) + _f32(0.02) * np.clip(ya - _f32(0.3), 0, 1)
+    sh = np.clip((ya - _f32(pt.y_top[0] - 0.13)) * _f32(1 / 0.2), 0, 1)
+    body = cv.ramp(np.maximum(_f32(0.1), wall * (1 - (1 - sh) ** 2) ** _f32(0.7)) - ad, 2.5)
+    abdomen = cv.ramp(ya - lung.y_dome, 1.5) * body
+    bubble_r = np.sqrt(((xa - _f32(0.5 + pt.m0 + 0.35 * pt.lung_w[1])) * _f32(1 / 0.045)) ** 2
+                       + ((ya - _f32(pt.dome_top[1] + 0.05)) * _f32(1 / 0.026)) ** 2)
+    bubble = cv.ramp((1 - bubble_r) * _f32(0.026), 2) * abdomen  # gastric air under the LEFT dome
     trachea = cv.ramp(_f32(0.012) - np.abs(d + _f32(0.003)), 1.5) * cv.ramp(_f32(top_h - 0.03) - ya, 3)
 
     # Bones: spine with vertebral bodies, clavicles, posterior ribs curving down laterally, faint
@@ -491,17 +573,7 @@ def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng:
         hx = 0.5 + sign * (pt.m0 + 0.13 * pt.lung_w[k])
         hil += np.exp(((xa - _f32(hx)) ** 2 + (ya - _f32(pt.hilum_y[k])) ** 2) * _f32(-1 / (2 * 0.026**2)))
 
-    vessels = _vessels(cv, lung.mask, r_vessel)
-    scene = _Scene(
-        cv=cv, lung=lung, thick=thick, heart=heart,
-        fine=_smooth_noise(r_vessel, size, 24), blotch=_smooth_noise(r_vessel, size, 9),
-        lung_eff=lung_depth * (1 - _f32(0.93) * heart) * (1 - _f32(0.93) * med),  # minus what lies in front
-        vessel_gain=np.ones_like(xa), extra=np.zeros_like(xa),
-    )
-    for ftype, draw in _DRAW.items():
-        if ftype in fs:
-            draw(scene, fs[ftype], r_find)
-
+    vessels = prep.vessels
     # Density (~ attenuation) -> brightness: air black, soft tissue grey, heart/abdomen/bone white.
     # Heart, mediastinum and abdomen are all soft tissue: where they overlap take the densest.
     solid = np.maximum(np.maximum(_f32(0.2) * abdomen, _f32(0.17) * heart), _f32(0.14) * med)

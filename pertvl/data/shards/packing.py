@@ -193,6 +193,8 @@ def _meta_bytes(job: _Job, split: str) -> bytes:
         "perturbations": job.record["perturbations"],
         "unavailable": job.record["unavailable"],
     }
+    if p.extra:  # source facts (the phantom's findings and render seed: what grounding evaluation needs)
+        meta["extra"] = p.extra
     return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 

@@ -1,0 +1,421 @@
+"""Grounding of the local branch: does a finding word attend to where the finding is drawn?
+
+For every test phantom and every word of its report that names a finding the image has
+("effusion", "pneumothorax", "consolidation", "enlarged", "nodule", "atelectasis", "edema", ...;
+pertvl.data.phantom.grounding.finding_words), the word→region attention of the local branch
+(pertvl.infer.attention_maps on the encoder's region and word features: GLoRIA's attention, the
+maps `pertvl embed --attention-maps` draws) is compared with the finding's mask
+(pertvl.data.phantom.grounding.phantom_masks: re-drawn from the phantom's seed, at its render size,
+area-averaged to the region grid: share[r, c] = the part of cell (r, c) inside the mask).
+
+Per (image, finding word) item:
+- pointing game: the most-attended cell lies in the mask (share > 0). Ties for the maximum count
+  as the share of the tied cells that lie in it (uniform attention scores its chance exactly).
+  Chance: the share of the grid's cells that lie in the mask (a uniformly random cell).
+- attention mass in the mask: sum over cells of attention × share. Chance: the mask's area share
+  (the mean of share; what uniform attention gets).
+Per finding type and over all items: the means, with 95 % percentile bootstrap CIs over images
+(images resampled, their items kept together), seeded.
+
+Images without a phantom record (extra.render, written by `pertvl data phantom` and carried by
+`pertvl pack`) are skipped and counted ("not_a_phantom"), as are reports the phantom's seed does not
+re-compose ("report_mismatch"); finding words cut by the text encoder's max_length
+("finding_word_truncated") and findings whose mask is empty at the render size ("empty_mask") are
+not scored; normal images have no finding word.
+
+Which models this means something for: the local branch is trained by L_local (the gloria and
+full presets). convirt and no_local models still have one (its projections at initialization,
+under a trained backbone), so the evaluation runs for them too; their numbers say what an
+untrained local branch gives.
+
+JSON schema "pertvl-grounding/1":
+
+    {"schema": "pertvl-grounding/1",
+     "overall": STAT, "per_type": {finding type: STAT},       # types with at least one item
+     "images": int (scored, with >= 1 finding word), "images_without_finding_words": int,
+     "skipped": {reason: int}, "grid": [h, w], "gamma1": float,
+     "bootstrap": {"resamples", "seed", "confidence", "method": "percentile, images resampled"},
+     "words": {word: count}, "info": {...}}
+    STAT = {"items": int, "images": int, "pointing": float|null, "pointing_ci95": [lo, hi]|null,
+            "pointing_chance": float|null, "mass": float|null, "mass_ci95": [lo, hi]|null,
+            "area": float|null}
+
+Flat metrics: grounding/pointing, grounding/pointing_chance, grounding/mass, grounding/area and
+grounding/pointing/TYPE.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pertvl.evaluate.encoder import image_array
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
+from pertvl.evaluate.report import md_table, new_figure, pct, save_png
+
+SCHEMA = "pertvl-grounding/1"
+CONFIDENCE = 0.95
+TIE = 1e-9  # relative: attention within this of the maximum is tied with it
+
+
+@dataclass
+class GroundingItem:
+    """One (image, finding word): what the attention did and what chance would do."""
+
+    image: int  # index among the scored images (the bootstrap's cluster)
+    type: str
+    word: str
+    pointing: float  # 1/0, or the in-mask share of tied maxima
+    pointing_chance: float
+    mass: float
+    area: float
+
+
+def item_scores(attn: np.ndarray, share: np.ndarray) -> tuple[float, float, float, float]:
+    """(pointing, pointing chance, mass in mask, area share) of one attention map [h, w] (sums to 1)
+    against a mask's per-cell share [h, w]."""
+    attn = np.asarray(attn, dtype=np.float64)
+    share = np.asarray(share, dtype=np.float64)
+    if attn.shape != share.shape:
+        raise ValueError(f"attention {attn.shape} and mask {share.shape} differ in grid")
+    inside = share > 0
+    top = attn >= attn.max() * (1 - TIE)
+    return (float(inside[top].mean()), float(inside.mean()), float((attn * share).sum() / max(attn.sum(), 1e-300)),
+            float(share.mean()))
+
+
+def cluster_bootstrap_ci(values: np.ndarray, clusters: np.ndarray, resamples: int, seed: int
+                         ) -> tuple[float, float] | None:
+    """Percentile CI of the mean of `values` with whole clusters (images) resampled; None for
+    fewer than 2 clusters or 0 resamples."""
+    values = np.asarray(values, dtype=np.float64)
+    ids, inv = np.unique(np.asarray(clusters), return_inverse=True)
+    if resamples <= 0 or len(ids) < 2:
+        return None
+    sums = np.bincount(inv, weights=values, minlength=len(ids))
+    counts = np.bincount(inv, minlength=len(ids)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(resamples)
+    for start in range(0, resamples, 256):  # bounded memory for many images
+        pick = rng.integers(0, len(ids), (min(256, resamples - start), len(ids)))
+        stats[start : start + len(pick)] = sums[pick].sum(1) / counts[pick].sum(1)
+    alpha = (1 - CONFIDENCE) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+@dataclass
+class GroundingStat:
+    items: int
+    images: int
+    pointing: float | None
+    pointing_ci95: tuple[float, float] | None
+    pointing_chance: float | None
+    mass: float | None
+    mass_ci95: tuple[float, float] | None
+    area: float | None
+
+    @classmethod
+    def of(cls, items: list[GroundingItem], resamples: int, seed: int) -> GroundingStat:
+        if not items:
+            return cls(0, 0, None, None, None, None, None, None)
+        img = np.array([it.image for it in items])
+        p = np.array([it.pointing for it in items])
+        m = np.array([it.mass for it in items])
+        return cls(len(items), len(set(img.tolist())), float(p.mean()), cluster_bootstrap_ci(p, img, resamples, seed),
+                   float(np.mean([it.pointing_chance for it in items])), float(m.mean()),
+                   cluster_bootstrap_ci(m, img, resamples, seed), float(np.mean([it.area for it in items])))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"items": self.items, "images": self.images, "pointing": self.pointing,
+                "pointing_ci95": list(self.pointing_ci95) if self.pointing_ci95 else None,
+                "pointing_chance": self.pointing_chance, "mass": self.mass,
+                "mass_ci95": list(self.mass_ci95) if self.mass_ci95 else None, "area": self.area}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GroundingStat:
+        def ci(v):
+            return (float(v[0]), float(v[1])) if v is not None else None
+
+        return cls(int(d["items"]), int(d["images"]), d.get("pointing"), ci(d.get("pointing_ci95")),
+                   d.get("pointing_chance"), d.get("mass"), ci(d.get("mass_ci95")), d.get("area"))
+
+
+@dataclass
+class GroundingResult:
+    """The grounding evaluation's outcome; `to_json` gives the documented schema."""
+
+    overall: GroundingStat
+    per_type: dict[str, GroundingStat]
+    images: int
+    images_without_finding_words: int
+    skipped: dict[str, int]
+    grid: tuple[int, int]
+    gamma1: float
+    bootstrap: dict[str, Any]
+    words: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+    items: list[GroundingItem] = field(default_factory=list, repr=False, compare=False)  # not serialized
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "overall": self.overall.to_json(),
+                "per_type": {t: s.to_json() for t, s in self.per_type.items()}, "images": self.images,
+                "images_without_finding_words": self.images_without_finding_words, "skipped": dict(self.skipped),
+                "grid": list(self.grid), "gamma1": self.gamma1, "bootstrap": dict(self.bootstrap),
+                "words": dict(self.words), "info": dict(self.info)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GroundingResult:
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+            raise ValueError(f"not a pertvl grounding result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
+        return cls(GroundingStat.from_json(d["overall"]),
+                   {t: GroundingStat.from_json(s) for t, s in d["per_type"].items()}, int(d["images"]),
+                   int(d["images_without_finding_words"]), {k: int(v) for k, v in d.get("skipped", {}).items()},
+                   tuple(int(g) for g in d["grid"]), float(d["gamma1"]), dict(d.get("bootstrap", {})),
+                   {k: int(v) for k, v in d.get("words", {}).items()}, dict(d.get("info", {})))
+
+    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
+    def markdown(self, name: str) -> str:
+        from pertvl.data.phantom.findings import FINDING_TYPES
+
+        def row(label: str, s: GroundingStat) -> list[str]:
+            return [label, str(s.items), str(s.images), pct(s.pointing), ci(s.pointing_ci95), pct(s.pointing_chance),
+                    pct(s.mass), ci(s.mass_ci95), pct(s.area)]
+
+        rows = [row("**all finding words**", self.overall)]
+        rows += [row(f"{t.replace('_', ' ')} (`{t}`)", self.per_type[t]) for t in FINDING_TYPES if t in self.per_type]
+        b = self.bootstrap
+        words = ", ".join(f"{w} {c}" for w, c in sorted(self.words.items()))
+        return "\n".join([
+            f"# Grounding of the local branch: {name}",
+            "",
+            md_table(["finding", "words", "images", "pointing game", "95% CI", "chance (cells in mask)",
+                      "attention mass in mask", "95% CI", "mask area share (chance)"], rows),
+            f"{self.images} images with finding words; {self.images_without_finding_words} without (normal images); "
+            + (f"skipped: {', '.join(f'{k} {v}' for k, v in sorted(self.skipped.items()))}; " if self.skipped else "")
+            + f"region grid {self.grid[0]}×{self.grid[1]}, γ1 = {self.gamma1:g}. Words: {words or 'none'}.",
+            "",
+            "Word→region attention of the local branch (GLoRIA's attention over the report's words, then the "
+            "regions) of each finding word of the report, against the finding's mask re-drawn from the phantom's "
+            "seed and area-averaged to the grid. Pointing game: the most-attended cell overlaps the mask; chance: "
+            "the share of cells that overlap it. Mass: attention × in-mask share of each cell, summed; chance: the "
+            "mask's area share. CI: percentile bootstrap over images "
+            f"({b.get('resamples')} resamples, seed {b.get('seed')}). The local branch is trained by L_local "
+            "(gloria, full presets); other models' numbers are those of an untrained local branch.",
+        ]) + "\n"
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        return {"png": plot_grounding(self, Path(out_dir) / f"{name}.png", f"Grounding of the local branch: {name}")}
+
+    def metrics(self) -> dict[str, float | None]:
+        o = self.overall
+        out: dict[str, float | None] = {"grounding/pointing": o.pointing, "grounding/pointing_chance": o.pointing_chance,
+                                        "grounding/mass": o.mass, "grounding/area": o.area}
+        out.update({f"grounding/pointing/{t}": s.pointing for t, s in self.per_type.items()})
+        return out
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        from pertvl.data.phantom.findings import FINDING_TYPES
+
+        metric = key.split("/", 1)[1]
+        fixed = {"pointing": "Pointing game", "pointing_chance": "Pointing chance", "mass": "Attention mass in mask",
+                 "area": "Mask area (mass chance)"}
+        if metric in fixed:
+            return MetricInfo(fixed[metric], order=(0, list(fixed).index(metric)))
+        t = metric.split("/", 1)[-1]
+        return MetricInfo(f"Pointing: {t.replace('_', ' ')}",
+                          order=(1, FINDING_TYPES.index(t) if t in FINDING_TYPES else len(FINDING_TYPES), t))
+
+    def headline(self) -> str:
+        o = self.overall
+        if o.items == 0:
+            return f"grounding: no finding words scored ({self.images_without_finding_words} images without any)"
+        return (f"grounding: pointing game {pct(o.pointing)} (chance {pct(o.pointing_chance)}), attention mass in "
+                f"the finding's mask {pct(o.mass)} (area {pct(o.area)}) over {o.items} finding words in "
+                f"{o.images} images")
+
+
+def ci(interval) -> str:
+    return "—" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+GROUNDING_FIGSIZE = (11.0, 4.5)  # → 1100 × 450 px
+
+
+def plot_grounding(result: GroundingResult, out_png: Path, title: str) -> Path:
+    """Two panels, one group per finding type (+ all): pointing game vs its chance, mass vs area."""
+    from pertvl.data.phantom.findings import FINDING_TYPES
+
+    keys = ["all"] + [t for t in FINDING_TYPES if t in result.per_type]
+    stats = [result.overall] + [result.per_type[t] for t in keys[1:]]
+    labels = [k.replace("_", " ") for k in keys]
+    x = np.arange(len(keys))
+    fig = new_figure(GROUNDING_FIGSIZE)
+    axes = fig.subplots(1, 2)
+    for ax, (what, lo_hi, chance, name) in zip(axes, (("pointing", "pointing_ci95", "pointing_chance", "pointing game"),
+                                                      ("mass", "mass_ci95", "area", "attention mass in mask")),
+                                               strict=True):
+        vals = np.array([np.nan if getattr(s, what) is None else 100 * getattr(s, what) for s in stats])
+        err = np.array([[0.0, 0.0] if getattr(s, lo_hi) is None else
+                        [100 * (getattr(s, what) - getattr(s, lo_hi)[0]), 100 * (getattr(s, lo_hi)[1] - getattr(s, what))]
+                        for s in stats]).T
+        ax.bar(x - 0.2, np.nan_to_num(vals), 0.4, yerr=err, capsize=3, color="#4f81bd", label=name)
+        ax.bar(x + 0.2, [0 if getattr(s, chance) is None else 100 * getattr(s, chance) for s in stats], 0.4,
+               color="#c0c0c0", label="chance")
+        ax.set_xticks(x, [f"{lab}\nn={s.items}" for lab, s in zip(labels, stats, strict=True)], fontsize=8,
+                      rotation=30, ha="right")
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("%")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=8, loc="upper right")
+        ax.set_title(name, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    return save_png(fig, out_png)
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def evaluate_grounding(
+    encoder: Any,
+    samples: Iterable[Any],
+    gamma1: float = 4.0,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 32,
+    info: Mapping[str, Any] | None = None,
+) -> GroundingResult:
+    """Run the grounding evaluation over shard samples of phantoms.
+
+    Args:
+        encoder: has `image_features(images)` and `text_features(texts)` (pertvl.infer.Embedder,
+            pertvl.evaluate.torch_encoder.TorchEncoder): region and word features.
+        samples: shard samples (`.image` uint8 [H, W], `.meta` with text and extra).
+        gamma1: GLoRIA's region temperature of the attention (the loss default 4.0).
+        bootstrap, seed: CI resamples (0: none) and seed.
+        batch_size: images per encoder call.
+        info: provenance stored in the result.
+
+    Raises:
+        ValueError: the encoder has no local branch outputs.
+    """
+    from pertvl.data.phantom.grounding import PhantomTruth, finding_words, phantom_masks, region_shares
+    from pertvl.infer import attention_maps
+
+    if not (hasattr(encoder, "image_features") and hasattr(encoder, "text_features")):
+        raise ValueError("grounding needs the local branch (image_features/text_features): an ONNX export "
+                         "(--export) or a run (--run)")
+    skipped: Counter = Counter()
+    words_seen: Counter = Counter()
+    items: list[GroundingItem] = []
+    no_words = 0
+    grid: tuple[int, int] = (0, 0)
+    pending: list[tuple[Any, Any, str, list]] = []
+    scored = 0
+
+    def flush() -> None:
+        nonlocal grid, scored
+        if not pending:
+            return
+        images = np.stack([image_array(s) for s, _, _, _ in pending])
+        img = encoder.image_features(images)
+        txt = encoder.text_features([text for _, _, text, _ in pending])
+        grid = tuple(int(g) for g in img.grid)
+        for row, (_, truth, _, fwords) in enumerate(pending):
+            seen = txt.word_lists[row]
+            maps = attention_maps(img.regions[row], grid, txt.words[row], txt.word_mask[row], gamma1=gamma1)
+            masks = phantom_masks(truth)
+            shares = {t: region_shares(masks[t], grid) for t in {w.type for w in fwords}}
+            kept = 0
+            for w in fwords:
+                if w.index >= len(seen) or seen[w.index] != w.word:  # cut by the encoder's max_length
+                    skipped["finding_word_truncated"] += 1
+                    continue
+                if not (shares[w.type] > 0).any():  # drawn thinner than half a pixel at this size: no target
+                    skipped["empty_mask"] += 1
+                    continue
+                p, pc, m, a = item_scores(maps[w.index], shares[w.type])
+                items.append(GroundingItem(scored, w.type, w.word, p, pc, m, a))
+                words_seen[w.word] += 1
+                kept += 1
+            scored += kept > 0
+        pending.clear()
+
+    for sample in samples:
+        meta = sample.meta
+        text = (meta.get("text") or "").strip()
+        if not text:
+            skipped["empty_text"] += 1
+            continue
+        try:
+            truth = PhantomTruth.from_meta(meta)
+        except ValueError:
+            skipped["not_a_phantom"] += 1
+            continue
+        try:
+            fwords = finding_words(truth, text)
+        except ValueError:
+            skipped["report_mismatch"] += 1
+            continue
+        if not fwords:
+            no_words += 1
+            continue
+        pending.append((sample, truth, text, fwords))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    by_type: dict[str, list[GroundingItem]] = defaultdict(list)
+    for it in items:
+        by_type[it.type].append(it)
+    return GroundingResult(
+        overall=GroundingStat.of(items, bootstrap, seed),
+        per_type={t: GroundingStat.of(v, bootstrap, seed) for t, v in sorted(by_type.items())},
+        images=scored,
+        images_without_finding_words=no_words,
+        skipped=dict(skipped),
+        grid=grid,
+        gamma1=float(gamma1),
+        bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE,
+                   "method": "percentile, images resampled"},
+        words=dict(sorted(words_seen.items())),
+        info=dict(info or {}),
+        items=items,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gamma1", type=float, default=4.0, help="GLoRIA's attention temperature γ1 (default 4.0)")
+    p.add_argument("--bootstrap", type=non_negative, default=1000,
+                   help="bootstrap resamples (images) for the 95%% CIs, 0 to skip (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def run(encoder: Any, data: Iterable[Any], options: argparse.Namespace) -> GroundingResult:
+    """`pertvl eval grounding`: `evaluate_grounding` over the shard samples."""
+    return evaluate_grounding(encoder, data, gamma1=options.gamma1, bootstrap=options.bootstrap, seed=options.seed,
+                              batch_size=options.batch_size)
+
+
+EVALUATION = Evaluation(
+    name="grounding",
+    help="grounding of the local branch on phantoms: pointing game and attention mass in the finding's mask",
+    description="For each test phantom and each word of its report naming a present finding, the word→region "
+    "attention of the local branch against the finding's mask (re-drawn from the phantom's seed): pointing "
+    "game and attention mass inside the mask, against chance, per finding type. Needs shards packed from a "
+    "phantom corpus (extra.render). Writes NAME.json, NAME.md and NAME.png.",
+    add_arguments=add_arguments,
+    run=run,
+    result_type=GroundingResult,
+    schemas=(SCHEMA,),
+    title="Grounding of the local branch (phantom masks)",
+    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
+)
