@@ -576,9 +576,10 @@ def _local_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) ->
 
 
 def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
-    # No cross-sample term: each rank's own batch.
-    return perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid,
-                             cfg.pert_temperature)
+    # No cross-sample term: each rank's own batch. Types outside loss.pert_types are masked out
+    # (perturbation_loss ignores whatever an invalid slot holds); all nine: unchanged, bit for bit.
+    return perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb,
+                             cfg.mask_pert_valid(out.pert_valid), cfg.pert_temperature)
 
 
 # The paper's three terms (§III-B 1-3) and its ablations (Tables II-IV), in its row order.
@@ -622,6 +623,39 @@ def preset_label(name: str) -> str:
     return LOSS_PRESETS[name].label if name in LOSS_PRESETS else name
 
 
+def _batch_pert_types() -> tuple[str, ...]:
+    """The perturbation types a training batch carries (`Batch.pert_valid`'s K columns)."""
+    from pertvl.data.records import PERTURBATION_TYPES
+
+    return PERTURBATION_TYPES
+
+
+def _check_pert_types(value: Any) -> list[str]:
+    """`loss.pert_types` validated: a non-empty list of distinct types the batch carries, returned in
+    the batch's (PERTURBATION_TYPES) order. Counterfactual types (cf_*) are refused: the shards'
+    training batches do not carry them (they are evaluation-only for now)."""
+    known = _batch_pert_types()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
+        raise ValueError(f"LossConfig: expected pert_types to be a list of perturbation type names "
+                         f"(some of {list(known)}), got {value!r}")
+    if not value:
+        raise ValueError("LossConfig: pert_types is empty; L_pert needs at least one type (for no L_pert, "
+                         "use a preset without it: convirt or gloria)")
+    if len(set(value)) != len(value):
+        raise ValueError(f"LossConfig: pert_types repeats a type: {list(value)}")
+    counterfactual = [t for t in value if t.startswith("cf_") and t not in known]
+    if counterfactual:
+        raise ValueError(f"LossConfig: pert_types {counterfactual} are counterfactual types, evaluation-only for "
+                         f"now: training batches do not carry them (pertvl.data.batch.Batch.pert_valid holds "
+                         f"{list(known)}); choose from those")
+    unknown = [t for t in value if t not in known]
+    if unknown:
+        raise ValueError(f"LossConfig: unknown pert_types {unknown}; the training batch carries {list(known)}")
+    return [t for t in known if t in value]
+
+
 @dataclass
 class LossConfig:
     """Weights and temperatures of L = L_global + α·L_local + β·L_pert (paper Eq. 1).
@@ -636,6 +670,10 @@ class LossConfig:
     image→text and text→image cross-entropies. Defaults are the paper's: L_global "mean"
     (a symmetric cross-entropy as CLIP [3], which averages) and L_local "sum" ("Addition of the
     symmetrical cross-entropy loss", as GLoRIA). GLoRIA itself also sums L_global's directions.
+
+    `pert_types`: the perturbation types L_pert trains on (default: all nine of
+    PERTURBATION_TYPES, the paper's). The others are masked out of L_pert and the engine does not
+    encode them (leave-one-type-out, issue 13 §3: `pertvl ablate --holdout-type T`).
     """
 
     preset: str = "full"
@@ -650,8 +688,10 @@ class LossConfig:
     global_reduction: str = "mean"
     local_reduction: str = "sum"
     weights: dict[str, float] = field(default_factory=dict)
+    pert_types: list[str] = field(default_factory=lambda: list(_batch_pert_types()))
 
     def __post_init__(self) -> None:
+        self.pert_types = _check_pert_types(self.pert_types)
         if self.preset not in LOSS_PRESETS:
             raise ValueError(f"LossConfig: expected preset in {sorted(LOSS_PRESETS)}, got {self.preset!r}")
         if self.local_aggregation not in ("sum", "mean"):
@@ -700,6 +740,29 @@ class LossConfig:
     def needs(self) -> frozenset[Feature]:
         """The model features the preset's terms read."""
         return frozenset(f for t in self.terms for f in t.needs)
+
+    @property
+    def pert_holdout(self) -> tuple[str, ...]:
+        """The batch's perturbation types that L_pert does NOT train on (empty by default)."""
+        return tuple(t for t in _batch_pert_types() if t not in self.pert_types)
+
+    def pert_type_mask(self, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """[K] bool over the batch's perturbation types (PERTURBATION_TYPES order), True for the
+        types of `pert_types`; None when all are used (nothing to mask)."""
+        if not self.pert_holdout:
+            return None
+        return torch.tensor([t in self.pert_types for t in _batch_pert_types()], dtype=torch.bool, device=device)
+
+    def mask_pert_valid(self, valid: torch.Tensor) -> torch.Tensor:
+        """`valid` [B, K] with the held-out types' columns set to False; `valid` itself (the same
+        tensor object) when every type is used."""
+        mask = self.pert_type_mask(valid.device)
+        if mask is None:
+            return valid
+        if valid.dim() != 2 or valid.shape[1] != mask.shape[0]:
+            raise ValueError(f"LossConfig.mask_pert_valid: expected pert_valid of shape [B, {mask.shape[0]}] "
+                             f"(one column per type of {list(_batch_pert_types())}), got {tuple(valid.shape)}")
+        return valid & mask
 
     @property
     def uses_local(self) -> bool:
@@ -755,6 +818,12 @@ class PretrainLoss:
     def names(self) -> tuple[str, ...]:
         """"total" and the term names, the order of `LossOutput.as_floats` and of the engine's log."""
         return ("total", *(t.name for t in self.terms))
+
+    @property
+    def pert_types_in_batch(self) -> tuple[str, ...]:
+        """The perturbation types of `Batch.pert_valid`'s columns (PERTURBATION_TYPES), of which
+        `config.pert_types` are L_pert's negatives."""
+        return _batch_pert_types()
 
     def model_kwargs(self) -> dict[str, bool]:
         """Forward keywords of the model: each Feature on exactly when a term needs it."""

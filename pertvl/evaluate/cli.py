@@ -272,4 +272,9 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wandb", action="store_true", help="train without the W&B offline run")
     p.add_argument("--out", default="runs/ablate", help="folder of the runs and the table (default runs/ablate)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.add_argument("--holdout-type", action="append", metavar="T",
+                   help="leave-one-type-out (repeatable, comma-separated, or `all`): per held-out perturbation "
+                   "type T, train the presets with L_pert (full, no_local) with loss.pert_types = every type but "
+                   "T, the baselines (convirt, gloria) once, evaluate, and write OUT/holdout.{md,json}: one row "
+                   "per T, the structure accuracy on T (original vs T, chance 50 %%)")
     p.set_defaults(handler=_ablate)

@@ -335,6 +335,10 @@ class Trainer:
         # The model computes only the features the preset's terms read (e.g. no region maps for
         # convirt); the loss, not the engine, knows which.
         self.model_kwargs = self.loss_fn.model_kwargs()
+        # loss.pert_types: the held-out types' perturbations are dropped from the batch before the
+        # forward (never encoded, never negatives); None when L_pert is off or uses every type.
+        self.pert_counting = self.loss_fn.config.uses_perturbations
+        self.pert_mask = self.loss_fn.config.pert_type_mask() if self.pert_counting else None
 
         self.stream = build_train_stream(
             data.shards,
@@ -510,6 +514,7 @@ class Trainer:
                     if global_step % self.config.train.log_every == 0 or global_step == self.plan.total_steps:
                         losses = self._reduced_losses(metrics.pop("_loss_sums"))
                         metrics = {**losses, **metrics, "epoch": epoch}  # losses first: the progress bar shows them
+                        metrics.update(self._pert_metrics(metrics.pop("_pert_used")))
                         metrics.update(_data_metrics(data_counts))
                         self.monitor.log(metrics, step=global_step)
                         first_loss = metrics["loss/total"] if first_loss is None else first_loss
@@ -578,6 +583,7 @@ class Trainer:
         wait = 0.0
         names = self.loss_fn.names  # "total" and the preset's terms, whatever they are
         sums = torch.zeros(len(names), dtype=torch.float64)
+        pert_used = torch.zeros(len(self.loss_fn.pert_types_in_batch), dtype=torch.int64)
         ids: list[str] = []
         for micro in range(self.plan.grad_accum):
             t_wait = time.perf_counter()
@@ -590,6 +596,10 @@ class Trainer:
             wait += time.perf_counter() - t_wait
             ids.extend(batch.ids)
             batch = batch.to(self.device, image_dtype=self.image_dtype)
+            if self.pert_mask is not None:
+                batch.pert_valid = batch.pert_valid.to(torch.bool) & self.pert_mask.to(batch.pert_valid.device)
+            if self.pert_counting:
+                pert_used += batch.pert_valid.to(torch.bool).sum(0).cpu()
             out = engine(batch, **self.model_kwargs)
             losses = self.loss_fn(out, rank=self.rank, world_size=self.world_size)  # fp32
             engine.backward(losses.total)
@@ -600,6 +610,7 @@ class Trainer:
         step_time = time.perf_counter() - t_start
         metrics: dict[str, Any] = {
             "_loss_sums": sums / self.plan.grad_accum,
+            "_pert_used": pert_used if self.pert_counting else None,
             "lr": lr,
             "perf/step_time_s": step_time,
             "perf/samples_per_s": self.plan.samples_per_step / step_time,
@@ -624,6 +635,20 @@ class Trainer:
             dist.all_reduce(values)
             values = values.cpu() / self.world_size
         return {f"loss/{name}": float(v) for name, v in zip(self.loss_fn.names, values, strict=True)}
+
+    def _pert_metrics(self, used: torch.Tensor | None) -> dict[str, int]:
+        """The perturbation negatives L_pert used in this optimizer step, summed over its
+        micro-batches and all ranks: "data/pert_negatives" and "data/pert_negatives/<type>" for
+        every type of the batch (0 for a type held out by loss.pert_types). Empty without L_pert."""
+        if used is None:
+            return {}
+        if self.world_size > 1:
+            used = used.to(self.device)
+            dist.all_reduce(used)
+            used = used.cpu()
+        counts = [int(v) for v in used.tolist()]
+        return {"data/pert_negatives": sum(counts),
+                **{f"data/pert_negatives/{t}": v for t, v in zip(self.loss_fn.pert_types_in_batch, counts, strict=True)}}
 
     def _epoch_data_counts(self, epoch: int) -> Counter:
         from pertvl.data.stream import MASK_REASONS, SKIP_REASONS
