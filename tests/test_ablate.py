@@ -82,6 +82,7 @@ class StandIns:
         source = Path(argv[argv.index("--run") + 1] if "--run" in argv else argv[argv.index("--export") + 1])
         run_name = source.name if "--run" in argv else source.parent.name
         preset, seed = run_name.rsplit("-s", 1)
+        preset = preset.split("-without_")[0]  # leave-one-type-out runs: <preset>-without_<type>-s<seed>
         out.mkdir(parents=True, exist_ok=True)
         name = argv[argv.index("--name") + 1]
         (out / f"{name}.json").write_text(json.dumps(_fabricated(argv[1], preset, int(seed))))
@@ -271,3 +272,36 @@ def test_real_tiny_ablation_end_to_end(tmp_path, minilm_path, monkeypatch, capsy
     capsys.readouterr()
     assert pertvl_main(argv) == 0
     assert capsys.readouterr().out.count("complete, skipped") == 4
+
+
+def test_holdout_types_train_lpert_presets_without_each_type_and_baselines_once(stand_ins, inputs, capsys):
+    """`--holdout-type` (issue 13 §3): full/no_local once per held-out type with loss.pert_types =
+    the other types, convirt/gloria once per seed; the table's rows are the held-out types."""
+    from pertvl.data.records import PERTURBATION_TYPES
+
+    argv = _argv(inputs, "--holdout-type", "shuffle_all", "--holdout-type", "antonym_adjectives")
+    assert pertvl_main(argv) == 0
+    trained = {Path(a[a.index("--out") + 1]).name: a for a, _ in stand_ins.trained}
+    assert len(trained) == 3 * (2 + 2 * 2)
+    for name, args in trained.items():
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        pert = [x for x in sets if x.startswith("loss.pert_types=")]
+        if "-without_" in name:
+            held = name.split("-without_")[1].rsplit("-s", 1)[0]
+            assert pert == [f"loss.pert_types=[{','.join(t for t in PERTURBATION_TYPES if t != held)}]"]
+        else:
+            assert name.rsplit("-s", 1)[0] in ("convirt", "gloria") and pert == []
+    table = json.loads((inputs["out"] / "holdout.json").read_text())
+    assert [r["type"] for r in table["rows"]] == ["shuffle_all", "antonym_adjectives"]
+    for i, row in enumerate(table["rows"]):
+        for preset in ("convirt", "gloria", "no_local", "full"):
+            values = [_value(preset, s, 0.1 * (i + 1)) for s in (0, 1, 2)]
+            assert row["metrics"][preset]["mean"] == pytest.approx(np.mean(values))
+            assert row["metrics"][preset]["std"] == pytest.approx(np.std(values, ddof=1))
+    md = (inputs["out"] / "holdout.md").read_text()
+    assert "| held-out type T | Ours (trained without T) |" in md and "| antonym_adjectives |" in md
+    assert "Leave-one-type-out table" in capsys.readouterr().out
+    before = len(stand_ins.trained)
+    assert pertvl_main(argv) == 0 and len(stand_ins.trained) == before  # complete runs are skipped
+    assert pertvl_main([*_argv(inputs), "--holdout-type", "cf_laterality"]) == 2
+    assert "evaluation-only" in capsys.readouterr().err
