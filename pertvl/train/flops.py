@@ -9,7 +9,7 @@ What is counted (model FLOPs of one optimizer step, forward + backward, multiply
   mask computes more, padding is not counted: model FLOPs, as in PaLM's MFU). Backward: 2× the
   forward for a layer with trainable weights (input and weight gradients); 0 for the frozen
   embeddings and frozen first layers (`freeze_text_layers`): nothing trainable lies below them,
-  so autograd stops there. Heads: word aggregation and word projection (originals), the global
+  so autograd stops there (the first trainable layer skips its Q/K/V input gradients too). Heads: word aggregation and word projection (originals), the global
   projection (every text). Embedding lookups, layer norms and softmaxes are not counted (< 1 %).
 * **Image tower** — measured once per run with `torch.utils.flop_counter.FlopCounterMode` on a
   copy of the tower on the meta device (shapes only: no memory, no compute, the training model
@@ -147,6 +147,7 @@ class TextShape:
     frozen_layers: int  # frozen first layers (embeddings frozen too): no backward below the first trainable one
     embed_dim: int
     local_dim: int
+    trainable_below: bool = True  # something trainable feeds the first trainable layer (the embeddings)
 
     @classmethod
     def of(cls, model: Any) -> TextShape:
@@ -162,8 +163,11 @@ class TextShape:
                 if any(p.requires_grad for p in layer.parameters()):
                     break
                 frozen += 1
+        emb = getattr(model.text.backbone, "embeddings", None)
+        below = frozen == 0 and emb is not None and any(p.requires_grad for p in emb.parameters())
         return cls(hidden=int(cfg.hidden_size), intermediate=int(cfg.intermediate_size), layers=layers,
-                   frozen_layers=frozen, embed_dim=int(model.config.embed_dim), local_dim=int(model.local_dim))
+                   frozen_layers=frozen, embed_dim=int(model.config.embed_dim), local_dim=int(model.local_dim),
+                   trainable_below=below)
 
 
 def text_flops(shape: TextShape, tokens: float, tokens_sq: float, texts: float, word_tokens: float = 0.0,
@@ -177,6 +181,8 @@ def text_flops(shape: TextShape, tokens: float, tokens_sq: float, texts: float, 
     trainable = shape.layers - shape.frozen_layers
     fwd = per_layer * shape.layers + heads
     bwd = 2.0 * (per_layer * trainable + heads)  # frozen first layers: no backward at all
+    if trainable and not shape.trainable_below:  # nor the Q/K/V input gradients of the first trainable one
+        bwd -= 3 * 2.0 * h * h * tokens
     return fwd, bwd
 
 
@@ -252,9 +258,10 @@ class FlopCounter:
     def for_model(cls, model: Any, image_size: int, *, need_local: bool = True, need_perturbations: bool = True,
                   terms: tuple[str, ...] = ("global", "local", "pert")) -> FlopCounter:
         """Measure the image tower of `model` (a DualEncoder) at `image_size` and read its text shape."""
-        image = torch.zeros(1, 1, image_size, image_size)
+        # Two images (BatchNorm in training mode refuses one value per channel), counted per image.
+        image = torch.zeros(2, 1, image_size, image_size)
         fwd, bwd, out = measured_module_flops(model.image, image, need_local=need_local)
-        return cls(text=TextShape.of(model), image_fwd=fwd, image_bwd=bwd, image_size=int(image_size),
+        return cls(text=TextShape.of(model), image_fwd=fwd / 2, image_bwd=bwd / 2, image_size=int(image_size),
                    grid=tuple(int(g) for g in out.grid), need_local=need_local,
                    need_perturbations=need_perturbations, terms=tuple(terms))
 
