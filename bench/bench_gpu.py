@@ -3,6 +3,7 @@
     python bench/bench_gpu.py [--shards DIR] [--tokenizer DIR] [--steps 40] [--json PATH]
     python bench/bench_gpu.py --cpu --quick            # the same script, tiny, on a CPU (tested)
     python bench/bench_gpu.py --build-shards DIR       # only build the 224 px phantom shards
+    python bench/bench_gpu.py ... --set loss.local_dtype=bf16   # a lever: any `pertvl train --set`
 
 What it runs: `pertvl train --config configs/openi_paper.yaml` (ResNet-50 at 224 px, the three
 losses, nine perturbations per report, bf16 ZeRO-1) on ONE rank with `train.micro_batch=64`,
@@ -104,6 +105,8 @@ def run_training(args, shards: Path, text_model: Path, run: Path) -> tuple[int, 
         cmd += ["--deepspeed-config", args.deepspeed_config]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
+    for override in args.overrides:  # the caller's levers, after (over) the bench's settings
+        cmd += ["--set", override]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="loader workers (4; 1 with --quick)")
     ap.add_argument("--deepspeed-config", default=None,
                     help="default: the config's (gpu_zero1_bf16.json); --cpu: ds_configs/cpu_zero1_fp32.json")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
+                    help="passed to `pertvl train --set` after the bench's own (e.g. loss.local_dtype=bf16)")
     ap.add_argument("--work", type=Path, help="work folder (kept); default: a temporary one, removed")
     ap.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = ap.parse_args(argv)
