@@ -66,6 +66,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_last: int = 2
     log_every: int = 1
+    # Step-time breakdown (pertvl.train.profile) of the first N optimizer steps, logged as
+    # perf/time/<phase>_s; 0: never (the default step is not instrumented).
+    profile_steps: int = 0
     seed: int = 0
     resume: str | None = None
     # Failing fast (pertvl.train.watchdog; docs/TRAINING.md "What happens when something fails"):

@@ -200,9 +200,43 @@ def global_contrastive_loss(
 # ----------------------------------------------------------------------------------------------
 # L_local (GLoRIA), batched
 # ----------------------------------------------------------------------------------------------
-def _pair_terms(r: torch.Tensor, g: torch.Tensor, x: torch.Tensor, pad: torch.Tensor, gamma1: float):
+LOCAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # loss.local_dtype: the matmuls' input dtype
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
+    """a @ b; with `lp` (bf16) the inputs are rounded to it and the product is accumulated in fp32
+    (tensor cores on a GPU; oneDNN's bf16 GEMM on a CPU) and returned as fp32: on CUDA without
+    rounding the output (torch.mm's out_dtype), elsewhere rounded to bf16 first (no CPU kernel
+    writes fp32 from bf16 inputs), which tests/test_losses.py's tolerance covers."""
+    if lp is None:
+        return a @ b
+    a, b = a.to(lp), b.to(lp)
+    if a.is_cuda and a.dim() == 2:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype)
+            pass
+    return (a @ b).float()
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
+    """torch.bmm(a, b), in `lp` with an fp32 result as `_mm`."""
+    if lp is None:
+        return torch.bmm(a, b)
+    a, b = a.to(lp), b.to(lp)
+    if a.is_cuda:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.bmm(a, b).float()
+
+
+def _pair_terms(r: torch.Tensor, g: torch.Tensor, x: torch.Tensor, pad: torch.Tensor, gamma1: float,
+                lp: torch.dtype | None = None):
     """Attention terms of images `r` [c, M, D] (Gram matrices g [c, M, M]) against ALL reports
-    x [B, W, D] (pad [B, W] True on padded words). Tensors are laid out [c, M, B, W].
+    x [B, W, D] (pad [B, W] True on padded words). Tensors are laid out [c, M, B, W]. `lp`: the
+    matmuls' input dtype (None: fp32); softmaxes and sums stay in fp32.
 
     Returns P (word·region products), A1 (softmax over words), A (γ1-softmax over regions),
     GA (= G·A, so that |context_w|² = Σ_m A·GA without building the contexts),
@@ -210,10 +244,10 @@ def _pair_terms(r: torch.Tensor, g: torch.Tensor, x: torch.Tensor, pad: torch.Te
     """
     c, m, d = r.shape
     b, w, _ = x.shape
-    p = (r.reshape(c * m, d) @ x.reshape(b * w, d).T).view(c, m, b, w)
+    p = _mm(r.reshape(c * m, d), x.reshape(b * w, d).T, lp).view(c, m, b, w)
     a1 = torch.softmax(p.masked_fill(pad, float("-inf")), dim=-1)  # over the report's words
     a = torch.softmax(a1 * gamma1, dim=1)  # over regions, per word
-    ga = torch.bmm(g, a.view(c, m, b * w)).view(c, m, b, w)
+    ga = _bmm(g, a.view(c, m, b * w), lp).view(c, m, b, w)
     n = (a * p).sum(1)  # word_w · context_w = Σ_m a_mw (r_m · word_w): reuses P
     q = (a * ga).sum(1)  # |context_w|² = a_w^T (R Rᵀ) a_w
     return p, a1, a, ga, n, q
@@ -232,10 +266,11 @@ class _LocalSimilarity(torch.autograd.Function):
     cheaper than D when M < D). Forward and backward run over chunks of images so memory is
     bounded by `max_elements` floats per [c, M, B, W] temporary, and nothing of size B²·M·W is kept
     between forward and backward (the chunk is recomputed; the backward is written by hand).
+    `lp` (bf16 or None) is the input dtype of every matmul, forward and backward; the rest is fp32.
     """
 
     @staticmethod
-    def forward(ctx, regions, words, pad, gamma1, gamma2, mean, max_elements):
+    def forward(ctx, regions, words, pad, gamma1, gamma2, mean, max_elements, lp=None):
         # Model outputs are often transposed views (conv maps); copy once, not once per chunk.
         regions, words = regions.contiguous(), words.contiguous()
         b_img, m, _ = regions.shape
@@ -247,13 +282,13 @@ class _LocalSimilarity(torch.autograd.Function):
         out = regions.new_empty(b_img, b_txt)
         for j0 in range(0, b_img, step):
             r = regions[j0 : j0 + step]
-            g = torch.bmm(r, r.transpose(1, 2))
-            _, _, _, _, n, q = _pair_terms(r, g, words, pad4, gamma1)
+            g = _bmm(r, r.transpose(1, 2), lp)
+            _, _, _, _, n, q = _pair_terms(r, g, words, pad4, gamma1, lp)
             cos = n / (xnorm * q.clamp(min=0).sqrt()).clamp(min=_EPS)
             s = torch.logsumexp((gamma2 * cos).masked_fill(pad, float("-inf")), dim=-1)
             out[j0 : j0 + step] = s - log_count if mean else s
         ctx.save_for_backward(regions, words, pad, xnorm)
-        ctx.gammas, ctx.step = (gamma1, gamma2), step
+        ctx.gammas, ctx.step, ctx.lp = (gamma1, gamma2), step, lp
         return out
 
     @staticmethod
@@ -261,7 +296,7 @@ class _LocalSimilarity(torch.autograd.Function):
     def backward(ctx, grad_s):
         regions, words, pad, xnorm = ctx.saved_tensors
         gamma1, gamma2 = ctx.gammas
-        step = ctx.step
+        step, lp = ctx.step, ctx.lp
         b_img, m, d = regions.shape
         b_txt, w, _ = words.shape
         pad4 = pad.view(1, 1, b_txt, w)
@@ -272,8 +307,8 @@ class _LocalSimilarity(torch.autograd.Function):
         for j0 in range(0, b_img, step):
             r = regions[j0 : j0 + step]
             c = r.shape[0]
-            g = torch.bmm(r, r.transpose(1, 2))
-            p, a1, a, ga, n, q = _pair_terms(r, g, words, pad4, gamma1)
+            g = _bmm(r, r.transpose(1, 2), lp)
+            p, a1, a, ga, n, q = _pair_terms(r, g, words, pad4, gamma1, lp)
             denom = xnorm * q.clamp(min=0).sqrt()
             free = denom > _EPS  # where GLoRIA's clamp is inactive, cos depends on |x| and |c|
             cos = n / denom.clamp(min=_EPS)
@@ -286,8 +321,8 @@ class _LocalSimilarity(torch.autograd.Function):
             grad_xnorm -= (coef / xnorm.clamp(min=_EPS)).sum(0)
             # |c|² = aᵀ G a  ->  dG = Σ_w dq_w a_w a_wᵀ,  dR += 2·dG·R  (G = R Rᵀ is symmetric)
             a2 = a.view(c, m, b_txt * w)
-            dg = torch.bmm(a2 * dq.view(c, 1, b_txt * w), a2.transpose(1, 2))
-            grad_r[j0 : j0 + step] += 2 * torch.bmm(dg, r)
+            dg = _bmm(a2 * dq.view(c, 1, b_txt * w), a2.transpose(1, 2), lp)
+            grad_r[j0 : j0 + step] += 2 * _bmm(dg, r, lp)
             # dA from n = Σ_m a·p and from q = aᵀ G a
             da = dn.unsqueeze(1) * p
             da.add_(ga * (2 * dq).unsqueeze(1))
@@ -298,11 +333,11 @@ class _LocalSimilarity(torch.autograd.Function):
             dp = a1 * (da - (a1 * da).sum(-1, keepdim=True))
             dp.add_(dn.unsqueeze(1) * a)  # from n = Σ_m a·p
             dp2 = dp.view(c * m, b_txt * w)
-            grad_r[j0 : j0 + step] += (dp2 @ x2).view(c, m, d)
+            grad_r[j0 : j0 + step] += _mm(dp2, x2, lp).view(c, m, d)
             if ctx.needs_input_grad[1]:
-                grad_x += (dp2.T @ r.reshape(c * m, d)).view(b_txt, w, d)
+                grad_x += _mm(dp2.T, r.reshape(c * m, d), lp).view(b_txt, w, d)
         grad_x += grad_xnorm.unsqueeze(-1) * words / xnorm.clamp(min=_EPS).unsqueeze(-1)
-        return grad_r, grad_x, None, None, None, None, None
+        return grad_r, grad_x, None, None, None, None, None, None
 
 
 def _check_local_inputs(fn, region_feats, word_feats, word_mask):
@@ -323,6 +358,7 @@ def local_similarity(
     aggregation: str = "sum",
     *,
     max_chunk_elements: int = 1 << 22,
+    matmul_dtype: str = "fp32",
 ) -> torch.Tensor:
     """GLoRIA's image–report similarity S(I_j, T_i) for every pair (paper §III-B 2):
 
@@ -340,6 +376,9 @@ def local_similarity(
         gamma1, gamma2: GLoRIA's temperatures (4, 5).
         aggregation: "sum" or "mean" (GLoRIA's `agg`: log of the sum / mean of exp(γ2·cos)).
         max_chunk_elements: floats per [c, M, B, W] temporary (bounds memory; see _LocalSimilarity).
+        matmul_dtype: "fp32" (default) or "bf16": the input dtype of the matmuls (forward and
+            backward; fp32 accumulation, fp32 softmaxes, sums and cosines). bf16 runs on tensor
+            cores; the result agrees with fp32 to bf16's 2^-8 relative precision (tested).
     Returns:
         [B_images, B_reports] float32 similarities.
     """
@@ -347,6 +386,8 @@ def local_similarity(
     _check_local_inputs(fn, region_feats, word_feats, word_mask)
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
+    if matmul_dtype not in LOCAL_DTYPES:
+        raise ValueError(f"{fn}: expected matmul_dtype in {sorted(LOCAL_DTYPES)}, got {matmul_dtype!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
         has_words = word_mask.any(-1)
         # A report without words would make the masked softmax NaN; compute it unmasked and
@@ -355,7 +396,7 @@ def local_similarity(
         regions = _upcast(region_feats)
         s = _LocalSimilarity.apply(
             regions, _upcast(word_feats).to(regions.dtype), pad, float(gamma1), float(gamma2),
-            aggregation == "mean", int(max_chunk_elements),
+            aggregation == "mean", int(max_chunk_elements), LOCAL_DTYPES[matmul_dtype],
         )
         return s.masked_fill(~has_words.unsqueeze(0), float("-inf"))
 
@@ -369,6 +410,7 @@ def local_attentive_loss(
     gamma3: float = 10.0,
     aggregation: str = "sum",
     reduction: str = "sum",
+    matmul_dtype: str = "fp32",
 ) -> torch.Tensor:
     """L_local (paper §III-B 2, GLoRIA's local loss): logits γ3·S(I_j, T_i) over all image×report
     pairs of the batch (S from `local_similarity`), cross-entropy image→report and report→image
@@ -391,6 +433,7 @@ def local_attentive_loss(
         gamma1, gamma2, gamma3: GLoRIA's temperatures (4, 5, 10).
         aggregation: "sum" (GLoRIA's default) or "mean" over words inside S (not the directions).
         reduction: "sum" (the paper's, GLoRIA's) or "mean" of the two directions.
+        matmul_dtype: "fp32" (default) or "bf16" matmul inputs (see `local_similarity`).
     Returns:
         scalar float32 loss.
     """
@@ -400,7 +443,8 @@ def local_attentive_loss(
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
-        s = local_similarity(region_feats, word_feats, word_mask, gamma1, gamma2, aggregation)
+        s = local_similarity(region_feats, word_feats, word_mask, gamma1, gamma2, aggregation,
+                             matmul_dtype=matmul_dtype)
         logits = gamma3 * s  # [images, reports]
         ok = word_mask.any(-1)
         if not bool(ok.all()):
@@ -572,7 +616,7 @@ def _global_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -
 def _local_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
     # Each rank's own batch: L_local over the global batch would need every rank's region maps.
     return local_attentive_loss(out.image.regions, out.text.words, out.text.word_mask, cfg.gamma1, cfg.gamma2,
-                                cfg.gamma3, cfg.local_aggregation, cfg.local_reduction)
+                                cfg.gamma3, cfg.local_aggregation, cfg.local_reduction, cfg.local_dtype)
 
 
 def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
@@ -687,6 +731,7 @@ class LossConfig:
     local_aggregation: str = "sum"
     global_reduction: str = "mean"
     local_reduction: str = "sum"
+    local_dtype: str = "fp32"  # L_local's matmul inputs: fp32 | bf16 (tensor cores; fp32 accumulation)
     weights: dict[str, float] = field(default_factory=dict)
     pert_types: list[str] = field(default_factory=lambda: list(_batch_pert_types()))
 
@@ -696,6 +741,8 @@ class LossConfig:
             raise ValueError(f"LossConfig: expected preset in {sorted(LOSS_PRESETS)}, got {self.preset!r}")
         if self.local_aggregation not in ("sum", "mean"):
             raise ValueError(f"LossConfig: expected local_aggregation 'sum' or 'mean', got {self.local_aggregation!r}")
+        if self.local_dtype not in LOCAL_DTYPES:
+            raise ValueError(f"LossConfig: expected local_dtype in {sorted(LOCAL_DTYPES)}, got {self.local_dtype!r}")
         for name in ("global_reduction", "local_reduction"):
             if getattr(self, name) not in REDUCTIONS:
                 raise ValueError(f"LossConfig: expected {name} 'mean' or 'sum' (of the image→text and "

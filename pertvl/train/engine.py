@@ -56,6 +56,7 @@ import torch.distributed as dist
 from pertvl import faults
 from pertvl.config import RunConfig, TrainConfig, load_config, save_config
 from pertvl.train import checkpoint as ckpt
+from pertvl.train.flops import FlopCounter, device_peak
 from pertvl.train.launch import (
     check_precision,
     detect_dist_env,
@@ -64,6 +65,7 @@ from pertvl.train.launch import (
     shutdown_distributed,
 )
 from pertvl.train.monitor import Monitor, memory_metrics
+from pertvl.train.profile import StepTimer
 from pertvl.train.rundir import CONFIG_NAME, FINAL_NAME
 from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from pertvl.train.watchdog import Watchdog, exit_deadline
@@ -72,6 +74,12 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = CONFIG_NAME  # the run folder's layout is pertvl.train.rundir's
 SAMPLES_FILE = "samples.jsonl"
+FLOPS_FILE = "flops.json"
+_NO_PHASE = contextlib.nullcontext()
+
+
+def _no_phase(_name: str) -> contextlib.AbstractContextManager:
+    return _NO_PHASE
 RANKS_DIR = "ranks"
 FINAL_DIR = FINAL_NAME
 
@@ -367,6 +375,7 @@ class Trainer:
             epochs=train.epochs,
             warmup_steps=train.warmup_steps,
         )
+        self.flops = self._flop_counter(model, data.image_size) if self.rank == 0 else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(
             trainable, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
@@ -392,6 +401,12 @@ class Trainer:
                 f"DeepSpeed runs {self.engine.gradient_accumulation_steps()} accumulation steps, planned {accum}"
             )
         self.image_dtype = _image_dtype(self.engine)
+        self.peak = None
+        if self.flops is not None:  # rank 0 logs MFU; a CPU's peak is a short matmul, timed once
+            self.peak = device_peak(self.device, self.image_dtype or torch.float32)
+        self._timer = StepTimer(self.device) if train.profile_steps > 0 else None
+        self._flops_reported = False
+        self._flops_sum = self._flops_time = 0.0
         torch.manual_seed(_rank_seed(self.seed, self.rank))  # dropout differs per rank; restored on resume
         log.info(
             "rank %d: %d micro-batches of %d per epoch, %d optimizer steps per epoch (accumulation %d, "
@@ -400,6 +415,31 @@ class Trainer:
             self.plan.samples_per_step, self.world_size, self.plan.total_steps, self.plan.warmup_steps,
             self.engine.zero_optimization_stage(), self.image_dtype or torch.float32,
         )  # fmt: skip
+
+    def _flop_counter(self, model: torch.nn.Module, image_size: int) -> FlopCounter | None:
+        """The FLOP counter of this model and loss preset (pertvl.train.flops); None (and a
+        warning) when the image tower cannot be counted: accounting never stops a run."""
+        try:
+            return FlopCounter.for_model(model, image_size, terms=tuple(t.name for t in self.loss_fn.terms),
+                                         **self.model_kwargs)
+        except Exception as err:  # noqa: BLE001 - an exotic backbone: train without MFU
+            log.warning("FLOP accounting unavailable (%s: %s); perf/mfu is not logged", type(err).__name__, err)
+            return None
+
+    def _report_flops(self, batch) -> None:
+        """Once per run (rank 0): RUN_DIR/flops.json, a log line and the summary's flops/* keys."""
+        self._flops_reported = True
+        report = self.flops.report(batch, self.peak)
+        _write_json(self.run_dir / FLOPS_FILE, report)
+        g = report["per_pair_gflop"]
+        log.info(
+            "FLOPs per pair (fwd+bwd, first batch): text %.2f G, image %.2f G, L_local %.2f G, other losses %.3f G, "
+            "total %.2f GFLOP; peak %.4g TFLOP/s (%s)",
+            g["text"], g["image"], g["local"], g["global+pert"], g["total"],
+            self.peak.flops_per_s / 1e12 if self.peak else float("nan"), self.peak.source if self.peak else "none",
+        )  # fmt: skip
+        self.monitor.summary({f"flops/per_pair_gflop/{k}": v for k, v in g.items()}
+                             | ({"flops/peak_tflop_s": self.peak.flops_per_s / 1e12} if self.peak else {}))
 
     def _refuse_fresh_start_over_checkpoints(self) -> None:
         if self.resume_from is None and ckpt.list_checkpoints(self.run_dir):
@@ -550,9 +590,12 @@ class Trainer:
                 final_dir = None if preempted else self._save_final(global_step)
             exit_code = PREEMPTED_EXIT_CODE if preempted else 0
             if self.rank == 0:
+                mfu = {}
+                if self.peak is not None and self._flops_time > 0:  # over this process's steps
+                    mfu = {"perf/mfu_mean": self._flops_sum / self._flops_time / self.peak.flops_per_s}
                 self.monitor.summary(
                     {"global_step": global_step, "epoch": epoch, "preempted": preempted,
-                     "final_loss": last_loss, **_data_metrics(data_counts)}
+                     "final_loss": last_loss, **_data_metrics(data_counts), **mfu}
                 )  # fmt: skip
         except BaseException:
             self.monitor.finish(exit_code=1)
@@ -578,7 +621,14 @@ class Trainer:
     def _train_step(self, batches, fresh_iterator: bool) -> tuple[dict[str, Any], list[str]]:
         """One optimizer step: A micro-batches through forward, backward and engine.step()."""
         engine = self.engine
+        # The breakdown only when asked for: the default step creates no event and installs no hook.
+        profiled = self._timer is not None and engine.global_steps < self.config.train.profile_steps
+        timer = self._timer if profiled else None
+        phase = timer.phase if timer is not None else _no_phase
+        if timer is not None:
+            timer.start()
         t_start = time.perf_counter()
+        flops = 0.0
         lr = float(engine.get_lr()[0])
         wait = 0.0
         names = self.loss_fn.names  # "total" and the preset's terms, whatever they are
@@ -591,19 +641,28 @@ class Trainer:
             # from the global torch RNG: isolate it so dropout's RNG stream does not depend on where
             # an epoch was entered (fresh or resumed).
             ctx = self._fork_rng() if fresh_iterator and micro == 0 else contextlib.nullcontext()
-            with ctx:
+            with ctx, phase("data_wait"):
                 batch = next(batches)
             wait += time.perf_counter() - t_wait
             ids.extend(batch.ids)
-            batch = batch.to(self.device, image_dtype=self.image_dtype)
-            if self.pert_mask is not None:
+            if self.pert_mask is not None:  # held-out types: neither encoded nor in L_pert
                 batch.pert_valid = batch.pert_valid.to(torch.bool) & self.pert_mask.to(batch.pert_valid.device)
             if self.pert_counting:
                 pert_used += batch.pert_valid.to(torch.bool).sum(0).cpu()
-            out = engine(batch, **self.model_kwargs)
-            losses = self.loss_fn(out, rank=self.rank, world_size=self.world_size)  # fp32
-            engine.backward(losses.total)
-            engine.step()
+            if self.flops is not None:  # integer sums over the batch's CPU masks: no device work
+                if not self._flops_reported:
+                    self._report_flops(batch)
+                flops += self.flops.batch_flops(batch)
+            with phase("to_device"):
+                batch = batch.to(self.device, image_dtype=self.image_dtype)
+            with phase("forward"), (timer.hooks(engine.module) if timer is not None else _NO_PHASE):
+                out = engine(batch, **self.model_kwargs)
+            with phase("losses"):
+                losses = self.loss_fn(out, rank=self.rank, world_size=self.world_size)  # fp32
+            with phase("backward"):
+                engine.backward(losses.total)
+            with phase("optimizer"):
+                engine.step()
             values = losses.as_floats()
             sums += torch.tensor([values[name] for name in names], dtype=torch.float64)
         sync_float_buffers(engine.module, self.world_size)
@@ -618,6 +677,12 @@ class Trainer:
             "perf/data_wait_frac": wait / step_time,
             **memory_metrics(self.device),
         }
+        if self.peak is not None:
+            self._flops_sum, self._flops_time = self._flops_sum + flops, self._flops_time + step_time
+            metrics["perf/tflop_s"] = flops / step_time / 1e12  # rank 0's counted FLOPs
+            metrics["perf/mfu"] = flops / step_time / self.peak.flops_per_s
+        if timer is not None:
+            metrics.update({f"perf/time/{name}_s": v for name, v in timer.finish().items()})
         if engine.fp16_enabled():
             metrics["train/skipped_steps"] = int(engine.skipped_steps)
         return metrics, ids
