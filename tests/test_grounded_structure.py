@@ -151,3 +151,25 @@ def test_text_structure_adds_the_text_counterfactual_rows():
     assert d["schema"] == "pertvl-text-structure/3" and StructureResult.from_json(d).to_json() == d
     with pytest.raises(ValueError, match="counterfactual records"):
         evaluate_text_structure(enc, records, counterfactuals=cfs[:1])
+
+
+def test_retrieval_text_disjoint_subset():
+    """Three images, reports A (seen in training), B and C; image 2 retrieves A instead of C."""
+    from pertvl.evaluate.retrieval import RetrievalResult, evaluate_retrieval
+
+    eye = np.eye(3)
+    texts = ["heart size normal", "left effusion", "right effusion"]
+    samples = [make_sample(i, t) for i, t in enumerate(texts)]
+    enc = LookupEncoder({0: eye[0], 1: eye[1], 2: eye[0] + 0.1 * eye[2]}, dict(zip(texts, eye, strict=True)))
+    r = evaluate_retrieval(enc, samples, ks=(1, 5), train_texts=["Heart size normal.", "something else"])
+    td = r.text_disjoint
+    assert (td["train_texts"], td["images"], td["texts"]) == (2, 2, 2)
+    assert r.image_to_text["R@1"] == pytest.approx(2 / 3) and td["image_to_text"] == {"R@1": 0.5, "R@5": 1.0}
+    assert td["text_to_image"]["R@1"] == 1.0
+    assert r.metrics()["retrieval/text_disjoint_image_to_text/R@1"] == 0.5
+    assert "Text-disjoint subset" in r.markdown("retrieval") and "text-disjoint image→report R@1 50.0%" in r.headline()
+    d = json.loads(json.dumps(r.to_json()))
+    assert d["schema"] == "pertvl-retrieval/2" and RetrievalResult.from_json(d).to_json() == d
+    old = {k: v for k, v in d.items() if k != "text_disjoint"} | {"schema": "pertvl-retrieval/1"}
+    assert RetrievalResult.from_json(old).text_disjoint is None
+    assert evaluate_retrieval(enc, samples, ks=(1,)).text_disjoint is None
