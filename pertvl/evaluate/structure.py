@@ -470,7 +470,7 @@ class StructureResult:
             line += "; " + grounded_text(self.grounded)
         if self.text_disjoint is not None:
             td = self.text_disjoint
-            line += f"; text-disjoint {pct(td.overall.accuracy)} over {td.overall.n} images ({td.describe()})"
+            line += f"; text-disjoint subset {pct(td.overall.accuracy)}: {td.describe()}"
         return line
 
 
