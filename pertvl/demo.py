@@ -1,9 +1,9 @@
 """The main job (`make demo` / `pertvl demo`): the whole pipeline on the embedded offline corpus.
 
-phantoms -> perturb -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
+phantoms -> perturb -> counterfactual reports (evaluation only) -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
 to ONNX (parity checked) -> evaluate on onnxruntime (every evaluation of the DEMO suite of
 pertvl.evaluate.registry: structure per perturbation type with its control anchors and the
-image-grounding margin, retrieval, zero-shot AUROC, grounding of the local branch) -> a report
+image-grounding margin, the grounded structure accuracy on counterfactual reports, retrieval, zero-shot AUROC, grounding of the local branch) -> a report
 folder with their tables, training curves, attention-map examples and the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
 final encoders), export/demo, runs/demo/report.
 """
@@ -30,6 +30,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
     evals = report / "eval"
     pairs = corpus / "pairs.jsonl"
     perts = corpus / "perturbations.jsonl"
+    cfs = corpus / "counterfactuals.jsonl"
 
     train_args = ["--config", args.config, "--shards", str(shards), "--out", str(run), "--seed", str(args.seed),
                   "--resume", "latest"]
@@ -53,10 +54,15 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         Stage("perturb", [perts],
               lambda: cli(["perturb", "--pairs", str(pairs), "--out", str(perts), "--seed", str(args.seed)], "perturb"),
               {"seed": args.seed, "pairs": str(pairs)}),
+        # Counterfactual reports of every phantom (pertvl.data.counterfactual), packed beside the
+        # perturbations for the grounded structure test; the training stream never reads them.
+        Stage("counterfactuals", [cfs], lambda: _write_counterfactuals(pairs, cfs, args.seed),
+              {"seed": args.seed, "pairs": str(pairs)}),
         Stage("pack", [shards / "manifest.json"],
-              lambda: cli(["pack", "--pairs", str(pairs), "--perturbations", str(perts), "--out", str(shards),
-                           "--image-size", str(args.image_size), "--maxcount", "64", "--workers", "2"], "pack"),
-              {"size": args.image_size, "pairs": str(pairs)}),
+              lambda: cli(["pack", "--pairs", str(pairs), "--perturbations", str(perts), "--counterfactuals",
+                           str(cfs), "--out", str(shards), "--image-size", str(args.image_size), "--maxcount", "64",
+                           "--workers", "2"], "pack"),
+              {"size": args.image_size, "pairs": str(pairs), "counterfactuals": str(cfs)}),
         Stage("verify", [shards / "manifest.json"], lambda: cli(["shards", "verify", str(shards)], "verify shards"),
               {"shards": str(shards)}),
         Stage("train", [run / "final" / "config.json"],
@@ -69,6 +75,14 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         Stage("report", [report / "README.md"], lambda: write_report(run, export, report, corpus),
               {"run": str(run)}),
     ]
+
+
+def _write_counterfactuals(pairs: Path, out: Path, seed: int) -> None:
+    from pertvl.data.counterfactual import write_counterfactuals
+
+    summary = write_counterfactuals(pairs, out, seed)
+    print(f"counterfactual reports of {summary.distinct_texts} distinct phantom reports: "
+          + ", ".join(f"{t} {n}" for t, n in summary.counterfactuals.items()) + f" -> {out}", flush=True)
 
 
 def _file_text(path: str) -> str:

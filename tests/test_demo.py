@@ -46,23 +46,27 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "Demo complete." in printed and "structure accuracy" in printed
     assert "image-grounding margin" in printed and "grounding: pointing game" in printed
+    assert "grounded structure" in printed and "grounded margin" in printed  # counterfactual reports (issue 13)
     report = tmp_path / "run" / "report"
     text = (report / "README.md").read_text()
     for heading in ("Headline", "Clinical semantic structure", "Controls: the same test with another anchor",
                     "Retrieval", "Zero-shot", "Grounding of the local branch", "Training", "Weights & Biases"):
         assert heading in text
     assert "image-grounding margin" in text.split("## Clinical")[0]  # in the headline section
+    assert "grounded structure" in text.split("## Clinical")[0] and "Grounded structure: original vs" in text
     grounding = json.loads((report / "eval" / "grounding.json").read_text())
     assert grounding["overall"]["items"] > 0 and not grounding["skipped"].get("not_a_phantom")
     structure = json.loads((report / "eval" / "structure.json").read_text())
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert structure["overall"]["n"] == manifest["splits"]["test"]["num_samples"]
+    assert manifest["counterfactual_types"] and structure["grounded"]["samples_without_record"] == 0
+    assert structure["text_disjoint"]["images"] == structure["images"]
     assert (report / "training_curves.png").stat().st_size > 0
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     # Re-running skips every stage whose outputs are complete.
     assert main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("complete, skipped") == 11
+    assert again.count("complete, skipped") == 12
     # A failing stage says which and why.
     bad = args + ["--config", str(tmp_path / "missing.yaml"), "--force"]
     assert main(bad) == 1

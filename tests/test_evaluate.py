@@ -219,10 +219,10 @@ def test_structure_result_json_round_trips():
     enc, samples = hand_built_structure_case()
     r = evaluate_structure(enc, samples, types=PERTURBATION_TYPES, bootstrap=50, info={"split": "test"})
     d = json.loads(json.dumps(r.to_json()))
-    assert d["schema"] == "pertvl-structure/2"
+    assert d["schema"] == "pertvl-structure/3"
     assert list(d["per_type"]) == list(PERTURBATION_TYPES)
     assert set(d) == {"schema", "overall", "per_type", "images", "images_without_valid_perturbation", "skipped",
-                      "bootstrap", "tie_tolerance", "controls", "info"}
+                      "bootstrap", "tie_tolerance", "controls", "grounded", "text_disjoint", "info"}
     assert set(d["overall"]) == {"accuracy", "ci95", "n", "correct", "chance", "mean_candidates",
                                  "excluded_identical", "unavailable", "missing", "cos_original", "cos_perturbed"}
     assert set(d["controls"]) == {"wrong_image", "mean_image", "text_only", "margin", "margin_per_type", "pairing"}
@@ -444,7 +444,7 @@ def test_text_structure_bag_of_words_ties_and_bigrams_win():
         assert all(sorted(p.split()) == sorted(fnd.split()) for p in perts.values())
     bow = evaluate_text_structure(HashedNgramEncoder(1), text_records(), bootstrap=50)
     order = evaluate_text_structure(bigrams, text_records(), bootstrap=50)
-    assert bow.schema == order.schema == "pertvl-text-structure/2"
+    assert bow.schema == order.schema == "pertvl-text-structure/3"
     assert (bow.overall.accuracy, bow.overall.n) == (0.0, 3)
     assert (order.overall.accuracy, order.overall.n) == (1.0, 3)
     assert bow.overall.chance == pytest.approx(0.25)
@@ -707,7 +707,7 @@ def test_eval_cli_handlers_write_outputs(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path), "--types", "reverse", "--bootstrap", "0"]) == 0
     t = json.loads((tmp_path / "text_structure.json").read_text())
     reverse = t["per_type"]["reverse"]
-    assert t["schema"] == "pertvl-text-structure/2" and "controls" not in t and {
+    assert t["schema"] == "pertvl-text-structure/3" and "controls" not in t and {
         k: v for k, v in reverse.items() if not k.startswith("cos_")} == {
         "accuracy": 0.0, "ci95": None, "n": 1, "correct": 0, "chance": 0.5, "mean_candidates": 2.0,
         "excluded_identical": 0, "unavailable": 0, "missing": 0}

@@ -182,7 +182,9 @@ def test_toy_perturbation_type_through_perturb_and_text_structure(toys, tmp_path
     assert main(["eval", "text-structure", "--text-model", minilm_path, "--device", "cpu", "--reports",
                  str(csv_path), "--out", str(out), "--types", f"reverse,{TOY_TYPE}", "--bootstrap", "0"]) == 0
     result = json.loads((out / "text_structure.json").read_text())
-    assert list(result["per_type"]) == ["reverse", TOY_TYPE] and result["per_type"][TOY_TYPE]["n"] == 3
+    # the requested types, then the text counterfactual rows (issue 13)
+    assert list(result["per_type"]) == ["reverse", TOY_TYPE, "cf_laterality", "cf_negation"]
+    assert result["per_type"][TOY_TYPE]["n"] == 3
     assert f"| {TOY_TYPE_LABEL} (`{TOY_TYPE}`) |" in (out / "text_structure.md").read_text()
 
 

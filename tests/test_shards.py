@@ -17,6 +17,7 @@ from pertvl.cli import main as pertvl_main
 from pertvl.data import image, shards
 from pertvl.data.records import PERTURBATION_TYPES, Pair, write_pairs
 from pertvl.data.shards import packing
+from pertvl.data.shards.reading import iter_samples
 from pertvl.data.text import clean_text
 
 WORDS = "the lungs are clear there is no pleural effusion or pneumothorax heart size normal".split()
@@ -345,3 +346,42 @@ def test_packing_in_parts_then_merging_equals_one_pack(tmp_path, parts):
     (again / "train-000001.tar").write_bytes(b"not a tar")
     with pytest.raises(ValueError, match=r"train-000001\.tar: missing, or not the shard"):
         shards.merge_parts(again)
+
+
+def test_pack_with_counterfactuals_adds_them_and_without_keeps_the_bytes(tmp_path, packed):
+    """--counterfactuals: every sample json gains `counterfactuals` and `cf_unavailable` (empty maps
+    for a text without a record, counted in the manifest, not skipped); everything else is the
+    same bytes as the pack without them, whose sample json has no new key (issue 13, §2)."""
+    root, plain, pairs = packed
+    texts = [clean_text(p.text) for p in pairs]
+    recs = [{"text": t, "counterfactuals": {"cf_negation": f"no {t}"}, "unavailable": {"cf_laterality":
+             "no_lateralized_finding"}, "seed": 0} for t in texts if t != texts[0]]  # train.0: no record
+    cf_path = root / "counterfactuals.jsonl"
+    cf_path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "with_cf"
+    assert pertvl_main(pack_args(root, out) + ["--counterfactuals", str(cf_path)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    m_plain = json.loads((plain / "manifest.json").read_text())
+    assert m["counterfactual_types"] == ["cf_laterality", "cf_negation"]
+    assert m["counterfactuals_missing"] == {"train": 1, "val": 0, "test": 0}
+    assert m["skipped"] == m_plain["skipped"]
+    assert "counterfactual_types" not in m_plain and "counterfactuals" not in m_plain["inputs"]
+    assert m["inputs"]["counterfactuals_sha256"] == hashlib.sha256(cf_path.read_bytes()).hexdigest()
+    for split, info in m_plain["splits"].items():
+        assert [s["num_samples"] for s in info["shards"]] == [s["num_samples"] for s in m["splits"][split]["shards"]]
+        for shard in info["shards"]:
+            a, b = tar_samples(plain / shard["name"]), tar_samples(out / shard["name"])
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key]["png"] == b[key]["png"]
+                ja, jb = json.loads(a[key]["json"]), json.loads(b[key]["json"])
+                assert "counterfactuals" not in ja and "cf_unavailable" not in ja
+                cf, unav = jb.pop("counterfactuals"), jb.pop("cf_unavailable")
+                assert ja == jb
+                if ja["id"] == "train.0":
+                    assert cf == {} and unav == {}
+                else:
+                    assert cf == {"cf_negation": f"no {ja['text']}"}
+                    assert unav == {"cf_laterality": "no_lateralized_finding"}
+    read = list(iter_samples(out, "test"))  # the reader takes the new keys along
+    assert read and all("counterfactuals" in s.meta for s in read)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -395,3 +396,23 @@ def test_augmentation_is_per_key_deterministic_and_never_flips():
     ident = AugmentParams(torch.zeros(2), torch.ones(2), torch.zeros(2, 2), torch.zeros(2), torch.ones(2))
     z = torch.rand(2, 1, 32, 32)
     assert torch.allclose(apply_augmentation(z, ident), z, atol=1e-4)
+
+
+def test_packed_counterfactuals_leave_the_training_batches_unchanged(folder, tok, tmp_path):
+    """Counterfactuals are evaluation only (issue 13): a pack with --counterfactuals streams the
+    same training batches, bit for bit (collate reads text, perturbations, labels and ids only)."""
+    root = folder.parent
+    texts = [json.loads(line)["text"] for line in (root / "perturbations.jsonl").read_text().splitlines()]
+    (root / "cf.jsonl").write_text("".join(json.dumps({"text": t, "counterfactuals": {"cf_negation": f"no {t}"},
+                                                       "unavailable": {}, "seed": 0}) + "\n" for t in texts))
+    with_cf = tmp_path / "with_cf"
+    shards.pack(root / "pairs.jsonl", root / "perturbations.jsonl", with_cf, image_size=32, maxcount=4, workers=1,
+                counterfactuals_path=root / "cf.jsonl")
+    a = list(stream(folder, tok, augment=True, epoch=1, seed=3, num_workers=0))
+    b = list(stream(with_cf, tok, augment=True, epoch=1, seed=3, num_workers=0))
+    assert_same_batches(a, b)
+    assert [x.texts for x in a] == [y.texts for y in b]
+    for x, y in zip(a, b, strict=True):
+        assert (x.labels is None) == (y.labels is None)
+        if x.labels is not None:
+            assert torch.equal(torch.nan_to_num(x.labels, nan=-1.0), torch.nan_to_num(y.labels, nan=-1.0))

@@ -127,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pairs", required=True)
     p.add_argument("--perturbations", required=True)
+    p.add_argument("--counterfactuals", help="counterfactuals.jsonl (pertvl.data.counterfactual, evaluation "
+                   "only): each sample json gains `counterfactuals` and `cf_unavailable`, joined by cleaned text")
     p.add_argument("--out", required=True, help="shard folder, e.g. shards/NAME")
     p.add_argument("--images-root", help="folder that relative image paths are resolved against "
                    "(default: the pairs file's folder)")

@@ -16,11 +16,18 @@ Rank of the first correct item, ties pessimistic: a wrong item scoring within `t
 of the best correct item ranks ahead of it (as in the structure evaluation). Recall@K is the
 share of queries whose first correct item has rank ≤ K.
 
-JSON schema "pertvl-retrieval/1":
+Text-disjoint subset (issue 13, §3): given the training split's texts, the same recalls over the
+queries whose cleaned report is no training report (image queries by their report, report
+queries by their text), against the same full gallery.
+
+JSON schema "pertvl-retrieval/2" (/1, without "text_disjoint", is still read):
     {"schema", "image_to_text": {"R@1": float, ...}, "text_to_image": {"R@1": float, ...},
      "median_rank": {"image_to_text": float, "text_to_image": float},
      "images": int, "texts": int, "match": "pairs"|"study"|"report", "skipped": {reason: int},
-     "tie_tolerance": float, "info": {...}}
+     "tie_tolerance": float,
+     "text_disjoint": {"train_texts": int, "images": int, "texts": int, "image_to_text": {...},
+                       "text_to_image": {...}} | null,
+     "info": {...}}
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
 from pertvl.evaluate.report import md_table, pct
 from pertvl.evaluate.structure import TIE_TOLERANCE
 
-SCHEMA = "pertvl-retrieval/1"
+SCHEMA = "pertvl-retrieval/2"
+READABLE_SCHEMAS = ("pertvl-retrieval/1", SCHEMA)
 DEFAULT_KS = (1, 5, 10)
 
 
@@ -57,6 +65,10 @@ class RetrievalResult:
     tie_tolerance: float = TIE_TOLERANCE
     info: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    text_disjoint: dict[str, Any] | None = None  # recalls over the queries whose text is no training text
+    # First-correct ranks per query (not serialized): what the text-disjoint subset is computed from.
+    i2t_ranks: np.ndarray | None = field(default=None, repr=False, compare=False)
+    t2i_ranks: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,12 +81,13 @@ class RetrievalResult:
             "match": self.match,
             "skipped": dict(self.skipped),
             "tie_tolerance": self.tie_tolerance,
+            "text_disjoint": self.text_disjoint,
             "info": dict(self.info),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RetrievalResult:
-        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+        if not isinstance(d, Mapping) or d.get("schema") not in READABLE_SCHEMAS:
             raise ValueError(f"not a pertvl retrieval result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
         return cls(
             image_to_text=dict(d["image_to_text"]),
@@ -86,6 +99,7 @@ class RetrievalResult:
             skipped=dict(d.get("skipped", {})),
             tie_tolerance=float(d.get("tie_tolerance", TIE_TOLERANCE)),
             info=dict(d.get("info", {})),
+            text_disjoint=d.get("text_disjoint"),
         )
 
 
@@ -101,7 +115,20 @@ class RetrievalResult:
             + md_table(["", *ks, "median rank"], rows)
             + f"\n{self.images} images, {self.texts} distinct reports in the gallery; matching by {self.match}; "
             f"ties (within {self.tie_tolerance:g} cosine) rank against the correct item.\n"
+            + self._disjoint_markdown()
         )
+
+    def _disjoint_markdown(self) -> str:
+        td = self.text_disjoint
+        if td is None:
+            return ""
+        ks = list(self.image_to_text)
+        rows = [["image → report", *[pct(td["image_to_text"].get(k)) for k in ks]],
+                ["report → image", *[pct(td["text_to_image"].get(k)) for k in ks]]]
+        return ("\n## Text-disjoint subset: queries whose report is no training report\n\n"
+                + md_table(["", *ks], rows)
+                + f"\n{td['images']} of {self.images} image queries and {td['texts']} of {self.texts} report queries "
+                f"have a report that is none of the {td['train_texts']} distinct training texts; same gallery.\n")
 
     def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
         return {}
@@ -109,12 +136,18 @@ class RetrievalResult:
     def metrics(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {f"retrieval/image_to_text/{k}": v for k, v in self.image_to_text.items()}
         out.update({f"retrieval/text_to_image/{k}": v for k, v in self.text_to_image.items()})
+        if self.text_disjoint is not None:
+            out.update({f"retrieval/text_disjoint_image_to_text/{k}": v
+                        for k, v in self.text_disjoint["image_to_text"].items()})
+            out.update({f"retrieval/text_disjoint_text_to_image/{k}": v
+                        for k, v in self.text_disjoint["text_to_image"].items()})
         return out
 
     @classmethod
     def metric_info(cls, key: str) -> MetricInfo:
         _, direction, k = key.split("/", 2)
-        arrow = {"image_to_text": "I→R", "text_to_image": "R→I"}
+        arrow = {"image_to_text": "I→R", "text_to_image": "R→I",
+                 "text_disjoint_image_to_text": "text-disjoint I→R", "text_disjoint_text_to_image": "text-disjoint R→I"}
         number = int(k[2:]) if k.startswith("R@") and k[2:].isdigit() else 0
         return MetricInfo(f"{arrow.get(direction, direction)} {k}", order=(list(arrow).index(direction)
                                                                              if direction in arrow else 2, number))
@@ -122,7 +155,12 @@ class RetrievalResult:
     def headline(self) -> str:
         i2t = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.image_to_text.items())
         t2i = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.text_to_image.items())
-        return f"image→report {i2t}; report→image {t2i} ({self.images} images, {self.texts} reports)"
+        line = f"image→report {i2t}; report→image {t2i} ({self.images} images, {self.texts} reports)"
+        if self.text_disjoint is not None and self.text_disjoint["images"]:
+            td = self.text_disjoint
+            line += (f"; text-disjoint image→report R@1 {pct(td['image_to_text'].get('R@1'))} "
+                     f"({td['images']} of {self.images} images)") if "R@1" in td["image_to_text"] else ""
+        return line
 
 
 def first_hit_ranks(sim: np.ndarray, hit: np.ndarray, tie_tolerance: float = TIE_TOLERANCE) -> np.ndarray:
@@ -206,7 +244,13 @@ def retrieval_recall(
         texts=m,
         match=match,
         tie_tolerance=tie_tolerance,
+        i2t_ranks=i2t,
+        t2i_ranks=t2i,
     )
+
+
+def _recalls(ranks: np.ndarray, ks: Sequence[str]) -> dict[str, float | None]:
+    return {k: (float(np.mean(ranks <= int(k[2:]))) if ranks.size else None) for k in ks}
 
 
 def evaluate_retrieval(
@@ -217,6 +261,7 @@ def evaluate_retrieval(
     batch_size: int = 32,
     tie_tolerance: float = TIE_TOLERANCE,
     info: Mapping[str, Any] | None = None,
+    train_texts: Iterable[str] | None = None,
 ) -> RetrievalResult:
     """Retrieval over shard samples: every image against the gallery of distinct reports.
 
@@ -229,6 +274,8 @@ def evaluate_retrieval(
         batch_size: images / texts per encoder call.
         tie_tolerance: see `retrieval_recall`.
         info: provenance stored in the result.
+        train_texts: the training split's report texts; given, `text_disjoint` holds the recalls
+            over the queries whose cleaned report is none of them.
 
     Returns:
         RetrievalResult with `match` = "report" or "study".
@@ -238,6 +285,7 @@ def evaluate_retrieval(
     batcher = ImageBatcher(encoder, batch_size)
     skipped: Counter = Counter()
     image_groups: list[Any] = []
+    image_texts: list[str] = []
     gallery: dict[tuple[Any, str], int] = {}
     for sample in samples:
         meta = sample.meta
@@ -248,6 +296,7 @@ def evaluate_retrieval(
         group = text if match == "report" else str(meta.get("study_id", meta.get("id", sample.key)))
         batcher.add(sample)
         image_groups.append(group)
+        image_texts.append(text)
         gallery.setdefault((group, text), len(gallery))
     image_emb = batcher.finish()
     entries = list(gallery)
@@ -260,6 +309,16 @@ def evaluate_retrieval(
     result.match = match
     result.skipped = dict(skipped)
     result.info = dict(info or {})
+    if train_texts is not None:
+        from pertvl.data.text import clean_text
+
+        train = {clean_text(t) for t in train_texts} - {""}
+        img_rows = np.array([clean_text(t) not in train for t in image_texts], dtype=bool)
+        txt_rows = np.array([clean_text(t) not in train for _, t in entries], dtype=bool)
+        ks_ = list(result.image_to_text)
+        result.text_disjoint = {"train_texts": len(train), "images": int(img_rows.sum()), "texts": int(txt_rows.sum()),
+                                "image_to_text": _recalls(result.i2t_ranks[img_rows], ks_),
+                                "text_to_image": _recalls(result.t2i_ranks[txt_rows], ks_)}
     return result
 
 
@@ -283,8 +342,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> RetrievalResult:
-    """`pertvl eval retrieval`: `evaluate_retrieval` over the shard samples."""
-    return evaluate_retrieval(encoder, data, ks=options.ks, match=options.match, batch_size=options.batch_size)
+    """`pertvl eval retrieval`: `evaluate_retrieval` over the shard samples; for a held-out split,
+    with the text-disjoint subset against the same shards' training split."""
+    from pertvl.evaluate.structure import split_texts
+
+    train = None
+    shards, split = getattr(options, "shards", None), getattr(options, "split", None)
+    if shards and split and split != "train":
+        try:
+            train = split_texts(shards, "train")
+        except FileNotFoundError as e:
+            print(f"text-disjoint subset not measured: {e}")
+    r = evaluate_retrieval(encoder, data, ks=options.ks, match=options.match, batch_size=options.batch_size,
+                           train_texts=train)
+    if r.text_disjoint is not None:
+        td = r.text_disjoint
+        print(f"text-disjoint subset: {td['images']} of {r.images} image queries, {td['texts']} of {r.texts} "
+              f"report queries have a report that is no training report")
+    return r
 
 
 EVALUATION = Evaluation(
@@ -294,7 +369,7 @@ EVALUATION = Evaluation(
     add_arguments=add_arguments,
     run=run,
     result_type=RetrievalResult,
-    schemas=(SCHEMA,),
+    schemas=READABLE_SCHEMAS,
     title="Retrieval",
     suites=frozenset({Suite.DEMO, Suite.ABLATE}),
 )

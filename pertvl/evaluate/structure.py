@@ -39,12 +39,26 @@ own embedding, so that what the image contributes can be told from a preference 
   images; per type likewise (pairwise). An encoder whose image embedding ignores the image has a
   margin of exactly 0.
 
-JSON schema "pertvl-structure/2" (`StructureResult.to_json`; text_structure.py writes the same
-layout without "controls" under "pertvl-text-structure/2"; /1 files, without the mean cosines and
-the controls, are still read):
+Grounded structure (issue 13, §2): when the samples carry counterfactual reports (`pertvl pack
+--counterfactuals`: `counterfactuals` {cf_type: text}, `cf_unavailable` {cf_type: reason}), the same
+test with the counterfactuals as the candidates: the original ranked strictly above all of its
+valid counterfactuals (chance 1/(1+k) per image), per type original vs that counterfactual (chance
+50 %), with the same controls and margin. Counterfactuals describe a different image in the
+original's words, so only the image can tell them apart: an encoder that ignores the image is at
+chance with every anchor, and its grounded margin is 0. Samples without the keys are left out
+(counted); a split without any gives `grounded` null.
+
+Text-disjoint subset (issue 13, §3): given the training split's texts (`pertvl eval structure`
+reads them from the same shards), the overall and per-type accuracies (and the grounded one) on
+the images whose cleaned report text is not a training report's, with the counts.
+
+JSON schema "pertvl-structure/3" (`StructureResult.to_json`; text_structure.py writes the same
+layout without "controls", "grounded" and "text_disjoint" under "pertvl-text-structure/3"; /1
+and /2 files, without the mean cosines and controls or without the grounded and text-disjoint
+parts, are still read):
 
     {
-      "schema": "pertvl-structure/2",
+      "schema": "pertvl-structure/3",
       "overall": STAT,                  # original ranked strictly first among all candidates
       "per_type": {type: STAT, ...},    # every requested type, in PERTURBATION_TYPES order
       "images": int,                    # samples scored (non-empty report)
@@ -58,6 +72,16 @@ the controls, are still read):
         "margin": MARGIN, "margin_per_type": {type: MARGIN},
         "pairing": {"rule": str, "seed": int, "paired": int, "unpaired": int}
       },
+      "grounded": {                     # null when no sample carries counterfactuals
+        "overall": STAT, "per_type": {cf_type: STAT}, "controls": CONTROLS (as above) | null,
+        "images": int (scored images with a counterfactual record),
+        "images_without_valid_counterfactual": int, "samples_without_record": int
+      },
+      "text_disjoint": {                # null when the training texts were not given
+        "train_texts": int (distinct), "images": int, "images_text_in_train": int,
+        "texts": int (distinct scored), "texts_in_train": int,
+        "overall": STAT, "per_type": {type: STAT}, "grounded": STAT | null
+      },
       "info": {...}                     # free-form provenance (encoder, shards, split, ...)
     }
     STAT = {"accuracy": float|null, "ci95": [low, high]|null, "n": int (images), "correct": int,
@@ -69,7 +93,10 @@ the controls, are still read):
               "own": float|null, "wrong": float|null}   # own and wrong accuracy on those images
 
 Flat metrics: structure/overall, structure/TYPE, structure/{wrong_image,mean_image,text_only}
-(overall accuracy with that anchor), structure/margin and structure/margin_ci_{low,high}.
+(overall accuracy with that anchor), structure/margin and structure/margin_ci_{low,high};
+with counterfactuals structure/grounded, structure/grounded_{wrong_image,mean_image,text_only},
+structure/grounded_margin (+ _ci_low/_ci_high) and structure/CF_TYPE (pairwise); with the
+training texts structure/text_disjoint (and structure/text_disjoint_grounded).
 
 For the overall STAT the three exclusion counts are totals over types. A null accuracy means
 "not measured" (n = 0), never 0.
@@ -88,13 +115,16 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.records import PERTURBATION_TYPES
+from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
 from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
-SCHEMA = "pertvl-structure/2"
-# /1: before the controls and mean cosines (read back with controls None and cosines null).
-READABLE_SCHEMAS = ("pertvl-structure/1", SCHEMA, "pertvl-text-structure/1", "pertvl-text-structure/2")
+SCHEMA = "pertvl-structure/3"
+# /1: before the controls and mean cosines (read back with controls None and cosines null);
+# /2: before the grounded structure and the text-disjoint subset (read back with both None).
+READABLE_SCHEMAS = ("pertvl-structure/1", "pertvl-structure/2", SCHEMA,
+                    "pertvl-text-structure/1", "pertvl-text-structure/2", "pertvl-text-structure/3")
 TIE_TOLERANCE = 1e-6
 CONFIDENCE = 0.95
 
@@ -243,6 +273,65 @@ class Controls:
 
 
 @dataclass
+class GroundedStructure:
+    """The structure test with counterfactual reports as the candidates (module docstring)."""
+
+    overall: AccuracyStat
+    per_type: dict[str, AccuracyStat]
+    controls: Controls | None
+    images: int  # scored images that carry a counterfactual record
+    images_without_valid_counterfactual: int
+    samples_without_record: int  # scored images without `counterfactuals` in their json (left out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"overall": self.overall.to_json(), "per_type": {t: s.to_json() for t, s in self.per_type.items()},
+                "controls": self.controls.to_json() if self.controls else None, "images": self.images,
+                "images_without_valid_counterfactual": self.images_without_valid_counterfactual,
+                "samples_without_record": self.samples_without_record}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GroundedStructure:
+        return cls(AccuracyStat.from_json(d["overall"]),
+                   {t: AccuracyStat.from_json(s) for t, s in d["per_type"].items()},
+                   Controls.from_json(d["controls"]) if d.get("controls") else None, int(d["images"]),
+                   int(d.get("images_without_valid_counterfactual", 0)), int(d.get("samples_without_record", 0)))
+
+
+@dataclass
+class TextDisjoint:
+    """The accuracies on the images whose cleaned report is no training report (module docstring)."""
+
+    train_texts: int
+    images: int
+    images_text_in_train: int
+    texts: int
+    texts_in_train: int
+    overall: AccuracyStat
+    per_type: dict[str, AccuracyStat]
+    grounded: AccuracyStat | None = None
+
+    def describe(self) -> str:
+        """'text-disjoint: 41 of 72 images (20 of 30 distinct texts) have no training text'."""
+        return (f"{self.images - self.images_text_in_train} of {self.images} images "
+                f"({self.texts - self.texts_in_train} of {self.texts} distinct texts) have a report that is no "
+                f"training report ({self.train_texts} distinct training texts)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"train_texts": self.train_texts, "images": self.images,
+                "images_text_in_train": self.images_text_in_train, "texts": self.texts,
+                "texts_in_train": self.texts_in_train, "overall": self.overall.to_json(),
+                "per_type": {t: s.to_json() for t, s in self.per_type.items()},
+                "grounded": self.grounded.to_json() if self.grounded else None}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TextDisjoint:
+        return cls(int(d["train_texts"]), int(d["images"]), int(d["images_text_in_train"]), int(d["texts"]),
+                   int(d["texts_in_train"]), AccuracyStat.from_json(d["overall"]),
+                   {t: AccuracyStat.from_json(s) for t, s in d["per_type"].items()},
+                   AccuracyStat.from_json(d["grounded"]) if d.get("grounded") else None)
+
+
+@dataclass
 class StructureResult:
     """The outcome of a (text-)structure evaluation; `to_json` gives the documented schema."""
 
@@ -256,6 +345,8 @@ class StructureResult:
     info: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
     controls: Controls | None = None  # image structure only (None: text-structure, or a /1 file)
+    grounded: GroundedStructure | None = None  # image structure with counterfactuals in the samples
+    text_disjoint: TextDisjoint | None = None  # image structure given the training texts
     # Per-image detail for pictures/debugging; not serialized.
     ids: list[str] = field(default_factory=list, repr=False, compare=False)
     scores: StructureScores | None = field(default=None, repr=False, compare=False)
@@ -275,7 +366,11 @@ class StructureResult:
             "skipped": dict(self.skipped),
             "bootstrap": dict(self.bootstrap),
             "tie_tolerance": self.tie_tolerance,
-            **({} if self.is_text else {"controls": self.controls.to_json() if self.controls else None}),
+            **({} if self.is_text else {
+                "controls": self.controls.to_json() if self.controls else None,
+                "grounded": self.grounded.to_json() if self.grounded else None,
+                "text_disjoint": self.text_disjoint.to_json() if self.text_disjoint else None,
+            }),
             "info": dict(self.info),
         }
 
@@ -301,6 +396,8 @@ class StructureResult:
             info=dict(d.get("info", {})),
             schema=schema,
             controls=Controls.from_json(controls) if controls else None,
+            grounded=GroundedStructure.from_json(d["grounded"]) if d.get("grounded") else None,
+            text_disjoint=TextDisjoint.from_json(d["text_disjoint"]) if d.get("text_disjoint") else None,
         )
 
 
@@ -325,6 +422,20 @@ class StructureResult:
             out[f"{key}/margin"] = c.margin.margin
             out[f"{key}/margin_ci_low"] = c.margin.ci95[0] if c.margin.ci95 else None
             out[f"{key}/margin_ci_high"] = c.margin.ci95[1] if c.margin.ci95 else None
+        if self.grounded is not None:
+            g = self.grounded
+            out[f"{key}/grounded"] = g.overall.accuracy
+            if g.controls is not None:
+                gc = g.controls
+                out.update({f"{key}/grounded_{name}": a.overall.accuracy for name, a in gc.anchors().items()})
+                out[f"{key}/grounded_margin"] = gc.margin.margin
+                out[f"{key}/grounded_margin_ci_low"] = gc.margin.ci95[0] if gc.margin.ci95 else None
+                out[f"{key}/grounded_margin_ci_high"] = gc.margin.ci95[1] if gc.margin.ci95 else None
+            out.update({f"{key}/{t}": s.accuracy for t, s in g.per_type.items()})
+        if self.text_disjoint is not None:
+            out[f"{key}/text_disjoint"] = self.text_disjoint.overall.accuracy
+            if self.text_disjoint.grounded is not None:
+                out[f"{key}/text_disjoint_grounded"] = self.text_disjoint.grounded.accuracy
         return out
 
     @classmethod
@@ -337,6 +448,10 @@ class StructureResult:
                               order=(0,))
         if metric in CONTROL_LABELS:  # after the per-type columns
             return MetricInfo(CONTROL_LABELS[metric], order=(3, list(CONTROL_LABELS).index(metric)))
+        if metric in GROUNDED_LABELS:  # after the controls
+            return MetricInfo(GROUNDED_LABELS[metric], order=(4, list(GROUNDED_LABELS).index(metric)))
+        if metric.startswith("cf_"):  # per counterfactual type: original vs that counterfactual, pairwise
+            return MetricInfo(type_name(metric), order=(5, metric), chance=0.5)
         types = list(PERTURBATIONS)
         # per type: original vs that perturbation, pairwise (chance 50 %)
         return MetricInfo(type_label(metric), order=(1, types.index(metric)) if metric in types else (2, metric),
@@ -351,6 +466,11 @@ class StructureResult:
             c = self.controls
             line += (f"; own image {pct(o.accuracy)} vs wrong image {pct(c.wrong_image.overall.accuracy)}: "
                      f"image-grounding margin {margin_text(c.margin)}")
+        if self.grounded is not None:
+            line += "; " + grounded_text(self.grounded)
+        if self.text_disjoint is not None:
+            td = self.text_disjoint
+            line += f"; text-disjoint subset {pct(td.overall.accuracy)}: {td.describe()}"
         return line
 
 
@@ -362,6 +482,48 @@ CONTROL_LABELS = {
     "margin_ci_low": "Margin 95% CI low",
     "margin_ci_high": "Margin 95% CI high",
 }
+
+
+GROUNDED_LABELS = {
+    "grounded": "Grounded structure (counterfactuals)",
+    "grounded_wrong_image": "Grounded, wrong image",
+    "grounded_mean_image": "Grounded, mean image",
+    "grounded_text_only": "Grounded, text-only anchor",
+    "grounded_margin": "Grounded margin (own − wrong)",
+    "grounded_margin_ci_low": "Grounded margin 95% CI low",
+    "grounded_margin_ci_high": "Grounded margin 95% CI high",
+    "text_disjoint": "Structure, text-disjoint subset",
+    "text_disjoint_grounded": "Grounded, text-disjoint subset",
+}
+
+
+def counterfactual_types() -> tuple[str, ...]:
+    """The counterfactual types (pertvl.data.counterfactual.COUNTERFACTUAL_TYPES), in table order."""
+    from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
+
+    return tuple(COUNTERFACTUAL_TYPES)
+
+
+def type_name(t: str) -> str:
+    """A perturbation's or counterfactual's label in tables ("Counterfactual: laterality swap")."""
+    if t.startswith("cf_"):
+        from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
+
+        return f"Counterfactual: {COUNTERFACTUAL_TYPES[t].label}" if t in COUNTERFACTUAL_TYPES else t
+    from pertvl.data.perturb import type_label
+
+    return type_label(t)
+
+
+def grounded_text(g: GroundedStructure) -> str:
+    """'grounded structure 61.1% (chance 35.2%) over 72 images, wrong image 40.3%: margin +20.8 pts ...'."""
+    o = g.overall
+    line = f"grounded structure {pct(o.accuracy)}" + ("" if o.chance is None else f" (chance {pct(o.chance)})") + \
+        f" over {o.n} images"
+    if g.controls is not None:
+        line += (f", wrong image {pct(g.controls.wrong_image.overall.accuracy)}: grounded margin "
+                 f"{margin_text(g.controls.margin)}")
+    return line
 
 
 def margin_text(m: MarginStat) -> str:
@@ -780,6 +942,7 @@ def evaluate_structure(
     batch_size: int = 32,
     tie_tolerance: float = TIE_TOLERANCE,
     info: Mapping[str, Any] | None = None,
+    train_texts: Iterable[str] | None = None,
 ) -> StructureResult:
     """Run the image→report structure evaluation over shard samples.
 
@@ -793,9 +956,12 @@ def evaluate_structure(
         batch_size: images / texts per encoder call.
         tie_tolerance: cosine margin under which a perturbation ties the original (counts wrong).
         info: provenance stored in the result's `info`.
+        train_texts: the training split's report texts (cleaned here); given, the result has the
+            text-disjoint subset (images whose cleaned report is none of them).
 
     Returns:
-        StructureResult with schema "pertvl-structure/2" (controls included).
+        StructureResult with schema "pertvl-structure/3" (controls included; `grounded` when
+        samples carry `counterfactuals`).
     """
     types = requested_types(types)
     counts = CandidateCounts()
@@ -806,6 +972,10 @@ def evaluate_structure(
     candidates: list[list[str | None]] = []
     signatures: list[frozenset[str] | None] = []
     studies: list[str] = []
+    cf_types = counterfactual_types()
+    cf_counts = CandidateCounts()
+    cf_candidates: list[list[str | None]] = []
+    has_cf: list[bool] = []
     for sample in samples:
         meta = sample.meta
         text = (meta.get("text") or "").strip()
@@ -818,6 +988,9 @@ def evaluate_structure(
         candidates.append(valid_perturbations(text, meta.get("perturbations"), meta.get("unavailable"), types, counts))
         signatures.append(finding_signature(meta))
         studies.append(str(meta.get("study_id", ids[-1])))
+        has_cf.append(isinstance(meta.get("counterfactuals"), Mapping))
+        cf_candidates.append(valid_perturbations(text, meta.get("counterfactuals"), meta.get("cf_unavailable"),
+                                                 cf_types, cf_counts) if has_cf[-1] else [None] * len(cf_types))
     image_emb = batcher.finish()
     all_texts = originals + [c for row in candidates for c in row if c is not None]
     index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
@@ -826,7 +999,23 @@ def evaluate_structure(
     if originals:
         controls = structure_controls(image_emb, scores, index, text_emb, originals, candidates, types, counts,
                                       signatures, studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance)
-    return summarize(
+    grounded = grounded_scores = None
+    if any(has_cf):
+        # The counterfactual texts are embedded in calls of their own, after the others, so the
+        # embeddings (and numbers) of the perturbation test are those of a split without them.
+        extra = [c for row in cf_candidates for c in row if c is not None and c not in index]
+        if extra:
+            cf_index, cf_emb = embed_texts_unique(encoder, extra, batch_size)
+            index = {**index, **{t: len(text_emb) + i for t, i in cf_index.items()}}
+            text_emb = np.concatenate([text_emb, cf_emb.astype(text_emb.dtype)], axis=0)
+        grounded, grounded_scores = grounded_structure(
+            image_emb, index, text_emb, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
+            studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance)
+    disjoint = None
+    if train_texts is not None:
+        disjoint = text_disjoint_stats(originals, set(map(clean_text, train_texts)) - {""}, scores, types, counts,
+                                       grounded_scores, cf_types, cf_counts, bootstrap=bootstrap, seed=seed)
+    result = summarize(
         scores,
         types,
         counts,
@@ -839,6 +1028,81 @@ def evaluate_structure(
         tie_tolerance=tie_tolerance,
         controls=controls,
     )
+    result.grounded, result.text_disjoint = grounded, disjoint
+    return result
+
+
+def grounded_structure(
+    image_emb: np.ndarray,
+    text_index: dict[str, int],
+    text_emb: np.ndarray,
+    originals: Sequence[str],
+    cf_candidates: Sequence[Sequence[str | None]],
+    cf_types: Sequence[str],
+    cf_counts: CandidateCounts,
+    has_record: np.ndarray,
+    signatures: Sequence[frozenset[str] | None],
+    studies: Sequence[str],
+    *,
+    bootstrap: int,
+    seed: int,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> tuple[GroundedStructure, StructureScores]:
+    """The structure test with the counterfactuals as candidates, its controls and margin.
+
+    Images without a counterfactual record take part in nothing (they have no valid candidate,
+    so they are outside every accuracy and margin) and are counted; the wrong-image partners and
+    the text-only anchors are those of the perturbation test (all scored images), so the two
+    tests are controlled alike.
+    """
+    k = len(cf_types)
+    scores = cosine_candidates(image_emb, text_index, text_emb, originals, cf_candidates, k, tie_tolerance)
+    overall, per_type = accuracy_stats(scores, cf_types, cf_counts, bootstrap, seed)
+    controls = structure_controls(image_emb, scores, text_index, text_emb, originals, cf_candidates, cf_types,
+                                  cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed,
+                                  tie_tolerance=tie_tolerance) if len(originals) else None
+    has_record = np.asarray(has_record, bool)
+    g = GroundedStructure(overall, per_type, controls, images=int(has_record.sum()),
+                          images_without_valid_counterfactual=int((has_record & ~scores.has_candidates).sum()),
+                          samples_without_record=int((~has_record).sum()))
+    return g, scores
+
+
+def text_disjoint_stats(
+    originals: Sequence[str],
+    train_texts: set[str],
+    scores: StructureScores,
+    types: Sequence[str],
+    counts: CandidateCounts,
+    grounded_scores: StructureScores | None,
+    cf_types: Sequence[str],
+    cf_counts: CandidateCounts,
+    *,
+    bootstrap: int,
+    seed: int,
+) -> TextDisjoint:
+    """The accuracies restricted to the images whose cleaned report is not in `train_texts`
+    (cleaned training texts). Exclusion counts are those of the whole split."""
+    in_train = np.array([clean_text(t) in train_texts for t in originals], dtype=bool)
+    overall, per_type = accuracy_stats(scores, types, counts, bootstrap, seed, ~in_train)
+    grounded = None
+    if grounded_scores is not None:
+        grounded, _ = accuracy_stats(grounded_scores, cf_types, cf_counts, bootstrap, seed, ~in_train)
+    texts = {clean_text(t) for t in originals}
+    return TextDisjoint(train_texts=len(train_texts), images=len(originals), images_text_in_train=int(in_train.sum()),
+                        texts=len(texts), texts_in_train=len(texts & train_texts), overall=overall,
+                        per_type=per_type, grounded=grounded)
+
+
+def split_texts(folder: str | os.PathLike, split: str) -> list[str] | None:
+    """The report texts of one split of a shard folder (its sample json), None when the split is
+    not in the manifest (the text-disjoint subset is then not measured)."""
+    from pertvl.data.shards import iter_samples
+    from pertvl.data.shards.format import read_shards_manifest
+
+    if split not in read_shards_manifest(folder).get("splits", {}):
+        return None
+    return [s.meta.get("text") or "" for s in iter_samples(folder, split)]
 
 
 # ----------------------------------------------------------------------------- Markdown and figure
@@ -852,8 +1116,9 @@ def cos(x: float | None) -> str:
 
 def structure_markdown(result: StructureResult, title: str) -> str:
     """The overall + per-type table of one structure result (type labels: pertvl.data.perturb),
-    then, for image structure, the control anchors and the image-grounding margin."""
-    from pertvl.data.perturb import type_label
+    then, for image structure, the control anchors and the image-grounding margin, the grounded
+    structure (counterfactuals) and the text-disjoint subset."""
+    type_label = type_name
 
     unit = "reports" if result.is_text else "images"
     o = result.overall
@@ -887,9 +1152,58 @@ def structure_markdown(result: StructureResult, title: str) -> str:
         f"{b.get('resamples')} resamples, seed {b.get('seed')}. Mean cos: cosine of the anchor with the "
         "original reports and with the negatives of the same rows.",
     ]
+    if any(t.startswith("cf_") for t in result.per_type):
+        notes += ["", "Counterfactual rows (`cf_*`): the same pairwise test against the report's counterfactuals "
+                  "(pertvl.data.counterfactual); not candidates of the overall accuracy."]
     if result.controls is not None:
         notes += ["", controls_markdown(result)]
+    if result.grounded is not None:
+        notes += ["", grounded_markdown(result.grounded)]
+    if result.text_disjoint is not None:
+        notes += ["", text_disjoint_markdown(result)]
     return "\n".join(notes) + "\n"
+
+
+def _stat_row(label: str, st: AccuracyStat) -> list[str]:
+    return [label, pct(st.accuracy), ci(st.ci95), str(st.n), pct(st.chance), cos(st.cos_original),
+            cos(st.cos_perturbed)]
+
+
+def grounded_markdown(g: GroundedStructure) -> str:
+    """The grounded structure table (overall and per counterfactual type) and its controls."""
+    rows = [_stat_row("**Grounded overall** (original ranked above all its counterfactuals)", g.overall)]
+    rows += [_stat_row(f"{type_name(t)} (`{t}`)", st) for t, st in g.per_type.items()]
+    parts = [
+        "## Grounded structure: original vs counterfactual reports (only the image can tell them apart)",
+        "",
+        md_table(["", "accuracy", "95% CI", "n (images)", "chance", "mean cos original", "mean cos counterfactuals"],
+                 rows),
+        f"{g.images} images carry a counterfactual record ({g.images_without_valid_counterfactual} of them without "
+        f"any valid counterfactual); {g.samples_without_record} without one (left out). Per type: original vs that "
+        "counterfactual (chance 50%); overall chance 1/(1+k) per image.",
+    ]
+    if g.controls is not None:
+        parts += ["", _controls_tables(g.overall, g.per_type, g.controls,
+                                       "### Grounded structure with another anchor")]
+    return "\n".join(parts)
+
+
+def text_disjoint_markdown(result: StructureResult) -> str:
+    """The accuracies on the images whose report is no training report, beside all images."""
+    td = result.text_disjoint
+    assert td is not None
+    rows = [_stat_row("Overall, all images", result.overall), _stat_row("**Overall, text-disjoint**", td.overall)]
+    rows += [_stat_row(f"{type_name(t)}, text-disjoint", st) for t, st in td.per_type.items()]
+    if td.grounded is not None and result.grounded is not None:
+        rows += [_stat_row("Grounded, all images", result.grounded.overall),
+                 _stat_row("**Grounded, text-disjoint**", td.grounded)]
+    return "\n".join([
+        "## Text-disjoint subset: reports that are no training report",
+        "",
+        md_table(["", "accuracy", "95% CI", "n (images)", "chance", "mean cos original", "mean cos negatives"], rows),
+        f"{td.describe()}; {td.images_text_in_train} images ({td.texts_in_train} distinct texts) have a cleaned "
+        "report identical to a training report, whose perturbations are then training negatives.",
+    ])
 
 
 ANCHOR_TEXT = {
@@ -902,11 +1216,15 @@ ANCHOR_TEXT = {
 
 def controls_markdown(result: StructureResult) -> str:
     """Overall accuracy per anchor with mean cosines, the margin, and per type per anchor."""
-    from pertvl.data.perturb import type_label
+    assert result.controls is not None
+    return _controls_tables(result.overall, result.per_type, result.controls,
+                            "## Controls: the same test with another anchor")
 
-    c = result.controls
-    assert c is not None
-    anchors = {"own": AnchorControl(result.overall, result.per_type), **c.anchors()}
+
+def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, AccuracyStat], c: Controls,
+                     heading: str) -> str:
+    type_label = type_name
+    anchors = {"own": AnchorControl(own_overall, own_per_type), **c.anchors()}
     rows = [[ANCHOR_TEXT[name], pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
              cos(a.overall.cos_original), cos(a.overall.cos_perturbed)] for name, a in anchors.items()]
     m = c.margin
@@ -914,7 +1232,7 @@ def controls_markdown(result: StructureResult) -> str:
                  "—" if m.margin is None else f"{100 * m.margin:+.1f} pts",
                  "—" if m.ci95 is None else f"[{100 * m.ci95[0]:+.1f}, {100 * m.ci95[1]:+.1f}]", str(m.n), "", ""])
     per_type = []
-    for t in result.per_type:
+    for t in own_per_type:
         mt = c.margin_per_type.get(t)
         cells = [f"{pct(a.per_type[t].accuracy)} ({cos(a.per_type[t].cos_original)} / "
                  f"{cos(a.per_type[t].cos_perturbed)})" for a in anchors.values()]
@@ -923,7 +1241,7 @@ def controls_markdown(result: StructureResult) -> str:
         per_type.append([f"{type_label(t)} (`{t}`)", *cells, margin])
     p = c.pairing
     return "\n".join([
-        "## Controls: the same test with another anchor",
+        heading,
         "",
         md_table(["anchor", "overall accuracy", "95% CI", "n (images)", "mean cos original", "mean cos negatives"],
                  rows),
@@ -1006,9 +1324,25 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> StructureResult:
-    """`pertvl eval structure`: `evaluate_structure` over the shard samples."""
-    return evaluate_structure(encoder, data, types=options.types, bootstrap=options.bootstrap, seed=options.seed,
-                              batch_size=options.batch_size)
+    """`pertvl eval structure`: `evaluate_structure` over the shard samples; for a held-out split,
+    with the text-disjoint subset against the same shards' training split (counts printed)."""
+    train = None
+    shards, split = getattr(options, "shards", None), getattr(options, "split", None)
+    if shards and split and split != "train":
+        try:
+            train = split_texts(shards, "train")
+        except FileNotFoundError as e:  # the samples came from elsewhere: nothing to compare with
+            print(f"text-disjoint subset not measured: {e}")
+    r = evaluate_structure(encoder, data, types=options.types, bootstrap=options.bootstrap, seed=options.seed,
+                           batch_size=options.batch_size, train_texts=train)
+    if r.text_disjoint is not None:
+        td = r.text_disjoint
+        print(f"text-disjoint subset: {td.describe()}; structure accuracy there {pct(td.overall.accuracy)} "
+              f"(all: {pct(r.overall.accuracy)})")
+    if r.grounded is not None:
+        print(grounded_text(r.grounded) + f"; {r.grounded.samples_without_record} image(s) without a "
+              "counterfactual record")
+    return r
 
 
 EVALUATION = Evaluation(
@@ -1020,7 +1354,7 @@ EVALUATION = Evaluation(
     add_arguments=add_structure_arguments,
     run=run,
     result_type=StructureResult,
-    schemas=(SCHEMA,),
+    schemas=(SCHEMA, "pertvl-structure/2"),
     title="Clinical semantic structure (Table IV)",
     suites=frozenset({Suite.DEMO, Suite.ABLATE}),
 )

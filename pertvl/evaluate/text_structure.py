@@ -10,6 +10,13 @@ layout as pertvl.evaluate.structure — see its docstring — under the schema
 equals its findings word for word is skipped (counted as "impression_equals_findings"): the
 anchor would be its own candidate. (6 of the 3,331 Open-I reports with both sections.)
 
+Counterfactual rows (issue 13, §2): with the findings as written (`raw` records, the CLI's
+default), the text counterfactuals of pertvl.data.counterfactual.text_counterfactual_record
+(`cf_laterality`, `cf_negation`: the laterality and negation rules applied to the words alone)
+are scored like perturbations and added as extra per-type rows (findings vs that counterfactual,
+chance 50 %); they are not candidates of the overall accuracy, which stays the perturbation
+test's. Schema "pertvl-text-structure/3" (/2: without those rows).
+
 Sanity properties (tested): a bag-of-words encoder is blind to word order, so every shuffle
 ties the findings and scores exactly 0; an order-aware encoder can reach 1.
 
@@ -29,6 +36,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from pertvl.data.counterfactual import TEXT_COUNTERFACTUAL_TYPES
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import TextEncoder, embed_texts_unique
@@ -37,6 +47,7 @@ from pertvl.evaluate.structure import (
     TIE_TOLERANCE,
     CandidateCounts,
     StructureResult,
+    accuracy_stats,
     add_structure_arguments,
     cosine_candidates,
     requested_types,
@@ -44,7 +55,7 @@ from pertvl.evaluate.structure import (
     valid_perturbations,
 )
 
-SCHEMA = "pertvl-text-structure/2"  # /2: mean cosines in every STAT (structure.py)
+SCHEMA = "pertvl-text-structure/3"  # /2: mean cosines in every STAT (structure.py); /3: cf_* rows
 REQUIRED_COLUMNS = ("uid", "findings", "impression")
 
 
@@ -57,6 +68,7 @@ class ReportSections:
     impressions: list[str]
     rows_read: int
     skipped: dict[str, int] = field(default_factory=dict)
+    raw_findings: list[str] = field(default_factory=list)  # the findings as written (the text rules need them)
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -78,6 +90,7 @@ def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> R
     uids: list[str] = []
     findings: list[str] = []
     impressions: list[str] = []
+    raw: list[str] = []
     skipped: Counter = Counter()
     rows = 0
     with open(path, newline="", encoding="utf-8") as f:
@@ -100,7 +113,8 @@ def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> R
                 uids.append(row["uid"])
                 findings.append(fnd)
                 impressions.append(imp)
-    return ReportSections(uids, findings, impressions, rows, dict(skipped))
+                raw.append(row["findings"])
+    return ReportSections(uids, findings, impressions, rows, dict(skipped), raw)
 
 
 def perturb_findings(sections: ReportSections, perturber: Any, **perturb_kwargs: Any) -> list[tuple[str, Any]]:
@@ -137,6 +151,7 @@ def evaluate_text_structure(
     tie_tolerance: float = TIE_TOLERANCE,
     info: Mapping[str, Any] | None = None,
     ids: Sequence[str] | None = None,
+    counterfactuals: Sequence[Any] | None = None,
 ) -> StructureResult:
     """Score each report's findings against their perturbations, anchored on its impression.
 
@@ -151,9 +166,12 @@ def evaluate_text_structure(
         tie_tolerance: cosine margin under which a perturbation ties the findings (counts wrong).
         info: provenance stored in the result.
         ids: optional report ids (e.g. Open-I uids), one per record.
+        counterfactuals: optional, one per record: the findings' counterfactual record
+            (`counterfactuals` {type: text}, `unavailable` {type: reason}; attributes or keys, e.g.
+            text_counterfactual_record(raw findings)); its types become extra per-type rows.
 
     Returns:
-        StructureResult with schema "pertvl-text-structure/2".
+        StructureResult with schema "pertvl-text-structure/3".
     """
     types = requested_types(types)
     counts = CandidateCounts()
@@ -165,6 +183,11 @@ def evaluate_text_structure(
     records = list(records)
     if ids is not None and len(ids) != len(records):
         raise ValueError(f"got {len(ids)} ids for {len(records)} records")
+    if counterfactuals is not None and len(counterfactuals) != len(records):
+        raise ValueError(f"got {len(counterfactuals)} counterfactual records for {len(records)} records")
+    cf_types = TEXT_COUNTERFACTUAL_TYPES
+    cf_counts = CandidateCounts()
+    cf_candidates: list[list[str | None]] = []
     for r, (impression, record) in enumerate(records):
         text = (_field(record, "text") or "").strip()
         impression = (impression or "").strip()
@@ -184,11 +207,15 @@ def evaluate_text_structure(
             valid_perturbations(text, _field(record, "perturbations"), _field(record, "unavailable"), types, counts)
         )
         kept_ids.append(str(ids[r]) if ids is not None else str(r))
+        if counterfactuals is not None:
+            cf = counterfactuals[r]
+            cf_candidates.append(valid_perturbations(text, _field(cf, "counterfactuals"), _field(cf, "unavailable"),
+                                                     cf_types, cf_counts))
     all_texts = anchors + originals + [c for row in candidates for c in row if c is not None]
     index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
     anchor_emb = text_emb[[index[a] for a in anchors]] if anchors else text_emb[:0]
     scores = cosine_candidates(anchor_emb, index, text_emb, originals, candidates, len(types), tie_tolerance)
-    return summarize(
+    result = summarize(
         scores,
         types,
         counts,
@@ -200,6 +227,17 @@ def evaluate_text_structure(
         ids=kept_ids,
         tie_tolerance=tie_tolerance,
     )
+    if counterfactuals is not None:
+        # Embedded after the others, in calls of their own: the perturbation numbers stay as without.
+        extra = list(dict.fromkeys(c for row in cf_candidates for c in row if c is not None and c not in index))
+        if extra:
+            cf_index, cf_emb = embed_texts_unique(encoder, extra, batch_size)
+            index = {**index, **{t: len(text_emb) + i for t, i in cf_index.items()}}
+            text_emb = np.concatenate([text_emb, np.asarray(cf_emb, dtype=text_emb.dtype)], axis=0)
+        cf_scores = cosine_candidates(anchor_emb, index, text_emb, originals, cf_candidates, len(cf_types),
+                                      tie_tolerance)
+        result.per_type.update(accuracy_stats(cf_scores, cf_types, cf_counts, bootstrap, seed)[1])
+    return result
 
 
 # ----------------------------------------------------------------------------- the registry entry
@@ -211,6 +249,7 @@ class TextStructureData:
 
     sections: ReportSections
     records: list[tuple[str, Any]]
+    counterfactuals: list[Any] | None = None  # text_counterfactual_record of each report's findings
 
 
 def load(options: argparse.Namespace) -> TextStructureData:
@@ -224,13 +263,25 @@ def load(options: argparse.Namespace) -> TextStructureData:
     extra = [t for t in options.types if t not in PERTURBATION_TYPES]  # registered types are computed on request
     perturber = Perturber(seed=options.perturb_seed, types=[*PERTURBATION_TYPES, *extra]) if extra else \
         Perturber(seed=options.perturb_seed)
-    return TextStructureData(sections, perturb_findings(sections, perturber, progress=True))
+    records = perturb_findings(sections, perturber, progress=True)
+    cfs = None
+    if not options.no_counterfactuals:
+        from pertvl.data.counterfactual import text_counterfactual_record
+
+        by_raw: dict[str, Any] = {}
+        cfs = [by_raw.setdefault(raw, text_counterfactual_record(raw)) for raw in sections.raw_findings]
+        made = Counter(t for raw, rec in by_raw.items() for t in rec.counterfactuals)
+        print(f"text counterfactuals of {len(by_raw)} distinct findings: "
+              + ", ".join(f"{t} {made[t]}" for t in TEXT_COUNTERFACTUAL_TYPES))
+    return TextStructureData(sections, records, cfs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reports", required=True, metavar="CSV", help="the Kaggle layout's indiana_reports.csv")
     p.add_argument("--perturb-seed", type=int, default=0, help="seed of the perturbations (default 0)")
     p.add_argument("--limit", type=positive_int, help="use only the first N reports with both sections")
+    p.add_argument("--no-counterfactuals", action="store_true",
+                   help="leave out the text counterfactual rows (cf_laterality, cf_negation)")
     add_structure_arguments(p)
 
 
@@ -240,7 +291,8 @@ def run(encoder: TextEncoder, data: TextStructureData, options: argparse.Namespa
     info = {"reports": str(options.reports), "rows_read": sections.rows_read, "rows_left_out": sections.skipped,
             "perturb_seed": options.perturb_seed}
     return evaluate_text_structure(encoder, data.records, types=options.types, bootstrap=options.bootstrap,
-                                   seed=options.seed, batch_size=options.batch_size, info=info, ids=sections.uids)
+                                   seed=options.seed, batch_size=options.batch_size, info=info, ids=sections.uids,
+                                   counterfactuals=data.counterfactuals)
 
 
 EVALUATION = Evaluation(
@@ -251,7 +303,7 @@ EVALUATION = Evaluation(
     add_arguments=add_arguments,
     run=run,
     result_type=StructureResult,
-    schemas=(SCHEMA,),
+    schemas=(SCHEMA, "pertvl-text-structure/2"),
     title="Text-only structure (impression → findings)",
     source=Source.OWN,
     load=load,

@@ -82,6 +82,7 @@ class _Job:
     key: str
     path: str
     record: dict
+    counterfactual: dict | None = None  # {counterfactuals, unavailable}; None when packed without them
 
 
 @dataclass
@@ -155,6 +156,27 @@ def perturbations_by_text(path: str | os.PathLike) -> dict[str, dict]:
     return records
 
 
+def counterfactuals_by_text(path: str | os.PathLike) -> dict[str, dict]:
+    """counterfactuals.jsonl -> {cleaned text: {counterfactuals, unavailable}}: pack's second join table.
+
+    Records are parsed and validated by pertvl.data.counterfactual (a bad line raises naming file
+    and line); two different records for the same text are an error, exact repeats are fine.
+    """
+    from pertvl.data.counterfactual import read_counterfactuals
+
+    records: dict[str, dict] = {}
+    for rec in read_counterfactuals(path):
+        slim = {"counterfactuals": rec.counterfactuals, "unavailable": rec.unavailable}
+        if records.get(rec.text, slim) != slim:
+            raise ValueError(f"{path}: a second, different record for the same text {rec.text[:60]!r}")
+        records[rec.text] = slim
+    return records
+
+
+# What a sample without a counterfactual record gets (counted in the manifest, never a skip).
+_NO_COUNTERFACTUALS = {"counterfactuals": {}, "unavailable": {}}
+
+
 def _assign_keys(pairs: list[Pair], pairs_path: str) -> dict[str, str]:
     """id -> unique key-safe key. Duplicate ids are an error (ids are unique per image)."""
     keys: dict[str, str] = {}
@@ -193,6 +215,9 @@ def _meta_bytes(job: _Job, split: str) -> bytes:
         "perturbations": job.record["perturbations"],
         "unavailable": job.record["unavailable"],
     }
+    if job.counterfactual is not None:  # only with --counterfactuals: a pack without them keeps its bytes
+        meta["counterfactuals"] = job.counterfactual["counterfactuals"]
+        meta["cf_unavailable"] = job.counterfactual["unavailable"]
     if p.extra:  # source facts (the phantom's findings and render seed: what grounding evaluation needs)
         meta["extra"] = p.extra
     return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
@@ -271,6 +296,7 @@ def pack(
     workers: int = 2,
     command: list[str] | None = None,
     part: tuple[int, int] | None = None,
+    counterfactuals_path: str | os.PathLike | None = None,
 ) -> PackResult:
     """Pack pairs + their perturbations into `out/{split}-NNNNNN.tar` + `out/manifest.json`.
 
@@ -288,6 +314,12 @@ def pack(
             floor(S·i/n) .. floor(S·(i+1)/n) − 1 of its S = ceil(pairs / maxcount) shards, and writes
             `manifest.part-I-of-N.json` instead of manifest.json (`merge_parts` joins the parts).
             Parts may run at the same time, in one folder.
+        counterfactuals_path: optional counterfactuals.jsonl (pertvl.data.counterfactual): every
+            sample json then gains `counterfactuals` {type: text} and `cf_unavailable` {type:
+            reason}, joined by cleaned text like the perturbations; a pair without a record gets
+            empty maps (counted in the manifest's `counterfactuals_missing`, not a skip). The
+            manifest lists `counterfactual_types`. Without it the shards are byte for byte those
+            of a pack before counterfactuals existed.
 
     Returns:
         PackResult with the manifest. Reconciliation: pairs_in == samples_written + len(skipped)
@@ -312,6 +344,12 @@ def pack(
         "image_size": image_size,
         "maxcount": maxcount,
     }
+    cf_records: dict[str, dict] | None = None
+    if counterfactuals_path is not None:
+        counterfactuals_path = Path(counterfactuals_path)
+        inputs["counterfactuals"] = str(counterfactuals_path.resolve())
+        inputs["counterfactuals_sha256"] = sha256_file(counterfactuals_path)
+        cf_records = counterfactuals_by_text(counterfactuals_path)
     records = perturbations_by_text(perturbations_path)
     pairs = list(read_pairs(pairs_path))
     keys = _assign_keys(pairs, str(pairs_path))
@@ -369,7 +407,8 @@ def pack(
                         {"id": p.id, "split": split, "reason": MISSING_IMAGE, "detail": str(path)}
                     )
                 else:
-                    jobs.append(_Job(pos, p, keys[p.id], str(path), rec))
+                    cf = None if cf_records is None else cf_records.get(clean_text(p.text), _NO_COUNTERFACTUALS)
+                    jobs.append(_Job(pos, p, keys[p.id], str(path), rec, cf))
             packer.pack_split(split, jobs, ranges[split][1], pool)
     finally:
         if pool is not None:
@@ -384,6 +423,8 @@ def pack(
         packer.states, skipped, label_names, types_present, inputs, image_size, command, pairs_in
     )
     n_out = sum(s["num_samples"] for s in manifest["splits"].values())
+    if cf_records is not None:
+        _add_counterfactual_counts(manifest, pairs, by_split, ranges, cf_records, skipped)
     if n_out + len(skipped) != pairs_in:  # a bug, not bad input: refuse to write a wrong manifest
         raise RuntimeError(
             f"reconciliation failed: {pairs_in} pairs in, {n_out} written + {len(skipped)} skipped"
@@ -499,6 +540,32 @@ def _manifest(
     }
 
 
+def _add_counterfactual_counts(manifest: dict, pairs: list[Pair], by_split: dict[str, list[Pair]],
+                               ranges: dict[str, tuple[int, int]], cf_records: dict[str, dict],
+                               skipped: list[dict]) -> None:
+    """manifest["counterfactual_types"] (the types some packed text has, made or unavailable) and
+    manifest["counterfactuals_missing"] {split: packed samples without a counterfactual record}."""
+    from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
+
+    dropped = {s["id"] for s in skipped}
+    present: set[str] = set()
+    missing: dict[str, int] = {}
+    for split, ps in by_split.items():
+        lo, hi = ranges[split]
+        missing[split] = 0
+        for p in ps[lo:hi]:
+            if p.id in dropped:
+                continue
+            rec = cf_records.get(clean_text(p.text))
+            if rec is None:
+                missing[split] += 1
+            else:
+                present.update(rec["counterfactuals"], rec["unavailable"])
+    manifest["counterfactual_types"] = [t for t in COUNTERFACTUAL_TYPES if t in present] + sorted(
+        present - set(COUNTERFACTUAL_TYPES))
+    manifest["counterfactuals_missing"] = missing
+
+
 def merge_parts(folder: str | os.PathLike, *, if_complete: bool = False, command: list[str] | None = None) -> dict | None:
     """Join the manifests of `pack(part=...)`'s n parts into `folder/manifest.json`, after checking
     that all n parts are there, were packed from the same inputs, and that every shard they list
@@ -558,7 +625,7 @@ def _merge(folder: Path, found: dict[tuple[int, int], Path], n: int, command: li
     parts = [json.loads(found[(i, n)].read_text(encoding="utf-8")) for i in range(n)]
     first = parts[0]
     for i, p in enumerate(parts):
-        for key in ("format", "inputs", "image_size", "perturbation_types", "label_names"):
+        for key in ("format", "inputs", "image_size", "perturbation_types", "label_names", "counterfactual_types"):
             if p.get(key) != first.get(key):
                 raise ValueError(f"{found[(i, n)]}: {key} differs from part 0's: the parts were not packed "
                                  "from the same inputs and settings")  # fmt: skip
@@ -588,6 +655,10 @@ def _merge(folder: Path, found: dict[tuple[int, int], Path], n: int, command: li
         "inputs": first["inputs"],
         "parts": n,
     }
+    if "counterfactual_types" in first:
+        manifest["counterfactual_types"] = first["counterfactual_types"]
+        manifest["counterfactuals_missing"] = {
+            s: sum(p.get("counterfactuals_missing", {}).get(s, 0) for p in parts) for s in splits}
     write_json(folder / MANIFEST_NAME, manifest)
     for f in found.values():
         f.unlink()
@@ -610,6 +681,8 @@ def command_of(args: argparse.Namespace) -> list[str]:
     ]
     if args.images_root:
         cmd += ["--images-root", str(args.images_root)]
+    if getattr(args, "counterfactuals", None):
+        cmd += ["--counterfactuals", str(args.counterfactuals)]
     cmd += ["--image-size", str(args.image_size), "--maxcount", str(args.maxcount), "--workers", str(args.workers)]
     return cmd + (["--part", f"{args.part[0]}/{args.part[1]}"] if args.part else [])
 
@@ -642,10 +715,14 @@ def pack_cli_main(args: argparse.Namespace) -> int:
         workers=args.workers,
         command=command_of(args),
         part=args.part,
+        counterfactuals_path=getattr(args, "counterfactuals", None),
     )
     m = result.manifest
     counts = ", ".join(
         f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in m["splits"].items()
     )
     print(f"{result.folder}: {counts}; skipped {len(m['skipped'])} {m['skipped_counts']}")
+    if "counterfactual_types" in m:
+        print(f"counterfactuals: types {m['counterfactual_types']}; samples without a record (empty maps): "
+              f"{m['counterfactuals_missing']}")
     return 0
