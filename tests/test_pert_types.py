@@ -289,7 +289,7 @@ def test_counterfactuals_requested_from_shards_without_them_are_refused(tiny_tra
                            num_workers=0, manifest=fake, counterfactual_types=("cf_laterality",))
 
 
-def test_training_with_counterfactual_negatives_logs_them(cf_train, tmp_path: Path) -> None:
+def test_training_with_counterfactual_negatives_logs_them(tiny_train, cf_train, tmp_path: Path) -> None:
     types = [*PERTURBATION_TYPES, "cf_laterality"]
     with_cf = _train(cf_train, tmp_path / "cf", tmp_path, "--set", f"loss.pert_types=[{','.join(types)}]")
     assert [m["step"] for m in with_cf] == [1, 2]
@@ -302,3 +302,11 @@ def test_training_with_counterfactual_negatives_logs_them(cf_train, tmp_path: Pa
     for a, b in zip(default, with_cf, strict=True):
         assert not any(k.startswith("data/pert_negatives/cf_") for k in a)
         assert a["data/pert_negatives"] == b["data/pert_negatives"] - b["data/pert_negatives/cf_laterality"]
+    # ... and bit for bit the run on the shards packed without counterfactuals
+    plain = _train(tiny_train, tmp_path / "plain", tmp_path)
+    assert [m["loss/total"] for m in plain] == [m["loss/total"] for m in default]
+
+    def checksum(run):
+        return json.loads((tmp_path / run / "ranks" / "rank0.json").read_text())["param_sha256"]
+
+    assert checksum("plain") == checksum("default") != checksum("cf")
