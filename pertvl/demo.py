@@ -1,6 +1,6 @@
 """The main job (`make demo` / `pertvl demo`): the whole pipeline on the embedded offline corpus.
 
-phantoms -> perturb -> counterfactual reports (evaluation only) -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
+phantoms -> perturb -> counterfactual reports (evaluated; not trained on) -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
 to ONNX (parity checked) -> evaluate on onnxruntime (every evaluation of the DEMO suite of
 pertvl.evaluate.registry: structure per perturbation type with its control anchors and the
 image-grounding margin, the grounded structure accuracy on counterfactual reports, retrieval, zero-shot AUROC, grounding of the local branch) -> a report

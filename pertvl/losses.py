@@ -667,37 +667,46 @@ def preset_label(name: str) -> str:
     return LOSS_PRESETS[name].label if name in LOSS_PRESETS else name
 
 
-def _batch_pert_types() -> tuple[str, ...]:
-    """The perturbation types a training batch carries (`Batch.pert_valid`'s K columns)."""
+def _batch_pert_types(counterfactual: Sequence[str] = ()) -> tuple[str, ...]:
+    """The perturbation types a training batch carries (`Batch.pert_types`, `Batch.pert_valid`'s K
+    columns): the nine of PERTURBATION_TYPES, then the counterfactual types `counterfactual` asks for."""
     from pertvl.data.records import PERTURBATION_TYPES
 
-    return PERTURBATION_TYPES
+    return (*PERTURBATION_TYPES, *counterfactual)
+
+
+def _counterfactual_order(names: Sequence[str]) -> list[str]:
+    """cf_* names in the order of COUNTERFACTUAL_TYPES (as the manifest lists them), others sorted after."""
+    from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
+
+    return [t for t in COUNTERFACTUAL_TYPES if t in names] + sorted(t for t in names if t not in COUNTERFACTUAL_TYPES)
 
 
 def _check_pert_types(value: Any) -> list[str]:
-    """`loss.pert_types` validated: a non-empty list of distinct types the batch carries, returned in
-    the batch's (PERTURBATION_TYPES) order. Counterfactual types (cf_*) are refused: the shards'
-    training batches do not carry them (they are evaluation-only for now)."""
+    """`loss.pert_types` validated: a non-empty list of distinct types, returned in the batch's order
+    (the nine of PERTURBATION_TYPES, then counterfactual types in COUNTERFACTUAL_TYPES order).
+    Counterfactual types (cf_*, pertvl.data.counterfactual) are training negatives only when named
+    here: the stream then collates them as extra columns (from the shards' `counterfactuals`, packed
+    with `pertvl pack --counterfactuals`)."""
+    from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
+
     known = _batch_pert_types()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
         raise ValueError(f"LossConfig: expected pert_types to be a list of perturbation type names "
-                         f"(some of {list(known)}), got {value!r}")
+                         f"(some of {list(known)}, optionally counterfactual types "
+                         f"{list(COUNTERFACTUAL_TYPES)}), got {value!r}")
     if not value:
         raise ValueError("LossConfig: pert_types is empty; L_pert needs at least one type (for no L_pert, "
                          "use a preset without it: convirt or gloria)")
     if len(set(value)) != len(value):
         raise ValueError(f"LossConfig: pert_types repeats a type: {list(value)}")
-    counterfactual = [t for t in value if t.startswith("cf_") and t not in known]
-    if counterfactual:
-        raise ValueError(f"LossConfig: pert_types {counterfactual} are counterfactual types, evaluation-only for "
-                         f"now: training batches do not carry them (pertvl.data.batch.Batch.pert_valid holds "
-                         f"{list(known)}); choose from those")
-    unknown = [t for t in value if t not in known]
+    unknown = [t for t in value if t not in known and t not in COUNTERFACTUAL_TYPES]
     if unknown:
-        raise ValueError(f"LossConfig: unknown pert_types {unknown}; the training batch carries {list(known)}")
-    return [t for t in known if t in value]
+        raise ValueError(f"LossConfig: unknown pert_types {unknown}; the training batch carries {list(known)} "
+                         f"and, on request, the counterfactual types {list(COUNTERFACTUAL_TYPES)}")
+    return [t for t in known if t in value] + _counterfactual_order([t for t in value if t not in known])
 
 
 @dataclass
@@ -717,7 +726,9 @@ class LossConfig:
 
     `pert_types`: the perturbation types L_pert trains on (default: all nine of
     PERTURBATION_TYPES, the paper's). The others are masked out of L_pert and the engine does not
-    encode them (leave-one-type-out, issue 13 §3: `pertvl ablate --holdout-type T`).
+    encode them (leave-one-type-out, issue 13 §3: `pertvl ablate --holdout-type T`). Counterfactual
+    types (cf_laterality, ...) named here become extra columns of the batch after the nine
+    (`counterfactual_types`; shards packed with `--counterfactuals`) and negatives of L_pert.
     """
 
     preset: str = "full"
@@ -791,14 +802,25 @@ class LossConfig:
     @property
     def pert_holdout(self) -> tuple[str, ...]:
         """The batch's perturbation types that L_pert does NOT train on (empty by default)."""
-        return tuple(t for t in _batch_pert_types() if t not in self.pert_types)
+        return tuple(t for t in self.batch_pert_types if t not in self.pert_types)
+
+    @property
+    def counterfactual_types(self) -> tuple[str, ...]:
+        """The counterfactual types of `pert_types` (the batch's columns after the nine); () by default."""
+        return tuple(t for t in self.pert_types if t not in _batch_pert_types())
+
+    @property
+    def batch_pert_types(self) -> tuple[str, ...]:
+        """The columns of the training batch's perturbation axis (`Batch.pert_types`): the nine of
+        PERTURBATION_TYPES, then `counterfactual_types`."""
+        return _batch_pert_types(self.counterfactual_types)
 
     def pert_type_mask(self, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """[K] bool over the batch's perturbation types (PERTURBATION_TYPES order), True for the
-        types of `pert_types`; None when all are used (nothing to mask)."""
+        """[K] bool over the batch's perturbation types (`batch_pert_types`), True for the types of
+        `pert_types`; None when all are used (nothing to mask)."""
         if not self.pert_holdout:
             return None
-        return torch.tensor([t in self.pert_types for t in _batch_pert_types()], dtype=torch.bool, device=device)
+        return torch.tensor([t in self.pert_types for t in self.batch_pert_types], dtype=torch.bool, device=device)
 
     def mask_pert_valid(self, valid: torch.Tensor) -> torch.Tensor:
         """`valid` [B, K] with the held-out types' columns set to False; `valid` itself (the same
@@ -808,7 +830,7 @@ class LossConfig:
             return valid
         if valid.dim() != 2 or valid.shape[1] != mask.shape[0]:
             raise ValueError(f"LossConfig.mask_pert_valid: expected pert_valid of shape [B, {mask.shape[0]}] "
-                             f"(one column per type of {list(_batch_pert_types())}), got {tuple(valid.shape)}")
+                             f"(one column per type of {list(self.batch_pert_types)}), got {tuple(valid.shape)}")
         return valid & mask
 
     @property
@@ -868,9 +890,10 @@ class PretrainLoss:
 
     @property
     def pert_types_in_batch(self) -> tuple[str, ...]:
-        """The perturbation types of `Batch.pert_valid`'s columns (PERTURBATION_TYPES), of which
-        `config.pert_types` are L_pert's negatives."""
-        return _batch_pert_types()
+        """The perturbation types of `Batch.pert_valid`'s columns (`LossConfig.batch_pert_types`: the
+        nine, then the requested counterfactual types), of which `config.pert_types` are L_pert's
+        negatives."""
+        return self.config.batch_pert_types
 
     def model_kwargs(self) -> dict[str, bool]:
         """Forward keywords of the model: each Feature on exactly when a term needs it."""

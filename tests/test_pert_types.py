@@ -68,13 +68,85 @@ def test_a_held_out_type_contributes_nothing_to_l_pert():
 def test_pert_types_validation():
     with pytest.raises(ValueError, match=r"unknown pert_types \['antonyms'\]; the training batch carries \['shuffle_all'"):
         LossConfig(pert_types=["antonyms"])
-    with pytest.raises(ValueError, match=r"\['cf_laterality'\] are counterfactual types, evaluation-only for now"):
-        LossConfig(pert_types=["reverse", "cf_laterality"])
+    with pytest.raises(ValueError, match=r"unknown pert_types \['cf_colour'\].*counterfactual types \['cf_laterality'"):
+        LossConfig(pert_types=["reverse", "cf_colour"])
     with pytest.raises(ValueError, match="pert_types is empty"):
         LossConfig(pert_types=[])
     with pytest.raises(ValueError, match="repeats a type"):
         LossConfig(pert_types=["reverse", "reverse"])
     assert LossConfig.from_dict({"pert_types": ["reverse", "shuffle_all"]}).pert_types == ["shuffle_all", "reverse"]
+
+
+def test_counterfactual_types_are_extra_columns_after_the_nine():
+    cfg = LossConfig(preset="no_local", pert_types=["cf_negation", "reverse", *PERTURBATION_TYPES[:2], "cf_laterality"])
+    assert cfg.pert_types == [*PERTURBATION_TYPES[:2], "reverse", "cf_laterality", "cf_negation"]
+    assert cfg.counterfactual_types == ("cf_laterality", "cf_negation")
+    assert cfg.batch_pert_types == (*PERTURBATION_TYPES, "cf_laterality", "cf_negation")
+    assert PretrainLoss(cfg).pert_types_in_batch == cfg.batch_pert_types
+    mask = cfg.pert_type_mask()
+    assert mask.tolist() == [t in cfg.pert_types for t in cfg.batch_pert_types] and mask[-2:].all()
+    every = LossConfig(pert_types=[*PERTURBATION_TYPES, "cf_laterality"])
+    assert every.pert_holdout == () and every.pert_type_mask() is None
+    valid = torch.ones(2, K + 1, dtype=torch.bool)
+    assert every.mask_pert_valid(valid) is valid
+    with pytest.raises(ValueError, match=r"expected pert_valid of shape \[B, 10\]"):
+        LossConfig(pert_types=["reverse", "cf_laterality"]).mask_pert_valid(torch.ones(2, K, dtype=torch.bool))
+    # the default batch is unchanged: nine columns, no counterfactual
+    assert LossConfig().batch_pert_types == PERTURBATION_TYPES and LossConfig().counterfactual_types == ()
+
+
+def _fabricated_samples():
+    import numpy as np
+
+    from pertvl.data.shards.reading import Sample
+
+    base = "the heart is normal in size. there is a small left pleural effusion."
+    perts = {t: f"{base} {t.replace('_', ' ')}" for t in PERTURBATION_TYPES}
+    metas = [
+        {"id": "a", "text": base, "perturbations": perts, "unavailable": {},
+         "counterfactuals": {"cf_laterality": base.replace("left", "right"), "cf_negation": base.replace("a small", "no")},
+         "cf_unavailable": {}},
+        {"id": "b", "text": base, "perturbations": perts, "unavailable": {},  # cf_laterality unavailable
+         "counterfactuals": {"cf_negation": base.replace("a small", "no")},
+         "cf_unavailable": {"cf_laterality": "no_lateralized_finding"}},
+        {"id": "c", "text": base, "perturbations": perts, "unavailable": {}},  # packed without counterfactuals
+        {"id": "d", "text": base, "perturbations": perts, "unavailable": {},  # a cf identical to the report
+         "counterfactuals": {"cf_laterality": base, "cf_negation": base.replace("a small", "no")}},
+    ]
+    return [Sample(key=m["id"], image=np.full((16, 16), 7 * i, dtype=np.uint8), meta=m) for i, m in enumerate(metas)]
+
+
+def test_collate_puts_counterfactuals_after_the_nine_and_masks_missing_ones(minilm_path):
+    from tokenizers import Tokenizer
+
+    from pertvl.data.stream import collate_samples
+
+    tok = Tokenizer.from_file(str(Path(minilm_path) / "tokenizer.json"))
+    samples = _fabricated_samples()
+    plain, plain_counts = collate_samples(samples, tok, max_length=48)
+    assert plain.pert_types == PERTURBATION_TYPES and plain.pert_valid.shape == (4, K)
+    types = ("cf_laterality", "cf_negation")
+    batch, counts = collate_samples(samples, tok, max_length=48, counterfactual_types=types)
+    assert batch.pert_types == (*PERTURBATION_TYPES, *types)
+    assert batch.pert_input_ids.shape[:2] == (4, K + 2) and batch.pert_valid.shape == (4, K + 2)
+    # the nine columns are exactly the default batch's (same width: the cf texts are no longer)
+    lp = plain.pert_input_ids.shape[2]
+    assert torch.equal(batch.pert_input_ids[:, :K, :lp], plain.pert_input_ids)
+    assert torch.equal(batch.pert_valid[:, :K], plain.pert_valid) and plain.pert_valid.all()
+    assert batch.pert_valid[:, K:].tolist() == [[True, True], [False, True], [False, False], [False, True]]
+    # missing ones count as unavailable, the identical one as identical
+    assert counts["unavailable_perturbations"] == plain_counts["unavailable_perturbations"] + 3
+    assert counts["identical_perturbations"] == plain_counts["identical_perturbations"] + 1
+    # each column holds its own type's text
+    enc = tok.encode(samples[0].meta["counterfactuals"]["cf_laterality"])
+    n = len(enc.ids)
+    assert batch.pert_input_ids[0, K, :n].tolist() == enc.ids[:n]
+    enc = tok.encode(samples[1].meta["counterfactuals"]["cf_negation"])
+    assert batch.pert_input_ids[1, K + 1, :len(enc.ids)].tolist() == enc.ids
+    # the loss masks them like any other column: a held-out nine-type and the cf columns kept
+    cfg = LossConfig(preset="no_local", pert_types=[*(t for t in PERTURBATION_TYPES if t != HELD), *types])
+    masked = cfg.mask_pert_valid(batch.pert_valid)
+    assert not masked[:, PERTURBATION_TYPES.index(HELD)].any() and torch.equal(masked[:, K:], batch.pert_valid[:, K:])
 
 
 # ------------------------------------------------------------------------- a real training run
@@ -179,3 +251,62 @@ def test_holdout_table_from_fabricated_results(tmp_path: Path) -> None:
     assert lines[5].startswith(f"| {HELD} | 25.0 ± 7.1 % |") and lines[5].endswith("| 86.0 ± 7.1 % |")
     paths = write_holdout_table(table, tmp_path)
     assert json.loads(paths["json"].read_text())["rows"] == table["rows"] and paths["markdown"].read_text() == md
+
+
+# ------------------------------------------------------------------------- counterfactual negatives
+
+
+@pytest.fixture(scope="module")
+def cf_train(tiny_train, tmp_path_factory):
+    """tiny_train's phantoms packed again, with their counterfactuals (`pack --counterfactuals`)."""
+    from pertvl.data.counterfactual import write_counterfactuals
+    from pertvl.data.shards import pack
+
+    root = tmp_path_factory.mktemp("cf_train")
+    corpus = tiny_train.root / "corpus"
+    write_counterfactuals(corpus / "pairs.jsonl", root / "counterfactuals.jsonl", seed=0)
+    shards = root / "shards"
+    pack(corpus / "pairs.jsonl", corpus / "perturbations.jsonl", shards, image_size=64, maxcount=8, workers=1,
+         counterfactuals_path=root / "counterfactuals.jsonl")
+    config = root / "tiny_cf.yaml"
+    config.write_text(tiny_train.config.read_text().replace(f"shards: {tiny_train.shards}", f"shards: {shards}"))
+    assert f"shards: {shards}" in config.read_text()
+    return SimpleNamespace(root=root, shards=shards, config=config)
+
+
+def test_counterfactuals_requested_from_shards_without_them_are_refused(tiny_train, cf_train):
+    from pertvl.data.stream import build_train_stream
+
+    with pytest.raises(ValueError, match=rf"shards in {tiny_train.shards} carry no counterfactuals.*--counterfactuals"):
+        build_train_stream(tiny_train.shards, tokenizer=None, batch_size=4, num_workers=0,
+                           counterfactual_types=("cf_laterality",))
+    manifest = json.loads((cf_train.shards / "manifest.json").read_text())
+    assert "cf_laterality" in manifest["counterfactual_types"]
+    fake = dict(manifest, counterfactual_types=["cf_negation"])
+    with pytest.raises(ValueError, match=r"asks for counterfactual negatives \['cf_laterality'\].*only the "
+                                         r"counterfactual types \['cf_negation'\]"):
+        build_train_stream(cf_train.shards / "train-{000000..000001}.tar", tokenizer=None, batch_size=4,
+                           num_workers=0, manifest=fake, counterfactual_types=("cf_laterality",))
+
+
+def test_training_with_counterfactual_negatives_logs_them(tiny_train, cf_train, tmp_path: Path) -> None:
+    types = [*PERTURBATION_TYPES, "cf_laterality"]
+    with_cf = _train(cf_train, tmp_path / "cf", tmp_path, "--set", f"loss.pert_types=[{','.join(types)}]")
+    assert [m["step"] for m in with_cf] == [1, 2]
+    for m in with_cf:
+        assert m["data/pert_negatives/cf_laterality"] > 0
+        assert m["data/pert_negatives"] == sum(m[f"data/pert_negatives/{t}"] for t in types)
+    assert "  - cf_laterality" in (tmp_path / "cf" / "config.yaml").read_text()  # the run's recorded config
+    # the default on the same shards: the nine types only, no counterfactual column
+    default = _train(cf_train, tmp_path / "default", tmp_path)
+    for a, b in zip(default, with_cf, strict=True):
+        assert not any(k.startswith("data/pert_negatives/cf_") for k in a)
+        assert a["data/pert_negatives"] == b["data/pert_negatives"] - b["data/pert_negatives/cf_laterality"]
+    # ... and bit for bit the run on the shards packed without counterfactuals
+    plain = _train(tiny_train, tmp_path / "plain", tmp_path)
+    assert [m["loss/total"] for m in plain] == [m["loss/total"] for m in default]
+
+    def checksum(run):
+        return json.loads((tmp_path / run / "ranks" / "rank0.json").read_text())["param_sha256"]
+
+    assert checksum("plain") == checksum("default") != checksum("cf")

@@ -399,8 +399,9 @@ def test_augmentation_is_per_key_deterministic_and_never_flips():
 
 
 def test_packed_counterfactuals_leave_the_training_batches_unchanged(folder, tok, tmp_path):
-    """Counterfactuals are evaluation only (issue 13): a pack with --counterfactuals streams the
-    same training batches, bit for bit (collate reads text, perturbations, labels and ids only)."""
+    """Counterfactuals are not trained on by default (issue 13): a pack with --counterfactuals streams
+    the same training batches, bit for bit (collate reads text, perturbations, labels and ids only),
+    unless counterfactual types are asked for (loss.pert_types): then they are columns after the nine."""
     root = folder.parent
     texts = [json.loads(line)["text"] for line in (root / "perturbations.jsonl").read_text().splitlines()]
     (root / "cf.jsonl").write_text("".join(json.dumps({"text": t, "counterfactuals": {"cf_negation": f"no {t}"},
@@ -416,3 +417,14 @@ def test_packed_counterfactuals_leave_the_training_batches_unchanged(folder, tok
         assert (x.labels is None) == (y.labels is None)
         if x.labels is not None:
             assert torch.equal(torch.nan_to_num(x.labels, nan=-1.0), torch.nan_to_num(y.labels, nan=-1.0))
+    assert all(x.pert_types == PERTURBATION_TYPES for x in b)
+    c = list(stream(with_cf, tok, augment=True, epoch=1, seed=3, num_workers=0, counterfactual_types=("cf_negation",)))
+    assert ids_of(c) == ids_of(a)
+    k = len(PERTURBATION_TYPES)
+    for x, z in zip(a, c, strict=True):
+        assert z.pert_types == (*PERTURBATION_TYPES, "cf_negation") and z.pert_valid.shape == (len(x), k + 1)
+        assert torch.equal(z.pert_valid[:, :k], x.pert_valid) and z.pert_valid[:, k].all()
+        lp = x.pert_input_ids.shape[2]
+        assert torch.equal(z.pert_input_ids[:, :k, :lp], x.pert_input_ids)
+    with pytest.raises(ValueError, match="carry no counterfactuals"):
+        stream(folder, tok, num_workers=0, counterfactual_types=("cf_negation",))

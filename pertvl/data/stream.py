@@ -117,6 +117,9 @@ class ShardSource:
     image_size: int | None
     label_names: tuple[str, ...]
     description: str
+    # The manifest's `counterfactual_types` (shards packed with --counterfactuals); () when packed
+    # without them; None when there is no manifest to tell.
+    counterfactual_types: tuple[str, ...] | None = None
 
 
 def _shard_name(url: str) -> str:
@@ -243,6 +246,7 @@ def resolve_source(
         image_size=man.get("image_size") if man else None,
         label_names=tuple(man.get("label_names", [])) if man else (),
         description=f"{src} [{split}]",
+        counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
     )
 
 
@@ -278,6 +282,7 @@ def collate_samples(
     augment: AugmentConfig | None = None,
     seed: int = 0,
     epoch: int = 0,
+    counterfactual_types: Sequence[str] = (),
 ) -> tuple[Batch, Counter]:
     """Collate decoded samples into a Batch.
 
@@ -290,11 +295,14 @@ def collate_samples(
         image_size: resize images to this side if they differ (antialiased bilinear).
         augment: augmentation ranges, or None for none.
         seed, epoch: with each sample key, fix its augmentation.
+        counterfactual_types: cf_* types collated after the nine perturbations as extra columns of
+            the K axis (Batch.pert_types), their texts from the sample json's `counterfactuals`
+            (shards packed with --counterfactuals); () (the default): K = 9, today's batch.
 
     Returns:
-        (Batch, counts): pert_valid is False where the perturbation is unavailable or its token ids
-        equal the original's after truncation; counts has "unavailable_perturbations" and
-        "identical_perturbations".
+        (Batch, counts): pert_valid is False where the perturbation (or counterfactual) is
+        unavailable or its token ids equal the original's after truncation; counts has
+        "unavailable_perturbations" (a missing counterfactual included) and "identical_perturbations".
     """
     if not samples:
         raise ValueError("collate_samples needs at least one sample")
@@ -314,7 +322,9 @@ def collate_samples(
     if augment is not None:
         img = apply_augmentation(img, sample_params(keys, seed=seed, epoch=epoch, config=augment))
 
-    b, k = len(samples), len(PERTURBATION_TYPES)
+    counterfactual_types = tuple(counterfactual_types)
+    pert_types = (*PERTURBATION_TYPES, *counterfactual_types)
+    b, k = len(samples), len(pert_types)
     if isinstance(tokenizer, CachedTokenizer):
         encode = tokenizer
     else:
@@ -327,8 +337,9 @@ def collate_samples(
     flat = []
     for i, s in enumerate(samples):
         perts = s.meta.get("perturbations") or {}
-        for j, name in enumerate(PERTURBATION_TYPES):
-            text = perts.get(name)
+        cfs = (s.meta.get("counterfactuals") or {}) if counterfactual_types else {}
+        for j, name in enumerate(pert_types):
+            text = perts.get(name) if j < len(PERTURBATION_TYPES) else cfs.get(name)
             available[i, j] = isinstance(text, str)
             flat.append(text if isinstance(text, str) else "")
     penc = encode(flat)
@@ -368,6 +379,7 @@ def collate_samples(
         study_ids=[str(s.meta.get("study_id", "")) for s in samples],
         texts=[s.meta["text"] for s in samples],
         labels=labels,
+        pert_types=pert_types,
     )
     return batch, counts
 
@@ -395,6 +407,7 @@ class _Plan:
     shuffle_buffer: int
     faults: tuple = ()  # pertvl.faults.Fault from PERTVL_FAULT, read in the main process
     download_retries: int = 3  # remote shards: retries before the run fails
+    counterfactual_types: tuple[str, ...] = ()  # cf_* columns after the nine (loss.pert_types)
 
     @property
     def batches_per_stream(self) -> int:
@@ -556,6 +569,7 @@ def _stream_batches(
             augment=plan.augment,
             seed=plan.seed,
             epoch=epoch,
+            counterfactual_types=plan.counterfactual_types,
         )
         stats.update(counts)
         yield batch
@@ -807,6 +821,25 @@ def preflight_imports(augment: bool) -> None:
             ) from e
 
 
+def check_counterfactuals(src: ShardSource, types: Sequence[str], where: str) -> None:
+    """Raise a ValueError naming the shards `where` when counterfactual `types` are requested but the
+    manifest does not list them (packed without --counterfactuals, or without those types). Without
+    a manifest nothing can be checked: a sample without them has them masked (counted unavailable)."""
+    if not types or src.counterfactual_types is None:
+        return
+    missing = [t for t in types if t not in src.counterfactual_types]
+    if not src.counterfactual_types:
+        raise ValueError(f"loss.pert_types asks for counterfactual negatives {list(types)}, but the shards in "
+                         f"{where} carry no counterfactuals (their manifest has no counterfactual_types): re-pack "
+                         f"them with `pertvl pack --counterfactuals COUNTERFACTUALS.jsonl`, or drop the cf_* "
+                         f"types from loss.pert_types")
+    if missing:
+        raise ValueError(f"loss.pert_types asks for counterfactual negatives {missing}, but the shards in {where} "
+                         f"carry only the counterfactual types {list(src.counterfactual_types)} (manifest "
+                         f"counterfactual_types): pack with `--counterfactuals` records that have them, or drop "
+                         f"{missing} from loss.pert_types")
+
+
 def build_train_stream(
     source: str | os.PathLike,
     split: str = "train",
@@ -829,6 +862,7 @@ def build_train_stream(
     prefetch_factor: int = 2,
     multiprocessing_context=None,
     download_retries: int = 3,
+    counterfactual_types: Sequence[str] = (),
 ) -> TrainStream:
     """Build the training stream of one rank.
 
@@ -862,6 +896,8 @@ def build_train_stream(
             f"{batch_size}, {world_size}, {rank}, {num_workers}"
         )
     src = resolve_source(source, split, manifest=manifest, num_samples=num_samples, retries=download_retries)
+    counterfactual_types = tuple(counterfactual_types)
+    check_counterfactuals(src, counterfactual_types, os.fspath(source))
     streams = max(1, num_workers)
     needed = world_size * streams
     if not resampled and len(src.urls) < needed:
@@ -902,6 +938,7 @@ def build_train_stream(
         shuffle_buffer=shuffle_buffer,
         faults=injected,
         download_retries=download_retries,
+        counterfactual_types=counterfactual_types,
     )
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip

@@ -137,6 +137,10 @@ class AblationSettings:
             if len(set(self.holdout_types)) != len(self.holdout_types):
                 raise ValueError(f"holdout types must not repeat: {list(self.holdout_types)}")
             for t in self.holdout_types:  # refused with the known types, cf_* as evaluation-only
+                if t.startswith("cf_"):  # not among the default training negatives: nothing to hold out
+                    raise ValueError(f"--holdout-type {t}: counterfactual types are evaluation-only for "
+                                     f"--holdout-type (they are training negatives only when loss.pert_types "
+                                     f"names them); hold out one of {list(_batch_types())}")
                 others = [x for x in _batch_types() if x != t]
                 if t not in _batch_types() or not others:
                     LossConfig(pert_types=[t])  # raises the message naming the known types

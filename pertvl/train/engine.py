@@ -358,6 +358,7 @@ class Trainer:
             num_workers=data.num_workers,
             seed=self.seed,
             augment=data.augment,
+            counterfactual_types=self.loss_fn.config.counterfactual_types,
             max_length=data.max_length,
             resampled=data.resampled,
             image_size=data.image_size,
@@ -645,6 +646,9 @@ class Trainer:
                 batch = next(batches)
             wait += time.perf_counter() - t_wait
             ids.extend(batch.ids)
+            if self.pert_counting and tuple(batch.pert_types) != self.loss_fn.pert_types_in_batch:
+                raise RuntimeError(f"the batch's perturbation columns {list(batch.pert_types)} are not the "
+                                   f"loss's {list(self.loss_fn.pert_types_in_batch)} (loss.pert_types)")
             if self.pert_mask is not None:  # held-out types: neither encoded nor in L_pert
                 batch.pert_valid = batch.pert_valid.to(torch.bool) & self.pert_mask.to(batch.pert_valid.device)
             if self.pert_counting:

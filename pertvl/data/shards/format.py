@@ -4,7 +4,8 @@ Layout (docs/ARCHITECTURE.md): `shards/NAME/{split}-{000000..}.tar` + `manifest.
 is `{key}.png` (8-bit grayscale, image_size x image_size, resized once at pack time) and `{key}.json`
 (id, study_id, projection, split, labels, cleaned text, perturbations, unavailable), plus `extra`
 (phantom facts) and, only when packed with `--counterfactuals`, `counterfactuals` and
-`cf_unavailable` (evaluation only; the training stream never reads them).
+`cf_unavailable` (evaluation; the training stream reads `counterfactuals` only when loss.pert_types
+names cf types, docs/TRAINING.md).
 """
 
 from __future__ import annotations
