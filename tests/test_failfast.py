@@ -127,10 +127,10 @@ def test_a_worker_that_cannot_import_a_module_ends_the_run(tiny_train, tmp_path:
 def test_a_stalled_worker_trips_the_watchdog_with_every_stack(tiny_train, tmp_path: Path) -> None:
     """A worker that never returns: after `train.stall_timeout_s` without a step the rank writes its
     threads' stacks and its workers' (faulthandler, SIGUSR2), kills them and exits 70."""
-    cmd = [sys.executable, "-m", "pertvl", *_train_cmd(tiny_train, tmp_path / "run", "--set", "train.stall_timeout_s=15")]
+    cmd = [sys.executable, "-m", "pertvl", *_train_cmd(tiny_train, tmp_path / "run", "--set", "train.stall_timeout_s=25")]
     rc, took, log = _run_faulty(cmd, "worker-hang:sample=20,worker=1", tmp_path, "stall")
     assert rc == STALLED_EXIT_CODE and took < FAIL_WITHIN, log[-3000:]
-    assert "the run is stalled" in log and "limit 15 s: train.stall_timeout_s" in log
+    assert "the run is stalled" in log and "limit 25 s: train.stall_timeout_s" in log
     assert "in _train_step" in log  # the rank's main thread, waiting for its batch
     assert "in _hang" in log and "in _worker_loop" in log  # the stalled worker's own stack
     assert f"exiting with {STALLED_EXIT_CODE}" in log
