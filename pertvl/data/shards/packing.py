@@ -139,38 +139,35 @@ def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> dict:
     }
 
 
+def _join_table(path: str | os.PathLike, records, field: str) -> dict[str, dict]:
+    """{cleaned text: {field, unavailable}} from parsed records; two different records for the same
+    text are an error naming the file, exact repeats are fine."""
+    table: dict[str, dict] = {}
+    for rec in records:
+        slim = {field: getattr(rec, field), "unavailable": rec.unavailable}
+        if table.get(rec.text, slim) != slim:
+            raise ValueError(f"{path}: a second, different record for the same text {rec.text[:60]!r}")
+        table[rec.text] = slim
+    return table
+
+
 def perturbations_by_text(path: str | os.PathLike) -> dict[str, dict]:
     """perturbations.jsonl -> {cleaned text: {perturbations, unavailable}}: the join table of pack.
 
     Records are parsed and validated by pertvl.data.perturb (a bad line raises naming file and
     line); two different records for the same text are an error, exact repeats are fine.
     """
-    from pertvl.data.perturb import read_perturbations as read_records  # no spaCy import at module load
+    from pertvl.data.perturb import read_perturbations  # no spaCy import at module load
 
-    records: dict[str, dict] = {}
-    for rec in read_records(path):
-        slim = {"perturbations": rec.perturbations, "unavailable": rec.unavailable}
-        if records.get(rec.text, slim) != slim:
-            raise ValueError(f"{path}: a second, different record for the same text {rec.text[:60]!r}")
-        records[rec.text] = slim
-    return records
+    return _join_table(path, read_perturbations(path), "perturbations")
 
 
 def counterfactuals_by_text(path: str | os.PathLike) -> dict[str, dict]:
-    """counterfactuals.jsonl -> {cleaned text: {counterfactuals, unavailable}}: pack's second join table.
-
-    Records are parsed and validated by pertvl.data.counterfactual (a bad line raises naming file
-    and line); two different records for the same text are an error, exact repeats are fine.
-    """
+    """counterfactuals.jsonl -> {cleaned text: {counterfactuals, unavailable}}: pack's second join table
+    (records parsed and validated by pertvl.data.counterfactual; the same rules as perturbations_by_text)."""
     from pertvl.data.counterfactual import read_counterfactuals
 
-    records: dict[str, dict] = {}
-    for rec in read_counterfactuals(path):
-        slim = {"counterfactuals": rec.counterfactuals, "unavailable": rec.unavailable}
-        if records.get(rec.text, slim) != slim:
-            raise ValueError(f"{path}: a second, different record for the same text {rec.text[:60]!r}")
-        records[rec.text] = slim
-    return records
+    return _join_table(path, read_counterfactuals(path), "counterfactuals")
 
 
 # What a sample without a counterfactual record gets (counted in the manifest, never a skip).
