@@ -376,6 +376,11 @@ def test_brace_pattern_and_pipe_sources(folder, tok):
     assert ids_of(build_train_stream(pipe, tokenizer=tok, batch_size=4, num_workers=0, augment=False,
                                      shuffle_buffer=16, seed=3, manifest=folder)) == reference  # fmt: skip
     assert len(build_train_stream(pipe, tokenizer=tok, batch_size=4, num_workers=0, num_samples=20)) == 5
+    # A pipe: command that names a remote URL itself (`pipe:aws s3 cp s3://...`) is still run by
+    # webdataset's pipe opener, not fetched as a URL: here the URL is a shell comment.
+    commented = f"pipe:cat {pattern} # s3://bucket/train.tar"
+    assert ids_of(build_train_stream(commented, tokenizer=tok, batch_size=4, num_workers=0, augment=False,
+                                     shuffle_buffer=16, seed=3, manifest=folder)) == reference  # fmt: skip
 
 
 def test_augmentation_is_per_key_deterministic_and_never_flips():

@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter
@@ -130,8 +131,14 @@ class ShardDownloadError(OSError):
     """A remote shard or manifest could not be fetched after the allowed attempts (names the URL)."""
 
 
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def _scheme(url: str) -> str:
-    return url.split("://", 1)[0].lower() if "://" in url else ""
+    """The scheme of a remote URL (http, https, s3, gs, ...), "" for what webdataset's own opener
+    reads: local paths, file:// and `pipe:` commands (whose command may itself name an s3:// URL)."""
+    m = _URL_SCHEME.match(url)
+    return m.group(1).lower() if m and m.group(1).lower() != "file" else ""
 
 
 def _open_remote(url: str, retries: int, timeout_s: float = 60.0):
@@ -453,13 +460,12 @@ def _read_shard(plan: _Plan, index: int, stats: Counter) -> Iterator[tuple]:
         # damaged data: the run fails with the URL named (a local missing file is counted and skipped).
         stream = _open_remote(url, plan.download_retries)
     else:
-        stream = None
-    try:
-        stream = stream or wds.gopen(url, "rb")
-    except Exception as e:  # any opener failure (missing file, failing pipe) makes it unreadable
-        stats["unreadable_shard"] += 1
-        log.warning("cannot open shard %s: %s: %s; continuing with the next shard", name, type(e).__name__, e)
-        return
+        try:
+            stream = wds.gopen(url, "rb")
+        except Exception as e:  # any opener failure (missing file, failing pipe) makes it unreadable
+            stats["unreadable_shard"] += 1
+            log.warning("cannot open shard %s: %s: %s; continuing with the next shard", name, type(e).__name__, e)
+            return
     read, last = 0, None
     try:
         for raw in iter_raw_samples(stream, name):
