@@ -395,7 +395,17 @@ torch.manual_seed(0)
 state = ck.resume(resumed, run)
 t.train(resumed, 2)
 same = all(torch.equal(a, b) for a, b in zip(expected.values(), t.params(resumed).values()))
-print(json.dumps({"rank": env.rank, "same": same, "rank_state": state["rank_state"], "epoch": state["epoch"]}))
+print(json.dumps({"rank": env.rank, "same": same, "rank_state": state["rank_state"], "epoch": state["epoch"]}), flush=True)
+# End as pertvl.train.engine.train does: the engines' reference cycles (all_gather autograd nodes
+# hold the process group) are collected while the group is alive, then the group is destroyed.
+# Gloo objects left to interpreter teardown abort the process ("terminate called without an
+# active exception"); CI saw that once on this test.
+import gc
+from pertvl.train.launch import shutdown_distributed
+torch.distributed.barrier()
+del engine, resumed, state
+gc.collect()
+shutdown_distributed()
 """
 
 
