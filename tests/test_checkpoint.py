@@ -25,6 +25,7 @@ from pertvl.train.launch import (
     detect_dist_env,
     init_distributed,
     load_ds_config,
+    shutdown_distributed,
     unsupported_precision,
 )
 from pertvl.train.optim import build_optimizer, build_scheduler
@@ -51,6 +52,12 @@ def process_group() -> Iterator[None]:
     if not torch.distributed.is_initialized():
         init_distributed(detect_dist_env({}))
     yield
+    # Collected and destroyed here, not at interpreter teardown, where freeing gloo objects can
+    # abort the process after the tests passed (as the engine does at the end of a run).
+    import gc
+
+    gc.collect()
+    shutdown_distributed()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

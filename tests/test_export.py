@@ -466,6 +466,9 @@ _DS_SCRIPT = textwrap.dedent("""
                 F.normalize(engine.module.encode_image(images).global_emb, dim=-1).numpy())
         np.save(os.path.join(run, "text_emb.npy"),
                 F.normalize(engine.module.encode_text(**tok).global_emb, dim=-1).numpy())
+    import gc
+    del engine, loss
+    gc.collect()  # while the group lives: gloo objects freed at interpreter teardown can abort
     shutdown_distributed()
 """)
 
