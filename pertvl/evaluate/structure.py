@@ -1268,7 +1268,7 @@ def structure_markdown(result: StructureResult, title: str) -> str:
     if result.controls is not None:
         notes += ["", controls_markdown(result)]
     if result.grounded is not None:
-        notes += ["", grounded_markdown(result.grounded)]
+        notes += ["", grounded_markdown(result.grounded, result.score)]
     if result.text_disjoint is not None:
         notes += ["", text_disjoint_markdown(result)]
     return "\n".join(notes) + "\n"
@@ -1279,7 +1279,7 @@ def _stat_row(label: str, st: AccuracyStat) -> list[str]:
             cos(st.cos_perturbed)]
 
 
-def grounded_markdown(g: GroundedStructure) -> str:
+def grounded_markdown(g: GroundedStructure, score: str = "global") -> str:
     """The grounded structure table (overall and per counterfactual type) and its controls."""
     rows = [_stat_row("**Grounded overall** (original ranked above all its counterfactuals)", g.overall)]
     rows += [_stat_row(f"{type_name(t)} (`{t}`)", st) for t, st in g.per_type.items()]
@@ -1294,7 +1294,7 @@ def grounded_markdown(g: GroundedStructure) -> str:
     ]
     if g.controls is not None:
         parts += ["", _controls_tables(g.overall, g.per_type, g.controls,
-                                       "### Grounded structure with another anchor")]
+                                       "### Grounded structure with another anchor", score)]
     return "\n".join(parts)
 
 
@@ -1324,18 +1324,23 @@ ANCHOR_TEXT = {
 }
 
 
+def anchor_text(name: str, score: str = "global") -> str:
+    """What an anchor is, for tables ("mean image" means the mean region features for the local score)."""
+    return "mean test-image region features" if (name, score) == ("mean_image", "local") else ANCHOR_TEXT[name]
+
+
 def controls_markdown(result: StructureResult) -> str:
     """Overall accuracy per anchor with mean cosines, the margin, and per type per anchor."""
     assert result.controls is not None
     return _controls_tables(result.overall, result.per_type, result.controls,
-                            "## Controls: the same test with another anchor")
+                            "## Controls: the same test with another anchor", result.score)
 
 
 def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, AccuracyStat], c: Controls,
-                     heading: str) -> str:
+                     heading: str, score: str = "global") -> str:
     type_label = type_name
     anchors = {"own": AnchorControl(own_overall, own_per_type), **c.anchors()}
-    rows = [[ANCHOR_TEXT[name], pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
+    rows = [[anchor_text(name, score), pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
              cos(a.overall.cos_original), cos(a.overall.cos_perturbed)] for name, a in anchors.items()]
     m = c.margin
     rows.append(["**image-grounding margin** (own − wrong, paired images)",
@@ -1355,12 +1360,13 @@ def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, Accuracy
         "",
         md_table(["anchor", "overall accuracy", "95% CI", "n (images)", "mean cos original", "mean cos negatives"],
                  rows),
-        md_table(["type", *[ANCHOR_TEXT[name].split(" (")[0] for name in anchors], "margin (own − wrong) [95% CI]"],
+        md_table(["type", *[anchor_text(name, score).split(" (")[0] for name in anchors], "margin (own − wrong) [95% CI]"],
                  per_type),
         "Per-type cells: pairwise accuracy (mean cos original / mean cos that perturbation). "
         f"Wrong image: a fixed derangement of the test images (seed {p.get('seed')}): {p.get('rule')}; "
         f"{p.get('paired')} paired, {p.get('unpaired')} without a partner (left out of the wrong-image rows "
-        "and the margin). Mean image: one anchor for all, the mean of the normalized test-image embeddings. "
+        "and the margin). Mean image: one anchor for all, the mean of the "
+        + ("test images' region features. " if score == "local" else "normalized test-image embeddings. ")
         + ("Text only: no image; each image's anchor is the mean normalized embedding of the test reports whose "
            "text differs from its own. " if "text_only" in anchors else "")
         + "The margin is the mean over paired images of own − wrong "
