@@ -58,6 +58,7 @@ __all__ = [
     "ImageFeatures",
     "TextFeatures",
     "attention_maps",
+    "local_scores",
 ]
 
 
@@ -156,6 +157,59 @@ def attention_maps(
     p = regions @ words.T  # [M, W]
     a = _softmax(gamma1 * _softmax(p, axis=1), axis=0)  # over words, then over regions
     return a.T.reshape(len(words), h, w).astype(np.float32)
+
+
+def local_scores(
+    regions: np.ndarray,
+    words: np.ndarray,
+    word_mask: np.ndarray,
+    gamma1: float = 4.0,
+    gamma2: float = 5.0,
+    aggregation: str = "sum",
+) -> np.ndarray:
+    """GLoRIA's image–report similarity S(I_n, T_n) of row-paired images and reports (paper §III-B 2):
+
+        a_wm = softmax_m(γ1 · softmax_w'(r_m · x_w')_w),   c_w = Σ_m a_wm r_m,
+        S    = log Σ_w exp(γ2 · cos(x_w, c_w))              ("mean": log mean_w)
+
+    — the diagonal of pertvl.losses.local_similarity (what the local loss trains), in numpy with
+    float64 inside, so the evaluations score candidates by it without torch.
+
+    Args:
+        regions: [N, M, Dl] region features (ImageFeatures.regions rows; a row may repeat an image).
+        words: [N, W, Dl] word features of the N reports (TextFeatures.words rows).
+        word_mask: [N, W] bool, True for real words.
+        gamma1, gamma2: GLoRIA's temperatures (the loss defaults 4, 5).
+        aggregation: "sum" (GLoRIA's and the loss's default) or "mean".
+    Returns:
+        [N] float64; -inf for a report without words.
+    Raises:
+        ValueError: on inconsistent shapes or an unknown aggregation.
+    """
+    r = np.asarray(regions, dtype=np.float64)
+    x = np.asarray(words, dtype=np.float64)
+    mask = np.asarray(word_mask, dtype=bool)
+    if r.ndim != 3 or x.ndim != 3 or r.shape[0] != x.shape[0] or r.shape[2] != x.shape[2]:
+        raise ValueError(f"local_scores: expected regions [N, M, D] and words [N, W, D], got shapes {r.shape} "
+                         f"and {x.shape}")
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"local_scores: expected word_mask {list(x.shape[:2])}, got shape {list(mask.shape)}")
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"local_scores: expected aggregation 'sum' or 'mean', got {aggregation!r}")
+    has_words = mask.any(axis=1)
+    real = mask | ~has_words[:, None]  # a report without words: unmasked here, -inf below (as the loss)
+    p = np.einsum("nmd,nwd->nmw", r, x)
+    a1 = _softmax(np.where(real[:, None, :], p, -np.inf), axis=2)  # over the report's words
+    a = _softmax(gamma1 * a1, axis=1)  # over regions, per word
+    context = np.einsum("nmw,nmd->nwd", a, r)
+    norms = np.linalg.norm(x, axis=2) * np.linalg.norm(context, axis=2)
+    cos = np.einsum("nwd,nwd->nw", x, context) / np.maximum(norms, 1e-8)  # GLoRIA's clamp
+    z = np.where(real, gamma2 * cos, -np.inf)
+    top = z.max(axis=1, keepdims=True)
+    s = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0]
+    if aggregation == "mean":
+        s = s - np.log(np.maximum(real.sum(axis=1), 1))
+    return np.where(has_words, s, -np.inf)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def test_structure_result_json_round_trips():
     assert d["schema"] == "pertvl-structure/3"
     assert list(d["per_type"]) == list(PERTURBATION_TYPES)
     assert set(d) == {"schema", "overall", "per_type", "images", "images_without_valid_perturbation", "skipped",
-                      "bootstrap", "tie_tolerance", "controls", "grounded", "text_disjoint", "info"}
+                      "bootstrap", "tie_tolerance", "controls", "grounded", "text_disjoint", "score", "info"}
     assert set(d["overall"]) == {"accuracy", "ci95", "n", "correct", "chance", "mean_candidates",
                                  "excluded_identical", "unavailable", "missing", "cos_original", "cos_perturbed"}
     assert set(d["controls"]) == {"wrong_image", "mean_image", "text_only", "margin", "margin_per_type", "pairing"}

@@ -109,13 +109,21 @@ def embed_in_batches(fn, items: Sequence, batch_size: int, what: str) -> np.ndar
 
 class ImageBatcher:
     """Collects sample images into fixed-size batches and embeds each full batch right away,
-    so an evaluation streams a shard split without holding every image in memory."""
+    so an evaluation streams a shard split without holding every image in memory.
 
-    def __init__(self, encoder: Encoder, batch_size: int = 32):
+    With `regions=True` the encoder's local branch runs too (`image_features`: an ONNX export or a
+    run) and `regions()` gives the region features [N, M, D] beside the global embeddings."""
+
+    def __init__(self, encoder: Encoder, batch_size: int = 32, *, regions: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if regions and not hasattr(encoder, "image_features"):
+            raise ValueError("region features need the local branch (image_features): an ONNX export (--export) "
+                             "or a run (--run)")
         self.encoder = encoder
         self.batch_size = batch_size
+        self.with_regions = regions
+        self._regions: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
         self._pending_keys: list[str] = []
         self._done: list[np.ndarray] = []
@@ -140,7 +148,12 @@ class ImageBatcher:
             return
         batch = np.stack(self._pending).astype(np.float32, copy=False)
         what = f"embed_images (samples {self._pending_keys[0]!r}..{self._pending_keys[-1]!r})"
-        self._done.append(check_embeddings(self.encoder.embed_images(batch), len(batch), what))
+        if self.with_regions:
+            feats = self.encoder.image_features(batch)
+            self._done.append(check_embeddings(feats.emb, len(batch), what))
+            self._regions.append(np.asarray(feats.regions, dtype=np.float32))
+        else:
+            self._done.append(check_embeddings(self.encoder.embed_images(batch), len(batch), what))
         self._pending, self._pending_keys = [], []
 
     def finish(self) -> np.ndarray:
@@ -149,3 +162,39 @@ class ImageBatcher:
         if not self._done:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(self._done)
+
+    def regions(self) -> np.ndarray:
+        """All region features so far, [N, M, D] (built with regions=True)."""
+        if not self.with_regions:
+            raise ValueError("ImageBatcher was built without regions=True")
+        self._flush()
+        return np.concatenate(self._regions) if self._regions else np.zeros((0, 0, 0), dtype=np.float32)
+
+
+def word_features_unique(
+    encoder: Any, texts: Iterable[str], batch_size: int = 32
+) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    """The local branch's word features of each distinct text, once.
+
+    Returns:
+        (index, words [U, W, D] zero-padded to the longest, word_mask [U, W] bool).
+    """
+    if not hasattr(encoder, "text_features"):
+        raise ValueError("word features need the local branch (text_features): an ONNX export (--export) or a "
+                         "run (--run)")
+    index: dict[str, int] = {}
+    for t in texts:
+        index.setdefault(t, len(index))
+    unique = list(index)
+    parts = [encoder.text_features(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)]
+    width = max([p.words.shape[1] for p in parts] + [0])
+    dim = parts[0].words.shape[2] if parts else 0
+    words = np.zeros((len(unique), width, dim), np.float32)
+    mask = np.zeros((len(unique), width), bool)
+    row = 0
+    for p in parts:
+        n, w = p.words.shape[:2]
+        words[row : row + n, :w] = p.words
+        mask[row : row + n, :w] = p.word_mask
+        row += n
+    return index, words, mask

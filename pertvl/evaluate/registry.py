@@ -20,6 +20,7 @@ __all__ = ["EVALUATIONS", "by_key", "demo_evaluations", "evaluation_for_metric",
 # One line per built-in evaluation, in the order of the reports and the comparison table.
 _BUILTIN = (
     "pertvl.evaluate.structure",
+    "pertvl.evaluate.structure_local",
     "pertvl.evaluate.retrieval",
     "pertvl.evaluate.zeroshot",
     "pertvl.evaluate.text_structure",

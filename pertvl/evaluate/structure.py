@@ -82,6 +82,7 @@ parts, are still read):
         "texts": int (distinct scored), "texts_in_train": int,
         "overall": STAT, "per_type": {type: STAT}, "grounded": STAT | null
       },
+      "score": "global" | "local",     # S(I, T): global cosine | local branch (structure-local)
       "info": {...}                     # free-form provenance (encoder, shards, split, ...)
     }
     STAT = {"accuracy": float|null, "ci95": [low, high]|null, "n": int (images), "correct": int,
@@ -116,7 +117,13 @@ import numpy as np
 
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.text import clean_text
-from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+from pertvl.evaluate.encoder import (
+    Encoder,
+    ImageBatcher,
+    embed_texts_unique,
+    l2_normalize,
+    word_features_unique,
+)
 from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
@@ -126,6 +133,7 @@ SCHEMA = "pertvl-structure/3"
 READABLE_SCHEMAS = ("pertvl-structure/1", "pertvl-structure/2", SCHEMA,
                     "pertvl-text-structure/1", "pertvl-text-structure/2", "pertvl-text-structure/3")
 TIE_TOLERANCE = 1e-6
+SCORES = ("global", "local")  # S(I, T): cosine of global embeddings (the paper's) | GLoRIA's local score
 CONFIDENCE = 0.95
 
 
@@ -250,16 +258,18 @@ class Controls:
 
     wrong_image: AnchorControl
     mean_image: AnchorControl
-    text_only: AnchorControl
+    text_only: AnchorControl | None  # None for the local score (a text has no regions)
     margin: MarginStat
     margin_per_type: dict[str, MarginStat]
     pairing: dict[str, Any]  # how wrong images were chosen: rule, seed, paired, unpaired
 
     def anchors(self) -> dict[str, AnchorControl]:
-        return {"wrong_image": self.wrong_image, "mean_image": self.mean_image, "text_only": self.text_only}
+        """The control anchors that were measured, in a fixed order."""
+        return {k: a for k, a in (("wrong_image", self.wrong_image), ("mean_image", self.mean_image),
+                                  ("text_only", self.text_only)) if a is not None}
 
     def to_json(self) -> dict[str, Any]:
-        return {**{k: a.to_json() for k, a in self.anchors().items()},
+        return {"text_only": None, **{k: a.to_json() for k, a in self.anchors().items()},
                 "margin": self.margin.to_json(),
                 "margin_per_type": {t: m.to_json() for t, m in self.margin_per_type.items()},
                 "pairing": dict(self.pairing)}
@@ -267,7 +277,8 @@ class Controls:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Controls:
         return cls(AnchorControl.from_json(d["wrong_image"]), AnchorControl.from_json(d["mean_image"]),
-                   AnchorControl.from_json(d["text_only"]), MarginStat.from_json(d["margin"]),
+                   AnchorControl.from_json(d["text_only"]) if d.get("text_only") else None,
+                   MarginStat.from_json(d["margin"]),
                    {t: MarginStat.from_json(m) for t, m in d.get("margin_per_type", {}).items()},
                    dict(d.get("pairing", {})))
 
@@ -347,6 +358,7 @@ class StructureResult:
     controls: Controls | None = None  # image structure only (None: text-structure, or a /1 file)
     grounded: GroundedStructure | None = None  # image structure with counterfactuals in the samples
     text_disjoint: TextDisjoint | None = None  # image structure given the training texts
+    score: str = "global"  # SCORES: how candidates were scored (image structure)
     # Per-image detail for pictures/debugging; not serialized.
     ids: list[str] = field(default_factory=list, repr=False, compare=False)
     scores: StructureScores | None = field(default=None, repr=False, compare=False)
@@ -370,6 +382,7 @@ class StructureResult:
                 "controls": self.controls.to_json() if self.controls else None,
                 "grounded": self.grounded.to_json() if self.grounded else None,
                 "text_disjoint": self.text_disjoint.to_json() if self.text_disjoint else None,
+                "score": self.score,
             }),
             "info": dict(self.info),
         }
@@ -398,6 +411,7 @@ class StructureResult:
             controls=Controls.from_json(controls) if controls else None,
             grounded=GroundedStructure.from_json(d["grounded"]) if d.get("grounded") else None,
             text_disjoint=TextDisjoint.from_json(d["text_disjoint"]) if d.get("text_disjoint") else None,
+            score=str(d.get("score") or "global"),
         )
 
 
@@ -412,8 +426,13 @@ class StructureResult:
                  else "Clinical semantic structure: ") + name
         return {"png": plot_structure(self, Path(out_dir) / f"{name}.png", title)}
 
+    @property
+    def key(self) -> str:
+        """The evaluation key, prefix of the flat metrics."""
+        return "text_structure" if self.is_text else "structure" if self.score == "global" else "structure_local"
+
     def metrics(self) -> dict[str, float | None]:
-        key = "text_structure" if self.is_text else "structure"
+        key = self.key
         out: dict[str, float | None] = {f"{key}/overall": self.overall.accuracy}
         out.update({f"{key}/{t}": s.accuracy for t, s in self.per_type.items()})
         if self.controls is not None:
@@ -443,6 +462,13 @@ class StructureResult:
         from pertvl.data.perturb import PERTURBATIONS, type_label
 
         prefix, metric = key.split("/", 1)
+        info = cls._metric_info(prefix, metric, PERTURBATIONS, type_label)
+        if prefix == "structure_local":
+            info = MetricInfo(info.label + " (local S)", info.percent, info.order, info.chance)
+        return info
+
+    @staticmethod
+    def _metric_info(prefix: str, metric: str, perturbations: Any, type_label: Any) -> MetricInfo:
         if metric == "overall":
             return MetricInfo("Text structure overall" if prefix == "text_structure" else "Structure overall",
                               order=(0,))
@@ -452,7 +478,7 @@ class StructureResult:
             return MetricInfo(GROUNDED_LABELS[metric], order=(4, list(GROUNDED_LABELS).index(metric)))
         if metric.startswith("cf_"):  # per counterfactual type: original vs that counterfactual, pairwise
             return MetricInfo(type_name(metric), order=(5, metric), chance=0.5)
-        types = list(PERTURBATIONS)
+        types = list(perturbations)
         # per type: original vs that perturbation, pairwise (chance 50 %)
         return MetricInfo(type_label(metric), order=(1, types.index(metric)) if metric in types else (2, metric),
                           chance=0.5)
@@ -677,6 +703,47 @@ def requested_types(types: Sequence[str]) -> tuple[str, ...]:
     return types
 
 
+class GlobalScorer:
+    """The paper's S(I, T): cosine of the anchor's and the text's global embeddings."""
+
+    score = "global"
+
+    def __init__(self, text_emb: np.ndarray) -> None:
+        self.texts = l2_normalize(text_emb)
+
+    def __call__(self, anchors: np.ndarray, text_rows: np.ndarray) -> np.ndarray:
+        # Anchors are normalized here, row by row: a constant image embedding gives bit-identical
+        # scores whichever rows are scored together, so a margin of exactly 0.
+        return np.einsum("nd,nd->n", l2_normalize(anchors), self.texts[text_rows])
+
+    def mean_anchor(self, anchors: np.ndarray) -> np.ndarray:
+        img = l2_normalize(anchors)
+        return np.broadcast_to(img.mean(axis=0), img.shape)
+
+
+class LocalScorer:
+    """GLoRIA's local S(I, T) (pertvl.infer.local_scores): anchors are region features [N, M, D],
+    texts their word features. A globally pooled embedding may lose where a finding is (left or
+    right); the region features keep it, so both scores are reported."""
+
+    score = "local"
+    CHUNK = 256  # rows per local_scores call: bounds the [n, M, W] temporaries
+
+    def __init__(self, words: np.ndarray, word_mask: np.ndarray, gamma1: float = 4.0, gamma2: float = 5.0) -> None:
+        self.words, self.word_mask, self.gamma1, self.gamma2 = words, word_mask, gamma1, gamma2
+
+    def __call__(self, anchors: np.ndarray, text_rows: np.ndarray) -> np.ndarray:
+        from pertvl.infer import local_scores
+
+        out = [local_scores(anchors[i : i + self.CHUNK], self.words[text_rows[i : i + self.CHUNK]],
+                            self.word_mask[text_rows[i : i + self.CHUNK]], self.gamma1, self.gamma2)
+               for i in range(0, len(text_rows), self.CHUNK)]
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def mean_anchor(self, anchors: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.asarray(anchors).mean(axis=0), np.shape(anchors))
+
+
 def cosine_candidates(
     anchor_emb: np.ndarray,
     text_index: dict[str, int],
@@ -710,16 +777,32 @@ def cosine_candidates(
             f"anchor embeddings have width {anchor_emb.shape[1]} but text embeddings {text_emb.shape[1]}: "
             "the two towers must share the joint space"
         )
-    anchors = l2_normalize(anchor_emb)
-    texts = l2_normalize(text_emb)
-    orig = np.einsum("nd,nd->n", anchors, texts[[text_index[t] for t in originals]])
+    return candidate_scores(anchor_emb, text_index, GlobalScorer(text_emb), originals, candidates, k, tie_tolerance)
+
+
+def candidate_scores(
+    anchors: np.ndarray,
+    text_index: dict[str, int],
+    scorer: GlobalScorer | LocalScorer,
+    originals: Sequence[str],
+    candidates: Sequence[Sequence[str | None]],
+    num_types: int,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> StructureScores:
+    """`cosine_candidates` with any scorer: scorer(anchors[rows], text rows) -> [rows] scores."""
+    n, k = len(originals), num_types
+    if n == 0:
+        empty = np.zeros((0, k))
+        return scores_from_cosines(np.zeros(0), empty, empty.astype(bool), tie_tolerance)
+    anchors = np.asarray(anchors)
+    orig = scorer(anchors, np.array([text_index[t] for t in originals], dtype=np.int64))
     valid = np.array([[c is not None for c in row] for row in candidates], dtype=bool).reshape(n, k)
     pert = np.full((n, k), np.nan)
     for j in range(k):
         rows = np.flatnonzero(valid[:, j])
         if rows.size:
-            idx = [text_index[candidates[i][j]] for i in rows]
-            pert[rows, j] = np.einsum("nd,nd->n", anchors[rows], texts[idx])
+            idx = np.array([text_index[candidates[i][j]] for i in rows], dtype=np.int64)
+            pert[rows, j] = scorer(anchors[rows], idx)
     return scores_from_cosines(orig, pert, valid, tie_tolerance)
 
 
@@ -881,7 +964,7 @@ def structure_controls(
     image_emb: np.ndarray,
     own: StructureScores,
     text_index: dict[str, int],
-    text_emb: np.ndarray,
+    text_emb: np.ndarray | None,
     originals: Sequence[str],
     candidates: Sequence[Sequence[str | None]],
     types: Sequence[str],
@@ -892,35 +975,35 @@ def structure_controls(
     bootstrap: int,
     seed: int,
     tie_tolerance: float = TIE_TOLERANCE,
+    scorer: GlobalScorer | LocalScorer | None = None,
 ) -> Controls:
-    """The three control anchors and the image-grounding margin (module docstring)."""
+    """The control anchors and the image-grounding margin (module docstring). `image_emb` are the
+    scorer's anchors (global embeddings; region features for a LocalScorer, which has no text-only
+    anchor: a text has no regions)."""
+    scorer = GlobalScorer(text_emb) if scorer is None else scorer
     n, k = len(originals), len(types)
-    img = l2_normalize(image_emb)
+    anchors = np.asarray(image_emb)
     partner = wrong_image_partners(signatures, studies, seed)
     paired = partner >= 0
-    # Raw rows, normalized by cosine_candidates exactly as the own anchors are: a constant image
-    # embedding gives bit-identical scores, so a margin of exactly 0.
-    wrong_anchor = np.asarray(image_emb)[np.where(paired, partner, np.arange(n))]  # unpaired: left out below
-    mean_anchor = np.broadcast_to(img.mean(axis=0), img.shape)
-    # Text-only: the mean embedding of the other reports (those whose text differs), so the
-    # anchor never contains the report it scores.
-    txt = l2_normalize(text_emb)
-    orig_rows = np.array([text_index[t] for t in originals], dtype=np.int64)
-    orig_vecs = txt[orig_rows]
-    total = orig_vecs.sum(axis=0)
-    same = np.bincount(orig_rows, minlength=len(txt))[orig_rows].astype(np.float64)
-    others = n - same
-    text_anchor = (total[None] - same[:, None] * orig_vecs) / np.maximum(others, 1)[:, None]
-    has_other = others > 0
+    wrong_anchor = anchors[np.where(paired, partner, np.arange(n))]  # unpaired: left out below
+    candidates_of = {"wrong_image": (wrong_anchor, paired), "mean_image": (scorer.mean_anchor(anchors), None)}
+    if isinstance(scorer, GlobalScorer):
+        # Text-only: the mean embedding of the other reports (those whose text differs), so the
+        # anchor never contains the report it scores.
+        txt = scorer.texts
+        orig_rows = np.array([text_index[t] for t in originals], dtype=np.int64)
+        orig_vecs = txt[orig_rows]
+        total = orig_vecs.sum(axis=0)
+        same = np.bincount(orig_rows, minlength=len(txt))[orig_rows].astype(np.float64)
+        others = n - same
+        text_anchor = (total[None] - same[:, None] * orig_vecs) / np.maximum(others, 1)[:, None]
+        candidates_of["text_only"] = (text_anchor, others > 0)
 
-    def score(anchor: np.ndarray) -> StructureScores:
-        return cosine_candidates(anchor, text_index, text_emb, originals, candidates, k, tie_tolerance)
-
-    wrong = score(wrong_anchor)
-    text_scores = score(text_anchor)
-    controls = {}
-    for name, sc, rows in (("wrong_image", wrong, paired), ("mean_image", score(mean_anchor), None),
-                           ("text_only", text_scores, has_other)):
+    controls: dict[str, AnchorControl | None] = {"text_only": None}
+    for name, (anchor, rows) in candidates_of.items():
+        sc = candidate_scores(anchor, text_index, scorer, originals, candidates, k, tie_tolerance)
+        if name == "wrong_image":
+            wrong = sc
         overall, per_type = accuracy_stats(sc, types, counts, bootstrap, seed, rows)
         left_out = 0 if rows is None else int((~rows & sc.has_candidates).sum())
         controls[name] = AnchorControl(overall, per_type, left_out)
@@ -943,6 +1026,7 @@ def evaluate_structure(
     tie_tolerance: float = TIE_TOLERANCE,
     info: Mapping[str, Any] | None = None,
     train_texts: Iterable[str] | None = None,
+    score: str = "global",
 ) -> StructureResult:
     """Run the image→report structure evaluation over shard samples.
 
@@ -958,15 +1042,21 @@ def evaluate_structure(
         info: provenance stored in the result's `info`.
         train_texts: the training split's report texts (cleaned here); given, the result has the
             text-disjoint subset (images whose cleaned report is none of them).
+        score: "global" (the paper's cosine of global embeddings) or "local" (GLoRIA's S(I, T) on
+            region and word features, `LocalScorer`; the encoder needs the local branch; no
+            text-only control).
 
     Returns:
         StructureResult with schema "pertvl-structure/3" (controls included; `grounded` when
         samples carry `counterfactuals`).
     """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    local = score == "local"
     types = requested_types(types)
     counts = CandidateCounts()
     skipped: Counter = Counter()
-    batcher = ImageBatcher(encoder, batch_size)
+    batcher = ImageBatcher(encoder, batch_size, regions=local)
     ids: list[str] = []
     originals: list[str] = []
     candidates: list[list[str | None]] = []
@@ -993,24 +1083,36 @@ def evaluate_structure(
                                                  cf_types, cf_counts) if has_cf[-1] else [None] * len(cf_types))
     image_emb = batcher.finish()
     all_texts = originals + [c for row in candidates for c in row if c is not None]
-    index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
-    scores = cosine_candidates(image_emb, index, text_emb, originals, candidates, len(types), tie_tolerance)
+    cf_texts = [c for row in cf_candidates for c in row if c is not None]
+    scorer: GlobalScorer | LocalScorer
+    if local:
+        anchors = batcher.regions()
+        index, words, word_mask = word_features_unique(encoder, all_texts + cf_texts, batch_size)
+        text_emb = None  # the scorer holds the word features
+        scorer = LocalScorer(words, word_mask)
+    else:
+        anchors = image_emb
+        index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
+        scorer = GlobalScorer(text_emb)
+    scores = candidate_scores(anchors, index, scorer, originals, candidates, len(types), tie_tolerance)
     controls = None
     if originals:
-        controls = structure_controls(image_emb, scores, index, text_emb, originals, candidates, types, counts,
-                                      signatures, studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance)
+        controls = structure_controls(anchors, scores, index, text_emb, originals, candidates, types, counts,
+                                      signatures, studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance,
+                                      scorer=scorer)
     grounded = grounded_scores = None
     if any(has_cf):
         # The counterfactual texts are embedded in calls of their own, after the others, so the
         # embeddings (and numbers) of the perturbation test are those of a split without them.
-        extra = [c for row in cf_candidates for c in row if c is not None and c not in index]
-        if extra:
+        extra = [c for c in cf_texts if c not in index]
+        if extra and text_emb is not None:
             cf_index, cf_emb = embed_texts_unique(encoder, extra, batch_size)
             index = {**index, **{t: len(text_emb) + i for t, i in cf_index.items()}}
             text_emb = np.concatenate([text_emb, cf_emb.astype(text_emb.dtype)], axis=0)
+            scorer = GlobalScorer(text_emb)
         grounded, grounded_scores = grounded_structure(
-            image_emb, index, text_emb, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
-            studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance)
+            anchors, index, text_emb, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
+            studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance, scorer=scorer)
     disjoint = None
     if train_texts is not None:
         disjoint = text_disjoint_stats(originals, set(map(clean_text, train_texts)) - {""}, scores, types, counts,
@@ -1028,14 +1130,14 @@ def evaluate_structure(
         tie_tolerance=tie_tolerance,
         controls=controls,
     )
-    result.grounded, result.text_disjoint = grounded, disjoint
+    result.grounded, result.text_disjoint, result.score = grounded, disjoint, score
     return result
 
 
 def grounded_structure(
     image_emb: np.ndarray,
     text_index: dict[str, int],
-    text_emb: np.ndarray,
+    text_emb: np.ndarray | None,
     originals: Sequence[str],
     cf_candidates: Sequence[Sequence[str | None]],
     cf_types: Sequence[str],
@@ -1047,6 +1149,7 @@ def grounded_structure(
     bootstrap: int,
     seed: int,
     tie_tolerance: float = TIE_TOLERANCE,
+    scorer: GlobalScorer | LocalScorer | None = None,
 ) -> tuple[GroundedStructure, StructureScores]:
     """The structure test with the counterfactuals as candidates, its controls and margin.
 
@@ -1056,11 +1159,12 @@ def grounded_structure(
     tests are controlled alike.
     """
     k = len(cf_types)
-    scores = cosine_candidates(image_emb, text_index, text_emb, originals, cf_candidates, k, tie_tolerance)
+    scorer = GlobalScorer(text_emb) if scorer is None else scorer
+    scores = candidate_scores(image_emb, text_index, scorer, originals, cf_candidates, k, tie_tolerance)
     overall, per_type = accuracy_stats(scores, cf_types, cf_counts, bootstrap, seed)
     controls = structure_controls(image_emb, scores, text_index, text_emb, originals, cf_candidates, cf_types,
                                   cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed,
-                                  tie_tolerance=tie_tolerance) if len(originals) else None
+                                  tie_tolerance=tie_tolerance, scorer=scorer) if len(originals) else None
     has_record = np.asarray(has_record, bool)
     g = GroundedStructure(overall, per_type, controls, images=int(has_record.sum()),
                           images_without_valid_counterfactual=int((has_record & ~scores.has_candidates).sum()),
@@ -1152,13 +1256,19 @@ def structure_markdown(result: StructureResult, title: str) -> str:
         f"{b.get('resamples')} resamples, seed {b.get('seed')}. Mean cos: cosine of the anchor with the "
         "original reports and with the negatives of the same rows.",
     ]
+    if result.score == "local":
+        notes += ["", "Score: GLoRIA's local S(I, T) = log Σ_w exp(γ2·cos(word_w, context_w)) over the report's "
+                  "words, contexts attended from the image's region features (γ1 4, γ2 5; what L_local trains), "
+                  "in place of the global cosine; the \"mean cos\" columns hold the mean S. The mean-image anchor "
+                  "is the mean of the test images' region features; there is no text-only anchor (a text has no "
+                  "regions)."]
     if any(t.startswith("cf_") for t in result.per_type):
         notes += ["", "Counterfactual rows (`cf_*`): the same pairwise test against the report's counterfactuals "
                   "(pertvl.data.counterfactual); not candidates of the overall accuracy."]
     if result.controls is not None:
         notes += ["", controls_markdown(result)]
     if result.grounded is not None:
-        notes += ["", grounded_markdown(result.grounded)]
+        notes += ["", grounded_markdown(result.grounded, result.score)]
     if result.text_disjoint is not None:
         notes += ["", text_disjoint_markdown(result)]
     return "\n".join(notes) + "\n"
@@ -1169,7 +1279,7 @@ def _stat_row(label: str, st: AccuracyStat) -> list[str]:
             cos(st.cos_perturbed)]
 
 
-def grounded_markdown(g: GroundedStructure) -> str:
+def grounded_markdown(g: GroundedStructure, score: str = "global") -> str:
     """The grounded structure table (overall and per counterfactual type) and its controls."""
     rows = [_stat_row("**Grounded overall** (original ranked above all its counterfactuals)", g.overall)]
     rows += [_stat_row(f"{type_name(t)} (`{t}`)", st) for t, st in g.per_type.items()]
@@ -1184,7 +1294,7 @@ def grounded_markdown(g: GroundedStructure) -> str:
     ]
     if g.controls is not None:
         parts += ["", _controls_tables(g.overall, g.per_type, g.controls,
-                                       "### Grounded structure with another anchor")]
+                                       "### Grounded structure with another anchor", score)]
     return "\n".join(parts)
 
 
@@ -1214,18 +1324,23 @@ ANCHOR_TEXT = {
 }
 
 
+def anchor_text(name: str, score: str = "global") -> str:
+    """What an anchor is, for tables ("mean image" means the mean region features for the local score)."""
+    return "mean test-image region features" if (name, score) == ("mean_image", "local") else ANCHOR_TEXT[name]
+
+
 def controls_markdown(result: StructureResult) -> str:
     """Overall accuracy per anchor with mean cosines, the margin, and per type per anchor."""
     assert result.controls is not None
     return _controls_tables(result.overall, result.per_type, result.controls,
-                            "## Controls: the same test with another anchor")
+                            "## Controls: the same test with another anchor", result.score)
 
 
 def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, AccuracyStat], c: Controls,
-                     heading: str) -> str:
+                     heading: str, score: str = "global") -> str:
     type_label = type_name
     anchors = {"own": AnchorControl(own_overall, own_per_type), **c.anchors()}
-    rows = [[ANCHOR_TEXT[name], pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
+    rows = [[anchor_text(name, score), pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
              cos(a.overall.cos_original), cos(a.overall.cos_perturbed)] for name, a in anchors.items()]
     m = c.margin
     rows.append(["**image-grounding margin** (own − wrong, paired images)",
@@ -1245,14 +1360,16 @@ def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, Accuracy
         "",
         md_table(["anchor", "overall accuracy", "95% CI", "n (images)", "mean cos original", "mean cos negatives"],
                  rows),
-        md_table(["type", "own image", "wrong image", "mean image", "text only", "margin (own − wrong) [95% CI]"],
+        md_table(["type", *[anchor_text(name, score).split(" (")[0] for name in anchors], "margin (own − wrong) [95% CI]"],
                  per_type),
         "Per-type cells: pairwise accuracy (mean cos original / mean cos that perturbation). "
         f"Wrong image: a fixed derangement of the test images (seed {p.get('seed')}): {p.get('rule')}; "
         f"{p.get('paired')} paired, {p.get('unpaired')} without a partner (left out of the wrong-image rows "
-        "and the margin). Mean image: one anchor for all, the mean of the normalized test-image embeddings. "
-        "Text only: no image; each image's anchor is the mean normalized embedding of the test reports whose "
-        "text differs from its own. The margin is the mean over paired images of own − wrong "
+        "and the margin). Mean image: one anchor for all, the mean of the "
+        + ("test images' region features. " if score == "local" else "normalized test-image embeddings. ")
+        + ("Text only: no image; each image's anchor is the mean normalized embedding of the test reports whose "
+           "text differs from its own. " if "text_only" in anchors else "")
+        + "The margin is the mean over paired images of own − wrong "
         "(1 correct, 0 wrong), its CI a percentile bootstrap over those images.",
     ])
 
@@ -1282,7 +1399,9 @@ def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: s
     if c is not None:  # the same bars' accuracies with the control anchors, as markers beside them
         for k, (name, style) in enumerate((("wrong_image", ("X", "#222222")), ("mean_image", ("o", "#7f7f7f")),
                                             ("text_only", ("D", "#e67e22")))):
-            a = c.anchors()[name]
+            a = c.anchors().get(name)
+            if a is None:
+                continue
             ys = [a.overall.accuracy, *[a.per_type[t].accuracy if t in a.per_type else None for t in result.per_type]]
             ax.scatter(x + 0.22 * (k - 1), [np.nan if y is None else 100 * y for y in ys], marker=style[0],
                        color=style[1], s=28, zorder=3, label=ANCHOR_TEXT[name].split(" (")[0])
@@ -1323,9 +1442,10 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
-def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> StructureResult:
-    """`pertvl eval structure`: `evaluate_structure` over the shard samples; for a held-out split,
-    with the text-disjoint subset against the same shards' training split (counts printed)."""
+def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace, score: str = "global") -> StructureResult:
+    """`pertvl eval structure` (and `structure-local`, score "local"): `evaluate_structure` over the
+    shard samples; for a held-out split, with the text-disjoint subset against the same shards'
+    training split (counts printed)."""
     train = None
     shards, split = getattr(options, "shards", None), getattr(options, "split", None)
     if shards and split and split != "train":
@@ -1334,7 +1454,7 @@ def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> S
         except FileNotFoundError as e:  # the samples came from elsewhere: nothing to compare with
             print(f"text-disjoint subset not measured: {e}")
     r = evaluate_structure(encoder, data, types=options.types, bootstrap=options.bootstrap, seed=options.seed,
-                           batch_size=options.batch_size, train_texts=train)
+                           batch_size=options.batch_size, train_texts=train, score=score)
     if r.text_disjoint is not None:
         td = r.text_disjoint
         print(f"text-disjoint subset: {td.describe()}; structure accuracy there {pct(td.overall.accuracy)} "
