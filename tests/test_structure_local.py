@@ -113,6 +113,7 @@ def test_structure_local_scores_every_candidate_by_s_and_controls_with_partner_r
     assert back.score == "local" and back.to_json() == r.to_json() and back.metrics() == m
     md = r.markdown("structure_local")
     assert "local S(I, T)" in md and "text only" not in md
+    assert r.headline().startswith("structure (local S) accuracy")
 
 
 def test_structure_local_margin_is_exactly_zero_when_every_image_has_the_same_regions():

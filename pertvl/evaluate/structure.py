@@ -486,7 +486,8 @@ class StructureResult:
     def headline(self) -> str:
         o = self.overall
         acc = "n/a" if o.accuracy is None else f"{100 * o.accuracy:.1f}% (chance {100 * o.chance:.1f}%)"
-        what, unit = ("text-structure", "reports") if self.is_text else ("structure", "images")
+        what, unit = ("text-structure", "reports") if self.is_text else (
+            "structure" if self.score == "global" else "structure (local S)", "images")
         line = f"{what} accuracy {acc} over {o.n} {unit}"
         if self.controls is not None:
             c = self.controls
