@@ -122,6 +122,14 @@ def _at_least_two(text: str) -> int:
     return value
 
 
+def _dataset_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '_', '.', '-' (a metric key part), got {text!r}")
+    return text
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -210,6 +218,9 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=positive_int, default=256,
                    help="word pieces per sentence pair (default 256: MedNLI's longest pairs reach ~200+ pieces); "
                    "longer pairs are truncated, and how many is printed and recorded")
+    p.add_argument("--dataset", type=_dataset_name, metavar="NAME",
+                   help="short name of the data set (e.g. MedNLI, RadNLI, phantom), recorded in NAME.json: the "
+                   "comparison table's columns are nli/DATASET/accuracy, so several NLI sets stay apart")
     _finetune_args(p, epochs=3, lr=2e-5, batch_size=16)
     p.set_defaults(handler=_finetune_nli)
 
@@ -225,8 +236,13 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--run", metavar="RUN_DIR", help="training run folder; fine-tunes RUN_DIR/final's image tower")
     g.add_argument("--export", metavar="DIR", help="ONNX export: linear probe on its image embeddings")
     p.add_argument("--csv", required=True, help="CheXpert-format CSV (train.csv; the phantom corpus' labels.csv)")
-    p.add_argument("--valid-csv", metavar="CSV",
-                   help="test on this CSV (e.g. CheXpert valid.csv); default: a seeded split of --csv by patient")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--valid-csv", metavar="CSV",
+                       help="test on this CSV (e.g. CheXpert valid.csv); default: a seeded split of --csv by patient")
+    split.add_argument("--split-from", metavar="PAIRS_JSONL",
+                       help="split --csv as this pairs.jsonl splits the images: its train split trains, val and "
+                       "test are tested (the phantom corpus: labels.csv beside pairs.jsonl, so no image the "
+                       "pretraining saw is tested); rows whose image no pair has are skipped and counted")
     p.add_argument("--images", required=True, metavar="ROOT", help="folder the CSV's Path column is relative to")
     p.add_argument("--labels", default="Consolidation,Pleural Effusion",
                    help='comma-separated label columns (default "Consolidation,Pleural Effusion")')
