@@ -269,10 +269,14 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "ablate",
-        help="the four loss configurations x seeds: train, evaluate, comparison table (mean +- std)",
-        description="For each preset and seed: `pertvl train` with loss.preset and train.seed overridden (same "
-        "data, encoders and steps), then structure / retrieval / zero-shot evaluation on the test split, then "
-        "the comparison table in the paper's layout (Markdown + JSON + PNG). Finished runs are skipped on re-run.",
+        help="the four loss configurations (+ variants) x seeds: train, evaluate, fine-tune, comparison table",
+        description="For each preset (and --variant) and seed: `pertvl train` with loss.preset and train.seed "
+        "overridden (same data, encoders and steps), then the paper's tables on every run: IV = the evaluations "
+        "of the ablate suite (structure with its image controls and counterfactuals, retrieval, zero-shot, "
+        "grounding) on the test split; II = `pertvl finetune chexpert` of the image tower on the corpus' "
+        "labels.csv; III = `pertvl finetune nli` of the text tower on the corpus' NLI set (and MedNLI/RadNLI "
+        "when given); then the comparison table, mean +- std over seeds (Markdown + JSON + PNG). Finished "
+        "stages are skipped on re-run; new weights re-run what depends on them.",
     )
     p.add_argument("--config", default="configs/demo.yaml", help="training config (default configs/demo.yaml)")
     p.add_argument("--shards", default="shards/demo", help="shard folder (default shards/demo)")
@@ -293,4 +297,26 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
                    "type T, train the presets with L_pert (full, no_local) with loss.pert_types = every type but "
                    "T, the baselines (convirt, gloria) once, evaluate, and write OUT/holdout.{md,json}: one row "
                    "per T, the structure accuracy on T (original vs T, chance 50 %%)")
+    p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="one more row (repeatable): NAME trained with `pertvl train --set KEY=VALUE` for each pair "
+                   "(values as --set parses them; commas inside [...] belong to the value) in OUT/NAME-s<seed>, "
+                   "evaluated and tabulated like the presets; e.g. the counterfactual-negatives arm: "
+                   "cf_negatives:loss.preset=full,loss.pert_types=[...the nine...,cf_laterality,cf_severity,"
+                   "cf_finding,cf_negation] (docs/FINETUNE.md has the exact command)")
+    p.add_argument("--tables", default="II,III,IV",
+                   help="the paper's tables to make per run (default II,III,IV): II = CheXpert-style fine-tune of "
+                   "the image tower, III = NLI fine-tune of the text tower, IV = the ablate evaluations")
+    p.add_argument("--corpus", metavar="DIR",
+                   help="the phantom corpus of Tables II/III (labels.csv, pairs.jsonl, nli_{train,dev,test}.jsonl "
+                   "from `pertvl data phantom --nli`); default: the folder of the pairs the shards were packed "
+                   "from (manifest inputs.pairs)")
+    for option, table, tower, epochs in (("--chexpert-finetune", "II", "image", 5), ("--nli-finetune", "III", "text", 3)):
+        p.add_argument(option, metavar="MODE[:EPOCHS]",
+                       help=f"Table {table}: probe (linear probe on the frozen {tower} tower, default) or end-to-end, "
+                       f"optionally :EPOCHS (default: pertvl finetune's, 30 for a probe, {epochs} end to end)")
+    p.add_argument("--mednli", metavar="DIR",
+                   help="Table III also on MedNLI: DIR holds mli_{train,dev,test}_v1.jsonl (best dev epoch)")
+    p.add_argument("--radnli", metavar="DIR",
+                   help="Table III also on RadNLI: DIR holds radnli_{dev,test}_v1.jsonl (trained on dev, scored on "
+                   "test at the last epoch: the authors' protocol)")
     p.set_defaults(handler=_ablate)
