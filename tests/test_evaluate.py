@@ -575,7 +575,7 @@ def test_comparison_summary_shows_margins_with_their_cis_and_notes(tmp_path):
     assert doc["notes"] == ["Row full: the config's preset."]
     md = paths["markdown"].read_text()
     std = 100 * np.std([0.10, 0.04, 0.07], ddof=1)
-    assert f"| Ours | 3 | 50.0 ± 0.0 | 7.0 ± {std:.1f} [+0.0, +14.0] (2/3) |" in md
+    assert f"| Ours | 3 | 50.0 ± 0.0 | +7.0 ± {std:.1f} [+0.0, +14.0] (2/3) |" in md
     assert md.index("Row full: the config's preset.") < md.index("## Clinical semantic structure")
 
 

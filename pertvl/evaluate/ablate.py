@@ -435,8 +435,8 @@ def table_notes(s: AblationSettings, specs: list[FinetuneSpec]) -> list[str]:
     steps = f"{s.max_steps} steps" if s.max_steps else "the config's steps"
     notes = [f"Every row: `pertvl train --config {s.config}` on {s.shards} ({steps}, {s.nproc} ranks), seeds "
              f"{', '.join(map(str, s.seeds))}; evaluations on the {s.split} split."]
-    notes += [f"Row {v.name}: trained with `--set {' --set '.join(v.overrides)}` instead of a loss.preset."
-              for v in s.variants]
+    notes += [f"Row {v.name}: trained with `--set {' --set '.join(v.overrides)}` (where a preset's row has "
+              f"`--set loss.preset=P`)." for v in s.variants]
     for table, task in (("II", "chexpert"), ("III", "nli")):
         mine = [spec for spec in specs if spec.table == table]
         if not mine:
@@ -448,7 +448,7 @@ def table_notes(s: AblationSettings, specs: list[FinetuneSpec]) -> list[str]:
                  if table == "II" else
                  "test accuracy (dev-selected epoch where a dev file exists; RadNLI: last epoch) on "
                  + ", ".join(spec.stem.removeprefix("nli_") for spec in mine))
-        notes.append(f"Table {table} ({TABLES[table]}): {mode.describe(task)}; {where}.{paper}")
+        notes.append(f"Table {table}, {TABLES[table]}: {mode.describe(task)}; {where}.{paper}")
     return notes
 
 

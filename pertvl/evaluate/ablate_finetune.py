@@ -18,8 +18,8 @@ from pathlib import Path
 
 # What each table of the paper is here; IV is the ABLATE suite of pertvl.evaluate.registry.
 TABLES = {
-    "II": "CheXpert-style fine-tuning of the image tower (pertvl finetune chexpert)",
-    "III": "NLI fine-tuning of the text tower (pertvl finetune nli)",
+    "II": "CheXpert-style fine-tuning of the image tower (`pertvl finetune chexpert`)",
+    "III": "NLI fine-tuning of the text tower (`pertvl finetune nli`)",
     "IV": "the evaluations of the ablate suite (structure = Table IV, with retrieval, zero-shot, grounding)",
 }
 

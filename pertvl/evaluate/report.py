@@ -236,6 +236,7 @@ def _summary_cell(row: Mapping[str, Any], key: str) -> str:
     info = metric_info(key)
     cell = _fmt_mean_std(row["metrics"].get(key), info.percent)
     if info.ci and cell != "—":
+        cell = ("+" if row["metrics"][key]["mean"] >= 0 else "") + cell  # a difference: signed like its CI
         lo, hi = (row["metrics"].get(k) or {} for k in info.ci)
         if lo.get("mean") is not None and hi.get("mean") is not None:
             scale = 100.0 if info.percent else 1.0
