@@ -25,13 +25,13 @@ OUT/<row>-s<seed>/:
    pertvl.evaluate.ablate_finetune checks its files before anything trains.
 
 Fine-tune defaults (why): both tables are linear probes on the frozen tower, 30 epochs (`pertvl finetune
---freeze-encoder`), because end to end does not fit the hour. Measured on this 2-core machine for the
-demo-sized model (resnet-tiny, MiniLM, 878 training phantoms at 128 px, full preset, 54 steps), with other
-jobs loading it (load average 3-6): Table II probe 7 s, end to end (5 epochs) 56 s; Table III probe 71 s
-(its cost is the frozen MiniLM's pass over 3,000 sentence pairs), end to end more than 12 min for one of
-its 3 epochs; training 286 s and Table IV 58 s per run at that load. The paper fine-tunes end to end:
-`--chexpert-finetune end-to-end`, `--nli-finetune end-to-end` (MODE[:EPOCHS]); the table's notes say
-which was run. docs/FINETUNE.md, "In `pertvl ablate`", has the command of the hour-long re-run.
+--freeze-encoder`), because end to end does not fit the hour. Measured per run on this 2-core machine for
+the demo-sized model (resnet-tiny, MiniLM, 878 training phantoms at 128 px, 54 steps) while other jobs
+kept the load average at 3-6: Table II probe 6-17 s, end to end (5 epochs) 56 s; Table III probe 52-95 s
+with OMP_NUM_THREADS=1 (the frozen MiniLM's pass over 3,000 sentence pairs), end to end more than 12 min
+for one of its 3 epochs; training 286-317 s, Table IV 23 s (OMP_NUM_THREADS=1). The paper fine-tunes end
+to end: `--chexpert-finetune end-to-end`, `--nli-finetune end-to-end` (MODE[:EPOCHS]); the table's notes
+say which was run. docs/FINETUNE.md, "In `pertvl ablate`", has the hour-long re-run and its cost.
 
 Leave-one-type-out (--holdout-type T, repeatable, or `all`; issue 13 §3): per seed, every preset
 that trains L_pert (`full`, `no_local`) is trained once more per held-out type T with
