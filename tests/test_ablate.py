@@ -252,7 +252,7 @@ def test_real_tiny_ablation_end_to_end(tmp_path, minilm_path, monkeypatch, capsy
     `pertvl finetune` stages (2-epoch linear probes); one preset and the counterfactual-negatives
     variant, 2 seeds. The overrides reach the run configs, the variant trains on the shards'
     counterfactuals, the table's cells are mean ± sample std of the per-run JSONs (recomputed here from
-    their fields), and a re-run skips every stage. (2-5 min on 2 busy cores.)"""
+    their fields), and a re-run skips every stage. (~40 s on 2 quiet cores, up to 5 min on busy ones.)"""
     import shutil
     from statistics import mean, stdev
 
