@@ -19,9 +19,9 @@ from pertvl.evaluate.structure import AccuracyStat, StructureResult
 from pertvl.evaluate.zeroshot import LabelAUROC, ZeroShotResult
 
 # Known structure accuracy per preset and seed offsets: the table must give their mean ± std.
-BASE = {"convirt": 0.30, "gloria": 0.34, "no_local": 0.62, "full": 0.70}
+BASE = {"convirt": 0.30, "gloria": 0.34, "no_local": 0.62, "full": 0.70, "cf": 0.75}  # cf: a --variant row
 SEED_OFFSET = {0: -0.02, 1: 0.0, 2: 0.05}
-SPREAD = {"convirt": 1.0, "gloria": 0.5, "no_local": 2.0, "full": 0.2}  # a different std per preset
+SPREAD = {"convirt": 1.0, "gloria": 0.5, "no_local": 2.0, "full": 0.2, "cf": 1.5}  # a different std per preset
 TYPES = ("shuffle_all", "antonym_adjectives")
 
 
@@ -54,6 +54,24 @@ def _fabricated(kind: str, preset: str, seed: int) -> dict:
                           images=30).to_json()
 
 
+def _ft_value(row: str, seed: int, shift: float) -> float:
+    return round(BASE[row] + SEED_OFFSET[seed] + shift, 6)
+
+
+def _fabricated_finetune(task: str, row: str, seed: int, dataset: str | None) -> dict:
+    """A CheXpert or NLI fine-tune result whose numbers are known from (row, seed)."""
+    from pertvl.evaluate.finetune import ChexpertResult, ClassificationMetrics, LabelScores, NliResult
+
+    if task == "chexpert":
+        per_label = {lab: LabelScores(auroc=_ft_value(row, seed, 0.05 * i), accuracy=_ft_value(row, seed, 0.1 * i),
+                                      n=20, n_pos=5, n_neg=15, excluded_uncertain=0, excluded_blank=0)
+                     for i, lab in enumerate(("Consolidation", "Pleural Effusion"))}
+        return ChexpertResult(per_label, [], {}, {}, {}).to_json()
+    acc = _ft_value(row, seed, {"phantom": -0.3, "MedNLI": -0.4}[dataset])
+    test = ClassificationMetrics(n=10, accuracy=acc, per_class={}, macro_f1=acc - 0.01, labels=[], confusion=[])
+    return NliResult(None, test, [], 1, {}, {}, {"dataset": dataset}).to_json()
+
+
 class StandIns:
     """Replaces pipeline.launch_train and pipeline.cli; records every call."""
 
@@ -74,6 +92,14 @@ class StandIns:
     def cli(self, argv, what):
         self.calls.append(list(argv))
         out = Path(argv[argv.index("--out") + 1])
+        if argv[0] == "finetune":  # out = RUN/finetune; fabricated results for (row, seed)
+            row, seed = Path(argv[argv.index("--run") + 1]).name.rsplit("-s", 1)
+            assert argv[argv.index("--seed") + 1] == seed
+            name = argv[argv.index("--name") + 1]
+            out.mkdir(parents=True, exist_ok=True)
+            dataset = argv[argv.index("--dataset") + 1] if "--dataset" in argv else None
+            (out / f"{name}.json").write_text(json.dumps(_fabricated_finetune(argv[1], row, int(seed), dataset)))
+            return
         if argv[0] == "export":
             out.mkdir(parents=True, exist_ok=True)
             (out / "pertvl_export.json").write_text("{}")
@@ -106,10 +132,10 @@ def inputs(tmp_path) -> dict[str, Path]:
     return {"config": config, "shards": shards, "out": tmp_path / "ablate"}
 
 
-def _argv(inputs, *extra: str) -> list[str]:
+def _argv(inputs, *extra: str, tables: str = "IV") -> list[str]:
     return ["ablate", "--config", str(inputs["config"]), "--shards", str(inputs["shards"]),
             "--presets", "full,convirt,no_local,gloria", "--seeds", "0,1,2", "--max-steps", "7", "--nproc", "2",
-            "--bootstrap", "50", "--out", str(inputs["out"]), *extra]
+            "--bootstrap", "50", "--out", str(inputs["out"]), "--tables", tables, *extra]
 
 
 def test_ablation_table_in_paper_order_with_mean_and_std(stand_ins, inputs, capsys):
@@ -221,14 +247,21 @@ def test_settings_validate_and_order_runs_seed_major(tmp_path):
 
 @pytest.mark.slow
 def test_real_tiny_ablation_end_to_end(tmp_path, minilm_path, monkeypatch, capsys):
-    """Real `pertvl train` (1 rank, 2 steps), real torch evaluation, on a tiny phantom corpus with a tiny
-    model: the overrides reach the resolved run configs (seed 1, not the default 0), the table is
-    written, a re-run skips everything. Mean ± std over seeds is checked by the stand-in test above.
-    (~15 s on 2 idle cores, ~40 s on busy ones.)"""
+    """The real `pertvl ablate` on a tiny phantom corpus (with its NLI set and counterfactuals) and a tiny
+    model: `pertvl train` (1 rank, 2 steps), the torch evaluations, and Tables II and III as real
+    `pertvl finetune` stages (2-epoch linear probes); one preset and the counterfactual-negatives
+    variant, 2 seeds. The overrides reach the run configs, the variant trains on the shards'
+    counterfactuals, the table's cells are mean ± sample std of the per-run JSONs (recomputed here from
+    their fields), and a re-run skips every stage. (~40 s on 2 quiet cores, up to 5 min on busy ones.)"""
     import shutil
+    from statistics import mean, stdev
 
     import torch
+    import yaml
     from transformers import BertConfig, BertModel
+
+    from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES, write_counterfactuals
+    from pertvl.data.records import PERTURBATION_TYPES
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -239,12 +272,14 @@ def test_real_tiny_ablation_end_to_end(tmp_path, minilm_path, monkeypatch, capsy
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(Path(minilm_path) / name, bert)
     corpus, shards = tmp_path / "corpus", tmp_path / "shards"
-    assert pertvl_main(["data", "phantom", "--n", "80", "--seed", "0", "--size", "64", "--out", str(corpus)]) == 0
+    assert pertvl_main(["data", "phantom", "--n", "80", "--seed", "0", "--size", "64", "--nli", "--out",
+                        str(corpus)]) == 0
     assert pertvl_main(["perturb", "--pairs", str(corpus / "pairs.jsonl"), "--out",
                         str(corpus / "perturbations.jsonl"), "--seed", "0"]) == 0
+    write_counterfactuals(corpus / "pairs.jsonl", corpus / "counterfactuals.jsonl", 0)
     assert pertvl_main(["pack", "--pairs", str(corpus / "pairs.jsonl"), "--perturbations",
-                        str(corpus / "perturbations.jsonl"), "--out", str(shards), "--image-size", "64",
-                        "--maxcount", "16", "--workers", "1"]) == 0
+                        str(corpus / "perturbations.jsonl"), "--counterfactuals", str(corpus / "counterfactuals.jsonl"),
+                        "--out", str(shards), "--image-size", "64", "--maxcount", "16", "--workers", "1"]) == 0
     repo = Path(__file__).resolve().parents[1]
     config = tmp_path / "tiny.yaml"
     config.write_text(
@@ -253,36 +288,63 @@ def test_real_tiny_ablation_end_to_end(tmp_path, minilm_path, monkeypatch, capsy
         f"train:\n  deepspeed_config: {repo / 'ds_configs' / 'cpu_zero0_fp32.json'}\n  micro_batch: 8\n"
         "  grad_accum: 1\n  checkpoint_every: 100\nwandb:\n  enabled: false\n")
     out = tmp_path / "ablate"
-    argv = ["ablate", "--config", str(config), "--shards", str(shards), "--presets", "full,convirt", "--seeds", "1",
-            "--max-steps", "2", "--nproc", "1", "--bootstrap", "20", "--out", str(out)]
+    cf_types = [*PERTURBATION_TYPES, *COUNTERFACTUAL_TYPES]
+    argv = ["ablate", "--config", str(config), "--shards", str(shards), "--presets", "convirt", "--seeds", "0,1",
+            "--variant", f"cf:loss.preset=full,loss.pert_types=[{','.join(cf_types)}]",
+            "--max-steps", "2", "--nproc", "1", "--bootstrap", "20", "--chexpert-finetune", "probe:2",
+            "--nli-finetune", "probe:2", "--out", str(out)]  # --corpus: from the manifest's inputs.pairs
     assert pertvl_main(argv) == 0
-    import yaml
 
-    for preset in ("full", "convirt"):
-        cfg = yaml.safe_load((out / f"{preset}-s1" / "config.yaml").read_text())
-        assert cfg["loss"]["preset"] == preset and cfg["train"]["seed"] == 1
-        assert cfg["train"]["max_steps"] == 2 and cfg["data"]["shards"] == str(shards)
-        assert (out / f"{preset}-s1" / "final" / "model.safetensors").is_file()
+    cfg = yaml.safe_load((out / "cf-s1" / "config.yaml").read_text())
+    assert cfg["loss"]["preset"] == "full" and cfg["loss"]["pert_types"] == cf_types and cfg["train"]["seed"] == 1
+    assert yaml.safe_load((out / "convirt-s0" / "config.yaml").read_text())["loss"]["preset"] == "convirt"
+    logged = [json.loads(line) for line in (out / "cf-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get(f"data/pert_negatives/{t}", 0) > 0 for m in logged for t in COUNTERFACTUAL_TYPES)
+
+    def read(run: str, path: str) -> dict:
+        return json.loads((out / run / path).read_text())
+
+    fields = {  # column → its value in the per-run JSON files, read without pertvl's flattening
+        "structure/overall": lambda r: read(r, "eval/structure.json")["overall"]["accuracy"],
+        "retrieval/image_to_text/R@10": lambda r: read(r, "eval/retrieval.json")["image_to_text"]["R@10"],
+        "zeroshot/mean_auroc": lambda r: read(r, "eval/zeroshot.json")["mean_auroc"],
+        "chexpert/Consolidation/auroc":
+            lambda r: read(r, "finetune/chexpert.json")["test"]["per_label"]["Consolidation"]["auroc"],
+        "chexpert/Pleural Effusion/accuracy":
+            lambda r: read(r, "finetune/chexpert.json")["test"]["per_label"]["Pleural Effusion"]["accuracy"],
+        "chexpert/mean_accuracy": lambda r: read(r, "finetune/chexpert.json")["test"]["mean_accuracy"],
+        "nli/phantom/accuracy": lambda r: read(r, "finetune/nli_phantom.json")["test"]["accuracy"],
+    }
+    assert read("cf-s0", "finetune/chexpert.json")["data"]["test_rows"] == sum(
+        json.loads(line)["split"] != "train" for line in (corpus / "pairs.jsonl").read_text().splitlines())
     doc = json.loads((out / "comparison.json").read_text())
-    assert [r["config"] for r in doc["rows"]] == ["convirt", "full"]
+    assert [r["config"] for r in doc["rows"]] == ["convirt", "cf"] and set(fields) <= set(doc["summary"])
+    md = (out / "comparison.md").read_text()
     for row in doc["rows"]:
-        m = row["metrics"]["structure/overall"]
-        structure = json.loads((out / f"{row['config']}-s1" / "eval" / "structure.json").read_text())
-        assert m["n"] == 1 and m["std"] is None and m["mean"] == structure["overall"]["accuracy"]
+        for key, field in fields.items():
+            values = [field(f"{row['config']}-s{s}") for s in (0, 1)]
+            if None in values:  # an undefined AUROC (one class) is left out of the mean, as the table does
+                continue
+            m = row["metrics"][key]
+            assert m["mean"] == pytest.approx(mean(values), abs=1e-12) and m["n"] == 2
+            assert m["std"] == pytest.approx(stdev(values), abs=1e-12)
+        nli = [fields["nli/phantom/accuracy"](f"{row['config']}-s{s}") for s in (0, 1)]
+        assert f"{100 * mean(nli):.1f} ± {100 * stdev(nli):.1f}" in md.split(f"| {row['label']} | 2 |")[1]
     capsys.readouterr()
     assert pertvl_main(argv) == 0
-    assert capsys.readouterr().out.count("complete, skipped") == 4
+    assert capsys.readouterr().out.count("complete, skipped") == 4 * (1 + 1 + 2)  # train, eval, II, III
 
 
 def test_holdout_types_train_lpert_presets_without_each_type_and_baselines_once(stand_ins, inputs, capsys):
-    """`--holdout-type` (issue 13 §3): full/no_local once per held-out type with loss.pert_types =
-    the other types, convirt/gloria once per seed; the table's rows are the held-out types."""
+    """`--holdout-type` (issue 13 §3): full/no_local once more per held-out type with loss.pert_types =
+    the other types (evaluated on structure only), the plain runs of every preset once per seed (the
+    comparison table, and the baselines of the holdout table); the table's rows are the held-out types."""
     from pertvl.data.records import PERTURBATION_TYPES
 
     argv = _argv(inputs, "--holdout-type", "shuffle_all", "--holdout-type", "antonym_adjectives")
     assert pertvl_main(argv) == 0
     trained = {Path(a[a.index("--out") + 1]).name: a for a, _ in stand_ins.trained}
-    assert len(trained) == 3 * (2 + 2 * 2)
+    assert len(trained) == 3 * (4 + 2 * 2)
     for name, args in trained.items():
         sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
         pert = [x for x in sets if x.startswith("loss.pert_types=")]
@@ -290,7 +352,11 @@ def test_holdout_types_train_lpert_presets_without_each_type_and_baselines_once(
             held = name.split("-without_")[1].rsplit("-s", 1)[0]
             assert pert == [f"loss.pert_types=[{','.join(t for t in PERTURBATION_TYPES if t != held)}]"]
         else:
-            assert name.rsplit("-s", 1)[0] in ("convirt", "gloria") and pert == []
+            assert pert == []
+    held_evals = [c[1] for c in stand_ins.calls if "-without_" in c[c.index("--run") + 1]]
+    assert len(held_evals) == 3 * 2 * 2 and set(held_evals) == {"structure"}
+    assert [r["config"] for r in json.loads((inputs["out"] / "comparison.json").read_text())["rows"]] == [
+        "convirt", "gloria", "no_local", "full"]
     table = json.loads((inputs["out"] / "holdout.json").read_text())
     assert [r["type"] for r in table["rows"]] == ["shuffle_all", "antonym_adjectives"]
     for i, row in enumerate(table["rows"]):
@@ -305,3 +371,138 @@ def test_holdout_types_train_lpert_presets_without_each_type_and_baselines_once(
     assert pertvl_main(argv) == 0 and len(stand_ins.trained) == before  # complete runs are skipped
     assert pertvl_main([*_argv(inputs), "--holdout-type", "cf_laterality"]) == 2
     assert "evaluation-only" in capsys.readouterr().err
+
+
+@pytest.fixture
+def corpus_inputs(inputs, tmp_path) -> dict[str, Path]:
+    """`inputs` whose shard manifest records the corpus it was packed from (inputs.pairs), with the files
+    Tables II/III read, its train split and the counterfactual types it carries."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("labels.csv", "pairs.jsonl", "nli_train.jsonl", "nli_dev.jsonl", "nli_test.jsonl"):
+        (corpus / name).write_text(f"{name}\n")
+    (inputs["shards"] / "manifest.json").write_text(json.dumps({
+        **MANIFEST, "inputs": {"pairs": str(corpus / "pairs.jsonl")}, "counterfactual_types": ["cf_laterality",
+                                                                                               "cf_negation"]}))
+    return {**inputs, "corpus": corpus}
+
+
+MANIFEST = {"format": "pertvl-shards/1", "image_size": 64, "splits": {"train": {"num_samples": 8, "shards": [
+    {"name": "train-000000.tar", "num_samples": 8, "bytes": 1, "sha256": "0"}]}}}
+
+
+CF = "cf:loss.preset=full,loss.pert_types=[shuffle_all,reverse,cf_negation]"
+
+
+def test_finetune_stages_and_a_variant_reach_the_table(stand_ins, corpus_inputs, tmp_path, capsys):
+    """Tables II and III are stages of every comparison run (`pertvl finetune` with the run's weights,
+    the corpus from the manifest); a --variant is one more row; the table's cells are mean ± sample std
+    of the per-run JSONs; finished stages are skipped, and new weights re-run what depends on them."""
+    inputs, corpus = corpus_inputs, corpus_inputs["corpus"]
+    mednli = tmp_path / "mednli"
+    mednli.mkdir()
+    for name in ("mli_train_v1.jsonl", "mli_dev_v1.jsonl", "mli_test_v1.jsonl"):
+        (mednli / name).write_text("{}\n")
+    argv = [*_argv(inputs, "--variant", CF, "--mednli", str(mednli), tables="II,III,IV")]
+    argv[argv.index("--presets") + 1] = "convirt,full"
+    assert pertvl_main(argv) == 0
+    out = inputs["out"]
+
+    trained = {Path(a[a.index("--out") + 1]).name: a for a, _ in stand_ins.trained}
+    assert sorted(trained) == sorted(f"{r}-s{s}" for r in ("convirt", "full", "cf") for s in (0, 1, 2))
+    cf = trained["cf-s1"]
+    assert [cf[i + 1] for i, a in enumerate(cf) if a == "--set"] == [
+        "loss.preset=full", "loss.pert_types=[shuffle_all,reverse,cf_negation]", "train.seed=1"]
+    finetunes = [c for c in stand_ins.calls if c[0] == "finetune"]
+    assert len(finetunes) == 9 * 3  # chexpert, phantom NLI, MedNLI per run
+    chexpert = next(c for c in finetunes if c[1] == "chexpert" and c[c.index("--run") + 1] == str(out / "cf-s2"))
+    assert chexpert[chexpert.index("--csv") + 1] == str(corpus / "labels.csv")
+    assert chexpert[chexpert.index("--split-from") + 1] == str(corpus / "pairs.jsonl")
+    assert "--freeze-encoder" in chexpert and chexpert[chexpert.index("--out") + 1] == str(out / "cf-s2" / "finetune")
+    nli = [c for c in finetunes if c[1] == "nli" and c[c.index("--run") + 1] == str(out / "full-s0")]
+    assert [c[c.index("--dataset") + 1] for c in nli] == ["phantom", "MedNLI"]
+    assert nli[1][nli[1].index("--dev") + 1] == str(mednli / "mli_dev_v1.jsonl")
+
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [r["config"] for r in doc["rows"]] == ["convirt", "full", "cf"]
+    expected = {"chexpert/Consolidation/auroc": 0.0, "chexpert/Pleural Effusion/auroc": 0.05,
+                "chexpert/Consolidation/accuracy": 0.0, "chexpert/Pleural Effusion/accuracy": 0.1,
+                "nli/phantom/accuracy": -0.3, "nli/MedNLI/accuracy": -0.4}
+    for row in doc["rows"]:
+        for key, shift in expected.items():
+            values = [_ft_value(row["config"], s, shift) for s in (0, 1, 2)]
+            assert row["metrics"][key]["mean"] == pytest.approx(sum(values) / 3, abs=1e-9)
+            assert row["metrics"][key]["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+        aurocs = [[_ft_value(row["config"], s, x) for x in (0.0, 0.05)] for s in (0, 1, 2)]
+        assert row["metrics"]["chexpert/mean_auroc"]["mean"] == pytest.approx(np.mean(aurocs), abs=1e-9)
+        assert row["metrics"]["structure/overall"]["values"] == [_value(row["config"], s) for s in (0, 1, 2)]
+    assert {"structure/overall", "chexpert/mean_auroc", "nli/phantom/accuracy", "nli/MedNLI/accuracy",
+            "retrieval/image_to_text/R@10", "zeroshot/mean_auroc", "grounding/pointing"} <= set(doc["summary"])
+    assert "nli/phantom/macro_f1" in doc["columns"] and "nli/phantom/macro_f1" not in doc["summary"]
+    md = (out / "comparison.md").read_text()
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    assert "| Method | seeds | Structure overall |" in summary and "Avg AUROC" in summary
+    assert "NLI phantom accuracy" in summary and "NLI MedNLI accuracy" in summary
+    cf_nli = [_ft_value("cf", s, -0.3) for s in (0, 1, 2)]
+    assert f"{100 * np.mean(cf_nli):.1f} ± {100 * np.std(cf_nli, ddof=1):.1f}" in summary.split("| cf |")[1]
+    assert "linear probe on the frozen tower" in md and "The paper fine-tunes end to end" in md
+    assert "Row cf: trained with `--set loss.preset=full --set loss.pert_types=" in md
+    runs = json.loads((out / "runs.json").read_text())
+    assert runs["variants"] == {"cf": ["loss.preset=full", "loss.pert_types=[shuffle_all,reverse,cf_negation]"]}
+
+    # Re-run: every stage complete; new weights of one run re-run its evaluation and fine-tunes only.
+    stand_ins.trained.clear()
+    stand_ins.calls.clear()
+    capsys.readouterr()
+    assert pertvl_main(argv) == 0
+    assert stand_ins.trained == [] and stand_ins.calls == []
+    assert capsys.readouterr().out.count("complete, skipped") == 9 * (1 + 1 + 3)
+    (out / "cf-s0" / "final" / "model.safetensors").write_bytes(b"retrained")
+    assert pertvl_main(argv) == 0
+    assert {c[c.index("--run") + 1] for c in stand_ins.calls} == {str(out / "cf-s0")}
+    assert sorted(c[0] for c in stand_ins.calls) == ["eval"] * 4 + ["finetune"] * 3
+    # A changed fine-tune mode re-runs that table's stages, nothing else.
+    stand_ins.calls.clear()
+    assert pertvl_main([*argv, "--chexpert-finetune", "end-to-end:2"]) == 0
+    assert {c[1] for c in stand_ins.calls} == {"chexpert"} and len(stand_ins.calls) == 9
+    assert all("--freeze-encoder" not in c and c[c.index("--epochs") + 1] == "2" for c in stand_ins.calls)
+
+
+def test_finetune_and_variant_inputs_are_checked_before_training(stand_ins, corpus_inputs, capsys):
+    inputs, corpus = corpus_inputs, corpus_inputs["corpus"]
+
+    def refused(*extra, tables="II,III,IV") -> str:
+        assert pertvl_main(_argv(inputs, *extra, tables=tables)) == 2
+        return capsys.readouterr().err
+
+    (corpus / "nli_dev.jsonl").unlink()
+    err = refused()
+    assert f"--corpus {corpus}: missing {corpus / 'nli_dev.jsonl'}" in err and "pertvl data phantom --nli" in err
+    assert pertvl_main(_argv(inputs, tables="II")) == 0  # Table II alone needs no NLI file
+    stand_ins.trained.clear()
+    (corpus / "nli_dev.jsonl").write_text("{}\n")
+    other = corpus.parent / "elsewhere"
+    other.mkdir()
+    assert f"--corpus {other}: missing {other / 'labels.csv'}" in refused("--corpus", str(other))
+    (inputs["shards"] / "manifest.json").write_text('{"format": "pertvl-shards/1"}')
+    assert "records no source pairs (inputs.pairs): give --corpus DIR" in refused()
+    assert "--tables: unknown ['V']" in refused(tables="IV,V")
+    assert "needs Table IV" in refused("--holdout-type", "reverse", tables="II")
+    err = refused("--corpus", str(corpus), "--radnli", str(other), tables="III")
+    assert f"--radnli {other}: missing {other / 'radnli_dev_v1.jsonl'}, {other / 'radnli_test_v1.jsonl'}" in err
+    assert "expected MODE[:EPOCHS]" in refused("--nli-finetune", "fast", tables="IV")
+
+    # variants: syntax, names, the train config they make, counterfactuals the shards must carry
+    assert "expected NAME:key=value" in refused("--variant", "cf")
+    assert "train.seed is the ablation's" in refused("--variant", "cf:train.seed=3", tables="IV")
+    assert "repeat or are loss presets" in refused("--variant", "full:loss.beta=0", tables="IV")
+    assert "--variant cf: LossConfig: unknown pert_types ['cf_colour']" in refused(
+        "--variant", "cf:loss.pert_types=[reverse,cf_colour]", tables="IV")
+    assert "--variant typo: unknown config key 'train.max_stpes'" in refused(
+        "--variant", "typo:train.max_stpes=3", tables="IV")
+    assert stand_ins.trained == []
+    (inputs["shards"] / "manifest.json").write_text(json.dumps(MANIFEST))  # packed without --counterfactuals
+    err = refused("--variant", CF, tables="IV")
+    assert "--variant cf: loss.pert_types asks for counterfactual negatives ['cf_negation']" in err
+    assert "carry no counterfactuals" in err and "pertvl pack --counterfactuals" in err
+    assert stand_ins.trained == []

@@ -549,13 +549,34 @@ def test_write_comparison_table(tmp_path):
     md = paths["markdown"].read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     labels = [line.split("|")[1].strip() for line in lines]
-    # one table per evaluation in the registry's order: structure, retrieval, zero-shot
-    assert labels == ["Method", "ConVIRT-like", "GLoRIA-like", "Ours w/o local", "Ours"] * 3
+    # the summary, then one table per evaluation in the registry's order: structure, retrieval, zero-shot
+    assert labels == ["Method", "ConVIRT-like", "GLoRIA-like", "Ours w/o local", "Ours"] * 4
+    assert doc["summary"] == ["structure/overall", "structure/margin", "retrieval/image_to_text/R@10",
+                              "zeroshot/mean_auroc"]
+    assert md.index("## Summary") < md.index("## Clinical semantic structure")
+    assert "| Method | seeds | Structure overall | Grounding margin (own − wrong) | I→R R@10 | Zero-shot mean AUROC |" in md
     assert "| ConVIRT-like | 2 | 30.0 ± 14.1 |" in md and "| Ours w/o local | 1 | 60.0 |" in md
     with Image.open(paths["png"]) as im:
         assert im.size == (1500, 550)
     with pytest.raises(ValueError, match="cannot read metrics"):
         write_comparison_table({"full": [["not", "metrics"]]}, tmp_path)
+
+
+def test_comparison_summary_shows_margins_with_their_cis_and_notes(tmp_path):
+    """A summary column whose MetricInfo names CI bounds shows mean ± std [mean low, mean high] and how
+    many seeds' own CIs exclude 0; the notes follow the summary table."""
+    seeds = [{"structure/overall": 0.5, "structure/margin": m, "structure/margin_ci_low": lo,
+              "structure/margin_ci_high": hi, "structure/wrong_image": 0.4}
+             for m, lo, hi in ((0.10, 0.02, 0.18), (0.04, -0.03, 0.11), (0.07, 0.01, 0.13))]
+    paths = write_comparison_table({"full": seeds}, tmp_path, notes=["Row full: the config's preset."])
+    doc = json.loads(paths["json"].read_text())
+    assert doc["summary"] == ["structure/overall", "structure/margin"]  # not the wrong-image accuracy, not the CI
+    assert doc["rows"][0]["ci_excludes_zero"] == {"structure/margin": [2, 3]}
+    assert doc["notes"] == ["Row full: the config's preset."]
+    md = paths["markdown"].read_text()
+    std = 100 * np.std([0.10, 0.04, 0.07], ddof=1)
+    assert f"| Ours | 3 | 50.0 ± 0.0 | +7.0 ± {std:.1f} [+0.0, +14.0] (2/3) |" in md
+    assert md.index("Row full: the config's preset.") < md.index("## Clinical semantic structure")
 
 
 def test_plot_training_curves(tmp_path):

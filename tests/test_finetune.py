@@ -659,3 +659,56 @@ def test_cli_defaults_match_the_module():
                                       "--out", "o", "--all-views", "--epochs", "4"])
     assert args.frontal_only is False
     assert (ft.fit_settings(args, "chexpert").epochs, ft.fit_settings(args, "chexpert").freeze_encoder) == (4, True)
+
+
+def test_split_from_pairs_and_the_results_as_comparison_columns(tiny_run, phantoms, tmp_path, capsys):
+    """`--split-from PAIRS`: the corpus' train split trains, val and test are tested (no image the
+    pretraining saw is tested); a CSV row whose image no pair has is skipped and counted. The results
+    read back through the registry as the comparison table's flat metrics; `--dataset` names the
+    NLI columns."""
+    from pertvl.data.records import read_pairs
+    from pertvl.evaluate.registry import metric_info, result_from_json
+
+    corpus = tmp_path / "corpus"  # a copy, with one more labelled image that no pair has
+    shutil.copytree(phantoms, corpus)
+    splits = Counter(p.split for p in read_pairs(corpus / "pairs.jsonl"))
+    csv_path = corpus / "labels.csv"
+    first = sorted((corpus / "images").iterdir())[0]
+    shutil.copy(first, corpus / "images" / "not-a-phantom.png")
+    with open(csv_path, "a") as f:
+        f.write("images/not-a-phantom.png,,,Frontal,PA" + "," * (len(ft.CHEXPERT_LABELS) - 1) + "\n")
+    out = tmp_path / "out"
+    assert pertvl_main(["finetune", "chexpert", "--run", str(tiny_run), "--csv", str(csv_path), "--images",
+                        str(corpus), "--split-from", str(corpus / "pairs.jsonl"), "--freeze-encoder",
+                        "--epochs", "2", "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads((out / "chexpert.json").read_text())
+    assert doc["data"]["train_rows"] == splits["train"] and doc["data"]["test_rows"] == splits["val"] + splits["test"]
+    assert doc["data"]["rows_skipped"] == {"image not in the pairs file": 1}
+    assert doc["data"]["split"]["split_from"] == str(corpus / "pairs.jsonl")
+    flat = result_from_json(doc).metrics()
+    for lab, s in doc["test"]["per_label"].items():
+        assert flat[f"chexpert/{lab}/auroc"] == s["auroc"] and flat[f"chexpert/{lab}/accuracy"] == s["accuracy"]
+    assert flat["chexpert/mean_auroc"] == doc["test"]["mean_auroc"]
+    assert metric_info("chexpert/Pleural Effusion/auroc").label == "Pleural Effusion AUROC"
+    assert metric_info("chexpert/mean_accuracy").summary and not metric_info("chexpert/mean_auroc").percent
+
+    assert pertvl_main(["finetune", "nli", "--run", str(tiny_run), "--train", str(phantoms / "nli_train.jsonl"),
+                        "--test", str(phantoms / "nli_test.jsonl"), "--dataset", "phantom", "--freeze-encoder",
+                        "--epochs", "2", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads((out / "nli.json").read_text())
+    assert doc["info"]["dataset"] == "phantom"
+    assert result_from_json(doc).metrics() == {"nli/phantom/accuracy": doc["test"]["accuracy"],
+                                               "nli/phantom/macro_f1": doc["test"]["macro_f1"]}
+    assert metric_info("nli/phantom/accuracy").label == "NLI phantom accuracy"
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse: one split rule only
+        pertvl_main(["finetune", "chexpert", "--run", str(tiny_run), "--csv", str(csv_path), "--images",
+                     str(corpus), "--split-from", "p.jsonl", "--valid-csv", "v.csv", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        pertvl_main(["finetune", "nli", "--run", str(tiny_run), "--train", "t", "--test", "t", "--dataset", "a/b",
+                     "--out", str(out)])
+    assert "a metric key part" in capsys.readouterr().err
+    assert pertvl_main(["finetune", "chexpert", "--run", str(tiny_run), "--csv", str(csv_path), "--images",
+                        str(corpus), "--split-from", str(tmp_path / "nowhere.jsonl"), "--out", str(out)]) == 2
+    assert "nowhere.jsonl: no such pairs file (--split-from)" in capsys.readouterr().err

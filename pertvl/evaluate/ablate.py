@@ -1,34 +1,55 @@
-"""`pertvl ablate`: the paper's four loss configurations × seeds, trained and evaluated alike, in one table.
+"""`pertvl ablate`: the paper's loss configurations (and variants) × seeds, trained and evaluated alike, in one table.
 
-For every seed and preset (convirt = L_global; gloria = + L_local; no_local = L_global + L_pert;
-full = all three — pertvl.losses.LOSS_PRESETS, plus registered presets), in OUT/<preset>-s<seed>/:
+For every seed and row — a preset (convirt = L_global; gloria = + L_local; no_local = L_global + L_pert;
+full = all three — pertvl.losses.LOSS_PRESETS, plus registered presets) or a --variant — in
+OUT/<row>-s<seed>/:
 
 1. train: `pertvl train --config CONFIG --shards SHARDS --out RUN --resume latest --set loss.preset=P
-   --set train.seed=S [--max-steps N]` under torchrun on --nproc ranks (pertvl.pipeline.launch_train).
-   Everything else — data, encoders, steps, schedule — comes from the one config, so the presets
-   differ in their loss only, and a seed gives every preset the same initialization and data order.
+   --set train.seed=S [--max-steps N]` under torchrun on --nproc ranks (pertvl.pipeline.launch_train);
+   a variant NAME:key=value[,key=value] passes `--set key=value` for each pair instead of loss.preset
+   (values parsed as --set parses them). Everything else — data, encoders, steps, schedule — comes from
+   the one config, so the rows differ in what their overrides say only, and a seed gives every row the
+   same initialization and data order.
 2. (--eval-with export only) export: `pertvl export --run RUN --out RUN/export`.
-3. eval: `pertvl eval NAME` for every evaluation of the ABLATE suite (pertvl.evaluate.registry:
-   structure, retrieval, zeroshot, and registered ones) on the --split of the same shards into RUN/eval.
-   Default --eval-with torch: the run's torch weights (RUN/final) are scored directly. The ONNX
-   path gives the same numbers within rounding (checked by the export's parity test and by
-   `pertvl eval --export` vs `--run`), and skipping 12 exports saves their tracing and parity time;
-   --eval-with export scores the ONNX exports on onnxruntime instead.
+3. Table IV (--tables IV): `pertvl eval NAME` for every evaluation of the ABLATE suite
+   (pertvl.evaluate.registry: structure with its image controls and counterfactuals, retrieval,
+   zero-shot, grounding, and registered ones) on the --split of the same shards into RUN/eval.
+   Default --eval-with torch: the run's torch weights (RUN/final) are scored directly (the ONNX path
+   gives the same numbers within rounding; --eval-with export scores the exports on onnxruntime).
+4. Table II (--tables II): `pertvl finetune chexpert` of the image tower on the corpus' labels.csv
+   (frontal views; Consolidation, Pleural Effusion), split as its pairs.jsonl splits the images
+   (--split-from: pretraining's train split trains, val + test are tested) → RUN/finetune/chexpert.json.
+5. Table III (--tables III): `pertvl finetune nli` of the text tower on the corpus' nli_{train,dev,test}.jsonl
+   (and on MedNLI / RadNLI with --mednli / --radnli) → RUN/finetune/nli_<dataset>.json.
+   The corpus is --corpus, else the folder of the pairs the shards were packed from (manifest inputs.pairs);
+   pertvl.evaluate.ablate_finetune checks its files before anything trains.
+
+Fine-tune defaults (why): both tables are linear probes on the frozen tower, 30 epochs (`pertvl finetune
+--freeze-encoder`), because end to end does not fit the hour. Measured per run on this 2-core machine for
+the demo-sized model (resnet-tiny, MiniLM, 878 training phantoms at 128 px, 54 steps) while other jobs
+kept the load average at 3-6: Table II probe 6-17 s, end to end (5 epochs) 56 s; Table III probe 52-95 s
+with OMP_NUM_THREADS=1 (the frozen MiniLM's pass over 3,000 sentence pairs), end to end more than 12 min
+for one of its 3 epochs; training 286-317 s, Table IV 23 s (OMP_NUM_THREADS=1). The paper fine-tunes end
+to end: `--chexpert-finetune end-to-end`, `--nli-finetune end-to-end` (MODE[:EPOCHS]); the table's notes
+say which was run. docs/FINETUNE.md, "In `pertvl ablate`", has the hour-long re-run and its cost.
 
 Leave-one-type-out (--holdout-type T, repeatable, or `all`; issue 13 §3): per seed, every preset
-that trains L_pert (`full`, `no_local`) is trained once per held-out type T with
-`--set loss.pert_types=[every type but T]` in OUT/<preset>-without_<T>-s<seed>/, and the presets
-without L_pert (`convirt`, `gloria`: their accuracy on T is the reference) once, in the same folders
-as a plain ablation (shared, skipped when complete). Every run is evaluated as above; the table is
-OUT/holdout.{md,json} (`holdout_table`): one row per held-out type, the structure accuracy on T
-(original vs T, pairwise, chance 50 %), mean ± std over seeds, for each preset.
+that trains L_pert (`full`, `no_local`) is trained once more per held-out type T with
+`--set loss.pert_types=[every type but T]` in OUT/<preset>-without_<T>-s<seed>/ and evaluated on
+structure only; the presets without L_pert (`convirt`, `gloria`: their accuracy on T is the reference)
+are the comparison's own runs. The table is OUT/holdout.{md,json} (`holdout_table`): one row per held-out
+type, the structure accuracy on T (original vs T, pairwise, chance 50 %), mean ± std over seeds, for
+each preset.
 
-Then OUT/comparison.{md,json,png} (pertvl.evaluate.report.write_comparison_table): one row per
-preset in the paper's order, mean ± sample std over seeds. OUT/runs.json lists every run.
+Then OUT/comparison.{md,json,png} (pertvl.evaluate.report.write_comparison_table): one row per preset
+in the paper's order, then the variants, mean ± sample std over seeds; a summary table of the columns
+the results mark (MetricInfo.summary), then a table per evaluation and fine-tune. OUT/runs.json lists
+every run and stage time.
 
 Stages go through pertvl.pipeline.StageRunner (stamps in OUT/.stages): a finished stage whose
-parameters are unchanged is skipped on re-run. The parameters of export and eval include the
-sha256 of the trained weights, so a retrained run is always re-exported and re-evaluated.
+parameters are unchanged is skipped on re-run. The parameters of export, eval and the fine-tunes
+include the sha256 of the trained weights (and of the fine-tunes' input files), so a retrained run is
+always re-evaluated and re-fine-tuned.
 """
 
 from __future__ import annotations
@@ -43,6 +64,7 @@ from typing import Any
 
 from pertvl import pipeline
 from pertvl.data.records import write_json
+from pertvl.evaluate.ablate_finetune import DEFAULT_MODES, TABLES, FinetuneMode, FinetuneSpec, finetune_specs
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +86,23 @@ def evaluations() -> list:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One more row of the ablation: NAME, trained with `pertvl train --set` overrides (OVERRIDE as
+    `--set` takes it) on top of the config; it names its own loss.preset, else the config's applies."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class AblationRun:
-    """One (preset, seed) cell of the ablation and its folders."""
+    """One (preset or variant, seed) cell of the ablation and its folders."""
 
     preset: str
     seed: int
     root: Path
     holdout: str | None = None  # the perturbation type L_pert is trained without (--holdout-type)
+    variant: Variant | None = None  # a --variant row (preset: the variant's name)
 
     @property
     def name(self) -> str:
@@ -103,6 +135,10 @@ class AblationRun:
     def eval_json(self, evaluation: str) -> Path:
         return self.eval_dir / f"{evaluation}.json"
 
+    @property
+    def finetune_dir(self) -> Path:
+        return self.dir / "finetune"
+
 
 @dataclass
 class AblationSettings:
@@ -119,6 +155,11 @@ class AblationSettings:
     no_wandb: bool = False
     force: bool = False
     holdout_types: tuple[str, ...] = ()  # leave-one-type-out: the types to hold out, one run each
+    variants: tuple[Variant, ...] = ()  # more rows: --variant NAME:key=value[,key=value]
+    tables: tuple[str, ...] = ("II", "III", "IV")  # pertvl.evaluate.ablate_finetune.TABLES
+    corpus: str | None = None  # the phantom corpus of Tables II/III (None: the shards' manifest says)
+    finetune_modes: dict[str, FinetuneMode] = field(default_factory=lambda: dict(DEFAULT_MODES))
+    user_nli: dict[str, str | None] = field(default_factory=dict)  # {"MedNLI": folder, "RadNLI": folder}
 
     def __post_init__(self) -> None:
         from pertvl.losses import LOSS_PRESETS, LossConfig
@@ -132,6 +173,16 @@ class AblationSettings:
             raise ValueError("seeds: expected at least one")
         if self.eval_with not in ("torch", "export"):
             raise ValueError(f"eval_with: expected 'torch' or 'export', got {self.eval_with!r}")
+        self.tables = tuple(dict.fromkeys(self.tables))
+        bad = [t for t in self.tables if t not in TABLES]
+        if bad or not self.tables:
+            raise ValueError(f"--tables: unknown {bad}; choose from {', '.join(TABLES)} ({'; '.join(f'{k}: {v}' for k, v in TABLES.items())})")
+        self.variants = tuple(self.variants)
+        names = [v.name for v in self.variants]
+        clash = [n for n in names if n in LOSS_PRESETS or names.count(n) > 1]
+        if clash:
+            raise ValueError(f"--variant: the names {sorted(set(clash))} repeat or are loss presets; a variant is a new row")
+        self.finetune_modes = {**DEFAULT_MODES, **self.finetune_modes}
         self.holdout_types = tuple(self.holdout_types)
         if self.holdout_types:
             if len(set(self.holdout_types)) != len(self.holdout_types):
@@ -147,6 +198,8 @@ class AblationSettings:
             if not self.pert_presets:
                 raise ValueError(f"--holdout-type needs a preset that trains L_pert (e.g. full, no_local); "
                                  f"got presets {list(self.presets)}")
+            if "IV" not in self.tables:
+                raise ValueError("--holdout-type needs Table IV (the structure evaluation) in --tables")
 
     @property
     def pert_presets(self) -> tuple[str, ...]:
@@ -162,13 +215,18 @@ class AblationSettings:
 
     def runs(self) -> list[AblationRun]:
         """Seed-major order: an interrupted ablation has complete comparisons for its first seeds.
-        With holdout types: per seed, the baselines, then every L_pert preset per held-out type."""
+        Per seed: every preset, every variant, then every L_pert preset per held-out type."""
+        return [run for s in self.seeds for run in (*self.comparison_runs(s), *self.holdout_runs(s))]
+
+    def comparison_runs(self, seed: int) -> list[AblationRun]:
+        """The rows of comparison.md for one seed: the presets, then the variants."""
         root = Path(self.out)
-        if not self.holdout_types:
-            return [AblationRun(p, s, root) for s in self.seeds for p in self.presets]
-        return [run for s in self.seeds for run in (
-            *(AblationRun(p, s, root) for p in self.baseline_presets),
-            *(AblationRun(p, s, root, t) for t in self.holdout_types for p in self.pert_presets))]
+        return [*(AblationRun(p, seed, root) for p in self.presets),
+                *(AblationRun(v.name, seed, root, variant=v) for v in self.variants)]
+
+    def holdout_runs(self, seed: int) -> list[AblationRun]:
+        """The leave-one-type-out runs of one seed (their baselines are the comparison runs)."""
+        return [AblationRun(p, seed, Path(self.out), t) for t in self.holdout_types for p in self.pert_presets]
 
 
 @dataclass
@@ -205,8 +263,10 @@ def _named(stage: str, fn):
 
 
 def _train_stage(run: AblationRun, s: AblationSettings, config_text: str, shards_sha: str) -> pipeline.Stage:
+    sets = ([f"loss.preset={run.preset}", f"train.seed={run.seed}"] if run.variant is None
+            else [*run.variant.overrides, f"train.seed={run.seed}"])
     args = ["--config", s.config, "--shards", s.shards, "--out", str(run.dir), "--resume", "latest",
-            "--set", f"loss.preset={run.preset}", "--set", f"train.seed={run.seed}"]
+            *(x for item in sets for x in ("--set", item))]
     if run.holdout is not None:
         args += ["--set", f"loss.pert_types=[{','.join(run.pert_types())}]"]
     if s.max_steps:
@@ -230,9 +290,10 @@ def _export_stage(run: AblationRun, weights_sha: str) -> pipeline.Stage:
 
 
 def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_sha: str) -> pipeline.Stage:
+    """Every evaluation of the ABLATE suite; a leave-one-type-out run only the structure one (its table's)."""
     source = ["--export", str(run.export)] if s.eval_with == "export" else ["--run", str(run.dir)]
     common = [*source, "--shards", s.shards, "--split", s.split, "--out", str(run.eval_dir)]
-    evals = evaluations()
+    evals = evaluations() if run.holdout is None else [e for e in evaluations() if e.key == _structure_key()]
 
     def evaluate() -> None:
         for e in evals:
@@ -247,66 +308,148 @@ def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_
     )
 
 
+def _finetune_stage(run: AblationRun, spec: FinetuneSpec, weights_sha: str) -> pipeline.Stage:
+    """`pertvl finetune …` on the run's weights (Table II or III); re-run when the weights or inputs change."""
+    argv = spec.command(run.dir, run.finetune_dir, run.seed)
+    name = f"{run.name}.finetune-{spec.stem}"
+    return pipeline.Stage(
+        name, [run.finetune_dir / f"{spec.stem}.json"],
+        _named(name, lambda: pipeline.cli(argv, f"Table {spec.table} fine-tune {spec.stem} of {run.name}")),
+        {"weights_sha256": weights_sha, "argv": argv, "inputs": {str(p): _fingerprint(p) for p in spec.inputs}},
+    )
+
+
+def check_variants(s: AblationSettings) -> None:
+    """Each variant's config (the config file + its overrides) must load as `pertvl train` loads it,
+    and counterfactual training negatives (cf_* in loss.pert_types) need shards packed with them.
+
+    Raises:
+        ValueError: naming the variant and the reason (before anything trains).
+    """
+    from pertvl.config import RunConfig, load_config
+    from pertvl.data.stream import check_counterfactuals, resolve_source
+    from pertvl.losses import LossConfig
+
+    for v in s.variants:
+        try:
+            loss = LossConfig.from_dict(RunConfig.from_dict(load_config(s.config, list(v.overrides))).loss)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--variant {v.name}: {e.args[0] if e.args else e}") from None
+        try:
+            check_counterfactuals(resolve_source(s.shards, "train"), loss.counterfactual_types, s.shards)
+        except ValueError as e:
+            raise ValueError(f"--variant {v.name}: {e}") from None
+
+
 def run_ablation(s: AblationSettings) -> AblationResult:
-    """Train, (export,) evaluate every preset × seed and write the comparison table.
+    """Train, (export,) evaluate and fine-tune every preset and variant × seed (and the leave-one-type-out
+    runs), then write the comparison table (and the holdout table).
 
     Raises:
         pipeline.StageError: naming the stage that failed and why.
-        FileNotFoundError: the config or the shard manifest is missing.
+        FileNotFoundError, ValueError: a missing config, shard manifest or corpus file; a bad variant.
     """
-    from pertvl.evaluate.report import write_comparison_table
-
     config = Path(s.config)
     manifest = Path(s.shards) / "manifest.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config}: training config not found")
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no shard manifest (pack shards with `pertvl pack`, or run `pertvl demo`)")
+    specs = finetune_specs(s.tables, Path(s.corpus) if s.corpus else None, s.shards, s.finetune_modes, s.user_nli)
+    check_variants(s)
     config_text = config.read_text(encoding="utf-8")
     shards_sha = _fingerprint(manifest)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = pipeline.StageRunner(out / ".stages", force=s.force)
     runs = s.runs()
-    per_run = 3 if s.eval_with == "export" else 2
-    total, index = per_run * len(runs), 0
+    per_run = {run: 1 + (s.eval_with == "export") + ("IV" in s.tables) + (0 if run.holdout else len(specs))
+               for run in runs}
+    total, index = sum(per_run.values()), 0
     for run in runs:
         index += 1
         runner.run(_train_stage(run, s, config_text, shards_sha), index, total)
-        weights_sha = _fingerprint(run.weights)  # export/eval depend on the weights actually trained
+        weights_sha = _fingerprint(run.weights)  # export/eval/fine-tunes depend on the weights actually trained
         if s.eval_with == "export":
             index += 1
             runner.run(_export_stage(run, weights_sha), index, total)
-        index += 1
-        runner.run(_eval_stage(run, s, weights_sha, shards_sha), index, total)
+        if "IV" in s.tables:
+            index += 1
+            runner.run(_eval_stage(run, s, weights_sha, shards_sha), index, total)
+        for spec in [] if run.holdout else specs:
+            index += 1
+            runner.run(_finetune_stage(run, spec, weights_sha), index, total)
 
-    keys = [e.key for e in evaluations()]
-    if s.holdout_types:
-        structure = _structure_key()
-        table = holdout_table(s, {r.name: json.loads(r.eval_json(structure).read_text(encoding="utf-8")) for r in runs})
-        paths = write_holdout_table(table, out)
-        write_json(out / "holdout_runs.json", {
-            "config": str(config), "shards": s.shards, "split": s.split, "eval_with": s.eval_with,
-            "max_steps": s.max_steps, "nproc": s.nproc, "presets": list(s.presets), "seeds": list(s.seeds),
-            "holdout_types": list(s.holdout_types),
-            "runs": [{"preset": r.preset, "seed": r.seed, "holdout": r.holdout, "dir": str(r.dir),
-                      "pert_types": r.pert_types(), "eval": {k: str(r.eval_json(k)) for k in keys}} for r in runs],
-            "stage_seconds": runner.timings, "stages_skipped": runner.skipped,
-        })
-        return AblationResult(paths, table, runs, list(runner.skipped))
-    results: dict[str, list[dict[str, Any]]] = {p: [] for p in s.presets}
-    for run in runs:
-        results[run.preset].append({k: json.loads(run.eval_json(k).read_text(encoding="utf-8")) for k in keys})
-    paths = write_comparison_table(results, out, "comparison")
-    table = json.loads(paths["json"].read_text(encoding="utf-8"))
+    paths, table = write_tables(s, specs)
+    holdout = {"holdout_types": list(s.holdout_types)} if s.holdout_types else {}
     write_json(out / "runs.json", {
         "config": str(config), "shards": s.shards, "split": s.split, "eval_with": s.eval_with,
         "max_steps": s.max_steps, "nproc": s.nproc, "presets": list(s.presets), "seeds": list(s.seeds),
-        "runs": [{"preset": r.preset, "seed": r.seed, "dir": str(r.dir),
-                  "eval": {k: str(r.eval_json(k)) for k in keys}} for r in runs],
+        "variants": {v.name: list(v.overrides) for v in s.variants}, "tables": list(s.tables), **holdout,
+        "finetunes": {spec.stem: spec.command(Path("RUN"), Path("RUN/finetune"), 0) for spec in specs},
+        "runs": [{"preset": r.preset, "seed": r.seed, "holdout": r.holdout, "dir": str(r.dir),
+                  **({"overrides": list(r.variant.overrides)} if r.variant else {}),
+                  **({"pert_types": r.pert_types()} if r.holdout else {}),
+                  "results": [str(p) for p in _result_files(r, specs, s)]} for r in runs],
         "stage_seconds": runner.timings, "stages_skipped": runner.skipped,
     })
     return AblationResult(paths, table, runs, list(runner.skipped))
+
+
+def _result_files(run: AblationRun, specs: list[FinetuneSpec], s: AblationSettings) -> list[Path]:
+    """The JSON results of a comparison run: its evaluations (Table IV suite), then its fine-tunes."""
+    evals = [run.eval_json(e.key) for e in evaluations()] if "IV" in s.tables else []
+    return [*evals, *(run.finetune_dir / f"{spec.stem}.json" for spec in specs)]
+
+
+def write_tables(s: AblationSettings, specs: list[FinetuneSpec]) -> tuple[dict[str, Path], dict[str, Any]]:
+    """OUT/comparison.{md,json,png} from every comparison run's result files (each flattened by its own
+    schema: pertvl.evaluate.report.flatten_metrics), and OUT/holdout.{md,json} with --holdout-type.
+
+    Returns:
+        (paths, table) of the comparison table (with "holdout" paths added when written).
+    """
+    from pertvl.evaluate.report import flatten_metrics, write_comparison_table
+
+    out = Path(s.out)
+    results: dict[str, list[dict[str, float | None]]] = {}
+    for seed in s.seeds:
+        for run in s.comparison_runs(seed):
+            flat: dict[str, float | None] = {}
+            for path in _result_files(run, specs, s):
+                flat.update(flatten_metrics(json.loads(path.read_text(encoding="utf-8"))))
+            results.setdefault(run.preset, []).append(flat)
+    paths = write_comparison_table(results, out, "comparison", notes=table_notes(s, specs))
+    table = json.loads(paths["json"].read_text(encoding="utf-8"))
+    if s.holdout_types:
+        structure = _structure_key()
+        runs = [r for seed in s.seeds for r in (*s.comparison_runs(seed), *s.holdout_runs(seed))
+                if r.holdout or r.preset in s.baseline_presets]
+        held = holdout_table(s, {r.name: json.loads(r.eval_json(structure).read_text(encoding="utf-8")) for r in runs})
+        paths.update({f"holdout_{k}": v for k, v in write_holdout_table(held, out).items()})
+    return paths, table
+
+
+def table_notes(s: AblationSettings, specs: list[FinetuneSpec]) -> list[str]:
+    """How the rows and the fine-tune columns were made (under the summary table)."""
+    steps = f"{s.max_steps} steps" if s.max_steps else "the config's steps"
+    notes = [f"Every row: `pertvl train --config {s.config}` on {s.shards} ({steps}, {s.nproc} ranks), seeds "
+             f"{', '.join(map(str, s.seeds))}; evaluations on the {s.split} split."]
+    notes += [f"Row {v.name}: trained with `--set {' --set '.join(v.overrides)}` (where a preset's row has "
+              f"`--set loss.preset=P`)." for v in s.variants]
+    for table, task in (("II", "chexpert"), ("III", "nli")):
+        mine = [spec for spec in specs if spec.table == table]
+        if not mine:
+            continue
+        mode = s.finetune_modes[table]
+        paper = " The paper fine-tunes end to end." if mode.mode == "probe" else ""
+        where = ("the phantoms' labels.csv (frontal views), trained on the pretraining's train-split images, "
+                 "tested on the val + test phantoms (never seen in pretraining); accuracy at p = 0.5"
+                 if table == "II" else
+                 "test accuracy (dev-selected epoch where a dev file exists; RadNLI: last epoch) on "
+                 + ", ".join(spec.stem.removeprefix("nli_") for spec in mine))
+        notes.append(f"Table {table}, {TABLES[table]}: {mode.describe(task)}; {where}.{paper}")
+    return notes
 
 
 def _structure_key() -> str:
@@ -422,22 +565,64 @@ def holdout_types_arg(values: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def parse_variant(text: str) -> Variant:
+    """"NAME:key=value[,key=value]" → Variant; a comma inside [...] or {...} belongs to its value, each
+    value is parsed as `pertvl train --set` parses it (YAML).
+
+    Raises:
+        ValueError: naming the --variant and what is wrong.
+    """
+    import re
+
+    from pertvl.config import parse_override
+
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", name):
+        raise ValueError(f"--variant {text!r}: expected NAME:key=value[,key=value] with NAME of letters, digits, "
+                         "'_' or '.' (the run folders are OUT/NAME-s<seed>)")
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(rest + ","):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            items.append(rest[start:i].strip())
+            start = i + 1
+    items = [x for x in items if x]
+    if not items or depth:
+        raise ValueError(f"--variant {text!r}: expected at least one key=value after the name, brackets balanced")
+    for item in items:
+        try:
+            parsed = parse_override(item)
+        except Exception as e:  # a YAML error reads as the override's own message
+            raise ValueError(f"--variant {name}: {item!r}: {e}") from None
+        if (parsed.get("train") or {}).get("seed") is not None or item.split("=", 1)[0].strip() == "train.seed":
+            raise ValueError(f"--variant {name}: train.seed is the ablation's (--seeds), not a variant's")
+    return Variant(name, tuple(items))
+
+
 def cli_main(args) -> int:
     """`pertvl ablate`."""
+    from pertvl.evaluate.ablate_finetune import parse_mode
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     try:
         presets = _csv_list(args.presets, "presets") if args.presets else paper_presets()
         holdout = holdout_types_arg(getattr(args, "holdout_type", None) or [])
+        modes = {t: parse_mode(v, option) for t, v, option in (
+            ("II", args.chexpert_finetune, "--chexpert-finetune"), ("III", args.nli_finetune, "--nli-finetune")) if v}
         settings = AblationSettings(
             config=args.config, shards=args.shards, presets=presets,
             seeds=_csv_list(args.seeds, "seeds", int), out=args.out, max_steps=args.max_steps, nproc=args.nproc,
             eval_with=args.eval_with, split=args.split, bootstrap=args.bootstrap, no_wandb=args.no_wandb,
-            force=args.force, holdout_types=holdout,
+            force=args.force, holdout_types=holdout, variants=tuple(parse_variant(v) for v in args.variant or []),
+            tables=_csv_list(args.tables, "tables"), corpus=args.corpus, finetune_modes=modes,
+            user_nli={"MedNLI": args.mednli, "RadNLI": args.radnli},
         )
         what = f" × held-out types {', '.join(holdout)}" if holdout else ""
-        print(f"ablation: presets {', '.join(settings.presets)} × seeds {', '.join(map(str, settings.seeds))}{what} "
-              f"({len(settings.runs())} runs) → {settings.out}", flush=True)
+        rows = [*settings.presets, *(v.name for v in settings.variants)]
+        print(f"ablation: {', '.join(rows)} × seeds {', '.join(map(str, settings.seeds))}{what} "
+              f"({len(settings.runs())} runs; tables {', '.join(settings.tables)}) → {settings.out}", flush=True)
         result = run_ablation(settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"pertvl ablate: {e}", file=sys.stderr)
@@ -445,12 +630,10 @@ def cli_main(args) -> int:
     except pipeline.StageError as e:
         print(f"pertvl ablate: {e}", file=sys.stderr)
         return 1
-    if holdout:
-        print("\n" + holdout_markdown(result.table))
-        print(f"Leave-one-type-out table: {result.paths['markdown']}\n  json: {result.paths['json']}")
-        return 0
     print("\n".join(["", "Ablation complete.", *structure_summary(result.table)]))
     print(f"Comparison table: {result.paths['markdown']}")
     for kind in ("json", "png"):
         print(f"  {kind}: {result.paths[kind]}")
+    if holdout:
+        print(f"Leave-one-type-out table: {result.paths['holdout_markdown']}\n  json: {result.paths['holdout_json']}")
     return 0

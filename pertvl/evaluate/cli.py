@@ -122,6 +122,14 @@ def _at_least_two(text: str) -> int:
     return value
 
 
+def _dataset_name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '_', '.', '-' (a metric key part), got {text!r}")
+    return text
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -210,6 +218,9 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=positive_int, default=256,
                    help="word pieces per sentence pair (default 256: MedNLI's longest pairs reach ~200+ pieces); "
                    "longer pairs are truncated, and how many is printed and recorded")
+    p.add_argument("--dataset", type=_dataset_name, metavar="NAME",
+                   help="short name of the data set (e.g. MedNLI, RadNLI, phantom), recorded in NAME.json: the "
+                   "comparison table's columns are nli/DATASET/accuracy, so several NLI sets stay apart")
     _finetune_args(p, epochs=3, lr=2e-5, batch_size=16)
     p.set_defaults(handler=_finetune_nli)
 
@@ -225,8 +236,13 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--run", metavar="RUN_DIR", help="training run folder; fine-tunes RUN_DIR/final's image tower")
     g.add_argument("--export", metavar="DIR", help="ONNX export: linear probe on its image embeddings")
     p.add_argument("--csv", required=True, help="CheXpert-format CSV (train.csv; the phantom corpus' labels.csv)")
-    p.add_argument("--valid-csv", metavar="CSV",
-                   help="test on this CSV (e.g. CheXpert valid.csv); default: a seeded split of --csv by patient")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--valid-csv", metavar="CSV",
+                       help="test on this CSV (e.g. CheXpert valid.csv); default: a seeded split of --csv by patient")
+    split.add_argument("--split-from", metavar="PAIRS_JSONL",
+                       help="split --csv as this pairs.jsonl splits the images: its train split trains, val and "
+                       "test are tested (the phantom corpus: labels.csv beside pairs.jsonl, so no image the "
+                       "pretraining saw is tested); rows whose image no pair has are skipped and counted")
     p.add_argument("--images", required=True, metavar="ROOT", help="folder the CSV's Path column is relative to")
     p.add_argument("--labels", default="Consolidation,Pleural Effusion",
                    help='comma-separated label columns (default "Consolidation,Pleural Effusion")')
@@ -253,10 +269,14 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "ablate",
-        help="the four loss configurations x seeds: train, evaluate, comparison table (mean +- std)",
-        description="For each preset and seed: `pertvl train` with loss.preset and train.seed overridden (same "
-        "data, encoders and steps), then structure / retrieval / zero-shot evaluation on the test split, then "
-        "the comparison table in the paper's layout (Markdown + JSON + PNG). Finished runs are skipped on re-run.",
+        help="the four loss configurations (+ variants) x seeds: train, evaluate, fine-tune, comparison table",
+        description="For each preset (and --variant) and seed: `pertvl train` with loss.preset and train.seed "
+        "overridden (same data, encoders and steps), then the paper's tables on every run: IV = the evaluations "
+        "of the ablate suite (structure with its image controls and counterfactuals, retrieval, zero-shot, "
+        "grounding) on the test split; II = `pertvl finetune chexpert` of the image tower on the corpus' "
+        "labels.csv; III = `pertvl finetune nli` of the text tower on the corpus' NLI set (and MedNLI/RadNLI "
+        "when given); then the comparison table, mean +- std over seeds (Markdown + JSON + PNG). Finished "
+        "stages are skipped on re-run; new weights re-run what depends on them.",
     )
     p.add_argument("--config", default="configs/demo.yaml", help="training config (default configs/demo.yaml)")
     p.add_argument("--shards", default="shards/demo", help="shard folder (default shards/demo)")
@@ -277,4 +297,26 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
                    "type T, train the presets with L_pert (full, no_local) with loss.pert_types = every type but "
                    "T, the baselines (convirt, gloria) once, evaluate, and write OUT/holdout.{md,json}: one row "
                    "per T, the structure accuracy on T (original vs T, chance 50 %%)")
+    p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="one more row (repeatable): NAME trained with `pertvl train --set KEY=VALUE` for each pair "
+                   "(values as --set parses them; commas inside [...] belong to the value) in OUT/NAME-s<seed>, "
+                   "evaluated and tabulated like the presets; e.g. the counterfactual-negatives arm: "
+                   "cf_negatives:loss.preset=full,loss.pert_types=[...the nine...,cf_laterality,cf_severity,"
+                   "cf_finding,cf_negation] (docs/FINETUNE.md has the exact command)")
+    p.add_argument("--tables", default="II,III,IV",
+                   help="the paper's tables to make per run (default II,III,IV): II = CheXpert-style fine-tune of "
+                   "the image tower, III = NLI fine-tune of the text tower, IV = the ablate evaluations")
+    p.add_argument("--corpus", metavar="DIR",
+                   help="the phantom corpus of Tables II/III (labels.csv, pairs.jsonl, nli_{train,dev,test}.jsonl "
+                   "from `pertvl data phantom --nli`); default: the folder of the pairs the shards were packed "
+                   "from (manifest inputs.pairs)")
+    for option, table, tower, epochs in (("--chexpert-finetune", "II", "image", 5), ("--nli-finetune", "III", "text", 3)):
+        p.add_argument(option, metavar="MODE[:EPOCHS]",
+                       help=f"Table {table}: probe (linear probe on the frozen {tower} tower, default) or end-to-end, "
+                       f"optionally :EPOCHS (default: pertvl finetune's, 30 for a probe, {epochs} end to end)")
+    p.add_argument("--mednli", metavar="DIR",
+                   help="Table III also on MedNLI: DIR holds mli_{train,dev,test}_v1.jsonl (best dev epoch)")
+    p.add_argument("--radnli", metavar="DIR",
+                   help="Table III also on RadNLI: DIR holds radnli_{dev,test}_v1.jsonl (trained on dev, scored on "
+                   "test at the last epoch: the authors' protocol)")
     p.set_defaults(handler=_ablate)

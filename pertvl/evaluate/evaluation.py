@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Evaluation", "MetricInfo", "Result", "Source", "Suite", "non_negative", "positive_int"]
+__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "non_negative", "positive_int"]
 
 
 class Source(enum.Enum):
@@ -45,12 +45,17 @@ class MetricInfo:
         percent: shown ×100 with one decimal (accuracies, recalls), else with three decimals.
         order: sort key of the column within its evaluation's table.
         chance: the chance level, drawn in the comparison figure (None: none stated).
+        summary: a column of the comparison's first table (the headline numbers of each row);
+            every metric is also in its evaluation's own table below it.
+        ci: the flat keys (low, high) of this metric's 95 % CI bounds, shown beside it in the summary.
     """
 
     label: str
     percent: bool = True
     order: tuple = ()
     chance: float | None = None
+    summary: bool = False
+    ci: tuple[str, str] | None = None
 
 
 @runtime_checkable
@@ -134,6 +139,26 @@ class Evaluation:
         p = argparse.ArgumentParser(add_help=False)
         self.add_arguments(p)
         return {s for a in p._actions for s in a.option_strings}
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """A downstream fine-tune (`pertvl finetune NAME`, Tables II and III): trained on a run, not run by
+    `pertvl eval`, but its KEY.json is read by the comparison table like an evaluation's result.
+
+    Attributes:
+        name: `pertvl finetune NAME`.
+        key: prefix of its flat metrics ("KEY/…").
+        title: heading of its comparison table.
+        result_type: the result class (from_json, metrics, metric_info).
+        schemas: the JSON schemas `result_type.from_json` reads.
+    """
+
+    name: str
+    key: str
+    title: str
+    result_type: type
+    schemas: tuple[str, ...]
 
 
 def positive_int(text: str) -> int:

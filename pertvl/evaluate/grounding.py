@@ -228,8 +228,9 @@ class GroundingResult:
         metric = key.split("/", 1)[1]
         fixed = {"pointing": "Pointing game", "pointing_chance": "Pointing chance", "mass": "Attention mass in mask",
                  "area": "Mask area (mass chance)"}
-        if metric in fixed:
-            return MetricInfo(fixed[metric], order=(0, list(fixed).index(metric)))
+        if metric in fixed:  # the pointing game and its chance are summary columns
+            return MetricInfo(fixed[metric], order=(0, list(fixed).index(metric)),
+                              summary=metric in ("pointing", "pointing_chance"))
         t = metric.split("/", 1)[-1]
         return MetricInfo(f"Pointing: {t.replace('_', ' ')}",
                           order=(1, FINDING_TYPES.index(t) if t in FINDING_TYPES else len(FINDING_TYPES), t))

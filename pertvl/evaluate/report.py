@@ -117,14 +117,14 @@ def flatten_metrics(item: Any) -> dict[str, float | None]:
 
 
 def comparison_columns(keys: Sequence[str]) -> list[str]:
-    """Metric keys in table order: evaluations in registry order, each in its own metric order."""
-    from pertvl.evaluate.registry import EVALUATIONS, evaluation_for_metric, metric_info
+    """Metric keys in table order: evaluations (then fine-tunes) in registry order, each in its own metric order."""
+    from pertvl.evaluate.registry import evaluation_for_metric, metric_info, result_sources
 
-    order = {e.name: i for i, e in enumerate(EVALUATIONS.values())}
+    order = {e.key: i for i, e in enumerate(result_sources())}
 
     def sort_key(k: str) -> tuple:
         e = evaluation_for_metric(k)
-        return (order[e.name] if e is not None else len(order), metric_info(k).order, k)
+        return (order[e.key] if e is not None else len(order), metric_info(k).order, k)
 
     return sorted(set(keys), key=sort_key)
 
@@ -169,8 +169,16 @@ def _fmt_mean_std(agg: Mapping[str, Any] | None, percent: bool) -> str:
     return s
 
 
+def _ci_excludes_zero(runs: Sequence[Mapping[str, float | None]], ci: tuple[str, str]) -> list[int]:
+    """[seeds whose own CI (low, high keys) excludes 0, seeds with both bounds]."""
+    bounds = [(m.get(ci[0]), m.get(ci[1])) for m in runs]
+    bounds = [(lo, hi) for lo, hi in bounds if lo is not None and hi is not None]
+    return [sum(lo > 0 or hi < 0 for lo, hi in bounds), len(bounds)]
+
+
 def write_comparison_table(
-    results: Mapping[str, Sequence[Any]], out_dir: str | os.PathLike, name: str = "comparison"
+    results: Mapping[str, Sequence[Any]], out_dir: str | os.PathLike, name: str = "comparison", *,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """The ablation table in the paper's layout, mean ± std over seeds.
 
@@ -179,21 +187,27 @@ def write_comparison_table(
             anything `flatten_metrics` reads.
         out_dir: folder for NAME.json, NAME.md, NAME.png.
         name: file stem.
+        notes: paragraphs printed under the summary table (how the rows and columns were made).
 
     Returns:
         {"json": path, "markdown": path, "png": path}.
 
-    JSON schema "pertvl-comparison/1": {"schema", "columns": [metric key], "rows": [{"config",
-    "label", "seeds", "metrics": {metric key: {"mean", "std", "n", "values"}}}]}; std is the
-    sample standard deviation (ddof=1), null for one seed. Rows follow the presets' order and
-    take their labels (pertvl.losses.LOSS_PRESETS); columns follow the evaluation registry.
+    JSON schema "pertvl-comparison/1": {"schema", "columns": [metric key], "summary": [the metric
+    keys whose MetricInfo.summary is set, the first table], "notes", "rows": [{"config", "label",
+    "seeds", "metrics": {metric key: {"mean", "std", "n", "values"}}, "ci_excludes_zero": {summary
+    key with a CI: [seeds whose CI excludes 0, seeds with a CI]}}]}; std is the sample standard
+    deviation (ddof=1), null for one seed. Rows follow the presets' order and take their labels
+    (pertvl.losses.LOSS_PRESETS); columns follow the evaluation registry.
     """
+    from pertvl.evaluate.registry import metric_info
     from pertvl.losses import preset_label
 
     if not results:
         raise ValueError("write_comparison_table: no configurations given")
     flat = {c: [flatten_metrics(item) for item in items] for c, items in results.items()}
     columns = comparison_columns([k for ms in flat.values() for m in ms for k in m])
+    summary = [c for c in columns if metric_info(c).summary]
+    with_ci = {c: metric_info(c).ci for c in summary if metric_info(c).ci}
     rows = []
     for config in _ordered_configs(list(flat)):
         runs = flat[config]
@@ -203,9 +217,10 @@ def write_comparison_table(
                 "label": preset_label(config),
                 "seeds": len(runs),
                 "metrics": {c: _aggregate([m.get(c) for m in runs]) for c in columns},
+                "ci_excludes_zero": {c: _ci_excludes_zero(runs, ci) for c, ci in with_ci.items()},
             }
         )
-    doc = {"schema": COMPARISON_SCHEMA, "columns": columns, "rows": rows}
+    doc = {"schema": COMPARISON_SCHEMA, "columns": columns, "summary": summary, "notes": list(notes), "rows": rows}
     out = Path(out_dir)
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}
     write_json(paths["json"], doc)
@@ -214,11 +229,38 @@ def write_comparison_table(
     return paths
 
 
+def _summary_cell(row: Mapping[str, Any], key: str) -> str:
+    """mean ± std, and for a metric with a CI: [mean CI low, mean CI high] (seeds whose CI excludes 0)."""
+    from pertvl.evaluate.registry import metric_info
+
+    info = metric_info(key)
+    cell = _fmt_mean_std(row["metrics"].get(key), info.percent)
+    if info.ci and cell != "—":
+        cell = ("+" if row["metrics"][key]["mean"] >= 0 else "") + cell  # a difference: signed like its CI
+        lo, hi = (row["metrics"].get(k) or {} for k in info.ci)
+        if lo.get("mean") is not None and hi.get("mean") is not None:
+            scale = 100.0 if info.percent else 1.0
+            cell += f" [{scale * lo['mean']:+.1f}, {scale * hi['mean']:+.1f}]"
+        k, n = row.get("ci_excludes_zero", {}).get(key, [0, 0])
+        if n:
+            cell += f" ({k}/{n})"
+    return cell
+
+
 def comparison_markdown(doc: Mapping[str, Any]) -> str:
-    """One table per evaluation (registry order), one row per configuration."""
+    """The summary table (the columns whose MetricInfo.summary is set) with the notes, then one table
+    per evaluation (registry order); one row per configuration."""
     from pertvl.evaluate.registry import metric_info
 
     parts = ["# Ablation: loss configurations (mean ± std over seeds)", ""]
+    summary = doc.get("summary") or []
+    if summary:
+        rows = [[r["label"], str(r["seeds"]), *[_summary_cell(r, c) for c in summary]] for r in doc["rows"]]
+        parts += ["## Summary", "", md_table(["Method", "seeds", *[metric_info(c).label for c in summary]], rows), "",
+                  "Accuracies and recalls in %, AUROC as is. A column with a 95 % CI (the image-grounding margins: "
+                  "own image − wrong image, bootstrap over test images) shows [the CI bounds averaged over seeds] "
+                  "and (seeds whose own CI excludes 0 / seeds).", ""]
+        parts += [*[p for note in doc.get("notes", []) for p in (note, "")]]
     for title, group in _column_groups(doc["columns"]):
         rows = [
             [r["label"], str(r["seeds"]), *[_fmt_mean_std(r["metrics"].get(c), metric_info(c).percent) for c in group]]

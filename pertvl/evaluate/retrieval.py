@@ -150,7 +150,8 @@ class RetrievalResult:
                  "text_disjoint_image_to_text": "text-disjoint I→R", "text_disjoint_text_to_image": "text-disjoint R→I"}
         number = int(k[2:]) if k.startswith("R@") and k[2:].isdigit() else 0
         return MetricInfo(f"{arrow.get(direction, direction)} {k}", order=(list(arrow).index(direction)
-                                                                             if direction in arrow else 2, number))
+                                                                             if direction in arrow else 2, number),
+                          summary=(direction, k) == ("image_to_text", "R@10"))
 
     def headline(self) -> str:
         i2t = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.image_to_text.items())

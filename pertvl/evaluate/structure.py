@@ -471,11 +471,15 @@ class StructureResult:
     def _metric_info(prefix: str, metric: str, perturbations: Any, type_label: Any) -> MetricInfo:
         if metric == "overall":
             return MetricInfo("Text structure overall" if prefix == "text_structure" else "Structure overall",
-                              order=(0,))
+                              order=(0,), summary=True)
+        # the summary shows the accuracies, and the own − wrong image margins with their CIs
+        ci = (f"{prefix}/{metric}_ci_low", f"{prefix}/{metric}_ci_high") if metric in MARGINS else None
         if metric in CONTROL_LABELS:  # after the per-type columns
-            return MetricInfo(CONTROL_LABELS[metric], order=(3, list(CONTROL_LABELS).index(metric)))
+            return MetricInfo(CONTROL_LABELS[metric], order=(3, list(CONTROL_LABELS).index(metric)),
+                              summary=metric in MARGINS, ci=ci)
         if metric in GROUNDED_LABELS:  # after the controls
-            return MetricInfo(GROUNDED_LABELS[metric], order=(4, list(GROUNDED_LABELS).index(metric)))
+            return MetricInfo(GROUNDED_LABELS[metric], order=(4, list(GROUNDED_LABELS).index(metric)),
+                              summary=metric in ("grounded", *MARGINS), ci=ci)
         if metric.startswith("cf_"):  # per counterfactual type: original vs that counterfactual, pairwise
             return MetricInfo(type_name(metric), order=(5, metric), chance=0.5)
         types = list(perturbations)
@@ -509,6 +513,9 @@ CONTROL_LABELS = {
     "margin_ci_low": "Margin 95% CI low",
     "margin_ci_high": "Margin 95% CI high",
 }
+
+
+MARGINS = ("margin", "grounded_margin")  # own − wrong image, with bootstrap CIs (KEY_ci_low / KEY_ci_high)
 
 
 GROUNDED_LABELS = {

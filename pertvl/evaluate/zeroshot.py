@@ -146,7 +146,8 @@ class ZeroShotResult:
     @classmethod
     def metric_info(cls, key: str) -> MetricInfo:
         label = "Zero-shot mean AUROC" if key == "zeroshot/mean_auroc" else key
-        return MetricInfo(label, percent=False, order=(0,) if key == "zeroshot/mean_auroc" else (1, key))
+        return MetricInfo(label, percent=False, order=(0,) if key == "zeroshot/mean_auroc" else (1, key),
+                          chance=0.5, summary=key == "zeroshot/mean_auroc")
 
     def headline(self) -> str:
         mean = self.mean_auroc

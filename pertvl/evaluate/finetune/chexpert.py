@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.image import ImageReadError, read_image
+from pertvl.evaluate.evaluation import Finetune, MetricInfo
 from pertvl.evaluate.finetune.fit import (
     EpochLog,
     FitSettings,
@@ -262,6 +263,38 @@ class ChexpertResult:
                 "test": {"per_label": {k: asdict(v) for k, v in self.per_label.items()},
                          "mean_auroc": self.mean_auroc, "mean_accuracy": self.mean_accuracy}}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ChexpertResult:
+        """Read NAME.json back (the per-item predictions live in NAME.predictions.csv, not here)."""
+        if d.get("schema") != CHEXPERT_SCHEMA:
+            raise ValueError(f"not a pertvl CheXpert fine-tune result: schema {d.get('schema')!r}")
+        return cls(per_label={k: LabelScores(**v) for k, v in d["test"]["per_label"].items()},
+                   history=[EpochLog(**h) for h in d.get("history", [])], data=dict(d.get("data", {})),
+                   settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
+
+    # -- the comparison table's columns (pertvl.evaluate.registry) ------------------------------
+    def metrics(self) -> dict[str, float | None]:
+        """"chexpert/LABEL/accuracy", "chexpert/LABEL/auroc" per label, and their means."""
+        out: dict[str, float | None] = {}
+        for name, s in self.per_label.items():
+            out[f"chexpert/{name}/accuracy"] = s.accuracy
+            out[f"chexpert/{name}/auroc"] = s.auroc
+        out["chexpert/mean_accuracy"] = self.mean_accuracy
+        out["chexpert/mean_auroc"] = self.mean_auroc
+        return out
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        """Table II's layout: per label accuracy then AUROC, then the averages; all in the summary."""
+        metric = key.split("/", 1)[1]
+        label, _, kind = metric.rpartition("/")
+        if not label:  # mean_accuracy / mean_auroc
+            label, kind = "Avg", metric.removeprefix("mean_")
+        order = (1,) if label == "Avg" else (0, CHEXPERT_LABELS.index(label) if label in CHEXPERT_LABELS else 99, label)
+        if kind == "auroc":
+            return MetricInfo(f"{label} AUROC", percent=False, order=(*order, 1), chance=0.5, summary=True)
+        return MetricInfo(f"{label} accuracy", order=(*order, 0), summary=True)
+
 
 @dataclass
 class ChexpertData:
@@ -288,10 +321,12 @@ def prepare_chexpert(
     seed: int = 0,
     group_pattern: str = DEFAULT_GROUP_PATTERN,
     blank: str = "zero",
+    split_from: str | os.PathLike | None = None,
 ) -> ChexpertData:
-    """Read the CSV(s), split (without valid_csv: by patient, seeded), drop rows whose image file is
-    missing (counted and named), and apply the blank and uncertainty policies to the training
-    labels (chexpert_targets; blank "zero" also scores test blanks as negatives)."""
+    """Read the CSV(s), split (valid_csv: as given; split_from: as a pairs.jsonl splits the images;
+    else by patient, seeded), drop rows whose image file is missing (counted and named), and apply
+    the blank and uncertainty policies to the training labels (chexpert_targets; blank "zero" also
+    scores test blanks as negatives)."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
     if blank not in BLANK_POLICIES:
@@ -304,8 +339,22 @@ def prepare_chexpert(
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image root folder not found")
+    if valid_csv is not None and split_from is not None:
+        raise ValueError("give one of valid_csv (--valid-csv) and split_from (--split-from), not both")
     table = read_chexpert_csv(csv_path, labels, frontal_only, group_pattern)
-    if valid_csv is not None:
+    if split_from is not None:
+        is_test, outside = split_as_pairs(table.rows, root, split_from)
+        kept_rows = [(r, t) for r, t in zip(table.rows, is_test, strict=True) if t is not None]
+        if outside:  # counted and named like the other skipped rows
+            table.skipped["image not in the pairs file"] = len(outside)
+            room = max(0, MAX_LISTED_PROBLEMS - len(table.problems))
+            table.problems += [f"{r.where}: image not in {split_from}" for r in outside[:room]]
+        train_rows = [r for r, t in kept_rows if not t]
+        test_rows = [r for r, t in kept_rows if t]
+        split = {"method": "as the pairs file splits the images: train -> train; val, test -> test",
+                 "split_from": str(split_from)}
+        tables = [table]
+    elif valid_csv is not None:
         test_table = read_chexpert_csv(valid_csv, labels, frontal_only, group_pattern)
         train_rows, test_rows = table.rows, test_table.rows
         split = {"method": "given", "valid_csv": str(valid_csv)}
@@ -343,6 +392,31 @@ def prepare_chexpert(
     }
     return ChexpertData(tuple(labels), kept["train"], kept["test"], targets, mask,
                         _values(kept["test"], labels), summary)
+
+
+def split_as_pairs(rows: Sequence[ChexpertRow], images: Path, pairs: str | os.PathLike,
+                   ) -> tuple[list[bool | None], list[ChexpertRow]]:
+    """Per row: False (train) when the pairs file puts its image in the train split, True (test) in
+    val or test, None when no pair has that image; and the rows without a pair.
+
+    The phantom corpus writes labels.csv beside pairs.jsonl: splitting as the pairs do keeps every
+    image the pretraining saw (train split) out of the fine-tune's test set. Images are matched by
+    resolved path (CSV paths under `images`, pair images under the pairs file's folder).
+
+    Raises:
+        FileNotFoundError: no pairs file; ValueError: a bad pair line (file:line).
+    """
+    from pertvl.data.records import read_pairs
+
+    pairs = Path(pairs)
+    if not pairs.is_file():
+        raise FileNotFoundError(f"{pairs}: no such pairs file (--split-from)")
+    split_of = {(pairs.parent / p.image).resolve(): p.split for p in read_pairs(pairs)}
+    flags: list[bool | None] = []
+    for r in rows:
+        split = split_of.get((images / r.path).resolve())
+        flags.append(None if split is None else split != "train")
+    return flags, [r for r, f in zip(rows, flags, strict=True) if f is None]
 
 
 def _values(rows: Sequence[ChexpertRow], labels: Sequence[str]) -> np.ndarray:
@@ -569,3 +643,7 @@ def _features(loader, encode, problems: ImageProblems, device, settings: FitSett
     if not feats:
         raise _nothing_decoded("", loader.dataset.root, len(loader.dataset), problems)
     return torch.cat(idx_all), torch.cat(feats)
+
+
+FINETUNE = Finetune("chexpert", "chexpert", "Table II: CheXpert-style fine-tuning of the image tower", ChexpertResult,
+                    (CHEXPERT_SCHEMA,))

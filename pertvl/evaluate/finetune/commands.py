@@ -66,8 +66,9 @@ def nli_cli_main(args) -> int:
         if args.export and not args.freeze_encoder:
             print("note: --export holds no torch weights: the ONNX encoder stays frozen and a linear probe "
                   "is trained on its embeddings (fine-tuning needs --run)", flush=True)
+        info = {**run_info(), **({"dataset": args.dataset} if getattr(args, "dataset", None) else {})}
         common = dict(run=args.run, text_model=args.text_model, export=args.export,
-                      settings=fit_settings(args, "nli"), max_length=args.max_length, info=run_info())
+                      settings=fit_settings(args, "nli"), max_length=args.max_length, info=info)
         if protocol == "cv":
             data = read_nli(args.train)
             print(data.describe(), flush=True)
@@ -116,7 +117,8 @@ def chexpert_cli_main(args) -> int:
     try:
         data = prepare_chexpert(args.csv, args.images, valid_csv=args.valid_csv, labels=labels,
                                 uncertain=args.uncertain, blank=args.blank, frontal_only=args.frontal_only,
-                                test_fraction=args.test_fraction, seed=args.seed, group_pattern=args.group_pattern)
+                                test_fraction=args.test_fraction, seed=args.seed, group_pattern=args.group_pattern,
+                                split_from=getattr(args, "split_from", None))
         s = data.summary
         print(f"CheXpert: {s['train_rows']} train / {s['test_rows']} test rows ({s['split']['method']}); left out: "
               f"{format_skips(s['rows_skipped'])}; images missing: {s['images_missing']}", flush=True)

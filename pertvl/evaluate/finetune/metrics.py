@@ -38,6 +38,12 @@ class ClassificationMetrics:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ClassificationMetrics:
+        return cls(n=int(d["n"]), accuracy=float(d["accuracy"]),
+                   per_class={k: ClassScores(**v) for k, v in d["per_class"].items()},
+                   macro_f1=float(d["macro_f1"]), labels=list(d["labels"]), confusion=[list(r) for r in d["confusion"]])
+
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
                            labels: Sequence[str] = NLI_LABELS) -> ClassificationMetrics:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pertvl.evaluate.evaluation import Finetune, MetricInfo
 from pertvl.evaluate.finetune.fit import (
     EpochLog,
     FitSettings,
@@ -188,6 +189,34 @@ class NliResult:
         return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
                 "history": [asdict(h) for h in self.history], "best_epoch": self.best_epoch,
                 "dev": None if self.dev is None else self.dev.to_json(), "test": self.test.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NliResult:
+        """Read NAME.json back (the per-item predictions live in NAME.predictions.jsonl, not here)."""
+        if d.get("schema") != NLI_SCHEMA:
+            raise ValueError(f"not a pertvl NLI fine-tune result: schema {d.get('schema')!r}")
+        return cls(dev=None if d.get("dev") is None else ClassificationMetrics.from_json(d["dev"]),
+                   test=ClassificationMetrics.from_json(d["test"]),
+                   history=[EpochLog(**h) for h in d.get("history", [])], best_epoch=int(d.get("best_epoch", 0)),
+                   data=dict(d.get("data", {})), settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
+
+    # -- the comparison table's columns (pertvl.evaluate.registry) ------------------------------
+    def metrics(self) -> dict[str, float | None]:
+        """"nli/DATASET/accuracy" and "nli/DATASET/macro_f1" on the test file (DATASET: info["dataset"],
+        `pertvl finetune nli --dataset`; "nli/accuracy" without one), so one run's data sets are distinct columns."""
+        dataset = self.info.get("dataset")
+        prefix = f"nli/{dataset}" if dataset else "nli"
+        return {f"{prefix}/accuracy": self.test.accuracy, f"{prefix}/macro_f1": self.test.macro_f1}
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        """Table III: test accuracy (in the summary; chance 1/3 on balanced labels), macro F1."""
+        parts = key.split("/")
+        dataset, metric = (parts[1], parts[2]) if len(parts) == 3 else ("", parts[-1])
+        name = f"NLI {dataset}".strip()
+        if metric == "accuracy":
+            return MetricInfo(f"{name} accuracy", order=(dataset, 0), chance=1 / len(NLI_LABELS), summary=True)
+        return MetricInfo(f"{name} {metric.replace('_', ' ')}", percent=False, order=(dataset, 1))
 
 
 def finetune_nli(
@@ -459,3 +488,6 @@ def _pair_embeddings(embedder, examples: Sequence[NliExample]):
     u = emb[[index[e.premise] for e in examples]]
     v = emb[[index[e.hypothesis] for e in examples]]
     return torch.from_numpy(np.concatenate([u, v, np.abs(u - v), u * v], axis=1).astype(np.float32))
+
+
+FINETUNE = Finetune("nli", "nli", "Table III: NLI fine-tuning of the text tower", NliResult, (NLI_SCHEMA,))
