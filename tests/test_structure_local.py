@@ -114,6 +114,11 @@ def test_structure_local_scores_every_candidate_by_s_and_controls_with_partner_r
     md = r.markdown("structure_local")
     assert "local S(I, T)" in md and "text only" not in md
     assert r.headline().startswith("structure (local S) accuracy")
+    infos = {k: StructureResult.metric_info(k) for k in m}
+    assert {k for k, i in infos.items() if i.summary} == {"structure_local/grounded", "structure_local/grounded_margin"}
+    assert infos["structure_local/grounded_margin"].ci == ("structure_local/grounded_margin_ci_low",
+                                                           "structure_local/grounded_margin_ci_high")
+    assert all(i.label.endswith("(local S)") for i in infos.values())
 
 
 def test_structure_local_margin_is_exactly_zero_when_every_image_has_the_same_regions():

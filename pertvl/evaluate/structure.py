@@ -106,6 +106,7 @@ For the overall STAT the three exclusion counts are totals over types. A null ac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -463,8 +464,9 @@ class StructureResult:
 
         prefix, metric = key.split("/", 1)
         info = cls._metric_info(prefix, metric, PERTURBATIONS, type_label)
-        if prefix == "structure_local":
-            info = MetricInfo(info.label + " (local S)", info.percent, info.order, info.chance)
+        if prefix == "structure_local":  # in the summary: the grounded accuracy and margin only (docs/GROUNDING.md)
+            info = dataclasses.replace(info, label=info.label + " (local S)",
+                                       summary=info.summary and metric in ("grounded", "grounded_margin"))
         return info
 
     @staticmethod
