@@ -844,29 +844,30 @@ class Perturber:
         """`method` over chunks of `batch_size` texts, in order, here or in `workers` processes.
 
         Whole records come back from the workers: spaCy's own n_process would leave the parse,
-        scopes and rules to this process. Fork where the platform has it (as spaCy's n_process
-        did), so that a worker starts with this Perturber, its pipeline loaded.
+        scopes and rules to this process. On Linux the workers are forked (as spaCy's n_process
+        was), so each starts with this Perturber, its pipeline loaded; the progress bar's thread
+        starts after the fork.
         """
         if batch_size < 1 or workers < 1:
             raise ValueError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
         chunks = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-        bar = _progress_bar(len(texts), progress)
         out: list[Any] = []
         with contextlib.ExitStack() as stack:
             if workers == 1 or len(chunks) < 2:
                 parts: Iterable[list[Any]] = (getattr(self, method)(c, batch_size) for c in chunks)
             else:
-                fork = "fork" in multiprocessing.get_all_start_methods()
+                fork = sys.platform.startswith("linux")
                 ctx = multiprocessing.get_context("fork" if fork else None)
                 pool = stack.enter_context(ctx.Pool(min(workers, len(chunks)), _init_worker,
                                                     (self if fork else self._config,)))
                 parts = pool.imap(functools.partial(_run_worker, method, batch_size), chunks)
+            bar = _progress_bar(len(texts), progress)
+            if bar is not None:
+                stack.callback(bar.close)
             for part in parts:
                 out.extend(part)
                 if bar is not None:
                     bar.update(len(part))
-        if bar is not None:
-            bar.close()
         return out
 
     def _records_chunk(self, texts: list[str], batch_size: int) -> list[PerturbationRecord]:
