@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pertvl.evaluate.finetune.tasks import CHEXPERT_LABELS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -83,3 +85,70 @@ wandb:
 """
     )
     return SimpleNamespace(root=root, shards=shards, text_model=text_model, config=config)
+
+
+# ----------------------------------------------------------------------------- a tiny CheXpert tree
+
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
+
+
+def chexpert_png(path: Path, value: int, size: int = 40) -> None:
+    """A noisy grayscale PNG of mean brightness `value`, size x (size + 8)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    arr = np.clip(rng.normal(value, 20, (size, size + 8)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr, mode="L").save(path)
+
+
+def chexpert_csv_row(path: str, view: str, cons: str, eff: str) -> dict[str, str]:
+    """A CheXpert CSV row: Consolidation and Pleural Effusion as given, No Finding 0.0, the rest blank."""
+    row = {c: "" for c in CHEXPERT_HEADER}
+    row.update({"Path": path, "Sex": "Female", "Age": "60", "Frontal/Lateral": view, "AP/PA": "PA" if view ==
+                "Frontal" else "", "Consolidation": cons, "Pleural Effusion": eff, "No Finding": "0.0"})
+    return row
+
+
+def write_chexpert_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CHEXPERT_HEADER)
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="session")
+def chexpert(tmp_path_factory) -> dict[str, Path]:
+    """CheXpert layout: 40 patients with a frontal view (pixel brightness follows the labels), and
+    the known rows the policy test checks: uncertain, blank, a lateral view, a missing image, an
+    undecodable one. Used by the fine-tune and the zero-shot tests."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("chexpert")
+    images = root / "images"
+    rng = np.random.default_rng(1)
+    rows = [
+        chexpert_csv_row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.png", "Frontal", "1.0", "0.0"),
+        chexpert_csv_row("CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.png", "Frontal", "-1.0", "1.0"),
+        chexpert_csv_row("CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.png", "Frontal", "", "-1.0"),
+        chexpert_csv_row("CheXpert-v1.0-small/train/patient00003/study1/view2_lateral.png", "Lateral", "1.0", "1.0"),
+        chexpert_csv_row("CheXpert-v1.0-small/train/patient00004/study1/view1_frontal.png", "Frontal", "0.0", "1.0"),
+    ]
+    for r in rows:
+        chexpert_png(images / r["Path"], 100)
+    (images / rows[4]["Path"]).unlink()  # patient00004: the missing image
+    for p in range(5, 45):
+        cons, eff = rng.integers(0, 2, 2)
+        path = f"CheXpert-v1.0-small/train/patient{p:05d}/study1/view1_frontal.png"
+        chexpert_png(images / path, 60 + 80 * int(eff) + 40 * int(cons))
+        rows.append(chexpert_csv_row(path, "Frontal", f"{cons:.1f}", f"{eff:.1f}"))
+    broken = "CheXpert-v1.0-small/train/patient00045/study1/view1_frontal.png"
+    (images / broken).parent.mkdir(parents=True)
+    (images / broken).write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    rows.append(chexpert_csv_row(broken, "Frontal", "1.0", "1.0"))
+    write_chexpert_csv(root / "train.csv", rows)
+    write_chexpert_csv(root / "known.csv", rows[:5])
+    return {"root": root, "images": images, "csv": root / "train.csv", "known": root / "known.csv"}

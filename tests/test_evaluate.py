@@ -412,6 +412,99 @@ def test_zeroshot_hand_built():
     assert set(default.per_label) == {"Pleural Effusion", "Pneumothorax"}
 
 
+class BrightnessEncoder:
+    """Image -> its mean, 1 - mean and spread; a finding prompt -> near [1, 0, 0] (bright), a "no ..."
+    prompt near [0, 1, 0], each moved by noise seeded by its text (all L2-normalized)."""
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        m, sd = images.mean(axis=(1, 2, 3)), images.std(axis=(1, 2, 3))
+        return _unit(np.stack([m, 1 - m, 4 * sd], axis=1))
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return _unit(np.stack([np.eye(3)[int(t.startswith("no ") or t.startswith("normal"))]
+                               + 0.3 * np.random.default_rng(zlib.crc32(t.encode())).normal(size=3) for t in texts]))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _chexpert_reference(chexpert, encoder, size: int, blank: str) -> dict[str, float | None]:
+    """AUROC per prompted label with sklearn, on the encoder's scores of the CSV's readable frontal
+    images: 1/0 cells, blanks as negatives (blank "zero") or left out ("mask"), uncertain left out."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    from pertvl.data.image import read_image
+    from pertvl.data.text import clean_text
+    from pertvl.evaluate.zeroshot import DEFAULT_PROMPTS
+
+    with open(chexpert["csv"], newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["Frontal/Lateral"] == "Frontal"]
+    images, kept = [], []
+    for r in rows:
+        try:
+            images.append(read_image(chexpert["images"] / r["Path"], size))
+            kept.append(r)
+        except (FileNotFoundError, ValueError):
+            continue
+    img = encoder.embed_images(np.stack(images)[:, None].astype(np.float32) / 255.0).astype(np.float64)
+    out = {}
+    for lp in DEFAULT_PROMPTS:
+        score = np.mean([img @ encoder.embed_texts([clean_text(p)])[0] - img @ encoder.embed_texts([clean_text(n)])[0]
+                         for p, n in lp.pairs], axis=0)
+        cells = [r[lp.label] for r in kept]
+        use = [c in ("1.0", "0.0") or (c == "" and blank == "zero") for c in cells]
+        y = np.array([c == "1.0" for c, u in zip(cells, use, strict=True) if u], dtype=int)
+        out[lp.label] = roc_auc_score(y, score[use]) if 0 < y.sum() < len(y) else None
+    return out
+
+
+@pytest.mark.parametrize("blank", ["zero", "mask"])
+def test_zeroshot_on_a_chexpert_csv_equals_sklearn(chexpert, tmp_path, monkeypatch, capsys, blank):
+    """`pertvl eval zeroshot --chexpert-csv`: the fine-tune's reader (frontal only, its blank and
+    uncertain rule), unreadable images skipped and named, AUROC = sklearn's on the encoder's scores."""
+    import pertvl.evaluate.cli as ecli
+    from pertvl.cli import main
+
+    enc = BrightnessEncoder()
+    monkeypatch.setattr(ecli, "_build_encoder", lambda args: (enc, {"encoder": "stand-in"}))
+    args = ["eval", "zeroshot", "--export", "unused", "--chexpert-csv", str(chexpert["csv"]), "--images",
+            str(chexpert["images"]), "--image-size", "32", "--blank", blank, "--out", str(tmp_path)]
+    assert main(args) == 0
+    z = json.loads((tmp_path / "zeroshot.json").read_text())
+    expected = _chexpert_reference(chexpert, enc, 32, blank)
+    assert set(z["per_label"]) == set(expected)  # the CSV has every CheXpert column
+    for label, value in expected.items():
+        got = z["per_label"][label]["auroc"]
+        assert (got is None and value is None) or got == pytest.approx(value, abs=1e-12), label
+    eff, cons = z["per_label"]["Pleural Effusion"], z["per_label"]["Consolidation"]
+    assert eff["auroc"] > 0.9  # brightness follows the effusion label
+    assert (eff["n_skipped"], cons["n_skipped"]) == (1, 1 if blank == "zero" else 2)  # uncertain (+ blank)
+    # 46 rows - 1 lateral - 2 unreadable; under "mask" patient00003 has no scored label left
+    masked = {"no_definite_label": 1} if blank == "mask" else {}
+    assert z["images"] == 43 - len(masked) and z["skipped"] == {"unreadable_image": 2, **masked}
+    info = z["info"]["chexpert"]
+    assert info["rows_skipped"] == {"lateral view (frontal only)": 1} and info["blank_policy"] == blank
+    assert [p.split(": ")[0] for p in info["image_problems"]] == [f"{chexpert['csv']}:6", f"{chexpert['csv']}:47"]
+    assert f"{z['images']} images" in capsys.readouterr().out
+
+
+def test_zeroshot_data_options_are_checked(chexpert, tmp_path, monkeypatch):
+    import pertvl.evaluate.cli as ecli
+    from pertvl.cli import main
+
+    monkeypatch.setattr(ecli, "_build_encoder", lambda args: (BrightnessEncoder(), {"encoder": "stand-in"}))
+    base = ["eval", "zeroshot", "--export", "unused", "--out", str(tmp_path)]
+    csv_args = ["--chexpert-csv", str(chexpert["csv"]), "--images", str(chexpert["images"])]
+    for extra, message in (([], "give --shards DIR"), ([*csv_args, "--shards", "s"], "not both"),
+                           (csv_args[:2], "needs --images"),
+                           (["--chexpert-csv", str(tmp_path / "no.csv"), "--images", str(tmp_path)], "no.csv: no such CSV")):
+        with pytest.raises(SystemExit, match=message):
+            main([*base, *extra])
+
+
 # ----------------------------------------------------------------------------- text structure
 
 # (impression, findings, {type: perturbation}); every perturbation keeps the words but breaks

@@ -20,8 +20,9 @@ import pytest
 
 from pertvl.cli import main as pertvl_main
 from pertvl.evaluate import finetune as ft
-
-CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *ft.CHEXPERT_LABELS]
+from tests.conftest import chexpert_csv_row as _csv_row
+from tests.conftest import chexpert_png as _png
+from tests.conftest import write_chexpert_csv as _write_csv
 
 FINDINGS = ["pleural effusion", "consolidation", "atelectasis", "pneumothorax", "edema", "opacity", "nodule",
             "cardiomegaly"]
@@ -102,61 +103,6 @@ def nli_files(tmp_path_factory) -> dict[str, Path]:
         files[split] = root / f"mli_{split}_v1.jsonl"
         files[split].write_text("\n".join(lines) + "\n")
     return files
-
-
-def _png(path: Path, value: int, size: int = 40) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(value)
-    arr = np.clip(rng.normal(value, 20, (size, size + 8)), 0, 255).astype(np.uint8)
-    Image.fromarray(arr, mode="L").save(path)
-
-
-def _csv_row(path: str, view: str, cons: str, eff: str) -> dict[str, str]:
-    row = {c: "" for c in CHEXPERT_HEADER}
-    row.update({"Path": path, "Sex": "Female", "Age": "60", "Frontal/Lateral": view, "AP/PA": "PA" if view ==
-                "Frontal" else "", "Consolidation": cons, "Pleural Effusion": eff, "No Finding": "0.0"})
-    return row
-
-
-def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CHEXPERT_HEADER)
-        w.writeheader()
-        w.writerows(rows)
-
-
-@pytest.fixture(scope="module")
-def chexpert(tmp_path_factory) -> dict[str, Path]:
-    """CheXpert layout: 40 patients with a frontal view (pixel brightness follows the labels), and
-    the known rows the policy test checks: uncertain, blank, a lateral view, a missing image, an
-    undecodable one."""
-    root = tmp_path_factory.mktemp("chexpert")
-    images = root / "images"
-    rng = np.random.default_rng(1)
-    rows = [
-        _csv_row("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.png", "Frontal", "1.0", "0.0"),
-        _csv_row("CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.png", "Frontal", "-1.0", "1.0"),
-        _csv_row("CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.png", "Frontal", "", "-1.0"),
-        _csv_row("CheXpert-v1.0-small/train/patient00003/study1/view2_lateral.png", "Lateral", "1.0", "1.0"),
-        _csv_row("CheXpert-v1.0-small/train/patient00004/study1/view1_frontal.png", "Frontal", "0.0", "1.0"),
-    ]
-    for r in rows:
-        _png(images / r["Path"], 100)
-    (images / rows[4]["Path"]).unlink()  # patient00004: the missing image
-    for p in range(5, 45):
-        cons, eff = rng.integers(0, 2, 2)
-        path = f"CheXpert-v1.0-small/train/patient{p:05d}/study1/view1_frontal.png"
-        _png(images / path, 60 + 80 * int(eff) + 40 * int(cons))
-        rows.append(_csv_row(path, "Frontal", f"{cons:.1f}", f"{eff:.1f}"))
-    broken = "CheXpert-v1.0-small/train/patient00045/study1/view1_frontal.png"
-    (images / broken).parent.mkdir(parents=True)
-    (images / broken).write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    rows.append(_csv_row(broken, "Frontal", "1.0", "1.0"))
-    _write_csv(root / "train.csv", rows)
-    _write_csv(root / "known.csv", rows[:5])
-    return {"root": root, "images": images, "csv": root / "train.csv", "known": root / "known.csv"}
 
 
 # ----------------------------------------------------------------------------- NLI

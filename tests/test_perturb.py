@@ -512,6 +512,31 @@ def test_perturb_pairs_file(tmp_path, perturber):
     assert set(saved["seconds"]) == {"load", "read", "perturb", "total"}
 
 
+def test_fast_path_writes_the_reference_file(tmp_path, perturber):
+    """The shortcuts (POS memo of the attribute ruler, batched parsing, worker processes) change
+    no byte of perturbations.jsonl: report-style text with repeated sentences, negations and
+    table words, random word soup, and the bad inputs."""
+    import numpy as np
+
+    from pertvl.data.phantom.findings import sample_findings
+    from pertvl.data.phantom.language import write_report
+
+    rng = np.random.default_rng(0)
+    vocab = (EXAMPLE + " no not without mild severe left right upper lower small large acute chronic normal "
+             "within limits enlarged increased focal there is effusion or nor heart size").split()
+    texts = [write_report(sample_findings(rng), rng) for _ in range(150)]
+    texts += [" ".join(rng.choice(vocab, size=int(rng.integers(1, 70)))) for _ in range(100)]
+    texts += ["", "XXXX.", "Effusion.", "No left effusion. The right lung is clear.", texts[0]]
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, [Pair(id=f"p{i}", study_id=f"s{i}", image=f"{i}.png", projection="Frontal", text=t)
+                        for i, t in enumerate(texts)])
+    assert perturber._pos_of.usable  # en_core_web_sm's ruler qualifies for the memo
+    perturb_pairs_file(pairs, tmp_path / "ref.jsonl", perturber=Perturber(reference=True), batch_size=256)
+    perturb_pairs_file(pairs, tmp_path / "fast.jsonl", perturber=perturber, batch_size=32, workers=2)
+    assert (tmp_path / "fast.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    assert len((tmp_path / "ref.jsonl").read_text().splitlines()) == len(set(map(clean_text, texts)))
+
+
 def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     return args.handler(args)

@@ -186,6 +186,36 @@ def test_resize_shorter_side_then_center_crop(tmp_path):
     assert im.mode == "L" and arr.min() == 0 and arr.max() == 255 and len(np.unique(arr)) > 200
 
 
+def test_jpeg_is_decoded_at_the_dct_scale_the_size_allows(tmp_path):
+    """Rule 1 of pertvl.data.image: a JPEG is decoded at the smallest DCT scale (1/8 .. 1/1) whose
+    shorter side is still >= size, then resized and cropped as any image; a PNG at full size."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:512, 0:256] / 256.0
+    pixels = np.clip(128 + 80 * np.sin(6 * x) * np.cos(4 * y) + rng.normal(0, 6, x.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "cxr.jpg", quality=90)
+    Image.fromarray(pixels).save(tmp_path / "cxr.png")
+
+    def drafted(size: int) -> Image.Image:
+        with Image.open(tmp_path / "cxr.jpg") as im:
+            im.draft("L", (size, size))
+            im.load()
+            return im.copy()
+
+    eighth = drafted(32)  # 256 // 32 = 8: decoded at 32 x 64, nothing left to resize
+    assert eighth.size == (32, 64)
+    np.testing.assert_array_equal(image.read_image(tmp_path / "cxr.jpg", 32), np.asarray(eighth)[16:48])
+    quarter = drafted(48)  # 256 // 48 = 5 -> 1/4: 64 x 128, then resized to 48 x 96 and cropped
+    assert quarter.size == (64, 128)
+    got = image.read_image(tmp_path / "cxr.jpg", 48)
+    np.testing.assert_array_equal(got, np.asarray(image.resize_center_crop(quarter, 48)))
+    with Image.open(tmp_path / "cxr.jpg") as im:  # the full-size decode: close, not equal
+        full = np.asarray(image.resize_center_crop(im, 48), dtype=np.int16)
+    assert 0 < np.abs(full - got).mean() < 2
+    with Image.open(tmp_path / "cxr.png") as im:
+        np.testing.assert_array_equal(image.read_image(tmp_path / "cxr.png", 48),
+                                      np.asarray(image.resize_center_crop(im, 48)))
+
+
 def test_read_manifest_errors(tmp_path, packed):
     with pytest.raises(FileNotFoundError, match="no manifest"):
         shards.read_shards_manifest(tmp_path)

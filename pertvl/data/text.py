@@ -43,6 +43,8 @@ def normalize_report(text: str | None, *, drop_deid: bool = False) -> str:
 
 
 def _to_ascii(text: str) -> str:
+    if text.isascii():  # NFKC and NFKD leave ASCII as it is; most reports are ASCII
+        return text
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
     return "".join(ch for ch in text if ord(ch) < 128 and not unicodedata.combining(ch))
 

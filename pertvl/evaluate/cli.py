@@ -68,7 +68,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pertvl.evaluate.report import write_result
 
     evaluation = EVALUATIONS[args.evaluation]
-    data = evaluation.load(args) if evaluation.source is Source.OWN else _samples(args)
+    data = evaluation.load(args) if evaluation.load is not None else None
+    if data is None and evaluation.source is Source.SHARDS:
+        if not args.shards:
+            raise SystemExit(f"pertvl eval {evaluation.name}: give --shards DIR (or this evaluation's own data "
+                             "option, see --help)")
+        data = _samples(args)
     encoder, enc_info = _build_encoder(args)
     result = evaluation.run(encoder, data, args)
     result.info = {**_info(args, enc_info), **result.info}  # provenance first, the evaluation's own after
@@ -109,8 +114,9 @@ def _model_args(p: argparse.ArgumentParser, text_model: bool = False) -> None:
     p.add_argument("--name", help="file stem of the outputs (default: the evaluation's name)")
 
 
-def _shard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", required=True, metavar="DIR", help="shard folder (pertvl pack), e.g. shards/demo")
+def _shard_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--shards", required=required, metavar="DIR",
+                   help="shard folder (pertvl pack), e.g. shards/demo" + ("" if required else " (or the data option below)"))
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N samples (quick checks)")
 
@@ -172,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = esub.add_parser(evaluation.name, help=evaluation.help, description=evaluation.description)
         _model_args(p, text_model=evaluation.text_only)
         if evaluation.source is Source.SHARDS:
-            _shard_args(p)
+            _shard_args(p, required=evaluation.load is None)
         evaluation.add_arguments(p)
         p.set_defaults(handler=_evaluate, evaluation=evaluation.name)
 

@@ -108,6 +108,9 @@ class Evaluation:
         key: file stem of its outputs and prefix of its flat metrics (default: name with "_").
         title: heading of its section in reports and of its comparison table.
         source: where `data` comes from; `load(options)` for Source.OWN.
+        load: Source.OWN: the data from the evaluation's own arguments. Source.SHARDS: optional,
+            another source than shards (zeroshot's --chexpert-csv): the data, or None when its
+            arguments are not given (the shards are read; --shards is then optional).
         text_only: the encoder may be a plain text model (--text-model).
         suites: the pipelines that run it by default (Suite.DEMO, Suite.ABLATE).
     """

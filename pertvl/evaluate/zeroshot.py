@@ -10,6 +10,14 @@ Labels are matched to the sample's `labels` keys case-insensitively by name or a
 phantom corpus (CheXpert header names) and CheXpert itself use the same prompts. Prompts pass
 through pertvl.data.text.clean_text, the rule the encoder was trained on.
 
+The images and labels come from a shard split, or from a CheXpert CSV (`--chexpert-csv
+CheXpert-v1.0-small/valid.csv --images ROOT`): read by `pertvl finetune chexpert`'s reader
+(read_chexpert_csv: its columns, frontal views only unless --all-views, bad cells skipped and
+named), images by the pixel rule at the encoder's size, and its test-cell rule (docs/FINETUNE.md):
+1/0 scored, uncertain (−1) never, blank as negative under `--blank zero` (default, CheXpert's
+convention) or not scored under `--blank mask`. A missing or undecodable image is skipped, counted
+(`skipped.unreadable_image`) and named (`info.chexpert.image_problems`).
+
 JSON schema "pertvl-zeroshot/1":
     {"schema", "per_label": {label: {"auroc": float|null, "n_pos": int, "n_neg": int,
      "n_skipped": int, "prompts": [[pos, neg], ...]}}, "mean_auroc": float|null,
@@ -21,9 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,8 @@ from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
 from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
 from pertvl.evaluate.report import md_table
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "pertvl-zeroshot/1"
 
@@ -308,16 +319,106 @@ def evaluate_zeroshot(
     )
 
 
+# ----------------------------------------------------------------------------- a CheXpert CSV as the source
+
+
+@dataclass
+class ChexpertSource:
+    """The rows of a CheXpert CSV (read by the fine-tune's reader) and the folder its Path column is
+    relative to; `samples(size)` reads the images when the encoder's size is known."""
+
+    table: Any  # pertvl.evaluate.finetune.ChexpertTable
+    images: Path
+    blank: str  # "zero": a blank cell is a negative; "mask": not scored
+    problems: list[str] = field(default_factory=list)  # "file:line: reason" of unreadable images
+
+    def samples(self, size: int) -> Iterator[Any]:
+        from pertvl.data.image import ImageReadError, read_image
+        from pertvl.data.shards.reading import Sample
+
+        for row in self.table.rows:
+            try:
+                image = read_image(self.images / row.path, size)
+            except (FileNotFoundError, ImageReadError) as e:
+                self.problems.append(f"{row.where}: {e}")
+                log.warning("skipped: %s", self.problems[-1])
+                continue
+            labels = {name: 0.0 if math.isnan(v) and self.blank == "zero" else v
+                      for name, v in zip(self.table.labels, row.values, strict=True)}
+            yield Sample(row.path, image, {"labels": labels})
+
+    def info(self, size: int) -> dict[str, Any]:
+        from pertvl.evaluate.finetune.tasks import MAX_LISTED_PROBLEMS
+
+        t = self.table
+        return {"chexpert": {
+            "csv": t.path, "images": str(self.images), "image_size": size, "blank_policy": self.blank,
+            "uncertain": "never scored", "rows_read": t.rows_read, "rows_kept": len(t.rows),
+            "rows_skipped": dict(t.skipped), "row_problems": list(t.problems),
+            "image_problems": self.problems[:MAX_LISTED_PROBLEMS]}}
+
+
+def load_chexpert(options: argparse.Namespace) -> ChexpertSource | None:
+    """--chexpert-csv/--images as the data of `pertvl eval zeroshot`; None without --chexpert-csv."""
+    if not getattr(options, "chexpert_csv", None):
+        return None
+    if getattr(options, "shards", None):
+        raise SystemExit("pertvl eval zeroshot: give --shards or --chexpert-csv, not both")
+    if not options.images:
+        raise SystemExit("pertvl eval zeroshot: --chexpert-csv needs --images ROOT (the folder its Path column "
+                         "is relative to)")
+    from pertvl.evaluate.finetune.chexpert import read_chexpert_csv
+    from pertvl.evaluate.finetune.tasks import CHEXPERT_LABELS
+
+    root = Path(options.images)
+    if not root.is_dir():
+        raise SystemExit(f"{root}: image root folder not found")
+    try:
+        table = read_chexpert_csv(options.chexpert_csv, CHEXPERT_LABELS, options.frontal_only)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    return ChexpertSource(table, root, options.blank)
+
+
+def _image_size(encoder: Encoder, options: argparse.Namespace) -> int:
+    """--image-size, else the encoder's (an export's), else the run's training size, else 224."""
+    if getattr(options, "image_size", None):
+        return options.image_size
+    if getattr(encoder, "image_size", None):
+        return int(encoder.image_size)
+    if getattr(options, "run", None):
+        from pertvl.train.rundir import RunDir
+
+        return RunDir(options.run).image_size() or 224
+    return 224
+
+
 # ----------------------------------------------------------------------------- the registry entry
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pertvl.evaluate.evaluation import positive_int
+
     p.add_argument("--prompts", metavar="JSON",
                    help='JSON file {label: [positive, negative] or [[pos, neg], ...]} (default: built-in prompts)')
+    g = p.add_argument_group("a CheXpert CSV instead of --shards (read as `pertvl finetune chexpert` reads it)")
+    g.add_argument("--chexpert-csv", metavar="CSV", help="CheXpert-v1.0[-small] train.csv / valid.csv (or any "
+                   "CSV with Path, Frontal/Lateral and the 14 label columns)")
+    g.add_argument("--images", metavar="ROOT", help="folder the CSV's Path column is relative to")
+    views = g.add_mutually_exclusive_group()
+    views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
+                       help="frontal views only (default)")
+    views.add_argument("--all-views", dest="frontal_only", action="store_false", help="frontal and lateral views")
+    g.add_argument("--blank", choices=["zero", "mask"], default="zero",
+                   help="blank label cells: zero = scored as negatives, CheXpert's convention (default); mask = "
+                   "not scored. Uncertain (-1) cells are never scored")
+    g.add_argument("--image-size", type=positive_int,
+                   help="input side in px (default: the export's, else the run's training size, else 224)")
 
 
-def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> ZeroShotResult:
-    """`pertvl eval zeroshot`: `evaluate_zeroshot` with the built-in prompts or --prompts."""
+def run(encoder: Encoder, data: Iterable[Any] | ChexpertSource, options: argparse.Namespace) -> ZeroShotResult:
+    """`pertvl eval zeroshot`: `evaluate_zeroshot` with the built-in prompts or --prompts, on shard
+    samples or on a CheXpert CSV (`load_chexpert`)."""
     prompts: Any = DEFAULT_PROMPTS
     if options.prompts:
         with open(options.prompts, encoding="utf-8") as f:
@@ -327,6 +428,13 @@ def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> Z
                 raise SystemExit(f"{options.prompts}: not JSON: {e}") from None
         if not isinstance(prompts, dict):
             raise SystemExit(f"{options.prompts}: expected {{label: [positive, negative]}}")
+    if isinstance(data, ChexpertSource):
+        size = _image_size(encoder, options)
+        result = evaluate_zeroshot(encoder, data.samples(size), prompts=prompts, batch_size=options.batch_size)
+        if data.problems:
+            result.skipped["unreadable_image"] = len(data.problems)
+        result.info.update(data.info(size))
+        return result
     return evaluate_zeroshot(encoder, data, prompts=prompts, batch_size=options.batch_size)
 
 
@@ -334,11 +442,12 @@ EVALUATION = Evaluation(
     name="zeroshot",
     help="zero-shot classification from prompt pairs, AUROC per label",
     description='Score = cos(image, "finding") - cos(image, "no finding") per label; AUROC over '
-    "images with a definite 0/1 label.",
+    "images with a definite 0/1 label, from a shard split (--shards) or a CheXpert CSV (--chexpert-csv).",
     add_arguments=add_arguments,
     run=run,
     result_type=ZeroShotResult,
     schemas=(SCHEMA,),
+    load=load_chexpert,
     title="Zero-shot classification",
     suites=frozenset({Suite.DEMO, Suite.ABLATE}),
 )

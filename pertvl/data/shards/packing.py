@@ -1,6 +1,6 @@
 """Packing: pairs + perturbations -> WebDataset shards + manifest.json (`pertvl pack`).
 
-Packing is parallel (PNG encoding is the bottleneck) and crash-safe: every shard is written under
+Packing is parallel (JPEG decoding, then PNG encoding, is the bottleneck) and crash-safe: every shard is written under
 a temporary name in the same folder, fsynced and renamed, so a shard name on disk is always a
 complete shard. After each shard, `manifest.partial.json` records what is done; re-running the
 same command with the same inputs keeps every finished shard whose bytes still hash to the
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from pertvl import __version__
-from pertvl.data.image import ImageReadError, encode_image_file
+from pertvl.data.image import SHARD_IMAGE_ENCODING, ImageReadError, encode_image_file
 from pertvl.data.records import PERTURBATION_TYPES, SPLITS, Pair, read_pairs
 from pertvl.data.shards.format import FORMAT, MANIFEST_NAME, PARTIAL_NAME, SHARD_NAME, key_of
 from pertvl.data.text import clean_text
@@ -340,6 +340,7 @@ def pack(
         "images_root": str(root.resolve()),
         "image_size": image_size,
         "maxcount": maxcount,
+        "image_encoding": SHARD_IMAGE_ENCODING,
     }
     cf_records: dict[str, dict] | None = None
     if counterfactuals_path is not None:
