@@ -35,11 +35,12 @@ def _stat(acc: float) -> AccuracyStat:
 
 
 def _fabricated(kind: str, preset: str, seed: int) -> dict:
-    if kind == "structure":
+    if kind in ("structure", "structure-local"):
         return StructureResult(overall=_stat(_value(preset, seed)),
                                per_type={t: _stat(_value(preset, seed, 0.1 * (i + 1))) for i, t in enumerate(TYPES)},
                                images=100, images_without_valid_perturbation=0, skipped={},
-                               bootstrap={"resamples": 10, "seed": 0}).to_json()
+                               bootstrap={"resamples": 10, "seed": 0},
+                               score="local" if kind == "structure-local" else "global").to_json()
     if kind == "grounding":
         stat = GroundingStat(items=50, images=30, pointing=_value(preset, seed, 0.05), pointing_ci95=None,
                              pointing_chance=0.2, mass=0.1, mass_ci95=None, area=0.05)
@@ -153,7 +154,7 @@ def test_ablation_table_in_paper_order_with_mean_and_std(stand_ins, inputs, caps
         assert f"loss.preset={preset}" in args and f"train.seed={seed}" in args
         assert args[args.index("--max-steps") + 1] == "7" and args[args.index("--resume") + 1] == "latest"
     evals = [c for c in stand_ins.calls if c[0] == "eval"]
-    assert len(evals) == 12 * 4 and not [c for c in stand_ins.calls if c[0] == "export"]
+    assert len(evals) == 12 * len(ablate.evaluations()) and not [c for c in stand_ins.calls if c[0] == "export"]
     assert all(c[c.index("--split") + 1] == "test" and "--run" in c for c in evals)
     assert all(c[c.index("--bootstrap") + 1] == "50" for c in evals if c[1] == "structure")
 
@@ -460,7 +461,7 @@ def test_finetune_stages_and_a_variant_reach_the_table(stand_ins, corpus_inputs,
     (out / "cf-s0" / "final" / "model.safetensors").write_bytes(b"retrained")
     assert pertvl_main(argv) == 0
     assert {c[c.index("--run") + 1] for c in stand_ins.calls} == {str(out / "cf-s0")}
-    assert sorted(c[0] for c in stand_ins.calls) == ["eval"] * 4 + ["finetune"] * 3
+    assert sorted(c[0] for c in stand_ins.calls) == ["eval"] * len(ablate.evaluations()) + ["finetune"] * 3
     # A changed fine-tune mode re-runs that table's stages, nothing else.
     stand_ins.calls.clear()
     assert pertvl_main([*argv, "--chexpert-finetune", "end-to-end:2"]) == 0

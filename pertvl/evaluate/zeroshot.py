@@ -43,6 +43,7 @@ from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
 from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
 from pertvl.evaluate.report import md_table
+from pertvl.evaluate.stats import auroc
 
 log = logging.getLogger(__name__)
 
@@ -164,36 +165,6 @@ class ZeroShotResult:
         mean = self.mean_auroc
         return (f"zero-shot mean AUROC {'n/a' if mean is None else f'{mean:.3f}'} over "
                 f"{sum(v.auroc is not None for v in self.per_label.values())} labels, {self.images} images")
-
-
-def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
-    """Area under the ROC curve as the Mann–Whitney U statistic, ties given half credit.
-
-    Hand-written (rather than sklearn.metrics.roc_auc_score) so that a single-class label gives
-    None instead of raising, and so the evaluation does not import scikit-learn; the tests check
-    it against sklearn.
-
-    Args:
-        scores: [N] real scores (higher = more likely positive).
-        targets: [N] 0/1.
-
-    Returns:
-        AUROC in [0, 1], or None when only one class is present.
-    """
-    from scipy.stats import rankdata
-
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets)
-    if scores.shape != targets.shape or scores.ndim != 1:
-        raise ValueError(f"expected scores and targets of the same shape [N], got {scores.shape} and {targets.shape}")
-    pos = targets == 1
-    if not np.all(pos | (targets == 0)):
-        raise ValueError(f"targets must be 0 or 1, got {sorted(set(targets[~(pos | (targets == 0))].tolist()))[:5]}")
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = rankdata(scores)  # average ranks: a tie between a positive and a negative counts 1/2
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def normalize_prompts(prompts: Any) -> tuple[LabelPrompts, ...]:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.evaluate.finetune.tasks import BLANK_POLICIES, NLI_LABELS
+from pertvl.evaluate.stats import auroc
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class LabelScores:
 
 def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[str],
                       blank: str = "zero") -> dict[str, LabelScores]:
-    """AUROC (pertvl.evaluate.zeroshot.auroc) and accuracy per label over the scored test cells.
+    """AUROC (pertvl.evaluate.stats.auroc) and accuracy per label over the scored test cells.
 
     Args:
         probs: [N, L] predicted probabilities.
@@ -99,8 +100,6 @@ def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[st
             negatives under blank "zero" (excluded under "mask"), uncertain cells never.
         blank: "zero" or "mask" (as in training; chexpert_targets).
     """
-    from pertvl.evaluate.zeroshot import auroc
-
     if blank not in BLANK_POLICIES:
         raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
     out = {}
