@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pertvl.cli import main
+from pertvl.evaluate.registry import demo_evaluations
 from pertvl.pipeline import Stage, StageError, StageRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,7 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert "grounded structure" in printed and "grounded margin" in printed  # counterfactual reports (issue 13)
     report = tmp_path / "run" / "report"
     text = (report / "README.md").read_text()
+    assert "structure (local S) accuracy" in printed  # the structure test scored by S(I, T) (issue 14)
     for heading in ("Headline", "Clinical semantic structure", "Controls: the same test with another anchor",
                     "Retrieval", "Zero-shot", "Grounding of the local branch", "Training", "Weights & Biases"):
         assert heading in text
@@ -66,7 +68,8 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     # Re-running skips every stage whose outputs are complete.
     assert main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("complete, skipped") == 12
+    stages = 8 + len(demo_evaluations())  # phantoms, perturb, counterfactuals, pack, verify, train, export, report
+    assert again.count("complete, skipped") == stages and f"[{stages}/{stages}]" in again
     # A failing stage says which and why.
     bad = args + ["--config", str(tmp_path / "missing.yaml"), "--force"]
     assert main(bad) == 1
