@@ -83,12 +83,31 @@ def embed_texts_unique(
     Returns:
         (index, embeddings): `index[text]` is the row of that text in `embeddings` [U, D].
     """
+    index = unique_index(texts)
+    return index, embed_in_batches(encoder.embed_texts, list(index), batch_size, "embed_texts")
+
+
+def unique_index(texts: Iterable[str]) -> dict[str, int]:
+    """text → its row among the distinct texts, in first-seen order."""
     index: dict[str, int] = {}
     for t in texts:
-        if t not in index:
-            index[t] = len(index)
-    unique = list(index)
-    return index, embed_in_batches(encoder.embed_texts, unique, batch_size, "embed_texts")
+        index.setdefault(t, len(index))
+    return index
+
+
+def stack_padded(words: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Word features of batches [n_i, W_i, D] (and their masks [n_i, W_i]) in one zero-padded
+    [Σn, max W, D] array and its mask."""
+    width = max([w.shape[1] for w in words] + [0])
+    dim = words[0].shape[2] if len(words) else 0
+    out = np.zeros((sum(len(w) for w in words), width, dim), np.float32)
+    mask = np.zeros(out.shape[:2], bool)
+    row = 0
+    for w, m in zip(words, masks, strict=True):
+        out[row : row + len(w), : w.shape[1]] = w
+        mask[row : row + len(w), : m.shape[1]] = m
+        row += len(w)
+    return out, mask
 
 
 def embed_in_batches(fn, items: Sequence, batch_size: int, what: str) -> np.ndarray:
@@ -182,19 +201,8 @@ def word_features_unique(
     if not hasattr(encoder, "text_features"):
         raise ValueError("word features need the local branch (text_features): an ONNX export (--export) or a "
                          "run (--run)")
-    index: dict[str, int] = {}
-    for t in texts:
-        index.setdefault(t, len(index))
+    index = unique_index(texts)
     unique = list(index)
     parts = [encoder.text_features(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)]
-    width = max([p.words.shape[1] for p in parts] + [0])
-    dim = parts[0].words.shape[2] if parts else 0
-    words = np.zeros((len(unique), width, dim), np.float32)
-    mask = np.zeros((len(unique), width), bool)
-    row = 0
-    for p in parts:
-        n, w = p.words.shape[:2]
-        words[row : row + n, :w] = p.words
-        mask[row : row + n, :w] = p.word_mask
-        row += n
+    words, mask = stack_padded([p.words for p in parts], [p.word_mask for p in parts])
     return index, words, mask

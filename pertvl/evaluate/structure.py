@@ -721,14 +721,26 @@ class GlobalScorer:
     def __init__(self, text_emb: np.ndarray) -> None:
         self.texts = l2_normalize(text_emb)
 
+    def prepare(self, anchors: np.ndarray) -> np.ndarray:
+        # Row by row: a constant image embedding gives bit-identical scores, so a margin of exactly 0.
+        return l2_normalize(anchors)
+
     def __call__(self, anchors: np.ndarray, text_rows: np.ndarray) -> np.ndarray:
-        # Anchors are normalized here, row by row: a constant image embedding gives bit-identical
-        # scores whichever rows are scored together, so a margin of exactly 0.
-        return np.einsum("nd,nd->n", l2_normalize(anchors), self.texts[text_rows])
+        """Scores of prepared anchors [n, D] against the texts of `text_rows` [n]."""
+        return np.einsum("nd,nd->n", anchors, self.texts[text_rows])
 
     def mean_anchor(self, anchors: np.ndarray) -> np.ndarray:
         img = l2_normalize(anchors)
         return np.broadcast_to(img.mean(axis=0), img.shape)
+
+    def text_anchor(self, text_index: dict[str, int], originals: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The text-only control: each image's anchor is the mean embedding of the other reports (those
+        whose text differs), so it never contains the report it scores; and the rows that have one."""
+        rows = np.array([text_index[t] for t in originals], dtype=np.int64)
+        vecs = self.texts[rows]
+        same = np.bincount(rows, minlength=len(self.texts))[rows].astype(np.float64)
+        others = len(originals) - same
+        return (vecs.sum(axis=0)[None] - same[:, None] * vecs) / np.maximum(others, 1)[:, None], others > 0
 
 
 class LocalScorer:
@@ -742,7 +754,11 @@ class LocalScorer:
     def __init__(self, words: np.ndarray, word_mask: np.ndarray, gamma1: float = 4.0, gamma2: float = 5.0) -> None:
         self.words, self.word_mask, self.gamma1, self.gamma2 = words, word_mask, gamma1, gamma2
 
+    def prepare(self, anchors: np.ndarray) -> np.ndarray:
+        return np.asarray(anchors)
+
     def __call__(self, anchors: np.ndarray, text_rows: np.ndarray) -> np.ndarray:
+        """S(I, T) of region features [n, M, D] against the texts of `text_rows` [n]."""
         from pertvl.infer import local_scores
 
         out = [local_scores(anchors[i : i + self.CHUNK], self.words[text_rows[i : i + self.CHUNK]],
@@ -752,6 +768,9 @@ class LocalScorer:
 
     def mean_anchor(self, anchors: np.ndarray) -> np.ndarray:
         return np.broadcast_to(np.asarray(anchors).mean(axis=0), np.shape(anchors))
+
+    def text_anchor(self, text_index: dict[str, int], originals: Sequence[str]) -> None:
+        return None  # a text has no regions: no text-only control for the local score
 
 
 def cosine_candidates(
@@ -799,12 +818,12 @@ def candidate_scores(
     num_types: int,
     tie_tolerance: float = TIE_TOLERANCE,
 ) -> StructureScores:
-    """`cosine_candidates` with any scorer: scorer(anchors[rows], text rows) -> [rows] scores."""
+    """`cosine_candidates` with any scorer: scorer(prepared anchors[rows], text rows) -> [rows] scores."""
     n, k = len(originals), num_types
     if n == 0:
         empty = np.zeros((0, k))
         return scores_from_cosines(np.zeros(0), empty, empty.astype(bool), tie_tolerance)
-    anchors = np.asarray(anchors)
+    anchors = scorer.prepare(anchors)
     orig = scorer(anchors, np.array([text_index[t] for t in originals], dtype=np.int64))
     valid = np.array([[c is not None for c in row] for row in candidates], dtype=bool).reshape(n, k)
     pert = np.full((n, k), np.nan)
@@ -996,27 +1015,20 @@ def structure_controls(
     partner = wrong_image_partners(signatures, studies, seed)
     paired = partner >= 0
     wrong_anchor = anchors[np.where(paired, partner, np.arange(n))]  # unpaired: left out below
-    candidates_of = {"wrong_image": (wrong_anchor, paired), "mean_image": (scorer.mean_anchor(anchors), None)}
-    if isinstance(scorer, GlobalScorer):
-        # Text-only: the mean embedding of the other reports (those whose text differs), so the
-        # anchor never contains the report it scores.
-        txt = scorer.texts
-        orig_rows = np.array([text_index[t] for t in originals], dtype=np.int64)
-        orig_vecs = txt[orig_rows]
-        total = orig_vecs.sum(axis=0)
-        same = np.bincount(orig_rows, minlength=len(txt))[orig_rows].astype(np.float64)
-        others = n - same
-        text_anchor = (total[None] - same[:, None] * orig_vecs) / np.maximum(others, 1)[:, None]
-        candidates_of["text_only"] = (text_anchor, others > 0)
-
-    controls: dict[str, AnchorControl | None] = {"text_only": None}
-    for name, (anchor, rows) in candidates_of.items():
-        sc = candidate_scores(anchor, text_index, scorer, originals, candidates, k, tie_tolerance)
-        if name == "wrong_image":
-            wrong = sc
+    anchor_rows = {"wrong_image": (wrong_anchor, paired), "mean_image": (scorer.mean_anchor(anchors), None),
+                   "text_only": scorer.text_anchor(text_index, originals)}
+    controls: dict[str, AnchorControl | None] = {}
+    scores: dict[str, StructureScores] = {}
+    for name, anchor_and_rows in anchor_rows.items():
+        if anchor_and_rows is None:
+            controls[name] = None
+            continue
+        anchor, rows = anchor_and_rows
+        sc = scores[name] = candidate_scores(anchor, text_index, scorer, originals, candidates, k, tie_tolerance)
         overall, per_type = accuracy_stats(sc, types, counts, bootstrap, seed, rows)
         left_out = 0 if rows is None else int((~rows & sc.has_candidates).sum())
         controls[name] = AnchorControl(overall, per_type, left_out)
+    wrong = scores["wrong_image"]
     both = paired & own.has_candidates
     margin = _margin(own.correct, wrong.correct, both, bootstrap, seed)
     per_type = {t: _margin(own.pairwise[:, j], wrong.pairwise[:, j], paired & own.valid[:, j], bootstrap, seed)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.tokenize import encode_texts
+from pertvl.evaluate.encoder import stack_padded
 
 
 def pick_device(device: Any):
@@ -169,18 +170,10 @@ class TorchEncoder(_TorchBase):
                 out = self.model.encode_text(**tensors)
                 parts.append((F.normalize(out.global_emb.float(), dim=-1).cpu().numpy(),
                               out.words.float().cpu().numpy(), out.word_mask.bool().cpu().numpy(), enc.num_words))
-        width = max([p[1].shape[1] for p in parts] + [0])
-        dim = parts[0][1].shape[2] if parts else 0
         emb = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 0), np.float32)
-        words = np.zeros((n, width, dim), np.float32)
-        mask = np.zeros((n, width), bool)
-        word_lists: list[list[str]] = []
-        row = 0
-        for e, w, m, num in parts:
-            words[row : row + len(e), : w.shape[1]] = w
-            mask[row : row + len(e), : m.shape[1]] = m
-            word_lists += [texts[row + i].split()[: int(num[i])] for i in range(len(e))]
-            row += len(e)
+        words, mask = stack_padded([p[1] for p in parts], [p[2] for p in parts])
+        nums = np.concatenate([np.asarray(p[3]) for p in parts]) if parts else np.zeros(0, int)
+        word_lists = [t.split()[: int(k)] for t, k in zip(texts, nums, strict=True)]
         return TextFeatures(emb, words, mask, texts, word_lists)
 
 
