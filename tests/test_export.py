@@ -222,6 +222,30 @@ def test_fused_text_graph_passes_parity(tiny_model, tmp_path):
     assert _weight_ops(tmp_path / "fused" / "text_encoder.onnx")[1]["Attention"] == 2
 
 
+def test_attention_pool_image_graph_passes_parity(tiny_run, tmp_path):
+    """model.image_pool=attention (CLIP's pool, positional embedding resized from 7x7 to the 2x2
+    grid of a 64 px image): the image graph passes the built-in parity gate (export_model raises
+    ParityError otherwise) and runs in onnxruntime on a batch it was not traced with."""
+    import onnxruntime as ort
+    import torch
+
+    from pertvl.export.onnx import export_model
+    from pertvl.model import create_model
+
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())["model"]
+    torch.manual_seed(0)
+    model = create_model({**cfg, "image_pool": "attention", "image_pool_heads": 4}).eval()
+    result = export_model(model, tmp_path / "attn", image_size=IMAGE_SIZE)
+    assert result.manifest["parity"]["fp32"]["max_abs"]["image"]["image_emb"] <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "attn" / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).random((5, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    with torch.inference_mode():
+        ref = model.encode_image(torch.from_numpy(images)).global_emb
+        ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
+    emb = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert np.abs(emb - ref).max() <= 1e-4
+
+
 def test_builtin_parity_covers_batches_and_lengths(manifest):
     from pertvl.export.parity import PARITY_TOLERANCE, parity_bound
 

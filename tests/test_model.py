@@ -459,3 +459,49 @@ def test_config_validation_and_freezing(tiny_bert):
         bad = make_batch(m.tokenizer)
         bad.pert_valid = bad.pert_valid[:, :4]
         m(bad)
+
+
+def test_attention_pool_matches_torch_multihead_attention_and_keeps_the_side():
+    """AttentionPool2d against nn.MultiheadAttention with the same weights (CLIP's reference uses
+    F.multi_head_attention_forward); a mirrored feature map pools to another vector, which the
+    paper's average pool cannot do (its two outputs are equal)."""
+    from pertvl.model.image import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(channels=16, out_dim=8, heads=4, base_grid=3).eval()
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]))
+        mha.out_proj.weight.copy_(torch.eye(16))
+        mha.out_proj.bias.zero_()
+    x = torch.randn(2, 16, 3, 3)
+    with torch.no_grad():
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1) + pool.pos
+        ref = pool.c_proj(mha(tokens[:, :1], tokens, tokens, need_weights=False)[0][:, 0])
+        torch.testing.assert_close(pool(x), ref)
+        # another grid: the positional embedding is resized, the mean token's kept
+        pos = pool.positions(5, 4)
+        assert pos.shape == (21, 16) and torch.equal(pos[0], pool.pos[0])
+        assert pool(torch.randn(2, 16, 5, 4)).shape == (2, 8)
+        mirrored = x.flip(-1)
+        assert (pool(x) - pool(mirrored)).abs().max() > 1e-3
+        torch.testing.assert_close(x.mean((2, 3)), mirrored.mean((2, 3)))  # equal up to summation order
+
+
+def test_image_pool_attention_in_the_model_saves_and_reloads(tiny_bert, tmp_path):
+    model = _model(tiny_bert, image_pool="attention", image_pool_heads=4).eval()
+    assert model.config.image_pool == "attention"
+    gray = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        out = model.encode_image(gray)
+        ref = model.image.global_proj(model.image.backbone(model.image.normalize(gray)).last_hidden_state)
+    torch.testing.assert_close(out.global_emb, ref)
+    assert out.grid == (8, 8) and out.regions.shape[:2] == (2, 64)
+    model.save_pretrained(tmp_path / "m")
+    again = type(model).from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(gray).global_emb, out.global_emb)
+    with pytest.raises(ValueError, match="image_pool: expected one of"):
+        _model(tiny_bert, image_pool="max")

@@ -32,6 +32,7 @@ from torch import nn
 from pertvl.data.batch import Batch
 from pertvl.model.image import (
     IMAGE_ARCHS,
+    IMAGE_POOLS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageEncoder,
@@ -76,6 +77,10 @@ class DualEncoderConfig:
     image_arch:         "resnet50" (paper) | "resnet18" | "resnet-tiny" (CPU demo).
     image_pretrained:   local folder or hub id of ResNetModel weights (e.g. microsoft/resnet-50);
                         None → random initialization.
+    image_pool:         "avg" (paper: average pool + projection head) or "attention" (CLIP's
+                        attention pool with a learned positional embedding; keeps where a finding
+                        is, see pertvl.model.image).
+    image_pool_heads:   heads of the attention pool.
     image_mean/std:     per-channel normalization of the [0, 1] input (ImageNet by default).
     freeze_image:       freeze the ResNet backbone (its heads still train).
     text_name_or_path:  any BERT-family model (local folder or hub id); None → the offline MiniLM.
@@ -101,6 +106,8 @@ class DualEncoderConfig:
     projection: str = "linear"
     image_arch: str = "resnet-tiny"
     image_pretrained: str | None = None
+    image_pool: str = "avg"
+    image_pool_heads: int = 8
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     freeze_image: bool = False
@@ -118,6 +125,8 @@ class DualEncoderConfig:
     def __post_init__(self) -> None:
         if self.image_arch not in IMAGE_ARCHS:
             raise ValueError(f"image_arch: expected one of {sorted(IMAGE_ARCHS)}, got {self.image_arch!r}")
+        if self.image_pool not in IMAGE_POOLS:
+            raise ValueError(f"image_pool: expected one of {IMAGE_POOLS}, got {self.image_pool!r}")
         if self.text_pooling not in POOLINGS:
             raise ValueError(f"text_pooling: expected one of {POOLINGS}, got {self.text_pooling!r}")
         if self.word_features not in WORD_FEATURES:
@@ -180,7 +189,7 @@ class DualEncoder(nn.Module):
         self.pack_texts = supported if config.text_packing is None else bool(config.text_packing)
         resnet = _image if _image is not None else build_resnet(config.image_arch, config.image_pretrained)
         self.image = ImageEncoder(resnet, config.embed_dim, local_dim, config.projection,
-                                  config.image_mean, config.image_std)
+                                  config.image_mean, config.image_std, config.image_pool, config.image_pool_heads)
         if config.freeze_image:
             self.image.backbone.requires_grad_(False)
         if config.learnable_temperature:
