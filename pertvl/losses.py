@@ -849,6 +849,10 @@ class LossOutput:
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
 
+    def stacked(self, names: Sequence[str]) -> torch.Tensor:
+        """[len(names)] tensor of "total" and the named terms, on their device (no host sync)."""
+        return torch.stack([self.total if n == "total" else self.terms[n] for n in names])
+
     def as_floats(self) -> dict[str, float]:
         """Detached values for logging: "total" and one entry per term."""
         return {"total": float(self.total.detach()), **{k: float(v.detach()) for k, v in self.terms.items()}}

@@ -392,6 +392,10 @@ def test_presets_weights_and_terms():
     # named terms: "total" and the preset's terms, in summation order (the engine logs loss/{name})
     assert list(res.as_floats()) == ["total", "global", "local", "pert"] == list(PretrainLoss(cfg).names)
     assert list(PretrainLoss({"preset": "no_local"})(out).terms) == ["global", "pert"]
+    # the engine's device-side sum (read only at log steps) holds the same values as as_floats()
+    stacked = res.stacked(PretrainLoss(cfg).names)
+    assert stacked.device == res.total.device and stacked.requires_grad
+    assert stacked.detach().double().tolist() == list(res.as_floats().values())
 
 
 def test_learnable_scale_and_bf16_inputs_give_fp32_losses():

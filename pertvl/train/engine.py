@@ -633,7 +633,9 @@ class Trainer:
         lr = float(engine.get_lr()[0])
         wait = 0.0
         names = self.loss_fn.names  # "total" and the preset's terms, whatever they are
-        sums = torch.zeros(len(names), dtype=torch.float64)
+        # Summed on the device and read (one host sync) only at a log step: a float() per term per
+        # micro-batch would wait for the GPU every time (issue 18's "fewer host syncs").
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         pert_used = torch.zeros(len(self.loss_fn.pert_types_in_batch), dtype=torch.int64)
         ids: list[str] = []
         for micro in range(self.plan.grad_accum):
@@ -667,8 +669,7 @@ class Trainer:
                 engine.backward(losses.total)
             with phase("optimizer"):
                 engine.step()
-            values = losses.as_floats()
-            sums += torch.tensor([values[name] for name in names], dtype=torch.float64)
+            sums += losses.stacked(names).detach().to(torch.float64)
         sync_float_buffers(engine.module, self.world_size)
         step_time = time.perf_counter() - t_start
         metrics: dict[str, Any] = {
@@ -698,11 +699,11 @@ class Trainer:
     def _reduced_losses(self, sums: torch.Tensor) -> dict[str, float]:
         """"loss/{name}" of the total and of every term of the preset, averaged over ranks
         (L_global's per-rank shares average to the global loss)."""
-        values = sums.to(torch.float64)
+        values = sums.to(self.device, torch.float64)
         if self.world_size > 1:
-            values = values.to(self.device)
             dist.all_reduce(values)
-            values = values.cpu() / self.world_size
+            values = values / self.world_size
+        values = values.cpu()
         return {f"loss/{name}": float(v) for name, v in zip(self.loss_fn.names, values, strict=True)}
 
     def _pert_metrics(self, used: torch.Tensor | None) -> dict[str, int]:
