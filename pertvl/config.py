@@ -59,6 +59,9 @@ class TrainConfig:
     max_steps: int | None = None  # None: epochs × batches per epoch
     epochs: int = 1
     lr: float = 0.0015  # the paper's SGD
+    # The image tower's lr is lr × this (its own param group; the text tower and temperature keep
+    # lr). A randomly initialised ResNet beside a pretrained BERT may want more; 1.0: one group.
+    image_lr_mult: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 10

@@ -186,6 +186,35 @@ def test_plan_steps_counts_optimizer_steps() -> None:
                    epochs=1, warmup_steps=0)  # fmt: skip
 
 
+def test_image_lr_mult_puts_the_image_tower_in_its_own_group_and_the_schedule_scales_both() -> None:
+    from torch import nn
+
+    from pertvl.train.optim import build_optimizer, build_scheduler, tower_param_groups
+
+    class Dual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.image, self.text = nn.Linear(3, 2), nn.Linear(4, 2)
+            self.frozen = nn.Linear(2, 2).requires_grad_(False)
+
+    model = Dual()
+    single = tower_param_groups(model, 0.01)
+    assert len(single) == 1 and single[0]["lr"] == 0.01 and len(single[0]["params"]) == 4  # frozen left out
+    groups = tower_param_groups(model, 0.01, image_lr_mult=10.0)
+    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
+    assert [set(map(id, g["params"])) for g in groups] == [set(map(id, model.text.parameters())),
+                                                           set(map(id, model.image.parameters()))]
+    opt = build_optimizer(groups, lr=0.01)
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=10)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"]) and opt.param_groups[0]["lr"] < 0.01
+    with pytest.raises(ValueError, match="image_lr_mult: expected > 0"):
+        tower_param_groups(model, 0.01, image_lr_mult=0.0)
+    with pytest.raises(ValueError, match="has no image tower"):
+        tower_param_groups(nn.Linear(2, 2), 0.01, image_lr_mult=2.0)
+
+
 def test_resolve_config_file_then_set_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_steps: 5\n  seed: 3\nloss:\n  preset: convirt\n")

@@ -323,7 +323,7 @@ class Trainer:
         from pertvl.data.stream import build_train_stream
         from pertvl.losses import PretrainLoss
         from pertvl.model import create_model
-        from pertvl.train.optim import build_optimizer, build_scheduler
+        from pertvl.train.optim import build_optimizer, build_scheduler, tower_param_groups
 
         train, data = self.config.train, self.config.data
         self._refuse_fresh_start_over_checkpoints()  # every rank (one shared run folder): all stop
@@ -377,9 +377,9 @@ class Trainer:
             warmup_steps=train.warmup_steps,
         )
         self.flops = self._flop_counter(model, data.image_size) if self.rank == 0 else None
-        trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(
-            trainable, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+            tower_param_groups(model, train.lr, train.image_lr_mult), lr=train.lr, momentum=train.momentum,
+            weight_decay=train.weight_decay,
         )  # fmt: skip
         scheduler = build_scheduler(
             optimizer, self.plan.warmup_steps, self.plan.total_steps, train.min_lr_ratio

@@ -49,6 +49,28 @@ def build_optimizer(
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def tower_param_groups(model: nn.Module, lr: float, image_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """The trainable parameters as SGD param groups: one group at `lr`, or, when image_lr_mult
+    is not 1, the image tower (`model.image`: backbone and heads) at lr × image_lr_mult after the
+    rest (text tower, temperature) at lr. The scheduler scales each group's lr alike.
+
+    Raises:
+        ValueError: image_lr_mult <= 0, or a model without an `image` tower asked for a multiplier.
+    """
+    if image_lr_mult <= 0:
+        raise ValueError(f"train.image_lr_mult: expected > 0, got {image_lr_mult}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if image_lr_mult == 1.0:
+        return [{"params": trainable, "lr": lr}]
+    tower = getattr(model, "image", None)
+    if not isinstance(tower, nn.Module):
+        raise ValueError(f"train.image_lr_mult: {type(model).__name__} has no image tower (model.image)")
+    image_ids = {id(p) for p in tower.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in image_ids], "lr": lr},
+              {"params": [p for p in trainable if id(p) in image_ids], "lr": lr * image_lr_mult}]
+    return [g for g in groups if g["params"]]
+
+
 def decay_param_groups(model: nn.Module, weight_decay: float = PAPER_WEIGHT_DECAY) -> list[dict[str, Any]]:
     """Two param groups: weight decay on matrices/kernels, none on biases, norm weights and scalars
     such as a learnable logit scale (decaying a temperature pulls it towards 0 for no reason).
