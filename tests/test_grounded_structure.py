@@ -69,6 +69,16 @@ def test_grounded_structure_scores_the_original_above_its_counterfactuals():
     assert result_from_json(d).grounded.overall.accuracy == 1.0
     assert metric_info("structure/grounded_margin").label.startswith("Grounded margin")
     assert metric_info("structure/cf_negation").chance == 0.5
+    # per-type margins: in the flat metrics with their CIs; laterality and finding in the summary
+    assert m["structure/cf_negation_margin"] == 1.0 and m["structure/cf_negation_margin_ci_low"] == 1.0
+    assert m["structure/cf_severity_margin"] is None  # not measured, never 0
+    lat = metric_info("structure/cf_laterality_margin")
+    assert lat.label == "Counterfactual: laterality swap, margin (own − wrong)" and lat.summary
+    assert lat.ci == ("structure/cf_laterality_margin_ci_low", "structure/cf_laterality_margin_ci_high")
+    assert not metric_info("structure/cf_negation_margin").summary
+    assert not metric_info("structure/cf_laterality_margin_ci_low").summary
+    assert not metric_info("structure_local/cf_laterality_margin").summary  # local S: grounded columns only
+    assert metric_info("structure/cf_laterality_margin").order > metric_info("structure/cf_laterality").order
 
 
 def test_grounded_margin_is_zero_for_a_constant_image_embedding():

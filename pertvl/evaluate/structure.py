@@ -96,7 +96,8 @@ parts, are still read):
 Flat metrics: structure/overall, structure/TYPE, structure/{wrong_image,mean_image,text_only}
 (overall accuracy with that anchor), structure/margin and structure/margin_ci_{low,high};
 with counterfactuals structure/grounded, structure/grounded_{wrong_image,mean_image,text_only},
-structure/grounded_margin (+ _ci_low/_ci_high) and structure/CF_TYPE (pairwise); with the
+structure/grounded_margin (+ _ci_low/_ci_high), structure/CF_TYPE (pairwise) and its own − wrong
+image margin structure/CF_TYPE_margin (+ _ci_low/_ci_high); with the
 training texts structure/text_disjoint (and structure/text_disjoint_grounded).
 
 For the overall STAT the three exclusion counts are totals over types. A null accuracy means
@@ -451,6 +452,10 @@ class StructureResult:
                 out[f"{key}/grounded_margin"] = gc.margin.margin
                 out[f"{key}/grounded_margin_ci_low"] = gc.margin.ci95[0] if gc.margin.ci95 else None
                 out[f"{key}/grounded_margin_ci_high"] = gc.margin.ci95[1] if gc.margin.ci95 else None
+                for t, m in gc.margin_per_type.items():  # per counterfactual type: own − wrong image
+                    out[f"{key}/{t}_margin"] = m.margin
+                    out[f"{key}/{t}_margin_ci_low"] = m.ci95[0] if m.ci95 else None
+                    out[f"{key}/{t}_margin_ci_high"] = m.ci95[1] if m.ci95 else None
             out.update({f"{key}/{t}": s.accuracy for t, s in g.per_type.items()})
         if self.text_disjoint is not None:
             out[f"{key}/text_disjoint"] = self.text_disjoint.overall.accuracy
@@ -482,6 +487,13 @@ class StructureResult:
         if metric in GROUNDED_LABELS:  # after the controls
             return MetricInfo(GROUNDED_LABELS[metric], order=(4, list(GROUNDED_LABELS).index(metric)),
                               summary=metric in ("grounded", *MARGINS), ci=ci)
+        if metric.startswith("cf_") and "_margin" in metric:  # per type: own − wrong image, with its CI
+            base, _, part = metric.partition("_margin")
+            label = f"{type_name(base)}, margin (own − wrong)" + {"_ci_low": " 95% CI low", "_ci_high": " 95% CI high"}.get(part, "")
+            ci = (f"{prefix}/{base}_margin_ci_low", f"{prefix}/{base}_margin_ci_high") if not part else None
+            # the summary: the types only the image decides where the paper's thesis is sharpest
+            return MetricInfo(label, order=(5, base, part), ci=ci,
+                              summary=not part and base in SUMMARY_CF_MARGINS)
         if metric.startswith("cf_"):  # per counterfactual type: original vs that counterfactual, pairwise
             return MetricInfo(type_name(metric), order=(5, metric), chance=0.5)
         types = list(perturbations)
@@ -516,6 +528,9 @@ CONTROL_LABELS = {
     "margin_ci_high": "Margin 95% CI high",
 }
 
+
+# Per-type margins in the comparison's summary (issue 14: laterality and finding identity).
+SUMMARY_CF_MARGINS = ("cf_laterality", "cf_finding")
 
 MARGINS = ("margin", "grounded_margin")  # own − wrong image, with bootstrap CIs (KEY_ci_low / KEY_ci_high)
 
