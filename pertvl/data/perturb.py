@@ -153,23 +153,26 @@ def _rng(seed: int, ptype: str, text: str) -> random.Random:
 
 @dataclass(frozen=True)
 class AntonymLexicon:
-    """The reviewed radiology antonym pairs (antonyms.tsv); nothing outside them is produced.
+    """An antonym table; nothing outside it is produced.
 
-    Rule for a word w with POS tag p (applied by `replacement`): w in the table and p in
-    ANTONYM_LEXICON_POS -> its antonym; otherwise the word stays. Whether the word may be
-    flipped in its report (negation, fixed phrases) is `NegationScope`'s question.
+    Rule for a word w with POS tag p (applied by `replacement`): w in the table and p in `pos`
+    -> its antonym; otherwise the word stays. Whether the word may be flipped in its report
+    (negation, fixed phrases) is `NegationScope`'s question.
 
     Attributes:
-        pairs: word -> antonym, symmetric.
-        attributes: word -> the finding attribute the pair flips ("side", "size", ...).
+        pairs: word -> antonym (symmetric in the reviewed table, directed in the paper's).
+        attributes: word -> what the entry is: the finding attribute the reviewed pair flips
+            ("side", "size", ...), or the paper table's source ("wordnet", "reviewed").
+        pos: the POS tags under which a table word is replaced.
     """
 
     pairs: dict[str, str]
     attributes: dict[str, str] = field(default_factory=dict)
+    pos: frozenset[str] = ANTONYM_LEXICON_POS
 
     def replacement(self, word: str, pos: str) -> str | None:
         """The antonym of `word` tagged `pos`, or None when it stays (see the class rule)."""
-        if word in self.pairs and pos in ANTONYM_LEXICON_POS:
+        if word in self.pairs and pos in self.pos:
             return self.pairs[word]
         return None
 
@@ -213,6 +216,56 @@ def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
             attributes[w] = attribute
             where[w] = lineno
     return AntonymLexicon(pairs=pairs, attributes=attributes)
+
+
+def packaged_paper_antonyms_path() -> Path:
+    return Path(str(resources.files("pertvl.data") / "antonyms_paper.tsv"))
+
+
+def load_paper_antonyms(path: str | Path | None = None) -> AntonymLexicon:
+    """Read a directed word<TAB>antonym<TAB>source file (default: the packaged antonyms_paper.tsv).
+
+    The paper's rule: every word tagged ADJ ("replace adjectives with antonyms") in the table is
+    replaced by its entry. Raises ValueError naming file:line for a malformed line, a word that
+    is not one clean word, a word replaced by itself, or a word listed twice.
+    """
+    path = Path(path) if path is not None else packaged_paper_antonyms_path()
+    pairs: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        cols = [c.strip() for c in line.split("\t")]
+        if len(cols) != 3 or not all(cols):
+            raise ValueError(f"{path}:{lineno}: expected word<TAB>antonym<TAB>source, got {raw!r}")
+        word, antonym, source = cols
+        for w in (word, antonym):
+            if clean_text(w, max_words=None) != w or " " in w:
+                raise ValueError(f"{path}:{lineno}: {w!r} is not one clean lower-case word")
+        if word == antonym or word in pairs:
+            raise ValueError(f"{path}:{lineno}: {word!r} " + ("is its own antonym" if word == antonym
+                                                               else "is listed twice"))
+        pairs[word], sources[word] = antonym, source
+    return AntonymLexicon(pairs=pairs, attributes=sources, pos=ADJ_POS)
+
+
+# The antonym rules (`perturb.antonyms`, `pertvl perturb --antonyms`): name -> loader of its table.
+# "paper": WordNet's adjective antonyms, as the authors' code used them, on words tagged ADJ
+# (Table I: clear -> unclear); "reviewed": the 18 radiology pairs of antonyms.tsv on attribute
+# words. Both keep the negation and fixed-phrase rules (docs/PERTURBATIONS.md).
+ANTONYM_RULES: dict[str, Callable[[str | Path | None], AntonymLexicon]] = {
+    "paper": load_paper_antonyms,
+    "reviewed": load_antonyms,
+}
+DEFAULT_ANTONYMS = "paper"
+
+
+def antonym_lexicon(rule: str = DEFAULT_ANTONYMS, path: str | Path | None = None) -> AntonymLexicon:
+    """The lexicon of an antonym rule (its packaged table, or `path` in that rule's format)."""
+    if rule not in ANTONYM_RULES:
+        raise ValueError(f"unknown antonym rule {rule!r}; expected one of {sorted(ANTONYM_RULES)}")
+    return ANTONYM_RULES[rule](path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,7 +823,8 @@ class Perturber:
         seed: perturbation seed.
         types: registered types to compute (None = the nine of PERTURBATION_TYPES).
         max_words: word cap of clean_text (0 or None: no cap).
-        antonyms_path: antonym TSV (None: the packaged table).
+        antonyms: the antonym rule, a name of ANTONYM_RULES ("paper" or "reviewed").
+        antonyms_path: that rule's table in its format (None: the packaged one).
         reference: run every enabled spaCy component on every word and parse one Doc at a time,
             without the fast path's shortcuts (`_PosOfTag`, batched parsing); the tests hold the
             fast path to it byte for byte.
@@ -782,6 +836,7 @@ class Perturber:
         seed: int = 0,
         types: Iterable[str] | str | None = None,
         max_words: int | None = DEFAULT_MAX_WORDS,
+        antonyms: str = DEFAULT_ANTONYMS,
         antonyms_path: str | Path | None = None,
         reference: bool = False,
     ) -> None:
@@ -795,11 +850,13 @@ class Perturber:
         self.max_words = max_words or None
         self.reference = reference
         self._config = {"spacy_model": spacy_model, "seed": self.seed, "types": self.types,
-                        "max_words": max_words, "antonyms_path": antonyms_path, "reference": reference}
+                        "max_words": max_words, "antonyms": antonyms, "antonyms_path": antonyms_path,
+                        "reference": reference}
         t0 = time.perf_counter()
         self.nlp = load_pipeline(spacy_model)
         self.load_seconds = time.perf_counter() - t0
-        self.lexicon = load_antonyms(antonyms_path)
+        self.antonyms = antonyms
+        self.lexicon = antonym_lexicon(antonyms, antonyms_path)
         self.scope = NegationScope(self.nlp.vocab)
         self._parser = self.nlp.get_pipe("parser") if "parser" in self.nlp.component_names else None
         self._pos_of = None if reference else _PosOfTag(self.nlp)
@@ -929,7 +986,8 @@ class PerturbSummary:
     seed: int
     types: list[str]
     spacy_model: str
-    antonym_words: int  # words in the antonym table (both sides of every pair)
+    antonym_words: int  # words the antonym table replaces
+    antonyms: str  # the antonym rule that made antonym_adjectives (ANTONYM_RULES)
     max_words: int | None
     workers: int
     batch_size: int
@@ -954,6 +1012,7 @@ def perturb_pairs_file(
     seed: int = 0,
     types: Iterable[str] | str | None = None,
     max_words: int | None = DEFAULT_MAX_WORDS,
+    antonyms: str = DEFAULT_ANTONYMS,
     workers: int = 1,
     batch_size: int = 256,
     progress: bool = False,
@@ -963,13 +1022,14 @@ def perturb_pairs_file(
     Args:
         pairs: the pairs.jsonl to read (a bad line raises ValueError naming file:line).
         out: the perturbations.jsonl to write; the summary goes to `summary_path_for(out)`.
-        perturber: a loaded Perturber (its model/seed/types/max_words win); else one is built.
+        perturber: a loaded Perturber (its model/seed/types/max_words/antonyms win); else one is built.
     Returns:
         The summary (also written as JSON).
     """
     t0 = time.perf_counter()
     if perturber is None:
-        perturber = Perturber(spacy_model=spacy_model, seed=seed, types=types, max_words=max_words)
+        perturber = Perturber(spacy_model=spacy_model, seed=seed, types=types, max_words=max_words,
+                              antonyms=antonyms)
     records_in = list(read_pairs(pairs))
     raw_texts = list(dict.fromkeys(p.text for p in records_in))
     t1 = time.perf_counter()
@@ -1002,6 +1062,7 @@ def perturb_pairs_file(
         types=list(perturber.types),
         spacy_model=perturber.spacy_model,
         antonym_words=len(perturber.lexicon.pairs),
+        antonyms=perturber.antonyms,
         max_words=cap,
         workers=workers,
         batch_size=batch_size,
@@ -1027,7 +1088,7 @@ def cli_main(args: Any) -> int:
             raise ValueError("give either --pairs FILE or --text TEXT")
         types = select_types(args.types)
         perturber = Perturber(spacy_model=args.spacy_model, seed=args.seed, types=types,
-                              max_words=args.max_words)
+                              max_words=args.max_words, antonyms=args.antonyms)
         if args.text is not None:
             print(json.dumps(perturber.perturb(args.text).to_json(), indent=2, ensure_ascii=False))
             return 0
