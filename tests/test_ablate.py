@@ -19,9 +19,9 @@ from pertvl.evaluate.structure import AccuracyStat, StructureResult
 from pertvl.evaluate.zeroshot import LabelAUROC, ZeroShotResult
 
 # Known structure accuracy per preset and seed offsets: the table must give their mean ± std.
-BASE = {"convirt": 0.30, "gloria": 0.34, "no_local": 0.62, "full": 0.70, "cf": 0.75}  # cf: a --variant row
+BASE = {"convirt": 0.30, "gloria": 0.34, "no_local": 0.62, "full": 0.70, "cf": 0.75, "reviewed": 0.68}  # cf, reviewed: --variant rows
 SEED_OFFSET = {0: -0.02, 1: 0.0, 2: 0.05}
-SPREAD = {"convirt": 1.0, "gloria": 0.5, "no_local": 2.0, "full": 0.2, "cf": 1.5}  # a different std per preset
+SPREAD = {"convirt": 1.0, "gloria": 0.5, "no_local": 2.0, "full": 0.2, "cf": 1.5, "reviewed": 1.0}  # a different std per preset
 TYPES = ("shuffle_all", "antonym_adjectives")
 
 
@@ -507,3 +507,30 @@ def test_finetune_and_variant_inputs_are_checked_before_training(stand_ins, corp
     assert "--variant cf: loss.pert_types asks for counterfactual negatives ['cf_negation']" in err
     assert "carry no counterfactuals" in err and "pertvl pack --counterfactuals" in err
     assert stand_ins.trained == []
+
+
+def test_a_variant_trains_on_its_own_shards_of_the_same_pairs(stand_ins, inputs, tmp_path, capsys):
+    """`data.shards=DIR` in a --variant (e.g. shards packed with `pertvl perturb --antonyms reviewed`)
+    trains that row on DIR and evaluates it on the ablation's shards; DIR must hold the same pairs."""
+    packed = {**MANIFEST, "inputs": {"pairs_sha256": "a" * 64}}
+    (inputs["shards"] / "manifest.json").write_text(json.dumps(packed))
+    reviewed = tmp_path / "shards-reviewed"
+    reviewed.mkdir()
+    variant = f"reviewed:loss.preset=full,data.shards={reviewed}"
+    argv = _argv(inputs, "--variant", variant)
+    argv[argv.index("--presets") + 1], argv[argv.index("--seeds") + 1] = "full", "0"
+
+    assert pertvl_main(argv) == 2  # no manifest there yet
+    assert f"--variant reviewed: data.shards {reviewed}: no shard manifest" in capsys.readouterr().err
+    (reviewed / "manifest.json").write_text(json.dumps({**MANIFEST, "inputs": {"pairs_sha256": "b" * 64}}))
+    assert pertvl_main(argv) == 2
+    assert "were not packed from the pairs of" in capsys.readouterr().err
+    assert stand_ins.trained == []
+
+    (reviewed / "manifest.json").write_text(json.dumps(packed))
+    assert pertvl_main(argv) == 0
+    trained = {Path(a[a.index("--out") + 1]).name: a for a, _ in stand_ins.trained}
+    assert trained["full-s0"][trained["full-s0"].index("--shards") + 1] == str(inputs["shards"])
+    assert trained["reviewed-s0"][trained["reviewed-s0"].index("--shards") + 1] == str(reviewed)
+    evals = [c for c in stand_ins.calls if c[0] == "eval" and str(inputs["out"] / "reviewed-s0") in c]
+    assert evals and all(c[c.index("--shards") + 1] == str(inputs["shards"]) for c in evals)

@@ -88,10 +88,20 @@ def evaluations() -> list:
 @dataclass(frozen=True)
 class Variant:
     """One more row of the ablation: NAME, trained with `pertvl train --set` overrides (OVERRIDE as
-    `--set` takes it) on top of the config; it names its own loss.preset, else the config's applies."""
+    `--set` takes it) on top of the config; it names its own loss.preset, else the config's applies.
+    A `data.shards=DIR` override trains the row on other shards packed from the same pairs (e.g. the
+    other antonym rule's perturbations); it is evaluated on the ablation's --shards like every row."""
 
     name: str
     overrides: tuple[str, ...]
+
+    @property
+    def shards(self) -> str | None:
+        """The variant's training shards (its data.shards override), or None for the ablation's."""
+        from pertvl.config import parse_override
+
+        found = [parse_override(o).get("data", {}).get("shards") for o in self.overrides]
+        return next((str(x) for x in reversed(found) if x is not None), None)
 
 
 @dataclass(frozen=True)
@@ -265,7 +275,10 @@ def _named(stage: str, fn):
 def _train_stage(run: AblationRun, s: AblationSettings, config_text: str, shards_sha: str) -> pipeline.Stage:
     sets = ([f"loss.preset={run.preset}", f"train.seed={run.seed}"] if run.variant is None
             else [*run.variant.overrides, f"train.seed={run.seed}"])
-    args = ["--config", s.config, "--shards", s.shards, "--out", str(run.dir), "--resume", "latest",
+    shards = run.variant.shards if run.variant is not None and run.variant.shards else s.shards
+    if shards != s.shards:  # `pertvl train --shards` wins over --set data.shards: pass the variant's
+        shards_sha = _fingerprint(Path(shards) / "manifest.json")
+    args = ["--config", s.config, "--shards", shards, "--out", str(run.dir), "--resume", "latest",
             *(x for item in sets for x in ("--set", item))]
     if run.holdout is not None:
         args += ["--set", f"loss.pert_types=[{','.join(run.pert_types())}]"]
@@ -335,10 +348,27 @@ def check_variants(s: AblationSettings) -> None:
             loss = LossConfig.from_dict(RunConfig.from_dict(load_config(s.config, list(v.overrides))).loss)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"--variant {v.name}: {e.args[0] if e.args else e}") from None
+        shards = v.shards or s.shards
         try:
-            check_counterfactuals(resolve_source(s.shards, "train"), loss.counterfactual_types, s.shards)
-        except ValueError as e:
+            if v.shards:
+                _check_same_pairs(Path(v.shards), Path(s.shards))
+            check_counterfactuals(resolve_source(shards, "train"), loss.counterfactual_types, shards)
+        except (OSError, ValueError) as e:
             raise ValueError(f"--variant {v.name}: {e}") from None
+
+
+def _check_same_pairs(variant: Path, shards: Path) -> None:
+    """A variant's own shards must be packed from the ablation's pairs (same splits, same images)."""
+    def pairs_sha(folder: Path) -> str | None:
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            raise ValueError(f"data.shards {folder}: no shard manifest (pack them with `pertvl pack`)")
+        return (json.loads(manifest.read_text(encoding="utf-8")).get("inputs") or {}).get("pairs_sha256")
+
+    mine, theirs = pairs_sha(variant), pairs_sha(shards)
+    if mine is None or mine != theirs:
+        raise ValueError(f"data.shards {variant} were not packed from the pairs of {shards} (manifest "
+                         f"inputs.pairs_sha256 {mine} vs {theirs}): a row must train on the same pairs")
 
 
 def run_ablation(s: AblationSettings) -> AblationResult:
