@@ -61,6 +61,7 @@ __all__ = [
     "local_similarity",
     "perturbation_loss",
     "preset_label",
+    "printed_local_similarity",
     "register_preset",
     "register_term",
 ]
@@ -201,6 +202,11 @@ def global_contrastive_loss(
 # L_local (GLoRIA), batched
 # ----------------------------------------------------------------------------------------------
 LOCAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # loss.local_dtype: the matmuls' input dtype
+# loss.local_form: how L_local reads the paper (docs/TRAINING.md "Loss definitions"). "gloria": the
+# reference it cites, GLoRIA [16] (softmax over words, then γ1-softmax over regions; S from γ2-scaled
+# cosines; logits γ3·S). "printed": the paper's equations as printed (one softmax over regions,
+# S from dot products, logits S/τ).
+LOCAL_FORMS = ("gloria", "printed")
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
@@ -401,6 +407,37 @@ def local_similarity(
         return s.masked_fill(~has_words.unsqueeze(0), float("-inf"))
 
 
+def printed_local_similarity(
+    region_feats: torch.Tensor,
+    word_feats: torch.Tensor,
+    word_mask: torch.Tensor,
+    aggregation: str = "sum",
+) -> torch.Tensor:
+    """S(I_j, T_i) as the paper prints it (§III-B 2), for every image j and report i:
+
+        a_wm = exp(r_m · x_w) / Σ_l exp(r_l · x_w)        (one softmax, over the M regions)
+        c_w  = Σ_m a_wm r_m
+        S    = log Σ_w exp(c_w · x_w)                     ("sum"; "mean": log mean_w exp)
+
+    No cosine and no γ: the printed equations have neither. Plain autograd over the whole
+    [B_images, B_reports, M, W] product (kept for the backward: ~3·B²·M·W floats), so it suits
+    the batch sizes of the paper and the demo, not a large one. Padded words are out of the sum;
+    a report with no words gets S = -inf against every image.
+    """
+    fn = "printed_local_similarity"
+    _check_local_inputs(fn, region_feats, word_feats, word_mask)
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
+    with torch.autocast(region_feats.device.type, enabled=False):
+        r, x = _upcast(region_feats), _upcast(word_feats)
+        p = torch.einsum("jmd,iwd->jimw", r, x.to(r.dtype))  # r_m · x_w for every image j, report i
+        n = (torch.softmax(p, dim=2) * p).sum(2)  # c_w · x_w = Σ_m a_wm (r_m · x_w)  [j, i, w]
+        s = torch.logsumexp(n.masked_fill(~word_mask.unsqueeze(0), float("-inf")), dim=-1)
+        if aggregation == "mean":
+            s = s - word_mask.sum(-1).clamp(min=1).to(s.dtype).log()
+        return s.masked_fill(~word_mask.any(-1).unsqueeze(0), float("-inf"))
+
+
 def local_attentive_loss(
     region_feats: torch.Tensor,
     word_feats: torch.Tensor,
@@ -411,6 +448,8 @@ def local_attentive_loss(
     aggregation: str = "sum",
     reduction: str = "sum",
     matmul_dtype: str = "fp32",
+    form: str = "gloria",
+    temperature: float = 0.07,
 ) -> torch.Tensor:
     """L_local (paper §III-B 2, GLoRIA's local loss): logits γ3·S(I_j, T_i) over all image×report
     pairs of the batch (S from `local_similarity`), cross-entropy image→report and report→image
@@ -434,6 +473,9 @@ def local_attentive_loss(
         aggregation: "sum" (GLoRIA's default) or "mean" over words inside S (not the directions).
         reduction: "sum" (the paper's, GLoRIA's) or "mean" of the two directions.
         matmul_dtype: "fp32" (default) or "bf16" matmul inputs (see `local_similarity`).
+        form: "gloria" (default: S of `local_similarity`, logits γ3·S) or "printed" (S of
+            `printed_local_similarity`, logits S/τ; the γs and matmul_dtype do not apply).
+        temperature: τ of the printed form.
     Returns:
         scalar float32 loss.
     """
@@ -442,10 +484,15 @@ def local_attentive_loss(
     factor = _check_reduction(fn, "reduction", reduction)
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
+    if form not in LOCAL_FORMS:
+        raise ValueError(f"{fn}: expected form in {list(LOCAL_FORMS)}, got {form!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
-        s = local_similarity(region_feats, word_feats, word_mask, gamma1, gamma2, aggregation,
-                             matmul_dtype=matmul_dtype)
-        logits = gamma3 * s  # [images, reports]
+        if form == "printed":
+            logits = printed_local_similarity(region_feats, word_feats, word_mask, aggregation) / temperature
+        else:
+            s = local_similarity(region_feats, word_feats, word_mask, gamma1, gamma2, aggregation,
+                                 matmul_dtype=matmul_dtype)
+            logits = gamma3 * s  # [images, reports]
         ok = word_mask.any(-1)
         if not bool(ok.all()):
             if not bool(ok.any()):
@@ -616,7 +663,8 @@ def _global_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -
 def _local_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
     # Each rank's own batch: L_local over the global batch would need every rank's region maps.
     return local_attentive_loss(out.image.regions, out.text.words, out.text.word_mask, cfg.gamma1, cfg.gamma2,
-                                cfg.gamma3, cfg.local_aggregation, cfg.local_reduction, cfg.local_dtype)
+                                cfg.gamma3, cfg.local_aggregation, cfg.local_reduction, cfg.local_dtype,
+                                cfg.local_form, cfg.temperature)
 
 
 def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
@@ -743,6 +791,7 @@ class LossConfig:
     global_reduction: str = "mean"
     local_reduction: str = "sum"
     local_dtype: str = "fp32"  # L_local's matmul inputs: fp32 | bf16 (tensor cores; fp32 accumulation)
+    local_form: str = "gloria"  # gloria (GLoRIA's, the cited reference) | printed (the paper's equations; LOCAL_FORMS)
     weights: dict[str, float] = field(default_factory=dict)
     pert_types: list[str] = field(default_factory=lambda: list(_batch_pert_types()))
 
@@ -754,6 +803,11 @@ class LossConfig:
             raise ValueError(f"LossConfig: expected local_aggregation 'sum' or 'mean', got {self.local_aggregation!r}")
         if self.local_dtype not in LOCAL_DTYPES:
             raise ValueError(f"LossConfig: expected local_dtype in {sorted(LOCAL_DTYPES)}, got {self.local_dtype!r}")
+        if self.local_form not in LOCAL_FORMS:
+            raise ValueError(f"LossConfig: expected local_form in {list(LOCAL_FORMS)}, got {self.local_form!r}")
+        if self.local_form == "printed" and self.local_dtype != "fp32":
+            raise ValueError("LossConfig: local_dtype applies to local_form 'gloria' only (the printed form "
+                             "runs in fp32)")
         for name in ("global_reduction", "local_reduction"):
             if getattr(self, name) not in REDUCTIONS:
                 raise ValueError(f"LossConfig: expected {name} 'mean' or 'sum' (of the image→text and "

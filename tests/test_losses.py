@@ -20,6 +20,7 @@ from pertvl.losses import (
     local_attentive_loss,
     local_similarity,
     perturbation_loss,
+    printed_local_similarity,
 )
 from pertvl.testing import free_port, gloria_local_loss
 
@@ -467,3 +468,71 @@ def test_local_dtype_option_reaches_the_loss_and_is_validated():
     with pytest.raises(ValueError, match="matmul_dtype"):
         local_attentive_loss(torch.zeros(2, 4, 8), torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.bool),
                              matmul_dtype="half")
+
+
+def _printed_reference(regions, words, lens, tau):
+    """The paper's printed L_local (§III-B 2), term by term in Python floats: a_wm = softmax over
+    regions of r_m·x_w, c_w = Σ_m a_wm r_m, S = log Σ_w exp(c_w·x_w), CE of S/τ both ways, added."""
+    b = regions.shape[0]
+    s = [[0.0] * b for _ in range(b)]
+    for j in range(b):  # image
+        r = regions[j].tolist()
+        for i in range(b):  # report
+            total = 0.0
+            for w in range(int(lens[i])):
+                x = words[i, w].tolist()
+                dots = [sum(rm[d] * x[d] for d in range(len(x))) for rm in r]
+                z = sum(math.exp(v) for v in dots)
+                c = [sum(math.exp(dots[m]) / z * r[m][d] for m in range(len(r))) for d in range(len(x))]
+                total += math.exp(sum(c[d] * x[d] for d in range(len(x))))
+            s[j][i] = math.log(total)
+    i2t = -sum(s[j][j] / tau - math.log(sum(math.exp(s[j][i] / tau) for i in range(b))) for j in range(b)) / b
+    t2i = -sum(s[i][i] / tau - math.log(sum(math.exp(s[j][i] / tau) for j in range(b))) for i in range(b)) / b
+    return s, i2t + t2i
+
+
+def test_printed_local_form_equals_the_papers_equations():
+    """loss.local_form: printed is the paper's L_local as printed (one softmax over regions, S from
+    dot products, logits S/τ, τ = 0.07), computed here term by term on tiny tensors."""
+    g = torch.Generator().manual_seed(7)
+    regions = 0.3 * torch.randn(3, 4, 5, generator=g, dtype=torch.float64)  # [B, M, D]
+    words = 0.3 * torch.randn(3, 6, 5, generator=g, dtype=torch.float64)  # [B, W, D]
+    lens = torch.tensor([6, 2, 4])
+    mask = torch.arange(6)[None] < lens[:, None]
+    words = torch.where(mask[..., None], words, 40 * torch.ones_like(words))  # padding must not matter
+    s_ref, loss_ref = _printed_reference(regions, words, lens, 0.07)
+    s = printed_local_similarity(regions, words, mask)
+    torch.testing.assert_close(s, torch.tensor(s_ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    loss = local_attentive_loss(regions, words, mask, form="printed", temperature=0.07)
+    assert abs(loss.item() - loss_ref) <= 1e-10 * abs(loss_ref)
+    # it is not GLoRIA's form, which the default keeps
+    assert abs(local_attentive_loss(regions, words, mask).item() - loss_ref) > 1e-3
+    # gradients: autograd through the plain ops agrees with finite differences
+    r, x = regions.clone().requires_grad_(), words.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: local_attentive_loss(a, b, mask, form="printed"), (r, x))
+    # the config key reaches the loss; τ is loss.temperature
+    out = SimpleNamespace(
+        image=SimpleNamespace(global_emb=torch.randn(3, 8, dtype=torch.float64), regions=regions),
+        text=SimpleNamespace(global_emb=torch.randn(3, 8, dtype=torch.float64), words=words, word_mask=mask),
+        pert_emb=None, pert_valid=None, logit_scale=None)
+    res = PretrainLoss({"preset": "gloria", "local_form": "printed", "temperature": 0.07})(out)
+    assert res.local_loss.item() == loss.item()
+    assert LossConfig().local_form == "gloria"
+    with pytest.raises(ValueError, match=r"local_form in \['gloria', 'printed'\]"):
+        LossConfig(local_form="paper")
+    with pytest.raises(ValueError, match="local_dtype applies to local_form 'gloria' only"):
+        LossConfig(local_form="printed", local_dtype="bf16")
+
+
+def test_printed_local_form_leaves_out_a_report_without_words():
+    g = torch.Generator().manual_seed(8)
+    regions, words = torch.randn(3, 4, 5, generator=g), torch.randn(3, 6, 5, generator=g)
+    mask = torch.arange(6)[None] < torch.tensor([6, 0, 3])[:, None]
+    s = printed_local_similarity(regions, words, mask)
+    assert torch.isinf(s[:, 1]).all() and torch.isfinite(s[:, [0, 2]]).all()
+    keep = torch.tensor([0, 2])
+    logits = s / 0.07
+    expected = F.cross_entropy(logits[keep][:, keep], torch.arange(2)) + F.cross_entropy(logits.T[keep], keep)
+    torch.testing.assert_close(local_attentive_loss(regions, words, mask, form="printed"), expected)
+    mean = printed_local_similarity(regions, words, mask, aggregation="mean")
+    torch.testing.assert_close(mean[:, 0], s[:, 0] - math.log(6))
