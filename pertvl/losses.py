@@ -18,7 +18,9 @@ How each contrastive loss combines its two directions (image→text, text→imag
   batch N·b.
 * `local_attentive_loss`     — L_local (§III-B 2): GLoRIA's word→region attentive loss, computed for
   the whole B×B image×report matrix at once by a chunked autograd Function (see `_LocalSimilarity`)
-  instead of GLoRIA's Python loop over captions; same values, ~3× faster, less memory.
+  instead of GLoRIA's Python loop over captions; same values, ~3× faster, less memory. The paper
+  cites GLoRIA for L_local but prints other equations (one softmax, logits S/τ): those are
+  `loss.local_form: printed` (`printed_local_similarity`); GLoRIA's form is the default.
 * `perturbation_loss`        — L_pert (§III-B 3): each image must prefer its original report over the
   report's (valid) perturbations.
 * `LossConfig` / `PretrainLoss` — the weighted sum of named terms (`LOSS_TERMS`: global, local,
