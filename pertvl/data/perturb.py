@@ -22,9 +22,10 @@ rules are read off Table I's rows (docs/PERTURBATIONS.md):
 - shuffle_nouns_verbs_adjectives: NOUN/PROPN/ADJ/VERB/AUX positions are permuted as one pool
   (Table I puts "is" into the slot of "lungs" and "clear" into the slot of "pneumothorax"; VERB
   and AUX together: it moves both "are" and "is").
-- antonym_adjectives: ONE finding attribute of the reviewed table (antonyms.tsv: side, level,
-  size, severity, change, ...) outside every negation scope and fixed phrase is replaced by its
-  antonym; which one is chosen by the seed (see `NegationScope` and `_antonym`).
+- antonym_adjectives: ONE word of the antonym rule's table (`ANTONYM_RULES`: "paper", WordNet's
+  adjective antonyms on words tagged ADJ, Table I's clear -> unclear; "reviewed", the 18 radiology
+  attribute pairs of antonyms.tsv) outside every negation scope and fixed phrase is replaced by
+  its antonym; which one is chosen by the seed (see `NegationScope` and `_antonym`).
 
 Validity rules (each type ends in exactly one of `perturbations` / `unavailable`):
 - The eight shuffles are permutations of the cleaned words; `antonym_adjectives` changes exactly
@@ -38,7 +39,7 @@ Validity rules (each type ends in exactly one of `perturbations` / `unavailable`
   words allow no different order, e.g. "effusion effusion"), "identical" (swap_adjacent/reverse
   equal the original, e.g. a palindrome), "not_requested" (the type was left out with --types),
   and for antonym_adjectives the one reason that applies of ANTONYM_REASONS:
-  "no_antonym" (no word of the reviewed table used as an attribute), "antonym_only_negated"
+  "no_antonym" (no word of the table with a POS the rule replaces), "antonym_only_negated"
   (every such word lies in a negation's scope: "no acute bony abnormality"), "antonym_only_fixed"
   (the others are in a fixed phrase: "within normal limits").
 
