@@ -9,7 +9,8 @@ OUT/<row>-s<seed>/:
    a variant NAME:key=value[,key=value] passes `--set key=value` for each pair instead of loss.preset
    (values parsed as --set parses them). Everything else — data, encoders, steps, schedule — comes from
    the one config, so the rows differ in what their overrides say only, and a seed gives every row the
-   same initialization and data order.
+   same initialization and data order. A variant's `data.shards=DIR` trains it on DIR, shards packed
+   from the same pairs (checked), e.g. with the other antonym rule (docs/PERTURBATIONS.md).
 2. (--eval-with export only) export: `pertvl export --run RUN --out RUN/export`.
 3. Table IV (--tables IV): `pertvl eval NAME` for every evaluation of the ABLATE suite
    (pertvl.evaluate.registry: structure with its image controls and counterfactuals, retrieval,
