@@ -18,6 +18,9 @@ _phantom = lazy_handler("pertvl.data.phantom.corpus", "cli_main")
 _mimic = lazy_handler("pertvl.data.mimic", "cli_main")
 
 
+_table = lazy_handler("pertvl.data.table", "cli_main")
+
+
 _perturb = lazy_handler("pertvl.data.perturb", "cli_main")
 
 
@@ -42,7 +45,8 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="ingest Open-I or MIMIC-CXR, or generate the phantom corpus")
+    data = sub.add_parser("data", help="ingest your own CSV/JSONL table, Open-I or MIMIC-CXR, or generate "
+                          "the phantom corpus")
     dsub = data.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
 
     p = dsub.add_parser(
@@ -85,6 +89,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-deid", action="store_true", help='remove the "___" de-identification marks')
     p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
     p.set_defaults(handler=_mimic)
+
+    p = dsub.add_parser(
+        "csv",
+        help="your own data: a CSV or JSONL table of image paths and reports into pairs.jsonl",
+        description="Read one row per image (columns image, report; optional study, subject, split, view, id "
+        "and CheXpert label columns) into pairs.jsonl + summary.json. Rows that cannot become a pair are "
+        "skipped, counted by reason and named (file and line). Schema: docs/DATA.md.",
+        epilog="example: pertvl data csv --table my_reports.csv --images /data/xrays --out data/mine",
+    )
+    p.add_argument("--table", required=True, help="the CSV (header row) or JSONL (one object per line) file")
+    p.add_argument("--format", choices=["auto", "csv", "jsonl"], default="auto",
+                   help="table format; auto (default) reads the suffix (.csv/.tsv or .jsonl/.ndjson)")
+    p.add_argument("--images", help="folder that relative image paths are resolved against (default: the "
+                   "table's folder); the pairs file records absolute paths")
+    p.add_argument("--text-only", action="store_true", help="do not check that image files exist")
+    p.add_argument("--split-fractions", default="0.8775,0.05,0.0725",
+                   help="train,val,test shares when the table has no split column (whole subjects, else "
+                   "whole studies, per split; default 0.8775,0.05,0.0725)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject/study split (default 0)")
+    p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
+    p.set_defaults(handler=_table)
 
     p = dsub.add_parser(
         "phantom",

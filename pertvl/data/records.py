@@ -10,7 +10,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -99,16 +99,19 @@ def assign_splits(
     pairs: list[Pair],
     fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
+    group: Callable[[Pair], str] | None = None,
 ) -> None:
-    """Assign whole studies to train/val/test in place, deterministically from `seed`.
+    """Assign whole studies (or whole `group(pair)`s, e.g. subjects) to train/val/test in place,
+    deterministically from `seed`.
 
-    Studies are sorted, shuffled with `random.Random(seed)`, and filled into test, then val,
+    Groups are sorted, shuffled with `random.Random(seed)`, and filled into test, then val,
     until each holds its fraction of the *pairs*; the rest go to train. All views of a study
     land on the same side, and the result does not depend on the input order.
     """
+    key = group or (lambda p: p.study_id)
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
-    per_study = Counter(p.study_id for p in pairs)
+    per_study = Counter(key(p) for p in pairs)
     studies = sorted(per_study)
     random.Random(seed).shuffle(studies)
     n = len(pairs)
@@ -121,7 +124,7 @@ def assign_splits(
         if name != "train":
             filled[name] += per_study[study]
     for p in pairs:
-        p.split = split_of[p.study_id]
+        p.split = split_of[key(p)]
 
 
 def assign_paper_split(pairs: list[Pair], n_train: int = 6000) -> None:
