@@ -19,7 +19,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pertvl demo
 
 test: $(STAMP)
-	$(BIN)/ruff check pertvl tests bench
+	$(BIN)/ruff check pertvl tests bench examples
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # Every benchmark in turn (each prints both sides of its comparison and exits non-zero when its

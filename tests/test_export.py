@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pertvl.data.text import cleaning_rule
 from pertvl.export import (
     MANIFEST_NAME,
     ONNX_FILES,
@@ -164,8 +165,9 @@ def test_export_folder_files_and_manifest(tiny_export, manifest):
     assert all(i["shape"] == ["batch", "sequence"] and i["dtype"] == "int64" for i in txt["inputs"])
     assert txt["outputs"][1] == {"name": "words", "dtype": "float32", "shape": ["batch", "sequence", 24]}
     assert txt["outputs"][2]["dtype"] == "bool"
-    assert txt["cleaning"] == {"rule": "pertvl.data.text.clean_text", "max_words": 60, "drop_deid": True}
-    assert txt["max_length"] == 128
+    assert txt["cleaning"] == cleaning_rule(60, True) and txt["tokenization"]["pad_id"] == 0  # MiniLM's [PAD]
+    assert txt["max_length"] == 128 and "max_length" not in manifest["model_config"]  # one max length
+    assert img["output_norm"]["image_emb"].startswith("L2") and txt["output_norm"]["text_emb"].startswith("L2")
     graph = manifest["exporter"]["text_graph"]
     assert graph["mode"] == "unpadded" and graph["contrib_ops"] == {"MultiHeadAttention": 2}  # both layers
     assert graph["int8"]["op_types"] == ["MatMul", "Gemm", "Attention"]

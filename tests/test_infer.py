@@ -281,3 +281,54 @@ def test_torch_encoder_local_features_match_the_export(emb, model):
         maps_t = attention_maps(ti.regions[0], ti.grid, tt.words[i], tt.word_mask[i])
         maps_o = attention_maps(oi.regions[0], oi.grid, ot.words[i], ot.word_mask[i])
         assert np.allclose(maps_t, maps_o, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/ort_embed.py: the export's manifest alone is enough to use it
+REPO = Path(__file__).resolve().parents[1]
+TRICKY_TEXTS = [
+    "Pleural effusión, left > right; T-spine XXXX noted. Size 2.5 cm (3/4 of prior).",
+    "NO ACUTE cardiopulmonary process.. heart-size normal",
+    "",
+    " ".join(["word"] * 70) + " tail",  # past max_words
+]
+_BLOCK_TORCH = ("import runpy, sys\n"
+                "for name in ('torch', 'transformers', 'pertvl'):\n"
+                "    sys.modules[name] = None  # `import torch` now raises ImportError\n"
+                "sys.argv = sys.argv[1:]\n"
+                "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_ort_example_reproduces_the_embedder_without_torch(export_dir, emb, image_files, tmp_path):
+    from PIL import Image
+
+    from pertvl.export.samples import REAL_REPORTS
+
+    jpeg = tmp_path / "big.jpg"  # big enough for the JPEG DCT scaling step
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (300, 260), dtype=np.uint8), "L").save(jpeg, quality=90)
+    images = [*map(str, image_files), str(jpeg)]
+    texts = [*REAL_REPORTS, *TRICKY_TEXTS]
+    out = tmp_path / "emb.npz"
+    done = subprocess.run([sys.executable, "-c", _BLOCK_TORCH, str(REPO / "examples" / "ort_embed.py"),
+                           str(export_dir), "--image", *images, "--text", *texts, "--save", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = np.load(out)
+    want_img, want_txt = emb.embed_images(emb.load_images(images)), emb.embed_texts(texts)
+    assert np.abs(got["image_emb"] - want_img).max() <= 1e-5
+    assert np.abs(got["text_emb"] - want_txt).max() <= 1e-5
+    assert len(done.stdout.strip().splitlines()) == len(images)
+    np.testing.assert_allclose(np.linalg.norm(got["text_emb"], axis=1), 1.0, atol=1e-5)  # unit length, as stated
+
+
+def test_manifest_cleaning_rule_is_clean_text(export_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ort_embed", REPO / "examples" / "ort_embed.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    manifest = json.loads((export_dir / "pertvl_export.json").read_text())
+    rule = manifest["text"]["cleaning"]
+    for text in TRICKY_TEXTS + ["Ünïcödé ﬁbrosis ½", "xxxx-ray XXXXX; 1.2.3 a/b 4/5"]:
+        assert example.clean(text, rule) == clean_text(text, max_words=rule["max_words"], drop_deid=rule["drop_deid"])

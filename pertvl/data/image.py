@@ -126,3 +126,25 @@ def decode_png_gray(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         return np.asarray(to_grayscale8(im), dtype=np.uint8).copy()
+
+
+def pixel_rule(size: int) -> dict:
+    """The pixel rule (`load_image` / `read_image`, then / 255) stated as data for an export's manifest."""
+    return {
+        "size": int(size),
+        "channels": 1,
+        "dtype": "float32",
+        "layout": "NCHW: [N, 1, size, size]",
+        "steps": [
+            {"step": "decode", "how": "PIL Image.open, then Image.draft(image.mode, (size, size)) (JPEG only: "
+             "libjpeg DCT scaling to the smallest of 1/8, 1/4, 1/2, 1/1 whose shorter side stays >= size), "
+             "then ImageOps.exif_transpose"},
+            {"step": "grayscale", "how": "mode L as it is; modes I, I;16*, F: min-max scaled to 0..255 "
+             "(round((x - min) * 255 / (max - min))), all 0 when max == min; any other mode: convert('L')"},
+            {"step": "resize", "how": "when the shorter side is not size: the shorter side to size, the longer to "
+             "max(size, round(longer * size / shorter)), PIL Image.resize with Resampling.BILINEAR"},
+            {"step": "center_crop", "how": "left = round((w - size) / 2), top = round((h - size) / 2), crop size x size"},
+            {"step": "scale", "how": "uint8 / 255 -> float32 in [0, 1]"},
+        ],
+        "normalization": "inside the graph (the model's intensity mean/std): feed [0, 1] values",
+    }

@@ -62,3 +62,27 @@ def clean_text(text: str | None, *, max_words: int | None = DEFAULT_MAX_WORDS, d
     if max_words is not None and max_words > 0:
         words = words[:max_words]
     return " ".join(words)
+
+
+def cleaning_rule(max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True) -> dict:
+    """`clean_text` stated as data (the export's pertvl_export.json carries it), steps in order.
+
+    Patterns are Python `re` syntax (look-behinds included); examples/ort_embed.py applies them
+    without pertvl, and tests hold it equal to `clean_text`.
+    """
+    return {
+        "rule": "pertvl.data.text.clean_text",
+        "max_words": max_words,
+        "drop_deid": drop_deid,
+        "steps": [
+            {"step": "ascii", "how": "if the text is not ASCII: Unicode NFKC, then NFKD, then drop combining "
+             "marks and every character >= U+0080"},
+            {"step": "lowercase"},
+            *([{"step": "drop_deid", "pattern": _DEID.pattern, "replace_with": " "}] if drop_deid else []),
+            {"step": "separators", "pattern": _SEPARATORS.pattern, "flavour": "python re",
+             "how": "each match becomes its group 'keep' when that group matched, else one space"},
+            {"step": "words", "how": "split on whitespace; keep the first max_words (all when null or <= 0); "
+             "join with single spaces"},
+        ],
+        "empty_input": "gives the empty string",
+    }

@@ -173,3 +173,20 @@ class CachedTokenizer:
             attention_mask[i, : len(ids)] = 1
             word_ids[i, : len(ids)] = wids
         return Encoded(input_ids, attention_mask, word_ids)
+
+
+def tokenization_rule(tokenizer, tokenizer_file: str = "tokenizer.json") -> dict:
+    """`encode_texts` stated as data for an export's manifest (the max length is the text tower's)."""
+    backend = backend_of(tokenizer)
+    return {
+        "tokenizer_file": tokenizer_file,
+        "load": "tokenizers.Tokenizer.from_file",
+        "words": "the cleaned text split on single spaces: one 'word' per item",
+        "encode": "encode_batch(list of word lists, is_pretokenized=True), special tokens added; no padding, "
+        "truncation to max_length tokens",
+        "pad_id": _pad_id(backend),
+        "padding": "right, to the longest sequence of the batch: input_ids pad_id, attention_mask 0",
+        "word_ids": "per token, the index of its word in the word list (Encoding.word_ids); -1 for special and "
+        "padding tokens",
+        "dtype": "int64",
+    }

@@ -50,7 +50,9 @@ import torch
 from torch import nn
 
 from pertvl import __version__
-from pertvl.data.text import DEFAULT_MAX_WORDS
+from pertvl.data.image import pixel_rule
+from pertvl.data.text import DEFAULT_MAX_WORDS, cleaning_rule
+from pertvl.data.tokenize import tokenization_rule
 from pertvl.export import FORMAT, MANIFEST_NAME, ONNX_FILES, ExportError, ParityError, tower_metadata
 from pertvl.export.graphs import (
     export_image_tower,
@@ -182,7 +184,7 @@ def export_model(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command,
             "source": source or {},
-            "model_config": model.config.to_dict() if hasattr(model.config, "to_dict") else None,
+            "model_config": _model_config(model),
             "opset": opset,
             "embedding_dim": embedding_dim,
             "local_dim": local_dim,
@@ -190,20 +192,16 @@ def export_model(
                          "onnxruntime": ort.__version__, "text_graph": text_info},
             "image": {
                 "inputs": image_io[0], "outputs": image_io[1], "grid": grid,
-                "preprocessing": {
-                    "size": int(image_size), "channels": 1, "dtype": "float32",
-                    "grayscale": "PIL luma; 16-bit and float images min-max scaled to 8 bit",
-                    "resize": "shorter side to size, bilinear", "crop": "center, size x size",
-                    "intensity": "uint8 / 255 -> [0, 1]",
-                    "normalization": "inside the graph (the model's mean/std)",
-                    "reference": "pertvl.infer.Embedder.load_images (= pertvl.data.image.read_image)",
-                },
+                "preprocessing": pixel_rule(image_size),
+                "output_norm": {"image_emb": "L2 (unit length: cosine = dot product)", "regions": "none"},
             },
             "text": {
                 "inputs": text_io[0], "outputs": text_io[1],
-                "cleaning": {"rule": "pertvl.data.text.clean_text", "max_words": max_words, "drop_deid": drop_deid},
+                "cleaning": cleaning_rule(max_words, drop_deid),
                 "max_length": max_length,
-                "tokenization": "pertvl.data.tokenize.encode_texts (pre-split words, word_ids -1 for special/pad)",
+                "tokenization": tokenization_rule(model.tokenizer),
+                "output_norm": {"text_emb": "L2 (unit length: cosine = dot product)", "words": "none",
+                                "word_mask": "True for real words"},
                 "tokenizer_files": {},
             },
             "files": {},
@@ -252,6 +250,14 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir, manifest)
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    """The model's config without its own max_length: the export's one is text.max_length."""
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else None
+    if config is not None:
+        config.pop("max_length", None)
+    return config
 
 
 def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int, text_graph: str) -> dict[str, Any]:
