@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP) -q torch==2.13.0
-	$(PIP) -q -e '.[dev]'
+	$(PIP) -q -e '.[train,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

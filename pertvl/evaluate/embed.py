@@ -7,8 +7,10 @@ plotting), this module adds the files and the pictures.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,10 @@ def embed_main(args) -> int:
     """`pertvl embed`: write image_emb.npy, text_emb.npy, similarity.npy and index.json."""
     if not args.images and not args.texts:
         raise SystemExit("pertvl embed: give --images and/or --texts")
+    if args.attention_maps and importlib.util.find_spec("matplotlib") is None:
+        print("pertvl: error: --attention-maps draws its PNGs with matplotlib, which the inference-only install "
+              "leaves out: pip install matplotlib (or 'pertvl[train]')", file=sys.stderr)
+        return 2
     embedder = Embedder.from_export(args.export, int8=args.int8, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", nargs="+", default=[], metavar="IMAGE", help="image files")
     p.add_argument("--texts", nargs="+", default=[], metavar="TEXT", help="report texts")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--attention-maps", metavar="DIR", help="also save one PNG per (image, report, word)")
+    p.add_argument("--attention-maps", metavar="DIR", help="also save one PNG per (image, report, word) into DIR (needs matplotlib)")
     p.add_argument("--gamma1", type=float, default=4.0, help="GLoRIA's attention temperature γ1 (4.0)")
     p.set_defaults(handler=_embed)
 
