@@ -95,8 +95,11 @@ def _file_text(path: str) -> str:
 
 def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     """Markdown summary + curves + attention maps from the stage outputs."""
+    import yaml
+
     from pertvl.data.records import read_pairs
     from pertvl.evaluate.report import plot_training_curves
+    from pertvl.export.card import write_model_card
 
     report.mkdir(parents=True, exist_ok=True)
     evals = report / "eval"
@@ -117,9 +120,12 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
              f"Corpus: {corpus} (phantoms; see {corpus / 'preview.png'})  ",
              f"Run: {run} · ONNX export: {export}", ""]
     try:  # the same lines `pertvl demo` prints at the end
-        lines += ["## Headline", "", *[f"- {line}" for line in _headline(evals)], ""]
+        headline = _headline(evals)
+        lines += ["## Headline", "", *[f"- {line}" for line in headline], ""]
     except (OSError, KeyError, TypeError, ValueError) as e:
+        headline = []
         lines += ["## Headline", "", f"- (no headline numbers: {e})", ""]
+    write_model_card(export, yaml.safe_load((run / "config.yaml").read_text()), headline or None)
     lines += report_sections(evals, "onnxruntime")
     lines += ["## Training", "", "![training curves](training_curves.png)", ""]
     if attn_pngs:

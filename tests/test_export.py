@@ -147,7 +147,7 @@ def torch_text(model, texts: list[str]):
 # ------------------------------------------------------------------------------------------------
 def test_export_folder_files_and_manifest(tiny_export, manifest):
     names = sorted(p.name for p in tiny_export.iterdir())
-    assert names == sorted([*ONNX_FILES.values(), MANIFEST_NAME, *manifest["text"]["tokenizer_files"]])
+    assert names == sorted([*ONNX_FILES.values(), MANIFEST_NAME, "MODEL_CARD.md", *manifest["text"]["tokenizer_files"]])
     assert "tokenizer.json" in names and not any(n.endswith(".data") for n in names)  # single files
     assert not [p for p in tiny_export.parent.iterdir() if p.name.startswith(".")]  # no partial folders left
     for name, entry in manifest["files"].items():
@@ -522,3 +522,22 @@ def test_export_from_deepspeed_checkpoint(tiny_run, tmp_path):
     emb = Embedder.from_export(out)
     assert np.abs(emb.embed_images(phantom_like_images(4, 64)) - np.load(run / "image_emb.npy")).max() <= 1e-4
     assert np.abs(emb.embed_texts(list(REAL_REPORTS[:4])) - np.load(run / "text_emb.npy")).max() <= 1e-4
+
+
+def test_every_export_holds_a_model_card(tiny_export, manifest, tmp_path):
+    from pertvl.export.card import model_card, write_model_card
+
+    card = (tiny_export / "MODEL_CARD.md").read_text()
+    sections = ["Model details", "Intended use", "Out-of-scope use", "Training data", "Training configuration",
+                "Evaluation results", "Limitations", "How to cite"]
+    positions = [card.index(f"## {s}\n") for s in sections]
+    assert positions == sorted(positions) and manifest["model_card"] == "MODEL_CARD.md"
+    assert "Not for clinical decisions" in card and manifest["export_id"] in card and "Not evaluated" in card
+    assert "Perturbed Report Discrimination" in card
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    line = "structure accuracy 80.6% (chance 10.2%) over 72 images; image-grounding margin +13.9 pts [+1.4, +25.0]"
+    write_model_card(copy, {"data": {"shards": str(tmp_path / "nowhere")}}, [line])
+    rewritten = (copy / "MODEL_CARD.md").read_text()
+    assert f"- {line}" in rewritten and "Not evaluated" not in rewritten and "was not readable" in rewritten
+    assert rewritten == model_card(manifest, {"data": {"shards": str(tmp_path / "nowhere")}}, [line])

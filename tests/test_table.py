@@ -142,6 +142,9 @@ def test_own_table_trains_exports_and_evaluates(corpus: Path, tmp_path: Path, mi
     assert done.returncode == 0, done.stderr[-3000:]
     assert main(["export", "--run", str(run), "--out", str(export), "--no-parity"]) == 0
     assert main(["eval", "retrieval", "--export", str(export), "--shards", str(shards), "--out", str(tmp_path / "ev")]) == 0
+    card = (export / "MODEL_CARD.md").read_text()
+    counts = json.loads((data / "summary.json").read_text())["splits"]
+    assert "a user's own table of images and reports" in card and f"train {counts['train']:,}" in card
     result = json.loads((tmp_path / "ev" / "retrieval.json").read_text())
     test_pairs = sum(1 for p in read_pairs(data / "pairs.jsonl") if p.split == "test")
     assert test_pairs > 0 and result["images"] + sum(result["skipped"].values()) == test_pairs

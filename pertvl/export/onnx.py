@@ -54,6 +54,7 @@ from pertvl.data.image import pixel_rule
 from pertvl.data.text import DEFAULT_MAX_WORDS, cleaning_rule
 from pertvl.data.tokenize import tokenization_rule
 from pertvl.export import FORMAT, MANIFEST_NAME, ONNX_FILES, ExportError, ParityError, tower_metadata
+from pertvl.export.card import CARD_NAME, write_model_card
 from pertvl.export.graphs import (
     export_image_tower,
     export_text_tower,
@@ -119,6 +120,7 @@ def export_model(
     command: str | None = None,
     max_words: int | None = DEFAULT_MAX_WORDS,
     drop_deid: bool = True,
+    run_config: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export a DualEncoder to `out_dir` (see the module docstring).
 
@@ -141,6 +143,7 @@ def export_model(
         source: where the model came from (recorded in the manifest).
         command: the command line that made the export (recorded in the manifest).
         max_words, drop_deid: the clean_text parameters the model was trained with.
+        run_config: the run's config (its training data and settings go into MODEL_CARD.md).
     Returns:
         ExportResult.
     Raises:
@@ -244,6 +247,8 @@ def export_model(
             log.info("parity checked in %.1f s: fp32 max abs %s", time.perf_counter() - t1,
                      {t: max(v.values()) for t, v in report["fp32"]["max_abs"].items()})
 
+        manifest["model_card"] = CARD_NAME
+        write_model_card(tmp, run_config, manifest=manifest)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out_dir)
     except BaseException:
@@ -336,7 +341,7 @@ def cli_main(args) -> int:
             quantize=args.quantize, int8_residual=parse_residual_layers(args.int8_residual),
             parity=not args.no_parity, text_graph=args.text_graph,
             tolerance=args.tolerance, force=args.force, source=source,
-            command=" ".join(["pertvl", *sys.argv[1:]]),
+            command=" ".join(["pertvl", *sys.argv[1:]]), run_config=cfg,
         )
     except ParityError as e:
         print(f"pertvl export: parity check FAILED, nothing written to {args.out}: {e}", file=sys.stderr)
