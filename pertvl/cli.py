@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 
 from pertvl import __version__
@@ -49,6 +50,68 @@ def positive_int(text: str) -> int:
     return value
 
 
+# One example per subcommand, shown at the end of its --help (keyed by the words after `pertvl`).
+EXAMPLES = {
+    "data openi": "pertvl data openi --reports indiana_reports.csv --projections indiana_projections.csv "
+                  "--images images/ --out data/openi",
+    "data mimic-cxr": "pertvl data mimic-cxr --root mimic-cxr-jpg/2.0.0 --out data/mimic --section findings",
+    "data csv": "pertvl data csv --table my_reports.csv --images /data/xrays --out data/mine",
+    "data phantom": "pertvl data phantom --n 1000 --size 224 --out data/phantoms --preview",
+    "perturb": "pertvl perturb --pairs data/mine/pairs.jsonl --out data/mine/perturbations.jsonl --workers 2",
+    "pack": "pertvl pack --pairs data/mine/pairs.jsonl --perturbations data/mine/perturbations.jsonl "
+            "--out shards/mine --image-size 224",
+    "shards verify": "pertvl shards verify shards/mine",
+    "shards merge": "pertvl shards merge shards/mine",
+    "train": "pertvl train --config configs/demo.yaml --shards shards/mine --out runs/mine",
+    "export": "pertvl export --run runs/mine --out export/mine --quantize int8",
+    "finetune nli": "pertvl finetune nli --export export/mine --train nli_train.jsonl --dev nli_dev.jsonl "
+                    "--test nli_test.jsonl --out results/nli",
+    "finetune chexpert": "pertvl finetune chexpert --export export/mine --csv CheXpert-v1.0-small/train.csv "
+                         "--images . --out results/chexpert",
+    "ablate": "pertvl ablate --config configs/demo.yaml --shards shards/demo --presets full,convirt --seeds 0,1 "
+              "--out runs/ablate",
+    "eval structure": "pertvl eval structure --export export/mine --shards shards/mine --out results/eval",
+    "eval structure-local": "pertvl eval structure-local --export export/mine --shards shards/mine --out results/eval",
+    "eval retrieval": "pertvl eval retrieval --export export/mine --shards shards/mine --out results/eval",
+    "eval zeroshot": "pertvl eval zeroshot --export export/mine --shards shards/mine --out results/eval",
+    "eval text-structure": "pertvl eval text-structure --export export/mine --reports indiana_reports.csv "
+                           "--out results/eval",
+    "eval grounding": "pertvl eval grounding --export export/demo --shards shards/demo --out results/eval",
+    "embed": "pertvl embed --export export/demo --images chest.png --texts 'Small left pleural effusion.' "
+             "--out emb/",
+    "similarity": "pertvl similarity --export export/demo --images a.png b.png --texts 'No effusion.' "
+                  "'Left effusion.'",
+    "demo": "pertvl demo --n 1000 --nproc 2",
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already states it; keeps the example's lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        flag = isinstance(action, (argparse._StoreConstAction, argparse._CountAction))  # store_true/false too
+        if (not action.option_strings or flag or default in (None, [], argparse.SUPPRESS) or "default" in text.lower()
+                or str(default) in text or (isinstance(default, float) and f"{default:g}" in text)):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return textwrap.indent(text, indent)
+        return super()._fill_text(text, width, indent)
+
+
+def all_parsers(parser: argparse.ArgumentParser):
+    """The parser and every sub-parser under it, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield from all_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pertvl",
@@ -67,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for p in all_parsers(parser):
+        p.formatter_class = HelpFormatter
+        example = EXAMPLES.get(p.prog.removeprefix("pertvl").strip())
+        if example:
+            p.epilog = "example:\n  " + example
     return parser
 
 

