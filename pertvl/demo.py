@@ -93,32 +93,35 @@ def _file_text(path: str) -> str:
         raise StageError(f"stage 'train' cannot start: config {path}: {e}") from e
 
 
+# Figures the report opens with, in order: (file under the report folder, one-line caption).
+REPORT_FIGURES = (
+    ("training_curves.png", "Training: each loss per optimizer step (smoothed), from metrics.jsonl."),
+    ("eval/structure.png", "Structure test: accuracy per perturbation type with 95 % CIs, beside chance and "
+                           "the control anchors."),
+    ("eval/grounding.png", "Grounding of the local branch: pointing game and attention mass in the finding, "
+                           "beside chance (the finding's area)."),
+)
+
+
 def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
-    """Markdown summary + curves + attention maps from the stage outputs."""
+    """runs/NAME/report/README.md: the headline, the figures, finding-word attention maps, then the full results."""
     import yaml
 
     from pertvl.data.records import read_pairs
-    from pertvl.evaluate.report import plot_training_curves
+    from pertvl.evaluate.report import finding_attention_maps, plot_training_curves
     from pertvl.export.card import write_model_card
+    from pertvl.infer import Embedder
 
     report.mkdir(parents=True, exist_ok=True)
     evals = report / "eval"
     plot_training_curves(run / "metrics.jsonl", report / "training_curves.png")
-
-    # Attention maps for a few test images with their own reports, from the ONNX outputs.
     test_pairs = [p for p in read_pairs(corpus / "pairs.jsonl") if p.split == "test" and p.labels
-                  and not p.labels.get("No Finding")][:3]
-    attn_dir = report / "attention"
-    if test_pairs:
-        cli(["embed", "--export", str(export), "--images", *[str(corpus / p.image) for p in test_pairs],
-             "--texts", *[p.text for p in test_pairs], "--out", str(report / "embed"),
-             "--attention-maps", str(attn_dir)], "attention maps")
-    attn_pngs = sorted(attn_dir.glob("*.png"))[:12] if attn_dir.is_dir() else []
+                  and not p.labels.get("No Finding")]
+    maps = finding_attention_maps(Embedder.from_export(export), test_pairs, corpus, report / "attention")
 
-    wandb_runs = sorted((run / "wandb").glob("offline-run-*")) if (run / "wandb").is_dir() else []
     lines = ["# pertvl demo report", "",
-             f"Corpus: {corpus} (phantoms; see {corpus / 'preview.png'})  ",
-             f"Run: {run} · ONNX export: {export}", ""]
+             f"Corpus: {corpus} (synthetic phantoms; see {corpus / 'preview.png'})  ",
+             f"Run: {run} · ONNX export: {export} (its MODEL_CARD.md)", ""]
     try:  # the same lines `pertvl demo` prints at the end
         headline = _headline(evals)
         lines += ["## Headline", "", *[f"- {line}" for line in headline], ""]
@@ -126,13 +129,18 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
         headline = []
         lines += ["## Headline", "", f"- (no headline numbers: {e})", ""]
     write_model_card(export, yaml.safe_load((run / "config.yaml").read_text()), headline or None)
-    lines += report_sections(evals, "onnxruntime")
-    lines += ["## Training", "", "![training curves](training_curves.png)", ""]
-    if attn_pngs:
-        lines += ["## Word → region attention (ONNX outputs)", ""]
-        lines += [f"![{p.stem}]({os.path.relpath(p, report)})" for p in attn_pngs]
-        lines += [""]
-    lines += ["## Weights & Biases", ""]
+    lines += ["## Figures", ""]
+    for name, caption in REPORT_FIGURES:
+        if (report / name).is_file():
+            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    if maps:
+        lines += ["## Where the finding words look", "",
+                  "Word → region attention of the words that name a finding present in the image (ONNX "
+                  "outputs); white: the finding's true outline from the phantom's recipe.", ""]
+        for png, caption in maps:
+            lines += [f"![{caption}]({os.path.relpath(png, report)})", "", f"*{caption}*", ""]
+    lines += ["## Results in full", "", *report_sections(evals, "onnxruntime"), "## Weights & Biases", ""]
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*")) if (run / "wandb").is_dir() else []
     if wandb_runs:
         lines += [f"- offline run: {w} (upload with `wandb sync {w}`)" for w in wandb_runs]
     else:
@@ -141,20 +149,24 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
 
 
 def report_sections(evals: Path, where: str = "") -> list[str]:
-    """A section per evaluation of the DEMO suite whose EVAL/KEY.md exists: its title, its Markdown."""
+    """A section per evaluation of the DEMO suite whose EVAL/KEY.md exists: its title, its Markdown
+    (its own title line dropped, its headings nested under the section's)."""
     from pertvl.evaluate.registry import demo_evaluations
 
     lines: list[str] = []
     for e in demo_evaluations():
         md = evals / f"{e.key}.md"
         if md.is_file():
-            lines += [f"## {e.title}" + (f", {where}" if where else ""), "", _demoted(md), ""]
+            lines += [f"### {e.title}" + (f", {where}" if where else ""), "", _demoted(md, 2), ""]
     return lines
 
 
-def _demoted(markdown: Path) -> str:
-    """An evaluation's Markdown, its headings moved one level down to nest under the report's."""
-    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.read_text().splitlines())
+def _demoted(markdown: Path, levels: int = 1) -> str:
+    """An evaluation's Markdown without its top-level title, its headings moved `levels` down."""
+    text = markdown.read_text().splitlines()
+    if text and text[0].startswith("# "):
+        text = text[1:]
+    return "\n".join("#" * levels + line if line.startswith("#") else line for line in text).strip("\n")
 
 
 def _headline(evals: Path) -> list[str]:

@@ -64,6 +64,16 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert manifest["counterfactual_types"] and structure["grounded"]["samples_without_record"] == 0
     assert structure["text_disjoint"]["images"] == structure["images"]
     assert (report / "training_curves.png").stat().st_size > 0
+    # The report opens with the headline and the figures; the full results come after, each heading once.
+    order = [text.index(h) for h in ("## Headline", "## Figures", "## Results in full", "## Weights & Biases")]
+    assert order == sorted(order) and "![" in text.split("## Figures")[1].split("## Results in full")[0]
+    assert "(training_curves.png)" in text and "(eval/structure.png)" in text
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert len(headings) == len(set(headings)), [h for h in headings if headings.count(h) > 1]
+    maps = sorted((report / "attention").glob("*.png"))
+    assert maps and all(f"(attention/{m.name})" in text for m in maps)  # finding words only, each embedded
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert "image-grounding margin" in card.split("## Evaluation results")[1] and "Not evaluated" not in card
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     # Re-running skips every stage whose outputs are complete.
     assert main(args) == 0

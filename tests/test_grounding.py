@@ -187,3 +187,39 @@ def test_grounding_outputs_registry_and_skips(phantoms, tmp_path):
     assert {Suite.DEMO, Suite.ABLATE} <= e.suites and "--bootstrap" in e.options()
     with pytest.raises(ValueError, match="local branch"):
         evaluate_grounding(SimpleNamespace(embed_images=None), samples)
+
+
+def test_finding_attention_maps_show_finding_words_only(tmp_path):
+    """The demo report's maps: one per word naming a present finding, with its sentence."""
+    from pertvl.data.phantom.grounding import PhantomTruth, finding_words
+    from pertvl.data.records import read_pairs
+    from pertvl.data.text import clean_text
+    from pertvl.evaluate.report import finding_attention_maps
+
+    corpus = tmp_path / "corpus"
+    generate_phantoms(6, seed=0, size=64, out=corpus, workers=1)
+    pairs = list(read_pairs(corpus / "pairs.jsonl"))
+    rng = np.random.default_rng(0)
+
+    class Stub:  # region/word features of the right shapes; the maps' values do not matter here
+        def clean(self, texts):
+            return [clean_text(t) for t in texts]
+
+        def load_images(self, paths):
+            return np.zeros((len(paths), 1, 64, 64), np.float32)
+
+        def image_features(self, images):
+            return SimpleNamespace(regions=rng.normal(size=(len(images), 16, 8)), grid=(4, 4))
+
+        def text_features(self, texts):
+            n = len(clean_text(texts[0]).split())
+            return SimpleNamespace(words=rng.normal(size=(1, n, 8)), word_mask=np.ones((1, n), bool))
+
+    written = finding_attention_maps(Stub(), pairs, corpus, tmp_path / "maps", limit=100)
+    expected = [(p.id, w.word) for p in pairs for w in finding_words(PhantomTruth.from_meta({"extra": p.extra}),
+                                                                     clean_text(p.text))]
+    assert expected and len(written) == len(expected)
+    for (png, caption), (pid, word) in zip(written, expected, strict=True):
+        assert png.is_file() and png.name.startswith(pid) and f'"{word}"' in caption
+        sentence = caption.split(" in ", 1)[1].strip('"')
+        assert sentence in next(p.text for p in pairs if p.id == pid) and word in clean_text(sentence).split()

@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -445,3 +447,93 @@ def save_attention_map(
     ax.set_axis_off()
     ax.set_title(word, fontsize=16)
     return save_png(fig, out_png)
+
+
+FINDING_ATTENTION_FIGSIZE = (5.2, 4.6)  # → 520 × 460 px
+
+
+def save_finding_attention(image: np.ndarray, attn: np.ndarray, mask: np.ndarray, word: str, sentence: str,
+                           out_png: str | os.PathLike) -> Path:
+    """A finding word's attention over the image, the finding's true outline, a colour bar and the sentence.
+
+    Args:
+        image: [H, W] uint8 grayscale image.
+        attn: [h, w] the word's attention over the region grid (sums to 1); shown upsampled, the
+            colour bar in the grid's own units (share of the word's attention per region).
+        mask: [H, W] bool, where the finding truly is (the phantom's truth); drawn as a white outline.
+        word, sentence: the word, and the report sentence it comes from (the caption).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from PIL import Image
+
+    image, attn = np.asarray(image), np.asarray(attn, dtype=np.float32)
+    h, w = image.shape
+    up = np.asarray(Image.fromarray(attn).resize((w, h), Image.Resampling.BILINEAR))
+    lo, top = float(attn.min()), float(attn.max())
+    span = top - lo if top > lo else 1.0
+    fig = new_figure(FINDING_ATTENTION_FIGSIZE)
+    ax = fig.add_subplot()
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
+    # Opacity follows attention, so the least attended regions show the plain radiograph.
+    ax.imshow(up, cmap="jet", alpha=0.65 * np.clip((up - lo) / span, 0, 1), vmin=lo, vmax=lo + span,
+              interpolation="bilinear")
+    if np.asarray(mask).any():
+        ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="white", linewidths=1.5)
+    ax.set_axis_off()
+    ax.set_title(f'"{word}"', fontsize=14)
+    bar = fig.colorbar(ScalarMappable(Normalize(lo, lo + span), cmap="jet"), ax=ax, shrink=0.85)
+    bar.set_label("attention share per region")
+    fig.supxlabel(textwrap.fill(sentence, 70), fontsize=9)
+    return save_png(fig, out_png)
+
+
+def _sentence_of(text: str, index: int) -> str:
+    """The sentence of a raw report holding its cleaned word number `index`."""
+    from pertvl.data.text import clean_text
+
+    seen = 0
+    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+        n = len(clean_text(sentence, max_words=None).split())
+        if seen <= index < seen + n:
+            return sentence
+        seen += n
+    return text
+
+
+def finding_attention_maps(embedder: Any, pairs: Sequence[Any], images_root: str | os.PathLike,
+                           out_dir: str | os.PathLike, limit: int = 6) -> list[tuple[Path, str]]:
+    """Attention maps of the words that name a present finding, on phantom pairs, from an export.
+
+    Each map shows the finding's true outline (re-drawn from the phantom's recipe), a colour bar
+    and the sentence. Pairs that are not phantoms, or whose words were cut by max_length, are
+    passed over. Returns [(png, caption)] for at most `limit` maps.
+    """
+    from pertvl.data.image import read_image
+    from pertvl.data.phantom.grounding import PhantomTruth, finding_words, phantom_masks
+    from pertvl.infer import attention_maps
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, str]] = []
+    for pair in pairs:
+        if len(written) >= limit:
+            break
+        try:
+            truth = PhantomTruth.from_meta({"extra": pair.extra})
+            text = embedder.clean([pair.text])[0]
+            words = finding_words(truth, text)
+        except ValueError:
+            continue
+        path = Path(images_root) / pair.image
+        img, txt = embedder.image_features(embedder.load_images([path])), embedder.text_features([pair.text])
+        maps = attention_maps(img.regions[0], img.grid, txt.words[0], txt.word_mask[0])
+        masks, image = phantom_masks(truth), read_image(path, truth.size)
+        for fw in words:
+            if fw.index >= len(maps) or len(written) >= limit:
+                continue
+            sentence = _sentence_of(pair.text, fw.index)
+            png = save_finding_attention(image, maps[fw.index], masks[fw.type], fw.word, sentence,
+                                         out_dir / f"{pair.id}_w{fw.index:03d}_{fw.word}.png")
+            written.append((png, f"{pair.id}: \"{fw.word}\" ({fw.type}) in \"{sentence}\""))
+    return written
