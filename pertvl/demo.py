@@ -132,13 +132,13 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     lines += ["## Figures", ""]
     for name, caption in REPORT_FIGURES:
         if (report / name).is_file():
-            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+            lines += [f"![{Path(name).stem}]({name})", "", f"*{caption}*", ""]
     if maps:
         lines += ["## Where the finding words look", "",
                   "Word → region attention of the words that name a finding present in the image (ONNX "
                   "outputs); white: the finding's true outline from the phantom's recipe.", ""]
         for png, caption in maps:
-            lines += [f"![{caption}]({os.path.relpath(png, report)})", "", f"*{caption}*", ""]
+            lines += [f"![{png.stem}]({os.path.relpath(png, report)})", "", f"*{caption}*", ""]
     lines += ["## Results in full", "", *report_sections(evals, "onnxruntime"), "## Weights & Biases", ""]
     wandb_runs = sorted((run / "wandb").glob("offline-run-*")) if (run / "wandb").is_dir() else []
     if wandb_runs:
@@ -150,14 +150,22 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
 
 def report_sections(evals: Path, where: str = "") -> list[str]:
     """A section per evaluation of the DEMO suite whose EVAL/KEY.md exists: its title, its Markdown
-    (its own title line dropped, its headings nested under the section's)."""
+    (its own title line dropped, its headings nested under the section's, each heading once: one
+    that another evaluation used already gets the evaluation's name)."""
     from pertvl.evaluate.registry import demo_evaluations
 
     lines: list[str] = []
+    seen: set[str] = set()
     for e in demo_evaluations():
         md = evals / f"{e.key}.md"
         if md.is_file():
-            lines += [f"### {e.title}" + (f", {where}" if where else ""), "", _demoted(md, 2), ""]
+            lines += [f"### {e.title}" + (f", {where}" if where else ""), ""]
+            for line in _demoted(md, 2).splitlines():
+                if line.startswith("#"):
+                    line = f"{line} ({e.name})" if line in seen else line
+                    seen.add(line)
+                lines.append(line)
+            lines.append("")
     return lines
 
 
