@@ -307,6 +307,9 @@ def cli_main(args: Any) -> int:
     s = result.summary
     print(f"{args.table} -> {out / 'pairs.jsonl'}: {s['pairs_written']} pairs of {s['considered']} rows; "
           f"splits {s['splits']} ({s['split']})")
+    if s["split_group"] == "image":
+        print("  note: the table has no study or subject column, so the split is by image: the views of one "
+              "study may land in both train and test")
     print(f"  held-out text also in train: {text_overlap(result.pairs).describe()}")
     for reason, n in s["skipped"].items():
         print(f"  skipped {n} ({reason}), e.g. {s['skipped_examples'][reason][0]}")
