@@ -3,10 +3,6 @@
 Each area of the package registers its own subcommands in a light `cli` module that imports
 nothing heavy (no torch) at parse time; the handlers import their implementation lazily so
 `pertvl --help` stays fast.
-
-Plugins (pertvl.registry): `pertvl --plugin MODULE[:FUNCTION] ...` and PERTVL_PLUGINS=MODULE,...
-are imported before the parser is built, so a plugin's perturbation types, loss terms and
-evaluations are there for every subcommand (an evaluation's own `pertvl eval NAME` included).
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -123,10 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     # `deepspeed --module pertvl train ...` runs `python -m pertvl --local_rank=N train ...`:
     # accept it here (pertvl.train.launch.detect_dist_env reads it as argv_local_rank).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE[:FUNCTION]",
-                        help="import a module (dotted name or .py path) that registers perturbation types, "
-                        "loss terms or evaluations, and call FUNCTION; repeatable; also PERTVL_PLUGINS=A,B "
-                        "(inherited by the processes pertvl starts)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -138,24 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_plugins_from(argv: list[str] | None) -> list[str]:
-    """Import the plugins of `--plugin` (in argv) and PERTVL_PLUGINS, and export them to children."""
-    from pertvl.registry import PLUGINS_ENV, export_plugins, load_plugins, plugin_specs
-
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    specs = plugin_specs(known.plugin)
-    export_plugins(specs)
-    return load_plugins(plugin_specs(os.environ.get(PLUGINS_ENV), specs))
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        load_plugins_from(argv)
-    except ValueError as e:
-        print(f"pertvl: {e}", file=sys.stderr)
-        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

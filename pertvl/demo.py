@@ -2,7 +2,7 @@
 
 phantoms -> perturb -> counterfactual reports (evaluated; not trained on) -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
 to ONNX (parity checked) -> evaluate on onnxruntime (every evaluation of the DEMO suite of
-pertvl.evaluate.registry: structure per perturbation type with its control anchors and the
+pertvl.evaluate.catalog: structure per perturbation type with its control anchors and the
 image-grounding margin, the grounded structure accuracy on counterfactual reports, retrieval, zero-shot AUROC, grounding of the local branch) -> a report
 folder with their tables, training curves, attention-map examples and the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
 final encoders), export/demo, runs/demo/report.
@@ -38,7 +38,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         train_args += ["--max-steps", str(args.max_steps)]
     eval_common = ["--export", str(export), "--shards", str(shards), "--split", "test", "--out", str(evals)]
 
-    from pertvl.evaluate.registry import demo_evaluations
+    from pertvl.evaluate.catalog import demo_evaluations
 
     eval_stages = [
         Stage(f"eval-{e.name}", [evals / f"{e.key}.json"],
@@ -72,7 +72,7 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
         Stage("export", [export / "pertvl_export.json"],
               lambda: cli(["export", "--run", str(run), "--out", str(export)], "export"),
               {"run": str(run)}),
-        *eval_stages,  # one per evaluation of the DEMO suite (pertvl.evaluate.registry)
+        *eval_stages,  # one per evaluation of the DEMO suite (pertvl.evaluate.catalog)
         Stage("report", [report / "README.md"], lambda: write_report(run, export, report, corpus),
               {"run": str(run)}),
     ]
@@ -152,7 +152,7 @@ def report_sections(evals: Path, where: str = "") -> list[str]:
     """A section per evaluation of the DEMO suite whose EVAL/KEY.md exists: its title, its Markdown
     (its own title line dropped, its headings nested under the section's, each heading once: one
     that another evaluation used already gets the evaluation's name)."""
-    from pertvl.evaluate.registry import demo_evaluations
+    from pertvl.evaluate.catalog import demo_evaluations
 
     lines: list[str] = []
     seen: set[str] = set()
@@ -179,7 +179,7 @@ def _demoted(markdown: Path, levels: int = 1) -> str:
 
 def _headline(evals: Path) -> list[str]:
     """The numbers worth printing at the end of the main job: each demo evaluation's headline."""
-    from pertvl.evaluate.registry import demo_evaluations, result_from_json
+    from pertvl.evaluate.catalog import demo_evaluations, result_from_json
 
     return [result_from_json(json.loads((evals / f"{e.key}.json").read_text())).headline()
             for e in demo_evaluations()]

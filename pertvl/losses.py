@@ -23,9 +23,9 @@ How each contrastive loss combines its two directions (image→text, text→imag
   `loss.local_form: printed` (`printed_local_similarity`); GLoRIA's form is the default.
 * `perturbation_loss`        — L_pert (§III-B 3): each image must prefer its original report over the
   report's (valid) perturbations.
-* `LossConfig` / `PretrainLoss` — the weighted sum of named terms (`LOSS_TERMS`: global, local,
-  pert; `register_term` adds one), with presets that name the paper's ablations (`LOSS_PRESETS`,
-  `register_preset`). The engine logs every term as `loss/{name}` without knowing the names.
+* `LossConfig` / `PretrainLoss` — the weighted sum of named terms (the table `LOSS_TERMS`: global,
+  local, pert), with presets that name the paper's ablations (the table `LOSS_PRESETS`). The engine
+  logs every term as `loss/{name}` without knowing the names.
 
 All losses are computed in float32 (inputs are upcast and autocast is disabled) so that bf16/fp16
 engines get the same numbers as fp32 ones. Every function validates its inputs and raises
@@ -34,8 +34,7 @@ ValueError saying what it expected and what it got.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -43,18 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from pertvl.registry import Registry
-
 if TYPE_CHECKING:
     from pertvl.model.dual import DualOutput
 
 __all__ = [
     "LOSS_PRESETS",
     "LOSS_TERMS",
-    "Feature",
     "LossConfig",
     "LossOutput",
-    "LossPreset",
     "LossTerm",
     "PretrainLoss",
     "global_contrastive_loss",
@@ -64,8 +59,6 @@ __all__ = [
     "perturbation_loss",
     "preset_label",
     "printed_local_similarity",
-    "register_preset",
-    "register_term",
 ]
 
 _EPS = 1e-8  # GLoRIA's cosine_similarity clamps |a|·|b| at 1e-8
@@ -588,26 +581,10 @@ def perturbation_loss(
 # ----------------------------------------------------------------------------------------------
 # named terms, presets, and the weighted sum
 # ----------------------------------------------------------------------------------------------
-class Feature(enum.Enum):
-    """What a loss term needs from `DualEncoder.forward` beyond the global embeddings, which it
-    always returns. The value is the forward's keyword that turns the feature on."""
-
-    LOCAL = "need_local"  # ImageOutput.regions, TextOutput.words / word_mask
-    PERTURBATIONS = "need_perturbations"  # DualOutput.pert_emb / pert_valid
-
-    def missing(self, out: DualOutput) -> bool:
-        """True when `out` lacks this feature (the model ran without it)."""
-        if self is Feature.LOCAL:
-            return out.image.regions is None or out.text.words is None or out.text.word_mask is None
-        return out.pert_emb is None or out.pert_valid is None
-
-    @property
-    def description(self) -> str:
-        return "region and word features" if self is Feature.LOCAL else "perturbation embeddings"
-
-
 # fn(out, config, rank, world_size) -> scalar float32 tensor
 TermFn = Callable[["DualOutput", "LossConfig", int, int], torch.Tensor]
+# The forward keywords of `DualEncoder.forward` that turn on a feature beyond the global embeddings.
+NEEDS = ("need_local", "need_perturbations")
 
 
 @dataclass(frozen=True)
@@ -615,43 +592,17 @@ class LossTerm:
     """One named term of the pretraining loss.
 
     Attributes:
-        name: logged as `loss/{name}` (metrics.jsonl, W&B) and the key in `LossOutput.terms`.
         fn: fn(out: DualOutput, config: LossConfig, rank, world_size) -> scalar tensor.
-        needs: the model features the term reads (the engine asks the model for these only).
-        weight: None (added unscaled, as L_global in Eq. 1), the name of the LossConfig field
-            holding the weight ("alpha"), or a number. `LossConfig.weights[name]` overrides a
-            number (a field is set through its own key, e.g. `loss.alpha`).
+        weight: None (added unscaled, as L_global in Eq. 1; `LossConfig.weights[name]` scales it)
+            or the name of the LossConfig field holding the weight ("alpha").
         label: how reports name the term ("L_local").
+        needs: the forward keywords (of NEEDS) whose features the term reads.
     """
 
-    name: str
     fn: TermFn
-    needs: frozenset[Feature] = frozenset()
-    weight: str | float | None = None
-    label: str = ""
-
-    def weight_in(self, config: LossConfig) -> float | None:
-        """The term's weight under `config` (None: added unscaled)."""
-        if isinstance(self.weight, str):
-            return getattr(config, self.weight)
-        if self.name in config.weights:
-            return float(config.weights[self.name])
-        return None if self.weight is None else float(self.weight)
-
-
-@dataclass(frozen=True)
-class LossPreset:
-    """A named set of terms, summed in this order (the order is part of the numerics).
-
-    Attributes:
-        name: the `loss.preset` value.
-        terms: names of registered LossTerms.
-        label: the row label in reports (the paper's Tables II-IV).
-    """
-
-    name: str
-    terms: tuple[str, ...]
+    weight: str | None
     label: str
+    needs: tuple[str, ...] = ()
 
 
 def _global_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
@@ -671,50 +622,30 @@ def _local_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) ->
 
 def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
     # No cross-sample term: each rank's own batch. Types outside loss.pert_types are masked out
-    # (perturbation_loss ignores whatever an invalid slot holds); all nine: unchanged, bit for bit.
+    # (perturbation_loss ignores whatever an invalid slot holds).
     return perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb,
                              cfg.mask_pert_valid(out.pert_valid), cfg.pert_temperature)
 
 
-# The paper's three terms (§III-B 1-3) and its ablations (Tables II-IV), in its row order.
-LOSS_TERMS: Registry[LossTerm] = Registry("loss term", [
-    ("global", LossTerm("global", _global_term, frozenset(), None, "L_global")),
-    ("local", LossTerm("local", _local_term, frozenset({Feature.LOCAL}), "alpha", "L_local")),
-    ("pert", LossTerm("pert", _pert_term, frozenset({Feature.PERTURBATIONS}), "beta", "L_pert")),
-])
-LOSS_PRESETS: Registry[LossPreset] = Registry("loss preset", [
-    ("convirt", LossPreset("convirt", ("global",), "ConVIRT-like")),  # global only
-    ("gloria", LossPreset("gloria", ("global", "local"), "GLoRIA-like")),
-    ("no_local", LossPreset("no_local", ("global", "pert"), "Ours w/o local")),  # "w/o local" ablation
-    ("full", LossPreset("full", ("global", "local", "pert"), "Ours")),  # the paper's method
-])
-
-
-def register_term(name: str, fn: TermFn, *, needs: Iterable[Feature] = (), weight: str | float | None = 1.0,
-                  label: str = "", replace: bool = False) -> LossTerm:
-    """Add a loss term (see `LossTerm`); a preset that lists it sums it. Returns the term."""
-    needs = frozenset(needs)
-    bad = [f for f in needs if not isinstance(f, Feature)]
-    if bad:
-        raise ValueError(f"register_term({name!r}): needs must be pertvl.losses.Feature members, got {bad}")
-    if isinstance(weight, str) and weight not in {f.name for f in fields(LossConfig)}:
-        raise ValueError(f"register_term({name!r}): weight {weight!r} is not a LossConfig field")
-    return LOSS_TERMS.register(name, LossTerm(name, fn, needs, weight, label or name), replace=replace)
-
-
-def register_preset(name: str, terms: Sequence[str], label: str = "", *, replace: bool = False) -> LossPreset:
-    """Add a preset: the registered terms it sums, in order, and its label in reports."""
-    terms = tuple(terms)
-    unknown = [t for t in terms if t not in LOSS_TERMS]
-    if unknown or not terms or len(set(terms)) != len(terms):
-        raise ValueError(f"register_preset({name!r}): expected distinct registered terms, got {list(terms)} "
-                         f"(unknown: {unknown}; registered: {list(LOSS_TERMS)})")
-    return LOSS_PRESETS.register(name, LossPreset(name, terms, label or name), replace=replace)
+# The paper's three terms (§III-B 1-3). A new term: its function above and one line here.
+LOSS_TERMS = {
+    "global": LossTerm(_global_term, None, "L_global"),
+    "local": LossTerm(_local_term, "alpha", "L_local", ("need_local",)),
+    "pert": LossTerm(_pert_term, "beta", "L_pert", ("need_perturbations",)),
+}
+# `loss.preset` -> the terms it sums, in this order (the order is part of the numerics), and its
+# row label in reports; the paper's ablations (Tables II-IV) in its row order.
+LOSS_PRESETS = {
+    "convirt": (("global",), "ConVIRT-like"),
+    "gloria": (("global", "local"), "GLoRIA-like"),
+    "no_local": (("global", "pert"), "Ours w/o local"),
+    "full": (("global", "local", "pert"), "Ours"),  # the paper's method
+}
 
 
 def preset_label(name: str) -> str:
     """The report label of a preset ("Ours"); the name itself for an unknown one."""
-    return LOSS_PRESETS[name].label if name in LOSS_PRESETS else name
+    return LOSS_PRESETS[name][1] if name in LOSS_PRESETS else name
 
 
 def _batch_pert_types(counterfactual: Sequence[str] = ()) -> tuple[str, ...]:
@@ -764,8 +695,8 @@ class LossConfig:
     """Weights and temperatures of L = L_global + α·L_local + β·L_pert (paper Eq. 1).
 
     `preset` names the ablation (which terms are on, `LOSS_PRESETS`); α, β, τ, the γs are
-    overridable for any preset, and `weights` sets the weight of a registered term by name (for
-    terms whose weight is not one of these fields). When `DualOutput.logit_scale` is set
+    overridable for any preset, and `weights` sets the weight of a term whose weight is not one of
+    these fields (L_global's) by name. When `DualOutput.logit_scale` is set
     (learnable temperature), it replaces `temperature` in L_global; `pert_temperature` stays fixed
     (the authors' evaluated checkpoint used 0.01 there).
 
@@ -824,8 +755,8 @@ class LossConfig:
         for name, value in self.weights.items():
             term = LOSS_TERMS.get(name)
             if term is None:
-                raise ValueError(f"LossConfig: weights names unknown term {name!r}; registered: {list(LOSS_TERMS)}")
-            if isinstance(term.weight, str):
+                raise ValueError(f"LossConfig: weights names unknown term {name!r}; terms: {list(LOSS_TERMS)}")
+            if term.weight is not None:
                 raise ValueError(f"LossConfig: the weight of term {name!r} is loss.{term.weight}, not weights.{name}")
             if not isinstance(value, int | float) or not value >= 0:
                 raise ValueError(f"LossConfig: expected weights.{name} to be a number >= 0, got {value!r}")
@@ -846,14 +777,20 @@ class LossConfig:
         return asdict(self)
 
     @property
-    def terms(self) -> tuple[LossTerm, ...]:
-        """The preset's terms, in summation order."""
-        return tuple(LOSS_TERMS[name] for name in LOSS_PRESETS[self.preset].terms)
+    def terms(self) -> tuple[str, ...]:
+        """The preset's term names, in summation order."""
+        return LOSS_PRESETS[self.preset][0]
 
-    @property
-    def needs(self) -> frozenset[Feature]:
-        """The model features the preset's terms read."""
-        return frozenset(f for t in self.terms for f in t.needs)
+    def weight(self, name: str) -> float | None:
+        """Term `name`'s weight (None: added unscaled)."""
+        field_name = LOSS_TERMS[name].weight
+        if field_name is not None:
+            return getattr(self, field_name)
+        return float(self.weights[name]) if name in self.weights else None
+
+    def needs(self, keyword: str) -> bool:
+        """Whether a term of the preset reads the feature that forward keyword `keyword` turns on."""
+        return any(keyword in LOSS_TERMS[t].needs for t in self.terms)
 
     @property
     def pert_holdout(self) -> tuple[str, ...]:
@@ -890,12 +827,8 @@ class LossConfig:
         return valid & mask
 
     @property
-    def uses_local(self) -> bool:
-        return Feature.LOCAL in self.needs
-
-    @property
     def uses_perturbations(self) -> bool:
-        return Feature.PERTURBATIONS in self.needs
+        return self.needs("need_perturbations")
 
 
 @dataclass
@@ -913,23 +846,6 @@ class LossOutput:
         """Detached values for logging: "total" and one entry per term."""
         return {"total": float(self.total.detach()), **{k: float(v.detach()) for k, v in self.terms.items()}}
 
-    # The paper's three terms by their old field names (0 when the preset does not use one).
-    @property
-    def global_loss(self) -> torch.Tensor:
-        return self._term("global")
-
-    @property
-    def local_loss(self) -> torch.Tensor:
-        return self._term("local")
-
-    @property
-    def pert_loss(self) -> torch.Tensor:
-        return self._term("pert")
-
-    def _term(self, name: str) -> torch.Tensor:
-        value = self.terms.get(name)
-        return value if value is not None else self.total.new_zeros((), dtype=torch.float32)
-
 
 class PretrainLoss:
     """L = Σ over the preset's terms of weight·term (paper Eq. 1 for the built-in presets).
@@ -946,7 +862,7 @@ class PretrainLoss:
     @property
     def names(self) -> tuple[str, ...]:
         """"total" and the term names, the order of `LossOutput.as_floats` and of the engine's log."""
-        return ("total", *(t.name for t in self.terms))
+        return ("total", *self.terms)
 
     @property
     def pert_types_in_batch(self) -> tuple[str, ...]:
@@ -956,30 +872,18 @@ class PretrainLoss:
         return self.config.batch_pert_types
 
     def model_kwargs(self) -> dict[str, bool]:
-        """Forward keywords of the model: each Feature on exactly when a term needs it."""
-        needs = self.config.needs
-        return {f.value: f in needs for f in Feature}
+        """Forward keywords of the model: each feature on exactly when a term needs it."""
+        return {k: self.config.needs(k) for k in NEEDS}
 
     def __call__(self, out: DualOutput, rank: int = 0, world_size: int = 1) -> LossOutput:
         cfg = self.config
         values: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        for term in self.terms:
-            for feature in term.needs:
-                if feature.missing(out):
-                    raise ValueError(
-                        f"PretrainLoss: term {term.name!r} of preset {cfg.preset!r} needs {feature.description}; "
-                        f"run the model with {feature.value}=True"
-                    )
-            value = term.fn(out, cfg, rank, world_size)
-            if not isinstance(value, torch.Tensor) or value.dim() != 0:
-                raise ValueError(f"PretrainLoss: term {term.name!r} must return a scalar tensor, got "
-                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
-            values[term.name] = value
-            weight = term.weight_in(cfg)
+        for name in self.terms:
+            value = values[name] = LOSS_TERMS[name].fn(out, cfg, rank, world_size)
+            weight = cfg.weight(name)
             weighted = value if weight is None else weight * value
-            # First term as is, then total + w·term: the same ops in the same order as before the
-            # terms were named (training stays bit-identical).
+            # The first term as is, then total + w·term, in the preset's order.
             total = weighted if total is None else total + weighted
         assert total is not None  # a preset has at least one term
         return LossOutput(total=total, terms=values)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pertvl.cli import main
-from pertvl.evaluate.registry import demo_evaluations
+from pertvl.evaluate.catalog import demo_evaluations
 from pertvl.pipeline import Stage, StageError, StageRunner
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,13 +16,9 @@ import pytest
 from PIL import Image
 
 from pertvl.data.records import PERTURBATION_TYPES
+from pertvl.evaluate.comparison import write_comparison_table
 from pertvl.evaluate.encoder import Encoder, TextEncoder
-from pertvl.evaluate.report import (
-    plot_training_curves,
-    save_attention_map,
-    write_comparison_table,
-    write_result,
-)
+from pertvl.evaluate.report import plot_training_curves, save_attention_map, write_result
 from pertvl.evaluate.retrieval import RetrievalResult, evaluate_retrieval, retrieval_recall
 from pertvl.evaluate.structure import StructureResult, bootstrap_ci, evaluate_structure, structure_scores
 from pertvl.evaluate.text_structure import evaluate_text_structure, read_report_sections
@@ -277,7 +273,7 @@ def test_structure_controls_wrong_mean_and_text_only_anchors():
     assert "| **image-grounding margin** (own − wrong, paired images) | +100.0 pts | [+100.0, +100.0] | 4 |" in md
     assert "| wrong image (another study's, findings differ) | 0.0% |" in md
     assert "image-grounding margin +100.0 pts" in r.headline()
-    from pertvl.evaluate.registry import metric_info
+    from pertvl.evaluate.catalog import metric_info
 
     assert metric_info("structure/margin").label.startswith("Grounding margin")
 

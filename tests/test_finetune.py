@@ -613,7 +613,7 @@ def test_split_from_pairs_and_the_results_as_comparison_columns(tiny_run, phanto
     read back through the registry as the comparison table's flat metrics; `--dataset` names the
     NLI columns."""
     from pertvl.data.records import read_pairs
-    from pertvl.evaluate.registry import metric_info, result_from_json
+    from pertvl.evaluate.catalog import metric_info, result_from_json
 
     corpus = tmp_path / "corpus"  # a copy, with one more labelled image that no pair has
     shutil.copytree(phantoms, corpus)

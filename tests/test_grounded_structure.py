@@ -64,7 +64,7 @@ def test_grounded_structure_scores_the_original_above_its_counterfactuals():
     d = json.loads(json.dumps(r.to_json()))
     assert d["schema"] == "pertvl-structure/3" and d["grounded"]["samples_without_record"] == 1
     assert StructureResult.from_json(d).to_json() == d
-    from pertvl.evaluate.registry import metric_info, result_from_json
+    from pertvl.evaluate.catalog import metric_info, result_from_json
 
     assert result_from_json(d).grounded.overall.accuracy == 1.0
     assert metric_info("structure/grounded_margin").label.startswith("Grounded margin")

@@ -167,8 +167,8 @@ def test_grounding_random_stub_is_chance_and_oracle_is_perfect(phantoms):
 
 
 def test_grounding_outputs_registry_and_skips(phantoms, tmp_path):
+    from pertvl.evaluate.catalog import EVALUATIONS, result_from_json
     from pertvl.evaluate.evaluation import Suite
-    from pertvl.evaluate.registry import EVALUATIONS, result_from_json
 
     samples = phantoms[:20] + [Sample("openi", phantoms[0].image, {"text": "heart normal", "labels": None})]
     r = evaluate_grounding(StubLocalEncoder(phantoms, oracle=True), samples, bootstrap=50)

@@ -127,10 +127,10 @@ def test_local_reduction_sum_is_the_papers_addition_and_mean_is_the_old_value():
         pert_emb=None, pert_valid=None, logit_scale=None)
     g = global_contrastive_loss(out.image.global_emb, out.text.global_emb)
     paper = PretrainLoss({"preset": "gloria"})(out)
-    assert paper.local_loss.item() == (i2t + t2i).item()
+    assert paper.terms["local"].item() == (i2t + t2i).item()
     assert paper.total.item() == (g + 0.1 * (i2t + t2i)).item()
     old = PretrainLoss({"preset": "gloria", "local_reduction": "mean"})(out)
-    assert old.local_loss.item() == (0.5 * (i2t + t2i)).item()
+    assert old.terms["local"].item() == (0.5 * (i2t + t2i)).item()
     with pytest.raises(ValueError, match=r"local_attentive_loss: expected reduction 'mean' or 'sum'.*got 'max'"):
         local_attentive_loss(regions, word_feats, mask, reduction="max")
 
@@ -192,7 +192,7 @@ def test_demo_config_keeps_the_old_loss_bit_for_bit():
     logits = 10 * local_similarity(out.image.regions, out.text.words, out.text.word_mask)
     l_old = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     pert = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid)
-    assert torch.equal(res.global_loss, g_old) and torch.equal(res.local_loss, l_old)
+    assert torch.equal(res.terms["global"], g_old) and torch.equal(res.terms["local"], l_old)
     assert torch.equal(res.total, g_old + 0.1 * l_old + 0.1 * pert)
 
 
@@ -379,14 +379,16 @@ def test_presets_weights_and_terms():
     g = global_contrastive_loss(out.image.global_emb, out.text.global_emb)
     loc = local_attentive_loss(out.image.regions, out.text.words, out.text.word_mask)
     pert = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid)
+    preset_terms = {"convirt": "global", "gloria": "global local", "no_local": "global pert",
+                    "full": "global local pert"}
     expected = {"convirt": g, "gloria": g + 0.1 * loc, "no_local": g + 0.1 * pert, "full": g + 0.1 * loc + 0.1 * pert}
     for preset, total in expected.items():
         res = PretrainLoss({"preset": preset})(out)
         torch.testing.assert_close(res.total, total)
-        torch.testing.assert_close(res.global_loss, g)
+        torch.testing.assert_close(res.terms["global"], g)
         cfg = LossConfig(preset=preset)
-        assert (res.local_loss.item() != 0) == cfg.uses_local
-        assert (res.pert_loss.item() != 0) == cfg.uses_perturbations
+        assert ("local" in res.terms) == cfg.needs("need_local") == ("local" in preset_terms[preset])
+        assert ("pert" in res.terms) == cfg.uses_perturbations == ("pert" in preset_terms[preset])
     res = PretrainLoss(LossConfig(preset="full", alpha=0.5, beta=2.0, pert_temperature=0.01))(out)
     pert01 = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid, 0.01)
     torch.testing.assert_close(res.total, g + 0.5 * loc + 2.0 * pert01)
@@ -403,9 +405,9 @@ def test_learnable_scale_and_bf16_inputs_give_fp32_losses():
     scale = torch.tensor([20.0], requires_grad=True)
     out = _fake_output(dtype=torch.bfloat16, logit_scale=scale)
     res = PretrainLoss({"preset": "full"})(out)
-    assert all(getattr(res, f).dtype == torch.float32 for f in ("total", "global_loss", "local_loss", "pert_loss"))
+    assert all(t.dtype == torch.float32 for t in (res.total, *res.terms.values()))
     ref = global_contrastive_loss(out.image.global_emb.float(), out.text.global_emb.float(), temperature=1 / 20)
-    torch.testing.assert_close(res.global_loss, ref)
+    torch.testing.assert_close(res.terms["global"], ref)
     res.total.backward()
     assert scale.grad is not None and out.image.regions.grad.dtype == torch.bfloat16
 
@@ -418,11 +420,11 @@ def test_loss_config_validation():
     for key in ("global_reduction", "local_reduction"):
         with pytest.raises(ValueError, match=rf"LossConfig: expected {key} 'mean' or 'sum'.*got 'max'"):
             LossConfig(**{key: "max"})
+    with pytest.raises(ValueError, match=r"the weight of term 'pert' is loss.beta"):
+        LossConfig(weights={"pert": 0.5})
     missing = _fake_output()
-    missing.image.regions = None
-    with pytest.raises(ValueError, match="need_local=True"):
-        PretrainLoss({"preset": "gloria"})(missing)
-    assert PretrainLoss({"preset": "no_local"})(missing).local_loss.item() == 0.0
+    missing.image.regions = None  # a preset without L_local reads no region features
+    assert list(PretrainLoss({"preset": "no_local"})(missing).terms) == ["global", "pert"]
 
 
 @pytest.mark.parametrize("scale", [0.1, 0.3, 1.0])

@@ -194,7 +194,7 @@ def test_no_valid_perturbation_at_all(tiny_bert):
     rows = _count_calls(model.text.backbone)
     out = model(batch)
     assert rows == [3] and torch.all(out.pert_emb == 0)
-    assert PretrainLoss({"preset": "no_local"})(out).pert_loss.item() == 0.0
+    assert PretrainLoss({"preset": "no_local"})(out).terms["pert"].item() == 0.0
 
 
 def test_word_aggregation_by_hand_minilm(minilm_path):

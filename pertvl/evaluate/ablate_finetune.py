@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# What each table of the paper is here; IV is the ABLATE suite of pertvl.evaluate.registry.
+# What each table of the paper is here; IV is the ABLATE suite of pertvl.evaluate.catalog.
 TABLES = {
     "II": "CheXpert-style fine-tuning of the image tower (`pertvl finetune chexpert`)",
     "III": "NLI fine-tuning of the text tower (`pertvl finetune nli`)",

@@ -1,4 +1,4 @@
-"""`pertvl eval NAME` for every registered evaluation (pertvl.evaluate.registry), `pertvl finetune`, `pertvl ablate`.
+"""`pertvl eval NAME` for every evaluation of pertvl.evaluate.catalog, `pertvl finetune`, `pertvl ablate`.
 
 Each evaluation declares its own options; this module adds the shared ones (the encoder, --out,
 --name and, for evaluations of shard samples, --shards/--split/--limit) and runs it the same way:
@@ -63,8 +63,8 @@ def _print_paths(paths: dict) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """`pertvl eval NAME`: load the data, build the encoder, run, write NAME.json/.md (+ figures)."""
+    from pertvl.evaluate.catalog import EVALUATIONS
     from pertvl.evaluate.evaluation import Source
-    from pertvl.evaluate.registry import EVALUATIONS
     from pertvl.evaluate.report import write_result
 
     evaluation = EVALUATIONS[args.evaluation]
@@ -167,14 +167,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_finetune(sub)
     ev = sub.add_parser(
         "eval",
-        help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure (and registered ones)",
+        help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure, grounding",
         description="Evaluate pretrained encoders (ONNX export or torch run) on a shard split.",
     )
     esub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION", required=True)
+    from pertvl.evaluate.catalog import EVALUATIONS
     from pertvl.evaluate.evaluation import Source
-    from pertvl.evaluate.registry import EVALUATIONS
 
-    for evaluation in EVALUATIONS.values():  # built-ins, then plugins' (pertvl --plugin)
+    for evaluation in EVALUATIONS.values():
         p = esub.add_parser(evaluation.name, help=evaluation.help, description=evaluation.description)
         _model_args(p, text_model=evaluation.text_only)
         if evaluation.source is Source.SHARDS:

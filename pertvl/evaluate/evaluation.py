@@ -2,9 +2,9 @@
 
 An evaluation is one module with a `run(encoder, data, options) -> Result`, the arguments it adds
 to its `pertvl eval NAME` parser, and one `Evaluation` entry (EVALUATION = Evaluation(...)) that
-pertvl.evaluate.registry lists. Everything about its output is on its Result: the schema, the
+pertvl.evaluate.catalog lists. Everything about its output is on its Result: the schema, the
 JSON round trip, the Markdown, the flat metrics (the comparison table's columns) and a headline.
-The commands and writers (pertvl.evaluate.cli, report, ablate, pertvl.demo) loop over the registry
+The commands and writers (pertvl.evaluate.cli, report, ablate, pertvl.demo) loop over that table
 and know no evaluation by name.
 
 This module imports nothing heavy: the CLI parser is built from these declarations.
@@ -94,7 +94,7 @@ class Result(Protocol):
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One registered evaluation.
+    """One evaluation (a row of pertvl.evaluate.catalog.EVALUATIONS).
 
     Attributes:
         name: `pertvl eval NAME`.

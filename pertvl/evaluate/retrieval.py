@@ -323,7 +323,7 @@ def evaluate_retrieval(
     return result
 
 
-# ----------------------------------------------------------------------------- the registry entry
+# ----------------------------------------------------------------------------- the catalog entry
 
 
 def _ks(text: str) -> tuple[int, ...]:

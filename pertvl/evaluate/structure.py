@@ -715,7 +715,7 @@ def valid_perturbations(
 
 def requested_types(types: Sequence[str]) -> tuple[str, ...]:
     """The perturbation types to score, in the order asked (the table's columns), validated against
-    the registered ones; a repeated type is refused. (pertvl.data.perturb.select_types is the
+    the table's; a repeated type is refused. (pertvl.data.perturb.select_types is the
     generation side: table order, a comma string accepted.)"""
     from pertvl.data.perturb import PERTURBATIONS
 
@@ -1456,11 +1456,11 @@ def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: s
     return save_png(fig, out_png)
 
 
-# ----------------------------------------------------------------------------- the registry entry
+# ----------------------------------------------------------------------------- the catalog entry
 
 
 def types_arg(text: str) -> tuple[str, ...]:
-    """argparse type: comma-separated registered perturbation types."""
+    """argparse type: comma-separated perturbation types."""
     from pertvl.data.perturb import PERTURBATIONS
 
     types = tuple(t.strip() for t in text.split(",") if t.strip())
@@ -1473,7 +1473,7 @@ def types_arg(text: str) -> tuple[str, ...]:
 def add_structure_arguments(p: argparse.ArgumentParser) -> None:
     """--types, --bootstrap, --seed (shared with text-structure)."""
     p.add_argument("--types", type=types_arg, default=PERTURBATION_TYPES,
-                   help="comma-separated perturbation types (default: the nine; registered types by name)")
+                   help="comma-separated perturbation types (default: the nine)")
     p.add_argument("--bootstrap", type=non_negative, default=1000,
                    help="bootstrap resamples for the 95%% CIs, 0 to skip (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")

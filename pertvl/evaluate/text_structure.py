@@ -240,7 +240,7 @@ def evaluate_text_structure(
     return result
 
 
-# ----------------------------------------------------------------------------- the registry entry
+# ----------------------------------------------------------------------------- the catalog entry
 
 
 @dataclass
@@ -260,9 +260,7 @@ def load(options: argparse.Namespace) -> TextStructureData:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(sections.skipped.items())) or "none"
     print(f"{options.reports}: {len(sections)} reports with findings and impression ({sections.rows_read} read; "
           f"left out: {skipped})")
-    extra = [t for t in options.types if t not in PERTURBATION_TYPES]  # registered types are computed on request
-    perturber = Perturber(seed=options.perturb_seed, types=[*PERTURBATION_TYPES, *extra]) if extra else \
-        Perturber(seed=options.perturb_seed)
+    perturber = Perturber(seed=options.perturb_seed)
     records = perturb_findings(sections, perturber, progress=True)
     cfs = None
     if not options.no_counterfactuals:

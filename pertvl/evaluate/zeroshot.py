@@ -364,7 +364,7 @@ def _image_size(encoder: Encoder, options: argparse.Namespace) -> int:
     return 224
 
 
-# ----------------------------------------------------------------------------- the registry entry
+# ----------------------------------------------------------------------------- the catalog entry
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

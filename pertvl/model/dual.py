@@ -237,8 +237,8 @@ class DualEncoder(nn.Module):
 
         Args:
             batch: a pertvl.data.batch.Batch.
-            need_local: compute region and word features (L_local; pertvl.losses.Feature.LOCAL).
-            need_perturbations: encode the perturbations (L_pert; Feature.PERTURBATIONS).
+            need_local: compute region and word features (L_local).
+            need_perturbations: encode the perturbations (L_pert).
                 `PretrainLoss.model_kwargs()` sets both from the terms of the loss preset.
                 Without it only the B originals go through the text transformer.
         Returns:

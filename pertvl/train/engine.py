@@ -421,7 +421,7 @@ class Trainer:
         """The FLOP counter of this model and loss preset (pertvl.train.flops); None (and a
         warning) when the image tower cannot be counted: accounting never stops a run."""
         try:
-            return FlopCounter.for_model(model, image_size, terms=tuple(t.name for t in self.loss_fn.terms),
+            return FlopCounter.for_model(model, image_size, terms=self.loss_fn.terms,
                                          **self.model_kwargs)
         except Exception as err:  # noqa: BLE001 - an exotic backbone: train without MFU
             log.warning("FLOP accounting unavailable (%s: %s); perf/mfu is not logged", type(err).__name__, err)

@@ -272,7 +272,7 @@ class ChexpertResult:
                    history=[EpochLog(**h) for h in d.get("history", [])], data=dict(d.get("data", {})),
                    settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
 
-    # -- the comparison table's columns (pertvl.evaluate.registry) ------------------------------
+    # -- the comparison table's columns (pertvl.evaluate.catalog) ------------------------------
     def metrics(self) -> dict[str, float | None]:
         """"chexpert/LABEL/accuracy", "chexpert/LABEL/auroc" per label, and their means."""
         out: dict[str, float | None] = {}

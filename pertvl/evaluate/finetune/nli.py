@@ -200,7 +200,7 @@ class NliResult:
                    history=[EpochLog(**h) for h in d.get("history", [])], best_epoch=int(d.get("best_epoch", 0)),
                    data=dict(d.get("data", {})), settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
 
-    # -- the comparison table's columns (pertvl.evaluate.registry) ------------------------------
+    # -- the comparison table's columns (pertvl.evaluate.catalog) ------------------------------
     def metrics(self) -> dict[str, float | None]:
         """"nli/DATASET/accuracy" and "nli/DATASET/macro_f1" on the test file (DATASET: info["dataset"],
         `pertvl finetune nli --dataset`; "nli/accuracy" without one), so one run's data sets are distinct columns."""
