@@ -15,7 +15,7 @@ from pertvl.cli import main as pertvl_main
 from pertvl.evaluate import ablate
 from pertvl.evaluate.grounding import GroundingResult, GroundingStat
 from pertvl.evaluate.retrieval import RetrievalResult
-from pertvl.evaluate.structure import AccuracyStat, StructureResult
+from pertvl.evaluate.structure_result import AccuracyStat, StructureResult
 from pertvl.evaluate.zeroshot import LabelAUROC, ZeroShotResult
 
 # Known structure accuracy per preset and seed offsets: the table must give their mean ± std.

@@ -17,10 +17,11 @@ from PIL import Image
 
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.evaluate.comparison import write_comparison_table
-from pertvl.evaluate.encoder import Encoder, TextEncoder
+from pertvl.evaluate.encoder import Encoder, TextEncoder, l2_normalize
 from pertvl.evaluate.report import plot_training_curves, save_attention_map, write_result
 from pertvl.evaluate.retrieval import RetrievalResult, evaluate_retrieval, retrieval_recall
-from pertvl.evaluate.structure import StructureResult, bootstrap_ci, evaluate_structure, structure_scores
+from pertvl.evaluate.structure import bootstrap_ci, evaluate_structure, scores_from_cosines
+from pertvl.evaluate.structure_result import TIE_TOLERANCE, StructureResult, StructureScores
 from pertvl.evaluate.text_structure import evaluate_text_structure, read_report_sections
 from pertvl.evaluate.zeroshot import ZeroShotResult, auroc, evaluate_zeroshot
 
@@ -175,6 +176,50 @@ def test_structure_bootstrap_is_deterministic_per_seed():
     assert evaluate_structure(enc, samples, types=T3, bootstrap=0).overall.ci95 is None
 
 
+# Scores of image embeddings against report and perturbation embeddings, as arrays (a reference
+# for evaluate_structure's scoring).
+def structure_scores(
+    image_emb: np.ndarray,
+    orig_emb: np.ndarray,
+    pert_emb: np.ndarray,
+    valid: np.ndarray,
+    tie_tolerance: float = TIE_TOLERANCE,
+) -> StructureScores:
+    """Score each image's original report against its perturbations by cosine similarity.
+
+    Args:
+        image_emb: [N, D] image global embeddings (the anchors; any scale: normalized here).
+        orig_emb: [N, D] global embeddings of each image's original report.
+        pert_emb: [N, K, D] embeddings of the perturbations (anything where invalid).
+        valid: [N, K] bool, which perturbations are candidates.
+        tie_tolerance: a perturbation within this cosine of the original counts as beating it.
+
+    Returns:
+        StructureScores (see its docstring).
+
+    Raises:
+        ValueError: on inconsistent shapes.
+    """
+    image_emb = np.asarray(image_emb)
+    orig_emb = np.asarray(orig_emb)
+    pert_emb = np.asarray(pert_emb)
+    valid = np.asarray(valid)
+    if image_emb.ndim != 2 or orig_emb.shape != image_emb.shape:
+        raise ValueError(
+            f"expected image_emb and orig_emb of the same shape [N, D], got "
+            f"{tuple(image_emb.shape)} and {tuple(orig_emb.shape)}"
+        )
+    n, d = image_emb.shape
+    if pert_emb.ndim != 3 or pert_emb.shape[0] != n or pert_emb.shape[2] != d:
+        raise ValueError(f"expected pert_emb [{n}, K, {d}], got {tuple(pert_emb.shape)}")
+    if valid.shape != pert_emb.shape[:2] or valid.dtype != np.bool_:
+        raise ValueError(f"expected valid as bool [{n}, {pert_emb.shape[1]}], got {valid.dtype} {tuple(valid.shape)}")
+    img = l2_normalize(image_emb)
+    orig = np.einsum("nd,nd->n", img, l2_normalize(orig_emb))
+    pert = np.einsum("nd,nkd->nk", img, l2_normalize(pert_emb))
+    return scores_from_cosines(orig, pert, valid, tie_tolerance)
+
+
 def test_structure_scores_on_arrays_match_the_evaluation():
     # The same case as arrays: anchors all e0; text at cosine c is unit_at_cosine(c).
     table = [(0.9, 0.5, 0.6, 0.8), (0.7, 0.8, 0.2, 0.1), (0.6, 0.3, None, None), (0.5, 0.5, 0.4, 0.95),
@@ -227,11 +272,9 @@ def test_structure_result_json_round_trips():
     assert StructureResult.from_json(d).to_json() == d
     with pytest.raises(ValueError, match="schema"):
         StructureResult.from_json({"schema": "something-else"})
-    # A /1 file (before the controls and the mean cosines) is still read.
-    old = {k: v for k, v in d.items() if k != "controls"} | {"schema": "pertvl-structure/1"}
-    old["overall"] = {k: v for k, v in d["overall"].items() if not k.startswith("cos_")}
-    back = StructureResult.from_json(old)
-    assert back.controls is None and back.overall.cos_original is None and back.overall.accuracy == r.overall.accuracy
+    # The JSON is the dataclass fields, in their order.
+    assert list(d["controls"]) == ["text_only", "wrong_image", "mean_image", "margin", "margin_per_type", "pairing"]
+    assert list(d)[0] == "schema" and list(d)[-1] == "info"
 
 
 def grounded_case(n: int = 4):

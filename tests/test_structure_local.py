@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pertvl.evaluate.structure import StructureResult, evaluate_structure, wrong_image_partners
+from pertvl.evaluate.structure import evaluate_structure, wrong_image_partners
+from pertvl.evaluate.structure_result import StructureResult
 from pertvl.infer import ImageFeatures, TextFeatures, local_scores
 from pertvl.losses import local_similarity
 from tests.test_evaluate import make_sample

@@ -13,13 +13,16 @@ This module imports nothing heavy: the CLI parser is built from these declaratio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "non_negative", "positive_int"]
+__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "from_json", "non_negative", "positive_int", "to_json"]
 
 
 class Source(enum.Enum):
@@ -178,3 +181,42 @@ def non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
+
+
+def to_json(obj: Any) -> Any:
+    """A result dataclass as JSON-ready data: dataclasses as dicts ("schema" first, then the fields in
+    their order; a field with repr=False, per-item detail, is left out), tuples as lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = sorted((f.name for f in dataclasses.fields(obj) if f.repr), key=lambda n: n != "schema")
+        return {n: to_json(getattr(obj, n)) for n in names}
+    if isinstance(obj, Mapping):
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json(v) for v in obj]
+    return obj
+
+
+def from_json(tp: Any, data: Any) -> Any:
+    """`data` (parsed JSON) as type `tp`: a dataclass (a field with a default may be absent), X | None,
+    tuple[...], list[...], dict[str, X], or a plain value."""
+    if data is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        kwargs = {f.name: from_json(hints[f.name], data[f.name]) for f in dataclasses.fields(tp)
+                  if f.repr and f.init and (f.name in data or _required(f))}
+        return tp(**kwargs)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        return from_json(next(a for a in args if a is not type(None)), data)
+    if origin is tuple:
+        return tuple(from_json(a, v) for a, v in zip(args, data, strict=True))
+    if origin is list:
+        return [from_json(args[0], v) for v in data]
+    if origin is dict:
+        return {k: from_json(args[1], v) for k, v in data.items()}
+    return tp(data) if tp in (int, float, str) else data
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

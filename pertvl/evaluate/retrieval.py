@@ -44,7 +44,7 @@ import numpy as np
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
 from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
 from pertvl.evaluate.report import md_table, pct
-from pertvl.evaluate.structure import TIE_TOLERANCE
+from pertvl.evaluate.structure_result import TIE_TOLERANCE
 
 SCHEMA = "pertvl-retrieval/2"
 READABLE_SCHEMAS = ("pertvl-retrieval/1", SCHEMA)

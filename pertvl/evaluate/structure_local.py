@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from pertvl.evaluate.evaluation import Evaluation, Suite
-from pertvl.evaluate.structure import SCHEMA, StructureResult, add_structure_arguments
+from pertvl.evaluate.structure import add_structure_arguments
 from pertvl.evaluate.structure import run as run_structure
+from pertvl.evaluate.structure_result import SCHEMA, StructureResult
 
 
 def run(encoder: Any, data: Iterable[Any], options: argparse.Namespace) -> StructureResult:

@@ -44,9 +44,7 @@ from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import TextEncoder, embed_texts_unique
 from pertvl.evaluate.evaluation import Evaluation, Source, positive_int
 from pertvl.evaluate.structure import (
-    TIE_TOLERANCE,
     CandidateCounts,
-    StructureResult,
     accuracy_stats,
     add_structure_arguments,
     cosine_candidates,
@@ -54,8 +52,9 @@ from pertvl.evaluate.structure import (
     summarize,
     valid_perturbations,
 )
+from pertvl.evaluate.structure_result import TEXT_SCHEMA as SCHEMA
+from pertvl.evaluate.structure_result import TIE_TOLERANCE, StructureResult
 
-SCHEMA = "pertvl-text-structure/3"  # /2: mean cosines in every STAT (structure.py); /3: cf_* rows
 REQUIRED_COLUMNS = ("uid", "findings", "impression")
 
 
@@ -301,7 +300,7 @@ EVALUATION = Evaluation(
     add_arguments=add_arguments,
     run=run,
     result_type=StructureResult,
-    schemas=(SCHEMA, "pertvl-text-structure/2"),
+    schemas=(SCHEMA,),
     title="Text-only structure (impression → findings)",
     source=Source.OWN,
     load=load,
