@@ -1,4 +1,4 @@
-"""Benchmark: the paper configuration's training throughput on one GPU (issue 18's goal).
+"""Benchmark: the paper configuration's training throughput on one GPU.
 
     python bench/bench_gpu.py [--shards DIR] [--tokenizer DIR] [--steps 40] [--json PATH]
     python bench/bench_gpu.py --cpu --quick            # the same script, tiny, on a CPU (tested)

@@ -14,7 +14,7 @@ rate misses the target.
 
 The epoch boundary, side by side in the same run: the wait for the first batch of every epoch
 after the first, with the stream's one set of workers serving every epoch (today) against workers
-forked anew each epoch (pertvl before issue 16: `close()` before every epoch, fork context), with a
+forked anew each epoch (`close()` before every epoch, fork context), with a
 simulated training step between batches so that workers can work ahead as they do in training.
 """
 

@@ -3,7 +3,7 @@
 
     python bench/bench_onnx.py [--quick] [--threads N] [--variants]
 
-Goals (issue 7): every tower at least 1.5x faster than torch eager in fp32, at least 2x in int8;
+Goals: every tower at least 1.5x faster than torch eager in fp32, at least 2x in int8;
 the script exits 1 when one is missed. Torch runs the model as trained (its default SDPA
 attention, torch.inference_mode) with the same thread count as onnxruntime (physical cores).
 Times are the best of N interleaved repetitions (torch and onnxruntime alternate, so load from

@@ -1,6 +1,6 @@
 """Phantom corpus generation speed: phantoms/s at 224 px with 1 and 2 worker processes.
 
-Target (issue 2): 1,000 phantoms at 224 px in well under a minute on one core. The full pipeline
+Target: 1,000 phantoms at 224 px in well under a minute on one core. The full pipeline
 is timed (findings, rendering, report, PNG encoding and writing, pairs.jsonl, labels.csv, summary).
 
     python bench/bench_phantom.py            # 1,000 phantoms per run

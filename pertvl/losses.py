@@ -9,8 +9,8 @@ How each contrastive loss combines its two directions (image→text, text→imag
   CLIP's reference averages the two directions, so the paper's L_global is the MEAN (default).
 * L_local (§III-B 2): "Addition of the symmetrical cross-entropy loss for Image-Text and Text-Image
   matching becomes the final contrastive loss", as GLoRIA does (l_loss0 + l_loss1): the SUM
-  (default). pertvl averaged them until issue 15 (α = 0.1 then acted as 0.05); configs/demo.yaml
-  pins "mean" to keep its tuned behaviour.
+  (default); with "mean", α = 0.1 acts as 0.05 (configs/demo.yaml pins "mean", the setting it
+  was tuned at).
 
 * `global_contrastive_loss`  — L_global (§III-B 1): symmetric InfoNCE between the global image and
   report embeddings of the batch; across ranks the features are gathered *with gradient*
@@ -28,8 +28,9 @@ How each contrastive loss combines its two directions (image→text, text→imag
   logs every term as `loss/{name}` without knowing the names.
 
 All losses are computed in float32 (inputs are upcast and autocast is disabled) so that bf16/fp16
-engines get the same numbers as fp32 ones. Every function validates its inputs and raises
-ValueError saying what it expected and what it got.
+engines get the same numbers as fp32 ones. Inputs are the model's outputs, shaped by construction:
+the functions check their option values (reduction, aggregation), not the tensors; LossConfig
+validates the options once, where the config enters.
 """
 
 from __future__ import annotations
@@ -73,39 +74,11 @@ def _check_reduction(fn: str, name: str, value: Any) -> float:
     return 0.5 if value == "mean" else 1.0
 
 
-# ----------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------
-def _check_tensor(fn: str, name: str, x: Any, shape: str, ndim: int, *, floating: bool = True) -> None:
-    """Raise ValueError unless `x` is a tensor with `ndim` dims and a floating (or bool) dtype."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{fn}: expected {name} to be a torch.Tensor of shape {shape}, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{fn}: expected {name} of shape {shape} ({ndim} dims), got shape {tuple(x.shape)}")
-    if floating and not x.is_floating_point():
-        raise ValueError(f"{fn}: expected {name} to be a floating-point tensor, got dtype {x.dtype}")
-    if not floating and x.dtype != torch.bool:
-        raise ValueError(f"{fn}: expected {name} to be a bool tensor, got dtype {x.dtype}")
-
-
-def _check_dims(fn: str, what: str, expected: Any, got: Any) -> None:
-    if expected != got:
-        raise ValueError(f"{fn}: expected {what} to be {expected}, got {got}")
-
-
-def _temperature(fn: str, temperature: float | torch.Tensor) -> float | torch.Tensor:
-    """A positive float or a tensor with one element (a learnable temperature), as float32."""
+def _temperature(temperature: float | torch.Tensor) -> float | torch.Tensor:
+    """A float, or a one-element tensor (a learnable temperature) as a float32 scalar."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(
-                f"{fn}: expected temperature to be a float or a one-element tensor, "
-                f"got a tensor of shape {tuple(temperature.shape)}"
-            )
         return _upcast(temperature).reshape(())
-    temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"{fn}: expected temperature > 0, got {temperature}")
-    return temperature
+    return float(temperature)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -166,19 +139,7 @@ def global_contrastive_loss(
     """
     fn = "global_contrastive_loss"
     factor = _check_reduction(fn, "reduction", reduction)
-    _check_tensor(fn, "image_emb", image_emb, "[B, D]", 2)
-    _check_tensor(fn, "text_emb", text_emb, "[B, D]", 2)
-    _check_dims(fn, "text_emb.shape (same as image_emb)", tuple(image_emb.shape), tuple(text_emb.shape))
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"{fn}: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
-            got = dist.get_world_size() if dist.is_available() and dist.is_initialized() else "not initialized"
-            raise ValueError(f"{fn}: world_size={world_size} needs torch.distributed initialized with "
-                             f"{world_size} ranks, got {got}")
-    tau = _temperature(fn, temperature)
+    tau = _temperature(temperature)
     with torch.autocast(image_emb.device.type, enabled=False):
         img = F.normalize(_upcast(image_emb), dim=-1)
         txt = F.normalize(_upcast(text_emb).to(img.dtype), dim=-1)
@@ -341,15 +302,6 @@ class _LocalSimilarity(torch.autograd.Function):
         return grad_r, grad_x, None, None, None, None, None, None
 
 
-def _check_local_inputs(fn, region_feats, word_feats, word_mask):
-    _check_tensor(fn, "region_feats", region_feats, "[B, M, D]", 3)
-    _check_tensor(fn, "word_feats", word_feats, "[B, W, D]", 3)
-    _check_tensor(fn, "word_mask", word_mask, "[B, W]", 2, floating=False)
-    _check_dims(fn, "word_feats.shape[0] (batch size of region_feats)", region_feats.shape[0], word_feats.shape[0])
-    _check_dims(fn, "word_feats.shape[2] (feature width D of region_feats)", region_feats.shape[2], word_feats.shape[2])
-    _check_dims(fn, "word_mask.shape ([B, W] of word_feats)", tuple(word_feats.shape[:2]), tuple(word_mask.shape))
-
-
 def local_similarity(
     region_feats: torch.Tensor,
     word_feats: torch.Tensor,
@@ -384,7 +336,6 @@ def local_similarity(
         [B_images, B_reports] float32 similarities.
     """
     fn = "local_similarity"
-    _check_local_inputs(fn, region_feats, word_feats, word_mask)
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     if matmul_dtype not in LOCAL_DTYPES:
@@ -451,7 +402,7 @@ def local_attentive_loss(
     with the matching pair as target, combined by `reduction`:
 
         L_local = CE(image→report) + CE(report→image)          ("sum", default: the paper, GLoRIA)
-        L_local = ½ [CE(image→report) + CE(report→image)]      ("mean": pertvl before issue 15)
+        L_local = ½ [CE(image→report) + CE(report→image)]      ("mean")
 
     The paper (§III-B 2, the L_local equation): "Addition of the symmetrical cross-entropy loss
     for Image-Text and Text-Image matching becomes the final contrastive loss"; GLoRIA's
@@ -475,7 +426,6 @@ def local_attentive_loss(
         scalar float32 loss.
     """
     fn = "local_attentive_loss"
-    _check_local_inputs(fn, region_feats, word_feats, word_mask)
     factor = _check_reduction(fn, "reduction", reduction)
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
@@ -508,14 +458,10 @@ def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, g
     Returns:
         [W, M]: row w is word w's attention over the regions (sums to 1).
     """
-    fn = "local_attention_maps"
     if isinstance(region_feats, torch.Tensor) and region_feats.dim() == 3 and region_feats.shape[0] == 1:
         region_feats = region_feats[0]
     if isinstance(word_feats, torch.Tensor) and word_feats.dim() == 3 and word_feats.shape[0] == 1:
         word_feats = word_feats[0]
-    _check_tensor(fn, "region_feats", region_feats, "[M, D] or [1, M, D]", 2)
-    _check_tensor(fn, "word_feats", word_feats, "[W, D] or [1, W, D]", 2)
-    _check_dims(fn, "word_feats.shape[-1] (feature width of region_feats)", region_feats.shape[-1], word_feats.shape[-1])
     with torch.autocast(region_feats.device.type, enabled=False):
         p = _upcast(region_feats) @ _upcast(word_feats).to(_upcast(region_feats).dtype).T  # [M, W]
         a = torch.softmax(gamma1 * torch.softmax(p, dim=-1), dim=0)  # words, then regions
@@ -549,17 +495,7 @@ def perturbation_loss(
     Returns:
         scalar float32 loss.
     """
-    fn = "perturbation_loss"
-    _check_tensor(fn, "image_emb", image_emb, "[B, D]", 2)
-    _check_tensor(fn, "original_emb", original_emb, "[B, D]", 2)
-    _check_tensor(fn, "perturbed_emb", perturbed_emb, "[B, K, D]", 3)
-    _check_tensor(fn, "valid", valid, "[B, K]", 2, floating=False)
-    _check_dims(fn, "original_emb.shape (same as image_emb)", tuple(image_emb.shape), tuple(original_emb.shape))
-    b, d = image_emb.shape
-    _check_dims(fn, "perturbed_emb.shape[0] and [2] (B, D of image_emb)", (b, d),
-                (perturbed_emb.shape[0], perturbed_emb.shape[2]))
-    _check_dims(fn, "valid.shape ([B, K] of perturbed_emb)", tuple(perturbed_emb.shape[:2]), tuple(valid.shape))
-    tau = _temperature(fn, temperature)
+    tau = _temperature(temperature)
     with torch.autocast(image_emb.device.type, enabled=False):
         img = F.normalize(_upcast(image_emb), dim=-1)
         # Invalid slots are replaced before anything touches them: whatever they hold (even NaN)
@@ -621,10 +557,9 @@ def _local_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) ->
 
 
 def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> torch.Tensor:
-    # No cross-sample term: each rank's own batch. Types outside loss.pert_types are masked out
-    # (perturbation_loss ignores whatever an invalid slot holds).
-    return perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb,
-                             cfg.mask_pert_valid(out.pert_valid), cfg.pert_temperature)
+    # No cross-sample term: each rank's own batch, whose columns are loss.pert_types.
+    return perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid,
+                             cfg.pert_temperature)
 
 
 # The paper's three terms (§III-B 1-3). A new term: its function above and one line here.
@@ -648,12 +583,10 @@ def preset_label(name: str) -> str:
     return LOSS_PRESETS[name][1] if name in LOSS_PRESETS else name
 
 
-def _batch_pert_types(counterfactual: Sequence[str] = ()) -> tuple[str, ...]:
-    """The perturbation types a training batch carries (`Batch.pert_types`, `Batch.pert_valid`'s K
-    columns): the nine of PERTURBATION_TYPES, then the counterfactual types `counterfactual` asks for."""
+def _paper_pert_types() -> tuple[str, ...]:
     from pertvl.data.records import PERTURBATION_TYPES
 
-    return (*PERTURBATION_TYPES, *counterfactual)
+    return PERTURBATION_TYPES
 
 
 def _counterfactual_order(names: Sequence[str]) -> list[str]:
@@ -664,14 +597,11 @@ def _counterfactual_order(names: Sequence[str]) -> list[str]:
 
 
 def _check_pert_types(value: Any) -> list[str]:
-    """`loss.pert_types` validated: a non-empty list of distinct types, returned in the batch's order
-    (the nine of PERTURBATION_TYPES, then counterfactual types in COUNTERFACTUAL_TYPES order).
-    Counterfactual types (cf_*, pertvl.data.counterfactual) are training negatives only when named
-    here: the stream then collates them as extra columns (from the shards' `counterfactuals`, packed
-    with `pertvl pack --counterfactuals`)."""
+    """`loss.pert_types` validated: a non-empty list of distinct types, returned in the batch's column
+    order (PERTURBATION_TYPES order, then counterfactual types in COUNTERFACTUAL_TYPES order)."""
     from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
+    from pertvl.data.records import PERTURBATION_TYPES as known
 
-    known = _batch_pert_types()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
@@ -706,10 +636,10 @@ class LossConfig:
     symmetrical cross-entropy loss", as GLoRIA). GLoRIA itself also sums L_global's directions.
 
     `pert_types`: the perturbation types L_pert trains on (default: all nine of
-    PERTURBATION_TYPES, the paper's). The others are masked out of L_pert and the engine does not
-    encode them (leave-one-type-out, issue 13 §3: `pertvl ablate --holdout-type T`). Counterfactual
-    types (cf_laterality, ...) named here become extra columns of the batch after the nine
-    (`counterfactual_types`; shards packed with `--counterfactuals`) and negatives of L_pert.
+    PERTURBATION_TYPES, the paper's), and exactly the columns of the training batch: a type left
+    out is never collated nor encoded (leave-one-type-out: `pertvl ablate --holdout-type T`).
+    Counterfactual types (cf_laterality, ...) named here are columns after the perturbation types,
+    their texts from shards packed with `--counterfactuals`.
     """
 
     preset: str = "full"
@@ -726,7 +656,7 @@ class LossConfig:
     local_dtype: str = "fp32"  # L_local's matmul inputs: fp32 | bf16 (tensor cores; fp32 accumulation)
     local_form: str = "gloria"  # gloria (GLoRIA's, the cited reference) | printed (the paper's equations; LOCAL_FORMS)
     weights: dict[str, float] = field(default_factory=dict)
-    pert_types: list[str] = field(default_factory=lambda: list(_batch_pert_types()))
+    pert_types: list[str] = field(default_factory=lambda: list(_paper_pert_types()))
 
     def __post_init__(self) -> None:
         self.pert_types = _check_pert_types(self.pert_types)
@@ -793,40 +723,6 @@ class LossConfig:
         return any(keyword in LOSS_TERMS[t].needs for t in self.terms)
 
     @property
-    def pert_holdout(self) -> tuple[str, ...]:
-        """The batch's perturbation types that L_pert does NOT train on (empty by default)."""
-        return tuple(t for t in self.batch_pert_types if t not in self.pert_types)
-
-    @property
-    def counterfactual_types(self) -> tuple[str, ...]:
-        """The counterfactual types of `pert_types` (the batch's columns after the nine); () by default."""
-        return tuple(t for t in self.pert_types if t not in _batch_pert_types())
-
-    @property
-    def batch_pert_types(self) -> tuple[str, ...]:
-        """The columns of the training batch's perturbation axis (`Batch.pert_types`): the nine of
-        PERTURBATION_TYPES, then `counterfactual_types`."""
-        return _batch_pert_types(self.counterfactual_types)
-
-    def pert_type_mask(self, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """[K] bool over the batch's perturbation types (`batch_pert_types`), True for the types of
-        `pert_types`; None when all are used (nothing to mask)."""
-        if not self.pert_holdout:
-            return None
-        return torch.tensor([t in self.pert_types for t in self.batch_pert_types], dtype=torch.bool, device=device)
-
-    def mask_pert_valid(self, valid: torch.Tensor) -> torch.Tensor:
-        """`valid` [B, K] with the held-out types' columns set to False; `valid` itself (the same
-        tensor object) when every type is used."""
-        mask = self.pert_type_mask(valid.device)
-        if mask is None:
-            return valid
-        if valid.dim() != 2 or valid.shape[1] != mask.shape[0]:
-            raise ValueError(f"LossConfig.mask_pert_valid: expected pert_valid of shape [B, {mask.shape[0]}] "
-                             f"(one column per type of {list(self.batch_pert_types)}), got {tuple(valid.shape)}")
-        return valid & mask
-
-    @property
     def uses_perturbations(self) -> bool:
         return self.needs("need_perturbations")
 
@@ -863,13 +759,6 @@ class PretrainLoss:
     def names(self) -> tuple[str, ...]:
         """"total" and the term names, the order of `LossOutput.as_floats` and of the engine's log."""
         return ("total", *self.terms)
-
-    @property
-    def pert_types_in_batch(self) -> tuple[str, ...]:
-        """The perturbation types of `Batch.pert_valid`'s columns (`LossConfig.batch_pert_types`: the
-        nine, then the requested counterfactual types), of which `config.pert_types` are L_pert's
-        negatives."""
-        return self.config.batch_pert_types
 
     def model_kwargs(self) -> dict[str, bool]:
         """Forward keywords of the model: each feature on exactly when a term needs it."""

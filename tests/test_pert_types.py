@@ -34,35 +34,11 @@ def _output(b=6, d=8, seed=3):
     return SimpleNamespace(image=image, text=text, pert_emb=r(b, K, d), pert_valid=valid, logit_scale=None)
 
 
-def test_default_is_all_nine_types_and_bit_identical():
-    assert LossConfig().pert_types == list(PERTURBATION_TYPES) and LossConfig().pert_holdout == ()
+def test_default_is_all_nine_types_and_l_pert_is_the_plain_loss():
+    assert LossConfig().pert_types == list(PERTURBATION_TYPES)
     out = _output()
     ref = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid, 0.07)
-    for cfg in ({"preset": "no_local"}, {"preset": "no_local", "pert_types": list(reversed(PERTURBATION_TYPES))}):
-        res = PretrainLoss(cfg)(out)
-        assert torch.equal(res.terms["pert"], ref)
-    assert LossConfig().mask_pert_valid(out.pert_valid) is out.pert_valid
-    assert LossConfig().pert_type_mask() is None
-
-
-def test_a_held_out_type_contributes_nothing_to_l_pert():
-    k = PERTURBATION_TYPES.index(HELD)
-    cfg = {"preset": "no_local", "pert_types": [t for t in PERTURBATION_TYPES if t != HELD]}
-    assert LossConfig(**cfg).pert_holdout == (HELD,)
-    out = _output()
-    loss = PretrainLoss(cfg)(out).terms["pert"]
-    full = PretrainLoss({"preset": "no_local"})(out).terms["pert"]
-    assert loss.item() != full.item()  # the type is valid in the batch: holding it out changes L_pert
-    dropped = out.pert_valid.clone()
-    dropped[:, k] = False
-    assert torch.equal(loss, perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, dropped))
-    loss.backward()
-    assert torch.all(out.pert_emb.grad[:, k] == 0) and out.pert_emb.grad.abs().sum() > 0
-    # whatever the held-out type's embedding holds, the loss is the same
-    changed = _output()
-    with torch.no_grad():
-        changed.pert_emb[:, k] = torch.randn_like(changed.pert_emb[:, k]) * 100
-    assert torch.equal(PretrainLoss(cfg)(changed).terms["pert"], loss.detach())
+    assert torch.equal(PretrainLoss({"preset": "no_local"})(out).terms["pert"], ref)
 
 
 def test_pert_types_validation():
@@ -77,22 +53,9 @@ def test_pert_types_validation():
     assert LossConfig.from_dict({"pert_types": ["reverse", "shuffle_all"]}).pert_types == ["shuffle_all", "reverse"]
 
 
-def test_counterfactual_types_are_extra_columns_after_the_nine():
+def test_pert_types_are_put_in_column_order():
     cfg = LossConfig(preset="no_local", pert_types=["cf_negation", "reverse", *PERTURBATION_TYPES[:2], "cf_laterality"])
     assert cfg.pert_types == [*PERTURBATION_TYPES[:2], "reverse", "cf_laterality", "cf_negation"]
-    assert cfg.counterfactual_types == ("cf_laterality", "cf_negation")
-    assert cfg.batch_pert_types == (*PERTURBATION_TYPES, "cf_laterality", "cf_negation")
-    assert PretrainLoss(cfg).pert_types_in_batch == cfg.batch_pert_types
-    mask = cfg.pert_type_mask()
-    assert mask.tolist() == [t in cfg.pert_types for t in cfg.batch_pert_types] and mask[-2:].all()
-    every = LossConfig(pert_types=[*PERTURBATION_TYPES, "cf_laterality"])
-    assert every.pert_holdout == () and every.pert_type_mask() is None
-    valid = torch.ones(2, K + 1, dtype=torch.bool)
-    assert every.mask_pert_valid(valid) is valid
-    with pytest.raises(ValueError, match=r"expected pert_valid of shape \[B, 10\]"):
-        LossConfig(pert_types=["reverse", "cf_laterality"]).mask_pert_valid(torch.ones(2, K, dtype=torch.bool))
-    # the default batch is unchanged: nine columns, no counterfactual
-    assert LossConfig().batch_pert_types == PERTURBATION_TYPES and LossConfig().counterfactual_types == ()
 
 
 def _fabricated_samples():
@@ -116,7 +79,7 @@ def _fabricated_samples():
     return [Sample(key=m["id"], image=np.full((16, 16), 7 * i, dtype=np.uint8), meta=m) for i, m in enumerate(metas)]
 
 
-def test_collate_puts_counterfactuals_after_the_nine_and_masks_missing_ones(minilm_path):
+def test_collate_emits_exactly_the_requested_columns_and_masks_missing_ones(minilm_path):
     from tokenizers import Tokenizer
 
     from pertvl.data.stream import collate_samples
@@ -126,7 +89,7 @@ def test_collate_puts_counterfactuals_after_the_nine_and_masks_missing_ones(mini
     plain, plain_counts = collate_samples(samples, tok, max_length=48)
     assert plain.pert_types == PERTURBATION_TYPES and plain.pert_valid.shape == (4, K)
     types = ("cf_laterality", "cf_negation")
-    batch, counts = collate_samples(samples, tok, max_length=48, counterfactual_types=types)
+    batch, counts = collate_samples(samples, tok, max_length=48, pert_types=(*PERTURBATION_TYPES, *types))
     assert batch.pert_types == (*PERTURBATION_TYPES, *types)
     assert batch.pert_input_ids.shape[:2] == (4, K + 2) and batch.pert_valid.shape == (4, K + 2)
     # the nine columns are exactly the default batch's (same width: the cf texts are no longer)
@@ -143,10 +106,14 @@ def test_collate_puts_counterfactuals_after_the_nine_and_masks_missing_ones(mini
     assert batch.pert_input_ids[0, K, :n].tolist() == enc.ids[:n]
     enc = tok.encode(samples[1].meta["counterfactuals"]["cf_negation"])
     assert batch.pert_input_ids[1, K + 1, :len(enc.ids)].tolist() == enc.ids
-    # the loss masks them like any other column: a held-out nine-type and the cf columns kept
+    # a held-out type is no column at all; the others are the full batch's
     cfg = LossConfig(preset="no_local", pert_types=[*(t for t in PERTURBATION_TYPES if t != HELD), *types])
-    masked = cfg.mask_pert_valid(batch.pert_valid)
-    assert not masked[:, PERTURBATION_TYPES.index(HELD)].any() and torch.equal(masked[:, K:], batch.pert_valid[:, K:])
+    held, _ = collate_samples(samples, tok, max_length=48, pert_types=cfg.pert_types)
+    keep = [j for j, t in enumerate(batch.pert_types) if t != HELD]
+    assert held.pert_types == tuple(cfg.pert_types) and held.pert_valid.shape == (4, K + 1)
+    assert torch.equal(held.pert_valid, batch.pert_valid[:, keep])
+    width = held.pert_input_ids.shape[2]
+    assert torch.equal(held.pert_input_ids, batch.pert_input_ids[:, keep, :width])
 
 
 # ------------------------------------------------------------------------- a real training run
@@ -171,7 +138,7 @@ def test_training_without_a_type_logs_fewer_negatives_and_none_of_it(tiny_train,
                   "--set", f"loss.pert_types=[{','.join(t for t in PERTURBATION_TYPES if t != HELD)}]")
     assert [m["step"] for m in held] == [1, 2]
     for a, b in zip(base, held, strict=True):  # same seed, same data order
-        assert b[f"data/pert_negatives/{HELD}"] == 0 < a[f"data/pert_negatives/{HELD}"]
+        assert f"data/pert_negatives/{HELD}" not in b and a[f"data/pert_negatives/{HELD}"] > 0
         assert b["data/pert_negatives"] == a["data/pert_negatives"] - a[f"data/pert_negatives/{HELD}"]
         assert a["data/pert_negatives"] == sum(a[f"data/pert_negatives/{t}"] for t in PERTURBATION_TYPES)
         for t in PERTURBATION_TYPES:
@@ -211,7 +178,7 @@ def test_holdout_plan_runs_and_train_arguments(tmp_path: Path) -> None:
         else:
             types = pert[0].removeprefix("loss.pert_types=[").removesuffix("]").split(",")
             assert run.holdout not in types and len(types) == len(PERTURBATION_TYPES) - 1
-            assert LossConfig(pert_types=types).pert_holdout == (run.holdout,)  # the value train parses
+            assert set(PERTURBATION_TYPES) - set(LossConfig(pert_types=types).pert_types) == {run.holdout}
     # the plain ablation is unchanged: four presets per seed, same folder names as before
     assert [r.name for r in AblationSettings(config="c", shards="s", seeds=(0,)).runs()] == [
         "convirt-s0", "gloria-s0", "no_local-s0", "full-s0"]
@@ -279,14 +246,14 @@ def test_counterfactuals_requested_from_shards_without_them_are_refused(tiny_tra
 
     with pytest.raises(ValueError, match=rf"shards in {tiny_train.shards} carry no counterfactuals.*--counterfactuals"):
         build_train_stream(tiny_train.shards, tokenizer=None, batch_size=4, num_workers=0,
-                           counterfactual_types=("cf_laterality",))
+                           pert_types=(*PERTURBATION_TYPES, "cf_laterality"))
     manifest = json.loads((cf_train.shards / "manifest.json").read_text())
     assert "cf_laterality" in manifest["counterfactual_types"]
     fake = dict(manifest, counterfactual_types=["cf_negation"])
     with pytest.raises(ValueError, match=r"asks for counterfactual negatives \['cf_laterality'\].*only the "
                                          r"counterfactual types \['cf_negation'\]"):
         build_train_stream(cf_train.shards / "train-{000000..000001}.tar", tokenizer=None, batch_size=4,
-                           num_workers=0, manifest=fake, counterfactual_types=("cf_laterality",))
+                           num_workers=0, manifest=fake, pert_types=(*PERTURBATION_TYPES, "cf_laterality"))
 
 
 def test_training_with_counterfactual_negatives_logs_them(tiny_train, cf_train, tmp_path: Path) -> None:

@@ -423,7 +423,7 @@ def test_packed_counterfactuals_leave_the_training_batches_unchanged(folder, tok
         if x.labels is not None:
             assert torch.equal(torch.nan_to_num(x.labels, nan=-1.0), torch.nan_to_num(y.labels, nan=-1.0))
     assert all(x.pert_types == PERTURBATION_TYPES for x in b)
-    c = list(stream(with_cf, tok, augment=True, epoch=1, seed=3, num_workers=0, counterfactual_types=("cf_negation",)))
+    c = list(stream(with_cf, tok, augment=True, epoch=1, seed=3, num_workers=0, pert_types=(*PERTURBATION_TYPES, "cf_negation")))
     assert ids_of(c) == ids_of(a)
     k = len(PERTURBATION_TYPES)
     for x, z in zip(a, c, strict=True):
@@ -432,4 +432,4 @@ def test_packed_counterfactuals_leave_the_training_batches_unchanged(folder, tok
         lp = x.pert_input_ids.shape[2]
         assert torch.equal(z.pert_input_ids[:, :k, :lp], x.pert_input_ids)
     with pytest.raises(ValueError, match="carry no counterfactuals"):
-        stream(folder, tok, num_workers=0, counterfactual_types=("cf_negation",))
+        stream(folder, tok, num_workers=0, pert_types=(*PERTURBATION_TYPES, "cf_negation"))

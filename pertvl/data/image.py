@@ -10,9 +10,8 @@ PNG), inference on an ONNX export (pertvl.infer) and fine-tuning (pertvl.evaluat
 2. 8-bit grayscale: PIL's luma for 8-bit modes; 16/32-bit integer and float images min-max scaled;
 3. shorter side resized to `size` (bilinear, antialiased), then a center crop size × size.
 
-Rule 1's DCT scaling came with MIMIC-scale packing (issue 19). Against a full-size decode it moves
-pixels by 0.5-0.6 gray levels on average (at most 3-11) on 1024 px radiograph-like JPEGs, so
-shards packed before it differ from later ones for JPEG sources only (PNG sources: same pixels).
+Rule 1's DCT scaling makes MIMIC-scale packing affordable; against a full-size decode it moves
+JPEG pixels by under one gray level on average (docs/DATA.md has the measurement).
 
 The model sees the uint8 result / 255 (float32 in [0, 1]); its intensity normalization lives in
 the model (and in the exported graph).

@@ -715,7 +715,7 @@ def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, spli
         "inputs": inputs,
         "skipped_examples": {r: tally.examples[r] for r in sorted(tally.examples)},
         # Held-out pairs whose cleaned text is a training report's: their perturbations are
-        # training negatives word for word (issue 13, section 3); evaluations report the rest too.
+        # training negatives word for word; evaluations report the rest too.
         "text_overlap": text_overlap(pairs).to_json(),
     }
     if len(pairs) + sum(skipped.values()) != summary["considered"]:  # a bug in this module, never the input

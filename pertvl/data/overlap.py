@@ -1,4 +1,4 @@
-"""Text-disjoint evaluation sets: which held-out reports occur word for word in training (issue 13, §3).
+"""Text-disjoint evaluation sets: which held-out reports occur word for word in training.
 
 On Open-I, many findings sections are boilerplate ("The lungs are clear. No pneumothorax or
 pleural effusion. Heart size normal."), so a test report's cleaned text is often identical to a

@@ -289,7 +289,7 @@ def collate_samples(
     augment: AugmentConfig | None = None,
     seed: int = 0,
     epoch: int = 0,
-    counterfactual_types: Sequence[str] = (),
+    pert_types: Sequence[str] = PERTURBATION_TYPES,
 ) -> tuple[Batch, Counter]:
     """Collate decoded samples into a Batch.
 
@@ -302,9 +302,9 @@ def collate_samples(
         image_size: resize images to this side if they differ (antialiased bilinear).
         augment: augmentation ranges, or None for none.
         seed, epoch: with each sample key, fix its augmentation.
-        counterfactual_types: cf_* types collated after the nine perturbations as extra columns of
-            the K axis (Batch.pert_types), their texts from the sample json's `counterfactuals`
-            (shards packed with --counterfactuals); () (the default): K = 9, today's batch.
+        pert_types: the K columns of the batch (Batch.pert_types): perturbation types, their texts
+            from the sample json's `perturbations`, and counterfactual types (cf_*), theirs from its
+            `counterfactuals` (shards packed with --counterfactuals). Training: loss.pert_types.
 
     Returns:
         (Batch, counts): pert_valid is False where the perturbation (or counterfactual) is
@@ -329,8 +329,7 @@ def collate_samples(
     if augment is not None:
         img = apply_augmentation(img, sample_params(keys, seed=seed, epoch=epoch, config=augment))
 
-    counterfactual_types = tuple(counterfactual_types)
-    pert_types = (*PERTURBATION_TYPES, *counterfactual_types)
+    pert_types = tuple(pert_types)
     b, k = len(samples), len(pert_types)
     if isinstance(tokenizer, CachedTokenizer):
         encode = tokenizer
@@ -344,9 +343,9 @@ def collate_samples(
     flat = []
     for i, s in enumerate(samples):
         perts = s.meta.get("perturbations") or {}
-        cfs = (s.meta.get("counterfactuals") or {}) if counterfactual_types else {}
+        cfs = s.meta.get("counterfactuals") or {}
         for j, name in enumerate(pert_types):
-            text = perts.get(name) if j < len(PERTURBATION_TYPES) else cfs.get(name)
+            text = perts.get(name) if name in PERTURBATION_TYPES else cfs.get(name)
             available[i, j] = isinstance(text, str)
             flat.append(text if isinstance(text, str) else "")
     penc = encode(flat)
@@ -414,7 +413,7 @@ class _Plan:
     shuffle_buffer: int
     faults: tuple = ()  # pertvl.faults.Fault from PERTVL_FAULT, read in the main process
     download_retries: int = 3  # remote shards: retries before the run fails
-    counterfactual_types: tuple[str, ...] = ()  # cf_* columns after the nine (loss.pert_types)
+    pert_types: tuple[str, ...] = PERTURBATION_TYPES  # the batch's K columns (loss.pert_types)
 
     @property
     def batches_per_stream(self) -> int:
@@ -575,7 +574,7 @@ def _stream_batches(
             augment=plan.augment,
             seed=plan.seed,
             epoch=epoch,
-            counterfactual_types=plan.counterfactual_types,
+            pert_types=plan.pert_types,
         )
         stats.update(counts)
         yield batch
@@ -827,10 +826,12 @@ def preflight_imports(augment: bool) -> None:
             ) from e
 
 
-def check_counterfactuals(src: ShardSource, types: Sequence[str], where: str) -> None:
-    """Raise a ValueError naming the shards `where` when counterfactual `types` are requested but the
-    manifest does not list them (packed without --counterfactuals, or without those types). Without
-    a manifest nothing can be checked: a sample without them has them masked (counted unavailable)."""
+def check_counterfactuals(src: ShardSource, pert_types: Sequence[str], where: str) -> None:
+    """Raise a ValueError naming the shards `where` when counterfactual types among `pert_types` are
+    requested but the manifest does not list them (packed without --counterfactuals, or without those
+    types). Without a manifest nothing can be checked: a sample without them has them masked (counted
+    unavailable)."""
+    types = [t for t in pert_types if t not in PERTURBATION_TYPES]
     if not types or src.counterfactual_types is None:
         return
     missing = [t for t in types if t not in src.counterfactual_types]
@@ -868,7 +869,7 @@ def build_train_stream(
     prefetch_factor: int = 2,
     multiprocessing_context=None,
     download_retries: int = 3,
-    counterfactual_types: Sequence[str] = (),
+    pert_types: Sequence[str] = PERTURBATION_TYPES,
 ) -> TrainStream:
     """Build the training stream of one rank.
 
@@ -891,6 +892,7 @@ def build_train_stream(
         multiprocessing_context: how workers start (None: `default_worker_context()`, a forkserver).
         download_retries: remote manifest and shards (http(s), fsspec URLs): retries with back-off
             before a ShardDownloadError naming the URL ends the run.
+        pert_types: the batches' perturbation columns (loss.pert_types; see collate_samples).
 
     Raises:
         ValueError: bad arguments; fewer shards than world_size x workers (with the number
@@ -902,8 +904,8 @@ def build_train_stream(
             f"{batch_size}, {world_size}, {rank}, {num_workers}"
         )
     src = resolve_source(source, split, manifest=manifest, num_samples=num_samples, retries=download_retries)
-    counterfactual_types = tuple(counterfactual_types)
-    check_counterfactuals(src, counterfactual_types, os.fspath(source))
+    pert_types = tuple(pert_types)
+    check_counterfactuals(src, pert_types, os.fspath(source))
     streams = max(1, num_workers)
     needed = world_size * streams
     if not resampled and len(src.urls) < needed:
@@ -944,7 +946,7 @@ def build_train_stream(
         shuffle_buffer=shuffle_buffer,
         faults=injected,
         download_retries=download_retries,
-        counterfactual_types=counterfactual_types,
+        pert_types=pert_types,
     )
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip

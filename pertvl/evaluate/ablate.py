@@ -34,7 +34,7 @@ for one of its 3 epochs; training 286-317 s, Table IV 23 s (OMP_NUM_THREADS=1). 
 to end: `--chexpert-finetune end-to-end`, `--nli-finetune end-to-end` (MODE[:EPOCHS]); the table's notes
 say which was run. docs/FINETUNE.md, "In `pertvl ablate`", has the hour-long re-run and its cost.
 
-Leave-one-type-out (--holdout-type T, repeatable, or `all`; issue 13 §3): per seed, every preset
+Leave-one-type-out (--holdout-type T, repeatable, or `all`): per seed, every preset
 that trains L_pert (`full`, `no_local`) is trained once more per held-out type T with
 `--set loss.pert_types=[every type but T]` in OUT/<preset>-without_<T>-s<seed>/ and evaluated on
 structure only; the presets without L_pert (`convirt`, `gloria`: their accuracy on T is the reference)
@@ -353,7 +353,7 @@ def check_variants(s: AblationSettings) -> None:
         try:
             if v.shards:
                 _check_same_pairs(Path(v.shards), Path(s.shards))
-            check_counterfactuals(resolve_source(shards, "train"), loss.counterfactual_types, shards)
+            check_counterfactuals(resolve_source(shards, "train"), loss.pert_types, shards)
         except (OSError, ValueError) as e:
             raise ValueError(f"--variant {v.name}: {e}") from None
 

@@ -16,7 +16,7 @@ Rank of the first correct item, ties pessimistic: a wrong item scoring within `t
 of the best correct item ranks ahead of it (as in the structure evaluation). Recall@K is the
 share of queries whose first correct item has rank ≤ K.
 
-Text-disjoint subset (issue 13, §3): given the training split's texts, the same recalls over the
+Text-disjoint subset: given the training split's texts, the same recalls over the
 queries whose cleaned report is no training report (image queries by their report, report
 queries by their text), against the same full gallery.
 

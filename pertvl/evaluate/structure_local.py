@@ -3,8 +3,8 @@ scored by GLoRIA's local image–report similarity S(I, T) instead of the global
 
 Why a second score: the paper scores Table IV by the cosine of global embeddings, and a globally
 pooled image embedding may keep little of *where* a finding is (left or right) or which finding
-sits where; the local branch's region features keep it and L_local trains S(I, T) directly
-(issue 14). Same candidates, controls (wrong image, mean image — the mean of the region features;
+sits where; the local branch's region features keep it and L_local trains S(I, T) directly.
+Same candidates, controls (wrong image, mean image — the mean of the region features;
 no text-only anchor: a text has no regions), counterfactuals, text-disjoint subset and JSON schema
 as `structure`, with "score": "local"; flat metrics structure_local/*. Needs the local branch:
 an ONNX export or a run.

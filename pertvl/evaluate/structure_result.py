@@ -303,7 +303,7 @@ CONTROL_LABELS = {
 }
 
 
-# Per-type margins in the comparison's summary (issue 14: laterality and finding identity).
+# Per-type margins in the comparison's summary: laterality and finding identity, which only the image decides.
 SUMMARY_CF_MARGINS = ("cf_laterality", "cf_finding")
 
 MARGINS = ("margin", "grounded_margin")  # own − wrong image, with bootstrap CIs (KEY_ci_low / KEY_ci_high)

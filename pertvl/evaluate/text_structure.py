@@ -1,4 +1,4 @@
-"""Text-only structure check on real radiology language (issue 8, last bullet): no images needed.
+"""Text-only structure check on real radiology language: no images needed.
 
 For each Open-I report with both a FINDINGS and an IMPRESSION section: anchor = the
 impression, candidates = the findings and the findings' valid perturbations, each scored by
@@ -10,7 +10,7 @@ layout as pertvl.evaluate.structure — see its docstring — under the schema
 equals its findings word for word is skipped (counted as "impression_equals_findings"): the
 anchor would be its own candidate. (6 of the 3,331 Open-I reports with both sections.)
 
-Counterfactual rows (issue 13, §2): with the findings as written (`raw` records, the CLI's
+Counterfactual rows: with the findings as written (`raw` records, the CLI's
 default), the text counterfactuals of pertvl.data.counterfactual.text_counterfactual_record
 (`cf_laterality`, `cf_negation`: the laterality and negation rules applied to the words alone)
 are scored like perturbations and added as extra per-type rows (findings vs that counterfactual,

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8-residual", type=_residual_layers, default="ffn-in", metavar="LAYERS",
                    help="with --quantize int8: text layers (comma list of qkv, attn-out, ffn-in, ffn-out, or "
                    "'none') whose input int8 sees at ~16-bit precision via a second int8 GEMM on the rounding "
-                   "residual (default ffn-in: structure-test noise std 0.0053 -> 0.0041 on the demo, ~20%% slower)")
+                   "residual (default ffn-in: less int8 noise for a slower text tower; docs/EXPORT.md)")
     p.add_argument("--no-parity", action="store_true", help="skip the torch-vs-onnxruntime parity check")
     p.add_argument("--text-graph", choices=["auto", "unpadded", "fused", "traced"], default="auto",
                    help="text tower graph: unpadded (BERT: dense layers on real tokens only), fused "

@@ -11,11 +11,10 @@ the same way. r spans one step, so its own step is 255x finer: in total x is see
 only (DequantizeLinear, Sub, DynamicQuantizeLinear, MatMulInteger), which onnxruntime fuses
 into its int8 kernels, and the layer's stored int8 weight (the file does not grow).
 
-Why not per-row activation scales or SmoothQuant: on the demo's MiniLM, per-row scales left the
-noise int8 adds to the structure test as it was (margin noise std 0.0051 vs 0.0053), and
-SmoothQuant made it worse (0.0067); onnxruntime's int8 GEMM kernels take one activation scale
-per matrix. The residual pass on the FFN input layers lowered it to 0.0041, the same as keeping
-those layers in fp32, at a fraction of that cost (docs/EXPORT.md has the measurements).
+Why not per-row activation scales or SmoothQuant: onnxruntime's int8 GEMM kernels take one
+activation scale per matrix, and on the demo neither lowered the noise int8 adds to the structure
+test; the residual pass on the FFN input layers lowers it as far as keeping those layers in fp32,
+at a fraction of that cost (docs/EXPORT.md has the measurements).
 """
 
 from __future__ import annotations
@@ -30,13 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # Op types quantized per tower. Convolutions stay fp32: onnxruntime's ConvInteger (what dynamic
-# quantization makes of a Conv) measured 4-8x SLOWER than the fp32 convolution on this CPU for a
-# ResNet-50, so the int8 image tower quantizes its MatMuls (projection heads) only.
-# The text tower quantizes its dense layers (MatMul/Gemm; Attention in the fused graph) and keeps
-# the word-embedding table in fp32: quantizing that Gather cost 5.6 points of structure accuracy
-# on the demo's test split. Its unpadded graph is quantized from the "unpadded-split" trace (see
-# pertvl.export.unpadded.UnpaddedBert): [CLS]/[SEP] rows get their own dynamic scale, which halved
-# the noise int8 adds to the demo's structure-test margins (std 0.0101 -> 0.0053, 1,000 images).
+# quantization makes of a Conv) is slower than the fp32 convolution on CPU, so the int8 image tower
+# quantizes its MatMuls (projection heads) only. The text tower quantizes its dense layers
+# (MatMul/Gemm; Attention in the fused graph) and keeps the word-embedding table in fp32 (quantizing
+# that Gather costs structure accuracy). Its unpadded graph is quantized from the "unpadded-split"
+# trace (see pertvl.export.unpadded.UnpaddedBert): [CLS]/[SEP] rows get their own dynamic scale,
+# which halves the noise int8 adds to the structure-test margins (docs/EXPORT.md).
 INT8_OP_TYPES = {"image": ["MatMul"], "text": ["MatMul", "Gemm", "Attention"]}
 
 # text layers that can get a residual pass, by the name of their weight in the unpadded graph

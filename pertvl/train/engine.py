@@ -343,10 +343,7 @@ class Trainer:
         # The model computes only the features the preset's terms read (e.g. no region maps for
         # convirt); the loss, not the engine, knows which.
         self.model_kwargs = self.loss_fn.model_kwargs()
-        # loss.pert_types: the held-out types' perturbations are dropped from the batch before the
-        # forward (never encoded, never negatives); None when L_pert is off or uses every type.
         self.pert_counting = self.loss_fn.config.uses_perturbations
-        self.pert_mask = self.loss_fn.config.pert_type_mask() if self.pert_counting else None
 
         self.stream = build_train_stream(
             data.shards,
@@ -358,7 +355,7 @@ class Trainer:
             num_workers=data.num_workers,
             seed=self.seed,
             augment=data.augment,
-            counterfactual_types=self.loss_fn.config.counterfactual_types,
+            pert_types=self.loss_fn.config.pert_types,  # the batch's columns: L_pert's negatives
             max_length=data.max_length,
             resampled=data.resampled,
             image_size=data.image_size,
@@ -634,9 +631,9 @@ class Trainer:
         wait = 0.0
         names = self.loss_fn.names  # "total" and the preset's terms, whatever they are
         # Summed on the device and read (one host sync) only at a log step: a float() per term per
-        # micro-batch would wait for the GPU every time (issue 18's "fewer host syncs").
+        # micro-batch would wait for the GPU every time.
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
-        pert_used = torch.zeros(len(self.loss_fn.pert_types_in_batch), dtype=torch.int64)
+        pert_used = torch.zeros(len(self.loss_fn.config.pert_types), dtype=torch.int64)
         ids: list[str] = []
         for micro in range(self.plan.grad_accum):
             t_wait = time.perf_counter()
@@ -648,11 +645,6 @@ class Trainer:
                 batch = next(batches)
             wait += time.perf_counter() - t_wait
             ids.extend(batch.ids)
-            if self.pert_counting and tuple(batch.pert_types) != self.loss_fn.pert_types_in_batch:
-                raise RuntimeError(f"the batch's perturbation columns {list(batch.pert_types)} are not the "
-                                   f"loss's {list(self.loss_fn.pert_types_in_batch)} (loss.pert_types)")
-            if self.pert_mask is not None:  # held-out types: neither encoded nor in L_pert
-                batch.pert_valid = batch.pert_valid.to(torch.bool) & self.pert_mask.to(batch.pert_valid.device)
             if self.pert_counting:
                 pert_used += batch.pert_valid.to(torch.bool).sum(0).cpu()
             if self.flops is not None:  # integer sums over the batch's CPU masks: no device work
@@ -709,7 +701,7 @@ class Trainer:
     def _pert_metrics(self, used: torch.Tensor | None) -> dict[str, int]:
         """The perturbation negatives L_pert used in this optimizer step, summed over its
         micro-batches and all ranks: "data/pert_negatives" and "data/pert_negatives/<type>" for
-        every type of the batch (0 for a type held out by loss.pert_types). Empty without L_pert."""
+        every type of loss.pert_types. Empty without L_pert."""
         if used is None:
             return {}
         if self.world_size > 1:
@@ -718,7 +710,7 @@ class Trainer:
             used = used.cpu()
         counts = [int(v) for v in used.tolist()]
         return {"data/pert_negatives": sum(counts),
-                **{f"data/pert_negatives/{t}": v for t, v in zip(self.loss_fn.pert_types_in_batch, counts, strict=True)}}
+                **{f"data/pert_negatives/{t}": v for t, v in zip(self.loss_fn.config.pert_types, counts, strict=True)}}
 
     def _epoch_data_counts(self, epoch: int) -> Counter:
         from pertvl.data.stream import MASK_REASONS, SKIP_REASONS

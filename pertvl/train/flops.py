@@ -53,7 +53,7 @@ __all__ = [
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, matched by substring of
 # torch.cuda.get_device_name(), first match wins (so "H100 PCIe" precedes "H100").
 DEVICE_PEAKS: tuple[tuple[str, float, str], ...] = (
-    ("H200", 790.0, "H200 bf16 dense: ~790 TFLOP/s measured by issue 18's author on a large bf16 "
+    ("H200", 790.0, "H200 bf16 dense: ~790 TFLOP/s measured on a large bf16 "
                     "matmul (NVIDIA's nominal figure is 989.5, the H100 SXM's)"),
     ("H100 PCIe", 756.0, "NVIDIA H100 PCIe datasheet, bf16 dense (1,513 with sparsity)"),
     ("H100", 989.5, "NVIDIA H100 SXM datasheet, bf16 dense (1,979 with sparsity)"),

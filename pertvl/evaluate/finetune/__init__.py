@@ -1,7 +1,7 @@
 """Downstream fine-tuning (paper §IV, Tables II and III): `pertvl finetune nli` and `pertvl finetune chexpert`.
 
 Modules: tasks.py (schemas, label sets, policies), metrics.py, fit.py (the shared fit loop),
-nli.py, chexpert.py, outputs.py (JSON, Markdown, predictions), commands.py (the CLI handlers).
+nli.py, chexpert.py, commands.py (the CLI handlers).
 
 NLI (Table III: MedNLI / RadNLI). The pretrained TEXT transformer reads the BERT sentence-pair
 input "[CLS] premise [SEP] hypothesis [SEP]": the sentences go to the model's HF tokenizer as
@@ -104,12 +104,6 @@ from pertvl.evaluate.finetune.nli import (
     nli_truncation,
     read_nli,
 )
-from pertvl.evaluate.finetune.outputs import (
-    chexpert_markdown,
-    nli_cv_markdown,
-    nli_markdown,
-    write_outputs,
-)
 from pertvl.evaluate.finetune.tasks import (
     BLANK_POLICIES,
     CHEXPERT_LABELS,
@@ -156,7 +150,6 @@ __all__ = [
     "U_MIX_ONES",
     "VIEW_COLUMN",
     "chexpert_cli_main",
-    "chexpert_markdown",
     "chexpert_targets",
     "classification_metrics",
     "cross_validate_nli",
@@ -167,9 +160,7 @@ __all__ = [
     "group_of",
     "multilabel_scores",
     "nli_cli_main",
-    "nli_cv_markdown",
     "nli_folds",
-    "nli_markdown",
     "nli_protocol",
     "nli_truncation",
     "prepare_chexpert",
@@ -177,5 +168,4 @@ __all__ = [
     "read_nli",
     "split_by_group",
     "standardize",
-    "write_outputs",
 ]

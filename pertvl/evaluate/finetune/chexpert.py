@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from pertvl.evaluate.finetune.fit import (
     seeded_generator,
     standardize,
 )
-from pertvl.evaluate.finetune.metrics import LabelScores, mean_defined, multilabel_scores
+from pertvl.evaluate.finetune.metrics import LabelScores, format_number, mean_defined, multilabel_scores
 from pertvl.evaluate.finetune.tasks import (
     BLANK_POLICIES,
     CHEXPERT_LABELS,
@@ -39,9 +40,13 @@ from pertvl.evaluate.finetune.tasks import (
     MAX_LISTED_PROBLEMS,
     PAPER_CHEXPERT_LABELS,
     U_MIX_ONES,
+    UNCERTAIN_NAMES,
     UNCERTAIN_POLICIES,
+    format_skips,
 )
+from pertvl.evaluate.markdown import markdown_table
 from pertvl.evaluate.torch_encoder import pick_device
+from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -271,6 +276,41 @@ class ChexpertResult:
         return cls(per_label={k: LabelScores(**v) for k, v in d["test"]["per_label"].items()},
                    history=[EpochLog(**h) for h in d.get("history", [])], data=dict(d.get("data", {})),
                    settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
+
+    def markdown(self, name: str) -> str:
+        rows = [[name, format_number(s.auroc), format_number(s.accuracy, True), str(s.n), str(s.n_pos), str(s.n_neg),
+                 str(s.blank_negatives), f"{s.excluded_uncertain} / {s.excluded_blank}"]
+                for name, s in self.per_label.items()]
+        rows.append(["**mean**", format_number(self.mean_auroc), format_number(self.mean_accuracy, True), "", "", "", "", ""])
+        d = self.data
+        return "\n".join([
+            f"# CheXpert fine-tuning: {name}", "",
+            f"Encoder: {self.info.get('encoder')} ({self.info.get('mode')}); {self.settings['epochs']} epochs, "
+            f"{self.settings['image_size']} px; uncertain policy {UNCERTAIN_NAMES[d['uncertain_policy']]}; "
+            f"blank cells: {'negative (0)' if d.get('blank_policy', 'zero') == 'zero' else 'masked'}; "
+            f"{'frontal views only' if d['frontal_only'] else 'all views'}.", "",
+            markdown_table(["label", "AUROC", "accuracy", "n", "positives", "negatives", "of which blank",
+                       "excluded (uncertain / blank)"], rows),
+            "",
+            f"Split: {d['split']['method']}. Train rows {d['train_rows']}, test rows {d['test_rows']} "
+            f"({d['test_images_scored']} test images scored). Rows left out: {format_skips(d['rows_skipped'])}. Images "
+            f"missing: {d['images_missing']}, undecodable: {d['images_undecodable']}.",
+            "",
+            "Accuracy at probability 0.5; 1/0 test labels are scored"
+            + (", blank cells as negatives." if d.get("blank_policy", "zero") == "zero" else "; blank cells are not."),
+        ]) + "\n"
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        """NAME.predictions.csv: Path, per label the test value and the predicted probability."""
+        path = Path(out_dir) / f"{name}.predictions.csv"
+        labels = list(self.per_label)
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["Path", *labels, *[f"{lab} probability" for lab in labels]])
+        for image, values, probs in self.predictions:
+            w.writerow([image, *["" if math.isnan(v) else f"{v:.1f}" for v in values], *[f"{p:.9g}" for p in probs]])
+        atomic_write_text(path, buf.getvalue())
+        return {"predictions": path}
 
     # -- the comparison table's columns (pertvl.evaluate.catalog) ------------------------------
     def metrics(self) -> dict[str, float | None]:

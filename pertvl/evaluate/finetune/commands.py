@@ -8,6 +8,7 @@ from typing import Any
 
 from pertvl.evaluate.finetune.chexpert import finetune_chexpert, prepare_chexpert
 from pertvl.evaluate.finetune.fit import FitSettings
+from pertvl.evaluate.finetune.metrics import format_number
 from pertvl.evaluate.finetune.nli import (
     NliCvResult,
     NliFile,
@@ -16,8 +17,8 @@ from pertvl.evaluate.finetune.nli import (
     finetune_nli,
     read_nli,
 )
-from pertvl.evaluate.finetune.outputs import format_number, write_outputs
 from pertvl.evaluate.finetune.tasks import format_skips
+from pertvl.evaluate.report import write_result
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def nli_cli_main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"pertvl finetune nli: {e}", file=sys.stderr)
         return 2
-    paths = write_outputs(result, args.out, args.name or "nli")
+    paths = write_result(result, args.out, args.name or "nli")
     if isinstance(result, NliCvResult):
         print(f"NLI {args.cv}-fold CV: accuracy {100 * result.mean_accuracy:.1f}% ± {100 * result.std_accuracy:.1f} "
               f"(per fold: {', '.join(f'{100 * a:.1f}%' for a in result.fold_accuracies)}); pooled out-of-fold "
@@ -127,7 +128,7 @@ def chexpert_cli_main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"pertvl finetune chexpert: {e}", file=sys.stderr)
         return 2
-    paths = write_outputs(result, args.out, args.name or "chexpert")
+    paths = write_result(result, args.out, args.name or "chexpert")
     scores = ", ".join(f"{k} AUROC {format_number(v.auroc)} acc {format_number(v.accuracy, True)}" for k, v in result.per_label.items())
     print(f"CheXpert: {scores}; mean AUROC {format_number(result.mean_auroc)}; images undecodable "
           f"{result.data['images_undecodable']}")

@@ -122,3 +122,9 @@ def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[st
 def mean_defined(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
+
+
+def format_number(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"

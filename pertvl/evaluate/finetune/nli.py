@@ -30,7 +30,7 @@ from pertvl.evaluate.finetune.fit import (
     seeded_generator,
     standardize,
 )
-from pertvl.evaluate.finetune.metrics import ClassificationMetrics, classification_metrics
+from pertvl.evaluate.finetune.metrics import ClassificationMetrics, classification_metrics, format_number
 from pertvl.evaluate.finetune.tasks import (
     MAX_LISTED_PROBLEMS,
     NLI_CV_SCHEMA,
@@ -38,7 +38,9 @@ from pertvl.evaluate.finetune.tasks import (
     NLI_SCHEMA,
     format_skips,
 )
+from pertvl.evaluate.markdown import markdown_table
 from pertvl.evaluate.torch_encoder import pick_device
+from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,21 @@ def _nli_problem(obj: dict) -> str | None:
     return None
 
 
+def _nli_class_tables(split: str, m: ClassificationMetrics) -> list[str]:
+    rows = [[lab, format_number(c.precision), format_number(c.recall), format_number(c.f1), str(c.support)] for lab, c in m.per_class.items()]
+    return [f"## {split}: per class", "", markdown_table(["class", "precision", "recall", "F1", "support"], rows), "",
+            f"Confusion matrix ({split}; rows = true, columns = predicted):", "",
+            markdown_table(["true \\ predicted", *m.labels],
+                      [[lab, *map(str, row)] for lab, row in zip(m.labels, m.confusion, strict=True)]), ""]
+
+
+def _truncation_note(d: dict[str, Any]) -> str:
+    t = d.get("truncated")
+    if not t:
+        return ""
+    return f"; {t['pairs']} pairs truncated at {t['max_length']} word pieces (longest {t['longest']})"
+
+
 @dataclass
 class NliResult:
     dev: ClassificationMetrics | None  # None without a dev file (train/test protocol)
@@ -199,6 +216,35 @@ class NliResult:
                    test=ClassificationMetrics.from_json(d["test"]),
                    history=[EpochLog(**h) for h in d.get("history", [])], best_epoch=int(d.get("best_epoch", 0)),
                    data=dict(d.get("data", {})), settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
+
+    def markdown(self, name: str) -> str:
+        scored = [(s, m) for s, m in (("dev", self.dev), ("test", self.test)) if m is not None]
+        selection = (f"best dev epoch {self.best_epoch} of {len(self.history)}" if self.dev is not None
+                     else f"protocol train/test: last epoch of {len(self.history)} (no dev set)")
+        parts = [f"# NLI fine-tuning: {name}", "",
+                 f"Encoder: {self.info.get('encoder')} ({self.info.get('mode')}); {selection}.", "",
+                 markdown_table(["split", "n", "accuracy", "macro F1"],
+                           [[s, str(m.n), format_number(m.accuracy, True), format_number(m.macro_f1)] for s, m in scored]), ""]
+        for split, m in scored:
+            parts += _nli_class_tables(split, m)
+        parts.append("## Data")
+        parts.append("")
+        for split in ("train", "dev", "test"):
+            if split not in self.data:
+                continue
+            d = self.data[split]
+            labels = ", ".join(f"{lab} {n}" for lab, n in d["labels"].items())
+            parts.append(f"- {split}: {d['examples']} examples ({labels}) from {d['file']} ({d['lines']} lines; "
+                         f"skipped: {format_skips(d['skipped'])}{_truncation_note(d)})")
+        return "\n".join(parts) + "\n"
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        """NAME.predictions.jsonl: split, where (file:line), gold and predicted label of every scored item."""
+        path = Path(out_dir) / f"{name}.predictions.jsonl"
+        lines = [json.dumps({"split": split, "where": where, "gold": NLI_LABELS[gold], "predicted": NLI_LABELS[pred]})
+                 for split, items in self.predictions.items() for where, gold, pred in items]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        return {"predictions": path}
 
     # -- the comparison table's columns (pertvl.evaluate.catalog) ------------------------------
     def metrics(self) -> dict[str, float | None]:
@@ -413,6 +459,36 @@ class NliCvResult:
                           for k, f in enumerate(self.folds, 1)],
                 "accuracy": {"per_fold": self.fold_accuracies, "mean": self.mean_accuracy, "std": self.std_accuracy},
                 "pooled": self.pooled.to_json()}
+
+    def markdown(self, name: str) -> str:
+        d = self.data["file"]
+        labels = ", ".join(f"{lab} {n}" for lab, n in d["labels"].items())
+        rows = []
+        for k, f in enumerate(self.folds, 1):
+            tr, te = f.data["train"], f.data["test"]
+            rows.append([str(k), str(tr["examples"]), str(te["examples"]),
+                         " / ".join(str(te["labels"][lab]) for lab in NLI_LABELS),
+                         format_number(f.test.accuracy, True), format_number(f.test.macro_f1)])
+        parts = [f"# NLI cross-validation: {name}", "",
+                 f"Encoder: {self.info.get('encoder')} ({self.info.get('mode')}); "
+                 f"{self.settings['protocol']} on {d['file']} ({d['examples']} examples: {labels}); "
+                 f"label-stratified folds (seed {self.settings['fold_seed']}); last epoch of each fold.", "",
+                 f"Accuracy: mean {format_number(self.mean_accuracy, True)} ± {100 * self.std_accuracy:.1f} (std over "
+                 f"folds); pooled out-of-fold accuracy {format_number(self.pooled.accuracy, True)}, macro F1 "
+                 f"{format_number(self.pooled.macro_f1)}.", "",
+                 markdown_table(["fold", "train", "test", "test entailment / contradiction / neutral", "accuracy", "macro F1"],
+                           rows), ""]
+        parts += _nli_class_tables("pooled out-of-fold", self.pooled)
+        return "\n".join(parts) + "\n"
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        """NAME.predictions.jsonl: every example's out-of-fold prediction (split "foldK")."""
+        path = Path(out_dir) / f"{name}.predictions.jsonl"
+        lines = [json.dumps({"split": f"fold{k}", "where": where, "gold": NLI_LABELS[gold],
+                             "predicted": NLI_LABELS[pred]})
+                 for k, fold in enumerate(self.folds, 1) for where, gold, pred in fold.predictions["test"]]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        return {"predictions": path}
 
 
 def cross_validate_nli(
