@@ -53,10 +53,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pertvl import faults
 from pertvl.config import RunConfig, TrainConfig, load_config, save_config
 from pertvl.train import checkpoint as ckpt
-from pertvl.train.flops import FlopCounter, device_peak
 from pertvl.train.launch import (
     check_precision,
     detect_dist_env,
@@ -65,7 +63,6 @@ from pertvl.train.launch import (
     shutdown_distributed,
 )
 from pertvl.train.monitor import Monitor, memory_metrics
-from pertvl.train.profile import StepTimer
 from pertvl.train.rundir import CONFIG_NAME, FINAL_NAME
 from pertvl.train.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from pertvl.train.watchdog import Watchdog, exit_deadline
@@ -74,12 +71,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = CONFIG_NAME  # the run folder's layout is pertvl.train.rundir's
 SAMPLES_FILE = "samples.jsonl"
-FLOPS_FILE = "flops.json"
-_NO_PHASE = contextlib.nullcontext()
-
-
-def _no_phase(_name: str) -> contextlib.AbstractContextManager:
-    return _NO_PHASE
 RANKS_DIR = "ranks"
 FINAL_DIR = FINAL_NAME
 
@@ -323,6 +314,7 @@ class Trainer:
         from pertvl.data.stream import build_train_stream
         from pertvl.losses import PretrainLoss
         from pertvl.model import create_model
+        from pertvl.train.instruments import Instruments
         from pertvl.train.optim import build_optimizer, build_scheduler, tower_param_groups
 
         train, data = self.config.train, self.config.data
@@ -373,7 +365,8 @@ class Trainer:
             epochs=train.epochs,
             warmup_steps=train.warmup_steps,
         )
-        self.flops = self._flop_counter(model, data.image_size) if self.rank == 0 else None
+        self.instruments = Instruments(self.rank, self.run_dir, train.profile_steps, self.device)
+        self.instruments.count_model(model, data.image_size, self.loss_fn.terms, **self.model_kwargs)
         optimizer = build_optimizer(
             tower_param_groups(model, train.lr, train.image_lr_mult), lr=train.lr, momentum=train.momentum,
             weight_decay=train.weight_decay,
@@ -399,12 +392,7 @@ class Trainer:
                 f"DeepSpeed runs {self.engine.gradient_accumulation_steps()} accumulation steps, planned {accum}"
             )
         self.image_dtype = _image_dtype(self.engine)
-        self.peak = None
-        if self.flops is not None:  # rank 0 logs MFU; a CPU's peak is a short matmul, timed once
-            self.peak = device_peak(self.device, self.image_dtype or torch.float32)
-        self._timer = StepTimer(self.device) if train.profile_steps > 0 else None
-        self._flops_reported = False
-        self._flops_sum = self._flops_time = 0.0
+        self.instruments.time_peak(self.device, self.image_dtype or torch.float32)
         torch.manual_seed(_rank_seed(self.seed, self.rank))  # dropout differs per rank; restored on resume
         log.info(
             "rank %d: %d micro-batches of %d per epoch, %d optimizer steps per epoch (accumulation %d, "
@@ -413,31 +401,6 @@ class Trainer:
             self.plan.samples_per_step, self.world_size, self.plan.total_steps, self.plan.warmup_steps,
             self.engine.zero_optimization_stage(), self.image_dtype or torch.float32,
         )  # fmt: skip
-
-    def _flop_counter(self, model: torch.nn.Module, image_size: int) -> FlopCounter | None:
-        """The FLOP counter of this model and loss preset (pertvl.train.flops); None (and a
-        warning) when the image tower cannot be counted: accounting never stops a run."""
-        try:
-            return FlopCounter.for_model(model, image_size, terms=self.loss_fn.terms,
-                                         **self.model_kwargs)
-        except Exception as err:  # noqa: BLE001 - an exotic backbone: train without MFU
-            log.warning("FLOP accounting unavailable (%s: %s); perf/mfu is not logged", type(err).__name__, err)
-            return None
-
-    def _report_flops(self, batch) -> None:
-        """Once per run (rank 0): RUN_DIR/flops.json, a log line and the summary's flops/* keys."""
-        self._flops_reported = True
-        report = self.flops.report(batch, self.peak)
-        _write_json(self.run_dir / FLOPS_FILE, report)
-        g = report["per_pair_gflop"]
-        log.info(
-            "FLOPs per pair (fwd+bwd, first batch): text %.2f G, image %.2f G, L_local %.2f G, other losses %.3f G, "
-            "total %.2f GFLOP; peak %.4g TFLOP/s (%s)",
-            g["text"], g["image"], g["local"], g["global+pert"], g["total"],
-            self.peak.flops_per_s / 1e12 if self.peak else float("nan"), self.peak.source if self.peak else "none",
-        )  # fmt: skip
-        self.monitor.summary({f"flops/per_pair_gflop/{k}": v for k, v in g.items()}
-                             | ({"flops/peak_tflop_s": self.peak.flops_per_s / 1e12} if self.peak else {}))
 
     def _refuse_fresh_start_over_checkpoints(self) -> None:
         if self.resume_from is None and ckpt.list_checkpoints(self.run_dir):
@@ -526,7 +489,6 @@ class Trainer:
             stop_grace_s=self.config.train.stop_grace_s,
             stop_requested=lambda: flag.requested,
         ).start()
-        injected = faults.active("rank-")
         bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
         first_loss = last_loss = None
         last_saved = global_step if state else -1
@@ -538,8 +500,7 @@ class Trainer:
                 batches = iter(self.stream)
                 fresh_iterator = True
                 while step_in_epoch < self.plan.steps_per_epoch and global_step < self.plan.total_steps:
-                    if injected:
-                        faults.at_rank_step(injected, rank=self.rank, step=global_step + 1)
+                    self.instruments.before_step(global_step + 1)
                     metrics, ids = self._train_step(batches, fresh_iterator)
                     self.watchdog.beat()
                     fresh_iterator = False
@@ -588,12 +549,9 @@ class Trainer:
                 final_dir = None if preempted else self._save_final(global_step)
             exit_code = PREEMPTED_EXIT_CODE if preempted else 0
             if self.rank == 0:
-                mfu = {}
-                if self.peak is not None and self._flops_time > 0:  # over this process's steps
-                    mfu = {"perf/mfu_mean": self._flops_sum / self._flops_time / self.peak.flops_per_s}
                 self.monitor.summary(
                     {"global_step": global_step, "epoch": epoch, "preempted": preempted,
-                     "final_loss": last_loss, **_data_metrics(data_counts), **mfu}
+                     "final_loss": last_loss, **_data_metrics(data_counts), **self.instruments.summary()}
                 )  # fmt: skip
         except BaseException:
             self.monitor.finish(exit_code=1)
@@ -620,11 +578,8 @@ class Trainer:
         """One optimizer step: A micro-batches through forward, backward and engine.step()."""
         engine = self.engine
         # The breakdown only when asked for: the default step creates no event and installs no hook.
-        profiled = self._timer is not None and engine.global_steps < self.config.train.profile_steps
-        timer = self._timer if profiled else None
-        phase = timer.phase if timer is not None else _no_phase
-        if timer is not None:
-            timer.start()
+        timer = self.instruments.step_timer(engine.global_steps)
+        phase = self.instruments.phase_of(timer)
         t_start = time.perf_counter()
         flops = 0.0
         lr = float(engine.get_lr()[0])
@@ -647,13 +602,10 @@ class Trainer:
             ids.extend(batch.ids)
             if self.pert_counting:
                 pert_used += batch.pert_valid.to(torch.bool).sum(0).cpu()
-            if self.flops is not None:  # integer sums over the batch's CPU masks: no device work
-                if not self._flops_reported:
-                    self._report_flops(batch)
-                flops += self.flops.batch_flops(batch)
+            flops += self.instruments.batch_flops(batch, self.monitor)
             with phase("to_device"):
                 batch = batch.to(self.device, image_dtype=self.image_dtype)
-            with phase("forward"), (timer.hooks(engine.module) if timer is not None else _NO_PHASE):
+            with phase("forward"), self.instruments.forward_hooks(timer, engine.module):
                 out = engine(batch, **self.model_kwargs)
             with phase("losses"):
                 losses = self.loss_fn(out, rank=self.rank, world_size=self.world_size)  # fp32
@@ -674,12 +626,7 @@ class Trainer:
             "perf/data_wait_frac": wait / step_time,
             **memory_metrics(self.device),
         }
-        if self.peak is not None:
-            self._flops_sum, self._flops_time = self._flops_sum + flops, self._flops_time + step_time
-            metrics["perf/tflop_s"] = flops / step_time / 1e12  # rank 0's counted FLOPs
-            metrics["perf/mfu"] = flops / step_time / self.peak.flops_per_s
-        if timer is not None:
-            metrics.update({f"perf/time/{name}_s": v for name, v in timer.finish().items()})
+        metrics.update(self.instruments.step_metrics(flops, step_time, timer))
         if engine.fp16_enabled():
             metrics["train/skipped_steps"] = int(engine.skipped_steps)
         return metrics, ids

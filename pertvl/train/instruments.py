@@ -1,0 +1,128 @@
+"""The optional instruments of a training run, behind the one hook the engine calls at fixed points:
+FLOP/MFU accounting (rank 0; pertvl.train.flops), the step-time breakdown (`train.profile_steps`;
+pertvl.train.profile) and fault injection (PERTVL_FAULT; pertvl.faults). None of them changes
+what is trained: FLOPs are integer sums over the batch's CPU masks, the breakdown runs only on the
+steps asked for, and a fault only ends a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pertvl import faults
+from pertvl.files import atomic_write_text
+from pertvl.train.flops import FlopCounter, device_peak
+from pertvl.train.profile import StepTimer
+
+log = logging.getLogger(__name__)
+
+FLOPS_FILE = "flops.json"
+_NO_PHASE = contextlib.nullcontext()
+
+
+def _no_phase(_name: str) -> contextlib.AbstractContextManager:
+    return _NO_PHASE
+
+
+class Instruments:
+    """What the engine measures and injects besides training.
+
+    Args:
+        rank: this process's rank (FLOP accounting runs on rank 0).
+        run_dir: where flops.json goes.
+        profile_steps: the first optimizer steps timed phase by phase (0: none).
+        device: the training device (CUDA events or host clock for the breakdown).
+    """
+
+    def __init__(self, rank: int, run_dir: Path, profile_steps: int, device: torch.device) -> None:
+        self.rank, self.run_dir, self.profile_steps = rank, Path(run_dir), profile_steps
+        self.flops: FlopCounter | None = None
+        self.peak = None
+        self.timer = StepTimer(device) if profile_steps > 0 else None
+        self.faults = faults.active("rank-")
+        self._reported = False
+        self._flops_sum = self._flops_time = 0.0
+
+    def count_model(self, model: torch.nn.Module, image_size: int, terms: tuple[str, ...], **model_kwargs: bool) -> None:
+        """Rank 0: the FLOP counter of this model and loss preset; none (and a warning) when the
+        image tower cannot be counted: accounting never stops a run."""
+        if self.rank != 0:
+            return
+        try:
+            self.flops = FlopCounter.for_model(model, image_size, terms=terms, **model_kwargs)
+        except Exception as err:  # noqa: BLE001 - an exotic backbone: train without MFU
+            log.warning("FLOP accounting unavailable (%s: %s); perf/mfu is not logged", type(err).__name__, err)
+
+    def time_peak(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The device's peak for MFU (a CPU's is a short matmul, timed once); rank 0 only."""
+        if self.flops is not None:
+            self.peak = device_peak(device, dtype)
+
+    def before_step(self, step: int) -> None:
+        """PERTVL_FAULT's rank faults, before optimizer step `step` (from 1)."""
+        if self.faults:
+            faults.at_rank_step(self.faults, rank=self.rank, step=step)
+
+    def step_timer(self, global_steps: int) -> StepTimer | None:
+        """The breakdown's timer for this step (started), or None: the default step creates no
+        event and installs no hook."""
+        if self.timer is None or global_steps >= self.profile_steps:
+            return None
+        self.timer.start()
+        return self.timer
+
+    @staticmethod
+    def phase_of(timer: StepTimer | None) -> Callable[[str], contextlib.AbstractContextManager]:
+        return timer.phase if timer is not None else _no_phase
+
+    @staticmethod
+    def forward_hooks(timer: StepTimer | None, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return timer.hooks(module) if timer is not None else _NO_PHASE
+
+    def batch_flops(self, batch: Any, monitor: Any) -> float:
+        """The FLOPs of one micro-batch (0 without a counter); the first one is reported."""
+        if self.flops is None:
+            return 0.0
+        if not self._reported:
+            self._report(batch, monitor)
+        return self.flops.batch_flops(batch)
+
+    def _report(self, batch: Any, monitor: Any) -> None:
+        """Once per run: RUN_DIR/flops.json, a log line and the summary's flops/* keys."""
+        self._reported = True
+        report = self.flops.report(batch, self.peak)
+        atomic_write_text(self.run_dir / FLOPS_FILE, json.dumps(report, indent=1) + "\n")
+        g = report["per_pair_gflop"]
+        peak = self.peak
+        log.info(
+            "FLOPs per pair (fwd+bwd, first batch): text %.2f G, image %.2f G, L_local %.2f G, other losses %.3f G, "
+            "total %.2f GFLOP; peak %.4g TFLOP/s (%s)",
+            g["text"], g["image"], g["local"], g["global+pert"], g["total"],
+            peak.flops_per_s / 1e12 if peak else float("nan"), peak.source if peak else "none",
+        )  # fmt: skip
+        monitor.summary({f"flops/per_pair_gflop/{k}": v for k, v in g.items()}
+                        | ({"flops/peak_tflop_s": peak.flops_per_s / 1e12} if peak else {}))
+
+    def step_metrics(self, flops: float, step_time: float, timer: StepTimer | None) -> dict[str, float]:
+        """perf/tflop_s and perf/mfu (rank 0's counted FLOPs), and the breakdown's perf/time/*."""
+        out: dict[str, float] = {}
+        if self.peak is not None:
+            self._flops_sum, self._flops_time = self._flops_sum + flops, self._flops_time + step_time
+            out["perf/tflop_s"] = flops / step_time / 1e12
+            out["perf/mfu"] = flops / step_time / self.peak.flops_per_s
+        if timer is not None:
+            out.update({f"perf/time/{name}_s": v for name, v in timer.finish().items()})
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """perf/mfu_mean over this process's steps ({} without a peak)."""
+        if self.peak is None or self._flops_time <= 0:
+            return {}
+        return {"perf/mfu_mean": self._flops_sum / self._flops_time / self.peak.flops_per_s}
