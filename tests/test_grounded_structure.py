@@ -181,6 +181,5 @@ def test_retrieval_text_disjoint_subset():
     assert "Text-disjoint subset" in r.markdown("retrieval") and "text-disjoint image→report R@1 50.0%" in r.headline()
     d = json.loads(json.dumps(r.to_json()))
     assert d["schema"] == "pertvl-retrieval/2" and RetrievalResult.from_json(d).to_json() == d
-    old = {k: v for k, v in d.items() if k != "text_disjoint"} | {"schema": "pertvl-retrieval/1"}
-    assert RetrievalResult.from_json(old).text_disjoint is None
+    assert list(d)[0] == "schema" and list(d)[-2:] == ["text_disjoint", "info"]
     assert evaluate_retrieval(enc, samples, ks=(1,)).text_disjoint is None

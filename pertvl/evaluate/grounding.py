@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.evaluate.encoder import image_array
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, from_json, non_negative, to_json
 from pertvl.evaluate.report import md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-grounding/1"
@@ -132,20 +132,6 @@ class GroundingStat:
                    float(np.mean([it.pointing_chance for it in items])), float(m.mean()),
                    cluster_bootstrap_ci(m, img, resamples, seed), float(np.mean([it.area for it in items])))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"items": self.items, "images": self.images, "pointing": self.pointing,
-                "pointing_ci95": list(self.pointing_ci95) if self.pointing_ci95 else None,
-                "pointing_chance": self.pointing_chance, "mass": self.mass,
-                "mass_ci95": list(self.mass_ci95) if self.mass_ci95 else None, "area": self.area}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> GroundingStat:
-        def ci(v):
-            return (float(v[0]), float(v[1])) if v is not None else None
-
-        return cls(int(d["items"]), int(d["images"]), d.get("pointing"), ci(d.get("pointing_ci95")),
-                   d.get("pointing_chance"), d.get("mass"), ci(d.get("mass_ci95")), d.get("area"))
-
 
 @dataclass
 class GroundingResult:
@@ -165,21 +151,13 @@ class GroundingResult:
     items: list[GroundingItem] = field(default_factory=list, repr=False, compare=False)  # not serialized
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": self.schema, "overall": self.overall.to_json(),
-                "per_type": {t: s.to_json() for t, s in self.per_type.items()}, "images": self.images,
-                "images_without_finding_words": self.images_without_finding_words, "skipped": dict(self.skipped),
-                "grid": list(self.grid), "gamma1": self.gamma1, "bootstrap": dict(self.bootstrap),
-                "words": dict(self.words), "info": dict(self.info)}
+        return to_json(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> GroundingResult:
         if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
             raise ValueError(f"not a pertvl grounding result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
-        return cls(GroundingStat.from_json(d["overall"]),
-                   {t: GroundingStat.from_json(s) for t, s in d["per_type"].items()}, int(d["images"]),
-                   int(d["images_without_finding_words"]), {k: int(v) for k, v in d.get("skipped", {}).items()},
-                   tuple(int(g) for g in d["grid"]), float(d["gamma1"]), dict(d.get("bootstrap", {})),
-                   {k: int(v) for k, v in d.get("words", {}).items()}, dict(d.get("info", {})))
+        return from_json(cls, d)
 
     # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
     def markdown(self, name: str) -> str:

@@ -42,12 +42,11 @@ from typing import Any
 import numpy as np
 
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, from_json, to_json
 from pertvl.evaluate.report import md_table, pct
 from pertvl.evaluate.structure_result import TIE_TOLERANCE
 
 SCHEMA = "pertvl-retrieval/2"
-READABLE_SCHEMAS = ("pertvl-retrieval/1", SCHEMA)
 DEFAULT_KS = (1, 5, 10)
 
 
@@ -63,45 +62,21 @@ class RetrievalResult:
     match: str
     skipped: dict[str, int] = field(default_factory=dict)
     tie_tolerance: float = TIE_TOLERANCE
-    info: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
     text_disjoint: dict[str, Any] | None = None  # recalls over the queries whose text is no training text
+    info: dict[str, Any] = field(default_factory=dict)
     # First-correct ranks per query (not serialized): what the text-disjoint subset is computed from.
     i2t_ranks: np.ndarray | None = field(default=None, repr=False, compare=False)
     t2i_ranks: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "image_to_text": dict(self.image_to_text),
-            "text_to_image": dict(self.text_to_image),
-            "median_rank": dict(self.median_rank),
-            "images": self.images,
-            "texts": self.texts,
-            "match": self.match,
-            "skipped": dict(self.skipped),
-            "tie_tolerance": self.tie_tolerance,
-            "text_disjoint": self.text_disjoint,
-            "info": dict(self.info),
-        }
+        return to_json(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RetrievalResult:
-        if not isinstance(d, Mapping) or d.get("schema") not in READABLE_SCHEMAS:
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
             raise ValueError(f"not a pertvl retrieval result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
-        return cls(
-            image_to_text=dict(d["image_to_text"]),
-            text_to_image=dict(d["text_to_image"]),
-            median_rank=dict(d["median_rank"]),
-            images=int(d["images"]),
-            texts=int(d["texts"]),
-            match=d["match"],
-            skipped=dict(d.get("skipped", {})),
-            tie_tolerance=float(d.get("tie_tolerance", TIE_TOLERANCE)),
-            info=dict(d.get("info", {})),
-            text_disjoint=d.get("text_disjoint"),
-        )
-
+        return from_json(cls, d)
 
     # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
     def markdown(self, name: str) -> str:
@@ -370,7 +345,7 @@ EVALUATION = Evaluation(
     add_arguments=add_arguments,
     run=run,
     result_type=RetrievalResult,
-    schemas=READABLE_SCHEMAS,
+    schemas=(SCHEMA,),
     title="Retrieval",
     suites=frozenset({Suite.DEMO, Suite.ABLATE}),
 )
