@@ -135,7 +135,7 @@ class GroundingStat:
 
 @dataclass
 class GroundingResult:
-    """The grounding evaluation's outcome; `to_json` gives the documented schema."""
+    """The grounding evaluation's outcome; its JSON is these fields, "schema" first."""
 
     overall: GroundingStat
     per_type: dict[str, GroundingStat]

@@ -52,7 +52,8 @@ DEFAULT_KS = (1, 5, 10)
 
 @dataclass
 class RetrievalResult:
-    """Recall@K in both directions; keys of the recall maps are "R@K"."""
+    """Recall@K in both directions; keys of the recall maps are "R@K". Its JSON is these fields,
+    "schema" first."""
 
     image_to_text: dict[str, float]
     text_to_image: dict[str, float]

@@ -212,24 +212,14 @@ class StructureResult:
         out: dict[str, float | None] = {f"{key}/overall": self.overall.accuracy}
         out.update({f"{key}/{t}": s.accuracy for t, s in self.per_type.items()})
         if self.controls is not None:
-            c = self.controls
-            out.update({f"{key}/{name}": a.overall.accuracy for name, a in c.anchors().items()})
-            out[f"{key}/margin"] = c.margin.margin
-            out[f"{key}/margin_ci_low"] = c.margin.ci95[0] if c.margin.ci95 else None
-            out[f"{key}/margin_ci_high"] = c.margin.ci95[1] if c.margin.ci95 else None
+            out.update(_control_metrics(f"{key}/", self.controls))
         if self.grounded is not None:
             g = self.grounded
             out[f"{key}/grounded"] = g.overall.accuracy
             if g.controls is not None:
-                gc = g.controls
-                out.update({f"{key}/grounded_{name}": a.overall.accuracy for name, a in gc.anchors().items()})
-                out[f"{key}/grounded_margin"] = gc.margin.margin
-                out[f"{key}/grounded_margin_ci_low"] = gc.margin.ci95[0] if gc.margin.ci95 else None
-                out[f"{key}/grounded_margin_ci_high"] = gc.margin.ci95[1] if gc.margin.ci95 else None
-                for t, m in gc.margin_per_type.items():  # per counterfactual type: own − wrong image
-                    out[f"{key}/{t}_margin"] = m.margin
-                    out[f"{key}/{t}_margin_ci_low"] = m.ci95[0] if m.ci95 else None
-                    out[f"{key}/{t}_margin_ci_high"] = m.ci95[1] if m.ci95 else None
+                out.update(_control_metrics(f"{key}/grounded_", g.controls))
+                for t, m in g.controls.margin_per_type.items():  # per counterfactual type: own − wrong image
+                    out.update(_margin_metrics(f"{key}/{t}_margin", m))
             out.update({f"{key}/{t}": s.accuracy for t, s in g.per_type.items()})
         if self.text_disjoint is not None:
             out[f"{key}/text_disjoint"] = self.text_disjoint.overall.accuracy
@@ -291,6 +281,18 @@ class StructureResult:
             td = self.text_disjoint
             line += f"; text-disjoint subset {pct(td.overall.accuracy)}: {td.describe()}"
         return line
+
+
+def _margin_metrics(name: str, m: MarginStat) -> dict[str, float | None]:
+    """NAME, NAME_ci_low, NAME_ci_high of one own − wrong image margin."""
+    return {name: m.margin, f"{name}_ci_low": m.ci95[0] if m.ci95 else None,
+            f"{name}_ci_high": m.ci95[1] if m.ci95 else None}
+
+
+def _control_metrics(prefix: str, c: Controls) -> dict[str, float | None]:
+    """PREFIX{anchor} (overall accuracy with each control anchor) and PREFIXmargin with its CI."""
+    return {**{f"{prefix}{name}": a.overall.accuracy for name, a in c.anchors().items()},
+            **_margin_metrics(f"{prefix}margin", c.margin)}
 
 
 CONTROL_LABELS = {

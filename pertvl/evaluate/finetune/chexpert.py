@@ -44,7 +44,7 @@ from pertvl.evaluate.finetune.tasks import (
     UNCERTAIN_POLICIES,
     format_skips,
 )
-from pertvl.evaluate.markdown import markdown_table
+from pertvl.evaluate.report import markdown_table
 from pertvl.evaluate.torch_encoder import pick_device
 from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
