@@ -371,7 +371,6 @@ def printed_local_similarity(
     a report with no words gets S = -inf against every image.
     """
     fn = "printed_local_similarity"
-    _check_local_inputs(fn, region_feats, word_feats, word_mask)
     if aggregation not in ("sum", "mean"):
         raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
