@@ -502,7 +502,7 @@ def test_printed_local_form_equals_the_papers_equations():
         text=SimpleNamespace(global_emb=torch.randn(3, 8, dtype=torch.float64), words=words, word_mask=mask),
         pert_emb=None, pert_valid=None, logit_scale=None)
     res = PretrainLoss({"preset": "gloria", "local_form": "printed", "temperature": 0.07})(out)
-    assert res.local_loss.item() == loss.item()
+    assert res.terms["local"].item() == loss.item()
     assert LossConfig().local_form == "gloria"
     with pytest.raises(ValueError, match=r"local_form in \['gloria', 'printed'\]"):
         LossConfig(local_form="paper")
