@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pertvl.data.records import PROJECTIONS, SPLITS, Pair, split_counts, write_pairs
+from pertvl.data.records import PROJECTIONS, SPLITS, Pair, SkipTally, split_counts, write_pairs
 from pertvl.data.text import normalize_report
 from pertvl.files import write_json
 
@@ -87,18 +87,6 @@ class MimicError(ValueError):
 class MimicResult:
     pairs: list[Pair]
     summary: dict[str, Any]
-
-
-@dataclass
-class _Tally:
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def skip(self, reason: str, record: str, detail: str = "") -> None:
-        self.skipped[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < 5:
-            shown.append(f"{record}: {detail}" if detail else record)
 
 
 # ------------------------------------------------------------------------------------ reports
@@ -300,7 +288,7 @@ def ingest_mimic_cxr(
         rows.append((row["subject_id"], row["study_id"], row["dicom_id"], split))
     rows.sort()
 
-    tally = _Tally()
+    tally = SkipTally(limit=5)
     pairs: list[Pair] = []
     texts: dict[tuple[str, str], tuple[str | None, str]] = {}  # study -> (text or None, skip reason)
     reports_read = 0

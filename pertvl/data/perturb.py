@@ -181,6 +181,26 @@ def packaged_antonyms_path() -> Path:
     return Path(str(resources.files("pertvl.data") / "antonyms.tsv"))
 
 
+def _antonym_rows(path: Path, third: str) -> Iterator[tuple[int, str, str, str]]:
+    """(line number, word, antonym, third column) of each non-comment line of an antonym TSV.
+
+    Raises ValueError naming file:line for a line without three columns or a word that is not
+    one clean lower-case word (what clean_text leaves of it).
+    """
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        cols = [c.strip() for c in line.split("\t")]
+        if len(cols) != 3 or not all(cols):
+            raise ValueError(f"{path}:{lineno}: expected word<TAB>antonym<TAB>{third}, got {raw!r}")
+        for w in cols[:2]:
+            if clean_text(w, max_words=None) != w or " " in w:
+                raise ValueError(f"{path}:{lineno}: {w!r} is not one clean lower-case word "
+                                 f"(clean_text gives {clean_text(w, max_words=None)!r})")
+        yield lineno, cols[0], cols[1], cols[2]
+
+
 def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
     """Read a word<TAB>antonym<TAB>attribute file (default: the packaged antonyms.tsv), symmetrically.
 
@@ -194,18 +214,7 @@ def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
     pairs: dict[str, str] = {}
     attributes: dict[str, str] = {}
     where: dict[str, int] = {}
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        cols = [c.strip() for c in line.split("\t")]
-        if len(cols) != 3 or not all(cols):
-            raise ValueError(f"{path}:{lineno}: expected word<TAB>antonym<TAB>attribute, got {raw!r}")
-        a, b, attribute = cols
-        for w in (a, b):
-            if clean_text(w, max_words=None) != w or " " in w:
-                raise ValueError(f"{path}:{lineno}: {w!r} is not one clean lower-case word "
-                                 f"(clean_text gives {clean_text(w, max_words=None)!r})")
+    for lineno, a, b, attribute in _antonym_rows(path, "attribute"):
         if a == b:
             raise ValueError(f"{path}:{lineno}: {a!r} is paired with itself")
         for w, other in ((a, b), (b, a)):
@@ -232,17 +241,7 @@ def load_paper_antonyms(path: str | Path | None = None) -> AntonymLexicon:
     path = Path(path) if path is not None else packaged_paper_antonyms_path()
     pairs: dict[str, str] = {}
     sources: dict[str, str] = {}
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        cols = [c.strip() for c in line.split("\t")]
-        if len(cols) != 3 or not all(cols):
-            raise ValueError(f"{path}:{lineno}: expected word<TAB>antonym<TAB>source, got {raw!r}")
-        word, antonym, source = cols
-        for w in (word, antonym):
-            if clean_text(w, max_words=None) != w or " " in w:
-                raise ValueError(f"{path}:{lineno}: {w!r} is not one clean lower-case word")
+    for lineno, word, antonym, source in _antonym_rows(path, "source"):
         if word == antonym or word in pairs:
             raise ValueError(f"{path}:{lineno}: {word!r} " + ("is its own antonym" if word == antonym
                                                                else "is listed twice"))

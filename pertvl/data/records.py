@@ -7,6 +7,7 @@ records, so everything downstream (perturb, pack, evaluate) reads one format.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import Counter
@@ -19,6 +20,27 @@ from pertvl.files import atomic_write_text
 from pertvl.files import write_json as write_json
 
 SPLITS = ("train", "val", "test")
+
+@dataclass
+class SkipTally:
+    """Skipped records counted by reason; the first `limit` of each reason named for summary.json.
+
+    With a `logger`, every skip is also named in the log (the summary keeps only the first few).
+    """
+
+    limit: int = 20
+    logger: logging.Logger | None = None
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, record: str, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.limit:
+            shown.append(f"{record}: {detail}" if detail else record)
+        if self.logger is not None:
+            self.logger.warning("skipped %s (%s)%s", record, reason, f": {detail}" if detail else "")
+
 
 # The nine perturbation types of Table I, in the paper's order. These names are used
 # everywhere: perturbations.jsonl, shard samples, batches (index k of the K axis), W&B, eval tables.

@@ -40,7 +40,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from pertvl.data.records import (
     PROJECTIONS,
     SPLITS,
     Pair,
+    SkipTally,
     assign_splits,
     split_counts,
     write_json,
@@ -65,7 +66,6 @@ REQUIRED_COLUMNS = ("image", "report")
 OPTIONAL_COLUMNS = ("id", "study", "subject", "split", "view")
 SKIP_REASONS = ("unreadable_row", "no_image", "empty_report", "bad_split", "bad_label", "duplicate_image",
                 "missing_image")  # fmt: skip
-MAX_EXAMPLES = 20  # rows named per reason in summary.json (all are in the log)
 _SPLIT_NAMES = {"train": "train", "val": "val", "validate": "val", "valid": "val", "validation": "val",
                 "dev": "val", "test": "test"}  # fmt: skip
 _FRONTAL, _LATERAL = {"PA", "AP", "FRONTAL"}, {"LATERAL", "LL", "LAT"}
@@ -79,19 +79,6 @@ class TableError(ValueError):
 class TableResult:
     pairs: list[Pair]
     summary: dict[str, Any]
-
-
-@dataclass
-class _Tally:
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def skip(self, reason: str, where: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < MAX_EXAMPLES:
-            shown.append(f"{where}: {detail}")
-        log.warning("skipped %s (%s): %s", where, reason, detail)
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -185,7 +172,7 @@ def _projection(view: str) -> str:
 
 
 def _pair(row: dict[str, Any], where: str, images: Path, columns: set[str], text_only: bool,
-          seen: set[str], tally: _Tally) -> Pair | None:
+          seen: set[str], tally: SkipTally) -> Pair | None:
     """One row as a Pair, or None after counting why it is skipped (SKIP_REASONS, in order)."""
     image, text = _text(row.get("image")), normalize_report(_text(row.get("report")))
     split_raw = _text(row.get("split"))
@@ -242,7 +229,7 @@ def ingest_table(
     if rows and fmt == "jsonl" and not set(REQUIRED_COLUMNS) <= columns:
         raise TableError(f"{path}: no row has {' or '.join(c for c in REQUIRED_COLUMNS if c not in columns)!r}; "
                          "every row needs 'image' (path) and 'report' (text) keys (docs/DATA.md)")
-    tally, seen, pairs = _Tally(), set(), []
+    tally, seen, pairs = SkipTally(logger=log), set(), []
     for lineno, row, problem in rows:
         where = f"{path.name} line {lineno}"
         if row is None:
@@ -263,7 +250,7 @@ def ingest_table(
 
 
 def _summary(path: Path, fmt: str, images_root: Path, text_only: bool, columns: set[str], group_by: str,
-             considered: int, pairs: list[Pair], tally: _Tally, seed: int) -> dict[str, Any]:
+             considered: int, pairs: list[Pair], tally: SkipTally, seed: int) -> dict[str, Any]:
     projections = Counter(p.projection for p in pairs)
     given = "split" in columns
     return {
