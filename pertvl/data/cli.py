@@ -21,6 +21,9 @@ _mimic = lazy_handler("pertvl.data.mimic", "cli_main")
 _table = lazy_handler("pertvl.data.table", "cli_main")
 
 
+_twins = lazy_handler("pertvl.data.shards.twins", "cli_main")
+
+
 _perturb = lazy_handler("pertvl.data.perturb", "cli_main")
 
 
@@ -128,6 +131,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="mimic-cxr: also write the phantoms as a MIMIC-CXR-JPG tree (JPEGs, split/metadata/"
                    "CheXpert CSV.gz, sectioned reports in mimic-cxr-reports.zip) under OUT/mimic-cxr-jpg")
     p.set_defaults(handler=_phantom)
+
+    p = dsub.add_parser(
+        "twins",
+        help="twin phantoms of a phantom corpus' test split: image pairs that differ in one fact, "
+        "each with its own report (for `pertvl eval twins`)",
+        description="For every test phantom and each edit (laterality, severity, finding identity, negation, "
+        "cardiomegaly) that applies to one of its findings: the same patient drawn with the edited truth, "
+        "and its report with the same sentences except those about the edited finding. Writes OUT/images, "
+        "OUT/pairs.jsonl and OUT/summary.json; with --shards also the evaluation shards.",
+    )
+    p.add_argument("--corpus", required=True, help="a `pertvl data phantom` folder (its pairs.jsonl)")
+    p.add_argument("--out", required=True, help="output folder of the twin set")
+    p.add_argument("--shards", help="also pack the twin set into this shard folder (split test)")
+    p.add_argument("--image-size", type=int, help="side of the packed images (default: the corpus' size)")
+    p.set_defaults(handler=_twins)
 
     p = sub.add_parser(
         "perturb",

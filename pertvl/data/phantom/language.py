@@ -102,18 +102,34 @@ def _other(side: str) -> str:
 _ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "severely"}
 
 
-def _lobe_phrase(lobe: str, rng: np.random.Generator) -> str:
+def _lobe_phrases(lobe: str) -> list[str]:
+    """The ways a report names a lobe (drawn 3:1:1 where there are three)."""
     side, level, _ = lobe.split(" ")
     if level == "upper":
-        return _pick(rng, [lobe, f"{side} upper lung", f"{side} upper lung zone"], [3, 1, 1])
+        return [lobe, f"{side} upper lung", f"{side} upper lung zone"]
     if level == "lower":
-        return _pick(rng, [lobe, f"{side} lung base", f"{side} lower lung zone"], [3, 1, 1])
-    return lobe
+        return [lobe, f"{side} lung base", f"{side} lower lung zone"]
+    return [lobe]
+
+
+def _lobe_phrase(lobe: str, rng: np.random.Generator) -> str:
+    phrases = _lobe_phrases(lobe)
+    return _pick(rng, phrases, [3, 1, 1]) if len(phrases) == 3 else phrases[0]
 
 
 def _present_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
     """A sentence stating finding `f` with its side, severity and location."""
-    fact = Fact(f.type, True, f.side, f.severity, f.location)
+    where = _lobe_phrase(f.location, rng) if f.type in ("consolidation", "nodule") else None
+    w = _pick(rng, severity_words(f.type, f.severity), [3, 1, 1]) if f.type == "consolidation" else None
+    return _sentence(_pick(rng, _present_options(f, where, w)), [_present_fact(f)], [f.type])
+
+
+def _present_fact(f: Finding) -> Fact:
+    return Fact(f.type, True, f.side, f.severity, f.location)
+
+
+def _present_options(f: Finding, where: str | None, w: str | None) -> list[str]:
+    """The templates stating `f`, given its drawn lobe phrase `where` and consolidation's severity word `w`."""
     sev, side = f.severity, f.side
     if f.type == "pleural_effusion":
         if side == "bilateral":
@@ -151,8 +167,6 @@ def _present_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
         if sev == "small":
             opts.append(f"a small {side} apical pneumothorax is present")
     elif f.type == "consolidation":
-        where = _lobe_phrase(f.location, rng)
-        w = _pick(rng, severity_words(f.type, sev), [3, 1, 1])
         opts = [
             f"there is {w} consolidation in the {where}",
             f"{w} {where} consolidation",
@@ -170,7 +184,6 @@ def _present_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
             f"{sev} enlargement of the cardiac silhouette",
         ]
     elif f.type == "nodule":
-        where = _lobe_phrase(f.location, rng)
         opts = [
             f"there is a {sev} nodule in the {where}",
             f"{sev} {where} nodule",
@@ -198,19 +211,22 @@ def _present_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
         ]
         if sev == "severe":
             opts.append("severe pulmonary edema with bilateral perihilar airspace opacities")
-    return _sentence(_pick(rng, opts), [fact], [f.type])
+    return opts
+
+
+_HEART_NORMAL = (
+    "heart size is normal",
+    "the heart is normal in size",
+    "normal heart size",
+    "the cardiomediastinal silhouette is normal",
+    "heart size and mediastinal contours are normal",
+    "the cardiac silhouette is within normal limits",
+    "the heart size is within normal limits",
+)
 
 
 def _heart_normal_sentence(rng: np.random.Generator) -> Sentence:
-    text = _pick(rng, [
-        "heart size is normal",
-        "the heart is normal in size",
-        "normal heart size",
-        "the cardiomediastinal silhouette is normal",
-        "heart size and mediastinal contours are normal",
-        "the cardiac silhouette is within normal limits",
-        "the heart size is within normal limits",
-    ])
+    text = _pick(rng, _HEART_NORMAL)
     return _sentence(text, [Fact("cardiomegaly", False)], ["cardiomegaly"])
 
 
@@ -237,22 +253,27 @@ def _negation_sentence(types: Sequence[str], rng: np.random.Generator) -> Senten
     nouns = [_pick(rng, _NEG_NOUNS[t]) for t in types]
     joined = _join(nouns, rng)
     verb = "are" if nouns[0].endswith("nodules") else "is"
-    opts = [f"no {joined}", f"there {verb} no {joined}", f"no evidence of {joined}", f"negative for {joined}"]
-    if len(types) == 1:
-        opts.append(f"{joined} {verb} not seen")
+    opts = _negation_options(joined, verb, single=len(types) == 1)
     return _sentence(_pick(rng, opts, [4, 2, 1, 1] + [1] * (len(opts) - 4)),
                      [Fact(t, False) for t in types], types)
+
+
+def _negation_options(joined: str, verb: str, single: bool) -> list[str]:
+    opts = [f"no {joined}", f"there {verb} no {joined}", f"no evidence of {joined}", f"negative for {joined}"]
+    return [*opts, f"{joined} {verb} not seen"] if single else opts
+
+
+def _side_negation_options(ftype: str, side: str) -> list[str]:
+    if ftype == "pleural_effusion":
+        return [f"no {side} pleural effusion", f"the {side} costophrenic angle is sharp",
+                f"there is no {side} pleural effusion"]
+    return [f"no {side} pneumothorax", f"no pneumothorax on the {side}"]
 
 
 def _side_negation_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
     """A negation of a unilateral pleural finding on the other side ('No right pleural effusion.')."""
     other = _other(f.side)
-    if f.type == "pleural_effusion":
-        opts = [f"no {other} pleural effusion", f"the {other} costophrenic angle is sharp",
-                f"there is no {other} pleural effusion"]
-    else:
-        opts = [f"no {other} pneumothorax", f"no pneumothorax on the {other}"]
-    return _sentence(_pick(rng, opts), [Fact(f.type, False, other)], [f.type])
+    return _sentence(_pick(rng, _side_negation_options(f.type, other)), [Fact(f.type, False, other)], [f.type])
 
 
 def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.random.Generator) -> Sentence:
@@ -277,6 +298,41 @@ _BONES = ("no acute bony abnormality", "the osseous structures are intact",
 
 _MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
                 "mediastinal contours are within normal limits")
+
+
+def fact_sentences(fact: Fact) -> list[Sentence]:
+    """Every sentence the report grammar can write that asserts exactly `fact` and nothing else: a
+    present finding fully specified (type, side, severity, location), a finding type absent
+    ("No pneumothorax.", for cardiomegaly a normal heart), or a pleural finding absent on one side.
+    The twin reports (pertvl.data.phantom.twins) choose among these, so they stay in the
+    generator's own distribution."""
+    t = fact.type
+    if fact.present:
+        f = Finding(t, fact.severity, fact.side, fact.location)
+        wheres = _lobe_phrases(f.location) if t in ("consolidation", "nodule") else [None]
+        ws = severity_words(t, f.severity) if t == "consolidation" else (None,)
+        texts = [o for where in wheres for w in ws for o in _present_options(f, where, w)]
+        return _unique([_sentence(x, [fact], [t]) for x in texts])
+    if t == "cardiomegaly":
+        return [_sentence(x, [fact], [t]) for x in _HEART_NORMAL] if fact.side is None else []
+    if fact.side is not None:
+        if t not in ("pleural_effusion", "pneumothorax") or fact.side not in ("left", "right"):
+            return []
+        return _unique([_sentence(x, [fact], [t]) for x in _side_negation_options(t, fact.side)])
+    if t not in _NEG_NOUNS:
+        return []
+    out = []
+    for noun in _NEG_NOUNS[t]:
+        verb = "are" if noun.endswith("nodules") else "is"
+        out += [_sentence(x, [fact], [t]) for x in _negation_options(noun, verb, single=True)]
+    return _unique(out)
+
+
+def _unique(sentences: list[Sentence]) -> list[Sentence]:
+    seen: dict[str, Sentence] = {}
+    for s in sentences:
+        seen.setdefault(s.text, s)
+    return list(seen.values())
 
 
 def compose_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> list[Sentence]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -268,10 +268,12 @@ class _Scene:
     extra: np.ndarray
 
 
-def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rng: np.random.Generator) -> _Patient:
+def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rngs: Mapping[str, np.random.Generator]) -> _Patient:
     """Findings that change the anatomy itself: volume loss lifts a hemidiaphragm; cardiomegaly
-    sets a cardiothoracic ratio of 0.56-0.72 (normal patients have 0.40-0.47)."""
+    sets a cardiothoracic ratio of 0.56-0.72 (normal patients have 0.40-0.47). `rngs`: each
+    finding type's generator."""
     if "atelectasis" in fs:
+        rng = rngs["atelectasis"]
         f = fs["atelectasis"]
         k = _SIDE_INDEX[f.side]
         lift = (0.02 if f.severity == "mild" else 0.045) + rng.uniform(0, 0.01)
@@ -280,6 +282,7 @@ def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rng: np.random.Generat
         ycp[k] -= lift
         pt = replace(pt, dome_top=(dome[0], dome[1]), y_cp=(ycp[0], ycp[1]))
     if "cardiomegaly" in fs:
+        rng = rngs["cardiomegaly"]
         lo, hi = {"mild": (0.56, 0.59), "moderate": (0.61, 0.65), "severe": (0.67, 0.72)}[fs["cardiomegaly"].severity]
         ctr = rng.uniform(lo, hi)
         pt = replace(pt, ctr=ctr, heart_ry=pt.heart_ry * (1 + 0.5 * (ctr - 0.44)))
@@ -444,15 +447,18 @@ class _Prepared:
     r_noise: np.random.Generator
 
 
-def _prepare(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator) -> _Prepared:
+def _prepare(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator,
+             finding_rngs: Mapping[str, np.random.Generator] | None = None) -> _Prepared:
     """Everything up to the drawn findings, with the generator streams consumed as render_phantom
-    always has (anatomy, vessels, findings, noise), so the image and the masks agree."""
+    always has (anatomy, vessels, findings, noise), so the image and the masks agree.
+    `finding_rngs` (type -> generator) replaces the shared findings stream, see render_phantom."""
     if not MIN_SIZE <= int(size) <= MAX_SIZE:
         raise ValueError(f"phantom size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
     size = int(size)
     fs = {f.type: f for f in as_findings(findings)}
     r_anat, r_vessel, r_find, r_noise = rng.spawn(4)
-    pt = _adjust_anatomy(_sample_patient(r_anat), fs, r_find)
+    rngs = {t: r_find for t in fs} if finding_rngs is None else finding_rngs
+    pt = _adjust_anatomy(_sample_patient(r_anat), fs, rngs)
     cv = _Canvas(pt, size)
     xa, ya, d, ad = cv.xa, cv.ya, cv.d, cv.ad
     L = cv.per_side(pt.lung_w)
@@ -485,7 +491,7 @@ def _prepare(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.ra
         lung_eff=lung_depth * (1 - _f32(0.93) * heart) * (1 - _f32(0.93) * med),  # minus what lies in front
         vessel_gain=np.ones_like(xa), extra=np.zeros_like(xa),
     )
-    footprints = {ftype: draw(scene, fs[ftype], r_find) for ftype, draw in _DRAW.items() if ftype in fs}
+    footprints = {ftype: draw(scene, fs[ftype], rngs[ftype]) for ftype, draw in _DRAW.items() if ftype in fs}
     if "cardiomegaly" in fs:  # drawn as anatomy (_adjust_anatomy): the enlarged heart is its place
         footprints["cardiomegaly"] = heart
     return _Prepared(pt, cv, L, lung, thick, heart, med, top_h, vessels, scene, footprints, r_noise)
@@ -518,7 +524,8 @@ def finding_masks(findings: Sequence[Finding | dict[str, Any]], size: int, rng: 
     return {t: fp >= _f32(MASK_LEVEL) for t, fp in prep.footprints.items()}
 
 
-def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator) -> np.ndarray:
+def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator,
+                   finding_rngs: Mapping[str, np.random.Generator] | None = None) -> np.ndarray:
     """Draw one PA chest radiograph phantom with the given findings.
 
     The generator is split into independent streams (anatomy, vessels, findings, noise), so the same
@@ -530,12 +537,16 @@ def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng:
         findings: Finding objects (or their JSON dicts), at most one per type.
         size: image side in pixels (64..2048).
         rng: the phantom's rendering generator.
+        finding_rngs: one generator per finding type instead of the one findings stream the
+            findings share in drawing order (the corpus' images); then each finding's placement
+            depends on its own generator only, so two images that differ in one finding draw every
+            other finding identically (the twin phantoms, pertvl.data.phantom.twins).
 
     Returns:
         uint8 array [size, size], 0 = black (air), 255 = white (bone/fluid); patient's left on the
         image right.
     """
-    prep = _prepare(findings, size, rng)
+    prep = _prepare(findings, size, rng, finding_rngs)
     size = int(size)
     pt, cv, L, lung, scene = prep.pt, prep.cv, prep.L, prep.lung, prep.scene
     heart, med, top_h, r_noise = prep.heart, prep.med, prep.top_h, prep.r_noise

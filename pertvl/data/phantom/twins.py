@@ -1,0 +1,316 @@
+"""Twin phantoms: pairs of images that differ in one fact, each with its own report, the two reports
+differing only in the words of that fact (a Winoground-style test set: Thrush et al., CVPR 2022).
+
+For a test phantom of a corpus and one of its findings, an edit makes a twin truth:
+
+* laterality: the finding on the other side (a lobe moves to the same lobe of the other lung; the
+  right middle lobe has no counterpart and gets no laterality twin),
+* severity: the other end of its severity scale (the highest one unless it already is; then the lowest),
+* finding: the other finding in the same place (nodule <-> consolidation in the same lobe and at the
+  same step of the severity scale; a one-sided pleural effusion <-> a pneumothorax on that side),
+* negation: the finding absent (the types reports negate: effusion, pneumothorax, consolidation,
+  edema, nodule),
+* cardiomegaly: a normal heart instead of an enlarged one.
+
+A twin truth must be one the sampler could draw (one finding per type, no effusion on the side of
+a pneumothorax, no nodule in the consolidated lobe); other edits are skipped and counted.
+
+Images. Both sides are drawn from the phantom's own pixel generator (the same patient, exposure,
+vessel markings and noise) with one findings generator per finding type (render_phantom's
+`finding_rngs`), so every finding but the edited one is drawn identically in both images; a
+finding-identity twin draws its new finding from the generator of the one it replaces. Side 0 is
+the phantom's truth drawn this way (its pixels differ from the corpus image only in where the
+findings' random placement fell).
+
+Reports. Side 0's report is the corpus report, re-composed from its report generator (so each
+sentence's facts are known, not parsed back from text). Side 1's report keeps every sentence that
+is still true of the twin, and replaces each one that is not by the sentence of the report grammar
+(pertvl.data.phantom.language.fact_sentences: the generator's own templates and phrasings) that
+states the twin's fact with the fewest changed words. So the two reports differ only in the
+sentences about the edited finding; the word-level difference of every pair is recorded and counted.
+
+Everything is deterministic from the corpus seed: phantom i's findings generators are
+SeedSequence(seed, spawn_key=(i, 100 + type index)).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pertvl.data.phantom.findings import FINDING_TYPES, NEGATABLE, SEVERITIES, Finding, as_findings
+from pertvl.data.phantom.language import MAX_WORDS, MIN_WORDS, Fact, Sentence, fact_holds, fact_sentences
+from pertvl.data.phantom.render import render_phantom
+from pertvl.data.records import Pair, read_pairs, write_pairs
+from pertvl.files import atomic_write_bytes, write_json
+
+EDITS = ("laterality", "severity", "finding", "negation", "cardiomegaly")
+
+
+# Finding identity: the other finding drawn in the same place.
+OTHER_FINDING = {"nodule": "consolidation", "consolidation": "nodule",
+                 "pleural_effusion": "pneumothorax", "pneumothorax": "pleural_effusion"}
+
+
+_STREAM_BASE = 100  # spawn_key (i, 100 + type index): clear of the corpus' own (i, 0..3) children
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One twin: edit `kind` turns finding `before` into `after` (None: absent)."""
+
+    kind: str
+    before: Finding
+    after: Finding | None
+
+
+def _other(side: str) -> str:
+    return "left" if side == "right" else "right"
+
+
+def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
+    """(whether `kind` applies to `f`, the edited finding or None for absent)."""
+    t = f.type
+    if kind == "laterality":
+        if f.side not in ("left", "right") or f.location == "right middle lobe":
+            return False, None
+        side = _other(f.side)
+        return True, Finding(t, f.severity, side, f.location.replace(f.side, side, 1) if f.location else None)
+    if kind == "severity":
+        scale = SEVERITIES[t]
+        return True, replace(f, severity=scale[0] if f.severity == scale[-1] else scale[-1])
+    if kind == "finding":
+        other = OTHER_FINDING.get(t)
+        if other is None or f.side not in ("left", "right"):
+            return False, None
+        return True, Finding(other, SEVERITIES[other][SEVERITIES[t].index(f.severity)], f.side, f.location)
+    if kind == "negation":
+        return t in NEGATABLE, None
+    return t == "cardiomegaly", None  # cardiomegaly
+
+
+def consistent(findings: Sequence[Finding]) -> bool:
+    """Whether the sampler could draw these findings: no effusion on the side of a pneumothorax, no
+    nodule in the consolidated lobe (one finding per type is as_findings' rule)."""
+    by = {f.type: f for f in findings}
+    ptx, eff = by.get("pneumothorax"), by.get("pleural_effusion")
+    if ptx and eff and eff.side in (ptx.side, "bilateral"):
+        return False
+    nod, cons = by.get("nodule"), by.get("consolidation")
+    return not (nod and cons and nod.location == cons.location)
+
+
+def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Finding]]], dict[str, int]]:
+    """Every edit of every finding that gives a valid twin truth, with that truth; and the skips by reason.
+
+    Returns:
+        ([(edit, twin findings)], {"<kind>: <reason>": count}) in canonical finding order, then EDITS order.
+    """
+    out: list[tuple[Edit, list[Finding]]] = []
+    skipped: dict[str, int] = {}
+    for f in findings:
+        for kind in EDITS:
+            applies, after = _edited(f, kind)
+            if not applies:
+                continue
+            rest = [g for g in findings if g is not f]
+            try:
+                twin = as_findings([*rest, after] if after is not None else rest)
+            except ValueError:  # the other finding type is already there
+                twin = None
+            if twin is None or not consistent(twin):
+                key = f"{kind}: twin truth the sampler cannot draw"
+                skipped[key] = skipped.get(key, 0) + 1
+                continue
+            out.append((Edit(kind, f, after), twin))
+    return out, skipped
+
+
+def finding_rngs(seed: int, index: int, findings: Sequence[Finding], edit: Edit | None = None
+                 ) -> dict[str, np.random.Generator]:
+    """One fresh findings generator per finding type of phantom `index`; a finding-identity twin's
+    new finding takes the generator of the finding it replaces (so it lands in the same place)."""
+    def gen(ftype: str) -> np.random.Generator:
+        key = (index, _STREAM_BASE + FINDING_TYPES.index(ftype))
+        return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+    source = {f.type: f.type for f in findings}
+    if edit is not None and edit.after is not None and edit.after.type != edit.before.type:
+        source[edit.after.type] = edit.before.type
+    return {t: gen(s) for t, s in source.items()}
+
+
+def render_side(findings: Sequence[Finding], size: int, pixel_rng: np.random.Generator, seed: int, index: int,
+                edit: Edit | None = None) -> np.ndarray:
+    """One side of a twin pair: `pixel_rng` must be a fresh copy of the phantom's pixel generator."""
+    return render_phantom(findings, size, pixel_rng, finding_rngs(seed, index, findings, edit))
+
+
+def word_diff(a: str, b: str) -> tuple[list[str], list[str]]:
+    """The words of `a` and of `b` outside their longest common word subsequence blocks."""
+    wa, wb = a.split(), b.split()
+    removed: list[str] = []
+    added: list[str] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, wa, wb, autojunk=False).get_opcodes():
+        if tag != "equal":
+            removed += wa[i1:i2]
+            added += wb[j1:j2]
+    return removed, added
+
+
+def _twin_facts(fact: Fact, edit: Edit) -> list[Fact]:
+    """The facts a sentence asserting `fact` (false of the twin) may state in the twin's report instead."""
+    f0, f1 = edit.before, edit.after
+    if fact.present:
+        if fact.type != f0.type:
+            return []
+        if f1 is not None:
+            return [Fact(f1.type, True, f1.side, f1.severity, f1.location)]
+        sided = [Fact(f0.type, False, f0.side)] if f0.side in ("left", "right") else []
+        return [Fact(f0.type, False), *sided]
+    if fact.side is not None:  # "no right effusion" of a left one that moved right
+        return [Fact(fact.type, False, _other(fact.side))]
+    if f1 is not None and fact.type == f1.type:  # "no consolidation" when the nodule became one
+        return [Fact(f0.type, False)]
+    return []
+
+
+def twin_report(sentences: Sequence[Sentence], before: Sequence[Finding], after: Sequence[Finding], edit: Edit
+                ) -> tuple[list[Sentence] | None, str | None]:
+    """The twin's report: `sentences` (side 0's report) with each sentence false of `after` replaced
+    by the generator's sentence of the twin's fact that changes the fewest words.
+
+    Returns:
+        (sentences, None), or (None, reason) when a false sentence asserts several facts, no
+        sentence of the grammar states the twin's fact, the length leaves MIN_WORDS..MAX_WORDS, or
+        no sentence of the result is false of `before` (the pair would not tell the images apart).
+    """
+    out: list[Sentence] = []
+    for s in sentences:
+        if all(fact_holds(fa, after) for fa in s.facts):
+            out.append(s)
+            continue
+        if len(s.facts) != 1:
+            return None, "a false sentence asserts several facts"
+        cands = [c for fa in _twin_facts(s.facts[0], edit) for c in fact_sentences(fa)
+                 if all(fact_holds(x, after) for x in c.facts)]
+        if not cands:
+            return None, "no sentence of the grammar states the twin's fact"
+        out.append(min(cands, key=lambda c: sum(map(len, word_diff(s.text, c.text)))))
+    if not MIN_WORDS <= sum(s.words for s in out) <= MAX_WORDS:
+        return None, "twin report length out of range"
+    if all(fact_holds(fa, before) for s in out for fa in s.facts):
+        return None, "twin report also true of the original"
+    return out, None
+
+
+def truth_json(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    return [f.to_json() for f in findings]
+
+
+def _corpus_streams(seed: int, index: int) -> list[np.random.Generator]:
+    from pertvl.data.phantom.corpus import _streams
+
+    return _streams(seed, index)
+
+
+def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
+    """The twin pairs (two Pair records each) of one corpus phantom; images written to `images_dir`."""
+    from pertvl.data.phantom.findings import chexpert_labels
+    from pertvl.data.phantom.language import compose_report
+    from pertvl.data.phantom.render import encode_png
+
+    ref = pair.extra.get("render") or {}
+    seed, index, size = int(ref["seed"]), int(ref["index"]), int(ref["size"])
+    before = as_findings(pair.extra.get("findings") or [])
+    sentences = compose_report(before, _corpus_streams(seed, index)[2])
+    if " ".join(s.text for s in sentences) != pair.text:
+        skipped["report not reproduced from the seed"] += 1
+        return []
+    edits, skips = twin_edits(before)
+    skipped.update(skips)
+    out: list[Pair] = []
+    base_png = None
+    for edit, after in edits:
+        report, reason = twin_report(sentences, before, after, edit)
+        if report is None:
+            skipped[f"{edit.kind}: {reason}"] += 1
+            continue
+        if base_png is None:
+            base_png = f"images/{pair.id}-twin-0.png"
+            img0 = render_side(before, size, _corpus_streams(seed, index)[1], seed, index)
+            atomic_write_bytes(images_dir.parent / base_png, encode_png(img0))
+        tid = f"{pair.id}-twin-{edit.kind}-{edit.before.type}"
+        img1 = render_side(after, size, _corpus_streams(seed, index)[1], seed, index, edit)
+        atomic_write_bytes(images_dir / f"{tid}-1.png", encode_png(img1))
+        texts = [pair.text, " ".join(s.text for s in report)]
+        removed, added = word_diff(*texts)
+        twin = {"pair": tid, "edit": edit.kind, "finding": edit.before.type, "phantom": pair.id,
+                "truth": [truth_json(before), truth_json(after)], "texts": texts,
+                "diff": {"removed": removed, "added": added}}
+        for side, (fs, image) in enumerate(((before, base_png), (after, f"images/{tid}-1.png"))):
+            out.append(Pair(id=f"{tid}-{side}", study_id=pair.id, image=image, projection="Frontal",
+                            text=texts[side], split="test", labels=chexpert_labels(fs), source="phantom-twin",
+                            extra={"findings": truth_json(fs), "twin": {**twin, "side": side}}))
+    return out
+
+
+def generate_twins(corpus: str | os.PathLike, out: str | os.PathLike, split: str = "test") -> dict[str, Any]:
+    """The twin set of a phantom corpus' `split`: OUT/images/*.png, OUT/pairs.jsonl (two records per
+    twin pair, extra["twin"]: pair id, edit, edited finding type, both sides' truth and texts, the word
+    diff, side 0/1), OUT/summary.json (pairs per edit and finding type, word-diff counts, skips).
+
+    Raises:
+        ValueError: naming the file when the corpus holds no phantom records (findings and render ref).
+    """
+    corpus, out = Path(corpus), Path(out)
+    pairs_path = corpus / "pairs.jsonl"
+    source = [p for p in read_pairs(pairs_path) if p.split == split]
+    bad = [p.id for p in source if "render" not in (p.extra or {}) or "findings" not in (p.extra or {})]
+    if not source or bad:
+        raise ValueError(f"{pairs_path}: no phantom records in split {split!r}" if not source else
+                         f"{pairs_path}: {bad[0]!r} is not a phantom record (extra.findings/extra.render missing)")
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    skipped: Counter = Counter()
+    twins: list[Pair] = []
+    for p in source:
+        twins += _phantom_twins(p, images, skipped)
+    write_pairs(out / "pairs.jsonl", twins)
+    summary = twin_summary(twins, len(source), dict(skipped), str(corpus), split)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def twin_summary(twins: Sequence[Pair], phantoms: int, skipped: dict[str, int], corpus: str, split: str
+                 ) -> dict[str, Any]:
+    """Counts of a twin set: pairs per edit and per (edit, finding type), changed words per pair."""
+    sides0 = [p.extra["twin"] for p in twins if p.extra["twin"]["side"] == 0]
+    per_edit = {e: [t for t in sides0 if t["edit"] == e] for e in EDITS}
+    return {
+        "source": "phantom-twins",
+        "corpus": corpus,
+        "split": split,
+        "phantoms": phantoms,
+        "phantoms_with_twins": len({t["phantom"] for t in sides0}),
+        "pairs": len(sides0),
+        "records": len(twins),
+        "pairs_per_edit": {e: len(ts) for e, ts in per_edit.items()},
+        "pairs_per_edit_and_finding": {e: dict(Counter(t["finding"] for t in ts)) for e, ts in per_edit.items()},
+        "changed_words": {e: _diff_counts(ts) for e, ts in per_edit.items()},
+        "skipped": dict(sorted(skipped.items())),
+    }
+
+
+def _diff_counts(twins: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Words removed + added per pair (histogram), and how many pairs share all other words."""
+    n = [len(t["diff"]["removed"]) + len(t["diff"]["added"]) for t in twins]
+    return {"histogram": {str(k): c for k, c in sorted(Counter(n).items())},
+            "max": max(n, default=0), "mean": round(sum(n) / len(n), 2) if n else None}
