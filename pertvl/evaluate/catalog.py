@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pertvl.evaluate import grounding, retrieval, structure, structure_local, text_structure, zeroshot
+from pertvl.evaluate import grounding, retrieval, structure, structure_local, text_structure, twins, zeroshot
 from pertvl.evaluate.evaluation import Evaluation, Finetune, MetricInfo, Result, Source, Suite
 from pertvl.evaluate.finetune import chexpert, nli
 
@@ -26,6 +26,7 @@ EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
     zeroshot.EVALUATION,
     text_structure.EVALUATION,
     grounding.EVALUATION,
+    twins.EVALUATION,
 )}
 
 # The fine-tunes whose results are comparison columns (Tables II and III), after the evaluations.

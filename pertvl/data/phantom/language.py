@@ -230,7 +230,7 @@ def _heart_normal_sentence(rng: np.random.Generator) -> Sentence:
     return _sentence(text, [Fact("cardiomegaly", False)], ["cardiomegaly"])
 
 
-_NEG_NOUNS = {
+NEG_NOUNS = {
     "pneumothorax": ("pneumothorax",),
     "pleural_effusion": ("pleural effusion", "effusion"),
     "consolidation": ("focal consolidation", "focal airspace consolidation", "consolidation"),
@@ -250,7 +250,7 @@ def _join(nouns: Sequence[str], rng: np.random.Generator) -> str:
 
 def _negation_sentence(types: Sequence[str], rng: np.random.Generator) -> Sentence:
     """'No pneumothorax or pleural effusion.' for absent `types` (1-3 of them)."""
-    nouns = [_pick(rng, _NEG_NOUNS[t]) for t in types]
+    nouns = [_pick(rng, NEG_NOUNS[t]) for t in types]
     joined = _join(nouns, rng)
     verb = "are" if nouns[0].endswith("nodules") else "is"
     opts = _negation_options(joined, verb, single=len(types) == 1)
@@ -278,18 +278,39 @@ def _side_negation_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
 
 def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.random.Generator) -> Sentence:
     """'The lungs are clear.' (or 'otherwise clear'), optionally '... without X or Y'."""
-    otherwise = bool(present & {"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
-    if otherwise:
-        base = _pick(rng, ["the lungs are otherwise clear", "otherwise the lungs are clear", "lungs are otherwise clear"])
-    else:
-        base = _pick(rng, ["the lungs are clear", "lungs are clear bilaterally", "both lungs are clear",
-                           "the lungs are clear bilaterally"])
-    facts = [Fact(t, False) for t in PARENCHYMAL if t not in present]
-    topics = set(PARENCHYMAL) | {"pleural_effusion", "pneumothorax"}  # conservative: never 'unaddressed'
+    base = _pick(rng, _LUNGS_OTHERWISE if present & _OTHERWISE_TYPES else _LUNGS_PLAIN)
     if extra_neg:
-        base += " without " + _join([_pick(rng, _NEG_NOUNS[t]) for t in extra_neg], rng)
-        facts += [Fact(t, False) for t in extra_neg]
-    return _sentence(base, facts, topics)
+        base += " without " + _join([_pick(rng, NEG_NOUNS[t]) for t in extra_neg], rng)
+    return _lungs_sentence(base, present, extra_neg)
+
+
+_OTHERWISE_TYPES = frozenset({"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
+_LUNGS_OTHERWISE = ("the lungs are otherwise clear", "otherwise the lungs are clear", "lungs are otherwise clear")
+_LUNGS_PLAIN = ("the lungs are clear", "lungs are clear bilaterally", "both lungs are clear",
+                "the lungs are clear bilaterally")
+
+
+def _lungs_sentence(text: str, present: Iterable[str], extra_neg: Sequence[str] = ()) -> Sentence:
+    facts = [Fact(t, False) for t in PARENCHYMAL if t not in set(present)] + [Fact(t, False) for t in extra_neg]
+    topics = set(PARENCHYMAL) | {"pleural_effusion", "pneumothorax"}  # conservative: never 'unaddressed'
+    return _sentence(text, facts, topics)
+
+
+def lungs_clear_sentences(present: Iterable[str], without: str | None = None) -> list[Sentence]:
+    """The "lungs are (otherwise) clear" sentences the grammar writes beside these present finding
+    types, and with `without` (an absent negatable type) also each "... without <it>" variant."""
+    present = set(present)
+    frames = _LUNGS_OTHERWISE if present & _OTHERWISE_TYPES else _LUNGS_PLAIN
+    out = [_lungs_sentence(f, present) for f in frames]
+    if without is not None and not present & set(PARENCHYMAL):
+        out += [_lungs_sentence(f"{f} without {noun}", present, [without]) for f in frames
+                for noun in NEG_NOUNS[without]]
+    return out
+
+
+def is_lungs_clear(sentence: Sentence) -> bool:
+    body = sentence.text.rstrip(".").lower()
+    return any(body == f or body.startswith(f + " without ") for f in (*_LUNGS_OTHERWISE, *_LUNGS_PLAIN))
 
 
 _BONES = ("no acute bony abnormality", "the osseous structures are intact",
@@ -319,10 +340,10 @@ def fact_sentences(fact: Fact) -> list[Sentence]:
         if t not in ("pleural_effusion", "pneumothorax") or fact.side not in ("left", "right"):
             return []
         return _unique([_sentence(x, [fact], [t]) for x in _side_negation_options(t, fact.side)])
-    if t not in _NEG_NOUNS:
+    if t not in NEG_NOUNS:
         return []
     out = []
-    for noun in _NEG_NOUNS[t]:
+    for noun in NEG_NOUNS[t]:
         verb = "are" if noun.endswith("nodules") else "is"
         out += [_sentence(x, [fact], [t]) for x in _negation_options(noun, verb, single=True)]
     return _unique(out)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -45,8 +46,23 @@ from typing import Any
 
 import numpy as np
 
-from pertvl.data.phantom.findings import FINDING_TYPES, NEGATABLE, SEVERITIES, Finding, as_findings
-from pertvl.data.phantom.language import MAX_WORDS, MIN_WORDS, Fact, Sentence, fact_holds, fact_sentences
+from pertvl.data.phantom.findings import (
+    FINDING_TYPES,
+    NEGATABLE,
+    PARENCHYMAL,
+    SEVERITIES,
+    Finding,
+    as_findings,
+)
+from pertvl.data.phantom.language import (
+    NEG_NOUNS,
+    Fact,
+    Sentence,
+    fact_holds,
+    fact_sentences,
+    is_lungs_clear,
+    lungs_clear_sentences,
+)
 from pertvl.data.phantom.render import render_phantom
 from pertvl.data.records import Pair, read_pairs, write_pairs
 from pertvl.files import atomic_write_bytes, write_json
@@ -173,8 +189,7 @@ def _twin_facts(fact: Fact, edit: Edit) -> list[Fact]:
             return []
         if f1 is not None:
             return [Fact(f1.type, True, f1.side, f1.severity, f1.location)]
-        sided = [Fact(f0.type, False, f0.side)] if f0.side in ("left", "right") else []
-        return [Fact(f0.type, False), *sided]
+        return [Fact(f0.type, False)]  # never "no left effusion": the grammar writes it only opposite one
     if fact.side is not None:  # "no right effusion" of a left one that moved right
         return [Fact(fact.type, False, _other(fact.side))]
     if f1 is not None and fact.type == f1.type:  # "no consolidation" when the nodule became one
@@ -185,30 +200,103 @@ def _twin_facts(fact: Fact, edit: Edit) -> list[Fact]:
 def twin_report(sentences: Sequence[Sentence], before: Sequence[Finding], after: Sequence[Finding], edit: Edit
                 ) -> tuple[list[Sentence] | None, str | None]:
     """The twin's report: `sentences` (side 0's report) with each sentence false of `after` replaced
-    by the generator's sentence of the twin's fact that changes the fewest words.
+    by the generator's sentence of the twin's fact that changes the fewest words, then the
+    report-level rules of the generator applied to the sentences about the edited finding
+    (`_conform`).
 
     Returns:
         (sentences, None), or (None, reason) when a false sentence asserts several facts, no
-        sentence of the grammar states the twin's fact, the length leaves MIN_WORDS..MAX_WORDS, or
-        no sentence of the result is false of `before` (the pair would not tell the images apart).
+        sentence of the grammar states the twin's fact, or no sentence of the result is false of
+        `before` (the pair would not tell the images apart).
     """
     out: list[Sentence] = []
+    replaced = None  # where the edited finding's own sentence was
     for s in sentences:
         if all(fact_holds(fa, after) for fa in s.facts):
             out.append(s)
             continue
         if len(s.facts) != 1:
-            return None, "a false sentence asserts several facts"
+            swapped = _swap_negated(s, edit)
+            if swapped is None:
+                return None, "a false sentence asserts several facts"
+            out.append(swapped)
+            continue
         cands = [c for fa in _twin_facts(s.facts[0], edit) for c in fact_sentences(fa)
                  if all(fact_holds(x, after) for x in c.facts)]
         if not cands:
             return None, "no sentence of the grammar states the twin's fact"
-        out.append(min(cands, key=lambda c: sum(map(len, word_diff(s.text, c.text)))))
-    if not MIN_WORDS <= sum(s.words for s in out) <= MAX_WORDS:
-        return None, "twin report length out of range"
+        if s.facts[0].present and s.facts[0].type == edit.before.type:
+            replaced = len(out)
+        out.append(_nearest(s, cands))
+    out = _conform(out, after, edit, replaced)
     if all(fact_holds(fa, before) for s in out for fa in s.facts):
         return None, "twin report also true of the original"
     return out, None
+
+
+def _swap_negated(s: Sentence, edit: Edit) -> Sentence | None:
+    """A negation list naming the twin's new finding type ("No pneumothorax or focal consolidation."
+    when a nodule became a consolidation) with the replaced type's noun in its place, the verb agreeing."""
+    a, b = edit.before.type, edit.after.type if edit.after is not None else None
+    if b is None or a not in NEG_NOUNS or is_lungs_clear(s) or any(fa.present or fa.side for fa in s.facts):
+        return None
+    low = s.text.lower()
+    found = [(k, n) for k, n in enumerate(NEG_NOUNS[b]) if re.search(rf"\b{re.escape(n)}\b", low)]
+    if not found:
+        return None
+    k, noun = max(found, key=lambda kn: len(kn[1]))
+    new = NEG_NOUNS[a][min(k, len(NEG_NOUNS[a]) - 1)]
+    text = re.sub(rf"\b{re.escape(noun)}\b", new, low, count=1)
+    first_plural = re.match(r"^(?:no evidence of |negative for |there (?:is|are) no |no )?(\w+(?: \w+)*?)(?:,| or |\.| is | are )",
+                            text)
+    plural = bool(first_plural) and any(text[first_plural.start(1):].startswith(n) for n in NEG_NOUNS["nodule"])
+    verb = "are" if plural else "is"
+    text = re.sub(r"^there (?:is|are) no ", f"there {verb} no ", text)
+    text = re.sub(r" (?:is|are) not seen\.$", f" {verb} not seen.", text)
+    facts = tuple(Fact(a, False) if fa.type == b else fa for fa in s.facts)
+    return Sentence(text[0].upper() + text[1:], facts, frozenset(a if t == b else t for t in s.topics))
+
+
+def _nearest(s: Sentence, candidates: Sequence[Sentence]) -> Sentence:
+    """The candidate with the fewest words changed from `s` (the first of equals)."""
+    return min(candidates, key=lambda c: sum(map(len, word_diff(s.text, c.text))))
+
+
+def _conform(out: list[Sentence], after: Sequence[Finding], edit: Edit, replaced: int | None) -> list[Sentence]:
+    """The generator's report-level rules for the twin's findings: a side negation only opposite a
+    one-sided effusion/pneumothorax, 'the lungs are otherwise clear' exactly when a non-edema finding
+    is present, and a lungs-clear sentence whenever the lungs are normal (then the edited finding's
+    sentence becomes it)."""
+    present = {f.type for f in after}
+    one_sided = {(f.type, f.side) for f in after if f.type in ("pleural_effusion", "pneumothorax")}
+    res: list[Sentence] = []
+    for i, s in enumerate(out):
+        fa = s.facts[0] if len(s.facts) == 1 else None
+        if fa is not None and not fa.present and fa.side in ("left", "right") and (
+                (fa.type, _other(fa.side)) not in one_sided):
+            replaced = replaced - 1 if replaced is not None and replaced > i else replaced
+            continue
+        if is_lungs_clear(s) and "without" not in s.text:
+            s = _nearest(s, lungs_clear_sentences(present))
+        res.append(s)
+    if not present & set(PARENCHYMAL) and replaced is not None and not any(is_lungs_clear(s) for s in res):
+        without = edit.before.type if edit.before.type in NEGATABLE else None
+        res[replaced] = _nearest(res[replaced], lungs_clear_sentences(present, without))
+    return _otherwise_last(res)
+
+
+def _otherwise_last(sentences: list[Sentence]) -> list[Sentence]:
+    """'The lungs are otherwise clear' after the findings it is 'otherwise' to, as the generator orders it."""
+    at = next((i for i, s in enumerate(sentences) if is_lungs_clear(s) and "otherwise" in s.text.lower()), None)
+    if at is None:
+        return sentences
+    last = max((i for i, s in enumerate(sentences) if any(fa.present and fa.type != "cardiomegaly" for fa in s.facts)),
+               default=-1)
+    if last < at:
+        return sentences
+    out = list(sentences)
+    out.insert(last, out.pop(at))
+    return out
 
 
 def truth_json(findings: Sequence[Finding]) -> list[dict[str, Any]]:
@@ -223,6 +311,7 @@ def _corpus_streams(seed: int, index: int) -> list[np.random.Generator]:
 
 def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
     """The twin pairs (two Pair records each) of one corpus phantom; images written to `images_dir`."""
+    from pertvl.data.counterfactual import fits_findings, parse_report
     from pertvl.data.phantom.findings import chexpert_labels
     from pertvl.data.phantom.language import compose_report
     from pertvl.data.phantom.render import encode_png
@@ -240,8 +329,9 @@ def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
     base_png = None
     for edit, after in edits:
         report, reason = twin_report(sentences, before, after, edit)
-        if report is None:
-            skipped[f"{edit.kind}: {reason}"] += 1
+        rule = None if report is None else fits_findings(parse_report(" ".join(s.text for s in report)), after)
+        if report is None or rule is not None:
+            skipped[f"{edit.kind}: {reason or 'breaks a report rule: ' + rule}"] += 1
             continue
         if base_png is None:
             base_png = f"images/{pair.id}-twin-0.png"

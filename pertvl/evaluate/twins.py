@@ -1,0 +1,449 @@
+"""`pertvl eval twins`: the twin-phantom grounding test (Winoground's scores on twin pairs).
+
+A twin pair (pertvl.data.phantom.twins) is two images I0, I1 of the same patient that differ in one
+fact, with their reports T0, T1 that differ only in the words of that fact. With s(I, T) the model's
+score (the global cosine, and GLoRIA's local S(I, T) when the encoder has the local branch), per pair:
+
+* text score:  s(I0,T0) > s(I0,T1) and s(I1,T1) > s(I1,T0)  (each image picks its own report),
+* image score: s(I0,T0) > s(I1,T0) and s(I1,T1) > s(I0,T1)  (each report picks its own image),
+* group score: both,
+* pairwise preference (one direction, as the structure test asks it): the share of the two images
+  that score their own report above the twin's.
+
+Random scores give exactly 25 / 25 / 16.7 % (and 50 % pairwise). A scorer that ignores the image
+(any text prior, however trained) ranks T0 against T1 the same way for both images, so its text
+score is exactly 0 % (and its pairwise preference exactly 50 %); a scorer that ignores the text has
+image score 0 %. So no number here needs a text-prior baseline beside it: the design cancels it.
+Beside every number stand the chance levels and an empirical null (random scores on the same pairs,
+with the same bootstrap), which shows how wide chance spreads at this n. Strict inequalities: a tie
+is a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
+from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
+
+SCHEMA = "pertvl-twins/1"
+EDITS = ("laterality", "severity", "finding", "negation", "cardiomegaly")  # pertvl.data.phantom.twins.EDITS
+METRICS = ("text", "image", "group", "pairwise")
+CHANCE = {"text": 0.25, "image": 0.25, "group": 1 / 6, "pairwise": 0.5}
+SCORE_NAMES = {"global": "global cosine", "local": "local S(I, T)"}
+TWINS_SUBFOLDER = "twins"  # where the demo packs the twin set inside its shard folder
+NULL_SEED = 1  # the random-score null's scores (its bootstrap uses --seed like the model's)
+
+
+@dataclass(frozen=True)
+class TwinPair:
+    """One twin pair: its edit, the edited finding type, the texts T0, T1 and the rows of I0, I1."""
+
+    pair: str
+    edit: str
+    finding: str
+    texts: tuple[str, str]
+    images: tuple[int, int]
+
+
+def outcomes(s: np.ndarray) -> dict[str, np.ndarray]:
+    """Per pair [P] the text, image and group outcomes (0/1) and the pairwise preference (0, ½, 1)
+    from scores s [P, 2, 2] with s[p, i, t] = s(I_i, T_t)."""
+    s = np.asarray(s, dtype=np.float64)
+    t0 = s[:, 0, 0] > s[:, 0, 1]
+    t1 = s[:, 1, 1] > s[:, 1, 0]
+    i0 = s[:, 0, 0] > s[:, 1, 0]
+    i1 = s[:, 1, 1] > s[:, 0, 1]
+    text, image = t0 & t1, i0 & i1
+    return {"text": text.astype(float), "image": image.astype(float), "group": (text & image).astype(float),
+            "pairwise": (t0.astype(float) + t1.astype(float)) / 2}
+
+
+@dataclass
+class TwinStat:
+    """Text / image / group score and pairwise preference over `n` pairs, each with a 95 % CI."""
+
+    n: int
+    values: dict[str, float | None]
+    ci95: dict[str, list[float] | None]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n": self.n, **{m: self.values[m] for m in METRICS},
+                **{f"{m}_ci95": self.ci95[m] for m in METRICS}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TwinStat:
+        return cls(int(d["n"]), {m: d.get(m) for m in METRICS}, {m: d.get(f"{m}_ci95") for m in METRICS})
+
+
+def twin_stat(out: Mapping[str, np.ndarray], rows: np.ndarray, bootstrap: int, seed: int) -> TwinStat:
+    """Means over `rows` with percentile-bootstrap CIs (the same resampled pairs for every metric)."""
+    n = int(len(rows))
+    values = {m: (float(out[m][rows].mean()) if n else None) for m in METRICS}
+    cis: dict[str, list[float] | None] = dict.fromkeys(METRICS)
+    if bootstrap > 0 and n >= 2:
+        idx = np.random.default_rng(seed).integers(0, n, size=(bootstrap, n))
+        for m in METRICS:
+            means = out[m][rows][idx].mean(axis=1)
+            cis[m] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return TwinStat(n, values, cis)
+
+
+@dataclass
+class TwinScores:
+    """One score's results: overall, per edit type, and the random-score null on the same pairs."""
+
+    overall: TwinStat
+    per_edit: dict[str, TwinStat]
+    null: TwinStat
+
+    def to_json(self) -> dict[str, Any]:
+        return {"overall": self.overall.to_json(), "per_edit": {e: s.to_json() for e, s in self.per_edit.items()},
+                "null_random_scores": self.null.to_json()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TwinScores:
+        return cls(TwinStat.from_json(d["overall"]), {e: TwinStat.from_json(s) for e, s in d["per_edit"].items()},
+                   TwinStat.from_json(d["null_random_scores"]))
+
+
+def twin_scores(s: np.ndarray, edits: Sequence[str], bootstrap: int = 1000, seed: int = 0) -> TwinScores:
+    """The statistics of scores s [P, 2, 2] of pairs whose edit types are `edits` [P]."""
+    edits = np.asarray(list(edits), dtype=object)
+    out = outcomes(s)
+    every = np.arange(len(edits))
+    per_edit = {e: twin_stat(out, np.flatnonzero(edits == e), bootstrap, seed) for e in EDITS if (edits == e).any()}
+    null = outcomes(np.random.default_rng(NULL_SEED).standard_normal((len(edits), 2, 2)))
+    return TwinScores(twin_stat(out, every, bootstrap, seed), per_edit, twin_stat(null, every, bootstrap, seed))
+
+
+@dataclass
+class TwinResult:
+    """The twin test's outcome: per score ("global", "local") its TwinScores; `to_json` is the schema."""
+
+    scores: dict[str, TwinScores]
+    pairs: int
+    pairs_per_edit: dict[str, int]
+    skipped: dict[str, int]
+    bootstrap: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+    examples: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)  # not serialized
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "pairs": self.pairs, "pairs_per_edit": dict(self.pairs_per_edit),
+                "chance": dict(CHANCE), "scores": {k: v.to_json() for k, v in self.scores.items()},
+                "skipped": dict(self.skipped), "bootstrap": dict(self.bootstrap), "info": dict(self.info)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TwinResult:
+        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
+            raise ValueError(f"not a pertvl twins result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
+        return cls({k: TwinScores.from_json(v) for k, v in d["scores"].items()}, int(d["pairs"]),
+                   {k: int(v) for k, v in d.get("pairs_per_edit", {}).items()},
+                   {k: int(v) for k, v in d.get("skipped", {}).items()}, dict(d.get("bootstrap", {})),
+                   dict(d.get("info", {})))
+
+    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
+    def markdown(self, name: str) -> str:
+        return twins_markdown(self, name)
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        paths = {"png": plot_twins(self, Path(out_dir) / f"{name}.png")}
+        if self.examples:
+            paths["examples_png"] = plot_examples(self.examples, Path(out_dir) / f"{name}_examples.png")
+        return paths
+
+    def metrics(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for score, sc in self.scores.items():
+            for m in METRICS:
+                out[f"twins/{score}/{m}"] = sc.overall.values[m]
+                for e, st in sc.per_edit.items():
+                    out[f"twins/{score}/{e}/{m}"] = st.values[m]
+        return out
+
+    @classmethod
+    def metric_info(cls, key: str) -> MetricInfo:
+        parts = key.split("/")[1:]
+        score, metric = parts[0], parts[-1]
+        edit = parts[1] if len(parts) == 3 else "all"
+        label = f"twins {metric} ({edit}, {'local S' if score == 'local' else 'cosine'})"
+        order = (0 if score == "global" else 1, (("all", *EDITS).index(edit) if edit in ("all", *EDITS) else 9),
+                 METRICS.index(metric) if metric in METRICS else 9)
+        return MetricInfo(label, chance=CHANCE.get(metric), order=order,
+                          summary=edit == "all" and metric == "group" and score == "global")
+
+    def headline(self) -> str:
+        return "\n    ".join(headline_lines(self))
+
+
+def _stat_text(st: TwinStat, m: str) -> str:
+    c = st.ci95[m]
+    return pct(st.values[m]) + (f" [{100 * c[0]:.0f}, {100 * c[1]:.0f}]" if c else "")
+
+
+def headline_lines(r: TwinResult) -> list[str]:
+    """The console lines: per score the overall text/image/group with CIs, then per edit type."""
+    lines = []
+    for score, sc in r.scores.items():
+        o = sc.overall
+        lines.append(f"twins ({SCORE_NAMES.get(score, score)}) over {o.n} pairs: text {_stat_text(o, 'text')}, image "
+                     f"{_stat_text(o, 'image')}, group {_stat_text(o, 'group')} (chance 25/25/16.7%; random-score "
+                     f"null {pct(sc.null.values['text'])}/{pct(sc.null.values['image'])}/{pct(sc.null.values['group'])};"
+                     " any text-only scorer: text 0%)")
+        lines.append("  per edit text/image/group: " + "; ".join(
+            f"{e} (n={st.n}) {pct(st.values['text'], 0)}/{pct(st.values['image'], 0)}/{pct(st.values['group'], 0)}"
+            for e, st in sc.per_edit.items()))
+    return lines
+
+
+def _row(label: str, st: TwinStat) -> list[str]:
+    return [label, str(st.n), *[f"{pct(st.values[m])} {ci(st.ci95[m])}" for m in METRICS]]
+
+
+def twins_markdown(r: TwinResult, name: str) -> str:
+    lines = [f"# Twin phantoms (image grounding): {name}", ""]
+    for score, sc in r.scores.items():
+        rows = [_row("**all**", sc.overall)] + [_row(e, st) for e, st in sc.per_edit.items()]
+        rows += [_row("random-score null (all pairs)", sc.null),
+                 ["chance", "", *[pct(CHANCE[m]) for m in METRICS]],
+                 ["any text-only scorer", "", "0.0%", "—", "0.0%", "50.0%"],
+                 ["any image-only scorer", "", "—", "0.0%", "0.0%", "—"]]
+        lines += [f"## Score: {SCORE_NAMES.get(score, score)}", "",
+                  md_table(["edit", "pairs", "text score", "image score", "group score", "pairwise (one direction)"],
+                           rows)]
+    b = r.bootstrap
+    lines += [
+        f"{r.pairs} twin pairs" + (f"; skipped: {', '.join(f'{k} {v}' for k, v in sorted(r.skipped.items()))}"
+                                    if r.skipped else "") + ".",
+        "",
+        "Each pair: two images of one patient that differ in one fact (the edit), with reports that differ only in "
+        "the words of that fact. Text score: each image scores its own report above its twin's; image score: each "
+        "report scores its own image above its twin's; group: both. A scorer that ignores the image cannot pass the "
+        "text score (0% by construction, so text priors cancel); one that ignores the text cannot pass the image "
+        "score. Pairwise: the one-direction preference of the structure test (chance 50%). CI: percentile "
+        f"bootstrap over pairs ({b.get('resamples')} resamples, seed {b.get('seed')}); pairs of one phantom share "
+        "its side-0 image, so the CIs are somewhat narrow.",
+        "",
+    ]
+    lines += examples_markdown(r.examples)
+    return "\n".join(lines) + "\n"
+
+
+def examples_markdown(examples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One pair per edit type, the words that differ in bold."""
+    if not examples:
+        return []
+    rows = []
+    for ex in examples:
+        t0, t1 = highlighted(*ex["texts"])
+        rows.append([ex["edit"], ex["finding"].replace("_", " "), t0, t1])
+    return ["Example pairs (differing words in bold; images in the examples figure):", "",
+            md_table(["edit", "finding", "T0 (image 0)", "T1 (image 1)"], rows)]
+
+
+def highlighted(a: str, b: str, mark: str = "**") -> tuple[str, str]:
+    """Both texts with the words outside their common blocks wrapped in `mark`."""
+    import difflib
+
+    wa, wb = a.split(), b.split()
+    oa, ob = list(wa), list(wb)
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, wa, wb, autojunk=False).get_opcodes():
+        if tag != "equal":
+            oa[i1:i2] = [f"{mark}{w}{mark}" for w in wa[i1:i2]] if i2 > i1 else []
+            ob[j1:j2] = [f"{mark}{w}{mark}" for w in wb[j1:j2]] if j2 > j1 else []
+    return " ".join(oa), " ".join(ob)
+
+
+def plot_twins(r: TwinResult, out_png: str | os.PathLike) -> Path:
+    """Per score a bar group per edit type (and all): text, image, group score with 95 % CIs, and
+    the chance lines (25 % text and image, 16.7 % group)."""
+    fig = new_figure((6.5 * max(1, len(r.scores)), 4.2))
+    axes = fig.subplots(1, max(1, len(r.scores)), squeeze=False)[0]
+    colors = {"text": "#4C72B0", "image": "#DD8452", "group": "#55A868"}
+    for ax, (score, sc) in zip(axes, r.scores.items(), strict=False):
+        groups = [("all", sc.overall), *sc.per_edit.items()]
+        x = np.arange(len(groups))
+        for j, m in enumerate(("text", "image", "group")):
+            vals = np.array([100 * (st.values[m] or 0.0) for _, st in groups])
+            lo = np.array([100 * st.ci95[m][0] if st.ci95[m] else v for (_, st), v in zip(groups, vals, strict=True)])
+            hi = np.array([100 * st.ci95[m][1] if st.ci95[m] else v for (_, st), v in zip(groups, vals, strict=True)])
+            ax.bar(x + (j - 1) * 0.27, vals, 0.27, color=colors[m], label=f"{m} score",
+                   yerr=[vals - lo, hi - vals], capsize=2)
+        ax.axhline(25, color="0.3", ls="--", lw=1, label="chance text/image 25%")
+        ax.axhline(100 / 6, color="0.3", ls=":", lw=1, label="chance group 16.7%")
+        ax.set_xticks(x, [f"{g}\n(n={st.n})" for g, st in groups], fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("% of twin pairs")
+        ax.set_title(f"Twin phantoms, {SCORE_NAMES.get(score, score)}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+    return save_png(fig, out_png)
+
+
+def _bold_words(text: str) -> str:
+    """Matplotlib text with the **marked** words in bold mathtext."""
+    out = []
+    for w in text.split():
+        if w.startswith("**") and w.endswith("**") and len(w) > 4:
+            body = w[2:-2].replace("-", "\\text{-}")
+            out.append(f"$\\mathbf{{{body}}}$" if body.replace(".", "").replace(",", "").isalnum() else f"[{w[2:-2]}]")
+        else:
+            out.append(w.replace("$", ""))
+    return " ".join(out)
+
+
+def _wrap(text: str, width: int = 60) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def plot_examples(examples: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path:
+    """One row per example twin pair: image 0, image 1, and the two reports (differing words bold)."""
+    fig = new_figure((13.0, 2.9 * len(examples)))
+    grid = fig.add_gridspec(len(examples), 3, width_ratios=[1, 1, 2.6])
+    for i, ex in enumerate(examples):
+        t0, t1 = highlighted(*ex["texts"])
+        for k in (0, 1):
+            ax = fig.add_subplot(grid[i, k])
+            ax.imshow(ex["images"][k], cmap="gray", vmin=0, vmax=255)
+            ax.set_axis_off()
+            ax.set_title(f"{ex['edit']}: image {k}", fontsize=9)
+        ax = fig.add_subplot(grid[i, 2])
+        ax.set_axis_off()
+        ax.text(0, 0.98, "T0: " + _bold_words(_wrap(t0)), va="top", fontsize=8, transform=ax.transAxes)
+        ax.text(0, 0.48, "T1: " + _bold_words(_wrap(t1)), va="top", fontsize=8, transform=ax.transAxes)
+    return save_png(fig, out_png)
+
+
+# ----------------------------------------------------------------------------- data and model
+
+
+def collect_pairs(samples: Iterable[Any]) -> tuple[list[TwinPair], list[Any], dict[str, int]]:
+    """The complete twin pairs of shard samples (meta.extra.twin), the samples their image rows index,
+    and the counts of samples left out (not a twin record; a pair without both sides)."""
+    sides: dict[str, dict[int, Any]] = {}
+    skipped: Counter = Counter()
+    for sample in samples:
+        twin = (sample.meta.get("extra") or {}).get("twin")
+        if not isinstance(twin, Mapping) or twin.get("side") not in (0, 1) or "pair" not in twin:
+            skipped["not a twin record"] += 1
+            continue
+        sides.setdefault(str(twin["pair"]), {})[int(twin["side"])] = sample
+    kept: list[Any] = []
+    pairs: list[TwinPair] = []
+    for pid, both in sides.items():
+        if set(both) != {0, 1}:
+            skipped["pair without both sides"] += len(both)
+            continue
+        tw = both[0].meta["extra"]["twin"]
+        texts = (str(both[0].meta["text"]), str(both[1].meta["text"]))
+        pairs.append(TwinPair(pid, str(tw["edit"]), str(tw["finding"]), texts, (len(kept), len(kept) + 1)))
+        kept += [both[0], both[1]]
+    return pairs, kept, dict(skipped)
+
+
+def model_scores(encoder: Any, samples: Sequence[Any], pairs: Sequence[TwinPair], score: str,
+                 batch_size: int = 32) -> np.ndarray:
+    """s [P, 2, 2] of the model: s[p, i, t] = s(I_i, T_t) by the global cosine or the local S(I, T)."""
+    from pertvl.evaluate.encoder import ImageBatcher, embed_texts_unique, word_features_unique
+    from pertvl.evaluate.structure import GlobalScorer, LocalScorer
+
+    batcher = ImageBatcher(encoder, batch_size, regions=score == "local")
+    for sample in samples:
+        batcher.add(sample)
+    emb = batcher.finish()
+    texts = [t for p in pairs for t in p.texts]
+    scorer: Any
+    if score == "local":
+        anchors = batcher.regions()
+        index, words, mask = word_features_unique(encoder, texts, batch_size)
+        scorer = LocalScorer(words, mask)
+    else:
+        anchors = emb
+        index, text_emb = embed_texts_unique(encoder, texts, batch_size)
+        scorer = GlobalScorer(text_emb)
+    prepared = scorer.prepare(anchors)
+    img = np.array([p.images[i] for p in pairs for i in (0, 1) for _ in (0, 1)], dtype=np.int64)
+    txt = np.array([index[p.texts[t]] for p in pairs for _ in (0, 1) for t in (0, 1)], dtype=np.int64)
+    return np.asarray(scorer(prepared[img], txt), dtype=np.float64).reshape(len(pairs), 2, 2)
+
+
+def examples_of(pairs: Sequence[TwinPair], samples: Sequence[Any]) -> list[dict[str, Any]]:
+    """The first pair of each edit type, with its images and texts (for the report's figure)."""
+    out = []
+    for e in EDITS:
+        p = next((p for p in pairs if p.edit == e), None)
+        if p is not None:
+            out.append({"edit": e, "finding": p.finding, "texts": p.texts,
+                        "images": [np.asarray(samples[i].image) for i in p.images]})
+    return out
+
+
+def evaluate_twins(encoder: Any, samples: Iterable[Any], scores: Sequence[str] = ("global", "local"),
+                   bootstrap: int = 1000, seed: int = 0, batch_size: int = 32) -> TwinResult:
+    """The twin test of `encoder` on the twin records among `samples` (the local score only when the
+    encoder has the local branch)."""
+    pairs, kept, skipped = collect_pairs(samples)
+    if not pairs:
+        raise ValueError("no twin pairs among the samples: give the shards of `pertvl data twins` (--shards)")
+    edits = [p.edit for p in pairs]
+    usable = [s for s in scores if s != "local" or hasattr(encoder, "image_features")]
+    result = {s: twin_scores(model_scores(encoder, kept, pairs, s, batch_size), edits, bootstrap, seed)
+              for s in usable}
+    return TwinResult(result, len(pairs), dict(Counter(edits)), skipped, {"resamples": bootstrap, "seed": seed},
+                      examples=examples_of(pairs, kept))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scores", default="global,local",
+                   help="comma-separated: global (cosine), local (S(I, T); needs the local branch) (default both)")
+    p.add_argument("--bootstrap", type=non_negative, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--twins", help="the twin shards (`pertvl data twins --shards`); default: SHARDS/twins when it "
+                   "exists, else --shards itself")
+
+
+def load(options: argparse.Namespace) -> Iterable[Any] | None:
+    """The twin shards' samples of --split: --twins, else SHARDS/twins; None: read --shards itself."""
+    from pertvl.data.shards import iter_samples
+
+    folder = options.twins or (Path(options.shards) / TWINS_SUBFOLDER if options.shards else None)
+    if folder is None or not (options.twins or (Path(folder) / "manifest.json").is_file()):
+        return None
+    return iter_samples(folder, options.split)
+
+
+def run(encoder: Any, data: Iterable[Any], options: argparse.Namespace) -> TwinResult:
+    scores = [s.strip() for s in str(options.scores).split(",") if s.strip()]
+    bad = [s for s in scores if s not in SCORE_NAMES]
+    if bad or not scores:
+        raise SystemExit(f"pertvl: error: --scores: expected global and/or local, got {options.scores!r}")
+    return evaluate_twins(encoder, data, scores, options.bootstrap, options.seed,
+                          getattr(options, "batch_size", None) or 32)
+
+
+EVALUATION = Evaluation(
+    name="twins",
+    help="twin-phantom grounding test: text, image and group score on image pairs that differ in one fact",
+    description="On the shards of `pertvl data twins` (--shards, --split test): per twin pair (I0, T0), (I1, T1) the "
+    "text score (each image prefers its own report), image score (each report prefers its own image) and group "
+    "score (both), overall and per edit type with bootstrap CIs, by the global cosine and the local S(I, T). "
+    "Writes NAME.json, NAME.md, NAME.png and NAME_examples.png.",
+    add_arguments=add_arguments,
+    run=run,
+    load=load,
+    result_type=TwinResult,
+    schemas=(SCHEMA,),
+    title="Twin phantoms: image grounding (text / image / group score)",
+    suites=frozenset({Suite.DEMO}),
+)
