@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -290,38 +291,56 @@ def plot_twins(r: TwinResult, out_png: str | os.PathLike) -> Path:
 
 
 def _bold_words(text: str) -> str:
-    """Matplotlib text with the **marked** words in bold mathtext."""
-    out = []
+    """Matplotlib text with each run of **marked** words in one bold mathtext segment (line breaks kept)."""
+    def line(words: list[str]) -> str:
+        out: list[str] = []
+        run: list[str] = []
+        for w in [*words, ""]:
+            marked = w.startswith("**") and w.endswith("**") and len(w) > 4
+            if marked and re.fullmatch(r"[A-Za-z0-9.,-]+", w[2:-2]):
+                run.append(w[2:-2].replace("-", "{-}"))
+                continue
+            if run:
+                out.append("$\\mathbf{" + "\\ ".join(run) + "}$")
+                run = []
+            if w:
+                out.append(f"[{w[2:-2]}]" if marked else w.replace("$", ""))
+        return " ".join(out)
+
+    return "\n".join(line(ln.split()) for ln in text.split("\n"))
+
+
+def _wrap(text: str, width: int = 70) -> str:
+    """Lines of at most `width` characters, not counting the ** marks."""
+    lines: list[list[str]] = [[]]
+    used = 0
     for w in text.split():
-        if w.startswith("**") and w.endswith("**") and len(w) > 4:
-            body = w[2:-2].replace("-", "\\text{-}")
-            out.append(f"$\\mathbf{{{body}}}$" if body.replace(".", "").replace(",", "").isalnum() else f"[{w[2:-2]}]")
-        else:
-            out.append(w.replace("$", ""))
-    return " ".join(out)
-
-
-def _wrap(text: str, width: int = 60) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
+        n = len(w.replace("**", ""))
+        if lines[-1] and used + 1 + n > width:
+            lines.append([])
+            used = 0
+        used += n + (1 if lines[-1] else 0)
+        lines[-1].append(w)
+    return "\n".join(" ".join(ln) for ln in lines)
 
 
 def plot_examples(examples: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path:
     """One row per example twin pair: image 0, image 1, and the two reports (differing words bold)."""
     fig = new_figure((13.0, 2.9 * len(examples)))
-    grid = fig.add_gridspec(len(examples), 3, width_ratios=[1, 1, 2.6])
+    grid = fig.add_gridspec(len(examples), 3, width_ratios=[1, 1, 2.8])
     for i, ex in enumerate(examples):
         t0, t1 = highlighted(*ex["texts"])
         for k in (0, 1):
             ax = fig.add_subplot(grid[i, k])
             ax.imshow(ex["images"][k], cmap="gray", vmin=0, vmax=255)
             ax.set_axis_off()
-            ax.set_title(f"{ex['edit']}: image {k}", fontsize=9)
+            ax.set_title(f"image {k}", fontsize=9)
         ax = fig.add_subplot(grid[i, 2])
         ax.set_axis_off()
-        ax.text(0, 0.98, "T0: " + _bold_words(_wrap(t0)), va="top", fontsize=8, transform=ax.transAxes)
-        ax.text(0, 0.48, "T1: " + _bold_words(_wrap(t1)), va="top", fontsize=8, transform=ax.transAxes)
+        ax.text(0, 1.0, f"{ex['edit']} ({ex['finding'].replace('_', ' ')})", va="top", fontsize=10,
+                fontweight="bold", transform=ax.transAxes)
+        ax.text(0, 0.84, "T0: " + _bold_words(_wrap(t0)), va="top", fontsize=8, transform=ax.transAxes)
+        ax.text(0, 0.42, "T1: " + _bold_words(_wrap(t1)), va="top", fontsize=8, transform=ax.transAxes)
     return save_png(fig, out_png)
 
 
