@@ -1,9 +1,11 @@
 """The main job (`make demo` / `pertvl demo`): the whole pipeline on the embedded offline corpus.
 
-phantoms -> perturb -> counterfactual reports (evaluated; not trained on) -> pack shards -> train with DeepSpeed on N ranks (three losses) -> export
+phantoms -> perturb -> counterfactual reports (evaluated; not trained on) -> pack shards -> twin phantoms of the
+test split (evaluated; packed in SHARDS/twins) -> train with DeepSpeed on N ranks (three losses) -> export
 to ONNX (parity checked) -> evaluate on onnxruntime (every evaluation of the DEMO suite of
 pertvl.evaluate.catalog: structure per perturbation type with its control anchors and the
-image-grounding margin, the grounded structure accuracy on counterfactual reports, retrieval, zero-shot AUROC, grounding of the local branch) -> a report
+image-grounding margin, the grounded structure accuracy on counterfactual reports, retrieval, zero-shot AUROC, grounding of the local branch,
+the twin-phantom text/image/group scores) -> a report
 folder with their tables, training curves, attention-map examples and the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
 final encoders), export/demo, runs/demo/report.
 """
@@ -14,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from pertvl.pipeline import Stage, StageError, StageRunner, cli, launch_train
@@ -66,6 +69,12 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
               {"size": args.image_size, "pairs": str(pairs), "counterfactuals": str(cfs)}),
         Stage("verify", [shards / "manifest.json"], lambda: cli(["shards", "verify", str(shards)], "verify shards"),
               {"shards": str(shards)}),
+        # Twin phantoms of the test split (pertvl.data.phantom.twins), packed in SHARDS/twins where
+        # `pertvl eval twins` looks for them; evaluation only.
+        Stage("twins", [shards / "twins" / "manifest.json"],
+              lambda: cli(["data", "twins", "--corpus", str(corpus), "--out", str(run / "twins"), "--shards",
+                           str(shards / "twins"), "--image-size", str(args.image_size)], "twin phantoms"),
+              {"corpus": str(corpus), "size": args.image_size}),
         Stage("train", [run / "final" / "config.json"],
               lambda: launch_train(train_args, nproc=args.nproc),
               {"args": train_args, "nproc": args.nproc, "config": _file_text(args.config)}),
@@ -100,6 +109,10 @@ REPORT_FIGURES = (
                            "the control anchors."),
     ("eval/grounding.png", "Grounding of the local branch: pointing game and attention mass in the finding, "
                            "beside chance (the finding's area)."),
+    ("eval/twins.png", "Twin phantoms: text, image and group score per edit type with 95 % CIs, beside chance "
+                       "(25 % text and image, 16.7 % group); any text-only scorer has text score 0 %."),
+    ("eval/twins_examples.png", "One twin pair per edit type: two images of one patient that differ in one fact, "
+                                "their reports (the differing words in bold)."),
 )
 
 
@@ -160,7 +173,7 @@ def report_sections(evals: Path, where: str = "") -> list[str]:
         md = evals / f"{e.key}.md"
         if md.is_file():
             lines += [f"### {e.title}" + (f", {where}" if where else ""), ""]
-            for line in _demoted(md, 2).splitlines():
+            for line in _demoted(md, 2, evals.name).splitlines():
                 if line.startswith("#"):
                     line = f"{line} ({e.name})" if line in seen else line
                     seen.add(line)
@@ -169,12 +182,14 @@ def report_sections(evals: Path, where: str = "") -> list[str]:
     return lines
 
 
-def _demoted(markdown: Path, levels: int = 1) -> str:
-    """An evaluation's Markdown without its top-level title, its headings moved `levels` down."""
+def _demoted(markdown: Path, levels: int = 1, folder: str = "") -> str:
+    """An evaluation's Markdown without its top-level title, its headings moved `levels` down, and
+    its relative image links (figures beside it) made relative to the report, one `folder` up."""
     text = markdown.read_text().splitlines()
     if text and text[0].startswith("# "):
         text = text[1:]
-    return "\n".join("#" * levels + line if line.startswith("#") else line for line in text).strip("\n")
+    out = "\n".join("#" * levels + line if line.startswith("#") else line for line in text).strip("\n")
+    return re.sub(r"!\[([^\]]*)\]\((?![a-z]+:|/)([^)]+)\)", rf"![\1]({folder}/\2)", out) if folder else out
 
 
 def _headline(evals: Path) -> list[str]:

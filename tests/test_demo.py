@@ -51,8 +51,10 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     report = tmp_path / "run" / "report"
     text = (report / "README.md").read_text()
     assert "structure (local S) accuracy" in printed  # the structure test scored by S(I, T) (issue 14)
+    assert "twins (global cosine) over" in printed and "twins (local S(I, T)) over" in printed
     for heading in ("Headline", "Clinical semantic structure", "Controls: the same test with another anchor",
-                    "Retrieval", "Zero-shot", "Grounding of the local branch", "Training", "Weights & Biases"):
+                    "Retrieval", "Zero-shot", "Grounding of the local branch", "Twin phantoms", "Training",
+                    "Weights & Biases"):
         assert heading in text
     assert "image-grounding margin" in text.split("## Clinical")[0]  # in the headline section
     assert "grounded structure" in text.split("## Clinical")[0] and "Grounded structure: original vs" in text
@@ -74,11 +76,15 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert maps and all(f"(attention/{m.name})" in text for m in maps)  # finding words only, each embedded
     card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
     assert "image-grounding margin" in card.split("## Evaluation results")[1] and "Not evaluated" not in card
+    twins = json.loads((report / "eval" / "twins.json").read_text())
+    twin_summary = json.loads((tmp_path / "run" / "twins" / "summary.json").read_text())
+    assert twins["pairs"] == twin_summary["pairs"] > 0 and set(twins["scores"]) == {"global", "local"}
+    assert "](eval/twins_examples.png)" in text and (report / "eval" / "twins_examples.png").is_file()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     # Re-running skips every stage whose outputs are complete.
     assert main(args) == 0
     again = capsys.readouterr().out
-    stages = 8 + len(demo_evaluations())  # phantoms, perturb, counterfactuals, pack, verify, train, export, report
+    stages = 9 + len(demo_evaluations())  # phantoms, perturb, counterfactuals, pack, verify, twins, train, export, report
     assert again.count("complete, skipped") == stages and f"[{stages}/{stages}]" in again
     # A failing stage says which and why.
     bad = args + ["--config", str(tmp_path / "missing.yaml"), "--force"]

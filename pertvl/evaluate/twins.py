@@ -236,20 +236,22 @@ def twins_markdown(r: TwinResult, name: str) -> str:
         "its side-0 image, so the CIs are somewhat narrow.",
         "",
     ]
-    lines += examples_markdown(r.examples)
+    lines += [f"![twin scores per edit type]({name}.png)", ""]
+    lines += examples_markdown(r.examples, f"{name}_examples.png")
     return "\n".join(lines) + "\n"
 
 
-def examples_markdown(examples: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One pair per edit type, the words that differ in bold."""
+def examples_markdown(examples: Sequence[Mapping[str, Any]], figure: str) -> list[str]:
+    """One pair per edit type, the words that differ in bold, and the figure of their images."""
     if not examples:
         return []
     rows = []
     for ex in examples:
         t0, t1 = highlighted(*ex["texts"])
         rows.append([ex["edit"], ex["finding"].replace("_", " "), t0, t1])
-    return ["Example pairs (differing words in bold; images in the examples figure):", "",
-            md_table(["edit", "finding", "T0 (image 0)", "T1 (image 1)"], rows)]
+    return ["Example pairs (the differing words in bold):", "",
+            md_table(["edit", "finding", "T0 (image 0)", "T1 (image 1)"], rows), f"![twin pairs, one per edit type]({figure})",
+            ""]
 
 
 def highlighted(a: str, b: str, mark: str = "**") -> tuple[str, str]:
