@@ -206,7 +206,7 @@ def test_constant_image_scores_zero_image_score_through_the_shards(twins):
 def test_eval_twins_writes_its_result(twins, tmp_path):
     import argparse
 
-    from pertvl.evaluate.registry import result_from_json
+    from pertvl.evaluate.catalog import result_from_json
     from pertvl.evaluate.report import write_result
 
     opts = argparse.Namespace(scores="global", bootstrap=100, seed=0, twins=None, shards=str(twins["shards"]),

@@ -76,6 +76,16 @@ from pertvl.evaluate.encoder import (
     word_features_unique,
 )
 from pertvl.evaluate.evaluation import Evaluation, Suite, non_negative
+from pertvl.evaluate.grounded_references import (
+    NULL_DRAWS,
+    GroundedReferences,
+    Reference,
+    TextPriorScorer,
+    accuracies,
+    random_anchor_null,
+    split_counterfactuals,
+    text_prior_values,
+)
 from pertvl.evaluate.report import pct
 from pertvl.evaluate.structure_result import (
     SCHEMA,
@@ -534,6 +544,7 @@ def evaluate_structure(
     info: Mapping[str, Any] | None = None,
     train_texts: Iterable[str] | None = None,
     score: str = "global",
+    train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> StructureResult:
     """Run the image→report structure evaluation over shard samples.
 
@@ -552,6 +563,8 @@ def evaluate_structure(
         score: "global" (the paper's cosine of global embeddings) or "local" (GLoRIA's S(I, T) on
             region and word features, `LocalScorer`; the encoder needs the local branch; no
             text-only control).
+        train_counterfactuals: the training split's (report, its counterfactuals); given, the
+            grounded accuracies get the text-prior baseline beside the empirical null.
 
     Returns:
         StructureResult with schema "pertvl-structure/3" (controls included; `grounded` when
@@ -619,7 +632,8 @@ def evaluate_structure(
             scorer = GlobalScorer(text_emb)
         grounded, grounded_scores = grounded_structure(
             anchors, index, text_emb, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
-            studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance, scorer=scorer)
+            studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance, scorer=scorer,
+            train_counterfactuals=train_counterfactuals)
     disjoint = None
     if train_texts is not None:
         disjoint = text_disjoint_stats(originals, set(map(clean_text, train_texts)) - {""}, scores, types, counts,
@@ -657,6 +671,7 @@ def grounded_structure(
     seed: int,
     tie_tolerance: float = TIE_TOLERANCE,
     scorer: GlobalScorer | LocalScorer | None = None,
+    train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> tuple[GroundedStructure, StructureScores]:
     """The structure test with the counterfactuals as candidates, its controls and margin.
 
@@ -673,10 +688,33 @@ def grounded_structure(
                                   cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed,
                                   tie_tolerance=tie_tolerance, scorer=scorer) if len(originals) else None
     has_record = np.asarray(has_record, bool)
+    references = grounded_references(image_emb, text_index, scorer, originals, cf_candidates, cf_types, seed,
+                                     tie_tolerance, train_counterfactuals) if len(originals) else None
     g = GroundedStructure(overall, per_type, controls, images=int(has_record.sum()),
                           images_without_valid_counterfactual=int((has_record & ~scores.has_candidates).sum()),
-                          samples_without_record=int((~has_record).sum()))
+                          samples_without_record=int((~has_record).sum()), references=references)
     return g, scores
+
+
+def grounded_references(anchors: np.ndarray, text_index: dict[str, int], scorer: GlobalScorer | LocalScorer,
+                        originals: Sequence[str], cf_candidates: Sequence[Sequence[str | None]],
+                        cf_types: Sequence[str], seed: int, tie_tolerance: float,
+                        train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None) -> GroundedReferences:
+    """The grounded accuracies' references (pertvl.evaluate.grounded_references) on the same candidates."""
+    k = len(cf_types)
+    draws = NULL_DRAWS if scorer.score == "global" else NULL_DRAWS // 4  # the local score costs more per draw
+    null = random_anchor_null(anchors, lambda a: candidate_scores(a, text_index, scorer, originals, cf_candidates,
+                                                                  k, tie_tolerance), cf_types, draws, seed)
+    prior = None
+    if train_counterfactuals:
+        texts = sorted(text_index, key=text_index.__getitem__)
+        values = text_prior_values(train_counterfactuals, texts)
+        sc = candidate_scores(anchors, text_index, TextPriorScorer(values), originals, cf_candidates, k,
+                              tie_tolerance)
+        overall, per = accuracies(sc, cf_types)
+        prior = Reference(overall, per, detail=f"word 1-3-gram logistic regression, no image, trained on "
+                          f"{len(train_counterfactuals)} training reports vs their counterfactuals")
+    return GroundedReferences(null, prior)
 
 
 def text_disjoint_stats(
@@ -746,15 +784,17 @@ def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace, scor
     """`pertvl eval structure` (and `structure-local`, score "local"): `evaluate_structure` over the
     shard samples; for a held-out split, with the text-disjoint subset against the same shards'
     training split (counts printed)."""
-    train = None
+    train = train_cf = None
     shards, split = getattr(options, "shards", None), getattr(options, "split", None)
     if shards and split and split != "train":
         try:
             train = split_texts(shards, "train")
+            train_cf = split_counterfactuals(shards, "train")
         except FileNotFoundError as e:  # the samples came from elsewhere: nothing to compare with
-            print(f"text-disjoint subset not measured: {e}")
+            print(f"text-disjoint subset and text prior not measured: {e}")
     r = evaluate_structure(encoder, data, types=options.types, bootstrap=options.bootstrap, seed=options.seed,
-                           batch_size=options.batch_size, train_texts=train, score=score)
+                           batch_size=options.batch_size, train_texts=train, score=score,
+                           train_counterfactuals=train_cf)
     if r.text_disjoint is not None:
         td = r.text_disjoint
         print(f"text-disjoint subset: {td.describe()}; structure accuracy there {pct(td.overall.accuracy)} "

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.evaluate.evaluation import MetricInfo, from_json, to_json
+from pertvl.evaluate.grounded_references import GroundedReferences, references_markdown
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-structure/3"
@@ -125,6 +126,7 @@ class GroundedStructure:
     images: int  # scored images that carry a counterfactual record
     images_without_valid_counterfactual: int
     samples_without_record: int  # scored images without `counterfactuals` in their json (left out)
+    references: GroundedReferences | None = None  # empirical null, text prior (grounded_references)
 
 
 @dataclass
@@ -347,6 +349,10 @@ def grounded_text(g: GroundedStructure) -> str:
     o = g.overall
     line = f"grounded structure {pct(o.accuracy)}" + ("" if o.chance is None else f" (chance {pct(o.chance)})") + \
         f" over {o.n} images"
+    if g.references is not None:
+        tp = g.references.text_prior
+        line += f" (empirical null {pct(g.references.null_random_anchors.overall)}" + (
+            f", text prior {pct(tp.overall)})" if tp is not None else ")")
     if g.controls is not None:
         line += (f", wrong image {pct(g.controls.wrong_image.overall.accuracy)}: grounded margin "
                  f"{margin_text(g.controls.margin)}")
@@ -434,14 +440,18 @@ def grounded_markdown(g: GroundedStructure, score: str = "global") -> str:
     rows = [_stat_row("**Grounded overall** (original ranked above all its counterfactuals)", g.overall)]
     rows += [_stat_row(f"{type_name(t)} (`{t}`)", st) for t, st in g.per_type.items()]
     parts = [
-        "## Grounded structure: original vs counterfactual reports (only the image can tell them apart)",
+        "## Grounded structure: original vs counterfactual reports (read against the empirical null and the text prior)",
         "",
         md_table(["", "accuracy", "95% CI", "n (images)", "chance", "mean cos original", "mean cos counterfactuals"],
                  rows),
         f"{g.images} images carry a counterfactual record ({g.images_without_valid_counterfactual} of them without "
         f"any valid counterfactual); {g.samples_without_record} without one (left out). Per type: original vs that "
-        "counterfactual (chance 50%); overall chance 1/(1+k) per image.",
+        "counterfactual (stated chance 50%); overall stated chance 1/(1+k) per image. The candidates are not "
+        "exchangeable and the counterfactuals carry text cues, so these are not the nulls: read the accuracies "
+        "against the references below (for a test the text prior cannot pass, see the twin phantoms).",
     ]
+    if g.references is not None:
+        parts += ["", references_markdown(g.overall, g.per_type, g.references)]
     if g.controls is not None:
         parts += ["", _controls_tables(g.overall, g.per_type, g.controls,
                                        "### Grounded structure with another anchor", score)]
