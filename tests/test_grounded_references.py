@@ -46,3 +46,17 @@ def test_without_training_counterfactuals_the_null_stands_alone():
     assert again.grounded.references.null_random_anchors == refs.null_random_anchors  # seeded
     assert "not measured" in r.markdown("structure")
     assert np.isfinite(refs.null_random_anchors.overall)
+
+
+def test_grounded_partners_share_no_finding():
+    from pertvl.evaluate.structure import wrong_image_partners
+
+    labels = [{"Edema", "Cardiomegaly"}, {"Edema"}, {"No Finding"}, {"Pleural Effusion"}, {"No Finding"},
+              {"Cardiomegaly", "Pleural Effusion"}, {"Lung Lesion"}, {"Edema", "Pleural Effusion"}]
+    sig = [frozenset(x) for x in labels] * 3
+    studies = [f"s{i}" for i in range(len(sig))]
+    loose = wrong_image_partners(sig, studies, seed=0)
+    strict = wrong_image_partners(sig, studies, seed=0, disjoint=True)
+    assert any(sig[i] & sig[j] for i, j in enumerate(loose) if j >= 0)  # "labels differ" lets them share one
+    assert (strict >= 0).sum() >= len(sig) - 2
+    assert all(not sig[i] & sig[j] for i, j in enumerate(strict) if j >= 0)

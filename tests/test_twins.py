@@ -229,3 +229,13 @@ def test_eval_twins_writes_its_result(twins, tmp_path):
     m = r.metrics()
     assert m["twins/global/group"] == overall["group"] and "twins/global/laterality/text" in m
     assert "twins (global cosine)" in r.headline() and "laterality (n=" in r.headline()
+
+
+def test_sampler_puts_one_sided_findings_left_and_right_equally():
+    """'left' must not itself hint at a counterfactual: the sampler draws each side half the time."""
+    from pertvl.data.phantom.corpus import _streams
+    from pertvl.data.phantom.findings import sample_findings
+
+    sides = [f.side for i in range(4000) for f in sample_findings(_streams(0, i)[0]) if f.side in ("left", "right")]
+    assert len(sides) > 2500
+    assert abs(sides.count("right") / len(sides) - 0.5) < 0.03

@@ -429,7 +429,7 @@ def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
 
 
 def wrong_image_partners(
-    signatures: Sequence[frozenset[str] | None], studies: Sequence[str], seed: int
+    signatures: Sequence[frozenset[str] | None], studies: Sequence[str], seed: int, disjoint: bool = False
 ) -> np.ndarray:
     """A fixed derangement: for each image i the image whose embedding replaces its own, -1 if none.
 
@@ -438,7 +438,8 @@ def wrong_image_partners(
     so every image is used once as a wrong anchor; a pair breaking the rule is repaired by swapping
     partners with another image where both new pairs keep it; what no swap repairs is left unpaired.
     Where a signature is unknown only the study rule applies (such a partner may show the same
-    findings).
+    findings). `disjoint`: the two label sets must have no positive label in common (the grounded
+    test's partners: a partner that shows the edited finding would pass or fail with the image).
     """
     n = len(studies)
     partner = np.full(n, -1, dtype=np.int64)
@@ -449,7 +450,7 @@ def wrong_image_partners(
         if a == b or studies[a] == studies[b]:
             return False
         sa, sb = signatures[a], signatures[b]
-        return sa is None or sb is None or sa != sb
+        return sa is None or sb is None or (not sa & sb if disjoint else sa != sb)
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
@@ -466,10 +467,11 @@ def wrong_image_partners(
     return partner
 
 
-def pairing_rule(signatures: Sequence[frozenset[str] | None]) -> str:
+def pairing_rule(signatures: Sequence[frozenset[str] | None], disjoint: bool = False) -> str:
     known = sum(s is not None for s in signatures)
     if known == len(signatures):
-        return "another study's image whose positive labels differ"
+        return ("another study's image with no positive label in common" if disjoint
+                else "another study's image whose positive labels differ")
     if known == 0:
         return "another study's image (findings unknown: the partner's may be the same)"
     return f"another study's image; positive labels differ where both are known ({known}/{len(signatures)} known)"
@@ -499,6 +501,7 @@ def structure_controls(
     seed: int,
     tie_tolerance: float = TIE_TOLERANCE,
     scorer: GlobalScorer | LocalScorer | None = None,
+    disjoint_partners: bool = False,
 ) -> Controls:
     """The control anchors and the image-grounding margin (module docstring). `image_emb` are the
     scorer's anchors (global embeddings; region features for a LocalScorer, which has no text-only
@@ -506,7 +509,7 @@ def structure_controls(
     scorer = GlobalScorer(text_emb) if scorer is None else scorer
     n, k = len(originals), len(types)
     anchors = np.asarray(image_emb)
-    partner = wrong_image_partners(signatures, studies, seed)
+    partner = wrong_image_partners(signatures, studies, seed, disjoint_partners)
     paired = partner >= 0
     wrong_anchor = anchors[np.where(paired, partner, np.arange(n))]  # unpaired: left out below
     anchor_rows = {"wrong_image": (wrong_anchor, paired), "mean_image": (scorer.mean_anchor(anchors), None),
@@ -527,7 +530,7 @@ def structure_controls(
     margin = _margin(own.correct, wrong.correct, both, bootstrap, seed)
     per_type = {t: _margin(own.pairwise[:, j], wrong.pairwise[:, j], paired & own.valid[:, j], bootstrap, seed)
                 for j, t in enumerate(types)}
-    pairing = {"rule": pairing_rule(signatures), "seed": seed, "paired": int(paired.sum()),
+    pairing = {"rule": pairing_rule(signatures, disjoint_partners), "seed": seed, "paired": int(paired.sum()),
                "unpaired": int((~paired).sum())}
     return Controls(text_only=controls["text_only"], wrong_image=controls["wrong_image"],
                     mean_image=controls["mean_image"], margin=margin, margin_per_type=per_type, pairing=pairing)
@@ -676,9 +679,9 @@ def grounded_structure(
     """The structure test with the counterfactuals as candidates, its controls and margin.
 
     Images without a counterfactual record take part in nothing (they have no valid candidate,
-    so they are outside every accuracy and margin) and are counted; the wrong-image partners and
-    the text-only anchors are those of the perturbation test (all scored images), so the two
-    tests are controlled alike.
+    so they are outside every accuracy and margin) and are counted; the text-only anchors are
+    those of the perturbation test (all scored images); the wrong-image partners share no positive
+    label with the image (so a partner never shows the finding a counterfactual edits).
     """
     k = len(cf_types)
     scorer = GlobalScorer(text_emb) if scorer is None else scorer
@@ -686,7 +689,8 @@ def grounded_structure(
     overall, per_type = accuracy_stats(scores, cf_types, cf_counts, bootstrap, seed)
     controls = structure_controls(image_emb, scores, text_index, text_emb, originals, cf_candidates, cf_types,
                                   cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed,
-                                  tie_tolerance=tie_tolerance, scorer=scorer) if len(originals) else None
+                                  tie_tolerance=tie_tolerance, scorer=scorer,
+                                  disjoint_partners=True) if len(originals) else None
     has_record = np.asarray(has_record, bool)
     references = grounded_references(image_emb, text_index, scorer, originals, cf_candidates, cf_types, seed,
                                      tie_tolerance, train_counterfactuals) if len(originals) else None

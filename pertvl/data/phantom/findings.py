@@ -214,6 +214,22 @@ _AFFINITY = {
 }
 
 
+def _balanced(weights: dict[str, float]) -> dict[str, float]:
+    """Lobe weights scaled so that each side draws half: the right lung's three lobes would otherwise
+    put more one-sided findings on the right, and then "left" alone would hint at a counterfactual."""
+    side = {s: sum(w for lb, w in weights.items() if lb.startswith(s)) for s in ("left", "right")}
+    return {lb: w / (2 * side[lb.split()[0]]) for lb, w in weights.items()}
+
+
+# Where consolidations and nodules are drawn (relative lobe frequencies within each lung).
+_LOBE_WEIGHT = {
+    "consolidation": _balanced({"right upper lobe": 0.2, "right middle lobe": 0.15, "right lower lobe": 0.25,
+                                "left upper lobe": 0.17, "left lower lobe": 0.23}),
+    "nodule": _balanced({"right upper lobe": 0.3, "right middle lobe": 0.1, "right lower lobe": 0.2,
+                         "left upper lobe": 0.25, "left lower lobe": 0.15}),
+}
+
+
 def _choice(rng: np.random.Generator, options: Sequence[Any], p: Sequence[float]) -> Any:
     w = np.asarray(p, dtype=float)
     return options[int(rng.choice(len(options), p=w / w.sum()))]
@@ -255,12 +271,11 @@ def sample_findings(rng: np.random.Generator) -> list[Finding]:
         out.append(Finding("atelectasis", _choice(rng, ["mild", "moderate"], [6, 4]), side, f"{side} lower lobe"))
     cons_lobe = None
     if "consolidation" in chosen:
-        cons_lobe = _choice(rng, LOBES, [0.2, 0.15, 0.25, 0.17, 0.23])
+        cons_lobe = _choice(rng, LOBES, [_LOBE_WEIGHT["consolidation"][lb] for lb in LOBES])
         out.append(Finding("consolidation", _choice(rng, ["small", "large"], [55, 45]), cons_lobe.split()[0], cons_lobe))
     if "nodule" in chosen:
         lobes = [lb for lb in LOBES if lb != cons_lobe]
-        w = [{"right upper lobe": 0.3, "right middle lobe": 0.1, "right lower lobe": 0.2,
-              "left upper lobe": 0.25, "left lower lobe": 0.15}[lb] for lb in lobes]
+        w = [_LOBE_WEIGHT["nodule"][lb] for lb in lobes]
         lobe = _choice(rng, lobes, w)
         out.append(Finding("nodule", _choice(rng, ["small", "large"], [65, 35]), lobe.split()[0], lobe))
     if "cardiomegaly" in chosen:
