@@ -1,4 +1,8 @@
-"""Counterfactual reports: negatives that only the image can resolve (issue 13, section 2).
+"""Counterfactual reports: fluent minimal edits of a phantom report that describe another image.
+
+They are not free of text cues (a text-only n-gram classifier tells many from the original), so the
+structure test reports them beside a text prior and an empirical null; the test without text cues
+is the twin phantoms' (pertvl.data.phantom.twins).
 
 A counterfactual of a phantom report is a fluent, minimally edited report that describes a
 *different* image: it is written with the report generator's own sentence templates and words

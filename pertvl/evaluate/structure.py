@@ -43,9 +43,12 @@ Grounded structure: when the samples carry counterfactual reports (`pertvl pack
 --counterfactuals`: `counterfactuals` {cf_type: text}, `cf_unavailable` {cf_type: reason}), the same
 test with the counterfactuals as the candidates: the original ranked strictly above all of its
 valid counterfactuals (chance 1/(1+k) per image), per type original vs that counterfactual (chance
-50 %), with the same controls and margin. Counterfactuals describe a different image in the
-original's words, so only the image can tell them apart: an encoder that ignores the image is at
-chance with every anchor, and its grounded margin is 0. Samples without the keys are left out
+50 %), with the same controls and margin (its wrong-image partners share no positive label with
+the image). Counterfactuals describe a different image in the original's words, but their edits
+leave text cues and the original sits among its edits, so 1/(1+k) is not the null: each grounded
+accuracy stands beside the empirical null (random anchors, same candidates) and a text prior (an
+n-gram classifier trained on the training split's originals vs counterfactuals; module
+pertvl.evaluate.grounded_references). An encoder that ignores the image has grounded margin 0. Samples without the keys are left out
 (counted); a split without any gives `grounded` null.
 
 Text-disjoint subset: given the training split's texts (`pertvl eval structure`
