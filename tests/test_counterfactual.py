@@ -198,9 +198,10 @@ _EXPECTED = {
         "cf_severity": "heart size is normal there is a large right pleural effusion mild right basilar atelectasis "
                        "no pneumothorax or pulmonary edema no left pleural effusion",
         # the effusion (and its side negation) gone, a consolidation in its place
-        "cf_finding": "heart size is normal there is small consolidation in the right lower lobe mild right "
-                      "basilar atelectasis no pneumothorax or pulmonary edema",
-        "cf_negation": "heart size is severely enlarged there is a small right pleural effusion mild right basilar "
+        "cf_finding": "heart size is normal small right lower lung zone consolidation mild right basilar "
+                      "atelectasis no pneumothorax or pulmonary edema",
+        # the heart sentence drawn as the generator writes it, not the nearest to "heart size is normal"
+        "cf_negation": "there is severe cardiomegaly there is a small right pleural effusion mild right basilar "
                        "atelectasis no pneumothorax or pulmonary edema no left pleural effusion",
     }, {
         "cf_negation": "the heart is severely enlarged the lungs are clear no pneumothorax or pleural effusion "
@@ -211,10 +212,10 @@ _EXPECTED = {
                          "no pneumothorax or pulmonary edema no right pleural effusion",
         "cf_severity": "heart size is normal there is a small right pleural effusion moderate right basilar "
                        "atelectasis no pneumothorax or pulmonary edema no left pleural effusion",
-        "cf_finding": "heart size is normal there is a small nodule in the right upper lobe mild right basilar "
-                      "atelectasis no pneumothorax or pulmonary edema",
+        "cf_finding": "heart size is normal a small pulmonary nodule is seen in the right upper lung mild right "
+                      "basilar atelectasis no pneumothorax or pulmonary edema",
         # atelectasis negated: the lungs are now clear, 'otherwise' than the effusion
-        "cf_negation": "heart size is normal there is a small right pleural effusion lungs are otherwise clear "
+        "cf_negation": "heart size is normal there is a small right pleural effusion otherwise the lungs are clear "
                        "no pneumothorax or pulmonary edema no left pleural effusion",
     }, {
         # pneumothorax asserted: out of the negation list, 'otherwise clear' after it
@@ -373,3 +374,15 @@ def test_text_negation_never_prefixes_a_clause_or_denies_a_change():
         "cf_negation": "Mild cardiomegaly is unchanged. Lungs are not clear."}
     assert text_counterfactuals("The heart and lungs have XXXX XXXX in the interval. Lungs are clear.") == {
         "cf_negation": "The heart and lungs have XXXX XXXX in the interval. Lungs are not clear."}
+
+
+def test_finding_swaps_are_not_shorter_than_their_originals(corpus):
+    """Replacement sentences are drawn as the generator writes them, not the nearest (short) template,
+    so a finding swap's length does not give it away: about half are shorter than their original."""
+    shorter = total = 0
+    for _, _, report, made in corpus:
+        c = made.get("cf_finding")
+        if isinstance(c, Counterfactual):
+            total += 1
+            shorter += len(c.text.split()) < len(clean_text(report).split())
+    assert total > 500 and abs(shorter / total - 0.5) < 0.04  # the nearest template: 57 % shorter

@@ -30,9 +30,10 @@ How a counterfactual is made and checked:
 2. An edit changes one finding into a counterfactual finding set (a phantom the corpus could
    hold: one finding per type, no effusion on the side of a pneumothorax, no nodule in the
    consolidated lobe). Edited sentences are word substitutions in the original sentence where
-   a template allows it (sides, severity words), else the template sentence of the new finding
-   nearest to the replaced one in word edit distance, taken from what the report generator
-   itself writes (`compose_report` on that finding). The sentences that depend on the edited
+   a template allows it (sides, severity words), else a sentence of the new finding (or of the
+   absence) drawn as the report generator itself writes it (`compose_report` on that finding,
+   its template frequencies kept): not the nearest template, which would favour short ones and
+   make a counterfactual's length a text cue. The sentences that depend on the edited
    finding follow it (the side negation of a moved or removed effusion, "the lungs are
    *otherwise* clear", a negation list that named an asserted finding).
 3. The edited text is parsed again, from its words alone, and kept only when (a) every fact it
@@ -385,18 +386,20 @@ _BANK_DRAWS = 48
 
 @cache
 def _present_bank(f: Finding) -> tuple[str, ...]:
-    """The sentences the report generator writes to state finding `f` (sampled, sorted)."""
+    """The sentences the report generator writes to state finding `f`: _BANK_DRAWS draws, sorted,
+    repeats kept (a sample of the generator's own distribution over its templates)."""
     fact = Fact(f.type, True, f.side, f.severity, f.location)
-    texts = {s.text for k in range(_BANK_DRAWS) for s in compose_report([f], np.random.default_rng([_BANK_SEED, k]))
-             if s.facts == (fact,)}
+    texts = [s.text for k in range(_BANK_DRAWS) for s in compose_report([f], np.random.default_rng([_BANK_SEED, k]))
+             if s.facts == (fact,)]
     return tuple(sorted(texts))
 
 
 @lru_cache(maxsize=1)
 def _absence_bank() -> dict[tuple[str, str], tuple[str, ...]]:
     """Sentences stating an absence, by (kind, type): single-type negations, heart-normal, plain
-    "lungs clear" (type "" / "otherwise") and "lungs clear without <one type>"."""
-    bank: dict[tuple[str, str], set[str]] = {}
+    "lungs clear" (type "" / "otherwise") and "lungs clear without <one type>"; repeats kept, as
+    the generator drew them."""
+    bank: dict[tuple[str, str], list[str]] = {}
     ptx = Finding("pneumothorax", "small", "left")
     for k in range(8 * _BANK_DRAWS):
         for fs in ([], [ptx]):
@@ -404,17 +407,17 @@ def _absence_bank() -> dict[tuple[str, str], tuple[str, ...]]:
                 body = _body(s.text)
                 types = tuple(fa.type for fa in s.facts)
                 if body in _HEART_NORMAL:
-                    bank.setdefault((Kind.HEART_NORMAL, "cardiomegaly"), set()).add(s.text)
+                    bank.setdefault((Kind.HEART_NORMAL, "cardiomegaly"), []).append(s.text)
                 elif body.startswith(_LUNGS_PLAIN + _LUNGS_OTHERWISE):
                     base, _, rest = body.partition(" without ")
                     key = "otherwise" if base in _LUNGS_OTHERWISE else ""
                     nouns = _split_nouns(rest) if rest else ()
                     if nouns is not None and len(nouns) <= 1:
                         key += ":" + (_NEG_NOUN_TYPE[nouns[0]] if nouns else "")
-                        bank.setdefault((Kind.LUNGS_CLEAR, key), set()).add(s.text)
+                        bank.setdefault((Kind.LUNGS_CLEAR, key), []).append(s.text)
                 elif len(types) == 1 and s.facts[0].side is None and not s.facts[0].present \
                         and types[0] in _NEGATABLE and body not in _BONES:
-                    bank.setdefault((Kind.NEGATION, types[0]), set()).add(s.text)
+                    bank.setdefault((Kind.NEGATION, types[0]), []).append(s.text)
     return {k: tuple(sorted(v)) for k, v in bank.items()}
 
 
@@ -426,6 +429,20 @@ def _edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
         prev = cur
     return prev[-1]
+
+
+def _drawn(bank: Sequence[str], rng: random.Random, limit: int = 4) -> list[str]:
+    """Up to `limit` distinct sentences drawn from a bank with its repeats, i.e. as the generator
+    writes them. Replacement sentences are drawn, not the nearest ones: nearest edits favour the
+    short templates, and a counterfactual shorter than its original is a text cue."""
+    out: list[str] = []
+    for _ in range(4 * limit):
+        if not bank or len(out) == limit:
+            break
+        t = bank[rng.randrange(len(bank))]
+        if t not in out:
+            out.append(t)
+    return out
 
 
 def _nearest(texts: Iterable[str], to: str, limit: int = 4) -> list[str]:
@@ -742,7 +759,7 @@ def _finding(sents: list[ReportSentence], fs: list[Finding], rng: random.Random)
         rest = [h for h in fs if h != f]
         for g in _new_finding(t, f, rest, rng)[:2]:
             cf = _replace_finding(fs, f, g)
-            for alt in _nearest(_present_bank(g), texts[i]):
+            for alt in _drawn(_present_bank(g), rng):
                 yield from filter(None, [_with_replaced(texts, i, alt, cf)])
 
 
@@ -769,14 +786,14 @@ def _negation(sents: list[ReportSentence], fs: list[Finding], rng: random.Random
                     (Kind.LUNGS_CLEAR, f"{otherwise}:{f.type}"), ())
             else:
                 pool = bank.get((Kind.NEGATION, f.type), ())
-            for alt in _nearest(pool, texts[i], limit=6):
+            for alt in _drawn(pool, rng, limit=6):
                 yield from filter(None, [_with_replaced(texts, i, alt, cf)])
         else:
             t = what
             i = heart_normal if t == "cardiomegaly" else negated[t]
             for g in _new_finding(t, None, fs, rng)[:2]:
                 cf = _replace_finding(fs, None, g)
-                for alt in _nearest(_present_bank(g), texts[i]):
+                for alt in _drawn(_present_bank(g), rng):
                     s = sents[i]
                     if (s.kind is Kind.NEGATION and len(s.nouns) == 1) or s.kind is Kind.HEART_NORMAL:
                         yield from filter(None, [_with_replaced(texts, i, alt, cf)])
