@@ -228,7 +228,7 @@ def test_eval_twins_writes_its_result(twins, tmp_path):
     assert Image.open(paths["examples_png"]).size[1] == 290 * len(EDITS)
     m = r.metrics()
     assert m["twins/global/group"] == overall["group"] and "twins/global/laterality/text" in m
-    assert "twins (global cosine)" in r.headline() and "laterality (n=" in r.headline()
+    assert "twins (global cosine)" in r.headline() and "  laterality (n=" in r.headline()
 
 
 def test_sampler_puts_one_sided_findings_left_and_right_equally():

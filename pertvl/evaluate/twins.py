@@ -201,9 +201,8 @@ def headline_lines(r: TwinResult) -> list[str]:
                      f"{_stat_text(o, 'image')}, group {_stat_text(o, 'group')} (chance 25/25/16.7%; random-score "
                      f"null {pct(sc.null.values['text'])}/{pct(sc.null.values['image'])}/{pct(sc.null.values['group'])};"
                      " any text-only scorer: text 0%)")
-        lines.append("  per edit text/image/group: " + "; ".join(
-            f"{e} (n={st.n}) {pct(st.values['text'], 0)}/{pct(st.values['image'], 0)}/{pct(st.values['group'], 0)}"
-            for e, st in sc.per_edit.items()))
+        lines += [f"  {e} (n={st.n}): text {_stat_text(st, 'text')}, image {_stat_text(st, 'image')}, group "
+                  f"{_stat_text(st, 'group')}" for e, st in sc.per_edit.items()]
     return lines
 
 
