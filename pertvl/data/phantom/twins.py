@@ -221,8 +221,10 @@ def twin_report(sentences: Sequence[Sentence], before: Sequence[Finding], after:
                 return None, "a false sentence asserts several facts"
             out.append(swapped)
             continue
+        # one mediastinum mention per report: the heart sentence may name it only when no other does
+        mediastinum = any("mediastin" in x.text.lower() for x in sentences if x is not s)
         cands = [c for fa in _twin_facts(s.facts[0], edit) for c in fact_sentences(fa)
-                 if all(fact_holds(x, after) for x in c.facts)]
+                 if all(fact_holds(x, after) for x in c.facts) and not (mediastinum and "mediastin" in c.text.lower())]
         if not cands:
             return None, "no sentence of the grammar states the twin's fact"
         if s.facts[0].present and s.facts[0].type == edit.before.type:
@@ -276,8 +278,10 @@ def _conform(out: list[Sentence], after: Sequence[Finding], edit: Edit, replaced
                 (fa.type, _other(fa.side)) not in one_sided):
             replaced = replaced - 1 if replaced is not None and replaced > i else replaced
             continue
-        if is_lungs_clear(s) and "without" not in s.text:
-            s = _nearest(s, lungs_clear_sentences(present))
+        if is_lungs_clear(s):
+            head, sep, tail = s.text.rstrip(".").partition(" without ")
+            frame = _nearest(replace(s, text=head + "."), lungs_clear_sentences(present))
+            s = replace(s, text=frame.text.rstrip(".") + sep + tail + ".") if sep else frame
         res.append(s)
     if not present & set(PARENCHYMAL) and replaced is not None and not any(is_lungs_clear(s) for s in res):
         without = edit.before.type if edit.before.type in NEGATABLE else None
