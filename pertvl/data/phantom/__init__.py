@@ -47,7 +47,9 @@ number of worker processes (PNGs are written with fixed settings and no timestam
 Modules: findings.py (the truth: vocabulary, Finding, CheXpert labels, the sampler), render.py
 (pixels, and finding_masks: where each finding is drawn), language.py (reports and NLI items),
 corpus.py (the files and `pertvl data phantom`), grounding.py (masks and finding words of a
-sample, from its seed: the grounding evaluation's truth).
+sample, from its seed: the grounding evaluation's truth), twins.py (twin phantoms: pairs of images
+of one patient that differ in one fact, with reports that differ only in its words; `pertvl data
+twins`, evaluated by `pertvl eval twins`).
 """
 
 from pertvl.data.phantom.corpus import (
