@@ -52,6 +52,7 @@ EXAMPLES = {
     "data mimic-cxr": "pertvl data mimic-cxr --root mimic-cxr-jpg/2.0.0 --out data/mimic --section findings",
     "data csv": "pertvl data csv --table my_reports.csv --images /data/xrays --out data/mine",
     "data phantom": "pertvl data phantom --n 1000 --size 224 --out data/phantoms --preview",
+    "data twins": "pertvl data twins --corpus data/phantoms --out data/twins --shards shards/twins",
     "perturb": "pertvl perturb --pairs data/mine/pairs.jsonl --out data/mine/perturbations.jsonl --workers 2",
     "pack": "pertvl pack --pairs data/mine/pairs.jsonl --perturbations data/mine/perturbations.jsonl "
             "--out shards/mine --image-size 224",
@@ -72,6 +73,7 @@ EXAMPLES = {
     "eval text-structure": "pertvl eval text-structure --export export/mine --reports indiana_reports.csv "
                            "--out results/eval",
     "eval grounding": "pertvl eval grounding --export export/demo --shards shards/demo --out results/eval",
+    "eval twins": "pertvl eval twins --export export/demo --shards shards/demo --out results/eval",
     "embed": "pertvl embed --export export/demo --images chest.png --texts 'Small left pleural effusion.' "
              "--out emb/",
     "similarity": "pertvl similarity --export export/demo --images a.png b.png --texts 'No effusion.' "
