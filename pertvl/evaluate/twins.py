@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from pertvl.data.phantom.twins import EDITS
 from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-twins/1"
-EDITS = ("laterality", "severity", "finding", "negation", "cardiomegaly")  # pertvl.data.phantom.twins.EDITS
 METRICS = ("text", "image", "group", "pairwise")
 CHANCE = {"text": 0.25, "image": 0.25, "group": 1 / 6, "pairwise": 0.5}
 SCORE_NAMES = {"global": "global cosine", "local": "local S(I, T)"}
