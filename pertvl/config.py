@@ -74,12 +74,27 @@ class TrainConfig:
     profile_steps: int = 0
     seed: int = 0
     resume: str | None = None
+    # Evaluation during training (pertvl.evaluate.in_training): every N optimizer steps and at the
+    # end, rank 0 scores the encoders on `eval_split` of data.shards with `pertvl eval`'s code and
+    # logs eval/KEY/metric; 0: never. The names are `pertvl eval` evaluations of shard samples.
+    eval_every: int = 0
+    eval_tasks: list[str] = field(default_factory=lambda: ["structure", "retrieval", "zeroshot"])
+    eval_split: str = "val"
+    eval_limit: int | None = None  # only the split's first N samples (None: all)
     # Failing fast (pertvl.train.watchdog; docs/TRAINING.md "What happens when something fails"):
     failure_timeout_s: float = 30.0  # a rank that raised is gone this long after, whatever blocks its clean-up
     stall_timeout_s: float | None = 1800.0  # no optimizer step for this long: stacks in the log, exit 70
     stall_factor: float | None = 50.0  # ... or for this many median step times (after 5 steps)
     stall_min_s: float = 120.0  # ... but never less than this
     stop_grace_s: float | None = 300.0  # SIGTERM/SIGUSR1 unanswered by a step boundary this long: exit 143
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
+        if self.eval_split not in ("train", "val", "test"):
+            raise ValueError(f"train.eval_split must be train, val or test, got {self.eval_split!r}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"train.eval_limit must be >= 1 or null, got {self.eval_limit}")
 
 
 @dataclass

@@ -92,6 +92,9 @@ _finetune_chexpert = lazy_handler("pertvl.evaluate.finetune", "chexpert_cli_main
 _ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main")
 
 
+_curves = lazy_handler("pertvl.evaluate.curves", "cli_main")
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -165,6 +168,7 @@ def _finetune_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch_
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_finetune(sub)
+    _register_report(sub)
     ev = sub.add_parser(
         "eval",
         help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure, grounding",
@@ -326,3 +330,23 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
                    help="Table III also on RadNLI: DIR holds radnli_{dev,test}_v1.jsonl (trained on dev, scored on "
                    "test at the last epoch: the authors' protocol)")
     p.set_defaults(handler=_ablate)
+
+
+def _register_report(sub: argparse._SubParsersAction) -> None:
+    """`pertvl report curves`."""
+    rep = sub.add_parser("report", help="figures over training runs: learning curves of train.eval_every",
+                         description="Reports drawn from training run folders.")
+    rsub = rep.add_subparsers(dest="report_command", metavar="REPORT", required=True)
+    p = rsub.add_parser(
+        "curves",
+        help="learning curves: the eval/… metrics of runs trained with train.eval_every, one line per run",
+        description="Structure accuracy with its wrong-image and text-only controls, the image-grounding margin "
+        "(CI band), grounded margins / twin group scores per edit when measured, retrieval R@10 and zero-shot "
+        "AUROC against optimizer steps (epochs on the top axis), one colour per run, chance lines drawn. "
+        "Writes OUT/curves.png, curves.json and curves.md.",
+    )
+    p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN",
+                   help="training run folders (metrics.jsonl with eval/… rows); LABEL= names the line "
+                   "(default: the folder's name)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for curves.png, curves.json, curves.md")
+    p.set_defaults(handler=_curves)

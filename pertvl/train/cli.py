@@ -6,7 +6,8 @@ import argparse
 
 from pertvl.cli import lazy_handler, positive_int
 
-_train = lazy_handler("pertvl.train.engine", "cli_main")
+# Through the evaluation layer, which hands train.eval_every's evaluation to the engine (pertvl.train.engine).
+_train = lazy_handler("pertvl.evaluate.in_training", "train_cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

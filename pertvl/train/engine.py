@@ -29,6 +29,14 @@ Files in RUN_DIR: config.yaml (resolved config), metrics.jsonl (monitor: "step",
 "perf/*", "mem/*", "data/*"), samples.jsonl (sample ids of every optimizer step, per rank),
 ranks/rank{R}.json (pid, launcher, final parameter checksum), checkpoints/ (DeepSpeed +
 pertvl markers), wandb/ (offline runs), final/ (DualEncoder.save_pretrained, fp32 safetensors).
+
+Evaluation during training (train.eval_every = N > 0): every N optimizer steps and after the last,
+rank 0 hands an fp32 copy of the encoders in eval mode to the `evaluate` callable it was given
+(`pertvl train` passes pertvl.evaluate.in_training's: the engine knows no evaluation) and logs what it
+returns ("eval/…") at that step; the other ranks wait at a barrier. The training module, its
+BatchNorm statistics and every RNG stay untouched, so a run with and without evaluation reaches
+bit-identical weights (tests/test_in_training.py); the watchdog applies only its absolute limit
+(train.stall_timeout_s) while the evaluation runs.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import socket
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,6 +296,21 @@ class TrainResult:
 
 # -------------------------------------------------------------------------------------- trainer
 
+Evaluator = Callable[[torch.nn.Module, int], dict[str, Any]]
+"""evaluate(model, step) -> {"eval/KEY/metric": value, ...}: scores an eval-mode fp32 DualEncoder."""
+
+
+@contextlib.contextmanager
+def _rng_kept(fork_rng: Callable[[], contextlib.AbstractContextManager]):
+    """python's, numpy's and torch's global RNG states as they were on entry, whatever runs inside."""
+    py, np_state = random.getstate(), np.random.get_state()
+    try:
+        with fork_rng():
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+
 
 class Trainer:
     """Builds the engine, stream and monitor of one rank and runs the training loop.
@@ -296,8 +320,14 @@ class Trainer:
         local_rank: `--local_rank` from the deepspeed launcher, if any.
     """
 
-    def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
+                 evaluate: Evaluator | None = None) -> None:
         self.config = copy.deepcopy(cfg) if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+        if self.config.train.eval_every > 0 and evaluate is None:
+            raise ValueError("train.eval_every > 0 needs an evaluation: train with `pertvl train` (or pass "
+                             "pertvl.evaluate.in_training.make_evaluator(config) as `evaluate`)")
+        self.evaluate = evaluate if self.config.train.eval_every > 0 else None
+        self._eval_model: torch.nn.Module | None = None
         # `resume` says how this process starts, not what the run is: the config saved in the run
         # folder and the checkpoints hold it as null, so `--config RUN_DIR/config.yaml` starts anew.
         self.resume_from, self.config.train.resume = self.config.train.resume, None
@@ -524,6 +554,8 @@ class Trainer:
                     if every > 0 and global_step % every == 0 and global_step < self.plan.total_steps:
                         self._save(global_step, epoch, step_in_epoch, data_counts)
                         last_saved = global_step
+                    if self._evaluation_due(global_step):
+                        self._evaluate(global_step, epoch=global_step / self.plan.steps_per_epoch)
                     if flag.agreed(self.device):
                         preempted = True
                         break
@@ -630,6 +662,35 @@ class Trainer:
         if engine.fp16_enabled():
             metrics["train/skipped_steps"] = int(engine.skipped_steps)
         return metrics, ids
+
+    def _evaluation_due(self, global_step: int) -> bool:
+        every = self.config.train.eval_every
+        return self.evaluate is not None and (global_step % every == 0 or global_step == self.plan.total_steps)
+
+    def _evaluate(self, global_step: int, epoch: float) -> None:
+        """Rank 0 scores a copy of the encoders and logs eval/…; the others wait at the barrier."""
+        with self.watchdog.phase("evaluate"):
+            if self.rank == 0:
+                t0 = time.perf_counter()
+                with _rng_kept(self._fork_rng):
+                    metrics = self.evaluate(self._eval_snapshot(), global_step)
+                metrics = {**metrics, "eval/epoch": epoch, "eval/time_s": time.perf_counter() - t0}
+                self.monitor.log(metrics, step=global_step)
+            if self.world_size > 1:
+                dist.barrier()
+
+    def _eval_snapshot(self) -> torch.nn.Module:
+        """An fp32 copy of the module in eval mode (built once, refreshed from the weights of now):
+        evaluating never switches the training module's mode, BatchNorm statistics or dtype."""
+        from pertvl.model import create_model
+
+        if self._eval_model is None:
+            self._eval_model = create_model(self.config.model).to(self.device)
+        state = {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+        state.update(self._frozen_fp32)  # a 16-bit engine's frozen parameters, exactly
+        with torch.no_grad():
+            self._eval_model.load_state_dict(state)  # copied into the fp32 tensors
+        return self._eval_model.eval()
 
     def _fork_rng(self):
         devices = [self.device] if self.device.type == "cuda" else []
@@ -784,18 +845,20 @@ def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
         return TrainConfig.failure_timeout_s
 
 
-def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> TrainResult:
+def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
+          evaluate: Evaluator | None = None) -> TrainResult:
     """Run (or resume) the training described by a resolved config on this rank.
 
     Args:
         cfg: from `resolve_config`.
         local_rank: the deepspeed launcher's --local_rank, if given.
+        evaluate: the evaluation of train.eval_every (required when it is > 0).
 
     Returns:
         TrainResult (exit_code PREEMPTED_EXIT_CODE when stopped by SIGTERM/SIGUSR1).
     """
     try:
-        return Trainer(cfg, local_rank=local_rank).run()
+        return Trainer(cfg, local_rank=local_rank, evaluate=evaluate).run()
     except BaseException as err:
         # Fail fast: this rank's error in its own log, then an exit that nothing can block (a peer
         # waiting in a collective learns of it when this process's connections close; torchrun, the
@@ -813,8 +876,9 @@ def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> Tra
         shutdown_distributed()
 
 
-def cli_main(args: Any) -> int:
-    """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE."""
+def cli_main(args: Any, make_evaluator: Callable[[RunConfig], Evaluator | None] | None = None) -> int:
+    """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE. `make_evaluator`
+    (pertvl.evaluate.in_training's) builds train.eval_every's evaluation from the config."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = resolve_config(
         args.config,
@@ -828,7 +892,8 @@ def cli_main(args: Any) -> int:
         no_wandb=args.no_wandb,
     )
     local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
-    result = train(cfg, local_rank=local_rank)
+    evaluate = make_evaluator(RunConfig.from_dict(cfg)) if make_evaluator is not None else None
+    result = train(cfg, local_rank=local_rank, evaluate=evaluate)
     if result.exit_code == 0 and result.final_dir is not None and result.rank == 0:
         print(f"trained {result.global_step} steps; final encoders in {result.final_dir}", flush=True)
     return result.exit_code

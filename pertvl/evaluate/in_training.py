@@ -1,0 +1,103 @@
+"""Evaluation during training (train.eval_every): `pertvl eval`'s evaluations, run on the model in training.
+
+The engine (pertvl.train.engine) knows no evaluation; `pertvl train` starts here, builds the
+evaluation of the config (`make_evaluator`) and hands it to the engine, which calls it on rank 0
+every train.eval_every optimizer steps and after the last one with an eval-mode fp32 copy of the
+encoders. Each of train.eval_tasks runs as `pertvl eval NAME --run … --shards data.shards --split
+train.eval_split [--limit train.eval_limit]` would, with its own defaults: same samples, same
+code, same numbers as evaluating that step's weights afterwards (the copy holds the training
+module's weights; a bf16 engine's are its 16-bit ones). It returns the results' flat metrics under
+"eval/" (eval/structure/overall, eval/structure/margin, eval/retrieval/…, eval/zeroshot/…), writes
+each result's JSON to RUN_DIR/eval/step{N}/NAME.json (CIs, counts, controls) and logs one
+line per evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pertvl.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+
+
+def eval_task_names() -> list[str]:
+    """The names train.eval_tasks accepts: the evaluations of shard samples that take an image encoder."""
+    from pertvl.evaluate.evaluation import Source
+    from pertvl.evaluate.registry import EVALUATIONS
+
+    return [e.name for e in EVALUATIONS.values() if e.source is Source.SHARDS and not e.text_only]
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Raises ValueError naming the unknown or repeated names of train.eval_tasks."""
+    known = eval_task_names()
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"train.eval_tasks: unknown evaluation(s) {unknown}; choose from {', '.join(known)}")
+    if len(set(tasks)) != len(tasks) or not tasks:
+        raise ValueError(f"train.eval_tasks must name each evaluation once, got {tasks}")
+
+
+def task_options(name: str, shards: str, split: str, limit: int | None, batch_size: int) -> argparse.Namespace:
+    """The options `pertvl eval NAME` would pass: the evaluation's own defaults and the shard source."""
+    from pertvl.evaluate.registry import EVALUATIONS
+
+    parser = argparse.ArgumentParser(add_help=False)
+    EVALUATIONS[name].add_arguments(parser)
+    options = parser.parse_args([])
+    options.__dict__.update(shards=shards, split=split, limit=limit, batch_size=batch_size, run=None, export=None)
+    return options
+
+
+def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, int], dict[str, Any]] | None:
+    """The evaluation of `config` (None when train.eval_every is 0): evaluate(model, step) -> flat
+    metrics under "eval/". Unknown task names fail here, before any training."""
+    train = config.train
+    if train.eval_every <= 0:
+        return None
+    check_tasks(train.eval_tasks)
+    from pertvl.data.shards import iter_samples
+    from pertvl.evaluate.registry import EVALUATIONS
+    from pertvl.evaluate.torch_encoder import TorchEncoder
+    from pertvl.files import write_json
+
+    run_dir, shards, split = Path(train.out), config.data.shards, train.eval_split
+
+    def evaluate(model: Any, step: int) -> dict[str, Any]:
+        encoder = TorchEncoder(model, device=next(model.parameters()).device, batch_size=batch_size)
+        metrics: dict[str, Any] = {}
+        for name in train.eval_tasks:
+            evaluation = EVALUATIONS[name]
+            options = task_options(name, shards, split, train.eval_limit, batch_size)
+            # As `pertvl eval` reads its data: the evaluation's own source first (twins: SHARDS/twins).
+            data = evaluation.load(options) if evaluation.load is not None else None
+            if data is None:
+                data = itertools.islice(iter_samples(shards, split), train.eval_limit)
+            with contextlib.redirect_stdout(io.StringIO()):  # the CLI's remarks; the JSON holds the numbers
+                result = evaluation.run(encoder, data, options)
+            result.info = {"encoder": "torch (in training)", "run": str(run_dir), "step": step, "shards": str(shards),
+                           "split": split, **({"limit": train.eval_limit} if train.eval_limit else {}), **result.info}
+            (run_dir / EVAL_DIR / f"step{step:08d}").mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / EVAL_DIR / f"step{step:08d}" / f"{evaluation.key}.json", result.to_json())
+            metrics.update({f"eval/{k}": v for k, v in result.metrics().items()})
+            log.info("step %d eval %s: %s", step, name, result.headline())
+        return metrics
+
+    return evaluate
+
+
+def train_cli_main(args: argparse.Namespace) -> int:
+    """`pertvl train`: the engine's cli_main with train.eval_every's evaluation."""
+    from pertvl.train.engine import cli_main
+
+    return cli_main(args, make_evaluator=make_evaluator)
