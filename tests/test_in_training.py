@@ -187,3 +187,26 @@ def test_curves_series_panels_and_errors(tmp_path: Path) -> None:
     (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 1, "loss/total": 1.0}\n')
     with pytest.raises(ValueError, match="no eval/… rows"):
         write_curves({"c": tmp_path / "c"}, tmp_path / "out2")
+
+
+@pytest.mark.slow
+def test_two_ranks_bf16_evaluate_on_rank_0_and_finish_together(tiny_train, tmp_path: Path) -> None:
+    """torchrun, ZeRO-1 bf16: rank 0 scores an fp32 copy of the 16-bit weights while rank 1 waits."""
+    from pertvl.testing import free_port
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "MASTER_"))}
+    env.pop("WORLD_SIZE", None)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "pertvl", "train", "--config", str(tiny_train.config), "--out", str(run), "--max-steps", "3",
+           "--no-wandb", "--deepspeed-config", str(REPO / "ds_configs" / "cpu_zero1_bf16.json"),
+           "--set", "data.num_workers=1", "--set", "train.eval_every=2", "--set", "train.eval_tasks=[structure]"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    rows = [m for m in _jsonl(run / "metrics.jsonl") if "eval/structure/overall" in m]
+    assert [m["step"] for m in rows] == [2, 3]
+    ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["global_step"], r["finished"]) for r in ranks] == [(3, True)] * 2
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+    assert "step 3 eval structure: " in done.stderr
