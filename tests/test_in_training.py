@@ -210,3 +210,11 @@ def test_two_ranks_bf16_evaluate_on_rank_0_and_finish_together(tiny_train, tmp_p
     assert [(r["global_step"], r["finished"]) for r in ranks] == [(3, True)] * 2
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
     assert "step 3 eval structure: " in done.stderr
+
+
+def test_an_eval_split_the_shards_lack_fails_before_training(tmp_path: Path) -> None:
+    from pertvl.evaluate.in_training import make_evaluator
+
+    cfg = RunConfig.from_dict(load_config(None, ["train.eval_every=10", f"data.shards={tmp_path}"]))
+    with pytest.raises((ValueError, FileNotFoundError), match=str(tmp_path)):
+        make_evaluator(cfg)

@@ -72,6 +72,9 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
     from pertvl.files import write_json
 
     run_dir, shards, split = Path(train.out), config.data.shards, train.eval_split
+    # A missing split fails now, not at the first evaluation an hour into the run.
+    if next(iter_samples(shards, split), None) is None:
+        raise ValueError(f"train.eval_split: {shards} holds no {split!r} samples to evaluate on")
 
     def evaluate(model: Any, step: int) -> dict[str, Any]:
         encoder = TorchEncoder(model, device=next(model.parameters()).device, batch_size=batch_size)
