@@ -143,6 +143,8 @@ def test_report_curves_draws_the_tiny_runs_eval_rows(runs, tmp_path: Path) -> No
     assert c["steps"] == [2, 4, 5] and c["series"]["eval/structure/overall"] == [m["eval/structure/overall"] for m in rows]
     chance = json.loads((run / "eval" / "step00000005" / "structure.json").read_text())["overall"]["chance"]
     assert c["structure_chance"] == chance and 0 < chance < 0.5
+    texts = json.loads((run / "eval" / "step00000005" / "retrieval.json").read_text())["texts"]
+    assert c["retrieval_chance"] == pytest.approx(min(1.0, 10 / texts))
     assert "Zero-shot mean AUROC" in doc["panels"] and Image.open(tmp_path / "curves.png").size[0] > 0
     assert (tmp_path / "curves.md").read_text().count("| full | 5 |") == 1
 
@@ -173,7 +175,7 @@ def test_curves_series_panels_and_errors(tmp_path: Path) -> None:
     doc = json.loads(paths["json"].read_text())
     assert doc["curves"]["full"]["series"]["eval/structure/overall"] == [0.3, None]
     assert doc["curves"]["convirt"]["epochs"] == [1.0, 2.0, 3.0]
-    assert doc["curves"]["full"]["structure_chance"] == 0.125
+    assert doc["curves"]["full"]["structure_chance"] == 0.125 and doc["curves"]["full"]["retrieval_chance"] is None
     # no retrieval, no twins in either run: those panels are left out; a panel one run has is drawn
     assert doc["panels"] == ["Structure accuracy (own image ─, wrong image ‒‒, text only ··)",
                              "Image-grounding margin: own − wrong image", "Grounded margin per counterfactual edit",

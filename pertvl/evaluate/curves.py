@@ -8,8 +8,10 @@ structure test's chance level), and writes to --out:
   wrong-image and text-only controls (the text prior: what the report's wording alone scores),
   the image-grounding margin (own − wrong image) with its 95 % CI band, the grounded margins per
   counterfactual edit and the twin group scores per edit when the runs measured them,
-  retrieval R@10 and zero-shot AUROC. The top axis gives epochs (steps / steps per epoch).
-- curves.json: per run, the steps, epochs and every eval/… series, the chance levels read, and
+  retrieval R@10 (chance: 10 / distinct reports) and zero-shot AUROC. The top axis gives epochs
+  (steps / steps per epoch).
+- curves.json: per run, the steps, epochs and every eval/… series, the chance levels read
+  (RUN/eval/stepN/{structure,retrieval}.json of the last step that has them), and
   the command; curves.md: the last point of each run with CIs.
 """
 
@@ -37,7 +39,7 @@ class Panel:
 
     title: str
     series: tuple[tuple[str, str], ...]  # (key pattern, line style); several matches: one line per key
-    refs: tuple[tuple[float | str, str], ...] = ()  # (value or "structure_chance", label)
+    refs: tuple[tuple[float | str, str], ...] = ()  # (value, or a run's "…_chance" key, label)
     percent: bool = True
     band: tuple[str, str] | None = None  # suffixes of the CI keys drawn as a band around a series
 
@@ -53,7 +55,8 @@ PANELS = (
     Panel("Twin group score per edit (global cosine)", ((r"eval/twins/global/(\w+)/group", "-"),),
           refs=((1 / 6, "chance 16.7 %"),)),
     Panel("Retrieval R@10 (image→report ─, report→image ‒‒)",
-          (("eval/retrieval/image_to_text/R@10", "-"), ("eval/retrieval/text_to_image/R@10", "--"))),
+          (("eval/retrieval/image_to_text/R@10", "-"), ("eval/retrieval/text_to_image/R@10", "--")),
+          refs=(("retrieval_chance", "chance I→R 10/reports"),)),
     Panel("Zero-shot mean AUROC", (("eval/zeroshot/mean_auroc", "-"),), refs=((0.5, "chance"),), percent=False),
 )
 
@@ -71,14 +74,23 @@ def run_curves(run: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: no eval/… rows; train with train.eval_every > 0")
     steps = sorted(by_step)
     keys = sorted({k for r in by_step.values() for k in r if k.startswith("eval/")})
-    chance = None
-    for step in reversed(steps):
-        structure = run / "eval" / f"step{step:08d}" / "structure.json"
-        if structure.is_file():
-            chance = json.loads(structure.read_text(encoding="utf-8"))["overall"].get("chance")
-            break
     return {"steps": steps, "epochs": [by_step[s].get("eval/epoch") for s in steps],
-            "series": {k: [by_step[s].get(k) for s in steps] for k in keys}, "structure_chance": chance}
+            "series": {k: [by_step[s].get(k) for s in steps] for k in keys}, **_chances(run, steps)}
+
+
+def _chances(run: Path, steps: list[int]) -> dict[str, float | None]:
+    """Chance levels the flat metrics do not carry, from the last evaluation's JSON: the structure
+    test's (mean 1/(1 + K) over images) and image→report R@10's (10 / distinct reports)."""
+    out: dict[str, float | None] = {"structure_chance": None, "retrieval_chance": None}
+    for step in reversed(steps):
+        folder = run / "eval" / f"step{step:08d}"
+        if out["structure_chance"] is None and (folder / "structure.json").is_file():
+            doc = json.loads((folder / "structure.json").read_text(encoding="utf-8"))
+            out["structure_chance"] = doc["overall"].get("chance")
+        if out["retrieval_chance"] is None and (folder / "retrieval.json").is_file():
+            texts = json.loads((folder / "retrieval.json").read_text(encoding="utf-8")).get("texts")
+            out["retrieval_chance"] = min(1.0, 10 / texts) if texts else None
+    return out
 
 
 def _matches(panel: Panel, keys: list[str]) -> list[tuple[str, str, str]]:
@@ -115,8 +127,8 @@ def _draw_panel(ax, panel: Panel, curves: dict[str, dict[str, Any]]) -> bool:
                     ax.fill_between(bx, [scale * v for v in blo], [scale * v for v in bhi], color=color, alpha=0.15)
             drawn = True
     for value, text in panel.refs:
-        levels = ([c["structure_chance"] for c in curves.values() if c["structure_chance"] is not None]
-                  if value == "structure_chance" else [value])
+        levels = ([c[value] for c in curves.values() if c.get(value) is not None]
+                  if isinstance(value, str) else [value])
         for level in sorted(set(levels))[:1]:  # the same test split: one level
             ax.axhline(scale * level, color="0.4", ls="--", lw=0.9, label=f"{text} {scale * level:.3g}")
     return drawn
