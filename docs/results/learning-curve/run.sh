@@ -26,6 +26,7 @@ PRESETS=${PRESETS:-"full convirt"}
 SEEDS=${SEEDS:-"0"}
 NPROC=${NPROC:-2}
 EVAL_SPLIT=${EVAL_SPLIT:-val}   # the curves choose a budget: validation phantoms; test for the final claims
+TASKS=${TASKS:-"[structure,retrieval,zeroshot]"}  # add twins once SHARDS/twins exists (`pertvl data twins`)
 ROOT=${ROOT:-runs/learning-curve}
 OUT=${OUT:-docs/results/learning-curve}
 PY=${PY:-python}
@@ -59,7 +60,7 @@ for seed in $SEEDS; do
     $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m pertvl train \
       --config configs/demo.yaml --shards "$shards" --out "$run" --seed "$seed" --max-steps "$STEPS" \
       --resume latest --set loss.preset="$preset" \
-      --set train.eval_every="$EVERY" --set train.eval_split="$EVAL_SPLIT" \
+      --set train.eval_every="$EVERY" --set train.eval_split="$EVAL_SPLIT" --set train.eval_tasks="$TASKS" \
       --set train.checkpoint_every="$EVERY" --set train.keep_last=100000 \
       --set wandb.name="curve-$preset-s$seed" $EXTRA
     echo "$preset seed $seed: $(( $(date +%s) - start )) s wall" | tee -a "$ROOT/wall_times.txt"
