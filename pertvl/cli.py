@@ -79,6 +79,7 @@ EXAMPLES = {
     "similarity": "pertvl similarity --export export/demo --images a.png b.png --texts 'No effusion.' "
                   "'Left effusion.'",
     "demo": "pertvl demo --n 1000 --nproc 2",
+    "report curves": "pertvl report curves full=runs/full convirt=runs/convirt --out results/curves",
 }
 
 

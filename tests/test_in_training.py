@@ -73,8 +73,8 @@ def test_eval_rows_at_every_nth_step_and_the_last_match_pertvl_eval(runs, tiny_t
     import torch
 
     from pertvl.data.shards import iter_samples
+    from pertvl.evaluate.catalog import EVALUATIONS
     from pertvl.evaluate.in_training import task_options
-    from pertvl.evaluate.registry import EVALUATIONS
     from pertvl.evaluate.torch_encoder import TorchEncoder
 
     _, run = runs

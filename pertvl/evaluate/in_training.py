@@ -32,8 +32,8 @@ EVAL_DIR = "eval"
 
 def eval_task_names() -> list[str]:
     """The names train.eval_tasks accepts: the evaluations of shard samples that take an image encoder."""
+    from pertvl.evaluate.catalog import EVALUATIONS
     from pertvl.evaluate.evaluation import Source
-    from pertvl.evaluate.registry import EVALUATIONS
 
     return [e.name for e in EVALUATIONS.values() if e.source is Source.SHARDS and not e.text_only]
 
@@ -50,7 +50,7 @@ def check_tasks(tasks: list[str]) -> None:
 
 def task_options(name: str, shards: str, split: str, limit: int | None, batch_size: int) -> argparse.Namespace:
     """The options `pertvl eval NAME` would pass: the evaluation's own defaults and the shard source."""
-    from pertvl.evaluate.registry import EVALUATIONS
+    from pertvl.evaluate.catalog import EVALUATIONS
 
     parser = argparse.ArgumentParser(add_help=False)
     EVALUATIONS[name].add_arguments(parser)
@@ -67,7 +67,7 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
         return None
     check_tasks(train.eval_tasks)
     from pertvl.data.shards import iter_samples
-    from pertvl.evaluate.registry import EVALUATIONS
+    from pertvl.evaluate.catalog import EVALUATIONS
     from pertvl.evaluate.torch_encoder import TorchEncoder
     from pertvl.files import write_json
 
