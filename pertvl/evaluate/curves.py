@@ -52,8 +52,8 @@ PANELS = (
           refs=((0.0, "no grounding"),), band=("_ci_low", "_ci_high")),
     Panel("Grounded margin per counterfactual edit", ((r"eval/structure/(cf_\w+)_margin", "-"),),
           refs=((0.0, "no grounding"),)),
-    Panel("Twin group score per edit (global cosine)", ((r"eval/twins/global/(\w+)/group", "-"),),
-          refs=((1 / 6, "chance 16.7 %"),)),
+    Panel("Twin group score, all and per edit (global cosine)", ((r"eval/twins/global/(?:(\w+)/)?group", "-"),),
+          refs=((1 / 6, "chance"),)),
     Panel("Retrieval R@10 (image→report ─, report→image ‒‒)",
           (("eval/retrieval/image_to_text/R@10", "-"), ("eval/retrieval/text_to_image/R@10", "--")),
           refs=(("retrieval_chance", "chance I→R 10/reports"),)),
@@ -100,7 +100,7 @@ def _matches(panel: Panel, keys: list[str]) -> list[tuple[str, str, str]]:
         for key in keys:
             m = re.fullmatch(pattern, key)
             if m and not key.endswith(("_ci_low", "_ci_high")):
-                out.append((key, style, m.group(1) if m.groups() else ""))
+                out.append((key, style, (m.group(1) or "all") if m.groups() else ""))
     return out
 
 

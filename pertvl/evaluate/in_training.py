@@ -19,7 +19,7 @@ import contextlib
 import io
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,17 @@ def task_options(name: str, shards: str, split: str, limit: int | None, batch_si
     return options
 
 
+def task_data(name: str, options: argparse.Namespace, limit: int | None) -> Iterable[Any]:
+    """The samples `pertvl eval NAME` reads: the evaluation's own source first (twins: SHARDS/twins),
+    else the shard split (its first `limit`)."""
+    from pertvl.data.shards import iter_samples
+    from pertvl.evaluate.catalog import EVALUATIONS
+
+    evaluation = EVALUATIONS[name]
+    data = evaluation.load(options) if evaluation.load is not None else None
+    return data if data is not None else itertools.islice(iter_samples(options.shards, options.split), limit)
+
+
 def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, int], dict[str, Any]] | None:
     """The evaluation of `config` (None when train.eval_every is 0): evaluate(model, step) -> flat
     metrics under "eval/". Unknown task names fail here, before any training."""
@@ -66,15 +77,15 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
     if train.eval_every <= 0:
         return None
     check_tasks(train.eval_tasks)
-    from pertvl.data.shards import iter_samples
     from pertvl.evaluate.catalog import EVALUATIONS
     from pertvl.evaluate.torch_encoder import TorchEncoder
     from pertvl.files import write_json
 
     run_dir, shards, split = Path(train.out), config.data.shards, train.eval_split
-    # A missing split fails now, not at the first evaluation an hour into the run.
-    if next(iter_samples(shards, split), None) is None:
-        raise ValueError(f"train.eval_split: {shards} holds no {split!r} samples to evaluate on")
+    # Data an evaluation lacks (a split, twin shards without it) fails now, not an hour into the run.
+    for name in train.eval_tasks:
+        if next(iter(task_data(name, task_options(name, shards, split, 1, batch_size), 1)), None) is None:
+            raise ValueError(f"train.eval_tasks: {name} finds no {split!r} samples in {shards} (train.eval_split)")
 
     def evaluate(model: Any, step: int) -> dict[str, Any]:
         encoder = TorchEncoder(model, device=next(model.parameters()).device, batch_size=batch_size)
@@ -82,12 +93,8 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
         for name in train.eval_tasks:
             evaluation = EVALUATIONS[name]
             options = task_options(name, shards, split, train.eval_limit, batch_size)
-            # As `pertvl eval` reads its data: the evaluation's own source first (twins: SHARDS/twins).
-            data = evaluation.load(options) if evaluation.load is not None else None
-            if data is None:
-                data = itertools.islice(iter_samples(shards, split), train.eval_limit)
             with contextlib.redirect_stdout(io.StringIO()):  # the CLI's remarks; the JSON holds the numbers
-                result = evaluation.run(encoder, data, options)
+                result = evaluation.run(encoder, task_data(name, options, train.eval_limit), options)
             result.info = {"encoder": "torch (in training)", "run": str(run_dir), "step": step, "shards": str(shards),
                            "split": split, **({"limit": train.eval_limit} if train.eval_limit else {}), **result.info}
             (run_dir / EVAL_DIR / f"step{step:08d}").mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,9 @@ PRESETS=${PRESETS:-"full convirt"}
 SEEDS=${SEEDS:-"0"}
 NPROC=${NPROC:-2}
 EVAL_SPLIT=${EVAL_SPLIT:-val}   # the curves choose a budget: validation phantoms; test for the final claims
-TASKS=${TASKS:-"[structure,retrieval,zeroshot]"}  # add twins once SHARDS/twins exists (`pertvl data twins`)
+# twins (the twin phantoms of the test split, made below when named) needs EVAL_SPLIT=test:
+#   TASKS="[structure,retrieval,zeroshot,twins]" EVAL_SPLIT=test bash docs/results/learning-curve/run.sh
+TASKS=${TASKS:-"[structure,retrieval,zeroshot]"}
 ROOT=${ROOT:-runs/learning-curve}
 OUT=${OUT:-docs/results/learning-curve}
 PY=${PY:-python}
@@ -47,6 +49,11 @@ write_counterfactuals('$corpus/pairs.jsonl', '$corpus/counterfactuals.jsonl', 0)
 [ -f "$shards/manifest.json" ] || $PY -m pertvl pack --pairs "$corpus/pairs.jsonl" \
     --perturbations "$corpus/perturbations.jsonl" --counterfactuals "$corpus/counterfactuals.jsonl" \
     --out "$shards" --image-size 128 --maxcount 64 --workers 2
+
+case "$TASKS" in *twins*)
+  [ -f "$shards/twins/manifest.json" ] || $PY -m pertvl data twins --corpus "$corpus" --out "$ROOT/twins" \
+      --shards "$shards/twins" --image-size 128 ;;
+esac
 
 # -- the runs --------------------------------------------------------------------------------------
 runs=()
