@@ -220,3 +220,18 @@ def test_an_eval_split_the_shards_lack_fails_before_training(tmp_path: Path) -> 
     cfg = RunConfig.from_dict(load_config(None, ["train.eval_every=10", f"data.shards={tmp_path}"]))
     with pytest.raises((ValueError, FileNotFoundError), match=str(tmp_path)):
         make_evaluator(cfg)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_has_each_evaluation_once(tiny_train, tmp_path: Path) -> None:
+    """Evaluated before the checkpoint of the same step: resuming from it neither repeats nor loses one."""
+    run = tmp_path / "run"
+    sets = ("--set", "train.eval_every=2", "--set", "train.checkpoint_every=2", "--set", "train.eval_tasks=[zeroshot]",
+            "--resume", "latest")
+    for steps in (3, STEPS):  # 3 steps (checkpoint 3, evaluations 2 and 3), then resumed from it to 5
+        proc, log = _start(tiny_train, run, *sets, "--max-steps", str(steps))  # the last --max-steps counts
+        assert proc.wait(timeout=600) == 0, log.read_text(errors="replace")[-6000:]
+    rows = _jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in rows if "eval/epoch" in m] == [2, 3, 4, 5]
+    assert [m["step"] for m in rows if "loss/total" in m] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [f"step{s:08d}" for s in (2, 3, 4, 5)]

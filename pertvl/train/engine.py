@@ -550,12 +550,13 @@ class Trainer:
                         last_loss = metrics["loss/total"]
                     self._log_samples(samples_file, global_step, epoch, step_in_epoch, ids)
                     bar.update(1)
+                    # Before the checkpoint of the same step: a run resumed from it has that evaluation.
+                    if self._evaluation_due(global_step):
+                        self._evaluate(global_step, epoch=global_step / self.plan.steps_per_epoch)
                     every = self.config.train.checkpoint_every
                     if every > 0 and global_step % every == 0 and global_step < self.plan.total_steps:
                         self._save(global_step, epoch, step_in_epoch, data_counts)
                         last_saved = global_step
-                    if self._evaluation_due(global_step):
-                        self._evaluate(global_step, epoch=global_step / self.plan.steps_per_epoch)
                     if flag.agreed(self.device):
                         preempted = True
                         break
