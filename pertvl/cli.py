@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable
 
 from pertvl import __version__
+from pertvl.errors import UserError
+
+DEBUG_ENV = "PERTVL_DEBUG"
 
 # Area modules, in the order data flows. Each defines `register(subparsers)`.
 _COMMAND_MODULES = (
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pertvl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a user error too (also {DEBUG_ENV}=1)")
     # `deepspeed --module pertvl train ...` runs `python -m pertvl --local_rank=N train ...`:
     # accept it here (pertvl.train.launch.detect_dist_env reads it as argv_local_rank).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -132,14 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return int(args.handler(args) or 0)
+    """Run one subcommand; a UserError becomes one line `pertvl: error: ...` and its exit code (the
+    traceback too with --debug or PERTVL_DEBUG=1); any other exception keeps its traceback."""
+    args = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return int(args.handler(args) or 0)
+    except UserError as e:
+        if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"pertvl: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":
