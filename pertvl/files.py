@@ -134,8 +134,9 @@ class FolderLock:
         self.release()
 
 
-def lock_folder(folder: str | os.PathLike, command: str) -> FolderLock:
-    """Take the exclusive write lock of `folder` (created if missing) for `command`.
+def lock_folder(folder: str | os.PathLike, command: str, name: str = LOCK_NAME) -> FolderLock:
+    """Take the exclusive write lock of `folder` (created if missing) for `command`; `name` is the
+    lock file (writers of disjoint parts of one folder lock one file each).
 
     Raises:
         pertvl.errors.UserError: another live process holds it (named by host, pid and command).
@@ -146,7 +147,7 @@ def lock_folder(folder: str | os.PathLike, command: str) -> FolderLock:
 
     from pertvl.errors import UserError
 
-    path = Path(folder) / LOCK_NAME
+    path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
