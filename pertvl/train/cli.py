@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from pertvl.cli import lazy_handler, positive_int
+from pertvl.cli import positive_int
 
-_train = lazy_handler("pertvl.train.engine", "cli_main")
+
+def _train(args: argparse.Namespace) -> int:
+    """Lock the run folder (rank 0), then import the engine: a second writer of the same folder is
+    refused in about a second, before torch and DeepSpeed load."""
+    from pertvl.config import load_config
+    from pertvl.files import lock_folder
+    from pertvl.train.launch import detect_dist_env
+
+    local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
+    lock = None
+    if detect_dist_env(argv_local_rank=local_rank).rank == 0:
+        out = args.out or load_config(args.config, args.overrides)["train"]["out"]
+        lock = lock_folder(out, " ".join(["pertvl", *sys.argv[1:]]))
+    from pertvl.train.engine import cli_main
+
+    return cli_main(args, lock=lock)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "RUN_DIR/metrics.jsonl, checkpointing for exact resume, and writing the final encoders to "
         "RUN_DIR/final. The config file feeds the defaults; --set and the flags below override it. "
         "See docs/TRAINING.md.",
+        epilog="exit codes: 0 trained; 2 a user error (one line `pertvl: error: ...`: a bad config key or "
+        "value, a missing file or folder, damaged shards, a run folder in use); 75 stopped by SIGTERM/SIGUSR1 "
+        "after writing a checkpoint (preempted, a time limit): re-run with --resume latest; 70 stalled (no "
+        "optimizer step within the stall limit; stacks in the log): re-run with --resume latest from the "
+        "last checkpoint; 143 a stop signal not answered within train.stop_grace_s; 1 an internal error "
+        "(with its traceback).",
     )
     p.add_argument("--config", help="run config YAML (sections data/model/loss/train/wandb), e.g. configs/demo.yaml")
     p.add_argument("--shards", help="shard folder (data.shards)")

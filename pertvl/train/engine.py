@@ -299,15 +299,16 @@ class Trainer:
         local_rank: `--local_rank` from the deepspeed launcher, if any.
     """
 
-    def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
+                 lock: FolderLock | None = None) -> None:  # fmt: skip
         self.config = copy.deepcopy(cfg) if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
         # `resume` says how this process starts, not what the run is: the config saved in the run
         # folder and the checkpoints hold it as null, so `--config RUN_DIR/config.yaml` starts anew.
         self.resume_from, self.config.train.resume = self.config.train.resume, None
         self.run_dir = Path(self.config.train.out)
         self.env = detect_dist_env(argv_local_rank=local_rank)
-        self.lock: FolderLock | None = None
-        lock_error = self._lock_run_dir() if self.env.rank == 0 else None
+        self.lock = lock  # rank 0 holds the run folder's write lock (taken here unless given)
+        lock_error = self._lock_run_dir() if self.env.rank == 0 and lock is None else None
         self.device = init_distributed(self.env)
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self._agree_on_lock(lock_error)
@@ -810,28 +811,27 @@ def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
         return TrainConfig.failure_timeout_s
 
 
-def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> TrainResult:
+def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None, lock: FolderLock | None = None) -> TrainResult:
     """Run (or resume) the training described by a resolved config on this rank.
 
     Args:
         cfg: from `resolve_config`.
         local_rank: the deepspeed launcher's --local_rank, if given.
+        lock: the run folder's write lock when the caller took it (rank 0), else taken here.
 
     Returns:
         TrainResult (exit_code PREEMPTED_EXIT_CODE when stopped by SIGTERM/SIGUSR1).
     """
     trainer = None
     try:
-        trainer = Trainer(cfg, local_rank=local_rank)
+        trainer = Trainer(cfg, local_rank=local_rank, lock=lock)
         return trainer.run()
     except BaseException as err:
         # Fail fast: this rank's error in its own log, then an exit that nothing can block (a peer
         # waiting in a collective learns of it when this process's connections close; torchrun, the
         # deepspeed launcher and srun end the other ranks when one exits non-zero).
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        if isinstance(err, UserError):  # the CLI prints it as one line; a rank's log names it too
-            log.error("rank %s: %s", rank, err)
-        elif not isinstance(err, KeyboardInterrupt):
+        if not isinstance(err, KeyboardInterrupt | UserError):  # the CLI prints a UserError as one line
             log.error("rank %s failed:\n%s", rank, "".join(traceback.format_exception(err)).rstrip())
         exit_deadline(_failure_timeout(cfg), f"rank {rank} failed with {type(err).__name__}")
         raise
@@ -841,12 +841,13 @@ def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None) -> Tra
         # group is alive: gloo objects freed at interpreter teardown can abort the process.
         gc.collect()
         shutdown_distributed()
-        if trainer is not None and trainer.lock is not None:
-            trainer.lock.release()
+        for held in {trainer.lock if trainer is not None else None, lock} - {None}:
+            held.release()
 
 
-def cli_main(args: Any) -> int:
-    """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE."""
+def cli_main(args: Any, lock: FolderLock | None = None) -> int:
+    """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE (`lock`: the run
+    folder's, taken by the caller on rank 0)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = resolve_config(
         args.config,
@@ -860,7 +861,7 @@ def cli_main(args: Any) -> int:
         no_wandb=args.no_wandb,
     )
     local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
-    result = train(cfg, local_rank=local_rank)
+    result = train(cfg, local_rank=local_rank, lock=lock)
     if result.exit_code == 0 and result.final_dir is not None and result.rank == 0:
         print(f"trained {result.global_step} steps; final encoders in {result.final_dir}", flush=True)
     if result.exit_code == PREEMPTED_EXIT_CODE and result.rank == 0:
