@@ -32,14 +32,34 @@ _COMMAND_MODULES = (
 )
 
 
-def lazy_handler(module: str, function: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand handler that imports `module` only when the subcommand runs (keeps --help fast)."""
+def lazy_handler(module: str, function: str, lock_out: bool = False) -> Callable[[argparse.Namespace], int]:
+    """A subcommand handler that imports `module` only when the subcommand runs (keeps --help fast);
+    with `lock_out`, wrapped by `with_out_lock`."""
 
     def handler(args: argparse.Namespace) -> int:
         return getattr(importlib.import_module(module), function)(args)
 
     handler.__name__ = f"{module}.{function}"
-    return handler
+    return with_out_lock(handler) if lock_out else handler
+
+
+def with_out_lock(handler: Callable[[argparse.Namespace], int], beside: bool = False) -> Callable[[argparse.Namespace], int]:
+    """`handler` holding the write lock of its --out folder while it runs: one writer per folder, a
+    second one refused at once naming the holder (pertvl.files.lock_folder). `beside`: the lock file
+    sits next to the folder (.NAME.lock), for a command that creates the folder itself."""
+
+    def locked(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from pertvl.files import LOCK_NAME, lock_folder
+
+        out = Path(args.out)
+        folder, name = (out.parent, f".{out.name}.lock") if beside else (out, LOCK_NAME)
+        with lock_folder(folder, " ".join(["pertvl", *sys.argv[1:]]), name=name):
+            return handler(args)
+
+    locked.__name__ = getattr(handler, "__name__", "handler")
+    return locked
 
 
 def positive_int(text: str) -> int:
