@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exc()
-        print(f"pertvl: error: {e}", file=sys.stderr, flush=True)
+        print("pertvl: error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line
         return e.exit_code
 
 

@@ -268,7 +268,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: {e}") from None
     for item in overrides or []:
         cfg = deep_merge(cfg, parse_override(item))
-    RunConfig.from_dict(cfg, where=str(path) if path is not None else "config")  # types and choices at load time, not after the model is built
+    RunConfig.from_dict(cfg, where="config" if path is None else f"{path}{' + --set' if overrides else ''}")  # types and choices at load time, not after the model is built
     return cfg
 
 

@@ -218,8 +218,8 @@ def test_cli_similarity_prints_table(export_dir, emb, image_files, capsys):
         row = next(line for line in printed.splitlines() if line.startswith(path.name))
         assert [float(x.rstrip("*")) for x in row[len(path.name):].split()] == pytest.approx(sim[i], abs=1e-4)
     assert "R1  the lungs are clear" in printed
-    with pytest.raises(SystemExit):
-        main(["similarity", "--export", str(export_dir), "--images", str(image_files[0])])  # --texts missing
+    assert main(["similarity", "--export", str(export_dir), "--images", str(image_files[0])]) == 2  # no texts
+    assert "pertvl: error: pertvl similarity: give --texts or --texts-file" in capsys.readouterr().err
 
 
 def test_sessions_leave_the_callers_float_mode_alone(export_dir):

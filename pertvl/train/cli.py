@@ -16,10 +16,10 @@ def _train(args: argparse.Namespace) -> int:
     from pertvl.train.launch import detect_dist_env
 
     local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
+    cfg = load_config(args.config, args.overrides)  # a bad key or value: refused before anything starts
     lock = None
     if detect_dist_env(argv_local_rank=local_rank).rank == 0:
-        out = args.out or load_config(args.config, args.overrides)["train"]["out"]
-        lock = lock_folder(out, " ".join(["pertvl", *sys.argv[1:]]))
+        lock = lock_folder(args.out or cfg["train"]["out"], " ".join(["pertvl", *sys.argv[1:]]))
     from pertvl.train.engine import cli_main
 
     return cli_main(args, lock=lock)
