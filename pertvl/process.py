@@ -16,9 +16,10 @@ import time
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: int = signal.SIGKILL, poll_s: float = 1.0) -> None:
-    """End this process with `sig` when its parent ends. Call it first thing in a child."""
-    parent = os.getppid()
+def die_with_parent(sig: int = signal.SIGKILL, poll_s: float = 1.0, parent: int | None = None) -> None:
+    """End this process with `sig` when its parent ends. Call it first thing in a child; `parent`:
+    the pid it was forked from, when known (a parent that ended before this call is then noticed)."""
+    parent = os.getppid() if parent is None else parent
     try:
         import ctypes
 
