@@ -433,3 +433,22 @@ def test_packed_counterfactuals_leave_the_training_batches_unchanged(folder, tok
         assert torch.equal(z.pert_input_ids[:, :k, :lp], x.pert_input_ids)
     with pytest.raises(ValueError, match="carry no counterfactuals"):
         stream(folder, tok, num_workers=0, pert_types=(*PERTURBATION_TYPES, "cf_negation"))
+
+
+def test_a_damaged_shard_ends_the_stream_naming_it_unless_allowed(folder, tok, tmp_path):
+    from pertvl.errors import DamagedDataError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    victim = bad / "train-000004.tar"
+    victim.write_bytes(os.urandom(victim.stat().st_size))  # the right size: only reading finds it
+    for workers in (0, 2):  # in this process, and from loader workers (one line, no worker traceback)
+        s = stream(bad, tok, num_workers=workers, batch_size=2, max_damaged_shards=0, verify="size")
+        with pytest.raises(DamagedDataError) as caught:
+            list(s)
+        assert str(caught.value).startswith(
+            f"shard train-000004.tar of {bad} [train] is damaged: unreadable at its first sample (no sample "
+            "could be read)")  # fmt: skip
+        assert "data.max_damaged_shards=N" in str(caught.value) and "Traceback" not in str(caught.value)
+    s = stream(bad, tok, num_workers=0, batch_size=2, max_damaged_shards=1)
+    assert len(list(s)) == s.batches_per_epoch and s.skipped == {"truncated_shard": 1}
