@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable
 
 from pertvl import __version__
+from pertvl.errors import UserError
+
+DEBUG_ENV = "PERTVL_DEBUG"
 
 # Area modules, in the order data flows. Each defines `register(subparsers)`.
 _COMMAND_MODULES = (
@@ -27,14 +32,34 @@ _COMMAND_MODULES = (
 )
 
 
-def lazy_handler(module: str, function: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand handler that imports `module` only when the subcommand runs (keeps --help fast)."""
+def lazy_handler(module: str, function: str, lock_out: bool = False) -> Callable[[argparse.Namespace], int]:
+    """A subcommand handler that imports `module` only when the subcommand runs (keeps --help fast);
+    with `lock_out`, wrapped by `with_out_lock`."""
 
     def handler(args: argparse.Namespace) -> int:
         return getattr(importlib.import_module(module), function)(args)
 
     handler.__name__ = f"{module}.{function}"
-    return handler
+    return with_out_lock(handler) if lock_out else handler
+
+
+def with_out_lock(handler: Callable[[argparse.Namespace], int], beside: bool = False) -> Callable[[argparse.Namespace], int]:
+    """`handler` holding the write lock of its --out folder while it runs: one writer per folder, a
+    second one refused at once naming the holder (pertvl.files.lock_folder). `beside`: the lock file
+    sits next to the folder (.NAME.lock), for a command that creates the folder itself."""
+
+    def locked(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from pertvl.files import LOCK_NAME, lock_folder
+
+        out = Path(args.out)
+        folder, name = (out.parent, f".{out.name}.lock") if beside else (out, LOCK_NAME)
+        with lock_folder(folder, " ".join(["pertvl", *sys.argv[1:]]), name=name):
+            return handler(args)
+
+    locked.__name__ = getattr(handler, "__name__", "handler")
+    return locked
 
 
 def positive_int(text: str) -> int:
@@ -118,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pertvl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of a user error too (also {DEBUG_ENV}=1)")
     # `deepspeed --module pertvl train ...` runs `python -m pertvl --local_rank=N train ...`:
     # accept it here (pertvl.train.launch.detect_dist_env reads it as argv_local_rank).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -133,14 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    return int(args.handler(args) or 0)
+    """Run one subcommand; a UserError becomes one line `pertvl: error: ...` and its exit code (the
+    traceback too with --debug or PERTVL_DEBUG=1); any other exception keeps its traceback."""
+    args = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return int(args.handler(args) or 0)
+    except UserError as e:
+        if getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        print("pertvl: error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -27,6 +27,16 @@ from typing import Any
 
 import yaml
 
+from pertvl.errors import ConfigError, NotFoundError
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+"""The bundled run configs (`--config demo`); their DeepSpeed JSONs are in DS_CONFIGS_DIR."""
+DS_CONFIGS_DIR = Path(__file__).resolve().parent / "ds_configs"
+VERIFY_MODES = ("size", "sha256", "off")
+# Config fields that hold paths (read relative to the config file when they exist there).
+PATH_FIELDS = (("data", "shards"), ("train", "deepspeed_config"), ("train", "out"), ("train", "resume"),
+               ("model", "text_name_or_path"))
+
 
 @dataclass
 class DataConfig:
@@ -41,6 +51,11 @@ class DataConfig:
     augment: bool = True
     resampled: bool = False
     download_retries: int = 3  # shards from a URL: retries (with back-off) before the run fails
+    # Before training, each local shard is checked against the manifest: "size" (cheap), "sha256"
+    # (reads every byte) or "off". A damaged shard stops the run unless max_damaged_shards allows
+    # it; those allowed are counted in metrics.jsonl and summary.json (data/damaged_shards).
+    verify: str = "size"
+    max_damaged_shards: int = 0
 
 
 @dataclass
@@ -136,17 +151,22 @@ class RunConfig:
         """
         unknown = sorted(set(cfg) - {f.name for f in fields(cls)})
         if unknown:
-            raise KeyError(f"{where}: unknown config section(s) {unknown}")
+            raise ConfigError(f"{where}: unknown config section(s) {unknown}")
         sections: dict[str, Any] = {}
         for f in fields(cls):
             value = cfg.get(f.name)
             kind = _SECTION_TYPES.get(f.name)
             if kind is None:  # open section
                 if value is not None and not isinstance(value, dict):
-                    raise TypeError(f"{where}: {f.name} must be a mapping, got {type(value).__name__}")
+                    raise ConfigError(f"{where}: {f.name} must be a mapping, got {type(value).__name__}")
                 sections[f.name] = copy.deepcopy(value) if value is not None else f.default_factory()
             else:
                 sections[f.name] = _typed(kind, value or {}, f"{where}: {f.name}")
+        data = sections["data"]
+        if data.verify not in VERIFY_MODES:
+            raise ConfigError(f"{where}: data.verify must be one of {', '.join(VERIFY_MODES)}, got {data.verify!r}")
+        if data.max_damaged_shards < 0:
+            raise ConfigError(f"{where}: data.max_damaged_shards must be >= 0, got {data.max_damaged_shards}")
         return cls(**sections)
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +199,7 @@ def _typed(kind: type, values: dict[str, Any], where: str) -> Any:
     hints = {f.name: str(f.type) for f in fields(kind)}
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise KeyError(f"{where}: unknown key(s) {unknown}; known keys here: {', '.join(sorted(hints))}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys here: {', '.join(sorted(hints))}")
     out = {}
     for name, value in values.items():
         if isinstance(value, str) and hints[name].startswith("float"):
@@ -188,7 +208,7 @@ def _typed(kind: type, values: dict[str, Any], where: str) -> Any:
             except ValueError:
                 pass
         if not _check(value, hints[name]):
-            raise TypeError(f"{where}.{name} must be {hints[name].replace(' | ', ' or ')}, got {value!r} "
+            raise ConfigError(f"{where}.{name} must be {hints[name].replace(' | ', ' or ')}, got {value!r} "
                             f"({type(value).__name__})")  # fmt: skip
         out[name] = float(value) if hints[name].startswith("float") and isinstance(value, int) else value
     return kind(**out)
@@ -210,7 +230,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any], *, path: str = "", 
         if key not in out:
             if strict and path.split(".")[0] not in _OPEN_SECTIONS:
                 known = ", ".join(sorted(out)) or "(none)"
-                raise KeyError(f"unknown config key {where!r}; known keys here: {known}")
+                raise ConfigError(f"unknown config key {where!r}; known keys here: {known}")
             out[key] = copy.deepcopy(value)
         elif isinstance(out[key], dict) and isinstance(value, dict):
             out[key] = deep_merge(out[key], value, path=where, strict=strict)
@@ -222,35 +242,76 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any], *, path: str = "", 
 def parse_override(text: str) -> dict[str, Any]:
     """"train.max_steps=20" -> {"train": {"max_steps": 20}} (the value is parsed as YAML)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
     keys = [k for k in dotted.strip().split(".") if k]
     if len(keys) < 2:
-        raise ValueError(f"override {text!r} must name a section and a key (e.g. train.max_steps=20)")
-    value: Any = yaml.safe_load(raw) if raw.strip() else None
+        raise ConfigError(f"override {text!r} must name a section and a key (e.g. train.max_steps=20)")
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
     for key in reversed(keys):
         value = {key: value}
     return value
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """DEFAULTS <- YAML file <- overrides, validated for unknown keys."""
+    """DEFAULTS <- YAML file <- overrides, validated for unknown keys and types.
+
+    `path` is a file or the name of a bundled config ("demo": pertvl/configs/demo.yaml). A relative
+    path inside the file (PATH_FIELDS) is read relative to the file's folder when it exists there,
+    so a config works from any directory; else it stays relative to the working directory (the
+    outputs and data that commands create: runs/, shards/).
+
+    Raises:
+        pertvl.errors.ConfigError: unreadable YAML, unknown keys, values of the wrong type.
+        pertvl.errors.NotFoundError: no such file and no bundled config of that name.
+    """
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
+        path = find_config(path)
         try:
-            from_file = yaml.safe_load(text) or {}
+            from_file = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(from_file, dict):
-            raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(from_file).__name__}")
+            raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(from_file).__name__}")
         try:
-            cfg = deep_merge(cfg, from_file)
-        except KeyError as e:
-            raise KeyError(f"{path}: {e.args[0]}") from None
+            cfg = deep_merge(cfg, _resolve_paths(from_file, path.parent))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     for item in overrides or []:
         cfg = deep_merge(cfg, parse_override(item))
+    RunConfig.from_dict(cfg, where="config" if path is None else f"{path}{' + --set' if overrides else ''}")  # types and choices at load time, not after the model is built
     return cfg
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A config file: `name` itself when it is a file, else the bundled pertvl/configs/NAME(.yaml).
+
+    Raises:
+        pertvl.errors.NotFoundError: naming the path and the bundled configs.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIGS_DIR / path.name, CONFIGS_DIR / f"{path.name}.yaml"):
+        if len(path.parts) == 1 and candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise NotFoundError(f"config {name}: no such file (bundled configs, usable by name: {bundled})")
+
+
+def _resolve_paths(from_file: dict[str, Any], folder: Path) -> dict[str, Any]:
+    out = copy.deepcopy(from_file)
+    for section, key in PATH_FIELDS:
+        value = (out.get(section) or {}).get(key) if isinstance(out.get(section), dict) else None
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            candidate = folder / value
+            if candidate.exists():
+                out[section][key] = str(candidate.resolve())
+    return out
 
 
 def save_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:

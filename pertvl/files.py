@@ -101,3 +101,64 @@ def sha256_file(path: str | os.PathLike, chunk: int = _HASH_CHUNK) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+
+LOCK_NAME = ".pertvl.lock"
+
+
+class FolderLock:
+    """An exclusive flock on FOLDER/.pertvl.lock, which holds the holder's host, pid and command.
+
+    The kernel releases a flock when its holder ends, however it ends (SIGKILL included), so a
+    crash leaves no stale lock: the file stays, and the next writer simply takes it. Use
+    `lock_folder`; `release()` (or the end of the process) gives the folder up.
+    """
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | os.PathLike, command: str, name: str = LOCK_NAME) -> FolderLock:
+    """Take the exclusive write lock of `folder` (created if missing) for `command`; `name` is the
+    lock file (writers of disjoint parts of one folder lock one file each).
+
+    Raises:
+        pertvl.errors.UserError: another live process holds it (named by host, pid and command).
+    """
+    import fcntl
+    import socket
+    import time
+
+    from pertvl.errors import UserError
+
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(
+            f"{folder} is in use by {holder}; wait for it to finish, stop it, or choose another output folder"
+        ) from None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {stamp}: {command}\n".encode(), 0)
+    return FolderLock(path, fd)

@@ -22,7 +22,7 @@ PACKAGE_DIR = Path(pertvl.__file__).parent
 # module and everything under it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("pertvl", "pertvl.__main__", "pertvl.cli", "pertvl.files", "pertvl.faults", "pertvl.testing",
-              "pertvl.config", "pertvl.pipeline")),
+              "pertvl.config", "pertvl.pipeline", "pertvl.errors", "pertvl.process")),
     ("ingest", ("pertvl.data", "pertvl.data.cli", "pertvl.data.records", "pertvl.data.text", "pertvl.data.tokenize",
                 "pertvl.data.image", "pertvl.data.openi", "pertvl.data.phantom")),
     ("perturb", ("pertvl.data.perturb",)),

@@ -218,8 +218,8 @@ def test_cli_similarity_prints_table(export_dir, emb, image_files, capsys):
         row = next(line for line in printed.splitlines() if line.startswith(path.name))
         assert [float(x.rstrip("*")) for x in row[len(path.name):].split()] == pytest.approx(sim[i], abs=1e-4)
     assert "R1  the lungs are clear" in printed
-    with pytest.raises(SystemExit):
-        main(["similarity", "--export", str(export_dir), "--images", str(image_files[0])])  # --texts missing
+    assert main(["similarity", "--export", str(export_dir), "--images", str(image_files[0])]) == 2  # no texts
+    assert "pertvl: error: pertvl similarity: give --texts or --texts-file" in capsys.readouterr().err
 
 
 def test_sessions_leave_the_callers_float_mode_alone(export_dir):
@@ -332,3 +332,36 @@ def test_manifest_cleaning_rule_is_clean_text(export_dir):
     rule = manifest["text"]["cleaning"]
     for text in TRICKY_TEXTS + ["Ünïcödé ﬁbrosis ½", "xxxx-ray XXXXX; 1.2.3 a/b 4/5"]:
         assert example.clean(text, rule) == clean_text(text, max_words=rule["max_words"], drop_deid=rule["drop_deid"])
+
+
+def test_cli_refuses_content_free_texts_and_reports_cut_ones(export_dir, emb, image_files, tmp_path, capsys):
+    from pertvl.cli import main
+
+    base = ["similarity", "--export", str(export_dir), "--images", str(image_files[0]), "--texts", "the lungs are clear"]
+    for empty in ("", "...", "XXXX"):  # the empty report's embedding would be scored like any other
+        assert main([*base, empty]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pertvl: error: text 2 ({empty!r}) has no words after cleaning") and err.count("\n") == 1
+    long_text = " ".join(["effusion"] * 20_000)  # 100,000+ characters
+    (tmp_path / "texts.txt").write_text(f"large right pneumothorax\n\n{long_text}\n")
+    assert main([*base, "--texts-file", str(tmp_path / "texts.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: R3 has 20000 words; the model read the first {emb.max_words} ({20000 - emb.max_words} dropped)" in printed
+    assert "R2  large right pneumothorax" in printed
+    assert main(["embed", "--export", str(export_dir), "--texts-file", str(tmp_path / "texts.txt"),
+                 "--out", str(tmp_path / "emb")]) == 0  # fmt: skip
+    index = json.loads((tmp_path / "emb" / "index.json").read_text())
+    assert index["texts_cut"] == [{"text": 2, "words": 20000, "dropped": 20000 - emb.max_words}]
+    assert len(index["texts"]) == 2
+
+
+def test_cli_names_a_file_that_is_not_an_image(export_dir, tmp_path, capsys):
+    from pertvl.cli import main
+
+    (tmp_path / "report.txt").write_text("not an image")
+    base = ["similarity", "--export", str(export_dir), "--texts", "the lungs are clear", "--images"]
+    assert main([*base, str(tmp_path / "report.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pertvl: error: {tmp_path / 'report.txt'}: cannot decode as an image (") and err.count("\n") == 1
+    assert main([*base, str(tmp_path / "missing.png")]) == 2
+    assert capsys.readouterr().err == f"pertvl: error: {tmp_path / 'missing.png'}: no such image file\n"

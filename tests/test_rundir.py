@@ -18,6 +18,9 @@ def _pretrained(folder):
 
 def test_model_dir_is_final_else_the_folder_itself(tmp_path):
     run = RunDir(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"run folder .*run does not exist"):
+        run.model_dir()
+    run.path.mkdir()
     with pytest.raises(FileNotFoundError, match=r"run: no trained model \(expected .*final with config\.json"):
         run.model_dir()
     _pretrained(run.final)

@@ -283,7 +283,7 @@ def test_corrupt_png_and_truncated_shard_are_skipped_and_counted(folder, tok, tm
     assert len(batches) == 8 and s.skipped == {"corrupt_png": 1, "truncated_shard": 1}
     text = caplog.text
     assert "skipping sample train_9 in shard train-000002.tar: corrupt_png" in text
-    assert "shard train-000005.tar is damaged after key train_20" in text
+    assert "shard train-000005.tar is damaged: unreadable after key train_20" in text
     assert "epoch 0 rank 0: 8 batches" in text
 
 
@@ -370,7 +370,7 @@ def test_brace_pattern_and_pipe_sources(folder, tok):
     pattern = str(folder / "train-{000000..000007}.tar")
     assert ids_of(stream(pattern, tok, num_workers=0, seed=3)) == reference  # manifest found beside the files
     pipe = f"pipe:cat {pattern}"
-    with pytest.raises(ValueError, match="pass manifest= or num_samples="):
+    with pytest.raises(ValueError, match="no manifest.json beside these shards.*manifest= or num_samples="):
         resolve_source(pipe)
     assert resolve_source(pipe, manifest=folder).shard_counts == (4,) * 8
     assert ids_of(build_train_stream(pipe, tokenizer=tok, batch_size=4, num_workers=0, augment=False,
@@ -433,3 +433,22 @@ def test_packed_counterfactuals_leave_the_training_batches_unchanged(folder, tok
         assert torch.equal(z.pert_input_ids[:, :k, :lp], x.pert_input_ids)
     with pytest.raises(ValueError, match="carry no counterfactuals"):
         stream(folder, tok, num_workers=0, pert_types=(*PERTURBATION_TYPES, "cf_negation"))
+
+
+def test_a_damaged_shard_ends_the_stream_naming_it_unless_allowed(folder, tok, tmp_path):
+    from pertvl.errors import DamagedDataError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    victim = bad / "train-000004.tar"
+    victim.write_bytes(os.urandom(victim.stat().st_size))  # the right size: only reading finds it
+    for workers in (0, 2):  # in this process, and from loader workers (one line, no worker traceback)
+        s = stream(bad, tok, num_workers=workers, batch_size=2, max_damaged_shards=0, verify="size")
+        with pytest.raises(DamagedDataError) as caught:
+            list(s)
+        assert str(caught.value).startswith(
+            f"shard train-000004.tar of {bad} [train] is damaged: unreadable at its first sample (no sample "
+            "could be read)")  # fmt: skip
+        assert "data.max_damaged_shards=N" in str(caught.value) and "Traceback" not in str(caught.value)
+    s = stream(bad, tok, num_workers=0, batch_size=2, max_damaged_shards=1)
+    assert len(list(s)) == s.batches_per_epoch and s.skipped == {"truncated_shard": 1}

@@ -297,6 +297,7 @@ def test_sigterm_to_every_process_of_the_job_checkpoints_and_exits_75(tiny_train
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc == PREEMPTED_EXIT_CODE, _tail(log)
     assert "rank 0: SIGTERM received" in log.read_text()
+    assert "(exit 75, preempted); re-run with --resume latest to continue" in log.read_text()
     stopped = [c.step for c in list_checkpoints(run)]
     assert len(stopped) == 1 and 1 <= stopped[0] < 500
     assert json.loads((run / "ranks" / "rank0.json").read_text())["global_step"] == stopped[0]

@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from pertvl.errors import NotFoundError, UserError
 
-class ImageReadError(ValueError):
+
+class ImageReadError(UserError, ValueError):
     """An image file exists but cannot be decoded. `path` is the file, `reason` the decoder's error."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
@@ -87,7 +89,7 @@ def load_image(path: str | os.PathLike, size: int):
     from PIL import Image
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such image file")
+        raise NotFoundError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
             im.draft(im.mode, (size, size))  # JPEG only (rule 1); other formats ignore it

@@ -75,6 +75,9 @@ from pertvl.data.shards import (
     split_info,
 )
 from pertvl.data.tokenize import CachedTokenizer, Encoded, backend_of, encode_texts
+from pertvl.errors import ConfigError, DamagedDataError, NotFoundError
+from pertvl.files import sha256_file
+from pertvl.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,9 @@ class ShardSource:
     # The manifest's `counterfactual_types` (shards packed with --counterfactuals); () when packed
     # without them; None when there is no manifest to tell.
     counterfactual_types: tuple[str, ...] | None = None
+    # The manifest's size and sha256 of each shard (None: unknown), for check_shards.
+    shard_bytes: tuple[int | None, ...] = ()
+    shard_sha256: tuple[str | None, ...] = ()
 
 
 def _shard_name(url: str) -> str:
@@ -219,33 +225,44 @@ def resolve_source(
         base = src.split("?", 1)[0].rsplit("/", 1)[0]
         urls = [f"{base}/{e['name']}" for e in entries]
         counts = [e["num_samples"] for e in entries]
+        named = {e["name"]: e for e in entries}
     elif os.path.isdir(src):
         man = man if man is not None else read_shards_manifest(src)
         entries = split_info(man, split, os.path.join(src, MANIFEST_NAME))["shards"]
         urls = [os.path.join(src, e["name"]) for e in entries]
         counts: list[int | None] = [e["num_samples"] for e in entries]
+        named = {e["name"]: e for e in entries}
     else:
+        if not _scheme(src) and not src.startswith("pipe:") and "{" not in src and not os.path.exists(src):
+            raise NotFoundError(f"shard folder {src} does not exist; pack one with `pertvl pack --out {src}` "
+                                "or pass --shards FOLDER (a folder with manifest.json)")  # fmt: skip
         urls = expand_urls(src)
         if not urls:
-            raise ValueError(f"{src}: the pattern expands to no shard")
+            raise NotFoundError(f"{src}: the pattern expands to no shard")
         local = all(_shard_name(u) == os.path.basename(u) for u in urls)
         if man is None and local and (Path(urls[0]).parent / MANIFEST_NAME).is_file():
             man = read_shards_manifest(Path(urls[0]).parent)
         counts = [None] * len(urls)
+        named = {}
         if man is not None:
-            known = {e["name"]: e["num_samples"] for e in split_info(man, split)["shards"]}
+            named = {e["name"]: e for e in split_info(man, split)["shards"]}
+            known = {name: e["num_samples"] for name, e in named.items()}
             for i, u in enumerate(urls):
                 hits = [n for n in known if n in u]
                 if hits:
                     counts[i] = known[max(hits, key=len)]
                 elif num_samples is None:
-                    raise ValueError(
-                        f"{u}: no shard of split {split!r} in the manifest matches it; pass num_samples"
+                    raise ConfigError(
+                        f"{u}: no shard of split {split!r} in the manifest matches it; pass a shard folder "
+                        "with its manifest.json (--shards FOLDER; in Python, num_samples=)"
                     )
     if num_samples is None:
         if any(c is None for c in counts):
-            raise ValueError(f"{src}: no manifest to count samples; pass manifest= or num_samples=")
+            raise ConfigError(f"{src}: no manifest.json beside these shards to count their samples; pass a "
+                              "shard folder written by `pertvl pack` (--shards FOLDER; in Python, manifest= or "
+                              "num_samples=)")  # fmt: skip
         num_samples = sum(c for c in counts if c is not None)
+    entries_of = [named.get(_manifest_name(u, named)) or {} for u in urls]
     return ShardSource(
         urls=tuple(urls),
         shard_counts=tuple(counts),
@@ -254,7 +271,56 @@ def resolve_source(
         label_names=tuple(man.get("label_names", [])) if man else (),
         description=f"{src} [{split}]",
         counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
+        shard_bytes=tuple(e.get("bytes") for e in entries_of),
+        shard_sha256=tuple(e.get("sha256") for e in entries_of),
     )
+
+
+def _manifest_name(url: str, named: dict) -> str | None:
+    """The manifest entry name of a shard URL (its basename, or the longest name it contains)."""
+    base = url.rsplit("/", 1)[-1]
+    if base in named:
+        return base
+    hits = [n for n in named if n in url]
+    return max(hits, key=len) if hits else None
+
+
+def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Check local shards against the manifest before training: "size" (a stat per shard),
+    "sha256" (reads every byte) or "off"; rank r checks shards r, r + world_size, ... Remote shards
+    and shards the manifest gives no size for are not checked.
+
+    Returns:
+        The problems found ("train-000003.tar: 30720 bytes, the manifest says 61440"), at most
+        `max_damaged` of them (each logged as a warning).
+
+    Raises:
+        pertvl.errors.DamagedDataError: more than `max_damaged` shards fail, naming them and the fix.
+    """
+    if mode == "off":
+        return []
+    problems = []
+    for i in range(rank, len(src.urls), world_size):
+        url, size = src.urls[i], src.shard_bytes[i] if i < len(src.shard_bytes) else None
+        digest = src.shard_sha256[i] if i < len(src.shard_sha256) else None
+        if _scheme(url) or url.startswith("pipe:") or size is None:
+            continue
+        name = _shard_name(url)
+        if not os.path.isfile(url):
+            problems.append(f"{name}: missing")
+        elif (actual := os.path.getsize(url)) != size:
+            problems.append(f"{name}: {actual} bytes, the manifest says {size}")
+        elif mode == "sha256" and digest and sha256_file(url) != digest:
+            problems.append(f"{name}: sha256 differs from the manifest's")
+    if len(problems) > max_damaged:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DamagedDataError(
+            f"{src.description}: {len(problems)} damaged shard(s) ({shown}); re-pack them (`pertvl pack` with "
+            f"the same arguments rewrites what does not match), or allow up to N with --set data.max_damaged_shards=N"
+        )
+    for problem in problems:
+        log.warning("damaged shard %s (allowed by data.max_damaged_shards = %d)", problem, max_damaged)
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +480,7 @@ class _Plan:
     faults: tuple = ()  # pertvl.faults.Fault from PERTVL_FAULT, read in the main process
     download_retries: int = 3  # remote shards: retries before the run fails
     pert_types: tuple[str, ...] = PERTURBATION_TYPES  # the batch's K columns (loss.pert_types)
+    max_damaged_shards: int | None = None  # damaged shards a stream may skip (None: any number)
 
     @property
     def batches_per_stream(self) -> int:
@@ -430,6 +497,7 @@ class _WorkerReport:
     epoch: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     filler: bool = False
+    damaged: str | None = None  # a DamagedDataError's message: the rank raises it (one line, no worker traceback)
 
 
 def _rng_seed(*parts) -> int:
@@ -448,8 +516,22 @@ def _shard_sequence(plan: _Plan, epoch: int, stream: int) -> tuple[Iterator[int]
     return itertools.cycle(mine), len(mine)
 
 
-def _read_shard(plan: _Plan, index: int, stats: Counter) -> Iterator[tuple]:
-    """Good (raw sample, meta) of one shard; bad samples and damage are counted and logged."""
+def _damaged(plan: _Plan, name: str, problem: str, damaged: set[str]) -> None:
+    """Count a damaged shard of this stream; past plan.max_damaged_shards it ends the run."""
+    damaged.add(name)
+    limit = plan.max_damaged_shards
+    if limit is not None and len(damaged) > limit:
+        raise DamagedDataError(
+            f"shard {name} of {plan.source.description} is damaged: {problem}; re-pack it (`pertvl pack` with the "
+            "same arguments rewrites what does not match the manifest), or allow up to N damaged shards with "
+            "--set data.max_damaged_shards=N"
+        )
+    log.warning("shard %s is damaged: %s; continuing with the next shard", name, problem)
+
+
+def _read_shard(plan: _Plan, index: int, stats: Counter, damaged: set[str]) -> Iterator[tuple]:
+    """Good (raw sample, meta) of one shard; bad samples are counted and logged, a damaged shard
+    counted (`damaged`: the names met so far) or, past plan.max_damaged_shards, a DamagedDataError."""
     import webdataset as wds
 
     url, expected = plan.source.urls[index], plan.source.shard_counts[index]
@@ -463,7 +545,7 @@ def _read_shard(plan: _Plan, index: int, stats: Counter) -> Iterator[tuple]:
             stream = wds.gopen(url, "rb")
         except Exception as e:  # any opener failure (missing file, failing pipe) makes it unreadable
             stats["unreadable_shard"] += 1
-            log.warning("cannot open shard %s: %s: %s; continuing with the next shard", name, type(e).__name__, e)
+            _damaged(plan, name, f"cannot open it ({type(e).__name__}: {e})", damaged)
             return
     read, last = 0, None
     try:
@@ -482,12 +564,8 @@ def _read_shard(plan: _Plan, index: int, stats: Counter) -> Iterator[tuple]:
             yield raw, meta
     except ShardReadError as e:
         stats["truncated_shard"] += 1
-        log.warning(
-            "shard %s is damaged after key %s (%s); continuing with the next shard",
-            name,
-            e.after_key,
-            e.reason,
-        )
+        where = f"after key {e.after_key}" if e.after_key else "at its first sample (no sample could be read)"
+        _damaged(plan, name, f"unreadable {where} ({e.reason})", damaged)
         return
     finally:
         try:
@@ -496,7 +574,7 @@ def _read_shard(plan: _Plan, index: int, stats: Counter) -> Iterator[tuple]:
             log.warning("shard %s: %s", name, e)
     if expected is not None and read < expected:
         stats["truncated_shard"] += 1
-        log.warning("shard %s ended after %d of %d samples (last key %s)", name, read, expected, last)
+        _damaged(plan, name, f"it ended after {read} of {expected} samples (last key {last})", damaged)
 
 
 def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Iterator[tuple]:
@@ -505,9 +583,10 @@ def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Itera
     shards, per_pass = _shard_sequence(plan, epoch, stream)
     empty = 0
     tried: set[str] = set()
+    damaged: set[str] = set()
     for index in shards:
         good = 0
-        for item in _read_shard(plan, index, stats):
+        for item in _read_shard(plan, index, stats, damaged):
             good += 1
             yield item
         empty = 0 if good else empty + 1
@@ -588,18 +667,6 @@ def _stream_batches(
 WORKER_STACKS_SIGNAL = signal.SIGUSR2
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when its parent goes (a rank killed by the OOM killer must not
-    leave workers behind, which a deadlocked worker would never notice)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux / no prctl: torch's parent check remains
-        pass
-
-
 class _RunDataset(torch.utils.data.IterableDataset):
     """The epochs of one rank from (epoch, start_batch) on, one worker per stream.
 
@@ -623,7 +690,7 @@ class _RunDataset(torch.utils.data.IterableDataset):
             # when to stop (pertvl.train.signals) and ends its workers itself (SIGKILL, TrainStream.close).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True)
-            _die_with_parent()
+            die_with_parent()  # a rank killed by the OOM killer leaves no worker behind
         w = self.plan.streams
         if workers != w:
             raise RuntimeError(f"the stream was planned for {w} worker(s) but runs in {workers}")
@@ -636,7 +703,11 @@ class _RunDataset(torch.utils.data.IterableDataset):
             stream = (worker + start) % w
             skip = max(0, -(-(start - stream) // w))  # batches of this stream before start_batch
             items = -(-(total - start) // w)  # what worker 0 (the one with the most batches) sends
-            yield from _stream_batches(self.plan, epoch, stream, skip, items=items, worker=worker)
+            try:
+                yield from _stream_batches(self.plan, epoch, stream, skip, items=items, worker=worker)
+            except DamagedDataError as e:
+                yield _WorkerReport(epoch, damaged=str(e))
+                return
             epoch, start = epoch + 1, 0
 
 
@@ -761,6 +832,8 @@ class TrainStream:
             items = self._items(epoch, start)
             for item in items:
                 if isinstance(item, _WorkerReport):
+                    if item.damaged:
+                        raise DamagedDataError(item.damaged)
                     if item.epoch != epoch:  # the round-robin lost its alignment: never train on it
                         raise RuntimeError(f"rank {self._plan.rank}: a worker reported epoch {item.epoch} "
                                            f"during epoch {epoch}")  # fmt: skip
@@ -870,6 +943,8 @@ def build_train_stream(
     multiprocessing_context=None,
     download_retries: int = 3,
     pert_types: Sequence[str] = PERTURBATION_TYPES,
+    verify: str = "off",
+    max_damaged_shards: int | None = None,
 ) -> TrainStream:
     """Build the training stream of one rank.
 
@@ -893,6 +968,10 @@ def build_train_stream(
         download_retries: remote manifest and shards (http(s), fsspec URLs): retries with back-off
             before a ShardDownloadError naming the URL ends the run.
         pert_types: the batches' perturbation columns (loss.pert_types; see collate_samples).
+        verify: check the shards against the manifest first ("size", "sha256", "off"; check_shards).
+        max_damaged_shards: damaged shards tolerated (before training, in all; while streaming, per
+            stream), counted as truncated/unreadable_shard; beyond it a DamagedDataError names the
+            shard. None: any number, counted (a library caller's choice; `pertvl train` defaults to 0).
 
     Raises:
         ValueError: bad arguments; fewer shards than world_size x workers (with the number
@@ -906,6 +985,8 @@ def build_train_stream(
     src = resolve_source(source, split, manifest=manifest, num_samples=num_samples, retries=download_retries)
     pert_types = tuple(pert_types)
     check_counterfactuals(src, pert_types, os.fspath(source))
+    check_shards(src, verify, len(src.urls) if max_damaged_shards is None else max_damaged_shards,
+                 rank=rank, world_size=world_size)  # fmt: skip
     streams = max(1, num_workers)
     needed = world_size * streams
     if not resampled and len(src.urls) < needed:
@@ -947,6 +1028,7 @@ def build_train_stream(
         faults=injected,
         download_retries=download_retries,
         pert_types=pert_types,
+        max_damaged_shards=max_damaged_shards,
     )
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from pertvl.cli import lazy_handler, positive_int
+from pertvl.cli import lazy_handler, positive_int, with_out_lock
 
 
 def _build_encoder(args: argparse.Namespace):
@@ -61,6 +61,7 @@ def _print_paths(paths: dict) -> None:
         print(f"  {kind}: {path}")
 
 
+@with_out_lock
 def _evaluate(args: argparse.Namespace) -> int:
     """`pertvl eval NAME`: load the data, build the encoder, run, write NAME.json/.md (+ figures)."""
     from pertvl.evaluate.catalog import EVALUATIONS
@@ -89,7 +90,7 @@ _finetune_nli = lazy_handler("pertvl.evaluate.finetune", "nli_cli_main")
 _finetune_chexpert = lazy_handler("pertvl.evaluate.finetune", "chexpert_cli_main")
 
 
-_ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main")
+_ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main", lock_out=True)
 
 
 _curves = lazy_handler("pertvl.evaluate.curves", "cli_main")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pertvl.data.text import clean_text
+from pertvl.errors import NotFoundError, UserError
 from pertvl.evaluate.report import save_attention_map
 from pertvl.files import write_json
 from pertvl.infer import Embedder, attention_maps
@@ -55,22 +56,69 @@ def save_attention_pngs(embedder: Embedder, images: np.ndarray, image_names: Seq
     return rows
 
 
+def read_texts(texts: Sequence[str], texts_file: str | os.PathLike | None) -> list[str]:
+    """--texts, then one text per non-empty line of --texts-file (UTF-8).
+
+    Raises:
+        pertvl.errors.NotFoundError: no such file.
+    """
+    out = list(texts)
+    if texts_file is not None:
+        path = Path(texts_file)
+        if not path.is_file():
+            raise NotFoundError(f"--texts-file {path}: no such file")
+        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return out
+
+
+def check_texts(embedder: Embedder, texts: Sequence[str]) -> list[dict[str, Any]]:
+    """Refuse a text with no words left after the export's cleaning rule (it would score as the
+    empty report: a number that means nothing); report each text cut at the rule's word limit.
+
+    Returns:
+        One {"text": i, "words": n, "dropped": n - limit} per cut text (also logged as a warning).
+
+    Raises:
+        pertvl.errors.UserError: naming the first content-free text.
+    """
+    cut = []
+    for i, text in enumerate(texts):
+        words = clean_text(text, max_words=None, drop_deid=embedder.drop_deid).split()
+        if not any(ch.isalnum() for w in words for ch in w):
+            raise UserError(f"text {i + 1} ({text[:40]!r}) has no words after cleaning (empty, punctuation or "
+                            "de-identification marks only); give the report's text")  # fmt: skip
+        if embedder.max_words and len(words) > embedder.max_words:
+            cut.append({"text": i + 1, "words": len(words), "dropped": len(words) - embedder.max_words})
+            log.warning("text %d: %d words; the model reads the first %d (%d dropped)",
+                        i + 1, len(words), embedder.max_words, len(words) - embedder.max_words)  # fmt: skip
+    return cut
+
+
+def load_images(embedder: Embedder, paths: Sequence[str]) -> np.ndarray:
+    """Embedder.load_images for files the user named: a missing or undecodable file is a UserError."""
+    try:
+        return embedder.load_images(paths)
+    except FileNotFoundError as e:
+        raise NotFoundError(str(e)) from e
+
+
 def embed_main(args) -> int:
     """`pertvl embed`: write image_emb.npy, text_emb.npy, similarity.npy and index.json."""
+    args.texts = read_texts(args.texts, args.texts_file)
     if not args.images and not args.texts:
-        raise SystemExit("pertvl embed: give --images and/or --texts")
+        raise UserError("pertvl embed: give --images and/or --texts (or --texts-file)")
     if args.attention_maps and importlib.util.find_spec("matplotlib") is None:
-        print("pertvl: error: --attention-maps draws its PNGs with matplotlib, which the inference-only install "
-              "leaves out: pip install matplotlib (or 'pertvl[train]')", file=sys.stderr)
-        return 2
+        raise UserError("--attention-maps draws its PNGs with matplotlib, which the inference-only install "
+                        "leaves out: pip install matplotlib (or 'pertvl[train]')")
     embedder = Embedder.from_export(args.export, int8=args.int8, batch_size=args.batch_size)
+    cut = check_texts(embedder, args.texts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"export": str(args.export), "export_id": embedder.manifest["export_id"],
                              "variant": embedder.variant, "images": [], "texts": [], "files": {}}
     images = img_emb = txt_emb = None
     if args.images:
-        images = embedder.load_images(args.images)
+        images = load_images(embedder, args.images)
         img_emb = embedder.embed_images(images)
         np.save(out / "image_emb.npy", img_emb)
         index["images"] = [str(p) for p in args.images]
@@ -80,6 +128,7 @@ def embed_main(args) -> int:
         np.save(out / "text_emb.npy", txt_emb)
         index["texts"] = list(args.texts)
         index["cleaned_texts"] = embedder.clean(args.texts)
+        index["texts_cut"] = cut  # texts longer than the cleaning rule's word limit, and the words dropped
         index["files"]["text_emb"] = "text_emb.npy"
     if img_emb is not None and txt_emb is not None:
         sim = (img_emb.astype(np.float64) @ txt_emb.astype(np.float64).T).astype(np.float32)
@@ -120,8 +169,15 @@ def format_similarity_table(sim: np.ndarray, image_names: Sequence[str], texts: 
 
 def similarity_main(args) -> int:
     """`pertvl similarity`: print the image × report cosine table."""
+    texts = read_texts(args.texts, args.texts_file)
+    if not texts:
+        raise UserError("pertvl similarity: give --texts or --texts-file")
     embedder = Embedder.from_export(args.export, int8=args.int8, batch_size=args.batch_size)
-    sim = embedder.similarity(list(args.images), list(args.texts))
+    cut = check_texts(embedder, texts)
+    sim = embedder.similarity(load_images(embedder, list(args.images)), texts)
     print(f"cosine similarity, export {args.export} ({embedder.variant})")
-    print(format_similarity_table(sim, args.images, args.texts))
+    print(format_similarity_table(sim, args.images, texts))
+    for c in cut:
+        print(f"note: R{c['text']} has {c['words']} words; the model read the first "
+              f"{c['words'] - c['dropped']} ({c['dropped']} dropped)")
     return 0

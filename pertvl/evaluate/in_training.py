@@ -21,9 +21,12 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pertvl.config import RunConfig
+
+if TYPE_CHECKING:
+    from pertvl.files import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,9 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
     return evaluate
 
 
-def train_cli_main(args: argparse.Namespace) -> int:
-    """`pertvl train`: the engine's cli_main with train.eval_every's evaluation."""
+def train_cli_main(args: argparse.Namespace, lock: FolderLock | None = None) -> int:
+    """`pertvl train`: the engine's cli_main with train.eval_every's evaluation (`lock`: the run
+    folder's, taken by pertvl.train.cli on rank 0)."""
     from pertvl.train.engine import cli_main
 
-    return cli_main(args, make_evaluator=make_evaluator)
+    return cli_main(args, make_evaluator=make_evaluator, lock=lock)

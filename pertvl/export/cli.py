@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from pertvl.cli import lazy_handler, positive_int
+from pertvl.cli import lazy_handler, positive_int, with_out_lock
 from pertvl.export.int8 import parse_residual_layers
 
-_export = lazy_handler("pertvl.export.onnx", "cli_main")
+# --out is created by the export itself (it must not exist without --force): the lock sits beside it.
+_export = with_out_lock(lazy_handler("pertvl.export.onnx", "cli_main"), beside=True)
 
 
 def _residual_layers(text: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pertvl.errors import NotFoundError
 from pertvl.export import ExportError
 from pertvl.train.rundir import RunDir, find_run_config, is_pretrained_dir, read_run_config
 
@@ -138,7 +139,7 @@ def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.P
     if checkpoint.is_dir() and _deepspeed_checkpoint(checkpoint) is not None:
         model, cfg, info = load_deepspeed_checkpoint(checkpoint, Path(config) if config else None)
         return model, {"kind": "deepspeed", "path": str(info.path.resolve()), "tag": info.tag, "step": info.step}, cfg
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"{checkpoint}: neither a save_pretrained folder (config.json + model.safetensors) nor a DeepSpeed "
         "checkpoint (a tag folder with mp_rank_00_model_states.pt, or a folder with checkpoints/latest)"
     )

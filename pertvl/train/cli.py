@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from pertvl.cli import lazy_handler, positive_int
+from pertvl.cli import positive_int
 
-# Through the evaluation layer, which hands train.eval_every's evaluation to the engine (pertvl.train.engine).
-_train = lazy_handler("pertvl.evaluate.in_training", "train_cli_main")
+
+def _train(args: argparse.Namespace) -> int:
+    """Lock the run folder (rank 0), then import the engine: a second writer of the same folder is
+    refused in about a second, before torch and DeepSpeed load."""
+    from pertvl.config import load_config
+    from pertvl.files import lock_folder
+    from pertvl.train.launch import detect_dist_env
+
+    local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
+    cfg = load_config(args.config, args.overrides)  # a bad key or value: refused before anything starts
+    lock = None
+    if detect_dist_env(argv_local_rank=local_rank).rank == 0:
+        lock = lock_folder(args.out or cfg["train"]["out"], " ".join(["pertvl", *sys.argv[1:]]))
+    # Through the evaluation layer, which hands train.eval_every's evaluation to the engine.
+    from pertvl.evaluate.in_training import train_cli_main
+
+    return train_cli_main(args, lock=lock)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,12 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "L = L_global + alpha L_local + beta L_pert, logging to W&B (offline by default) and "
         "RUN_DIR/metrics.jsonl, checkpointing for exact resume, and writing the final encoders to "
         "RUN_DIR/final. The config file feeds the defaults; --set and the flags below override it. "
-        "See docs/TRAINING.md.",
+        "See docs/TRAINING.md. Exit codes: 0 trained; 2 a user error (one line `pertvl: error: ...`: a bad config key or "
+        "value, a missing file or folder, damaged shards, a run folder in use); 75 stopped by SIGTERM/SIGUSR1 "
+        "after writing a checkpoint (preempted, a time limit): re-run with --resume latest; 70 stalled (no "
+        "optimizer step within the stall limit; stacks in the log): re-run with --resume latest from the "
+        "last checkpoint; 143 a stop signal not answered within train.stop_grace_s; 1 an internal error "
+        "(with its traceback).",
     )
-    p.add_argument("--config", help="run config YAML (sections data/model/loss/train/wandb), e.g. configs/demo.yaml")
+    p.add_argument("--config", help="run config YAML (sections data/model/loss/train/wandb), or the name of a "
+                   "bundled one (demo, openi_paper, cxr_bert); its relative paths are read from its folder")
     p.add_argument("--shards", help="shard folder (data.shards)")
     p.add_argument("--out", help="run folder (train.out)")
-    p.add_argument("--deepspeed-config", help="DeepSpeed JSON from ds_configs/ (train.deepspeed_config)")
+    p.add_argument("--deepspeed-config", help="DeepSpeed JSON, or the name of a bundled one from ds_configs/, e.g. "
+                   "cpu_zero1_bf16 (train.deepspeed_config)")
     p.add_argument("--max-steps", type=positive_int, help="optimizer steps (train.max_steps; default: epochs)")
     p.add_argument("--seed", type=int, help="seed of initialisation, shard order, shuffling, augmentation")
     p.add_argument(

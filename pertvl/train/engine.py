@@ -50,6 +50,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 import traceback
 from collections import Counter
@@ -63,6 +64,8 @@ import torch
 import torch.distributed as dist
 
 from pertvl.config import RunConfig, TrainConfig, load_config, save_config
+from pertvl.errors import UserError
+from pertvl.files import FolderLock, lock_folder
 from pertvl.train import checkpoint as ckpt
 from pertvl.train.launch import (
     check_precision,
@@ -321,7 +324,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
-                 evaluate: Evaluator | None = None) -> None:
+                 evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> None:  # fmt: skip
         self.config = copy.deepcopy(cfg) if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
         if self.config.train.eval_every > 0 and evaluate is None:
             raise ValueError("train.eval_every > 0 needs an evaluation: train with `pertvl train` (or pass "
@@ -333,9 +336,30 @@ class Trainer:
         self.resume_from, self.config.train.resume = self.config.train.resume, None
         self.run_dir = Path(self.config.train.out)
         self.env = detect_dist_env(argv_local_rank=local_rank)
+        self.lock = lock  # rank 0 holds the run folder's write lock (taken here unless given)
+        lock_error = self._lock_run_dir() if self.env.rank == 0 and lock is None else None
         self.device = init_distributed(self.env)
         self.rank, self.world_size = self.env.rank, self.env.world_size
+        self._agree_on_lock(lock_error)
         self.seed = self.config.train.seed
+
+    def _lock_run_dir(self) -> str | None:
+        """Rank 0 takes the run folder's write lock (one run per folder); the reason when it cannot."""
+        try:
+            self.lock = lock_folder(self.run_dir, " ".join(["pertvl", *sys.argv[1:]]))
+        except UserError as e:
+            return str(e)
+        return None
+
+    def _agree_on_lock(self, error: str | None) -> None:
+        """Every rank stops when rank 0 could not lock the run folder (one tiny all_reduce)."""
+        if self.world_size > 1:
+            flag = torch.tensor([1 if error else 0], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and error is None:
+                error = f"rank 0 could not lock the run folder {self.run_dir} (its log says who holds it)"
+        if error:
+            raise UserError(error)
 
     # -- construction ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -383,6 +407,8 @@ class Trainer:
             image_size=data.image_size,
             shuffle_buffer=data.shuffle_buffer,
             download_retries=data.download_retries,
+            verify=data.verify,
+            max_damaged_shards=data.max_damaged_shards,
         )
         # Record the size actually trained at (export and evaluation read it from config.yaml).
         data.image_size = int(data.image_size or self.stream.source.image_size)
@@ -434,7 +460,7 @@ class Trainer:
 
     def _refuse_fresh_start_over_checkpoints(self) -> None:
         if self.resume_from is None and ckpt.list_checkpoints(self.run_dir):
-            raise ValueError(
+            raise UserError(
                 f"{self.run_dir} already holds checkpoints; pass --resume latest to continue that run, "
                 "or choose a new --out (a fresh run would mix its checkpoints and logs with the old ones)"
             )
@@ -847,25 +873,28 @@ def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
 
 
 def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
-          evaluate: Evaluator | None = None) -> TrainResult:
+          evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> TrainResult:
     """Run (or resume) the training described by a resolved config on this rank.
 
     Args:
         cfg: from `resolve_config`.
         local_rank: the deepspeed launcher's --local_rank, if given.
         evaluate: the evaluation of train.eval_every (required when it is > 0).
+        lock: the run folder's write lock when the caller took it (rank 0), else taken here.
 
     Returns:
         TrainResult (exit_code PREEMPTED_EXIT_CODE when stopped by SIGTERM/SIGUSR1).
     """
+    trainer = None
     try:
-        return Trainer(cfg, local_rank=local_rank, evaluate=evaluate).run()
+        trainer = Trainer(cfg, local_rank=local_rank, evaluate=evaluate, lock=lock)
+        return trainer.run()
     except BaseException as err:
         # Fail fast: this rank's error in its own log, then an exit that nothing can block (a peer
         # waiting in a collective learns of it when this process's connections close; torchrun, the
         # deepspeed launcher and srun end the other ranks when one exits non-zero).
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        if not isinstance(err, KeyboardInterrupt):
+        if not isinstance(err, KeyboardInterrupt | UserError):  # the CLI prints a UserError as one line
             log.error("rank %s failed:\n%s", rank, "".join(traceback.format_exception(err)).rstrip())
         exit_deadline(_failure_timeout(cfg), f"rank {rank} failed with {type(err).__name__}")
         raise
@@ -875,11 +904,15 @@ def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
         # group is alive: gloo objects freed at interpreter teardown can abort the process.
         gc.collect()
         shutdown_distributed()
+        for held in {trainer.lock if trainer is not None else None, lock} - {None}:
+            held.release()
 
 
-def cli_main(args: Any, make_evaluator: Callable[[RunConfig], Evaluator | None] | None = None) -> int:
+def cli_main(args: Any, make_evaluator: Callable[[RunConfig], Evaluator | None] | None = None,
+             lock: FolderLock | None = None) -> int:
     """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE. `make_evaluator`
-    (pertvl.evaluate.in_training's) builds train.eval_every's evaluation from the config."""
+    (pertvl.evaluate.in_training's) builds train.eval_every's evaluation from the config; `lock` is
+    the run folder's, taken by the caller on rank 0."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = resolve_config(
         args.config,
@@ -894,7 +927,10 @@ def cli_main(args: Any, make_evaluator: Callable[[RunConfig], Evaluator | None] 
     )
     local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
     evaluate = make_evaluator(RunConfig.from_dict(cfg)) if make_evaluator is not None else None
-    result = train(cfg, local_rank=local_rank, evaluate=evaluate)
+    result = train(cfg, local_rank=local_rank, evaluate=evaluate, lock=lock)
     if result.exit_code == 0 and result.final_dir is not None and result.rank == 0:
         print(f"trained {result.global_step} steps; final encoders in {result.final_dir}", flush=True)
+    if result.exit_code == PREEMPTED_EXIT_CODE and result.rank == 0:
+        print(f"pertvl: stopped by a signal after checkpointing step {result.global_step} (exit "
+              f"{PREEMPTED_EXIT_CODE}, preempted); re-run with --resume latest to continue", file=sys.stderr, flush=True)  # fmt: skip
     return result.exit_code

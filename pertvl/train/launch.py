@@ -33,6 +33,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pertvl.errors import ConfigError, NotFoundError
+
 if TYPE_CHECKING:
     import torch
 
@@ -443,13 +445,32 @@ def check_precision(config: dict[str, Any], source: str | Path) -> None:
     """
     reason = unsupported_precision(config)
     if reason:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: trains in {config_precision(config)}, but {reason}; use an fp32 or bf16 config "
             "(ds_configs/cpu_zero1_fp32.json, ds_configs/cpu_zero1_bf16.json, or --set train.deepspeed_config=...)"
         )
 
 
 REQUIRED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def find_ds_config(path: str | Path) -> Path:
+    """A DeepSpeed JSON: `path` when it is a file, else the bundled one of that name
+    (pertvl/ds_configs: "cpu_zero1_bf16", "cpu_zero1_bf16.json" or "ds_configs/cpu_zero1_bf16.json").
+
+    Raises:
+        pertvl.errors.NotFoundError: neither exists (the bundled names listed).
+    """
+    from pertvl.config import DS_CONFIGS_DIR
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix == ".json" else f"{path.name}.json"
+    if (DS_CONFIGS_DIR / name).is_file() and path.parent.name in ("", "ds_configs"):
+        return DS_CONFIGS_DIR / name
+    bundled = ", ".join(sorted(p.name for p in DS_CONFIGS_DIR.glob("*.json")))
+    raise NotFoundError(f"DeepSpeed config {path}: no such file (bundled, usable by name: {bundled})")
 
 
 def load_ds_config(
@@ -479,21 +500,21 @@ def load_ds_config(
         ValueError: unreadable JSON, a missing required key, an optimizer/scheduler block, both
             fp16 and bf16 enabled, or an inconsistent train_batch_size.
     """
-    path = Path(path)
+    path = find_ds_config(path)
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable DeepSpeed JSON config ({err})") from err
+        raise ConfigError(f"{path}: not a readable DeepSpeed JSON config ({err})") from err
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise ConfigError(f"{path}: expected a JSON object")
     for block in ("optimizer", "scheduler"):
         if block in config:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: remove the {block!r} block; pertvl passes its SGD and warm-up+cosine schedule itself"
             )
     missing = [k for k in REQUIRED_DS_KEYS if k not in config]
     if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)} (pertvl needs them set explicitly)")
+        raise ConfigError(f"{path}: missing {', '.join(missing)} (pertvl needs them set explicitly)")
     if micro_batch is not None:
         config["train_micro_batch_size_per_gpu"] = int(micro_batch)
     if grad_accum is not None:
@@ -504,15 +525,15 @@ def load_ds_config(
         del config["train_batch_size"]  # re-derived by DeepSpeed from the overrides
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if not isinstance(config[key], int) or config[key] < 1:
-            raise ValueError(f"{path}: {key} must be a positive integer, got {config[key]!r}")
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {config[key]!r}")
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
-        raise ValueError(f"{path}: fp16 and bf16 are both enabled; pick one")
+        raise ConfigError(f"{path}: fp16 and bf16 are both enabled; pick one")
     if world_size is not None and "train_batch_size" in config:
         derived = (
             config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size
         )
         if config["train_batch_size"] != derived:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: train_batch_size={config['train_batch_size']} but micro-batch x accumulation x "
                 f"world size = {derived}; drop train_batch_size and let DeepSpeed derive it"
             )

@@ -108,12 +108,16 @@ class RunDir:
         """The trained model: RUN_DIR/final, or RUN_DIR itself when it is a save_pretrained folder.
 
         Raises:
-            FileNotFoundError: naming the folder and the files expected there.
+            pertvl.errors.NotFoundError (a FileNotFoundError): naming the folder and the files expected there.
         """
+        from pertvl.errors import NotFoundError
+
+        if not self.path.is_dir():
+            raise NotFoundError(f"run folder {self.path} does not exist (a folder written by `pertvl train --out`)")
         for candidate in (self.final, self.path):
             if is_pretrained_dir(candidate):
                 return candidate
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{self.path}: no trained model (expected {self.final} with {' + '.join(PRETRAINED_FILES)}, "
             "written by save_pretrained at the end of `pertvl train`); for an unfinished run use one "
             f"of its checkpoints under {self.checkpoints}"

@@ -109,7 +109,8 @@ def end_process(reason: str, code: int) -> None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
-        sys.stderr.write(f"[pertvl] exiting with {code}: {reason}\n")
+        hint = "; re-run with --resume latest to continue from the last checkpoint" if code == STALLED_EXIT_CODE else ""
+        sys.stderr.write(f"[pertvl] exiting with {code}: {reason}{hint}\n")
         sys.stderr.flush()
         sys.stdout.flush()
     os._exit(code)

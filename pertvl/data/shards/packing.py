@@ -44,7 +44,8 @@ from pertvl.data.image import SHARD_IMAGE_ENCODING, ImageReadError, encode_image
 from pertvl.data.records import PERTURBATION_TYPES, SPLITS, Pair, read_pairs
 from pertvl.data.shards.format import FORMAT, MANIFEST_NAME, PARTIAL_NAME, SHARD_NAME, key_of
 from pertvl.data.text import clean_text
-from pertvl.files import TEMP_MARK, atomic_open, sha256_file, write_json
+from pertvl.files import LOCK_NAME, TEMP_MARK, atomic_open, lock_folder, sha256_file, write_json
+from pertvl.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +390,8 @@ def pack(
 
     # A process pool (PNG encoding is CPU-bound). ProcessPoolExecutor rather than multiprocessing.Pool:
     # a worker that dies raises BrokenProcessPool instead of being replaced forever (a hang).
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    # Its workers end with this process, however it ends (a SIGKILLed pack leaves no idle workers).
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent) if workers > 1 else None
     try:
         for split, split_pairs in by_split.items():
             st = packer.states[split]
@@ -702,19 +704,21 @@ def merge_cli_main(args: argparse.Namespace) -> int:
 
 
 def pack_cli_main(args: argparse.Namespace) -> int:
-    """`pertvl pack`: see `pack`."""
-    result = pack(
-        args.pairs,
-        args.perturbations,
-        args.out,
-        images_root=args.images_root,
-        image_size=args.image_size,
-        maxcount=args.maxcount,
-        workers=args.workers,
-        command=command_of(args),
-        part=args.part,
-        counterfactuals_path=getattr(args, "counterfactuals", None),
-    )
+    """`pertvl pack`: see `pack`. One writer per output folder (per part with --part)."""
+    lock = LOCK_NAME if args.part is None else f".pertvl.part-{args.part[0]}-of-{args.part[1]}.lock"
+    with lock_folder(args.out, " ".join(command_of(args)), name=lock):
+        result = pack(
+            args.pairs,
+            args.perturbations,
+            args.out,
+            images_root=args.images_root,
+            image_size=args.image_size,
+            maxcount=args.maxcount,
+            workers=args.workers,
+            command=command_of(args),
+            part=args.part,
+            counterfactuals_path=getattr(args, "counterfactuals", None),
+        )
     m = result.manifest
     counts = ", ".join(
         f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in m["splits"].items()

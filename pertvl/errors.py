@@ -1,0 +1,32 @@
+"""User errors: bad input or a refused request, reported as one line without a traceback.
+
+`pertvl.cli.main` turns a UserError into `pertvl: error: MESSAGE` on stderr and the error's
+`exit_code` (2, argparse's code for a usage error); `--debug` or PERTVL_DEBUG=1 shows the
+traceback too. Anything else is an internal error and keeps its traceback. Raise a UserError
+where input enters (a config key, a path, a checkpoint, an image, a shard, a held lock), with a
+message that names the thing and the fix.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix (the message says how); the CLI exits with `exit_code`."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(UserError, KeyError, TypeError, ValueError):
+    """A config file or override that cannot be used: an unknown key (a KeyError for callers that
+    catch those), a value of the wrong type (TypeError) or an unreadable file (ValueError)."""
+
+
+class DamagedDataError(UserError):
+    """A shard whose size, checksum or contents do not match its manifest (names shard and sample)."""
+
+
+class NotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (or lacks what the command needs)."""
