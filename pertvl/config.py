@@ -105,11 +105,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.eval_every < 0:
-            raise ValueError(f"train.eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
+            raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
         if self.eval_split not in ("train", "val", "test"):
-            raise ValueError(f"train.eval_split must be train, val or test, got {self.eval_split!r}")
+            raise ConfigError(f"train.eval_split must be train, val or test, got {self.eval_split!r}")
         if self.eval_limit is not None and self.eval_limit < 1:
-            raise ValueError(f"train.eval_limit must be >= 1 or null, got {self.eval_limit}")
+            raise ConfigError(f"train.eval_limit must be >= 1 or null, got {self.eval_limit}")
 
 
 @dataclass

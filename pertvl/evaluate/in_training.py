@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pertvl.config import RunConfig
+from pertvl.errors import ConfigError
 
 if TYPE_CHECKING:
     from pertvl.files import FolderLock
@@ -46,9 +47,9 @@ def check_tasks(tasks: list[str]) -> None:
     known = eval_task_names()
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"train.eval_tasks: unknown evaluation(s) {unknown}; choose from {', '.join(known)}")
+        raise ConfigError(f"train.eval_tasks: unknown evaluation(s) {unknown}; choose from {', '.join(known)}")
     if len(set(tasks)) != len(tasks) or not tasks:
-        raise ValueError(f"train.eval_tasks must name each evaluation once, got {tasks}")
+        raise ConfigError(f"train.eval_tasks must name each evaluation once, got {tasks}")
 
 
 def task_options(name: str, shards: str, split: str, limit: int | None, batch_size: int) -> argparse.Namespace:
@@ -88,7 +89,7 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
     # Data an evaluation lacks (a split, twin shards without it) fails now, not an hour into the run.
     for name in train.eval_tasks:
         if next(iter(task_data(name, task_options(name, shards, split, 1, batch_size), 1)), None) is None:
-            raise ValueError(f"train.eval_tasks: {name} finds no {split!r} samples in {shards} (train.eval_split)")
+            raise ConfigError(f"train.eval_tasks: {name} finds no {split!r} samples in {shards} (train.eval_split)")
 
     def evaluate(model: Any, step: int) -> dict[str, Any]:
         encoder = TorchEncoder(model, device=next(model.parameters()).device, batch_size=batch_size)
