@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 
+from pertvl.data.phantom.twins import EDITS as TWIN_EDITS
 from pertvl.pipeline import Stage, StageError, StageRunner, cli, launch_train
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,9 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
     lines = ["# pertvl demo report", "",
              f"Corpus: {corpus} (synthetic phantoms; see {corpus / 'preview.png'})  ",
              f"Run: {run} · ONNX export: {export} (its MODEL_CARD.md)", ""]
-    try:  # the same lines `pertvl demo` prints at the end
+    try:  # the same lines `pertvl demo` prints at the end go under "Results in full"
         headline = _headline(evals)
-        lines += ["## Headline", "", *[f"- {line}" for line in headline], ""]
+        lines += ["## Headline", "", *[f"- {line}" for line in _short_headline(evals)], ""]
     except (OSError, KeyError, TypeError, ValueError) as e:
         headline = []
         lines += ["## Headline", "", f"- (no headline numbers: {e})", ""]
@@ -152,7 +153,9 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
                   "outputs); white: the finding's true outline from the phantom's recipe.", ""]
         for png, caption in maps:
             lines += [f"![{png.stem}]({os.path.relpath(png, report)})", "", f"*{caption}*", ""]
-    lines += ["## Results in full", "", *report_sections(evals, "onnxruntime"), "## Weights & Biases", ""]
+    lines += ["## Results in full", "", "### Each evaluation's headline", "",
+              *[f"- {line}" for line in headline], "", *report_sections(evals, "onnxruntime"),
+              "## Weights & Biases", ""]
     wandb_runs = sorted((run / "wandb").glob("offline-run-*")) if (run / "wandb").is_dir() else []
     if wandb_runs:
         lines += [f"- offline run: {w} (upload with `wandb sync {w}`)" for w in wandb_runs]
@@ -190,6 +193,41 @@ def _demoted(markdown: Path, levels: int = 1, folder: str = "") -> str:
         text = text[1:]
     out = "\n".join("#" * levels + line if line.startswith("#") else line for line in text).strip("\n")
     return re.sub(r"!\[([^\]]*)\]\((?![a-z]+:|/)([^)]+)\)", rf"![\1]({folder}/\2)", out) if folder else out
+
+
+def _short_headline(evals: Path) -> list[str]:
+    """At most four short lines, each number beside its control: the twin test's group score (chance
+    16.7 %), structure with the own and a wrong image and the counterfactual margin, retrieval and
+    zero-shot beside chance, the pointing game beside chance."""
+    from pertvl.evaluate.catalog import demo_evaluations, result_from_json
+
+    results = {e.key: result_from_json(json.loads((evals / f"{e.key}.json").read_text()))
+               for e in demo_evaluations() if (evals / f"{e.key}.json").is_file()}
+    m: dict[str, float | None] = {k: v for r in results.values() for k, v in r.metrics().items()}
+
+    def p(key: str) -> str:
+        return "n/a" if m.get(key) is None else f"{100 * m[key]:.1f} %"
+
+    def pts(key: str) -> str:
+        lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        return "n/a" if m.get(key) is None else f"{100 * m[key]:+.1f} pts" + (
+            "" if lo is None or hi is None else f" [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+
+    lines = []
+    if "twins" in results:
+        per = ", ".join(f"{e} {p(f'twins/global/{e}/group')}" for e in TWIN_EDITS if f"twins/global/{e}/group" in m)
+        lines.append(f"twin test, group score {p('twins/global/group')} (chance 16.7 %); per edit: {per}")
+    if "structure" in results:
+        lines.append(f"structure (Table IV): own image {p('structure/overall')}, wrong image "
+                     f"{p('structure/wrong_image')}; counterfactuals, own − wrong image: {pts('structure/grounded_margin')}")
+    if "retrieval" in results:
+        chance = min(1.0, 10 / max(1, results["retrieval"].texts))
+        auroc = m.get("zeroshot/mean_auroc")
+        lines.append(f"image→report R@10 {p('retrieval/image_to_text/R@10')} (chance {100 * chance:.1f} %)"
+                     + ("" if auroc is None else f"; zero-shot AUROC {auroc:.3f} (chance 0.5)"))
+    if "grounding" in results:
+        lines.append(f"pointing game {p('grounding/pointing')} (chance {p('grounding/pointing_chance')})")
+    return lines
 
 
 def _headline(evals: Path) -> list[str]:

@@ -56,8 +56,13 @@ def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
                     "Retrieval", "Zero-shot", "Grounding of the local branch", "Twin phantoms", "Training",
                     "Weights & Biases"):
         assert heading in text
-    assert "image-grounding margin" in text.split("## Clinical")[0]  # in the headline section
-    assert "grounded structure" in text.split("## Clinical")[0] and "Grounded structure: original vs" in text
+    head = text.split("## Headline")[1].split("## Figures")[0]
+    bullets = [line for line in head.splitlines() if line.startswith("- ")]
+    assert 1 <= len(bullets) <= 5 and all(len(b) <= 160 for b in bullets), bullets  # short lines
+    assert "twin test, group score" in head and "wrong image" in head and head.count("chance") >= 3
+    full = text.split("## Results in full")[1].split("## Clinical")[0]  # each evaluation's full headline line
+    assert "image-grounding margin" in full and "grounded structure" in full
+    assert "Grounded structure: original vs" in text
     grounding = json.loads((report / "eval" / "grounding.json").read_text())
     assert grounding["overall"]["items"] > 0 and not grounding["skipped"].get("not_a_phantom")
     structure = json.loads((report / "eval" / "structure.json").read_text())
