@@ -380,7 +380,7 @@ def _without_noun(s: ReportSentence, t: str) -> ReportSentence | None:
 # What the generator writes: sentence banks sampled from compose_report itself
 # ----------------------------------------------------------------------------------------------
 
-_BANK_SEED = 13  # issue 13; any fixed value: the banks must not depend on the caller's seed
+_BANK_SEED = 13  # any fixed value: the banks must not depend on the caller's seed
 _BANK_DRAWS = 48
 
 
@@ -973,7 +973,7 @@ def _text_results(text: str) -> dict[str, str | Reason]:
 
 
 def text_counterfactuals(text: str) -> dict[str, str]:
-    """`cf_laterality` and `cf_negation` of a real report, from its words alone (issue 13, §2).
+    """`cf_laterality` and `cf_negation` of a real report, from its words alone.
 
     The text is the report as written (sentences end in '.', '!' or '?'); the results are
     written the same way (apply pertvl.data.text.clean_text before encoding them). Rules:
