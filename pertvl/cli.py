@@ -55,7 +55,7 @@ def with_out_lock(handler: Callable[[argparse.Namespace], int], beside: bool = F
 
         out = Path(args.out)
         folder, name = (out.parent, f".{out.name}.lock") if beside else (out, LOCK_NAME)
-        with lock_folder(folder, " ".join(["pertvl", *sys.argv[1:]]), name=name):
+        with lock_folder(folder, " ".join(["pertvl", *sys.argv[1:]]), name=name, remove=beside):
             return handler(args)
 
     locked.__name__ = getattr(handler, "__name__", "handler")

@@ -116,13 +116,15 @@ class FolderLock:
     `lock_folder`; `release()` (or the end of the process) gives the folder up.
     """
 
-    def __init__(self, path: Path, fd: int):
-        self.path, self._fd = path, fd
+    def __init__(self, path: Path, fd: int, remove: bool = False):
+        self.path, self._fd, self._remove = path, fd, remove
 
     def release(self) -> None:
         if self._fd is not None:
             import fcntl
 
+            if self._remove:  # unlinked while still held: a writer that opened it before re-checks the inode
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -134,9 +136,10 @@ class FolderLock:
         self.release()
 
 
-def lock_folder(folder: str | os.PathLike, command: str, name: str = LOCK_NAME) -> FolderLock:
+def lock_folder(folder: str | os.PathLike, command: str, name: str = LOCK_NAME, remove: bool = False) -> FolderLock:
     """Take the exclusive write lock of `folder` (created if missing) for `command`; `name` is the
-    lock file (writers of disjoint parts of one folder lock one file each).
+    lock file (writers of disjoint parts of one folder lock one file each); `remove`: the lock file
+    is deleted on release (a lock beside a folder, which must not leave a file in its parent).
 
     Raises:
         pertvl.errors.UserError: another live process holds it (named by host, pid and command).
@@ -149,16 +152,23 @@ def lock_folder(folder: str | os.PathLike, command: str, name: str = LOCK_NAME) 
 
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"{folder} is in use by {holder}; wait for it to finish, stop it, or choose another output folder"
+            ) from None
+        try:  # the file we locked is still the one under `path` (a removing holder may have unlinked it)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise UserError(
-            f"{folder} is in use by {holder}; wait for it to finish, stop it, or choose another output folder"
-        ) from None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {stamp}: {command}\n".encode(), 0)
-    return FolderLock(path, fd)
+    return FolderLock(path, fd, remove=remove)

@@ -97,6 +97,24 @@ def _gone(tag: str) -> tuple[list[int], float]:
 # ------------------------------------------------------------------------------ one writer per folder
 
 
+def test_a_removed_lock_leaves_no_file_and_stays_exclusive(tmp_path: Path) -> None:
+    """A lock beside a folder (export's) is deleted on release; a writer that opened the old file
+    before it was unlinked does not count as holding the new one (the inode is re-checked)."""
+    import fcntl
+
+    lock = lock_folder(tmp_path, "export", name=".x.lock", remove=True)
+    stale = os.open(tmp_path / ".x.lock", os.O_RDWR)  # opened while held, locked after the unlink
+    lock.release()
+    assert not (tmp_path / ".x.lock").exists()
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds on the unlinked inode ...
+    with lock_folder(tmp_path, "next", name=".x.lock", remove=True):  # ... which guards nothing now
+        assert (tmp_path / ".x.lock").read_text().endswith(": next\n")
+        with pytest.raises(UserError, match=": next"):
+            lock_folder(tmp_path, "third", name=".x.lock")
+    os.close(stale)
+    assert not (tmp_path / ".x.lock").exists()
+
+
 def test_folder_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
     with lock_folder(tmp_path / "run", "pertvl train --out run"):
         with pytest.raises(UserError, match=rf"run is in use by pid {os.getpid()} on host .*: pertvl train --out run; "):

@@ -19,15 +19,13 @@ import contextlib
 import io
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pertvl.config import RunConfig
 from pertvl.errors import ConfigError
-
-if TYPE_CHECKING:
-    from pertvl.files import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +108,19 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
     return evaluate
 
 
-def train_cli_main(args: argparse.Namespace, lock: FolderLock | None = None) -> int:
-    """`pertvl train`: the engine's cli_main with train.eval_every's evaluation (`lock`: the run
-    folder's, taken by pertvl.train.cli on rank 0)."""
+def train_cli_main(args: argparse.Namespace) -> int:
+    """`pertvl train`: the config checked, the run folder locked on rank 0 (a second writer of the
+    same folder is refused in about a second, before torch and DeepSpeed load), then the engine's
+    cli_main with train.eval_every's evaluation."""
+    from pertvl.config import load_config
+    from pertvl.files import lock_folder
+    from pertvl.train.launch import detect_dist_env
+
+    local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
+    cfg = load_config(args.config, args.overrides)  # a bad key or value: refused before anything starts
+    lock = None
+    if detect_dist_env(argv_local_rank=local_rank).rank == 0:
+        lock = lock_folder(args.out or cfg["train"]["out"], " ".join(["pertvl", *sys.argv[1:]]))
     from pertvl.train.engine import cli_main
 
     return cli_main(args, make_evaluator=make_evaluator, lock=lock)

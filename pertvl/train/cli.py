@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pertvl.cli import positive_int
+from pertvl.cli import lazy_handler, positive_int
 
-
-def _train(args: argparse.Namespace) -> int:
-    """Lock the run folder (rank 0), then import the engine: a second writer of the same folder is
-    refused in about a second, before torch and DeepSpeed load."""
-    from pertvl.config import load_config
-    from pertvl.files import lock_folder
-    from pertvl.train.launch import detect_dist_env
-
-    local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
-    cfg = load_config(args.config, args.overrides)  # a bad key or value: refused before anything starts
-    lock = None
-    if detect_dist_env(argv_local_rank=local_rank).rank == 0:
-        lock = lock_folder(args.out or cfg["train"]["out"], " ".join(["pertvl", *sys.argv[1:]]))
-    # Through the evaluation layer, which hands train.eval_every's evaluation to the engine.
-    from pertvl.evaluate.in_training import train_cli_main
-
-    return train_cli_main(args, lock=lock)
+# Through the evaluation layer (by name: train/ does not import evaluate/), which takes the run
+# folder's lock on rank 0 and hands train.eval_every's evaluation to the engine (pertvl.train.engine).
+_train = lazy_handler("pertvl.evaluate.in_training", "train_cli_main")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
