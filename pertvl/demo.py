@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from pertvl.data.phantom.twins import EDITS as TWIN_EDITS
 from pertvl.pipeline import Stage, StageError, StageRunner, cli, launch_train
@@ -137,8 +138,9 @@ def write_report(run: Path, export: Path, report: Path, corpus: Path) -> None:
              f"Corpus: {corpus} (synthetic phantoms; see {corpus / 'preview.png'})  ",
              f"Run: {run} · ONNX export: {export} (its MODEL_CARD.md)", ""]
     try:  # the same lines `pertvl demo` prints at the end go under "Results in full"
-        headline = _headline(evals)
-        lines += ["## Headline", "", *[f"- {line}" for line in _short_headline(evals)], ""]
+        results = _results(evals)
+        headline = [r.headline() for r in results.values()]
+        lines += ["## Headline", "", *[f"- {line}" for line in _short_headline(results)], ""]
     except (OSError, KeyError, TypeError, ValueError) as e:
         headline = []
         lines += ["## Headline", "", f"- (no headline numbers: {e})", ""]
@@ -195,15 +197,11 @@ def _demoted(markdown: Path, levels: int = 1, folder: str = "") -> str:
     return re.sub(r"!\[([^\]]*)\]\((?![a-z]+:|/)([^)]+)\)", rf"![\1]({folder}/\2)", out) if folder else out
 
 
-def _short_headline(evals: Path) -> list[str]:
+def _short_headline(results: dict[str, Any]) -> list[str]:
     """At most four short lines, each number beside its control: the twin test's group score (chance
     16.7 %), structure with the own and a wrong image, retrieval and zero-shot beside chance, the
     pointing game beside chance. The counterfactual test needs its empirical null and text prior
     beside it: it stays in the full lines."""
-    from pertvl.evaluate.catalog import demo_evaluations, result_from_json
-
-    results = {e.key: result_from_json(json.loads((evals / f"{e.key}.json").read_text()))
-               for e in demo_evaluations() if (evals / f"{e.key}.json").is_file()}
     m: dict[str, float | None] = {k: v for r in results.values() for k, v in r.metrics().items()}
 
     def p(key: str) -> str:
@@ -231,12 +229,16 @@ def _short_headline(evals: Path) -> list[str]:
     return lines
 
 
-def _headline(evals: Path) -> list[str]:
-    """The numbers worth printing at the end of the main job: each demo evaluation's headline."""
+def _results(evals: Path) -> dict[str, Any]:
+    """Each demo evaluation's result, read from EVAL/KEY.json (raises OSError when one is missing)."""
     from pertvl.evaluate.catalog import demo_evaluations, result_from_json
 
-    return [result_from_json(json.loads((evals / f"{e.key}.json").read_text())).headline()
-            for e in demo_evaluations()]
+    return {e.key: result_from_json(json.loads((evals / f"{e.key}.json").read_text())) for e in demo_evaluations()}
+
+
+def _headline(evals: Path) -> list[str]:
+    """The numbers worth printing at the end of the main job: each demo evaluation's headline."""
+    return [r.headline() for r in _results(evals).values()]
 
 
 def cli_main(args: argparse.Namespace) -> int:
