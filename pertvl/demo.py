@@ -26,6 +26,22 @@ from pertvl.pipeline import Stage, StageError, StageRunner, cli, launch_train
 log = logging.getLogger(__name__)
 
 
+# The two budgets of the main job. "short" shows the pipeline in minutes, before the model is grounded;
+# "long" is the learning curve's run (docs/results/learning-curve: same corpus seed, configuration and
+# steps), where the twin test's laterality score rises far above chance.
+BUDGETS = {
+    "short": {"n": 1000, "max_steps": None, "run": "runs/demo", "shards": "shards/demo", "export": "export/demo"},
+    "long": {"n": 5000, "max_steps": 1000, "run": "runs/demo-long", "shards": "shards/demo-long",
+             "export": "export/demo-long"},
+}
+
+
+def with_budget(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every option the user left out taken from its budget (--long or the short one)."""
+    budget = BUDGETS["long" if getattr(args, "long", False) else "short"]
+    return argparse.Namespace(**{**budget, **{k: v for k, v in vars(args).items() if v is not None}})
+
+
 def build_stages(args: argparse.Namespace) -> list[Stage]:
     run = Path(args.run)
     corpus = run / "corpus"
@@ -244,6 +260,7 @@ def _headline(evals: Path) -> list[str]:
 def cli_main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
+    args = with_budget(args)
     runner = StageRunner(Path(args.run) / ".stages", force=args.force)
     try:
         runner.run_all(build_stages(args))

@@ -38,6 +38,24 @@ def test_stage_runner_skips_complete_stages_and_reruns_changed_ones(tmp_path):
         runner.run(Stage("lazy", [tmp_path / "never"], lambda: None), 1, 1)
 
 
+def test_demo_long_budget_fills_only_what_the_user_left_out():
+    from pertvl.cli import build_parser
+    from pertvl.demo import build_stages, with_budget
+
+    def stages(*argv):
+        args = with_budget(build_parser().parse_args(["demo", *argv]))
+        return args, {s.name: s for s in build_stages(args)}
+
+    args, st = stages("--long")
+    assert (args.n, args.max_steps, args.run, args.shards) == (5000, 1000, "runs/demo-long", "shards/demo-long")
+    assert st["phantoms"].params["n"] == 5000 and st["train"].params["args"][-2:] == ["--max-steps", "1000"]
+    args, st = stages("--long", "--n", "300", "--run", "elsewhere")
+    assert (args.n, args.max_steps, args.run, args.export) == (300, 1000, "elsewhere", "export/demo-long")
+    args, st = stages()
+    assert (args.n, args.max_steps, args.run) == (1000, None, "runs/demo")
+    assert "--max-steps" not in st["train"].params["args"]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # configs/ and ds_configs/ are resolved like a user's `make demo`
