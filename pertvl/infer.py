@@ -1,23 +1,9 @@
 """Inference on an ONNX export with onnxruntime: embeddings, similarity, word→region attention.
 
-`Embedder.from_export(DIR)` loads an export folder written by `pertvl export`
-(pertvl.export describes the format): it checks the sha256 of every file against
-pertvl_export.json and that each ONNX file's metadata_props agree with it, then runs the two
-towers with onnxruntime. It implements the evaluation's `Encoder` protocol
-(pertvl.evaluate.encoder: `embed_images`, `embed_texts`), so every evaluation runs on an export.
-
-This module imports numpy, onnxruntime, tokenizers and PIL only — never torch, transformers'
-models, matplotlib nor any evaluation module — so an export can be served where torch is not
-installed (tests/test_architecture.py checks it in a fresh process).
-
-Texts are cleaned with the export's own cleaning rule (pertvl.data.text.clean_text with the
-recorded max_words/drop_deid; cleaning a cleaned text changes nothing) and tokenized with
-pertvl.data.tokenize.encode_texts, exactly as in training. Image files are read by the pixel
-rule of the shards (pertvl.data.image: grayscale, shorter side resized, center crop) and scaled
-to [0, 1]; the intensity normalization of the image model lives inside the graph.
-
-Files, pictures and the `pertvl embed` / `pertvl similarity` commands are pertvl.evaluate.embed;
-onnxruntime sessions are pertvl.export.runtime.
+`Embedder.from_export(DIR)` checks every file of an export folder (pertvl.export describes the
+format) against pertvl_export.json, then runs the two towers; it is the evaluation's `Encoder`.
+Texts are cleaned and tokenized, images read, exactly as in training. This module never imports
+torch, matplotlib nor an evaluation module (tests/test_architecture.py checks it).
 """
 
 from __future__ import annotations
@@ -27,7 +13,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -42,7 +27,6 @@ from pertvl.export import (
     TEXT_INPUTS,
     TEXT_OUTPUTS,
     ExportFormatError,
-    decode_metadata,
     metadata_differences,
     read_manifest,
     tower_metadata,
@@ -52,28 +36,13 @@ from pertvl.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Embedder",
-    "ExportFormatError",
-    "ImageFeatures",
-    "TextFeatures",
-    "attention_maps",
-    "local_scores",
-]
-
 
 # ----------------------------------------------------------------------------------------------
 # outputs
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ImageFeatures:
-    """Image tower outputs.
-
-    Attributes:
-        emb: [N, D] L2-normalized global embeddings.
-        regions: [N, M, Dl] projected region features (M = h·w, row-major over the grid).
-        grid: (h, w) of the region grid.
-    """
+    """Image tower outputs: L2-normalized emb [N, D], regions [N, M, Dl] (M = h·w, row-major)."""
 
     emb: np.ndarray
     regions: np.ndarray
@@ -82,16 +51,8 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    """Text tower outputs.
-
-    Attributes:
-        emb: [N, D] L2-normalized global embeddings.
-        words: [N, W, Dl] projected word features (word pieces averaged per word), zero-padded.
-        word_mask: [N, W] bool, True for real words.
-        texts: the cleaned texts that were embedded.
-        word_lists: the words of each cleaned text that the model saw (after max_length truncation),
-            aligned with the True entries of `word_mask`.
-    """
+    """Text tower outputs: L2-normalized emb [N, D], words [N, W, Dl] (zero-padded) and word_mask
+    [N, W]; `word_lists`: the words of each cleaned text the model saw, aligned with the mask."""
 
     emb: np.ndarray
     words: np.ndarray
@@ -120,18 +81,9 @@ def attention_maps(
 
         P_mw = r_m · x_w,   A1 = softmax over the report's words (P),   a_wm = softmax over regions (γ1·A1)
 
-    — the same as pertvl.losses.local_attention_maps, in numpy (float64 inside).
-
-    Args:
-        image_regions: [M, Dl] region features of one image (ImageFeatures.regions[i]).
-        grid: (h, w) with h·w = M.
-        words: [W, Dl] word features of one report (TextFeatures.words[j]).
-        word_mask: [W] bool, True for real words; None = all words are real.
-        gamma1: GLoRIA's region temperature γ1.
-    Returns:
-        [n, h, w] float32 for the n real words (in order): each map sums to 1 over the grid.
-    Raises:
-        ValueError: on inconsistent shapes or a report without words.
+    pertvl.losses.local_attention_maps in numpy (float64 inside). image_regions [M, Dl] with
+    grid (h, w); words [W, Dl] (word_mask [W], None: all real) -> [n, h, w] float32 for the n real
+    words, each summing to 1. ValueError on inconsistent shapes or a report without words.
     """
     regions = np.asarray(image_regions, dtype=np.float64)
     words = np.asarray(words, dtype=np.float64)
@@ -172,19 +124,8 @@ def local_scores(
         a_wm = softmax_m(γ1 · softmax_w'(r_m · x_w')_w),   c_w = Σ_m a_wm r_m,
         S    = log Σ_w exp(γ2 · cos(x_w, c_w))              ("mean": log mean_w)
 
-    — the diagonal of pertvl.losses.local_similarity (what the local loss trains), in numpy with
-    float64 inside, so the evaluations score candidates by it without torch.
-
-    Args:
-        regions: [N, M, Dl] region features (ImageFeatures.regions rows; a row may repeat an image).
-        words: [N, W, Dl] word features of the N reports (TextFeatures.words rows).
-        word_mask: [N, W] bool, True for real words.
-        gamma1, gamma2: GLoRIA's temperatures (the loss defaults 4, 5).
-        aggregation: "sum" (GLoRIA's and the loss's default) or "mean".
-    Returns:
-        [N] float64; -inf for a report without words.
-    Raises:
-        ValueError: on inconsistent shapes or an unknown aggregation.
+    The diagonal of pertvl.losses.local_similarity in numpy (float64 inside): regions [N, M, Dl],
+    words [N, W, Dl], word_mask [N, W] -> [N] float64, -inf for a report without words.
     """
     r = np.asarray(regions, dtype=np.float64)
     x = np.asarray(words, dtype=np.float64)
@@ -216,18 +157,7 @@ def local_scores(
 # the Embedder
 # ----------------------------------------------------------------------------------------------
 class Embedder:
-    """Image and report embeddings from an ONNX export (the evaluation `Encoder` protocol).
-
-    Use `Embedder.from_export(DIR)`; the constructor takes already-verified parts.
-
-    Args:
-        export_dir: the export folder.
-        manifest: its parsed pertvl_export.json.
-        image_session / text_session: onnxruntime InferenceSessions of the two towers.
-        tokenizer: the export's `tokenizers.Tokenizer`.
-        variant: "fp32" or "int8".
-        batch_size: images / texts per onnxruntime call.
-    """
+    """Image and report embeddings from an ONNX export; load with `Embedder.from_export(DIR)`."""
 
     def __init__(self, export_dir, manifest: dict, image_session, text_session, tokenizer,
                  variant: str = "fp32", batch_size: int = 32):
@@ -255,19 +185,10 @@ class Embedder:
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike, providers: Sequence[str] | None = None,
                     int8: bool = False, batch_size: int = 32, threads: int | None = None) -> Embedder:
-        """Verify and load an export folder.
-
-        Args:
-            export_dir: folder written by `pertvl export`.
-            providers: onnxruntime execution providers (default: CUDA if available, then CPU).
-            int8: load the dynamically quantized towers (export made with --quantize int8).
-            batch_size: images / texts per onnxruntime call.
-            threads: intra-op threads (default: physical cores).
-        Raises:
-            FileNotFoundError: a file of the export is missing.
-            ExportFormatError: a file's sha256 or ONNX metadata differs from the manifest (the
-                message names the file and what differs), or the graph's inputs/outputs are not
-                the format's.
+        """Verify and load an export folder (`int8`: the quantized towers; providers default to CUDA
+        when available, then CPU; threads to the physical cores). FileNotFoundError for a missing
+        file; ExportFormatError naming the file when its sha256, ONNX metadata or graph inputs and
+        outputs differ from the manifest.
         """
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)
@@ -286,39 +207,10 @@ class Embedder:
         tokenizer = load_tokenizer(export_dir)
         return cls(export_dir, manifest, sessions["image"], sessions["text"], tokenizer, variant, batch_size)
 
-    def metadata(self, tower: str) -> dict[str, Any]:
-        """The decoded pertvl metadata_props of a tower's loaded ONNX model."""
-        session = {"image": self.image_session, "text": self.text_session}[tower]
-        return decode_metadata(session.get_modelmeta().custom_metadata_map)
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """What this Embedder serves: the export facts, the variant and the providers."""
-        return {
-            "export_dir": str(self.export_dir),
-            "export_id": self.manifest["export_id"],
-            "variant": self.variant,
-            "providers": list(self.image_session.get_providers()),
-            "embedding_dim": self.embedding_dim,
-            "local_dim": self.local_dim,
-            "image_size": self.image_size,
-            "grid": list(self.grid),
-            "max_length": self.max_length,
-            "cleaning": dict(self.manifest["text"]["cleaning"]),
-            "metadata": {"image": self.metadata("image"), "text": self.metadata("text")},
-        }
-
     # -- images ------------------------------------------------------------------------------------
     def load_images(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
-        """Read image files as the export expects them: [N, 1, S, S] float32 in [0, 1].
-
-        Grayscale (16-bit/float images min-max scaled to 8 bit), shorter side resized to S
-        (bilinear), center crop S × S, /255 — the preprocessing of `pertvl pack`.
-
-        Raises:
-            FileNotFoundError: naming a missing file.
-            pertvl.data.image.ImageReadError (a ValueError): naming a file that cannot be decoded.
-        """
+        """Image files as the export expects them, [N, 1, S, S] float32 in [0, 1], read by the
+        preprocessing of `pertvl pack` (FileNotFoundError, or ImageReadError naming the file)."""
         out = np.empty((len(paths), 1, self.image_size, self.image_size), dtype=np.float32)
         for i, path in enumerate(paths):
             out[i, 0] = read_image(path, self.image_size).astype(np.float32) / 255.0
@@ -371,7 +263,7 @@ class Embedder:
         return [clean_text(t, max_words=self.max_words, drop_deid=self.drop_deid) for t in texts]
 
     def _run_texts(self, cleaned: list[str], outputs: Sequence[str]):
-        """Yield (indices into `cleaned`, Encoded, onnxruntime outputs) per batch of similar-length texts."""
+        """(indices into `cleaned`, Encoded, onnxruntime outputs) per batch of similar-length texts."""
         order = np.argsort([len(t.split()) for t in cleaned], kind="stable")
         for start in range(0, len(cleaned), self.batch_size):
             idx = order[start : start + self.batch_size]

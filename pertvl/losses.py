@@ -2,35 +2,13 @@
 
     L = L_global + α·L_local + β·L_pert            (paper Eq. 1–3; α = β = 0.1, τ = 0.07)
 
-How each contrastive loss combines its two directions (image→text, text→image) is explicit
-(`LossConfig.global_reduction` / `local_reduction`, "mean" or "sum"):
-* L_global (§III-B 1): the paper calls it "a symmetric cross-entropy loss [3]" (CLIP) and prints
-  one direction's term, −log exp(e_ij·e_tj/τ) / Σ_k exp(e_ik·e_tj/τ) (text j against all images);
-  CLIP's reference averages the two directions, so the paper's L_global is the MEAN (default).
-* L_local (§III-B 2): "Addition of the symmetrical cross-entropy loss for Image-Text and Text-Image
-  matching becomes the final contrastive loss", as GLoRIA does (l_loss0 + l_loss1): the SUM
-  (default); with "mean", α = 0.1 acts as 0.05 (configs/demo.yaml pins "mean", the setting it
-  was tuned at).
-
-* `global_contrastive_loss`  — L_global (§III-B 1): symmetric InfoNCE between the global image and
-  report embeddings of the batch; across ranks the features are gathered *with gradient*
-  (open_clip's gather_with_grad + local-loss pattern), so N ranks × batch b equal one process with
-  batch N·b.
-* `local_attentive_loss`     — L_local (§III-B 2): GLoRIA's word→region attentive loss, computed for
-  the whole B×B image×report matrix at once by a chunked autograd Function (see `_LocalSimilarity`)
-  instead of GLoRIA's Python loop over captions; same values, ~3× faster, less memory. The paper
-  cites GLoRIA for L_local but prints other equations (one softmax, logits S/τ): those are
-  `loss.local_form: printed` (`printed_local_similarity`); GLoRIA's form is the default.
-* `perturbation_loss`        — L_pert (§III-B 3): each image must prefer its original report over the
-  report's (valid) perturbations.
-* `LossConfig` / `PretrainLoss` — the weighted sum of named terms (the table `LOSS_TERMS`: global,
-  local, pert), with presets that name the paper's ablations (the table `LOSS_PRESETS`). The engine
-  logs every term as `loss/{name}` without knowing the names.
-
-All losses are computed in float32 (inputs are upcast and autocast is disabled) so that bf16/fp16
-engines get the same numbers as fp32 ones. Inputs are the model's outputs, shaped by construction:
-the functions check their option values (reduction, aggregation), not the tensors; LossConfig
-validates the options once, where the config enters.
+Each contrastive loss combines its image→text and text→image cross-entropies by a "mean" or a
+"sum" (`LossConfig.global_reduction` / `local_reduction`): the paper calls L_global "a symmetric
+cross-entropy loss [3]" (CLIP, which averages: "mean") and L_local the "Addition" of both
+directions (GLoRIA's l_loss0 + l_loss1: "sum"). L_local is GLoRIA's word→region loss computed for
+the whole B×B matrix at once (`_LocalSimilarity`); `loss.local_form: printed` is the paper's
+printed equations instead. All losses are computed in float32 (inputs upcast, autocast off), so
+bf16/fp16 engines get the numbers of fp32 ones; LossConfig validates the options once.
 """
 
 from __future__ import annotations
@@ -46,28 +24,12 @@ from torch.autograd.function import once_differentiable
 if TYPE_CHECKING:
     from pertvl.model.dual import DualOutput
 
-__all__ = [
-    "LOSS_PRESETS",
-    "LOSS_TERMS",
-    "LossConfig",
-    "LossOutput",
-    "LossTerm",
-    "PretrainLoss",
-    "global_contrastive_loss",
-    "local_attention_maps",
-    "local_attentive_loss",
-    "local_similarity",
-    "perturbation_loss",
-    "preset_label",
-    "printed_local_similarity",
-]
-
 _EPS = 1e-8  # GLoRIA's cosine_similarity clamps |a|·|b| at 1e-8
 REDUCTIONS = ("mean", "sum")  # how a contrastive loss combines its image→text and text→image terms
 
 
 def _check_reduction(fn: str, name: str, value: Any) -> float:
-    """The factor applied to CE(image→text) + CE(text→image): 0.5 for "mean", 1 for "sum"."""
+    """The factor on CE(image→text) + CE(text→image): 0.5 for "mean", 1 for "sum"."""
     if value not in REDUCTIONS:
         raise ValueError(f"{fn}: expected {name} 'mean' or 'sum' (of the image→text and text→image "
                          f"cross-entropies), got {value!r}")
@@ -75,14 +37,13 @@ def _check_reduction(fn: str, name: str, value: Any) -> float:
 
 
 def _temperature(temperature: float | torch.Tensor) -> float | torch.Tensor:
-    """A float, or a one-element tensor (a learnable temperature) as a float32 scalar."""
     if isinstance(temperature, torch.Tensor):
         return _upcast(temperature).reshape(())
     return float(temperature)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32 (losses are computed in fp32; fp64 stays fp64 for exact checks)."""
+    """fp16/bf16 -> fp32 (fp64 stays fp64 for exact checks)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -110,32 +71,14 @@ def global_contrastive_loss(
     world_size: int = 1,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """L_global (paper §III-B 1): symmetric InfoNCE over the batch on L2-normalized embeddings,
+    """L_global (paper §III-B 1): symmetric InfoNCE on L2-normalized [b, D] embeddings,
 
-        L = ½ [ CE_i(cos(v_i, t_j)/τ → j=i) + CE_i(cos(t_i, v_j)/τ → j=i) ]      ("mean", default)
-        L =     CE_i(cos(v_i, t_j)/τ → j=i) + CE_i(cos(t_i, v_j)/τ → j=i)        ("sum", GLoRIA's)
+        L = ½ [CE(cos(v_i, t_j)/τ → j=i) + CE(cos(t_i, v_j)/τ → j=i)]   ("mean", CLIP's; "sum": GLoRIA's)
 
-    The paper's equation for L_global prints the text→image term of pair j,
-    −log exp(e_ij·e_tj/τ) / [exp(e_ij·e_tj/τ) + Σ_{k≠j} exp(e_ik·e_tj/τ)], and calls the loss "a
-    symmetric cross-entropy loss [3]": CLIP [3] averages its two directions, so the paper's
-    L_global is the batch mean of that term and of its image→text mirror, averaged ("mean").
-    GLoRIA adds them (g_loss0 + g_loss1): "sum".
-
-    With `world_size` > 1 (torch.distributed initialized), each rank's features are gathered from
-    all ranks with gradient and this rank's rows are scored against the whole global batch, with
-    labels offset by rank·b (open_clip's local loss). The value returned is this rank's share of
-    the global loss: the mean over ranks equals the 1-process loss on the concatenated batch, and
-    after the usual DDP/DeepSpeed gradient averaging the gradients are equal too. Every rank must
-    hold the same local batch size b (pertvl's stream guarantees it).
-
-    Args:
-        image_emb: [b, D] global image embeddings (not necessarily normalized).
-        text_emb: [b, D] global report embeddings, row i paired with image i.
-        temperature: τ, a float or a one-element tensor (e.g. 1 / learnable logit scale).
-        rank, world_size: this process's rank and the number of ranks.
-        reduction: "mean" (the paper's, CLIP's) or "sum" (GLoRIA's) of the two directions.
-    Returns:
-        scalar float32 loss.
+    With `world_size` > 1 the features of all ranks are gathered with gradient and this rank's
+    rows are scored against the global batch (open_clip's local loss): the mean over ranks equals
+    the one-process loss on the concatenated batch. Every rank must hold the same b. `temperature`:
+    τ, a float or a one-element tensor. Returns a float32 scalar.
     """
     fn = "global_contrastive_loss"
     factor = _check_reduction(fn, "reduction", reduction)
@@ -158,18 +101,14 @@ def global_contrastive_loss(
 # L_local (GLoRIA), batched
 # ----------------------------------------------------------------------------------------------
 LOCAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # loss.local_dtype: the matmuls' input dtype
-# loss.local_form: how L_local reads the paper (docs/TRAINING.md "Loss definitions"). "gloria": the
-# reference it cites, GLoRIA [16] (softmax over words, then γ1-softmax over regions; S from γ2-scaled
-# cosines; logits γ3·S). "printed": the paper's equations as printed (one softmax over regions,
-# S from dot products, logits S/τ).
+# loss.local_form: "gloria" (the cited reference: softmax over words, then γ1-softmax over regions,
+# γ2-scaled cosines, logits γ3·S) or "printed" (the paper's equations: one softmax, logits S/τ).
 LOCAL_FORMS = ("gloria", "printed")
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
-    """a @ b; with `lp` (bf16) the inputs are rounded to it and the product is accumulated in fp32
-    (tensor cores on a GPU; oneDNN's bf16 GEMM on a CPU) and returned as fp32: on CUDA without
-    rounding the output (torch.mm's out_dtype), elsewhere rounded to bf16 first (no CPU kernel
-    writes fp32 from bf16 inputs), which tests/test_losses.py's tolerance covers."""
+    """a @ b; with `lp` (bf16) the inputs are rounded to it and the fp32 product returned (on CPU
+    the product is rounded to bf16 first: no CPU kernel writes fp32 from bf16 inputs)."""
     if lp is None:
         return a @ b
     a, b = a.to(lp), b.to(lp)
@@ -196,14 +135,9 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tens
 
 def _pair_terms(r: torch.Tensor, g: torch.Tensor, x: torch.Tensor, pad: torch.Tensor, gamma1: float,
                 lp: torch.dtype | None = None):
-    """Attention terms of images `r` [c, M, D] (Gram matrices g [c, M, M]) against ALL reports
-    x [B, W, D] (pad [B, W] True on padded words). Tensors are laid out [c, M, B, W]. `lp`: the
-    matmuls' input dtype (None: fp32); softmaxes and sums stay in fp32.
-
-    Returns P (word·region products), A1 (softmax over words), A (γ1-softmax over regions),
-    GA (= G·A, so that |context_w|² = Σ_m A·GA without building the contexts),
-    n = word·context [c, B, W], q = |context|² [c, B, W].
-    """
+    """Attention terms of images r [c, M, D] (Gram g [c, M, M]) against all reports x [B, W, D]
+    (pad True on padded words), laid out [c, M, B, W]: P (word·region), A1 (softmax over words),
+    A (γ1-softmax over regions), GA = G·A, n = word·context and q = |context|² [c, B, W]."""
     c, m, d = r.shape
     b, w, _ = x.shape
     p = _mm(r.reshape(c * m, d), x.reshape(b * w, d).T, lp).view(c, m, b, w)
@@ -222,13 +156,9 @@ def _chunk_images(b: int, m: int, w: int, max_elements: int) -> int:
 class _LocalSimilarity(torch.autograd.Function):
     """S[j, i] = log Σ_w exp(γ2·cos(word_iw, context_jiw)) for every image j and report i.
 
-    GLoRIA materializes the attention-weighted contexts [B, W, D] for every caption and takes
-    cosines; here the contexts never exist: word·context reuses the word·region products P that
-    the attention needs anyway, and |context|² comes from the images' Gram matrices RRᵀ (M×M,
-    cheaper than D when M < D). Forward and backward run over chunks of images so memory is
-    bounded by `max_elements` floats per [c, M, B, W] temporary, and nothing of size B²·M·W is kept
-    between forward and backward (the chunk is recomputed; the backward is written by hand).
-    `lp` (bf16 or None) is the input dtype of every matmul, forward and backward; the rest is fp32.
+    The contexts are never built: word·context reuses the products P, |context|² comes from the
+    Gram matrices RRᵀ. Forward and a hand-written backward run over chunks of images, at most
+    `max_elements` floats per [c, M, B, W] temporary; `lp` (bf16 or None) is the matmul input dtype.
     """
 
     @staticmethod
@@ -319,21 +249,10 @@ def local_similarity(
         c_w   = Σ_m a_wm r_m
         S     = log Σ_w exp(γ2 · cos(x_w, c_w))                  ("sum"; "mean": log mean_w exp)
 
-    Padded words take part in neither softmax nor the aggregation. A report with no words
-    gets S = -inf against every image.
-
-    Args:
-        region_feats: [B, M, D] region features of B images.
-        word_feats: [B, W, D] word features of B reports (padded).
-        word_mask: [B, W] bool, True on real words.
-        gamma1, gamma2: GLoRIA's temperatures (4, 5).
-        aggregation: "sum" or "mean" (GLoRIA's `agg`: log of the sum / mean of exp(γ2·cos)).
-        max_chunk_elements: floats per [c, M, B, W] temporary (bounds memory; see _LocalSimilarity).
-        matmul_dtype: "fp32" (default) or "bf16": the input dtype of the matmuls (forward and
-            backward; fp32 accumulation, fp32 softmaxes, sums and cosines). bf16 runs on tensor
-            cores; the result agrees with fp32 to bf16's 2^-8 relative precision (tested).
-    Returns:
-        [B_images, B_reports] float32 similarities.
+    region_feats [B, M, D], word_feats [B, W, D], word_mask [B, W] (True on real words) ->
+    [B_images, B_reports] float32. Padded words are out of both softmaxes and the aggregation; a
+    report with no words gets S = -inf. `matmul_dtype` "bf16": bf16 matmul inputs with fp32
+    accumulation (agrees with fp32 to 2^-8 relative); `max_chunk_elements` bounds memory.
     """
     fn = "local_similarity"
     if aggregation not in ("sum", "mean"):
@@ -365,10 +284,7 @@ def printed_local_similarity(
         c_w  = Σ_m a_wm r_m
         S    = log Σ_w exp(c_w · x_w)                     ("sum"; "mean": log mean_w exp)
 
-    No cosine and no γ: the printed equations have neither. Plain autograd over the whole
-    [B_images, B_reports, M, W] product (kept for the backward: ~3·B²·M·W floats), so it suits
-    the batch sizes of the paper and the demo, not a large one. Padded words are out of the sum;
-    a report with no words gets S = -inf against every image.
+    Plain autograd over [B, B, M, W] (~3·B²·M·W floats kept): for paper- and demo-sized batches.
     """
     fn = "printed_local_similarity"
     if aggregation not in ("sum", "mean"):
@@ -396,33 +312,11 @@ def local_attentive_loss(
     form: str = "gloria",
     temperature: float = 0.07,
 ) -> torch.Tensor:
-    """L_local (paper §III-B 2, GLoRIA's local loss): logits γ3·S(I_j, T_i) over all image×report
-    pairs of the batch (S from `local_similarity`), cross-entropy image→report and report→image
-    with the matching pair as target, combined by `reduction`:
-
-        L_local = CE(image→report) + CE(report→image)          ("sum", default: the paper, GLoRIA)
-        L_local = ½ [CE(image→report) + CE(report→image)]      ("mean")
-
-    The paper (§III-B 2, the L_local equation): "Addition of the symmetrical cross-entropy loss
-    for Image-Text and Text-Image matching becomes the final contrastive loss"; GLoRIA's
-    pretraining loss is local_loss_weight · (l_loss0 + l_loss1).
-
-    Equal to GLoRIA's `local_loss` (a Python loop over captions, gloria/loss/gloria_loss.py) up to
-    float rounding, with padded words masked instead of sliced. A report with no word is out of
-    every softmax (S = -inf) and its pair out of the mean, while its image stays a negative for the
-    other reports; with no word in the whole batch the loss is 0 (still connected to the graph).
-
-    Args:
-        region_feats: [B, M, D]; word_feats: [B, W, D]; word_mask: [B, W] bool (True = real word).
-        gamma1, gamma2, gamma3: GLoRIA's temperatures (4, 5, 10).
-        aggregation: "sum" (GLoRIA's default) or "mean" over words inside S (not the directions).
-        reduction: "sum" (the paper's, GLoRIA's) or "mean" of the two directions.
-        matmul_dtype: "fp32" (default) or "bf16" matmul inputs (see `local_similarity`).
-        form: "gloria" (default: S of `local_similarity`, logits γ3·S) or "printed" (S of
-            `printed_local_similarity`, logits S/τ; the γs and matmul_dtype do not apply).
-        temperature: τ of the printed form.
-    Returns:
-        scalar float32 loss.
+    """L_local (paper §III-B 2, GLoRIA's local_loss): cross-entropy image→report and report→image
+    over logits γ3·S (form "gloria", S of `local_similarity`) or S/τ (form "printed"), combined by
+    `reduction` "sum" (the paper's "Addition", GLoRIA's) or "mean". Equal to GLoRIA's loop over
+    captions up to rounding. A report with no word is out of every softmax and its pair out of the
+    mean; with no word in the batch the loss is 0 (still connected to the graph).
     """
     fn = "local_attentive_loss"
     factor = _check_reduction(fn, "reduction", reduction)
@@ -448,15 +342,8 @@ def local_attentive_loss(
 
 
 def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, gamma1: float = 4.0) -> torch.Tensor:
-    """Word→region attention of one image/report pair (GLoRIA's attention_fn), for pictures.
-
-    Args:
-        region_feats: [M, D] or [1, M, D] regions of one image (M = h·w; reshape the result to the grid).
-        word_feats: [W, D] or [1, W, D] the report's real words (no padding).
-        gamma1: GLoRIA's region temperature.
-    Returns:
-        [W, M]: row w is word w's attention over the regions (sums to 1).
-    """
+    """Word→region attention [W, M] of one image ([M, D] or [1, M, D]) and its report's real words
+    ([W, D] or [1, W, D]), as GLoRIA's attention_fn: row w sums to 1 over the regions."""
     if isinstance(region_feats, torch.Tensor) and region_feats.dim() == 3 and region_feats.shape[0] == 1:
         region_feats = region_feats[0]
     if isinstance(word_feats, torch.Tensor) and word_feats.dim() == 3 and word_feats.shape[0] == 1:
@@ -481,18 +368,9 @@ def perturbation_loss(
 
         softmax( [cos(v_i, t_i), cos(v_i, t̃_i1), …, cos(v_i, t̃_iK)] / τ )  with target t_i,
 
-    where t̃_ik are the valid perturbations of report i. Invalid perturbations are out of the
-    softmax (masked with -inf, whatever their embedding holds); images with no valid perturbation
-    are left out of the mean; with none anywhere the loss is 0 (still connected to the graph).
-
-    Args:
-        image_emb: [B, D] global image embeddings.
-        original_emb: [B, D] global embeddings of the original reports.
-        perturbed_emb: [B, K, D] global embeddings of the perturbations (anything where invalid).
-        valid: [B, K] bool, True where perturbation k of report i exists and differs from it.
-        temperature: τ (a float or a one-element tensor).
-    Returns:
-        scalar float32 loss.
+    over the valid perturbations t̃ ([B, K, D], `valid` [B, K] bool). Invalid slots are out of
+    the softmax whatever they hold; images with none are out of the mean; with none anywhere the
+    loss is 0 (still connected to the graph).
     """
     tau = _temperature(temperature)
     with torch.autocast(image_emb.device.type, enabled=False):
@@ -524,15 +402,9 @@ NEEDS = ("need_local", "need_perturbations")
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One named term of the pretraining loss.
-
-    Attributes:
-        fn: fn(out: DualOutput, config: LossConfig, rank, world_size) -> scalar tensor.
-        weight: None (added unscaled, as L_global in Eq. 1; `LossConfig.weights[name]` scales it)
-            or the name of the LossConfig field holding the weight ("alpha").
-        label: how reports name the term ("L_local").
-        needs: the forward keywords (of NEEDS) whose features the term reads.
-    """
+    """One named term: `weight` is None (added unscaled, as L_global in Eq. 1, unless
+    `LossConfig.weights[name]` scales it) or the LossConfig field holding it ("alpha"); `label` is
+    its name in reports ("L_local"); `needs` the forward keywords (of NEEDS) whose features it reads."""
 
     fn: TermFn
     weight: str | None
@@ -589,7 +461,6 @@ def _paper_pert_types() -> tuple[str, ...]:
 
 
 def _counterfactual_order(names: Sequence[str]) -> list[str]:
-    """cf_* names in the order of COUNTERFACTUAL_TYPES (as the manifest lists them), others sorted after."""
     from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
 
     return [t for t in COUNTERFACTUAL_TYPES if t in names] + sorted(t for t in names if t not in COUNTERFACTUAL_TYPES)
@@ -623,22 +494,10 @@ def _check_pert_types(value: Any) -> list[str]:
 class LossConfig:
     """Weights and temperatures of L = L_global + α·L_local + β·L_pert (paper Eq. 1).
 
-    `preset` names the ablation (which terms are on, `LOSS_PRESETS`); α, β, τ, the γs are
-    overridable for any preset, and `weights` sets the weight of a term whose weight is not one of
-    these fields (L_global's) by name. When `DualOutput.logit_scale` is set
-    (learnable temperature), it replaces `temperature` in L_global; `pert_temperature` stays fixed
-    (the authors' evaluated checkpoint used 0.01 there).
-
-    `global_reduction` / `local_reduction`: "mean" or "sum" of each contrastive loss's
-    image→text and text→image cross-entropies. Defaults are the paper's: L_global "mean"
-    (a symmetric cross-entropy as CLIP [3], which averages) and L_local "sum" ("Addition of the
-    symmetrical cross-entropy loss", as GLoRIA). GLoRIA itself also sums L_global's directions.
-
-    `pert_types`: the perturbation types L_pert trains on (default: all nine of
-    PERTURBATION_TYPES, the paper's), and exactly the columns of the training batch: a type left
-    out is never collated nor encoded (leave-one-type-out: `pertvl ablate --holdout-type T`).
-    Counterfactual types (cf_laterality, ...) named here are columns after the perturbation types,
-    their texts from shards packed with `--counterfactuals`.
+    `preset` names the ablation (`LOSS_PRESETS`); `weights` sets the weight of a term without a
+    field of its own (L_global's) by name. A learnable temperature (`DualOutput.logit_scale`)
+    replaces `temperature` in L_global only. `pert_types`: L_pert's types and exactly the training
+    batch's columns (default: the paper's nine), counterfactual types (cf_*) after them.
     """
 
     preset: str = "full"
@@ -692,7 +551,6 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | LossConfig | None) -> LossConfig:
-        """From a config dict (the `loss:` section); unknown keys are an error."""
         if isinstance(d, LossConfig):
             return d
         d = dict(d or {})
@@ -707,18 +565,15 @@ class LossConfig:
 
     @property
     def terms(self) -> tuple[str, ...]:
-        """The preset's term names, in summation order."""
         return LOSS_PRESETS[self.preset][0]
 
     def weight(self, name: str) -> float | None:
-        """Term `name`'s weight (None: added unscaled)."""
         field_name = LOSS_TERMS[name].weight
         if field_name is not None:
             return getattr(self, field_name)
         return float(self.weights[name]) if name in self.weights else None
 
     def needs(self, keyword: str) -> bool:
-        """Whether a term of the preset reads the feature that forward keyword `keyword` turns on."""
         return any(keyword in LOSS_TERMS[t].needs for t in self.terms)
 
     @property
@@ -728,27 +583,16 @@ class LossConfig:
 
 @dataclass
 class LossOutput:
-    """The total and the preset's terms by name (only the terms the preset sums)."""
-
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
 
     def stacked(self, names: Sequence[str]) -> torch.Tensor:
-        """[len(names)] tensor of "total" and the named terms, on their device (no host sync)."""
         return torch.stack([self.total if n == "total" else self.terms[n] for n in names])
-
-    def as_floats(self) -> dict[str, float]:
-        """Detached values for logging: "total" and one entry per term."""
-        return {"total": float(self.total.detach()), **{k: float(v.detach()) for k, v in self.terms.items()}}
 
 
 class PretrainLoss:
-    """L = Σ over the preset's terms of weight·term (paper Eq. 1 for the built-in presets).
-
-    `names` are the logged names ("total", then each term's); `model_kwargs()` are the keywords
-    that make `DualEncoder.forward` return exactly the features the terms need. L_global spans all
-    ranks; L_local and L_pert are computed on each rank's own batch.
-    """
+    """L = Σ over the preset's terms of weight·term (paper Eq. 1), in the preset's order; `names`
+    ("total", then the terms) is the order of the engine's log."""
 
     def __init__(self, config: LossConfig | dict[str, Any] | None = None) -> None:
         self.config = LossConfig.from_dict(config)
@@ -756,11 +600,9 @@ class PretrainLoss:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """"total" and the term names, the order of `LossOutput.as_floats` and of the engine's log."""
         return ("total", *self.terms)
 
     def model_kwargs(self) -> dict[str, bool]:
-        """Forward keywords of the model: each feature on exactly when a term needs it."""
         return {k: self.config.needs(k) for k in NEEDS}
 
     def __call__(self, out: DualOutput, rank: int = 0, world_size: int = 1) -> LossOutput:
@@ -771,7 +613,6 @@ class PretrainLoss:
             value = values[name] = LOSS_TERMS[name].fn(out, cfg, rank, world_size)
             weight = cfg.weight(name)
             weighted = value if weight is None else weight * value
-            # The first term as is, then total + w·term, in the preset's order.
             total = weighted if total is None else total + weighted
         assert total is not None  # a preset has at least one term
         return LossOutput(total=total, terms=values)

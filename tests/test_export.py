@@ -318,11 +318,10 @@ def test_metadata_round_trip(tiny_export, manifest, embedder):
         else:
             assert meta["cleaning"] == manifest["text"]["cleaning"]
             assert meta["tokenizer_files"] == manifest["text"]["tokenizer_files"]
-    info = embedder.info
-    assert info["metadata"]["image"] == decode_metadata(tower_metadata(manifest, "image", "fp32"))
-    assert info["metadata"]["text"] == decode_metadata(tower_metadata(manifest, "text", "fp32"))
-    assert (info["embedding_dim"], info["local_dim"], info["grid"], info["image_size"]) == (16, 24, [4, 4], 64)
-    assert info["export_id"] == manifest["export_id"] and info["cleaning"] == manifest["text"]["cleaning"]
+    for tower, session in (("image", embedder.image_session), ("text", embedder.text_session)):
+        loaded = decode_metadata(session.get_modelmeta().custom_metadata_map)
+        assert loaded == decode_metadata(tower_metadata(manifest, tower, "fp32"))
+    assert (embedder.embedding_dim, embedder.local_dim, embedder.grid, embedder.image_size) == (16, 24, (4, 4), 64)
 
 
 def test_int8_agrees_in_cosine(tiny_export, manifest, embedder):
@@ -330,7 +329,8 @@ def test_int8_agrees_in_cosine(tiny_export, manifest, embedder):
     from pertvl.infer import Embedder
 
     int8 = Embedder.from_export(tiny_export, int8=True)
-    assert int8.variant == "int8" and int8.metadata("text")["variant"] == "int8"
+    assert int8.variant == "int8"
+    assert decode_metadata(int8.text_session.get_modelmeta().custom_metadata_map)["variant"] == "int8"
     images = phantom_like_images(6, 64, seed=11)
     for a, b in ((int8.embed_images(images), embedder.embed_images(images)),
                  (int8.embed_texts(list(REAL_REPORTS)), embedder.embed_texts(list(REAL_REPORTS)))):

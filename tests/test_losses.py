@@ -377,12 +377,13 @@ def test_presets_weights_and_terms():
     pert01 = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid, 0.01)
     torch.testing.assert_close(res.total, g + 0.5 * loc + 2.0 * pert01)
     # named terms: "total" and the preset's terms, in summation order (the engine logs loss/{name})
-    assert list(res.as_floats()) == ["total", "global", "local", "pert"] == list(PretrainLoss(cfg).names)
+    floats = {"total": float(res.total), **{k: float(v) for k, v in res.terms.items()}}
+    assert list(floats) == ["total", "global", "local", "pert"] == list(PretrainLoss(cfg).names)
     assert list(PretrainLoss({"preset": "no_local"})(out).terms) == ["global", "pert"]
-    # the engine's device-side sum (read only at log steps) holds the same values as as_floats()
+    # the engine's device-side sum (read only at log steps) holds the same values
     stacked = res.stacked(PretrainLoss(cfg).names)
     assert stacked.device == res.total.device and stacked.requires_grad
-    assert stacked.detach().double().tolist() == list(res.as_floats().values())
+    assert stacked.detach().double().tolist() == list(floats.values())
 
 
 def test_learnable_scale_and_bf16_inputs_give_fp32_losses():

@@ -1,30 +1,15 @@
 """Crash-safe DeepSpeed checkpoints, keep-last-K, RNG capture and exact resume.
 
-Layout (RUN_DIR/checkpoints/ is a plain DeepSpeed checkpoint folder, so DeepSpeed's own tools —
-`zero_to_fp32.py` copied there by DeepSpeed, `get_fp32_state_dict_from_zero_checkpoint` — read it):
-
     RUN_DIR/checkpoints/latest                    tag of the newest COMPLETE checkpoint
     RUN_DIR/checkpoints/step00000040/             DeepSpeed's files (mp_rank_*, *optim_states.pt)
-        pertvl_rank00000.pt ...                   per-rank RNG state + per-rank client state
+        pertvl_rank00000.pt ...                   per-rank RNG state
         pertvl_checkpoint.json                    completion marker: step, world size, file sizes
-    RUN_DIR/checkpoints/zero_to_fp32.py           DeepSpeed's recovery script (ZeRO >= 1)
 
-Why not DeepSpeed's own `latest`: deepspeed 0.19.8 `engine.save_checkpoint(save_latest=True)`
-writes `latest` on rank 0 with a plain open("w")/write (truncate, then write, no fsync, not
-atomic) BEFORE its closing barrier, i.e. possibly while other ranks still write their ZeRO
-shards. pertvl saves with save_latest=False; after DeepSpeed's closing barrier rank 0 fsyncs the
-files, writes the marker, then replaces `latest` atomically (temp file + fsync + os.replace).
-A crash at any point leaves `latest` naming the previous complete checkpoint; resume also
-double-checks the marker and falls back to the newest complete checkpoint.
-
-Why per-rank files: DeepSpeed stores client_state only in rank 0's model-states file, but every
-rank has its own RNG streams, so each rank writes its own RNG state next to DeepSpeed's shards.
-
-Loading: deepspeed 0.19.8 reads checkpoints with torch.load(weights_only=False) (its
-TorchCheckpointEngine). `resume` swaps in `WeightsOnlyCheckpointEngine`, which loads with
-weights_only=True and allow-lists only the four DeepSpeed classes its own files contain
-(LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address). pertvl's client_state is
-checked to hold only weights_only-safe types (dict/list/tuple/str/int/float/bool/None/Tensor).
+DeepSpeed writes its own `latest` before its closing barrier and not atomically, so pertvl saves
+with save_latest=False; after the barrier rank 0 fsyncs the files, writes the marker and replaces
+`latest` atomically: a crash leaves `latest` naming the previous complete checkpoint. DeepSpeed
+keeps client_state on rank 0 only, hence a file per rank for its RNG streams. Loading swaps
+DeepSpeed's torch.load(weights_only=False) for weights_only=True with its four classes allowed.
 """
 
 from __future__ import annotations
@@ -50,7 +35,7 @@ from pertvl.train.rundir import CHECKPOINTS_NAME
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = CHECKPOINTS_NAME  # the run folder layout is pertvl.train.rundir
+CHECKPOINT_SUBDIR = CHECKPOINTS_NAME
 LATEST_FILE = "latest"
 MARKER_FILE = "pertvl_checkpoint.json"
 MARKER_FORMAT = "pertvl-checkpoint/1"
@@ -60,14 +45,12 @@ _TAG_RE = re.compile(r"^step(\d{8})$")
 
 
 def tag_for_step(step: int) -> str:
-    """Checkpoint tag of a global optimizer step: "step00000040"."""
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
     return f"step{step:08d}"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    """RUN_DIR/checkpoints, the folder DeepSpeed saves into (and `latest` lives in)."""
     return Path(run_dir) / CHECKPOINT_SUBDIR
 
 
@@ -77,14 +60,7 @@ def rank_file_name(rank: int) -> str:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A complete checkpoint on disk.
-
-    Attributes:
-        path: the tag folder.
-        tag: its name (DeepSpeed's tag).
-        step: global optimizer step it was taken at.
-        world_size: ranks that wrote it.
-    """
+    """A complete checkpoint: its tag folder, tag, global step and the ranks that wrote it."""
 
     path: Path
     tag: str
@@ -96,12 +72,7 @@ class CheckpointInfo:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """This process's RNG states as weights_only-safe plain lists and tensors.
-
-    Returns:
-        {"python": {...}, "numpy": {...}, "torch": ByteTensor, "cuda": [ByteTensor per device]}
-        ("cuda" only when CUDA is available).
-    """
+    """This process's python/numpy/torch(/cuda) RNG states as weights_only-safe lists and tensors."""
     version, internal, gauss_next = random.getstate()
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -121,11 +92,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng_state`.
-
-    Raises:
-        ValueError: the dict lacks a part or holds the wrong kind of value.
-    """
+    """Inverse of `capture_rng_state` (ValueError when a part is missing or malformed)."""
     try:
         py = state["python"]
         random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
@@ -163,14 +130,8 @@ _SAFE_SCALARS = (str, int, float, bool, type(None))
 
 
 def check_weights_only_safe(obj: Any, where: str = "client_state") -> None:
-    """Raise unless `obj` loads back with torch.load(weights_only=True).
-
-    Scalars are checked by EXACT type: numpy.float64 subclasses float but pickles as a numpy
-    object, which weights_only loading rejects.
-
-    Raises:
-        ValueError: naming the path of the first offending value and its type.
-    """
+    """ValueError (naming the offending value) unless `obj` loads with torch.load(weights_only=True).
+    Scalars are checked by exact type: numpy.float64 subclasses float but is rejected there."""
     if type(obj) in _SAFE_SCALARS or isinstance(obj, torch.Tensor):
         return
     if type(obj) in (dict, OrderedDict):
@@ -190,8 +151,7 @@ def check_weights_only_safe(obj: Any, where: str = "client_state") -> None:
 
 
 def deepspeed_safe_globals() -> list[type]:
-    """The DeepSpeed classes that DeepSpeed 0.19.8's own checkpoint files pickle (ZeRO 0/1/2,
-    fp32/bf16/fp16); everything else is tensors and containers."""
+    """The DeepSpeed classes its own checkpoint files pickle (0.19.8, ZeRO 0-2, any precision)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -203,8 +163,6 @@ def _weights_only_engine_class() -> type:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        """DeepSpeed's torch checkpoint engine, loading with weights_only=True."""
-
         def load(self, path: str, map_location: Any = None) -> Any:
             with torch.serialization.safe_globals(deepspeed_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
@@ -213,13 +171,8 @@ def _weights_only_engine_class() -> type:
 
 
 def use_weights_only_loading(engine: Any) -> bool:
-    """Make `engine.load_checkpoint` unpickle nothing but tensors, containers and DeepSpeed's
-    four allow-listed classes.
-
-    Returns:
-        True when installed; False (with a warning) when the engine uses a non-default
-        checkpoint engine (fast/decoupled/datastates writers), which is left alone.
-    """
+    """Make `engine.load_checkpoint` load with weights_only=True; False (warned) for a
+    non-default checkpoint engine, which is left alone."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     current = engine.checkpoint_engine
@@ -239,7 +192,6 @@ def use_weights_only_loading(engine: Any) -> bool:
 
 
 def _read_marker(tag_dir: Path) -> dict[str, Any] | None:
-    """The completion marker when the folder holds a complete checkpoint, else None."""
     try:
         marker = json.loads((tag_dir / MARKER_FILE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -266,7 +218,6 @@ def _complete_in(root: Path) -> list[CheckpointInfo]:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
-    """Complete checkpoints under RUN_DIR/checkpoints, oldest first."""
     return _complete_in(checkpoint_root(run_dir))
 
 
@@ -294,18 +245,8 @@ def _resolve_latest(root: Path) -> CheckpointInfo | None:
 
 
 def resolve_checkpoint(run_dir: str | Path, which: str | Path = "latest") -> CheckpointInfo | None:
-    """Find the checkpoint to resume from.
-
-    Args:
-        run_dir: the run folder (holding checkpoints/).
-        which: "latest", or a path to a tag folder, a checkpoints folder or a run folder.
-
-    Returns:
-        The checkpoint, or None when which="latest" and the run has none yet.
-
-    Raises:
-        FileNotFoundError: an explicit path that holds no complete checkpoint.
-    """
+    """The checkpoint `which` names: "latest" of the run (None when it has none yet), or a path to a
+    tag folder, a checkpoints folder or a run folder (FileNotFoundError when it holds none)."""
     if str(which) == "latest":
         return _resolve_latest(checkpoint_root(run_dir))
     path = Path(which)
@@ -341,14 +282,7 @@ def _barrier() -> None:
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    """What `save` wrote.
-
-    Attributes:
-        path: the tag folder.
-        tag: "stepNNNNNNNN".
-        step: global optimizer step.
-        removed: tag folders deleted by keep-last-K (rank 0 only; empty elsewhere).
-    """
+    """What `save` wrote; `removed`: tag folders keep-last-K deleted (rank 0 only)."""
 
     path: Path
     tag: str
@@ -365,23 +299,10 @@ def save(
     keep_last: int | None = 3,
     rank_state: dict[str, Any] | None = None,
 ) -> SavedCheckpoint:
-    """Write a crash-safe checkpoint of a DeepSpeed engine. EVERY rank must call it.
-
-    Args:
-        engine: the DeepSpeedEngine.
-        run_dir: the run folder; checkpoints go to RUN_DIR/checkpoints/step{step:08d}.
-        step: global optimizer step.
-        client_state: rank 0's training state — epoch, step within epoch, stream position,
-            global step, W&B run id, resolved config. weights_only-safe types only.
-        keep_last: keep the newest K complete checkpoints (None keeps all).
-        rank_state: this rank's own extra state (e.g. its stream position when it differs per
-            rank); saved with its RNG state in pertvl_rank{R}.pt.
-
-    Returns:
-        SavedCheckpoint.
-
-    Raises:
-        ValueError: unsafe types in client_state/rank_state, or keep_last < 1.
+    """Write a crash-safe checkpoint of a DeepSpeed engine to RUN_DIR/checkpoints/step{step:08d};
+    EVERY rank must call it. `client_state`: rank 0's training state (weights_only-safe types
+    only); `keep_last`: complete checkpoints kept (None: all); `rank_state`: this rank's own extra
+    state, saved with its RNG state. ValueError on unsafe types or keep_last < 1.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
@@ -396,8 +317,7 @@ def save(
         root.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():
             if _read_marker(tag_dir) is not None:
-                # Re-saving a step (e.g. a run resumed from an older checkpoint reaches it again):
-                # keep the complete one aside until the new one is complete; resume falls back to it.
+                # A step saved again: the complete one stays aside until the new one is complete.
                 previous = root / f"{tag}{PREVIOUS_SUFFIX}"
                 shutil.rmtree(previous, ignore_errors=True)
                 tag_dir.rename(previous)
@@ -454,9 +374,8 @@ def save(
 
 
 def _prune(root: Path, keep: str, keep_step: int, keep_last: int | None) -> list[str]:
-    """After the new checkpoint is committed: delete complete checkpoints beyond the newest
-    `keep_last`, the set-aside `.prev` copy of a re-saved step, and incomplete step folders older
-    than the new one (crashed saves)."""
+    """After a commit: delete complete checkpoints beyond the newest `keep_last`, the `.prev` copy
+    of a re-saved step, and incomplete step folders older than the new one (crashed saves)."""
     complete = [info for info in _complete_in(root) if not info.tag.endswith(PREVIOUS_SUFFIX)]
     kept = {info.tag for info in (complete[-keep_last:] if keep_last is not None else complete)} | {keep}
     removed = []
@@ -482,25 +401,12 @@ def resume(
     load_optimizer_states: bool = True,
     restore_rng: bool = True,
 ) -> dict[str, Any] | None:
-    """Restore a DeepSpeed engine (weights, optimizer, LR schedule) and this rank's RNG. EVERY
-    rank must call it, after deepspeed.initialize and before the first step.
+    """Restore a DeepSpeed engine (weights, optimizer, LR schedule) and this rank's RNG from the
+    checkpoint `which` names (see `resolve_checkpoint`); EVERY rank calls it after initialize.
 
-    Args:
-        engine: the DeepSpeedEngine.
-        run_dir: the run folder.
-        which: "latest" (None returned when the run has no checkpoint yet: start fresh) or a
-            path to a tag folder / checkpoints folder / run folder.
-        load_optimizer_states: False loads weights only (warm start).
-        restore_rng: restore python/numpy/torch(/cuda) RNG from this rank's file.
-
-    Returns:
-        The client_state given to `save`, plus "rank_state" (this rank's, or None when the
-        checkpoint was written with fewer ranks), "checkpoint" (tag folder) and "checkpoint_step";
-        None when there is nothing to resume.
-
-    Raises:
-        FileNotFoundError: an explicit `which` that holds no checkpoint.
-        RuntimeError: DeepSpeed failed to load it.
+    Returns the client_state given to `save`, plus "rank_state" (None when this rank wrote none),
+    "checkpoint" (tag folder) and "checkpoint_step"; None when there is nothing to resume.
+    `load_optimizer_states=False` loads weights only (warm start).
     """
     info = resolve_checkpoint(run_dir, which)
     if info is None:

@@ -1,42 +1,19 @@
 """`pertvl train`: the shards stream into a DeepSpeed engine wrapping the dual encoder and its losses.
 
-One process per rank, whatever started it (plain python, torchrun, the deepspeed launcher, srun):
+One process per rank, whatever started it (python, torchrun, the deepspeed launcher, srun).
+Counting: one optimizer step takes A = gradient_accumulation_steps micro-batches on every rank; an
+epoch holds floor(batches_per_epoch / A) steps (the < A micro-batches left are read, not trained
+on, so a step never spans two epochs); max_steps, the LR schedule and checkpoints count steps.
 
-    config (DEFAULTS <- YAML <- --set <- flags) -> ranks (launch.detect_dist_env / init_distributed)
-    -> model (create_model) -> stream (build_train_stream: micro-batches, same count on every rank)
-    -> deepspeed.initialize(model, paper SGD, warm-up + cosine in OPTIMIZER steps, JSON config)
-    -> resume (checkpoint.resume) -> loop -> checkpoints (checkpoint.save) -> RUN_DIR/final
+Exact resume: a checkpoint holds DeepSpeed's state, every rank's RNG and the client state (epoch,
+step in epoch, global step, W&B id, config); the stream restarts at the same sample with the same
+augmentation, the DataLoader iterator draws its seed under `fork_rng`, and BatchNorm statistics
+are averaged over ranks after every step, so a run killed at step k and resumed reaches
+bit-identical parameters. Evaluation during training (train.eval_every) scores an fp32 copy on
+rank 0 and touches neither the training module nor any RNG: weights are the same without it.
 
-Counting. The stream yields micro-batches of `train_micro_batch_size_per_gpu` samples; one
-optimizer step takes `gradient_accumulation_steps` (A) of them on every rank. An epoch holds
-steps_per_epoch = floor(batches_per_epoch / A) optimizer steps (the < A micro-batches left at the
-end of an epoch are read but not trained on, so a step never spans two epochs and the resume
-position is always a step boundary); `train.max_steps` counts optimizer steps (None: epochs x
-steps_per_epoch), and so do the LR schedule and the checkpoint interval.
-
-Exact resume. A checkpoint holds the DeepSpeed state (weights, optimizer, LR schedule), every
-rank's RNG state (checkpoint.save) and the client state (epoch, step within epoch, the stream's
-resume batch, global step, W&B run id, resolved config). The stream restarts at (epoch, batch)
-with the same samples in the same order and the same augmentation (seeded per sample), dropout
-continues from the restored RNG, and creating a DataLoader iterator (which draws a seed from the
-global torch RNG) is done under `fork_rng`, so a run killed at step k and resumed reaches
-bit-identical fp32 parameters at step n (tests/test_train.py). BatchNorm running statistics are
-averaged across ranks after every optimizer step, so every rank holds the same buffers as well as
-the same parameters and a checkpoint (written from rank 0's module) restores all ranks exactly.
-
-Files in RUN_DIR: config.yaml (resolved config), metrics.jsonl (monitor: "step", "loss/total" and
-"loss/{term}" for every term of the loss preset (pertvl.losses.LOSS_PRESETS), "lr",
-"perf/*", "mem/*", "data/*"), samples.jsonl (sample ids of every optimizer step, per rank),
-ranks/rank{R}.json (pid, launcher, final parameter checksum), checkpoints/ (DeepSpeed +
-pertvl markers), wandb/ (offline runs), final/ (DualEncoder.save_pretrained, fp32 safetensors).
-
-Evaluation during training (train.eval_every = N > 0): every N optimizer steps and after the last,
-rank 0 hands an fp32 copy of the encoders in eval mode to the `evaluate` callable it was given
-(`pertvl train` passes pertvl.evaluate.in_training's: the engine knows no evaluation) and logs what it
-returns ("eval/…") at that step; the other ranks wait at a barrier. The training module, its
-BatchNorm statistics and every RNG stay untouched, so a run with and without evaluation reaches
-bit-identical weights (tests/test_in_training.py); the watchdog applies only its absolute limit
-(train.stall_timeout_s) while the evaluation runs.
+RUN_DIR: config.yaml, metrics.jsonl, samples.jsonl, ranks/rank{R}.json, checkpoints/, wandb/,
+final/ (DualEncoder.save_pretrained, fp32 safetensors).
 """
 
 from __future__ import annotations
@@ -81,7 +58,7 @@ from pertvl.train.watchdog import Watchdog, exit_deadline
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = CONFIG_NAME  # the run folder's layout is pertvl.train.rundir's
+CONFIG_FILE = CONFIG_NAME
 SAMPLES_FILE = "samples.jsonl"
 RANKS_DIR = "ranks"
 FINAL_DIR = FINAL_NAME
@@ -92,17 +69,7 @@ FINAL_DIR = FINAL_NAME
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How micro-batches become optimizer steps.
-
-    Attributes:
-        micro_batch: samples per micro-batch per rank.
-        grad_accum: micro-batches per optimizer step (A).
-        world_size: ranks.
-        batches_per_epoch: micro-batches every rank's stream yields per epoch.
-        steps_per_epoch: optimizer steps per epoch, floor(batches_per_epoch / A).
-        total_steps: optimizer steps of the run (max_steps, else epochs x steps_per_epoch).
-        warmup_steps: linear warm-up length (optimizer steps; capped at total_steps).
-    """
+    """How micro-batches become optimizer steps (A = grad_accum micro-batches per step and rank)."""
 
     micro_batch: int
     grad_accum: int
@@ -114,7 +81,6 @@ class StepPlan:
 
     @property
     def samples_per_step(self) -> int:
-        """Samples of one optimizer step over all ranks."""
         return self.micro_batch * self.grad_accum * self.world_size
 
 
@@ -128,11 +94,8 @@ def plan_steps(
     epochs: int,
     warmup_steps: int,
 ) -> StepPlan:
-    """Count optimizer steps from the stream's micro-batches per epoch.
-
-    Raises:
-        ValueError: an epoch shorter than one optimizer step, or no step to run.
-    """
+    """Count optimizer steps from the stream's micro-batches per epoch (ValueError when an epoch is
+    shorter than one step or there is no step to run)."""
     steps_per_epoch = batches_per_epoch // grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
@@ -189,14 +152,13 @@ def resolve_config(
 
 
 def seed_everything(seed: int) -> None:
-    """python, numpy and torch global RNGs (model initialisation is identical on every rank)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
-    """Per-rank seed for dropout after initialisation (ranks should not share dropout masks)."""
+    """Per-rank seed for dropout after initialisation."""
     digest = hashlib.blake2b(f"pertvl-train/{seed}/{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 2**63
 
@@ -213,13 +175,8 @@ def param_checksum(module: torch.nn.Module) -> str:
 
 
 def sync_float_buffers(module: torch.nn.Module, world_size: int) -> None:
-    """Average floating buffers (BatchNorm running statistics) over the ranks.
-
-    Each rank's BatchNorm updates its running statistics from its own micro-batches; DeepSpeed
-    averages gradients but leaves buffers alone. Averaging after each optimizer step gives every
-    rank the statistics of the whole global batch (linear in the batch means) and identical
-    buffers, so the checkpoint (rank 0's module) and the final model describe every rank.
-    """
+    """Average floating buffers (BatchNorm running statistics) over the ranks: DeepSpeed averages
+    gradients only, and the checkpoint (rank 0's module) must describe every rank."""
     if world_size < 2:
         return
     buffers = [b for _, b in module.named_buffers() if b.is_floating_point()]
@@ -244,8 +201,7 @@ def _image_dtype(engine: Any) -> torch.dtype | None:
 
 
 def _data_metrics(counts: Counter) -> dict[str, int]:
-    """Stream counts summed over ranks and completed epochs, for the monitor: the total of skipped
-    samples, each skip reason that occurred, and the perturbations masked out per reason."""
+    """data/skipped, data/skipped/<reason> and data/masked/<reason> from the stream's counts."""
     skipped = {k: v for k, v in counts.items() if k.startswith("skipped/")}
     out = {"data/skipped": sum(skipped.values())} if counts else {}
     out.update({f"data/{k}": v for k, v in skipped.items() if v})
@@ -260,30 +216,13 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-def _truncate_jsonl_after(path: Path, step: int) -> None:
-    # Same rule as the monitor's metrics.jsonl: lines of steps after the resumed one are dropped.
-    Monitor._truncate_after(path, step)
-
-
 # --------------------------------------------------------------------------------------- result
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a rank's `train` call ended with.
-
-    Attributes:
-        run_dir: the run folder.
-        rank: this process's rank.
-        global_step: optimizer steps done (including those of resumed checkpoints).
-        epoch: epoch the next step would be in.
-        preempted: stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
-        exit_code: 0, or PREEMPTED_EXIT_CODE.
-        final_dir: RUN_DIR/final (None when preempted).
-        param_sha256: checksum of this rank's parameters and buffers at the end.
-        first_loss, last_loss: mean total loss (over ranks) of the first and last step of this
-            process (None when it ran no step).
-    """
+    """What a rank's `train` call ended with; exit_code 0 or PREEMPTED_EXIT_CODE; first/last_loss:
+    the total loss (mean over ranks) of this process's first and last step."""
 
     run_dir: Path
     rank: int
@@ -316,12 +255,7 @@ def _rng_kept(fork_rng: Callable[[], contextlib.AbstractContextManager]):
 
 
 class Trainer:
-    """Builds the engine, stream and monitor of one rank and runs the training loop.
-
-    Args:
-        cfg: the resolved run config (see pertvl.config).
-        local_rank: `--local_rank` from the deepspeed launcher, if any.
-    """
+    """Builds the engine, stream and monitor of one rank and runs the training loop."""
 
     def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
                  evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> None:  # fmt: skip
@@ -331,8 +265,7 @@ class Trainer:
                              "pertvl.evaluate.in_training.make_evaluator(config) as `evaluate`)")
         self.evaluate = evaluate if self.config.train.eval_every > 0 else None
         self._eval_model: torch.nn.Module | None = None
-        # `resume` says how this process starts, not what the run is: the config saved in the run
-        # folder and the checkpoints hold it as null, so `--config RUN_DIR/config.yaml` starts anew.
+        # How this process starts, not what the run is: saved as null.
         self.resume_from, self.config.train.resume = self.config.train.resume, None
         self.run_dir = Path(self.config.train.out)
         self.env = detect_dist_env(argv_local_rank=local_rank)
@@ -386,8 +319,6 @@ class Trainer:
         seed_everything(self.seed)  # identical initialisation on every rank
         model = create_model(self.config.model)
         self.loss_fn = PretrainLoss(self.config.loss)
-        # The model computes only the features the preset's terms read (e.g. no region maps for
-        # convirt); the loss, not the engine, knows which.
         self.model_kwargs = self.loss_fn.model_kwargs()
         self.pert_counting = self.loss_fn.config.uses_perturbations
 
@@ -431,9 +362,7 @@ class Trainer:
             optimizer, self.plan.warmup_steps, self.plan.total_steps, train.min_lr_ratio
         )
         model.to(self.device)
-        # A bf16/fp16 engine casts the module to 16 bits, frozen parameters included, and the fp32
-        # masters it keeps (read back for RUN_DIR/final) cover trainable parameters only: keep the
-        # frozen ones' fp32 values (e.g. BERT's unused pooler, frozen layers) to write them exactly.
+        # A 16-bit engine keeps fp32 masters of trainable parameters only: keep the frozen ones'.
         half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
         self._frozen_fp32 = (
             {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if not p.requires_grad}
@@ -523,7 +452,7 @@ class Trainer:
             save_config(self.config.to_dict(), self.run_dir / CONFIG_FILE)
             samples_path = self.run_dir / SAMPLES_FILE
             if samples_path.is_file():
-                _truncate_jsonl_after(samples_path, global_step)
+                Monitor._truncate_after(samples_path, global_step)
         self.monitor = Monitor(
             self.run_dir, self.config.to_dict(), enabled_wandb=tracking.enabled, project=tracking.project,
             run_name=tracking.name, tags=tracking.tags, rank=self.rank,
@@ -636,7 +565,6 @@ class Trainer:
     def _train_step(self, batches, fresh_iterator: bool) -> tuple[dict[str, Any], list[str]]:
         """One optimizer step: A micro-batches through forward, backward and engine.step()."""
         engine = self.engine
-        # The breakdown only when asked for: the default step creates no event and installs no hook.
         timer = self.instruments.step_timer(engine.global_steps)
         phase = self.instruments.phase_of(timer)
         t_start = time.perf_counter()
@@ -644,16 +572,14 @@ class Trainer:
         lr = float(engine.get_lr()[0])
         wait = 0.0
         names = self.loss_fn.names  # "total" and the preset's terms, whatever they are
-        # Summed on the device and read (one host sync) only at a log step: a float() per term per
-        # micro-batch would wait for the GPU every time.
+        # Summed on the device, read (one host sync) only at a log step.
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         pert_used = torch.zeros(len(self.loss_fn.config.pert_types), dtype=torch.int64)
         ids: list[str] = []
         for micro in range(self.plan.grad_accum):
             t_wait = time.perf_counter()
-            # The first next() of an epoch creates the DataLoader iterator, which draws its base seed
-            # from the global torch RNG: isolate it so dropout's RNG stream does not depend on where
-            # an epoch was entered (fresh or resumed).
+            # The DataLoader iterator draws its seed from the global torch RNG: isolate it so that
+            # dropout's stream does not depend on where an epoch was entered (fresh or resumed).
             ctx = self._fork_rng() if fresh_iterator and micro == 0 else contextlib.nullcontext()
             with ctx, phase("data_wait"):
                 batch = next(batches)
@@ -707,8 +633,7 @@ class Trainer:
                 dist.barrier()
 
     def _eval_snapshot(self) -> torch.nn.Module:
-        """An fp32 copy of the module in eval mode (built once, refreshed from the weights of now):
-        evaluating never switches the training module's mode, BatchNorm statistics or dtype."""
+        """An fp32 copy of the module in eval mode, built once and refreshed from the weights of now."""
         from pertvl.model import create_model
 
         if self._eval_model is None:
@@ -724,8 +649,7 @@ class Trainer:
         return torch.random.fork_rng(devices=devices)
 
     def _reduced_losses(self, sums: torch.Tensor) -> dict[str, float]:
-        """"loss/{name}" of the total and of every term of the preset, averaged over ranks
-        (L_global's per-rank shares average to the global loss)."""
+        """"loss/{name}" of the total and of every term, averaged over ranks."""
         values = sums.to(self.device, torch.float64)
         if self.world_size > 1:
             dist.all_reduce(values)
@@ -734,9 +658,7 @@ class Trainer:
         return {f"loss/{name}": float(v) for name, v in zip(self.loss_fn.names, values, strict=True)}
 
     def _pert_metrics(self, used: torch.Tensor | None) -> dict[str, int]:
-        """The perturbation negatives L_pert used in this optimizer step, summed over its
-        micro-batches and all ranks: "data/pert_negatives" and "data/pert_negatives/<type>" for
-        every type of loss.pert_types. Empty without L_pert."""
+        """data/pert_negatives(/<type>): L_pert's negatives of this step over all ranks."""
         if used is None:
             return {}
         if self.world_size > 1:
@@ -802,8 +724,7 @@ class Trainer:
             model = self.engine.module
             if self.image_dtype is not None:
                 model = self._fp32_model(global_step)
-            # ZeRO turned the parameters into views of its flat buffers; safetensors refuses views
-            # of a larger storage. Training is over: give every tensor its own storage.
+            # safetensors refuses ZeRO's views of its flat buffers: give every tensor its own storage.
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
                     tensor.data = tensor.data.clone()
@@ -818,9 +739,8 @@ class Trainer:
         return final
 
     def _fp32_model(self, global_step: int) -> torch.nn.Module:
-        """The module with the fp32 master weights, read back by DeepSpeed's own zero_to_fp32 from
-        the final checkpoint (a bf16/fp16 engine's module holds 16-bit copies; the fp32 masters
-        are partitioned over the ranks)."""
+        """The module with the fp32 master weights, read back from the final checkpoint by
+        DeepSpeed's zero_to_fp32 (a 16-bit engine's module holds 16-bit copies)."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         model = self.engine.module.float()
@@ -843,8 +763,7 @@ class Trainer:
         return model
 
     def _write_rank_file(self, global_step: int, final: bool, checksum: bool = True) -> str | None:
-        """RUN_DIR/ranks/rank{R}.json: where this rank runs, its step, and (at the end) a checksum of
-        its parameters and buffers, which tests and users compare across ranks."""
+        """RUN_DIR/ranks/rank{R}.json: where this rank runs, its step, and at the end a checksum."""
         digest = param_checksum(self.engine.module) if checksum else None
         _write_json(
             self.run_dir / RANKS_DIR / f"rank{self.rank}.json",
@@ -874,34 +793,23 @@ def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
 
 def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
           evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> TrainResult:
-    """Run (or resume) the training described by a resolved config on this rank.
-
-    Args:
-        cfg: from `resolve_config`.
-        local_rank: the deepspeed launcher's --local_rank, if given.
-        evaluate: the evaluation of train.eval_every (required when it is > 0).
-        lock: the run folder's write lock when the caller took it (rank 0), else taken here.
-
-    Returns:
-        TrainResult (exit_code PREEMPTED_EXIT_CODE when stopped by SIGTERM/SIGUSR1).
-    """
+    """Run (or resume) the training of a resolved config on this rank; `evaluate` is train.eval_every's,
+    `lock` the run folder's when the caller took it (rank 0)."""
     trainer = None
     try:
         trainer = Trainer(cfg, local_rank=local_rank, evaluate=evaluate, lock=lock)
         return trainer.run()
     except BaseException as err:
-        # Fail fast: this rank's error in its own log, then an exit that nothing can block (a peer
-        # waiting in a collective learns of it when this process's connections close; torchrun, the
-        # deepspeed launcher and srun end the other ranks when one exits non-zero).
+        # Fail fast: the error in this rank's log, then an exit nothing can block (the launcher
+        # ends the other ranks).
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         if not isinstance(err, KeyboardInterrupt | UserError):  # the CLI prints a UserError as one line
             log.error("rank %s failed:\n%s", rank, "".join(traceback.format_exception(err)).rstrip())
         exit_deadline(_failure_timeout(cfg), f"rank {rank} failed with {type(err).__name__}")
         raise
     finally:
-        # What the run leaves in reference cycles (the engine, the last step's tensors; the
-        # distributed all_gather's autograd nodes hold the process group) is collected while the
-        # group is alive: gloo objects freed at interpreter teardown can abort the process.
+        # Collect reference cycles holding the process group while it is alive: gloo objects
+        # freed at interpreter teardown can abort the process.
         gc.collect()
         shutdown_distributed()
         for held in {trainer.lock if trainer is not None else None, lock} - {None}:
@@ -910,9 +818,7 @@ def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
 
 def cli_main(args: Any, make_evaluator: Callable[[RunConfig], Evaluator | None] | None = None,
              lock: FolderLock | None = None) -> int:
-    """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE. `make_evaluator`
-    (pertvl.evaluate.in_training's) builds train.eval_every's evaluation from the config; `lock` is
-    the run folder's, taken by the caller on rank 0."""
+    """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = resolve_config(
         args.config,

@@ -1,17 +1,8 @@
 """Which rank this process is, and joining the job: torchrun, the deepspeed launcher, srun, or alone.
 
-The same `python -m pertvl train ...` runs under every launcher; this module turns the launcher's
-environment into a `DistEnv`, initialises the process group through DeepSpeed (gloo on CPU, nccl on
-CUDA, device picked at run time) and loads the DeepSpeed JSON config users pick from ds_configs/.
-
-DeepSpeed on CPU, measured with deepspeed 0.19.8: the first `deepspeed.init_distributed()` builds
-`deepspeed.comm.torch.TorchBackend`, whose constructor JIT-compiles the shared-memory comm op
-`deepspeed_shm_comm` (25-38 s with g++ + ninja, cached in ~/.cache/torch_extensions, rebuilt when
-a different ninja comes first on PATH). It happens at init, for any world size, also when torch
-distributed was initialised first. The op only serves `inference_all_reduce` (DeepSpeed-Inference);
-training collectives go through torch.distributed. `init_distributed` therefore marks the op
-incompatible in `deepspeed.ops.__compatible_ops__` (DeepSpeed's own switch that `build_shm_op`
-reads) unless `shm_comm=True`, and init takes ~0.01 s instead.
+The launcher's environment becomes a `DistEnv`; `init_distributed` joins the process group
+through DeepSpeed (gloo on CPU, nccl on CUDA). DeepSpeed's first init JIT-compiles a
+shared-memory op (~30 s) that only DeepSpeed-Inference uses; it is switched off unless asked for.
 
 `python -m pertvl.train.launch --selftest` initialises, all-reduces the rank and prints one line per
 rank: "rank R/W local L device D sum S" (S = W(W-1)/2) — the smoke test of a launch.
@@ -50,17 +41,7 @@ SLURM_PORT_SPAN = 15000
 
 @dataclass(frozen=True)
 class DistEnv:
-    """This process's place in the job.
-
-    Attributes:
-        rank: global rank in [0, world_size).
-        world_size: number of processes in the job.
-        local_rank: rank on this node (selects the GPU).
-        local_world_size: processes on this node (divides the CPU cores).
-        master_addr: host of rank 0's rendezvous store.
-        master_port: its port; 0 means "a free port is picked at init" (single process only).
-        launcher: what started the process.
-    """
+    """This process's place in the job; master_port 0: a free port is picked at init (alone only)."""
 
     rank: int
     world_size: int
@@ -70,28 +51,11 @@ class DistEnv:
     master_port: int
     launcher: Launcher
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def expand_hostlist(spec: str) -> list[str]:
-    """Expand a SLURM hostlist ("gpu[01-03,07],cpu5") into host names, in SLURM's order.
-
-    Hand-written because `scontrol show hostnames` may be missing where the job runs (containers,
-    login-node-less setups) and no maintained Python package does only this. Supports several
-    bracket groups per name ("rack[1-2]-node[01-02]", expanded like scontrol: the last group
-    varies fastest) and keeps zero padding ("[098-101]").
-
-    Args:
-        spec: the compressed list, e.g. the value of SLURM_JOB_NODELIST.
-
-    Returns:
-        The host names.
-
-    Raises:
-        ValueError: unbalanced brackets, an empty item, or a non-numeric / decreasing range.
-    """
+    """Expand a SLURM hostlist ("gpu[01-03,07],cpu5", "rack[1-2]-node[01-02]") into host names in
+    scontrol's order (the last group varies fastest), keeping zero padding; ValueError when
+    malformed. Hand-written: `scontrol show hostnames` may be missing where the job runs."""
     hosts: list[str] = []
     for item in _split_top_level(spec):
         hosts.extend(_expand_item(item, spec))
@@ -145,11 +109,7 @@ def _expand_item(item: str, spec: str) -> list[str]:
 
 
 def parse_tasks_per_node(spec: str) -> list[int]:
-    """Expand SLURM_TASKS_PER_NODE ("2(x3),1") into one count per node ([2, 2, 2, 1]).
-
-    Raises:
-        ValueError: an item that is neither "N" nor "N(xM)".
-    """
+    """Expand SLURM_TASKS_PER_NODE ("2(x3),1") into one count per node ([2, 2, 2, 1])."""
     counts: list[int] = []
     for item in spec.split(","):
         match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
@@ -175,22 +135,9 @@ def _int_var(environ: Mapping[str, str], name: str) -> int:
 
 
 def detect_dist_env(environ: Mapping[str, str] = os.environ, argv_local_rank: int | None = None) -> DistEnv:
-    """Read this process's rank from the launcher's environment.
-
-    Order: variables set by torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT) win over SLURM's, so torchrun inside an allocation works; then a
-    SLURM job step (srun sets SLURM_STEP_ID; the batch shell itself is not a rank); else one
-    process alone.
-
-    Args:
-        environ: the environment to read.
-        argv_local_rank: the `--local_rank` argument the deepspeed launcher passes, if any.
-
-    Returns:
-        The DistEnv.
-
-    Raises:
-        ValueError: a launcher variable is missing or malformed, or ranks are inconsistent.
+    """This process's rank from the launcher's environment: torchrun's / the deepspeed launcher's
+    variables win over SLURM's (torchrun inside an allocation), then an srun step, else alone.
+    `argv_local_rank`: the deepspeed launcher's --local_rank. ValueError when inconsistent.
     """
     if "RANK" in environ and "WORLD_SIZE" in environ:
         env = _from_torch_env(environ, argv_local_rank)
@@ -321,7 +268,6 @@ def _free_port() -> int:
 
 
 def _disable_deepspeed_shm_comm() -> None:
-    """Stop DeepSpeed from JIT-compiling its shared-memory inference all-reduce at init (see module doc)."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
@@ -333,20 +279,9 @@ def _disable_deepspeed_shm_comm() -> None:
 def init_distributed(
     env: DistEnv, backend: str | None = None, timeout_s: float = 1800.0, shm_comm: bool = False
 ) -> torch.device:
-    """Join the job: pick the device, export the rendezvous variables, init DeepSpeed's comm.
-
-    Args:
-        env: from `detect_dist_env`.
-        backend: torch.distributed backend; default nccl on CUDA, gloo on CPU.
-        timeout_s: collective timeout (a rank that stops answering fails the job after this).
-        shm_comm: let DeepSpeed build its shared-memory inference all-reduce op on CPU
-            (~30 s JIT compile on first use, never needed for training).
-
-    Returns:
-        The device this rank computes on: cuda:LOCAL_RANK when CUDA is available, else cpu.
-
-    Raises:
-        ValueError: LOCAL_RANK has no matching GPU.
+    """Join the job: pick the device (cuda:LOCAL_RANK, else cpu) and return it, export the
+    rendezvous variables, init DeepSpeed's comm (backend nccl on CUDA, else gloo). `shm_comm`:
+    let DeepSpeed build its shared-memory inference op (never needed for training).
     """
     import torch
 
@@ -400,7 +335,6 @@ def init_distributed(
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group (a clean exit; avoids gloo/nccl warnings at interpreter exit)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -415,13 +349,8 @@ def config_precision(config: dict[str, Any]) -> str:
 
 
 def unsupported_precision(config: dict[str, Any]) -> str | None:
-    """Why this machine cannot train in the config's precision, or None when it can.
-
-    DeepSpeed asks its accelerator at `initialize` and fails with "Type fp16 is not supported on
-    your device". On CPU the answer depends on the CPU model: fp16 needs oneDNN's fp16 kernels
-    (AVX-512 FP16 or AMX-FP16: recent Intel Xeons, not AMD EPYC up to Zen 5), bf16 is always
-    accepted (emulated where the CPU lacks AVX-512 BF16 / AMX, and slow there).
-    """
+    """Why this machine cannot train in the config's precision (DeepSpeed's accelerator says: on
+    CPU fp16 needs AVX-512 FP16 or AMX-FP16), or None when it can."""
     precision = config_precision(config)
     if precision == "fp32":
         return None
@@ -438,11 +367,7 @@ def unsupported_precision(config: dict[str, Any]) -> str | None:
 
 
 def check_precision(config: dict[str, Any], source: str | Path) -> None:
-    """Fail before building anything when the machine cannot train in the config's precision.
-
-    Raises:
-        ValueError: naming the config file, the reason and the configs that do run here.
-    """
+    """ConfigError before anything is built when the machine cannot train in the config's precision."""
     reason = unsupported_precision(config)
     if reason:
         raise ConfigError(
@@ -455,12 +380,8 @@ REQUIRED_DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_ste
 
 
 def find_ds_config(path: str | Path) -> Path:
-    """A DeepSpeed JSON: `path` when it is a file, else the bundled one of that name
-    (pertvl/ds_configs: "cpu_zero1_bf16", "cpu_zero1_bf16.json" or "ds_configs/cpu_zero1_bf16.json").
-
-    Raises:
-        pertvl.errors.NotFoundError: neither exists (the bundled names listed).
-    """
+    """`path` when it is a file, else the bundled DeepSpeed JSON of that name (pertvl/ds_configs:
+    "cpu_zero1_bf16", "cpu_zero1_bf16.json" or "ds_configs/cpu_zero1_bf16.json")."""
     from pertvl.config import DS_CONFIGS_DIR
 
     path = Path(path)
@@ -481,24 +402,12 @@ def load_ds_config(
     gradient_clipping: float | None = None,
     world_size: int | None = None,
 ) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config of ds_configs/ and apply command-line overrides.
+    """Read a DeepSpeed JSON config and apply the overrides (None keeps the file's value).
 
-    pertvl passes its own optimizer and LR schedule to deepspeed.initialize, so the file must not
-    hold "optimizer"/"scheduler" blocks, and it must set micro-batch, accumulation and clipping
-    explicitly (DeepSpeed 0.19 silently defaults clipping to 1.0). train_batch_size is derived
-    by DeepSpeed (micro x accumulation x world size); when present it must agree.
-
-    Args:
-        path: the JSON file.
-        micro_batch, grad_accum, gradient_clipping: overrides (None keeps the file's value).
-        world_size: when given, a train_batch_size in the file is checked against it.
-
-    Returns:
-        The config dict for deepspeed.initialize(config=...).
-
-    Raises:
-        ValueError: unreadable JSON, a missing required key, an optimizer/scheduler block, both
-            fp16 and bf16 enabled, or an inconsistent train_batch_size.
+    pertvl passes its own optimizer and schedule, so the file must hold no "optimizer"/"scheduler"
+    block, and must set micro-batch, accumulation and clipping (DeepSpeed silently defaults clipping
+    to 1.0). A train_batch_size must agree with micro x accumulation x `world_size`. ConfigError
+    otherwise.
     """
     path = find_ds_config(path)
     try:
@@ -540,12 +449,11 @@ def load_ds_config(
     return config
 
 
-
 def _say(line: str) -> None:
-    """One write per line: ranks share the launcher's stdout, and print() writes the text and the
-    newline separately, so two ranks' lines could otherwise run together."""
+    """One write per line, so that the lines of ranks sharing a stdout never run together."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
 
 def _selftest(env: DistEnv, device: torch.device, wait_signal_s: float) -> int:
     import torch
