@@ -1,8 +1,5 @@
-"""The `pertvl` command: subcommands only, no logic.
-
-Each area of the package registers its own subcommands in a light `cli` module that imports
-nothing heavy (no torch) at parse time; the handlers import their implementation lazily so
-`pertvl --help` stays fast.
+"""The `pertvl` command: subcommands only, no logic. Each area registers its subcommands in a light
+`cli` module; handlers import their implementation lazily, so `pertvl --help` stays fast.
 """
 
 from __future__ import annotations
@@ -44,9 +41,8 @@ def lazy_handler(module: str, function: str, lock_out: bool = False) -> Callable
 
 
 def with_out_lock(handler: Callable[[argparse.Namespace], int], beside: bool = False) -> Callable[[argparse.Namespace], int]:
-    """`handler` holding the write lock of its --out folder while it runs: one writer per folder, a
-    second one refused at once naming the holder (pertvl.files.lock_folder). `beside`: the lock file
-    sits next to the folder (.NAME.lock), for a command that creates the folder itself."""
+    """`handler` holding the write lock of its --out folder while it runs (pertvl.files.lock_folder);
+    `beside`: the lock file sits next to the folder (.NAME.lock), for a command that creates it."""
 
     def locked(args: argparse.Namespace) -> int:
         from pathlib import Path

@@ -1,20 +1,9 @@
 """Run configuration: a YAML file feeds the defaults, every field is overridable on the CLI.
 
-A config has five sections, typed as dataclasses (RunConfig: DataConfig, TrainConfig, WandbConfig;
-`model` and `loss` stay open mappings validated by the component that consumes them)::
-
-    data:   where the shards are and how they stream (image size, workers, augmentation …)
-    model:  passed to pertvl.model.create_model (image / text towers, projection, temperature)
-    loss:   passed to pertvl.losses.LossConfig (preset convirt | gloria | no_local | full, α, β, τ, γ,
-            global_reduction / local_reduction: mean | sum of each loss's two directions)
-    train:  DeepSpeed config file, steps/epochs, the paper's SGD + warm-up/cosine, checkpoints, seed
-    wandb:  W&B project / run name / tags / mode (offline by default; the API key only from the env)
-
-`load_config(path, overrides)` merges DEFAULTS <- file <- overrides, where an override is
-"section.key=value" (value parsed as YAML, so `train.max_steps=20`, `loss.preset=convirt`,
-`wandb.tags=[a,b]` all work). Unknown keys fail loudly: a typo must not be silently ignored.
-`RunConfig.from_dict(cfg)` gives the typed view, refusing a value of the wrong type by its dotted
-name; the engine reads every field from it, so a field can be followed from YAML to its use.
+Sections data, train and wandb are typed dataclasses (RunConfig); `model` and `loss` stay open
+mappings validated by their consumers (pertvl.model.create_model, pertvl.losses.LossConfig).
+`load_config(path, overrides)` merges DEFAULTS <- file <- "section.key=value" overrides (values
+parsed as YAML); unknown keys and values of the wrong type fail loudly, by their dotted name.
 """
 
 from __future__ import annotations
@@ -29,8 +18,7 @@ import yaml
 
 from pertvl.errors import ConfigError, NotFoundError
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-"""The bundled run configs (`--config demo`); their DeepSpeed JSONs are in DS_CONFIGS_DIR."""
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the bundled run configs (`--config demo`)
 DS_CONFIGS_DIR = Path(__file__).resolve().parent / "ds_configs"
 VERIFY_MODES = ("size", "sha256", "off")
 # Config fields that hold paths (read relative to the config file when they exist there).
@@ -51,9 +39,8 @@ class DataConfig:
     augment: bool = True
     resampled: bool = False
     download_retries: int = 3  # shards from a URL: retries (with back-off) before the run fails
-    # Before training, each local shard is checked against the manifest: "size" (cheap), "sha256"
-    # (reads every byte) or "off". A damaged shard stops the run unless max_damaged_shards allows
-    # it; those allowed are counted in metrics.jsonl and summary.json (data/damaged_shards).
+    # Local shards checked against the manifest before training: "size", "sha256" or "off"; a
+    # damaged shard stops the run unless max_damaged_shards allows it (then counted).
     verify: str = "size"
     max_damaged_shards: int = 0
 
@@ -74,8 +61,7 @@ class TrainConfig:
     max_steps: int | None = None  # None: epochs × batches per epoch
     epochs: int = 1
     lr: float = 0.0015  # the paper's SGD
-    # The image tower's lr is lr × this (its own param group; the text tower and temperature keep
-    # lr). A randomly initialised ResNet beside a pretrained BERT may want more; 1.0: one group.
+    # The image tower's lr is lr × this (its own param group); 1.0: one group.
     image_lr_mult: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -89,9 +75,8 @@ class TrainConfig:
     profile_steps: int = 0
     seed: int = 0
     resume: str | None = None
-    # Evaluation during training (pertvl.evaluate.in_training): every N optimizer steps and at the
-    # end, rank 0 scores the encoders on `eval_split` of data.shards with `pertvl eval`'s code and
-    # logs eval/KEY/metric; 0: never. The names are `pertvl eval` evaluations of shard samples.
+    # Every N optimizer steps and at the end, rank 0 runs these `pertvl eval` evaluations on
+    # `eval_split` of data.shards and logs eval/KEY/metric; 0: never.
     eval_every: int = 0
     eval_tasks: list[str] = field(default_factory=lambda: ["structure", "retrieval", "zeroshot"])
     eval_split: str = "val"
@@ -123,9 +108,7 @@ class WandbConfig:
     mode: str = "offline"  # offline | online | disabled
 
 
-# L_global's two directions averaged (the paper's "symmetric cross-entropy" as CLIP), L_local's
-# added (the paper: "Addition of the symmetrical cross-entropy loss", as GLoRIA); see
-# pertvl.losses and docs/TRAINING.md "Loss definitions". configs/demo.yaml pins local "mean".
+# The paper's: L_global's two directions averaged, L_local's added (pertvl.losses).
 _LOSS_DEFAULTS = {"preset": "full", "global_reduction": "mean", "local_reduction": "sum"}
 
 
@@ -142,13 +125,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], where: str = "config") -> RunConfig:
-        """Typed sections from a merged dict (load_config's); a value of the wrong type is refused
-        with its dotted name, e.g. "config: train.max_steps must be int or None, got 'ten' (str)".
-
-        Raises:
-            KeyError: an unknown section or key of a closed section.
-            TypeError: a value of the wrong type.
-        """
+        """Typed sections from a merged dict (load_config's); ConfigError names a wrong key or value."""
         unknown = sorted(set(cfg) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"{where}: unknown config section(s) {unknown}")
@@ -215,7 +192,6 @@ def _typed(kind: type, values: dict[str, Any], where: str) -> Any:
 
 
 DEFAULTS: dict[str, Any] = RunConfig().to_dict()
-"""The defaults as a nested dict (what `load_config` merges a YAML file and overrides into)."""
 
 # Sections whose keys are free-form (validated by the component that consumes them).
 _OPEN_SECTIONS = {"model", "loss"}
@@ -257,16 +233,10 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """DEFAULTS <- YAML file <- overrides, validated for unknown keys and types.
-
-    `path` is a file or the name of a bundled config ("demo": pertvl/configs/demo.yaml). A relative
-    path inside the file (PATH_FIELDS) is read relative to the file's folder when it exists there,
-    so a config works from any directory; else it stays relative to the working directory (the
-    outputs and data that commands create: runs/, shards/).
-
-    Raises:
-        pertvl.errors.ConfigError: unreadable YAML, unknown keys, values of the wrong type.
-        pertvl.errors.NotFoundError: no such file and no bundled config of that name.
+    """DEFAULTS <- YAML file <- overrides, validated for unknown keys and types (ConfigError), where
+    `path` is a file or a bundled config's name ("demo"; NotFoundError when neither). Relative paths
+    of PATH_FIELDS are read from the file's folder when they exist there, else from the working
+    directory.
     """
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
@@ -288,11 +258,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def find_config(name: str | os.PathLike) -> Path:
-    """A config file: `name` itself when it is a file, else the bundled pertvl/configs/NAME(.yaml).
-
-    Raises:
-        pertvl.errors.NotFoundError: naming the path and the bundled configs.
-    """
+    """A config file: `name` itself when it is a file, else the bundled pertvl/configs/NAME(.yaml)."""
     path = Path(name)
     if path.is_file():
         return path

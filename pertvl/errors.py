@@ -1,10 +1,6 @@
-"""User errors: bad input or a refused request, reported as one line without a traceback.
-
-`pertvl.cli.main` turns a UserError into `pertvl: error: MESSAGE` on stderr and the error's
-`exit_code` (2, argparse's code for a usage error); `--debug` or PERTVL_DEBUG=1 shows the
-traceback too. Anything else is an internal error and keeps its traceback. Raise a UserError
-where input enters (a config key, a path, a checkpoint, an image, a shard, a held lock), with a
-message that names the thing and the fix.
+"""User errors: bad input or a refused request, which `pertvl.cli.main` reports as one line
+`pertvl: error: MESSAGE` and exit code 2 (the traceback only with --debug or PERTVL_DEBUG=1).
+Raise one where input enters, naming the thing and the fix; anything else keeps its traceback.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""File helpers every stage shares: atomic writes, JSON files, sha256 of a file.
-
-The bottom layer of the package (standard library only): data, training, export and evaluation
-all write through here, so "a crash never leaves a half-written file under the final name" is one
-rule in one place.
+"""File helpers every stage shares (standard library only): atomic writes, so that a crash never
+leaves a half-written file under the final name; sha256 of a file; one writer per folder.
 """
 
 from __future__ import annotations
@@ -23,8 +20,7 @@ TEMP_MARK = ".tmp-"
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file or a folder (a folder's fsync makes a rename inside it durable); a platform
-    that cannot open folders is skipped: the rename is still atomic there."""
+    """fsync a file or a folder (making a rename inside it durable); skipped where it cannot open."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -38,8 +34,8 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new temporary file beside `path`, created like open() would (permissions from the umask,
-    unlike tempfile.mkstemp's 0600: shards and reports are read by other users)."""
+    """A new temporary file beside `path`, with open()'s permissions (mkstemp's 0600 would hide
+    shards and reports from other users)."""
     while True:
         tmp = path.with_name(f".{path.name}{TEMP_MARK}{secrets.token_hex(4)}")
         try:
@@ -50,14 +46,8 @@ def _create_temp(path: Path) -> tuple[int, Path]:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = False) -> Iterator[IO]:
-    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it is removed.
-
-    Args:
-        path: the final file (its folder is created).
-        mode: "w" (text, UTF-8) or "wb".
-        durable: fsync the file before the rename and the folder after it (commit points that
-            must survive a power loss: a checkpoint's `latest`, shard files).
-    """
+    """Open ("w": UTF-8 text, or "wb") a temporary file beside `path` that replaces it on a clean exit
+    and is removed on an error; `durable`: fsync the file and the folder (commit points)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
@@ -78,13 +68,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = Fal
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> None:
-    """Write a text file (UTF-8) so that a crash never leaves a half-written one under the final name."""
     with atomic_open(path, "w", durable=durable) as f:
         f.write(text)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> None:
-    """Write a binary file atomically (see atomic_write_text)."""
     with atomic_open(path, "wb", durable=durable) as f:
         f.write(data)
 
@@ -109,12 +97,8 @@ LOCK_NAME = ".pertvl.lock"
 
 
 class FolderLock:
-    """An exclusive flock on FOLDER/.pertvl.lock, which holds the holder's host, pid and command.
-
-    The kernel releases a flock when its holder ends, however it ends (SIGKILL included), so a
-    crash leaves no stale lock: the file stays, and the next writer simply takes it. Use
-    `lock_folder`; `release()` (or the end of the process) gives the folder up.
-    """
+    """An exclusive flock on FOLDER/.pertvl.lock, which names the holder's host, pid and command;
+    the kernel releases it when the holder ends, however it ends, so no lock goes stale."""
 
     def __init__(self, path: Path, fd: int, remove: bool = False):
         self.path, self._fd, self._remove = path, fd, remove
@@ -137,13 +121,8 @@ class FolderLock:
 
 
 def lock_folder(folder: str | os.PathLike, command: str, name: str = LOCK_NAME, remove: bool = False) -> FolderLock:
-    """Take the exclusive write lock of `folder` (created if missing) for `command`; `name` is the
-    lock file (writers of disjoint parts of one folder lock one file each); `remove`: the lock file
-    is deleted on release (a lock beside a folder, which must not leave a file in its parent).
-
-    Raises:
-        pertvl.errors.UserError: another live process holds it (named by host, pid and command).
-    """
+    """Take the exclusive write lock of `folder` (created if missing) for `command`, or raise a
+    UserError naming the holder; `name`: the lock file; `remove`: delete it on release."""
     import fcntl
     import socket
     import time

@@ -1,9 +1,5 @@
-"""Child processes that end with their parent: loader workers, their forkserver, pack's pool.
-
-A process killed by SIGKILL (the OOM killer, `kill -9`, a scheduler) runs no clean-up, so its
-children must notice on their own. On Linux the kernel does it: prctl(PR_SET_PDEATHSIG) sends a
-signal to a process when the thread that created it ends. Elsewhere (macOS) a daemon thread polls
-the parent's pid and ends the process when it changes (the child is re-parented).
+"""Child processes that end with their parent (loader workers, their forkserver, pack's pool), even
+a parent killed by SIGKILL: prctl(PR_SET_PDEATHSIG) on Linux, elsewhere a thread polling the ppid.
 """
 
 from __future__ import annotations

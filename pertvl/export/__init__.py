@@ -10,12 +10,9 @@ An export folder (written by `pertvl export`, pertvl.export.onnx) holds::
     tokenizer.json …          the model's tokenizer (save_pretrained)
     pertvl_export.json        the manifest: every fact below plus the sha256 of every file
 
-The same facts that describe a tower in the manifest are stored in that tower's ONNX file as
-`metadata_props` (key -> JSON-encoded value, see `tower_metadata`), so a single .onnx file is
-self-describing and a file swapped in from another export is caught by its `pertvl.export_id`.
-
-This module is shared by the exporter (torch side) and pertvl.infer (torch-free side), so it
-imports nothing beyond the standard library.
+A tower's facts are also stored in its ONNX file as `metadata_props` (`tower_metadata`), so a
+file swapped in from another export is caught by its `pertvl.export_id`. Standard library only:
+pertvl.infer reads it without torch.
 """
 
 from __future__ import annotations
@@ -64,18 +61,8 @@ class ParityError(ExportError):
 
 
 def tower_metadata(manifest: Mapping[str, Any], tower: str, variant: str = "fp32") -> dict[str, str]:
-    """The ONNX metadata_props of one tower file, derived from the manifest.
-
-    Args:
-        manifest: the parsed pertvl_export.json.
-        tower: "image" or "text".
-        variant: "fp32" or "int8".
-    Returns:
-        {"pertvl.<key>": json.dumps(value)} — the exporter writes exactly this, and the loader
-        compares a file's metadata against it.
-    Raises:
-        ExportFormatError: when the manifest lacks a key the format requires.
-    """
+    """{"pertvl.<key>": json.dumps(value)}: the ONNX metadata_props of one tower file, derived from
+    the manifest (ExportFormatError when it lacks a required key)."""
     if tower not in TOWERS or variant not in VARIANTS:
         raise ValueError(f"tower must be one of {TOWERS} and variant one of {VARIANTS}, got {tower!r}, {variant!r}")
     facts: dict[str, Any] = {"tower": tower, "variant": variant}
@@ -90,11 +77,7 @@ def tower_metadata(manifest: Mapping[str, Any], tower: str, variant: str = "fp32
 
 
 def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
-    """Decode pertvl metadata_props ({"pertvl.key": JSON}) into {key: value}; other keys are ignored.
-
-    Raises:
-        ExportFormatError: when a pertvl value is not valid JSON.
-    """
+    """Decode pertvl metadata_props ({"pertvl.key": JSON}) into {key: value}; other keys are ignored."""
     out: dict[str, Any] = {}
     for k, v in props.items():
         if k.startswith(META_PREFIX):
@@ -125,12 +108,7 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """Parse and sanity-check EXPORT_DIR/pertvl_export.json.
-
-    Raises:
-        FileNotFoundError: when the folder or the manifest is missing.
-        ExportFormatError: when the manifest is not a pertvl export manifest.
-    """
+    """Parse and sanity-check EXPORT_DIR/pertvl_export.json (FileNotFoundError, ExportFormatError)."""
     path = os.path.join(os.fspath(export_dir), MANIFEST_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found ({os.fspath(export_dir)} is not a pertvl export folder)")

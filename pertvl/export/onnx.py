@@ -1,33 +1,12 @@
 """ONNX export of both towers of a trained DualEncoder, with metadata, a parity check and int8.
 
-`export_model(model, out)` writes the export folder described in pertvl.export. The steps live
-in their own modules: towers.py (the wrapped modules), graphs.py (tracing, fusion, metadata),
-parity.py (torch vs onnxruntime, speed), int8.py, samples.py (example inputs) and source.py (the
-model to export: a run, a save_pretrained folder or a consolidated DeepSpeed checkpoint).
-
-1. Each tower is wrapped in a small module (`ImageTower`, `TextTower`) that calls
-   `model.encode_image` / `model.encode_text` and L2-normalizes the global embedding, and is
-   exported with dynamic batch (and sequence length for text).
-2. The text graph (`text_graph`, see TEXT_GRAPHS): for a BERT backbone, "unpadded" — the dense
-   layers run on the real tokens of the batch only and the attention core is onnxruntime's
-   MultiHeadAttention contrib op (pertvl.export.unpadded); otherwise "fused" — traced under eager
-   attention and fused by onnxruntime's transformer optimizer (Attention, EmbedLayerNormalization,
-   SkipLayerNormalization). Both run on the CPU and CUDA providers.
-3. Each file gets the export's facts as metadata_props (pertvl.export.tower_metadata).
-4. Parity: random and real inputs (phantom-like images, real report sentences) at batch sizes
-   1, 3 and 8 and reports of 5 and 60 words run through torch and onnxruntime; the max absolute
-   difference per output must be <= 1e-4 in fp32, or the export fails.
-5. With `quantize="int8"`: dynamically quantized towers, their parity (max abs diff, cosine
-   agreement) and their speed against fp32.
-6. The manifest pertvl_export.json (sha256 of every file) is written last, in a temporary folder
-   that is renamed to the export name only when everything passed: a failed export leaves no folder.
-
-Exporter choice: torch.onnx.export with dynamo=False (TorchScript tracer, opset 17). Measured here
-on MiniLM, batch 32 of ~40-word reports against torch eager (bench/bench_onnx.py --variants):
-the SDPA trace runs unfused (neither it nor anything of the dynamo exporter's graph is recognized
-by onnxruntime's fusion); the eager-attention trace fuses 6/6 Attention but lands at torch's speed,
-because the fused graph keeps every padded token row and onnxruntime's CPU SkipLayerNormalization
-is slow; the unpadded graph is the fastest in fp32 and int8.
+`export_model(model, out)` writes the export folder described in pertvl.export: each tower is
+traced (torch.onnx.export, dynamo=False, opset 17) with a dynamic batch; the text graph is
+"unpadded" for a BERT backbone (dense layers on the real tokens only, pertvl.export.unpadded),
+else "fused" by onnxruntime's transformer optimizer; every file gets the export's facts as
+metadata_props; torch and onnxruntime must agree within 1e-4 in fp32 on random and real inputs;
+`quantize="int8"` adds quantized towers. Everything is written in a temporary folder renamed to
+the export only when all passed: a failed export leaves no folder.
 """
 
 from __future__ import annotations
@@ -53,7 +32,7 @@ from pertvl import __version__
 from pertvl.data.image import pixel_rule
 from pertvl.data.text import DEFAULT_MAX_WORDS, cleaning_rule
 from pertvl.data.tokenize import tokenization_rule
-from pertvl.export import FORMAT, MANIFEST_NAME, ONNX_FILES, ExportError, ParityError, tower_metadata
+from pertvl.export import FORMAT, MANIFEST_NAME, ONNX_FILES, ParityError, tower_metadata
 from pertvl.export.card import CARD_NAME, write_model_card
 from pertvl.export.graphs import (
     export_image_tower,
@@ -77,17 +56,10 @@ from pertvl.export.unpadded import unpadded_unsupported
 from pertvl.files import sha256_file
 from pertvl.train.rundir import trained_image_size
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "DEFAULT_OPSET", "ExportError", "ExportResult", "ParityError", "cli_main",
-           "export_model", "load_for_export"]
-
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-
-
 DEFAULT_IMAGE_SIZE = 224
-
-
 EXPORTER = "torch.onnx.export(dynamo=False)"
 
 
@@ -122,35 +94,14 @@ def export_model(
     drop_deid: bool = True,
     run_config: dict[str, Any] | None = None,
 ) -> ExportResult:
-    """Export a DualEncoder to `out_dir` (see the module docstring).
+    """Export a DualEncoder (moved to CPU float32) to `out_dir` (see the module docstring).
 
-    Args:
-        model: a pertvl.model.DualEncoder (moved to CPU float32 for the export).
-        out_dir: the export folder to create.
-        image_size: side S of the square input images.
-        max_length: word pieces per report (default: the model config's max_length, else 128).
-        opset: ONNX opset.
-        quantize: None or "int8".
-        int8_residual: text layers whose int8 input gets a residual pass (pertvl.export.int8:
-            "qkv", "attn-out", "ffn-in", "ffn-out", as a sequence or a comma list; () or "none"
-            for none); unpadded text graph only.
-        parity: run the torch-vs-onnxruntime check (fp32 must be within `tolerance`).
-        text_graph: "auto" ("unpadded" when the backbone supports it, else "fused"), "unpadded",
-            "fused" (eager-attention trace + onnxruntime's transformer optimizer) or "traced"
-            (eager-attention trace as it is).
-        tolerance: max abs difference allowed per fp32 output.
-        force: replace an existing `out_dir`.
-        source: where the model came from (recorded in the manifest).
-        command: the command line that made the export (recorded in the manifest).
-        max_words, drop_deid: the clean_text parameters the model was trained with.
-        run_config: the run's config (its training data and settings go into MODEL_CARD.md).
-    Returns:
-        ExportResult.
-    Raises:
-        FileExistsError: `out_dir` exists and `force` is False.
-        ParityError: onnxruntime and torch disagree; nothing is written.
-        ValueError: an unknown `text_graph` or `int8_residual` layer, or "unpadded" for a backbone
-            that does not support it.
+    `max_length` defaults to the model config's, else 128; `int8_residual`: text layers whose int8
+    input gets a residual pass (pertvl.export.int8; unpadded graph only); `text_graph`: "auto",
+    "unpadded", "fused" or "traced" (as traced); `source`, `command`, `run_config` are recorded
+    in the manifest and the model card; `max_words`, `drop_deid`: the training's clean_text rule.
+    Raises FileExistsError (`out_dir` exists, no `force`), ParityError (nothing written) and
+    ValueError (an unknown option, or "unpadded" for a backbone without support).
     """
     import onnx
     import onnxruntime as ort

@@ -28,15 +28,9 @@ def _deepspeed_checkpoint(path: Path):
 
 
 def _consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint tag folder, loading with weights_only=True.
-
-    The trainable parameters come from the fp32 master copies
-    (deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint; it passes
-    weights_only=False to torch.load, we force True and allow-list the four DeepSpeed classes
-    its files hold, pertvl.train.checkpoint.deepspeed_safe_globals). Frozen parameters (BERT's
-    unused pooler) are not in them (DeepSpeed 0.19.8 records no frozen_param_shapes here) and
-    come, like everything under ZeRO 0, from mp_rank_00_model_states.pt["module"].
-    """
+    """fp32 weights of a DeepSpeed checkpoint tag folder: trainable parameters from zero_to_fp32's
+    fp32 masters (its torch.load forced to weights_only=True), the rest (frozen parameters,
+    buffers, everything under ZeRO 0) from mp_rank_00_model_states.pt["module"]."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pertvl.train.checkpoint import deepspeed_safe_globals
@@ -71,14 +65,8 @@ def _consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_deepspeed_checkpoint(checkpoint: Path, config_path: Path | None = None):
-    """A DualEncoder from a DeepSpeed checkpoint (any ZeRO stage) + the run's config.yaml
-    (cfg["model"] -> create_model).
-
-    Raises:
-        FileNotFoundError: no checkpoint, or no config.yaml given or found.
-        ExportError: the weights do not fit the configured model, or the files hold objects that
-            torch.load(weights_only=True) refuses.
-    """
+    """(DualEncoder, config, CheckpointInfo) from a DeepSpeed checkpoint (any ZeRO stage) and the
+    run's config.yaml: FileNotFoundError without either, ExportError when the weights do not fit."""
     from pertvl.model import create_model
 
     info = _deepspeed_checkpoint(checkpoint)
@@ -116,12 +104,8 @@ def load_deepspeed_checkpoint(checkpoint: Path, config_path: Path | None = None)
 
 def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
                     config: str | os.PathLike | None = None):
-    """(model, source facts, run config or None) from `--run RUN_DIR` (RunDir.model_dir: RUN_DIR/final) or
-    `--checkpoint PATH` (a save_pretrained folder or a DeepSpeed checkpoint folder).
-
-    Raises:
-        FileNotFoundError: naming what is missing and what was expected.
-    """
+    """(model, source facts, run config or None) from `--run RUN_DIR` (RUN_DIR/final) or
+    `--checkpoint PATH` (a save_pretrained folder or a DeepSpeed checkpoint folder)."""
     from pertvl.model import DualEncoder
 
     if (run is None) == (checkpoint is None):

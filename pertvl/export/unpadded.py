@@ -1,26 +1,11 @@
 """An export-only BERT forward that runs the dense layers on real tokens only ("remove padding").
 
-A batch of reports is padded to its longest one; with Open-I findings (7–60 words) about a quarter
-of the token rows are padding, and every GEMM of a BERT layer (QKV, attention output, both
-FFN layers: ~96 % of its multiply-adds) would spend that share on rows nobody reads. This module
-computes the same hidden states as `BertModel(input_ids, attention_mask).last_hidden_state`
-(zeroed on padding) from the same weights, but:
-
-* the embeddings, QKV projection, attention output, FFN and layer norms run on a [T, H] matrix of
-  the T real tokens of the batch (gathered once, by the attention mask);
-* only the attention core needs the [B, L] layout: the QKV rows are gathered back into padded
-  slots (padding slots borrow a real token's row: as keys they are masked, as queries their
-  output is dropped), and the core is onnxruntime's `com.microsoft.MultiHeadAttention` contrib
-  op (CPU and CUDA kernels; the padding mask as its key_padding_mask).
-
-Why not onnxruntime's own tools: its BERT fusion (`Attention`, `SkipLayerNormalization`,
-`BiasGelu`) keeps every padded row, and on the CPU provider of onnxruntime 1.32
-SkipLayerNormalization measured 5x slower than Add + LayerNormalization (2.45 vs 0.50 ms for
-[32, 87, 384]); its padding-free kernels (PackedAttention) exist for CUDA only. Measured on
-MiniLM, batch 32 of ~40-word reports: docs/EXPORT.md (bench/bench_onnx.py --variants).
-
-Supported backbones: transformers' BertModel (BERT, MiniLM, CXR-BERT, PubMedBERT...) with
-absolute position embeddings, as an encoder. Others are exported as traced (pertvl.export.onnx).
+The same hidden states as `BertModel(input_ids, attention_mask).last_hidden_state` (zeroed on
+padding), from the same weights, with the embeddings, QKV, attention output, FFN and layer norms
+on a [T, H] matrix of the batch's T real tokens; only the attention core uses the [B, L] layout,
+as onnxruntime's `com.microsoft.MultiHeadAttention` contrib op. onnxruntime's own BERT fusion
+keeps every padded row (and its CPU SkipLayerNormalization is slow; docs/EXPORT.md). Supported:
+transformers' BertModel with absolute position embeddings, as an encoder.
 """
 
 from __future__ import annotations
@@ -87,19 +72,13 @@ class _SpecialRows(nn.Module):
 
 
 class UnpaddedBert(nn.Module):
-    """[B, L] input_ids/attention_mask -> [B, L, H] last hidden states (zeros on padding), equal
-    to the wrapped BertModel's up to float rounding, with the dense layers on real tokens only.
+    """[B, L] input_ids/attention_mask -> [B, L, H] last hidden states (zeros on padding), equal to
+    the wrapped BertModel's up to rounding; its modules are used as they are, except query/key/value
+    fused into one [3H, H] linear per layer.
 
-    The wrapped model's modules are used as they are (no copies of its weights), except the
-    per-layer QKV projection: query/key/value are concatenated into one [3H, H] linear (one GEMM
-    instead of three), built from the current weights at construction.
-
-    special_ids: with token ids given ([CLS]/[SEP]), their rows go through every dense layer as
-    a matrix of their own, apart from the word rows (same weights, same numbers in fp32). This
-    is the graph int8 quantization starts from: in BERT those few rows carry activations 2-5x
-    larger than any word row (the demo's MiniLM: FFN inputs up to 28 vs 8-12), and dynamic int8
-    quantization scales a whole matrix by its largest value, so quantizing them apart shrinks
-    the quantization step of the word rows by that factor.
+    special_ids: the rows of these tokens ([CLS]/[SEP]) go through every dense layer as a matrix
+    of their own (same numbers in fp32): their activations are several times larger than any word
+    row's, and dynamic int8 scales a whole matrix by its largest value.
     """
 
     def __init__(self, bert: nn.Module, special_ids: tuple[int, ...] = ()):
@@ -128,8 +107,7 @@ class UnpaddedBert(nn.Module):
         special = torch.zeros_like(real)
         for sid in self.special_ids:  # a fixed tuple: unrolled at export
             special = special | (flat_ids == sid)
-        # Token rows in two groups, special-token rows then word rows (one group when no
-        # special_ids are given); every dense layer runs on each group.
+        # Special-token rows, then word rows (one group without special_ids).
         groups = [real & special, real & ~special] if self.special_ids else [real]
         slots = [torch.nonzero(g).squeeze(1) for g in groups]  # flat slot of each row
         order = _cat(slots)
@@ -142,7 +120,6 @@ class UnpaddedBert(nn.Module):
                             + emb.token_type_embeddings.weight[0]) for r in slots]
         h = emb.word_embeddings.embedding_dim
         # q/k/v of slot s: rows 3*slot_row[s] + 0/1/2 of the [3T, H] view of the fused QKV output
-        # (three gathers, no Split copy: 4 of ~90 ms for the int8 MiniLM tower)
         qkv_rows = [3 * slot_row + j for j in range(3)]
         for layer, qkv in zip(self.bert.encoder.layer, self.qkv, strict=True):
             rows = _cat(self._dense(qkv, xs)).reshape(-1, h)

@@ -1,30 +1,12 @@
 """FLOP accounting for a training step, and the device peak that MFU is measured against.
 
-What is counted (model FLOPs of one optimizer step, forward + backward, multiply-add = 2 FLOPs):
-
-* **Text tower** — analytic, from the batch's attention masks: every text actually run (the B
-  originals and the VALID perturbations; `DualEncoder.forward` runs them in one pass), per token
-  and layer 2·(4H² + 2HI) for the Q/K/V/O and feed-forward weights plus 4·L·H for the attention
-  scores and their weighted sum over the token's OWN text (length L; packing's block-diagonal
-  mask computes more, padding is not counted: model FLOPs, as in PaLM's MFU). Backward: 2× the
-  forward for a layer with trainable weights (input and weight gradients); 0 for the frozen
-  embeddings and frozen first layers (`freeze_text_layers`): nothing trainable lies below them,
-  so autograd stops there (the first trainable layer skips its Q/K/V input gradients too). Heads: word aggregation and word projection (originals), the global
-  projection (every text). Embedding lookups, layer norms and softmaxes are not counted (< 1 %).
-* **Image tower** — measured once per run with `torch.utils.flop_counter.FlopCounterMode` on a
-  copy of the tower on the meta device (shapes only: no memory, no compute, the training model
-  untouched): forward, and forward + backward with the run's frozen/trainable parameters, for one
-  image at the training size. Convolutions and matmuls are counted; BatchNorm/ReLU/pooling not.
-* **Losses** — analytic: L_local's matmuls as `pertvl.losses._LocalSimilarity` runs them over
-  the B×B image×report matrix (forward P = R·Xᵀ, Gram R·Rᵀ, G·A; the hand-written backward
-  recomputes the forward, then four more matmuls: see `local_loss_flops`), L_global's two logit
-  matrices and L_pert's B·(1+K) dot products (both negligible).
-
-MFU = counted FLOPs of rank 0's micro-batches / step time / the device's peak (`device_peak`):
-a table of dense 16-bit tensor-core peaks for known GPUs, `PERTVL_PEAK_TFLOPS` to override,
-and on a CPU (or an unknown GPU) the measured throughput of a large matmul in the engine's
-dtype, timed once per process — on a CPU that is the peak of torch's own GEMM kernels on the
-threads this process has, not the silicon's.
+Model FLOPs of one step, forward + backward, multiply-add = 2 FLOPs (padding not counted, as in
+PaLM's MFU). Text tower: analytic, per token and layer 2·(4H² + 2HI) plus 4·L·H for attention
+over the token's own text; backward 2× forward for trainable layers, 0 below the first trainable
+one. Image tower: `FlopCounterMode` on a meta-device copy (shapes only). Losses: L_local's
+matmuls as `_LocalSimilarity` runs them; L_global and L_pert (negligible). MFU divides by
+`device_peak`: a table of dense 16-bit GPU peaks, PERTVL_PEAK_TFLOPS, or on a CPU (or an unknown
+GPU) the measured throughput of torch's own matmul on this process's threads.
 """
 
 from __future__ import annotations
@@ -37,18 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-
-__all__ = [
-    "DEVICE_PEAKS",
-    "FlopCounter",
-    "Peak",
-    "TextShape",
-    "device_peak",
-    "local_loss_flops",
-    "measure_matmul_peak",
-    "measured_module_flops",
-    "text_flops",
-]
 
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, matched by substring of
 # torch.cuda.get_device_name(), first match wins (so "H100 PCIe" precedes "H100").
@@ -79,11 +49,8 @@ def _tflops_env() -> float | None:
 @functools.cache
 def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
                         seconds: float = 0.3) -> float:
-    """FLOP/s of an n×n @ n×n matmul on `device` in `dtype`: the best of repeated timings over
-    ~`seconds`, after one warm-up. Cached per process (and device, dtype, size).
-
-    Inputs come from a private generator: the global RNG (dropout, the data order) is untouched.
-    """
+    """FLOP/s of an n×n matmul on `device` in `dtype`, best of ~`seconds` of timings, cached per
+    process; its inputs come from a private generator (the global RNG is untouched)."""
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 1024)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -218,16 +185,12 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- losses
 def local_loss_flops(b_img: int, b_txt: int, m: int, w: int, d: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of L_local's matmuls as `_LocalSimilarity` runs them, for b_img
-    images of M regions against b_txt reports of W word slots, width D (paper §III-B 2):
+    """(forward, backward) FLOPs of L_local's matmuls as `_LocalSimilarity` runs them (b_img images
+    of M regions against b_txt reports of W word slots, padded ones included, width D):
 
         forward   P = R·Xᵀ  2·Bi·M·Bt·W·D,   G = R·Rᵀ  2·Bi·M²·D,   G·A  2·Bi·M²·Bt·W
-        backward  the forward again (recomputed per chunk, nothing B²-sized is kept), then
-                  dG = A·diag(dq)·Aᵀ  2·Bi·M²·Bt·W,   dG·R  2·Bi·M²·D,
-                  dP·X  and  dPᵀ·R  2·2·Bi·M·Bt·W·D
-
-    Elementwise work (softmaxes, the cosine) is not counted. W counts padded word slots: the
-    batched loss computes them (masked), so they cost.
+        backward  the forward again (recomputed per chunk), then
+                  dG = A·diag(dq)·Aᵀ  2·Bi·M²·Bt·W,   dG·R  2·Bi·M²·D,   dP·X and dPᵀ·R  2·2·Bi·M·Bt·W·D
     """
     fwd = 2.0 * b_img * m * b_txt * w * d + 2.0 * b_img * m * m * d + 2.0 * b_img * m * m * b_txt * w
     bwd = fwd + 2.0 * b_img * m * m * b_txt * w + 2.0 * b_img * m * m * d + 4.0 * b_img * m * b_txt * w * d
@@ -237,12 +200,8 @@ def local_loss_flops(b_img: int, b_txt: int, m: int, w: int, d: int) -> tuple[fl
 # --------------------------------------------------------------------------------------- counter
 @dataclass
 class FlopCounter:
-    """Counts the FLOPs of one micro-batch of a configured DualEncoder + loss preset.
-
-    Build it once per run with `FlopCounter.for_model` (measures the image tower on the meta
-    device); `batch_flops(batch)` is then a few integer reductions over the batch's CPU masks (no
-    device work, no sync), cheap enough for every micro-batch.
-    """
+    """The FLOPs of one micro-batch of a DualEncoder + loss preset: built once by `for_model`, then
+    `batch_flops` is a few reductions over the batch's CPU masks (no device sync)."""
 
     text: TextShape
     image_fwd: float  # per image
@@ -308,7 +267,6 @@ class FlopCounter:
         return float(sum(v for k, v in breakdown.items() if k not in counts))
 
     def batch_flops(self, batch: Any) -> float:
-        """FLOPs of one micro-batch, forward + backward."""
         return self.total(self.batch_breakdown(batch))
 
     def report(self, batch: Any, peak: Peak | None = None) -> dict[str, Any]:

@@ -1,8 +1,5 @@
-"""The optional instruments of a training run, behind the one hook the engine calls at fixed points:
-FLOP/MFU accounting (rank 0; pertvl.train.flops), the step-time breakdown (`train.profile_steps`;
-pertvl.train.profile) and fault injection (PERTVL_FAULT; pertvl.faults). None of them changes
-what is trained: FLOPs are integer sums over the batch's CPU masks, the breakdown runs only on the
-steps asked for, and a fault only ends a run.
+"""The optional instruments of a training run: FLOP/MFU accounting (rank 0), the step-time
+breakdown (`train.profile_steps`) and fault injection (PERTVL_FAULT). None changes what is trained.
 """
 
 from __future__ import annotations
@@ -32,14 +29,8 @@ def _no_phase(_name: str) -> contextlib.AbstractContextManager:
 
 
 class Instruments:
-    """What the engine measures and injects besides training.
-
-    Args:
-        rank: this process's rank (FLOP accounting runs on rank 0).
-        run_dir: where flops.json goes.
-        profile_steps: the first optimizer steps timed phase by phase (0: none).
-        device: the training device (CUDA events or host clock for the breakdown).
-    """
+    """What the engine measures and injects besides training; `profile_steps`: the first optimizer
+    steps timed phase by phase (0: none)."""
 
     def __init__(self, rank: int, run_dir: Path, profile_steps: int, device: torch.device) -> None:
         self.rank, self.run_dir, self.profile_steps = rank, Path(run_dir), profile_steps
@@ -71,8 +62,7 @@ class Instruments:
             faults.at_rank_step(self.faults, rank=self.rank, step=step)
 
     def step_timer(self, global_steps: int) -> StepTimer | None:
-        """The breakdown's timer for this step (started), or None: the default step creates no
-        event and installs no hook."""
+        """The breakdown's timer for this step (started), or None."""
         if self.timer is None or global_steps >= self.profile_steps:
             return None
         self.timer.start()

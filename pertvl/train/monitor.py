@@ -1,14 +1,8 @@
 """Training monitor: Weights & Biases (offline by default), RUN_DIR/metrics.jsonl, console.
 
-Only rank 0 logs; on other ranks every method is a no-op. W&B:
-- mode: the `mode` argument (from the config) wins, else the environment's WANDB_MODE, else
-  "offline" — offline makes no network connection and needs no account; runs land in
-  RUN_DIR/wandb/offline-run-*/ and can be uploaded later with `wandb sync`.
-- API key: only from the environment (WANDB_API_KEY, read by wandb itself). A config holding an
-  API key is refused, so a key never ends up in a config file, a checkpoint or the run's config.
-- resume: the run id is stored in the checkpoint; `resume_run_id` continues the same run
-  (wandb.init(id=..., resume="allow")).
-`enabled_wandb=False` (`--no-wandb`) keeps metrics.jsonl and the console only.
+Only rank 0 logs. The W&B mode is the config's, else WANDB_MODE, else "offline" (no network, no
+account; `wandb sync` uploads later). An API key comes from the environment only: a config holding
+one is refused. The run id is kept in the checkpoint, so a resumed run continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -58,11 +52,7 @@ def _scalar(value: Any) -> float | int | str | bool | None:
 
 
 def resolve_wandb_mode(mode: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
-    """W&B mode: the explicit/config value, else WANDB_MODE, else offline.
-
-    Raises:
-        ValueError: a mode other than online/offline/disabled.
-    """
+    """W&B mode: the explicit/config value, else WANDB_MODE, else offline (ValueError if unknown)."""
     chosen = mode or environ.get("WANDB_MODE") or "offline"
     if chosen == "dryrun":  # wandb's old name for offline
         chosen = "offline"
@@ -72,8 +62,8 @@ def resolve_wandb_mode(mode: str | None = None, environ: Mapping[str, str] = os.
 
 
 def memory_metrics(device: Any = None) -> dict[str, float]:
-    """Memory use of this process in MiB: resident set (now and peak, from /proc/self/status —
-    no psutil needed) and, on a CUDA device, torch's max allocated / reserved since start."""
+    """Memory use of this process in MiB: resident set (now and peak) and, on CUDA, torch's max
+    allocated / reserved."""
     metrics: dict[str, float] = {}
     try:
         with open("/proc/self/status") as status:
@@ -96,10 +86,9 @@ _FORK_HOOK_INSTALLED = False
 
 
 def _forget_wandb_import_hooks_in_forked_children() -> None:
-    """wandb.init registers post-import hooks (telemetry of ML libraries) that talk to the W&B
-    service. A process forked afterwards — a DataLoader worker — that imports one of those modules
-    (kornia, in the augmentation) fires them and dies with wandb's ForkedError. Clear them in every
-    forked child; the lock is replaced first because another parent thread may have held it."""
+    """Clear wandb's post-import hooks in forked children: a DataLoader worker importing a hooked
+    module (kornia) would fire them and die with wandb's ForkedError. The lock is replaced first
+    (another parent thread may have held it)."""
     global _FORK_HOOK_INSTALLED
     if _FORK_HOOK_INSTALLED:
         return
@@ -119,24 +108,9 @@ def _forget_wandb_import_hooks_in_forked_children() -> None:
 class Monitor:
     """Logs training metrics to W&B, RUN_DIR/metrics.jsonl and the console (rank 0 only).
 
-    Args:
-        run_dir: the run folder (metrics.jsonl, summary.json, wandb/ go there).
-        config: the resolved run config, recorded as the W&B run config. Must not hold an API key.
-        enabled_wandb: False = `--no-wandb`: JSONL + console only.
-        project, run_name, tags: W&B project, display name and tags (from the config).
-        rank: global rank; only rank 0 does anything.
-        resume_run_id: the W&B run id stored in the checkpoint, to continue that run.
-        mode: W&B mode from the config (online/offline/disabled); None = WANDB_MODE or offline.
-        resume_step: when resuming from the checkpoint of this step, metrics.jsonl lines of
-            later steps (logged after that checkpoint by the run that died) are dropped, so the
-            file holds each step once.
-        console: print a line per `log` call (or update the progress bar's postfix).
-
-    Attributes:
-        run_id: the W&B run id (None without W&B or on ranks != 0).
-
-    Raises:
-        ValueError: the config holds an API key, or an unknown W&B mode.
+    `resume_run_id` continues that W&B run; `resume_step` drops the metrics.jsonl lines of later
+    steps (logged by the run that died after its checkpoint), so the file holds each step once.
+    ValueError when the config holds an API key or the W&B mode is unknown.
     """
 
     def __init__(
@@ -223,8 +197,7 @@ class Monitor:
             log.info("%s: dropped %d lines after resumed step %d", path, dropped, step)
 
     def progress(self, total: int, initial: int = 0) -> Any:
-        """A tqdm progress bar over optimizer steps (disabled on ranks != 0); the engine calls
-        .update(n) on it, and `log` shows the latest metrics in its postfix."""
+        """A tqdm progress bar over optimizer steps; `log` shows the latest metrics in its postfix."""
         from tqdm.auto import tqdm
 
         self._bar = tqdm(
@@ -233,12 +206,7 @@ class Monitor:
         return self._bar
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Record metrics of one global optimizer step.
-
-        Args:
-            metrics: name -> number (floats, ints, numpy scalars, 1-element tensors).
-            step: global optimizer step (W&B's step axis; must not decrease).
-        """
+        """Record the metrics (numbers, numpy scalars, 1-element tensors) of one optimizer step."""
         if not self.active:
             return
         values = {name: _scalar(value) for name, value in metrics.items()}

@@ -12,10 +12,8 @@ Phases of one optimizer step, summed over its micro-batches:
     optimizer      engine.step (ZeRO's reductions on ZeRO-1, the SGD step, the LR schedule)
     other          the step's remaining time (loss values to the host, BatchNorm buffer averaging)
 
-On CUDA the boundaries are CUDA events on the current stream (GPU timeline, no host sync until the
-step's end, when the events are read); on a CPU the ops run synchronously, so host wall-clock
-marks are the timeline. Only the steps asked for are timed: the default training step creates no
-event and installs no hook.
+Boundaries are CUDA events (read at the step's end) on CUDA, the host clock on a CPU. Only the
+steps asked for are timed: the default step creates no event and installs no hook.
 """
 
 from __future__ import annotations
@@ -53,11 +51,8 @@ class _Mark:
 
 
 class StepTimer:
-    """Times the phases of the steps it is asked to (see the module doc).
-
-    Usage (the engine's `_train_step`): `timer.start()`, `with timer.phase(name): ...` around each
-    phase, `timer.hooks(model)` around the forward, `timer.finish()` → {phase: seconds}.
-    """
+    """`start()`, `with phase(name)` around each phase, `hooks(model)` around the forward, then
+    `finish()` → {phase: seconds}."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"

@@ -1,13 +1,6 @@
-"""The run folder: where a training run keeps its config, checkpoints and final weights.
-
-`pertvl train --run-dir RUN_DIR` (pertvl.train.engine) writes::
-
-    RUN_DIR/config.yaml      the resolved run config (data/model/loss/train/wandb)
-    RUN_DIR/checkpoints/     DeepSpeed checkpoints + `latest` (pertvl.train.checkpoint)
-    RUN_DIR/final/           the trained DualEncoder, save_pretrained (config.json + model.safetensors)
-
-Export and evaluation read runs through `RunDir` only, so the layout has one home (as
-pertvl.export does for export folders). Standard library + PyYAML; no torch until a model is loaded.
+"""The run folder: RUN_DIR/config.yaml (the resolved run config), RUN_DIR/checkpoints/ (DeepSpeed
+checkpoints + `latest`) and RUN_DIR/final/ (the trained DualEncoder, save_pretrained). Export and
+evaluation read runs through `RunDir` only. No torch until a model is loaded.
 """
 
 from __future__ import annotations
@@ -31,11 +24,7 @@ def is_pretrained_dir(path: str | os.PathLike) -> bool:
 
 
 def read_run_config(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A run's config.yaml as a dict; None when the file is missing or empty.
-
-    Raises:
-        ValueError: naming the file, when it holds something other than a mapping.
-    """
+    """A run's config.yaml as a dict; None when missing or empty, ValueError when not a mapping."""
     import yaml
 
     path = Path(path)
@@ -97,19 +86,13 @@ class RunDir:
         return self.path / FINAL_NAME
 
     def config(self) -> dict[str, Any] | None:
-        """The run's config.yaml (None when there is none)."""
         return read_run_config(self.config_path)
 
     def image_size(self) -> int | None:
-        """The image size the run trained at (see trained_image_size)."""
         return trained_image_size(self.config())
 
     def model_dir(self) -> Path:
-        """The trained model: RUN_DIR/final, or RUN_DIR itself when it is a save_pretrained folder.
-
-        Raises:
-            pertvl.errors.NotFoundError (a FileNotFoundError): naming the folder and the files expected there.
-        """
+        """The trained model: RUN_DIR/final, or RUN_DIR itself when it is a save_pretrained folder."""
         from pertvl.errors import NotFoundError
 
         if not self.path.is_dir():

@@ -1,14 +1,8 @@
 """SIGTERM / SIGUSR1 -> checkpoint and a clean exit (SLURM time limits, preemption, requeue).
 
-SLURM sends SIGUSR1 before the time limit when the job asks for it (`--signal=USR1@120`, see
-slurm/README.md) and SIGTERM on preemption, `scancel` and at the time limit itself (SIGKILL follows
-after KillWait, 30 s by default). The handler only sets a flag: the training loop checks it
-after each optimizer step, agrees with the other ranks (`PreemptionFlag.agreed`, one tiny
-all_reduce, so every rank stops after the SAME step and no collective is left waiting), writes a
-checkpoint and exits with `PREEMPTED_EXIT_CODE`.
-
-Exit code 75 is EX_TEMPFAIL of sysexits.h ("temporary failure; the user is invited to retry"):
-the sbatch scripts requeue the job when srun returns it, and `--resume latest` continues.
+The handler only sets a flag; after each optimizer step the ranks agree on it (one all_reduce, so
+all stop after the same step), write a checkpoint and exit with 75 (EX_TEMPFAIL), which the
+sbatch scripts requeue; `--resume latest` continues.
 """
 
 from __future__ import annotations
@@ -23,25 +17,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-PREEMPTED_EXIT_CODE = 75
-"""Exit code of a run that stopped on SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL)."""
+PREEMPTED_EXIT_CODE = 75  # stopped on SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL)
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; read by the training loop.
-
-    Use as `flag = PreemptionFlag().install()` (or a `with` block, which restores the previous
-    handlers on exit). Handlers can only be installed from the main thread (Python's rule).
-
-    Attributes:
-        signals: the signals that request a stop.
-        requested: True once one of them arrived in this process.
-        signal_name: name of the first one ("SIGUSR1"), None before.
-        received_at: time.time() of the first one.
-    """
+    """Set by SIGTERM/SIGUSR1, read by the training loop: `PreemptionFlag().install()` (main thread
+    only) or a `with` block; `signal_name`: the first signal that arrived."""
 
     signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS
     requested: bool = False
@@ -50,11 +34,7 @@ class PreemptionFlag:
     _previous: dict[signal.Signals, Any] = field(default_factory=dict, repr=False)
 
     def install(self) -> PreemptionFlag:
-        """Register the handlers (main thread only); returns self.
-
-        Raises:
-            RuntimeError: called from another thread.
-        """
+        """Register the handlers (main thread only); returns self."""
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionFlag.install() must run in the main thread (signal handlers)")
         for sig in self.signals:
@@ -76,18 +56,8 @@ class PreemptionFlag:
         self.requested = True
 
     def agreed(self, device: torch.device | str | None = None) -> bool:
-        """Whether ANY rank was signalled: an all_reduce(MAX) of the flag across the job.
-
-        Every rank must call it at the same point (after each optimizer step), so all ranks
-        stop after the same step. Without torch.distributed initialised (or one rank) it is
-        `requested`. Cost: one 1-element all_reduce.
-
-        Args:
-            device: where the collective runs (cuda:LOCAL_RANK under nccl, cpu under gloo).
-
-        Returns:
-            True when this or any other rank received a stop signal.
-        """
+        """Whether ANY rank was signalled (an all_reduce(MAX) on `device`); every rank calls it at
+        the same point."""
         import torch
         import torch.distributed as dist
 

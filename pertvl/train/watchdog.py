@@ -1,23 +1,12 @@
 """A run that stops making progress, or fails, ends: the progress watchdog and the failure deadline.
 
-Three ways a rank can stay alive without training, each seen on real runs:
-
-- a step never completes (a data-loader worker deadlocked right after fork, a peer that died while
-  this rank waits in a collective, a filesystem that stopped answering);
-- the rank raised, but exiting blocks (joining a worker that ignores SIGTERM, a collective in a
-  destructor, W&B flushing);
-- a stop signal arrived, but the step it waits for never ends, so the checkpoint never comes.
-
-`Watchdog` is a daemon thread per rank. The loop calls `beat()` after every optimizer step. With
-no beat for longer than the limit, or a stop signal unanswered for `stop_grace_s`, the watchdog
-writes every thread's Python stack (and asks the rank's loader workers to write theirs), kills the
-workers and ends the process with `os._exit` — no cleanup that could block again. The limit is
-`stall_timeout_s` (absolute), tightened to `stall_factor` × the median step time (but never under
-`min_stall_s`) once `warmup_beats` steps have been timed. `phase("checkpoint")` lifts the relative
-rule while something known to be slow runs.
-
-`exit_deadline(seconds)` arms the same ending for a rank that is already failing: whatever the
-clean-up does, the process is gone `seconds` later, with its stacks in the log.
+A rank can stay alive without training: a step that never completes (a deadlocked loader worker,
+a dead peer in a collective), an exit that blocks after an error, a stop signal whose step never
+ends. `Watchdog` is a daemon thread per rank: with no `beat()` for longer than the limit, or a stop
+signal unanswered for `stop_grace_s`, it writes every Python stack (the loader workers' too), kills
+the workers and calls `os._exit`. The limit is `stall_timeout_s`, tightened to `stall_factor` × the
+median step time (at least `min_stall_s`) once steps are timed; a `phase` (a checkpoint) gets the
+absolute limit only. `exit_deadline` arms the same ending for a rank that is already failing.
 """
 
 from __future__ import annotations
@@ -37,26 +26,20 @@ from pertvl.data.stream import WORKER_STACKS_SIGNAL  # loader workers write thei
 
 log = logging.getLogger(__name__)
 
-STALLED_EXIT_CODE = 70
-"""Exit code of a rank ended by the watchdog or the failure deadline (EX_SOFTWARE of sysexits.h)."""
-TERMINATED_EXIT_CODE = 143
-"""Exit code of a rank whose stop signal was not answered by a step boundary within the grace period
-(128 + SIGTERM, as if the signal had killed it: the run did not checkpoint)."""
-
+STALLED_EXIT_CODE = 70  # ended by the watchdog or the failure deadline (EX_SOFTWARE)
+TERMINATED_EXIT_CODE = 143  # a stop signal not answered within the grace period (128 + SIGTERM)
 
 
 def dump_all_stacks(reason: str) -> None:
-    """Write `reason` and every thread's Python stack of this process (and of its child processes
-    that registered WORKER_STACKS_SIGNAL) to stderr. Async-safe enough for a dying process: no
-    locks beyond stderr's."""
+    """Write `reason` and every thread's Python stack of this process (and of its children that
+    registered WORKER_STACKS_SIGNAL) to stderr."""
     try:
         sys.stderr.write(f"\n[pertvl] {reason}\n[pertvl] Python stacks of pid {os.getpid()}:\n")
         sys.stderr.flush()
     except Exception:  # noqa: BLE001 - a closed stderr must not stop the ending
         pass
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    # Only the processes that asked for it (the loader workers): the signal would kill the others,
-    # e.g. the forkserver, whose workers die with it. One at a time, so the reports do not interleave.
+    # Only the processes that catch it (the signal would kill a forkserver), one at a time.
     for pid in _child_pids():
         if _catches(pid, WORKER_STACKS_SIGNAL):
             with contextlib.suppress(OSError):
@@ -77,8 +60,7 @@ def _catches(pid: int, sig: int) -> bool:
 
 
 def _child_pids() -> list[int]:
-    """This process's descendants: its loader workers, and the workers a forkserver started for it
-    (children of that server, which is a child of this process)."""
+    """This process's descendants (loader workers, a forkserver and its workers)."""
     me = os.getpid()
     parents: dict[int, list[int]] = {}
     try:
@@ -117,20 +99,9 @@ def end_process(reason: str, code: int) -> None:
 
 
 class Watchdog:
-    """Ends this rank when training stops making progress (see the module docstring).
-
-    Args:
-        rank: for the messages.
-        stall_timeout_s: the absolute limit between two beats (None or <= 0: no absolute limit).
-        stall_factor: the relative limit, × the median step time (None or <= 0: none).
-        min_stall_s: the relative limit is never below this.
-        warmup_beats: steps timed before the relative limit applies (first steps are slow).
-        stop_grace_s: after `stop_requested()` turns true, the time allowed to reach the next step
-            boundary (None: unlimited).
-        stop_requested: returns True once a stop signal arrived (PreemptionFlag.requested).
-        poll_s: how often the thread looks (None: a tenth of the smallest limit, 0.2-5 s).
-        on_expire: called instead of `end_process` (tests).
-    """
+    """Ends this rank when training stops making progress (see the module docstring). Limits of
+    None or <= 0 are off; `poll_s` defaults to a tenth of the smallest limit (0.2-5 s);
+    `on_expire` replaces `end_process` (tests)."""
 
     def __init__(
         self,
@@ -167,8 +138,7 @@ class Watchdog:
 
     # -- the loop's side --------------------------------------------------------------------------
     def _arm_backstop(self) -> None:
-        # A hang inside C code that holds the GIL would stop this thread too; faulthandler's timer is
-        # a C thread: it writes every stack and exits (code 1) a minute after the absolute limit.
+        # A hang in C code holding the GIL stops this thread too: faulthandler's C timer does not.
         if self.stall_timeout_s is not None:
             faulthandler.dump_traceback_later(self.stall_timeout_s + 60, exit=True)
 
@@ -191,8 +161,7 @@ class Watchdog:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Something known to take longer than a step (a checkpoint): only the absolute limit applies,
-        counted from the phase's start; the step clock restarts after it. Phases nest."""
+        """Something known to take longer than a step (a checkpoint): the absolute limit only."""
         outer, self._phase, self._last = self._phase, name, time.monotonic()
         self._arm_backstop()
         try:
