@@ -1,8 +1,5 @@
-"""MODEL_CARD.md of an export, in Hugging Face's model-card sections, from the export's own facts.
-
-Written by every `pertvl export` (from the manifest and the run's config: the shards it trained
-on, their pairs' source and counts) and rewritten by the demo once it has evaluated the export
-(`results`: each evaluation's headline, with its controls, CI and n). Standard library only.
+"""MODEL_CARD.md of an export, in Hugging Face's model-card sections, from the manifest and the
+run's config; the demo rewrites it with its evaluation headlines (`results`).
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Dynamic int8 quantization of the exported towers, and residual passes for chosen text layers.
 
-`quantize_int8` is onnxruntime.quantization.quantize_dynamic with pertvl's choices: int8
-per-channel weights, activations quantized per call (one scale per matrix).
-
-`add_residual_passes` makes chosen quantized layers see their input at ~16-bit precision for
-the cost of a second int8 GEMM: dynamic quantization rounds the input x to x̂ (a step of
-(max - min) / 255 for the whole matrix); the layer then adds W·r, where r = x - x̂ is quantized
-the same way. r spans one step, so its own step is 255x finer: in total x is seen at about
-1/65,000 of its range, and only the weights' int8 rounding is left. It uses standard ONNX ops
-only (DequantizeLinear, Sub, DynamicQuantizeLinear, MatMulInteger), which onnxruntime fuses
-into its int8 kernels, and the layer's stored int8 weight (the file does not grow).
-
-Why not per-row activation scales or SmoothQuant: onnxruntime's int8 GEMM kernels take one
-activation scale per matrix, and on the demo neither lowered the noise int8 adds to the structure
-test; the residual pass on the FFN input layers lowers it as far as keeping those layers in fp32,
-at a fraction of that cost (docs/EXPORT.md has the measurements).
+`quantize_int8`: onnxruntime's quantize_dynamic, int8 per-channel weights, activations quantized
+per call (one scale per matrix). `add_residual_passes`: a chosen layer also multiplies the
+rounding residual r = x - x̂ of its input, quantized the same way, so it sees x at ~16-bit
+precision for a second int8 GEMM (standard ONNX ops, the same stored int8 weight). onnxruntime's
+int8 GEMMs take one activation scale per matrix, so per-row scales or SmoothQuant are not open;
+docs/EXPORT.md has the measurements.
 """
 
 from __future__ import annotations
@@ -28,13 +19,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-# Op types quantized per tower. Convolutions stay fp32: onnxruntime's ConvInteger (what dynamic
-# quantization makes of a Conv) is slower than the fp32 convolution on CPU, so the int8 image tower
-# quantizes its MatMuls (projection heads) only. The text tower quantizes its dense layers
-# (MatMul/Gemm; Attention in the fused graph) and keeps the word-embedding table in fp32 (quantizing
-# that Gather costs structure accuracy). Its unpadded graph is quantized from the "unpadded-split"
-# trace (see pertvl.export.unpadded.UnpaddedBert): [CLS]/[SEP] rows get their own dynamic scale,
-# which halves the noise int8 adds to the structure-test margins (docs/EXPORT.md).
+# Op types quantized per tower: convolutions stay fp32 (onnxruntime's ConvInteger is slower than
+# fp32 on CPU) and so does the word-embedding table (quantizing it costs structure accuracy).
 INT8_OP_TYPES = {"image": ["MatMul"], "text": ["MatMul", "Gemm", "Attention"]}
 
 # text layers that can get a residual pass, by the name of their weight in the unpadded graph
@@ -50,8 +36,7 @@ DEFAULT_RESIDUAL = ("ffn-in",)
 
 @contextlib.contextmanager
 def quiet_onnxruntime_tools() -> Iterator[None]:
-    """onnxruntime's quantizer and transformer optimizer log every tensor at INFO/WARNING on the
-    root logger, print to stdout and warn: keep the root logger at ERROR, send prints to stderr."""
+    """Keep onnxruntime's quantizer and optimizer quiet: root logger at ERROR, prints to stderr."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)

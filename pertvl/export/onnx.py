@@ -191,9 +191,9 @@ def export_model(
             report = {"tolerance": tolerance,
                       "rule": "fp32: max abs diff <= tolerance for image_emb/text_emb, <= tolerance x max(1, "
                               "max |torch output|) for regions/words; word_mask identical; int8: reported only",
-                      "fp32": check_parity(model, paths, cases, tolerance).to_json()}
+                      "fp32": check_parity(model, paths, cases, tolerance)}
             if "int8" in variants:
-                report["int8"] = check_parity(model, int8_paths, cases, None).to_json()
+                report["int8"] = check_parity(model, int8_paths, cases, None)
             manifest["parity"] = report
             log.info("parity checked in %.1f s: fp32 max abs %s", time.perf_counter() - t1,
                      {t: max(v.values()) for t, v in report["fp32"]["max_abs"].items()})

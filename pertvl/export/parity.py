@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,6 @@ from pertvl.export.towers import ImageTower, TextTower
 PARITY_TOLERANCE = 1e-4
 
 
-@dataclass
-class ParityReport:
-    """max_abs: per tower and output, max |torch - onnxruntime| over every case; scale: max |torch
-    output| (the local features are not normalized); min_cosine: worst cosine between torch's and
-    onnxruntime's global embeddings; cases: the same per case."""
-
-    max_abs: dict[str, dict[str, float]]
-    scale: dict[str, dict[str, float]]
-    min_cosine: dict[str, float]
-    cases: list[dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"max_abs": self.max_abs, "scale": self.scale, "min_cosine": self.min_cosine, "cases": self.cases}
-
-
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.astype(np.float64), b.astype(np.float64)
     num = (a * b).sum(-1)
@@ -44,10 +28,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def parity_bound(name: str, tolerance: float, scale: float) -> float:
-    """The allowed max abs difference of one output: `tolerance` for the L2-normalized embeddings;
-    `tolerance × max(1, scale)` for the unnormalized local features (regions, words), whose fp32
-    rounding grows with their magnitude (a random-init ResNet-50 gives |regions| ≈ 50, and a
-    correct export then differs by ~1e-4 absolute, i.e. 2e-6 relative)."""
+    """The allowed max abs difference of one output: `tolerance` for the L2-normalized embeddings,
+    `tolerance × max(1, scale)` for the unnormalized local features, whose rounding grows with them."""
     return tolerance if name in ("image_emb", "text_emb") else tolerance * max(1.0, scale)
 
 
@@ -82,17 +64,12 @@ def run_torch(model: nn.Module, tower: str, feeds: dict[str, np.ndarray]) -> lis
     return [o.detach().cpu().numpy() for o in outs]
 
 
-def check_parity(model: nn.Module, files: dict[str, Path], cases, tolerance: float | None) -> ParityReport:
-    """Run every case through torch and onnxruntime and compare.
-
-    Args:
-        model: the DualEncoder (CPU, float32, eval).
-        files: {"image": path, "text": path} of the ONNX files to check.
-        cases: `parity_inputs(...)`.
-        tolerance: max abs difference allowed per output (see `parity_bound`); None = report only (int8).
-    Raises:
-        ParityError: naming the file, output and case whose difference exceeds the bound, or
-            when shapes or word masks disagree.
+def check_parity(model: nn.Module, files: dict[str, Path], cases, tolerance: float | None) -> dict[str, Any]:
+    """Run every case through torch and onnxruntime and compare. `tolerance`: see `parity_bound`
+    (None: report only, for int8). Returns the manifest's parity entry: per tower and output the
+    max |torch - onnxruntime| (`max_abs`) and max |torch output| (`scale`), the worst cosine of the
+    global embeddings (`min_cosine`), and the same per case. ParityError names the file, output
+    and case beyond the bound, or shapes and word masks that disagree.
     """
     sessions = {t: open_session(p, ["CPUExecutionProvider"]) for t, p in files.items()}
     names = {"image": IMAGE_OUTPUTS, "text": TEXT_OUTPUTS}
@@ -131,7 +108,7 @@ def check_parity(model: nn.Module, files: dict[str, Path], cases, tolerance: flo
         rows.append({"tower": tower, "file": files[tower].name, "input": what,
                      "shape": list(next(iter(feeds.values())).shape), "max_abs": diffs, "scale": scales,
                      "min_cosine": cos})
-    return ParityReport(max_abs, scale, min_cos, rows)
+    return {"max_abs": max_abs, "scale": scale, "min_cosine": min_cos, "cases": rows}
 
 
 def measure_speed(files: dict[str, dict[str, Path]], cases, repeats: int = 3) -> dict[str, Any]:

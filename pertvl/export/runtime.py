@@ -1,8 +1,5 @@
-"""onnxruntime sessions with pertvl's options: the one place an export's ONNX files are opened.
-
-Used by pertvl.infer (the Embedder), by the exporter's parity and speed checks
-(pertvl.export.parity) and by bench/bench_onnx.py, so all three run the graphs the same way.
-numpy-free and torch-free: onnxruntime is imported when a session is made.
+"""onnxruntime sessions with pertvl's options: the one place an export's ONNX files are opened
+(torch-free; onnxruntime is imported when a session is made).
 """
 
 from __future__ import annotations
@@ -11,8 +8,6 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-
-__all__ = ["IsolatedSession", "default_providers", "open_session", "physical_cores", "session_options"]
 
 
 def physical_cores() -> int:
@@ -27,8 +22,8 @@ def physical_cores() -> int:
 
 
 def session_options(threads: int | None = None):
-    """onnxruntime SessionOptions used for every tower: all graph optimizations, intra-op threads =
-    physical cores (`threads` overrides), one inter-op thread (the graphs are sequential)."""
+    """SessionOptions of every tower: all graph optimizations, intra-op threads = physical cores
+    (`threads` overrides), one inter-op thread."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -48,11 +43,9 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-# Sessions are created with denormals flushed to zero: the masked softmax of the text tower's
-# attention produces denormals, and flushing them made the text tower 7 % (fp32) and 13 % (int8)
-# faster here with bit-identical outputs. onnxruntime also sets that flag on the thread that creates
-# the session or calls run(), so both happen on one private thread: the caller's floating-point
-# mode (numpy, torch in the same process) stays as it was.
+# Sessions flush denormals to zero (the text tower's masked softmax makes them: faster, same
+# outputs). onnxruntime sets that flag on the thread that creates the session or calls run(), so
+# both happen on one private thread: the caller's floating-point mode stays as it was.
 _RUNNER: ThreadPoolExecutor | None = None
 _RUNNER_LOCK = threading.Lock()
 
