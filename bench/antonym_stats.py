@@ -2,13 +2,11 @@
 
     python bench/antonym_stats.py [--reports indiana_reports.csv] [--before b653ac0] [--json OUT]
 
-Counts the `antonym_adjectives` perturbation over every non-empty Open-I findings section (3,337
-reports; one record per report, so a text repeated by several reports counts each time) with
-the current code, and with the code and antonyms.tsv of the git revision `--before` (loaded
-with `git show`, nothing is checked out). For the negatives the old rule made, it also tells
-how many flip a word that the current rule finds inside a negation scope or a fixed phrase,
-flip more than one word, or use a word outside the current reviewed table. Prints a Markdown
-table (docs/PERTURBATIONS.md); exits 2 when the reports file is missing.
+Counts the `antonym_adjectives` perturbation over every non-empty findings section with the
+current code and with that of git revision `--before` (read with `git show`), and why the old
+rule's negatives are no longer made (negation scope, fixed phrase, several words flipped, a word
+outside the reviewed table). Prints a Markdown table (docs/PERTURBATIONS.md); exits 2 when the
+reports file is missing.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """Loader throughput: decode + augment + tokenize + collate, samples/s with 2 workers at 224 px.
 
-Compares the training stream (pertvl.data.stream.build_train_stream) against a fixed target of
-500 samples/s (the training step's consumption is the real yardstick once training exists).
-It first packs its own temporary shards: synthetic 8-bit radiograph-like images (smooth anatomy
-+ noise, 256x300 so pack resizes them) with ~40-word reports and all nine perturbations.
-
     python bench/bench_loader.py            # 512 samples, 3 epochs
     python bench/bench_loader.py --quick    # 256 samples, 2 epochs
 
-Prints pack speed, the loader's samples/s (steady state: after each epoch's first batch, and
-end to end including worker start-up) and the ratio to the target; exits 1 if the steady-state
-rate misses the target.
-
-The epoch boundary, side by side in the same run: the wait for the first batch of every epoch
-after the first, with the stream's one set of workers serving every epoch (today) against workers
-forked anew each epoch (`close()` before every epoch, fork context), with a
-simulated training step between batches so that workers can work ahead as they do in training.
+Packs its own temporary shards (synthetic radiograph-like images, ~40-word reports, all nine
+perturbations), then times the training stream against a target of 500 samples/s (steady state,
+after each epoch's first batch); exits 1 when missed. Also compares the wait at each epoch
+boundary with the stream's one set of workers against workers forked anew each epoch.
 """
 
 from __future__ import annotations

@@ -2,32 +2,13 @@
 
     python bench/bench_local_loss.py [--quick] [--reps N] [--batch 32 --words 97 --grid 14 --dim 768]
 
-Both compute the same loss (GLoRIA's local loss, mean of the two directions) on the same inputs:
-B = 32 reports of W = 97 words, M = 196 regions (14×14), D = 768 (GLoRIA's sizes). "loop" is
-GLoRIA's gloria/loss/gloria_loss.py (attention_fn + a Python loop over captions, contexts
-materialized); "batched" is pertvl.losses.local_attentive_loss (one chunked autograd Function
-over the whole B×B matrix, contexts never built).
-
-Each variant runs in a fresh subprocess, one after the other (with --quick the first pass is
-the only timed one): peak memory is that process's
-ru_maxrss minus its resident size just before the first forward+backward (inputs and torch
-already loaded), i.e. the high-water mark of the computation itself. tracemalloc cannot see
-torch's allocations, and sharing one process would let the first variant's freed pages hide the
-second's. Time = best (minimum; other jobs only add time) of --reps forward+backward passes after
-that first (warm-up) pass; medians are printed too.
-
-Targets: batched at least SPEEDUP_TARGETS[vendor]× faster than the loop (per machine, see below),
-with a peak no higher than the loop's. Exit 1 when a target is missed or the two losses disagree
-(relative 1e-4). Timings on a shared machine are noisy; the ratio is what counts. The CPU model
-(/proc/cpuinfo), torch's thread count and each variant's process CPU time are printed beside the
-wall times: on a loaded machine wall time grows with every thread that waits at an OpenMP barrier.
-
-Per machine (docs/PERFORMANCE.md "P1 per machine"): the batched loss takes about the same time on
-the Intel machine where P1 was written (1.13 s) and on an AMD EPYC (1.25 s); the reference loop is
-~8× slower on the Intel one, so the ratio measures the loop's cost on the machine, not pertvl's.
-The loop is elementwise/copy-bound (copy_, mul, add_, fill_ > 50 % of its CPU time; bmm ~20 %) and
-~14 % of its word-softmax outputs are denormal floats with these random inputs. --flush-denormal
-sets torch.set_flush_denormal(True) in both workers, to test the denormal explanation on a machine.
+The same loss on the same inputs (GLoRIA's sizes by default): "loop" is GLoRIA's
+gloria_loss.py (pertvl.testing), "batched" pertvl.losses.local_attentive_loss. Each runs in a
+fresh subprocess; peak memory is its ru_maxrss above its size before the first pass; time is the
+best of --reps passes after a warm-up. Targets: batched SPEEDUP_TARGETS[CPU vendor]× faster, a
+peak no higher than the loop's, losses equal to 1e-4 relative; exit 1 otherwise. The loop's cost
+depends on the machine (docs/PERFORMANCE.md "P1 per machine"); --flush-denormal tests whether
+its denormal floats explain that.
 """
 
 from __future__ import annotations
@@ -41,9 +22,8 @@ import subprocess
 import sys
 import time
 
-# The loop/batched target by CPU vendor (/proc/cpuinfo vendor_id): 3× where P1 was written
-# (Intel, 19.5× measured); 2× on AMD EPYC, where the loop itself is ~8× cheaper (2.32× and 4.6×
-# measured; docs/PERFORMANCE.md). Unknown vendors get the stricter one.
+# The loop/batched target by CPU vendor (/proc/cpuinfo vendor_id): the loop is much cheaper on AMD
+# EPYC (docs/PERFORMANCE.md). Unknown vendors get the stricter one.
 SPEEDUP_TARGETS = {"GenuineIntel": 3.0, "AuthenticAMD": 2.0}
 SPEEDUP_TARGET = 3.0
 

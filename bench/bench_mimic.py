@@ -1,22 +1,14 @@
 """MIMIC-CXR-sized data preparation: ingest, perturbation and packing rates on a generated corpus of
-the real MIMIC-CXR-JPG layout, each against its target and against the rate the full corpus needs.
+the real MIMIC-CXR-JPG layout (pertvl.data.mimic.write_mimic_tree), each against its target.
 
-    python bench/bench_mimic.py            # 50,000 studies (2 views each) ingested; 2,000 reports
-                                           # perturbed (twice: two kinds of text); 1,000 pairs packed at 224 px
+    python bench/bench_mimic.py            # 50,000 studies ingested; 2,000 reports perturbed; 1,000 pairs packed
     python bench/bench_mimic.py --quick    # 5,000 / 500 / 300
 
-The tree (pertvl.data.mimic.write_mimic_tree): split/metadata/CheXpert CSV.gz files, a PA and a
-LATERAL JPEG per study (1024 x 1024 radiograph-like images, a few distinct ones reused: ingest only
-checks that files exist, packing decodes and resizes them), sectioned reports in
-mimic-cxr-reports.zip. Perturbation is timed on two texts: the tree's reports, random word soup
-(no sentence repeats: the worst case), and report-style findings composed by the phantom
-generator's sentence templates (pertvl.data.phantom.language: sentences repeat across reports as
-in real ones). Targets (2 cores): ingest of 50,000 studies <= 60 s, perturbation >= 1,000
-reports/s, packing >= 300 pairs/s at 224 px. "Full corpus in an hour on 16 cores" needs 227,835
-studies ingested, 227,835 reports perturbed and ~243,000 frontal pairs packed per hour, i.e. per
-core: 4.0 studies/s, 4.0 reports/s, 4.2 pairs/s. Each line also gives the CPU seconds the stage used
-(this process and its workers) and the load average, since a machine shared with other jobs slows
-the wall-clock rate. Exits 1 when a 2-core target is missed.
+Perturbation is timed on random word soup (the worst case) and on report-style findings of the
+phantom templates. Targets (2 cores): ingest of 50,000 studies <= 60 s, perturbation >= 1,000
+reports/s, packing >= 300 pairs/s at 224 px; each line also gives the per-core rate the full
+corpus needs in an hour on 16 cores, the CPU seconds used and the load average. Exits 1 when a
+target is missed.
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
-"""onnxruntime vs torch eager, batch 32, in one run: image tower (small ResNet and ResNet-50 at
-224 px) and text tower (MiniLM, ~40-word reports), fp32 and int8.
+"""onnxruntime vs torch eager, batch 32: image tower (small ResNet and ResNet-50 at 224 px) and text
+tower (MiniLM, ~40-word reports), fp32 and int8.
 
     python bench/bench_onnx.py [--quick] [--threads N] [--variants]
 
-Goals: every tower at least 1.5x faster than torch eager in fp32, at least 2x in int8;
-the script exits 1 when one is missed. Torch runs the model as trained (its default SDPA
-attention, torch.inference_mode) with the same thread count as onnxruntime (physical cores).
-Times are the best of N interleaved repetitions (torch and onnxruntime alternate, so load from
-other processes hits both; each timed call follows an untimed one, see `timed`); medians are
-printed too.
+Goals: every tower at least 1.5x faster than torch eager in fp32, 2x in int8 (exit 1 otherwise),
+with the same threads for both; times are the best of interleaved repetitions. `--variants` also
+times the int8 text tower without its residual pass, the other text graphs and torch running the
+unpadded module (information, not a goal).
 
-`--variants` also times the int8 text tower without its residual pass (pertvl.export.int8), the
-other text graphs (the SDPA trace as exported naively, the eager attention trace, and that trace
-fused by onnxruntime's BERT optimizer) against the default unpadded graph, and torch eager
-running the unpadded module itself (information, not a goal).
-
-int8 accuracy hook (needs a trained export and packed shards with perturbations; the structure
-evaluation must stay within 1 point of fp32):
+int8 accuracy hook (a trained export and packed shards; structure within 1 point of fp32):
 
     python bench/bench_onnx.py --structure-export export/NAME --shards shards/NAME [--split test,val,train] [--limit N]
 """
@@ -57,13 +49,8 @@ def reports_of_about(n_words: int, count: int) -> list[str]:
 
 
 def timed(fns: dict[str, callable], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Interleaved timing of several callables: {name: [seconds per repetition]}.
-
-    Each repetition calls every callable twice and times the second call: each runtime keeps
-    its own thread pool whose threads spin for a while after a call, and measured here that
-    spinning slows the next runtime's first call (onnxruntime int8 text tower: 106 ms alone,
-    133 ms right after the fp32 session), which is not the speed of either.
-    """
+    """Interleaved timing of several callables: {name: [seconds per repetition]}. Each call is
+    timed after an untimed one: a runtime's spinning thread pool slows the next runtime's first call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()

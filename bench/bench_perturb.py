@@ -2,12 +2,9 @@
 
     python bench/bench_perturb.py [--reports indiana_reports.csv] [--quick] [--workers N]
 
-Both designs run in this process on the same distinct cleaned Open-I findings with the same
-pipeline and batch size: "one-parse" is Perturber.perturb_many (tag each text once, derive all
-nine types); "naive" tags every text again for each of the nine types and derives only that type
-(what a per-perturbation function calling nlp() would do). Their outputs are compared record by
-record. Targets: the whole corpus in under 10 s with the one-parse design, and naive/one-parse
->= 5x. Exits 1 when a target is missed (the 10 s target is checked only on the whole corpus).
+"one-parse" is Perturber.perturb_many (tag each text once, derive all nine types); "naive" tags
+every text again for each type. Outputs are compared record by record. Targets: the whole corpus
+in under 10 s one-parse, and naive/one-parse >= 5x; exits 1 when missed.
 """
 
 from __future__ import annotations

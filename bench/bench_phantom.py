@@ -1,13 +1,10 @@
 """Phantom corpus generation speed: phantoms/s at 224 px with 1 and 2 worker processes.
 
-Target: 1,000 phantoms at 224 px in well under a minute on one core. The full pipeline
-is timed (findings, rendering, report, PNG encoding and writing, pairs.jsonl, labels.csv, summary).
-
     python bench/bench_phantom.py            # 1,000 phantoms per run
     python bench/bench_phantom.py --quick    # 200 phantoms per run
 
-Exits 1 when the one-worker run projects to 60 s or more for 1,000 phantoms. On a shared machine
-the wall time includes other users' load; the CPU time of the one-worker run is printed beside it.
+The full pipeline is timed (findings, rendering, report, PNG, pairs.jsonl, labels.csv, summary);
+exits 1 when the one-worker run projects to 60 s or more for 1,000 phantoms.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """Write pertvl/data/antonyms_paper.tsv: WordNet 3.0's adjective antonyms, as the authors' code read them.
 
-The paper's reference code replaced an adjective by its WordNet antonym (NLTK's WordNet 3.0:
-the first antonym of the word's lemma in the first adjective sense that has one). This script
-reads the same database from its plain files (Debian's `wordnet-base`, or any WordNet 3.0
-`dict/` folder) and writes that rule as a directed word -> antonym table, so that pertvl needs
-no WordNet at run time:
-
     apt-get download wordnet-base && dpkg-deb -x wordnet-base_*.deb /tmp/wn
     python bench/make_paper_antonyms.py --wordnet /tmp/wn/usr/share/wordnet
 
-Rule per lemma of index.adj (its senses in index order, satellites included as NLTK's
-synsets(word, "a") lists them): the first direct ("!") antonym pointer whose source is this
-word's lemma; its target lemma is the antonym. Kept only when both are one clean lower-case
-word (`clean_text` leaves them as they are: no multi-word lemma, no capital, no digit). Then
-every pair of the reviewed radiology table (antonyms.tsv) whose words WordNet leaves without an
-antonym is added, marked "reviewed" (mild/severe, focal/diffuse, ...), so the paper rule covers
-the report adjectives too.
+The paper's code took NLTK's first antonym of the word's lemma in its first adjective sense that
+has one; this reads the same plain WordNet files (senses in index order, satellites included) and
+keeps pairs of one clean lower-case word each. Pairs of the reviewed table (antonyms.tsv) that
+WordNet leaves without an antonym are added, marked "reviewed". pertvl needs no WordNet at run time.
 """
 
 from __future__ import annotations

@@ -221,19 +221,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a rank's `train` call ended with; exit_code 0 or PREEMPTED_EXIT_CODE; first/last_loss:
-    the total loss (mean over ranks) of this process's first and last step."""
+    """What a rank's `train` call ended with: exit_code 0 or PREEMPTED_EXIT_CODE."""
 
-    run_dir: Path
     rank: int
     global_step: int
-    epoch: int
-    preempted: bool
     exit_code: int
     final_dir: Path | None
-    param_sha256: str
-    first_loss: float | None
-    last_loss: float | None
 
 
 # -------------------------------------------------------------------------------------- trainer
@@ -475,7 +468,7 @@ class Trainer:
             stop_requested=lambda: flag.requested,
         ).start()
         bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
-        first_loss = last_loss = None
+        last_loss = None
         last_saved = global_step if state else -1
         preempted = False
         self.engine.train()
@@ -501,7 +494,6 @@ class Trainer:
                         metrics.update(self._pert_metrics(metrics.pop("_pert_used")))
                         metrics.update(_data_metrics(data_counts))
                         self.monitor.log(metrics, step=global_step)
-                        first_loss = metrics["loss/total"] if first_loss is None else first_loss
                         last_loss = metrics["loss/total"]
                     self._log_samples(samples_file, global_step, epoch, step_in_epoch, ids)
                     bar.update(1)
@@ -533,7 +525,7 @@ class Trainer:
                 if last_saved != global_step:
                     self._save(global_step, epoch, step_in_epoch, data_counts)
                 # Checksum first: writing RUN_DIR/final widens rank 0's 16-bit module to fp32 in place.
-                checksum = self._write_rank_file(global_step, final=not preempted)
+                self._write_rank_file(global_step, final=not preempted)
                 final_dir = None if preempted else self._save_final(global_step)
             exit_code = PREEMPTED_EXIT_CODE if preempted else 0
             if self.rank == 0:
@@ -556,11 +548,7 @@ class Trainer:
         self.monitor.finish(exit_code=exit_code)
         if dist.is_initialized() and self.world_size > 1:
             dist.barrier()  # leave together: a launcher tears the job down when the first rank exits
-        return TrainResult(
-            run_dir=self.run_dir, rank=self.rank, global_step=global_step, epoch=epoch, preempted=preempted,
-            exit_code=exit_code, final_dir=final_dir, param_sha256=checksum,
-            first_loss=first_loss, last_loss=last_loss,
-        )  # fmt: skip
+        return TrainResult(self.rank, global_step, exit_code, final_dir)
 
     def _train_step(self, batches, fresh_iterator: bool) -> tuple[dict[str, Any], list[str]]:
         """One optimizer step: A micro-batches through forward, backward and engine.step()."""
@@ -762,7 +750,7 @@ class Trainer:
             )
         return model
 
-    def _write_rank_file(self, global_step: int, final: bool, checksum: bool = True) -> str | None:
+    def _write_rank_file(self, global_step: int, final: bool, checksum: bool = True) -> None:
         """RUN_DIR/ranks/rank{R}.json: where this rank runs, its step, and at the end a checksum."""
         digest = param_checksum(self.engine.module) if checksum else None
         _write_json(
@@ -781,7 +769,6 @@ class Trainer:
                 "loader_starts": self.stream.workers_started,  # 1 per run (or resume): workers span epochs
             },
         )
-        return digest
 
 
 def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
