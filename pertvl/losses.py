@@ -460,12 +460,6 @@ def _paper_pert_types() -> tuple[str, ...]:
     return PERTURBATION_TYPES
 
 
-def _counterfactual_order(names: Sequence[str]) -> list[str]:
-    from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
-
-    return [t for t in COUNTERFACTUAL_TYPES if t in names] + sorted(t for t in names if t not in COUNTERFACTUAL_TYPES)
-
-
 def _check_pert_types(value: Any) -> list[str]:
     """`loss.pert_types` validated: a non-empty list of distinct types, returned in the batch's column
     order (PERTURBATION_TYPES order, then counterfactual types in COUNTERFACTUAL_TYPES order)."""
@@ -487,7 +481,7 @@ def _check_pert_types(value: Any) -> list[str]:
     if unknown:
         raise ValueError(f"LossConfig: unknown pert_types {unknown}; the training batch carries {list(known)} "
                          f"and, on request, the counterfactual types {list(COUNTERFACTUAL_TYPES)}")
-    return [t for t in known if t in value] + _counterfactual_order([t for t in value if t not in known])
+    return [t for t in (*known, *COUNTERFACTUAL_TYPES) if t in value]
 
 
 @dataclass

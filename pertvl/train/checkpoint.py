@@ -397,17 +397,12 @@ def resume(
     engine: Any,
     run_dir: str | Path,
     which: str | Path = "latest",
-    *,
-    load_optimizer_states: bool = True,
-    restore_rng: bool = True,
 ) -> dict[str, Any] | None:
     """Restore a DeepSpeed engine (weights, optimizer, LR schedule) and this rank's RNG from the
     checkpoint `which` names (see `resolve_checkpoint`); EVERY rank calls it after initialize.
 
     Returns the client_state given to `save`, plus "rank_state" (None when this rank wrote none),
-    "checkpoint" (tag folder) and "checkpoint_step"; None when there is nothing to resume.
-    `load_optimizer_states=False` loads weights only (warm start).
-    """
+    "checkpoint" (tag folder) and "checkpoint_step"; None when there is nothing to resume.    """
     info = resolve_checkpoint(run_dir, which)
     if info is None:
         return None
@@ -416,8 +411,8 @@ def resume(
     load_path, ds_client = engine.load_checkpoint(
         str(info.path.parent),
         tag=info.tag,
-        load_optimizer_states=load_optimizer_states,
-        load_lr_scheduler_states=load_optimizer_states,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {info.path}")
@@ -430,8 +425,7 @@ def resume(
     client["rank_state"] = None
     if rank_file.is_file():
         payload = torch.load(rank_file, map_location="cpu", weights_only=True)
-        if restore_rng:
-            restore_rng_state(payload["rng"])
+        restore_rng_state(payload["rng"])
         client["rank_state"] = payload.get("rank_state")
     else:
         log.warning(

@@ -121,31 +121,14 @@ def plan_steps(
 # ------------------------------------------------------------------------------- small helpers
 
 
-def resolve_config(
-    config: str | os.PathLike | None,
-    overrides: list[str] | None = None,
-    *,
-    shards: str | None = None,
-    out: str | None = None,
-    deepspeed_config: str | None = None,
-    max_steps: int | None = None,
-    seed: int | None = None,
-    resume: str | None = None,
-    no_wandb: bool = False,
-) -> dict[str, Any]:
-    """The run config: DEFAULTS <- CONFIG file <- --set overrides <- explicit flags."""
+def resolve_config(config: str | os.PathLike | None, overrides: list[str] | None = None, *,
+                   no_wandb: bool = False, **flags: Any) -> dict[str, Any]:
+    """The run config: DEFAULTS <- CONFIG file <- --set overrides <- the flags that are not None
+    (shards, out, deepspeed_config, max_steps, seed, resume: keys of data or train)."""
     cfg = load_config(config, overrides)
-    flags = {
-        ("data", "shards"): shards,
-        ("train", "out"): out,
-        ("train", "deepspeed_config"): deepspeed_config,
-        ("train", "max_steps"): max_steps,
-        ("train", "seed"): seed,
-        ("train", "resume"): resume,
-    }
-    for (section, key), value in flags.items():
+    for key, value in flags.items():
         if value is not None:
-            cfg[section][key] = value
+            cfg["data" if key == "shards" else "train"][key] = value
     if no_wandb:
         cfg["wandb"]["enabled"] = False
     return cfg
@@ -807,17 +790,8 @@ def cli_main(args: Any, make_evaluator: Callable[[RunConfig], Evaluator | None] 
              lock: FolderLock | None = None) -> int:
     """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = resolve_config(
-        args.config,
-        args.overrides,
-        shards=args.shards,
-        out=args.out,
-        deepspeed_config=args.deepspeed_config,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        resume=args.resume,
-        no_wandb=args.no_wandb,
-    )
+    flags = {k: getattr(args, k) for k in ("shards", "out", "deepspeed_config", "max_steps", "seed", "resume")}
+    cfg = resolve_config(args.config, args.overrides, no_wandb=args.no_wandb, **flags)
     local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
     evaluate = make_evaluator(RunConfig.from_dict(cfg)) if make_evaluator is not None else None
     result = train(cfg, local_rank=local_rank, evaluate=evaluate, lock=lock)

@@ -145,26 +145,15 @@ def detect_dist_env(environ: Mapping[str, str] = os.environ, argv_local_rank: in
         env = _from_slurm_env(environ)
     else:
         if int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
-            log.warning(
-                "SLURM_NTASKS=%s but this is not an srun step: running as ONE process. "
-                "Start the ranks with `srun python -m pertvl ...`.",
-                environ["SLURM_NTASKS"],
-            )
-        env = DistEnv(
-            rank=0,
-            world_size=1,
-            local_rank=0 if argv_local_rank is None else argv_local_rank,
-            local_world_size=1,
-            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(environ.get("MASTER_PORT", "0") or 0),
-            launcher="single",
-        )
+            log.warning("SLURM_NTASKS=%s but this is not an srun step: running as ONE process. Start the "
+                        "ranks with `srun python -m pertvl ...`.", environ["SLURM_NTASKS"])
+        env = DistEnv(0, 1, 0 if argv_local_rank is None else argv_local_rank, 1, environ.get("MASTER_ADDR",
+                      "127.0.0.1"), int(environ.get("MASTER_PORT", "0") or 0), "single")
     if not (0 <= env.rank < env.world_size):
         raise ValueError(f"rank {env.rank} outside world size {env.world_size} ({env.launcher})")
     if not (0 <= env.local_rank < env.local_world_size):
-        raise ValueError(
-            f"local rank {env.local_rank} outside local world size {env.local_world_size} ({env.launcher})"
-        )
+        raise ValueError(f"local rank {env.local_rank} outside local world size {env.local_world_size} "
+                         f"({env.launcher})")
     return env
 
 
@@ -192,63 +181,42 @@ def _from_torch_env(environ: Mapping[str, str], argv_local_rank: int | None) -> 
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not environ.get(name):
             raise ValueError(f"RANK/WORLD_SIZE are set but {name} is missing")
-    return DistEnv(
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        local_world_size=local_world_size,
-        master_addr=environ["MASTER_ADDR"],
-        master_port=_int_var(environ, "MASTER_PORT"),
-        launcher="deepspeed" if is_deepspeed else "torchrun",
-    )
+    return DistEnv(rank, world_size, local_rank, local_world_size, environ["MASTER_ADDR"],
+                   _int_var(environ, "MASTER_PORT"), "deepspeed" if is_deepspeed else "torchrun")
+
+
+def _first_var(environ: Mapping[str, str], names: tuple[str, ...], missing: str) -> str:
+    """The first of `names` set in `environ`; ValueError(missing) when none is."""
+    name = next((v for v in names if environ.get(v)), None)
+    if name is None:
+        raise ValueError(missing)
+    return name
 
 
 def _from_slurm_env(environ: Mapping[str, str]) -> DistEnv:
     rank = _int_var(environ, "SLURM_PROCID")
-    world_var = next(
-        (v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if environ.get(v)), None
-    )
-    if world_var is None:
-        raise ValueError("srun step without SLURM_STEP_NUM_TASKS / SLURM_NTASKS")
+    world_var = _first_var(environ, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"),
+                           "srun step without SLURM_STEP_NUM_TASKS / SLURM_NTASKS")
     world_size = _int_var(environ, world_var)
     local_rank = _int_var(environ, "SLURM_LOCALID")
     node_id = int(environ.get("SLURM_NODEID", "0"))
-    per_node_var = next(
-        (
-            v
-            for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
-            if environ.get(v)
-        ),
-        None,
-    )
-    if per_node_var is None:
-        raise ValueError("srun step without SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE")
+    per_node_var = _first_var(
+        environ, ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"),
+        "srun step without SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE")
     per_node = parse_tasks_per_node(environ[per_node_var])
     # A single count (SLURM_NTASKS_PER_NODE) applies to every node.
     local_world_size = per_node[node_id] if node_id < len(per_node) else per_node[-1]
     if environ.get("MASTER_ADDR"):
         master_addr = environ["MASTER_ADDR"]
     else:
-        nodelist_var = next(
-            (v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if environ.get(v)),
-            None,
-        )
-        if nodelist_var is None:
-            raise ValueError("srun step without SLURM_JOB_NODELIST and no MASTER_ADDR")
+        nodelist_var = _first_var(environ, ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+                                  "srun step without SLURM_JOB_NODELIST and no MASTER_ADDR")
         master_addr = expand_hostlist(environ[nodelist_var])[0]
     if environ.get("MASTER_PORT"):
         master_port = _int_var(environ, "MASTER_PORT")
     else:
         master_port = slurm_master_port(_int_var(environ, "SLURM_JOB_ID"))
-    return DistEnv(
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        local_world_size=local_world_size,
-        master_addr=master_addr,
-        master_port=master_port,
-        launcher="slurm",
-    )
+    return DistEnv(rank, world_size, local_rank, local_world_size, master_addr, master_port, "slurm")
 
 
 def default_num_threads(env: DistEnv, environ: Mapping[str, str] = os.environ) -> int:
@@ -277,12 +245,10 @@ def _disable_deepspeed_shm_comm() -> None:
 
 
 def init_distributed(
-    env: DistEnv, backend: str | None = None, timeout_s: float = 1800.0, shm_comm: bool = False
+    env: DistEnv, backend: str | None = None, timeout_s: float = 1800.0
 ) -> torch.device:
     """Join the job: pick the device (cuda:LOCAL_RANK, else cpu) and return it, export the
-    rendezvous variables, init DeepSpeed's comm (backend nccl on CUDA, else gloo). `shm_comm`:
-    let DeepSpeed build its shared-memory inference op (never needed for training).
-    """
+    rendezvous variables, init DeepSpeed's comm (backend nccl on CUDA, else gloo)."""
     import torch
 
     if torch.cuda.is_available():
@@ -298,14 +264,9 @@ def init_distributed(
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     port = env.master_port or _free_port()
     # deepspeed.init_distributed (env:// rendezvous) reads exactly these.
-    os.environ.update(
-        RANK=str(env.rank),
-        WORLD_SIZE=str(env.world_size),
-        LOCAL_RANK=str(env.local_rank),
-        LOCAL_WORLD_SIZE=str(env.local_world_size),
-        MASTER_ADDR=env.master_addr,
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
+                      MASTER_PORT=str(port))
     if "OMP_NUM_THREADS" not in os.environ:
         threads = default_num_threads(env)
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -313,24 +274,13 @@ def init_distributed(
         torch.set_num_threads(threads)
     import deepspeed
 
-    if not shm_comm:
-        _disable_deepspeed_shm_comm()
+    _disable_deepspeed_shm_comm()
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False
     )
-    log.info(
-        "rank %d/%d (local %d/%d, %s) on %s, backend %s, rendezvous %s:%d, %s threads",
-        env.rank,
-        env.world_size,
-        env.local_rank,
-        env.local_world_size,
-        env.launcher,
-        device,
-        backend,
-        env.master_addr,
-        port,
-        os.environ["OMP_NUM_THREADS"],
-    )
+    log.info("rank %d/%d (local %d/%d, %s) on %s, backend %s, rendezvous %s:%d, %s threads", env.rank,
+             env.world_size, env.local_rank, env.local_world_size, env.launcher, device, backend,
+             env.master_addr, port, os.environ["OMP_NUM_THREADS"])
     return device
 
 
