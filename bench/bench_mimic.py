@@ -1,7 +1,7 @@
 """MIMIC-CXR-sized data preparation: ingest, perturbation and packing rates on a generated corpus of
 the real MIMIC-CXR-JPG layout (pertvl.data.mimic.write_mimic_tree), each against its target.
 
-    python bench/bench_mimic.py            # 50,000 studies ingested; 2,000 reports perturbed; 1,000 pairs packed
+    python bench/bench_mimic.py            # 50,000 studies; 2,000 reports perturbed; 1,000 pairs packed
     python bench/bench_mimic.py --quick    # 5,000 / 500 / 300
 
 Perturbation is timed on random word soup (the worst case) and on report-style findings of the

@@ -84,16 +84,8 @@ class StepPlan:
         return self.micro_batch * self.grad_accum * self.world_size
 
 
-def plan_steps(
-    *,
-    micro_batch: int,
-    grad_accum: int,
-    world_size: int,
-    batches_per_epoch: int,
-    max_steps: int | None,
-    epochs: int,
-    warmup_steps: int,
-) -> StepPlan:
+def plan_steps(*, micro_batch: int, grad_accum: int, world_size: int, batches_per_epoch: int,
+               max_steps: int | None, epochs: int, warmup_steps: int) -> StepPlan:
     """Count optimizer steps from the stream's micro-batches per epoch (ValueError when an epoch is
     shorter than one step or there is no step to run)."""
     steps_per_epoch = batches_per_epoch // grad_accum
@@ -107,15 +99,8 @@ def plan_steps(
     if max_steps is None and epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {epochs}")
     total = int(max_steps) if max_steps is not None else int(epochs) * steps_per_epoch
-    return StepPlan(
-        micro_batch=micro_batch,
-        grad_accum=grad_accum,
-        world_size=world_size,
-        batches_per_epoch=batches_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total,
-        warmup_steps=min(max(0, int(warmup_steps)), total),
-    )
+    return StepPlan(micro_batch, grad_accum, world_size, batches_per_epoch, steps_per_epoch, total,
+                    min(max(0, int(warmup_steps)), total))
 
 
 # ------------------------------------------------------------------------------- small helpers
@@ -282,13 +267,9 @@ class Trainer:
 
         train, data = self.config.train, self.config.data
         self._refuse_fresh_start_over_checkpoints()  # every rank (one shared run folder): all stop
-        ds_config = load_ds_config(
-            train.deepspeed_config,
-            micro_batch=train.micro_batch,
-            grad_accum=train.grad_accum,
-            gradient_clipping=train.gradient_clipping,
-            world_size=self.world_size,
-        )
+        ds_config = load_ds_config(train.deepspeed_config, micro_batch=train.micro_batch,
+                                   grad_accum=train.grad_accum, gradient_clipping=train.gradient_clipping,
+                                   world_size=self.world_size)
         check_precision(ds_config, train.deepspeed_config)  # before minutes of model building
         micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
@@ -299,55 +280,33 @@ class Trainer:
         self.pert_counting = self.loss_fn.config.uses_perturbations
 
         self.stream = build_train_stream(
-            data.shards,
-            data.split,
-            tokenizer=model.tokenizer,
-            batch_size=micro,
-            world_size=self.world_size,
-            rank=self.rank,
-            num_workers=data.num_workers,
-            seed=self.seed,
-            augment=data.augment,
+            data.shards, data.split, tokenizer=model.tokenizer, batch_size=micro, world_size=self.world_size,
+            rank=self.rank, num_workers=data.num_workers, seed=self.seed, augment=data.augment,
             pert_types=self.loss_fn.config.pert_types,  # the batch's columns: L_pert's negatives
-            max_length=data.max_length,
-            resampled=data.resampled,
-            image_size=data.image_size,
-            shuffle_buffer=data.shuffle_buffer,
-            download_retries=data.download_retries,
-            verify=data.verify,
+            max_length=data.max_length, resampled=data.resampled, image_size=data.image_size,
+            shuffle_buffer=data.shuffle_buffer, download_retries=data.download_retries, verify=data.verify,
             max_damaged_shards=data.max_damaged_shards,
         )
         # Record the size actually trained at (export and evaluation read it from config.yaml).
         data.image_size = int(data.image_size or self.stream.source.image_size)
-        self.plan = plan_steps(
-            micro_batch=micro,
-            grad_accum=accum,
-            world_size=self.world_size,
-            batches_per_epoch=self.stream.batches_per_epoch,
-            max_steps=train.max_steps,
-            epochs=train.epochs,
-            warmup_steps=train.warmup_steps,
-        )
+        self.plan = plan_steps(micro_batch=micro, grad_accum=accum, world_size=self.world_size,
+                               batches_per_epoch=self.stream.batches_per_epoch, max_steps=train.max_steps,
+                               epochs=train.epochs, warmup_steps=train.warmup_steps)
         self.instruments = Instruments(self.rank, self.run_dir, train.profile_steps, self.device)
         self.instruments.count_model(model, data.image_size, self.loss_fn.terms, **self.model_kwargs)
         optimizer = build_optimizer(
             tower_param_groups(model, train.lr, train.image_lr_mult), lr=train.lr, momentum=train.momentum,
             weight_decay=train.weight_decay,
         )  # fmt: skip
-        scheduler = build_scheduler(
-            optimizer, self.plan.warmup_steps, self.plan.total_steps, train.min_lr_ratio
-        )
+        scheduler = build_scheduler(optimizer, self.plan.warmup_steps, self.plan.total_steps,
+                                    train.min_lr_ratio)
         model.to(self.device)
         # A 16-bit engine keeps fp32 masters of trainable parameters only: keep the frozen ones'.
         half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
-        self._frozen_fp32 = (
-            {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if not p.requires_grad}
-            if half
-            else {}
-        )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-        )
+        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad] if half else []
+        self._frozen_fp32 = {n: p.detach().to("cpu", copy=True) for n, p in frozen}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
         if self.engine.gradient_accumulation_steps() != accum:
             raise RuntimeError(
                 f"DeepSpeed runs {self.engine.gradient_accumulation_steps()} accumulation steps, planned {accum}"
@@ -442,14 +401,10 @@ class Trainer:
             else None
         )
         flag = PreemptionFlag().install()
-        self.watchdog = Watchdog(
-            rank=self.rank,
-            stall_timeout_s=self.config.train.stall_timeout_s,
-            stall_factor=self.config.train.stall_factor,
-            min_stall_s=self.config.train.stall_min_s,
-            stop_grace_s=self.config.train.stop_grace_s,
-            stop_requested=lambda: flag.requested,
-        ).start()
+        train = self.config.train
+        self.watchdog = Watchdog(rank=self.rank, stall_timeout_s=train.stall_timeout_s,
+                                 stall_factor=train.stall_factor, min_stall_s=train.stall_min_s,
+                                 stop_grace_s=train.stop_grace_s, stop_requested=lambda: flag.requested).start()
         bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
         last_loss = None
         last_saved = global_step if state else -1
@@ -790,7 +745,8 @@ def cli_main(args: Any, make_evaluator: Callable[[RunConfig], Evaluator | None] 
              lock: FolderLock | None = None) -> int:
     """`pertvl train`: resolve the config, train, return 0 or PREEMPTED_EXIT_CODE."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    flags = {k: getattr(args, k) for k in ("shards", "out", "deepspeed_config", "max_steps", "seed", "resume")}
+    names = ("shards", "out", "deepspeed_config", "max_steps", "seed", "resume")
+    flags = {k: getattr(args, k) for k in names}
     cfg = resolve_config(args.config, args.overrides, no_wandb=args.no_wandb, **flags)
     local_rank = args.train_local_rank if args.train_local_rank is not None else getattr(args, "local_rank", None)
     evaluate = make_evaluator(RunConfig.from_dict(cfg)) if make_evaluator is not None else None

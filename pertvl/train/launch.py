@@ -147,8 +147,9 @@ def detect_dist_env(environ: Mapping[str, str] = os.environ, argv_local_rank: in
         if int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
             log.warning("SLURM_NTASKS=%s but this is not an srun step: running as ONE process. Start the "
                         "ranks with `srun python -m pertvl ...`.", environ["SLURM_NTASKS"])
-        env = DistEnv(0, 1, 0 if argv_local_rank is None else argv_local_rank, 1, environ.get("MASTER_ADDR",
-                      "127.0.0.1"), int(environ.get("MASTER_PORT", "0") or 0), "single")
+        local_rank = 0 if argv_local_rank is None else argv_local_rank
+        env = DistEnv(0, 1, local_rank, 1, environ.get("MASTER_ADDR", "127.0.0.1"),
+                      int(environ.get("MASTER_PORT", "0") or 0), "single")
     if not (0 <= env.rank < env.world_size):
         raise ValueError(f"rank {env.rank} outside world size {env.world_size} ({env.launcher})")
     if not (0 <= env.local_rank < env.local_world_size):
