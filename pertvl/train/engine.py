@@ -404,7 +404,8 @@ class Trainer:
         train = self.config.train
         self.watchdog = Watchdog(rank=self.rank, stall_timeout_s=train.stall_timeout_s,
                                  stall_factor=train.stall_factor, min_stall_s=train.stall_min_s,
-                                 stop_grace_s=train.stop_grace_s, stop_requested=lambda: flag.requested).start()
+                                 stop_grace_s=train.stop_grace_s, stop_requested=lambda: flag.requested)
+        self.watchdog.start()
         bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
         last_loss = None
         last_saved = global_step if state else -1
