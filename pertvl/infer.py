@@ -37,9 +37,7 @@ from pertvl.files import sha256_file
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------
-# outputs
-# ----------------------------------------------------------------------------------------------
+# -- outputs -----------------------------------------------------------------------------------------
 @dataclass
 class ImageFeatures:
     """Image tower outputs: L2-normalized emb [N, D], regions [N, M, Dl] (M = h·w, row-major)."""
@@ -61,9 +59,7 @@ class TextFeatures:
     word_lists: list[list[str]] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------------------------
-# attention maps (numpy)
-# ----------------------------------------------------------------------------------------------
+# -- attention maps (numpy) --------------------------------------------------------------------------
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     x = x - x.max(axis=axis, keepdims=True)
     e = np.exp(x)
@@ -153,9 +149,7 @@ def local_scores(
     return np.where(has_words, s, -np.inf)
 
 
-# ----------------------------------------------------------------------------------------------
-# the Embedder
-# ----------------------------------------------------------------------------------------------
+# -- the Embedder ------------------------------------------------------------------------------------
 class Embedder:
     """Image and report embeddings from an ONNX export; load with `Embedder.from_export(DIR)`."""
 
@@ -312,9 +306,7 @@ class Embedder:
         return (img @ txt.T).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------
-# verification
-# ----------------------------------------------------------------------------------------------
+# -- verification ------------------------------------------------------------------------------------
 def _check_sha(path: Path, expected: str) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: listed in {MANIFEST_NAME} but missing")

@@ -52,9 +52,7 @@ def _zero_with_grad(*tensors: torch.Tensor) -> torch.Tensor:
     return sum(t.sum() for t in tensors) * 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# L_global
-# ----------------------------------------------------------------------------------------------
+# -- L_global ----------------------------------------------------------------------------------------
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' `x` concatenated along dim 0; the gradient flows back to every rank's slice
     (torch.distributed.nn's all_gather: reduce-scatter on NCCL, all-to-all + sum on gloo)."""
@@ -63,14 +61,9 @@ def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def global_contrastive_loss(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    temperature: float | torch.Tensor = 0.07,
-    rank: int = 0,
-    world_size: int = 1,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def global_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                            temperature: float | torch.Tensor = 0.07, rank: int = 0, world_size: int = 1,
+                            reduction: str = "mean") -> torch.Tensor:
     """L_global (paper §III-B 1): symmetric InfoNCE on L2-normalized [b, D] embeddings,
 
         L = ½ [CE(cos(v_i, t_j)/τ → j=i) + CE(cos(t_i, v_j)/τ → j=i)]   ("mean", CLIP's; "sum": GLoRIA's)
@@ -97,9 +90,7 @@ def global_contrastive_loss(
         return factor * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
-# ----------------------------------------------------------------------------------------------
-# L_local (GLoRIA), batched
-# ----------------------------------------------------------------------------------------------
+# -- L_local (GLoRIA), batched -----------------------------------------------------------------------
 LOCAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # loss.local_dtype: the matmuls' input dtype
 # loss.local_form: "gloria" (the cited reference: softmax over words, then γ1-softmax over regions,
 # γ2-scaled cosines, logits γ3·S) or "printed" (the paper's equations: one softmax, logits S/τ).
@@ -232,17 +223,9 @@ class _LocalSimilarity(torch.autograd.Function):
         return grad_r, grad_x, None, None, None, None, None, None
 
 
-def local_similarity(
-    region_feats: torch.Tensor,
-    word_feats: torch.Tensor,
-    word_mask: torch.Tensor,
-    gamma1: float = 4.0,
-    gamma2: float = 5.0,
-    aggregation: str = "sum",
-    *,
-    max_chunk_elements: int = 1 << 22,
-    matmul_dtype: str = "fp32",
-) -> torch.Tensor:
+def local_similarity(region_feats: torch.Tensor, word_feats: torch.Tensor, word_mask: torch.Tensor,
+                     gamma1: float = 4.0, gamma2: float = 5.0, aggregation: str = "sum", *,
+                     max_chunk_elements: int = 1 << 22, matmul_dtype: str = "fp32") -> torch.Tensor:
     """GLoRIA's image–report similarity S(I_j, T_i) for every pair (paper §III-B 2):
 
         a_wm  = softmax_m( γ1 · softmax_w'( r_m · x_w' )_w )      (first over words, then regions)
@@ -272,12 +255,8 @@ def local_similarity(
         return s.masked_fill(~has_words.unsqueeze(0), float("-inf"))
 
 
-def printed_local_similarity(
-    region_feats: torch.Tensor,
-    word_feats: torch.Tensor,
-    word_mask: torch.Tensor,
-    aggregation: str = "sum",
-) -> torch.Tensor:
+def printed_local_similarity(region_feats: torch.Tensor, word_feats: torch.Tensor, word_mask: torch.Tensor,
+                             aggregation: str = "sum") -> torch.Tensor:
     """S(I_j, T_i) as the paper prints it (§III-B 2), for every image j and report i:
 
         a_wm = exp(r_m · x_w) / Σ_l exp(r_l · x_w)        (one softmax, over the M regions)
@@ -299,19 +278,10 @@ def printed_local_similarity(
         return s.masked_fill(~word_mask.any(-1).unsqueeze(0), float("-inf"))
 
 
-def local_attentive_loss(
-    region_feats: torch.Tensor,
-    word_feats: torch.Tensor,
-    word_mask: torch.Tensor,
-    gamma1: float = 4.0,
-    gamma2: float = 5.0,
-    gamma3: float = 10.0,
-    aggregation: str = "sum",
-    reduction: str = "sum",
-    matmul_dtype: str = "fp32",
-    form: str = "gloria",
-    temperature: float = 0.07,
-) -> torch.Tensor:
+def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, word_mask: torch.Tensor,
+                         gamma1: float = 4.0, gamma2: float = 5.0, gamma3: float = 10.0,
+                         aggregation: str = "sum", reduction: str = "sum", matmul_dtype: str = "fp32",
+                         form: str = "gloria", temperature: float = 0.07) -> torch.Tensor:
     """L_local (paper §III-B 2, GLoRIA's local_loss): cross-entropy image→report and report→image
     over logits γ3·S (form "gloria", S of `local_similarity`) or S/τ (form "printed"), combined by
     `reduction` "sum" (the paper's "Addition", GLoRIA's) or "mean". Equal to GLoRIA's loop over
@@ -354,16 +324,9 @@ def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, g
         return a.T.contiguous()
 
 
-# ----------------------------------------------------------------------------------------------
-# L_pert
-# ----------------------------------------------------------------------------------------------
-def perturbation_loss(
-    image_emb: torch.Tensor,
-    original_emb: torch.Tensor,
-    perturbed_emb: torch.Tensor,
-    valid: torch.Tensor,
-    temperature: float | torch.Tensor = 0.07,
-) -> torch.Tensor:
+# -- L_pert ------------------------------------------------------------------------------------------
+def perturbation_loss(image_emb: torch.Tensor, original_emb: torch.Tensor, perturbed_emb: torch.Tensor,
+                      valid: torch.Tensor, temperature: float | torch.Tensor = 0.07) -> torch.Tensor:
     """L_pert (paper §III-B 3): for each image i, cross-entropy of
 
         softmax( [cos(v_i, t_i), cos(v_i, t̃_i1), …, cos(v_i, t̃_iK)] / τ )  with target t_i,
@@ -391,9 +354,7 @@ def perturbation_loss(
         return torch.where(rows, nll, torch.zeros_like(nll)).sum() / n
 
 
-# ----------------------------------------------------------------------------------------------
-# named terms, presets, and the weighted sum
-# ----------------------------------------------------------------------------------------------
+# -- named terms, presets, and the weighted sum ------------------------------------------------------
 # fn(out, config, rank, world_size) -> scalar float32 tensor
 TermFn = Callable[["DualOutput", "LossConfig", int, int], torch.Tensor]
 # The forward keywords of `DualEncoder.forward` that turn on a feature beyond the global embeddings.

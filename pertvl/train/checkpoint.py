@@ -97,29 +97,19 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         py = state["python"]
         random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
         npst = state["numpy"]
-        np.random.set_state(
-            (
-                npst["bit_generator"],
-                np.asarray(
-                    npst["keys"].numpy() if torch.is_tensor(npst["keys"]) else npst["keys"], dtype=np.uint32
-                ),
-                int(npst["pos"]),
-                int(npst["has_gauss"]),
-                float(npst["cached_gaussian"]),
-            )
-        )
+        keys = npst["keys"].numpy() if torch.is_tensor(npst["keys"]) else npst["keys"]
+        keys = np.asarray(keys, dtype=np.uint32)
+        np.random.set_state((npst["bit_generator"], keys, int(npst["pos"]), int(npst["has_gauss"]),
+                             float(npst["cached_gaussian"])))
         torch.set_rng_state(state["torch"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"malformed RNG state (expected capture_rng_state() output): {err!r}") from err
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) != torch.cuda.device_count():
-            log.warning(
-                "checkpoint has CUDA RNG states for %d devices, %d visible: restoring the first %d",
-                len(cuda_states),
-                torch.cuda.device_count(),
-                min(len(cuda_states), torch.cuda.device_count()),
-            )
+            visible = torch.cuda.device_count()
+            log.warning("checkpoint has CUDA RNG states for %d devices, %d visible: restoring the first %d",
+                        len(cuda_states), visible, min(len(cuda_states), visible))
         for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
 
@@ -180,9 +170,8 @@ def use_weights_only_loading(engine: Any) -> bool:
     if type(current).__name__ == weights_only_cls.__name__:
         return True
     if type(current) is not TorchCheckpointEngine:
-        log.warning(
-            "checkpoint engine %s is not DeepSpeed's default; loading with its own rules", type(current)
-        )
+        log.warning("checkpoint engine %s is not DeepSpeed's default; loading with its own rules",
+                    type(current))
         return False
     engine.checkpoint_engine = weights_only_cls(engine._config)
     return True
@@ -235,11 +224,8 @@ def _resolve_latest(root: Path) -> CheckpointInfo | None:
         marker = _read_marker(root / tag)
         if marker is not None:
             return CheckpointInfo(root / tag, tag, int(marker["step"]), int(marker["world_size"]))
-        log.warning(
-            "%s names %r, which is not a complete checkpoint; using the newest complete one",
-            root / LATEST_FILE,
-            tag,
-        )
+        log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one",
+                    root / LATEST_FILE, tag)
     complete = _complete_in(root)
     return complete[-1] if complete else None
 
@@ -290,15 +276,8 @@ class SavedCheckpoint:
     removed: tuple[str, ...]
 
 
-def save(
-    engine: Any,
-    run_dir: str | Path,
-    step: int,
-    client_state: dict[str, Any],
-    *,
-    keep_last: int | None = 3,
-    rank_state: dict[str, Any] | None = None,
-) -> SavedCheckpoint:
+def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any], *,
+         keep_last: int | None = 3, rank_state: dict[str, Any] | None = None) -> SavedCheckpoint:
     """Write a crash-safe checkpoint of a DeepSpeed engine to RUN_DIR/checkpoints/step{step:08d};
     EVERY rank must call it. `client_state`: rank 0's training state (weights_only-safe types
     only); `keep_last`: complete checkpoints kept (None: all); `rank_state`: this rank's own extra
@@ -363,12 +342,8 @@ def save(
         atomic_write_text(tag_dir / MARKER_FILE, json.dumps(marker, indent=1) + "\n", durable=True)
         atomic_write_text(root / LATEST_FILE, tag, durable=True)  # the commit point
         removed = _prune(root, keep=tag, keep_step=int(step), keep_last=keep_last)
-        log.info(
-            "checkpoint %s written (%d files)%s",
-            tag_dir,
-            len(files),
-            f", removed {removed}" if removed else "",
-        )
+        log.info("checkpoint %s written (%d files)%s", tag_dir, len(files),
+                 f", removed {removed}" if removed else "")
     _barrier()
     return SavedCheckpoint(path=tag_dir, tag=tag, step=int(step), removed=tuple(removed))
 
@@ -383,44 +358,33 @@ def _prune(root: Path, keep: str, keep_step: int, keep_last: int | None) -> list
         if not entry.is_dir() or entry.name in kept:
             continue
         match = _TAG_RE.match(entry.name)
-        if (
-            entry.name.endswith(PREVIOUS_SUFFIX)
-            or _read_marker(entry) is not None
-            or (match is not None and int(match.group(1)) < keep_step)
-        ):
+        crashed = match is not None and int(match.group(1)) < keep_step
+        if entry.name.endswith(PREVIOUS_SUFFIX) or _read_marker(entry) is not None or crashed:
             shutil.rmtree(entry)
             removed.append(entry.name)
     return removed
 
 
-def resume(
-    engine: Any,
-    run_dir: str | Path,
-    which: str | Path = "latest",
-) -> dict[str, Any] | None:
+def resume(engine: Any, run_dir: str | Path, which: str | Path = "latest") -> dict[str, Any] | None:
     """Restore a DeepSpeed engine (weights, optimizer, LR schedule) and this rank's RNG from the
     checkpoint `which` names (see `resolve_checkpoint`); EVERY rank calls it after initialize.
 
     Returns the client_state given to `save`, plus "rank_state" (None when this rank wrote none),
-    "checkpoint" (tag folder) and "checkpoint_step"; None when there is nothing to resume.    """
+    "checkpoint" (tag folder) and "checkpoint_step"; None when there is nothing to resume.
+    """
     info = resolve_checkpoint(run_dir, which)
     if info is None:
         return None
     rank, world_size = _world()
     use_weights_only_loading(engine)
-    load_path, ds_client = engine.load_checkpoint(
-        str(info.path.parent),
-        tag=info.tag,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    load_path, ds_client = engine.load_checkpoint(str(info.path.parent), tag=info.tag,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {info.path}")
     client = dict((ds_client or {}).get(CLIENT_KEY) or {})
     if not client:
-        log.warning(
-            "%s holds no pertvl client_state (not written by pertvl.train.checkpoint.save)", info.path
-        )
+        log.warning("%s holds no pertvl client_state (not written by pertvl.train.checkpoint.save)",
+                    info.path)
     rank_file = info.path / rank_file_name(rank)
     client["rank_state"] = None
     if rank_file.is_file():
@@ -428,14 +392,9 @@ def resume(
         restore_rng_state(payload["rng"])
         client["rank_state"] = payload.get("rank_state")
     else:
-        log.warning(
-            "%s has no state for rank %d (written by %d ranks, resumed with %d): RNG not restored, "
-            "the run continues but is not an exact replay",
-            info.path,
-            rank,
-            info.world_size,
-            world_size,
-        )
+        log.warning("%s has no state for rank %d (written by %d ranks, resumed with %d): RNG not restored, "
+                    "the run continues but is not an exact replay", info.path, rank, info.world_size,
+                    world_size)
     if info.world_size not in (-1, world_size):
         log.warning("checkpoint written by %d ranks, resuming with %d", info.world_size, world_size)
     client["checkpoint"] = str(info.path)

@@ -113,27 +113,14 @@ class Monitor:
     ValueError when the config holds an API key or the W&B mode is unknown.
     """
 
-    def __init__(
-        self,
-        run_dir: str | Path,
-        config: dict[str, Any],
-        enabled_wandb: bool,
-        project: str | None,
-        run_name: str | None,
-        tags: list[str] | tuple[str, ...] | None,
-        rank: int,
-        resume_run_id: str | None = None,
-        *,
-        mode: str | None = None,
-        resume_step: int | None = None,
-        console: bool = True,
-    ) -> None:
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], enabled_wandb: bool, project: str | None,
+                 run_name: str | None, tags: list[str] | tuple[str, ...] | None, rank: int,
+                 resume_run_id: str | None = None, *, mode: str | None = None, resume_step: int | None = None,
+                 console: bool = True) -> None:
         keys = _find_api_keys(config)
         if keys:
-            raise ValueError(
-                f"the config holds an API key ({', '.join(keys)}); remove it and export WANDB_API_KEY "
-                "in the environment instead (keys never go into config files)"
-            )
+            raise ValueError(f"the config holds an API key ({', '.join(keys)}); remove it and export "
+                             "WANDB_API_KEY in the environment instead (keys never go into config files)")
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.active = rank == 0
@@ -153,31 +140,15 @@ class Monitor:
         if enabled_wandb:
             self.wandb_mode = resolve_wandb_mode(mode)
             if self.wandb_mode != "disabled":
-                self._start_wandb(config, project, run_name, tags, resume_run_id)
+                import wandb
 
-    def _start_wandb(
-        self,
-        config: dict[str, Any],
-        project: str | None,
-        run_name: str | None,
-        tags: list[str] | tuple[str, ...] | None,
-        resume_run_id: str | None,
-    ) -> None:
-        import wandb
-
-        self._run = wandb.init(
-            project=project or "pertvl",
-            name=run_name,
-            tags=list(tags) if tags else None,
-            config=config,
-            dir=str(self.run_dir),
-            id=resume_run_id,  # None: wandb generates a new id
-            resume="allow" if resume_run_id else None,
-            mode=self.wandb_mode,
-        )
-        self.run_id = self._run.id
-        _forget_wandb_import_hooks_in_forked_children()
-        log.info("W&B %s run %s in %s", self.wandb_mode, self.run_id, self.run_dir / "wandb")
+                self._run = wandb.init(project=project or "pertvl", name=run_name,
+                                       tags=list(tags) if tags else None, config=config,
+                                       dir=str(self.run_dir), id=resume_run_id,
+                                       resume="allow" if resume_run_id else None, mode=self.wandb_mode)
+                self.run_id = self._run.id
+                _forget_wandb_import_hooks_in_forked_children()
+                log.info("W&B %s run %s in %s", self.wandb_mode, self.run_id, self.run_dir / "wandb")
 
     @staticmethod
     def _truncate_after(path: Path, step: int) -> None:
@@ -200,9 +171,8 @@ class Monitor:
         """A tqdm progress bar over optimizer steps; `log` shows the latest metrics in its postfix."""
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(
-            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not self.active
-        )
+        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                         disable=not self.active)
         return self._bar
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -215,11 +185,7 @@ class Monitor:
         if self._run is not None:
             self._run.log(values, step=int(step))
         if self.console:
-            short = {
-                k.split("/")[-1] if "/" in k else k: v
-                for k, v in values.items()
-                if isinstance(v, float | int)
-            }
+            short = {k.split("/")[-1]: v for k, v in values.items() if isinstance(v, float | int)}
             if self._bar is not None and not self._bar.disable:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(short.items())[:6]}, refresh=True)
             else:
