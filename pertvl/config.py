@@ -153,23 +153,19 @@ class RunConfig:
 _SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "wandb": WandbConfig}
 
 
+# What a value of each (string) annotation of a config field may be.
+_FITS = {
+    "None": lambda v: v is None,
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}
+
+
 def _check(value: Any, hint: str) -> bool:
-    """Whether `value` fits the (string) annotation of a config field."""
-    options = [h.strip() for h in hint.split("|")]
-    for opt in options:
-        if opt == "None" and value is None:
-            return True
-        if opt == "bool" and isinstance(value, bool):
-            return True
-        if opt == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if opt == "float" and isinstance(value, int | float) and not isinstance(value, bool):
-            return True
-        if opt == "str" and isinstance(value, str):
-            return True
-        if opt == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return True
-    return False
+    return any(_FITS.get(opt.strip(), lambda v: False)(value) for opt in hint.split("|"))
 
 
 def _typed(kind: type, values: dict[str, Any], where: str) -> Any:

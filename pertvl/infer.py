@@ -66,13 +66,8 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def attention_maps(
-    image_regions: np.ndarray,
-    grid: Sequence[int],
-    words: np.ndarray,
-    word_mask: np.ndarray | None = None,
-    gamma1: float = 4.0,
-) -> np.ndarray:
+def attention_maps(image_regions: np.ndarray, grid: Sequence[int], words: np.ndarray,
+                   word_mask: np.ndarray | None = None, gamma1: float = 4.0) -> np.ndarray:
     """Word→region attention of one image/report pair, GLoRIA's attention_fn (paper §III-B 2):
 
         P_mw = r_m · x_w,   A1 = softmax over the report's words (P),   a_wm = softmax over regions (γ1·A1)
@@ -84,14 +79,11 @@ def attention_maps(
     regions = np.asarray(image_regions, dtype=np.float64)
     words = np.asarray(words, dtype=np.float64)
     if regions.ndim != 2 or words.ndim != 2:
-        raise ValueError(
-            f"attention_maps: expected image_regions [M, Dl] and words [W, Dl], got shapes "
-            f"{regions.shape} and {words.shape}"
-        )
+        raise ValueError(f"attention_maps: expected image_regions [M, Dl] and words [W, Dl], got shapes "
+                         f"{regions.shape} and {words.shape}")
     if regions.shape[1] != words.shape[1]:
-        raise ValueError(
-            f"attention_maps: expected the same feature width, got regions {regions.shape[1]} and words {words.shape[1]}"
-        )
+        raise ValueError(f"attention_maps: expected the same feature width, got regions {regions.shape[1]} "
+                         f"and words {words.shape[1]}")
     h, w = (int(g) for g in grid)
     if h * w != regions.shape[0]:
         raise ValueError(f"attention_maps: grid {h}x{w} does not hold M={regions.shape[0]} regions")
@@ -107,14 +99,8 @@ def attention_maps(
     return a.T.reshape(len(words), h, w).astype(np.float32)
 
 
-def local_scores(
-    regions: np.ndarray,
-    words: np.ndarray,
-    word_mask: np.ndarray,
-    gamma1: float = 4.0,
-    gamma2: float = 5.0,
-    aggregation: str = "sum",
-) -> np.ndarray:
+def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, gamma1: float = 4.0,
+                 gamma2: float = 5.0, aggregation: str = "sum") -> np.ndarray:
     """GLoRIA's image–report similarity S(I_n, T_n) of row-paired images and reports (paper §III-B 2):
 
         a_wm = softmax_m(γ1 · softmax_w'(r_m · x_w')_w),   c_w = Σ_m a_wm r_m,

@@ -75,25 +75,13 @@ class ExportResult:
     manifest: dict[str, Any]
 
 
-def export_model(
-    model: nn.Module,
-    out_dir: str | os.PathLike,
-    *,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    max_length: int | None = None,
-    opset: int = DEFAULT_OPSET,
-    quantize: str | None = None,
-    int8_residual: str | Sequence[str] = DEFAULT_RESIDUAL,
-    parity: bool = True,
-    text_graph: str = "auto",
-    tolerance: float = PARITY_TOLERANCE,
-    force: bool = False,
-    source: dict[str, Any] | None = None,
-    command: str | None = None,
-    max_words: int | None = DEFAULT_MAX_WORDS,
-    drop_deid: bool = True,
-    run_config: dict[str, Any] | None = None,
-) -> ExportResult:
+def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: int = DEFAULT_IMAGE_SIZE,
+                 max_length: int | None = None, opset: int = DEFAULT_OPSET, quantize: str | None = None,
+                 int8_residual: str | Sequence[str] = DEFAULT_RESIDUAL, parity: bool = True,
+                 text_graph: str = "auto", tolerance: float = PARITY_TOLERANCE, force: bool = False,
+                 source: dict[str, Any] | None = None, command: str | None = None,
+                 max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True,
+                 run_config: dict[str, Any] | None = None) -> ExportResult:
     """Export a DualEncoder (moved to CPU float32) to `out_dir` (see the module docstring).
 
     `max_length` defaults to the model config's, else 128; `int8_residual`: text layers whose int8

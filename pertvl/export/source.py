@@ -87,10 +87,8 @@ def load_deepspeed_checkpoint(checkpoint: Path, config_path: Path | None = None)
         state = _consolidated_state_dict(info.path)
     except Exception as e:
         if type(e).__name__ == "UnpicklingError":
-            raise ExportError(
-                f"{info.path}: holds objects that torch.load(weights_only=True) refuses "
-                f"({str(e).splitlines()[0][:300]})"
-            ) from None
+            raise ExportError(f"{info.path}: holds objects that torch.load(weights_only=True) refuses "
+                              f"({str(e).splitlines()[0][:300]})") from None
         raise
     model = create_model(cfg.get("model") or {})
     missing, unexpected = model.load_state_dict(state, strict=False)

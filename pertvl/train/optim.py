@@ -27,10 +27,8 @@ def build_optimizer(
     """The paper's SGD over parameters or param groups (ValueError on lr <= 0, weight_decay < 0 or
     momentum outside [0, 1)); DeepSpeed needs "zero_allow_untested_optimizer" for it under ZeRO."""
     if lr <= 0 or weight_decay < 0 or not 0 <= momentum < 1:
-        raise ValueError(
-            f"expected lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr={lr}, "
-            f"weight_decay={weight_decay}, momentum={momentum}"
-        )
+        raise ValueError(f"expected lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr={lr}, "
+                         f"weight_decay={weight_decay}, momentum={momentum}")
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
