@@ -14,7 +14,7 @@ bf16/fp16 engines get the numbers of fp32 ones; LossConfig validates the options
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -514,9 +514,6 @@ class LossConfig:
         if unknown:
             raise ValueError(f"LossConfig: unknown keys {unknown}; expected some of {sorted(known)}")
         return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @property
     def terms(self) -> tuple[str, ...]:

@@ -103,19 +103,10 @@ class Watchdog:
     None or <= 0 are off; `poll_s` defaults to a tenth of the smallest limit (0.2-5 s);
     `on_expire` replaces `end_process` (tests)."""
 
-    def __init__(
-        self,
-        *,
-        rank: int = 0,
-        stall_timeout_s: float | None = 1800.0,
-        stall_factor: float | None = 50.0,
-        min_stall_s: float = 120.0,
-        warmup_beats: int = 5,
-        stop_grace_s: float | None = None,
-        stop_requested: Callable[[], bool] | None = None,
-        poll_s: float | None = None,
-        on_expire: Callable[[str, int], None] | None = None,
-    ) -> None:
+    def __init__(self, *, rank: int = 0, stall_timeout_s: float | None = 1800.0,
+                 stall_factor: float | None = 50.0, min_stall_s: float = 120.0, warmup_beats: int = 5,
+                 stop_grace_s: float | None = None, stop_requested: Callable[[], bool] | None = None,
+                 poll_s: float | None = None, on_expire: Callable[[str, int], None] | None = None) -> None:
         self.rank = rank
         self.stall_timeout_s = stall_timeout_s if stall_timeout_s and stall_timeout_s > 0 else None
         self.stall_factor = stall_factor if stall_factor and stall_factor > 0 else None
