@@ -15,7 +15,7 @@ import copy
 import functools
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -39,11 +39,6 @@ class Peak:
 
     flops_per_s: float
     source: str
-
-
-def _tflops_env() -> float | None:
-    value = os.environ.get("PERTVL_PEAK_TFLOPS")
-    return float(value) if value else None
 
 
 @functools.cache
@@ -73,7 +68,7 @@ def device_peak(device: torch.device | str, dtype: torch.dtype = torch.bfloat16)
     """The peak FLOP/s of `device` for MFU: `PERTVL_PEAK_TFLOPS`, else the table (CUDA), else a
     measured matmul in `dtype` (CPU, unknown GPU)."""
     dev = torch.device(device)
-    override = _tflops_env()
+    override = float(os.environ.get("PERTVL_PEAK_TFLOPS") or 0)
     if override:
         return Peak(override * 1e12, f"PERTVL_PEAK_TFLOPS={override:g}")
     if dev.type == "cuda":
@@ -211,7 +206,6 @@ class FlopCounter:
     need_local: bool
     need_perturbations: bool
     terms: tuple[str, ...]
-    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def for_model(cls, model: Any, image_size: int, *, need_local: bool = True, need_perturbations: bool = True,
