@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from pertvl.config import RunConfig, TrainConfig, load_config, save_config
 from pertvl.errors import UserError
-from pertvl.files import FolderLock, lock_folder
+from pertvl.files import FolderLock, atomic_write_text, lock_folder
 from pertvl.train import checkpoint as ckpt
 from pertvl.train.launch import (
     check_precision,
@@ -175,13 +175,6 @@ def _data_metrics(counts: Counter) -> dict[str, int]:
     out.update({f"data/{k}": v for k, v in skipped.items() if v})
     out.update({f"data/{k}": v for k, v in counts.items() if k.startswith("masked/")})
     return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from pertvl.data.records import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------- result
@@ -692,22 +685,21 @@ class Trainer:
     def _write_rank_file(self, global_step: int, final: bool, checksum: bool = True) -> None:
         """RUN_DIR/ranks/rank{R}.json: where this rank runs, its step, and at the end a checksum."""
         digest = param_checksum(self.engine.module) if checksum else None
-        _write_json(
-            self.run_dir / RANKS_DIR / f"rank{self.rank}.json",
-            {
-                "rank": self.rank,
-                "world_size": self.world_size,
-                "local_rank": self.env.local_rank,
-                "launcher": self.env.launcher,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "device": str(self.device),
-                "global_step": global_step,
-                "finished": final,
-                "param_sha256": digest,
-                "loader_starts": self.stream.workers_started,  # 1 per run (or resume): workers span epochs
-            },
-        )
+        info = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": self.env.local_rank,
+            "launcher": self.env.launcher,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "global_step": global_step,
+            "finished": final,
+            "param_sha256": digest,
+            "loader_starts": self.stream.workers_started,  # 1 per run (or resume): workers span epochs
+        }
+        path = self.run_dir / RANKS_DIR / f"rank{self.rank}.json"
+        atomic_write_text(path, json.dumps(info, indent=1) + "\n")
 
 
 def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
