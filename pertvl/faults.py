@@ -72,7 +72,7 @@ def active(prefix: str) -> list[Fault]:
     return [f for f in parse(spec) if f.kind.startswith(prefix)] if spec else []
 
 
-def _hang(where: str) -> None:
+def _hang() -> None:
     while True:  # a stall the watchdog must find (time.sleep is interruptible by signals)
         time.sleep(3600)
 
@@ -85,11 +85,11 @@ def at_worker_sample(faults: list[Fault], *, rank: int, worker: int, sample: int
         if f.kind == "worker-import" and sample == 1:
             importlib.import_module(f.params["module"])
         elif f._int("sample") == sample:
-            where = f"rank {rank} worker {worker} sample {sample}"
             if f.kind == "worker-raise":
-                raise InjectedFault(f"{ENV_VAR}={f.kind}: injected failure in {where}")
+                raise InjectedFault(f"{ENV_VAR}={f.kind}: injected failure in rank {rank} worker {worker} "
+                                    f"sample {sample}")
             if f.kind == "worker-hang":
-                _hang(where)
+                _hang()
 
 
 def at_rank_step(faults: list[Fault], *, rank: int, step: int) -> None:
@@ -102,4 +102,4 @@ def at_rank_step(faults: list[Fault], *, rank: int, step: int) -> None:
         if f.kind == "rank-kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if f.kind == "rank-hang":
-            _hang(f"rank {rank} step {step}")
+            _hang()
