@@ -377,7 +377,7 @@ def test_presets_weights_and_terms():
     pert01 = perturbation_loss(out.image.global_emb, out.text.global_emb, out.pert_emb, out.pert_valid, 0.01)
     torch.testing.assert_close(res.total, g + 0.5 * loc + 2.0 * pert01)
     # named terms: "total" and the preset's terms, in summation order (the engine logs loss/{name})
-    floats = {"total": float(res.total), **{k: float(v) for k, v in res.terms.items()}}
+    floats = {"total": float(res.total.detach()), **{k: float(v.detach()) for k, v in res.terms.items()}}
     assert list(floats) == ["total", "global", "local", "pert"] == list(PretrainLoss(cfg).names)
     assert list(PretrainLoss({"preset": "no_local"})(out).terms) == ["global", "pert"]
     # the engine's device-side sum (read only at log steps) holds the same values
