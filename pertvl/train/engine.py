@@ -19,7 +19,6 @@ final/ (DualEncoder.save_pretrained, fp32 safetensors).
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import hashlib
 import json
@@ -211,9 +210,9 @@ def _rng_kept(fork_rng: Callable[[], contextlib.AbstractContextManager]):
 class Trainer:
     """Builds the engine, stream and monitor of one rank and runs the training loop."""
 
-    def __init__(self, cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
+    def __init__(self, cfg: dict[str, Any], local_rank: int | None = None,
                  evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> None:  # fmt: skip
-        self.config = copy.deepcopy(cfg) if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+        self.config = RunConfig.from_dict(cfg)
         if self.config.train.eval_every > 0 and evaluate is None:
             raise ValueError("train.eval_every > 0 needs an evaluation: train with `pertvl train` (or pass "
                              "pertvl.evaluate.in_training.make_evaluator(config) as `evaluate`)")
@@ -702,14 +701,14 @@ class Trainer:
         atomic_write_text(path, json.dumps(info, indent=1) + "\n")
 
 
-def _failure_timeout(cfg: dict[str, Any] | RunConfig) -> float:
+def _failure_timeout(cfg: dict[str, Any]) -> float:
     try:
-        return float(cfg.train.failure_timeout_s if isinstance(cfg, RunConfig) else cfg["train"]["failure_timeout_s"])
+        return float(cfg["train"]["failure_timeout_s"])
     except (KeyError, TypeError, ValueError):  # the config itself is what failed
         return TrainConfig.failure_timeout_s
 
 
-def train(cfg: dict[str, Any] | RunConfig, local_rank: int | None = None,
+def train(cfg: dict[str, Any], local_rank: int | None = None,
           evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> TrainResult:
     """Run (or resume) the training of a resolved config on this rank; `evaluate` is train.eval_every's,
     `lock` the run folder's when the caller took it (rank 0)."""
