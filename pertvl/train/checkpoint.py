@@ -210,17 +210,12 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return _complete_in(checkpoint_root(run_dir))
 
 
-def _read_latest(root: Path) -> str | None:
+def _resolve_latest(root: Path) -> CheckpointInfo | None:
     try:
         tag = (root / LATEST_FILE).read_text().strip()
     except OSError:
-        return None
-    return tag or None
-
-
-def _resolve_latest(root: Path) -> CheckpointInfo | None:
-    tag = _read_latest(root)
-    if tag is not None:
+        tag = ""
+    if tag:
         marker = _read_marker(root / tag)
         if marker is not None:
             return CheckpointInfo(root / tag, tag, int(marker["step"]), int(marker["world_size"]))
