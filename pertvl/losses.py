@@ -290,8 +290,6 @@ def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, w
     """
     fn = "local_attentive_loss"
     factor = _check_reduction(fn, "reduction", reduction)
-    if aggregation not in ("sum", "mean"):
-        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     if form not in LOCAL_FORMS:
         raise ValueError(f"{fn}: expected form in {list(LOCAL_FORMS)}, got {form!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
