@@ -57,35 +57,12 @@ def expand_hostlist(spec: str) -> list[str]:
     scontrol's order (the last group varies fastest), keeping zero padding; ValueError when
     malformed. Hand-written: `scontrol show hostnames` may be missing where the job runs."""
     hosts: list[str] = []
-    for item in _split_top_level(spec):
+    for item in re.split(r",(?![^\[]*\])", spec.strip()):  # the commas outside brackets
+        item = item.strip()
+        if not item or not re.fullmatch(r"[^\[\]]*(\[[^\[\]]*\][^\[\]]*)*", item):
+            raise ValueError(f"empty item, unbalanced or nested brackets in SLURM hostlist {spec!r}")
         hosts.extend(_expand_item(item, spec))
-    if not hosts:
-        raise ValueError(f"empty SLURM hostlist: {spec!r}")
     return hosts
-
-
-def _split_top_level(spec: str) -> list[str]:
-    items, depth, current = [], 0, []
-    for ch in spec.strip():
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"nested '[' in SLURM hostlist {spec!r}")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in SLURM hostlist {spec!r}")
-        if ch == "," and depth == 0:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if depth != 0:
-        raise ValueError(f"unbalanced '[' in SLURM hostlist {spec!r}")
-    items.append("".join(current))
-    if any(not it.strip() for it in items):
-        raise ValueError(f"empty item in SLURM hostlist {spec!r}")
-    return [it.strip() for it in items]
 
 
 def _expand_item(item: str, spec: str) -> list[str]:
