@@ -301,7 +301,8 @@ def test_load_ds_config_overrides_and_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_preemption_flag_catches_own_signal(sig: signal.Signals) -> None:
     before = signal.getsignal(sig)
-    with PreemptionFlag() as flag:
+    flag = PreemptionFlag().install()
+    try:
         assert not flag.requested and flag.signal_name is None
         os.kill(os.getpid(), sig)
         deadline = time.monotonic() + 5
@@ -312,6 +313,8 @@ def test_preemption_flag_catches_own_signal(sig: signal.Signals) -> None:
         os.kill(os.getpid(), signal.SIGUSR1)  # a second signal keeps the first name
         time.sleep(0.05)
         assert flag.signal_name == sig.name
+    finally:
+        flag.uninstall()
     assert signal.getsignal(sig) == before
     assert PREEMPTED_EXIT_CODE == 75
 

@@ -25,7 +25,7 @@ DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 @dataclass
 class PreemptionFlag:
     """Set by SIGTERM/SIGUSR1, read by the training loop: `PreemptionFlag().install()` (main thread
-    only) or a `with` block; `signal_name`: the first signal that arrived."""
+    only); `signal_name`: the first signal that arrived."""
 
     signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS
     requested: bool = False
@@ -66,9 +66,3 @@ class PreemptionFlag:
         value = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device or "cpu")
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
-
-    def __enter__(self) -> PreemptionFlag:
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.uninstall()
