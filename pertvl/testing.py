@@ -1,10 +1,6 @@
-"""Reference implementations and small helpers that tests and benchmarks share.
-
-GLoRIA's local loss (gloria/loss/gloria_loss.py: attention_fn, cosine_similarity, local_loss),
-rewritten step by step with its Python loop over captions and its tensor layouts
-(images [B, D, ih, iw], words [B, D, W]). It is deliberately NOT pertvl's implementation:
-pertvl.losses.local_attentive_loss computes the same B x B matrix batched, and the tests hold it
-to this loop (values and gradients); bench/bench_local_loss.py times the two side by side.
+"""What tests and benchmarks share: GLoRIA's local loss as its gloria/loss/gloria_loss.py writes it
+(a Python loop over captions; images [B, D, ih, iw], words [B, D, W]), the reference the tests
+hold pertvl.losses.local_attentive_loss to and bench/bench_local_loss.py times it against.
 """
 
 from __future__ import annotations
