@@ -1,56 +1,14 @@
-"""`pertvl ablate`: the paper's loss configurations (and variants) × seeds, trained and evaluated alike, in one table.
+"""`pertvl ablate`: the paper's loss configurations (and variants) × seeds, trained and evaluated alike.
 
-For every seed and row — a preset (convirt = L_global; gloria = + L_local; no_local = L_global + L_pert;
-full = all three — pertvl.losses.LOSS_PRESETS) or a --variant — in
-OUT/<row>-s<seed>/:
-
-1. train: `pertvl train --config CONFIG --shards SHARDS --out RUN --resume latest --set loss.preset=P
-   --set train.seed=S [--max-steps N]` under torchrun on --nproc ranks (pertvl.pipeline.launch_train);
-   a variant NAME:key=value[,key=value] passes `--set key=value` for each pair instead of loss.preset
-   (values parsed as --set parses them). Everything else — data, encoders, steps, schedule — comes from
-   the one config, so the rows differ in what their overrides say only, and a seed gives every row the
-   same initialization and data order. A variant's `data.shards=DIR` trains it on DIR, shards packed
-   from the same pairs (checked), e.g. with the other antonym rule (docs/PERTURBATIONS.md).
-2. (--eval-with export only) export: `pertvl export --run RUN --out RUN/export`.
-3. Table IV (--tables IV): `pertvl eval NAME` for every evaluation of the ABLATE suite
-   (pertvl.evaluate.catalog: structure with its image controls and counterfactuals, retrieval,
-   zero-shot, grounding) on the --split of the same shards into RUN/eval.
-   Default --eval-with torch: the run's torch weights (RUN/final) are scored directly (the ONNX path
-   gives the same numbers within rounding; --eval-with export scores the exports on onnxruntime).
-4. Table II (--tables II): `pertvl finetune chexpert` of the image tower on the corpus' labels.csv
-   (frontal views; Consolidation, Pleural Effusion), split as its pairs.jsonl splits the images
-   (--split-from: pretraining's train split trains, val + test are tested) → RUN/finetune/chexpert.json.
-5. Table III (--tables III): `pertvl finetune nli` of the text tower on the corpus' nli_{train,dev,test}.jsonl
-   (and on MedNLI / RadNLI with --mednli / --radnli) → RUN/finetune/nli_<dataset>.json.
-   The corpus is --corpus, else the folder of the pairs the shards were packed from (manifest inputs.pairs);
-   pertvl.evaluate.ablate_finetune checks its files before anything trains.
-
-Fine-tune defaults (why): both tables are linear probes on the frozen tower, 30 epochs (`pertvl finetune
---freeze-encoder`), because end to end does not fit the hour. Measured per run on this 2-core machine for
-the demo-sized model (resnet-tiny, MiniLM, 878 training phantoms at 128 px, 54 steps) while other jobs
-kept the load average at 3-6: Table II probe 6-17 s, end to end (5 epochs) 56 s; Table III probe 52-95 s
-with OMP_NUM_THREADS=1 (the frozen MiniLM's pass over 3,000 sentence pairs), end to end more than 12 min
-for one of its 3 epochs; training 286-317 s, Table IV 23 s (OMP_NUM_THREADS=1). The paper fine-tunes end
-to end: `--chexpert-finetune end-to-end`, `--nli-finetune end-to-end` (MODE[:EPOCHS]); the table's notes
-say which was run. docs/FINETUNE.md, "In `pertvl ablate`", has the hour-long re-run and its cost.
-
-Leave-one-type-out (--holdout-type T, repeatable, or `all`): per seed, every preset
-that trains L_pert (`full`, `no_local`) is trained once more per held-out type T with
-`--set loss.pert_types=[every type but T]` in OUT/<preset>-without_<T>-s<seed>/ and evaluated on
-structure only; the presets without L_pert (`convirt`, `gloria`: their accuracy on T is the reference)
-are the comparison's own runs. The table is OUT/holdout.{md,json} (`holdout_table`): one row per held-out
-type, the structure accuracy on T (original vs T, pairwise, chance 50 %), mean ± std over seeds, for
-each preset.
-
-Then OUT/comparison.{md,json,png} (pertvl.evaluate.comparison.write_comparison_table): one row per preset
-in the paper's order, then the variants, mean ± sample std over seeds; a summary table of the columns
-the results mark (MetricInfo.summary), then a table per evaluation and fine-tune. OUT/runs.json lists
-every run and stage time.
-
-Stages go through pertvl.pipeline.StageRunner (stamps in OUT/.stages): a finished stage whose
-parameters are unchanged is skipped on re-run. The parameters of export, eval and the fine-tunes
-include the sha256 of the trained weights (and of the fine-tunes' input files), so a retrained run is
-always re-evaluated and re-fine-tuned.
+Per seed and row (a preset of pertvl.losses.LOSS_PRESETS, or a --variant NAME:key=value,...), in
+OUT/<row>-s<seed>/: train (`pertvl train` under torchrun, the one config with the row's `--set`
+overrides, so rows differ only in those), optionally export, then Table IV (the ABLATE suite's
+evaluations on --split), Table II (`pertvl finetune chexpert`) and Table III (`pertvl finetune nli`;
+pertvl.evaluate.ablate_finetune). Fine-tunes default to linear probes (the cost: docs/FINETUNE.md).
+--holdout-type T retrains the L_pert presets without T and writes OUT/holdout.{md,json}. Then
+OUT/comparison.{md,json,png} (mean ± sample std over seeds) and OUT/runs.json. Stages are
+pertvl.pipeline stages: a finished stage with unchanged parameters (the weights' sha256 included)
+is skipped on re-run.
 """
 
 from __future__ import annotations
@@ -334,11 +292,8 @@ def _finetune_stage(run: AblationRun, spec: FinetuneSpec, weights_sha: str) -> p
 
 
 def check_variants(s: AblationSettings) -> None:
-    """Each variant's config (the config file + its overrides) must load as `pertvl train` loads it,
-    and counterfactual training negatives (cf_* in loss.pert_types) need shards packed with them.
-
-    Raises:
-        ValueError: naming the variant and the reason (before anything trains).
+    """Each variant's config must load as `pertvl train` loads it, and cf_* training negatives need
+    shards packed with counterfactuals; ValueError naming the variant otherwise.
     """
     from pertvl.config import RunConfig, load_config
     from pertvl.data.stream import check_counterfactuals, resolve_source
@@ -373,12 +328,8 @@ def _check_same_pairs(variant: Path, shards: Path) -> None:
 
 
 def run_ablation(s: AblationSettings) -> AblationResult:
-    """Train, (export,) evaluate and fine-tune every preset and variant × seed (and the leave-one-type-out
-    runs), then write the comparison table (and the holdout table).
-
-    Raises:
-        pipeline.StageError: naming the stage that failed and why.
-        FileNotFoundError, ValueError: a missing config, shard manifest or corpus file; a bad variant.
+    """Train, (export,) evaluate and fine-tune every run, then write the comparison (and holdout) table.
+    Raises pipeline.StageError naming the failed stage; FileNotFoundError / ValueError for bad inputs.
     """
     config = Path(s.config)
     manifest = Path(s.shards) / "manifest.json"
@@ -434,11 +385,8 @@ def _result_files(run: AblationRun, specs: list[FinetuneSpec], s: AblationSettin
 
 
 def write_tables(s: AblationSettings, specs: list[FinetuneSpec]) -> tuple[dict[str, Path], dict[str, Any]]:
-    """OUT/comparison.{md,json,png} from every comparison run's result files (each flattened by its own
-    schema: pertvl.evaluate.comparison.flatten_metrics), and OUT/holdout.{md,json} with --holdout-type.
-
-    Returns:
-        (paths, table) of the comparison table (with "holdout" paths added when written).
+    """OUT/comparison.{md,json,png} from every comparison run's result files, and OUT/holdout.{md,json}
+    with --holdout-type. Returns (paths, the comparison table's JSON document).
     """
     from pertvl.evaluate.comparison import flatten_metrics, write_comparison_table
 
@@ -492,12 +440,9 @@ def _structure_key() -> str:
 
 
 def holdout_table(s: AblationSettings, structure: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The leave-one-type-out table (JSON document) from each run's structure result, by run name.
-
-    One row per held-out type T; for every preset the structure accuracy on T (original vs the
-    type-T perturbation, pairwise; chance 0.5): the L_pert presets from their runs trained
-    without T, the baselines from their one run per seed. mean ± sample std over seeds (std null
-    with one seed), n = seeds with a measured accuracy, and every seed's value.
+    """The leave-one-type-out table: per held-out type T and preset, the structure accuracy on T (pairwise,
+    chance 0.5) over seeds (mean, sample std, n, values): the L_pert presets from their runs trained
+    without T, the baselines from their comparison runs.
     """
     from statistics import mean, stdev
 
@@ -597,11 +542,8 @@ def holdout_types_arg(values: list[str]) -> tuple[str, ...]:
 
 
 def parse_variant(text: str) -> Variant:
-    """"NAME:key=value[,key=value]" → Variant; a comma inside [...] or {...} belongs to its value, each
-    value is parsed as `pertvl train --set` parses it (YAML).
-
-    Raises:
-        ValueError: naming the --variant and what is wrong.
+    """"NAME:key=value[,key=value]" → Variant; a comma inside [...] or {...} belongs to its value, values
+    are parsed as `pertvl train --set` parses them. ValueError naming the --variant and what is wrong.
     """
     import re
 

@@ -1,13 +1,6 @@
-"""The fine-tunes `pertvl ablate` runs on every run (Tables II and III): which corpus files each
-reads, and the `pertvl finetune` command of each.
-
-Table II: `pertvl finetune chexpert` on the corpus' labels.csv (CheXpert format, frontal views),
-split as its pairs.jsonl splits the images (--split-from: the pretraining's train split trains, val
-and test are tested, so no tested image was seen in pretraining). Table III: `pertvl finetune nli`
-on the corpus' nli_{train,dev,test}.jsonl (`pertvl data phantom --nli`), and on MedNLI / RadNLI
-when their folders are given (the official file names, docs/FINETUNE.md's protocols).
-
-The corpus folder defaults to where the shards were packed from: the manifest's `inputs.pairs`.
+"""The fine-tunes `pertvl ablate` runs on every run: Table II (`pertvl finetune chexpert` on the
+corpus' labels.csv, split as its pairs.jsonl) and Table III (`pertvl finetune nli` on the corpus'
+nli_*.jsonl, and MedNLI / RadNLI when given). The corpus defaults to the shards' `inputs.pairs` folder.
 """
 
 from __future__ import annotations
@@ -106,16 +99,8 @@ def _need(folder: Path, names: list[str], option: str, why: str) -> list[Path]:
 
 def finetune_specs(tables: tuple[str, ...], corpus: Path | None, shards: str, modes: dict[str, FinetuneMode],
                    user_nli: dict[str, str | None]) -> list[FinetuneSpec]:
-    """The fine-tunes of the chosen tables, their input files checked.
-
-    Args:
-        tables: some of TABLES.
-        corpus: the phantom corpus folder (None: from the shards' manifest).
-        modes: {"II": FinetuneMode, "III": FinetuneMode}.
-        user_nli: {"MedNLI": folder or None, "RadNLI": folder or None}.
-
-    Raises:
-        FileNotFoundError / ValueError: naming the missing file and the option to give.
+    """The fine-tunes of the chosen tables with their input files checked; FileNotFoundError / ValueError
+    naming the missing file and the option to give.
     """
     if not {"II", "III"} & set(tables):
         return []

@@ -1,9 +1,6 @@
-"""The evaluations `pertvl eval`, `pertvl ablate`, `pertvl demo` and the reports loop over, and the
-fine-tunes (`pertvl finetune`) whose results the comparison table reads the same way.
-
-Add an evaluation: write pertvl/evaluate/NAME.py with `EVALUATION = Evaluation(...)`
-(pertvl.evaluate.evaluation) and add one line to `EVALUATIONS` below. The lookups (by_key,
-result_from_json, metric_info) answer for evaluations and fine-tunes alike.
+"""The evaluations (`pertvl eval`, `pertvl ablate`, `pertvl demo`, the reports) and the fine-tunes
+whose results the comparison table reads. Add an evaluation: a module with `EVALUATION =
+Evaluation(...)` and one line in `EVALUATIONS`.
 """
 
 from __future__ import annotations
@@ -54,11 +51,7 @@ def by_key(key: str) -> Evaluation | Finetune | None:
 
 
 def result_from_json(d: Mapping[str, Any]) -> Result:
-    """Read any result back from its JSON (dispatch on "schema").
-
-    Raises:
-        ValueError: a schema no evaluation reads.
-    """
+    """Any result from its JSON (by "schema"); ValueError for an unknown schema."""
     schema = d.get("schema") if isinstance(d, Mapping) else None
     for e in result_sources():
         if schema in e.schemas:

@@ -1,13 +1,6 @@
-"""`pertvl eval NAME` for every evaluation of pertvl.evaluate.catalog, `pertvl finetune`, `pertvl ablate`.
-
-Each evaluation declares its own options; this module adds the shared ones (the encoder, --out,
---name and, for evaluations of shard samples, --shards/--split/--limit) and runs it the same way:
-data -> encoder -> run -> NAME.json, NAME.md (+ its figures) -> its headline.
-
-The model comes from an ONNX export (`--export DIR`, onnxruntime via pertvl.infer.Embedder) or a
-torch run (`--run RUN_DIR`, RUN_DIR/final via pertvl.model.DualEncoder), so an export can be
-checked against its checkpoint; `text-structure` also takes a plain HF text model
-(`--text-model PATH`, the untrained baseline).
+"""`pertvl eval NAME` for every evaluation of pertvl.evaluate.catalog, `pertvl finetune`, `pertvl
+ablate` and `pertvl report`. The encoder: an ONNX export (--export), a torch run (--run) or, for
+text-only evaluations, a plain HF text model (--text-model).
 """
 
 from __future__ import annotations

@@ -31,13 +31,8 @@ COMPARISON_FIGSIZE = (15.0, 5.5)  # → 1500 × 550 px
 
 
 def flatten_metrics(item: Any) -> dict[str, float | None]:
-    """Metric key → value for one run (one seed of one configuration).
-
-    Accepts a result, the JSON dict of one, a dict {evaluation key or name: result or
-    its JSON} of those, or an already flat {metric key: number} dict ("structure/overall", ...).
-
-    Raises:
-        ValueError: on anything else.
+    """Metric key → value for one run: a result, its JSON, a {evaluation key: result or JSON} dict, or an
+    already flat {metric key: number} dict. ValueError on anything else.
     """
 
     if isinstance(item, Result) and not isinstance(item, Mapping):
@@ -119,24 +114,9 @@ def write_comparison_table(
     results: Mapping[str, Sequence[Any]], out_dir: str | os.PathLike, name: str = "comparison", *,
     notes: Sequence[str] = (),
 ) -> dict[str, Path]:
-    """The ablation table in the paper's layout, mean ± std over seeds.
-
-    Args:
-        results: config name (a loss preset, or another name) → one item per seed; an item is
-            anything `flatten_metrics` reads.
-        out_dir: folder for NAME.json, NAME.md, NAME.png.
-        name: file stem.
-        notes: paragraphs printed under the summary table (how the rows and columns were made).
-
-    Returns:
-        {"json": path, "markdown": path, "png": path}.
-
-    JSON schema "pertvl-comparison/1": {"schema", "columns": [metric key], "summary": [the metric
-    keys whose MetricInfo.summary is set, the first table], "notes", "rows": [{"config", "label",
-    "seeds", "metrics": {metric key: {"mean", "std", "n", "values"}}, "ci_excludes_zero": {summary
-    key with a CI: [seeds whose CI excludes 0, seeds with a CI]}}]}; std is the sample standard
-    deviation (ddof=1), null for one seed. Rows follow the presets' order and take their labels
-    (pertvl.losses.LOSS_PRESETS); columns follow pertvl.evaluate.catalog.
+    """The ablation table, mean ± sample std over seeds: NAME.json ("pertvl-comparison/1"), NAME.md and
+    NAME.png. `results`: config name → one item per seed, anything `flatten_metrics` reads; `notes`:
+    paragraphs under the summary table. Rows follow LOSS_PRESETS, columns the catalog.
     """
     from pertvl.losses import preset_label
 

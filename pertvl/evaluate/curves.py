@@ -1,18 +1,8 @@
-"""`pertvl report curves RUN…`: learning curves of the evaluations run during training (train.eval_every).
+"""`pertvl report curves RUN…`: learning curves of the evaluations run during training.
 
-Reads each run's metrics.jsonl (the "eval/…" rows) and RUN/eval/step*/structure.json (the
-structure test's chance level), and writes to --out:
-
-- curves.png: one panel per measurement against optimizer steps, one colour per run; the panels
-  and their reference lines are the table `PANELS` below. Structure accuracy is drawn with its
-  wrong-image and text-only controls (the text prior: what the report's wording alone scores),
-  the image-grounding margin (own − wrong image) with its 95 % CI band, the grounded margins per
-  counterfactual edit and the twin group scores per edit when the runs measured them,
-  retrieval R@10 (chance: 10 / distinct reports) and zero-shot AUROC. The top axis gives epochs
-  (steps / steps per epoch).
-- curves.json: per run, the steps, epochs and every eval/… series, the chance levels read
-  (RUN/eval/stepN/{structure,retrieval}.json of the last step that has them), and
-  the command; curves.md: the last point of each run with CIs.
+Reads each run's metrics.jsonl ("eval/…" rows) and the chance levels in RUN/eval/step*/, and writes
+curves.png (the panels of `PANELS`, one colour per run, epochs on the top axis), curves.json (per
+run every eval/… series and the chance levels) and curves.md (the last point of each run).
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""`pertvl embed` and `pertvl similarity`: an ONNX export applied to image files and report texts.
-
-The commands (parsers in pertvl.evaluate.embed_cli) write embeddings, a similarity matrix and
-word→region attention maps as PNG heatmaps; the runtime itself is pertvl.infer (no torch, no
-plotting), this module adds the files and the pictures.
+"""`pertvl embed` and `pertvl similarity` (parsers in pertvl.evaluate.embed_cli): an ONNX export
+applied to image files and report texts; embeddings, a similarity matrix and attention heatmaps.
 """
 
 from __future__ import annotations
@@ -32,10 +29,8 @@ def _safe_name(text: str, limit: int = 40) -> str:
 
 def save_attention_pngs(embedder: Embedder, images: np.ndarray, image_names: Sequence[str], texts: list[str],
                         out_dir: str | os.PathLike, gamma1: float = 4.0) -> list[dict[str, Any]]:
-    """One PNG heatmap per (image, report, word) over the preprocessed image, the word as title.
-
-    Returns:
-        index rows {"image", "text", "word_index", "word", "png"} of the files written.
+    """One PNG heatmap per (image, report, word); returns the index rows {"image", "text", "word_index",
+    "word", "png"}.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -57,11 +52,7 @@ def save_attention_pngs(embedder: Embedder, images: np.ndarray, image_names: Seq
 
 
 def read_texts(texts: Sequence[str], texts_file: str | os.PathLike | None) -> list[str]:
-    """--texts, then one text per non-empty line of --texts-file (UTF-8).
-
-    Raises:
-        pertvl.errors.NotFoundError: no such file.
-    """
+    """--texts, then one text per non-empty line of --texts-file (UTF-8); NotFoundError."""
     out = list(texts)
     if texts_file is not None:
         path = Path(texts_file)
@@ -72,14 +63,8 @@ def read_texts(texts: Sequence[str], texts_file: str | os.PathLike | None) -> li
 
 
 def check_texts(embedder: Embedder, texts: Sequence[str]) -> list[dict[str, Any]]:
-    """Refuse a text with no words left after the export's cleaning rule (it would score as the
-    empty report: a number that means nothing); report each text cut at the rule's word limit.
-
-    Returns:
-        One {"text": i, "words": n, "dropped": n - limit} per cut text (also logged as a warning).
-
-    Raises:
-        pertvl.errors.UserError: naming the first content-free text.
+    """Refuse (UserError) a text with no words after the export's cleaning rule; return one {"text",
+    "words", "dropped"} per text cut at the rule's word limit (also logged).
     """
     cut = []
     for i, text in enumerate(texts):

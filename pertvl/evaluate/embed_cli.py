@@ -1,8 +1,4 @@
-"""Subcommands `embed` and `similarity`: parsers only; handlers import lazily (onnxruntime, no torch).
-
-Both apply an ONNX export (pertvl.infer.Embedder) to image files and report texts; the handlers
-are pertvl.evaluate.embed.
-"""
+"""Parsers of `pertvl embed` and `pertvl similarity`; the handlers (pertvl.evaluate.embed) import lazily."""
 
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
-"""The encoder interface every evaluation talks to, and the helpers that feed it.
-
-The evaluations need two things from a model: an embedding per image and an embedding per
-(cleaned) report text. Anything with these two methods is an `Encoder`: the onnxruntime
-`pertvl.infer.Embedder`, the torch `pertvl.evaluate.torch_encoder.TorchEncoder`, or a stand-in
-in the tests. Text-only evaluations (`text_structure`) need a `TextEncoder` (embed_texts only),
-which a plain HF text model also provides.
-
-Contract of both methods: return float32 arrays [N, D], one L2-normalized row per input, and
-batch internally. The evaluations still re-normalize (cosine) so that a slightly
-non-normalized implementation cannot change a ranking.
+"""What the evaluations need from a model, and the helpers that feed it: an encoder has
+`embed_images(images [N, 1, H, W] float in [0, 1])` and `embed_texts(cleaned texts)`, each returning
+float32 [N, D] L2-normalized rows (pertvl.infer.Embedder, torch_encoder.TorchEncoder); the local
+branch adds `image_features` / `text_features`. Scores re-normalize, so a slightly
+non-normalized encoder cannot change a ranking.
 """
 
 from __future__ import annotations
@@ -71,17 +65,8 @@ def check_embeddings(emb: Any, n: int, what: str) -> np.ndarray:
 def embed_texts_unique(
     encoder: TextEncoder, texts: Iterable[str], batch_size: int = 32
 ) -> tuple[dict[str, int], np.ndarray]:
-    """Embed each distinct text once.
-
-    Args:
-        encoder: anything with `embed_texts`.
-        texts: cleaned texts, duplicates allowed (a report shared by the views of a study,
-            perturbations shared by identical reports).
-        batch_size: texts handed to the encoder per call (bounds memory; the encoder may
-            batch further).
-
-    Returns:
-        (index, embeddings): `index[text]` is the row of that text in `embeddings` [U, D].
+    """Embed each distinct text once, `batch_size` texts per call: (index, embeddings) with
+    index[text] the row of that text in embeddings [U, D].
     """
     index = unique_index(texts)
     return index, embed_in_batches(encoder.embed_texts, list(index), batch_size, "embed_texts")

@@ -1,13 +1,6 @@
-"""What an evaluation declares to take part in `pertvl eval`, `pertvl ablate`, `pertvl demo` and the reports.
-
-An evaluation is one module with a `run(encoder, data, options) -> Result`, the arguments it adds
-to its `pertvl eval NAME` parser, and one `Evaluation` entry (EVALUATION = Evaluation(...)) that
-pertvl.evaluate.catalog lists. Everything about its output is on its Result: the schema, the
-JSON round trip, the Markdown, the flat metrics (the comparison table's columns) and a headline.
-The commands and writers (pertvl.evaluate.cli, report, ablate, pertvl.demo) loop over that table
-and know no evaluation by name.
-
-This module imports nothing heavy: the CLI parser is built from these declarations.
+"""What an evaluation declares to take part in `pertvl eval`, `pertvl ablate`, `pertvl demo` and the
+reports: a row of pertvl.evaluate.catalog (`Evaluation`) and a Result type that carries its schema,
+JSON, Markdown, flat metrics and headline. Imports nothing heavy (the CLI parser is built from it).
 """
 
 from __future__ import annotations
@@ -41,16 +34,9 @@ class Suite(enum.Enum):
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """How the comparison table shows one flat metric.
-
-    Attributes:
-        label: the column header ("I→R R@1").
-        percent: shown ×100 with one decimal (accuracies, recalls), else with three decimals.
-        order: sort key of the column within its evaluation's table.
-        chance: the chance level, drawn in the comparison figure (None: none stated).
-        summary: a column of the comparison's first table (the headline numbers of each row);
-            every metric is also in its evaluation's own table below it.
-        ci: the flat keys (low, high) of this metric's 95 % CI bounds, shown beside it in the summary.
+    """How the comparison table shows one flat metric: its column label, shown ×100 (`percent`) or with
+    three decimals, sort `order` within its evaluation, `chance` level, whether it is a `summary`
+    column, and the flat keys (low, high) of its 95 % CI bounds.
     """
 
     label: str
@@ -97,25 +83,10 @@ class Result(Protocol):
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluation (a row of pertvl.evaluate.catalog.EVALUATIONS).
-
-    Attributes:
-        name: `pertvl eval NAME`.
-        help, description: the subcommand's help texts.
-        add_arguments: adds the evaluation's own options to its parser (the encoder options
-            --export/--run[/--text-model], --device, --batch-size, --out, --name, and for
-            Source.SHARDS --shards/--split/--limit are added for it).
-        run: run(encoder, data, options: argparse.Namespace) -> Result.
-        result_type: the Result class (from_json, metric_info).
-        schemas: the JSON schemas it reads back (`result_type.from_json`).
-        key: file stem of its outputs and prefix of its flat metrics (default: name with "_").
-        title: heading of its section in reports and of its comparison table.
-        source: where `data` comes from; `load(options)` for Source.OWN.
-        load: Source.OWN: the data from the evaluation's own arguments. Source.SHARDS: optional,
-            another source than shards (zeroshot's --chexpert-csv): the data, or None when its
-            arguments are not given (the shards are read; --shards is then optional).
-        text_only: the encoder may be a plain text model (--text-model).
-        suites: the pipelines that run it by default (Suite.DEMO, Suite.ABLATE).
+    """One evaluation: `pertvl eval NAME` with its help texts and own arguments; run(encoder, data,
+    options) -> Result. `key` is the file stem and metric prefix (default: name with "_"). `source`:
+    shard samples (--shards/--split/--limit added) or the evaluation's own `load(options)`; for shards
+    a `load` returning None means "read the shards". `text_only`: --text-model is accepted.
     """
 
     name: str
@@ -149,15 +120,8 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Finetune:
-    """A downstream fine-tune (`pertvl finetune NAME`, Tables II and III): trained on a run, not run by
-    `pertvl eval`, but its KEY.json is read by the comparison table like an evaluation's result.
-
-    Attributes:
-        name: `pertvl finetune NAME`.
-        key: prefix of its flat metrics ("KEY/…").
-        title: heading of its comparison table.
-        result_type: the result class (from_json, metrics, metric_info).
-        schemas: the JSON schemas `result_type.from_json` reads.
+    """A downstream fine-tune (`pertvl finetune NAME`) whose KEY.json the comparison table reads like an
+    evaluation's result.
     """
 
     name: str

@@ -1,17 +1,7 @@
-"""What a grounded structure accuracy (counterfactual reports as candidates, pertvl.evaluate.structure)
-is to be read against, in place of the 1/(1+k) "chance" that assumes exchangeable candidates:
-
-* the empirical null: the same candidates scored from random anchor directions (unit Gaussian
-  vectors; for the local score, Gaussian region features), `draws` times: mean accuracy and its
-  2.5-97.5 % range. It is what a model whose image embedding carries nothing about the image
-  scores, including where the original sits among its edits (the candidates are not exchangeable);
-* the text prior: an n-gram logistic regression (word 1-3-grams) trained on the training split's
-  reports, originals against their counterfactuals, scoring each candidate by its text alone. A
-  counterfactual that text cues give away is solved here without the image; a grounded accuracy
-  means something only above this line.
-
-The twin-phantom test (pertvl.evaluate.twins) cancels the text prior by design; this module is for
-the older counterfactual test.
+"""The references a grounded structure accuracy is read against (in place of the 1/(1+k) chance that
+assumes exchangeable candidates): the empirical null (the same candidates scored from random
+anchors, mean and 2.5-97.5 % range) and the text prior (a word 1-3-gram logistic regression of
+originals vs counterfactuals on the training split, scoring each candidate by its text alone).
 """
 
 from __future__ import annotations

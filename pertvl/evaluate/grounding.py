@@ -1,47 +1,12 @@
 """Grounding of the local branch: does a finding word attend to where the finding is drawn?
 
-For every test phantom and every word of its report that names a finding the image has
-("effusion", "pneumothorax", "consolidation", "enlarged", "nodule", "atelectasis", "edema", ...;
-pertvl.data.phantom.grounding.finding_words), the word→region attention of the local branch
-(pertvl.infer.attention_maps on the encoder's region and word features: GLoRIA's attention, the
-maps `pertvl embed --attention-maps` draws) is compared with the finding's mask
-(pertvl.data.phantom.grounding.phantom_masks: re-drawn from the phantom's seed, at its render size,
-area-averaged to the region grid: share[r, c] = the part of cell (r, c) inside the mask).
-
-Per (image, finding word) item:
-- pointing game: the most-attended cell lies in the mask (share > 0). Ties for the maximum count
-  as the share of the tied cells that lie in it (uniform attention scores its chance exactly).
-  Chance: the share of the grid's cells that lie in the mask (a uniformly random cell).
-- attention mass in the mask: sum over cells of attention × share. Chance: the mask's area share
-  (the mean of share; what uniform attention gets).
-Per finding type and over all items: the means, with 95 % percentile bootstrap CIs over images
-(images resampled, their items kept together), seeded.
-
-Images without a phantom record (extra.render, written by `pertvl data phantom` and carried by
-`pertvl pack`) are skipped and counted ("not_a_phantom"), as are reports the phantom's seed does not
-re-compose ("report_mismatch"); finding words cut by the text encoder's max_length
-("finding_word_truncated") and findings whose mask is empty at the render size ("empty_mask") are
-not scored; normal images have no finding word.
-
-Which models this means something for: the local branch is trained by L_local (the gloria and
-full presets). convirt and no_local models still have one (its projections at initialization,
-under a trained backbone), so the evaluation runs for them too; their numbers say what an
-untrained local branch gives.
-
-JSON schema "pertvl-grounding/1":
-
-    {"schema": "pertvl-grounding/1",
-     "overall": STAT, "per_type": {finding type: STAT},       # types with at least one item
-     "images": int (scored, with >= 1 finding word), "images_without_finding_words": int,
-     "skipped": {reason: int}, "grid": [h, w], "gamma1": float,
-     "bootstrap": {"resamples", "seed", "confidence", "method": "percentile, images resampled"},
-     "words": {word: count}, "info": {...}}
-    STAT = {"items": int, "images": int, "pointing": float|null, "pointing_ci95": [lo, hi]|null,
-            "pointing_chance": float|null, "mass": float|null, "mass_ci95": [lo, hi]|null,
-            "area": float|null}
-
-Flat metrics: grounding/pointing, grounding/pointing_chance, grounding/mass, grounding/area and
-grounding/pointing/TYPE.
+For every test phantom and every word of its report that names a present finding, the
+word→region attention (pertvl.infer.attention_maps) against the finding's mask re-drawn from the
+phantom's seed and area-averaged to the region grid (share per cell). Per item: the pointing game
+(the most-attended cell overlaps the mask; ties share credit; chance: the share of cells in the
+mask) and the attention mass in the mask (chance: the mask's area share). Means per finding type
+with cluster-bootstrap CIs over images. Non-phantoms, mismatching reports, truncated words and
+empty masks are skipped and counted. Untrained local branches (convirt, no_local) are measured too.
 """
 
 from __future__ import annotations
@@ -273,19 +238,8 @@ def evaluate_grounding(
     batch_size: int = 32,
     info: Mapping[str, Any] | None = None,
 ) -> GroundingResult:
-    """Run the grounding evaluation over shard samples of phantoms.
-
-    Args:
-        encoder: has `image_features(images)` and `text_features(texts)` (pertvl.infer.Embedder,
-            pertvl.evaluate.torch_encoder.TorchEncoder): region and word features.
-        samples: shard samples (`.image` uint8 [H, W], `.meta` with text and extra).
-        gamma1: GLoRIA's region temperature of the attention (the loss default 4.0).
-        bootstrap, seed: CI resamples (0: none) and seed.
-        batch_size: images per encoder call.
-        info: provenance stored in the result.
-
-    Raises:
-        ValueError: the encoder has no local branch outputs.
+    """The grounding evaluation over phantom shard samples. The encoder needs `image_features` and
+    `text_features` (an export or a run; ValueError otherwise); `gamma1` is GLoRIA's attention temperature.
     """
     from pertvl.data.phantom.grounding import PhantomTruth, finding_words, phantom_masks, region_shares
     from pertvl.infer import attention_maps

@@ -1,15 +1,9 @@
-"""Evaluation during training (train.eval_every): `pertvl eval`'s evaluations, run on the model in training.
+"""Evaluation during training (train.eval_every): `pertvl eval`'s evaluations on the model in training.
 
-The engine (pertvl.train.engine) knows no evaluation; `pertvl train` starts here, builds the
-evaluation of the config (`make_evaluator`) and hands it to the engine, which calls it on rank 0
-every train.eval_every optimizer steps and after the last one with an eval-mode fp32 copy of the
-encoders. Each of train.eval_tasks runs as `pertvl eval NAME --run … --shards data.shards --split
-train.eval_split [--limit train.eval_limit]` would, with its own defaults: same samples, same
-code, same numbers as evaluating that step's weights afterwards (the copy holds the training
-module's weights; a bf16 engine's are its 16-bit ones). It returns the results' flat metrics under
-"eval/" (eval/structure/overall, eval/structure/margin, eval/retrieval/…, eval/zeroshot/…), writes
-each result's JSON to RUN_DIR/eval/step{N}/NAME.json (CIs, counts, controls) and logs one
-line per evaluation.
+`make_evaluator` builds what the engine calls on rank 0 every train.eval_every steps with an
+eval-mode fp32 copy of the encoders: each of train.eval_tasks runs as `pertvl eval NAME --run …
+--shards data.shards --split train.eval_split [--limit train.eval_limit]` would, writes
+RUN_DIR/eval/step{N}/NAME.json and returns the flat metrics under "eval/".
 """
 
 from __future__ import annotations

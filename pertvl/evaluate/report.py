@@ -1,10 +1,6 @@
-"""Generic writers for evaluation outputs: a result's files, training curves, attention maps, and
-the table and figure helpers the evaluations share. Nothing here knows an evaluation by name: a
-result (pertvl.evaluate.evaluation.Result) brings its JSON, Markdown, figures and flat metrics.
-
-Figures are drawn on matplotlib `Figure` objects with the Agg canvas (no pyplot, no global
-backend state) at fixed sizes (no tight bounding box), so a PNG's pixel size is
-figsize × dpi and can be checked. Every file is written atomically (temporary file + rename).
+"""Writers shared by the evaluations: a result's files, training curves, attention maps, tables.
+Figures are matplotlib Figures on the Agg canvas at fixed sizes (pixel size = figsize × DPI);
+every file is written atomically.
 """
 
 from __future__ import annotations
@@ -136,17 +132,8 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> dict[str, Any]:
-    """Loss terms (every "loss/…" key) and the learning rate ("lr") against "step".
-
-    Args:
-        metrics_jsonl: the monitor's JSONL (one JSON object per line, with "step").
-        out_png: figure to write.
-
-    Returns:
-        {"png": path, "keys": plotted keys, "points": rows read, "bad_lines": skipped lines}.
-
-    Raises:
-        ValueError: naming the file when it holds no loss values.
+    """Every "loss/…" key and "lr" of a monitor JSONL against "step". Returns {"png", "keys", "points",
+    "bad_lines"}; ValueError naming the file when it holds no loss values.
     """
     rows, bad = read_metrics_jsonl(metrics_jsonl)
     loss_keys = sorted({k for r in rows for k in r if k.startswith("loss/")},
@@ -189,17 +176,8 @@ def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.Pat
 def save_attention_map(
     image: np.ndarray, attn: np.ndarray, word: str, out_png: str | os.PathLike
 ) -> Path:
-    """A word→region attention map as a heatmap over the image, the word as title.
-
-    Args:
-        image: [H, W] uint8 grayscale image.
-        attn: [h, w] attention weights over the region grid (any non-negative scale); upsampled
-            bilinearly to H × W and scaled to [0, 1] for display.
-        word: the word the attention belongs to.
-        out_png: figure to write (400 × 440 px).
-
-    Raises:
-        ValueError: on a wrongly shaped image or attention map.
+    """A word→region attention map attn [h, w] as a heatmap over image [H, W] uint8 (upsampled bilinearly,
+    scaled to [0, 1]), the word as title; 400 × 440 px. ValueError on wrong shapes.
     """
     from PIL import Image
 
@@ -228,14 +206,8 @@ FINDING_ATTENTION_FIGSIZE = (5.2, 4.6)  # → 520 × 460 px
 
 def save_finding_attention(image: np.ndarray, attn: np.ndarray, mask: np.ndarray, word: str, sentence: str,
                            out_png: str | os.PathLike) -> Path:
-    """A finding word's attention over the image, the finding's true outline, a colour bar and the sentence.
-
-    Args:
-        image: [H, W] uint8 grayscale image.
-        attn: [h, w] the word's attention over the region grid (sums to 1); shown upsampled, the
-            colour bar in the grid's own units (share of the word's attention per region).
-        mask: [H, W] bool, where the finding truly is (the phantom's truth); drawn as a white outline.
-        word, sentence: the word, and the report sentence it comes from (the caption).
+    """A finding word's attention attn [h, w] over image [H, W], the finding's true outline (mask [H, W]),
+    a colour bar in the grid's units and the sentence as caption.
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -277,11 +249,8 @@ def _sentence_of(text: str, index: int) -> str:
 
 def finding_attention_maps(embedder: Any, pairs: Sequence[Any], images_root: str | os.PathLike,
                            out_dir: str | os.PathLike, limit: int = 6) -> list[tuple[Path, str]]:
-    """Attention maps of the words that name a present finding, on phantom pairs, from an export.
-
-    Each map shows the finding's true outline (re-drawn from the phantom's recipe), a colour bar
-    and the sentence. Pairs that are not phantoms, or whose words were cut by max_length, are
-    passed over. Returns [(png, caption)] for at most `limit` maps.
+    """Attention maps of the words naming a present finding on phantom pairs, from an export; pairs that
+    are not phantoms or were cut by max_length are passed over. [(png, caption)], at most `limit`.
     """
     from pertvl.data.image import read_image
     from pertvl.data.phantom.grounding import PhantomTruth, finding_words, phantom_masks

@@ -1,33 +1,10 @@
-"""Image→report and report→image retrieval, Recall@K, by cosine of global embeddings.
+"""Image→report and report→image Recall@K by cosine of global embeddings.
 
-Which retrieved items count as correct:
-- Plain pairs (no group ids): row i of the images goes with row i of the texts.
-- With `study_ids`: all views of a study share one report, so for an image any text of its
-  study is correct, and for a text any image of its study is correct. Texts can form a smaller
-  gallery than the images (`text_study_ids` gives each text's study); otherwise text i belongs
-  to study_ids[i].
-- `evaluate_retrieval` builds the gallery from the distinct report texts and, by default
-  (match="report"), treats every image whose report is exactly that text as its match: Open-I
-  holds many word-for-word identical reports from different studies (templated normals), and an
-  identical text has an identical embedding, so counting it as wrong would only measure list
-  order. match="study" uses the study grouping instead (one gallery entry per study and text).
-
-Rank of the first correct item, ties pessimistic: a wrong item scoring within `tie_tolerance`
-of the best correct item ranks ahead of it (as in the structure evaluation). Recall@K is the
-share of queries whose first correct item has rank ≤ K.
-
-Text-disjoint subset: given the training split's texts, the same recalls over the
-queries whose cleaned report is no training report (image queries by their report, report
-queries by their text), against the same full gallery.
-
-JSON schema "pertvl-retrieval/2" (/1, without "text_disjoint", is still read):
-    {"schema", "image_to_text": {"R@1": float, ...}, "text_to_image": {"R@1": float, ...},
-     "median_rank": {"image_to_text": float, "text_to_image": float},
-     "images": int, "texts": int, "match": "pairs"|"study"|"report", "skipped": {reason: int},
-     "tie_tolerance": float,
-     "text_disjoint": {"train_texts": int, "images": int, "texts": int, "image_to_text": {...},
-                       "text_to_image": {...}} | null,
-     "info": {...}}
+The gallery is the split's distinct report texts. match="report" (default): an image matches every
+gallery text equal to its report (identical templated reports would otherwise only measure list
+order); match="study": its study's report. Ties rank against the correct item (`tie_tolerance`).
+With the training split's texts, `text_disjoint` holds the recalls over the queries whose cleaned
+report is no training report, against the same gallery. JSON: RetrievalResult's fields.
 """
 
 from __future__ import annotations
@@ -141,17 +118,8 @@ class RetrievalResult:
 
 
 def first_hit_ranks(sim: np.ndarray, hit: np.ndarray, tie_tolerance: float = TIE_TOLERANCE) -> np.ndarray:
-    """1-based rank of the best-scoring correct item of each query, ties counted against it.
-
-    Args:
-        sim: [Q, G] similarities of Q queries to G gallery items.
-        hit: [Q, G] bool, which gallery items are correct for each query (≥ 1 per query).
-
-    Returns:
-        [Q] int ranks.
-
-    Raises:
-        ValueError: when a query has no correct item in the gallery.
+    """1-based rank [Q] of each query's best correct item in sim [Q, G] (hit [Q, G] marks the correct
+    items), a wrong item within `tie_tolerance` ranking ahead. ValueError for a query without a hit.
     """
     if not hit.any(axis=1).all():
         bad = int(np.flatnonzero(~hit.any(axis=1))[0])
@@ -169,21 +137,10 @@ def retrieval_recall(
     text_study_ids: Sequence[Any] | None = None,
     tie_tolerance: float = TIE_TOLERANCE,
 ) -> RetrievalResult:
-    """Image→text and text→image Recall@K by cosine similarity.
+    """Image→text and text→image Recall@K of image_emb [N, D] and text_emb [M, D] by cosine.
 
-    Args:
-        image_emb: [N, D] image embeddings.
-        text_emb: [M, D] text embeddings (M = N without `text_study_ids`).
-        ks: the K values (positive integers).
-        study_ids: [N] group (study) of each image; None means row i matches text i only.
-        text_study_ids: [M] group of each text; defaults to `study_ids` (then M = N).
-        tie_tolerance: cosine margin within which a wrong item ties and ranks ahead.
-
-    Returns:
-        RetrievalResult (info empty; `evaluate_retrieval` fills it).
-
-    Raises:
-        ValueError: on inconsistent shapes, bad K values or a query without a match.
+    `study_ids` [N] (and `text_study_ids` [M], default `study_ids`) group the correct items; without
+    them row i matches text i. Raises ValueError on inconsistent shapes, bad K or a query without a match.
     """
     image_emb, text_emb = np.asarray(image_emb), np.asarray(text_emb)
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
@@ -240,22 +197,8 @@ def evaluate_retrieval(
     info: Mapping[str, Any] | None = None,
     train_texts: Iterable[str] | None = None,
 ) -> RetrievalResult:
-    """Retrieval over shard samples: every image against the gallery of distinct reports.
-
-    Args:
-        encoder: an Encoder.
-        samples: objects with `.key`, `.image` and `.meta` (`text`, `study_id`, `id`).
-        ks: Recall@K values.
-        match: "report" (an image matches every gallery text equal to its report; default) or
-            "study" (an image matches its study's report; one gallery entry per study and text).
-        batch_size: images / texts per encoder call.
-        tie_tolerance: see `retrieval_recall`.
-        info: provenance stored in the result.
-        train_texts: the training split's report texts; given, `text_disjoint` holds the recalls
-            over the queries whose cleaned report is none of them.
-
-    Returns:
-        RetrievalResult with `match` = "report" or "study".
+    """Retrieval over shard samples (`.meta`: text, study_id, id): every image against the gallery of
+    distinct reports; `train_texts` adds the text-disjoint subset.
     """
     if match not in ("report", "study"):
         raise ValueError(f"match must be 'report' or 'study', got {match!r}")

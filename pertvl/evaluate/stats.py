@@ -6,18 +6,8 @@ import numpy as np
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
-    """Area under the ROC curve as the Mann–Whitney U statistic, ties given half credit.
-
-    Hand-written (rather than sklearn.metrics.roc_auc_score) so that a single-class label gives
-    None instead of raising, and so the evaluation does not import scikit-learn; the tests check
-    it against sklearn.
-
-    Args:
-        scores: [N] real scores (higher = more likely positive).
-        targets: [N] 0/1.
-
-    Returns:
-        AUROC in [0, 1], or None when only one class is present.
+    """AUROC of scores [N] for 0/1 targets [N] as the Mann–Whitney U statistic, ties given half credit;
+    None when only one class is present (sklearn raises instead).
     """
     from scipy.stats import rankdata
 

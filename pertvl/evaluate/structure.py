@@ -1,61 +1,16 @@
-"""Zero-shot clinical semantic structure evaluation (the paper's Table IV, §IV-C-3), done right.
+"""Zero-shot clinical semantic structure (the paper's Table IV, §IV-C-3).
 
-For each test image, the candidates are its original report and the report's *valid*
-perturbations; each candidate is scored by the cosine of the image's global embedding and the
-text's global embedding (paper: S(I,T) = e_I·e_T / (‖e_I‖‖e_T‖)).
+Each image's candidates are its report and the report's valid perturbations, scored by
+S(I, T) = cos(e_I, e_T) (or GLoRIA's local S, `score="local"`). Overall accuracy: the original
+strictly above every valid perturbation (chance 1/(1 + K_i)); per type: original vs that type
+(chance 0.5). A candidate within `tie_tolerance` of the original beats it, so an encoder blind to
+the difference scores 0, never a lucky 50 %. Perturbations that are unavailable, missing or
+word-identical to the original are excluded and counted. CIs: percentile bootstrap over images,
+each metric from its own default_rng(seed). Each distinct text is embedded once.
 
-- Overall accuracy: the share of images whose original report scores strictly above every one
-  of its valid perturbations. Chance level = mean over those images of 1/(1 + K_i), K_i = the
-  image's number of valid perturbations.
-- Per type t: pairwise, original vs the type-t perturbation, over the images where type t is
-  valid (chance 0.5).
-- Ties count as wrong: a perturbation scoring within `tie_tolerance` (1e-6 cosine) of the
-  original beats it. An encoder that cannot tell the candidates apart (e.g. a bag of words on a
-  shuffle) thus scores 0, never a lucky 50 % from float noise or list order.
-- Excluded, never counted: perturbations listed as unavailable, missing from the record, or
-  whose words equal the original's (a file may say otherwise; such a text is counted under
-  `excluded_identical`). Images left with no valid perturbation are not part of the overall
-  accuracy (nothing to discriminate) and are counted in `images_without_valid_perturbation`.
-- 95 % confidence intervals: percentile bootstrap over images (scipy.stats.bootstrap),
-  `bootstrap` resamples, seeded, each metric from its own `numpy.random.default_rng(seed)` so a
-  number does not depend on which other types were evaluated. Null when fewer than 2 images.
-- Each distinct text is embedded once (views of a study share a report).
-
-Controls (image structure only): the same test with another anchor in place of each image's
-own embedding, so that what the image contributes can be told from a preference of the text side
-(a direction "reads like a training report" scores the same whatever the anchor):
-
-- wrong image: a fixed derangement of the test images (`wrong_image_partners`, seeded by --seed):
-  each image's anchor is another study's image whose positive labels differ (`finding_signature`;
-  for the phantoms the labels are the finding types). Samples without labels (Open-I) only get
-  the other-study rule, and their partner may show the same findings; images no rule-keeping
-  partner exists for are left out and counted (`pairing`).
-- mean image: one anchor for every image, the mean of the L2-normalized test-image embeddings.
-- text only: no image at all; image i's anchor is the mean L2-normalized embedding of the test
-  reports whose text differs from its own report (so the anchor never contains the report it
-  scores). A report that scores high here is preferred for its wording alone.
-- image-grounding margin = own − wrong-image accuracy, over the images that have a partner: the
-  mean of the per-image difference (1/0 correct), with the percentile bootstrap CI over those
-  images; per type likewise (pairwise). An encoder whose image embedding ignores the image has a
-  margin of exactly 0.
-
-Grounded structure: when the samples carry counterfactual reports (`pertvl pack
---counterfactuals`: `counterfactuals` {cf_type: text}, `cf_unavailable` {cf_type: reason}), the same
-test with the counterfactuals as the candidates: the original ranked strictly above all of its
-valid counterfactuals (chance 1/(1+k) per image), per type original vs that counterfactual (chance
-50 %), with the same controls and margin (its wrong-image partners share no positive label with
-the image). Counterfactuals describe a different image in the original's words, but their edits
-leave text cues and the original sits among its edits, so 1/(1+k) is not the null: each grounded
-accuracy stands beside the empirical null (random anchors, same candidates) and a text prior (an
-n-gram classifier trained on the training split's originals vs counterfactuals; module
-pertvl.evaluate.grounded_references). An encoder that ignores the image has grounded margin 0. Samples without the keys are left out
-(counted); a split without any gives `grounded` null.
-
-Text-disjoint subset: given the training split's texts (`pertvl eval structure`
-reads them from the same shards), the overall and per-type accuracies (and the grounded one) on
-the images whose cleaned report text is not a training report's, with the counts.
-
-The results, their JSON schema, flat metrics, Markdown and figure: pertvl.evaluate.structure_result.
+Controls (wrong image, mean image, text-only anchor), the image-grounding margin, the grounded
+test on counterfactual reports and the text-disjoint subset: docs/GROUNDING.md. Results, JSON,
+Markdown and figure: pertvl.evaluate.structure_result.
 """
 
 from __future__ import annotations
@@ -168,11 +123,8 @@ def valid_perturbations(
     types: Sequence[str],
     counts: CandidateCounts,
 ) -> list[str | None]:
-    """The candidate text of each type for one report, None where it is not a valid candidate.
-
-    A perturbation whose words equal the original's is invalid whatever its record says
-    (counted as `excluded_identical`); a type listed as unavailable, or absent from both maps
-    (a malformed record), is invalid and counted as `unavailable` / `missing`.
+    """The candidate text of each type for one report, None where it is invalid (counted in `counts`:
+    word-identical to the original, listed as unavailable, or missing from both maps).
     """
     perturbations = perturbations or {}
     unavailable = unavailable or {}
@@ -279,20 +231,8 @@ def cosine_candidates(
     num_types: int,
     tie_tolerance: float = TIE_TOLERANCE,
 ) -> StructureScores:
-    """Scores from anchors [N, D] and the embeddings of distinct texts, without materializing
-    an [N, K, D] array (the full Open-I split would take hundreds of MB).
-
-    Args:
-        anchor_emb: [N, D] anchors (image embeddings, or impression embeddings for text-structure).
-        text_index: text → row of `text_emb` (from embed_texts_unique).
-        text_emb: [U, D] embeddings of the distinct texts.
-        originals: the N original reports.
-        candidates: N rows of `num_types` perturbation texts, None where not a valid candidate.
-        num_types: K.
-        tie_tolerance: see `scores_from_cosines`.
-
-    Raises:
-        ValueError: when anchor and text embedding widths differ.
+    """StructureScores of anchors [N, D] against the global embeddings `text_emb` [U, D] of the distinct
+    texts (`text_index`: text → row), without an [N, K, D] array. Raises ValueError when the widths differ.
     """
     n, k = len(originals), num_types
     if n == 0:
@@ -434,15 +374,11 @@ def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
 def wrong_image_partners(
     signatures: Sequence[frozenset[str] | None], studies: Sequence[str], seed: int, disjoint: bool = False
 ) -> np.ndarray:
-    """A fixed derangement: for each image i the image whose embedding replaces its own, -1 if none.
+    """A seeded derangement: for each image the image whose anchor replaces its own, -1 if none.
 
-    The partner is another study's image, and where both signatures are known they differ (the
-    wrong image's findings are not the report's). Rule: a random cycle through all images (seeded),
-    so every image is used once as a wrong anchor; a pair breaking the rule is repaired by swapping
-    partners with another image where both new pairs keep it; what no swap repairs is left unpaired.
-    Where a signature is unknown only the study rule applies (such a partner may show the same
-    findings). `disjoint`: the two label sets must have no positive label in common (the grounded
-    test's partners: a partner that shows the edited finding would pass or fail with the image).
+    A partner is another study's image whose known positive labels differ (`disjoint`: share none).
+    A random cycle through all images, rule-breaking pairs repaired by swaps; what no swap repairs
+    is left unpaired.
     """
     n = len(studies)
     partner = np.full(n, -1, dtype=np.int64)
@@ -552,29 +488,12 @@ def evaluate_structure(
     score: str = "global",
     train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> StructureResult:
-    """Run the image→report structure evaluation over shard samples.
+    """The image→report structure evaluation over shard samples (`.key`, `.image`, `.meta`).
 
-    Args:
-        encoder: an Encoder (image and text global embeddings in one joint space).
-        samples: objects with `.key`, `.image` (uint8 [H, W]) and `.meta` (dict with `text`,
-            `perturbations`, `unavailable`, `id`), e.g. pertvl.data.shards.iter_samples(...).
-        types: perturbation types to evaluate (subset of PERTURBATION_TYPES, order kept).
-        bootstrap: bootstrap resamples for the 95 % CIs (0 disables them).
-        seed: bootstrap seed.
-        batch_size: images / texts per encoder call.
-        tie_tolerance: cosine margin under which a perturbation ties the original (counts wrong).
-        info: provenance stored in the result's `info`.
-        train_texts: the training split's report texts (cleaned here); given, the result has the
-            text-disjoint subset (images whose cleaned report is none of them).
-        score: "global" (the paper's cosine of global embeddings) or "local" (GLoRIA's S(I, T) on
-            region and word features, `LocalScorer`; the encoder needs the local branch; no
-            text-only control).
-        train_counterfactuals: the training split's (report, its counterfactuals); given, the
-            grounded accuracies get the text-prior baseline beside the empirical null.
-
-    Returns:
-        StructureResult with schema "pertvl-structure/3" (controls included; `grounded` when
-        samples carry `counterfactuals`).
+    `train_texts` (the training split's reports) adds the text-disjoint subset; `train_counterfactuals`
+    [(report, its counterfactuals)] adds the text-prior reference of the grounded test; `score` is
+    "global" or "local" (region and word features; no text-only control). Returns a StructureResult
+    ("pertvl-structure/3"; `grounded` when the samples carry `counterfactuals`).
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -679,12 +598,9 @@ def grounded_structure(
     scorer: GlobalScorer | LocalScorer | None = None,
     train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> tuple[GroundedStructure, StructureScores]:
-    """The structure test with the counterfactuals as candidates, its controls and margin.
-
-    Images without a counterfactual record take part in nothing (they have no valid candidate,
-    so they are outside every accuracy and margin) and are counted; the text-only anchors are
-    those of the perturbation test (all scored images); the wrong-image partners share no positive
-    label with the image (so a partner never shows the finding a counterfactual edits).
+    """The structure test with the counterfactuals as candidates, its controls, margin and references.
+    Images without a counterfactual record take part in nothing and are counted; wrong-image partners
+    share no positive label with the image.
     """
     k = len(cf_types)
     scorer = GlobalScorer(text_emb) if scorer is None else scorer

@@ -1,13 +1,6 @@
-"""`pertvl eval structure-local`: the structure test (pertvl.evaluate.structure) with every candidate
-scored by GLoRIA's local image–report similarity S(I, T) instead of the global cosine.
-
-Why a second score: the paper scores Table IV by the cosine of global embeddings, and a globally
-pooled image embedding may keep little of *where* a finding is (left or right) or which finding
-sits where; the local branch's region features keep it and L_local trains S(I, T) directly.
-Same candidates, controls (wrong image, mean image — the mean of the region features;
-no text-only anchor: a text has no regions), counterfactuals, text-disjoint subset and JSON schema
-as `structure`, with "score": "local"; flat metrics structure_local/*. Needs the local branch:
-an ONNX export or a run.
+"""`pertvl eval structure-local`: the structure test scored by GLoRIA's local S(I, T) on region and
+word features instead of the global cosine (a pooled embedding may lose where a finding is). Same
+candidates, controls (no text-only anchor) and schema, "score": "local"; metrics structure_local/*.
 """
 
 from __future__ import annotations

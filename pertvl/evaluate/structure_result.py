@@ -1,17 +1,7 @@
-"""The structure test's results (pertvl.evaluate.structure scores them): the dataclasses whose fields
-are the JSON schema "pertvl-structure/3" (text_structure.py writes the same layout without
-"controls", "grounded", "text_disjoint" and "score" under "pertvl-text-structure/3"), their flat
-metrics, their Markdown and their figure.
-
-STAT = AccuracyStat, MARGIN = MarginStat. For the overall STAT the three exclusion counts are totals
-over types. A null accuracy means "not measured" (n = 0), never 0.
-
-Flat metrics: structure/overall, structure/TYPE, structure/{wrong_image,mean_image,text_only}
-(overall accuracy with that anchor), structure/margin and structure/margin_ci_{low,high};
-with counterfactuals structure/grounded, structure/grounded_{wrong_image,mean_image,text_only},
-structure/grounded_margin (+ _ci_low/_ci_high), structure/CF_TYPE (pairwise) and its own − wrong
-image margin structure/CF_TYPE_margin (+ _ci_low/_ci_high); with the training texts
-structure/text_disjoint (and structure/text_disjoint_grounded).
+"""The structure test's results: the dataclasses whose fields are the JSON schema "pertvl-structure/3"
+("pertvl-text-structure/3" without controls, grounded, text_disjoint and score), their flat
+metrics ("structure/overall", "structure/TYPE", "structure/margin", ...), Markdown and figure.
+A null accuracy means "not measured" (n = 0), never 0.
 """
 
 from __future__ import annotations
@@ -37,14 +27,9 @@ TIE_TOLERANCE = 1e-6
 
 @dataclass
 class StructureScores:
-    """Per-image scores of one structure evaluation (N anchors, K perturbation types).
-
-    orig:           [N] cosine(anchor, original report)
-    pert:           [N, K] cosine(anchor, perturbation k), NaN where invalid
-    valid:          [N, K] bool
-    correct:        [N] bool, original strictly above every valid perturbation (False if none valid)
-    pairwise:       [N, K] bool, original strictly above perturbation k (False where invalid)
-    num_candidates: [N] int, 1 + number of valid perturbations
+    """Per-image scores of N anchors against K candidate types: orig [N], pert [N, K] (NaN where
+    invalid), valid [N, K], correct [N] (original strictly above every valid candidate), pairwise
+    [N, K] and num_candidates [N] (1 + valid candidates).
     """
 
     orig: np.ndarray
@@ -183,11 +168,7 @@ class StructureResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> StructureResult:
-        """Read a result back from its JSON form.
-
-        Raises:
-            ValueError: when `d` is not a pertvl structure result.
-        """
+        """Raises ValueError when `d` is not a pertvl structure result."""
         schema = d.get("schema") if isinstance(d, Mapping) else None
         if schema not in READABLE_SCHEMAS:
             raise ValueError(f"not a pertvl structure result: schema {schema!r}")

@@ -1,29 +1,10 @@
-"""Text-only structure check on real radiology language: no images needed.
+"""Text-only structure check on Open-I reports (no images).
 
-For each Open-I report with both a FINDINGS and an IMPRESSION section: anchor = the
-impression, candidates = the findings and the findings' valid perturbations, each scored by
-cosine(text embedding of the impression, text embedding of the candidate) with the text
-encoder alone. Accuracy overall (findings ranked strictly first among all candidates) and per
-type (findings vs that type), with the same rules, tie policy, exclusions, bootstrap and result
-layout as pertvl.evaluate.structure — see its docstring — under the schema
-"pertvl-text-structure/2", "images" there counting reports here. A report whose impression
-equals its findings word for word is skipped (counted as "impression_equals_findings"): the
-anchor would be its own candidate. (6 of the 3,331 Open-I reports with both sections.)
-
-Counterfactual rows: with the findings as written (`raw` records, the CLI's
-default), the text counterfactuals of pertvl.data.counterfactual.text_counterfactual_record
-(`cf_laterality`, `cf_negation`: the laterality and negation rules applied to the words alone)
-are scored like perturbations and added as extra per-type rows (findings vs that counterfactual,
-chance 50 %); they are not candidates of the overall accuracy, which stays the perturbation
-test's. Schema "pertvl-text-structure/3" (/2: without those rows).
-
-Sanity properties (tested): a bag-of-words encoder is blind to word order, so every shuffle
-ties the findings and scores exactly 0; an order-aware encoder can reach 1.
-
-The reports are read from the Kaggle layout's indiana_reports.csv (columns uid, findings,
-impression) with the csv module; both sections go through pertvl.data.text.clean_text. The
-perturbations are computed by the caller (pertvl.data.perturb.Perturber in the CLI) and passed
-in, so this module does not depend on spaCy.
+For each report with FINDINGS and IMPRESSION: anchor = the impression, candidates = the findings
+and their valid perturbations, scored by the text encoder alone, with pertvl.evaluate.structure's
+rules ("images" count reports; a report whose impression equals its findings is skipped). The text
+counterfactuals (cf_laterality, cf_negation) of the findings as written are extra per-type rows,
+not candidates of the overall accuracy. Reports: the Kaggle layout's indiana_reports.csv.
 """
 
 from __future__ import annotations
@@ -74,17 +55,8 @@ class ReportSections:
 
 
 def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> ReportSections:
-    """Read the reports that have both findings and impression from indiana_reports.csv.
-
-    Args:
-        path: the Kaggle layout's indiana_reports.csv.
-        limit: keep at most this many reports (in file order); None keeps all.
-
-    Returns:
-        ReportSections; `rows_read` = kept + sum(skipped) (+ rows after `limit` are not read).
-
-    Raises:
-        ValueError: naming the file when a required column is absent.
+    """The reports of indiana_reports.csv with both findings and impression (at most `limit`), cleaned.
+    Raises ValueError naming the file when a required column is absent.
     """
     uids: list[str] = []
     findings: list[str] = []
@@ -117,16 +89,8 @@ def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> R
 
 
 def perturb_findings(sections: ReportSections, perturber: Any, **perturb_kwargs: Any) -> list[tuple[str, Any]]:
-    """Pair each impression with the perturbation record of its findings.
-
-    Args:
-        sections: from `read_report_sections`.
-        perturber: has `perturb_many(texts) -> records` (.text, .perturbations, .unavailable),
-            e.g. pertvl.data.perturb.Perturber(seed=0). Each distinct findings text is perturbed once.
-        **perturb_kwargs: passed to `perturb_many` (e.g. progress=True).
-
-    Returns:
-        [(impression, findings_record)] in report order.
+    """[(impression, perturbation record of its findings)] in report order, each distinct findings text
+    perturbed once by `perturber.perturb_many`.
     """
     distinct = list(dict.fromkeys(sections.findings))
     records = perturber.perturb_many(distinct, **perturb_kwargs)
@@ -154,23 +118,9 @@ def evaluate_text_structure(
 ) -> StructureResult:
     """Score each report's findings against their perturbations, anchored on its impression.
 
-    Args:
-        encoder: anything with `embed_texts` (a TextEncoder).
-        records: (impression_clean, findings_record) pairs; findings_record has `text`,
-            `perturbations` {type: text} and `unavailable` {type: reason} (attributes or keys).
-        types: perturbation types to evaluate.
-        bootstrap: bootstrap resamples for the 95 % CIs (0 disables).
-        seed: bootstrap seed.
-        batch_size: texts per encoder call.
-        tie_tolerance: cosine margin under which a perturbation ties the findings (counts wrong).
-        info: provenance stored in the result.
-        ids: optional report ids (e.g. Open-I uids), one per record.
-        counterfactuals: optional, one per record: the findings' counterfactual record
-            (`counterfactuals` {type: text}, `unavailable` {type: reason}; attributes or keys, e.g.
-            text_counterfactual_record(raw findings)); its types become extra per-type rows.
-
-    Returns:
-        StructureResult with schema "pertvl-text-structure/3".
+    `records`: (clean impression, findings record with text, perturbations, unavailable); optional
+    `ids` and `counterfactuals` (one per record) as in text_counterfactual_record. Returns a
+    StructureResult with schema "pertvl-text-structure/3".
     """
     types = requested_types(types)
     counts = CandidateCounts()

@@ -1,14 +1,7 @@
-"""Torch adapters implementing the evaluation's Encoder protocol (pertvl.evaluate.encoder).
-
-- `TorchEncoder`: a trained `pertvl.model.DualEncoder` (checkpoint path of `pertvl eval --run`),
-  used to check the ONNX export: both paths must give the same numbers within rounding.
-- `HFTextEncoder`: a plain Hugging Face text model (`--text-model PATH`), for the untrained
-  text-encoder baseline of `pertvl eval text-structure`; text only (a TextEncoder).
-
-Texts are tokenized with pertvl.data.tokenize.encode_texts, the tokenization used in training
-and export. Texts are embedded in order of length so a batch pads little; outputs come back in
-input order. Device-agnostic: CPU, CUDA (optional autocast to bf16/fp16); outputs are float32,
-L2-normalized.
+"""Torch encoders for the evaluations: `TorchEncoder` over a trained DualEncoder (`--run`; checks the
+ONNX export) and `HFTextEncoder` over a plain HF text model (`--text-model`, text only). Texts are
+tokenized as in training (encode_texts) and embedded in order of length; outputs come back in input
+order, float32, L2-normalized.
 """
 
 from __future__ import annotations
@@ -79,15 +72,7 @@ class _TorchBase:
 
 
 class TorchEncoder(_TorchBase):
-    """Encoder over a `pertvl.model.DualEncoder`: global image / text embeddings, L2-normalized.
-
-    Args:
-        model: a DualEncoder (encode_image, encode_text, tokenizer; docs/ARCHITECTURE.md).
-        device: "cpu", "cuda", "cuda:1", a torch.device, or None/"auto" (CUDA when available).
-        batch_size: images / texts per forward pass.
-        max_length: word pieces per text (the training default is 128).
-        autocast_dtype: e.g. torch.bfloat16 to run under autocast; None runs in the model's dtype.
-    """
+    """Global image / text embeddings (and the local branch's features) of a DualEncoder."""
 
     def __init__(self, model, device: Any = None, batch_size: int = 32, max_length: int = 128,
                  autocast_dtype: Any = None):
@@ -178,13 +163,8 @@ class TorchEncoder(_TorchBase):
 
 
 class HFTextEncoder(_TorchBase):
-    """TextEncoder over a plain HF text model (e.g. the offline MiniLM): the untrained baseline.
-
-    Args:
-        path: folder of a transformers model + fast tokenizer (loaded offline; no remote code).
-        pooling: "mean" (mean of token states under the attention mask; what sentence-transformers
-            models such as all-MiniLM-L6-v2 were trained with; default) or "cls" (the [CLS] state).
-        device, batch_size, max_length, autocast_dtype: as for TorchEncoder.
+    """A plain HF text model (e.g. the offline MiniLM) as a text encoder, the untrained baseline; pooling
+    "mean" (token states under the attention mask) or "cls".
     """
 
     def __init__(self, path: str | os.PathLike, pooling: str = "mean", device: Any = None, batch_size: int = 32,

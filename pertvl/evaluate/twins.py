@@ -1,22 +1,11 @@
 """`pertvl eval twins`: the twin-phantom grounding test (Winoground's scores on twin pairs).
 
-A twin pair (pertvl.data.phantom.twins) is two images I0, I1 of the same patient that differ in one
-fact, with their reports T0, T1 that differ only in the words of that fact. With s(I, T) the model's
-score (the global cosine, and GLoRIA's local S(I, T) when the encoder has the local branch), per pair:
-
-* text score:  s(I0,T0) > s(I0,T1) and s(I1,T1) > s(I1,T0)  (each image picks its own report),
-* image score: s(I0,T0) > s(I1,T0) and s(I1,T1) > s(I0,T1)  (each report picks its own image),
-* group score: both,
-* pairwise preference (one direction, as the structure test asks it): the share of the two images
-  that score their own report above the twin's.
-
-Random scores give exactly 25 / 25 / 16.7 % (and 50 % pairwise). A scorer that ignores the image
-(any text prior, however trained) ranks T0 against T1 the same way for both images, so its text
-score is exactly 0 % (and its pairwise preference exactly 50 %); a scorer that ignores the text has
-image score 0 %. So no number here needs a text-prior baseline beside it: the design cancels it.
-Beside every number stand the chance levels and an empirical null (random scores on the same pairs,
-with the same bootstrap), which shows how wide chance spreads at this n. Strict inequalities: a tie
-is a failure.
+A twin pair is two images I0, I1 of one patient that differ in one fact, with reports T0, T1 that
+differ only in its words. With s(I, T) the global cosine (and the local S when available):
+text score = each image prefers its own report, image score = each report prefers its own image,
+group = both, pairwise = the share of the two images preferring their own report. Chance 25 / 25 /
+16.7 / 50 %; a scorer that ignores the image has text score exactly 0, so no text-prior baseline is
+needed. Beside every number: an empirical null (random scores, same bootstrap). Ties fail.
 """
 
 from __future__ import annotations

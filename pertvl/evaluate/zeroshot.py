@@ -1,28 +1,11 @@
 """Zero-shot classification from prompt pairs, AUROC per label.
 
-For a label with prompt pairs (positive, negative), e.g. ("pleural effusion", "no pleural
-effusion"), an image's score is cos(image, positive) − cos(image, negative), averaged over the
-label's pairs when it has several. AUROC is computed per label over the images whose label is
-exactly 0 or 1 (uncertain −1, NaN and missing are skipped and counted). A label seen with only
-one class has an undefined AUROC, reported as null (never as 0.5), and is left out of the mean.
-
-Labels are matched to the sample's `labels` keys case-insensitively by name or alias, so the
-phantom corpus (CheXpert header names) and CheXpert itself use the same prompts. Prompts pass
-through pertvl.data.text.clean_text, the rule the encoder was trained on.
-
-The images and labels come from a shard split, or from a CheXpert CSV (`--chexpert-csv
-CheXpert-v1.0-small/valid.csv --images ROOT`): read by `pertvl finetune chexpert`'s reader
-(read_chexpert_csv: its columns, frontal views only unless --all-views, bad cells skipped and
-named), images by the pixel rule at the encoder's size, and its test-cell rule (docs/FINETUNE.md):
-1/0 scored, uncertain (−1) never, blank as negative under `--blank zero` (default, CheXpert's
-convention) or not scored under `--blank mask`. A missing or undecodable image is skipped, counted
-(`skipped.unreadable_image`) and named (`info.chexpert.image_problems`).
-
-JSON schema "pertvl-zeroshot/1":
-    {"schema", "per_label": {label: {"auroc": float|null, "n_pos": int, "n_neg": int,
-     "n_skipped": int, "prompts": [[pos, neg], ...]}}, "mean_auroc": float|null,
-     "labels_defined": int, "images": int, "unprompted_labels": [str], "skipped": {reason: int},
-     "info": {...}}
+An image's score for a label is cos(image, positive) − cos(image, negative), averaged over the
+label's prompt pairs. AUROC per label over the images whose label is exactly 0 or 1 (others counted
+as skipped); a one-class label has AUROC null and is left out of the mean. Labels match the
+samples' `labels` keys case-insensitively by name or alias; prompts pass through clean_text.
+The data: a shard split, or a CheXpert CSV read by `pertvl finetune chexpert`'s reader with its
+test-cell rule (docs/FINETUNE.md). JSON schema "pertvl-zeroshot/1" (ZeroShotResult.to_json).
 """
 
 from __future__ import annotations
@@ -215,17 +198,8 @@ def evaluate_zeroshot(
     batch_size: int = 32,
     info: Mapping[str, Any] | None = None,
 ) -> ZeroShotResult:
-    """Zero-shot AUROC per label over shard samples with `meta["labels"]`.
-
-    Args:
-        encoder: an Encoder.
-        samples: objects with `.key`, `.image` and `.meta` (`labels`: {name: 1.0/0.0/-1.0/NaN} or None).
-        prompts: LabelPrompts sequence or {label: (pos, neg) | [(pos, neg), ...]}.
-        batch_size: images per encoder call.
-        info: provenance stored in the result.
-
-    Returns:
-        ZeroShotResult; only images with at least one definite label are embedded.
+    """Zero-shot AUROC per label over shard samples with `meta["labels"]` ({name: 1.0/0.0/-1.0/NaN});
+    only images with at least one definite label are embedded.
     """
     prompts = normalize_prompts(prompts)
     lookup = {name.lower(): i for i, lp in enumerate(prompts) for name in lp.names()}

@@ -97,18 +97,9 @@ def read_chexpert_csv(
     frontal_only: bool = True,
     group_pattern: str = DEFAULT_GROUP_PATTERN,
 ) -> ChexpertTable:
-    """Read a CheXpert-format CSV (Path, Sex, Age, Frontal/Lateral, AP/PA, 14 label columns).
-
-    Args:
-        path: the CSV.
-        labels: label columns to keep, in output order.
-        frontal_only: keep rows whose Frontal/Lateral cell is "Frontal" (others skipped and counted).
-        group_pattern: regex whose first group names a row's patient (the train/test split unit).
-    Returns:
-        ChexpertTable. A row without a Path or with a label cell other than 1/0/-1/blank is skipped,
-        counted and named (file:line).
-    Raises:
-        FileNotFoundError, ValueError: missing file; a missing Path / label / Frontal/Lateral column.
+    """The rows of a CheXpert-format CSV for `labels` (frontal views only by default), grouped by patient
+    (`group_pattern`'s first capture). Bad rows are skipped, counted and named (file:line).
+    FileNotFoundError / ValueError: a missing file or column.
     """
     path = Path(path)
     if not path.is_file():
@@ -184,17 +175,8 @@ def chexpert_targets(
     blank: str = "zero",
     labels: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Training targets and loss mask from CheXpert label values (the blank and uncertainty policies).
-
-    Args:
-        values: [N, L] with 1, 0, -1 (uncertain) or nan (blank).
-        uncertain: "zeros" (U-Zeros: -1 → 0), "ones" (U-Ones: -1 → 1), "ignore" (U-Ignore: masked) or
-            "u-mix" (U-Ones for Edema and Atelectasis, U-Zeros for the other labels; needs `labels`).
-        blank: "zero" (not mentioned = negative, CheXpert's convention: target 0) or "mask" (out of
-            the loss).
-        labels: the L column names (needed by "u-mix").
-    Returns:
-        (targets, mask), float32 [N, L]: mask is 1 where the cell enters the loss.
+    """(targets, loss mask) float32 [N, L] from label values [N, L] (1, 0, -1 uncertain, nan blank) under
+    the `uncertain` policy (zeros, ones, ignore, u-mix: needs `labels`) and the `blank` policy (zero, mask).
     """
     if uncertain not in UNCERTAIN_POLICIES:
         raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
@@ -226,11 +208,8 @@ def chexpert_targets(
 
 
 def split_by_group(groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
-    """Seeded train/test split of rows by group: returns a bool [N] array, True = test.
-
-    The sorted distinct groups are permuted by numpy's default_rng(seed) and the first
-    round(test_fraction × G) (at least 1, at most G − 1) go to test, so every row of a group lands
-    on the same side and the split depends on the seed and the set of groups only.
+    """Seeded train/test split by group, bool [N] (True = test): the sorted distinct groups permuted by
+    default_rng(seed), the first round(test_fraction × G) (1 to G − 1) tested.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test fraction: expected a number in (0, 1), got {test_fraction}")
@@ -436,15 +415,8 @@ def prepare_chexpert(
 
 def split_as_pairs(rows: Sequence[ChexpertRow], images: Path, pairs: str | os.PathLike,
                    ) -> tuple[list[bool | None], list[ChexpertRow]]:
-    """Per row: False (train) when the pairs file puts its image in the train split, True (test) in
-    val or test, None when no pair has that image; and the rows without a pair.
-
-    The phantom corpus writes labels.csv beside pairs.jsonl: splitting as the pairs do keeps every
-    image the pretraining saw (train split) out of the fine-tune's test set. Images are matched by
-    resolved path (CSV paths under `images`, pair images under the pairs file's folder).
-
-    Raises:
-        FileNotFoundError: no pairs file; ValueError: a bad pair line (file:line).
+    """Per row: False when the pairs file puts its image in the train split, True in val or test, None
+    when no pair has it (matched by resolved path); and the rows without a pair.
     """
     from pertvl.data.records import read_pairs
 
@@ -520,17 +492,8 @@ def finetune_chexpert(
     settings: FitSettings | None = None,
     info: dict[str, Any] | None = None,
 ) -> ChexpertResult:
-    """Fine-tune (or probe) the image encoder on CheXpert labels and score the test rows.
-
-    Args:
-        data: prepare_chexpert output.
-        images: the image root the CSV paths are relative to.
-        run / export: exactly one encoder source.
-        image_size: side of the square input (default: the export's, else the run's, else 224).
-        settings: FitSettings (an export is always frozen).
-        info: facts recorded in the result.
-    Returns:
-        ChexpertResult (AUROC and accuracy per label over definite test labels; their means).
+    """Fine-tune (or probe) the image encoder of `run`, or probe the `export` (always frozen), on the
+    training rows and score the test rows: AUROC and accuracy per label and their means.
     """
     import torch
 

@@ -16,12 +16,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitSettings:
-    """Optimisation settings shared by both tasks.
-
-    lr: encoder learning rate (end-to-end fine-tuning); head_lr: the new head's; AdamW with
-    weight_decay on weight matrices only (not biases / norms); linear warm-up over `warmup` of the
-    steps, then linear decay to 0; gradients clipped at max_grad_norm. precision: fp32, or bf16 /
-    fp16 autocast (fp16 with a gradient scaler). workers: DataLoader processes for image decoding.
+    """AdamW (weight decay on weight matrices only), linear warm-up over `warmup` of the steps then linear
+    decay to 0, gradients clipped at max_grad_norm; precision fp32 or bf16 / fp16 autocast.
     """
 
     epochs: int = 3
@@ -97,17 +93,9 @@ def fit(
     on_epoch: Callable[[int], dict[str, float | None]] | None = None,
     select: Callable[[dict[str, float | None]], float] | None = None,
 ) -> tuple[list[EpochLog], int]:
-    """The training loop shared by both tasks.
-
-    Args:
-        module: the nn.Module whose trainable parameters are in `groups` (set to train mode per epoch).
-        groups: AdamW parameter groups (param_groups).
-        loader: a DataLoader (its length gives the schedule's step count).
-        step_loss: batch → scalar loss tensor, or None for a batch with nothing to learn from.
-        on_epoch: called after each epoch (module in eval mode), returns metrics to log.
-        select: metrics → score; the state with the best score (first on ties) is restored at the end.
-    Returns:
-        (history, best epoch): the best epoch is the last one without `select`.
+    """The training loop of both fine-tunes: step_loss(batch) -> loss or None (nothing to learn);
+    on_epoch() -> metrics; `select(metrics)` picks the state restored at the end (first best), else
+    the last epoch. Returns (history, best epoch).
     """
     import torch
 
@@ -176,11 +164,8 @@ def linear_head(in_dim: int, num_labels: int, dropout: float):
 
 
 def standardize(features: dict[str, Any], fit_on: str, eps: float = 1e-6) -> dict[str, Any]:
-    """Z-score every split's [N, D] features with the mean/std of split `fit_on` (the training set).
-
-    Frozen features come at very different scales (L2-normalized ONNX embeddings are ~1/sqrt(D) per
-    dimension, pooled ResNet features are not normalized); standardizing lets one head learning rate
-    serve every encoder, as in the usual linear-probe protocol.
+    """Z-score every split's [N, D] features with the mean/std of split `fit_on`, so one head learning
+    rate serves encoders whose features differ in scale.
     """
     ref = features[fit_on]
     mean = ref.mean(0, keepdim=True)

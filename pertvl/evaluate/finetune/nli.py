@@ -91,12 +91,8 @@ class NliFile:
 
 
 def nli_folds(examples: Sequence[NliExample], k: int, seed: int) -> list[list[int]]:
-    """k label-stratified folds of example indices: the examples of each label are permuted by
-    numpy's default_rng(seed) and dealt round-robin (label after label, continuing where the last
-    label stopped), so fold sizes differ by at most one and every label is spread evenly.
-
-    Raises:
-        ValueError: k < 2 or more folds than examples.
+    """k label-stratified folds of example indices: each label's examples permuted by default_rng(seed)
+    and dealt round-robin. ValueError for k < 2 or more folds than examples.
     """
     if k < 2:
         raise ValueError(f"cross-validation: expected at least 2 folds, got {k}")
@@ -114,15 +110,8 @@ def nli_folds(examples: Sequence[NliExample], k: int, seed: int) -> list[list[in
 
 
 def read_nli(path: str | os.PathLike) -> NliFile:
-    """Read a MedNLI/RadNLI jsonl file (fields sentence1, sentence2, gold_label).
-
-    A line that is not a JSON object, lacks a non-empty sentence1/sentence2, or whose gold_label is
-    not entailment/contradiction/neutral (case-insensitive; e.g. SNLI's "-") is skipped, counted
-    under its reason (the offending label is named in the reason) and listed as file:line.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: no usable example in the file (the message gives the skip counts).
+    """A MedNLI/RadNLI jsonl file (sentence1, sentence2, gold_label); bad lines are skipped, counted by
+    reason and named (file:line). FileNotFoundError; ValueError when no example is usable.
     """
     path = Path(path)
     if not path.is_file():
@@ -277,18 +266,9 @@ def finetune_nli(
     max_length: int = NLI_MAX_LENGTH,
     info: dict[str, Any] | None = None,
 ) -> NliResult:
-    """Fine-tune (or probe) a text encoder on NLI and score dev and test (see the module docstring).
-
-    Args:
-        train, dev, test: read_nli outputs. dev None: the train/test protocol (RadNLI: train on
-            radnli_dev_v1.jsonl, test on radnli_test_v1.jsonl): the last epoch is evaluated.
-        run / text_model / export: exactly one encoder source.
-        settings: FitSettings (an export is always frozen).
-        max_length: word pieces per sentence pair (capped at the encoder's position embeddings);
-            longer pairs are truncated and counted per file (data[split]["truncated"]).
-        info: facts recorded in the result (command, versions).
-    Returns:
-        NliResult with the selected epoch's dev (None without dev) and test metrics.
+    """Fine-tune (or probe) a text encoder (exactly one of run / text_model / export) on NLI and score dev
+    and test: without dev the last epoch is scored, with dev the best dev epoch. Pairs longer than
+    `max_length` word pieces are truncated and counted per file.
     """
     import torch
 
@@ -504,11 +484,8 @@ def cross_validate_nli(
     info: dict[str, Any] | None = None,
     on_fold: Callable[[int, NliFile, NliFile], None] | None = None,
 ) -> NliCvResult:
-    """k-fold cross-validation on one NLI file (e.g. RadNLI, which has no training file): `nli_folds`
-    (label-stratified, seeded by `seed`); fold k trains a fresh copy of the encoder on the other
-    folds (finetune_nli's train/test protocol: last epoch) and is tested on itself.
-
-    on_fold(k, train, test) is called before fold k trains (the CLI prints the label counts).
+    """k-fold cross-validation on one file (`nli_folds`): fold k trains a fresh encoder on the other folds
+    (last epoch) and is tested on itself; on_fold(k, train, test) is called before each fold trains.
     """
     settings = settings or FitSettings()
     parts = nli_folds(data.examples, folds, seed)
