@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from pertvl.cli import lazy_handler, positive_int, with_out_lock
+from pertvl.evaluate.evaluation import non_negative
 
 
 def _build_encoder(args: argparse.Namespace):
@@ -77,23 +78,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_finetune_nli = lazy_handler("pertvl.evaluate.finetune", "nli_cli_main")
+_finetune_nli = lazy_handler("pertvl.evaluate.finetune.commands", "nli_cli_main")
 
 
-_finetune_chexpert = lazy_handler("pertvl.evaluate.finetune", "chexpert_cli_main")
+_finetune_chexpert = lazy_handler("pertvl.evaluate.finetune.commands", "chexpert_cli_main")
 
 
 _ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main", lock_out=True)
 
 
 _curves = lazy_handler("pertvl.evaluate.curves", "cli_main")
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
 
 
 def _model_args(p: argparse.ArgumentParser, text_model: bool = False) -> None:
@@ -267,7 +261,7 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
                    help="share of patients held out for test without --valid-csv (default 0.2)")
     p.add_argument("--group-pattern", default=r"(?:^|/)(patient\d+|p\d{8})(?=/)",
                    help="regex whose first group is the patient in a Path (split unit); no match: the image itself")
-    p.add_argument("--workers", type=_non_negative, default=2, help="image decoding processes (default 2)")
+    p.add_argument("--workers", type=non_negative, default=2, help="image decoding processes (default 2)")
     _finetune_args(p, epochs=5, lr=1e-4, batch_size=32)
     p.set_defaults(handler=_finetune_chexpert)
 
@@ -292,7 +286,7 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-with", choices=["torch", "export"], default="torch",
                    help="evaluate each run from its torch weights (default) or from an ONNX export of it")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="evaluation split (test)")
-    p.add_argument("--bootstrap", type=_non_negative, default=1000, help="bootstrap resamples of the structure CIs")
+    p.add_argument("--bootstrap", type=non_negative, default=1000, help="bootstrap resamples of the structure CIs")
     p.add_argument("--no-wandb", action="store_true", help="train without the W&B offline run")
     p.add_argument("--out", default="runs/ablate", help="folder of the runs and the table (default runs/ablate)")
     p.add_argument("--force", action="store_true", help="re-run every stage")

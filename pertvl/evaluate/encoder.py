@@ -69,7 +69,17 @@ def embed_texts_unique(
     index[text] the row of that text in embeddings [U, D].
     """
     index = unique_index(texts)
-    return index, embed_in_batches(encoder.embed_texts, list(index), batch_size, "embed_texts")
+    items = list(index)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = [check_embeddings(encoder.embed_texts(items[i : i + batch_size]), len(items[i : i + batch_size]),
+                               "embed_texts") for i in range(0, len(items), batch_size)]
+    if not chunks:
+        return index, np.zeros((0, 0), dtype=np.float32)
+    dims = {c.shape[1] for c in chunks}
+    if len(dims) != 1:
+        raise ValueError(f"embed_texts: embedding width changed between batches: {sorted(dims)}")
+    return index, np.concatenate(chunks)
 
 
 def unique_index(texts: Iterable[str]) -> dict[str, int]:
@@ -93,22 +103,6 @@ def stack_padded(words: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tu
         mask[row : row + len(w), : m.shape[1]] = m
         row += len(w)
     return out, mask
-
-
-def embed_in_batches(fn, items: Sequence, batch_size: int, what: str) -> np.ndarray:
-    """Call `fn` on consecutive slices of `items` and stack the checked outputs."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunks = []
-    for start in range(0, len(items), batch_size):
-        part = items[start : start + batch_size]
-        chunks.append(check_embeddings(fn(part), len(part), what))
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    dims = {c.shape[1] for c in chunks}
-    if len(dims) != 1:
-        raise ValueError(f"{what}: embedding width changed between batches: {sorted(dims)}")
-    return np.concatenate(chunks)
 
 
 class ImageBatcher:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "from_json", "non_negative", "positive_int", "to_json"]
+__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "from_json", "non_negative", "to_json"]
 
 
 class Source(enum.Enum):
@@ -129,14 +129,6 @@ class Finetune:
     title: str
     result_type: type
     schemas: tuple[str, ...]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (counts)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def non_negative(text: str) -> int:

@@ -55,19 +55,14 @@ def ci(interval: Sequence[float] | None) -> str:
     return "—" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    """A pipe table (no trailing newline). align: one "l" or "r" per column; default: the first
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A pipe table ending with a newline. align: one "l" or "r" per column; default: the first
     column left, the others right (names, then numbers)."""
     align = align or ("l" + "r" * (len(header) - 1))
     sep = ["---:" if a == "r" else ":---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    """A Markdown table ending with a newline."""
-    return markdown_table(header, rows, align) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- one result

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import (
@@ -56,7 +57,6 @@ from pertvl.evaluate.structure_result import (
     StructureResult,
     StructureScores,
     TextDisjoint,
-    counterfactual_types,
     grounded_text,
 )
 
@@ -222,30 +222,6 @@ class LocalScorer:
         return None  # a text has no regions: no text-only control for the local score
 
 
-def cosine_candidates(
-    anchor_emb: np.ndarray,
-    text_index: dict[str, int],
-    text_emb: np.ndarray,
-    originals: Sequence[str],
-    candidates: Sequence[Sequence[str | None]],
-    num_types: int,
-    tie_tolerance: float = TIE_TOLERANCE,
-) -> StructureScores:
-    """StructureScores of anchors [N, D] against the global embeddings `text_emb` [U, D] of the distinct
-    texts (`text_index`: text → row), without an [N, K, D] array. Raises ValueError when the widths differ.
-    """
-    n, k = len(originals), num_types
-    if n == 0:
-        empty = np.zeros((0, k))
-        return scores_from_cosines(np.zeros(0), empty, empty.astype(bool), tie_tolerance)
-    if anchor_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(
-            f"anchor embeddings have width {anchor_emb.shape[1]} but text embeddings {text_emb.shape[1]}: "
-            "the two towers must share the joint space"
-        )
-    return candidate_scores(anchor_emb, text_index, GlobalScorer(text_emb), originals, candidates, k, tie_tolerance)
-
-
 def candidate_scores(
     anchors: np.ndarray,
     text_index: dict[str, int],
@@ -255,7 +231,8 @@ def candidate_scores(
     num_types: int,
     tie_tolerance: float = TIE_TOLERANCE,
 ) -> StructureScores:
-    """`cosine_candidates` with any scorer: scorer(prepared anchors[rows], text rows) -> [rows] scores."""
+    """StructureScores of anchors (one per original) against their candidates (N rows of K texts, None
+    where invalid) by `scorer(prepared anchors[rows], text rows) -> [rows] scores`."""
     n, k = len(originals), num_types
     if n == 0:
         empty = np.zeros((0, k))
@@ -507,7 +484,7 @@ def evaluate_structure(
     candidates: list[list[str | None]] = []
     signatures: list[frozenset[str] | None] = []
     studies: list[str] = []
-    cf_types = counterfactual_types()
+    cf_types = tuple(COUNTERFACTUAL_TYPES)
     cf_counts = CandidateCounts()
     cf_candidates: list[list[str | None]] = []
     has_cf: list[bool] = []

@@ -307,13 +307,6 @@ GROUNDED_LABELS = {
 }
 
 
-def counterfactual_types() -> tuple[str, ...]:
-    """The counterfactual types (pertvl.data.counterfactual.COUNTERFACTUAL_TYPES), in table order."""
-    from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
-
-    return tuple(COUNTERFACTUAL_TYPES)
-
-
 def type_name(t: str) -> str:
     """A perturbation's or counterfactual's label in tables ("Counterfactual: laterality swap")."""
     if t.startswith("cf_"):

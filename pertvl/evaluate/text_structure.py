@@ -19,16 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from pertvl.cli import positive_int
 from pertvl.data.counterfactual import TEXT_COUNTERFACTUAL_TYPES
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import TextEncoder, embed_texts_unique
-from pertvl.evaluate.evaluation import Evaluation, Source, positive_int
+from pertvl.evaluate.evaluation import Evaluation, Source
 from pertvl.evaluate.structure import (
     CandidateCounts,
+    GlobalScorer,
     accuracy_stats,
     add_structure_arguments,
-    cosine_candidates,
+    candidate_scores,
     requested_types,
     summarize,
     valid_perturbations,
@@ -163,7 +165,8 @@ def evaluate_text_structure(
     all_texts = anchors + originals + [c for row in candidates for c in row if c is not None]
     index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
     anchor_emb = text_emb[[index[a] for a in anchors]] if anchors else text_emb[:0]
-    scores = cosine_candidates(anchor_emb, index, text_emb, originals, candidates, len(types), tie_tolerance)
+    scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, candidates, len(types),
+                              tie_tolerance)
     result = summarize(
         scores,
         types,
@@ -183,8 +186,8 @@ def evaluate_text_structure(
             cf_index, cf_emb = embed_texts_unique(encoder, extra, batch_size)
             index = {**index, **{t: len(text_emb) + i for t, i in cf_index.items()}}
             text_emb = np.concatenate([text_emb, np.asarray(cf_emb, dtype=text_emb.dtype)], axis=0)
-        cf_scores = cosine_candidates(anchor_emb, index, text_emb, originals, cf_candidates, len(cf_types),
-                                      tie_tolerance)
+        cf_scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, cf_candidates,
+                                     len(cf_types), tie_tolerance)
         result.per_type.update(accuracy_stats(cf_scores, cf_types, cf_counts, bootstrap, seed)[1])
     return result
 

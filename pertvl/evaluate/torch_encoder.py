@@ -6,7 +6,6 @@ order, float32, L2-normalized.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -31,20 +30,12 @@ def _length_order(texts: list[str]) -> np.ndarray:
 
 
 class _TorchBase:
-    def __init__(self, device: Any, batch_size: int, max_length: int, autocast_dtype: Any):
+    def __init__(self, device: Any, batch_size: int, max_length: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_length = max_length
-        self.autocast_dtype = autocast_dtype
-
-    def _autocast(self):
-        import torch
-
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _embed_texts(self, texts: list[str], tokenizer, forward) -> np.ndarray:
         import torch
@@ -55,7 +46,7 @@ class _TorchBase:
             return np.zeros((0, 0), dtype=np.float32)
         order = _length_order(texts)
         out: list[np.ndarray] = []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 chunk = [texts[i] for i in order[start : start + self.batch_size]]
                 enc = encode_texts(tokenizer, chunk, max_length=self.max_length)
@@ -74,9 +65,8 @@ class _TorchBase:
 class TorchEncoder(_TorchBase):
     """Global image / text embeddings (and the local branch's features) of a DualEncoder."""
 
-    def __init__(self, model, device: Any = None, batch_size: int = 32, max_length: int = 128,
-                 autocast_dtype: Any = None):
-        super().__init__(device, batch_size, max_length, autocast_dtype)
+    def __init__(self, model, device: Any = None, batch_size: int = 32, max_length: int = 128):
+        super().__init__(device, batch_size, max_length)
         self.model = model.to(self.device).eval()
 
     @classmethod
@@ -98,7 +88,7 @@ class TorchEncoder(_TorchBase):
         if len(images) == 0:
             return np.zeros((0, 0), dtype=np.float32)
         out = []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size], dtype=np.float32))
                 emb = self.model.encode_image(x.to(self.device)).global_emb
@@ -124,7 +114,7 @@ class TorchEncoder(_TorchBase):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images [N, 1, H, W] float in [0, 1], got shape {tuple(images.shape)}")
         embs, regions, grid = [], [], (0, 0)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size], dtype=np.float32))
                 out = self.model.encode_image(x.to(self.device), need_local=True)
@@ -146,7 +136,7 @@ class TorchEncoder(_TorchBase):
         texts = list(texts)
         n = len(texts)
         parts = []
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 chunk = texts[start : start + self.batch_size]
                 enc = encode_texts(self.model.tokenizer, chunk, max_length=self.max_length)
@@ -168,12 +158,12 @@ class HFTextEncoder(_TorchBase):
     """
 
     def __init__(self, path: str | os.PathLike, pooling: str = "mean", device: Any = None, batch_size: int = 32,
-                 max_length: int = 128, autocast_dtype: Any = None):
+                 max_length: int = 128):
         from transformers import AutoModel, AutoTokenizer
 
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-        super().__init__(device, batch_size, max_length, autocast_dtype)
+        super().__init__(device, batch_size, max_length)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model folder")
         self.pooling = pooling

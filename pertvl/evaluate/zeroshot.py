@@ -272,7 +272,7 @@ class ChexpertSource:
     """The rows of a CheXpert CSV (read by the fine-tune's reader) and the folder its Path column is
     relative to; `samples(size)` reads the images when the encoder's size is known."""
 
-    table: Any  # pertvl.evaluate.finetune.ChexpertTable
+    table: Any  # pertvl.evaluate.finetune.chexpert.ChexpertTable
     images: Path
     blank: str  # "zero": a blank cell is a negative; "mask": not scored
     problems: list[str] = field(default_factory=list)  # "file:line: reason" of unreadable images
@@ -342,7 +342,7 @@ def _image_size(encoder: Encoder, options: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pertvl.evaluate.evaluation import positive_int
+    from pertvl.cli import positive_int
 
     p.add_argument("--prompts", metavar="JSON",
                    help='JSON file {label: [positive, negative] or [[pos, neg], ...]} (default: built-in prompts)')

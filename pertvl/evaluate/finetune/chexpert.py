@@ -44,7 +44,7 @@ from pertvl.evaluate.finetune.tasks import (
     UNCERTAIN_POLICIES,
     format_skips,
 )
-from pertvl.evaluate.report import markdown_table
+from pertvl.evaluate.report import md_table
 from pertvl.evaluate.torch_encoder import pick_device
 from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
@@ -268,9 +268,8 @@ class ChexpertResult:
             f"{self.settings['image_size']} px; uncertain policy {UNCERTAIN_NAMES[d['uncertain_policy']]}; "
             f"blank cells: {'negative (0)' if d.get('blank_policy', 'zero') == 'zero' else 'masked'}; "
             f"{'frontal views only' if d['frontal_only'] else 'all views'}.", "",
-            markdown_table(["label", "AUROC", "accuracy", "n", "positives", "negatives", "of which blank",
-                       "excluded (uncertain / blank)"], rows),
-            "",
+            md_table(["label", "AUROC", "accuracy", "n", "positives", "negatives", "of which blank",
+                      "excluded (uncertain / blank)"], rows),
             f"Split: {d['split']['method']}. Train rows {d['train_rows']}, test rows {d['test_rows']} "
             f"({d['test_images_scored']} test images scored). Rows left out: {format_skips(d['rows_skipped'])}. Images "
             f"missing: {d['images_missing']}, undecodable: {d['images_undecodable']}.",

@@ -38,7 +38,7 @@ from pertvl.evaluate.finetune.tasks import (
     NLI_SCHEMA,
     format_skips,
 )
-from pertvl.evaluate.report import markdown_table
+from pertvl.evaluate.report import md_table
 from pertvl.evaluate.torch_encoder import pick_device
 from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
@@ -166,10 +166,10 @@ def _nli_problem(obj: dict) -> str | None:
 
 def _nli_class_tables(split: str, m: ClassificationMetrics) -> list[str]:
     rows = [[lab, format_number(c.precision), format_number(c.recall), format_number(c.f1), str(c.support)] for lab, c in m.per_class.items()]
-    return [f"## {split}: per class", "", markdown_table(["class", "precision", "recall", "F1", "support"], rows), "",
+    return [f"## {split}: per class", "", md_table(["class", "precision", "recall", "F1", "support"], rows),
             f"Confusion matrix ({split}; rows = true, columns = predicted):", "",
-            markdown_table(["true \\ predicted", *m.labels],
-                      [[lab, *map(str, row)] for lab, row in zip(m.labels, m.confusion, strict=True)]), ""]
+            md_table(["true \\ predicted", *m.labels],
+                     [[lab, *map(str, row)] for lab, row in zip(m.labels, m.confusion, strict=True)])]
 
 
 def _truncation_note(d: dict[str, Any]) -> str:
@@ -212,8 +212,8 @@ class NliResult:
                      else f"protocol train/test: last epoch of {len(self.history)} (no dev set)")
         parts = [f"# NLI fine-tuning: {name}", "",
                  f"Encoder: {self.info.get('encoder')} ({self.info.get('mode')}); {selection}.", "",
-                 markdown_table(["split", "n", "accuracy", "macro F1"],
-                           [[s, str(m.n), format_number(m.accuracy, True), format_number(m.macro_f1)] for s, m in scored]), ""]
+                 md_table(["split", "n", "accuracy", "macro F1"],
+                          [[s, str(m.n), format_number(m.accuracy, True), format_number(m.macro_f1)] for s, m in scored])]
         for split, m in scored:
             parts += _nli_class_tables(split, m)
         parts.append("## Data")
@@ -456,8 +456,8 @@ class NliCvResult:
                  f"Accuracy: mean {format_number(self.mean_accuracy, True)} ± {100 * self.std_accuracy:.1f} (std over "
                  f"folds); pooled out-of-fold accuracy {format_number(self.pooled.accuracy, True)}, macro F1 "
                  f"{format_number(self.pooled.macro_f1)}.", "",
-                 markdown_table(["fold", "train", "test", "test entailment / contradiction / neutral", "accuracy", "macro F1"],
-                           rows), ""]
+                 md_table(["fold", "train", "test", "test entailment / contradiction / neutral", "accuracy",
+                           "macro F1"], rows)]
         parts += _nli_class_tables("pooled out-of-fold", self.pooled)
         return "\n".join(parts) + "\n"
 
