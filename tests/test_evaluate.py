@@ -21,7 +21,7 @@ from pertvl.evaluate.encoder import Encoder, TextEncoder, l2_normalize
 from pertvl.evaluate.report import plot_training_curves, save_attention_map, write_result
 from pertvl.evaluate.retrieval import RetrievalResult, evaluate_retrieval, retrieval_recall
 from pertvl.evaluate.structure import bootstrap_ci, evaluate_structure, scores_from_cosines
-from pertvl.evaluate.structure_result import TIE_TOLERANCE, StructureResult, StructureScores
+from pertvl.evaluate.structure_result import StructureResult, StructureScores
 from pertvl.evaluate.text_structure import evaluate_text_structure, read_report_sections
 from pertvl.evaluate.zeroshot import ZeroShotResult, auroc, evaluate_zeroshot
 
@@ -183,7 +183,6 @@ def structure_scores(
     orig_emb: np.ndarray,
     pert_emb: np.ndarray,
     valid: np.ndarray,
-    tie_tolerance: float = TIE_TOLERANCE,
 ) -> StructureScores:
     """Score each image's original report against its perturbations by cosine similarity.
 
@@ -192,7 +191,6 @@ def structure_scores(
         orig_emb: [N, D] global embeddings of each image's original report.
         pert_emb: [N, K, D] embeddings of the perturbations (anything where invalid).
         valid: [N, K] bool, which perturbations are candidates.
-        tie_tolerance: a perturbation within this cosine of the original counts as beating it.
 
     Returns:
         StructureScores (see its docstring).
@@ -217,7 +215,7 @@ def structure_scores(
     img = l2_normalize(image_emb)
     orig = np.einsum("nd,nd->n", img, l2_normalize(orig_emb))
     pert = np.einsum("nd,nkd->nk", img, l2_normalize(pert_emb))
-    return scores_from_cosines(orig, pert, valid, tie_tolerance)
+    return scores_from_cosines(orig, pert, valid)
 
 
 def test_structure_scores_on_arrays_match_the_evaluation():
@@ -258,7 +256,8 @@ def test_structure_embeds_shared_reports_once_and_checks_images():
 
 def test_structure_result_json_round_trips():
     enc, samples = hand_built_structure_case()
-    r = evaluate_structure(enc, samples, types=PERTURBATION_TYPES, bootstrap=50, info={"split": "test"})
+    r = evaluate_structure(enc, samples, types=PERTURBATION_TYPES, bootstrap=50)
+    r.info = {"split": "test"}
     d = json.loads(json.dumps(r.to_json()))
     assert d["schema"] == "pertvl-structure/3"
     assert list(d["per_type"]) == list(PERTURBATION_TYPES)

@@ -236,7 +236,6 @@ def evaluate_grounding(
     bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int = 32,
-    info: Mapping[str, Any] | None = None,
 ) -> GroundingResult:
     """The grounding evaluation over phantom shard samples. The encoder needs `image_features` and
     `text_features` (an export or a run; ValueError otherwise); `gamma1` is GLoRIA's attention temperature.
@@ -320,7 +319,6 @@ def evaluate_grounding(
         bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE,
                    "method": "percentile, images resampled"},
         words=dict(sorted(words_seen.items())),
-        info=dict(info or {}),
         items=items,
     )
 

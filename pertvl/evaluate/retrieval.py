@@ -2,7 +2,7 @@
 
 The gallery is the split's distinct report texts. match="report" (default): an image matches every
 gallery text equal to its report (identical templated reports would otherwise only measure list
-order); match="study": its study's report. Ties rank against the correct item (`tie_tolerance`).
+order); match="study": its study's report. Ties rank against the correct item (TIE_TOLERANCE).
 With the training split's texts, `text_disjoint` holds the recalls over the queries whose cleaned
 report is no training report, against the same gallery. JSON: RetrievalResult's fields.
 """
@@ -117,15 +117,15 @@ class RetrievalResult:
         return line
 
 
-def first_hit_ranks(sim: np.ndarray, hit: np.ndarray, tie_tolerance: float = TIE_TOLERANCE) -> np.ndarray:
+def first_hit_ranks(sim: np.ndarray, hit: np.ndarray) -> np.ndarray:
     """1-based rank [Q] of each query's best correct item in sim [Q, G] (hit [Q, G] marks the correct
-    items), a wrong item within `tie_tolerance` ranking ahead. ValueError for a query without a hit.
+    items), a wrong item within TIE_TOLERANCE ranking ahead. ValueError for a query without a hit.
     """
     if not hit.any(axis=1).all():
         bad = int(np.flatnonzero(~hit.any(axis=1))[0])
         raise ValueError(f"query {bad} has no correct item in the gallery (check the study ids)")
     best = np.where(hit, sim, -np.inf).max(axis=1)
-    ahead = (~hit) & (sim >= best[:, None] - tie_tolerance)
+    ahead = (~hit) & (sim >= best[:, None] - TIE_TOLERANCE)
     return 1 + ahead.sum(axis=1)
 
 
@@ -135,7 +135,6 @@ def retrieval_recall(
     ks: Sequence[int] = DEFAULT_KS,
     study_ids: Sequence[Any] | None = None,
     text_study_ids: Sequence[Any] | None = None,
-    tie_tolerance: float = TIE_TOLERANCE,
 ) -> RetrievalResult:
     """Image→text and text→image Recall@K of image_emb [N, D] and text_emb [M, D] by cosine.
 
@@ -168,8 +167,8 @@ def retrieval_recall(
         raise ValueError("retrieval needs at least one image and one text")
     sim = l2_normalize(image_emb) @ l2_normalize(text_emb).T
     hit = img_groups[:, None] == txt_groups[None, :]
-    i2t = first_hit_ranks(sim, hit, tie_tolerance)
-    t2i = first_hit_ranks(sim.T, hit.T, tie_tolerance)
+    i2t = first_hit_ranks(sim, hit)
+    t2i = first_hit_ranks(sim.T, hit.T)
     return RetrievalResult(
         image_to_text={f"R@{k}": float(np.mean(i2t <= k)) for k in ks},
         text_to_image={f"R@{k}": float(np.mean(t2i <= k)) for k in ks},
@@ -177,7 +176,6 @@ def retrieval_recall(
         images=n,
         texts=m,
         match=match,
-        tie_tolerance=tie_tolerance,
         i2t_ranks=i2t,
         t2i_ranks=t2i,
     )
@@ -193,8 +191,6 @@ def evaluate_retrieval(
     ks: Sequence[int] = DEFAULT_KS,
     match: str = "report",
     batch_size: int = 32,
-    tie_tolerance: float = TIE_TOLERANCE,
-    info: Mapping[str, Any] | None = None,
     train_texts: Iterable[str] | None = None,
 ) -> RetrievalResult:
     """Retrieval over shard samples (`.meta`: text, study_id, id): every image against the gallery of
@@ -222,13 +218,10 @@ def evaluate_retrieval(
     entries = list(gallery)
     index, text_emb = embed_texts_unique(encoder, [t for _, t in entries], batch_size)
     gallery_emb = text_emb[[index[t] for _, t in entries]]
-    result = retrieval_recall(
-        image_emb, gallery_emb, ks, study_ids=image_groups, text_study_ids=[g for g, _ in entries],
-        tie_tolerance=tie_tolerance,
-    )
+    result = retrieval_recall(image_emb, gallery_emb, ks, study_ids=image_groups,
+                              text_study_ids=[g for g, _ in entries])
     result.match = match
     result.skipped = dict(skipped)
-    result.info = dict(info or {})
     if train_texts is not None:
         from pertvl.data.text import clean_text
 

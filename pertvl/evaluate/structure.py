@@ -3,7 +3,7 @@
 Each image's candidates are its report and the report's valid perturbations, scored by
 S(I, T) = cos(e_I, e_T) (or GLoRIA's local S, `score="local"`). Overall accuracy: the original
 strictly above every valid perturbation (chance 1/(1 + K_i)); per type: original vs that type
-(chance 0.5). A candidate within `tie_tolerance` of the original beats it, so an encoder blind to
+(chance 0.5). A candidate within TIE_TOLERANCE of the original beats it, so an encoder blind to
 the difference scores 0, never a lucky 50 %. Perturbations that are unavailable, missing or
 word-identical to the original are excluded and counted. CIs: percentile bootstrap over images,
 each metric from its own default_rng(seed). Each distinct text is embedded once.
@@ -65,13 +65,13 @@ CONFIDENCE = 0.95
 
 
 def scores_from_cosines(
-    orig: np.ndarray, pert: np.ndarray, valid: np.ndarray, tie_tolerance: float = TIE_TOLERANCE
+    orig: np.ndarray, pert: np.ndarray, valid: np.ndarray
 ) -> StructureScores:
     """StructureScores from precomputed cosines: orig [N], pert [N, K], valid [N, K] bool."""
     orig = np.asarray(orig, dtype=np.float64)
     pert = np.where(valid, np.asarray(pert, dtype=np.float64), np.nan)
     # Strictly above, by more than the tolerance: ties go against the original.
-    wins = orig[:, None] - np.nan_to_num(pert, nan=-np.inf) > tie_tolerance
+    wins = orig[:, None] - np.nan_to_num(pert, nan=-np.inf) > TIE_TOLERANCE
     pairwise = wins & valid
     correct = valid.any(axis=1) & np.all(wins | ~valid, axis=1)
     return StructureScores(
@@ -229,14 +229,13 @@ def candidate_scores(
     originals: Sequence[str],
     candidates: Sequence[Sequence[str | None]],
     num_types: int,
-    tie_tolerance: float = TIE_TOLERANCE,
 ) -> StructureScores:
     """StructureScores of anchors (one per original) against their candidates (N rows of K texts, None
     where invalid) by `scorer(prepared anchors[rows], text rows) -> [rows] scores`."""
     n, k = len(originals), num_types
     if n == 0:
         empty = np.zeros((0, k))
-        return scores_from_cosines(np.zeros(0), empty, empty.astype(bool), tie_tolerance)
+        return scores_from_cosines(np.zeros(0), empty, empty.astype(bool))
     anchors = scorer.prepare(anchors)
     orig = scorer(anchors, np.array([text_index[t] for t in originals], dtype=np.int64))
     valid = np.array([[c is not None for c in row] for row in candidates], dtype=bool).reshape(n, k)
@@ -246,7 +245,7 @@ def candidate_scores(
         if rows.size:
             idx = np.array([text_index[candidates[i][j]] for i in rows], dtype=np.int64)
             pert[rows, j] = scorer(anchors[rows], idx)
-    return scores_from_cosines(orig, pert, valid, tie_tolerance)
+    return scores_from_cosines(orig, pert, valid)
 
 
 def _mean(x: np.ndarray) -> float | None:
@@ -313,7 +312,6 @@ def summarize(
     schema: str = SCHEMA,
     info: Mapping[str, Any] | None = None,
     ids: Sequence[str] = (),
-    tie_tolerance: float = TIE_TOLERANCE,
     controls: Controls | None = None,
 ) -> StructureResult:
     """Turn per-image scores into overall and per-type accuracies with bootstrap CIs."""
@@ -327,7 +325,6 @@ def summarize(
         images_without_valid_perturbation=int((~scores.has_candidates).sum()),
         skipped=dict(skipped),
         bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE, "method": "percentile"},
-        tie_tolerance=tie_tolerance,
         info=dict(info or {}),
         schema=schema,
         ids=list(ids),
@@ -415,7 +412,6 @@ def structure_controls(
     *,
     bootstrap: int,
     seed: int,
-    tie_tolerance: float = TIE_TOLERANCE,
     scorer: GlobalScorer | LocalScorer | None = None,
     disjoint_partners: bool = False,
 ) -> Controls:
@@ -437,7 +433,7 @@ def structure_controls(
             controls[name] = None
             continue
         anchor, rows = anchor_and_rows
-        sc = scores[name] = candidate_scores(anchor, text_index, scorer, originals, candidates, k, tie_tolerance)
+        sc = scores[name] = candidate_scores(anchor, text_index, scorer, originals, candidates, k)
         overall, per_type = accuracy_stats(sc, types, counts, bootstrap, seed, rows)
         left_out = 0 if rows is None else int((~rows & sc.has_candidates).sum())
         controls[name] = AnchorControl(overall, per_type, left_out)
@@ -459,8 +455,6 @@ def evaluate_structure(
     bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int = 32,
-    tie_tolerance: float = TIE_TOLERANCE,
-    info: Mapping[str, Any] | None = None,
     train_texts: Iterable[str] | None = None,
     score: str = "global",
     train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
@@ -516,12 +510,11 @@ def evaluate_structure(
         anchors = image_emb
         index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
         scorer = GlobalScorer(text_emb)
-    scores = candidate_scores(anchors, index, scorer, originals, candidates, len(types), tie_tolerance)
+    scores = candidate_scores(anchors, index, scorer, originals, candidates, len(types))
     controls = None
     if originals:
         controls = structure_controls(anchors, scores, index, text_emb, originals, candidates, types, counts,
-                                      signatures, studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance,
-                                      scorer=scorer)
+                                      signatures, studies, bootstrap=bootstrap, seed=seed, scorer=scorer)
     grounded = grounded_scores = None
     if any(has_cf):
         # The counterfactual texts are embedded in calls of their own, after the others, so the
@@ -534,7 +527,7 @@ def evaluate_structure(
             scorer = GlobalScorer(text_emb)
         grounded, grounded_scores = grounded_structure(
             anchors, index, text_emb, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
-            studies, bootstrap=bootstrap, seed=seed, tie_tolerance=tie_tolerance, scorer=scorer,
+            studies, bootstrap=bootstrap, seed=seed, scorer=scorer,
             train_counterfactuals=train_counterfactuals)
     disjoint = None
     if train_texts is not None:
@@ -548,9 +541,7 @@ def evaluate_structure(
         bootstrap=bootstrap,
         seed=seed,
         schema=SCHEMA,
-        info=info,
         ids=ids,
-        tie_tolerance=tie_tolerance,
         controls=controls,
     )
     result.grounded, result.text_disjoint, result.score = grounded, disjoint, score
@@ -571,7 +562,6 @@ def grounded_structure(
     *,
     bootstrap: int,
     seed: int,
-    tie_tolerance: float = TIE_TOLERANCE,
     scorer: GlobalScorer | LocalScorer | None = None,
     train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> tuple[GroundedStructure, StructureScores]:
@@ -581,15 +571,14 @@ def grounded_structure(
     """
     k = len(cf_types)
     scorer = GlobalScorer(text_emb) if scorer is None else scorer
-    scores = candidate_scores(image_emb, text_index, scorer, originals, cf_candidates, k, tie_tolerance)
+    scores = candidate_scores(image_emb, text_index, scorer, originals, cf_candidates, k)
     overall, per_type = accuracy_stats(scores, cf_types, cf_counts, bootstrap, seed)
     controls = structure_controls(image_emb, scores, text_index, text_emb, originals, cf_candidates, cf_types,
-                                  cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed,
-                                  tie_tolerance=tie_tolerance, scorer=scorer,
+                                  cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed, scorer=scorer,
                                   disjoint_partners=True) if len(originals) else None
     has_record = np.asarray(has_record, bool)
     references = grounded_references(image_emb, text_index, scorer, originals, cf_candidates, cf_types, seed,
-                                     tie_tolerance, train_counterfactuals) if len(originals) else None
+                                     train_counterfactuals) if len(originals) else None
     g = GroundedStructure(overall, per_type, controls, images=int(has_record.sum()),
                           images_without_valid_counterfactual=int((has_record & ~scores.has_candidates).sum()),
                           samples_without_record=int((~has_record).sum()), references=references)
@@ -598,19 +587,18 @@ def grounded_structure(
 
 def grounded_references(anchors: np.ndarray, text_index: dict[str, int], scorer: GlobalScorer | LocalScorer,
                         originals: Sequence[str], cf_candidates: Sequence[Sequence[str | None]],
-                        cf_types: Sequence[str], seed: int, tie_tolerance: float,
+                        cf_types: Sequence[str], seed: int,
                         train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None) -> GroundedReferences:
     """The grounded accuracies' references (pertvl.evaluate.grounded_references) on the same candidates."""
     k = len(cf_types)
     draws = NULL_DRAWS if scorer.score == "global" else NULL_DRAWS // 4  # the local score costs more per draw
-    null = random_anchor_null(anchors, lambda a: candidate_scores(a, text_index, scorer, originals, cf_candidates,
-                                                                  k, tie_tolerance), cf_types, draws, seed)
+    null = random_anchor_null(anchors, lambda a: candidate_scores(a, text_index, scorer, originals, cf_candidates, k),
+                             cf_types, draws, seed)
     prior = None
     if train_counterfactuals:
         texts = sorted(text_index, key=text_index.__getitem__)
         values = text_prior_values(train_counterfactuals, texts)
-        sc = candidate_scores(anchors, text_index, TextPriorScorer(values), originals, cf_candidates, k,
-                              tie_tolerance)
+        sc = candidate_scores(anchors, text_index, TextPriorScorer(values), originals, cf_candidates, k)
         overall, per = accuracies(sc, cf_types)
         prior = Reference(overall, per, detail=f"word 1-3-gram logistic regression, no image, trained on "
                           f"{len(train_counterfactuals)} training reports vs their counterfactuals")

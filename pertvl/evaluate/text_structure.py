@@ -36,7 +36,7 @@ from pertvl.evaluate.structure import (
     valid_perturbations,
 )
 from pertvl.evaluate.structure_result import TEXT_SCHEMA as SCHEMA
-from pertvl.evaluate.structure_result import TIE_TOLERANCE, StructureResult
+from pertvl.evaluate.structure_result import StructureResult
 
 REQUIRED_COLUMNS = ("uid", "findings", "impression")
 
@@ -113,7 +113,6 @@ def evaluate_text_structure(
     bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int = 32,
-    tie_tolerance: float = TIE_TOLERANCE,
     info: Mapping[str, Any] | None = None,
     ids: Sequence[str] | None = None,
     counterfactuals: Sequence[Any] | None = None,
@@ -165,8 +164,7 @@ def evaluate_text_structure(
     all_texts = anchors + originals + [c for row in candidates for c in row if c is not None]
     index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
     anchor_emb = text_emb[[index[a] for a in anchors]] if anchors else text_emb[:0]
-    scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, candidates, len(types),
-                              tie_tolerance)
+    scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, candidates, len(types))
     result = summarize(
         scores,
         types,
@@ -177,7 +175,6 @@ def evaluate_text_structure(
         schema=SCHEMA,
         info=info,
         ids=kept_ids,
-        tie_tolerance=tie_tolerance,
     )
     if counterfactuals is not None:
         # Embedded after the others, in calls of their own: the perturbation numbers stay as without.
@@ -187,7 +184,7 @@ def evaluate_text_structure(
             index = {**index, **{t: len(text_emb) + i for t, i in cf_index.items()}}
             text_emb = np.concatenate([text_emb, np.asarray(cf_emb, dtype=text_emb.dtype)], axis=0)
         cf_scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, cf_candidates,
-                                     len(cf_types), tie_tolerance)
+                                     len(cf_types))
         result.per_type.update(accuracy_stats(cf_scores, cf_types, cf_counts, bootstrap, seed)[1])
     return result
 

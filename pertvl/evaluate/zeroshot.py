@@ -196,7 +196,6 @@ def evaluate_zeroshot(
     samples: Iterable[Any],
     prompts: Any = DEFAULT_PROMPTS,
     batch_size: int = 32,
-    info: Mapping[str, Any] | None = None,
 ) -> ZeroShotResult:
     """Zero-shot AUROC per label over shard samples with `meta["labels"]` ({name: 1.0/0.0/-1.0/NaN});
     only images with at least one definite label are embedded.
@@ -260,7 +259,6 @@ def evaluate_zeroshot(
         images=len(targets),
         unprompted_labels=sorted(unprompted),
         skipped=dict(skipped),
-        info=dict(info or {}),
     )
 
 
