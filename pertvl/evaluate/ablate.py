@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from pertvl import pipeline
-from pertvl.data.records import write_json
+from pertvl.data.records import PERTURBATION_TYPES, write_json
 from pertvl.evaluate.ablate_finetune import DEFAULT_MODES, TABLES, FinetuneMode, FinetuneSpec, finetune_specs
+from pertvl.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ class AblationRun:
         """loss.pert_types of the run: every type of the batch but the held-out one (None: the default)."""
         if self.holdout is None:
             return None
-        from pertvl.data.records import PERTURBATION_TYPES
-
         return [t for t in PERTURBATION_TYPES if t != self.holdout]
 
     @property
@@ -160,9 +159,9 @@ class AblationSettings:
                 if t.startswith("cf_"):  # not among the default training negatives: nothing to hold out
                     raise ValueError(f"--holdout-type {t}: counterfactual types are evaluation-only for "
                                      f"--holdout-type (they are training negatives only when loss.pert_types "
-                                     f"names them); hold out one of {list(_batch_types())}")
-                others = [x for x in _batch_types() if x != t]
-                if t not in _batch_types() or not others:
+                                     f"names them); hold out one of {list(PERTURBATION_TYPES)}")
+                others = [x for x in PERTURBATION_TYPES if x != t]
+                if t not in PERTURBATION_TYPES or not others:
                     LossConfig(pert_types=[t])  # raises the message naming the known types
             if not self.pert_presets:
                 raise ValueError(f"--holdout-type needs a preset that trains L_pert (e.g. full, no_local); "
@@ -206,18 +205,6 @@ class AblationResult:
     skipped_stages: list[str]
 
 
-def _batch_types() -> tuple[str, ...]:
-    from pertvl.data.records import PERTURBATION_TYPES
-
-    return PERTURBATION_TYPES
-
-
-def _fingerprint(path: Path) -> str:
-    from pertvl.files import sha256_file
-
-    return sha256_file(path)
-
-
 def _named(stage: str, fn):
     """fn, with a StageError from inside (launch_train's "training exited with N", a failing
     `pertvl` call) re-raised naming the stage (StageRunner passes StageErrors through unchanged)."""
@@ -236,7 +223,7 @@ def _train_stage(run: AblationRun, s: AblationSettings, config_text: str, shards
             else [*run.variant.overrides, f"train.seed={run.seed}"])
     shards = run.variant.shards if run.variant is not None and run.variant.shards else s.shards
     if shards != s.shards:  # `pertvl train --shards` wins over --set data.shards: pass the variant's
-        shards_sha = _fingerprint(Path(shards) / "manifest.json")
+        shards_sha = sha256_file(Path(shards) / "manifest.json")
     args = ["--config", s.config, "--shards", shards, "--out", str(run.dir), "--resume", "latest",
             *(x for item in sets for x in ("--set", item))]
     if run.holdout is not None:
@@ -287,7 +274,7 @@ def _finetune_stage(run: AblationRun, spec: FinetuneSpec, weights_sha: str) -> p
     return pipeline.Stage(
         name, [run.finetune_dir / f"{spec.stem}.json"],
         _named(name, lambda: pipeline.cli(argv, f"Table {spec.table} fine-tune {spec.stem} of {run.name}")),
-        {"weights_sha256": weights_sha, "argv": argv, "inputs": {str(p): _fingerprint(p) for p in spec.inputs}},
+        {"weights_sha256": weights_sha, "argv": argv, "inputs": {str(p): sha256_file(p) for p in spec.inputs}},
     )
 
 
@@ -340,7 +327,7 @@ def run_ablation(s: AblationSettings) -> AblationResult:
     specs = finetune_specs(s.tables, Path(s.corpus) if s.corpus else None, s.shards, s.finetune_modes, s.user_nli)
     check_variants(s)
     config_text = config.read_text(encoding="utf-8")
-    shards_sha = _fingerprint(manifest)
+    shards_sha = sha256_file(manifest)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = pipeline.StageRunner(out / ".stages", force=s.force)
@@ -351,7 +338,7 @@ def run_ablation(s: AblationSettings) -> AblationResult:
     for run in runs:
         index += 1
         runner.run(_train_stage(run, s, config_text, shards_sha), index, total)
-        weights_sha = _fingerprint(run.weights)  # export/eval/fine-tunes depend on the weights actually trained
+        weights_sha = sha256_file(run.weights)  # export/eval/fine-tunes depend on the weights actually trained
         if s.eval_with == "export":
             index += 1
             runner.run(_export_stage(run, weights_sha), index, total)
@@ -537,7 +524,7 @@ def holdout_types_arg(values: list[str]) -> tuple[str, ...]:
     """--holdout-type values (each may be comma-separated); `all` = every type of the batch."""
     items = [x.strip() for v in values for x in v.split(",") if x.strip()]
     if "all" in items:
-        return _batch_types()
+        return PERTURBATION_TYPES
     return tuple(dict.fromkeys(items))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pertvl.evaluate import grounding, retrieval, structure, structure_local, text_structure, twins, zeroshot
+from pertvl.evaluate import grounding, retrieval, structure, text_structure, twins, zeroshot
 from pertvl.evaluate.evaluation import Evaluation, Finetune, MetricInfo, Result, Source, Suite
 from pertvl.evaluate.finetune import chexpert, nli
 
@@ -18,7 +18,7 @@ __all__ = ["EVALUATIONS", "FINETUNES", "by_key", "demo_evaluations", "evaluation
 # name -> evaluation, in the order of the reports and the comparison table.
 EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
     structure.EVALUATION,
-    structure_local.EVALUATION,
+    structure.LOCAL_EVALUATION,
     retrieval.EVALUATION,
     zeroshot.EVALUATION,
     text_structure.EVALUATION,

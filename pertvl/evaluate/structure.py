@@ -706,3 +706,24 @@ EVALUATION = Evaluation(
     title="Clinical semantic structure (Table IV)",
     suites=frozenset({Suite.DEMO, Suite.ABLATE}),
 )
+
+
+def run_local(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> StructureResult:
+    return run(encoder, data, options, score="local")
+
+
+# The same test scored by GLoRIA's local S(I, T) on region and word features (a pooled embedding may lose
+# where a finding is): same candidates, controls (no text-only anchor) and schema; metrics structure_local/*.
+LOCAL_EVALUATION = Evaluation(
+    name="structure-local",
+    help="the structure test (Table IV) scored by the local branch's S(I, T) instead of the global cosine",
+    description="As `pertvl eval structure`, with each candidate report scored by GLoRIA's local "
+    "image-report similarity (region and word features; needs --export or --run). Writes NAME.json, "
+    "NAME.md and NAME.png.",
+    add_arguments=add_structure_arguments,
+    run=run_local,
+    result_type=StructureResult,
+    schemas=(SCHEMA,),
+    title="Clinical semantic structure, local score S(I, T)",
+    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
+)

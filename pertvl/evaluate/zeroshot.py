@@ -24,7 +24,7 @@ import numpy as np
 
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, from_json, to_json
 from pertvl.evaluate.report import md_table
 from pertvl.evaluate.stats import auroc
 
@@ -67,56 +67,37 @@ class LabelAUROC:
     auroc: float | None
     n_pos: int
     n_neg: int
-    n_skipped: int  # images with this label uncertain / NaN / not 0-1
-    prompts: list[list[str]]
+    n_skipped: int = 0  # images with this label uncertain / NaN / not 0-1
+    prompts: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
 class ZeroShotResult:
+    """Its JSON is these fields, "schema" first; mean_auroc (over the labels with a defined AUROC) and
+    labels_defined follow from per_label."""
+
     per_label: dict[str, LabelAUROC]
+    mean_auroc: float | None = field(init=False)
+    labels_defined: int = field(init=False)
     images: int
     unprompted_labels: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
 
-    @property
-    def mean_auroc(self) -> float | None:
-        """Mean over labels with a defined AUROC; None when there is none."""
+    def __post_init__(self) -> None:
         vals = [v.auroc for v in self.per_label.values() if v.auroc is not None]
-        return float(np.mean(vals)) if vals else None
+        self.mean_auroc = float(np.mean(vals)) if vals else None
+        self.labels_defined = len(vals)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "per_label": {
-                k: {"auroc": v.auroc, "n_pos": v.n_pos, "n_neg": v.n_neg, "n_skipped": v.n_skipped, "prompts": v.prompts}
-                for k, v in self.per_label.items()
-            },
-            "mean_auroc": self.mean_auroc,
-            "labels_defined": sum(v.auroc is not None for v in self.per_label.values()),
-            "images": self.images,
-            "unprompted_labels": list(self.unprompted_labels),
-            "skipped": dict(self.skipped),
-            "info": dict(self.info),
-        }
+        return to_json(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ZeroShotResult:
         if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
             raise ValueError(f"not a pertvl zero-shot result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
-        return cls(
-            per_label={
-                k: LabelAUROC(v["auroc"], int(v["n_pos"]), int(v["n_neg"]), int(v.get("n_skipped", 0)),
-                              [list(p) for p in v["prompts"]])
-                for k, v in d["per_label"].items()
-            },
-            images=int(d["images"]),
-            unprompted_labels=list(d.get("unprompted_labels", [])),
-            skipped=dict(d.get("skipped", {})),
-            info=dict(d.get("info", {})),
-        )
-
+        return from_json(cls, d)
 
     # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
     def markdown(self, name: str) -> str:
@@ -147,7 +128,7 @@ class ZeroShotResult:
     def headline(self) -> str:
         mean = self.mean_auroc
         return (f"zero-shot mean AUROC {'n/a' if mean is None else f'{mean:.3f}'} over "
-                f"{sum(v.auroc is not None for v in self.per_label.values())} labels, {self.images} images")
+                f"{self.labels_defined} labels, {self.images} images")
 
 
 def normalize_prompts(prompts: Any) -> tuple[LabelPrompts, ...]:
