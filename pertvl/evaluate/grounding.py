@@ -124,7 +124,6 @@ class GroundingResult:
             raise ValueError(f"not a pertvl grounding result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
         return from_json(cls, d)
 
-    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
     def markdown(self, name: str) -> str:
         from pertvl.data.phantom.findings import FINDING_TYPES
 
@@ -224,9 +223,6 @@ def plot_grounding(result: GroundingResult, out_png: Path, title: str) -> Path:
         ax.set_title(name, fontsize=10)
     fig.suptitle(title, fontsize=11)
     return save_png(fig, out_png)
-
-
-# ----------------------------------------------------------------------------- the evaluation
 
 
 def evaluate_grounding(

@@ -26,9 +26,6 @@ CURVES_FIGSIZE = (10.0, 6.0)  # → 1000 × 600 px
 ATTENTION_FIGSIZE = (4.0, 4.4)  # → 400 × 440 px
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
 def new_figure(figsize: tuple[float, float]):
     """A matplotlib Figure on the Agg canvas at DPI, constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -65,9 +62,6 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | 
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- one result
-
-
 def write_result(result: Any, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
     """NAME.json (the result's schema), NAME.md (its Markdown) and its figures (e.g. NAME.png).
 
@@ -80,9 +74,6 @@ def write_result(result: Any, out_dir: str | os.PathLike, name: str) -> dict[str
     atomic_write_text(paths["markdown"], result.markdown(name))
     paths.update(result.figures(out, name))
     return paths
-
-
-# ----------------------------------------------------------------------------- training curves
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
@@ -163,9 +154,6 @@ def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.Pat
     axes[-1].set_xlabel("step")
     path = save_png(fig, out_png)
     return {"png": path, "keys": loss_keys + (["lr"] if has_lr else []), "points": len(rows), "bad_lines": bad}
-
-
-# ----------------------------------------------------------------------------- attention maps
 
 
 def save_attention_map(

@@ -56,7 +56,6 @@ class RetrievalResult:
             raise ValueError(f"not a pertvl retrieval result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
         return from_json(cls, d)
 
-    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
     def markdown(self, name: str) -> str:
         ks = list(self.image_to_text)
         rows = [
@@ -233,9 +232,6 @@ def evaluate_retrieval(
                                 "image_to_text": _recalls(result.i2t_ranks[img_rows], ks_),
                                 "text_to_image": _recalls(result.t2i_ranks[txt_rows], ks_)}
     return result
-
-
-# ----------------------------------------------------------------------------- the catalog entry
 
 
 def _ks(text: str) -> tuple[int, ...]:

@@ -333,9 +333,6 @@ def summarize(
     )
 
 
-# ----------------------------------------------------------------------------- controls
-
-
 def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
     """What "the findings differ" compares: the set of positive (1.0) labels of a sample's json;
     None when it has no labels (Open-I: its findings are unknown)."""
@@ -640,12 +637,6 @@ def split_texts(folder: str | os.PathLike, split: str) -> list[str] | None:
     if split not in read_shards_manifest(folder).get("splits", {}):
         return None
     return [s.meta.get("text") or "" for s in iter_samples(folder, split)]
-
-
-# ----------------------------------------------------------------------------- Markdown and figure
-
-
-# ----------------------------------------------------------------------------- the catalog entry
 
 
 def types_arg(text: str) -> tuple[str, ...]:

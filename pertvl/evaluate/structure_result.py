@@ -174,7 +174,6 @@ class StructureResult:
             raise ValueError(f"not a pertvl structure result: schema {schema!r}")
         return from_json(cls, d)
 
-    # -- what pertvl.evaluate.evaluation.Result asks for ------------------------------------------
     def markdown(self, name: str) -> str:
         title = ("Text-only structure (impression → findings): " if self.is_text
                  else "Clinical semantic structure: ") + name

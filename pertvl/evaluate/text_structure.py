@@ -189,9 +189,6 @@ def evaluate_text_structure(
     return result
 
 
-# ----------------------------------------------------------------------------- the catalog entry
-
-
 @dataclass
 class TextStructureData:
     """What `load` reads and perturbs for `run`: the report sections and one record per report."""

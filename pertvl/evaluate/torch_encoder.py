@@ -101,7 +101,6 @@ class TorchEncoder(_TorchBase):
 
         return self._embed_texts(texts, self.model.tokenizer, forward)
 
-    # -- the local branch, as pertvl.infer.Embedder gives it (the grounding evaluation) ------------
     def image_features(self, images: np.ndarray):
         """pertvl.infer.ImageFeatures (L2-normalized global embeddings, region features, grid) of
         images [N, 1, H, W] float in [0, 1]."""

@@ -142,7 +142,6 @@ class TwinResult:
                    {k: int(v) for k, v in d.get("skipped", {}).items()}, dict(d.get("bootstrap", {})),
                    dict(d.get("info", {})))
 
-    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
     def markdown(self, name: str) -> str:
         return twins_markdown(self, name)
 
@@ -332,9 +331,6 @@ def plot_examples(examples: Sequence[Mapping[str, Any]], out_png: str | os.PathL
         ax.text(0, 0.84, "T0: " + _bold_words(_wrap(t0)), va="top", fontsize=8, transform=ax.transAxes)
         ax.text(0, 0.42, "T1: " + _bold_words(_wrap(t1)), va="top", fontsize=8, transform=ax.transAxes)
     return save_png(fig, out_png)
-
-
-# ----------------------------------------------------------------------------- data and model
 
 
 def collect_pairs(samples: Iterable[Any]) -> tuple[list[TwinPair], list[Any], dict[str, int]]:

@@ -99,7 +99,6 @@ class ZeroShotResult:
             raise ValueError(f"not a pertvl zero-shot result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
         return from_json(cls, d)
 
-    # -- Result protocol (pertvl.evaluate.evaluation) -------------------------------------------
     def markdown(self, name: str) -> str:
         rows = [
             [label, "undefined (one class)" if v.auroc is None else f"{v.auroc:.3f}", str(v.n_pos), str(v.n_neg),
@@ -243,9 +242,6 @@ def evaluate_zeroshot(
     )
 
 
-# ----------------------------------------------------------------------------- a CheXpert CSV as the source
-
-
 @dataclass
 class ChexpertSource:
     """The rows of a CheXpert CSV (read by the fine-tune's reader) and the folder its Path column is
@@ -315,9 +311,6 @@ def _image_size(encoder: Encoder, options: argparse.Namespace) -> int:
 
         return RunDir(options.run).image_size() or 224
     return 224
-
-
-# ----------------------------------------------------------------------------- the catalog entry
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

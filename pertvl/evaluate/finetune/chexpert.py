@@ -290,7 +290,6 @@ class ChexpertResult:
         atomic_write_text(path, buf.getvalue())
         return {"predictions": path}
 
-    # -- the comparison table's columns (pertvl.evaluate.catalog) ------------------------------
     def metrics(self) -> dict[str, float | None]:
         """"chexpert/LABEL/accuracy", "chexpert/LABEL/auroc" per label, and their means."""
         out: dict[str, float | None] = {}

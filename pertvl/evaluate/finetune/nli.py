@@ -235,7 +235,6 @@ class NliResult:
         atomic_write_text(path, "".join(line + "\n" for line in lines))
         return {"predictions": path}
 
-    # -- the comparison table's columns (pertvl.evaluate.catalog) ------------------------------
     def metrics(self) -> dict[str, float | None]:
         """"nli/DATASET/accuracy" and "nli/DATASET/macro_f1" on the test file (DATASET: info["dataset"],
         `pertvl finetune nli --dataset`; "nli/accuracy" without one), so one run's data sets are distinct columns."""
