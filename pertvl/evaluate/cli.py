@@ -79,14 +79,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 _finetune_nli = lazy_handler("pertvl.evaluate.finetune.commands", "nli_cli_main")
-
-
 _finetune_chexpert = lazy_handler("pertvl.evaluate.finetune.commands", "chexpert_cli_main")
-
-
 _ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main", lock_out=True)
-
-
 _curves = lazy_handler("pertvl.evaluate.curves", "cli_main")
 
 

@@ -8,7 +8,6 @@ from pertvl.cli import lazy_handler, positive_int
 
 _embed = lazy_handler("pertvl.evaluate.embed", "embed_main")
 
-
 _similarity = lazy_handler("pertvl.evaluate.embed", "similarity_main")
 
 

@@ -286,12 +286,10 @@ CONTROL_LABELS = {
     "margin_ci_high": "Margin 95% CI high",
 }
 
-
 # Per-type margins in the comparison's summary: laterality and finding identity, which only the image decides.
 SUMMARY_CF_MARGINS = ("cf_laterality", "cf_finding")
 
 MARGINS = ("margin", "grounded_margin")  # own − wrong image, with bootstrap CIs (KEY_ci_low / KEY_ci_high)
-
 
 GROUNDED_LABELS = {
     "grounded": "Grounded structure (counterfactuals)",

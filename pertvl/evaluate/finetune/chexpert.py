@@ -51,9 +51,7 @@ from pertvl.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-
 VIEW_COLUMN = "Frontal/Lateral"
-
 
 # The patient folder of CheXpert ("…/patient00001/study1/…") or MIMIC-CXR ("…/p10/p10000032/s5…/…").
 DEFAULT_GROUP_PATTERN = r"(?:^|/)(patient\d+|p\d{8})(?=/)"

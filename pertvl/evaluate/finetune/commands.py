@@ -32,8 +32,6 @@ def run_info() -> dict[str, Any]:
 # CLI defaults that depend on the mode: (epochs, head_lr) for end-to-end fine-tuning and for a frozen
 # encoder. A linear probe on precomputed features costs little per epoch and needs more, larger steps.
 FINETUNE_DEFAULTS = {"nli": (3, 1e-3), "chexpert": (5, 1e-3)}
-
-
 PROBE_DEFAULTS = (30, 1e-2)
 
 

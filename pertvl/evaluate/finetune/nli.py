@@ -45,7 +45,6 @@ from pertvl.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-
 # Word pieces per NLI sentence pair: MedNLI's longest pairs reach ~200+ pieces with BERT WordPiece
 # vocabularies; 256 covers them (the authors used 512, which only pads). Longer pairs are truncated
 # and reported; the value is capped at the encoder's max_position_embeddings.
