@@ -19,7 +19,27 @@ import numpy as np
 import pytest
 
 from pertvl.cli import main as pertvl_main
-from pertvl.evaluate import finetune as ft
+from pertvl.evaluate.finetune.chexpert import (
+    DEFAULT_GROUP_PATTERN,
+    chexpert_targets,
+    finetune_chexpert,
+    prepare_chexpert,
+    read_chexpert_csv,
+    split_by_group,
+)
+from pertvl.evaluate.finetune.commands import FINETUNE_DEFAULTS, PROBE_DEFAULTS, fit_settings
+from pertvl.evaluate.finetune.fit import FitSettings
+from pertvl.evaluate.finetune.metrics import classification_metrics, multilabel_scores
+from pertvl.evaluate.finetune.nli import (
+    NLI_MAX_LENGTH,
+    NliExample,
+    NliFile,
+    finetune_nli,
+    nli_folds,
+    nli_truncation,
+    read_nli,
+)
+from pertvl.evaluate.finetune.tasks import CHEXPERT_LABELS, NLI_LABELS, PAPER_CHEXPERT_LABELS
 from tests.conftest import chexpert_csv_row as _csv_row
 from tests.conftest import chexpert_png as _png
 from tests.conftest import write_chexpert_csv as _write_csv
@@ -109,7 +129,7 @@ def nli_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_read_nli_names_and_counts_bad_lines(nli_files):
-    f = ft.read_nli(nli_files["train"])
+    f = read_nli(nli_files["train"])
     assert len(f.examples) == 90 and f.lines == 94
     assert sum(f.skipped.values()) == 4
     where = {p.split(": ", 1)[0].rsplit(":", 1)[1]: p for p in f.problems}
@@ -123,7 +143,7 @@ def test_read_nli_rejects_a_file_without_examples(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"sentence1": "a", "sentence2": "b", "gold_label": "maybe"}\n')
     with pytest.raises(ValueError, match="no usable NLI example.*'maybe'"):
-        ft.read_nli(bad)
+        read_nli(bad)
 
 
 def test_classification_metrics_equal_sklearn():
@@ -133,10 +153,10 @@ def test_classification_metrics_equal_sklearn():
     y_true = rng.integers(0, 3, 50)
     y_pred = np.where(rng.random(50) < 0.6, y_true, rng.integers(0, 2, 50))  # class 2 predicted only when right
     y_pred[y_true == 2] = 0  # …and never: its precision is undefined (0.0 as zero_division=0)
-    m = ft.classification_metrics(y_true, y_pred)
-    ref = classification_report(y_true, y_pred, labels=[0, 1, 2], target_names=list(ft.NLI_LABELS),
+    m = classification_metrics(y_true, y_pred)
+    ref = classification_report(y_true, y_pred, labels=[0, 1, 2], target_names=list(NLI_LABELS),
                                 output_dict=True, zero_division=0)
-    for lab in ft.NLI_LABELS:
+    for lab in NLI_LABELS:
         c = m.per_class[lab]
         assert (c.precision, c.recall, c.f1, c.support) == pytest.approx(
             (ref[lab]["precision"], ref[lab]["recall"], ref[lab]["f1-score"], ref[lab]["support"]), abs=1e-12)
@@ -173,11 +193,11 @@ def test_nli_finetune_end_to_end_learns_and_reports(tiny_run, nli_files, tmp_pat
         rows = [p for p in preds if p["split"] == split]
         assert len(rows) == 30 and all(p["where"].startswith(str(nli_files[split])) for p in rows)
         ref = classification_report([p["gold"] for p in rows], [p["predicted"] for p in rows],
-                                    labels=list(ft.NLI_LABELS), output_dict=True, zero_division=0)
+                                    labels=list(NLI_LABELS), output_dict=True, zero_division=0)
         got = doc[split]
         assert got["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
         assert got["macro_f1"] == pytest.approx(ref["macro avg"]["f1-score"], abs=1e-12)
-        for lab in ft.NLI_LABELS:
+        for lab in NLI_LABELS:
             for key, ref_key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"),
                                  ("support", "support")):
                 assert got["per_class"][lab][key] == pytest.approx(ref[lab][ref_key], abs=1e-12)
@@ -189,10 +209,10 @@ def test_nli_finetune_end_to_end_learns_and_reports(tiny_run, nli_files, tmp_pat
 def test_nli_is_seeded(tiny_run, nli_files):
     from dataclasses import asdict
 
-    files = [ft.read_nli(nli_files[s]) for s in ("train", "dev", "test")]
-    settings = ft.FitSettings(epochs=1, lr=1e-3, batch_size=16, device="cpu", seed=5)
-    a = ft.finetune_nli(*files, run=tiny_run, settings=settings)
-    b = ft.finetune_nli(*files, run=tiny_run, settings=settings)
+    files = [read_nli(nli_files[s]) for s in ("train", "dev", "test")]
+    settings = FitSettings(epochs=1, lr=1e-3, batch_size=16, device="cpu", seed=5)
+    a = finetune_nli(*files, run=tiny_run, settings=settings)
+    b = finetune_nli(*files, run=tiny_run, settings=settings)
     assert a.history[0].train_loss == b.history[0].train_loss
     assert asdict(a.test) == asdict(b.test) and a.predictions == b.predictions
 
@@ -230,7 +250,7 @@ def test_nli_sentences_reach_the_tokenizer_unchanged(tiny_run):
     premise, hypothesis = "The heart isn't enlarged.", "No CARDIOMEGALY; the lungs aren't clear."
     from pertvl.evaluate.finetune.nli import NliCollate
 
-    batch = NliCollate(Spy(), 256)([ft.NliExample(premise, hypothesis, 1, "x.jsonl:1")])
+    batch = NliCollate(Spy(), 256)([NliExample(premise, hypothesis, 1, "x.jsonl:1")])
     assert seen == [([premise], [hypothesis])]
     tokens = tok.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert tokens[:8] == ["[CLS]", "the", "heart", "isn", "'", "t", "enlarged", "."]
@@ -247,37 +267,37 @@ def test_nli_truncation_is_counted_and_reported(tiny_run, radnli_files, tmp_path
              {"sentence1": "heart size normal", "sentence2": long_premise, "gold_label": "neutral"}]
     path = tmp_path / "long.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    f = ft.read_nli(path)
+    f = read_nli(path)
     lengths = [len(tok(e.premise, e.hypothesis)["input_ids"]) for e in f.examples]
     assert lengths[0] > 32 and lengths[1] < 32 and lengths[2] > 32
-    t = ft.nli_truncation(tok, f.examples, 32)
+    t = nli_truncation(tok, f.examples, 32)
     assert t == {"pairs": 2, "longest": max(lengths), "max_length": 32, "first": f"{path}:1"}
-    settings = ft.FitSettings(epochs=1, batch_size=8, device="cpu", freeze_encoder=True)
-    r = ft.finetune_nli(f, None, ft.read_nli(radnli_files["test"]), run=tiny_run, settings=settings, max_length=32)
+    settings = FitSettings(epochs=1, batch_size=8, device="cpu", freeze_encoder=True)
+    r = finetune_nli(f, None, read_nli(radnli_files["test"]), run=tiny_run, settings=settings, max_length=32)
     printed = capsys.readouterr().out
     assert f"warning: {path}: 2 of 3 sentence pairs exceed 32 word pieces (longest {max(lengths)})" in printed
     assert r.data["train"]["truncated"] == t and r.data["test"]["truncated"]["pairs"] == 0
     assert r.settings["max_length"] == 32 and "no report cleaning" in r.data["text"]
     # Above the encoder's positions (the tiny BERT has 128), pairs are cut at 128, said once.
-    r = ft.finetune_nli(f, None, f, run=tiny_run, settings=settings, max_length=512)
+    r = finetune_nli(f, None, f, run=tiny_run, settings=settings, max_length=512)
     assert r.settings["max_length"] == 128 and "max_length 512 > the encoder's 128 positions" in capsys.readouterr().out
 
 
 def test_nli_folds_are_stratified_disjoint_and_seeded():
     rng = np.random.default_rng(0)
-    f = ft.NliFile("x.jsonl", [ft.NliExample(it["sentence1"], it["sentence2"], ft.NLI_LABELS.index(it["gold_label"]),
+    f = NliFile("x.jsonl", [NliExample(it["sentence1"], it["sentence2"], NLI_LABELS.index(it["gold_label"]),
                                              f"x.jsonl:{i + 1}") for i, it in enumerate(_nli_items(10, rng))], 30)
-    folds = ft.nli_folds(f.examples, 4, seed=3)
+    folds = nli_folds(f.examples, 4, seed=3)
     assert sorted(i for fold in folds for i in fold) == list(range(30))
     assert [len(fold) for fold in folds] == [8, 8, 7, 7]
     for fold in folds:  # 10 per label over 4 folds: 2 or 3 of each label per fold
         counts = Counter(f.examples[i].label for i in fold)
         assert all(counts[lab] in (2, 3) for lab in range(3)), counts
-    assert folds == ft.nli_folds(f.examples, 4, seed=3) and folds != ft.nli_folds(f.examples, 4, seed=4)
+    assert folds == nli_folds(f.examples, 4, seed=3) and folds != nli_folds(f.examples, 4, seed=4)
     with pytest.raises(ValueError, match="at least 2 folds"):
-        ft.nli_folds(f.examples, 1, seed=0)
+        nli_folds(f.examples, 1, seed=0)
     with pytest.raises(ValueError, match="31 folds need at least 31 examples, got 30"):
-        ft.nli_folds(f.examples, 31, seed=0)
+        nli_folds(f.examples, 31, seed=0)
 
 
 def test_radnli_train_on_dev_test_on_test(tiny_run, radnli_files, tmp_path, capsys):
@@ -333,7 +353,7 @@ def test_radnli_k_fold_cross_validation(tiny_run, radnli_files, tmp_path, capsys
     gold, pred = [p["gold"] for p in preds], [p["predicted"] for p in preds]
     assert doc["pooled"]["accuracy"] == pytest.approx(accuracy_score(gold, pred), abs=1e-12)
     assert doc["pooled"]["macro_f1"] == pytest.approx(
-        f1_score(gold, pred, labels=list(ft.NLI_LABELS), average="macro", zero_division=0), abs=1e-12)
+        f1_score(gold, pred, labels=list(NLI_LABELS), average="macro", zero_division=0), abs=1e-12)
     assert "3-fold cross-validation" in (out / "nli.md").read_text()
 
 
@@ -366,7 +386,7 @@ def test_uncertain_policies_on_known_rows(chexpert, blank):
         if blank == "zero":  # patient00003's blank Consolidation: a negative in the loss
             mask = [row[:] for row in mask]
             mask[2][0] = 1
-        data = ft.prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
+        data = prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
                                    uncertain=policy, blank=blank)
         assert [r.group for r in data.train] == ["patient00001", "patient00002", "patient00003"]
         np.testing.assert_array_equal(data.train_targets, np.array(targets, np.float32))
@@ -377,7 +397,7 @@ def test_uncertain_policies_on_known_rows(chexpert, blank):
         assert s["images_missing"] == 2  # patient00004, in the train and in the (same) test CSV
         assert all("patient00004" in p and "not found" in p for p in s["image_problems"])
         assert any(p.endswith(":5: lateral view (frontal only)") for p in s["row_problems"])
-    all_views = ft.prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
+    all_views = prepare_chexpert(chexpert["known"], chexpert["images"], valid_csv=chexpert["known"],
                                     frontal_only=False, blank=blank)
     assert len(all_views.train) == 4 and all_views.train[3].view == "Lateral"
     np.testing.assert_array_equal(all_views.train_targets[3], [1, 1])
@@ -385,32 +405,32 @@ def test_uncertain_policies_on_known_rows(chexpert, blank):
 
 def test_chexpert_targets_reject_unknown_values_and_policies():
     with pytest.raises(ValueError, match="expected 1, 0, -1 or nan"):
-        ft.chexpert_targets(np.array([[2.0]]))
+        chexpert_targets(np.array([[2.0]]))
     with pytest.raises(ValueError, match="uncertain policy"):
-        ft.chexpert_targets(np.array([[1.0]]), "maybe")
+        chexpert_targets(np.array([[1.0]]), "maybe")
     with pytest.raises(ValueError, match=r"blank policy: expected one of \('zero', 'mask'\), got 'drop'"):
-        ft.chexpert_targets(np.array([[1.0]]), blank="drop")
+        chexpert_targets(np.array([[1.0]]), blank="drop")
     with pytest.raises(ValueError, match="'u-mix' needs the 1 label names"):
-        ft.chexpert_targets(np.array([[-1.0]]), "u-mix")
+        chexpert_targets(np.array([[-1.0]]), "u-mix")
 
 
 def test_blank_cells_are_negatives_by_default_in_a_chexpert_csv(tmp_path):
     """CheXpert's convention: a blank cell = not mentioned = negative. A frontal "No Finding" row with
     blank Consolidation / Pleural Effusion trains with targets [0, 0] (it trained nothing before)."""
-    header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(ft.CHEXPERT_LABELS)
+    header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_LABELS)
     assert header.startswith("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,") and "Pleural Effusion" in header
-    cells = {name: "" for name in ft.CHEXPERT_LABELS}
+    cells = {name: "" for name in CHEXPERT_LABELS}
     cells["No Finding"] = "1.0"
     row = "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP," + ",".join(
-        cells[name] for name in ft.CHEXPERT_LABELS)
+        cells[name] for name in CHEXPERT_LABELS)
     (tmp_path / "train.csv").write_text(header + "\n" + row + "\n")
     _png(tmp_path / "images" / "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg", 90)
-    data = ft.prepare_chexpert(tmp_path / "train.csv", tmp_path / "images", valid_csv=tmp_path / "train.csv")
+    data = prepare_chexpert(tmp_path / "train.csv", tmp_path / "images", valid_csv=tmp_path / "train.csv")
     np.testing.assert_array_equal(data.test_values, [[np.nan, np.nan]])
     np.testing.assert_array_equal(data.train_targets, np.array([[0, 0]], np.float32))
     np.testing.assert_array_equal(data.train_mask, np.array([[1, 1]], np.float32))
     assert data.summary["blank_policy"] == "zero"
-    masked = ft.prepare_chexpert(tmp_path / "train.csv", tmp_path / "images", valid_csv=tmp_path / "train.csv",
+    masked = prepare_chexpert(tmp_path / "train.csv", tmp_path / "images", valid_csv=tmp_path / "train.csv",
                                  blank="mask")
     np.testing.assert_array_equal(masked.train_mask, np.array([[0, 0]], np.float32))
 
@@ -418,10 +438,10 @@ def test_blank_cells_are_negatives_by_default_in_a_chexpert_csv(tmp_path):
 def test_u_mix_is_u_ones_for_edema_and_atelectasis_only():
     labels = ("Edema", "Atelectasis", "Consolidation", "Pleural Effusion", "Cardiomegaly")
     values = np.array([[-1.0, -1.0, -1.0, -1.0, -1.0], [0.0, np.nan, 1.0, np.nan, -1.0]])
-    targets, mask = ft.chexpert_targets(values, "u-mix", labels=labels)
+    targets, mask = chexpert_targets(values, "u-mix", labels=labels)
     np.testing.assert_array_equal(targets, np.array([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0]], np.float32))
     np.testing.assert_array_equal(mask, np.ones((2, 5), np.float32))
-    targets, mask = ft.chexpert_targets(values, "u-mix", blank="mask", labels=labels)
+    targets, mask = chexpert_targets(values, "u-mix", blank="mask", labels=labels)
     np.testing.assert_array_equal(mask, np.array([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1]], np.float32))
 
 
@@ -430,13 +450,13 @@ def test_test_scores_follow_the_blank_policy():
 
     values = np.array([[1.0], [0.0], [np.nan], [-1.0], [np.nan], [1.0]])
     probs = np.array([[0.9], [0.2], [0.6], [0.5], [0.1], [0.4]])
-    zero = ft.multilabel_scores(probs, values, ["Edema"])["Edema"]
+    zero = multilabel_scores(probs, values, ["Edema"])["Edema"]
     y, p = [1, 0, 0, 0, 1], [0.9, 0.2, 0.6, 0.1, 0.4]  # blanks scored as negatives, uncertain left out
     assert (zero.n, zero.n_pos, zero.n_neg, zero.blank_negatives) == (5, 2, 3, 2)
     assert (zero.excluded_uncertain, zero.excluded_blank) == (1, 0)
     assert zero.auroc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
     assert zero.accuracy == pytest.approx(3 / 5)
-    mask = ft.multilabel_scores(probs, values, ["Edema"], blank="mask")["Edema"]
+    mask = multilabel_scores(probs, values, ["Edema"], blank="mask")["Edema"]
     assert (mask.n, mask.n_pos, mask.n_neg, mask.blank_negatives, mask.excluded_blank) == (3, 2, 1, 0, 2)
     assert mask.auroc == pytest.approx(roc_auc_score([1, 0, 1], [0.9, 0.2, 0.4]), abs=1e-12)
 
@@ -445,20 +465,20 @@ def test_read_chexpert_csv_errors_and_bad_cells(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("Path,Consolidation\nx.png,1.0\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['Pleural Effusion', 'Frontal/Lateral'\]"):
-        ft.read_chexpert_csv(bad)
+        read_chexpert_csv(bad)
     cells = tmp_path / "cells.csv"
     _write_csv(cells, [_csv_row("a/patient00001/s/v.png", "Frontal", "yes", "1.0"),
                        _csv_row("b.png", "Frontal", "1", "0")])
-    table = ft.read_chexpert_csv(cells)
+    table = read_chexpert_csv(cells)
     assert [r.path for r in table.rows] == ["b.png"] and table.rows[0].group == "b.png"
     assert table.problems == [f"{cells}:2: bad label value: Consolidation = 'yes' (expected 1.0, 0.0, -1.0 or blank)"]
 
 
 def test_split_by_group_keeps_patients_together():
     groups = [f"patient{i // 2}" for i in range(40)] + ["lonely.png"]
-    a = ft.split_by_group(groups, 0.25, seed=3)
-    assert (a == ft.split_by_group(groups, 0.25, seed=3)).all()
-    assert not (a == ft.split_by_group(groups, 0.25, seed=4)).all()
+    a = split_by_group(groups, 0.25, seed=3)
+    assert (a == split_by_group(groups, 0.25, seed=3)).all()
+    assert not (a == split_by_group(groups, 0.25, seed=4)).all()
     for g in set(groups):
         assert len({bool(t) for t, gg in zip(a, groups, strict=True) if gg == g}) == 1
     assert len({g for g, t in zip(groups, a, strict=True) if t}) == round(0.25 * 21)
@@ -481,7 +501,7 @@ def test_chexpert_finetune_end_to_end(tiny_run, chexpert, tmp_path):
     assert d["images_undecodable"] == 1 and any("patient00045" in p and "cannot decode" in p
                                                 for p in d["image_problems"])
     assert d["train_rows"] + d["test_rows"] == 44  # 45 frontal rows, one image missing
-    same = ft.prepare_chexpert(chexpert["csv"], chexpert["images"], uncertain="ignore", test_fraction=0.4, seed=1)
+    same = prepare_chexpert(chexpert["csv"], chexpert["images"], uncertain="ignore", test_fraction=0.4, seed=1)
     assert len(same.test) == d["test_rows"]
     broken_in_test = any(r.group == "patient00045" for r in same.test)
     assert d["test_images_scored"] == d["test_rows"] - broken_in_test
@@ -503,12 +523,12 @@ def test_chexpert_finetune_end_to_end(tiny_run, chexpert, tmp_path):
 
 
 def test_frozen_probe_matches_across_runs_and_split_is_by_patient(tiny_run, chexpert):
-    data = ft.prepare_chexpert(chexpert["csv"], chexpert["images"], test_fraction=0.3, seed=2)
+    data = prepare_chexpert(chexpert["csv"], chexpert["images"], test_fraction=0.3, seed=2)
     train_groups, test_groups = {r.group for r in data.train}, {r.group for r in data.test}
     assert not train_groups & test_groups
-    settings = ft.FitSettings(epochs=3, lr=1e-3, batch_size=8, device="cpu", freeze_encoder=True, seed=0)
-    a = ft.finetune_chexpert(data, chexpert["images"], run=tiny_run, settings=settings)
-    b = ft.finetune_chexpert(data, chexpert["images"], run=tiny_run, settings=settings)
+    settings = FitSettings(epochs=3, lr=1e-3, batch_size=8, device="cpu", freeze_encoder=True, seed=0)
+    a = finetune_chexpert(data, chexpert["images"], run=tiny_run, settings=settings)
+    b = finetune_chexpert(data, chexpert["images"], run=tiny_run, settings=settings)
     assert a.info["mode"] == "frozen encoder (linear probe)"
     assert a.predictions == b.predictions and [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
 
@@ -544,7 +564,7 @@ def test_export_probe_nli_and_chexpert(tiny_export, nli_files, phantoms, tmp_pat
     assert code == 0 and "linear probe" in capsys.readouterr().out
     doc = json.loads((out / "nli.json").read_text())
     assert doc["info"]["encoder"] == "onnx-probe" and doc["settings"]["freeze_encoder"] is True
-    assert (doc["settings"]["epochs"], doc["settings"]["head_lr"]) == ft.PROBE_DEFAULTS
+    assert (doc["settings"]["epochs"], doc["settings"]["head_lr"]) == PROBE_DEFAULTS
     # [u, v, |u-v|, u*v] separates copies, negations and unrelated sentences even for a random encoder.
     assert doc["dev"]["accuracy"] >= 0.7, doc["history"]
 
@@ -592,19 +612,19 @@ def test_cli_defaults_match_the_module():
 
     args = build_parser().parse_args(["finetune", "chexpert", "--run", "r", "--csv", "c", "--images", "i",
                                       "--out", "o"])
-    assert args.group_pattern == ft.DEFAULT_GROUP_PATTERN and args.frontal_only is True
-    assert args.labels.split(",") == list(ft.PAPER_CHEXPERT_LABELS) and args.uncertain == "zeros"
+    assert args.group_pattern == DEFAULT_GROUP_PATTERN and args.frontal_only is True
+    assert args.labels.split(",") == list(PAPER_CHEXPERT_LABELS) and args.uncertain == "zeros"
     assert args.blank == "zero"
     args_nli = build_parser().parse_args(["finetune", "nli", "--run", "r", "--train", "t", "--test", "x", "--out", "o"])
-    assert args_nli.max_length == ft.NLI_MAX_LENGTH == 256 and args_nli.dev is None and args_nli.cv is None
+    assert args_nli.max_length == NLI_MAX_LENGTH == 256 and args_nli.dev is None and args_nli.cv is None
     assert build_parser().parse_args(["finetune", "chexpert", "--run", "r", "--csv", "c", "--images", "i", "--out",
                                       "o", "--blank", "mask", "--uncertain", "u-mix"]).blank == "mask"
-    settings = ft.fit_settings(args, "chexpert")
-    assert (settings.epochs, settings.head_lr, settings.freeze_encoder) == (*ft.FINETUNE_DEFAULTS["chexpert"], False)
+    settings = fit_settings(args, "chexpert")
+    assert (settings.epochs, settings.head_lr, settings.freeze_encoder) == (*FINETUNE_DEFAULTS["chexpert"], False)
     args = build_parser().parse_args(["finetune", "chexpert", "--export", "e", "--csv", "c", "--images", "i",
                                       "--out", "o", "--all-views", "--epochs", "4"])
     assert args.frontal_only is False
-    assert (ft.fit_settings(args, "chexpert").epochs, ft.fit_settings(args, "chexpert").freeze_encoder) == (4, True)
+    assert (fit_settings(args, "chexpert").epochs, fit_settings(args, "chexpert").freeze_encoder) == (4, True)
 
 
 def test_split_from_pairs_and_the_results_as_comparison_columns(tiny_run, phantoms, tmp_path, capsys):
@@ -622,7 +642,7 @@ def test_split_from_pairs_and_the_results_as_comparison_columns(tiny_run, phanto
     first = sorted((corpus / "images").iterdir())[0]
     shutil.copy(first, corpus / "images" / "not-a-phantom.png")
     with open(csv_path, "a") as f:
-        f.write("images/not-a-phantom.png,,,Frontal,PA" + "," * (len(ft.CHEXPERT_LABELS) - 1) + "\n")
+        f.write("images/not-a-phantom.png,,,Frontal,PA" + "," * (len(CHEXPERT_LABELS) - 1) + "\n")
     out = tmp_path / "out"
     assert pertvl_main(["finetune", "chexpert", "--run", str(tiny_run), "--csv", str(csv_path), "--images",
                         str(corpus), "--split-from", str(corpus / "pairs.jsonl"), "--freeze-encoder",
