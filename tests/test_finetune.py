@@ -501,7 +501,8 @@ def test_chexpert_finetune_end_to_end(tiny_run, chexpert, tmp_path):
     assert d["images_undecodable"] == 1 and any("patient00045" in p and "cannot decode" in p
                                                 for p in d["image_problems"])
     assert d["train_rows"] + d["test_rows"] == 44  # 45 frontal rows, one image missing
-    same = prepare_chexpert(chexpert["csv"], chexpert["images"], uncertain="ignore", test_fraction=0.4, seed=1)
+    same = prepare_chexpert(chexpert["csv"], chexpert["images"], uncertain="ignore", test_fraction=0.4,
+                            seed=1)
     assert len(same.test) == d["test_rows"]
     broken_in_test = any(r.group == "patient00045" for r in same.test)
     assert d["test_images_scored"] == d["test_rows"] - broken_in_test
@@ -620,7 +621,8 @@ def test_cli_defaults_match_the_module():
     assert build_parser().parse_args(["finetune", "chexpert", "--run", "r", "--csv", "c", "--images", "i", "--out",
                                       "o", "--blank", "mask", "--uncertain", "u-mix"]).blank == "mask"
     settings = fit_settings(args, "chexpert")
-    assert (settings.epochs, settings.head_lr, settings.freeze_encoder) == (*FINETUNE_DEFAULTS["chexpert"], False)
+    expected = (*FINETUNE_DEFAULTS["chexpert"], False)
+    assert (settings.epochs, settings.head_lr, settings.freeze_encoder) == expected
     args = build_parser().parse_args(["finetune", "chexpert", "--export", "e", "--csv", "c", "--images", "i",
                                       "--out", "o", "--all-views", "--epochs", "4"])
     assert args.frontal_only is False

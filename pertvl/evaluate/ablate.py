@@ -47,10 +47,9 @@ def evaluations() -> list:
 
 @dataclass(frozen=True)
 class Variant:
-    """One more row of the ablation: NAME, trained with `pertvl train --set` overrides (OVERRIDE as
-    `--set` takes it) on top of the config; it names its own loss.preset, else the config's applies.
-    A `data.shards=DIR` override trains the row on other shards packed from the same pairs (e.g. the
-    other antonym rule's perturbations); it is evaluated on the ablation's --shards like every row."""
+    """One more row of the ablation: NAME, trained with `pertvl train --set` overrides on top of the
+    config; a `data.shards=DIR` override trains it on other shards packed from the same pairs.
+    """
 
     name: str
     overrides: tuple[str, ...]
@@ -274,7 +273,8 @@ def _finetune_stage(run: AblationRun, spec: FinetuneSpec, weights_sha: str) -> p
     return pipeline.Stage(
         name, [run.finetune_dir / f"{spec.stem}.json"],
         _named(name, lambda: pipeline.cli(argv, f"Table {spec.table} fine-tune {spec.stem} of {run.name}")),
-        {"weights_sha256": weights_sha, "argv": argv, "inputs": {str(p): sha256_file(p) for p in spec.inputs}},
+        {"weights_sha256": weights_sha, "argv": argv,
+         "inputs": {str(p): sha256_file(p) for p in spec.inputs}},
     )
 
 
@@ -338,7 +338,7 @@ def run_ablation(s: AblationSettings) -> AblationResult:
     for run in runs:
         index += 1
         runner.run(_train_stage(run, s, config_text, shards_sha), index, total)
-        weights_sha = sha256_file(run.weights)  # export/eval/fine-tunes depend on the weights actually trained
+        weights_sha = sha256_file(run.weights)  # what export/eval/fine-tunes depend on
         if s.eval_with == "export":
             index += 1
             runner.run(_export_stage(run, weights_sha), index, total)

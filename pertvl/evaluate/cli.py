@@ -280,7 +280,8 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-with", choices=["torch", "export"], default="torch",
                    help="evaluate each run from its torch weights (default) or from an ONNX export of it")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="evaluation split (test)")
-    p.add_argument("--bootstrap", type=non_negative, default=1000, help="bootstrap resamples of the structure CIs")
+    p.add_argument("--bootstrap", type=non_negative, default=1000,
+                   help="bootstrap resamples of the structure CIs")
     p.add_argument("--no-wandb", action="store_true", help="train without the W&B offline run")
     p.add_argument("--out", default="runs/ablate", help="folder of the runs and the table (default runs/ablate)")
     p.add_argument("--force", action="store_true", help="re-run every stage")

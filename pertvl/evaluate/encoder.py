@@ -28,11 +28,8 @@ class Encoder(TextEncoder, Protocol):
 
 
 def image_array(sample: Any) -> np.ndarray:
-    """A shard sample's uint8 [H, W] image as float32 [1, H, W] in [0, 1].
-
-    Raises:
-        ValueError: naming the sample key when the image is not a 2-D uint8 array.
-    """
+    """A shard sample's uint8 [H, W] image as float32 [1, H, W] in [0, 1]; ValueError naming the sample
+    otherwise."""
     img = np.asarray(sample.image)
     if img.ndim != 2 or img.dtype != np.uint8:
         raise ValueError(
@@ -49,11 +46,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def check_embeddings(emb: Any, n: int, what: str) -> np.ndarray:
-    """Validate an encoder output: [n, D] finite numbers.
-
-    Raises:
-        ValueError: saying what was expected and what the encoder returned.
-    """
+    """An encoder output checked to be [n, D] finite numbers; ValueError saying what it was."""
     arr = np.asarray(emb)
     if arr.ndim != 2 or arr.shape[0] != n:
         raise ValueError(f"{what}: expected an [{n}, D] embedding array, got shape {tuple(arr.shape)}")
@@ -106,11 +99,9 @@ def stack_padded(words: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tu
 
 
 class ImageBatcher:
-    """Collects sample images into fixed-size batches and embeds each full batch right away,
-    so an evaluation streams a shard split without holding every image in memory.
-
-    With `regions=True` the encoder's local branch runs too (`image_features`: an ONNX export or a
-    run) and `regions()` gives the region features [N, M, D] beside the global embeddings."""
+    """Embeds sample images a full batch at a time, so a shard split streams without holding every image;
+    with `regions=True` also the local branch's region features [N, M, D] (`regions()`).
+    """
 
     def __init__(self, encoder: Encoder, batch_size: int = 32, *, regions: bool = False):
         if batch_size < 1:
@@ -172,10 +163,8 @@ class ImageBatcher:
 def word_features_unique(
     encoder: Any, texts: Iterable[str], batch_size: int = 32
 ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
-    """The local branch's word features of each distinct text, once.
-
-    Returns:
-        (index, words [U, W, D] zero-padded to the longest, word_mask [U, W] bool).
+    """The local branch's word features of each distinct text, once: (index, words [U, W, D] zero-padded
+    to the longest, word_mask [U, W] bool).
     """
     if not hasattr(encoder, "text_features"):
         raise ValueError("word features need the local branch (text_features): an ONNX export (--export) or a "

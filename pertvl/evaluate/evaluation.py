@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "from_json", "non_negative", "to_json"]
+__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "from_json", "non_negative",
+           "to_json"]
 
 
 class Source(enum.Enum):

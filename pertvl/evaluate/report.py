@@ -63,11 +63,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | 
 
 
 def write_result(result: Any, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
-    """NAME.json (the result's schema), NAME.md (its Markdown) and its figures (e.g. NAME.png).
-
-    Returns:
-        {"json": path, "markdown": path, **figures}.
-    """
+    """NAME.json, NAME.md and the result's figures; returns {"json", "markdown", **figures} paths."""
     out = Path(out_dir)
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
     write_json(paths["json"], result.to_json())
@@ -77,10 +73,8 @@ def write_result(result: Any, out_dir: str | os.PathLike, name: str) -> dict[str
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
-    """Rows of a monitor JSONL that have a numeric "step"; returns (rows, lines skipped).
-
-    A line that is not a JSON object with a step is skipped and counted (a killed run can leave
-    a half-written last line); the count is logged.
+    """Rows of a monitor JSONL with a numeric "step", and the count of other lines (skipped and logged: a
+    killed run can leave a half-written last line).
     """
     rows, bad = [], 0
     with open(path, encoding="utf-8") as f:

@@ -85,10 +85,7 @@ def scores_from_cosines(
 
 
 def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float] | None:
-    """Percentile bootstrap 95 % CI of the mean of `values` (resampling its entries).
-
-    Returns None when it is undefined (fewer than 2 values) or disabled (resamples = 0).
-    """
+    """Percentile bootstrap 95 % CI of the mean of `values`; None for fewer than 2 values or 0 resamples."""
     values = np.asarray(values, dtype=np.float64)
     if resamples <= 0 or values.size < 2:
         return None
@@ -148,9 +145,9 @@ def valid_perturbations(
 
 
 def requested_types(types: Sequence[str]) -> tuple[str, ...]:
-    """The perturbation types to score, in the order asked (the table's columns), validated against
-    the table's; a repeated type is refused. (pertvl.data.perturb.select_types is the
-    generation side: table order, a comma string accepted.)"""
+    """The perturbation types to score, in the order asked (the table's columns); ValueError for an
+    unknown or repeated type.
+    """
     from pertvl.data.perturb import PERTURBATIONS
 
     types = tuple(types)
@@ -193,9 +190,9 @@ class GlobalScorer:
 
 
 class LocalScorer:
-    """GLoRIA's local S(I, T) (pertvl.infer.local_scores): anchors are region features [N, M, D],
-    texts their word features. A globally pooled embedding may lose where a finding is (left or
-    right); the region features keep it, so both scores are reported."""
+    """GLoRIA's local S(I, T) (pertvl.infer.local_scores) of region features [N, M, D] against the texts'
+    word features.
+    """
 
     score = "local"
     CHUNK = 256  # rows per local_scores call: bounds the [n, M, W] temporaries
@@ -412,9 +409,9 @@ def structure_controls(
     scorer: GlobalScorer | LocalScorer | None = None,
     disjoint_partners: bool = False,
 ) -> Controls:
-    """The control anchors and the image-grounding margin (module docstring). `image_emb` are the
-    scorer's anchors (global embeddings; region features for a LocalScorer, which has no text-only
-    anchor: a text has no regions)."""
+    """The control anchors and the image-grounding margin. `image_emb` are the scorer's anchors (region
+    features for a LocalScorer, which has no text-only anchor).
+    """
     scorer = GlobalScorer(text_emb) if scorer is None else scorer
     n, k = len(originals), len(types)
     anchors = np.asarray(image_emb)
@@ -571,8 +568,8 @@ def grounded_structure(
     scores = candidate_scores(image_emb, text_index, scorer, originals, cf_candidates, k)
     overall, per_type = accuracy_stats(scores, cf_types, cf_counts, bootstrap, seed)
     controls = structure_controls(image_emb, scores, text_index, text_emb, originals, cf_candidates, cf_types,
-                                  cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed, scorer=scorer,
-                                  disjoint_partners=True) if len(originals) else None
+                                  cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed,
+                                  scorer=scorer, disjoint_partners=True) if len(originals) else None
     has_record = np.asarray(has_record, bool)
     references = grounded_references(image_emb, text_index, scorer, originals, cf_candidates, cf_types, seed,
                                      train_counterfactuals) if len(originals) else None
@@ -589,8 +586,10 @@ def grounded_references(anchors: np.ndarray, text_index: dict[str, int], scorer:
     """The grounded accuracies' references (pertvl.evaluate.grounded_references) on the same candidates."""
     k = len(cf_types)
     draws = NULL_DRAWS if scorer.score == "global" else NULL_DRAWS // 4  # the local score costs more per draw
-    null = random_anchor_null(anchors, lambda a: candidate_scores(a, text_index, scorer, originals, cf_candidates, k),
-                             cf_types, draws, seed)
+    def score(a: np.ndarray) -> StructureScores:
+        return candidate_scores(a, text_index, scorer, originals, cf_candidates, k)
+
+    null = random_anchor_null(anchors, score, cf_types, draws, seed)
     prior = None
     if train_counterfactuals:
         texts = sorted(text_index, key=text_index.__getitem__)
@@ -660,9 +659,9 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace, score: str = "global") -> StructureResult:
-    """`pertvl eval structure` (and `structure-local`, score "local"): `evaluate_structure` over the
-    shard samples; for a held-out split, with the text-disjoint subset against the same shards'
-    training split (counts printed)."""
+    """`pertvl eval structure` (and `structure-local`): `evaluate_structure` over the shard samples; for
+    a held-out split with the text-disjoint subset and text prior from the same shards' training split.
+    """
     train = train_cf = None
     shards, split = getattr(options, "shards", None), getattr(options, "split", None)
     if shards and split and split != "train":

@@ -346,9 +346,9 @@ def cos(x: float | None) -> str:
 
 
 def structure_markdown(result: StructureResult, title: str) -> str:
-    """The overall + per-type table of one structure result (type labels: pertvl.data.perturb),
-    then, for image structure, the control anchors and the image-grounding margin, the grounded
-    structure (counterfactuals) and the text-disjoint subset."""
+    """The overall and per-type table, then (image structure) the controls and margin, the grounded
+    structure and the text-disjoint subset.
+    """
     type_label = type_name
 
     unit = "reports" if result.is_text else "images"

@@ -131,10 +131,8 @@ class ZeroShotResult:
 
 
 def normalize_prompts(prompts: Any) -> tuple[LabelPrompts, ...]:
-    """Accept LabelPrompts, or a mapping {label: (pos, neg) | [(pos, neg), ...]}; clean every prompt.
-
-    Raises:
-        ValueError: when a label has no prompt pair or a prompt cleans to an empty text.
+    """LabelPrompts, or {label: (pos, neg) | [(pos, neg), ...]}, with every prompt cleaned; ValueError for
+    a label without a pair or a prompt that cleans to an empty or identical text.
     """
     if isinstance(prompts, Mapping):
         items = []

@@ -338,10 +338,9 @@ def prepare_chexpert(
     blank: str = "zero",
     split_from: str | os.PathLike | None = None,
 ) -> ChexpertData:
-    """Read the CSV(s), split (valid_csv: as given; split_from: as a pairs.jsonl splits the images;
-    else by patient, seeded), drop rows whose image file is missing (counted and named), and apply
-    the blank and uncertainty policies to the training labels (chexpert_targets; blank "zero" also
-    scores test blanks as negatives)."""
+    """Read the CSV(s), split them (valid_csv as given; split_from as a pairs.jsonl splits the images; else
+    by patient, seeded), drop rows whose image is missing (counted, named), and apply the label policies.
+    """
     if uncertain not in UNCERTAIN_POLICIES:
         raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
     if blank not in BLANK_POLICIES:

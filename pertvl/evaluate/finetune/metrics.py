@@ -25,9 +25,9 @@ class ClassScores:
 
 @dataclass
 class ClassificationMetrics:
-    """Single-label classification scores from one confusion matrix (rows = true, columns =
-    predicted). An undefined precision/recall/F1 (no prediction / no example of a class) is 0.0, as
-    scikit-learn's zero_division=0."""
+    """Single-label scores from one confusion matrix (rows = true, columns = predicted); an undefined
+    precision/recall/F1 is 0.0 (scikit-learn's zero_division=0).
+    """
 
     n: int
     accuracy: float
@@ -92,13 +92,8 @@ class LabelScores:
 
 def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[str],
                       blank: str = "zero") -> dict[str, LabelScores]:
-    """AUROC (pertvl.evaluate.stats.auroc) and accuracy per label over the scored test cells.
-
-    Args:
-        probs: [N, L] predicted probabilities.
-        values: [N, L] test label values (1, 0, -1 uncertain, nan blank): 1/0 are scored, blanks as
-            negatives under blank "zero" (excluded under "mask"), uncertain cells never.
-        blank: "zero" or "mask" (as in training; chexpert_targets).
+    """AUROC and accuracy per label of probs [N, L] against test values [N, L] (1, 0, -1 uncertain, nan
+    blank): 1/0 scored, blanks as negatives under blank "zero" (excluded under "mask"), uncertain never.
     """
     if blank not in BLANK_POLICIES:
         raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")

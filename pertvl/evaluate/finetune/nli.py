@@ -212,7 +212,8 @@ class NliResult:
         parts = [f"# NLI fine-tuning: {name}", "",
                  f"Encoder: {self.info.get('encoder')} ({self.info.get('mode')}); {selection}.", "",
                  md_table(["split", "n", "accuracy", "macro F1"],
-                          [[s, str(m.n), format_number(m.accuracy, True), format_number(m.macro_f1)] for s, m in scored])]
+                          [[s, str(m.n), format_number(m.accuracy, True), format_number(m.macro_f1)]
+                           for s, m in scored])]
         for split, m in scored:
             parts += _nli_class_tables(split, m)
         parts.append("## Data")
