@@ -13,9 +13,9 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-# The file helpers live in pertvl.files; these two names stay importable from here for older callers.
 from pertvl.files import atomic_write_text
 from pertvl.files import write_json as write_json
 
@@ -158,3 +158,9 @@ def assign_paper_split(pairs: list[Pair], n_train: int = 6000) -> None:
 def split_counts(pairs: Iterable[Pair]) -> dict[str, int]:
     c = Counter(p.split for p in pairs)
     return {s: c.get(s, 0) for s in SPLITS}
+
+
+def summary_path_for(out: str | os.PathLike) -> Path:
+    """DIR/NAME.jsonl -> DIR/NAME.summary.json."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
