@@ -481,8 +481,9 @@ def _build_pairs(reports: Iterator[_Report], *, layout: str, section: str, image
                 tally.skip("missing_image", record, f"no file {path}", level=logging.DEBUG)
                 continue
             stored = path.as_posix() if images_dir is not None else image.rel_path
-            pairs.append(Pair(image.id, report.study_id, stored, image.projection, text, split=report.split or "train",
-                              source=f"openi-{layout}", extra=dict(report.extra)))
+            pairs.append(Pair(image.id, report.study_id, stored, image.projection, text,
+                              split=report.split or "train", source=f"openi-{layout}",
+                              extra=dict(report.extra)))
     return pairs
 
 
