@@ -47,6 +47,7 @@ from pertvl.data.phantom.findings import (
     TYPE_KEYWORDS,
     Finding,
     as_findings,
+    consistent,
     severity_words,
 )
 from pertvl.data.phantom.language import MAX_WORDS, MIN_WORDS, Fact, compose_report, fact_holds
@@ -391,15 +392,8 @@ def _nearest(texts: Iterable[str], to: str, limit: int = 4) -> list[str]:
 
 
 def _consistent(fs: Sequence[Finding]) -> bool:
-    """Whether the corpus could hold these findings (pertvl.data.phantom.sample_findings' rules)."""
-    by = {f.type: f for f in fs}
-    if len(by) != len(fs):
-        return False
-    ptx, eff = by.get("pneumothorax"), by.get("pleural_effusion")
-    if ptx and eff and eff.side in (ptx.side, "bilateral"):
-        return False
-    cons, nod = by.get("consolidation"), by.get("nodule")
-    return not (cons and nod and cons.location == nod.location)
+    """Whether the corpus could hold these findings: one per type, and `consistent`."""
+    return len({f.type for f in fs}) == len(fs) and consistent(fs)
 
 
 def holds(fact: Fact, findings: Sequence[Finding]) -> bool:

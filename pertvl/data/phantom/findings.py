@@ -14,40 +14,19 @@ from typing import Any
 import numpy as np
 
 # Finding types, in the canonical order used for storage, counts and captions.
-FINDING_TYPES = (
-    "pleural_effusion",
-    "pneumothorax",
-    "consolidation",
-    "cardiomegaly",
-    "nodule",
-    "atelectasis",
-    "edema",
-)
+FINDING_TYPES = ("pleural_effusion", "pneumothorax", "consolidation", "cardiomegaly", "nodule", "atelectasis",
+                 "edema")
 
 
 # The CheXpert label each finding type sets (nodule -> Lung Lesion).
-CHEXPERT_OF_TYPE = {
-    "pleural_effusion": "Pleural Effusion",
-    "pneumothorax": "Pneumothorax",
-    "consolidation": "Consolidation",
-    "cardiomegaly": "Cardiomegaly",
-    "nodule": "Lung Lesion",
-    "atelectasis": "Atelectasis",
-    "edema": "Edema",
-}
+CHEXPERT_OF_TYPE = {"pleural_effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax",
+                    "consolidation": "Consolidation", "cardiomegaly": "Cardiomegaly", "nodule": "Lung Lesion",
+                    "atelectasis": "Atelectasis", "edema": "Edema"}
 
 
 # Labels the phantom models (1.0/0.0), in CheXpert column order. All other CheXpert columns are blank.
-MODELED_LABELS = (
-    "No Finding",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-)
+MODELED_LABELS = ("No Finding", "Cardiomegaly", "Lung Lesion", "Edema", "Consolidation", "Atelectasis",
+                  "Pneumothorax", "Pleural Effusion")
 
 
 SEVERITIES = {
@@ -93,12 +72,6 @@ TYPE_KEYWORDS = {
     "atelectasis": ("atelectasis",),
     "edema": ("edema",),
 }
-
-
-SIDE_WORDS = {"left": ("left",), "right": ("right",), "bilateral": ("bilateral", "bilaterally", "both")}
-
-
-NEGATION_WORDS = ("no", "not", "without", "negative")
 
 
 # Surface words of each severity (consolidation: radiologists' extent words; cardiomegaly: adverbs too).
@@ -186,6 +159,17 @@ def as_findings(findings: Iterable[Finding | dict[str, Any]]) -> list[Finding]:
     return sorted(out, key=lambda f: FINDING_TYPES.index(f.type))
 
 
+def consistent(findings: Sequence[Finding]) -> bool:
+    """Whether the sampler could draw these findings: no effusion on the side of a pneumothorax, no
+    nodule in the consolidated lobe (one finding per type is as_findings' rule)."""
+    by = {f.type: f for f in findings}
+    ptx, eff = by.get("pneumothorax"), by.get("pleural_effusion")
+    if ptx and eff and eff.side in (ptx.side, "bilateral"):
+        return False
+    nod, cons = by.get("nodule"), by.get("consolidation")
+    return not (nod and cons and nod.location == cons.location)
+
+
 def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
     """The modeled CheXpert labels (1.0/0.0) of a phantom."""
     present = {CHEXPERT_OF_TYPE[f.type] for f in findings}
@@ -236,15 +220,7 @@ def _choice(rng: np.random.Generator, options: Sequence[Any], p: Sequence[float]
 
 
 def sample_findings(rng: np.random.Generator) -> list[Finding]:
-    """Draw a phantom's findings from the corpus priors (0-3 findings, ~25 % normal).
-
-    Args:
-        rng: the phantom's findings generator.
-
-    Returns:
-        Findings in canonical type order, at most one per type, mutually consistent (no effusion
-        on the side of a pneumothorax; a nodule never in the consolidated lobe).
-    """
+    """A phantom's findings drawn from the corpus priors: 0-3, in canonical order, `consistent`."""
     k = int(rng.choice(4, p=_N_FINDINGS_P))
     chosen: list[str] = []
     for _ in range(k):
