@@ -110,10 +110,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("twins", help="twin phantoms of a phantom corpus' test split: image pairs that differ "
                         "in one fact, each with its own report (for `pertvl eval twins`)",
                         description="For every test phantom and each edit (laterality, severity, finding "
-                        "identity, negation, cardiomegaly) that applies to one of its findings: the same patient "
-                        "drawn with the edited truth, and its report with the same sentences except those about "
-                        "the edited finding. Writes OUT/images, OUT/pairs.jsonl and OUT/summary.json; with "
-                        "--shards also the evaluation shards.")
+                        "identity, negation, cardiomegaly) that applies to one of its findings: the same "
+                        "patient drawn with the edited truth, and its report with the same sentences except "
+                        "those about the edited finding. Writes OUT/images, OUT/pairs.jsonl and "
+                        "OUT/summary.json; with --shards also the evaluation shards.")
     p.add_argument("--corpus", required=True, help="a `pertvl data phantom` folder (its pairs.jsonl)")
     p.add_argument("--out", required=True, help="output folder of the twin set")
     p.add_argument("--shards", help="also pack the twin set into this shard folder (split test)")
