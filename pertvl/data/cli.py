@@ -107,8 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "CheXpert CSV.gz, sectioned reports in mimic-cxr-reports.zip) under OUT/mimic-cxr-jpg")
     p.set_defaults(handler=_phantom)
 
-    p = dsub.add_parser("twins", help="twin phantoms of a phantom corpus' test split: image pairs that differ "
-                        "in one fact, each with its own report (for `pertvl eval twins`)",
+    p = dsub.add_parser("twins", help="twin phantoms of a phantom corpus' test split: image pairs that "
+                        "differ in one fact, each with its own report (for `pertvl eval twins`)",
                         description="For every test phantom and each edit (laterality, severity, finding "
                         "identity, negation, cardiomegaly) that applies to one of its findings: the same "
                         "patient drawn with the edited truth, and its report with the same sentences except "
