@@ -68,14 +68,8 @@ from pertvl.process import die_with_parent
 log = logging.getLogger(__name__)
 
 # Keys of TrainStream.skipped and TrainStream.masked.
-SKIP_REASONS = (
-    "corrupt_png",
-    "bad_json",
-    "missing_member",
-    "decode_error",
-    "truncated_shard",
-    "unreadable_shard",
-)
+SKIP_REASONS = ("corrupt_png", "bad_json", "missing_member", "decode_error", "truncated_shard",
+                "unreadable_shard")
 MASK_REASONS = ("unavailable_perturbations", "identical_perturbations")
 
 
@@ -161,14 +155,9 @@ def _remote_manifest(url: str, retries: int) -> dict:
     return man
 
 
-def resolve_source(
-    source: str | os.PathLike,
-    split: str = "train",
-    *,
-    manifest: str | os.PathLike | dict | None = None,
-    num_samples: int | None = None,
-    retries: int = 3,
-) -> ShardSource:
+def resolve_source(source: str | os.PathLike, split: str = "train", *,
+                   manifest: str | os.PathLike | dict | None = None, num_samples: int | None = None,
+                   retries: int = 3) -> ShardSource:
     """Resolve a shard source to URLs and counts.
 
     `source`: a local shard folder with manifest.json; the URL of a manifest.json (http(s) or any fsspec
@@ -225,17 +214,13 @@ def resolve_source(
                               "num_samples=)")  # fmt: skip
         num_samples = sum(c for c in counts if c is not None)
     entries_of = [named.get(_manifest_name(u, named)) or {} for u in urls]
-    return ShardSource(
-        urls=tuple(urls),
-        shard_counts=tuple(counts),
-        num_samples=int(num_samples),
-        image_size=man.get("image_size") if man else None,
-        label_names=tuple(man.get("label_names", [])) if man else (),
-        description=f"{src} [{split}]",
-        counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
-        shard_bytes=tuple(e.get("bytes") for e in entries_of),
-        shard_sha256=tuple(e.get("sha256") for e in entries_of),
-    )
+    return ShardSource(urls=tuple(urls), shard_counts=tuple(counts), num_samples=int(num_samples),
+                       image_size=man.get("image_size") if man else None,
+                       label_names=tuple(man.get("label_names", [])) if man else (),
+                       description=f"{src} [{split}]",
+                       counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
+                       shard_bytes=tuple(e.get("bytes") for e in entries_of),
+                       shard_sha256=tuple(e.get("sha256") for e in entries_of))
 
 
 def _manifest_name(url: str, named: dict) -> str | None:
@@ -293,18 +278,10 @@ def make_decoder():
                         wds.handle_extension("txt", lambda b: b.decode("utf-8"))], pre=[], post=[])
 
 
-def collate_samples(
-    samples: Sequence[Sample],
-    tokenizer,
-    *,
-    max_length: int = 128,
-    label_names: Sequence[str] = (),
-    image_size: int | None = None,
-    augment: AugmentConfig | None = None,
-    seed: int = 0,
-    epoch: int = 0,
-    pert_types: Sequence[str] = PERTURBATION_TYPES,
-) -> tuple[Batch, Counter]:
+def collate_samples(samples: Sequence[Sample], tokenizer, *, max_length: int = 128,
+                    label_names: Sequence[str] = (), image_size: int | None = None,
+                    augment: AugmentConfig | None = None, seed: int = 0, epoch: int = 0,
+                    pert_types: Sequence[str] = PERTURBATION_TYPES) -> tuple[Batch, Counter]:
     """Collate decoded samples (the stream's, or pertvl.data.shards.iter_samples') into a Batch.
 
     `tokenizer`: tokenizers/HF fast tokenizer (encode_texts) or a CachedTokenizer (its own max_length).
@@ -373,20 +350,14 @@ def collate_samples(
                     arr[i, j] = float(known[name])
         labels = torch.from_numpy(arr)
 
-    batch = Batch(
-        images=img,
-        input_ids=torch.from_numpy(enc.input_ids),
-        attention_mask=torch.from_numpy(enc.attention_mask),
-        word_ids=torch.from_numpy(enc.word_ids),
-        pert_input_ids=torch.from_numpy(np.ascontiguousarray(p_ids)),
-        pert_attention_mask=torch.from_numpy(np.ascontiguousarray(p_mask)),
-        pert_valid=torch.from_numpy(valid),
-        ids=[str(s.meta["id"]) for s in samples],
-        study_ids=[str(s.meta.get("study_id", "")) for s in samples],
-        texts=[s.meta["text"] for s in samples],
-        labels=labels,
-        pert_types=pert_types,
-    )
+    batch = Batch(images=img, input_ids=torch.from_numpy(enc.input_ids),
+                  attention_mask=torch.from_numpy(enc.attention_mask),
+                  word_ids=torch.from_numpy(enc.word_ids),
+                  pert_input_ids=torch.from_numpy(np.ascontiguousarray(p_ids)),
+                  pert_attention_mask=torch.from_numpy(np.ascontiguousarray(p_mask)),
+                  pert_valid=torch.from_numpy(valid), ids=[str(s.meta["id"]) for s in samples],
+                  study_ids=[str(s.meta.get("study_id", "")) for s in samples],
+                  texts=[s.meta["text"] for s in samples], labels=labels, pert_types=pert_types)
     return batch, counts
 
 
@@ -825,32 +796,14 @@ def check_counterfactuals(src: ShardSource, pert_types: Sequence[str], where: st
                          f"{missing} from loss.pert_types")
 
 
-def build_train_stream(
-    source: str | os.PathLike,
-    split: str = "train",
-    *,
-    tokenizer,
-    batch_size: int,
-    world_size: int = 1,
-    rank: int = 0,
-    num_workers: int = 2,
-    seed: int = 0,
-    epoch: int = 0,
-    start_batch: int = 0,
-    augment: bool | AugmentConfig = True,
-    max_length: int = 128,
-    resampled: bool = False,
-    image_size: int | None = None,
-    manifest: str | os.PathLike | dict | None = None,
-    num_samples: int | None = None,
-    shuffle_buffer: int = 1000,
-    prefetch_factor: int = 2,
-    multiprocessing_context=None,
-    download_retries: int = 3,
-    pert_types: Sequence[str] = PERTURBATION_TYPES,
-    verify: str = "off",
-    max_damaged_shards: int | None = None,
-) -> TrainStream:
+def build_train_stream(source: str | os.PathLike, split: str = "train", *, tokenizer, batch_size: int,
+                       world_size: int = 1, rank: int = 0, num_workers: int = 2, seed: int = 0,
+                       epoch: int = 0, start_batch: int = 0, augment: bool | AugmentConfig = True,
+                       max_length: int = 128, resampled: bool = False, image_size: int | None = None,
+                       manifest: str | os.PathLike | dict | None = None, num_samples: int | None = None,
+                       shuffle_buffer: int = 1000, prefetch_factor: int = 2, multiprocessing_context=None,
+                       download_retries: int = 3, pert_types: Sequence[str] = PERTURBATION_TYPES,
+                       verify: str = "off", max_damaged_shards: int | None = None) -> TrainStream:
     """Build the training stream of one rank.
 
     Args:
@@ -908,23 +861,10 @@ def build_train_stream(
     backend = backend_of(tokenizer)
     if num_workers > 0:  # tokenizers' own thread pool does not survive fork; workers parallelize instead
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    plan = _Plan(
-        source=src,
-        tokenizer=CachedTokenizer(backend, max_length),
-        batch_size=batch_size,
-        world_size=world_size,
-        rank=rank,
-        streams=streams,
-        seed=seed,
-        augment=augment or None,
-        max_length=max_length,
-        resampled=resampled,
-        image_size=image_size or src.image_size,
-        shuffle_buffer=shuffle_buffer,
-        faults=injected,
-        download_retries=download_retries,
-        pert_types=pert_types,
-        max_damaged_shards=max_damaged_shards,
-    )
+    plan = _Plan(source=src, tokenizer=CachedTokenizer(backend, max_length), batch_size=batch_size,
+                 world_size=world_size, rank=rank, streams=streams, seed=seed, augment=augment or None,
+                 max_length=max_length, resampled=resampled, image_size=image_size or src.image_size,
+                 shuffle_buffer=shuffle_buffer, faults=injected, download_retries=download_retries,
+                 pert_types=pert_types, max_damaged_shards=max_damaged_shards)
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip
