@@ -740,12 +740,8 @@ def _no_candidate_reason(cftype: str, fs: Sequence[Finding]) -> Reason:
     return Reason.NO_VALID_EDIT
 
 
-def phantom_counterfactuals(
-    report: str,
-    findings: Iterable[Finding | dict[str, Any]],
-    seed: int = 0,
-    types: Iterable[str] | None = None,
-) -> dict[str, Counterfactual | Reason]:
+def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, Any]], seed: int = 0,
+                            types: Iterable[str] | None = None) -> dict[str, Counterfactual | Reason]:
     """{type: Counterfactual or the Reason it is unavailable} of one phantom report and its true
     findings (``extra["findings"]``); `types` default to all four. ValueError when the report is not one the
     templates write or disagrees with the findings.

@@ -35,11 +35,9 @@ SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv.gz"
 LABEL_FILES = ("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-negbio.csv.gz")
 REPORTS_ZIP = "mimic-cxr-reports.zip"
-CHEXPERT_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-    "Pneumothorax", "Support Devices",
-)  # fmt: skip
+CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+                   "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
+                   "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices")  # fmt: skip
 SECTIONS = ("findings", "impression", "both", "findings-else-impression")
 _SPLIT_NAMES = {"train": "train", "validate": "val", "test": "test"}
 _FRONTAL, _LATERAL = {"PA", "AP"}, {"LATERAL", "LL"}

@@ -490,18 +490,11 @@ def _build_pairs(reports: Iterator[_Report], *, layout: str, section: str, image
 # --------------------------------------------------------------------------- API
 
 
-def ingest_openi(
-    reports: str | os.PathLike,
-    projections: str | os.PathLike | None = None,
-    fmt: str = "auto",
-    images: str | os.PathLike | None = None,
-    text_only: bool = False,
-    section: str = "findings",
-    split: str | None = None,
-    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
-    drop_deid: bool = False,
-    seed: int = 0,
-) -> IngestResult:
+def ingest_openi(reports: str | os.PathLike, projections: str | os.PathLike | None = None, fmt: str = "auto",
+                 images: str | os.PathLike | None = None, text_only: bool = False, section: str = "findings",
+                 split: str | None = None,
+                 split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+                 drop_deid: bool = False, seed: int = 0) -> IngestResult:
     """Read an Open-I release in any of its three layouts into pairs with splits assigned.
 
     Args:

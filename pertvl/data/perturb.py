@@ -70,18 +70,14 @@ ANTONYM_LEXICON_POS = frozenset({"ADJ", "VERB", "ADV", "PROPN"})
 # Negation scope: NegEx-style triggers on the cleaned words; a pre-trigger negates forward, a
 # post-trigger backward ("not"/"never" both ways).
 NEG_WINDOW = 5
-PRE_NEGATIONS = (
-    "no", "not", "nor", "neither", "never", "without", "cannot", "negative for", "free of",
-    "absence of", "no evidence of", "no sign of", "no signs of", "rule out", "resolution of",
-)
+PRE_NEGATIONS = ("no", "not", "nor", "neither", "never", "without", "cannot", "negative for", "free of",
+                 "absence of", "no evidence of", "no sign of", "no signs of", "rule out", "resolution of")
 POST_NEGATIONS = ("not", "never", "absent", "resolved", "excluded", "ruled out", "removed", "unlikely")
 # Inside a pre-trigger's scope these words carry it NEG_WINDOW words further.
 LIST_CONTINUATIONS = frozenset({"or", "nor"})
 # Clause ends; without punctuation "there is/are" starts a new clause too.
-TERMINATIONS = (
-    "but", "however", "although", "though", "whereas", "except", "aside", "apart", "otherwise",
-    "which", "yet", "there is", "there are", "there has", "there have", "there was", "there were",
-)
+TERMINATIONS = ("but", "however", "although", "though", "whereas", "except", "aside", "apart", "otherwise",
+                "which", "yet", "there is", "there are", "there has", "there have", "there was", "there were")
 # Phrases in which a table word names no finding.
 FIXED_PHRASES = ("within normal limits", "normal limits", "upper limits of normal", "upper limit of normal",
                  "upper normal", "limits of normal")
@@ -545,16 +541,9 @@ def select_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
     return tuple(t for t in PERTURBATIONS if t in wanted)
 
 
-def perturb_tagged(
-    text: str,
-    pos: Sequence[str],
-    *,
-    seed: int = 0,
-    types: Sequence[str] = PERTURBATION_TYPES,
-    lexicon: AntonymLexicon,
-    negated: Sequence[bool] | None = None,
-    fixed: Sequence[bool] | None = None,
-) -> PerturbationRecord:
+def perturb_tagged(text: str, pos: Sequence[str], *, seed: int = 0, types: Sequence[str] = PERTURBATION_TYPES,
+                   lexicon: AntonymLexicon, negated: Sequence[bool] | None = None,
+                   fixed: Sequence[bool] | None = None) -> PerturbationRecord:
     """The record of one cleaned text (words separated by single spaces) from its POS tags.
 
     `negated`/`fixed`: per word, inside a negation scope / a fixed phrase (`NegationScope` of the parsed
@@ -694,16 +683,10 @@ class Perturber:
         reference: no fast-path shortcuts (see the module docstring).
     """
 
-    def __init__(
-        self,
-        spacy_model: str = DEFAULT_SPACY_MODEL,
-        seed: int = 0,
-        types: Iterable[str] | str | None = None,
-        max_words: int | None = DEFAULT_MAX_WORDS,
-        antonyms: str = DEFAULT_ANTONYMS,
-        antonyms_path: str | Path | None = None,
-        reference: bool = False,
-    ) -> None:
+    def __init__(self, spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
+                 types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
+                 antonyms: str = DEFAULT_ANTONYMS, antonyms_path: str | Path | None = None,
+                 reference: bool = False) -> None:
         from spacy.tokens import Doc
 
         self.spacy_model = spacy_model
@@ -853,20 +836,11 @@ class PerturbSummary:
         return asdict(self)
 
 
-def perturb_pairs_file(
-    pairs: str | Path,
-    out: str | Path,
-    *,
-    perturber: Perturber | None = None,
-    spacy_model: str = DEFAULT_SPACY_MODEL,
-    seed: int = 0,
-    types: Iterable[str] | str | None = None,
-    max_words: int | None = DEFAULT_MAX_WORDS,
-    antonyms: str = DEFAULT_ANTONYMS,
-    workers: int = 1,
-    batch_size: int = 256,
-    progress: bool = False,
-) -> PerturbSummary:
+def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturber | None = None,
+                       spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
+                       types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
+                       antonyms: str = DEFAULT_ANTONYMS, workers: int = 1, batch_size: int = 256,
+                       progress: bool = False) -> PerturbSummary:
     """Write one record per distinct cleaned text of a pairs.jsonl (first-seen order) and the summary
     beside it (`summary_path_for(out)`); `perturber`, when given, decides model, seed, types, cap and rule.
     """

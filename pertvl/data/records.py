@@ -44,17 +44,9 @@ class SkipTally:
 
 # The nine perturbation types of Table I, in the paper's order. These names are used
 # everywhere: perturbations.jsonl, shard samples, batches (index k of the K axis), W&B, eval tables.
-PERTURBATION_TYPES = (
-    "shuffle_all",
-    "swap_adjacent",
-    "reverse",
-    "shuffle_within_trigrams",
-    "shuffle_trigrams",
-    "shuffle_nouns_adjectives",
-    "shuffle_all_but_nouns_adjectives",
-    "shuffle_nouns_verbs_adjectives",
-    "antonym_adjectives",
-)
+PERTURBATION_TYPES = ("shuffle_all", "swap_adjacent", "reverse", "shuffle_within_trigrams",
+                      "shuffle_trigrams", "shuffle_nouns_adjectives", "shuffle_all_but_nouns_adjectives",
+                      "shuffle_nouns_verbs_adjectives", "antonym_adjectives")
 PROJECTIONS = ("Frontal", "Lateral", "unknown")
 
 # Study-level split fractions (train, val, test). The test share matches the paper's
@@ -90,13 +82,8 @@ class Pair:
         missing = {"id", "study_id", "image", "projection", "text"} - set(known)
         if missing:
             raise ValueError(f"pair record {d.get('id', '?')!r} lacks field(s) {sorted(missing)}")
-        return cls(
-            **known,
-            split=d.get("split", "train"),
-            labels=d.get("labels"),
-            source=d.get("source", ""),
-            extra=d.get("extra", {}) or {},
-        )
+        return cls(**known, split=d.get("split", "train"), labels=d.get("labels"), source=d.get("source", ""),
+                   extra=d.get("extra", {}) or {})
 
 
 def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:
@@ -117,12 +104,8 @@ def read_pairs(path: str | os.PathLike) -> Iterator[Pair]:
                 raise ValueError(f"{path}:{lineno}: not a pair record: {e}") from e
 
 
-def assign_splits(
-    pairs: list[Pair],
-    fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = 0,
-    group: Callable[[Pair], str] | None = None,
-) -> None:
+def assign_splits(pairs: list[Pair], fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+                  seed: int = 0, group: Callable[[Pair], str] | None = None) -> None:
     """Assign whole studies (or whole `group(pair)`s, e.g. subjects) to train/val/test in place,
     deterministically from `seed`.
 

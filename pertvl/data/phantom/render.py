@@ -72,16 +72,15 @@ def _sample_patient(rng: np.random.Generator) -> _Patient:
     dome_r = y_cp_r - u(0.075, 0.105)
     dome_l = max(dome_r + u(0.01, 0.03), y_cp_l - 0.1)
     ry = u(0.19, 0.22)
-    return _Patient(
-        scale=u(0.9, 1.03), angle=math.radians(u(-4.0, 4.0)), tx=u(-0.02, 0.02), ty=u(-0.015, 0.03),
-        body_w=wf * u(0.98, 1.04), m0=0.045 * wf, lung_w=(lr, lr * u(0.93, 1.0)),
-        y_top=(y_top + u(-0.01, 0.01), y_top + u(-0.01, 0.01)), y_cp=(y_cp_r, y_cp_l), dome_top=(dome_r, dome_l),
-        ctr=u(0.40, 0.47), heart_cy=0.5 * (dome_r + dome_l) + u(0.0, 0.03), heart_ry=ry,
-        heart_shear=u(0.1, 0.3), hilum_y=(u(0.41, 0.45), u(0.39, 0.43)), med_w=u(0.055, 0.07),
-        rib_r0=u(0.085, 0.11), rib_sp=u(0.063, 0.072), rib_th=u(0.0105, 0.0135), clav_y=u(0.15, 0.19),
-        soft=u(0.36, 0.42), lo=u(-0.03, 0.03), hi=u(0.66, 0.76), gamma=u(0.85, 1.15),
-        noise=u(0.008, 0.025), mottle=u(0.01, 0.03),
-    )
+    return _Patient(scale=u(0.9, 1.03), angle=math.radians(u(-4.0, 4.0)), tx=u(-0.02, 0.02),
+                    ty=u(-0.015, 0.03), body_w=wf * u(0.98, 1.04), m0=0.045 * wf,
+                    lung_w=(lr, lr * u(0.93, 1.0)), y_top=(y_top + u(-0.01, 0.01), y_top + u(-0.01, 0.01)),
+                    y_cp=(y_cp_r, y_cp_l), dome_top=(dome_r, dome_l), ctr=u(0.40, 0.47),
+                    heart_cy=0.5 * (dome_r + dome_l) + u(0.0, 0.03), heart_ry=ry, heart_shear=u(0.1, 0.3),
+                    hilum_y=(u(0.41, 0.45), u(0.39, 0.43)), med_w=u(0.055, 0.07), rib_r0=u(0.085, 0.11),
+                    rib_sp=u(0.063, 0.072), rib_th=u(0.0105, 0.0135), clav_y=u(0.15, 0.19),
+                    soft=u(0.36, 0.42), lo=u(-0.03, 0.03), hi=u(0.66, 0.76), gamma=u(0.85, 1.15),
+                    noise=u(0.008, 0.025), mottle=u(0.01, 0.03))
 
 
 _GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -259,19 +259,10 @@ def _split_order(pairs: Iterable[Pair]) -> list[str]:
     return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
 
 
-def pack(
-    pairs_path: str | os.PathLike,
-    perturbations_path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    images_root: str | os.PathLike | None = None,
-    image_size: int = 224,
-    maxcount: int = 256,
-    workers: int = 2,
-    command: list[str] | None = None,
-    part: tuple[int, int] | None = None,
-    counterfactuals_path: str | os.PathLike | None = None,
-) -> PackResult:
+def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, out: str | os.PathLike, *,
+         images_root: str | os.PathLike | None = None, image_size: int = 224, maxcount: int = 256,
+         workers: int = 2, command: list[str] | None = None, part: tuple[int, int] | None = None,
+         counterfactuals_path: str | os.PathLike | None = None) -> PackResult:
     """Pack pairs + their perturbations into `out/{split}-NNNNNN.tar` + `out/manifest.json`.
 
     A pair joins the perturbation record whose text is clean_text(pair.text); pairs without one, or
