@@ -17,15 +17,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from pertvl.data.phantom.findings import Finding, as_findings
 
 MIN_SIZE, MAX_SIZE = 64, 2048
-
-
 PNG_COMPRESS_LEVEL = 6  # fixed so that the bytes of a PNG depend on its pixels only
-
-
 # Image x of a patient side: x = 0.5 + sign * |offset from the midline| (patient's left = image right).
 SIDE_SIGN = {"right": -1.0, "left": 1.0}
-
-
 _SIDE_INDEX = {"right": 0, "left": 1}  # index into the per-side arrays of _Patient
 
 
@@ -153,10 +147,8 @@ class _Lung:
 
 def _lung_shape(cv: _Canvas, ad: np.ndarray, ya: np.ndarray, m0: float, L: Param, y_top: Param, y_cp: Param,
                 dome_top: Param, width_px: float = 0.9) -> _Lung:
-    """A lung field as an implicit shape: rounded apex, convex lateral wall, domed base.
-
-    Hand-written rather than from a drawing library because every term must be evaluated on
-    arbitrary (rotated, scaled, shrunk) coordinate grids and stay vectorized.
+    """A lung field as an implicit shape (rounded apex, convex lateral wall, domed base), evaluated
+    vectorized on any (rotated, scaled) coordinate grid.
     """
     H = y_cp - y_top
     t = (ya - y_top) / H
@@ -181,9 +173,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
 
 
 def _vessels(cv: _Canvas, lung: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Branching, tapering vessel markings fanning out from each hilum, clipped to the lung fields.
-
-    Drawn with PIL (C-speed line rasterization) from random-walk trees; 0..1 float image.
+    """Branching, tapering vessel markings from each hilum (random-walk trees drawn with PIL), clipped
+    to the lung fields; 0..1.
     """
     pt, size = cv.pt, cv.size
     img = Image.new("L", (size, size), 0)
@@ -250,10 +241,8 @@ def _pick_pixel(rng: np.random.Generator, weight: np.ndarray, thresh: float) -> 
 
 @dataclass
 class _Scene:
-    """Per-pixel layers of one phantom: the fixed anatomy plus what findings change.
-
-    `lung_eff` is how much aerated lung each pixel's ray crosses (what makes lungs dark),
-    `vessel_gain` scales the vessel markings, `extra` is density added by findings.
+    """Per-pixel layers of one phantom: the fixed anatomy plus what findings change (`lung_eff`: aerated
+    lung each ray crosses; `vessel_gain`: scale of the vessel markings; `extra`: density added).
     """
 
     cv: _Canvas
@@ -417,14 +406,9 @@ def _draw_edema(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
 
 
 # Drawn in this order (the findings generator is consumed in it).
-_DRAW = {
-    "pleural_effusion": _draw_effusion,
-    "pneumothorax": _draw_pneumothorax,
-    "consolidation": _draw_consolidation,
-    "nodule": _draw_nodule,
-    "atelectasis": _draw_atelectasis,
-    "edema": _draw_edema,
-}
+_DRAW = {"pleural_effusion": _draw_effusion, "pneumothorax": _draw_pneumothorax,
+         "consolidation": _draw_consolidation, "nodule": _draw_nodule, "atelectasis": _draw_atelectasis,
+         "edema": _draw_edema}
 
 
 @dataclass
@@ -501,23 +485,12 @@ MASK_LEVEL = 0.5  # a pixel belongs to a finding where its drawn layer reaches h
 
 def finding_masks(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator
                   ) -> dict[str, np.ndarray]:
-    """Where each finding of a phantom is drawn: bool [size, size] per finding type.
+    """Where each finding of a phantom is drawn: {type: bool [size, size]}.
 
-    Called with the generator state `render_phantom` got (the same findings, size and seed), it
-    reproduces the patient and the findings' random placement exactly, from the same streams,
-    without composing the image (no bones, body, exposure or noise). A pixel is in a finding's
-    mask where the layer its drawer adds reaches MASK_LEVEL: the fluid of an effusion (inside the
-    lung fields), the air space of a pneumothorax, the consolidation's opacity, the nodule's disk,
-    atelectasis' plates (and wedge; not the lifted dome), edema's perihilar haze (not the
-    lung-wide vessel and reticular changes), and for cardiomegaly the enlarged heart.
-
-    Args:
-        findings: the phantom's findings (Finding or JSON dicts), at most one per type.
-        size: the size the phantom was rendered at (placement is chosen on that pixel grid).
-        rng: the phantom's rendering generator, in the state render_phantom received.
-
-    Returns:
-        {finding type: bool mask}, one entry per finding.
+    With the generator state `render_phantom` got (same findings and size), it reproduces the patient and
+    the findings' placement from the same streams without composing the image; a pixel is in a mask where
+    the layer the finding's drawer adds (its footprint; for cardiomegaly the enlarged heart) reaches
+    MASK_LEVEL.
     """
     prep = _prepare(findings, size, rng)
     return {t: fp >= _f32(MASK_LEVEL) for t, fp in prep.footprints.items()}
@@ -525,25 +498,13 @@ def finding_masks(findings: Sequence[Finding | dict[str, Any]], size: int, rng: 
 
 def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator,
                    finding_rngs: Mapping[str, np.random.Generator] | None = None) -> np.ndarray:
-    """Draw one PA chest radiograph phantom with the given findings.
+    """One PA chest radiograph phantom, uint8 [size, size] (0 black air, 255 white bone/fluid;
+    the patient's left on the image right).
 
-    The generator is split into independent streams (anatomy, vessels, findings, noise), so the same
-    generator state with and without a finding gives the same patient, markings and noise: the
-    difference between the two images is the finding itself. `finding_masks` with the same
-    generator state says where each finding is.
-
-    Args:
-        findings: Finding objects (or their JSON dicts), at most one per type.
-        size: image side in pixels (64..2048).
-        rng: the phantom's rendering generator.
-        finding_rngs: one generator per finding type instead of the one findings stream the
-            findings share in drawing order (the corpus' images); then each finding's placement
-            depends on its own generator only, so two images that differ in one finding draw every
-            other finding identically (the twin phantoms, pertvl.data.phantom.twins).
-
-    Returns:
-        uint8 array [size, size], 0 = black (air), 255 = white (bone/fluid); patient's left on the
-        image right.
+    `rng` is split into independent streams (anatomy, vessels, findings, noise), so the same state with
+    and without a finding differs by the finding itself. `finding_rngs` (one generator per finding type)
+    replaces the shared findings stream, so two images differing in one finding draw every other finding
+    identically (the twin phantoms).
     """
     prep = _prepare(findings, size, rng, finding_rngs)
     size = int(size)
