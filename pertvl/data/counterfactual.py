@@ -51,7 +51,7 @@ from pertvl.data.phantom.findings import (
     severity_words,
 )
 from pertvl.data.phantom.language import MAX_WORDS, MIN_WORDS, Fact, compose_report, fact_holds
-from pertvl.data.records import read_pairs, summary_path_for
+from pertvl.data.records import read_jsonl, read_pairs, summary_path_for
 from pertvl.data.text import clean_text
 from pertvl.files import atomic_write_text, write_json
 
@@ -995,13 +995,5 @@ def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: 
 
 
 def read_counterfactuals(path: str | Path) -> list[CounterfactualRecord]:
-    """The records of a counterfactuals.jsonl; a bad line raises naming the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(CounterfactualRecord.from_json(json.loads(line)))
-                except (json.JSONDecodeError, ValueError) as e:
-                    raise ValueError(f"{path}:{lineno}: {e}") from e
-    return out
+    """The records of a counterfactuals.jsonl (a bad line raises naming the file and line)."""
+    return list(read_jsonl(path, CounterfactualRecord.from_json))

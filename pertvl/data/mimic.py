@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pertvl.data.records import PROJECTIONS, SPLITS, Pair, SkipTally, split_counts, write_pairs
+from pertvl.data.records import PROJECTIONS, SPLITS, IngestResult, Pair, SkipTally, split_counts, write_pairs
 from pertvl.data.text import normalize_report
 from pertvl.files import write_json
 
@@ -52,11 +52,6 @@ SKIP_REASONS = ("no_metadata", "view_not_selected", "missing_image", "missing_re
 class MimicError(ValueError):
     """An input that cannot be ingested at all (missing file, wrong header, bad option)."""
 
-
-@dataclass
-class MimicResult:
-    pairs: list[Pair]
-    summary: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------ reports
@@ -202,7 +197,7 @@ def _projection(view: str) -> str:
 def ingest_mimic_cxr(root: str | os.PathLike, reports: str | os.PathLike | None = None, *,
                      section: str = "findings", views: Sequence[str] = ("PA", "AP"),
                      labels: str | os.PathLike | None = None, text_only: bool = False,
-                     drop_deid: bool = False) -> MimicResult:
+                     drop_deid: bool = False) -> IngestResult:
     """Join split, metadata, (labels,) images and reports into pairs (see the module docstring).
 
     `reports`: folder or zip (default: ROOT/mimic-cxr-reports.zip when present, else ROOT); `views`:
@@ -316,7 +311,7 @@ def ingest_mimic_cxr(root: str | os.PathLike, reports: str | os.PathLike | None 
     }
     if len(pairs) + sum(summary["skipped"].values()) != len(rows):  # a bug here, never the input
         raise RuntimeError(f"MIMIC-CXR counts do not reconcile: {summary}")
-    return MimicResult(pairs, summary)
+    return IngestResult(pairs, summary)
 
 
 def cli_main(args: Any) -> int:

@@ -41,6 +41,7 @@ from pertvl.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
     PROJECTIONS,
     SPLITS,
+    IngestResult,
     Pair,
     assign_paper_split,
     assign_splits,
@@ -75,13 +76,6 @@ _PROJECTION_COLUMNS = ("uid", "filename", "projection")
 class OpenIError(ValueError):
     """An input that cannot be ingested at all (wrong layout, missing file, bad option)."""
 
-
-@dataclass
-class IngestResult:
-    """What `ingest_openi` returns: the pairs (split assigned) and the summary.json content."""
-
-    pairs: list[Pair]
-    summary: dict[str, Any]
 
 
 @dataclass

@@ -38,6 +38,7 @@ import numpy as np
 from pertvl.data.records import (
     PERTURBATION_TYPES,
     atomic_write_text,
+    read_jsonl,
     read_pairs,
     summary_path_for,
     write_json,
@@ -323,15 +324,8 @@ class PerturbationRecord:
 
 
 def read_perturbations(path: str | Path) -> Iterator[PerturbationRecord]:
-    """Yield the records of a perturbations.jsonl; a bad line raises naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield PerturbationRecord.from_json(json.loads(line))
-            except (json.JSONDecodeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
+    """The records of a perturbations.jsonl (a bad line raises naming file and line)."""
+    return read_jsonl(path, PerturbationRecord.from_json)
 
 
 # --------------------------------------------------------------------------------------------

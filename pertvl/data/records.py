@@ -21,6 +21,7 @@ from pertvl.files import write_json as write_json
 
 SPLITS = ("train", "val", "test")
 
+
 @dataclass
 class SkipTally:
     """Skipped records counted by reason; the first `limit` of each reason named for summary.json.
@@ -86,22 +87,36 @@ class Pair:
                    extra=d.get("extra", {}) or {})
 
 
+@dataclass
+class IngestResult:
+    """What an ingester returns: the pairs (splits assigned) and the content of its summary.json."""
+
+    pairs: list[Pair]
+    summary: dict[str, Any]
+
+
 def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:
     lines = [json.dumps(p.to_json(), ensure_ascii=False) for p in pairs]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
-def read_pairs(path: str | os.PathLike) -> Iterator[Pair]:
-    """Yield the pairs of a pairs.jsonl; a bad line raises naming the file and line number."""
+def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], Any], what: str = "") -> Iterator[Any]:
+    """`parse` of every non-blank line of a JSONL file; a bad line raises a ValueError naming the file
+    and line (after `what`, e.g. "not a pair record: ")."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield Pair.from_json(json.loads(line))
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a pair record: {e}") from e
+                yield parse(json.loads(line))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: {what}{e}") from e
+
+
+def read_pairs(path: str | os.PathLike) -> Iterator[Pair]:
+    """The pairs of a pairs.jsonl (a bad line raises naming the file and line)."""
+    return read_jsonl(path, Pair.from_json, "not a pair record: ")
 
 
 def assign_splits(pairs: list[Pair], fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,

@@ -21,7 +21,6 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from pertvl.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
     PROJECTIONS,
     SPLITS,
+    IngestResult,
     Pair,
     SkipTally,
     assign_splits,
@@ -54,11 +54,6 @@ _FRONTAL, _LATERAL = {"PA", "AP", "FRONTAL"}, {"LATERAL", "LL", "LAT"}
 class TableError(ValueError):
     """A table that cannot be ingested at all (missing file, no image/report column, bad option)."""
 
-
-@dataclass
-class TableResult:
-    pairs: list[Pair]
-    summary: dict[str, Any]
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -185,7 +180,7 @@ def _pair(row: dict[str, Any], where: str, images: Path, columns: set[str], text
 
 def ingest_table(table: str | os.PathLike, *, images: str | os.PathLike | None = None, fmt: str = "auto",
                  text_only: bool = False, fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
-                 seed: int = 0) -> TableResult:
+                 seed: int = 0) -> IngestResult:
     """Read a CSV / JSONL table of images and reports into pairs (see the module docstring);
     TableError when the table is missing, unreadable, or lacks the image/report columns.
     """
@@ -218,7 +213,7 @@ def ingest_table(table: str | os.PathLike, *, images: str | os.PathLike | None =
     summary = _summary(path, fmt, images_root, text_only, columns, group_by, len(rows), pairs, tally, seed)
     if len(pairs) + sum(summary["skipped"].values()) != len(rows):  # a bug here, never the input
         raise RuntimeError(f"table counts do not reconcile: {summary}")
-    return TableResult(pairs, summary)
+    return IngestResult(pairs, summary)
 
 
 def _summary(path: Path, fmt: str, images_root: Path, text_only: bool, columns: set[str], group_by: str,
