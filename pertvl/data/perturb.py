@@ -879,12 +879,8 @@ def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturb
         workers=workers,
         batch_size=batch_size,
     )
-    summary.seconds = {
-        "load": round(perturber.load_seconds, 3),
-        "read": round(t1 - t0, 3),
-        "perturb": round(t2 - t1, 3),
-        "total": round(time.perf_counter() - t0, 3),
-    }
+    summary.seconds = {"load": round(perturber.load_seconds, 3), "read": round(t1 - t0, 3),
+                       "perturb": round(t2 - t1, 3), "total": round(time.perf_counter() - t0, 3)}
     write_json(summary_path_for(out), summary.to_json())
     return summary
 

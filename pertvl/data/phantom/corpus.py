@@ -282,12 +282,9 @@ def _summary(pairs: Sequence[Pair], made: Sequence[_Made], seed: int, size: int,
         "label_columns_modeled": list(MODELED_LABELS),
         "chexpert_of_finding": CHEXPERT_OF_TYPE,
         "workers": workers,
-        "timings": {
-            **wall,
-            "render_cpu_s": round(sum(m.render_s for m in made), 3),
-            "write_s": round(sum(m.write_s for m in made), 3),
-            "phantoms_per_s": round(n / max(wall["total_s"], 1e-9), 1),
-        },
+        "timings": {**wall, "render_cpu_s": round(sum(m.render_s for m in made), 3),
+                    "write_s": round(sum(m.write_s for m in made), 3),
+                    "phantoms_per_s": round(n / max(wall["total_s"], 1e-9), 1)},
     }
 
 

@@ -179,16 +179,9 @@ def _encode_job(args: tuple[int, str, int]) -> tuple[int, bytes | None, str | No
 
 def _meta_bytes(job: _Job, split: str) -> bytes:
     p = job.pair
-    meta = {
-        "id": p.id,
-        "study_id": p.study_id,
-        "projection": p.projection,
-        "split": split,
-        "labels": p.labels,
-        "text": clean_text(p.text),
-        "perturbations": job.record["perturbations"],
-        "unavailable": job.record["unavailable"],
-    }
+    meta = {"id": p.id, "study_id": p.study_id, "projection": p.projection, "split": split,
+            "labels": p.labels, "text": clean_text(p.text), "perturbations": job.record["perturbations"],
+            "unavailable": job.record["unavailable"]}
     if job.counterfactual is not None:  # only with --counterfactuals: a pack without them keeps its bytes
         meta["counterfactuals"] = job.counterfactual["counterfactuals"]
         meta["cf_unavailable"] = job.counterfactual["unavailable"]
@@ -283,16 +276,10 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
     pairs_path, perturbations_path, out = Path(pairs_path), Path(perturbations_path), Path(out)
     root = Path(images_root) if images_root is not None else pairs_path.parent
     out.mkdir(parents=True, exist_ok=True)
-    inputs = {
-        "pairs": str(pairs_path.resolve()),
-        "pairs_sha256": sha256_file(pairs_path),
-        "perturbations": str(perturbations_path.resolve()),
-        "perturbations_sha256": sha256_file(perturbations_path),
-        "images_root": str(root.resolve()),
-        "image_size": image_size,
-        "maxcount": maxcount,
-        "image_encoding": SHARD_IMAGE_ENCODING,
-    }
+    inputs = {"pairs": str(pairs_path.resolve()), "pairs_sha256": sha256_file(pairs_path),
+              "perturbations": str(perturbations_path.resolve()),
+              "perturbations_sha256": sha256_file(perturbations_path), "images_root": str(root.resolve()),
+              "image_size": image_size, "maxcount": maxcount, "image_encoding": SHARD_IMAGE_ENCODING}
     cf_records: dict[str, dict] | None = None
     if counterfactuals_path is not None:
         counterfactuals_path = Path(counterfactuals_path)
