@@ -96,11 +96,6 @@ class Reason(StrEnum):
 UNAVAILABLE_REASONS = tuple(r.value for r in Reason)
 
 
-# ----------------------------------------------------------------------------------------------
-# The report grammar, read back from the templates of pertvl.data.phantom.language
-# ----------------------------------------------------------------------------------------------
-
-
 class Kind(StrEnum):
     """What a report sentence is, by the template that wrote it."""
 
@@ -312,10 +307,6 @@ def _without_noun(s: ReportSentence, t: str) -> ReportSentence | None:
     return replace(s, text=text, nouns=nouns)
 
 
-# ----------------------------------------------------------------------------------------------
-# What the generator writes: sentence banks sampled from compose_report itself
-# ----------------------------------------------------------------------------------------------
-
 _BANK_SEED = 13  # any fixed value: the banks must not depend on the caller's seed
 _BANK_DRAWS = 48
 
@@ -384,11 +375,6 @@ def _nearest(texts: Iterable[str], to: str, limit: int = 4) -> list[str]:
         ws = _WORD.findall(t.lower())
         return _edit_distance(ws, ref), -len(set(ws) & set(ref)), t
     return sorted(texts, key=key)[:limit]
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks: the report fits the counterfactual findings, and contradicts the real ones
-# ----------------------------------------------------------------------------------------------
 
 
 def _consistent(fs: Sequence[Finding]) -> bool:
@@ -466,11 +452,6 @@ def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Findin
 def _contradicted(sentences: Sequence[ReportSentence], findings: Sequence[Finding]) -> tuple[Fact, ...]:
     """The facts of the report that do not hold for these (the real) findings (`holds`)."""
     return tuple(fa for s in sentences for fa in s.facts if not holds(fa, findings))
-
-
-# ----------------------------------------------------------------------------------------------
-# Edits
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -775,10 +756,6 @@ def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, 
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Real text: laterality and negation rules on the words alone
-# ----------------------------------------------------------------------------------------------
-
 # Reviewed rules. A sentence is negated when it holds one of these cues (NegEx-style triggers).
 _TEXT_NEGATION = re.compile(r"\b(no|not|without|negative for|free of|none)\b", re.IGNORECASE)
 _SIDE_SWAP = {"left": "right", "right": "left", "left-sided": "right-sided", "right-sided": "left-sided"}
@@ -872,11 +849,6 @@ def _text_results(text: str) -> dict[str, str | Reason]:
     if not text:
         return {t: Reason.EMPTY_TEXT for t in TEXT_COUNTERFACTUAL_TYPES}
     return {"cf_laterality": _text_laterality(text), "cf_negation": _text_negation(text)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Records and the pairs.jsonl -> counterfactuals.jsonl writer
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass

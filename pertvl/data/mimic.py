@@ -53,10 +53,6 @@ class MimicError(ValueError):
     """An input that cannot be ingested at all (missing file, wrong header, bad option)."""
 
 
-
-# ------------------------------------------------------------------------------------ reports
-
-
 def split_sections(report: str) -> dict[str, str]:
     """{lower-case header: its text} of a MIMIC report (text before the first header under "");
     "FINDINGS AND IMPRESSION:" counts as both.
@@ -134,9 +130,6 @@ class _Reports:
             return None
 
 
-# ------------------------------------------------------------------------------------ tables
-
-
 def _read_csv_gz(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a (gzipped) CSV as dicts, with their line number; the header must hold `required`."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -189,9 +182,6 @@ def _pair_labels(raw: dict[str, str] | None, where: str) -> tuple[dict[str, floa
 def _projection(view: str) -> str:
     v = view.strip().upper()
     return "Frontal" if v in _FRONTAL else "Lateral" if v in _LATERAL else "unknown"
-
-
-# ------------------------------------------------------------------------------------ ingest
 
 
 def ingest_mimic_cxr(root: str | os.PathLike, reports: str | os.PathLike | None = None, *,
@@ -331,9 +321,6 @@ def cli_main(args: Any) -> int:
     log.info("mimic-cxr %s -> %s: considered=%d pairs_written=%d skipped=%s splits=%s studies=%s",
              args.root, out, s["considered"], s["pairs_written"], s["skipped"], s["splits"], s["studies"])  # fmt: skip
     return 0
-
-
-# ------------------------------------------------------------------------------------ the layout, written
 
 
 def _gz_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -77,7 +77,6 @@ class OpenIError(ValueError):
     """An input that cannot be ingested at all (wrong layout, missing file, bad option)."""
 
 
-
 @dataclass
 class _Image:
     id: str
@@ -119,9 +118,6 @@ class Tally:
         self.skip(reason, record, detail, level=level)
 
 
-# --------------------------------------------------------------------------- layout detection
-
-
 def detect_layout(reports: str | os.PathLike, fmt: str = "auto") -> tuple[str, Path]:
     """(layout, path) of `reports`: the folder holding the XML files for xml, `reports` itself
     otherwise; `fmt` "auto" detects. OpenIError, listing the accepted layouts, when it is none.
@@ -160,9 +156,6 @@ def _xml_folder(path: Path) -> Path | None:
 def _natural_key(name: str) -> list[Any]:
     """Sort 2.xml before 10.xml, so the output follows the release's numbering."""
     return [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", name)]
-
-
-# --------------------------------------------------------------------------- NLM XML
 
 
 def _xml_problem(data: bytes) -> str | None:
@@ -270,9 +263,6 @@ def _progress(items: list[Any], desc: str) -> Any:
     return tqdm(items, desc=desc, unit="file", disable=None, leave=False)
 
 
-# --------------------------------------------------------------------------- Kaggle CSV
-
-
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str], str | None]]:
     """(line number, row, problem or None) of each data row of a CSV file. Non-UTF-8 bytes make only
     their own row unreadable (surrogateescape); OpenIError when the file or its header is unusable.
@@ -368,9 +358,6 @@ def _iter_kaggle(reports: Path, projections: Path, tally: Tally) -> Iterator[_Re
     yield from by_uid.values()
 
 
-# --------------------------------------------------------------------------- R2Gen JSON
-
-
 def _load_r2gen(path: Path) -> dict[str, list[Any]]:
     """Load an R2Gen annotation; raise OpenIError naming the file if it is not one."""
     try:
@@ -430,9 +417,6 @@ def _iter_r2gen(path: Path, tally: Tally) -> Iterator[_Report]:
                           images=images, extra={"uid": m.group(1)} if m else {}, split=split)
 
 
-# --------------------------------------------------------------------------- pairs
-
-
 def _section_text(report: _Report, section: str, drop_deid: bool) -> str:
     findings = normalize_report(report.findings, drop_deid=drop_deid)
     impression = normalize_report(report.impression, drop_deid=drop_deid)
@@ -479,9 +463,6 @@ def _build_pairs(reports: Iterator[_Report], *, layout: str, section: str, image
                               split=report.split or "train", source=f"openi-{layout}",
                               extra=dict(report.extra)))
     return pairs
-
-
-# --------------------------------------------------------------------------- API
 
 
 def ingest_openi(reports: str | os.PathLike, projections: str | os.PathLike | None = None, fmt: str = "auto",

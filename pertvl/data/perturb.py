@@ -92,10 +92,6 @@ def _rng(seed: int, ptype: str, text: str) -> random.Random:
     return random.Random(int.from_bytes(digest, "big"))
 
 
-# --------------------------------------------------------------------------------------------
-# Antonym table
-
-
 @dataclass(frozen=True)
 class AntonymLexicon:
     """An antonym table: `word` tagged a POS in `pos` -> `pairs[word]`; nothing outside it is produced.
@@ -190,10 +186,6 @@ def antonym_lexicon(rule: str = DEFAULT_ANTONYMS, path: str | Path | None = None
     return ANTONYM_RULES[rule](path)
 
 
-# --------------------------------------------------------------------------------------------
-# Negation scope
-
-
 class NegationScope:
     """Which words of a Doc an antonym may not touch: negated ones and fixed phrases.
 
@@ -284,9 +276,6 @@ def window_scope(words: Sequence[str]) -> tuple[list[bool], list[bool]]:
     vocab, scope = _blank_scope()
     return scope(_words_doc(vocab, " ".join(words)))
 
-# --------------------------------------------------------------------------------------------
-# The record
-
 
 @dataclass
 class PerturbationRecord:
@@ -327,9 +316,6 @@ def read_perturbations(path: str | Path) -> Iterator[PerturbationRecord]:
     """The records of a perturbations.jsonl (a bad line raises naming file and line)."""
     return read_jsonl(path, PerturbationRecord.from_json)
 
-
-# --------------------------------------------------------------------------------------------
-# The nine rules on (words, POS tags)
 
 Result = list[str] | str  # the perturbed words, or an unavailable reason
 
@@ -411,7 +397,6 @@ def _swap_adjacent(words: list[str]) -> list[str]:
 
 def _positions(pos: Sequence[str], keep: Callable[[str], bool]) -> list[int]:
     return [i for i, p in enumerate(pos) if keep(p)]
-
 
 
 def _shuffle_classes(words: list[str], groups: list[list[int]], rng: random.Random) -> Result:
@@ -576,10 +561,6 @@ def perturb_tagged(text: str, pos: Sequence[str], *, seed: int = 0, types: Seque
             else:
                 perturbations[ptype] = perturbed
     return PerturbationRecord(text=text, perturbations=perturbations, unavailable=unavailable, seed=seed)
-
-
-# --------------------------------------------------------------------------------------------
-# The Perturber: one spaCy parse per distinct text
 
 
 @functools.lru_cache(maxsize=4)
@@ -796,10 +777,6 @@ class Perturber:
             for k, doc in zip(to_parse, parsed, strict=True):
                 docs[k] = doc
         return [Tagged(pos, *self.scope(doc)) for pos, doc in zip(tags, docs, strict=True)]
-
-
-# --------------------------------------------------------------------------------------------
-# pairs.jsonl -> perturbations.jsonl
 
 
 @dataclass

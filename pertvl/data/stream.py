@@ -81,11 +81,6 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1, nu
     return (num_samples // (batch_size * streams)) * max(1, num_workers)
 
 
-# --------------------------------------------------------------------------------------------
-# Source: folder with manifest, brace pattern, pipe: URL
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class ShardSource:
     """Where the shards of one split are and what the manifest says about them."""
@@ -263,11 +258,6 @@ def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int
     return problems
 
 
-# --------------------------------------------------------------------------------------------
-# Decoding and collation
-# --------------------------------------------------------------------------------------------
-
-
 def make_decoder():
     """webdataset's Decoder with an explicit allow-list (PNG as 8-bit grayscale, json, txt) and no
     default handlers: nothing is unpickled or torch.load-ed.
@@ -359,11 +349,6 @@ def collate_samples(samples: Sequence[Sample], tokenizer, *, max_length: int = 1
                   study_ids=[str(s.meta.get("study_id", "")) for s in samples],
                   texts=[s.meta["text"] for s in samples], labels=labels, pert_types=pert_types)
     return batch, counts
-
-
-# --------------------------------------------------------------------------------------------
-# The per-stream pipeline (runs inside a loader worker)
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -630,11 +615,6 @@ class _Workers:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-
-
-# --------------------------------------------------------------------------------------------
-# Public stream
-# --------------------------------------------------------------------------------------------
 
 
 class TrainStream:

@@ -55,7 +55,6 @@ class TableError(ValueError):
     """A table that cannot be ingested at all (missing file, no image/report column, bad option)."""
 
 
-
 def detect_format(path: Path, fmt: str = "auto") -> str:
     if fmt not in ("auto", *FORMATS):
         raise TableError(f"--format must be auto, csv or jsonl, got {fmt!r}")
