@@ -137,13 +137,10 @@ _NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nod
 _OTHERWISE = frozenset({"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
 _ADVERBS = {"mildly": "mild", "moderately": "moderate", "severely": "severe"}
 # Template phrases written for some severities only: a severity edit must keep within them.
-_SEVERITY_BOUND = {
-    ("pleural_effusion", "costophrenic"): ("small",),
-    ("pleural_effusion", "meniscus"): ("moderate", "large"),
-    ("pneumothorax", "apical"): ("small",),
-    ("edema", "perihilar"): ("severe",),
-    ("atelectasis", "hemidiaphragm"): ("moderate",),
-}
+_SEVERITY_BOUND = {("pleural_effusion", "costophrenic"): ("small",),
+                   ("pleural_effusion", "meniscus"): ("moderate", "large"),
+                   ("pneumothorax", "apical"): ("small",), ("edema", "perihilar"): ("severe",),
+                   ("atelectasis", "hemidiaphragm"): ("moderate",)}
 _LOBE = re.compile(r"\b(left|right) (?:(upper|middle|lower) (?:lobe|lung zone|lung)|lung (base))\b")
 _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
@@ -495,15 +492,13 @@ def _replace_finding(fs: Sequence[Finding], old: Finding | None, new: Finding | 
 
 
 # The "lungs are clear" wording with and without 'otherwise', closest first.
-_OTHERWISE_TWIN = {
-    "the lungs are clear": "the lungs are otherwise clear",
-    "lungs are clear bilaterally": "lungs are otherwise clear",
-    "both lungs are clear": "lungs are otherwise clear",
-    "the lungs are clear bilaterally": "the lungs are otherwise clear",
-    "the lungs are otherwise clear": "the lungs are clear",
-    "otherwise the lungs are clear": "the lungs are clear",
-    "lungs are otherwise clear": "lungs are clear bilaterally",
-}
+_OTHERWISE_TWIN = {"the lungs are clear": "the lungs are otherwise clear",
+                   "lungs are clear bilaterally": "lungs are otherwise clear",
+                   "both lungs are clear": "lungs are otherwise clear",
+                   "the lungs are clear bilaterally": "the lungs are otherwise clear",
+                   "the lungs are otherwise clear": "the lungs are clear",
+                   "otherwise the lungs are clear": "the lungs are clear",
+                   "lungs are otherwise clear": "lungs are clear bilaterally"}
 
 
 def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:

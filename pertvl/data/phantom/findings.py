@@ -29,59 +29,37 @@ MODELED_LABELS = ("No Finding", "Cardiomegaly", "Lung Lesion", "Edema", "Consoli
                   "Pneumothorax", "Pleural Effusion")
 
 
-SEVERITIES = {
-    "pleural_effusion": ("small", "moderate", "large"),
-    "pneumothorax": ("small", "moderate", "large"),
-    "consolidation": ("small", "large"),
-    "cardiomegaly": ("mild", "moderate", "severe"),
-    "nodule": ("small", "large"),
-    "atelectasis": ("mild", "moderate"),
-    "edema": ("mild", "moderate", "severe"),
-}
+SEVERITIES = {"pleural_effusion": ("small", "moderate", "large"),
+              "pneumothorax": ("small", "moderate", "large"), "consolidation": ("small", "large"),
+              "cardiomegaly": ("mild", "moderate", "severe"), "nodule": ("small", "large"),
+              "atelectasis": ("mild", "moderate"), "edema": ("mild", "moderate", "severe")}
 
 
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 
 
 # Allowed sides per type; a lobe fixes the side of consolidation and nodule.
-SIDES = {
-    "pleural_effusion": ("left", "right", "bilateral"),
-    "pneumothorax": ("left", "right"),
-    "consolidation": ("left", "right"),
-    "cardiomegaly": (None,),
-    "nodule": ("left", "right"),
-    "atelectasis": ("left", "right"),
-    "edema": ("bilateral",),
-}
+SIDES = {"pleural_effusion": ("left", "right", "bilateral"), "pneumothorax": ("left", "right"),
+         "consolidation": ("left", "right"), "cardiomegaly": (None,), "nodule": ("left", "right"),
+         "atelectasis": ("left", "right"), "edema": ("bilateral",)}
 
 
-LOCATIONS = {
-    "consolidation": LOBES,
-    "nodule": LOBES,
-    "atelectasis": ("right lower lobe", "left lower lobe"),
-}
+LOCATIONS = {"consolidation": LOBES, "nodule": LOBES, "atelectasis": ("right lower lobe", "left lower lobe")}
 
 
 # Words by which a sentence names a type, a side and a severity. The tests read reports with these.
-TYPE_KEYWORDS = {
-    "pleural_effusion": ("effusion", "effusions"),
-    "pneumothorax": ("pneumothorax",),
-    "consolidation": ("consolidation",),
-    "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"),
-    "nodule": ("nodule", "nodular"),
-    "atelectasis": ("atelectasis",),
-    "edema": ("edema",),
-}
+TYPE_KEYWORDS = {"pleural_effusion": ("effusion", "effusions"), "pneumothorax": ("pneumothorax",),
+                 "consolidation": ("consolidation",),
+                 "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"), "nodule": ("nodule", "nodular"),
+                 "atelectasis": ("atelectasis",), "edema": ("edema",)}
 
 
 # Surface words of each severity (consolidation: radiologists' extent words; cardiomegaly: adverbs too).
-SEVERITY_WORDS = {
-    ("consolidation", "small"): ("small", "focal", "patchy"),
-    ("consolidation", "large"): ("large", "dense", "extensive"),
-    ("cardiomegaly", "mild"): ("mild", "mildly"),
-    ("cardiomegaly", "moderate"): ("moderate", "moderately"),
-    ("cardiomegaly", "severe"): ("severe", "severely", "marked", "markedly"),
-}
+SEVERITY_WORDS = {("consolidation", "small"): ("small", "focal", "patchy"),
+                  ("consolidation", "large"): ("large", "dense", "extensive"),
+                  ("cardiomegaly", "mild"): ("mild", "mildly"),
+                  ("cardiomegaly", "moderate"): ("moderate", "moderately"),
+                  ("cardiomegaly", "severe"): ("severe", "severely", "marked", "markedly")}
 
 
 NLI_LABELS = ("entailment", "contradiction", "neutral")
@@ -186,16 +164,11 @@ _TYPE_WEIGHT = {"pleural_effusion": 1.0, "consolidation": 0.8, "cardiomegaly": 0
 
 
 # Co-occurrence: edema comes with cardiomegaly and (bilateral) effusions; pneumothorax rarely with edema.
-_AFFINITY = {
-    frozenset(("edema", "cardiomegaly")): 3.0,
-    frozenset(("edema", "pleural_effusion")): 2.5,
-    frozenset(("cardiomegaly", "pleural_effusion")): 1.6,
-    frozenset(("consolidation", "pleural_effusion")): 1.4,
-    frozenset(("atelectasis", "pleural_effusion")): 1.5,
-    frozenset(("pneumothorax", "edema")): 0.2,
-    frozenset(("pneumothorax", "pleural_effusion")): 0.5,
-    frozenset(("nodule", "edema")): 0.5,
-}
+_AFFINITY = {frozenset(("edema", "cardiomegaly")): 3.0, frozenset(("edema", "pleural_effusion")): 2.5,
+             frozenset(("cardiomegaly", "pleural_effusion")): 1.6,
+             frozenset(("consolidation", "pleural_effusion")): 1.4,
+             frozenset(("atelectasis", "pleural_effusion")): 1.5, frozenset(("pneumothorax", "edema")): 0.2,
+             frozenset(("pneumothorax", "pleural_effusion")): 0.5, frozenset(("nodule", "edema")): 0.5}
 
 
 def _balanced(weights: dict[str, float]) -> dict[str, float]:

@@ -178,13 +178,10 @@ def _heart_normal_sentence(rng: np.random.Generator) -> Sentence:
     return _sentence(text, [Fact("cardiomegaly", False)], ["cardiomegaly"])
 
 
-NEG_NOUNS = {
-    "pneumothorax": ("pneumothorax",),
-    "pleural_effusion": ("pleural effusion", "effusion"),
-    "consolidation": ("focal consolidation", "focal airspace consolidation", "consolidation"),
-    "edema": ("pulmonary edema", "edema"),
-    "nodule": ("suspicious pulmonary nodules", "pulmonary nodules"),
-}
+NEG_NOUNS = {"pneumothorax": ("pneumothorax",), "pleural_effusion": ("pleural effusion", "effusion"),
+             "consolidation": ("focal consolidation", "focal airspace consolidation", "consolidation"),
+             "edema": ("pulmonary edema", "edema"),
+             "nodule": ("suspicious pulmonary nodules", "pulmonary nodules")}
 
 
 def _join(nouns: Sequence[str], rng: np.random.Generator) -> str:
