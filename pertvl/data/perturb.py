@@ -836,15 +836,17 @@ def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturb
         for t, reason in r.unavailable.items():
             missing[t][reason] += 1
     cap = perturber.max_words
-    capped = 0 if cap is None else sum(1 for t in raw_texts if len(clean_text(t, max_words=None).split()) > cap)
-    summary = PerturbSummary(
-        pairs_file=str(pairs), out=str(out), pairs=len(records_in), reports=len({p.study_id for p in records_in}),
-        distinct_texts=len(by_text), empty_texts=sum(1 for t in by_text if not t),
-        non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()), capped_texts=capped,
-        perturbations={t: made.get(t, 0) for t in listed},
-        unavailable={t: dict(sorted(missing[t].items())) for t in listed}, seed=perturber.seed,
-        types=list(perturber.types), spacy_model=perturber.spacy_model, antonym_words=len(perturber.lexicon.pairs),
-        antonyms=perturber.antonyms, max_words=cap, workers=workers, batch_size=batch_size)
+    capped = 0 if cap is None else sum(len(clean_text(t, max_words=None).split()) > cap for t in raw_texts)
+    summary = PerturbSummary(pairs_file=str(pairs), out=str(out), pairs=len(records_in),
+                             reports=len({p.study_id for p in records_in}), distinct_texts=len(by_text),
+                             empty_texts=sum(1 for t in by_text if not t),
+                             non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()),
+                             capped_texts=capped, perturbations={t: made.get(t, 0) for t in listed},
+                             unavailable={t: dict(sorted(missing[t].items())) for t in listed},
+                             seed=perturber.seed, types=list(perturber.types),
+                             spacy_model=perturber.spacy_model, antonym_words=len(perturber.lexicon.pairs),
+                             antonyms=perturber.antonyms, max_words=cap, workers=workers,
+                             batch_size=batch_size)
     summary.seconds = {"load": round(perturber.load_seconds, 3), "read": round(t1 - t0, 3),
                        "perturb": round(t2 - t1, 3), "total": round(time.perf_counter() - t0, 3)}
     write_json(summary_path_for(out), summary.to_json())
