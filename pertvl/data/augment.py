@@ -78,8 +78,7 @@ def sample_params(keys: Sequence[str], *, seed: int, epoch: int, config: Augment
 def apply_augmentation(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     """Augment images [B, C, H, W] in [0, 1] with `sample_params`' B rows: contrast and brightness
     first (so the border the affine uncovers stays black), then rotation/scale/translation about the
-    image centre; the result is clamped to [0, 1].
-    """
+    image centre; the result is clamped to [0, 1]."""
     from kornia.enhance import adjust_brightness, adjust_contrast_with_mean_subtraction
     from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 

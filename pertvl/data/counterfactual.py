@@ -148,8 +148,7 @@ _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 @dataclass(frozen=True)
 class ReportSentence:
     """One parsed report sentence. `nouns`: the negated noun phrases of a NEGATION sentence or of
-    a LUNGS_CLEAR sentence's "without" clause; `frame`: the rest (to rebuild it when a noun goes).
-    """
+    a LUNGS_CLEAR sentence's "without" clause; `frame`: the rest (to rebuild it when a noun goes)."""
 
     text: str
     kind: Kind
@@ -265,8 +264,7 @@ def _parse_sentence(text: str, present: frozenset[str]) -> ReportSentence | None
 def parse_report(text: str) -> list[ReportSentence]:
     """The sentences of a phantom report and the facts each asserts (those `compose_report` attaches),
     read from the words alone; "the lungs are clear" asserts the absence of every parenchymal finding the
-    report does not state. ValueError for a sentence the templates do not write.
-    """
+    report does not state. ValueError for a sentence the templates do not write."""
     bodies = _split_sentences(text)
     present = frozenset(f.type for s in bodies if (f := _present_fact(_body(s))) is not None)
     out = []
@@ -381,8 +379,7 @@ def _consistent(fs: Sequence[Finding]) -> bool:
 
 def holds(fact: Fact, findings: Sequence[Finding]) -> bool:
     """`fact_holds`, with the severity and location of a present bilateral fact checked too (fact_holds
-    answers those by side alone, so a severity edit of edema would never count as false).
-    """
+    answers those by side alone, so a severity edit of edema would never count as false)."""
     if fact.present and fact.side == "bilateral":
         return fact_holds(fact, findings) and fact_holds(replace(fact, side=None), findings)
     return fact_holds(fact, findings)
@@ -454,8 +451,7 @@ def _contradicted(sentences: Sequence[ReportSentence], findings: Sequence[Findin
 @dataclass(frozen=True)
 class Counterfactual:
     """One counterfactual report: type, report as written and cleaned, its findings, and the facts
-    false of the phantom (never empty).
-    """
+    false of the phantom (never empty)."""
 
     type: str
     report: str
@@ -503,8 +499,7 @@ _OTHERWISE_TWIN = {"the lungs are clear": "the lungs are otherwise clear",
 
 def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:
     """Make the sentences around an edit follow the counterfactual findings (side negations, negated
-    present types, "otherwise" and the "without" clause); None when the result does not parse.
-    """
+    present types, "otherwise" and the "without" clause); None when the result does not parse."""
     present = {f.type for f in cf}
     unilateral = {(f.type, f.side) for f in cf if f.side in ("left", "right")}
     try:
@@ -720,8 +715,7 @@ def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, 
                             types: Iterable[str] | None = None) -> dict[str, Counterfactual | Reason]:
     """{type: Counterfactual or the Reason it is unavailable} of one phantom report and its true
     findings (``extra["findings"]``); `types` default to all four. ValueError when the report is not one the
-    templates write or disagrees with the findings.
-    """
+    templates write or disagrees with the findings."""
     fs = as_findings(findings)
     sents = parse_report(report)
     wrong = _contradicted(sents, fs)
@@ -922,8 +916,7 @@ class CounterfactualSummary:
 def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: int = 0) -> CounterfactualSummary:
     """Write one record per distinct cleaned report of a phantom pairs.jsonl (first-seen order) and
     the summary beside it. ValueError naming the file and pair for a pair without or with disagreeing
-    findings.
-    """
+    findings."""
     pairs = list(read_pairs(pairs_jsonl))
     findings_of: dict[str, tuple[str, str, list[Finding]]] = {}
     for p in pairs:

@@ -35,8 +35,7 @@ class ImageReadError(UserError, ValueError):
 
 def to_grayscale8(image) -> Any:
     """A PIL image as 8-bit grayscale ("L"): PIL's luma for 8-bit modes; 16/32-bit integer and
-    float images min-max scaled to 0..255 (PIL's own conversion would clip them white).
-    """
+    float images min-max scaled to 0..255 (PIL's own conversion would clip them white)."""
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
@@ -52,8 +51,7 @@ def to_grayscale8(image) -> Any:
 
 def resize_center_crop(image, size: int):
     """Resize so the shorter side is `size` (bilinear, antialiased), then center-crop size x size
-    (BioViL's Resize + CenterCrop geometry, torchvision's rounding of the offset).
-    """
+    (BioViL's Resize + CenterCrop geometry, torchvision's rounding of the offset)."""
     from PIL import Image
 
     w, h = image.size

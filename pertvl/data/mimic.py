@@ -55,8 +55,7 @@ class MimicError(ValueError):
 
 def split_sections(report: str) -> dict[str, str]:
     """{lower-case header: its text} of a MIMIC report (text before the first header under "");
-    "FINDINGS AND IMPRESSION:" counts as both.
-    """
+    "FINDINGS AND IMPRESSION:" counts as both."""
     report = report.replace("\r\n", "\n").replace("\r", "\n")
     heads = list(_HEADER.finditer(report))
     out: dict[str, str] = {}
@@ -358,8 +357,7 @@ class TreeStudy:
 def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, reports_zip: bool = False,
                      label_file: bool = True) -> Path:  # fmt: skip
     """Write `studies` in the MIMIC-CXR-JPG v2 layout under `root` (CSV.gz tables, files/ tree,
-    reports as .txt files or mimic-cxr-reports.zip); returns root.
-    """
+    reports as .txt files or mimic-cxr-reports.zip); returns root."""
     root = Path(root)
     split_rows, meta_rows, label_rows = [], [], []
     root.mkdir(parents=True, exist_ok=True)
@@ -399,8 +397,7 @@ def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike, *,
                            quality: int = 95) -> Path:  # fmt: skip
     """Rewrite a phantom corpus as a MIMIC-CXR-JPG tree (one study per phantom: a PA JPEG, its
     report as the FINDINGS section, its labels and split), which `pertvl data mimic-cxr` reads back to
-    the same texts, labels and splits.
-    """
+    the same texts, labels and splits."""
     from PIL import Image
 
     from pertvl.data.records import read_pairs

@@ -120,8 +120,7 @@ class Tally:
 
 def detect_layout(reports: str | os.PathLike, fmt: str = "auto") -> tuple[str, Path]:
     """(layout, path) of `reports`: the folder holding the XML files for xml, `reports` itself
-    otherwise; `fmt` "auto" detects. OpenIError, listing the accepted layouts, when it is none.
-    """
+    otherwise; `fmt` "auto" detects. OpenIError, listing the accepted layouts, when it is none."""
     if fmt not in ("auto", *LAYOUTS):
         raise OpenIError(f"unknown --format {fmt!r}; expected auto or one of {', '.join(LAYOUTS)}")
     path = Path(reports)
@@ -265,8 +264,7 @@ def _progress(items: list[Any], desc: str) -> Any:
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str], str | None]]:
     """(line number, row, problem or None) of each data row of a CSV file. Non-UTF-8 bytes make only
-    their own row unreadable (surrogateescape); OpenIError when the file or its header is unusable.
-    """
+    their own row unreadable (surrogateescape); OpenIError when the file or its header is unusable."""
     with _open_csv(path) as f:
         reader = csv.DictReader(f)
         header = _check_header(path, reader.fieldnames, required)

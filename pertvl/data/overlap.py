@@ -51,8 +51,7 @@ class TextOverlap:
 def text_overlap(pairs: Iterable[Pair], held_out: Iterable[str] = HELD_OUT) -> TextOverlap:
     """Per held-out split, the pairs and distinct cleaned texts (empty ones never counted) that also
     occur in the training split, and the set of those texts. ValueError for a pair with an unknown split
-    or an unknown held-out split name.
-    """
+    or an unknown held-out split name."""
     held = tuple(held_out)
     for s in held:
         if s not in SPLITS or s == "train":

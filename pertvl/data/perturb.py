@@ -116,8 +116,7 @@ def packaged_antonyms_path(name: str = "antonyms.tsv") -> Path:
 
 def _antonym_rows(path: Path, third: str) -> Iterator[tuple[int, str, str, str]]:
     """(line number, word, antonym, third column) of each non-comment line of an antonym TSV;
-    ValueError naming file:line for a line without three columns or a word that is not one clean word.
-    """
+    ValueError naming file:line for a line without three columns or a word that is not one clean word."""
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -135,8 +134,7 @@ def _antonym_rows(path: Path, third: str) -> Iterator[tuple[int, str, str, str]]
 def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
     """The reviewed table: word<TAB>antonym<TAB>attribute lines (default: the packaged antonyms.tsv),
     read symmetrically. ValueError naming file:line for a malformed line, a word paired with itself or a
-    word given two antonyms.
-    """
+    word given two antonyms."""
     path = Path(path) if path is not None else packaged_antonyms_path()
     pairs: dict[str, str] = {}
     attributes: dict[str, str] = {}
@@ -157,8 +155,7 @@ def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
 def load_paper_antonyms(path: str | Path | None = None) -> AntonymLexicon:
     """The paper's table: directed word<TAB>antonym<TAB>source lines (default: antonyms_paper.tsv),
     applied to words tagged ADJ. ValueError naming file:line for a malformed line, a word replaced by
-    itself or a word listed twice.
-    """
+    itself or a word listed twice."""
     path = Path(path) if path is not None else packaged_antonyms_path("antonyms_paper.tsv")
     pairs: dict[str, str] = {}
     sources: dict[str, str] = {}
@@ -280,8 +277,7 @@ def window_scope(words: Sequence[str]) -> tuple[list[bool], list[bool]]:
 @dataclass
 class PerturbationRecord:
     """One line of perturbations.jsonl: the cleaned original, type -> perturbed text (never equal
-    to `text`), type -> unavailable reason (one of UNAVAILABLE_REASONS), and the seed.
-    """
+    to `text`), type -> unavailable reason (one of UNAVAILABLE_REASONS), and the seed."""
 
     text: str
     perturbations: dict[str, str]
@@ -505,8 +501,7 @@ def type_label(name: str) -> str:
 
 def select_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
     """The types to generate: requested types (list or comma-separated string) validated against
-    the table, in table order; None = all nine.
-    """
+    the table, in table order; None = all nine."""
     if types is None:
         return PERTURBATION_TYPES
     if isinstance(types, str):
@@ -691,8 +686,7 @@ class Perturber:
     def analyze(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
                 progress: bool = False) -> list[Tagged]:
         """POS tags and antonym scope flags of cleaned texts, tagged in chunks of `batch_size` over
-        `workers` processes; texts with a word of the antonym table are then parsed for their scopes.
-        """
+        `workers` processes; texts with a word of the antonym table are then parsed for their scopes."""
         return self._map("_analyze_chunk", texts, batch_size, workers, progress)
 
     def tag(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
@@ -717,8 +711,7 @@ class Perturber:
 
     def _map(self, method: str, texts: Sequence[str], batch_size: int, workers: int, progress: bool) -> list[Any]:
         """`method` over chunks of `batch_size` texts, in order, here or in `workers` processes that
-        return whole records (forked on Linux, so each starts with this Perturber loaded).
-        """
+        return whole records (forked on Linux, so each starts with this Perturber loaded)."""
         if batch_size < 1 or workers < 1:
             raise ValueError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
         chunks = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
@@ -813,8 +806,7 @@ def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturb
                        antonyms: str = DEFAULT_ANTONYMS, workers: int = 1, batch_size: int = 256,
                        progress: bool = False) -> PerturbSummary:
     """Write one record per distinct cleaned text of a pairs.jsonl (first-seen order) and the summary
-    beside it (`summary_path_for(out)`); `perturber`, when given, decides model, seed, types, cap and rule.
-    """
+    beside it (`summary_path_for(out)`); `perturber`, when given, decides model, seed, types, cap and rule."""
     t0 = time.perf_counter()
     if perturber is None:
         perturber = Perturber(spacy_model=spacy_model, seed=seed, types=types, max_words=max_words,

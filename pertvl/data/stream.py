@@ -75,8 +75,7 @@ MASK_REASONS = ("unavailable_perturbations", "identical_perturbations")
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1, num_workers: int = 0) -> int:
     """Batches every rank yields per epoch: floor(N / (B R)) rounded down to a multiple of W
-    (num_workers 0 counts as one stream).
-    """
+    (num_workers 0 counts as one stream)."""
     streams = world_size * max(1, num_workers)
     return (num_samples // (batch_size * streams)) * max(1, num_workers)
 
@@ -230,8 +229,7 @@ def _manifest_name(url: str, named: dict) -> str | None:
 def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int = 0, world_size: int = 1) -> list[str]:
     """Check local shards against the manifest before training: "size", "sha256" or "off"; rank r
     checks shards r, r + world_size, ...; remote shards and shards without a manifest size are not checked.
-    Returns the problems (each logged); DamagedDataError when there are more than `max_damaged`.
-    """
+    Returns the problems (each logged); DamagedDataError when there are more than `max_damaged`."""
     if mode == "off":
         return []
     problems = []
@@ -260,8 +258,7 @@ def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int
 
 def make_decoder():
     """webdataset's Decoder with an explicit allow-list (PNG as 8-bit grayscale, json, txt) and no
-    default handlers: nothing is unpickled or torch.load-ed.
-    """
+    default handlers: nothing is unpickled or torch.load-ed."""
     import webdataset as wds
 
     return wds.Decoder([wds.imagehandler("l8", extensions=["png"]), wds.handle_extension("json", json.loads),
@@ -380,8 +377,7 @@ class _Plan:
 @dataclass
 class _WorkerReport:
     """Sent by a worker after its last batch of an epoch: its skip and mask counts. A `filler` stands
-    in for a batch the worker does not have (a resumed epoch), keeping the round-robin aligned.
-    """
+    in for a batch the worker does not have (a resumed epoch), keeping the round-robin aligned."""
 
     epoch: int = 0
     counts: dict[str, int] = field(default_factory=dict)
@@ -420,8 +416,7 @@ def _damaged(plan: _Plan, name: str, problem: str, damaged: set[str]) -> None:
 
 def _read_shard(plan: _Plan, index: int, stats: Counter, damaged: set[str]) -> Iterator[tuple]:
     """Good (raw sample, meta) of one shard; bad samples counted and logged, a damaged shard counted
-    in `damaged` or, past plan.max_damaged_shards, a DamagedDataError.
-    """
+    in `damaged` or, past plan.max_damaged_shards, a DamagedDataError."""
     import webdataset as wds
 
     url, expected = plan.source.urls[index], plan.source.shard_counts[index]
@@ -467,8 +462,7 @@ def _read_shard(plan: _Plan, index: int, stats: Counter, damaged: set[str]) -> I
 
 def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Iterator[tuple]:
     """Endless good raw samples of one stream, wrapping over its shards; RuntimeError when a whole
-    pass yields nothing.
-    """
+    pass yields nothing."""
     shards, per_pass = _shard_sequence(plan, epoch, stream)
     empty = 0
     tried: set[str] = set()
@@ -549,8 +543,7 @@ WORKER_STACKS_SIGNAL = signal.SIGUSR2
 
 class _RunDataset(torch.utils.data.IterableDataset):
     """The epochs of one rank from (epoch, start_batch) on, one worker per stream: in `epoch` worker
-    j plays stream (j + start_batch) mod W, in later epochs stream j.
-    """
+    j plays stream (j + start_batch) mod W, in later epochs stream j."""
 
     def __init__(self, plan: _Plan, epoch: int, start_batch: int, epochs: int | None):
         super().__init__()
@@ -726,8 +719,7 @@ class TrainStream:
 
 def default_worker_context() -> str | None:
     """"forkserver" where the platform has it, its server preloading this module (workers start
-    fast) and pertvl.data._forkserver (SIGTERM ignored); else None, the platform's default.
-    """
+    fast) and pertvl.data._forkserver (SIGTERM ignored); else None, the platform's default."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -739,8 +731,7 @@ def default_worker_context() -> str | None:
 
 def preflight_imports(augment: bool) -> None:
     """Import here what the loader workers import: a missing package is one clear ImportError
-    before the first step, not a worker crash mid-run.
-    """
+    before the first step, not a worker crash mid-run."""
     needed = [("webdataset", "reading shards"), ("PIL.Image", "decoding PNG"), ("tokenizers", "tokenizing")]
     if augment:
         needed.append(("kornia.geometry.transform", "augmentation (data.augment)"))
@@ -758,8 +749,7 @@ def preflight_imports(augment: bool) -> None:
 
 def check_counterfactuals(src: ShardSource, pert_types: Sequence[str], where: str) -> None:
     """ValueError naming the shards `where` when `pert_types` asks for counterfactual types their
-    manifest does not list; without a manifest nothing can be checked (missing ones are masked).
-    """
+    manifest does not list; without a manifest nothing can be checked (missing ones are masked)."""
     types = [t for t in pert_types if t not in PERTURBATION_TYPES]
     if not types or src.counterfactual_types is None:
         return

@@ -181,8 +181,7 @@ def ingest_table(table: str | os.PathLike, *, images: str | os.PathLike | None =
                  text_only: bool = False, fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
                  seed: int = 0) -> IngestResult:
     """Read a CSV / JSONL table of images and reports into pairs (see the module docstring);
-    TableError when the table is missing, unreadable, or lacks the image/report columns.
-    """
+    TableError when the table is missing, unreadable, or lacks the image/report columns."""
     path = Path(table)
     if not path.is_file():
         raise TableError(f"{path}: no such file (the table: CSV or JSONL, one row per image; docs/DATA.md)")

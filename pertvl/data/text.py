@@ -54,8 +54,7 @@ def clean_text(text: str | None, *, max_words: int | None = DEFAULT_MAX_WORDS, d
 
 def cleaning_rule(max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True) -> dict:
     """`clean_text` stated as data for the export's pertvl_export.json, steps in order (Python `re`
-    patterns; examples/ort_embed.py applies them without pertvl, the tests hold it equal to clean_text).
-    """
+    patterns; examples/ort_embed.py applies them without pertvl, the tests hold it equal to clean_text)."""
     return {
         "rule": "pertvl.data.text.clean_text",
         "max_words": max_words,

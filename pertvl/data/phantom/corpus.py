@@ -1,6 +1,5 @@
 """The corpus writer: `pertvl data phantom` (images, pairs.jsonl, labels.csv, summary.json, NLI files,
-preview), in parallel and byte-reproducible. See pertvl.data.phantom for the files and conventions.
-"""
+preview), in parallel and byte-reproducible. See pertvl.data.phantom for the files and conventions."""
 
 from __future__ import annotations
 

@@ -47,8 +47,7 @@ class PhantomTruth:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> PhantomTruth:
         """Read it from a shard sample's json (or a pair's dict with `extra`); ValueError naming what is
-        missing (not a phantom, or another generator version).
-        """
+        missing (not a phantom, or another generator version)."""
         extra = meta.get("extra") or {}
         render = extra.get("render")
         if "findings" not in extra or not isinstance(render, Mapping):
@@ -68,8 +67,7 @@ def phantom_masks(truth: PhantomTruth) -> dict[str, np.ndarray]:
 
 def region_shares(mask: np.ndarray, grid: Sequence[int]) -> np.ndarray:
     """The share of each grid cell's area inside `mask`, float [h, w] in [0, 1] (area averaging; the
-    shard image is the render resized once, so cell (r, c) covers the same part of both).
-    """
+    shard image is the render resized once, so cell (r, c) covers the same part of both)."""
     h, w = (int(g) for g in grid)
     img = Image.fromarray(np.asarray(mask, dtype=np.float32), mode="F")
     return np.clip(np.asarray(img.resize((w, h), Image.Resampling.BOX), dtype=np.float64), 0.0, 1.0)
@@ -78,8 +76,7 @@ def region_shares(mask: np.ndarray, grid: Sequence[int]) -> np.ndarray:
 def finding_words(truth: PhantomTruth, text: str) -> list[FindingWord]:
     """The words of `text` (a cleaned report) that are a keyword of a finding type (TYPE_KEYWORDS)
     inside a sentence asserting that finding present. ValueError when the re-composed report does not
-    clean to `text`.
-    """
+    clean to `text`."""
     _, _, r_text, _ = _streams(truth.seed, truth.index)
     sentences = compose_report(truth.findings, r_text)
     out: list[FindingWord] = []

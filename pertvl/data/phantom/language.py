@@ -43,8 +43,7 @@ class Fact:
 
 def fact_holds(fact: Fact, findings: Sequence[Finding]) -> bool:
     """Whether `fact` is true of these findings: a present fact when a finding of its type covers
-    its side and matches the severity and location it names; an absent one when none covers its side.
-    """
+    its side and matches the severity and location it names; an absent one when none covers its side."""
     same = [f for f in findings if f.type == fact.type]
     if fact.present:
         return any(
@@ -269,8 +268,7 @@ _MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
 def fact_sentences(fact: Fact) -> list[Sentence]:
     """Every sentence the grammar can write that asserts exactly `fact`: a fully specified present
     finding, an absent type (a normal heart for cardiomegaly), or a pleural finding absent on one side.
-    The twin reports choose among these, staying in the generator's distribution.
-    """
+    The twin reports choose among these, staying in the generator's distribution."""
     t = fact.type
     if fact.present:
         f = Finding(t, fact.severity, fact.side, fact.location)
@@ -302,8 +300,7 @@ def _unique(sentences: list[Sentence]) -> list[Sentence]:
 
 def compose_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> list[Sentence]:
     """The sentences of a report for these findings (at most one per type), with their facts, in
-    report order; MIN_WORDS..MAX_WORDS words.
-    """
+    report order; MIN_WORDS..MAX_WORDS words."""
     fs = as_findings(findings)
     for _ in range(50):
         sents = _compose_once(fs, rng)
@@ -385,8 +382,7 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
 
 def write_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> str:
     """An Open-I findings-style report of these findings ("Heart size is normal. Small left pleural
-    effusion. No pneumothorax.").
-    """
+    effusion. No pneumothorax.")."""
     return " ".join(s.text for s in compose_report(findings, rng))
 
 
@@ -413,8 +409,7 @@ _HYP_NOUN = {"pleural_effusion": "pleural effusion", "pneumothorax": "pneumothor
 
 def hypothesis_text(fact: Fact, rng: np.random.Generator, definite: bool = False) -> str:
     """A plain statement of `fact` (worded unlike the report grammar); `definite` phrases a present
-    fact about an already-mentioned finding ("The pleural effusion is large.").
-    """
+    fact about an already-mentioned finding ("The pleural effusion is large.")."""
     t, side, sev, loc = fact.type, fact.side, fact.severity, fact.location
     if fact.present and definite:
         if t == "cardiomegaly":

@@ -148,8 +148,7 @@ class _Lung:
 def _lung_shape(cv: _Canvas, ad: np.ndarray, ya: np.ndarray, m0: float, L: Param, y_top: Param, y_cp: Param,
                 dome_top: Param, width_px: float = 0.9) -> _Lung:
     """A lung field as an implicit shape (rounded apex, convex lateral wall, domed base), evaluated
-    vectorized on any (rotated, scaled) coordinate grid.
-    """
+    vectorized on any (rotated, scaled) coordinate grid."""
     H = y_cp - y_top
     t = (ya - y_top) / H
     c = m0 + _f32(0.42) * L
@@ -174,8 +173,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
 
 def _vessels(cv: _Canvas, lung: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Branching, tapering vessel markings from each hilum (random-walk trees drawn with PIL), clipped
-    to the lung fields; 0..1.
-    """
+    to the lung fields; 0..1."""
     pt, size = cv.pt, cv.size
     img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(img)
@@ -242,8 +240,7 @@ def _pick_pixel(rng: np.random.Generator, weight: np.ndarray, thresh: float) -> 
 @dataclass
 class _Scene:
     """Per-pixel layers of one phantom: the fixed anatomy plus what findings change (`lung_eff`: aerated
-    lung each ray crosses; `vessel_gain`: scale of the vessel markings; `extra`: density added).
-    """
+    lung each ray crosses; `vessel_gain`: scale of the vessel markings; `extra`: density added)."""
 
     cv: _Canvas
     lung: _Lung

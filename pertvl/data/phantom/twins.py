@@ -94,8 +94,7 @@ def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
 
 def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Finding]]], dict[str, int]]:
     """Every edit of every finding that gives a valid twin truth, with that truth, in canonical finding
-    order then EDITS order; and the skips as {"<kind>: <reason>": count}.
-    """
+    order then EDITS order; and the skips as {"<kind>: <reason>": count}."""
     out: list[tuple[Edit, list[Finding]]] = []
     skipped: dict[str, int] = {}
     for f in findings:
@@ -223,8 +222,7 @@ def _nearest(s: Sentence, candidates: Sequence[Sentence]) -> Sentence:
 def _conform(out: list[Sentence], after: Sequence[Finding], edit: Edit, replaced: int | None) -> list[Sentence]:
     """The generator's report-level rules for the twin's findings: side negations only opposite a
     one-sided effusion/pneumothorax, "otherwise clear" exactly when a non-edema finding is present, and a
-    lungs-clear sentence whenever the lungs are normal (the edited finding's sentence becomes it).
-    """
+    lungs-clear sentence whenever the lungs are normal (the edited finding's sentence becomes it)."""
     present = {f.type for f in after}
     one_sided = {(f.type, f.side) for f in after if f.type in ("pleural_effusion", "pneumothorax")}
     res: list[Sentence] = []
@@ -310,8 +308,7 @@ def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
 def generate_twins(corpus: str | os.PathLike, out: str | os.PathLike, split: str = "test") -> dict[str, Any]:
     """The twin set of a phantom corpus' `split`: OUT/images/*.png, OUT/pairs.jsonl (two records per
     twin pair, extra["twin"] holding the pair id, edit, both truths and texts, the word diff and the
-    side) and OUT/summary.json. ValueError naming the file when it holds no phantom records.
-    """
+    side) and OUT/summary.json. ValueError naming the file when it holds no phantom records."""
     corpus, out = Path(corpus), Path(out)
     pairs_path = corpus / "pairs.jsonl"
     source = [p for p in read_pairs(pairs_path) if p.split == split]

@@ -25,8 +25,7 @@ _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 def key_of(pair_id: str) -> str:
     """The WebDataset key of a pair id: every character outside [A-Za-z0-9_-] becomes "_" (webdataset
-    splits member names at the first "."); pack makes colliding keys unique (`_assign_keys`).
-    """
+    splits member names at the first "."); pack makes colliding keys unique (`_assign_keys`)."""
     key = _UNSAFE_KEY_CHARS.sub("_", pair_id)
     return key or "_"
 
@@ -42,8 +41,7 @@ def split_member_name(name: str) -> tuple[str | None, str]:
 
 def read_shards_manifest(folder: str | os.PathLike) -> dict:
     """The manifest.json of a shard folder (or the file itself): FileNotFoundError when there is
-    none (naming an interrupted pack), ValueError when it is not a pertvl-shards manifest.
-    """
+    none (naming an interrupted pack), ValueError when it is not a pertvl-shards manifest."""
     folder = Path(folder)
     if folder.is_file():
         folder, path = folder.parent, folder

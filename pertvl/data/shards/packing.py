@@ -107,8 +107,7 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> dict:
     """Write one shard atomically from (key, png bytes, json bytes) samples, with fixed member
-    metadata (webdataset's TarWriter stamps the time); returns its manifest entry.
-    """
+    metadata (webdataset's TarWriter stamps the time); returns its manifest entry."""
     with atomic_open(path, "wb", durable=True) as f:
         writer = _HashingWriter(f)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -133,8 +132,7 @@ def _join_table(path: str | os.PathLike, records, field: str) -> dict[str, dict]
 
 def perturbations_by_text(path: str | os.PathLike) -> dict[str, dict]:
     """perturbations.jsonl -> {cleaned text: {perturbations, unavailable}}, pack's join table
-    (validated by pertvl.data.perturb; two different records for one text are an error).
-    """
+    (validated by pertvl.data.perturb; two different records for one text are an error)."""
     from pertvl.data.perturb import read_perturbations  # no spaCy import at module load
 
     return _join_table(path, read_perturbations(path), "perturbations")
@@ -395,8 +393,7 @@ class _Packer:
 
     def pack_split(self, split: str, jobs: list[_Job], end: int, pool) -> None:
         """Encode the jobs of one split (pairs up to position `end`) in order, writing shard k once
-        its pairs are done.
-        """
+        its pairs are done."""
         st = self.states[split]
         args = [(j.pos, j.path, self.image_size) for j in jobs]
         results = pool.map(_encode_job, args, chunksize=8) if pool is not None else map(_encode_job, args)

@@ -1,7 +1,6 @@
 """The read side of shards: tar members grouped into samples, their integrity check, and the
 ordered reader of a split (evaluation). The training stream (pertvl.data.stream) builds on the
-same pieces.
-"""
+same pieces."""
 
 from __future__ import annotations
 
@@ -48,8 +47,7 @@ class ShardReadError(Exception):
 def iter_raw_samples(fileobj: IO[bytes], shard: str) -> Iterator[RawSample]:
     """Group the members of one tar stream into samples, keeping only ALLOWED_MEMBERS (the others
     are skipped unread). Hand-written over `tarfile` so that a truncated shard is reported with its
-    name and last key: ShardReadError once the tar is damaged, after every complete sample before it.
-    """
+    name and last key: ShardReadError once the tar is damaged, after every complete sample before it."""
     current: RawSample | None = None
     last_key: str | None = None
     try:
@@ -131,8 +129,7 @@ class Sample:
 
 def iter_samples(folder: str | os.PathLike, split: str) -> Iterator[Sample]:
     """Every sample of `split` in manifest order, no shuffle or augmentation (evaluation);
-    ValueError naming shard and key on a damaged shard or sample.
-    """
+    ValueError naming shard and key on a damaged shard or sample."""
     folder = Path(folder)
     manifest = read_shards_manifest(folder)
     info = split_info(manifest, split, str(folder / MANIFEST_NAME))

@@ -1,7 +1,6 @@
 """`pertvl data twins`: the twin phantoms of a corpus' test split (pertvl.data.phantom.twins), written
 as a folder and packed as their own evaluation shards. Twin reports carry no perturbations: every
-type is "not_requested" in their perturbations.jsonl.
-"""
+type is "not_requested" in their perturbations.jsonl."""
 
 from __future__ import annotations
 
