@@ -354,8 +354,7 @@ class TreeStudy:
     labels: dict[str, str] = field(default_factory=dict)  # CheXpert label -> "1.0" / "0.0" / "-1.0" / ""
 
 
-def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, reports_zip: bool = False,
-                     label_file: bool = True) -> Path:  # fmt: skip
+def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, reports_zip: bool = False) -> Path:
     """Write `studies` in the MIMIC-CXR-JPG v2 layout under `root` (CSV.gz tables, files/ tree,
     reports as .txt files or mimic-cxr-reports.zip); returns root."""
     root = Path(root)
@@ -388,8 +387,7 @@ def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, r
                                    "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime",
                                    "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
                                    "PatientOrientationCodeSequence_CodeMeaning"), meta_rows)  # fmt: skip
-    if label_file:
-        _gz_csv(root / LABEL_FILES[0], ("subject_id", "study_id", *CHEXPERT_LABELS), label_rows)
+    _gz_csv(root / LABEL_FILES[0], ("subject_id", "study_id", *CHEXPERT_LABELS), label_rows)
     return root
 
 

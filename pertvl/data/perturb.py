@@ -649,14 +649,13 @@ class Perturber:
         spacy_model: an installed spaCy pipeline that assigns universal POS tags (its parser, if any,
             widens the negation scopes).
         types: the types to compute (None = all nine); max_words: clean_text's word cap (0/None: none).
-        antonyms: a name of ANTONYM_RULES; antonyms_path: that rule's table (None: the packaged one).
+        antonyms: a name of ANTONYM_RULES (its packaged table).
         reference: no fast-path shortcuts (see the module docstring).
     """
 
     def __init__(self, spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
                  types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
-                 antonyms: str = DEFAULT_ANTONYMS, antonyms_path: str | Path | None = None,
-                 reference: bool = False) -> None:
+                 antonyms: str = DEFAULT_ANTONYMS, reference: bool = False) -> None:
         from spacy.tokens import Doc
 
         self.spacy_model = spacy_model
@@ -667,13 +666,12 @@ class Perturber:
         self.max_words = max_words or None
         self.reference = reference
         self._config = {"spacy_model": spacy_model, "seed": self.seed, "types": self.types,
-                        "max_words": max_words, "antonyms": antonyms, "antonyms_path": antonyms_path,
-                        "reference": reference}
+                        "max_words": max_words, "antonyms": antonyms, "reference": reference}
         t0 = time.perf_counter()
         self.nlp = load_pipeline(spacy_model)
         self.load_seconds = time.perf_counter() - t0
         self.antonyms = antonyms
-        self.lexicon = antonym_lexicon(antonyms, antonyms_path)
+        self.lexicon = antonym_lexicon(antonyms)
         self.scope = NegationScope(self.nlp.vocab)
         self._parser = self.nlp.get_pipe("parser") if "parser" in self.nlp.component_names else None
         self._pos_of = None if reference else _PosOfTag(self.nlp)

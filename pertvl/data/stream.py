@@ -627,7 +627,6 @@ class TrainStream:
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.batches_per_epoch = plan.batches_per_stream * plan.streams
-        self.samples_per_epoch = self.batches_per_epoch * plan.batch_size
         self.skipped: dict[str, int] = {}
         self.masked: dict[str, int] = {}
         self.workers_started = 0  # sets of loader workers started so far (tests, logs)
