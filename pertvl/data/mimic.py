@@ -354,7 +354,8 @@ class TreeStudy:
     labels: dict[str, str] = field(default_factory=dict)  # CheXpert label -> "1.0" / "0.0" / "-1.0" / ""
 
 
-def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, reports_zip: bool = False) -> Path:
+def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *,
+                     reports_zip: bool = False) -> Path:
     """Write `studies` in the MIMIC-CXR-JPG v2 layout under `root` (CSV.gz tables, files/ tree,
     reports as .txt files or mimic-cxr-reports.zip); returns root."""
     root = Path(root)
