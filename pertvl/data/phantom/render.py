@@ -214,8 +214,7 @@ def _band(t: np.ndarray, a: float, b: float, soft: float = 0.05) -> np.ndarray:
 
 def _lobe_zone(cv: _Canvas, lung: _Lung, lobe: str, pt: _Patient, soft: float = 0.0) -> np.ndarray:
     """Where a lobe projects on a PA film (upper zone, lower zone, or the middle lobe beside the right
-    heart border); `soft` widens the edges (an envelope for opacities).
-    """
+    heart border); `soft` widens the edges (an envelope for opacities)."""
     side, level, _ = lobe.split(" ")
     L = pt.lung_w[_SIDE_INDEX[side]]
     e = 0.05 + soft
@@ -255,8 +254,7 @@ class _Scene:
 
 def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rngs: Mapping[str, np.random.Generator]) -> _Patient:
     """Findings that change the anatomy itself: atelectasis lifts a hemidiaphragm; cardiomegaly sets a
-    cardiothoracic ratio of 0.56-0.72 (normal 0.40-0.47). `rngs`: each finding type's generator.
-    """
+    cardiothoracic ratio of 0.56-0.72 (normal 0.40-0.47). `rngs`: each finding type's generator."""
     if "atelectasis" in fs:
         rng = rngs["atelectasis"]
         f = fs["atelectasis"]
@@ -276,8 +274,7 @@ def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rngs: Mapping[str, np.
 
 def _draw_effusion(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """Dense fluid at the base climbing the lateral wall (meniscus): a small effusion blunts the
-    costophrenic angle, a large one hides the dome. Returns the fluid inside the lung fields (0..1).
-    """
+    costophrenic angle, a large one hides the dome. Returns the fluid inside the lung fields (0..1)."""
     cv, pt = s.cv, s.cv.pt
     footprint = np.zeros_like(cv.xa)
     for side in (("left", "right") if f.side == "bilateral" else (f.side,)):
@@ -297,8 +294,7 @@ def _draw_effusion(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarra
 
 def _draw_pneumothorax(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """The lung collapses toward its base and hilum; the space between is darker, without markings, and
-    the visceral pleural line shows. Returns the air space (0..1).
-    """
+    the visceral pleural line shows. Returns the air space (0..1)."""
     cv, pt = s.cv, s.cv.pt
     k = _SIDE_INDEX[f.side]
     sy = {"small": 0.85, "moderate": 0.71, "large": 0.55}[f.severity] + rng.uniform(-0.03, 0.03)
@@ -358,8 +354,7 @@ def _draw_nodule(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
 
 def _draw_atelectasis(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """Plate-like linear basal opacities (the dome was lifted in _adjust_anatomy), plus a wedge of
-    collapsed lower lobe when moderate. Returns the plates and wedge (0..1).
-    """
+    collapsed lower lobe when moderate. Returns the plates and wedge (0..1)."""
     cv, pt = s.cv, s.cv.pt
     xa, ya = cv.xa, cv.ya
     k = _SIDE_INDEX[f.side]
@@ -386,8 +381,7 @@ def _draw_atelectasis(s: _Scene, f: Finding, rng: np.random.Generator) -> np.nda
 
 def _draw_edema(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
     """Bilateral perihilar haze, prominent vessels and a reticular pattern, growing with severity.
-    Returns the perihilar haze inside the lung fields (0..1).
-    """
+    Returns the perihilar haze inside the lung fields (0..1)."""
     cv, pt = s.cv, s.cv.pt
     e = {"mild": 1, "moderate": 2, "severe": 3}[f.severity]
     amp = (0.4, 0.6, 0.8)[e - 1]
@@ -430,8 +424,7 @@ class _Prepared:
 def _prepare(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator,
              finding_rngs: Mapping[str, np.random.Generator] | None = None) -> _Prepared:
     """Everything up to the drawn findings, the generator streams consumed as render_phantom always
-    has (anatomy, vessels, findings, noise), so the image and the masks agree.
-    """
+    has (anatomy, vessels, findings, noise), so the image and the masks agree."""
     if not MIN_SIZE <= int(size) <= MAX_SIZE:
         raise ValueError(f"phantom size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
     size = int(size)
