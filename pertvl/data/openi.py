@@ -57,13 +57,10 @@ LAYOUTS = ("xml", "kaggle", "r2gen")
 SECTIONS = ("findings", "impression", "both")
 SPLIT_MODES = ("study", "paper", "given")
 PAPER_N_TRAIN = 6000  # the paper's row-order split: 6,000 train, the remaining 469 test
-ACCEPTED_LAYOUTS = (
-    "accepted layouts: xml (a folder of NLM ecgen-radiology *.xml files), "
-    "kaggle (indiana_reports.csv, with indiana_projections.csv), "
-    "r2gen (annotation.json holding train/val/test lists)"
-)
+ACCEPTED_LAYOUTS = ("accepted layouts: xml (a folder of NLM ecgen-radiology *.xml files), kaggle "
+                    "(indiana_reports.csv, with indiana_projections.csv), r2gen (annotation.json holding "
+                    "train/val/test lists)")
 REPORT_LEVEL_REASONS = ("unreadable_record", "duplicate_record", "no_images")
-IMAGE_LEVEL_REASONS = ("unreadable_image_record", "no_report", "duplicate_image", "empty_text", "missing_image")
 MAX_EXAMPLES = 20  # problem records named per reason in summary.json (all are in the log)
 
 _UID = re.compile(r"[0-9]+")
