@@ -199,8 +199,7 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
                 elif num_samples is None:
                     raise ConfigError(
                         f"{u}: no shard of split {split!r} in the manifest matches it; pass a shard folder "
-                        "with its manifest.json (--shards FOLDER; in Python, num_samples=)"
-                    )
+                        "with its manifest.json (--shards FOLDER; in Python, num_samples=)")
     if num_samples is None:
         if any(c is None for c in counts):
             raise ConfigError(f"{src}: no manifest.json beside these shards to count their samples; pass a "
@@ -409,8 +408,7 @@ def _damaged(plan: _Plan, name: str, problem: str, damaged: set[str]) -> None:
         raise DamagedDataError(
             f"shard {name} of {plan.source.description} is damaged: {problem}; re-pack it (`pertvl pack` with the "
             "same arguments rewrites what does not match the manifest), or allow up to N damaged shards with "
-            "--set data.max_damaged_shards=N"
-        )
+            "--set data.max_damaged_shards=N")
     log.warning("shard %s is damaged: %s; continuing with the next shard", name, problem)
 
 
@@ -477,8 +475,7 @@ def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Itera
         if empty >= max(per_pass, 1) * (4 if plan.resampled else 1):
             raise RuntimeError(
                 f"rank {plan.rank} stream {stream}: no usable sample in {empty} consecutive shard reads "
-                f"({sorted(tried)[:8]}...); run `pertvl shards verify` on {plan.source.description}"
-            )
+                f"({sorted(tried)[:8]}...); run `pertvl shards verify` on {plan.source.description}")
 
 
 def _decoded(items: Iterator[tuple], stats: Counter) -> Iterator[Sample]:
@@ -798,8 +795,7 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
         raise ValueError(
             f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_workers >= 0; got "
-            f"{batch_size}, {world_size}, {rank}, {num_workers}"
-        )
+            f"{batch_size}, {world_size}, {rank}, {num_workers}")
     src = resolve_source(source, split, manifest=manifest, num_samples=num_samples, retries=download_retries)
     pert_types = tuple(pert_types)
     check_counterfactuals(src, pert_types, os.fspath(source))
@@ -813,8 +809,7 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
             f"{src.description} has {len(src.urls)} shard(s), but {world_size} rank(s) x {streams} worker(s) "
             f"need at least {needed} (one per stream); re-pack with a smaller --maxcount "
             f"(at most {max(1, src.num_samples // needed)} samples per shard; now ~{per_shard}), use fewer "
-            f"workers, or resampled=True"
-        )
+            f"workers, or resampled=True")
     if src.num_samples < batch_size * needed:
         raise ValueError(
             f"{src.description} has {src.num_samples} samples, fewer than one batch of {batch_size} for each of "
