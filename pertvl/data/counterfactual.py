@@ -872,9 +872,7 @@ def counterfactual_record(report: str, findings: Iterable[Finding | dict[str, An
     return CounterfactualRecord(
         text=clean_text(report),
         counterfactuals={t: c.text for t, c in made.items() if isinstance(c, Counterfactual)},
-        unavailable={t: c.value for t, c in made.items() if isinstance(c, Reason)},
-        seed=seed,
-    )
+        unavailable={t: c.value for t, c in made.items() if isinstance(c, Reason)}, seed=seed)
 
 
 def text_counterfactual_record(text: str, seed: int = 0) -> CounterfactualRecord:
@@ -948,8 +946,7 @@ def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: 
     summary = CounterfactualSummary(
         pairs_file=str(pairs_jsonl), out=str(out_jsonl), pairs=len(pairs), distinct_texts=len(records),
         counterfactuals={t: made.get(t, 0) for t in COUNTERFACTUAL_TYPES},
-        unavailable={t: dict(sorted(missing[t].items())) for t in COUNTERFACTUAL_TYPES}, seed=seed,
-    )
+        unavailable={t: dict(sorted(missing[t].items())) for t in COUNTERFACTUAL_TYPES}, seed=seed)
     write_json(summary_path_for(out_jsonl), summary.to_json())
     return summary
 

@@ -307,9 +307,8 @@ def cli_main(args: Any) -> int:
     """`pertvl data mimic-cxr`: ingest, then write OUT/pairs.jsonl and OUT/summary.json (2 on bad input)."""
     try:
         result = ingest_mimic_cxr(
-            args.root, args.reports, section=args.section, views=args.views.split(","),
-            labels=args.labels, text_only=args.text_only, drop_deid=args.drop_deid,
-        )  # fmt: skip
+            args.root, args.reports, section=args.section, views=args.views.split(","), labels=args.labels,
+            text_only=args.text_only, drop_deid=args.drop_deid)  # fmt: skip
     except MimicError as e:
         log.error("pertvl data mimic-cxr: %s", e)
         return 2
