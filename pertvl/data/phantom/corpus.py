@@ -41,15 +41,12 @@ from pertvl.files import atomic_write_bytes, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
-
 GENERATOR_VERSION = "pertvl-phantom/1"
-
 
 CHEXPERT_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding",
                     "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
                     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                     "Pleural Other", "Fracture", "Support Devices")
-
 
 NLI_SPLIT_NAMES = {"train": "train", "val": "dev", "test": "test"}
 

@@ -17,42 +17,34 @@ import numpy as np
 FINDING_TYPES = ("pleural_effusion", "pneumothorax", "consolidation", "cardiomegaly", "nodule", "atelectasis",
                  "edema")
 
-
 # The CheXpert label each finding type sets (nodule -> Lung Lesion).
 CHEXPERT_OF_TYPE = {"pleural_effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax",
                     "consolidation": "Consolidation", "cardiomegaly": "Cardiomegaly", "nodule": "Lung Lesion",
                     "atelectasis": "Atelectasis", "edema": "Edema"}
 
-
 # Labels the phantom models (1.0/0.0), in CheXpert column order. All other CheXpert columns are blank.
 MODELED_LABELS = ("No Finding", "Cardiomegaly", "Lung Lesion", "Edema", "Consolidation", "Atelectasis",
                   "Pneumothorax", "Pleural Effusion")
-
 
 SEVERITIES = {"pleural_effusion": ("small", "moderate", "large"),
               "pneumothorax": ("small", "moderate", "large"), "consolidation": ("small", "large"),
               "cardiomegaly": ("mild", "moderate", "severe"), "nodule": ("small", "large"),
               "atelectasis": ("mild", "moderate"), "edema": ("mild", "moderate", "severe")}
 
-
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
-
 
 # Allowed sides per type; a lobe fixes the side of consolidation and nodule.
 SIDES = {"pleural_effusion": ("left", "right", "bilateral"), "pneumothorax": ("left", "right"),
          "consolidation": ("left", "right"), "cardiomegaly": (None,), "nodule": ("left", "right"),
          "atelectasis": ("left", "right"), "edema": ("bilateral",)}
 
-
 LOCATIONS = {"consolidation": LOBES, "nodule": LOBES, "atelectasis": ("right lower lobe", "left lower lobe")}
-
 
 # Words by which a sentence names a type, a side and a severity. The tests read reports with these.
 TYPE_KEYWORDS = {"pleural_effusion": ("effusion", "effusions"), "pneumothorax": ("pneumothorax",),
                  "consolidation": ("consolidation",),
                  "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"), "nodule": ("nodule", "nodular"),
                  "atelectasis": ("atelectasis",), "edema": ("edema",)}
-
 
 # Surface words of each severity (consolidation: radiologists' extent words; cardiomegaly: adverbs too).
 SEVERITY_WORDS = {("consolidation", "small"): ("small", "focal", "patchy"),
@@ -61,12 +53,9 @@ SEVERITY_WORDS = {("consolidation", "small"): ("small", "focal", "patchy"),
                   ("cardiomegaly", "moderate"): ("moderate", "moderately"),
                   ("cardiomegaly", "severe"): ("severe", "severely", "marked", "markedly")}
 
-
 NLI_LABELS = ("entailment", "contradiction", "neutral")
 
-
 PARENCHYMAL = ("consolidation", "nodule", "atelectasis", "edema")
-
 
 NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nodule")
 
@@ -158,10 +147,8 @@ def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
 
 _N_FINDINGS_P = (0.25, 0.40, 0.23, 0.12)  # 0..3 findings per image; ~25 % normal studies
 
-
 _TYPE_WEIGHT = {"pleural_effusion": 1.0, "consolidation": 0.8, "cardiomegaly": 0.75, "atelectasis": 0.6,
                 "nodule": 0.55, "pneumothorax": 0.5, "edema": 0.45}
-
 
 # Co-occurrence: edema comes with cardiomegaly and (bilateral) effusions; pneumothorax rarely with edema.
 _AFFINITY = {frozenset(("edema", "cardiomegaly")): 3.0, frozenset(("edema", "pleural_effusion")): 2.5,

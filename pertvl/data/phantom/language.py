@@ -260,7 +260,6 @@ def is_lungs_clear(sentence: Sentence) -> bool:
 _BONES = ("no acute bony abnormality", "the osseous structures are intact",
           "visualized osseous structures are unremarkable", "no acute osseous abnormality")
 
-
 _MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
                 "mediastinal contours are within normal limits")
 

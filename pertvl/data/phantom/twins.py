@@ -49,11 +49,9 @@ from pertvl.files import atomic_write_bytes, write_json
 
 EDITS = ("laterality", "severity", "finding", "negation", "cardiomegaly")
 
-
 # Finding identity: the other finding drawn in the same place.
 OTHER_FINDING = {"nodule": "consolidation", "consolidation": "nodule",
                  "pleural_effusion": "pneumothorax", "pneumothorax": "pleural_effusion"}
-
 
 _STREAM_BASE = 100  # spawn_key (i, 100 + type index): clear of the corpus' own (i, 0..3) children
 
