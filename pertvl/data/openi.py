@@ -539,13 +539,6 @@ def ingest_openi(reports: str | os.PathLike, projections: str | os.PathLike | No
 
 def _projections_path(layout: str, source: Path, projections: str | os.PathLike | None) -> Path | None:
     """The projections table to use (header checked), or None; OpenIError when it does not fit."""
-    path = _find_projections(layout, source, projections)
-    if path is not None:
-        _csv_header(path, _PROJECTION_COLUMNS)
-    return path
-
-
-def _find_projections(layout: str, source: Path, projections: str | os.PathLike | None) -> Path | None:
     if projections is not None:
         path = Path(projections)
         if layout == "r2gen":
@@ -553,14 +546,15 @@ def _find_projections(layout: str, source: Path, projections: str | os.PathLike 
                              "file names that a projections table could match)")
         if not path.is_file():
             raise OpenIError(f"--projections {path} is not a file")
-        return path
-    if layout == "kaggle":
-        beside = source.parent / "indiana_projections.csv"
-        if not beside.is_file():
+    elif layout == "kaggle":
+        path = source.parent / "indiana_projections.csv"
+        if not path.is_file():
             raise OpenIError(f"the kaggle layout needs --projections indiana_projections.csv (uid, filename, "
-                             f"projection); none given and {beside} does not exist")
-        return beside
-    return None
+                             f"projection); none given and {path} does not exist")
+    else:
+        return None
+    _csv_header(path, _PROJECTION_COLUMNS)
+    return path
 
 
 def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, split: str,
