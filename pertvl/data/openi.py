@@ -149,11 +149,6 @@ def _xml_folder(path: Path) -> Path | None:
     return None
 
 
-def _natural_key(name: str) -> list[Any]:
-    """Sort 2.xml before 10.xml, so the output follows the release's numbering."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", name)]
-
-
 def _xml_problem(data: bytes) -> str | None:
     """Why an XML file's bytes are not text in the encoding it declares (UTF-8 by default), or None."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with BOM: expat decodes it
@@ -168,10 +163,6 @@ def _xml_problem(data: bytes) -> str | None:
         return (f"not {encoding} text: byte 0x{data[e.start]:02x} at offset {e.start} "
                 f"cannot be decoded ({e.reason})")
     return None
-
-
-def _element_text(el: Any) -> str:
-    return "".join(el.itertext())
 
 
 def _read_xml_report(path: Path, projection_of: dict[str, str], tally: Tally) -> _Report | None:
@@ -206,7 +197,7 @@ def _read_xml_report(path: Path, projection_of: dict[str, str], tally: Tally) ->
     for el in root.iter("AbstractText"):
         label = (el.get("Label") or "").strip().upper()
         if label in sections:
-            sections[label].append(_element_text(el))
+            sections[label].append("".join(el.itertext()))
     images: list[_Image] = []
     for i, el in enumerate(root.iter("parentImage")):
         image_id = (el.get("id") or "").strip()
@@ -243,7 +234,9 @@ def _iter_xml(folder: Path, projections: Path | None, tally: Tally) -> Iterator[
                 projection_of[row["filename"].strip()] = _projection_name(row.get("projection"))
         log.info("projections of the XML images looked up by file name in %s (%d files)",
                  projections, len(projection_of))
-    files = sorted((f for f in folder.glob("*.xml") if f.is_file()), key=lambda f: _natural_key(f.name))
+    # 2.xml before 10.xml: the output follows the release's numbering
+    files = sorted((f for f in folder.glob("*.xml") if f.is_file()),
+                   key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", f.name)])
     for path in _progress(files, "openi xml"):
         report = _read_xml_report(path, projection_of, tally)
         if report is not None:
@@ -271,7 +264,8 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
             if None in row:
                 yield line, row, f"{len(header) + len(row[None])} fields, the header has {len(header)}"
                 continue
-            bad = next((k for k, v in row.items() if v is not None and _has_surrogate(v)), None)
+            bad = next((k for k, v in row.items()
+                        if v is not None and any("\udc80" <= ch <= "\udcff" for ch in v)), None)
             if bad is not None:
                 yield line, row, f"column {bad!r} holds bytes that are not UTF-8"
                 continue
@@ -298,10 +292,6 @@ def _csv_header(path: Path, required: tuple[str, ...]) -> list[str]:
     """The stripped header of a CSV file; OpenIError naming the file if it lacks `required`."""
     with _open_csv(path) as f:
         return _check_header(path, next(csv.reader(f), None), required)
-
-
-def _has_surrogate(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _projection_name(value: str | None) -> str:
