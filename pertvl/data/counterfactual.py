@@ -161,10 +161,6 @@ class ReportSentence:
         return _WORD.findall(self.text.lower())
 
 
-def _split_sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
-
-
 def _body(sentence: str) -> str:
     return sentence.strip().rstrip(".").lower()
 
@@ -265,7 +261,7 @@ def parse_report(text: str) -> list[ReportSentence]:
     """The sentences of a phantom report and the facts each asserts (those `compose_report` attaches),
     read from the words alone; "the lungs are clear" asserts the absence of every parenchymal finding the
     report does not state. ValueError for a sentence the templates do not write."""
-    bodies = _split_sentences(text)
+    bodies = [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
     present = frozenset(f.type for s in bodies if (f := _present_fact(_body(s))) is not None)
     out = []
     for s in bodies:
