@@ -54,17 +54,13 @@ class AugmentParams:
     contrast: torch.Tensor  # [B] factor
 
 
-def sample_seed(seed: int, epoch: int, key: str) -> int:
-    """A 64-bit seed from (seed, epoch, key); stable across processes and Python runs (unlike hash())."""
-    digest = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
 def sample_params(keys: Sequence[str], *, seed: int, epoch: int, config: AugmentConfig) -> AugmentParams:
     """Draw the augmentation of each sample from its own (seed, epoch, key) RNG."""
     rows = []
     for key in keys:
-        rng = np.random.default_rng(sample_seed(seed, epoch, key))
+        # a 64-bit seed from (seed, epoch, key), stable across processes (unlike hash())
+        digest = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}".encode(), digest_size=8).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
         u = rng.uniform(-1.0, 1.0, size=6)  # fixed draw order: angle, scale, tx, ty, brightness, contrast
         lo, hi = config.scale
         rows.append((u[0] * config.max_rotation_deg, lo + (u[1] + 1.0) / 2.0 * (hi - lo),

@@ -30,18 +30,14 @@ def normalize_report(text: str | None, *, drop_deid: bool = False) -> str:
     return _WS.sub(" ", text).strip()
 
 
-def _to_ascii(text: str) -> str:
-    if text.isascii():  # NFKC and NFKD leave ASCII as it is; most reports are ASCII
-        return text
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
-    return "".join(ch for ch in text if ord(ch) < 128 and not unicodedata.combining(ch))
-
-
 def clean_text(text: str | None, *, max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True) -> str:
     """Apply the pertvl cleaning rule (see the module docstring). Empty input gives ""."""
     if not text:
         return ""
-    text = _to_ascii(text).lower()
+    if not text.isascii():  # NFKC and NFKD leave ASCII as it is; most reports are ASCII
+        text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+        text = "".join(ch for ch in text if ord(ch) < 128 and not unicodedata.combining(ch))
+    text = text.lower()
     if drop_deid:
         text = _DEID.sub(" ", text)
     # Replace every separator with a space, keeping the ones the rule protects.

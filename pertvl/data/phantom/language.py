@@ -172,11 +172,6 @@ _HEART_NORMAL = ("heart size is normal", "the heart is normal in size", "normal 
                  "the cardiac silhouette is within normal limits", "the heart size is within normal limits")
 
 
-def _heart_normal_sentence(rng: np.random.Generator) -> Sentence:
-    text = _pick(rng, _HEART_NORMAL)
-    return _sentence(text, [Fact("cardiomegaly", False)], ["cardiomegaly"])
-
-
 NEG_NOUNS = {"pneumothorax": ("pneumothorax",), "pleural_effusion": ("pleural effusion", "effusion"),
              "consolidation": ("focal consolidation", "focal airspace consolidation", "consolidation"),
              "edema": ("pulmonary edema", "edema"),
@@ -212,12 +207,6 @@ def _side_negation_options(ftype: str, side: str) -> list[str]:
         return [f"no {side} pleural effusion", f"the {side} costophrenic angle is sharp",
                 f"there is no {side} pleural effusion"]
     return [f"no {side} pneumothorax", f"no pneumothorax on the {side}"]
-
-
-def _side_negation_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
-    """A negation of a unilateral pleural finding on the other side ('No right pleural effusion.')."""
-    other = _other(f.side)
-    return _sentence(_pick(rng, _side_negation_options(f.type, other)), [Fact(f.type, False, other)], [f.type])
 
 
 def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.random.Generator) -> Sentence:
@@ -313,7 +302,7 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
     present = {f.type for f in fs}
     by_type = {f.type: f for f in fs}
     heart = (_present_sentence(by_type["cardiomegaly"], rng) if "cardiomegaly" in present
-             else _heart_normal_sentence(rng))
+             else _sentence(_pick(rng, _HEART_NORMAL), [Fact("cardiomegaly", False)], ["cardiomegaly"]))
     findings_s = [_present_sentence(f, rng) for f in fs if f.type != "cardiomegaly"]
     order = rng.permutation(len(findings_s))
     findings_s = [findings_s[i] for i in order]
@@ -346,7 +335,9 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
         optional.append(_negation_sentence(spare[:1], rng))
     for f in fs:
         if f.type in ("pleural_effusion", "pneumothorax") and f.side != "bilateral" and rng.random() < 0.5:
-            optional.append(_side_negation_sentence(f, rng))
+            other = _other(f.side)  # "No right pleural effusion." beside a left one
+            text = _pick(rng, _side_negation_options(f.type, other))
+            optional.append(_sentence(text, [Fact(f.type, False, other)], [f.type]))
     if "atelectasis" not in present and rng.random() < 0.25:
         optional.append(_sentence(_pick(rng, ["lung volumes are normal", "normal lung volumes"]),
                                   topics=["atelectasis"]))
