@@ -908,9 +908,8 @@ class CounterfactualSummary:
 
 
 def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: int = 0) -> CounterfactualSummary:
-    """Write one record per distinct cleaned report of a phantom pairs.jsonl (first-seen order) and
-    the summary beside it. ValueError naming the file and pair for a pair without or with disagreeing
-    findings."""
+    """Write one record per distinct cleaned report of a phantom pairs.jsonl (first-seen order) and the
+    summary beside it. ValueError naming the file and pair for a pair without or with disagreeing findings."""
     pairs = list(read_pairs(pairs_jsonl))
     findings_of: dict[str, tuple[str, str, list[Finding]]] = {}
     for p in pairs:

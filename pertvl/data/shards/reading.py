@@ -1,6 +1,5 @@
-"""The read side of shards: tar members grouped into samples, their integrity check, and the
-ordered reader of a split (evaluation). The training stream (pertvl.data.stream) builds on the
-same pieces."""
+"""The read side of shards: tar members grouped into samples, their integrity check, and the ordered reader of
+a split (evaluation). The training stream (pertvl.data.stream) builds on the same pieces."""
 
 from __future__ import annotations
 
