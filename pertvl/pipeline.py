@@ -1,10 +1,7 @@
-"""A small stage runner shared by `pertvl demo` and `pertvl ablate`.
-
-A stage is complete when all its outputs exist and its stamp (the parameters it ran with)
-matches the current ones; complete stages are skipped on re-run, so an interrupted main job
-picks up where it stopped. A failing stage raises StageError naming the stage and the reason.
-Stages call the `pertvl` CLI in-process, except training, which runs under a launcher
-(torchrun) in a subprocess so that it gets real ranks.
+"""A small stage runner shared by `pertvl demo` and `pertvl ablate`: a stage whose outputs all exist
+and whose stamp (its parameters) matches is skipped, so an interrupted job picks up where it stopped;
+a failing stage raises StageError naming it. Stages call the `pertvl` CLI in-process, except training,
+which runs under torchrun in a subprocess to get real ranks.
 """
 
 from __future__ import annotations

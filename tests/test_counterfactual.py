@@ -19,6 +19,7 @@ from pertvl.data.counterfactual import (
     Counterfactual,
     Kind,
     Reason,
+    _text_results,
     counterfactual_record,
     fits_findings,
     parse_report,
@@ -26,7 +27,6 @@ from pertvl.data.counterfactual import (
     read_counterfactuals,
     summary_path_for,
     text_counterfactual_record,
-    text_counterfactuals,
     write_counterfactuals,
 )
 from pertvl.data.phantom import sample_findings
@@ -37,6 +37,11 @@ from pertvl.data.text import clean_text
 
 N_PHANTOMS = 1000
 _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
+
+
+def text_counterfactuals(text: str) -> dict[str, str]:
+    """The text counterfactuals that apply, as written (before cleaning)."""
+    return {t: r for t, r in _text_results(text).items() if not isinstance(r, Reason)}
 
 
 def _phantom(seed: int, i: int) -> tuple[list[Finding], list]:

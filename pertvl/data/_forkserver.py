@@ -1,15 +1,10 @@
 """Imported by the loader workers' forkserver process only (pertvl.data.stream.default_worker_context).
 
-The forkserver lives in the rank's process group, so SLURM's SIGTERM to the job (scancel, preemption,
-the time limit) reaches it too. Its default action would kill it, its workers would then see their
-parent gone and exit, and the rank would fail with "DataLoader worker exited unexpectedly" before
-it could checkpoint. Like the workers, the server ignores SIGTERM: the rank decides when to stop,
-and the server exits by itself when the rank closes its end of the server's pipe.
-
-That pipe does not close when the rank is SIGKILLed: every worker holds a copy of its write end
-(multiprocessing hands it to each child of the server). So the server also ends with the rank
-(pertvl.process.die_with_parent), and each worker ends with the server from the moment it is
-forked (multiprocessing's after-fork hook, before any of torch's or pertvl's worker code runs).
+SLURM's SIGTERM to the job reaches the forkserver too; dying, it would take its workers along and fail
+the rank before it could checkpoint. Like the workers, the server ignores SIGTERM (the rank decides
+when to stop). A SIGKILLed rank leaves the server's pipe open (every worker holds its write end), so
+the server also ends with the rank (die_with_parent), and each worker with the server from the moment
+it is forked (multiprocessing's after-fork hook).
 """
 
 from __future__ import annotations

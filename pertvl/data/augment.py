@@ -1,14 +1,9 @@
 """Image augmentation for chest X-ray training, deterministic per sample.
 
-Safe for radiographs: no horizontal (or vertical) flip — reports say "left" and "right", and a
-flipped image would no longer match its report (see ../shared/notes/method.md). What is applied:
-brightness/contrast jitter, then a small affine (rotation, isotropic scale, translation) with a
-black border, like the exposure and positioning differences between real acquisitions.
-
-The parameters of each sample are drawn from an RNG seeded by (seed, epoch, sample key), not from
-a global RNG, so a sample gets the same augmentation whichever worker, batch or position it lands
-in: a stream resumed mid-epoch reproduces the uninterrupted stream's pixels exactly. The
-transforms are kornia's batched ops, so they run on CPU in loader workers or on a GPU alike.
+No horizontal (or vertical) flip: reports say "left" and "right". Brightness/contrast jitter, then a
+small affine (rotation, isotropic scale, translation) with a black border. Each sample's parameters
+come from an RNG seeded by (seed, epoch, sample key), so a stream resumed mid-epoch reproduces the
+uninterrupted stream's pixels; the transforms are kornia's batched ops (CPU or GPU).
 """
 
 from __future__ import annotations
@@ -59,53 +54,33 @@ class AugmentParams:
     contrast: torch.Tensor  # [B] factor
 
 
-def sample_seed(seed: int, epoch: int, key: str) -> int:
-    """A 64-bit seed from (seed, epoch, key); stable across processes and Python runs (unlike hash())."""
-    digest = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
 def sample_params(keys: Sequence[str], *, seed: int, epoch: int, config: AugmentConfig) -> AugmentParams:
     """Draw the augmentation of each sample from its own (seed, epoch, key) RNG."""
     rows = []
     for key in keys:
-        rng = np.random.default_rng(sample_seed(seed, epoch, key))
+        # a 64-bit seed from (seed, epoch, key), stable across processes (unlike hash())
+        digest = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}".encode(), digest_size=8).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
         u = rng.uniform(-1.0, 1.0, size=6)  # fixed draw order: angle, scale, tx, ty, brightness, contrast
         lo, hi = config.scale
-        rows.append(
-            (
-                u[0] * config.max_rotation_deg,
-                lo + (u[1] + 1.0) / 2.0 * (hi - lo),
-                u[2] * config.max_translate,
-                u[3] * config.max_translate,
-                u[4] * config.brightness,
-                1.0 + u[5] * config.contrast,
-            )
-        )
+        rows.append((u[0] * config.max_rotation_deg, lo + (u[1] + 1.0) / 2.0 * (hi - lo),
+                     u[2] * config.max_translate, u[3] * config.max_translate, u[4] * config.brightness,
+                     1.0 + u[5] * config.contrast))
     t = torch.tensor(np.asarray(rows, dtype=np.float32).reshape(len(keys), 6))
-    return AugmentParams(
-        angle_deg=t[:, 0], scale=t[:, 1], translate=t[:, 2:4], brightness=t[:, 4], contrast=t[:, 5]
-    )
+    return AugmentParams(angle_deg=t[:, 0], scale=t[:, 1], translate=t[:, 2:4], brightness=t[:, 4],
+                         contrast=t[:, 5])
 
 
 def apply_augmentation(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Augment a batch of images.
-
-    Args:
-        images: [B, C, H, W] float in [0, 1].
-        params: from `sample_params` (B rows).
-
-    Returns:
-        [B, C, H, W] float in [0, 1]: contrast and brightness first (so the border the affine
-        uncovers stays black), then rotation/scale/translation about the image centre.
-    """
+    """Augment images [B, C, H, W] in [0, 1] with `sample_params`' B rows: contrast and brightness
+    first (so the border the affine uncovers stays black), then rotation/scale/translation about the
+    image centre; the result is clamped to [0, 1]."""
     from kornia.enhance import adjust_brightness, adjust_contrast_with_mean_subtraction
     from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 
     if images.ndim != 4 or images.shape[0] != params.angle_deg.shape[0]:
-        raise ValueError(
-            f"expected images [B, C, H, W] with B = {params.angle_deg.shape[0]}, got {tuple(images.shape)}"
-        )
+        raise ValueError(f"expected images [B, C, H, W] with B = {params.angle_deg.shape[0]}, "
+                         f"got {tuple(images.shape)}")
     b, _, h, w = images.shape
     dev, dt = images.device, images.dtype
     x = adjust_contrast_with_mean_subtraction(images, params.contrast.to(dev, dt))
@@ -114,7 +89,6 @@ def apply_augmentation(images: torch.Tensor, params: AugmentParams) -> torch.Ten
     shift = params.translate.to(dev, dt) * torch.tensor([w, h], device=dev, dtype=dt)
     scale = params.scale.to(dev, dt)[:, None].expand(b, 2)
     matrix = get_affine_matrix2d(shift, center, scale, params.angle_deg.to(dev, dt))
-    x = warp_affine(
-        x, matrix[:, :2, :], dsize=(h, w), mode="bilinear", padding_mode="zeros", align_corners=True
-    )
+    x = warp_affine(x, matrix[:, :2, :], dsize=(h, w), mode="bilinear", padding_mode="zeros",
+                    align_corners=True)
     return x.clamp_(0.0, 1.0)

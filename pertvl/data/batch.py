@@ -11,29 +11,16 @@ from pertvl.data.records import PERTURBATION_TYPES
 
 @dataclass
 class Batch:
-    """One training/evaluation batch of B samples with K = len(pert_types) perturbations (the nine
-    of PERTURBATION_TYPES, then the counterfactual types a run asked for with loss.pert_types).
+    """One training/evaluation batch of B samples with K = len(pert_types) perturbation columns: the nine
+    of PERTURBATION_TYPES, then any counterfactual types (cf_*) a run asked for with loss.pert_types."""
 
-    images:              [B, 1, H, W] float32, intensities in [0, 1] (grayscale; the image
-                         encoder repeats channels and normalizes itself, so export sees raw pixels)
-    input_ids:           [B, L] int64, original reports (cleaned text)
-    attention_mask:      [B, L] int64
-    word_ids:            [B, L] int64, word index of each token, -1 for [CLS]/[SEP]/pad
-    pert_input_ids:      [B, K, Lp] int64, perturbation k of sample b (order of pert_types)
-    pert_attention_mask: [B, K, Lp] int64
-    pert_valid:          [B, K] bool; False where the perturbation is unavailable or its tokens
-                         equal the original's (never a negative then)
-    pert_types:          the K column names: PERTURBATION_TYPES, then any counterfactual types
-                         (cf_*) collated from the samples' `counterfactuals`
-    """
-
-    images: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    word_ids: torch.Tensor
-    pert_input_ids: torch.Tensor
-    pert_attention_mask: torch.Tensor
-    pert_valid: torch.Tensor
+    images: torch.Tensor  # [B, 1, H, W] float32 in [0, 1]; the image encoder normalizes itself
+    input_ids: torch.Tensor  # [B, L] int64, the cleaned reports
+    attention_mask: torch.Tensor  # [B, L] int64
+    word_ids: torch.Tensor  # [B, L] int64, word index of each token, -1 for [CLS]/[SEP]/pad
+    pert_input_ids: torch.Tensor  # [B, K, Lp] int64, perturbation k of sample b
+    pert_attention_mask: torch.Tensor  # [B, K, Lp] int64
+    pert_valid: torch.Tensor  # [B, K] bool; False where unavailable or token-identical to the original
     ids: list[str] = field(default_factory=list)
     study_ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)

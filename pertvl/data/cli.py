@@ -10,29 +10,13 @@ import argparse
 from pertvl.cli import lazy_handler
 
 _openi = lazy_handler("pertvl.data.openi", "cli_main")
-
-
 _phantom = lazy_handler("pertvl.data.phantom.corpus", "cli_main")
-
-
 _mimic = lazy_handler("pertvl.data.mimic", "cli_main")
-
-
 _table = lazy_handler("pertvl.data.table", "cli_main")
-
-
 _twins = lazy_handler("pertvl.data.shards.twins", "cli_main")
-
-
 _perturb = lazy_handler("pertvl.data.perturb", "cli_main")
-
-
 _pack = lazy_handler("pertvl.data.shards.packing", "pack_cli_main")
-
-
 _verify = lazy_handler("pertvl.data.shards.verification", "verify_cli_main")
-
-
 _merge = lazy_handler("pertvl.data.shards.packing", "merge_cli_main")
 
 
@@ -52,12 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "the phantom corpus")
     dsub = data.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
 
-    p = dsub.add_parser(
-        "openi",
-        help="normalize an Open-I release (NLM XML, Kaggle CSV or R2Gen JSON) into pairs.jsonl",
-        description="Read Open-I reports in any of its three public layouts and write one "
-        "normalized pairs.jsonl + summary.json.",
-    )
+    p = dsub.add_parser("openi", help="normalize an Open-I release (NLM XML, Kaggle CSV or R2Gen JSON) into "
+                        "pairs.jsonl", description="Read Open-I reports in any of its three public layouts "
+                        "and write one normalized pairs.jsonl + summary.json.")
     p.add_argument("--reports", required=True, help="XML folder, indiana_reports.csv, or annotation.json")
     p.add_argument("--projections", help="indiana_projections.csv (Kaggle layout)")
     p.add_argument("--format", choices=["auto", "xml", "kaggle", "r2gen"], default="auto",
@@ -75,13 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
     p.set_defaults(handler=_openi)
 
-    p = dsub.add_parser(
-        "mimic-cxr",
-        help="read MIMIC-CXR-JPG (v2.0.0/v2.1.0 layout) and its reports into pairs.jsonl",
-        description="Join the official split, metadata and (optional) CheXpert/NegBio label files, the "
-        "images under files/ and the free-text reports (a folder or mimic-cxr-reports.zip, read without "
-        "unpacking) into one normalized pairs.jsonl + summary.json; the official split is kept.",
-    )
+    p = dsub.add_parser("mimic-cxr", help="read MIMIC-CXR-JPG (v2.0.0/v2.1.0 layout) and its reports into "
+                        "pairs.jsonl", description="Join the official split, metadata and (optional) "
+                        "CheXpert/NegBio label files, the images under files/ and the free-text reports (a "
+                        "folder or mimic-cxr-reports.zip, read without unpacking) into one normalized "
+                        "pairs.jsonl + summary.json; the official split is kept.")
     p.add_argument("--root", required=True, help="the MIMIC-CXR-JPG folder (mimic-cxr-2.0.0-*.csv.gz, files/)")
     p.add_argument("--reports", help="reports folder or mimic-cxr-reports.zip (default: ROOT/mimic-cxr-reports.zip, else ROOT)")
     p.add_argument("--section", choices=["findings", "impression", "both", "findings-else-impression"],
@@ -94,13 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
     p.set_defaults(handler=_mimic)
 
-    p = dsub.add_parser(
-        "csv",
-        help="your own data: a CSV or JSONL table of image paths and reports into pairs.jsonl",
-        description="Read one row per image (columns image, report; optional study, subject, split, view, id "
-        "and CheXpert label columns) into pairs.jsonl + summary.json. Rows that cannot become a pair are "
-        "skipped, counted by reason and named (file and line). Schema: docs/DATA.md.",
-    )
+    p = dsub.add_parser("csv", help="your own data: a CSV or JSONL table of image paths and reports into "
+                        "pairs.jsonl", description="Read one row per image (columns image, report; optional "
+                        "study, subject, split, view, id and CheXpert label columns) into pairs.jsonl + "
+                        "summary.json. Rows that cannot become a pair are skipped, counted by reason and "
+                        "named (file and line). Schema: docs/DATA.md.")
     p.add_argument("--table", required=True, help="the CSV (header row) or JSONL (one object per line) file")
     p.add_argument("--format", choices=["auto", "csv", "jsonl"], default="auto",
                    help="table format; auto (default) reads the suffix (.csv/.tsv or .jsonl/.ndjson)")
@@ -114,11 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
     p.set_defaults(handler=_table)
 
-    p = dsub.add_parser(
-        "phantom",
-        help="generate the synthetic chest X-ray phantom corpus (images, reports, labels)",
-        description="Synthetic chest radiograph phantoms whose pixels and report say the same thing.",
-    )
+    p = dsub.add_parser("phantom", help="generate the synthetic chest X-ray phantom corpus (images, reports, "
+                        "labels)", description="Synthetic chest radiograph phantoms whose pixels and report "
+                        "say the same thing.")
     p.add_argument("--n", type=int, default=1000, help="number of phantoms (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus (same seed, same phantoms)")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
@@ -132,26 +107,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "CheXpert CSV.gz, sectioned reports in mimic-cxr-reports.zip) under OUT/mimic-cxr-jpg")
     p.set_defaults(handler=_phantom)
 
-    p = dsub.add_parser(
-        "twins",
-        help="twin phantoms of a phantom corpus' test split: image pairs that differ in one fact, "
-        "each with its own report (for `pertvl eval twins`)",
-        description="For every test phantom and each edit (laterality, severity, finding identity, negation, "
-        "cardiomegaly) that applies to one of its findings: the same patient drawn with the edited truth, "
-        "and its report with the same sentences except those about the edited finding. Writes OUT/images, "
-        "OUT/pairs.jsonl and OUT/summary.json; with --shards also the evaluation shards.",
-    )
+    p = dsub.add_parser("twins", help="twin phantoms of a phantom corpus' test split: image pairs that "
+                        "differ in one fact, each with its own report (for `pertvl eval twins`)",
+                        description="For every test phantom and each edit (laterality, severity, finding "
+                        "identity, negation, cardiomegaly) that applies to one of its findings: the same "
+                        "patient drawn with the edited truth, and its report with the same sentences except "
+                        "those about the edited finding. Writes OUT/images, OUT/pairs.jsonl and "
+                        "OUT/summary.json; with --shards also the evaluation shards.")
     p.add_argument("--corpus", required=True, help="a `pertvl data phantom` folder (its pairs.jsonl)")
     p.add_argument("--out", required=True, help="output folder of the twin set")
     p.add_argument("--shards", help="also pack the twin set into this shard folder (split test)")
     p.add_argument("--image-size", type=int, help="side of the packed images (default: the corpus' size)")
     p.set_defaults(handler=_twins)
 
-    p = sub.add_parser(
-        "perturb",
-        help="compute the nine Table I perturbations of every report",
-        description="Parse each distinct report once with spaCy and derive the nine perturbations.",
-    )
+    p = sub.add_parser("perturb", help="compute the nine Table I perturbations of every report",
+                       description="Parse each distinct report once with spaCy and derive the nine "
+                       "perturbations.")
     p.add_argument("--pairs", help="pairs.jsonl to perturb")
     p.add_argument("--out", help="perturbations.jsonl to write (summary JSON beside it)")
     p.add_argument("--text", help="perturb one text and print its record")
@@ -171,11 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "negated words and fixed phrases (docs/PERTURBATIONS.md)")
     p.set_defaults(handler=_perturb)
 
-    p = sub.add_parser(
-        "pack",
-        help="pack pairs + perturbations into WebDataset shards",
-        description="Write shards/NAME/{split}-NNNNNN.tar and manifest.json.",
-    )
+    p = sub.add_parser("pack", help="pack pairs + perturbations into WebDataset shards",
+                       description="Write shards/NAME/{split}-NNNNNN.tar and manifest.json.")
     p.add_argument("--pairs", required=True, help="pairs.jsonl of an ingester (pertvl data ...)")
     p.add_argument("--perturbations", required=True, help="perturbations.jsonl of `pertvl perturb` for those pairs")
     p.add_argument("--counterfactuals", help="counterfactuals.jsonl (pertvl.data.counterfactual, evaluation "

@@ -1,60 +1,25 @@
 """Counterfactual reports: fluent minimal edits of a phantom report that describe another image.
 
-They are not free of text cues (a text-only n-gram classifier tells many from the original), so the
-structure test reports them beside a text prior and an empirical null; the test without text cues
-is the twin phantoms' (pertvl.data.phantom.twins).
+They are written with the report generator's own templates and words (pertvl.data.phantom.language),
+so fluency cannot tell them from real reports, and checked to be false of the phantom. They are not
+free of text cues, so the structure test reports them beside a text prior; the test without text cues
+is the twin phantoms' (pertvl.data.phantom.twins). Four types (`COUNTERFACTUAL_TYPES`): a finding moved
+to the other side, its severity moved to the far end of its scale, a present finding replaced by an
+absent one of another type, and a finding negated or a negated one asserted.
 
-A counterfactual of a phantom report is a fluent, minimally edited report that describes a
-*different* image: it is written with the report generator's own sentence templates and words
-(pertvl.data.phantom.language), so that fluency cannot tell it from a real report, and it is
-checked with `fact_holds` to be false of the phantom. Four types (`COUNTERFACTUAL_TYPES`):
+1. The report is parsed back into sentences and the `Fact`s each asserts (`parse_report`); the parse
+   must agree with the record's ``extra["findings"]``, else the record is refused with its id.
+2. An edit changes one finding into a finding set the corpus could hold. Edited sentences are word
+   substitutions where a template allows them, else a sentence drawn as the generator writes it
+   (not the nearest template: shorter counterfactuals would be a text cue); dependent sentences
+   (side negations, "otherwise clear", negation lists) follow.
+3. The edit is parsed again from its words and kept only when it fits the counterfactual findings
+   (`fits_findings`) and contradicts the phantom's own (`holds`).
 
-* ``cf_laterality`` - a finding on one side moved to the other (left <-> right in its sentence,
-  and in the "No right pleural effusion." sentence that goes with it);
-* ``cf_severity`` - a finding's severity moved to the far end of its scale, as the renderer
-  draws them (small <-> large, mild <-> severe; moderate to either end; atelectasis mild <->
-  moderate);
-* ``cf_finding`` - a present finding replaced by an absent finding of another type, with the
-  same side and (rank of) severity where the new type allows them;
-* ``cf_negation`` - a present finding negated ("Small left pleural effusion." -> "No pleural
-  effusion."), or a finding the report negates asserted ("No pneumothorax." -> "Small right
-  pneumothorax."); cardiomegaly lives in the heart sentence ("Heart size is normal." <->
-  "Heart size is mildly enlarged.").
-
-How a counterfactual is made and checked:
-
-1. The report (a pairs.jsonl ``text``) is parsed back into sentences and the `Fact`s each one
-   asserts (`parse_report`), by the grammar of the templates; the parse must agree with the
-   record's ``extra["findings"]`` (every fact holds, every finding is stated), else the record
-   is refused with its id.
-2. An edit changes one finding into a counterfactual finding set (a phantom the corpus could
-   hold: one finding per type, no effusion on the side of a pneumothorax, no nodule in the
-   consolidated lobe). Edited sentences are word substitutions in the original sentence where
-   a template allows it (sides, severity words), else a sentence of the new finding (or of the
-   absence) drawn as the report generator itself writes it (`compose_report` on that finding,
-   its template frequencies kept): not the nearest template, which would favour short ones and
-   make a counterfactual's length a text cue. The sentences that depend on the edited
-   finding follow it (the side negation of a moved or removed effusion, "the lungs are
-   *otherwise* clear", a negation list that named an asserted finding).
-3. The edited text is parsed again, from its words alone, and kept only when (a) every fact it
-   asserts holds for the counterfactual findings and it obeys the generator's report-level rules
-   (`fits_findings`: one heart sentence, "the lungs are clear" exactly when the lungs are
-   normal, no edema with clear lungs, an explicit negation whenever a negatable finding is
-   absent, 10-45 words, ...), and (b) at least one of its facts does not hold for the phantom's
-   own findings (`holds`, i.e. `fact_holds` with the severity of bilateral findings checked
-   too): it contradicts the image.
-
-Which finding and which edit is drawn from the seed (sha256 of seed|type|cleaned text), trying
-the candidates in that order until one passes; when none passes the type is unavailable with a
-reason from `UNAVAILABLE_REASONS`.
-
-For real Open-I text there is no ground truth: `text_counterfactuals` applies the laterality and
-negation rules to the words alone (see its docstring for the reviewed rules).
-
-Output (`write_counterfactuals`): counterfactuals.jsonl, one line per distinct cleaned report
-text, ``{"text", "counterfactuals": {type: text}, "unavailable": {type: reason}, "seed"}`` (all
-texts cleaned by pertvl.data.text.clean_text), plus counterfactuals.summary.json. It is kept
-apart from perturbations.jsonl; see docs/ARCHITECTURE.md and docs/PERTURBATIONS.md.
+Which finding and edit is drawn from sha256(seed|type|cleaned text); a type with no passing candidate
+is unavailable with a `Reason`. Real text has no ground truth: `text_counterfactual_record` applies
+laterality and negation rules to the words alone. Output: counterfactuals.jsonl (one
+`CounterfactualRecord` per distinct cleaned text) + counterfactuals.summary.json (docs/PERTURBATIONS.md).
 """
 
 from __future__ import annotations
@@ -82,35 +47,13 @@ from pertvl.data.phantom.findings import (
     TYPE_KEYWORDS,
     Finding,
     as_findings,
+    consistent,
     severity_words,
 )
 from pertvl.data.phantom.language import MAX_WORDS, MIN_WORDS, Fact, compose_report, fact_holds
-from pertvl.data.records import read_pairs
+from pertvl.data.records import read_jsonl, read_pairs, summary_path_for
 from pertvl.data.text import clean_text
 from pertvl.files import atomic_write_text, write_json
-
-__all__ = [
-    "COUNTERFACTUAL_TYPES",
-    "TEXT_COUNTERFACTUAL_TYPES",
-    "UNAVAILABLE_REASONS",
-    "Counterfactual",
-    "CounterfactualRecord",
-    "CounterfactualRule",
-    "CounterfactualSummary",
-    "Kind",
-    "Reason",
-    "ReportSentence",
-    "counterfactual_record",
-    "fits_findings",
-    "holds",
-    "parse_report",
-    "phantom_counterfactuals",
-    "read_counterfactuals",
-    "summary_path_for",
-    "text_counterfactual_record",
-    "text_counterfactuals",
-    "write_counterfactuals",
-]
 
 
 @dataclass(frozen=True)
@@ -153,11 +96,6 @@ class Reason(StrEnum):
 UNAVAILABLE_REASONS = tuple(r.value for r in Reason)
 
 
-# ----------------------------------------------------------------------------------------------
-# The report grammar, read back from the templates of pertvl.data.phantom.language
-# ----------------------------------------------------------------------------------------------
-
-
 class Kind(StrEnum):
     """What a report sentence is, by the template that wrote it."""
 
@@ -171,7 +109,7 @@ class Kind(StrEnum):
     BONES = "bones"
 
 
-# Private tables of phantom.language, restated here (the tests check them against its output).
+# Tables of phantom.language's templates, restated (the tests check them against its output).
 _HEART_NORMAL = ("heart size is normal", "the heart is normal in size", "normal heart size",
                  "the cardiomediastinal silhouette is normal", "heart size and mediastinal contours are normal",
                  "the cardiac silhouette is within normal limits", "the heart size is within normal limits")
@@ -199,24 +137,18 @@ _NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nod
 _OTHERWISE = frozenset({"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
 _ADVERBS = {"mildly": "mild", "moderately": "moderate", "severely": "severe"}
 # Template phrases written for some severities only: a severity edit must keep within them.
-_SEVERITY_BOUND = {
-    ("pleural_effusion", "costophrenic"): ("small",),
-    ("pleural_effusion", "meniscus"): ("moderate", "large"),
-    ("pneumothorax", "apical"): ("small",),
-    ("edema", "perihilar"): ("severe",),
-    ("atelectasis", "hemidiaphragm"): ("moderate",),
-}
+_SEVERITY_BOUND = {("pleural_effusion", "costophrenic"): ("small",),
+                   ("pleural_effusion", "meniscus"): ("moderate", "large"),
+                   ("pneumothorax", "apical"): ("small",), ("edema", "perihilar"): ("severe",),
+                   ("atelectasis", "hemidiaphragm"): ("moderate",)}
 _LOBE = re.compile(r"\b(left|right) (?:(upper|middle|lower) (?:lobe|lung zone|lung)|lung (base))\b")
 _WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
 
 @dataclass(frozen=True)
 class ReportSentence:
-    """One parsed report sentence: its text as written, kind, facts, and negated noun phrases.
-
-    `nouns` are the negated noun phrases of a NEGATION sentence or of a LUNGS_CLEAR sentence's
-    "without" clause, `frame` the rest of the sentence (to rebuild it when a noun is removed).
-    """
+    """One parsed report sentence. `nouns`: the negated noun phrases of a NEGATION sentence or of
+    a LUNGS_CLEAR sentence's "without" clause; `frame`: the rest (to rebuild it when a noun goes)."""
 
     text: str
     kind: Kind
@@ -227,10 +159,6 @@ class ReportSentence:
     @property
     def words(self) -> list[str]:
         return _WORD.findall(self.text.lower())
-
-
-def _split_sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
 
 
 def _body(sentence: str) -> str:
@@ -330,16 +258,10 @@ def _parse_sentence(text: str, present: frozenset[str]) -> ReportSentence | None
 
 
 def parse_report(text: str) -> list[ReportSentence]:
-    """The sentences of a phantom report and the facts each asserts, read from the words alone.
-
-    The facts are those `pertvl.data.phantom.language.compose_report` attaches to the sentences it
-    writes (the tests check this on thousands of reports); "the lungs are clear" asserts the
-    absence of every parenchymal finding the report does not state.
-
-    Raises:
-        ValueError: a sentence that the phantom report templates do not write.
-    """
-    bodies = _split_sentences(text)
+    """The sentences of a phantom report and the facts each asserts (those `compose_report` attaches),
+    read from the words alone; "the lungs are clear" asserts the absence of every parenchymal finding the
+    report does not state. ValueError for a sentence the templates do not write."""
+    bodies = [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
     present = frozenset(f.type for s in bodies if (f := _present_fact(_body(s))) is not None)
     out = []
     for s in bodies:
@@ -376,18 +298,13 @@ def _without_noun(s: ReportSentence, t: str) -> ReportSentence | None:
     return replace(s, text=text, nouns=nouns)
 
 
-# ----------------------------------------------------------------------------------------------
-# What the generator writes: sentence banks sampled from compose_report itself
-# ----------------------------------------------------------------------------------------------
-
 _BANK_SEED = 13  # any fixed value: the banks must not depend on the caller's seed
 _BANK_DRAWS = 48
 
 
 @cache
 def _present_bank(f: Finding) -> tuple[str, ...]:
-    """The sentences the report generator writes to state finding `f`: _BANK_DRAWS draws, sorted,
-    repeats kept (a sample of the generator's own distribution over its templates)."""
+    """The sentences the generator writes for finding `f`: _BANK_DRAWS draws, sorted, repeats kept."""
     fact = Fact(f.type, True, f.side, f.severity, f.location)
     texts = [s.text for k in range(_BANK_DRAWS) for s in compose_report([f], np.random.default_rng([_BANK_SEED, k]))
              if s.facts == (fact,)]
@@ -396,9 +313,7 @@ def _present_bank(f: Finding) -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def _absence_bank() -> dict[tuple[str, str], tuple[str, ...]]:
-    """Sentences stating an absence, by (kind, type): single-type negations, heart-normal, plain
-    "lungs clear" (type "" / "otherwise") and "lungs clear without <one type>"; repeats kept, as
-    the generator drew them."""
+    """Sentences stating an absence, by (kind, type), repeats kept as the generator drew them."""
     bank: dict[tuple[str, str], list[str]] = {}
     ptx = Finding("pneumothorax", "small", "left")
     for k in range(8 * _BANK_DRAWS):
@@ -432,9 +347,7 @@ def _edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def _drawn(bank: Sequence[str], rng: random.Random, limit: int = 4) -> list[str]:
-    """Up to `limit` distinct sentences drawn from a bank with its repeats, i.e. as the generator
-    writes them. Replacement sentences are drawn, not the nearest ones: nearest edits favour the
-    short templates, and a counterfactual shorter than its original is a text cue."""
+    """Up to `limit` distinct sentences drawn from a bank with its repeats (as the generator writes them)."""
     out: list[str] = []
     for _ in range(4 * limit):
         if not bank or len(out) == limit:
@@ -446,8 +359,7 @@ def _drawn(bank: Sequence[str], rng: random.Random, limit: int = 4) -> list[str]
 
 
 def _nearest(texts: Iterable[str], to: str, limit: int = 4) -> list[str]:
-    """The `limit` texts nearest to `to` in word edit distance, ties broken by more words kept,
-    then by text: the minimal edits."""
+    """The `limit` texts nearest to `to` in word edit distance (ties: more shared words, then text)."""
     ref = _WORD.findall(to.lower())
 
     def key(t: str) -> tuple[int, int, str]:
@@ -456,31 +368,14 @@ def _nearest(texts: Iterable[str], to: str, limit: int = 4) -> list[str]:
     return sorted(texts, key=key)[:limit]
 
 
-# ----------------------------------------------------------------------------------------------
-# Checks: the report fits the counterfactual findings, and contradicts the real ones
-# ----------------------------------------------------------------------------------------------
-
-
 def _consistent(fs: Sequence[Finding]) -> bool:
-    """Whether the corpus could hold these findings (pertvl.data.phantom.sample_findings' rules)."""
-    by = {f.type: f for f in fs}
-    if len(by) != len(fs):
-        return False
-    ptx, eff = by.get("pneumothorax"), by.get("pleural_effusion")
-    if ptx and eff and eff.side in (ptx.side, "bilateral"):
-        return False
-    cons, nod = by.get("consolidation"), by.get("nodule")
-    return not (cons and nod and cons.location == nod.location)
+    """Whether the corpus could hold these findings: one per type, and `consistent`."""
+    return len({f.type for f in fs}) == len(fs) and consistent(fs)
 
 
 def holds(fact: Fact, findings: Sequence[Finding]) -> bool:
-    """`fact_holds`, with the severity and location of a bilateral fact checked too.
-
-    phantom.language.fact_holds answers a present *bilateral* fact by the side alone ("moderate
-    pulmonary edema" holds for mild edema too), so a severity edit of edema or of bilateral
-    effusions would never count as false. A phantom holds at most one finding per type, so the
-    bilateral fact holds exactly when it holds by side and, side left out, by severity/location.
-    """
+    """`fact_holds`, with the severity and location of a present bilateral fact checked too (fact_holds
+    answers those by side alone, so a severity edit of edema would never count as false)."""
     if fact.present and fact.side == "bilateral":
         return fact_holds(fact, findings) and fact_holds(replace(fact, side=None), findings)
     return fact_holds(fact, findings)
@@ -491,13 +386,11 @@ def _full_fact(f: Finding) -> Fact:
 
 
 def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Finding]) -> str | None:
-    """None when `sentences` form a report the phantom generator could write for `findings`,
-    else the first rule broken (a short phrase). Every fact must hold, and the report-level
-    rules of `compose_report` apply (one heart sentence; 'the lungs are clear' when and only
-    when no parenchymal finding is present, optional otherwise, never with edema, 'otherwise'
-    exactly when a non-edema finding is present and after the findings it is 'otherwise' to;
-    side negations only opposite a unilateral effusion/pneumothorax; each type negated at most
-    once; an explicit negation whenever a negatable type is absent; 10-45 words)."""
+    """None when `sentences` form a report the generator could write for `findings`, else the first
+    rule broken: every fact holds, plus `compose_report`'s report-level rules (one heart sentence, "the
+    lungs are clear" exactly when the lungs are normal, "otherwise" placement, side negations, negations,
+    MIN_WORDS-MAX_WORDS words).
+    """
     fs = as_findings(findings)
     present = {f.type for f in fs}
     for s in sentences:
@@ -551,15 +444,10 @@ def _contradicted(sentences: Sequence[ReportSentence], findings: Sequence[Findin
     return tuple(fa for s in sentences for fa in s.facts if not holds(fa, findings))
 
 
-# ----------------------------------------------------------------------------------------------
-# Edits
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Counterfactual:
-    """One counterfactual report: its type, the report as written and cleaned, the findings it
-    describes, and the facts it asserts that are false of the phantom (never empty)."""
+    """One counterfactual report: type, report as written and cleaned, its findings, and the facts
+    false of the phantom (never empty)."""
 
     type: str
     report: str
@@ -596,22 +484,18 @@ def _replace_finding(fs: Sequence[Finding], old: Finding | None, new: Finding | 
 
 
 # The "lungs are clear" wording with and without 'otherwise', closest first.
-_OTHERWISE_TWIN = {
-    "the lungs are clear": "the lungs are otherwise clear",
-    "lungs are clear bilaterally": "lungs are otherwise clear",
-    "both lungs are clear": "lungs are otherwise clear",
-    "the lungs are clear bilaterally": "the lungs are otherwise clear",
-    "the lungs are otherwise clear": "the lungs are clear",
-    "otherwise the lungs are clear": "the lungs are clear",
-    "lungs are otherwise clear": "lungs are clear bilaterally",
-}
+_OTHERWISE_TWIN = {"the lungs are clear": "the lungs are otherwise clear",
+                   "lungs are clear bilaterally": "lungs are otherwise clear",
+                   "both lungs are clear": "lungs are otherwise clear",
+                   "the lungs are clear bilaterally": "the lungs are otherwise clear",
+                   "the lungs are otherwise clear": "the lungs are clear",
+                   "otherwise the lungs are clear": "the lungs are clear",
+                   "lungs are otherwise clear": "lungs are clear bilaterally"}
 
 
 def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:
-    """Make the sentences around an edit follow the counterfactual findings: drop side negations
-    that lost their finding, drop negations of present types, set 'otherwise' and the 'without'
-    clause of 'the lungs are clear', move 'otherwise clear' after the findings. None when the
-    result cannot be parsed."""
+    """Make the sentences around an edit follow the counterfactual findings (side negations, negated
+    present types, "otherwise" and the "without" clause); None when the result does not parse."""
     present = {f.type for f in cf}
     unilateral = {(f.type, f.side) for f in cf if f.side in ("left", "right")}
     try:
@@ -823,27 +707,11 @@ def _no_candidate_reason(cftype: str, fs: Sequence[Finding]) -> Reason:
     return Reason.NO_VALID_EDIT
 
 
-def phantom_counterfactuals(
-    report: str,
-    findings: Iterable[Finding | dict[str, Any]],
-    seed: int = 0,
-    types: Iterable[str] | None = None,
-) -> dict[str, Counterfactual | Reason]:
-    """The counterfactuals of one phantom report (see the module docstring).
-
-    Args:
-        report: the report as written (a pairs.jsonl ``text``).
-        findings: the phantom's true findings (``extra["findings"]``).
-        seed: draws which finding and which edit, with the cleaned text and the type.
-        types: the counterfactual types to make (default: all four, in table order).
-
-    Returns:
-        {type: Counterfactual, or the Reason it is unavailable}.
-
-    Raises:
-        ValueError: the report is not one the phantom templates write, or it disagrees with the
-            findings.
-    """
+def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, Any]], seed: int = 0,
+                            types: Iterable[str] | None = None) -> dict[str, Counterfactual | Reason]:
+    """{type: Counterfactual or the Reason it is unavailable} of one phantom report and its true
+    findings (``extra["findings"]``); `types` default to all four. ValueError when the report is not one the
+    templates write or disagrees with the findings."""
     fs = as_findings(findings)
     sents = parse_report(report)
     wrong = _contradicted(sents, fs)
@@ -872,10 +740,6 @@ def phantom_counterfactuals(
                 break
     return out
 
-
-# ----------------------------------------------------------------------------------------------
-# Real text: laterality and negation rules on the words alone
-# ----------------------------------------------------------------------------------------------
 
 # Reviewed rules. A sentence is negated when it holds one of these cues (NegEx-style triggers).
 _TEXT_NEGATION = re.compile(r"\b(no|not|without|negative for|free of|none)\b", re.IGNORECASE)
@@ -972,42 +836,9 @@ def _text_results(text: str) -> dict[str, str | Reason]:
     return {"cf_laterality": _text_laterality(text), "cf_negation": _text_negation(text)}
 
 
-def text_counterfactuals(text: str) -> dict[str, str]:
-    """`cf_laterality` and `cf_negation` of a real report, from its words alone.
-
-    The text is the report as written (sentences end in '.', '!' or '?'); the results are
-    written the same way (apply pertvl.data.text.clean_text before encoding them). Rules:
-
-    * cf_laterality: when some asserted sentence (no negation cue, no normal-statement word such
-      as "clear" or "normal") names exactly one side, every "left"/"right" ("-sided") of the
-      report is swapped, so the report stays coherent ("Right effusion. No left effusion." ->
-      "Left effusion. No right effusion."). Not made when the report names the right middle lobe
-      or the lingula, which have no twin on the other side.
-    * cf_negation: one sentence is flipped, the first of: an asserted finding sentence, negated
-      ("There is a small right effusion." -> "There is no small right effusion."; "X is
-      present." -> "X is not present."; a verbless "Left basilar atelectasis." -> "No left
-      basilar atelectasis.", never a clause: "No the heart has ..."); else a negated sentence, asserted at its first cue ("There is no
-      X" -> "There is X", "No evidence of X" -> "There is evidence of X", "X is not seen" -> "X
-      is seen", "negative for" -> "positive for", "No X." -> "X.", "without" -> "with"); else an
-      asserted normal statement with a verb, negated ("The lungs are clear." -> "The lungs are
-      not clear.").
-
-    Returns:
-        {type: counterfactual text} for the types that apply; see `text_counterfactual_record`
-        for the reasons of the others.
-    """
-    return {t: r for t, r in _text_results(text).items() if not isinstance(r, Reason)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Records and the pairs.jsonl -> counterfactuals.jsonl writer
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class CounterfactualRecord:
-    """One line of counterfactuals.jsonl: a cleaned report text, its counterfactuals (cleaned),
-    and the reason of each type that has none. Each type is in exactly one of the two maps."""
+    """One line of counterfactuals.jsonl; each type is in exactly one of the two maps."""
 
     text: str
     counterfactuals: dict[str, str]
@@ -1037,14 +868,18 @@ def counterfactual_record(report: str, findings: Iterable[Finding | dict[str, An
     return CounterfactualRecord(
         text=clean_text(report),
         counterfactuals={t: c.text for t, c in made.items() if isinstance(c, Counterfactual)},
-        unavailable={t: c.value for t, c in made.items() if isinstance(c, Reason)},
-        seed=seed,
-    )
+        unavailable={t: c.value for t, c in made.items() if isinstance(c, Reason)}, seed=seed)
 
 
 def text_counterfactual_record(text: str, seed: int = 0) -> CounterfactualRecord:
-    """`text_counterfactuals` as a record: cleaned texts, with the reason of each missing type.
-    (`seed` is stored only: the text rules draw nothing.)"""
+    """`cf_laterality` and `cf_negation` of a real report from its words alone, as a record (cleaned
+    texts, the reason of each missing type; `seed` is stored only).
+
+    cf_laterality: when an asserted sentence without normal-statement words names exactly one side, every
+    "left"/"right" ("-sided") of the report is swapped; not made for the right middle lobe or lingula.
+    cf_negation: the first of an asserted finding sentence (negated), a negated sentence (asserted at its
+    first cue), an asserted normal statement (negated) is flipped (rules: `_NEGATE_RULES`, `_ASSERT_RULES`).
+    """
     results = _text_results(text)
     cleaned = clean_text(text)
     made = {t: clean_text(r) for t, r in results.items() if not isinstance(r, Reason)}
@@ -1072,32 +907,15 @@ class CounterfactualSummary:
         return asdict(self)
 
 
-def summary_path_for(out: str | Path) -> Path:
-    """DIR/counterfactuals.jsonl -> DIR/counterfactuals.summary.json."""
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
-
-
 def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: int = 0) -> CounterfactualSummary:
-    """Write one counterfactual record per distinct cleaned report text of a phantom pairs.jsonl.
-
-    Args:
-        pairs_jsonl: phantom pairs (each with ``extra["findings"]``); a bad line raises naming
-            file:line, a record without findings or whose report disagrees with them raises
-            naming the file and the pair id.
-        out_jsonl: the counterfactuals.jsonl to write (first-seen order); the summary goes to
-            `summary_path_for(out_jsonl)`.
-        seed: the record seed (which finding and which edit).
-
-    Returns:
-        The summary (also written as JSON).
-    """
+    """Write one record per distinct cleaned report of a phantom pairs.jsonl (first-seen order) and the
+    summary beside it. ValueError naming the file and pair for a pair without or with disagreeing findings."""
     pairs = list(read_pairs(pairs_jsonl))
     findings_of: dict[str, tuple[str, str, list[Finding]]] = {}
     for p in pairs:
         if "findings" not in p.extra:
             raise ValueError(f"{pairs_jsonl}: pair {p.id!r} has no extra['findings']: counterfactual reports need "
-                             "a phantom's ground truth (use text_counterfactuals for real text)")
+                             "a phantom's ground truth (use text_counterfactual_record for real text)")
         try:
             fs = as_findings(p.extra["findings"])
         except (ValueError, TypeError) as e:
@@ -1123,20 +941,11 @@ def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: 
     summary = CounterfactualSummary(
         pairs_file=str(pairs_jsonl), out=str(out_jsonl), pairs=len(pairs), distinct_texts=len(records),
         counterfactuals={t: made.get(t, 0) for t in COUNTERFACTUAL_TYPES},
-        unavailable={t: dict(sorted(missing[t].items())) for t in COUNTERFACTUAL_TYPES}, seed=seed,
-    )
+        unavailable={t: dict(sorted(missing[t].items())) for t in COUNTERFACTUAL_TYPES}, seed=seed)
     write_json(summary_path_for(out_jsonl), summary.to_json())
     return summary
 
 
 def read_counterfactuals(path: str | Path) -> list[CounterfactualRecord]:
-    """The records of a counterfactuals.jsonl; a bad line raises naming the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(CounterfactualRecord.from_json(json.loads(line)))
-                except (json.JSONDecodeError, ValueError) as e:
-                    raise ValueError(f"{path}:{lineno}: {e}") from e
-    return out
+    """The records of a counterfactuals.jsonl (a bad line raises naming the file and line)."""
+    return list(read_jsonl(path, CounterfactualRecord.from_json))

@@ -1,23 +1,16 @@
 """The pixel rule: how an image file becomes the model's input (numpy + PIL only, no torch).
 
-One rule for every place that reads an image file — packing (`pertvl pack` stores the result as
-PNG), inference on an ONNX export (pertvl.infer) and fine-tuning (pertvl.evaluate.finetune):
+One rule for packing (`pertvl pack` stores the result as PNG), inference on an ONNX export and
+fine-tuning (`pixel_rule` states it as data):
 
-1. decode with PIL (EXIF orientation applied); a JPEG is decoded at the smallest of libjpeg's
-   DCT scales 1/8, 1/4, 1/2, 1/1 whose shorter side is still >= `size` (PIL's `Image.draft`: a
-   1024 px MIMIC-CXR-JPG image becomes 256 px for size 224, 128 px for 128), which skips most of
-   the decoding and resizing work; other formats at full size;
+1. decode with PIL (EXIF orientation applied); a JPEG at the smallest of libjpeg's DCT scales 1/8,
+   1/4, 1/2, 1/1 whose shorter side is still >= `size` (`Image.draft`; docs/DATA.md measures its
+   effect), other formats at full size;
 2. 8-bit grayscale: PIL's luma for 8-bit modes; 16/32-bit integer and float images min-max scaled;
 3. shorter side resized to `size` (bilinear, antialiased), then a center crop size × size.
 
-Rule 1's DCT scaling makes MIMIC-scale packing affordable; against a full-size decode it moves
-JPEG pixels by under one gray level on average (docs/DATA.md has the measurement).
-
-The model sees the uint8 result / 255 (float32 in [0, 1]); its intensity normalization lives in
-the model (and in the exported graph).
-
-Errors: a missing file raises FileNotFoundError, a file that cannot be decoded ImageReadError
-(a ValueError); both name the file and the reason.
+The model sees the uint8 result / 255 and normalizes intensities itself. A missing file raises
+FileNotFoundError, an undecodable one ImageReadError (a ValueError), both naming the file.
 """
 
 from __future__ import annotations
@@ -41,12 +34,8 @@ class ImageReadError(UserError, ValueError):
 
 
 def to_grayscale8(image) -> Any:
-    """A PIL image as 8-bit grayscale ("L").
-
-    8-bit modes (L, RGB, P, ...) use PIL's luma conversion. 16/32-bit integer and float images
-    (DICOM-derived PNGs) are min-max scaled to 0..255: PIL's own conversion would clip them at
-    255 and turn most radiographs white.
-    """
+    """A PIL image as 8-bit grayscale ("L"): PIL's luma for 8-bit modes; 16/32-bit integer and
+    float images min-max scaled to 0..255 (PIL's own conversion would clip them white)."""
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
@@ -61,11 +50,8 @@ def to_grayscale8(image) -> Any:
 
 
 def resize_center_crop(image, size: int):
-    """Resize so the shorter side is `size` (bilinear, antialiased), then center-crop size x size.
-
-    The same geometry as BioViL's Resize(size) + CenterCrop(size) (torchvision rounding of the
-    crop offset).
-    """
+    """Resize so the shorter side is `size` (bilinear, antialiased), then center-crop size x size
+    (BioViL's Resize + CenterCrop geometry, torchvision's rounding of the offset)."""
     from PIL import Image
 
     w, h = image.size
@@ -80,12 +66,7 @@ def resize_center_crop(image, size: int):
 
 
 def load_image(path: str | os.PathLike, size: int):
-    """An image file as a PIL "L" image, size × size, by the pixel rule (see the module docstring).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ImageReadError: the file cannot be decoded (whatever the decoder raised on its bytes).
-    """
+    """An image file as a PIL "L" image, size × size, by the pixel rule (errors: module docstring)."""
     from PIL import Image
 
     if not os.path.isfile(path):
@@ -104,9 +85,8 @@ def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
     return np.asarray(load_image(path, size), dtype=np.uint8)
 
 
-# zlib's run-length strategy: 6-9x faster than the default on filtered radiograph rows, and no
-# larger (measured on 224 px radiograph-like images: 17.8 KB vs 19.1 KB). Fixed, so the bytes of a
-# shard depend on its pixels only.
+# zlib's run-length strategy: much faster than the default on radiograph rows and no larger. Fixed,
+# so the bytes of a shard depend on its pixels only.
 PNG_OPTIONS = {"compress_level": 6, "compress_type": zlib.Z_RLE}
 # Names the pixel rule and PNG settings in a pack's manifest["inputs"]: a pack resumed after either
 # changed rebuilds its shards instead of mixing old and new bytes.

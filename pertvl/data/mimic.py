@@ -1,34 +1,13 @@
 """MIMIC-CXR-JPG (v2.0.0 / v2.1.0 layout) → pairs.jsonl + summary.json, read as distributed.
 
-`pertvl data mimic-cxr --root ROOT --reports REPORTS --out DIR` reads, without unpacking anything:
-
-    ROOT/mimic-cxr-2.0.0-split.csv.gz      dicom_id, study_id, subject_id, split (train|validate|test)
-    ROOT/mimic-cxr-2.0.0-metadata.csv.gz   dicom_id, subject_id, study_id, ViewPosition, Rows, Columns,
-                                           StudyDate, StudyTime, ...
-    ROOT/mimic-cxr-2.0.0-chexpert.csv.gz   optional (or -negbio.csv.gz, or --labels FILE): subject_id,
-                                           study_id and the 14 labels, 1.0 / 0.0 / -1.0 / blank
-    ROOT/files/p{NN}/p{subject_id}/s{study_id}/{dicom_id}.jpg          the images
-    REPORTS/files/p{NN}/p{subject_id}/s{study_id}.txt                  the free-text reports: a
-                                           folder, or mimic-cxr-reports.zip (MIMIC-CXR's own)
-
-and writes the contract of `pertvl data openi` (pertvl.data.records.Pair), so perturb, pack, train and
-evaluate run unchanged: one pair per image (dicom) of a selected view whose study has the chosen
-report section. `image` is relative to ROOT (pack with `--images-root ROOT`).
-
-- Sections: MIMIC reports are sectioned by capitalised headers ending with a colon at the start of
-  a line ("FINDINGS:", "IMPRESSION:", "EXAMINATION:", "INDICATION:", "TECHNIQUE:", "COMPARISON:",
-  "NOTIFICATION:", ...). `--section findings | impression | both | findings-else-impression` picks
-  the text; "both" joins the two that exist. A study without it is skipped, counted by reason.
-- De-identification: MIMIC writes "___" where Open-I writes "XXXX"; `--drop-deid` removes it (the
-  cleaning rule of pertvl.data.text turns it into a word boundary either way).
-- Views: `--views PA,AP` (default: frontal); LATERAL / LL are Lateral, others "unknown".
-- The official split is kept (validate → val); there is no random split.
-- Labels (when a label file is given): certain values go to `labels` ({name: 1.0 | 0.0}, the
-  contract of pairs.jsonl); uncertain (-1.0) ones are listed in `extra["uncertain_labels"]`;
-  blank (not mentioned) ones are left out — the downstream policies (pertvl finetune) decide.
-
-Counts reconcile: every image row of the split file is one candidate, and
-pairs_written + sum(skipped.values()) == considered (checked; a mismatch is a bug here).
+Reads, without unpacking: ROOT/mimic-cxr-2.0.0-{split,metadata}.csv.gz, optionally the CheXpert or
+NegBio label CSV, the images ROOT/files/p{NN}/p{subject}/s{study}/{dicom}.jpg and the reports
+files/p{NN}/p{subject}/s{study}.txt from a folder or mimic-cxr-reports.zip. Writes `pertvl data openi`'s
+contract: one pair per image of a selected view whose study has the chosen section; `image` relative to
+ROOT. Sections are split at capitalised headers ending in a colon; "___" is MIMIC's de-identification
+mark (`--drop-deid`); the official split is kept (validate → val). Certain labels (1.0/0.0) go to
+`labels`, uncertain (-1.0) ones to `extra["uncertain_labels"]`, blank ones are left out.
+Counts reconcile: pairs_written + sum(skipped) == considered (every image row of the split file).
 """
 
 from __future__ import annotations
@@ -46,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pertvl.data.records import PROJECTIONS, SPLITS, Pair, SkipTally, split_counts, write_pairs
+from pertvl.data.records import PROJECTIONS, SPLITS, IngestResult, Pair, SkipTally, split_counts, write_pairs
 from pertvl.data.text import normalize_report
 from pertvl.files import write_json
 
@@ -56,11 +35,9 @@ SPLIT_FILE = "mimic-cxr-2.0.0-split.csv.gz"
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv.gz"
 LABEL_FILES = ("mimic-cxr-2.0.0-chexpert.csv.gz", "mimic-cxr-2.0.0-negbio.csv.gz")
 REPORTS_ZIP = "mimic-cxr-reports.zip"
-CHEXPERT_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-    "Pneumothorax", "Support Devices",
-)  # fmt: skip
+CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+                   "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
+                   "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices")  # fmt: skip
 SECTIONS = ("findings", "impression", "both", "findings-else-impression")
 _SPLIT_NAMES = {"train": "train", "validate": "val", "test": "test"}
 _FRONTAL, _LATERAL = {"PA", "AP"}, {"LATERAL", "LL"}
@@ -68,35 +45,17 @@ _FRONTAL, _LATERAL = {"PA", "AP"}, {"LATERAL", "LL"}
 _HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /&]*[A-Z]):", re.MULTILINE)
 _DEID = re.compile(r"_{3,}")
 
-SKIP_REASONS = (
-    "no_metadata",  # the split file names an image the metadata file does not
-    "view_not_selected",  # its ViewPosition is not in --views
-    "missing_image",  # the .jpg is not on disk (unless --text-only)
-    "missing_report",  # the study has no .txt report
-    "unreadable_report",  # the report cannot be decoded as text
-    "no_section",  # the report has none of the chosen section(s)
-    "empty_section",  # the chosen section is there but holds no words
-)
+SKIP_REASONS = ("no_metadata", "view_not_selected", "missing_image", "missing_report", "unreadable_report",
+                "no_section", "empty_section")
 
 
 class MimicError(ValueError):
     """An input that cannot be ingested at all (missing file, wrong header, bad option)."""
 
 
-@dataclass
-class MimicResult:
-    pairs: list[Pair]
-    summary: dict[str, Any]
-
-
-# ------------------------------------------------------------------------------------ reports
-
-
 def split_sections(report: str) -> dict[str, str]:
-    """{lower-case header: its text} of a MIMIC report; text before the first header is under "".
-
-    "FINDINGS AND IMPRESSION:" (seen in MIMIC) counts as both findings and impression.
-    """
+    """{lower-case header: its text} of a MIMIC report (text before the first header under "");
+    "FINDINGS AND IMPRESSION:" counts as both."""
     report = report.replace("\r\n", "\n").replace("\r", "\n")
     heads = list(_HEADER.finditer(report))
     out: dict[str, str] = {}
@@ -170,9 +129,6 @@ class _Reports:
             return None
 
 
-# ------------------------------------------------------------------------------------ tables
-
-
 def _read_csv_gz(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a (gzipped) CSV as dicts, with their line number; the header must hold `required`."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -227,34 +183,15 @@ def _projection(view: str) -> str:
     return "Frontal" if v in _FRONTAL else "Lateral" if v in _LATERAL else "unknown"
 
 
-# ------------------------------------------------------------------------------------ ingest
-
-
-def ingest_mimic_cxr(
-    root: str | os.PathLike,
-    reports: str | os.PathLike | None = None,
-    *,
-    section: str = "findings",
-    views: Sequence[str] = ("PA", "AP"),
-    labels: str | os.PathLike | None = None,
-    text_only: bool = False,
-    drop_deid: bool = False,
-) -> MimicResult:
+def ingest_mimic_cxr(root: str | os.PathLike, reports: str | os.PathLike | None = None, *,
+                     section: str = "findings", views: Sequence[str] = ("PA", "AP"),
+                     labels: str | os.PathLike | None = None, text_only: bool = False,
+                     drop_deid: bool = False) -> IngestResult:
     """Join split, metadata, (labels,) images and reports into pairs (see the module docstring).
 
-    Args:
-        root: the MIMIC-CXR-JPG folder (split/metadata CSVs, files/).
-        reports: the reports folder or mimic-cxr-reports.zip (default: ROOT/mimic-cxr-reports.zip
-            when present, else ROOT).
-        section: findings | impression | both | findings-else-impression.
-        views: ViewPosition values to keep (case-insensitive).
-        labels: a CheXpert/NegBio label CSV(.gz) (default: the first of LABEL_FILES in ROOT, if any;
-            "" for none).
-        text_only: do not check that the image files exist.
-        drop_deid: remove MIMIC's "___" de-identification marks.
-
-    Raises:
-        MimicError: a missing input file or column, a bad option, an unreadable table.
+    `reports`: folder or zip (default: ROOT/mimic-cxr-reports.zip when present, else ROOT); `views`:
+    ViewPosition values to keep; `labels`: a label CSV(.gz) (default: the first of LABEL_FILES in ROOT;
+    "" for none). MimicError for a missing file or column, a bad option or an unreadable table.
     """
     root = Path(root)
     if section not in SECTIONS:
@@ -363,16 +300,15 @@ def ingest_mimic_cxr(
     }
     if len(pairs) + sum(summary["skipped"].values()) != len(rows):  # a bug here, never the input
         raise RuntimeError(f"MIMIC-CXR counts do not reconcile: {summary}")
-    return MimicResult(pairs, summary)
+    return IngestResult(pairs, summary)
 
 
 def cli_main(args: Any) -> int:
     """`pertvl data mimic-cxr`: ingest, then write OUT/pairs.jsonl and OUT/summary.json (2 on bad input)."""
     try:
         result = ingest_mimic_cxr(
-            args.root, args.reports, section=args.section, views=args.views.split(","),
-            labels=args.labels, text_only=args.text_only, drop_deid=args.drop_deid,
-        )  # fmt: skip
+            args.root, args.reports, section=args.section, views=args.views.split(","), labels=args.labels,
+            text_only=args.text_only, drop_deid=args.drop_deid)  # fmt: skip
     except MimicError as e:
         log.error("pertvl data mimic-cxr: %s", e)
         return 2
@@ -383,9 +319,6 @@ def cli_main(args: Any) -> int:
     log.info("mimic-cxr %s -> %s: considered=%d pairs_written=%d skipped=%s splits=%s studies=%s",
              args.root, out, s["considered"], s["pairs_written"], s["skipped"], s["splits"], s["studies"])  # fmt: skip
     return 0
-
-
-# ------------------------------------------------------------------------------------ the layout, written
 
 
 def _gz_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -420,11 +353,10 @@ class TreeStudy:
     labels: dict[str, str] = field(default_factory=dict)  # CheXpert label -> "1.0" / "0.0" / "-1.0" / ""
 
 
-def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, reports_zip: bool = False,
-                     label_file: bool = True) -> Path:  # fmt: skip
-    """Write `studies` in the MIMIC-CXR-JPG v2 layout under `root` (CSV.gz tables, files/ tree, reports
-    as files/.../s{study}.txt or mimic-cxr-reports.zip). Used by the tests and the ingest benchmark
-    (pertvl's phantoms in the real layout); returns root."""
+def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *,
+                     reports_zip: bool = False) -> Path:
+    """Write `studies` in the MIMIC-CXR-JPG v2 layout under `root` (CSV.gz tables, files/ tree,
+    reports as .txt files or mimic-cxr-reports.zip); returns root."""
     root = Path(root)
     split_rows, meta_rows, label_rows = [], [], []
     root.mkdir(parents=True, exist_ok=True)
@@ -455,17 +387,15 @@ def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *, r
                                    "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime",
                                    "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
                                    "PatientOrientationCodeSequence_CodeMeaning"), meta_rows)  # fmt: skip
-    if label_file:
-        _gz_csv(root / LABEL_FILES[0], ("subject_id", "study_id", *CHEXPERT_LABELS), label_rows)
+    _gz_csv(root / LABEL_FILES[0], ("subject_id", "study_id", *CHEXPERT_LABELS), label_rows)
     return root
 
 
 def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike, *, reports_zip: bool = True,
                            quality: int = 95) -> Path:  # fmt: skip
-    """Rewrite a phantom corpus (`pertvl data phantom` output: pairs.jsonl + images) as a MIMIC-CXR-JPG
-    tree: one study per phantom with its image as a PA JPEG, its report as the FINDINGS section of
-    a MIMIC-style sectioned report, its labels in the CheXpert CSV, its split as train/validate/test.
-    `pertvl data mimic-cxr --root OUT` then reads it back to the same texts, labels and splits."""
+    """Rewrite a phantom corpus as a MIMIC-CXR-JPG tree (one study per phantom: a PA JPEG, its
+    report as the FINDINGS section, its labels and split), which `pertvl data mimic-cxr` reads back to
+    the same texts, labels and splits."""
     from PIL import Image
 
     from pertvl.data.records import read_pairs

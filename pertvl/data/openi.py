@@ -1,59 +1,23 @@
 """Open-I (Indiana University chest X-ray collection) ingestion: three layouts -> pairs.jsonl.
 
-`pertvl data openi` reads any of the three public layouts of the collection and writes the one
-pertvl format (pertvl.data.records.Pair, one pair per image):
+- ``xml``: the NLM release, a folder of ecgen-radiology ``<n>.xml`` files (or the folder above its
+  ``ecgen-radiology/``), parsed with defusedxml (entity declarations refused). Study id from
+  ``<uId id="CXR1">``, text from ``<AbstractText Label="FINDINGS|IMPRESSION">``, one pair per
+  ``<parentImage id=...>`` with image file ``id + ".png"``.
+- ``kaggle``: ``indiana_reports.csv`` joined on uid with ``indiana_projections.csv``. Study and pair ids
+  are the NLM release's (``CXR<uid>``, ``CXR<file stem>``), so both layouts give the same study split.
+- ``r2gen``: ``annotation.json`` = ``{"train"|"val"|"test": [{id, report, image_path[], split}]}``;
+  ``report`` is the findings, the list a study sits in its given split.
 
-- ``xml``: the NLM release, a folder of ecgen-radiology ``<n>.xml`` files (a folder whose
-  ``ecgen-radiology/`` sub-folder holds them is accepted too). Parsed with defusedxml, so entity
-  declarations ("billion laughs") and external references are refused. Per file: the study id
-  is ``<uId id="CXR1">``, the text comes from ``<AbstractText Label="FINDINGS|IMPRESSION">``,
-  and every ``<parentImage id="CXR1_1_IM-0001-3001">`` gives one pair whose image file is
-  ``id + ".png"``.
-- ``kaggle``: ``indiana_reports.csv`` (uid, MeSH, Problems, image, indication, comparison,
-  findings, impression) joined on uid with ``indiana_projections.csv`` (uid, filename,
-  projection). Study ids and pair ids are those of the NLM release (``CXR<uid>`` and
-  ``CXR<file stem>``: ``2_IM-0652-1001.dcm.png`` -> ``CXR2_IM-0652-1001``), so the XML and
-  Kaggle layouts of the same study give the same study ids (hence the same study split) and,
-  except for study CXR1 whose NLM images alone carry an extra "1_" (``CXR1_1_IM-0001-4001``),
-  the same pair ids.
-- ``r2gen``: ``annotation.json`` = ``{"train"|"val"|"test": [{id, report, image_path[], split}]}``.
-  ``report`` is the findings section; one pair per image path; ``study_id`` is the R2Gen id
-  (``CXR2384_IM-0942``, the NLM uid 2384 is kept in ``extra["uid"]``); the list a study sits
-  in is its given split.
+Projection: per image in the Kaggle layout; for XML looked up by file name in ``--projections`` if
+given; R2Gen's renamed images carry none ("unknown"). Text: `normalize_report` only; a pair whose
+section is empty is skipped as ``empty_text``.
 
-Projection: the Kaggle layout states it per image. The NLM XML does not (its captions describe
-the study, e.g. "Xray Chest PA and Lateral", not the image), so it is ``unknown`` unless
-``--projections indiana_projections.csv`` is given, in which case it is looked up by file name
-(``CXR2_IM-0652-1001`` <-> ``2_IM-0652-1001.dcm.png``; ``CXR1_1_IM-0001-3001`` <->
-``1_IM-0001-3001.dcm.png``). R2Gen renames the images ``0.png``,
-``1.png`` in an order that is not a reliable projection (frontal is not always first), so its
-projection is always ``unknown``.
-
-Text: ``pertvl.data.text.normalize_report`` only (whitespace collapsed; the "XXXX"
-de-identification token dropped when asked). ``--section both`` joins the normalized findings
-and impression with one space. A pair whose section is empty after normalization is skipped
-as ``empty_text``.
-
-Counting, so that the summary reconciles (see `Tally`):
-
-- ``reports_read``: report records read successfully (an XML file parsed with a uId; a reports
-  CSV row with a valid uid; an R2Gen entry with id, report and image_path). Report records that
-  are not read are skipped at *report level*: ``unreadable_record`` (malformed XML, entity
-  bomb, non-UTF-8 bytes, missing/invalid uid, ...), ``duplicate_record`` (a study id seen
-  before), ``no_images`` (a report that lists no image).
-- ``images_read``: image entries considered: the parentImage elements of the XML files read,
-  every data row of the projections CSV, the image_path entries of the R2Gen entries read.
-  Each becomes a pair or is skipped at *image level*: ``unreadable_image_record`` (no id /
-  no file name / invalid uid in the projections row), ``no_report`` (a projections row whose
-  uid matches no report read), ``duplicate_image`` (an image id seen before), ``empty_text``,
-  ``missing_image`` (checked in that order).
-- Hence ``pairs_written + sum(skipped_by_level["image"]) == images_read`` and
-  ``pairs_written + sum(skipped) == considered == images_read + sum(skipped_by_level["report"])``.
-
-Text overlap: ``summary["text_overlap"]`` = {val|test: pairs, pairs_in_train, texts,
-texts_in_train}, the held-out pairs and distinct cleaned texts identical to a training report
-(pertvl.data.overlap.text_overlap; the CLI prints it). On the Kaggle layout with the default
-study split (seed 0): test 131 of 469 pairs (44 of 222 texts), val 101 of 323 (38 of 147).
+Counting (`Tally`): report records not read are skipped at report level (`REPORT_LEVEL_REASONS`),
+image entries read (``images_read``) become a pair or are skipped at image level, so
+``pairs_written + sum(skipped_by_level["image"]) == images_read`` and
+``pairs_written + sum(skipped) == considered == images_read + sum(skipped_by_level["report"])``.
+``summary["text_overlap"]``: held-out pairs and texts identical to a training report (overlap.py).
 """
 
 from __future__ import annotations
@@ -77,6 +41,7 @@ from pertvl.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
     PROJECTIONS,
     SPLITS,
+    IngestResult,
     Pair,
     assign_paper_split,
     assign_splits,
@@ -92,13 +57,10 @@ LAYOUTS = ("xml", "kaggle", "r2gen")
 SECTIONS = ("findings", "impression", "both")
 SPLIT_MODES = ("study", "paper", "given")
 PAPER_N_TRAIN = 6000  # the paper's row-order split: 6,000 train, the remaining 469 test
-ACCEPTED_LAYOUTS = (
-    "accepted layouts: xml (a folder of NLM ecgen-radiology *.xml files), "
-    "kaggle (indiana_reports.csv, with indiana_projections.csv), "
-    "r2gen (annotation.json holding train/val/test lists)"
-)
+ACCEPTED_LAYOUTS = ("accepted layouts: xml (a folder of NLM ecgen-radiology *.xml files), kaggle "
+                    "(indiana_reports.csv, with indiana_projections.csv), r2gen (annotation.json holding "
+                    "train/val/test lists)")
 REPORT_LEVEL_REASONS = ("unreadable_record", "duplicate_record", "no_images")
-IMAGE_LEVEL_REASONS = ("unreadable_image_record", "no_report", "duplicate_image", "empty_text", "missing_image")
 MAX_EXAMPLES = 20  # problem records named per reason in summary.json (all are in the log)
 
 _UID = re.compile(r"[0-9]+")
@@ -110,14 +72,6 @@ _PROJECTION_COLUMNS = ("uid", "filename", "projection")
 
 class OpenIError(ValueError):
     """An input that cannot be ingested at all (wrong layout, missing file, bad option)."""
-
-
-@dataclass
-class IngestResult:
-    """What `ingest_openi` returns: the pairs (split assigned) and the summary.json content."""
-
-    pairs: list[Pair]
-    summary: dict[str, Any]
 
 
 @dataclass
@@ -149,7 +103,6 @@ class Tally:
     examples: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
 
     def skip(self, reason: str, record: str, detail: str = "", *, level: int = logging.WARNING) -> None:
-        """Count one skipped record under `reason` and name it in the log (and summary examples)."""
         kind = "report" if reason in REPORT_LEVEL_REASONS else "image"
         self.skipped[kind][reason] += 1
         if len(self.examples[reason]) < MAX_EXAMPLES:
@@ -157,29 +110,14 @@ class Tally:
         log.log(level, "skipped %s (%s)%s", record, reason, f": {detail}" if detail else "")
 
     def skip_image_entry(self, reason: str, record: str, detail: str = "", *, level: int = logging.WARNING) -> None:
-        """Count an image entry that a reader rejects before it reaches a report (read, then skipped)."""
+        """Count an image entry that a reader rejects before it reaches a report."""
         self.images_read += 1
         self.skip(reason, record, detail, level=level)
 
 
-# --------------------------------------------------------------------------- layout detection
-
-
 def detect_layout(reports: str | os.PathLike, fmt: str = "auto") -> tuple[str, Path]:
-    """Decide which Open-I layout `reports` is in.
-
-    Args:
-        reports: an XML folder, a reports CSV, or an R2Gen annotation JSON.
-        fmt: "auto" to detect from the path, or one of LAYOUTS to insist on one.
-
-    Returns:
-        (layout, path) where path is the folder holding the XML files for the xml layout and
-        `reports` itself otherwise.
-
-    Raises:
-        OpenIError: the path does not exist or is not the (requested) layout; the message
-        lists the accepted layouts.
-    """
+    """(layout, path) of `reports`: the folder holding the XML files for xml, `reports` itself
+    otherwise; `fmt` "auto" detects. OpenIError, listing the accepted layouts, when it is none."""
     if fmt not in ("auto", *LAYOUTS):
         raise OpenIError(f"unknown --format {fmt!r}; expected auto or one of {', '.join(LAYOUTS)}")
     path = Path(reports)
@@ -211,16 +149,8 @@ def _xml_folder(path: Path) -> Path | None:
     return None
 
 
-def _natural_key(name: str) -> list[Any]:
-    """Sort 2.xml before 10.xml, so the output follows the release's numbering."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", name)]
-
-
-# --------------------------------------------------------------------------- NLM XML
-
-
 def _xml_problem(data: bytes) -> str | None:
-    """Say why an XML file's bytes are not text in the encoding it declares (UTF-8 by default)."""
+    """Why an XML file's bytes are not text in the encoding it declares (UTF-8 by default), or None."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with BOM: expat decodes it
         return None
     m = _XML_ENCODING.match(data)
@@ -233,10 +163,6 @@ def _xml_problem(data: bytes) -> str | None:
         return (f"not {encoding} text: byte 0x{data[e.start]:02x} at offset {e.start} "
                 f"cannot be decoded ({e.reason})")
     return None
-
-
-def _element_text(el: Any) -> str:
-    return "".join(el.itertext())
 
 
 def _read_xml_report(path: Path, projection_of: dict[str, str], tally: Tally) -> _Report | None:
@@ -271,24 +197,17 @@ def _read_xml_report(path: Path, projection_of: dict[str, str], tally: Tally) ->
     for el in root.iter("AbstractText"):
         label = (el.get("Label") or "").strip().upper()
         if label in sections:
-            sections[label].append(_element_text(el))
+            sections[label].append("".join(el.itertext()))
     images: list[_Image] = []
     for i, el in enumerate(root.iter("parentImage")):
         image_id = (el.get("id") or "").strip()
-        if not image_id:
-            # An image-level problem: the report itself is readable and goes on.
+        if not image_id:  # an image-level problem: the report goes on
             tally.skip_image_entry("unreadable_image_record", f"{name} parentImage #{i + 1}", "no id attribute")
             continue
         images.append(_Image(image_id, image_id + ".png", _xml_projection(image_id, projection_of)))
     m = _CXR_UID.match(study_id)
-    return _Report(
-        study_id=study_id,
-        name=name,
-        findings=" ".join(sections["FINDINGS"]) if sections["FINDINGS"] else None,
-        impression=" ".join(sections["IMPRESSION"]) if sections["IMPRESSION"] else None,
-        images=images,
-        extra={"uid": m.group(1)} if m else {},
-    )
+    findings, impression = (" ".join(sections[k]) if sections[k] else None for k in sections)
+    return _Report(study_id, name, findings, impression, images, {"uid": m.group(1)} if m else {})
 
 
 def _xml_projection(image_id: str, projection_of: dict[str, str]) -> str:
@@ -315,7 +234,9 @@ def _iter_xml(folder: Path, projections: Path | None, tally: Tally) -> Iterator[
                 projection_of[row["filename"].strip()] = _projection_name(row.get("projection"))
         log.info("projections of the XML images looked up by file name in %s (%d files)",
                  projections, len(projection_of))
-    files = sorted((f for f in folder.glob("*.xml") if f.is_file()), key=lambda f: _natural_key(f.name))
+    # 2.xml before 10.xml: the output follows the release's numbering
+    files = sorted((f for f in folder.glob("*.xml") if f.is_file()),
+                   key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", f.name)])
     for path in _progress(files, "openi xml"):
         report = _read_xml_report(path, projection_of, tally)
         if report is not None:
@@ -331,18 +252,9 @@ def _progress(items: list[Any], desc: str) -> Any:
     return tqdm(items, desc=desc, unit="file", disable=None, leave=False)
 
 
-# --------------------------------------------------------------------------- Kaggle CSV
-
-
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str], str | None]]:
-    """Yield (line number, row, problem or None) for each data row of a CSV file.
-
-    Bytes that are not UTF-8 make only their own row unreadable: the file is decoded with
-    surrogateescape and a row holding an undecodable byte is reported with its problem.
-
-    Raises:
-        OpenIError: the file cannot be read or its header lacks a required column.
-    """
+    """(line number, row, problem or None) of each data row of a CSV file. Non-UTF-8 bytes make only
+    their own row unreadable (surrogateescape); OpenIError when the file or its header is unusable."""
     with _open_csv(path) as f:
         reader = csv.DictReader(f)
         header = _check_header(path, reader.fieldnames, required)
@@ -352,7 +264,8 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict
             if None in row:
                 yield line, row, f"{len(header) + len(row[None])} fields, the header has {len(header)}"
                 continue
-            bad = next((k for k, v in row.items() if v is not None and _has_surrogate(v)), None)
+            bad = next((k for k, v in row.items()
+                        if v is not None and any("\udc80" <= ch <= "\udcff" for ch in v)), None)
             if bad is not None:
                 yield line, row, f"column {bad!r} holds bytes that are not UTF-8"
                 continue
@@ -379,10 +292,6 @@ def _csv_header(path: Path, required: tuple[str, ...]) -> list[str]:
     """The stripped header of a CSV file; OpenIError naming the file if it lacks `required`."""
     with _open_csv(path) as f:
         return _check_header(path, next(csv.reader(f), None), required)
-
-
-def _has_surrogate(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _projection_name(value: str | None) -> str:
@@ -413,10 +322,8 @@ def _iter_kaggle(reports: Path, projections: Path, tally: Tally) -> Iterator[_Re
         elif uid in by_uid:
             tally.skip("duplicate_record", name, f"uid {uid} already read from {by_uid[uid].name}")
         else:
-            by_uid[uid] = _Report(
-                study_id=f"CXR{uid}", name=name, findings=row.get("findings"),
-                impression=row.get("impression"), images=[], extra={"uid": uid},
-            )
+            by_uid[uid] = _Report(f"CXR{uid}", name, row.get("findings"), row.get("impression"), [],
+                                  {"uid": uid})
     for line, row, problem in _csv_rows(projections, _PROJECTION_COLUMNS):
         uid = (row.get("uid") or "").strip()
         filename = (row.get("filename") or "").strip()
@@ -434,9 +341,6 @@ def _iter_kaggle(reports: Path, projections: Path, tally: Tally) -> Iterator[_Re
             image = _Image(_kaggle_image_id(uid, filename), filename, _projection_name(row.get("projection")))
             by_uid[uid].images.append(image)  # counted in images_read by _build_pairs
     yield from by_uid.values()
-
-
-# --------------------------------------------------------------------------- R2Gen JSON
 
 
 def _load_r2gen(path: Path) -> dict[str, list[Any]]:
@@ -472,12 +376,9 @@ def _iter_r2gen(path: Path, tally: Tally) -> Iterator[_Report]:
             if isinstance(study_id, str) and study_id.strip():
                 study_id = study_id.strip()
                 name += f" (id {study_id!r})"
-            problem = (
-                "missing id" if not (isinstance(study_id, str) and study_id)
-                else "missing or non-text report" if not isinstance(report, str)
-                else "image_path is not a list" if not isinstance(paths, list)
-                else None
-            )
+            problem = ("missing id" if not (isinstance(study_id, str) and study_id)
+                       else "missing or non-text report" if not isinstance(report, str)
+                       else "image_path is not a list" if not isinstance(paths, list) else None)
             if problem is not None:
                 tally.skip("unreadable_record", name, problem)
                 continue
@@ -501,9 +402,6 @@ def _iter_r2gen(path: Path, tally: Tally) -> Iterator[_Report]:
                           images=images, extra={"uid": m.group(1)} if m else {}, split=split)
 
 
-# --------------------------------------------------------------------------- pairs
-
-
 def _section_text(report: _Report, section: str, drop_deid: bool) -> str:
     findings = normalize_report(report.findings, drop_deid=drop_deid)
     impression = normalize_report(report.impression, drop_deid=drop_deid)
@@ -514,16 +412,8 @@ def _section_text(report: _Report, section: str, drop_deid: bool) -> str:
     return " ".join(t for t in (findings, impression) if t)
 
 
-def _build_pairs(
-    reports: Iterator[_Report],
-    *,
-    layout: str,
-    section: str,
-    images_dir: Path | None,
-    check_images: bool,
-    drop_deid: bool,
-    tally: Tally,
-) -> list[Pair]:
+def _build_pairs(reports: Iterator[_Report], *, layout: str, section: str, images_dir: Path | None,
+                 check_images: bool, drop_deid: bool, tally: Tally) -> list[Pair]:
     pairs: list[Pair] = []
     seen_images: dict[str, str] = {}
     seen_studies: dict[str, str] = {}
@@ -553,57 +443,32 @@ def _build_pairs(
             if check_images and not path.is_file():
                 tally.skip("missing_image", record, f"no file {path}", level=logging.DEBUG)
                 continue
-            pairs.append(Pair(
-                id=image.id,
-                study_id=report.study_id,
-                image=path.as_posix() if images_dir is not None else image.rel_path,
-                projection=image.projection,
-                text=text,
-                split=report.split or "train",
-                source=f"openi-{layout}",
-                extra=dict(report.extra),
-            ))
+            stored = path.as_posix() if images_dir is not None else image.rel_path
+            pairs.append(Pair(image.id, report.study_id, stored, image.projection, text,
+                              split=report.split or "train", source=f"openi-{layout}",
+                              extra=dict(report.extra)))
     return pairs
 
 
-# --------------------------------------------------------------------------- API
-
-
-def ingest_openi(
-    reports: str | os.PathLike,
-    projections: str | os.PathLike | None = None,
-    fmt: str = "auto",
-    images: str | os.PathLike | None = None,
-    text_only: bool = False,
-    section: str = "findings",
-    split: str | None = None,
-    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
-    drop_deid: bool = False,
-    seed: int = 0,
-) -> IngestResult:
+def ingest_openi(reports: str | os.PathLike, projections: str | os.PathLike | None = None, fmt: str = "auto",
+                 images: str | os.PathLike | None = None, text_only: bool = False, section: str = "findings",
+                 split: str | None = None,
+                 split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+                 drop_deid: bool = False, seed: int = 0) -> IngestResult:
     """Read an Open-I release in any of its three layouts into pairs with splits assigned.
 
     Args:
-        reports: XML folder, indiana_reports.csv, or R2Gen annotation.json.
-        projections: indiana_projections.csv. Kaggle layout: required, looked for next to
-            `reports` when None. XML layout: optional, gives the projection of each image.
-        fmt: "auto" (detect) or one of "xml", "kaggle", "r2gen".
-        images: folder holding the image files; each is checked to exist unless `text_only`.
-            Pair.image is the absolute path under it (the bare layout path when None).
-        text_only: do not check the image files (then `images` may be None).
-        section: "findings", "impression", or "both" (findings then impression, one space).
-        split: "study" (whole studies, from `seed` and `split_fractions`), "paper" (row order:
-            first 6,000 pairs train, the rest test) or "given" (R2Gen's lists). None means
-            "given" for R2Gen and "study" otherwise.
-        split_fractions: (train, val, test) pair fractions of the study split.
-        drop_deid: remove the "XXXX" de-identification token (normalize_report).
-        seed: seed of the study split.
+        projections: indiana_projections.csv: required for kaggle (looked for beside `reports` when
+            None), optional for xml.
+        images: folder of the image files, each checked unless `text_only`; Pair.image is the absolute
+            path under it (the layout's path when None).
+        section: "findings", "impression", or "both" (joined with one space).
+        split: "study" (whole studies from `seed`, `split_fractions`), "paper" (row order: first 6,000
+            train, the rest test) or "given" (R2Gen's); None: "given" for r2gen, else "study".
+        drop_deid: remove the "XXXX" de-identification token.
 
-    Returns:
-        IngestResult(pairs, summary); the summary is what summary.json holds.
-
-    Raises:
-        OpenIError: the input is not one of the layouts or an option does not fit it.
+    Returns IngestResult(pairs, summary.json's content); OpenIError when the input is not a layout or an
+    option does not fit it.
     """
     if section not in SECTIONS:
         raise OpenIError(f"unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
@@ -664,13 +529,6 @@ def ingest_openi(
 
 def _projections_path(layout: str, source: Path, projections: str | os.PathLike | None) -> Path | None:
     """The projections table to use (header checked), or None; OpenIError when it does not fit."""
-    path = _find_projections(layout, source, projections)
-    if path is not None:
-        _csv_header(path, _PROJECTION_COLUMNS)
-    return path
-
-
-def _find_projections(layout: str, source: Path, projections: str | os.PathLike | None) -> Path | None:
     if projections is not None:
         path = Path(projections)
         if layout == "r2gen":
@@ -678,14 +536,15 @@ def _find_projections(layout: str, source: Path, projections: str | os.PathLike 
                              "file names that a projections table could match)")
         if not path.is_file():
             raise OpenIError(f"--projections {path} is not a file")
-        return path
-    if layout == "kaggle":
-        beside = source.parent / "indiana_projections.csv"
-        if not beside.is_file():
+    elif layout == "kaggle":
+        path = source.parent / "indiana_projections.csv"
+        if not path.is_file():
             raise OpenIError(f"the kaggle layout needs --projections indiana_projections.csv (uid, filename, "
-                             f"projection); none given and {beside} does not exist")
-        return beside
-    return None
+                             f"projection); none given and {path} does not exist")
+    else:
+        return None
+    _csv_header(path, _PROJECTION_COLUMNS)
+    return path
 
 
 def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, split: str,
@@ -704,8 +563,6 @@ def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, spli
         "pairs_written": len(pairs),
         "skipped": skipped,
         "skipped_by_level": by_level,
-        # pairs_written + sum(skipped) == considered: every image entry read, plus one unit for
-        # each report record skipped before its images could be enumerated.
         "considered": tally.images_read + sum(tally.skipped["report"].values()),
         "splits": split_counts(pairs),
         "studies": studies,
@@ -714,8 +571,6 @@ def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, spli
         + ("XXXX removed" if inputs["drop_deid"] else "XXXX kept"),
         "inputs": inputs,
         "skipped_examples": {r: tally.examples[r] for r in sorted(tally.examples)},
-        # Held-out pairs whose cleaned text is a training report's: their perturbations are
-        # training negatives word for word; evaluations report the rest too.
         "text_overlap": text_overlap(pairs).to_json(),
     }
     if len(pairs) + sum(skipped.values()) != summary["considered"]:  # a bug in this module, never the input
@@ -734,24 +589,12 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
 
 
 def cli_main(args: Any) -> int:
-    """`pertvl data openi`: ingest, then write OUT/pairs.jsonl and OUT/summary.json.
-
-    Returns:
-        0 on success, 2 when the input or options cannot be ingested (the reason is logged).
-    """
+    """`pertvl data openi`: OUT/pairs.jsonl and OUT/summary.json; 2 when the input cannot be ingested."""
     try:
-        result = ingest_openi(
-            args.reports,
-            projections=args.projections,
-            fmt=args.format,
-            images=args.images,
-            text_only=args.text_only,
-            section=args.section,
-            split=args.split,
-            split_fractions=_parse_fractions(args.split_fractions),
-            drop_deid=args.drop_deid,
-            seed=args.seed,
-        )
+        result = ingest_openi(args.reports, projections=args.projections, fmt=args.format, images=args.images,
+                              text_only=args.text_only, section=args.section, split=args.split,
+                              split_fractions=_parse_fractions(args.split_fractions),
+                              drop_deid=args.drop_deid, seed=args.seed)
     except OpenIError as e:
         log.error("pertvl data openi: %s", e)
         return 2
@@ -762,10 +605,7 @@ def cli_main(args: Any) -> int:
     print("held-out text seen in training: " + "; ".join(
         f"{split} {o['pairs_in_train']} of {o['pairs']} pairs ({o['texts_in_train']} of {o['texts']} distinct "
         "cleaned texts)" for split, o in s["text_overlap"].items()))
-    log.info(
-        "openi %s -> %s: reports_read=%d images_read=%d pairs_written=%d skipped=%s splits=%s "
-        "studies=%s projections=%s",
-        s["layout"], out, s["reports_read"], s["images_read"], s["pairs_written"], s["skipped"],
-        s["splits"], s["studies"], s["projections"],
-    )
+    log.info("openi %s -> %s: reports_read=%d images_read=%d pairs_written=%d skipped=%s splits=%s "
+             "studies=%s projections=%s", s["layout"], out, s["reports_read"], s["images_read"],
+             s["pairs_written"], s["skipped"], s["splits"], s["studies"], s["projections"])
     return 0

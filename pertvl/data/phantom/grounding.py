@@ -1,15 +1,11 @@
 """Where a phantom's findings are, and which words of its report name them: the ground truth of
 the grounding evaluation (pertvl.evaluate.grounding).
 
-Nothing is stored but the recipe: a phantom pair's `extra` holds its findings and
-`extra["render"]` = {"generator", "seed", "index", "size"} (pertvl.data.phantom.corpus.render_ref),
-and `pertvl pack` copies `extra` into each sample's json. From these the masks are re-drawn with
-the phantom's own rendering stream (SeedSequence(seed, spawn_key=(index,)), render.finding_masks:
-the same patient and the same random placement as the image, without composing the image), and
-the report's sentences are re-composed from its own report stream, so each word is known to state
-a present finding or not ("effusion" in "no right pleural effusion" next to a left effusion does
-not). Both are checked: the generator version must match, and the re-composed report must clean to
-the sample's text.
+Only the recipe is stored: a phantom sample's `extra` holds its findings and `extra["render"]`
+(corpus.render_ref). The masks are re-drawn from the phantom's own rendering stream
+(render.finding_masks) and the report re-composed from its report stream, so each word is known to
+state a present finding or not. The generator version must match and the re-composed report must
+clean to the sample's text.
 """
 
 from __future__ import annotations
@@ -50,12 +46,8 @@ class PhantomTruth:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> PhantomTruth:
-        """Read it from a shard sample's json (or a pair's dict with `extra`).
-
-        Raises:
-            ValueError: naming what is missing (not a phantom, a corpus written before the render
-                record, another generator version).
-        """
+        """Read it from a shard sample's json (or a pair's dict with `extra`); ValueError naming what is
+        missing (not a phantom, or another generator version)."""
         extra = meta.get("extra") or {}
         render = extra.get("render")
         if "findings" not in extra or not isinstance(render, Mapping):
@@ -74,27 +66,17 @@ def phantom_masks(truth: PhantomTruth) -> dict[str, np.ndarray]:
 
 
 def region_shares(mask: np.ndarray, grid: Sequence[int]) -> np.ndarray:
-    """The share of each grid cell's area inside `mask`: float [h, w] in [0, 1].
-
-    Area averaging (a box filter) from the render size to the grid; the shard image is the render
-    resized once (square, so no crop), so cell (r, c) covers the same part of both.
-    """
+    """The share of each grid cell's area inside `mask`, float [h, w] in [0, 1] (area averaging; the
+    shard image is the render resized once, so cell (r, c) covers the same part of both)."""
     h, w = (int(g) for g in grid)
     img = Image.fromarray(np.asarray(mask, dtype=np.float32), mode="F")
     return np.clip(np.asarray(img.resize((w, h), Image.Resampling.BOX), dtype=np.float64), 0.0, 1.0)
 
 
 def finding_words(truth: PhantomTruth, text: str) -> list[FindingWord]:
-    """The words of `text` (a cleaned report) that name a finding the image has.
-
-    A word counts when it is one of the finding type's keywords (findings.TYPE_KEYWORDS:
-    "effusion", "pneumothorax", "enlarged", "nodule", ...) inside a sentence that asserts that
-    finding present; the sentences come from re-composing the report from its own stream.
-
-    Raises:
-        ValueError: the re-composed report does not clean to `text` (another corpus version, or a
-            report edited after generation).
-    """
+    """The words of `text` (a cleaned report) that are a keyword of a finding type (TYPE_KEYWORDS)
+    inside a sentence asserting that finding present. ValueError when the re-composed report does not
+    clean to `text`."""
     _, _, r_text, _ = _streams(truth.seed, truth.index)
     sentences = compose_report(truth.findings, r_text)
     out: list[FindingWord] = []

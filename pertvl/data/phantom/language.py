@@ -1,21 +1,10 @@
 """The language of the phantom corpus: Open-I style reports and synthetic NLI items from the findings.
 
-A phantom's truth is a list of `Finding`s (pertvl.data.phantom.findings). This module turns
-that truth into words, and keeps track of what every sentence asserts (`Fact`s), so that
-
-* `write_report` states each present finding with its side, severity and location, and some
-  absent findings as negations ("No pneumothorax or pleural effusion."), in Open-I findings style
-  with synonyms and varied sentence order (10-45 words);
-* `make_nli_items` derives MedNLI-style premise/hypothesis pairs whose gold label follows from
-  the facts the premise sentences assert (entailment / contradiction) or do not address (neutral).
-
-The wording deliberately uses words that the antonym lexicon of the perturbation stage flips
-(left/right, small/large, mild/severe, normal/enlarged, clear, increased, upper/lower, sharp/
-blunted), so that an antonym-perturbed report truly describes another image, and the same words
-in another order describe another image too ("small left pleural effusion. no pneumothorax." vs
-"small pneumothorax. no left pleural effusion.").
-
-Left and right are always the PATIENT's sides (see pertvl.data.phantom for the image convention).
+Every sentence keeps the `Fact`s it asserts: `write_report` states each present finding with its
+side, severity and location and some absent ones as negations (MIN_WORDS-MAX_WORDS words, varied
+wording and order); `make_nli_items` derives MedNLI-style items whose labels follow from those facts.
+The wording uses the words the antonym lexicon flips (left/right, small/large, mild/severe, ...), so an
+antonym-perturbed report describes another image. Left and right are the PATIENT's sides.
 """
 
 from __future__ import annotations
@@ -53,12 +42,8 @@ class Fact:
 
 
 def fact_holds(fact: Fact, findings: Sequence[Finding]) -> bool:
-    """Whether `fact` is true of a phantom with these findings.
-
-    A present fact holds when a finding of its type covers its side and matches the severity and
-    location it names (unnamed attributes match anything); an absent fact holds when no finding of
-    its type covers its side.
-    """
+    """Whether `fact` is true of these findings: a present fact when a finding of its type covers
+    its side and matches the severity and location it names; an absent one when none covers its side."""
     same = [f for f in findings if f.type == fact.type]
     if fact.present:
         return any(
@@ -133,110 +118,64 @@ def _present_options(f: Finding, where: str | None, w: str | None) -> list[str]:
     sev, side = f.severity, f.side
     if f.type == "pleural_effusion":
         if side == "bilateral":
-            opts = [
-                f"{sev} bilateral pleural effusions",
-                f"there are {sev} bilateral pleural effusions",
-                f"{sev} pleural effusions bilaterally",
-                f"bilateral {sev} pleural effusions are present",
-            ]
+            opts = [f"{sev} bilateral pleural effusions", f"there are {sev} bilateral pleural effusions",
+                    f"{sev} pleural effusions bilaterally", f"bilateral {sev} pleural effusions are present"]
             if sev == "small":
                 opts.append("blunting of both costophrenic angles consistent with small bilateral effusions")
         else:
-            opts = [
-                f"there is a {sev} {side} pleural effusion",
-                f"{sev} {side} pleural effusion",
-                f"a {sev} {side} pleural effusion is present",
-                f"{sev} pleural effusion on the {side}",
-                f"{sev} {side} effusion",
-            ]
+            opts = [f"there is a {sev} {side} pleural effusion", f"{sev} {side} pleural effusion",
+                    f"a {sev} {side} pleural effusion is present", f"{sev} pleural effusion on the {side}",
+                    f"{sev} {side} effusion"]
             if sev == "small":
                 opts += [
                     f"blunting of the {side} costophrenic angle consistent with a small pleural effusion",
-                    f"the {side} costophrenic angle is blunted by a small effusion",
-                ]
+                    f"the {side} costophrenic angle is blunted by a small effusion"]
             else:
                 opts.append(f"{sev} {side} pleural effusion with a meniscus")
     elif f.type == "pneumothorax":
-        opts = [
-            f"there is a {sev} {side} pneumothorax",
-            f"{sev} {side} pneumothorax",
-            f"{sev} pneumothorax on the {side}",
-            f"{sev} {side} pneumothorax with a visible pleural line",
-            f"there is a {sev} pneumothorax in the {side} hemithorax",
-        ]
+        opts = [f"there is a {sev} {side} pneumothorax", f"{sev} {side} pneumothorax",
+                f"{sev} pneumothorax on the {side}", f"{sev} {side} pneumothorax with a visible pleural line",
+                f"there is a {sev} pneumothorax in the {side} hemithorax"]
         if sev == "small":
             opts.append(f"a small {side} apical pneumothorax is present")
     elif f.type == "consolidation":
-        opts = [
-            f"there is {w} consolidation in the {where}",
-            f"{w} {where} consolidation",
-            f"{w} airspace consolidation in the {where}",
-            f"{w} consolidation of the {where}",
-        ]
+        opts = [f"there is {w} consolidation in the {where}", f"{w} {where} consolidation",
+                f"{w} airspace consolidation in the {where}", f"{w} consolidation of the {where}"]
     elif f.type == "cardiomegaly":
         adv = _ADVERB[sev]
-        opts = [
-            f"the heart is {adv} enlarged",
-            f"{sev} cardiomegaly",
-            f"there is {sev} cardiomegaly",
-            f"heart size is {adv} enlarged",
-            f"the cardiac silhouette is {adv} enlarged",
-            f"{sev} enlargement of the cardiac silhouette",
-        ]
+        opts = [f"the heart is {adv} enlarged", f"{sev} cardiomegaly", f"there is {sev} cardiomegaly",
+                f"heart size is {adv} enlarged", f"the cardiac silhouette is {adv} enlarged",
+                f"{sev} enlargement of the cardiac silhouette"]
     elif f.type == "nodule":
-        opts = [
-            f"there is a {sev} nodule in the {where}",
-            f"{sev} {where} nodule",
-            f"a {sev} pulmonary nodule is seen in the {where}",
-            f"{sev} nodular opacity in the {where}",
-            f"{sev} rounded opacity in the {where} compatible with a nodule",
-        ]
+        opts = [f"there is a {sev} nodule in the {where}", f"{sev} {where} nodule",
+                f"a {sev} pulmonary nodule is seen in the {where}", f"{sev} nodular opacity in the {where}",
+                f"{sev} rounded opacity in the {where} compatible with a nodule"]
     elif f.type == "atelectasis":
-        opts = [
-            f"{sev} {side} basilar atelectasis",
-            f"there is {sev} atelectasis at the {side} lung base",
-            f"{sev} {side} lower lobe atelectasis",
-            f"{sev} plate-like atelectasis at the {side} base",
-            f"linear opacity at the {side} base consistent with {sev} atelectasis",
-        ]
+        opts = [f"{sev} {side} basilar atelectasis", f"there is {sev} atelectasis at the {side} lung base",
+                f"{sev} {side} lower lobe atelectasis", f"{sev} plate-like atelectasis at the {side} base",
+                f"linear opacity at the {side} base consistent with {sev} atelectasis"]
         if sev == "moderate":
             opts.append(f"moderate {side} lower lobe atelectasis with elevation of the {side} hemidiaphragm")
     else:  # edema
-        opts = [
-            f"there is {sev} pulmonary edema",
-            f"{sev} interstitial edema",
-            f"{sev} pulmonary edema with increased interstitial markings",
-            f"increased interstitial markings consistent with {sev} edema",
-            f"findings of {sev} pulmonary vascular congestion and edema",
-        ]
+        opts = [f"there is {sev} pulmonary edema", f"{sev} interstitial edema",
+                f"{sev} pulmonary edema with increased interstitial markings",
+                f"increased interstitial markings consistent with {sev} edema",
+                f"findings of {sev} pulmonary vascular congestion and edema"]
         if sev == "severe":
             opts.append("severe pulmonary edema with bilateral perihilar airspace opacities")
     return opts
 
 
-_HEART_NORMAL = (
-    "heart size is normal",
-    "the heart is normal in size",
-    "normal heart size",
-    "the cardiomediastinal silhouette is normal",
-    "heart size and mediastinal contours are normal",
-    "the cardiac silhouette is within normal limits",
-    "the heart size is within normal limits",
-)
+_HEART_NORMAL = ("heart size is normal", "the heart is normal in size", "normal heart size",
+                 "the cardiomediastinal silhouette is normal",
+                 "heart size and mediastinal contours are normal",
+                 "the cardiac silhouette is within normal limits", "the heart size is within normal limits")
 
 
-def _heart_normal_sentence(rng: np.random.Generator) -> Sentence:
-    text = _pick(rng, _HEART_NORMAL)
-    return _sentence(text, [Fact("cardiomegaly", False)], ["cardiomegaly"])
-
-
-NEG_NOUNS = {
-    "pneumothorax": ("pneumothorax",),
-    "pleural_effusion": ("pleural effusion", "effusion"),
-    "consolidation": ("focal consolidation", "focal airspace consolidation", "consolidation"),
-    "edema": ("pulmonary edema", "edema"),
-    "nodule": ("suspicious pulmonary nodules", "pulmonary nodules"),
-}
+NEG_NOUNS = {"pneumothorax": ("pneumothorax",), "pleural_effusion": ("pleural effusion", "effusion"),
+             "consolidation": ("focal consolidation", "focal airspace consolidation", "consolidation"),
+             "edema": ("pulmonary edema", "edema"),
+             "nodule": ("suspicious pulmonary nodules", "pulmonary nodules")}
 
 
 def _join(nouns: Sequence[str], rng: np.random.Generator) -> str:
@@ -268,12 +207,6 @@ def _side_negation_options(ftype: str, side: str) -> list[str]:
         return [f"no {side} pleural effusion", f"the {side} costophrenic angle is sharp",
                 f"there is no {side} pleural effusion"]
     return [f"no {side} pneumothorax", f"no pneumothorax on the {side}"]
-
-
-def _side_negation_sentence(f: Finding, rng: np.random.Generator) -> Sentence:
-    """A negation of a unilateral pleural finding on the other side ('No right pleural effusion.')."""
-    other = _other(f.side)
-    return _sentence(_pick(rng, _side_negation_options(f.type, other)), [Fact(f.type, False, other)], [f.type])
 
 
 def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.random.Generator) -> Sentence:
@@ -316,17 +249,14 @@ def is_lungs_clear(sentence: Sentence) -> bool:
 _BONES = ("no acute bony abnormality", "the osseous structures are intact",
           "visualized osseous structures are unremarkable", "no acute osseous abnormality")
 
-
 _MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
                 "mediastinal contours are within normal limits")
 
 
 def fact_sentences(fact: Fact) -> list[Sentence]:
-    """Every sentence the report grammar can write that asserts exactly `fact` and nothing else: a
-    present finding fully specified (type, side, severity, location), a finding type absent
-    ("No pneumothorax.", for cardiomegaly a normal heart), or a pleural finding absent on one side.
-    The twin reports (pertvl.data.phantom.twins) choose among these, so they stay in the
-    generator's own distribution."""
+    """Every sentence the grammar can write that asserts exactly `fact`: a fully specified present
+    finding, an absent type (a normal heart for cardiomegaly), or a pleural finding absent on one side.
+    The twin reports choose among these, staying in the generator's distribution."""
     t = fact.type
     if fact.present:
         f = Finding(t, fact.severity, fact.side, fact.location)
@@ -357,15 +287,8 @@ def _unique(sentences: list[Sentence]) -> list[Sentence]:
 
 
 def compose_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> list[Sentence]:
-    """The sentences of a report for these findings (see `write_report`).
-
-    Args:
-        findings: the phantom's findings (at most one per type).
-        rng: the generator that picks wording, negations and order.
-
-    Returns:
-        Sentences with their facts, in report order; total length MIN_WORDS..MAX_WORDS words.
-    """
+    """The sentences of a report for these findings (at most one per type), with their facts, in
+    report order; MIN_WORDS..MAX_WORDS words."""
     fs = as_findings(findings)
     for _ in range(50):
         sents = _compose_once(fs, rng)
@@ -379,7 +302,7 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
     present = {f.type for f in fs}
     by_type = {f.type: f for f in fs}
     heart = (_present_sentence(by_type["cardiomegaly"], rng) if "cardiomegaly" in present
-             else _heart_normal_sentence(rng))
+             else _sentence(_pick(rng, _HEART_NORMAL), [Fact("cardiomegaly", False)], ["cardiomegaly"]))
     findings_s = [_present_sentence(f, rng) for f in fs if f.type != "cardiomegaly"]
     order = rng.permutation(len(findings_s))
     findings_s = [findings_s[i] for i in order]
@@ -412,7 +335,9 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
         optional.append(_negation_sentence(spare[:1], rng))
     for f in fs:
         if f.type in ("pleural_effusion", "pneumothorax") and f.side != "bilateral" and rng.random() < 0.5:
-            optional.append(_side_negation_sentence(f, rng))
+            other = _other(f.side)  # "No right pleural effusion." beside a left one
+            text = _pick(rng, _side_negation_options(f.type, other))
+            optional.append(_sentence(text, [Fact(f.type, False, other)], [f.type]))
     if "atelectasis" not in present and rng.random() < 0.25:
         optional.append(_sentence(_pick(rng, ["lung volumes are normal", "normal lung volumes"]),
                                   topics=["atelectasis"]))
@@ -446,16 +371,8 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
 
 
 def write_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> str:
-    """An Open-I findings-style report of these findings.
-
-    Args:
-        findings: the phantom's findings (Finding or its JSON dict), at most one per type.
-        rng: the generator that picks wording, negations and order.
-
-    Returns:
-        The report text, 10-45 words, e.g. "Heart size is normal. Small left pleural effusion.
-        No pneumothorax."
-    """
+    """An Open-I findings-style report of these findings ("Heart size is normal. Small left pleural
+    effusion. No pneumothorax.")."""
     return " ".join(s.text for s in compose_report(findings, rng))
 
 
@@ -481,11 +398,8 @@ _HYP_NOUN = {"pleural_effusion": "pleural effusion", "pneumothorax": "pneumothor
 
 
 def hypothesis_text(fact: Fact, rng: np.random.Generator, definite: bool = False) -> str:
-    """A plain statement of `fact` (worded unlike the report grammar).
-
-    `definite` phrases a present fact about an already-mentioned finding ("The pneumothorax is on the
-    right side.", "The pleural effusion is large."), used for wrong-side / wrong-severity claims.
-    """
+    """A plain statement of `fact` (worded unlike the report grammar); `definite` phrases a present
+    fact about an already-mentioned finding ("The pleural effusion is large.")."""
     t, side, sev, loc = fact.type, fact.side, fact.severity, fact.location
     if fact.present and definite:
         if t == "cardiomegaly":
@@ -601,28 +515,12 @@ def _pick_fact(facts: Sequence[Fact], rng: np.random.Generator, p_present: float
     return pool[int(rng.integers(len(pool)))]
 
 
-def make_nli_items(
-    sentences: Sequence[Sentence],
-    findings: Sequence[Finding | dict[str, Any]],
-    rng: np.random.Generator,
-    pair_id: str,
-) -> list[NliItem]:
-    """Three MedNLI-style items (one per label) sharing one premise drawn from a phantom's report.
-
-    The premise is the report without the sentences about one held-out finding type; the neutral
-    hypothesis speaks about that type (which the premise then does not address). The entailment
-    restates (possibly less specifically) a fact a premise sentence asserts; the contradiction
-    falsifies one (present vs absent, wrong side or lobe, wrong severity). Every hypothesis is also
-    checked against the phantom's true findings.
-
-    Args:
-        sentences: the report's sentences (from `compose_report`).
-        findings: the phantom's true findings.
-        rng: the generator for choices and wording.
-        pair_id: the phantom's id; item ids are f"{pair_id}-nli-{e|c|n}".
-
-    Returns:
-        [entailment, contradiction, neutral] items.
+def make_nli_items(sentences: Sequence[Sentence], findings: Sequence[Finding | dict[str, Any]],
+                   rng: np.random.Generator, pair_id: str) -> list[NliItem]:
+    """[entailment, contradiction, neutral] MedNLI-style items sharing one premise: the report
+    without the sentences about one held-out type, which the neutral hypothesis speaks about. The
+    entailment restates a premise fact (maybe less specifically), the contradiction falsifies one; both
+    are checked against the true findings. Item ids are f"{pair_id}-nli-{e|c|n}".
     """
     fs = as_findings(findings)
     held = list(FINDING_TYPES)

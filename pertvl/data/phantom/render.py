@@ -17,15 +17,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from pertvl.data.phantom.findings import Finding, as_findings
 
 MIN_SIZE, MAX_SIZE = 64, 2048
-
-
 PNG_COMPRESS_LEVEL = 6  # fixed so that the bytes of a PNG depend on its pixels only
-
-
 # Image x of a patient side: x = 0.5 + sign * |offset from the midline| (patient's left = image right).
 SIDE_SIGN = {"right": -1.0, "left": 1.0}
-
-
 _SIDE_INDEX = {"right": 0, "left": 1}  # index into the per-side arrays of _Patient
 
 
@@ -72,16 +66,15 @@ def _sample_patient(rng: np.random.Generator) -> _Patient:
     dome_r = y_cp_r - u(0.075, 0.105)
     dome_l = max(dome_r + u(0.01, 0.03), y_cp_l - 0.1)
     ry = u(0.19, 0.22)
-    return _Patient(
-        scale=u(0.9, 1.03), angle=math.radians(u(-4.0, 4.0)), tx=u(-0.02, 0.02), ty=u(-0.015, 0.03),
-        body_w=wf * u(0.98, 1.04), m0=0.045 * wf, lung_w=(lr, lr * u(0.93, 1.0)),
-        y_top=(y_top + u(-0.01, 0.01), y_top + u(-0.01, 0.01)), y_cp=(y_cp_r, y_cp_l), dome_top=(dome_r, dome_l),
-        ctr=u(0.40, 0.47), heart_cy=0.5 * (dome_r + dome_l) + u(0.0, 0.03), heart_ry=ry,
-        heart_shear=u(0.1, 0.3), hilum_y=(u(0.41, 0.45), u(0.39, 0.43)), med_w=u(0.055, 0.07),
-        rib_r0=u(0.085, 0.11), rib_sp=u(0.063, 0.072), rib_th=u(0.0105, 0.0135), clav_y=u(0.15, 0.19),
-        soft=u(0.36, 0.42), lo=u(-0.03, 0.03), hi=u(0.66, 0.76), gamma=u(0.85, 1.15),
-        noise=u(0.008, 0.025), mottle=u(0.01, 0.03),
-    )
+    return _Patient(scale=u(0.9, 1.03), angle=math.radians(u(-4.0, 4.0)), tx=u(-0.02, 0.02),
+                    ty=u(-0.015, 0.03), body_w=wf * u(0.98, 1.04), m0=0.045 * wf,
+                    lung_w=(lr, lr * u(0.93, 1.0)), y_top=(y_top + u(-0.01, 0.01), y_top + u(-0.01, 0.01)),
+                    y_cp=(y_cp_r, y_cp_l), dome_top=(dome_r, dome_l), ctr=u(0.40, 0.47),
+                    heart_cy=0.5 * (dome_r + dome_l) + u(0.0, 0.03), heart_ry=ry, heart_shear=u(0.1, 0.3),
+                    hilum_y=(u(0.41, 0.45), u(0.39, 0.43)), med_w=u(0.055, 0.07), rib_r0=u(0.085, 0.11),
+                    rib_sp=u(0.063, 0.072), rib_th=u(0.0105, 0.0135), clav_y=u(0.15, 0.19),
+                    soft=u(0.36, 0.42), lo=u(-0.03, 0.03), hi=u(0.66, 0.76), gamma=u(0.85, 1.15),
+                    noise=u(0.008, 0.025), mottle=u(0.01, 0.03))
 
 
 _GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -154,11 +147,8 @@ class _Lung:
 
 def _lung_shape(cv: _Canvas, ad: np.ndarray, ya: np.ndarray, m0: float, L: Param, y_top: Param, y_cp: Param,
                 dome_top: Param, width_px: float = 0.9) -> _Lung:
-    """A lung field as an implicit shape: rounded apex, convex lateral wall, domed base.
-
-    Hand-written rather than from a drawing library because every term must be evaluated on
-    arbitrary (rotated, scaled, shrunk) coordinate grids and stay vectorized.
-    """
+    """A lung field as an implicit shape (rounded apex, convex lateral wall, domed base), evaluated
+    vectorized on any (rotated, scaled) coordinate grid."""
     H = y_cp - y_top
     t = (ya - y_top) / H
     c = m0 + _f32(0.42) * L
@@ -182,10 +172,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
 
 
 def _vessels(cv: _Canvas, lung: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Branching, tapering vessel markings fanning out from each hilum, clipped to the lung fields.
-
-    Drawn with PIL (C-speed line rasterization) from random-walk trees; 0..1 float image.
-    """
+    """Branching, tapering vessel markings from each hilum (random-walk trees drawn with PIL), clipped
+    to the lung fields; 0..1."""
     pt, size = cv.pt, cv.size
     img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(img)
@@ -225,9 +213,8 @@ def _band(t: np.ndarray, a: float, b: float, soft: float = 0.05) -> np.ndarray:
 
 
 def _lobe_zone(cv: _Canvas, lung: _Lung, lobe: str, pt: _Patient, soft: float = 0.0) -> np.ndarray:
-    """Where a lobe projects on a PA film: upper zone, lower zone (laterally on the right), or the
-    medial mid-lower right zone beside the right heart border (middle lobe). `soft` widens the
-    edges (an envelope for opacities rather than a place to put their centre)."""
+    """Where a lobe projects on a PA film (upper zone, lower zone, or the middle lobe beside the right
+    heart border); `soft` widens the edges (an envelope for opacities)."""
     side, level, _ = lobe.split(" ")
     L = pt.lung_w[_SIDE_INDEX[side]]
     e = 0.05 + soft
@@ -251,11 +238,8 @@ def _pick_pixel(rng: np.random.Generator, weight: np.ndarray, thresh: float) -> 
 
 @dataclass
 class _Scene:
-    """Per-pixel layers of one phantom: the fixed anatomy plus what findings change.
-
-    `lung_eff` is how much aerated lung each pixel's ray crosses (what makes lungs dark),
-    `vessel_gain` scales the vessel markings, `extra` is density added by findings.
-    """
+    """Per-pixel layers of one phantom: the fixed anatomy plus what findings change (`lung_eff`: aerated
+    lung each ray crosses; `vessel_gain`: scale of the vessel markings; `extra`: density added)."""
 
     cv: _Canvas
     lung: _Lung
@@ -269,9 +253,8 @@ class _Scene:
 
 
 def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rngs: Mapping[str, np.random.Generator]) -> _Patient:
-    """Findings that change the anatomy itself: volume loss lifts a hemidiaphragm; cardiomegaly
-    sets a cardiothoracic ratio of 0.56-0.72 (normal patients have 0.40-0.47). `rngs`: each
-    finding type's generator."""
+    """Findings that change the anatomy itself: atelectasis lifts a hemidiaphragm; cardiomegaly sets a
+    cardiothoracic ratio of 0.56-0.72 (normal 0.40-0.47). `rngs`: each finding type's generator."""
     if "atelectasis" in fs:
         rng = rngs["atelectasis"]
         f = fs["atelectasis"]
@@ -290,9 +273,8 @@ def _adjust_anatomy(pt: _Patient, fs: dict[str, Finding], rngs: Mapping[str, np.
 
 
 def _draw_effusion(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
-    """Dense fluid at the base; its surface climbs the lateral wall (meniscus), so a small
-    effusion only fills (blunts) the costophrenic angle and a large one hides the dome.
-    Returns the fluid inside the lung fields (0..1), like every drawer its footprint."""
+    """Dense fluid at the base climbing the lateral wall (meniscus): a small effusion blunts the
+    costophrenic angle, a large one hides the dome. Returns the fluid inside the lung fields (0..1)."""
     cv, pt = s.cv, s.cv.pt
     footprint = np.zeros_like(cv.xa)
     for side in (("left", "right") if f.side == "bilateral" else (f.side,)):
@@ -311,9 +293,8 @@ def _draw_effusion(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarra
 
 
 def _draw_pneumothorax(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
-    """The lung collapses toward its base and hilum (most air at the apex, less along the wall):
-    the space between is darker and has no markings; the visceral pleural line is visible.
-    Returns the air space (0..1)."""
+    """The lung collapses toward its base and hilum; the space between is darker, without markings, and
+    the visceral pleural line shows. Returns the air space (0..1)."""
     cv, pt = s.cv, s.cv.pt
     k = _SIDE_INDEX[f.side]
     sy = {"small": 0.85, "moderate": 0.71, "large": 0.55}[f.severity] + rng.uniform(-0.03, 0.03)
@@ -372,9 +353,8 @@ def _draw_nodule(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
 
 
 def _draw_atelectasis(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
-    """Plate-like linear opacities at the base (the hemidiaphragm was lifted in _adjust_anatomy);
-    moderate adds a wedge of collapsed lower lobe at the medial base. Returns the plates (and
-    wedge), 0..1; the lifted dome is not part of it."""
+    """Plate-like linear basal opacities (the dome was lifted in _adjust_anatomy), plus a wedge of
+    collapsed lower lobe when moderate. Returns the plates and wedge (0..1)."""
     cv, pt = s.cv, s.cv.pt
     xa, ya = cv.xa, cv.ya
     k = _SIDE_INDEX[f.side]
@@ -400,9 +380,8 @@ def _draw_atelectasis(s: _Scene, f: Finding, rng: np.random.Generator) -> np.nda
 
 
 def _draw_edema(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
-    """Bilateral perihilar haze ('bat wing'), prominent vessels and a reticular interstitial
-    pattern, all growing with severity. Returns the perihilar haze inside the lung fields (0..1):
-    the vessel and reticular changes cover both lungs and are not part of it."""
+    """Bilateral perihilar haze, prominent vessels and a reticular pattern, growing with severity.
+    Returns the perihilar haze inside the lung fields (0..1)."""
     cv, pt = s.cv, s.cv.pt
     e = {"mild": 1, "moderate": 2, "severe": 3}[f.severity]
     amp = (0.4, 0.6, 0.8)[e - 1]
@@ -418,14 +397,9 @@ def _draw_edema(s: _Scene, f: Finding, rng: np.random.Generator) -> np.ndarray:
 
 
 # Drawn in this order (the findings generator is consumed in it).
-_DRAW = {
-    "pleural_effusion": _draw_effusion,
-    "pneumothorax": _draw_pneumothorax,
-    "consolidation": _draw_consolidation,
-    "nodule": _draw_nodule,
-    "atelectasis": _draw_atelectasis,
-    "edema": _draw_edema,
-}
+_DRAW = {"pleural_effusion": _draw_effusion, "pneumothorax": _draw_pneumothorax,
+         "consolidation": _draw_consolidation, "nodule": _draw_nodule, "atelectasis": _draw_atelectasis,
+         "edema": _draw_edema}
 
 
 @dataclass
@@ -449,9 +423,8 @@ class _Prepared:
 
 def _prepare(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator,
              finding_rngs: Mapping[str, np.random.Generator] | None = None) -> _Prepared:
-    """Everything up to the drawn findings, with the generator streams consumed as render_phantom
-    always has (anatomy, vessels, findings, noise), so the image and the masks agree.
-    `finding_rngs` (type -> generator) replaces the shared findings stream, see render_phantom."""
+    """Everything up to the drawn findings, the generator streams consumed as render_phantom always
+    has (anatomy, vessels, findings, noise), so the image and the masks agree."""
     if not MIN_SIZE <= int(size) <= MAX_SIZE:
         raise ValueError(f"phantom size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
     size = int(size)
@@ -502,23 +475,12 @@ MASK_LEVEL = 0.5  # a pixel belongs to a finding where its drawn layer reaches h
 
 def finding_masks(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator
                   ) -> dict[str, np.ndarray]:
-    """Where each finding of a phantom is drawn: bool [size, size] per finding type.
+    """Where each finding of a phantom is drawn: {type: bool [size, size]}.
 
-    Called with the generator state `render_phantom` got (the same findings, size and seed), it
-    reproduces the patient and the findings' random placement exactly, from the same streams,
-    without composing the image (no bones, body, exposure or noise). A pixel is in a finding's
-    mask where the layer its drawer adds reaches MASK_LEVEL: the fluid of an effusion (inside the
-    lung fields), the air space of a pneumothorax, the consolidation's opacity, the nodule's disk,
-    atelectasis' plates (and wedge; not the lifted dome), edema's perihilar haze (not the
-    lung-wide vessel and reticular changes), and for cardiomegaly the enlarged heart.
-
-    Args:
-        findings: the phantom's findings (Finding or JSON dicts), at most one per type.
-        size: the size the phantom was rendered at (placement is chosen on that pixel grid).
-        rng: the phantom's rendering generator, in the state render_phantom received.
-
-    Returns:
-        {finding type: bool mask}, one entry per finding.
+    With the generator state `render_phantom` got (same findings and size), it reproduces the patient and
+    the findings' placement from the same streams without composing the image; a pixel is in a mask where
+    the layer the finding's drawer adds (its footprint; for cardiomegaly the enlarged heart) reaches
+    MASK_LEVEL.
     """
     prep = _prepare(findings, size, rng)
     return {t: fp >= _f32(MASK_LEVEL) for t, fp in prep.footprints.items()}
@@ -526,25 +488,13 @@ def finding_masks(findings: Sequence[Finding | dict[str, Any]], size: int, rng: 
 
 def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.random.Generator,
                    finding_rngs: Mapping[str, np.random.Generator] | None = None) -> np.ndarray:
-    """Draw one PA chest radiograph phantom with the given findings.
+    """One PA chest radiograph phantom, uint8 [size, size] (0 black air, 255 white bone/fluid;
+    the patient's left on the image right).
 
-    The generator is split into independent streams (anatomy, vessels, findings, noise), so the same
-    generator state with and without a finding gives the same patient, markings and noise: the
-    difference between the two images is the finding itself. `finding_masks` with the same
-    generator state says where each finding is.
-
-    Args:
-        findings: Finding objects (or their JSON dicts), at most one per type.
-        size: image side in pixels (64..2048).
-        rng: the phantom's rendering generator.
-        finding_rngs: one generator per finding type instead of the one findings stream the
-            findings share in drawing order (the corpus' images); then each finding's placement
-            depends on its own generator only, so two images that differ in one finding draw every
-            other finding identically (the twin phantoms, pertvl.data.phantom.twins).
-
-    Returns:
-        uint8 array [size, size], 0 = black (air), 255 = white (bone/fluid); patient's left on the
-        image right.
+    `rng` is split into independent streams (anatomy, vessels, findings, noise), so the same state with
+    and without a finding differs by the finding itself. `finding_rngs` (one generator per finding type)
+    replaces the shared findings stream, so two images differing in one finding draw every other finding
+    identically (the twin phantoms).
     """
     prep = _prepare(findings, size, rng, finding_rngs)
     size = int(size)

@@ -1,36 +1,15 @@
-"""Twin phantoms: pairs of images that differ in one fact, each with its own report, the two reports
+"""Twin phantoms: image pairs that differ in one fact, each with its own report, the two reports
 differing only in the words of that fact (a Winoground-style test set: Thrush et al., CVPR 2022).
 
-For a test phantom of a corpus and one of its findings, an edit makes a twin truth:
-
-* laterality: the finding on the other side (a lobe moves to the same lobe of the other lung; the
-  right middle lobe has no counterpart and gets no laterality twin),
-* severity: the other end of its severity scale (the highest one unless it already is; then the lowest),
-* finding: the other finding in the same place (nodule <-> consolidation in the same lobe and at the
-  same step of the severity scale; a one-sided pleural effusion <-> a pneumothorax on that side),
-* negation: the finding absent (the types reports negate: effusion, pneumothorax, consolidation,
-  edema, nodule),
-* cardiomegaly: a normal heart instead of an enlarged one.
-
-A twin truth must be one the sampler could draw (one finding per type, no effusion on the side of
-a pneumothorax, no nodule in the consolidated lobe); other edits are skipped and counted.
-
-Images. Both sides are drawn from the phantom's own pixel generator (the same patient, exposure,
-vessel markings and noise) with one findings generator per finding type (render_phantom's
-`finding_rngs`), so every finding but the edited one is drawn identically in both images; a
-finding-identity twin draws its new finding from the generator of the one it replaces. Side 0 is
-the phantom's truth drawn this way (its pixels differ from the corpus image only in where the
-findings' random placement fell).
-
-Reports. Side 0's report is the corpus report, re-composed from its report generator (so each
-sentence's facts are known, not parsed back from text). Side 1's report keeps every sentence that
-is still true of the twin, and replaces each one that is not by the sentence of the report grammar
-(pertvl.data.phantom.language.fact_sentences: the generator's own templates and phrasings) that
-states the twin's fact with the fewest changed words. So the two reports differ only in the
-sentences about the edited finding; the word-level difference of every pair is recorded and counted.
-
-Everything is deterministic from the corpus seed: phantom i's findings generators are
-SeedSequence(seed, spawn_key=(i, 100 + type index)).
+For a test phantom and one of its findings, an edit (`EDITS`) makes a twin truth: the finding on the
+other side, at the other end of its severity scale, the other finding in the same place
+(`OTHER_FINDING`), absent, or a normal heart for cardiomegaly; truths the sampler could not draw are
+skipped and counted. Both images are drawn from the phantom's own pixel generator with one findings
+generator per finding type (`finding_rngs`, SeedSequence(seed, spawn_key=(i, 100 + type index))), so
+every finding but the edited one is drawn identically. Side 0's report is the corpus report
+re-composed from its generator (each sentence's facts known); side 1's keeps every sentence still
+true and replaces the others by the grammar's sentence of the twin's fact that changes the fewest
+words (`twin_report`). The word difference of every pair is recorded and counted.
 """
 
 from __future__ import annotations
@@ -53,6 +32,7 @@ from pertvl.data.phantom.findings import (
     SEVERITIES,
     Finding,
     as_findings,
+    consistent,
 )
 from pertvl.data.phantom.language import (
     NEG_NOUNS,
@@ -69,11 +49,9 @@ from pertvl.files import atomic_write_bytes, write_json
 
 EDITS = ("laterality", "severity", "finding", "negation", "cardiomegaly")
 
-
 # Finding identity: the other finding drawn in the same place.
 OTHER_FINDING = {"nodule": "consolidation", "consolidation": "nodule",
                  "pleural_effusion": "pneumothorax", "pneumothorax": "pleural_effusion"}
-
 
 _STREAM_BASE = 100  # spawn_key (i, 100 + type index): clear of the corpus' own (i, 0..3) children
 
@@ -112,23 +90,9 @@ def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
     return t == "cardiomegaly", None  # cardiomegaly
 
 
-def consistent(findings: Sequence[Finding]) -> bool:
-    """Whether the sampler could draw these findings: no effusion on the side of a pneumothorax, no
-    nodule in the consolidated lobe (one finding per type is as_findings' rule)."""
-    by = {f.type: f for f in findings}
-    ptx, eff = by.get("pneumothorax"), by.get("pleural_effusion")
-    if ptx and eff and eff.side in (ptx.side, "bilateral"):
-        return False
-    nod, cons = by.get("nodule"), by.get("consolidation")
-    return not (nod and cons and nod.location == cons.location)
-
-
 def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Finding]]], dict[str, int]]:
-    """Every edit of every finding that gives a valid twin truth, with that truth; and the skips by reason.
-
-    Returns:
-        ([(edit, twin findings)], {"<kind>: <reason>": count}) in canonical finding order, then EDITS order.
-    """
+    """Every edit of every finding that gives a valid twin truth, with that truth, in canonical finding
+    order then EDITS order; and the skips as {"<kind>: <reason>": count}."""
     out: list[tuple[Edit, list[Finding]]] = []
     skipped: dict[str, int] = {}
     for f in findings:
@@ -163,12 +127,6 @@ def finding_rngs(seed: int, index: int, findings: Sequence[Finding], edit: Edit 
     return {t: gen(s) for t, s in source.items()}
 
 
-def render_side(findings: Sequence[Finding], size: int, pixel_rng: np.random.Generator, seed: int, index: int,
-                edit: Edit | None = None) -> np.ndarray:
-    """One side of a twin pair: `pixel_rng` must be a fresh copy of the phantom's pixel generator."""
-    return render_phantom(findings, size, pixel_rng, finding_rngs(seed, index, findings, edit))
-
-
 def word_diff(a: str, b: str) -> tuple[list[str], list[str]]:
     """The words of `a` and of `b` outside their longest common word subsequence blocks."""
     wa, wb = a.split(), b.split()
@@ -199,15 +157,10 @@ def _twin_facts(fact: Fact, edit: Edit) -> list[Fact]:
 
 def twin_report(sentences: Sequence[Sentence], before: Sequence[Finding], after: Sequence[Finding], edit: Edit
                 ) -> tuple[list[Sentence] | None, str | None]:
-    """The twin's report: `sentences` (side 0's report) with each sentence false of `after` replaced
-    by the generator's sentence of the twin's fact that changes the fewest words, then the
-    report-level rules of the generator applied to the sentences about the edited finding
-    (`_conform`).
-
-    Returns:
-        (sentences, None), or (None, reason) when a false sentence asserts several facts, no
-        sentence of the grammar states the twin's fact, or no sentence of the result is false of
-        `before` (the pair would not tell the images apart).
+    """The twin's report: `sentences` with each sentence false of `after` replaced by the grammar's
+    sentence of the twin's fact with the fewest changed words, then the generator's report-level rules
+    applied (`_conform`). (sentences, None), or (None, reason) when that cannot be done or the result is
+    also true of `before`.
     """
     out: list[Sentence] = []
     replaced = None  # where the edited finding's own sentence was
@@ -265,10 +218,9 @@ def _nearest(s: Sentence, candidates: Sequence[Sentence]) -> Sentence:
 
 
 def _conform(out: list[Sentence], after: Sequence[Finding], edit: Edit, replaced: int | None) -> list[Sentence]:
-    """The generator's report-level rules for the twin's findings: a side negation only opposite a
-    one-sided effusion/pneumothorax, 'the lungs are otherwise clear' exactly when a non-edema finding
-    is present, and a lungs-clear sentence whenever the lungs are normal (then the edited finding's
-    sentence becomes it)."""
+    """The generator's report-level rules for the twin's findings: side negations only opposite a
+    one-sided effusion/pneumothorax, "otherwise clear" exactly when a non-edema finding is present, and a
+    lungs-clear sentence whenever the lungs are normal (the edited finding's sentence becomes it)."""
     present = {f.type for f in after}
     one_sided = {(f.type, f.side) for f in after if f.type in ("pleural_effusion", "pneumothorax")}
     res: list[Sentence] = []
@@ -303,19 +255,14 @@ def _otherwise_last(sentences: list[Sentence]) -> list[Sentence]:
     return out
 
 
-def truth_json(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+def _truth(findings: Sequence[Finding]) -> list[dict[str, Any]]:
     return [f.to_json() for f in findings]
-
-
-def _corpus_streams(seed: int, index: int) -> list[np.random.Generator]:
-    from pertvl.data.phantom.corpus import _streams
-
-    return _streams(seed, index)
 
 
 def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
     """The twin pairs (two Pair records each) of one corpus phantom; images written to `images_dir`."""
     from pertvl.data.counterfactual import fits_findings, parse_report
+    from pertvl.data.phantom.corpus import _streams
     from pertvl.data.phantom.findings import chexpert_labels
     from pertvl.data.phantom.language import compose_report
     from pertvl.data.phantom.render import encode_png
@@ -323,7 +270,7 @@ def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
     ref = pair.extra.get("render") or {}
     seed, index, size = int(ref["seed"]), int(ref["index"]), int(ref["size"])
     before = as_findings(pair.extra.get("findings") or [])
-    sentences = compose_report(before, _corpus_streams(seed, index)[2])
+    sentences = compose_report(before, _streams(seed, index)[2])
     if " ".join(s.text for s in sentences) != pair.text:
         skipped["report not reproduced from the seed"] += 1
         return []
@@ -339,31 +286,27 @@ def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
             continue
         if base_png is None:
             base_png = f"images/{pair.id}-twin-0.png"
-            img0 = render_side(before, size, _corpus_streams(seed, index)[1], seed, index)
+            img0 = render_phantom(before, size, _streams(seed, index)[1], finding_rngs(seed, index, before))
             atomic_write_bytes(images_dir.parent / base_png, encode_png(img0))
         tid = f"{pair.id}-twin-{edit.kind}-{edit.before.type}"
-        img1 = render_side(after, size, _corpus_streams(seed, index)[1], seed, index, edit)
+        img1 = render_phantom(after, size, _streams(seed, index)[1], finding_rngs(seed, index, after, edit))
         atomic_write_bytes(images_dir / f"{tid}-1.png", encode_png(img1))
         texts = [pair.text, " ".join(s.text for s in report)]
         removed, added = word_diff(*texts)
         twin = {"pair": tid, "edit": edit.kind, "finding": edit.before.type, "phantom": pair.id,
-                "truth": [truth_json(before), truth_json(after)], "texts": texts,
+                "truth": [_truth(before), _truth(after)], "texts": texts,
                 "diff": {"removed": removed, "added": added}}
         for side, (fs, image) in enumerate(((before, base_png), (after, f"images/{tid}-1.png"))):
             out.append(Pair(id=f"{tid}-{side}", study_id=pair.id, image=image, projection="Frontal",
                             text=texts[side], split="test", labels=chexpert_labels(fs), source="phantom-twin",
-                            extra={"findings": truth_json(fs), "twin": {**twin, "side": side}}))
+                            extra={"findings": _truth(fs), "twin": {**twin, "side": side}}))
     return out
 
 
 def generate_twins(corpus: str | os.PathLike, out: str | os.PathLike, split: str = "test") -> dict[str, Any]:
     """The twin set of a phantom corpus' `split`: OUT/images/*.png, OUT/pairs.jsonl (two records per
-    twin pair, extra["twin"]: pair id, edit, edited finding type, both sides' truth and texts, the word
-    diff, side 0/1), OUT/summary.json (pairs per edit and finding type, word-diff counts, skips).
-
-    Raises:
-        ValueError: naming the file when the corpus holds no phantom records (findings and render ref).
-    """
+    twin pair, extra["twin"] holding the pair id, edit, both truths and texts, the word diff and the
+    side) and OUT/summary.json. ValueError naming the file when it holds no phantom records."""
     corpus, out = Path(corpus), Path(out)
     pairs_path = corpus / "pairs.jsonl"
     source = [p for p in read_pairs(pairs_path) if p.split == split]

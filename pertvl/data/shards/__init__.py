@@ -1,78 +1,27 @@
 """WebDataset shards: pack pairs + perturbations once, verify them, read them back in order.
 
-- format.py        names, keys, member names, manifest.json (read_shards_manifest, split_info)
-- reading.py       tar members -> samples, their integrity check, the ordered reader (iter_samples)
-- packing.py       `pertvl pack`: parallel, crash-safe, resumable, byte-reproducible
-- verification.py  `pertvl shards verify`: re-hash and decode every sample against the manifest
-
-The pixel rule (decode, grayscale, resize) is pertvl.data.image. This package needs neither
-torch nor webdataset (the stream does), so packing and verifying stay light. The names below are
-the package's public surface; import them from `pertvl.data.shards`.
+format.py (names, keys, manifest.json), reading.py (tar members -> samples, their check, the ordered
+reader), packing.py (`pertvl pack`), verification.py (`pertvl shards verify`). Needs neither torch nor
+webdataset; the pixel rule is pertvl.data.image.
 """
 
 from pertvl.data.shards.format import (
     ALLOWED_MEMBERS,
-    FORMAT,
     MANIFEST_NAME,
     META_FIELDS,
-    PARTIAL_NAME,
-    SHARD_NAME,
-    key_of,
     read_shards_manifest,
     split_info,
-    split_member_name,
 )
-from pertvl.data.shards.packing import (
-    MISSING_IMAGE,
-    MISSING_PERTURBATIONS,
-    UNDECODABLE_IMAGE,
-    PackResult,
-    command_of,
-    merge_parts,
-    pack,
-    pack_cli_main,
-    perturbations_by_text,
-    write_shard,
-)
+from pertvl.data.shards.packing import merge_parts, pack
 from pertvl.data.shards.reading import (
-    RawSample,
     Sample,
     ShardReadError,
     check_raw_sample,
     iter_raw_samples,
     iter_samples,
 )
-from pertvl.data.shards.verification import Problem, VerifyReport, verify, verify_cli_main
+from pertvl.data.shards.verification import verify
 
-__all__ = [
-    "ALLOWED_MEMBERS",
-    "FORMAT",
-    "MANIFEST_NAME",
-    "META_FIELDS",
-    "MISSING_IMAGE",
-    "MISSING_PERTURBATIONS",
-    "PARTIAL_NAME",
-    "SHARD_NAME",
-    "UNDECODABLE_IMAGE",
-    "PackResult",
-    "Problem",
-    "RawSample",
-    "Sample",
-    "ShardReadError",
-    "VerifyReport",
-    "check_raw_sample",
-    "command_of",
-    "iter_raw_samples",
-    "iter_samples",
-    "key_of",
-    "pack",
-    "merge_parts",
-    "pack_cli_main",
-    "perturbations_by_text",
-    "read_shards_manifest",
-    "split_info",
-    "split_member_name",
-    "verify",
-    "verify_cli_main",
-    "write_shard",
-]
+__all__ = ["ALLOWED_MEMBERS", "MANIFEST_NAME", "META_FIELDS", "Sample", "ShardReadError", "check_raw_sample",
+           "iter_raw_samples", "iter_samples", "merge_parts", "pack", "read_shards_manifest", "split_info",
+           "verify"]

@@ -1,11 +1,8 @@
-"""The shard format: names, keys, tar member names and the manifest of a shard folder.
+"""The shard format: `shards/NAME/{split}-{000000..}.tar` + `manifest.json` (docs/ARCHITECTURE.md).
 
-Layout (docs/ARCHITECTURE.md): `shards/NAME/{split}-{000000..}.tar` + `manifest.json`. Each sample
-is `{key}.png` (8-bit grayscale, image_size x image_size, resized once at pack time) and `{key}.json`
-(id, study_id, projection, split, labels, cleaned text, perturbations, unavailable), plus `extra`
-(phantom facts) and, only when packed with `--counterfactuals`, `counterfactuals` and
-`cf_unavailable` (evaluation; the training stream reads `counterfactuals` only when loss.pert_types
-names cf types, docs/TRAINING.md).
+Each sample is `{key}.png` (8-bit grayscale, image_size², resized at pack time) and `{key}.json`
+(META_FIELDS, plus `extra` with phantom facts and, only when packed with `--counterfactuals`,
+`counterfactuals` and `cf_unavailable`).
 """
 
 from __future__ import annotations
@@ -27,11 +24,8 @@ _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def key_of(pair_id: str) -> str:
-    """The WebDataset key of a pair id: every character outside [A-Za-z0-9_-] becomes "_".
-
-    webdataset splits member names at the first ".", so a key must not contain one (nor "/").
-    Pack makes colliding keys unique by appending a hash of the id (see `_assign_keys`).
-    """
+    """The WebDataset key of a pair id: every character outside [A-Za-z0-9_-] becomes "_" (webdataset
+    splits member names at the first "."); pack makes colliding keys unique (`_assign_keys`)."""
     key = _UNSAFE_KEY_CHARS.sub("_", pair_id)
     return key or "_"
 
@@ -46,12 +40,8 @@ def split_member_name(name: str) -> tuple[str | None, str]:
 
 
 def read_shards_manifest(folder: str | os.PathLike) -> dict:
-    """The manifest.json of a shard folder (or the manifest file itself).
-
-    Raises:
-        FileNotFoundError: no manifest (says so when a pack was interrupted: manifest.partial.json).
-        ValueError: the manifest is not valid JSON or not a pertvl-shards manifest.
-    """
+    """The manifest.json of a shard folder (or the file itself): FileNotFoundError when there is
+    none (naming an interrupted pack), ValueError when it is not a pertvl-shards manifest."""
     folder = Path(folder)
     if folder.is_file():
         folder, path = folder.parent, folder
@@ -59,10 +49,8 @@ def read_shards_manifest(folder: str | os.PathLike) -> dict:
         path = folder / MANIFEST_NAME
     if not path.is_file():
         if (folder / PARTIAL_NAME).is_file():
-            raise FileNotFoundError(
-                f"{path}: packing did not finish ({PARTIAL_NAME} is there); re-run the same "
-                "`pertvl pack` command to resume it"
-            )
+            raise FileNotFoundError(f"{path}: packing did not finish ({PARTIAL_NAME} is there); re-run the "
+                                    "same `pertvl pack` command to resume it")
         raise FileNotFoundError(f"{path}: no manifest; is {folder} a shard folder written by `pertvl pack`?")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -84,9 +72,8 @@ def _check_manifest(manifest: Any, path: Path) -> None:
             raise ValueError(f"{path}: split {split!r} lacks num_samples/shards")
         for s in info["shards"]:
             if not {"name", "num_samples", "bytes", "sha256"} <= set(s):
-                raise ValueError(
-                    f"{path}: split {split!r} has a shard entry without name/num_samples/bytes/sha256"
-                )
+                raise ValueError(f"{path}: split {split!r} has a shard entry without "
+                                 "name/num_samples/bytes/sha256")
 
 
 def split_info(manifest: dict, split: str, where: str = "manifest") -> dict:

@@ -1,22 +1,14 @@
 """Packing: pairs + perturbations -> WebDataset shards + manifest.json (`pertvl pack`).
 
-Packing is parallel (JPEG decoding, then PNG encoding, is the bottleneck) and crash-safe: every shard is written under
-a temporary name in the same folder, fsynced and renamed, so a shard name on disk is always a
-complete shard. After each shard, `manifest.partial.json` records what is done; re-running the
-same command with the same inputs keeps every finished shard whose bytes still hash to the
-recorded sha256 and continues from there. `manifest.json` is written last, so a folder without it
-is never mistaken for a finished pack.
+Crash-safe: every shard is written under a temporary name, fsynced and renamed; after each shard
+`manifest.partial.json` records the progress, and a re-run with the same inputs keeps every finished
+shard whose bytes still match. `manifest.json` is written last.
 
 Shard k of a split holds the good samples of the split's pairs k·maxcount ... (k+1)·maxcount − 1
-(pairs-file order): fewer than maxcount when some of those pairs are skipped, and no shard at all
-when every one is. A shard is therefore a function of its own pairs only, which is what lets
-`pack(part=(i, n))` pack a disjoint, contiguous range of each split's shards (a SLURM array task;
-slurm/pack_array.sbatch) and `merge_parts` assemble one manifest from the parts' manifests after
-checking every shard's hash.
-
-The shard tars are written with fixed member metadata (mtime 0, uid 0, mode 644), so the same
-inputs give byte-identical shards whether packed in one run, resumed, with any worker count, or in
-parts.
+(pairs-file order), so a shard depends on its own pairs only: `pack(part=(i, n))` packs a contiguous
+range of each split's shards (slurm/pack_array.sbatch) and `merge_parts` joins the parts' manifests.
+Tar members have fixed metadata (mtime 0, uid 0, mode 644): the same inputs give byte-identical
+shards in one run, resumed, with any worker count, or in parts.
 """
 
 from __future__ import annotations
@@ -49,7 +41,7 @@ from pertvl.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
-# Temporary shard files of a crashed run (pertvl.files.atomic_open names them), removed on resume.
+# Temporary shard files of a crashed run (pertvl.files.atomic_open's names).
 _TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_]+-\d{6}\.tar" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+$")
 
 # Skip reasons of packing (manifest["skipped"][i]["reason"]).
@@ -114,30 +106,16 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> dict:
-    """Write one shard atomically: temp file in the same folder, fsync, os.replace, fsync folder.
-
-    Tar members are written here with fixed metadata instead of webdataset's TarWriter, which
-    stamps the current time into every member and would make identical inputs hash differently.
-
-    Args:
-        path: final shard path.
-        samples: (key, png bytes, json bytes) in order.
-
-    Returns:
-        The manifest entry {name, num_samples, bytes, sha256}.
-    """
+    """Write one shard atomically from (key, png bytes, json bytes) samples, with fixed member
+    metadata (webdataset's TarWriter stamps the time); returns its manifest entry."""
     with atomic_open(path, "wb", durable=True) as f:
         writer = _HashingWriter(f)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for key, png, meta in samples:
                 tar.addfile(*_member(f"{key}.png", png))
                 tar.addfile(*_member(f"{key}.json", meta))
-    return {
-        "name": path.name,
-        "num_samples": len(samples),
-        "bytes": writer.size,
-        "sha256": writer.sha.hexdigest(),
-    }
+    return {"name": path.name, "num_samples": len(samples), "bytes": writer.size,
+            "sha256": writer.sha.hexdigest()}
 
 
 def _join_table(path: str | os.PathLike, records, field: str) -> dict[str, dict]:
@@ -153,19 +131,15 @@ def _join_table(path: str | os.PathLike, records, field: str) -> dict[str, dict]
 
 
 def perturbations_by_text(path: str | os.PathLike) -> dict[str, dict]:
-    """perturbations.jsonl -> {cleaned text: {perturbations, unavailable}}: the join table of pack.
-
-    Records are parsed and validated by pertvl.data.perturb (a bad line raises naming file and
-    line); two different records for the same text are an error, exact repeats are fine.
-    """
+    """perturbations.jsonl -> {cleaned text: {perturbations, unavailable}}, pack's join table
+    (validated by pertvl.data.perturb; two different records for one text are an error)."""
     from pertvl.data.perturb import read_perturbations  # no spaCy import at module load
 
     return _join_table(path, read_perturbations(path), "perturbations")
 
 
 def counterfactuals_by_text(path: str | os.PathLike) -> dict[str, dict]:
-    """counterfactuals.jsonl -> {cleaned text: {counterfactuals, unavailable}}: pack's second join table
-    (records parsed and validated by pertvl.data.counterfactual; the same rules as perturbations_by_text)."""
+    """counterfactuals.jsonl -> {cleaned text: {counterfactuals, unavailable}} (as perturbations_by_text)."""
     from pertvl.data.counterfactual import read_counterfactuals
 
     return _join_table(path, read_counterfactuals(path), "counterfactuals")
@@ -203,16 +177,9 @@ def _encode_job(args: tuple[int, str, int]) -> tuple[int, bytes | None, str | No
 
 def _meta_bytes(job: _Job, split: str) -> bytes:
     p = job.pair
-    meta = {
-        "id": p.id,
-        "study_id": p.study_id,
-        "projection": p.projection,
-        "split": split,
-        "labels": p.labels,
-        "text": clean_text(p.text),
-        "perturbations": job.record["perturbations"],
-        "unavailable": job.record["unavailable"],
-    }
+    meta = {"id": p.id, "study_id": p.study_id, "projection": p.projection, "split": split,
+            "labels": p.labels, "text": clean_text(p.text), "perturbations": job.record["perturbations"],
+            "unavailable": job.record["unavailable"]}
     if job.counterfactual is not None:  # only with --counterfactuals: a pack without them keeps its bytes
         meta["counterfactuals"] = job.counterfactual["counterfactuals"]
         meta["cf_unavailable"] = job.counterfactual["unavailable"]
@@ -283,66 +250,34 @@ def _split_order(pairs: Iterable[Pair]) -> list[str]:
     return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
 
 
-def pack(
-    pairs_path: str | os.PathLike,
-    perturbations_path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    images_root: str | os.PathLike | None = None,
-    image_size: int = 224,
-    maxcount: int = 256,
-    workers: int = 2,
-    command: list[str] | None = None,
-    part: tuple[int, int] | None = None,
-    counterfactuals_path: str | os.PathLike | None = None,
-) -> PackResult:
+def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, out: str | os.PathLike, *,
+         images_root: str | os.PathLike | None = None, image_size: int = 224, maxcount: int = 256,
+         workers: int = 2, command: list[str] | None = None, part: tuple[int, int] | None = None,
+         counterfactuals_path: str | os.PathLike | None = None) -> PackResult:
     """Pack pairs + their perturbations into `out/{split}-NNNNNN.tar` + `out/manifest.json`.
 
-    Args:
-        pairs_path: pairs.jsonl (pertvl.data.records.Pair per line).
-        perturbations_path: perturbations.jsonl; a pair joins the record whose "text" equals
-            clean_text(pair.text); pairs without one are skipped (missing_perturbations).
-        out: shard folder (created).
-        images_root: folder relative image paths are resolved against (default: the pairs file's folder).
-        image_size: side of the stored square images (resize shorter side, center crop).
-        maxcount: pairs per shard (a shard holds the good samples among its pairs).
-        workers: image-encoding processes (1 = encode in this process).
-        command: the command line recorded in the manifest.
-        part: (i, n) packs part i of n (0 <= i < n): of every split, the contiguous range of shards
-            floor(S·i/n) .. floor(S·(i+1)/n) − 1 of its S = ceil(pairs / maxcount) shards, and writes
-            `manifest.part-I-of-N.json` instead of manifest.json (`merge_parts` joins the parts).
-            Parts may run at the same time, in one folder.
-        counterfactuals_path: optional counterfactuals.jsonl (pertvl.data.counterfactual): every
-            sample json then gains `counterfactuals` {type: text} and `cf_unavailable` {type:
-            reason}, joined by cleaned text like the perturbations; a pair without a record gets
-            empty maps (counted in the manifest's `counterfactuals_missing`, not a skip). The
-            manifest lists `counterfactual_types`. Without it the shards are byte for byte those
-            of a pack before counterfactuals existed.
-
-    Returns:
-        PackResult with the manifest. Reconciliation: pairs_in == samples_written + len(skipped)
-        (for a part: its pairs).
+    A pair joins the perturbation record whose text is clean_text(pair.text); pairs without one, or
+    without a readable image, are skipped (manifest["skipped"]). `image_size`: side of the stored square
+    images (shorter side resized, center crop). `maxcount`: pairs per shard. `part` (i, n): of every
+    split, shards floor(S·i/n) .. floor(S·(i+1)/n) − 1, written with `manifest.part-I-of-N.json` instead
+    (parts may run at once in one folder). `counterfactuals_path`: every sample json gains
+    `counterfactuals` and `cf_unavailable`, joined by cleaned text (empty maps without a record, counted
+    in `counterfactuals_missing`); without it the shards carry no counterfactual keys.
+    Reconciliation: pairs in == samples written + skipped (for a part: its pairs).
     """
     if image_size < 1 or maxcount < 1 or workers < 1:
-        raise ValueError(
-            f"image_size, maxcount and workers must be >= 1, got {image_size}, {maxcount}, {workers}"
-        )
+        raise ValueError(f"image_size, maxcount and workers must be >= 1, got {image_size}, {maxcount}, "
+                         f"{workers}")
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ValueError(f"part must be I/N with 0 <= I < N, got {part[0]}/{part[1]}")
     partial_name = PARTIAL_NAME if part is None else part_name(part, partial=True)
     pairs_path, perturbations_path, out = Path(pairs_path), Path(perturbations_path), Path(out)
     root = Path(images_root) if images_root is not None else pairs_path.parent
     out.mkdir(parents=True, exist_ok=True)
-    inputs = {
-        "pairs": str(pairs_path.resolve()),
-        "pairs_sha256": sha256_file(pairs_path),
-        "perturbations": str(perturbations_path.resolve()),
-        "perturbations_sha256": sha256_file(perturbations_path),
-        "images_root": str(root.resolve()),
-        "image_size": image_size,
-        "maxcount": maxcount,
-        "image_encoding": SHARD_IMAGE_ENCODING,
-    }
+    inputs = {"pairs": str(pairs_path.resolve()), "pairs_sha256": sha256_file(pairs_path),
+              "perturbations": str(perturbations_path.resolve()),
+              "perturbations_sha256": sha256_file(perturbations_path), "images_root": str(root.resolve()),
+              "image_size": image_size, "maxcount": maxcount, "image_encoding": SHARD_IMAGE_ENCODING}
     cf_records: dict[str, dict] | None = None
     if counterfactuals_path is not None:
         counterfactuals_path = Path(counterfactuals_path)
@@ -370,13 +305,8 @@ def pack(
         for split, info in prev.get("splits", {}).items():
             if split in by_split and (kept := _kept_prefix(out, info["shards"])):
                 done = {p.id for p in by_split[split][ranges[split][0] : kept[-1]["pairs_consumed"]]}
-                packer.states[split] = _SplitState(
-                    shards=kept,
-                    pos=kept[-1]["pairs_consumed"],
-                    skipped=[
-                        s for s in prev.get("skipped", []) if s.get("split") == split and s["id"] in done
-                    ],
-                )
+                skips = [s for s in prev.get("skipped", []) if s.get("split") == split and s["id"] in done]
+                packer.states[split] = _SplitState(shards=kept, pos=kept[-1]["pairs_consumed"], skipped=skips)
     kept_count = sum(len(st.shards) for st in packer.states.values())
     if kept_count:
         log.info("resuming: keeping %d finished shard(s) from the earlier run", kept_count)
@@ -388,9 +318,7 @@ def pack(
         if (rec := records.get(clean_text(p.text))) is not None:
             types_present.update(rec["perturbations"], rec["unavailable"])
 
-    # A process pool (PNG encoding is CPU-bound). ProcessPoolExecutor rather than multiprocessing.Pool:
-    # a worker that dies raises BrokenProcessPool instead of being replaced forever (a hang).
-    # Its workers end with this process, however it ends (a SIGKILLed pack leaves no idle workers).
+    # ProcessPoolExecutor: a worker that dies raises BrokenProcessPool (multiprocessing.Pool would hang).
     pool = ProcessPoolExecutor(workers, initializer=die_with_parent) if workers > 1 else None
     try:
         for split, split_pairs in by_split.items():
@@ -403,9 +331,8 @@ def pack(
                 if rec is None:
                     st.skipped.append({"id": p.id, "split": split, "reason": MISSING_PERTURBATIONS})
                 elif not path.is_file():
-                    st.skipped.append(
-                        {"id": p.id, "split": split, "reason": MISSING_IMAGE, "detail": str(path)}
-                    )
+                    st.skipped.append({"id": p.id, "split": split, "reason": MISSING_IMAGE,
+                                       "detail": str(path)})
                 else:
                     cf = None if cf_records is None else cf_records.get(clean_text(p.text), _NO_COUNTERFACTUALS)
                     jobs.append(_Job(pos, p, keys[p.id], str(path), rec, cf))
@@ -419,16 +346,14 @@ def pack(
         packer.states[split].skipped.sort(key=lambda s: order[s["id"]])
     skipped = [s for st in packer.states.values() for s in st.skipped]
     pairs_in = sum(hi - lo for lo, hi in ranges.values())
-    manifest = _manifest(
-        packer.states, skipped, label_names, types_present, inputs, image_size, command, pairs_in
-    )
+    manifest = _manifest(packer.states, skipped, label_names, types_present, inputs, image_size, command,
+                         pairs_in)
     n_out = sum(s["num_samples"] for s in manifest["splits"].values())
     if cf_records is not None:
         _add_counterfactual_counts(manifest, pairs, by_split, ranges, cf_records, skipped)
     if n_out + len(skipped) != pairs_in:  # a bug, not bad input: refuse to write a wrong manifest
-        raise RuntimeError(
-            f"reconciliation failed: {pairs_in} pairs in, {n_out} written + {len(skipped)} skipped"
-        )
+        raise RuntimeError(f"reconciliation failed: {pairs_in} pairs in, {n_out} written + {len(skipped)} "
+                           "skipped")
     listed = {s["name"] for info in manifest["splits"].values() for s in info["shards"]}
     if part is None:  # a part shares the folder with the others: it never removes their shards
         for f in out.iterdir():
@@ -467,8 +392,8 @@ class _Packer:
     written: int = 0
 
     def pack_split(self, split: str, jobs: list[_Job], end: int, pool) -> None:
-        """Encode the remaining jobs of one split (pairs up to position `end`) in order and write
-        shard k when its pairs k·maxcount ... (k+1)·maxcount − 1 are done."""
+        """Encode the jobs of one split (pairs up to position `end`) in order, writing shard k once
+        its pairs are done."""
         st = self.states[split]
         args = [(j.pos, j.path, self.image_size) for j in jobs]
         results = pool.map(_encode_job, args, chunksize=8) if pool is not None else map(_encode_job, args)
@@ -481,9 +406,8 @@ class _Packer:
                 self._flush(split, chunk, buffer)
                 buffer, chunk = [], pos // self.maxcount
             if png is None:
-                st.skipped.append(
-                    {"id": job.pair.id, "split": split, "reason": UNDECODABLE_IMAGE, "detail": err}
-                )
+                st.skipped.append({"id": job.pair.id, "split": split, "reason": UNDECODABLE_IMAGE,
+                                   "detail": err})
                 log.warning("skipping %s: cannot decode %s: %s", job.pair.id, job.path, err)
                 continue
             buffer.append((job.key, png, _meta_bytes(job, split)))
@@ -501,38 +425,29 @@ class _Packer:
         st.shards.append(entry)
         self.written += 1
         # Progress for a re-run: finished shards, and the skips among the pairs they consumed.
-        partial = {
-            "format": FORMAT,
-            "inputs": self.inputs,
+        write_json(self.out / self.partial_name, {
+            "format": FORMAT, "inputs": self.inputs,
             "splits": {s: {"shards": x.shards} for s, x in self.states.items()},
-            "skipped": [s for x in self.states.values() for s in x.skipped],
-        }
-        write_json(self.out / self.partial_name, partial)
+            "skipped": [s for x in self.states.values() for s in x.skipped]})
 
 
-def _manifest(
-    states: dict[str, _SplitState],
-    skipped: list[dict],
-    label_names: set[str],
-    types_present: set[str],
-    inputs: dict,
-    image_size: int,
-    command: list[str] | None,
-    pairs_in: int,
-) -> dict:
+def _provenance(command: list[str] | None) -> dict:
+    return {"command": command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
+            "argv": list(sys.argv), "created": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _manifest(states: dict[str, _SplitState], skipped: list[dict], label_names: set[str],
+              types_present: set[str], inputs: dict, image_size: int, command: list[str] | None,
+              pairs_in: int) -> dict:
     return {
         "format": FORMAT,
         "pertvl_version": __version__,
-        "command": command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "argv": list(sys.argv),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **_provenance(command),
         "image_size": image_size,
         "perturbation_types": [t for t in PERTURBATION_TYPES if t in types_present],
         "label_names": sorted(label_names),
-        "splits": {
-            s: {"num_samples": sum(e["num_samples"] for e in st.shards), "shards": st.shards}
-            for s, st in states.items()
-        },
+        "splits": {s: {"num_samples": sum(e["num_samples"] for e in st.shards), "shards": st.shards}
+                   for s, st in states.items()},
         "skipped": skipped,
         "skipped_counts": dict(Counter(s["reason"] for s in skipped)),
         "pairs_in": pairs_in,
@@ -568,16 +483,10 @@ def _add_counterfactual_counts(manifest: dict, pairs: list[Pair], by_split: dict
 
 def merge_parts(folder: str | os.PathLike, *, if_complete: bool = False, command: list[str] | None = None) -> dict | None:
     """Join the manifests of `pack(part=...)`'s n parts into `folder/manifest.json`, after checking
-    that all n parts are there, were packed from the same inputs, and that every shard they list
-    has its recorded size and sha256. The shards are those a single `pack` writes, byte for byte.
+    that all parts are there, share their inputs, and every shard matches its size and sha256.
 
-    Args:
-        if_complete: return None (and do nothing) while parts are missing, and let only one
-            caller merge (a lock file): every task of a SLURM array can call it when it ends.
-
-    Raises:
-        ValueError: naming the part manifests that are missing or disagree, or the shard that
-            does not match its hash.
+    `if_complete`: return None while parts are missing, and let one caller at a time merge (a lock
+    file), so every task of a SLURM array can call it. ValueError naming what is missing or differs.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -586,8 +495,7 @@ def merge_parts(folder: str | os.PathLike, *, if_complete: bool = False, command
         raise ValueError(f"{folder}: no such shard folder")
     lock = folder / ".merge.lock"
     if if_complete:
-        # One merger at a time, and each caller looks only once it holds the lock: the last task
-        # to write its part then always sees every part (one that found the lock taken waits).
+        # One merger at a time, each looking only once it holds the lock: the last task sees every part.
         for _ in range(600):
             try:
                 os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -645,9 +553,7 @@ def _merge(folder: Path, found: dict[tuple[int, int], Path], n: int, command: li
     # stable sort: within a split, parts are contiguous ranges in pairs-file order
     manifest = {
         **{k: first[k] for k in ("format", "pertvl_version", "image_size", "perturbation_types", "label_names")},
-        "command": command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "argv": list(sys.argv),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **_provenance(command),
         "splits": splits,
         "skipped": skipped,
         "skipped_counts": dict(Counter(s["reason"] for s in skipped)),
@@ -669,16 +575,8 @@ def _merge(folder: Path, found: dict[tuple[int, int], Path], n: int, command: li
 
 def command_of(args: argparse.Namespace) -> list[str]:
     """The `pertvl pack` command line that reproduces this run (all options spelled out)."""
-    cmd = [
-        "pertvl",
-        "pack",
-        "--pairs",
-        str(args.pairs),
-        "--perturbations",
-        str(args.perturbations),
-        "--out",
-        str(args.out),
-    ]
+    cmd = ["pertvl", "pack", "--pairs", str(args.pairs), "--perturbations", str(args.perturbations),
+           "--out", str(args.out)]
     if args.images_root:
         cmd += ["--images-root", str(args.images_root)]
     if getattr(args, "counterfactuals", None):
@@ -707,22 +605,13 @@ def pack_cli_main(args: argparse.Namespace) -> int:
     """`pertvl pack`: see `pack`. One writer per output folder (per part with --part)."""
     lock = LOCK_NAME if args.part is None else f".pertvl.part-{args.part[0]}-of-{args.part[1]}.lock"
     with lock_folder(args.out, " ".join(command_of(args)), name=lock):
-        result = pack(
-            args.pairs,
-            args.perturbations,
-            args.out,
-            images_root=args.images_root,
-            image_size=args.image_size,
-            maxcount=args.maxcount,
-            workers=args.workers,
-            command=command_of(args),
-            part=args.part,
-            counterfactuals_path=getattr(args, "counterfactuals", None),
-        )
+        result = pack(args.pairs, args.perturbations, args.out, images_root=args.images_root,
+                      image_size=args.image_size, maxcount=args.maxcount, workers=args.workers,
+                      command=command_of(args), part=args.part,
+                      counterfactuals_path=getattr(args, "counterfactuals", None))
     m = result.manifest
-    counts = ", ".join(
-        f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in m["splits"].items()
-    )
+    counts = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)"
+                       for k, v in m["splits"].items())
     print(f"{result.folder}: {counts}; skipped {len(m['skipped'])} {m['skipped_counts']}")
     if "counterfactual_types" in m:
         print(f"counterfactuals: types {m['counterfactual_types']}; samples without a record (empty maps): "

@@ -1,7 +1,5 @@
-"""The read side of shards: tar members grouped into samples, their integrity check, and the
-ordered reader of a split (evaluation). The training stream (pertvl.data.stream) builds on the
-same pieces.
-"""
+"""The read side of shards: tar members grouped into samples, their integrity check, and the ordered reader of
+a split (evaluation). The training stream (pertvl.data.stream) builds on the same pieces."""
 
 from __future__ import annotations
 
@@ -46,16 +44,9 @@ class ShardReadError(Exception):
 
 
 def iter_raw_samples(fileobj: IO[bytes], shard: str) -> Iterator[RawSample]:
-    """Group the members of one tar stream into samples, keeping only ALLOWED_MEMBERS.
-
-    Hand-written over `tarfile` rather than webdataset's expander because a truncated shard must
-    be reported with its name and the last key read, which webdataset's error handlers do not see.
-    Members that are not allow-listed are skipped without reading their bytes.
-
-    Raises:
-        ShardReadError: when the tar is damaged or ends inside a member; every complete sample
-            before that point has been yielded.
-    """
+    """Group the members of one tar stream into samples, keeping only ALLOWED_MEMBERS (the others
+    are skipped unread). Hand-written over `tarfile` so that a truncated shard is reported with its
+    name and last key: ShardReadError once the tar is damaged, after every complete sample before it."""
     current: RawSample | None = None
     last_key: str | None = None
     try:
@@ -90,12 +81,10 @@ def iter_raw_samples(fileobj: IO[bytes], shard: str) -> Iterator[RawSample]:
 
 
 def check_raw_sample(raw: RawSample, *, decode_png: bool = False) -> tuple[dict | None, str | None]:
-    """Cheap integrity check of a raw sample: (meta, None) when usable, else (None, reason).
-
-    The PNG is checked with PIL's verify(), which reads every chunk and checks its CRC without
-    inflating the pixels (~0.02 ms against ~0.5 ms for a full decode at 224 px), so the stream
-    can validate samples it is about to skip on resume. `decode_png=True` decodes fully (verify).
-    Reasons: "missing_member", "bad_json", "corrupt_png".
+    """Cheap integrity check of a raw sample: (meta, None) when usable, else (None, reason), the
+    reason starting with "missing_member", "bad_json" or "corrupt_png". The PNG is checked with PIL's
+    verify() (every chunk's CRC, no inflating), so the stream can check samples it skips on resume;
+    `decode_png=True` decodes it fully.
     """
     from PIL import Image
 
@@ -111,11 +100,8 @@ def check_raw_sample(raw: RawSample, *, decode_png: bool = False) -> tuple[dict 
     absent = [k for k in META_FIELDS if k not in meta]
     if absent:
         return None, f"bad_json: lacks field(s) {absent}"
-    if (
-        not isinstance(meta["text"], str)
-        or not isinstance(meta["perturbations"], dict)
-        or not isinstance(meta["unavailable"], dict)
-    ):
+    if not (isinstance(meta["text"], str) and isinstance(meta["perturbations"], dict)
+            and isinstance(meta["unavailable"], dict)):
         return None, "bad_json: text must be a string, perturbations/unavailable objects"
     try:
         with Image.open(io.BytesIO(raw.members["png"])) as im:
@@ -141,12 +127,8 @@ class Sample:
 
 
 def iter_samples(folder: str | os.PathLike, split: str) -> Iterator[Sample]:
-    """Every sample of `split` in manifest order (shard order, then tar order): no shuffle, no
-    augmentation. For evaluation.
-
-    Raises:
-        ValueError: naming shard and key, on a damaged shard or sample (run `pertvl shards verify`).
-    """
+    """Every sample of `split` in manifest order, no shuffle or augmentation (evaluation);
+    ValueError naming shard and key on a damaged shard or sample."""
     folder = Path(folder)
     manifest = read_shards_manifest(folder)
     info = split_info(manifest, split, str(folder / MANIFEST_NAME))
@@ -162,9 +144,8 @@ def iter_samples(folder: str | os.PathLike, split: str) -> Iterator[Sample]:
                     except Exception as e:  # a decoder failure on bad bytes
                         problem = f"corrupt_png: {type(e).__name__}: {e}"
                     if problem:
-                        raise ValueError(
-                            f"{folder / name}: sample {raw.key!r}: {problem} (run `pertvl shards verify`)"
-                        )
+                        raise ValueError(f"{folder / name}: sample {raw.key!r}: {problem} "
+                                         "(run `pertvl shards verify`)")
                     count += 1
                     yield Sample(key=raw.key, image=image, meta=meta, shard=name)
         except ShardReadError as e:

@@ -1,10 +1,6 @@
 """`pertvl data twins`: the twin phantoms of a corpus' test split (pertvl.data.phantom.twins), written
-as a folder (images, pairs.jsonl, summary.json) and packed as their own evaluation shards.
-
-Twin reports carry no perturbations: the pack's perturbations.jsonl holds, for every twin text,
-each perturbation type as "not_requested" (so the shards are ordinary evaluation shards that
-`pertvl eval twins` reads, and `pertvl shards verify` checks).
-"""
+as a folder and packed as their own evaluation shards. Twin reports carry no perturbations: every
+type is "not_requested" in their perturbations.jsonl."""
 
 from __future__ import annotations
 

@@ -22,9 +22,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = " ".join(
-            x for x in (self.shard and f"shard {self.shard}", self.key and f"key {self.key}") if x
-        )
+        parts = (self.shard and f"shard {self.shard}", self.key and f"key {self.key}")
+        where = " ".join(x for x in parts if x)
         return f"{where or 'manifest'}: {self.message}"
 
 
@@ -41,12 +40,10 @@ class VerifyReport:
 
 
 def verify(folder: str | os.PathLike) -> VerifyReport:
-    """Re-hash every shard against the manifest and decode every sample.
-
-    Checks: each listed shard exists with the recorded size and sha256; every sample has a png
-    that decodes to an 8-bit grayscale image_size x image_size image and a json with all fields,
-    of the right split, with known perturbation types; keys are unique per split; sample counts
-    match per shard and per split; pairs_in reconciles; no unlisted shard files lie in the folder.
+    """Re-hash every shard against the manifest and decode every sample: listed shards exist with
+    their size and sha256; every sample has an 8-bit grayscale image_size² png and a complete json of its
+    split with known perturbation types; keys are unique per split; counts match per shard and split;
+    pairs_in reconciles; no unlisted tar lies in the folder.
     """
     folder = Path(folder)
     report = VerifyReport(folder)
@@ -72,35 +69,22 @@ def verify(folder: str | os.PathLike) -> VerifyReport:
                 continue
             nbytes, digest = path.stat().st_size, sha256_file(path)
             if nbytes != entry["bytes"]:
-                report.problems.append(
-                    Problem(name, None, f"size {nbytes} bytes, manifest says {entry['bytes']}")
-                )
+                report.problems.append(Problem(name, None, f"size {nbytes} bytes, manifest says "
+                                                           f"{entry['bytes']}"))
             if digest != entry["sha256"]:
-                report.problems.append(
-                    Problem(name, None, f"sha256 {digest} does not match the manifest's {entry['sha256']}")
-                )
+                report.problems.append(Problem(name, None, f"sha256 {digest} does not match the manifest's "
+                                                           f"{entry['sha256']}"))
             count = _verify_shard(path, name, split, size, keys, report)
             if count != entry["num_samples"]:
-                report.problems.append(
-                    Problem(name, None, f"{count} samples, manifest says {entry['num_samples']}")
-                )
+                report.problems.append(Problem(name, None, f"{count} samples, manifest says "
+                                                           f"{entry['num_samples']}"))
         if split_count != info["num_samples"]:
-            report.problems.append(
-                Problem(
-                    None,
-                    None,
-                    f"split {split}: shards hold {split_count} samples, num_samples says {info['num_samples']}",
-                )
-            )
+            report.problems.append(Problem(None, None, f"split {split}: shards hold {split_count} samples, "
+                                                       f"num_samples says {info['num_samples']}"))
         total += info["num_samples"]
     if "pairs_in" in manifest and manifest["pairs_in"] != total + len(manifest.get("skipped", [])):
-        report.problems.append(
-            Problem(
-                None,
-                None,
-                f"pairs_in {manifest['pairs_in']} != {total} written + {len(manifest['skipped'])} skipped",
-            )
-        )
+        report.problems.append(Problem(None, None, f"pairs_in {manifest['pairs_in']} != {total} written + "
+                                                   f"{len(manifest['skipped'])} skipped"))
     for f in sorted(folder.iterdir()):
         if f.name.endswith(".tar") and f.name not in listed:
             report.problems.append(Problem(f.name, None, "tar file in the folder but not in the manifest"))
@@ -154,7 +138,6 @@ def verify_cli_main(args: argparse.Namespace) -> int:
     for p in report.problems:
         print(f"{report.folder}: {p}", file=sys.stderr)
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
-    print(
-        f"{report.folder}: {report.shards_checked} shard(s), {report.samples_checked} sample(s) checked: {status}"
-    )
+    print(f"{report.folder}: {report.shards_checked} shard(s), {report.samples_checked} sample(s) checked: "
+          f"{status}")
     return 0 if report.ok else 1
