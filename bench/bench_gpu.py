@@ -25,6 +25,14 @@ What it prints (from RUN_DIR/metrics.jsonl and RUN_DIR/flops.json):
   breakdown        median seconds per phase of a steady step (pertvl.train.profile) and its share
   peak memory      torch.cuda.max_memory_allocated (GPU) or the peak RSS (CPU)
 
+--sweep: the baseline, then each speed lever of SWEEP (pertvl.train.speed, loss.local_dtype), then
+all of them together, each its own `pertvl train` run of --steps (default 20) on the same shards
+and text model, stopping before a run that would end past --budget-s (default 420 s of runs);
+compile time apart: the warm-up steps' time above the steady median (where compilation happens).
+Writes --json (every number) and a Markdown table beside it (--markdown; default the JSON's name
+with .md): pairs/s steady and per epoch, the ratio to the baseline, MFU, warm-up/compile seconds,
+the step breakdown and peak memory. `--levers a,b` runs only those (the baseline is always first).
+
 Goal (GPU): >= 1,000 pairs/s steady and >= 900 pairs/s over every whole epoch.
 Exit codes: 0 goal met (or --cpu: no goal, the numbers only), 1 goal missed, 2 the training run
 failed, 77 SKIP — no CUDA device and no --cpu (a line starting "SKIP:" says why).
@@ -52,6 +60,14 @@ REPO = Path(__file__).resolve().parents[1]
 GOAL_STEADY = 1000.0
 GOAL_EPOCH = 900.0
 SKIP_EXIT = 77
+# lever → its `pertvl train --set` overrides; "all" turns on every lever listed before it.
+SWEEP: dict[str, list[str]] = {
+    "baseline": [],
+    "compile_text": ["train.compile=text"],
+    "compile_all": ["train.compile=all"],
+    "channels_last": ["train.channels_last=true"],
+    "local_bf16": ["loss.local_dtype=bf16"],
+}
 PHASES = ("data_wait", "to_device", "image_fwd", "text_fwd", "forward_other", "losses", "backward", "optimizer",
           "other")
 
@@ -157,6 +173,76 @@ def analyse(run: Path, micro_batch: int, warmup: int) -> dict:
     return res
 
 
+def sweep_levers(names: str | None) -> dict[str, list[str]]:
+    """The levers to run, the baseline first and "all" (every chosen lever together) last."""
+    chosen = [n.strip() for n in (names or ",".join(SWEEP)).split(",") if n.strip() and n.strip() != "baseline"]
+    unknown = [n for n in chosen if n not in SWEEP and n != "all"]
+    if unknown:
+        raise SystemExit(f"bench_gpu: error: --levers: unknown {unknown}; expected some of {', '.join(SWEEP)}, all")
+    levers = {"baseline": []} | {n: SWEEP[n] for n in chosen if n != "all"}
+    widest = next((n for n in ("compile_all", "compile_text") if n in levers), None)  # "all" keeps one compile
+    if len(levers) > 2:
+        levers["all"] = [o for n, over in levers.items() if not n.startswith("compile_") or n == widest for o in over]
+    return levers
+
+
+def warmup_seconds(run: Path, warmup: int, steady_s: float) -> float:
+    """Seconds the first `warmup` steps took above the steady median (compilation, allocators)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return sum(max(0.0, r["perf/step_time_s"] - steady_s) for r in rows[:warmup])
+
+
+def run_sweep(args, shards: Path, text_model: Path, work: Path) -> dict:
+    """Every lever of the sweep as its own run; returns {lever: numbers} (a lever that failed: its error)."""
+    results: dict[str, dict] = {}
+    base_overrides, spent = list(args.overrides), 0.0
+    for name, overrides in sweep_levers(args.levers).items():
+        longest = max((r.get("wall_s", 0.0) for r in results.values()), default=0.0)
+        if results and spent + longest > args.budget_s:
+            results[name] = {"skipped": f"the sweep's budget of {args.budget_s:.0f} s would be exceeded"}
+            continue
+        run = work / f"run-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        args.overrides = base_overrides + overrides
+        code, wall, log = run_training(args, shards, text_model, run)
+        spent += wall
+        if code != 0:
+            results[name] = {"error": f"training exited with {code}", "log_tail": log.read_text(errors="replace")[-2000:],
+                             "wall_s": wall}
+            print(f"  {name}: FAILED ({code}); log tail:\n{results[name]['log_tail']}", flush=True)
+            continue
+        res = analyse(run, args.micro_batch, args.warmup)
+        res.update({"overrides": overrides, "wall_s": wall,
+                    "warmup_s": warmup_seconds(run, args.warmup, res["step_time_median_s"])})
+        results[name] = res
+        print(f"  {name}: {res['pairs_per_s_steady']:.1f} pairs/s steady, warm-up {res['warmup_s']:.1f} s, "
+              f"{wall:.0f} s wall", flush=True)
+    args.overrides = base_overrides
+    return results
+
+
+def sweep_table(results: dict, device: str) -> str:
+    """The sweep as a Markdown table (ratios to the baseline's steady pairs/s)."""
+    base = results.get("baseline", {}).get("pairs_per_s_steady")
+    lines = [f"Device: {device}", "",
+             "| lever | overrides | pairs/s steady | ratio | pairs/s epoch (min) | MFU | warm-up/compile s | "
+             "step s | breakdown (median s) | peak memory MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "pairs_per_s_steady" not in r:
+            lines.append(f"| {name} | {' '.join(SWEEP.get(name, []))} | {r.get('error') or r.get('skipped')} "
+                         "| | | | | | | |")
+            continue
+        epoch = r["pairs_per_s_epoch_min"]
+        parts = ", ".join(f"{p} {v:.3f}" for p, v in r["breakdown_s"].items() if v >= 0.0005)
+        lines.append(
+            f"| {name} | {' '.join(r['overrides']) or '-'} | {r['pairs_per_s_steady']:.1f} | "
+            f"{r['pairs_per_s_steady'] / base:.2f} | {'n/a' if epoch is None else f'{epoch:.1f}'} | "
+            f"{r.get('mfu_steady', float('nan')):.4f} | {r['warmup_s']:.1f} | {r['step_time_median_s']:.4f} | "
+            f"{parts} | {r['peak_memory_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def describe_device(cpu: bool) -> str:
     import torch
 
@@ -185,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="passed to `pertvl train --set` after the bench's own (e.g. loss.local_dtype=bf16)")
     ap.add_argument("--work", type=Path, help="work folder (kept); default: a temporary one, removed")
     ap.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    ap.add_argument("--sweep", action="store_true", help="the baseline and each speed lever in turn (module doc)")
+    ap.add_argument("--levers", help=f"with --sweep: comma-separated, some of {', '.join(SWEEP)}, all")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="with --sweep: seconds of training runs at most")
+    ap.add_argument("--markdown", type=Path, help="with --sweep: the table's file (default: --json with .md)")
     args = ap.parse_args(argv)
     quick = args.quick
     size = 64 if quick else 224
@@ -200,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print("SKIP: no CUDA device visible (torch.cuda.is_available() is False); "
               "run on a GPU machine, or pass --cpu [--quick] to test the script on this CPU")
         return SKIP_EXIT
-    args.steps = args.steps or (12 if quick else 40)
+    args.steps = args.steps or (12 if quick else 20 if args.sweep else 40)
     args.warmup = args.warmup if args.warmup is not None else (2 if quick else 5)
     args.micro_batch = args.micro_batch or (4 if quick else 64)
     args.workers = args.workers or (1 if quick else 4)
@@ -223,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  configs/openi_paper.yaml, {args.steps} steps, micro-batch {args.micro_batch}, {args.workers} "
               f"worker(s), shards {shards}, deepspeed config {args.deepspeed_config or 'the config file'}; "
               f"prepared in {prep:.1f} s")
+        if args.sweep:
+            return finish_sweep(args, run_sweep(args, shards, text_model, work))
         code, wall, log = run_training(args, shards, text_model, run)
         if code != 0:
             print(f"FAIL: training exited with {code}; log {log}:\n{log.read_text(errors='replace')[-4000:]}")
@@ -268,6 +360,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{GOAL_EPOCH:.0f} pairs/s {'met' if ok_epoch else 'MISSED'}")
     print("PASS" if ok_steady and ok_epoch else "FAIL")
     return 0 if ok_steady and ok_epoch else 1
+
+
+def finish_sweep(args, results: dict) -> int:
+    """Print and write the sweep's table and JSON; 2 when the baseline failed, else 0."""
+    device = describe_device(args.cpu)
+    table = sweep_table(results, device)
+    print("\n" + table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": device, "steps": args.steps, "micro_batch": args.micro_batch,
+                                         "levers": results}, indent=1) + "\n")
+    markdown = args.markdown or (args.json.with_suffix(".md") if args.json else None)
+    if markdown:
+        markdown.write_text(table)
+    print("DONE" if "pairs_per_s_steady" in results.get("baseline", {}) else "FAIL: the baseline did not run")
+    return 0 if "pairs_per_s_steady" in results.get("baseline", {}) else 2
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ class TrainConfig:
     # Step-time breakdown (pertvl.train.profile) of the first N optimizer steps, logged as
     # perf/time/<phase>_s; 0: never (the default step is not instrumented).
     profile_steps: int = 0
+    # Speed levers (pertvl.train.speed, docs/PERFORMANCE.md): the same numbers up to rounding.
+    compile: str = "off"  # torch.compile: off | text (the text transformer) | all (and the image tower)
+    channels_last: bool = False  # the image tower's convolutions on NHWC activations
+    attention_fp32: bool = False  # bf16 on a CPU: the trainable text layers' attention in fp32
     seed: int = 0
     resume: str | None = None
     # Every N optimizer steps and at the end, rank 0 runs these `pertvl eval` evaluations on
@@ -89,6 +93,8 @@ class TrainConfig:
     stop_grace_s: float | None = 300.0  # SIGTERM/SIGUSR1 unanswered by a step boundary this long: exit 143
 
     def __post_init__(self) -> None:
+        if self.compile not in ("off", "text", "all"):
+            raise ConfigError(f"train.compile must be off, text or all, got {self.compile!r}")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
         if self.eval_split not in ("train", "val", "test"):

@@ -120,13 +120,44 @@ def pack_lengths(lengths: list[int], capacity: int) -> tuple[list[tuple[int, int
     return place, rows
 
 
+# sdpa, except that attention which trains computes in fp32 on a CPU (`use_fp32_trained_attention`).
+FP32_GRAD_SDPA = "pertvl_sdpa_fp32_grad"
+
+
+def _sdpa_fp32_grad(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention; where the query needs a gradient (a trainable layer) and the
+    inputs are 16-bit on a CPU, in fp32 and cast back: torch's CPU flash-attention backward is
+    several times slower in bf16 than in fp32 (docs/PERFORMANCE.md). Frozen layers and inference
+    keep the 16-bit kernel (its forward is the fast one)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.requires_grad and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+        return out.to(query.dtype), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_fp32_trained_attention(backbone: nn.Module) -> None:
+    """Switch an sdpa BERT to `_sdpa_fp32_grad` (same masks as sdpa; not written to its config)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if backbone.config._attn_implementation != "sdpa":
+        raise ValueError(f"fp32 trained attention: expected a text model with sdpa attention, got "
+                         f"{backbone.config._attn_implementation!r}")
+    AttentionInterface.register(FP32_GRAD_SDPA, _sdpa_fp32_grad)
+    AttentionMaskInterface.register(FP32_GRAD_SDPA, sdpa_mask)
+    backbone.set_attn_implementation(FP32_GRAD_SDPA)
+
+
 def packing_supported(backbone: nn.Module) -> bool:
     """Packed texts need absolute position ids restarting per text and a 4D attention mask:
     transformers' BertModel with sdpa or eager attention."""
     from transformers import BertModel
 
     impl = getattr(backbone.config, "_attn_implementation", None)
-    return isinstance(backbone, BertModel) and impl in ("sdpa", "eager")
+    return isinstance(backbone, BertModel) and impl in ("sdpa", "eager", FP32_GRAD_SDPA)
 
 
 def load_text_backbone(name_or_path: str | os.PathLike, trust_remote_code: bool = False):

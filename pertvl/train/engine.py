@@ -256,6 +256,7 @@ class Trainer:
         from pertvl.model import create_model
         from pertvl.train.instruments import Instruments
         from pertvl.train.optim import build_optimizer, build_scheduler, tower_param_groups
+        from pertvl.train.speed import apply_levers
 
         train, data = self.config.train, self.config.data
         self._refuse_fresh_start_over_checkpoints()  # every rank (one shared run folder): all stop
@@ -292,6 +293,8 @@ class Trainer:
         )  # fmt: skip
         scheduler = build_scheduler(optimizer, self.plan.warmup_steps, self.plan.total_steps,
                                     train.min_lr_ratio)
+        apply_levers(model, compile=train.compile, channels_last=train.channels_last,
+                     attention_fp32=train.attention_fp32)
         model.to(self.device)
         # A 16-bit engine keeps fp32 masters of trainable parameters only: keep the frozen ones'.
         half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")

@@ -1,0 +1,50 @@
+"""Speed levers of the training step, switched by the run config (`train.compile`,
+`train.channels_last`); each is off by default and changes no number beyond rounding.
+
+compile: "off" | "text" | "all"
+    torch.compile (inductor) of the text transformer ("text"), and of the image tower too ("all").
+    `nn.Module.compile` compiles in place: the module keeps its class and its state_dict keys (no
+    `_orig_mod.` prefix), so checkpoints, resume and export see the same model as without it.
+    The packed text batch changes shape every step (rows and row length); `dynamic=True` makes one
+    graph serve every shape, so the step does not recompile (docs/PERFORMANCE.md counts it).
+attention_fp32: the attention of the trainable text layers computes in fp32 when the weights are
+    16-bit on a CPU (pertvl.model.text._sdpa_fp32_grad), where the bf16 flash-attention backward is
+    slow; frozen layers keep the bf16 kernel.
+channels_last: the image tower's convolutions run on NHWC activations (the input is converted
+    once; the weights stay as DeepSpeed flattened them).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+COMPILE_MODES = ("off", "text", "all")
+
+
+def apply_levers(model: nn.Module, compile: str = "off", channels_last: bool = False,
+                 attention_fp32: bool = False) -> None:
+    """Turn the levers on in `model` (a DualEncoder), before DeepSpeed wraps it."""
+    from pertvl.model.text import use_fp32_trained_attention
+
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"train.compile: expected one of {COMPILE_MODES}, got {compile!r}")
+    model.image.channels_last = bool(channels_last)
+    if attention_fp32:
+        use_fp32_trained_attention(model.text.backbone)
+    if compile in ("text", "all"):
+        model.text.backbone.compile(dynamic=True)
+    if compile == "all":
+        model.image.compile(dynamic=True)
+
+
+def compile_counters() -> dict[str, int]:
+    """Graphs compiled, graph breaks and recompilations so far in this process (torch._dynamo)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "recompiles": int(sum(v for k, v in counters["recompiles"].items())) if "recompiles" in counters else 0,
+        "frames": int(counters["frames"]["ok"]),
+    }
+
