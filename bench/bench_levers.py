@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average {os.getloadavg()[0]:.1f}")
     print(f"{'variant':14s} {'pairs/s best':>12s} {'median':>8s} {'ratio best':>10s} {'median':>7s} "
           f"{'CPU s/step':>10s} {'ratio':>6s} {'warm-up s':>9s} {'max rel Δloss':>13s}")
+    n = warmup + reps  # the profiled step, if any, is not compared
     for v in variants:
-        rel = max(abs(a - b) / abs(b) for a, b in zip(v.losses, base.losses, strict=True))
+        rel = max(abs(a - b) / abs(b) for a, b in zip(v.losses[:n], base.losses[:n], strict=True))
         print(f"{v.name:14s} {micro / min(v.times):12.2f} {micro / statistics.median(v.times):8.2f} "
               f"{min(base.times) / min(v.times):10.2f} {statistics.median(base.times) / statistics.median(v.times):7.2f} "
               f"{statistics.median(v.cpu):10.2f} {statistics.median(base.cpu) / statistics.median(v.cpu):6.2f} "
