@@ -222,7 +222,7 @@ def test_bench_gpu_sweep_runs_on_cpu_quick(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
     out = tmp_path / "sweep.json"
     proc = subprocess.run([sys.executable, "bench/bench_gpu.py", "--cpu", "--quick", "--sweep", "--levers",
-                           "channels_last", "--json", str(out)], cwd=repo, env=env, capture_output=True, text=True,
+                           "channels_last", "--budget-s", "100000", "--json", str(out)], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     levers = json.loads(out.read_text())["levers"]
