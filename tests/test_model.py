@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny_bert
 
 from pertvl.data.batch import Batch
 from pertvl.data.records import PERTURBATION_TYPES
@@ -26,16 +27,7 @@ REPORTS = [
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, minilm_path) -> str:
     """A 2-layer, 32-wide random BERT with MiniLM's WordPiece tokenizer (fast model tests)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), minilm_path, layers=2, seed=0)
 
 
 def _model(tiny_bert, **kw) -> DualEncoder:
@@ -237,16 +229,7 @@ def test_aggregate_words_small_example_and_mean_pooling(tiny_bert):
 def tiny_bert4(tmp_path_factory, minilm_path) -> str:
     """A 4-layer, 32-wide random BERT (seeded, no download) with MiniLM's tokenizer: GLoRIA's word
     features sum the last 4 hidden states."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_bert4")
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(1)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert4"), minilm_path, layers=4, seed=1)
 
 
 def _gloria_words_by_hand(tokens: list[str], hidden_states: tuple, row: int) -> torch.Tensor:

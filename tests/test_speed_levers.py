@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from conftest import save_tiny_bert
 
 from pertvl.data.batch import Batch
 from pertvl.data.tokenize import encode_texts
@@ -46,17 +47,8 @@ REPORTS = [
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory, minilm_path) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("speed_bert")
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("speed_bert"), minilm_path, layers=4, seed=0,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _batch(tokenizer, step: int) -> Batch:
