@@ -425,6 +425,29 @@ def test_save_pretrained_round_trip(tiny_bert, tmp_path):
         DualEncoder.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("frozen_dropout", [True, False])
+def test_frozen_text_dropout_switches_the_frozen_prefix_to_eval_mode(tiny_bert, frozen_dropout):
+    """frozen_text_dropout false: in train mode the frozen prefix runs without dropout (what enters
+    the first trainable layer is the same in every forward) while the trainable layers still drop
+    out; true (the default) drops out everywhere. eval() turns everything off either way."""
+    model = _model(tiny_bert, freeze_text_layers=1, frozen_text_dropout=frozen_dropout).train()
+    bb = model.text.backbone
+    assert bb.embeddings.training == bb.encoder.layer[0].training == frozen_dropout
+    assert bb.encoder.layer[1].training and model.text.training and model.image.training
+    enc = encode_texts(model.tokenizer, [clean_text(t) for t in REPORTS])
+    entering, last = [], []
+    hook = bb.encoder.layer[1].register_forward_pre_hook(lambda m, args: entering.append(args[0].detach()))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        ids, mask = torch.as_tensor(enc.input_ids), torch.as_tensor(enc.attention_mask)
+        last.append(model.text.hidden_states(ids, mask).detach())
+    hook.remove()
+    assert torch.equal(entering[0], entering[1]) != frozen_dropout
+    assert not torch.equal(last[0], last[1])  # the trainable layer's dropout
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
 def test_config_validation_and_freezing(tiny_bert):
     with pytest.raises(ValueError, match=r"unknown keys \['embed_dims'\]"):
         create_model({"embed_dims": 3})

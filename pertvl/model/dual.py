@@ -93,6 +93,11 @@ class DualEncoderConfig:
     max_length:         word pieces per report in `DualEncoder.tokenize`.
     freeze_text:        freeze the whole text transformer.
     freeze_text_layers: freeze its embeddings and first n layers.
+    frozen_text_dropout: dropout in the frozen text layers while training (true: a frozen layer in
+                        train mode, as transformers leaves it). false keeps them in eval mode: no
+                        dropout below the first trainable layer, and on a CPU their attention takes
+                        the fused bf16 kernel instead of the math one that dropout forces
+                        (docs/PERFORMANCE.md). Changes training, not only its speed.
     text_packing:       pack several texts per row in the training forward's text pass (same
                         outputs, ~half the token rows on Open-I); None → on when the encoder
                         supports it (BertModel, sdpa/eager attention), else padding.
@@ -118,6 +123,7 @@ class DualEncoderConfig:
     max_length: int = 128
     freeze_text: bool = False
     freeze_text_layers: int = 0
+    frozen_text_dropout: bool = True
     text_packing: bool | None = None
     learnable_temperature: bool = False
     temperature_init: float = 0.07
@@ -182,6 +188,7 @@ class DualEncoder(nn.Module):
         self.text = TextEncoder(backbone, tokenizer, config.embed_dim, local_dim, config.projection, config.text_pooling,
                                 config.word_features)
         self.text.freeze(whole=config.freeze_text, layers=config.freeze_text_layers)
+        self.text.frozen_dropout = bool(config.frozen_text_dropout)
         supported = packing_supported(backbone)
         if config.text_packing and not supported:
             raise ValueError(f"text_packing: {type(backbone).__name__} does not support packed texts "

@@ -212,6 +212,8 @@ class TextEncoder(nn.Module):
                 raise ValueError("word_features 'gloria' keeps [CLS] as a word; the tokenizer has no cls_token")
         self.backbone = backbone
         self.tokenizer = tokenizer
+        self.frozen: tuple[nn.Module, ...] = ()  # set by freeze()
+        self.frozen_dropout = True
         self.pooling = pooling
         self.word_features = word_features
         self.cls_id: int | None = int(tokenizer.cls_token_id) if tokenizer.cls_token_id is not None else None
@@ -236,6 +238,7 @@ class TextEncoder(nn.Module):
         """Freeze the whole encoder, or its embeddings and first `layers` transformer layers."""
         if whole:
             self.backbone.requires_grad_(False)
+            self.frozen = (self.backbone,)
             return
         if layers <= 0:
             return
@@ -251,6 +254,16 @@ class TextEncoder(nn.Module):
         emb.requires_grad_(False)
         for layer in stack[:layers]:
             layer.requires_grad_(False)
+        self.frozen = (emb, *stack[:layers])
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Train mode, except the frozen prefix when `frozen_dropout` is False: it stays in eval mode
+        (no dropout), so its attention can take the fused flash kernel, which has no dropout on a CPU."""
+        super().train(mode)
+        if mode and not self.frozen_dropout:
+            for module in self.frozen:
+                module.eval()
+        return self
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False) -> torch.Tensor:
         """The one call of the transformer: [N, L] ids → [N, L, H] (zeros on padding when packed).
