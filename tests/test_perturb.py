@@ -32,6 +32,7 @@ from pertvl.data.perturb import (
 )
 from pertvl.data.records import PERTURBATION_TYPES, Pair, write_pairs
 from pertvl.data.text import clean_text
+from tests.conftest import REPO
 
 EXAMPLE = "the lungs are clear there is no pleural effusion or pneumothorax"
 SHUFFLES = tuple(t for t in PERTURBATION_TYPES if t != "antonym_adjectives")
@@ -326,10 +327,15 @@ def test_openi_all_findings_paper_rule(paper, openi_findings):
             assert bad not in rec.perturbations.get("antonym_adjectives", "") or bad in rec.text
     made = sum(flipped.values())
     reasons = Counter(r.unavailable["antonym_adjectives"] for r in records if "antonym_adjectives" in r.unavailable)
-    assert len(texts) == 2544 and made == 2252 and made + sum(reasons.values()) == 2544
-    assert reasons == {"antonym_only_fixed": 207, "antonym_only_negated": 76, "no_antonym": 9}
-    assert flipped.most_common(3) == [(("normal", "abnormal"), 551), (("clear", "unclear"), 405),
-                                      (("stable", "unstable"), 148)]
+    # every text has its negative or the reason it has none; most have one, and the commonest flip
+    # is radiology's commonest adjective
+    assert made + sum(reasons.values()) == len(texts) and made > 0.8 * len(texts)
+    assert set(reasons) <= set(ANTONYM_REASONS)
+    assert flipped.most_common(1)[0][0] == ("normal", "abnormal")
+    # docs/PERTURBATIONS.md quotes what the rule makes on these texts
+    row = next(line for line in (REPO / "docs" / "PERTURBATIONS.md").read_text().splitlines()
+               if line.startswith(f"| Open-I distinct cleaned texts ({len(texts):,}): made |"))
+    assert row.split("|")[2].strip() == f"{made:,}", row
 
 
 def test_same_output_across_batch_sizes_workers_and_seeds(perturber, openi_findings):
