@@ -282,6 +282,19 @@ def _resolve_paths(from_file: dict[str, Any], folder: Path) -> dict[str, Any]:
     return out
 
 
+def from_mapping(cls: type, d: Any) -> Any:
+    """`cls(**d)` for a config dataclass (an instance passes through, None gives the defaults);
+    ValueError names unknown keys."""
+    if isinstance(d, cls):
+        return d
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected some of {sorted(known)}")
+    return cls(**d)
+
+
 def save_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:
     from pertvl.files import atomic_write_text
 

@@ -1,13 +1,11 @@
 """The main job (`make demo` / `pertvl demo`): the whole pipeline on the embedded offline corpus.
 
-phantoms -> perturb -> counterfactual reports (evaluated; not trained on) -> pack shards -> twin phantoms of the
-test split (evaluated; packed in SHARDS/twins) -> train with DeepSpeed on N ranks (three losses) -> export
-to ONNX (parity checked) -> evaluate on onnxruntime (every evaluation of the DEMO suite of
-pertvl.evaluate.catalog: structure per perturbation type with its control anchors and the
-image-grounding margin, the grounded structure accuracy on counterfactual reports, retrieval, zero-shot AUROC, grounding of the local branch,
-the twin-phantom text/image/group scores) -> a report
-folder with their tables, training curves, attention-map examples and the W&B offline run. Default locations: shards/demo, runs/demo (corpus, checkpoints, W&B run,
-final encoders), export/demo, runs/demo/report.
+phantoms -> perturb -> counterfactual reports and twin phantoms of the test split (evaluated, not
+trained on) -> pack shards -> train with DeepSpeed on N ranks -> export to ONNX (parity checked)
+-> every evaluation of the DEMO suite (pertvl.evaluate.catalog) on onnxruntime -> a report folder
+with their tables, training curves, attention-map examples and the W&B offline run. Default
+locations: shards/demo, runs/demo (corpus, checkpoints, W&B run, final encoders), export/demo,
+runs/demo/report.
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", default="configs/demo.yaml", help="training config (default configs/demo.yaml)")
     p.add_argument("--long", action="store_true",
-                   help="the budget at which the model becomes grounded (docs/results/learning-curve): 5,000 "
-                   "phantoms, 1,000 optimizer steps (~50 min on 2 cores), in runs/demo-long, shards/demo-long "
-                   "and export/demo-long unless given")
+                   help="5,000 phantoms, 1,000 steps (~50 min on 2 cores; docs/results/learning-curve), in "
+                   "runs/, shards/ and export/demo-long unless given")
     p.add_argument("--n", type=int, help="phantoms to generate (default 1000; 5000 with --long)")
     p.add_argument("--image-size", type=int, default=128, help="phantom and shard image size (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of training")

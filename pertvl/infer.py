@@ -68,14 +68,10 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 def attention_maps(image_regions: np.ndarray, grid: Sequence[int], words: np.ndarray,
                    word_mask: np.ndarray | None = None, gamma1: float = 4.0) -> np.ndarray:
-    """Word→region attention of one image/report pair, GLoRIA's attention_fn (paper §III-B 2):
-
-        P_mw = r_m · x_w,   A1 = softmax over the report's words (P),   a_wm = softmax over regions (γ1·A1)
-
-    pertvl.losses.local_attention_maps in numpy (float64 inside). image_regions [M, Dl] with
-    grid (h, w); words [W, Dl] (word_mask [W], None: all real) -> [n, h, w] float32 for the n real
-    words, each summing to 1. ValueError on inconsistent shapes or a report without words.
-    """
+    """Word→region attention of one image/report pair: pertvl.losses.local_attention_maps in numpy
+    (float64 inside). image_regions [M, Dl] with grid (h, w); words [W, Dl] (word_mask [W], None:
+    all real) -> [n, h, w] float32 for the n real words, each summing to 1 over the regions.
+    ValueError on inconsistent shapes or a report without words."""
     regions = np.asarray(image_regions, dtype=np.float64)
     words = np.asarray(words, dtype=np.float64)
     if regions.ndim != 2 or words.ndim != 2:
@@ -101,14 +97,9 @@ def attention_maps(image_regions: np.ndarray, grid: Sequence[int], words: np.nda
 
 def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, gamma1: float = 4.0,
                  gamma2: float = 5.0, aggregation: str = "sum") -> np.ndarray:
-    """GLoRIA's image–report similarity S(I_n, T_n) of row-paired images and reports (paper §III-B 2):
-
-        a_wm = softmax_m(γ1 · softmax_w'(r_m · x_w')_w),   c_w = Σ_m a_wm r_m,
-        S    = log Σ_w exp(γ2 · cos(x_w, c_w))              ("mean": log mean_w)
-
-    The diagonal of pertvl.losses.local_similarity in numpy (float64 inside): regions [N, M, Dl],
-    words [N, W, Dl], word_mask [N, W] -> [N] float64, -inf for a report without words.
-    """
+    """GLoRIA's similarity S(I_n, T_n) of row-paired images and reports: the diagonal of
+    pertvl.losses.local_similarity in numpy (float64 inside). regions [N, M, Dl], words [N, W, Dl],
+    word_mask [N, W] -> [N] float64, -inf for a report without words."""
     r = np.asarray(regions, dtype=np.float64)
     x = np.asarray(words, dtype=np.float64)
     mask = np.asarray(word_mask, dtype=bool)
@@ -165,11 +156,9 @@ class Embedder:
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike, providers: Sequence[str] | None = None,
                     int8: bool = False, batch_size: int = 32, threads: int | None = None) -> Embedder:
-        """Verify and load an export folder (`int8`: the quantized towers; providers default to CUDA
-        when available, then CPU; threads to the physical cores). FileNotFoundError for a missing
-        file; ExportFormatError naming the file when its sha256, ONNX metadata or graph inputs and
-        outputs differ from the manifest.
-        """
+        """Verify and load an export folder (`int8`: the quantized towers): FileNotFoundError for a
+        missing file, ExportFormatError naming the file whose sha256, ONNX metadata or graph inputs
+        and outputs differ from the manifest."""
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)
         variant = "int8" if int8 else "fp32"

@@ -2,24 +2,24 @@
 
     L = L_global + α·L_local + β·L_pert            (paper Eq. 1–3; α = β = 0.1, τ = 0.07)
 
-Each contrastive loss combines its image→text and text→image cross-entropies by a "mean" or a
-"sum" (`LossConfig.global_reduction` / `local_reduction`): the paper calls L_global "a symmetric
-cross-entropy loss [3]" (CLIP, which averages: "mean") and L_local the "Addition" of both
-directions (GLoRIA's l_loss0 + l_loss1: "sum"). L_local is GLoRIA's word→region loss computed for
-the whole B×B matrix at once (`_LocalSimilarity`); `loss.local_form: printed` is the paper's
-printed equations instead. All losses are computed in float32 (inputs upcast, autocast off), so
-bf16/fp16 engines get the numbers of fp32 ones; LossConfig validates the options once.
+A contrastive loss combines its image→text and text→image cross-entropies by "mean" (CLIP's, the
+paper's L_global) or "sum" (GLoRIA's, the paper's "Addition" for L_local). L_local is GLoRIA's
+word→region loss over the whole B×B matrix at once (`_LocalSimilarity`); `loss.local_form:
+printed` is the paper's printed equations. All losses run in float32 (inputs upcast, autocast
+off), so 16-bit engines get fp32's numbers; LossConfig validates the options once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from pertvl.config import from_mapping
 
 if TYPE_CHECKING:
     from pertvl.model.dual import DualOutput
@@ -68,10 +68,9 @@ def global_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
 
         L = ½ [CE(cos(v_i, t_j)/τ → j=i) + CE(cos(t_i, v_j)/τ → j=i)]   ("mean", CLIP's; "sum": GLoRIA's)
 
-    With `world_size` > 1 the features of all ranks are gathered with gradient and this rank's
-    rows are scored against the global batch (open_clip's local loss): the mean over ranks equals
-    the one-process loss on the concatenated batch. Every rank must hold the same b. `temperature`:
-    τ, a float or a one-element tensor. Returns a float32 scalar.
+    With `world_size` > 1 this rank's rows are scored against every rank's (gathered with
+    gradient; the same b on every rank): the mean over ranks is the one-process loss on the whole
+    batch. `temperature`: τ, a float or a one-element tensor. Returns a float32 scalar.
     """
     fn = "global_contrastive_loss"
     factor = _check_reduction(fn, "reduction", reduction)
@@ -98,30 +97,19 @@ LOCAL_FORMS = ("gloria", "printed")
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
-    """a @ b; with `lp` (bf16) the inputs are rounded to it and the fp32 product returned (on CPU
-    the product is rounded to bf16 first: no CPU kernel writes fp32 from bf16 inputs)."""
+    """a @ b (torch.mm, or torch.bmm for 3-D inputs); with `lp` (bf16) the inputs are rounded to it
+    and the fp32 product returned (on CPU the product is rounded to bf16 first: no CPU kernel writes
+    fp32 from bf16 inputs)."""
+    mm = torch.mm if a.dim() == 2 else torch.bmm
     if lp is None:
-        return a @ b
-    a, b = a.to(lp), b.to(lp)
-    if a.is_cuda and a.dim() == 2:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype)
-            pass
-    return (a @ b).float()
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
-    """torch.bmm(a, b), in `lp` with an fp32 result as `_mm`."""
-    if lp is None:
-        return torch.bmm(a, b)
+        return mm(a, b)
     a, b = a.to(lp), b.to(lp)
     if a.is_cuda:
         try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
+            return mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype)
             pass
-    return torch.bmm(a, b).float()
+    return mm(a, b).float()
 
 
 def _pair_terms(r: torch.Tensor, g: torch.Tensor, x: torch.Tensor, pad: torch.Tensor, gamma1: float,
@@ -134,7 +122,7 @@ def _pair_terms(r: torch.Tensor, g: torch.Tensor, x: torch.Tensor, pad: torch.Te
     p = _mm(r.reshape(c * m, d), x.reshape(b * w, d).T, lp).view(c, m, b, w)
     a1 = torch.softmax(p.masked_fill(pad, float("-inf")), dim=-1)  # over the report's words
     a = torch.softmax(a1 * gamma1, dim=1)  # over regions, per word
-    ga = _bmm(g, a.view(c, m, b * w), lp).view(c, m, b, w)
+    ga = _mm(g, a.view(c, m, b * w), lp).view(c, m, b, w)
     n = (a * p).sum(1)  # word_w · context_w = Σ_m a_mw (r_m · word_w): reuses P
     q = (a * ga).sum(1)  # |context_w|² = a_w^T (R Rᵀ) a_w
     return p, a1, a, ga, n, q
@@ -145,12 +133,9 @@ def _chunk_images(b: int, m: int, w: int, max_elements: int) -> int:
 
 
 class _LocalSimilarity(torch.autograd.Function):
-    """S[j, i] = log Σ_w exp(γ2·cos(word_iw, context_jiw)) for every image j and report i.
-
-    The contexts are never built: word·context reuses the products P, |context|² comes from the
-    Gram matrices RRᵀ. Forward and a hand-written backward run over chunks of images, at most
-    `max_elements` floats per [c, M, B, W] temporary; `lp` (bf16 or None) is the matmul input dtype.
-    """
+    """S[j, i] = log Σ_w exp(γ2·cos(word_iw, context_jiw)) for every image j and report i, without
+    building the contexts (word·context reuses P, |context|² the Gram matrices RRᵀ); forward and
+    hand-written backward over chunks of images (at most `max_elements` floats per temporary)."""
 
     @staticmethod
     def forward(ctx, regions, words, pad, gamma1, gamma2, mean, max_elements, lp=None):
@@ -165,7 +150,7 @@ class _LocalSimilarity(torch.autograd.Function):
         out = regions.new_empty(b_img, b_txt)
         for j0 in range(0, b_img, step):
             r = regions[j0 : j0 + step]
-            g = _bmm(r, r.transpose(1, 2), lp)
+            g = _mm(r, r.transpose(1, 2), lp)
             _, _, _, _, n, q = _pair_terms(r, g, words, pad4, gamma1, lp)
             cos = n / (xnorm * q.clamp(min=0).sqrt()).clamp(min=_EPS)
             s = torch.logsumexp((gamma2 * cos).masked_fill(pad, float("-inf")), dim=-1)
@@ -190,7 +175,7 @@ class _LocalSimilarity(torch.autograd.Function):
         for j0 in range(0, b_img, step):
             r = regions[j0 : j0 + step]
             c = r.shape[0]
-            g = _bmm(r, r.transpose(1, 2), lp)
+            g = _mm(r, r.transpose(1, 2), lp)
             p, a1, a, ga, n, q = _pair_terms(r, g, words, pad4, gamma1, lp)
             denom = xnorm * q.clamp(min=0).sqrt()
             free = denom > _EPS  # where GLoRIA's clamp is inactive, cos depends on |x| and |c|
@@ -204,8 +189,8 @@ class _LocalSimilarity(torch.autograd.Function):
             grad_xnorm -= (coef / xnorm.clamp(min=_EPS)).sum(0)
             # |c|² = aᵀ G a  ->  dG = Σ_w dq_w a_w a_wᵀ,  dR += 2·dG·R  (G = R Rᵀ is symmetric)
             a2 = a.view(c, m, b_txt * w)
-            dg = _bmm(a2 * dq.view(c, 1, b_txt * w), a2.transpose(1, 2), lp)
-            grad_r[j0 : j0 + step] += 2 * _bmm(dg, r, lp)
+            dg = _mm(a2 * dq.view(c, 1, b_txt * w), a2.transpose(1, 2), lp)
+            grad_r[j0 : j0 + step] += 2 * _mm(dg, r, lp)
             # dA from n = Σ_m a·p and from q = aᵀ G a
             da = dn.unsqueeze(1) * p
             da.add_(ga * (2 * dq).unsqueeze(1))
@@ -282,12 +267,10 @@ def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, w
                          gamma1: float = 4.0, gamma2: float = 5.0, gamma3: float = 10.0,
                          aggregation: str = "sum", reduction: str = "sum", matmul_dtype: str = "fp32",
                          form: str = "gloria", temperature: float = 0.07) -> torch.Tensor:
-    """L_local (paper §III-B 2, GLoRIA's local_loss): cross-entropy image→report and report→image
-    over logits γ3·S (form "gloria", S of `local_similarity`) or S/τ (form "printed"), combined by
-    `reduction` "sum" (the paper's "Addition", GLoRIA's) or "mean". Equal to GLoRIA's loop over
-    captions up to rounding. A report with no word is out of every softmax and its pair out of the
-    mean; with no word in the batch the loss is 0 (still connected to the graph).
-    """
+    """L_local (paper §III-B 2, GLoRIA's local_loss up to rounding): cross-entropy image→report and
+    report→image over logits γ3·S (form "gloria") or S/τ (form "printed"), combined by `reduction`.
+    A report with no word is out of every softmax and the mean; with no word at all the loss is 0
+    (still connected to the graph)."""
     fn = "local_attentive_loss"
     factor = _check_reduction(fn, "reduction", reduction)
     if form not in LOCAL_FORMS:
@@ -361,9 +344,8 @@ NEEDS = ("need_local", "need_perturbations")
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One named term: `weight` is None (added unscaled, as L_global in Eq. 1, unless
-    `LossConfig.weights[name]` scales it) or the LossConfig field holding it ("alpha"); `label` is
-    its name in reports ("L_local"); `needs` the forward keywords (of NEEDS) whose features it reads."""
+    """One named term: `weight` None (unscaled as L_global in Eq. 1, unless `LossConfig.weights`
+    names it) or the LossConfig field holding it; `needs`: the forward keywords it reads."""
 
     fn: TermFn
     weight: str | None
@@ -445,13 +427,10 @@ def _check_pert_types(value: Any) -> list[str]:
 
 @dataclass
 class LossConfig:
-    """Weights and temperatures of L = L_global + α·L_local + β·L_pert (paper Eq. 1).
-
-    `preset` names the ablation (`LOSS_PRESETS`); `weights` sets the weight of a term without a
-    field of its own (L_global's) by name. A learnable temperature (`DualOutput.logit_scale`)
-    replaces `temperature` in L_global only. `pert_types`: L_pert's types and exactly the training
-    batch's columns (default: the paper's nine), counterfactual types (cf_*) after them.
-    """
+    """Weights and temperatures of L = L_global + α·L_local + β·L_pert (paper Eq. 1). `weights`:
+    the weight of a term without a field of its own (L_global's), by name; a learnable temperature
+    replaces `temperature` in L_global only; `pert_types`: L_pert's types, exactly the batch's
+    columns (default: the paper's nine; counterfactual types after them)."""
 
     preset: str = "full"
     alpha: float = 0.1
@@ -483,9 +462,7 @@ class LossConfig:
             raise ValueError("LossConfig: local_dtype applies to local_form 'gloria' only (the printed form "
                              "runs in fp32)")
         for name in ("global_reduction", "local_reduction"):
-            if getattr(self, name) not in REDUCTIONS:
-                raise ValueError(f"LossConfig: expected {name} 'mean' or 'sum' (of the image→text and "
-                                 f"text→image cross-entropies), got {getattr(self, name)!r}")
+            _check_reduction("LossConfig", name, getattr(self, name))
         for name in ("alpha", "beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LossConfig: expected {name} >= 0, got {getattr(self, name)}")
@@ -504,14 +481,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | LossConfig | None) -> LossConfig:
-        if isinstance(d, LossConfig):
-            return d
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LossConfig: unknown keys {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d)
 
     @property
     def terms(self) -> tuple[str, ...]:

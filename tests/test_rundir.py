@@ -50,10 +50,3 @@ def test_find_run_config_walks_up_from_a_checkpoint(tmp_path):
     tag.mkdir(parents=True)
     assert find_run_config(tag) == tmp_path / "config.yaml"
     assert find_run_config(tmp_path / "checkpoints" / "step00000004", levels=1) is None
-
-
-def test_the_engine_writes_the_layout_rundir_reads():
-    from pertvl.train import checkpoint, engine, rundir
-
-    assert (engine.CONFIG_FILE, engine.FINAL_DIR) == (rundir.CONFIG_NAME, rundir.FINAL_NAME)
-    assert checkpoint.CHECKPOINT_SUBDIR == rundir.CHECKPOINTS_NAME

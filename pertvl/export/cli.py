@@ -43,13 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="word pieces per report (default: the run's data.max_length, else 128)")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamically quantized int8 towers")
     p.add_argument("--int8-residual", type=_residual_layers, default="ffn-in", metavar="LAYERS",
-                   help="with --quantize int8: text layers (comma list of qkv, attn-out, ffn-in, ffn-out, or "
-                   "'none') whose input int8 sees at ~16-bit precision via a second int8 GEMM on the rounding "
-                   "residual (default ffn-in: less int8 noise for a slower text tower; docs/EXPORT.md)")
+                   help="with --quantize int8: text layers (qkv, attn-out, ffn-in, ffn-out, comma list, or "
+                   "'none') given a residual int8 pass (docs/EXPORT.md)")
     p.add_argument("--no-parity", action="store_true", help="skip the torch-vs-onnxruntime parity check")
     p.add_argument("--text-graph", choices=["auto", "unpadded", "fused", "traced"], default="auto",
-                   help="text tower graph: unpadded (BERT: dense layers on real tokens only), fused "
-                   "(onnxruntime's BERT fusion), traced (as traced); auto = unpadded when supported, else fused")
+                   help="text tower graph (docs/EXPORT.md); auto: unpadded when supported, else fused")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference allowed in fp32 (1e-4)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(handler=_export)

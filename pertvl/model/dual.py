@@ -1,19 +1,12 @@
 """The dual encoder: image tower + text tower + joint-space heads, one config, one factory.
 
 `DualEncoder.forward(batch)` runs the image backbone once and the text transformer ONCE over the
-B original reports and all valid perturbations of the batch together (the authors' code made ten
-separate text passes, one more for the local branch, and ran a second image backbone): valid
-perturbation rows are gathered, packed with the originals several texts per row (or padded to one
-length; see pertvl.model.text), encoded in one call, and their embeddings scattered back into
-pert_emb [B, K, D] (zeros where invalid).
+B original reports and the batch's valid perturbations together (gathered, packed or padded,
+encoded, their embeddings scattered back into pert_emb [B, K, D], zeros where invalid).
 
-Saving (`save_pretrained(dir)`) writes
-    dir/config.json              {"format": "pertvl-dual-encoder/1", "pertvl_version", "config": {...}}
-    dir/model.safetensors        every weight of the model (authoritative; heads included)
-    dir/text_encoder/            the text transformer in HF format + tokenizer files
-                                 (AutoModel/AutoTokenizer.from_pretrained(dir/text_encoder) read it)
-    dir/image_encoder/           the ResNet backbone in HF format (ResNetModel.from_pretrained reads it)
-and `DualEncoder.from_pretrained(dir)` reads it back (safetensors only; no pickle).
+`save_pretrained(dir)` writes config.json ({"format", "pertvl_version", "config"}),
+model.safetensors (every weight, authoritative), text_encoder/ (HF model + tokenizer) and
+image_encoder/ (HF ResNetModel); `from_pretrained(dir)` reads it back (safetensors only).
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pertvl.config import from_mapping
 from pertvl.data.batch import Batch
 from pertvl.model.image import (
     IMAGE_ARCHS,
@@ -69,63 +63,31 @@ PAPER_CONFIG: dict[str, Any] = {
 
 @dataclass
 class DualEncoderConfig:
-    """Everything needed to build the model (the `model:` section of a run config).
+    """The `model:` section of a run config: everything needed to build the model (the paper's
+    values: PAPER_CONFIG)."""
 
-    embed_dim:          d_e, width of the global embeddings (paper: 128, CXR-BERT's projection size).
-    local_dim:          Dl, width of region and word features; None → the text hidden size (GLoRIA).
-    projection:         "linear" or "mlp" global heads.
-    image_arch:         "resnet50" (paper) | "resnet18" | "resnet-tiny" (CPU demo).
-    image_pretrained:   local folder or hub id of ResNetModel weights (e.g. microsoft/resnet-50);
-                        None → random initialization.
-    image_pool:         "avg" (paper: average pool + projection head) or "attention" (CLIP's
-                        attention pool with a learned positional embedding; keeps where a finding
-                        is, see pertvl.model.image).
-    image_pool_heads:   heads of the attention pool.
-    image_mean/std:     per-channel normalization of the [0, 1] input (ImageNet by default).
-    freeze_image:       freeze the ResNet backbone (its heads still train).
-    text_name_or_path:  any BERT-family model (local folder or hub id); None → the offline MiniLM.
-                        CXR-BERT: "microsoft/BiomedVLP-CXR-BERT-specialized" with trust_remote_code.
-    text_pooling:       "cls" (paper) or "mean" (over word pieces).
-    word_features:      word features of L_local: "paper" (§III-A: last layer, word pieces averaged,
-                        [CLS]/[SEP] excluded) or "gloria" (GLoRIA's: sum of the last 4 hidden states,
-                        pieces summed, [CLS] kept as a word); see pertvl.model.text.
-    trust_remote_code:  passed to transformers' from_pretrained; False unless asked for.
-    max_length:         word pieces per report in `DualEncoder.tokenize`.
-    freeze_text:        freeze the whole text transformer.
-    freeze_text_layers: freeze its embeddings and first n layers.
-    frozen_text_dropout: dropout in the frozen text layers while training (true: a frozen layer in
-                        train mode, as transformers leaves it). false keeps them in eval mode: no
-                        dropout below the first trainable layer, and on a CPU their attention takes
-                        the fused bf16 kernel instead of the math one that dropout forces
-                        (docs/PERFORMANCE.md). Changes training, not only its speed.
-    text_packing:       pack several texts per row in the training forward's text pass (same
-                        outputs, ~half the token rows on Open-I); None → on when the encoder
-                        supports it (BertModel, sdpa/eager attention), else padding.
-    learnable_temperature: a learnable logit scale for L_global (authors' code; CLIP-style
-                        log-parameter of shape (1,), initialised to 1/temperature_init, capped at 100).
-    temperature_init:   τ the learnable scale starts from.
-    """
-
-    embed_dim: int = 128
-    local_dim: int | None = None
-    projection: str = "linear"
-    image_arch: str = "resnet-tiny"
-    image_pretrained: str | None = None
-    image_pool: str = "avg"
+    embed_dim: int = 128  # d_e (paper: 128, CXR-BERT's projection size)
+    local_dim: int | None = None  # Dl of regions and words; None: the text hidden size (GLoRIA)
+    projection: str = "linear"  # global heads: linear | mlp
+    image_arch: str = "resnet-tiny"  # resnet50 (paper) | resnet18 | resnet-tiny (CPU demo)
+    image_pretrained: str | None = None  # ResNetModel weights (folder or hub id); None: random init
+    image_pool: str = "avg"  # avg (paper) | attention (CLIP's, keeps where a finding is)
     image_pool_heads: int = 8
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     freeze_image: bool = False
-    text_name_or_path: str | None = None
-    text_pooling: str = "cls"
-    word_features: str = "paper"
-    trust_remote_code: bool = False
-    max_length: int = 128
+    text_name_or_path: str | None = None  # a BERT-family model; None: the offline MiniLM
+    text_pooling: str = "cls"  # cls (paper) | mean (over word pieces)
+    word_features: str = "paper"  # L_local's words: paper | gloria (pertvl.model.text)
+    trust_remote_code: bool = False  # an explicit choice (CXR-BERT needs it)
+    max_length: int = 128  # word pieces per report in `DualEncoder.tokenize`
     freeze_text: bool = False
-    freeze_text_layers: int = 0
+    freeze_text_layers: int = 0  # the text embeddings and first n layers
+    # Dropout in the frozen text layers while training (true: as transformers leaves them); false
+    # keeps them in eval mode, so their CPU attention takes the fused kernel. Changes training.
     frozen_text_dropout: bool = True
-    text_packing: bool | None = None
-    learnable_temperature: bool = False
+    text_packing: bool | None = None  # several texts per row in training; None: when supported
+    learnable_temperature: bool = False  # CLIP's log logit scale for L_global, capped at 100
     temperature_init: float = 0.07
 
     def __post_init__(self) -> None:
@@ -148,15 +110,7 @@ class DualEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | DualEncoderConfig | None) -> DualEncoderConfig:
-        """From the `model:` config section; unknown keys are an error."""
-        if isinstance(d, DualEncoderConfig):
-            return d
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"DualEncoderConfig: unknown keys {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,18 +194,9 @@ class DualEncoder(nn.Module):
 
     # -- training forward -----------------------------------------------------------------------
     def forward(self, batch: Batch, need_local: bool = True, need_perturbations: bool = True) -> DualOutput:
-        """One image pass and ONE text pass over originals + valid perturbations.
-
-        Args:
-            batch: a pertvl.data.batch.Batch.
-            need_local: compute region and word features (L_local).
-            need_perturbations: encode the perturbations (L_pert).
-                `PretrainLoss.model_kwargs()` sets both from the terms of the loss preset.
-                Without it only the B originals go through the text transformer.
-        Returns:
-            DualOutput. Heads a preset does not use (region/word projections) get no gradient:
-            with DDP use find_unused_parameters or freeze them.
-        """
+        """One image pass and ONE text pass over originals + valid perturbations; `need_local`
+        (region and word features) and `need_perturbations` come from `PretrainLoss.model_kwargs()`.
+        Heads a preset does not use get no gradient (DDP: find_unused_parameters or freeze them)."""
         ids, mask, word_ids = batch.input_ids, batch.attention_mask, batch.word_ids
         _check_batch(batch, need_perturbations)
         b = ids.shape[0]
@@ -366,12 +311,8 @@ def _check_batch(batch: Batch, need_perturbations: bool) -> None:
 
 
 def _save_hf(model: nn.Module, directory: Path) -> None:
-    """save_pretrained with a plain config of the model's own class.
-
-    When the encoder came out of a wrapper checkpoint (CXR-BERT: remote-code config class, encoder
-    = the inner BertModel), its config still names the wrapper's remote code; saving the encoder's
-    own config class instead makes the folder loadable by AutoModel without remote code.
-    """
+    """save_pretrained with a config of the model's own class: an encoder taken out of a wrapper
+    (CXR-BERT's remote code) then loads with AutoModel without remote code."""
     cfg = model.config
     own = getattr(type(model), "config_class", None)
     if own is not None and type(cfg) is not own:

@@ -43,9 +43,7 @@ def projection_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     ConVIRT/SimCLR heads)."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
-    raise ValueError(f"projection: expected 'linear' or 'mlp', got {kind!r}")
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
 
 
 # How the last stage becomes the global embedding: the paper's average pool (then the projection
@@ -120,18 +118,9 @@ def build_resnet(arch: str, pretrained: str | None = None) -> ResNetModel:
 
 
 class ImageEncoder(nn.Module):
-    """ResNet backbone + global projection head + 1×1-conv region projection.
-
-    Args:
-        backbone: a transformers ResNetModel (≥ 2 stages).
-        embed_dim: d_e, width of the global embedding.
-        local_dim: Dl, width of the region features (= the word-feature width).
-        projection: "linear" or "mlp" global head.
-        mean, std: per-channel normalization applied to the [0, 1] input (3 values each).
-        pool: "avg" (the paper's: average pool, then the projection head) or "attention"
-            (AttentionPool2d; its output projection is the head, so `projection` is not used).
-        pool_heads: heads of the attention pool (its channels must split evenly).
-    """
+    """ResNet backbone (≥ 2 stages) + global projection head + 1×1-conv region projection; the
+    arguments are DualEncoderConfig's. With pool "attention" the pool's output projection is the
+    head (`projection` unused)."""
 
     def __init__(
         self,
@@ -150,8 +139,6 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"image backbone: expected at least 2 stages, got hidden_sizes {sizes}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"image_mean/image_std: expected 3 values each (std > 0), got {list(mean)} / {list(std)}")
-        if pool not in IMAGE_POOLS:
-            raise ValueError(f"image_pool: expected one of {IMAGE_POOLS}, got {pool!r}")
         self.backbone = backbone
         self.pool = pool
         if pool == "avg":

@@ -1,33 +1,18 @@
 """Text tower: a BERT-family encoder (transformers AutoModel) with a global and a word-level output.
 
-* Global report embedding: the [CLS] hidden state (pooling="cls", the paper / CXR-BERT choice) or
-  the mean over the report's word pieces (pooling="mean"; [CLS]/[SEP]/padding excluded — computed
-  from token ids alone so originals and perturbations, which carry no word ids, pool the same way),
-  projected to d_e.
-* Word features for L_local (`word_features`, docs/TRAINING.md "Loss definitions"), projected to
-  the local width Dl, with a word mask; word boundaries come from the fast tokenizer's word ids
-  (pertvl.data.tokenize.encode_texts):
-    "paper"  (default; paper §III-A): the LAST layer's hidden states, a word's pieces AVERAGED;
-             [CLS]/[SEP]/padding are not words.
-    "gloria" (GLoRIA's BertEncoder + local_loss): the SUM of the last 4 hidden states
-             (hidden_states[-4:], the embedding output counts as one when the encoder has 3 layers),
-             a word's pieces SUMMED, and [CLS] kept as word 0 (GLoRIA's aggregate_tokens makes
-             [CLS] a word and its local_loss takes the first len(words) + 1 slots: [CLS] and the
-             words; [SEP] and padding are dropped).
+* Global embedding: the [CLS] hidden state (pooling "cls", the paper's) or the mean over the word
+  pieces (pooling "mean"; [CLS]/[SEP]/padding excluded, from the token ids alone so that
+  perturbations, which carry no word ids, pool the same way), projected to d_e.
+* Word features for L_local, projected to Dl, with a word mask (word boundaries: the fast
+  tokenizer's word ids, pertvl.data.tokenize.encode_texts): "paper" (§III-A) averages a word's
+  pieces of the LAST layer; "gloria" (GLoRIA's BertEncoder) SUMS them over the sum of the last 4
+  hidden states and keeps [CLS] as word 0.
 
-Packing (the training forward): the B originals and the valid perturbations vary a lot in length
-(Open-I findings: 7–60 words), so padding them to one length wastes about half of the token rows.
-`hidden_states(..., pack=True)` places several texts in one row (best-fit decreasing, row length =
-the longest text), restarts the position ids at every text and gives attention a block-diagonal
-mask, so each text attends to itself only: the outputs equal the padded pass (to float rounding)
-at about half the token rows, still in ONE call of the transformer. It needs a BERT encoder with
-absolute positions (BertModel: MiniLM, CXR-BERT's encoder, …) and the sdpa or eager attention;
-other encoders fall back to padding (`packing_supported`).
-
-The word mean is one batched matmul with a one-hot [N, W, L] word×token matrix. W is a static
-argument: `num_words=None` uses W = L (the token count, an upper bound on the number of words), so
-an exported graph has no data-dependent shape, no .item() and no loop over the batch; the
-training forward passes W = max word id + 1 of the batch to keep the local loss small.
+Packing (training): `states(..., pack=True)` places several texts in one row (best-fit
+decreasing), restarts the position ids per text and masks attention block-diagonally: the padded
+pass's outputs at about half the token rows, in ONE transformer call (BertModel with sdpa/eager
+attention only: `packing_supported`). The word mean is one batched matmul with a one-hot [N, W, L]
+matrix; W is static (`num_words=None`: W = L) so an exported graph has no data-dependent shape.
 """
 
 from __future__ import annotations
@@ -70,16 +55,9 @@ def default_text_model() -> str:
 def aggregate_words(
     hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None, reduce: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (or sum) of each word's word-piece vectors.
-
-    Args:
-        hidden: [N, L, H] token features.
-        word_ids: [N, L] int, the word index of each token, -1 for [CLS]/[SEP]/padding.
-        num_words: W, the number of word slots (static); None → L. Tokens of words ≥ W are dropped.
-        reduce: "mean" (the paper's §III-A) or "sum" (GLoRIA's) of a word's pieces.
-    Returns:
-        words [N, W, H] (zero where a slot has no token) and word_mask [N, W] bool.
-    """
+    """Mean (or sum: GLoRIA's) of each word's piece vectors: hidden [N, L, H] and word_ids [N, L]
+    (-1 for [CLS]/[SEP]/padding) -> words [N, W, H] (zero where a slot has no token) and word_mask
+    [N, W] bool; W = num_words (static; None: L), tokens of words >= W dropped."""
     if hidden.dim() != 3 or word_ids.shape != hidden.shape[:2]:
         raise ValueError(
             f"aggregate_words: expected hidden [N, L, H] and word_ids [N, L], got {tuple(hidden.shape)} "
@@ -98,10 +76,8 @@ def aggregate_words(
 
 
 def pack_lengths(lengths: list[int], capacity: int) -> tuple[list[tuple[int, int]], int]:
-    """Best-fit-decreasing placement of texts of `lengths` tokens into rows of `capacity` tokens.
-
-    Returns ([(row, offset)] per text, number of rows). Every length must be <= capacity.
-    """
+    """Best-fit-decreasing placement of texts of `lengths` (each <= capacity) tokens into rows of
+    `capacity` tokens -> ([(row, offset)] per text, number of rows)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     free: list[tuple[int, int]] = []  # (remaining capacity, row), sorted
     place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
@@ -161,13 +137,8 @@ def packing_supported(backbone: nn.Module) -> bool:
 
 
 def load_text_backbone(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
-    """(encoder, fast tokenizer) from a local folder or hub id.
-
-    The encoder is the loaded model's `base_model`: for a BERT it is the model itself; for
-    checkpoints that wrap the encoder with heads (CXR-BERT is a BertForMaskedLM with a projection
-    head) it is the bare encoder, so no vocabulary logits are computed and no head sits unused.
-    `trust_remote_code` is passed to transformers only as given (CXR-BERT needs True; opt-in).
-    """
+    """(encoder, fast tokenizer) from a local folder or hub id. The encoder is the model's
+    `base_model`: a wrapper's heads (CXR-BERT is a BertForMaskedLM) are never computed."""
     from transformers import AutoModel, AutoTokenizer
 
     name_or_path = os.fspath(name_or_path)
@@ -186,22 +157,12 @@ def load_text_backbone(name_or_path: str | os.PathLike, trust_remote_code: bool 
 
 
 class TextEncoder(nn.Module):
-    """BERT-family encoder + global projection head + word projection.
-
-    Args:
-        backbone: a transformers encoder returning `last_hidden_state`.
-        tokenizer: its fast tokenizer (kept as an attribute; not a module).
-        embed_dim: d_e; local_dim: Dl; projection: "linear" | "mlp"; pooling: "cls" | "mean".
-        word_features: "paper" | "gloria" (see the module doc).
-    """
+    """BERT-family encoder (returning `last_hidden_state`) + global projection head + word
+    projection; the arguments are DualEncoderConfig's, `tokenizer` the encoder's fast tokenizer."""
 
     def __init__(self, backbone: nn.Module, tokenizer, embed_dim: int, local_dim: int,
                  projection: str = "linear", pooling: str = "cls", word_features: str = "paper") -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"text_pooling: expected one of {POOLINGS}, got {pooling!r}")
-        if word_features not in WORD_FEATURES:
-            raise ValueError(f"word_features: expected one of {WORD_FEATURES}, got {word_features!r}")
         if word_features == "gloria":
             layers = getattr(backbone.config, "num_hidden_layers", None)
             if layers is None or int(layers) + 1 < GLORIA_LAYERS:
@@ -266,11 +227,7 @@ class TextEncoder(nn.Module):
         return self
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False) -> torch.Tensor:
-        """The one call of the transformer: [N, L] ids → [N, L, H] (zeros on padding when packed).
-
-        pack: place several texts per row (see the module doc); same outputs, fewer token rows.
-        Right-padded rows are expected (attention_mask = 1 then 0), as encode_texts makes them.
-        """
+        """The last layer [N, L, H] of right-padded [N, L] ids (`states` without word states)."""
         return self.states(input_ids, attention_mask, pack, need_words=False)[0]
 
     @property
@@ -286,12 +243,8 @@ class TextEncoder(nn.Module):
 
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False,
                need_words: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The one call of the transformer → (last layer [N, L, H], word states [N, L, H] or None).
-
-        The word states are what the word features aggregate when they differ from the last layer
-        (word_features 'gloria': the sum of the last 4 hidden states); None otherwise (the last layer
-        serves) or when `need_words` is False.
-        """
+        """The one call of the transformer on right-padded ids -> (last layer [N, L, H], word states
+        [N, L, H]: the sum of the last 4 hidden states for 'gloria' when `need_words`, else None)."""
         if not pack:
             return self._call(need_words, input_ids=input_ids, attention_mask=attention_mask)
         if not packing_supported(self.backbone):
@@ -340,12 +293,8 @@ class TextEncoder(nn.Module):
 
     def words(self, hidden: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None,
               input_ids: torch.Tensor | None = None):
-        """Projected word features [N, W, Dl] (zeros on padded slots) and word_mask [N, W].
-
-        hidden: the word states (`states`: the last layer for 'paper', the last-4 sum for 'gloria').
-        num_words: word slots W for the encode_texts words (None → L); 'gloria' adds one slot for
-        [CLS] (word 0, found at position 0 of `input_ids`, which it then needs).
-        """
+        """Projected word features [N, W, Dl] (zeros on padded slots) and word_mask [N, W] of the
+        word states `hidden`; 'gloria' adds slot 0 for [CLS] (found in `input_ids`)."""
         if self.word_features == "paper":
             words, mask = aggregate_words(hidden, word_ids, num_words)
         else:
@@ -360,17 +309,13 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_ids: torch.Tensor | None = None,
                 num_words: int | None = None, need_local: bool = True) -> TextOutput:
-        """Args: input_ids/attention_mask/word_ids [N, L] (encode_texts); num_words W (None → L).
-        Returns: TextOutput (words None when need_local is False)."""
+        """[N, L] ids/mask/word_ids (encode_texts) -> TextOutput (words None without need_local)."""
         hidden, word_hidden = self.states(input_ids, attention_mask, need_words=need_local)
         return self.outputs(hidden, input_ids, attention_mask, word_ids, num_words, need_local, word_hidden)
 
     def outputs(self, hidden, input_ids, attention_mask, word_ids=None, num_words=None, need_local=True,
                 word_hidden=None) -> TextOutput:
-        """TextOutput from already computed token features (DualEncoder shares one pass).
-
-        word_hidden: the word states of `states` (needed for word_features 'gloria'; None → `hidden`).
-        """
+        """TextOutput from the outputs of `states` (DualEncoder shares one pass)."""
         emb = self.embed(hidden, input_ids, attention_mask)
         if not need_local:
             return TextOutput(global_emb=emb, words=None, word_mask=None)

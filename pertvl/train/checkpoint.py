@@ -35,7 +35,6 @@ from pertvl.train.rundir import CHECKPOINTS_NAME
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = CHECKPOINTS_NAME
 LATEST_FILE = "latest"
 MARKER_FILE = "pertvl_checkpoint.json"
 MARKER_FORMAT = "pertvl-checkpoint/1"
@@ -51,7 +50,7 @@ def tag_for_step(step: int) -> str:
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_SUBDIR
+    return Path(run_dir) / CHECKPOINTS_NAME
 
 
 def rank_file_name(rank: int) -> str:
@@ -180,6 +179,10 @@ def use_weights_only_loading(engine: Any) -> bool:
 # --------------------------------------------------------------------------- markers & listing
 
 
+def _from_marker(tag_dir: Path, marker: dict[str, Any]) -> CheckpointInfo:
+    return CheckpointInfo(tag_dir, tag_dir.name, int(marker["step"]), int(marker["world_size"]))
+
+
 def _read_marker(tag_dir: Path) -> dict[str, Any] | None:
     try:
         marker = json.loads((tag_dir / MARKER_FILE).read_text())
@@ -201,7 +204,7 @@ def _complete_in(root: Path) -> list[CheckpointInfo]:
     for tag_dir in root.iterdir() if root.is_dir() else ():
         marker = _read_marker(tag_dir) if tag_dir.is_dir() else None
         if marker is not None:
-            info = CheckpointInfo(tag_dir, tag_dir.name, int(marker["step"]), int(marker["world_size"]))
+            info = _from_marker(tag_dir, marker)
             found.append((info.step, float(marker.get("created_unix", 0.0)), info))
     return [info for _, _, info in sorted(found, key=lambda item: (item[0], item[1]))]
 
@@ -218,7 +221,7 @@ def _resolve_latest(root: Path) -> CheckpointInfo | None:
     if tag:
         marker = _read_marker(root / tag)
         if marker is not None:
-            return CheckpointInfo(root / tag, tag, int(marker["step"]), int(marker["world_size"]))
+            return _from_marker(root / tag, marker)
         log.warning("%s names %r, which is not a complete checkpoint; using the newest complete one",
                     root / LATEST_FILE, tag)
     complete = _complete_in(root)
@@ -235,12 +238,12 @@ def resolve_checkpoint(run_dir: str | Path, which: str | Path = "latest") -> Che
         marker = _read_marker(path)
         if marker is None:
             raise FileNotFoundError(f"{path}: checkpoint is incomplete (files missing or truncated)")
-        return CheckpointInfo(path, path.name, int(marker["step"]), int(marker["world_size"]))
+        return _from_marker(path, marker)
     if (path / "mp_rank_00_model_states.pt").is_file():
         # A DeepSpeed checkpoint written by other code: no marker, step unknown.
         log.warning("%s has no pertvl marker; loading it as a plain DeepSpeed checkpoint", path)
         return CheckpointInfo(path, path.name, -1, -1)
-    for root in (path / CHECKPOINT_SUBDIR, path):  # a run folder, or a checkpoints folder
+    for root in (path / CHECKPOINTS_NAME, path):  # a run folder, or a checkpoints folder
         info = _resolve_latest(root) if root.is_dir() else None
         if info is not None:
             return info
@@ -273,11 +276,9 @@ class SavedCheckpoint:
 
 def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any], *,
          keep_last: int | None = 3, rank_state: dict[str, Any] | None = None) -> SavedCheckpoint:
-    """Write a crash-safe checkpoint of a DeepSpeed engine to RUN_DIR/checkpoints/step{step:08d};
-    EVERY rank must call it. `client_state`: rank 0's training state (weights_only-safe types
-    only); `keep_last`: complete checkpoints kept (None: all); `rank_state`: this rank's own extra
-    state, saved with its RNG state. ValueError on unsafe types or keep_last < 1.
-    """
+    """Write a crash-safe checkpoint to RUN_DIR/checkpoints/step{step:08d} (EVERY rank calls it):
+    rank 0's `client_state` and each rank's `rank_state` (weights_only-safe types, else ValueError)
+    and RNG; `keep_last` complete checkpoints are kept (None: all)."""
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     check_weights_only_safe(client_state, "client_state")
@@ -361,12 +362,9 @@ def _prune(root: Path, keep: str, keep_step: int, keep_last: int | None) -> list
 
 
 def resume(engine: Any, run_dir: str | Path, which: str | Path = "latest") -> dict[str, Any] | None:
-    """Restore a DeepSpeed engine (weights, optimizer, LR schedule) and this rank's RNG from the
-    checkpoint `which` names (see `resolve_checkpoint`); EVERY rank calls it after initialize.
-
-    Returns the client_state given to `save`, plus "rank_state" (None when this rank wrote none),
-    "checkpoint" (tag folder) and "checkpoint_step"; None when there is nothing to resume.
-    """
+    """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG from the checkpoint
+    `which` names (EVERY rank calls it) -> `save`'s client_state plus "rank_state" (None when this
+    rank wrote none), "checkpoint" and "checkpoint_step"; None when there is nothing to resume."""
     info = resolve_checkpoint(run_dir, which)
     if info is None:
         return None

@@ -57,10 +57,8 @@ from pertvl.train.watchdog import Watchdog, exit_deadline
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = CONFIG_NAME
 SAMPLES_FILE = "samples.jsonl"
 RANKS_DIR = "ranks"
-FINAL_DIR = FINAL_NAME
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -379,7 +377,7 @@ class Trainer:
         tracking = self.config.wandb
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config.to_dict(), self.run_dir / CONFIG_FILE)
+            save_config(self.config.to_dict(), self.run_dir / CONFIG_NAME)
             samples_path = self.run_dir / SAMPLES_FILE
             if samples_path.is_file():
                 Monitor._truncate_after(samples_path, global_step)
@@ -639,7 +637,7 @@ class Trainer:
 
     def _save_final(self, global_step: int) -> Path | None:
         """RUN_DIR/final: the encoders in fp32 with save_pretrained (rank 0; others wait)."""
-        final = self.run_dir / FINAL_DIR
+        final = self.run_dir / FINAL_NAME
         if self.rank == 0:
             import shutil
 
@@ -650,7 +648,7 @@ class Trainer:
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
                     tensor.data = tensor.data.clone()
-            tmp = self.run_dir / f".{FINAL_DIR}.tmp"
+            tmp = self.run_dir / f".{FINAL_NAME}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)

@@ -222,19 +222,15 @@ def _disable_deepspeed_shm_comm() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def init_distributed(
-    env: DistEnv, backend: str | None = None, timeout_s: float = 1800.0
-) -> torch.device:
+def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float = 1800.0) -> torch.device:
     """Join the job: pick the device (cuda:LOCAL_RANK, else cpu) and return it, export the
     rendezvous variables, init DeepSpeed's comm (backend nccl on CUDA, else gloo)."""
     import torch
 
     if torch.cuda.is_available():
         if env.local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"local rank {env.local_rank} but only {torch.cuda.device_count()} CUDA devices visible "
-                f"(launcher {env.launcher}); start one rank per GPU"
-            )
+            raise ValueError(f"local rank {env.local_rank} but only {torch.cuda.device_count()} CUDA devices "
+                             f"visible (launcher {env.launcher}); start one rank per GPU")
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     else:
@@ -253,9 +249,8 @@ def init_distributed(
     import deepspeed
 
     _disable_deepspeed_shm_comm()
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False
-    )
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s), verbose=False)
     log.info("rank %d/%d (local %d/%d, %s) on %s, backend %s, rendezvous %s:%d, %s threads", env.rank,
              env.world_size, env.local_rank, env.local_world_size, env.launcher, device, backend,
              env.master_addr, port, os.environ["OMP_NUM_THREADS"])
@@ -322,14 +317,8 @@ def find_ds_config(path: str | Path) -> Path:
     raise NotFoundError(f"DeepSpeed config {path}: no such file (bundled, usable by name: {bundled})")
 
 
-def load_ds_config(
-    path: str | Path,
-    *,
-    micro_batch: int | None = None,
-    grad_accum: int | None = None,
-    gradient_clipping: float | None = None,
-    world_size: int | None = None,
-) -> dict[str, Any]:
+def load_ds_config(path: str | Path, *, micro_batch: int | None = None, grad_accum: int | None = None,
+                   gradient_clipping: float | None = None, world_size: int | None = None) -> dict[str, Any]:
     """Read a DeepSpeed JSON config and apply the overrides (None keeps the file's value).
 
     pertvl passes its own optimizer and schedule, so the file must hold no "optimizer"/"scheduler"
@@ -346,9 +335,8 @@ def load_ds_config(
         raise ConfigError(f"{path}: expected a JSON object")
     for block in ("optimizer", "scheduler"):
         if block in config:
-            raise ConfigError(
-                f"{path}: remove the {block!r} block; pertvl passes its SGD and warm-up+cosine schedule itself"
-            )
+            raise ConfigError(f"{path}: remove the {block!r} block; pertvl passes its SGD and warm-up+cosine "
+                              "schedule itself")
     missing = [k for k in REQUIRED_DS_KEYS if k not in config]
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)} (pertvl needs them set explicitly)")
@@ -366,9 +354,8 @@ def load_ds_config(
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16 and bf16 are both enabled; pick one")
     if world_size is not None and "train_batch_size" in config:
-        derived = (
-            config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size
-        )
+        derived = (config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
+                   * world_size)
         if config["train_batch_size"] != derived:
             raise ConfigError(
                 f"{path}: train_batch_size={config['train_batch_size']} but micro-batch x accumulation x "
@@ -410,27 +397,20 @@ def _selftest(env: DistEnv, device: torch.device, wait_signal_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pertvl.train.launch", description="Launch smoke test: init + all_reduce of the rank."
-    )
+    parser = argparse.ArgumentParser(prog="python -m pertvl.train.launch",
+                                     description="Launch smoke test: init + all_reduce of the rank.")
     parser.add_argument("--selftest", action="store_true", help="initialise, all_reduce the rank, print")
-    parser.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
-    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher")
     parser.add_argument("--backend", default=None, help="torch.distributed backend (default nccl/gloo)")
-    parser.add_argument(
-        "--wait-signal",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="after the all_reduce, wait up to SECONDS for SIGTERM/SIGUSR1 and exit with the preemption code",
-    )
+    parser.add_argument("--wait-signal", type=float, default=0.0, metavar="SECONDS",
+                        help="after the all_reduce, wait up to SECONDS for SIGTERM/SIGUSR1 and exit with the "
+                        "preemption code")
     args = parser.parse_args(argv)
     if not args.selftest:
         parser.error("nothing to do: pass --selftest")
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     env = detect_dist_env(argv_local_rank=args.local_rank)
     device = init_distributed(env, backend=args.backend, timeout_s=120.0)
     try:

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 from torch import nn
 
-COMPILE_MODES = ("off", "text", "all")
-
 
 def apply_levers(model: nn.Module, compile: str = "off", channels_last: bool = False,
                  attention_fp32: bool = False) -> None:
-    """Turn the levers on in `model` (a DualEncoder), before DeepSpeed wraps it."""
+    """Turn the levers on in `model` (a DualEncoder), before DeepSpeed wraps it; `compile` is
+    checked by TrainConfig."""
     from pertvl.model.text import use_fp32_trained_attention
 
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"train.compile: expected one of {COMPILE_MODES}, got {compile!r}")
     model.image.channels_last = bool(channels_last)
     if attention_fp32:
         use_fp32_trained_attention(model.text.backbone)
