@@ -234,8 +234,7 @@ def _train_stage(run: AblationRun, s: AblationSettings, config_text: str, shards
     return pipeline.Stage(
         f"{run.name}.train", [run.dir / "final" / "config.json", run.weights],
         _named(f"{run.name}.train", lambda: pipeline.launch_train(args, nproc=s.nproc)),
-        {"args": args, "nproc": s.nproc, "config": config_text, "shards_manifest": shards_sha},
-    )
+        {"args": args, "nproc": s.nproc, "config": config_text, "shards_manifest": shards_sha})
 
 
 def _export_stage(run: AblationRun, weights_sha: str) -> pipeline.Stage:

@@ -13,8 +13,7 @@ from pathlib import Path
 TABLES = {
     "II": "CheXpert-style fine-tuning of the image tower (`pertvl finetune chexpert`)",
     "III": "NLI fine-tuning of the text tower (`pertvl finetune nli`)",
-    "IV": "the evaluations of the ablate suite (structure = Table IV, with retrieval, zero-shot, grounding)",
-}
+    "IV": "the evaluations of the ablate suite (structure = Table IV, with retrieval, zero-shot, grounding)"}
 
 MODES = ("probe", "end-to-end")
 

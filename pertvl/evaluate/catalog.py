@@ -16,15 +16,10 @@ __all__ = ["EVALUATIONS", "FINETUNES", "by_key", "demo_evaluations", "evaluation
            "result_from_json", "result_sources"]
 
 # name -> evaluation, in the order of the reports and the comparison table.
-EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
-    structure.EVALUATION,
-    structure.LOCAL_EVALUATION,
-    retrieval.EVALUATION,
-    zeroshot.EVALUATION,
-    text_structure.EVALUATION,
-    grounding.EVALUATION,
-    twins.EVALUATION,
-)}
+EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (structure.EVALUATION, structure.LOCAL_EVALUATION,
+                                                          retrieval.EVALUATION, zeroshot.EVALUATION,
+                                                          text_structure.EVALUATION, grounding.EVALUATION,
+                                                          twins.EVALUATION)}
 
 # The fine-tunes whose results are comparison columns (Tables II and III), after the evaluations.
 FINETUNES: dict[str, Finetune] = {f.name: f for f in (chexpert.FINETUNE, nli.FINETUNE)}

@@ -154,8 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "eval",
         help="evaluate an export or checkpoint: structure, retrieval, zero-shot, text-structure, grounding",
-        description="Evaluate pretrained encoders (ONNX export or torch run) on a shard split.",
-    )
+        description="Evaluate pretrained encoders (ONNX export or torch run) on a shard split.")
     esub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION", required=True)
     from pertvl.evaluate.catalog import EVALUATIONS
     from pertvl.evaluate.evaluation import Source
@@ -172,10 +171,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _register_finetune(sub: argparse._SubParsersAction) -> None:
     """`pertvl finetune {nli,chexpert}` and `pertvl ablate`."""
     ft = sub.add_parser(
-        "finetune",
-        help="downstream fine-tuning: NLI (MedNLI/RadNLI, Table III) and CheXpert (Table II)",
-        description="Fine-tune a pretrained encoder (or probe an ONNX export) on a downstream task.",
-    )
+        "finetune", help="downstream fine-tuning: NLI (MedNLI/RadNLI, Table III) and CheXpert (Table II)",
+        description="Fine-tune a pretrained encoder (or probe an ONNX export) on a downstream task.")
     fsub = ft.add_subparsers(dest="finetune_command", metavar="TASK", required=True)
 
     p = fsub.add_parser(

@@ -110,10 +110,8 @@ def _ci_excludes_zero(runs: Sequence[Mapping[str, float | None]], ci: tuple[str,
     return [sum(lo > 0 or hi < 0 for lo, hi in bounds), len(bounds)]
 
 
-def write_comparison_table(
-    results: Mapping[str, Sequence[Any]], out_dir: str | os.PathLike, name: str = "comparison", *,
-    notes: Sequence[str] = (),
-) -> dict[str, Path]:
+def write_comparison_table(results: Mapping[str, Sequence[Any]], out_dir: str | os.PathLike,
+                           name: str = "comparison", *, notes: Sequence[str] = ()) -> dict[str, Path]:
     """The ablation table, mean ± sample std over seeds: NAME.json ("pertvl-comparison/1"), NAME.md and
     NAME.png. `results`: config name → one item per seed, anything `flatten_metrics` reads; `notes`:
     paragraphs under the summary table. Rows follow LOSS_PRESETS, columns the catalog.
@@ -130,13 +128,9 @@ def write_comparison_table(
     for config in _ordered_configs(list(flat)):
         runs = flat[config]
         rows.append(
-            {
-                "config": config,
-                "label": preset_label(config),
-                "seeds": len(runs),
-                "metrics": {c: _aggregate([m.get(c) for m in runs]) for c in columns},
-                "ci_excludes_zero": {c: _ci_excludes_zero(runs, ci) for c, ci in with_ci.items()},
-            }
+            {"config": config, "label": preset_label(config), "seeds": len(runs),
+             "metrics": {c: _aggregate([m.get(c) for m in runs]) for c in columns},
+             "ci_excludes_zero": {c: _ci_excludes_zero(runs, ci) for c, ci in with_ci.items()}}
         )
     doc = {"schema": COMPARISON_SCHEMA, "columns": columns, "summary": summary, "notes": list(notes), "rows": rows}
     out = Path(out_dir)
@@ -206,15 +200,9 @@ def plot_comparison(doc: Mapping[str, Any], out_png: str | os.PathLike) -> Path:
         for j, r in enumerate(rows):
             means = [r["metrics"][c]["mean"] for c in group]
             stds = [r["metrics"][c]["std"] for c in group]
-            ax.bar(
-                x + (j - (len(rows) - 1) / 2) * width,
-                [100 * m if m is not None else 0 for m in means],
-                width,
-                yerr=[100 * s if s is not None else 0 for s in stds],
-                capsize=2,
-                color=palette[j % len(palette)],
-                label=f"{r['label']} (n={r['seeds']})",
-            )
+            ax.bar(x + (j - (len(rows) - 1) / 2) * width, [100 * m if m is not None else 0 for m in means],
+                   width, yerr=[100 * s if s is not None else 0 for s in stds], capsize=2,
+                   color=palette[j % len(palette)], label=f"{r['label']} (n={r['seeds']})")
         for i, c in enumerate(group):
             chance = metric_info(c).chance
             if chance is not None:

@@ -34,10 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_embed)
 
     p = sub.add_parser(
-        "similarity",
-        help="print image × report cosine scores with an ONNX export",
-        description="Embed images and reports with onnxruntime and print the cosine similarity table.",
-    )
+        "similarity", help="print image × report cosine scores with an ONNX export",
+        description="Embed images and reports with onnxruntime and print the cosine similarity table.")
     _export_args(p)
     p.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="image files")
     p.add_argument("--texts", nargs="+", default=[], metavar="TEXT", help="report texts")

@@ -129,12 +129,8 @@ def first_hit_ranks(sim: np.ndarray, hit: np.ndarray) -> np.ndarray:
 
 
 def retrieval_recall(
-    image_emb: np.ndarray,
-    text_emb: np.ndarray,
-    ks: Sequence[int] = DEFAULT_KS,
-    study_ids: Sequence[Any] | None = None,
-    text_study_ids: Sequence[Any] | None = None,
-) -> RetrievalResult:
+    image_emb: np.ndarray, text_emb: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+    study_ids: Sequence[Any] | None = None, text_study_ids: Sequence[Any] | None = None) -> RetrievalResult:
     """Image→text and text→image Recall@K of image_emb [N, D] and text_emb [M, D] by cosine.
 
     `study_ids` [N] (and `text_study_ids` [M], default `study_ids`) group the correct items; without
@@ -172,12 +168,7 @@ def retrieval_recall(
         image_to_text={f"R@{k}": float(np.mean(i2t <= k)) for k in ks},
         text_to_image={f"R@{k}": float(np.mean(t2i <= k)) for k in ks},
         median_rank={"image_to_text": float(np.median(i2t)), "text_to_image": float(np.median(t2i))},
-        images=n,
-        texts=m,
-        match=match,
-        i2t_ranks=i2t,
-        t2i_ranks=t2i,
-    )
+        images=n, texts=m, match=match, i2t_ranks=i2t, t2i_ranks=t2i)
 
 
 def _recalls(ranks: np.ndarray, ks: Sequence[str]) -> dict[str, float | None]:
@@ -185,13 +176,8 @@ def _recalls(ranks: np.ndarray, ks: Sequence[str]) -> dict[str, float | None]:
 
 
 def evaluate_retrieval(
-    encoder: Encoder,
-    samples: Iterable[Any],
-    ks: Sequence[int] = DEFAULT_KS,
-    match: str = "report",
-    batch_size: int = 32,
-    train_texts: Iterable[str] | None = None,
-) -> RetrievalResult:
+    encoder: Encoder, samples: Iterable[Any], ks: Sequence[int] = DEFAULT_KS, match: str = "report",
+    batch_size: int = 32, train_texts: Iterable[str] | None = None) -> RetrievalResult:
     """Retrieval over shard samples (`.meta`: text, study_id, id): every image against the gallery of
     distinct reports; `train_texts` adds the text-disjoint subset.
     """
@@ -272,13 +258,7 @@ def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> R
 
 
 EVALUATION = Evaluation(
-    name="retrieval",
-    help="image→report and report→image Recall@K",
+    name="retrieval", help="image→report and report→image Recall@K",
     description="Recall@K in both directions against the gallery of distinct reports of the split.",
-    add_arguments=add_arguments,
-    run=run,
-    result_type=RetrievalResult,
-    schemas=(SCHEMA,),
-    title="Retrieval",
-    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
-)
+    add_arguments=add_arguments, run=run, result_type=RetrievalResult, schemas=(SCHEMA,), title="Retrieval",
+    suites=frozenset({Suite.DEMO, Suite.ABLATE}))

@@ -74,14 +74,8 @@ def scores_from_cosines(
     wins = orig[:, None] - np.nan_to_num(pert, nan=-np.inf) > TIE_TOLERANCE
     pairwise = wins & valid
     correct = valid.any(axis=1) & np.all(wins | ~valid, axis=1)
-    return StructureScores(
-        orig=orig,
-        pert=pert,
-        valid=valid.copy(),
-        correct=correct,
-        pairwise=pairwise,
-        num_candidates=1 + valid.sum(axis=1),
-    )
+    return StructureScores(orig=orig, pert=pert, valid=valid.copy(), correct=correct, pairwise=pairwise,
+                           num_candidates=1 + valid.sum(axis=1))
 
 
 def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float] | None:
@@ -91,15 +85,8 @@ def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, 
         return None
     from scipy.stats import bootstrap
 
-    res = bootstrap(
-        (values,),
-        np.mean,
-        n_resamples=resamples,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-        vectorized=True,
-    )
+    res = bootstrap((values,), np.mean, n_resamples=resamples, confidence_level=CONFIDENCE,
+                    method="percentile", rng=np.random.default_rng(seed), vectorized=True)
     ci = res.confidence_interval
     return float(ci.low), float(ci.high)
 
@@ -114,12 +101,8 @@ class CandidateCounts:
 
 
 def valid_perturbations(
-    text: str,
-    perturbations: Mapping[str, Any] | None,
-    unavailable: Mapping[str, Any] | None,
-    types: Sequence[str],
-    counts: CandidateCounts,
-) -> list[str | None]:
+    text: str, perturbations: Mapping[str, Any] | None, unavailable: Mapping[str, Any] | None,
+    types: Sequence[str], counts: CandidateCounts) -> list[str | None]:
     """The candidate text of each type for one report, None where it is invalid (counted in `counts`:
     word-identical to the original, listed as unavailable, or missing from both maps).
     """
@@ -220,13 +203,8 @@ class LocalScorer:
 
 
 def candidate_scores(
-    anchors: np.ndarray,
-    text_index: dict[str, int],
-    scorer: GlobalScorer | LocalScorer,
-    originals: Sequence[str],
-    candidates: Sequence[Sequence[str | None]],
-    num_types: int,
-) -> StructureScores:
+    anchors: np.ndarray, text_index: dict[str, int], scorer: GlobalScorer | LocalScorer,
+    originals: Sequence[str], candidates: Sequence[Sequence[str | None]], num_types: int) -> StructureScores:
     """StructureScores of anchors (one per original) against their candidates (N rows of K texts, None
     where invalid) by `scorer(prepared anchors[rows], text rows) -> [rows] scores`."""
     n, k = len(originals), num_types
@@ -250,84 +228,50 @@ def _mean(x: np.ndarray) -> float | None:
     return float(x.mean()) if x.size else None
 
 
-def accuracy_stats(
-    scores: StructureScores,
-    types: Sequence[str],
-    counts: CandidateCounts,
-    bootstrap: int,
-    seed: int,
-    rows: np.ndarray | None = None,
-) -> tuple[AccuracyStat, dict[str, AccuracyStat]]:
+def accuracy_stats(scores: StructureScores, types: Sequence[str], counts: CandidateCounts, bootstrap: int,
+                   seed: int, rows: np.ndarray | None = None) -> tuple[AccuracyStat, dict[str, AccuracyStat]]:
     """Overall and per-type AccuracyStats of `scores` (restricted to the bool [N] `rows` if given),
     with bootstrap CIs and the mean cosines of originals and negatives."""
     keep = np.ones(len(scores.orig), bool) if rows is None else np.asarray(rows, bool)
     has = scores.has_candidates & keep
     n_all = int(has.sum())
     overall_values = scores.correct[has].astype(np.float64)
-    overall = AccuracyStat(
-        accuracy=float(overall_values.mean()) if n_all else None,
-        ci95=bootstrap_ci(overall_values, bootstrap, seed),
-        n=n_all,
-        correct=int(overall_values.sum()),
-        chance=float(np.mean(1.0 / scores.num_candidates[has])) if n_all else None,
-        mean_candidates=float(np.mean(scores.num_candidates[has])) if n_all else None,
-        excluded_identical=sum(counts.excluded_identical.values()),
-        unavailable=sum(counts.unavailable.values()),
-        missing=sum(counts.missing.values()),
-        cos_original=_mean(scores.orig[has]),
-        cos_perturbed=_mean(scores.pert[has][scores.valid[has]]),
-    )
+    overall = AccuracyStat(accuracy=float(overall_values.mean()) if n_all else None,
+                           ci95=bootstrap_ci(overall_values, bootstrap, seed), n=n_all,
+                           correct=int(overall_values.sum()),
+                           chance=float(np.mean(1.0 / scores.num_candidates[has])) if n_all else None,
+                           mean_candidates=float(np.mean(scores.num_candidates[has])) if n_all else None,
+                           excluded_identical=sum(counts.excluded_identical.values()),
+                           unavailable=sum(counts.unavailable.values()), missing=sum(counts.missing.values()),
+                           cos_original=_mean(scores.orig[has]),
+                           cos_perturbed=_mean(scores.pert[has][scores.valid[has]]))
     per_type: dict[str, AccuracyStat] = {}
     for j, t in enumerate(types):
         v = scores.valid[:, j] & keep
         values = scores.pairwise[v, j].astype(np.float64)
         n = int(v.sum())
-        per_type[t] = AccuracyStat(
-            accuracy=float(values.mean()) if n else None,
-            ci95=bootstrap_ci(values, bootstrap, seed),
-            n=n,
-            correct=int(values.sum()),
-            chance=0.5 if n else None,
-            mean_candidates=2.0 if n else None,
-            excluded_identical=counts.excluded_identical[t],
-            unavailable=counts.unavailable[t],
-            missing=counts.missing[t],
-            cos_original=_mean(scores.orig[v]),
-            cos_perturbed=_mean(scores.pert[v, j]),
-        )
+        per_type[t] = AccuracyStat(accuracy=float(values.mean()) if n else None,
+                                   ci95=bootstrap_ci(values, bootstrap, seed), n=n, correct=int(values.sum()),
+                                   chance=0.5 if n else None, mean_candidates=2.0 if n else None,
+                                   excluded_identical=counts.excluded_identical[t],
+                                   unavailable=counts.unavailable[t], missing=counts.missing[t],
+                                   cos_original=_mean(scores.orig[v]), cos_perturbed=_mean(scores.pert[v, j]))
     return overall, per_type
 
 
 def summarize(
-    scores: StructureScores,
-    types: Sequence[str],
-    counts: CandidateCounts,
-    *,
-    skipped: Mapping[str, int],
-    bootstrap: int,
-    seed: int,
-    schema: str = SCHEMA,
-    info: Mapping[str, Any] | None = None,
-    ids: Sequence[str] = (),
-    controls: Controls | None = None,
-) -> StructureResult:
+    scores: StructureScores, types: Sequence[str], counts: CandidateCounts, *, skipped: Mapping[str, int],
+    bootstrap: int, seed: int, schema: str = SCHEMA, info: Mapping[str, Any] | None = None,
+    ids: Sequence[str] = (), controls: Controls | None = None) -> StructureResult:
     """Turn per-image scores into overall and per-type accuracies with bootstrap CIs."""
     if bootstrap < 0:
         raise ValueError(f"bootstrap resamples must be >= 0, got {bootstrap}")
     overall, per_type = accuracy_stats(scores, types, counts, bootstrap, seed)
     return StructureResult(
-        overall=overall,
-        per_type=per_type,
-        images=len(scores.orig),
-        images_without_valid_perturbation=int((~scores.has_candidates).sum()),
-        skipped=dict(skipped),
+        overall=overall, per_type=per_type, images=len(scores.orig),
+        images_without_valid_perturbation=int((~scores.has_candidates).sum()), skipped=dict(skipped),
         bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE, "method": "percentile"},
-        info=dict(info or {}),
-        schema=schema,
-        ids=list(ids),
-        scores=scores,
-        controls=controls,
-    )
+        info=dict(info or {}), schema=schema, ids=list(ids), scores=scores, controls=controls)
 
 
 def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
@@ -393,22 +337,11 @@ def _margin(own: np.ndarray, wrong: np.ndarray, rows: np.ndarray, bootstrap: int
 
 
 def structure_controls(
-    image_emb: np.ndarray,
-    own: StructureScores,
-    text_index: dict[str, int],
-    text_emb: np.ndarray | None,
-    originals: Sequence[str],
-    candidates: Sequence[Sequence[str | None]],
-    types: Sequence[str],
-    counts: CandidateCounts,
-    signatures: Sequence[frozenset[str] | None],
-    studies: Sequence[str],
-    *,
-    bootstrap: int,
-    seed: int,
-    scorer: GlobalScorer | LocalScorer | None = None,
-    disjoint_partners: bool = False,
-) -> Controls:
+    image_emb: np.ndarray, own: StructureScores, text_index: dict[str, int], text_emb: np.ndarray | None,
+    originals: Sequence[str], candidates: Sequence[Sequence[str | None]], types: Sequence[str],
+    counts: CandidateCounts, signatures: Sequence[frozenset[str] | None], studies: Sequence[str], *,
+    bootstrap: int, seed: int, scorer: GlobalScorer | LocalScorer | None = None,
+    disjoint_partners: bool = False) -> Controls:
     """The control anchors and the image-grounding margin. `image_emb` are the scorer's anchors (region
     features for a LocalScorer, which has no text-only anchor).
     """
@@ -527,17 +460,8 @@ def evaluate_structure(
     if train_texts is not None:
         disjoint = text_disjoint_stats(originals, set(map(clean_text, train_texts)) - {""}, scores, types, counts,
                                        grounded_scores, cf_types, cf_counts, bootstrap=bootstrap, seed=seed)
-    result = summarize(
-        scores,
-        types,
-        counts,
-        skipped=skipped,
-        bootstrap=bootstrap,
-        seed=seed,
-        schema=SCHEMA,
-        ids=ids,
-        controls=controls,
-    )
+    result = summarize(scores, types, counts, skipped=skipped, bootstrap=bootstrap, seed=seed, schema=SCHEMA,
+                       ids=ids, controls=controls)
     result.grounded, result.text_disjoint, result.score = grounded, disjoint, score
     return result
 
@@ -601,19 +525,10 @@ def grounded_references(anchors: np.ndarray, text_index: dict[str, int], scorer:
     return GroundedReferences(null, prior)
 
 
-def text_disjoint_stats(
-    originals: Sequence[str],
-    train_texts: set[str],
-    scores: StructureScores,
-    types: Sequence[str],
-    counts: CandidateCounts,
-    grounded_scores: StructureScores | None,
-    cf_types: Sequence[str],
-    cf_counts: CandidateCounts,
-    *,
-    bootstrap: int,
-    seed: int,
-) -> TextDisjoint:
+def text_disjoint_stats(originals: Sequence[str], train_texts: set[str], scores: StructureScores,
+                        types: Sequence[str], counts: CandidateCounts,
+                        grounded_scores: StructureScores | None, cf_types: Sequence[str],
+                        cf_counts: CandidateCounts, *, bootstrap: int, seed: int) -> TextDisjoint:
     """The accuracies restricted to the images whose cleaned report is not in `train_texts`
     (cleaned training texts). Exclusion counts are those of the whole split."""
     in_train = np.array([clean_text(t) in train_texts for t in originals], dtype=bool)

@@ -277,31 +277,24 @@ def _control_metrics(prefix: str, c: Controls) -> dict[str, float | None]:
             **_margin_metrics(f"{prefix}margin", c.margin)}
 
 
-CONTROL_LABELS = {
-    "wrong_image": "Wrong image",
-    "mean_image": "Mean image",
-    "text_only": "Text-only anchor",
-    "margin": "Grounding margin (own − wrong)",
-    "margin_ci_low": "Margin 95% CI low",
-    "margin_ci_high": "Margin 95% CI high",
-}
+CONTROL_LABELS = {"wrong_image": "Wrong image", "mean_image": "Mean image", "text_only": "Text-only anchor",
+                  "margin": "Grounding margin (own − wrong)", "margin_ci_low": "Margin 95% CI low",
+                  "margin_ci_high": "Margin 95% CI high"}
 
 # Per-type margins in the comparison's summary: laterality and finding identity, which only the image decides.
 SUMMARY_CF_MARGINS = ("cf_laterality", "cf_finding")
 
 MARGINS = ("margin", "grounded_margin")  # own − wrong image, with bootstrap CIs (KEY_ci_low / KEY_ci_high)
 
-GROUNDED_LABELS = {
-    "grounded": "Grounded structure (counterfactuals)",
-    "grounded_wrong_image": "Grounded, wrong image",
-    "grounded_mean_image": "Grounded, mean image",
-    "grounded_text_only": "Grounded, text-only anchor",
-    "grounded_margin": "Grounded margin (own − wrong)",
-    "grounded_margin_ci_low": "Grounded margin 95% CI low",
-    "grounded_margin_ci_high": "Grounded margin 95% CI high",
-    "text_disjoint": "Structure, text-disjoint subset",
-    "text_disjoint_grounded": "Grounded, text-disjoint subset",
-}
+GROUNDED_LABELS = {"grounded": "Grounded structure (counterfactuals)",
+                   "grounded_wrong_image": "Grounded, wrong image",
+                   "grounded_mean_image": "Grounded, mean image",
+                   "grounded_text_only": "Grounded, text-only anchor",
+                   "grounded_margin": "Grounded margin (own − wrong)",
+                   "grounded_margin_ci_low": "Grounded margin 95% CI low",
+                   "grounded_margin_ci_high": "Grounded margin 95% CI high",
+                   "text_disjoint": "Structure, text-disjoint subset",
+                   "text_disjoint_grounded": "Grounded, text-disjoint subset"}
 
 
 def type_name(t: str) -> str:
@@ -353,19 +346,13 @@ def structure_markdown(result: StructureResult, title: str) -> str:
 
     unit = "reports" if result.is_text else "images"
     o = result.overall
-    rows = [[
-        "**Overall** (original ranked first)", pct(o.accuracy), ci(o.ci95), str(o.n), pct(o.chance),
-        "—" if o.mean_candidates is None else f"{o.mean_candidates:.2f}",
-        cos(o.cos_original), cos(o.cos_perturbed),
-        f"{o.excluded_identical} / {o.unavailable} / {o.missing}",
-    ]]
+    rows = [["**Overall** (original ranked first)", pct(o.accuracy), ci(o.ci95), str(o.n), pct(o.chance),
+             "—" if o.mean_candidates is None else f"{o.mean_candidates:.2f}", cos(o.cos_original),
+             cos(o.cos_perturbed), f"{o.excluded_identical} / {o.unavailable} / {o.missing}"]]
     for t, st in result.per_type.items():
-        rows.append([
-            f"{type_label(t)} (`{t}`)", pct(st.accuracy), ci(st.ci95), str(st.n), pct(st.chance),
-            "—" if st.mean_candidates is None else f"{st.mean_candidates:.0f}",
-            cos(st.cos_original), cos(st.cos_perturbed),
-            f"{st.excluded_identical} / {st.unavailable} / {st.missing}",
-        ])
+        rows.append([f"{type_label(t)} (`{t}`)", pct(st.accuracy), ci(st.ci95), str(st.n), pct(st.chance),
+                     "—" if st.mean_candidates is None else f"{st.mean_candidates:.0f}", cos(st.cos_original),
+                     cos(st.cos_perturbed), f"{st.excluded_identical} / {st.unavailable} / {st.missing}"])
     header = ["", "accuracy", "95% CI", f"n ({unit})", "chance", "candidates", "mean cos original",
               "mean cos negatives", "excluded (identical / unavailable / missing)"]
     b = result.bootstrap
@@ -447,12 +434,9 @@ def text_disjoint_markdown(result: StructureResult) -> str:
     ])
 
 
-ANCHOR_TEXT = {
-    "own": "own image",
-    "wrong_image": "wrong image (another study's, findings differ)",
-    "mean_image": "mean test-image embedding",
-    "text_only": "text only (mean embedding of the other test reports)",
-}
+ANCHOR_TEXT = {"own": "own image", "wrong_image": "wrong image (another study's, findings differ)",
+               "mean_image": "mean test-image embedding",
+               "text_only": "text only (mean embedding of the other test reports)"}
 
 
 def anchor_text(name: str, score: str = "global") -> str:

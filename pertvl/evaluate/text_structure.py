@@ -107,16 +107,9 @@ def _field(record: Any, name: str) -> Any:
 
 
 def evaluate_text_structure(
-    encoder: TextEncoder,
-    records: Iterable[tuple[str, Any]],
-    types: Sequence[str] = PERTURBATION_TYPES,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    batch_size: int = 32,
-    info: Mapping[str, Any] | None = None,
-    ids: Sequence[str] | None = None,
-    counterfactuals: Sequence[Any] | None = None,
-) -> StructureResult:
+    encoder: TextEncoder, records: Iterable[tuple[str, Any]], types: Sequence[str] = PERTURBATION_TYPES,
+    bootstrap: int = 1000, seed: int = 0, batch_size: int = 32, info: Mapping[str, Any] | None = None,
+    ids: Sequence[str] | None = None, counterfactuals: Sequence[Any] | None = None) -> StructureResult:
     """Score each report's findings against their perturbations, anchored on its impression.
 
     `records`: (clean impression, findings record with text, perturbations, unavailable); optional
@@ -165,17 +158,8 @@ def evaluate_text_structure(
     index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
     anchor_emb = text_emb[[index[a] for a in anchors]] if anchors else text_emb[:0]
     scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, candidates, len(types))
-    result = summarize(
-        scores,
-        types,
-        counts,
-        skipped=skipped,
-        bootstrap=bootstrap,
-        seed=seed,
-        schema=SCHEMA,
-        info=info,
-        ids=kept_ids,
-    )
+    result = summarize(scores, types, counts, skipped=skipped, bootstrap=bootstrap, seed=seed, schema=SCHEMA,
+                       info=info, ids=kept_ids)
     if counterfactuals is not None:
         # Embedded after the others, in calls of their own: the perturbation numbers stay as without.
         extra = list(dict.fromkeys(c for row in cf_candidates for c in row if c is not None and c not in index))

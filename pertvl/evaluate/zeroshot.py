@@ -51,11 +51,9 @@ DEFAULT_PROMPTS: tuple[LabelPrompts, ...] = (
     LabelPrompts("Pleural Effusion", (("pleural effusion", "no pleural effusion"),), ("Effusion",)),
     LabelPrompts("Pneumothorax", (("pneumothorax", "no pneumothorax"),)),
     LabelPrompts("Consolidation", (("consolidation", "no consolidation"),)),
-    LabelPrompts(
-        "Cardiomegaly",
-        (("cardiomegaly", "no cardiomegaly"), ("enlarged heart", "normal heart size")),
-        ("Enlarged Heart",),
-    ),
+    LabelPrompts("Cardiomegaly",
+                 (("cardiomegaly", "no cardiomegaly"), ("enlarged heart", "normal heart size")),
+                 ("Enlarged Heart",)),
     LabelPrompts("Lung Lesion", (("nodule", "no nodule"),), ("Nodule", "Lung Nodule")),
     LabelPrompts("Atelectasis", (("atelectasis", "no atelectasis"),)),
     LabelPrompts("Edema", (("edema", "no edema"), ("pulmonary edema", "no pulmonary edema")), ("Pulmonary Edema",)),
@@ -169,12 +167,8 @@ def _target(value: Any) -> int | None:
     return None
 
 
-def evaluate_zeroshot(
-    encoder: Encoder,
-    samples: Iterable[Any],
-    prompts: Any = DEFAULT_PROMPTS,
-    batch_size: int = 32,
-) -> ZeroShotResult:
+def evaluate_zeroshot(encoder: Encoder, samples: Iterable[Any], prompts: Any = DEFAULT_PROMPTS,
+                      batch_size: int = 32) -> ZeroShotResult:
     """Zero-shot AUROC per label over shard samples with `meta["labels"]` ({name: 1.0/0.0/-1.0/NaN});
     only images with at least one definite label are embedded.
     """
@@ -225,19 +219,10 @@ def evaluate_zeroshot(
             value = auroc(score, y)
         else:
             value = None
-        per_label[lp.label] = LabelAUROC(
-            auroc=value,
-            n_pos=int((y == 1).sum()),
-            n_neg=int((y == 0).sum()),
-            n_skipped=uncertain[i],
-            prompts=[list(p) for p in lp.pairs],
-        )
-    return ZeroShotResult(
-        per_label=per_label,
-        images=len(targets),
-        unprompted_labels=sorted(unprompted),
-        skipped=dict(skipped),
-    )
+        per_label[lp.label] = LabelAUROC(auroc=value, n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()),
+                                         n_skipped=uncertain[i], prompts=[list(p) for p in lp.pairs])
+    return ZeroShotResult(per_label=per_label, images=len(targets), unprompted_labels=sorted(unprompted),
+                          skipped=dict(skipped))
 
 
 @dataclass

@@ -89,12 +89,8 @@ def group_of(path: str, pattern: re.Pattern[str]) -> str:
     return m.group(1) if m else path
 
 
-def read_chexpert_csv(
-    path: str | os.PathLike,
-    labels: Sequence[str] = PAPER_CHEXPERT_LABELS,
-    frontal_only: bool = True,
-    group_pattern: str = DEFAULT_GROUP_PATTERN,
-) -> ChexpertTable:
+def read_chexpert_csv(path: str | os.PathLike, labels: Sequence[str] = PAPER_CHEXPERT_LABELS,
+                      frontal_only: bool = True, group_pattern: str = DEFAULT_GROUP_PATTERN) -> ChexpertTable:
     """The rows of a CheXpert-format CSV for `labels` (frontal views only by default), grouped by patient
     (`group_pattern`'s first capture). Bad rows are skipped, counted and named (file:line).
     FileNotFoundError / ValueError: a missing file or column.
@@ -167,12 +163,8 @@ def _label_value(cell: str) -> float | None:
     return value if value in (1.0, 0.0, -1.0) else None
 
 
-def chexpert_targets(
-    values: np.ndarray,
-    uncertain: str = "zeros",
-    blank: str = "zero",
-    labels: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def chexpert_targets(values: np.ndarray, uncertain: str = "zeros", blank: str = "zero",
+                     labels: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(targets, loss mask) float32 [N, L] from label values [N, L] (1, 0, -1 uncertain, nan blank) under
     the `uncertain` policy (zeros, ones, ignore, u-mix: needs `labels`) and the `blank` policy (zero, mask).
     """
@@ -324,20 +316,12 @@ class ChexpertData:
     summary: dict[str, Any]
 
 
-def prepare_chexpert(
-    csv_path: str | os.PathLike,
-    images: str | os.PathLike,
-    *,
-    valid_csv: str | os.PathLike | None = None,
-    labels: Sequence[str] = PAPER_CHEXPERT_LABELS,
-    uncertain: str = "zeros",
-    frontal_only: bool = True,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    group_pattern: str = DEFAULT_GROUP_PATTERN,
-    blank: str = "zero",
-    split_from: str | os.PathLike | None = None,
-) -> ChexpertData:
+def prepare_chexpert(csv_path: str | os.PathLike, images: str | os.PathLike, *,
+                     valid_csv: str | os.PathLike | None = None,
+                     labels: Sequence[str] = PAPER_CHEXPERT_LABELS, uncertain: str = "zeros",
+                     frontal_only: bool = True, test_fraction: float = 0.2, seed: int = 0,
+                     group_pattern: str = DEFAULT_GROUP_PATTERN, blank: str = "zero",
+                     split_from: str | os.PathLike | None = None) -> ChexpertData:
     """Read the CSV(s), split them (valid_csv as given; split_from as a pairs.jsonl splits the images; else
     by patient, seeded), drop rows whose image is missing (counted, named), and apply the label policies.
     """
@@ -393,17 +377,15 @@ def prepare_chexpert(
     if missing:
         log.warning("%d image file(s) not found, rows skipped; first: %s", len(missing), missing[0])
     targets, mask = chexpert_targets(_values(kept["train"], labels), uncertain, blank, labels)
-    summary = {
-        "csv": [t.path for t in tables], "images": str(root), "labels": list(labels),
-        "frontal_only": frontal_only, "uncertain_policy": uncertain, "blank_policy": blank, "split": split,
-        "rows_read": sum(t.rows_read for t in tables),
-        "rows_skipped": dict(sum((Counter(t.skipped) for t in tables), Counter())),
-        "row_problems": [p for t in tables for p in t.problems][:MAX_LISTED_PROBLEMS],
-        "images_missing": len(missing), "image_problems": missing[:MAX_LISTED_PROBLEMS],
-        "train_rows": len(kept["train"]), "test_rows": len(kept["test"]),
-        "train_label_counts": _label_counts(_values(kept["train"], labels), labels),
-        "test_label_counts": _label_counts(_values(kept["test"], labels), labels),
-    }
+    summary = {"csv": [t.path for t in tables], "images": str(root), "labels": list(labels),
+               "frontal_only": frontal_only, "uncertain_policy": uncertain, "blank_policy": blank,
+               "split": split, "rows_read": sum(t.rows_read for t in tables),
+               "rows_skipped": dict(sum((Counter(t.skipped) for t in tables), Counter())),
+               "row_problems": [p for t in tables for p in t.problems][:MAX_LISTED_PROBLEMS],
+               "images_missing": len(missing), "image_problems": missing[:MAX_LISTED_PROBLEMS],
+               "train_rows": len(kept["train"]), "test_rows": len(kept["test"]),
+               "train_label_counts": _label_counts(_values(kept["train"], labels), labels),
+               "test_label_counts": _label_counts(_values(kept["test"], labels), labels)}
     return ChexpertData(tuple(labels), kept["train"], kept["test"], targets, mask,
                         _values(kept["test"], labels), summary)
 
@@ -478,15 +460,9 @@ class ImageProblems:
 
 
 def finetune_chexpert(
-    data: ChexpertData,
-    images: str | os.PathLike,
-    *,
-    run: str | os.PathLike | None = None,
-    export: str | os.PathLike | None = None,
-    image_size: int | None = None,
-    settings: FitSettings | None = None,
-    info: dict[str, Any] | None = None,
-) -> ChexpertResult:
+    data: ChexpertData, images: str | os.PathLike, *, run: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None, image_size: int | None = None,
+    settings: FitSettings | None = None, info: dict[str, Any] | None = None) -> ChexpertResult:
     """Fine-tune (or probe) the image encoder of `run`, or probe the `export` (always frozen), on the
     training rows and score the test rows: AUROC and accuracy per label and their means.
     """

@@ -83,16 +83,9 @@ class EpochLog:
     metrics: dict[str, float | None] = field(default_factory=dict)
 
 
-def fit(
-    module,
-    groups: list[dict],
-    loader,
-    step_loss: Callable[[Any], Any],
-    settings: FitSettings,
-    device,
-    on_epoch: Callable[[int], dict[str, float | None]] | None = None,
-    select: Callable[[dict[str, float | None]], float] | None = None,
-) -> tuple[list[EpochLog], int]:
+def fit(module, groups: list[dict], loader, step_loss: Callable[[Any], Any], settings: FitSettings, device,
+        on_epoch: Callable[[int], dict[str, float | None]] | None = None,
+        select: Callable[[dict[str, float | None]], float] | None = None) -> tuple[list[EpochLog], int]:
     """The training loop of both fine-tunes: step_loss(batch) -> loss or None (nothing to learn);
     on_epoch() -> metrics; `select(metrics)` picks the state restored at the end (first best), else
     the last epoch. Returns (history, best epoch).

@@ -109,8 +109,7 @@ def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[st
             n=int(scored.sum()), n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()),
             excluded_uncertain=int((v == -1.0).sum()),
             excluded_blank=int(is_blank.sum()) if blank == "mask" else 0,
-            blank_negatives=int(is_blank.sum()) if blank == "zero" else 0,
-        )
+            blank_negatives=int(is_blank.sum()) if blank == "zero" else 0)
     return out
 
 

@@ -253,18 +253,10 @@ class NliResult:
         return MetricInfo(f"{name} {metric.replace('_', ' ')}", percent=False, order=(dataset, 1))
 
 
-def finetune_nli(
-    train: NliFile,
-    dev: NliFile | None,
-    test: NliFile,
-    *,
-    run: str | os.PathLike | None = None,
-    text_model: str | os.PathLike | None = None,
-    export: str | os.PathLike | None = None,
-    settings: FitSettings | None = None,
-    max_length: int = NLI_MAX_LENGTH,
-    info: dict[str, Any] | None = None,
-) -> NliResult:
+def finetune_nli(train: NliFile, dev: NliFile | None, test: NliFile, *, run: str | os.PathLike | None = None,
+                 text_model: str | os.PathLike | None = None, export: str | os.PathLike | None = None,
+                 settings: FitSettings | None = None, max_length: int = NLI_MAX_LENGTH,
+                 info: dict[str, Any] | None = None) -> NliResult:
     """Fine-tune (or probe) a text encoder (exactly one of run / text_model / export) on NLI and score dev
     and test: without dev the last epoch is scored, with dev the best dev epoch. Pairs longer than
     `max_length` word pieces are truncated and counted per file.
@@ -470,19 +462,11 @@ class NliCvResult:
         return {"predictions": path}
 
 
-def cross_validate_nli(
-    data: NliFile,
-    folds: int = 5,
-    *,
-    seed: int = 0,
-    run: str | os.PathLike | None = None,
-    text_model: str | os.PathLike | None = None,
-    export: str | os.PathLike | None = None,
-    settings: FitSettings | None = None,
-    max_length: int = NLI_MAX_LENGTH,
-    info: dict[str, Any] | None = None,
-    on_fold: Callable[[int, NliFile, NliFile], None] | None = None,
-) -> NliCvResult:
+def cross_validate_nli(data: NliFile, folds: int = 5, *, seed: int = 0, run: str | os.PathLike | None = None,
+                       text_model: str | os.PathLike | None = None, export: str | os.PathLike | None = None,
+                       settings: FitSettings | None = None, max_length: int = NLI_MAX_LENGTH,
+                       info: dict[str, Any] | None = None,
+                       on_fold: Callable[[int, NliFile, NliFile], None] | None = None) -> NliCvResult:
     """k-fold cross-validation on one file (`nli_folds`): fold k trains a fresh encoder on the other folds
     (last epoch) and is tested on itself; on_fold(k, train, test) is called before each fold trains.
     """

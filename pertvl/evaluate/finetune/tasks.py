@@ -7,11 +7,9 @@ NLI_SCHEMA = "pertvl-finetune-nli/1"
 NLI_CV_SCHEMA = "pertvl-finetune-nli-cv/1"
 NLI_LABELS = ("entailment", "contradiction", "neutral")
 CHEXPERT_SCHEMA = "pertvl-finetune-chexpert/1"
-CHEXPERT_LABELS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
-)
+CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                   "Pleural Other", "Fracture", "Support Devices")
 PAPER_CHEXPERT_LABELS = ("Consolidation", "Pleural Effusion")
 UNCERTAIN_POLICIES = ("zeros", "ones", "ignore", "u-mix")
 UNCERTAIN_NAMES = {"zeros": "U-Zeros", "ones": "U-Ones", "ignore": "U-Ignore",
