@@ -40,9 +40,9 @@ def paper_presets() -> tuple[str, ...]:
 def evaluations() -> list:
     """The evaluations of the ABLATE suite that read shard samples (table order)."""
     from pertvl.evaluate.catalog import in_suite
-    from pertvl.evaluate.evaluation import Source, Suite
+    from pertvl.evaluate.evaluation import Suite
 
-    return [e for e in in_suite(Suite.ABLATE) if e.source is Source.SHARDS]
+    return [e for e in in_suite(Suite.ABLATE) if e.shards]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pertvl.evaluate import grounding, retrieval, structure, text_structure, twins, zeroshot
-from pertvl.evaluate.evaluation import Evaluation, Finetune, MetricInfo, Result, Source, Suite
+from pertvl.evaluate.evaluation import Evaluation, Finetune, MetricInfo, Result, Suite
 from pertvl.evaluate.finetune import chexpert, nli
 
 __all__ = ["EVALUATIONS", "FINETUNES", "by_key", "demo_evaluations", "evaluation_for_metric", "in_suite", "metric_info",
@@ -37,7 +37,7 @@ def in_suite(suite: Suite) -> list[Evaluation]:
 
 def demo_evaluations() -> list[Evaluation]:
     """`pertvl demo`'s evaluations: the DEMO suite's that read shard samples."""
-    return [e for e in in_suite(Suite.DEMO) if e.source is Source.SHARDS]
+    return [e for e in in_suite(Suite.DEMO) if e.shards]
 
 
 def by_key(key: str) -> Evaluation | Finetune | None:

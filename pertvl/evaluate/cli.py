@@ -59,12 +59,11 @@ def _print_paths(paths: dict) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     """`pertvl eval NAME`: load the data, build the encoder, run, write NAME.json/.md (+ figures)."""
     from pertvl.evaluate.catalog import EVALUATIONS
-    from pertvl.evaluate.evaluation import Source
     from pertvl.evaluate.report import write_result
 
     evaluation = EVALUATIONS[args.evaluation]
     data = evaluation.load(args) if evaluation.load is not None else None
-    if data is None and evaluation.source is Source.SHARDS:
+    if data is None and evaluation.shards:
         if not args.shards:
             raise SystemExit(f"pertvl eval {evaluation.name}: give --shards DIR (or this evaluation's own data "
                              "option, see --help)")
@@ -157,12 +156,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate pretrained encoders (ONNX export or torch run) on a shard split.")
     esub = ev.add_subparsers(dest="eval_command", metavar="EVALUATION", required=True)
     from pertvl.evaluate.catalog import EVALUATIONS
-    from pertvl.evaluate.evaluation import Source
 
     for evaluation in EVALUATIONS.values():
         p = esub.add_parser(evaluation.name, help=evaluation.help, description=evaluation.description)
         _model_args(p, text_model=evaluation.text_only)
-        if evaluation.source is Source.SHARDS:
+        if evaluation.shards:
             _shard_args(p, required=evaluation.load is None)
         evaluation.add_arguments(p)
         p.set_defaults(handler=_evaluate, evaluation=evaluation.name)
@@ -178,49 +176,32 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p = fsub.add_parser(
         "nli",
         help="text encoder + classification head on MedNLI/RadNLI jsonl (sentence1, sentence2, gold_label)",
-        description="BERT sentence-pair input [premise; hypothesis] -> entailment/contradiction/neutral; the "
-        "sentences reach the model's tokenizer as written (no report cleaning). Three protocols: "
-        "(1) --train --dev --test (MedNLI: mli_{train,dev,test}_v1.jsonl): the best dev epoch is scored on dev and "
-        "test; (2) --train --test without --dev (RadNLI, the authors' protocol: --train radnli_dev_v1.jsonl "
-        "--test radnli_test_v1.jsonl; RadNLI ships no training file): the last epoch is scored on test; "
-        "(3) --train FILE --cv K: K-fold cross-validation on one file (label-stratified folds seeded by --seed, "
-        "each fold trained afresh from the pretrained encoder, last epoch): accuracy per fold, mean +- std and "
-        "pooled out-of-fold metrics. Examples per label are printed for every file and fold. Scores: accuracy, "
-        "per-class precision/recall/F1, macro F1, confusion matrix. --export is frozen (linear probe on the "
-        "ONNX embeddings).",
-    )
+        description="Sentence-pair classification (entailment/contradiction/neutral): --train --dev --test "
+        "(best dev epoch), --train --test (last epoch) or --train --cv K; the protocols: docs/FINETUNE.md.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", metavar="RUN_DIR", help="training run folder; fine-tunes RUN_DIR/final's text tower")
     g.add_argument("--export", metavar="DIR", help="ONNX export: linear probe on [u, v, |u-v|, u*v] embeddings")
     g.add_argument("--text-model", metavar="PATH", help="a plain Hugging Face model folder (not-pretrained baseline)")
     p.add_argument("--train", required=True, metavar="JSONL",
-                   help="training file: mli_train_v1.jsonl (MedNLI), radnli_dev_v1.jsonl (RadNLI), or with --cv "
-                   "the one file to cross-validate on")
+                   help="training file (with --cv: the one file to cross-validate on)")
     p.add_argument("--dev", metavar="JSONL",
-                   help="dev file for epoch selection, e.g. mli_dev_v1.jsonl; optional: without it the last "
-                   "epoch is scored (RadNLI has no dev file besides the one it trains on)")
+                   help="dev file for epoch selection (without it the last epoch is scored)")
     p.add_argument("--test", metavar="JSONL",
                    help="test file, e.g. mli_test_v1.jsonl or radnli_test_v1.jsonl (required unless --cv)")
     p.add_argument("--cv", type=_at_least_two, metavar="K",
-                   help="K-fold cross-validation on --train alone (no --dev/--test): label-stratified folds "
-                   "seeded by --seed")
+                   help="K-fold label-stratified cross-validation on --train alone")
     p.add_argument("--max-length", type=positive_int, default=256,
-                   help="word pieces per sentence pair (default 256: MedNLI's longest pairs reach ~200+ pieces); "
-                   "longer pairs are truncated, and how many is printed and recorded")
+                   help="word pieces per sentence pair; longer pairs are truncated and counted (default 256)")
     p.add_argument("--dataset", type=_dataset_name, metavar="NAME",
-                   help="short name of the data set (e.g. MedNLI, RadNLI, phantom), recorded in NAME.json: the "
-                   "comparison table's columns are nli/DATASET/accuracy, so several NLI sets stay apart")
+                   help="data set name (MedNLI, RadNLI, phantom) of the metric keys nli/DATASET/...")
     _finetune_args(p, epochs=3, lr=2e-5, batch_size=16)
     p.set_defaults(handler=_finetune_nli)
 
     p = fsub.add_parser(
         "chexpert",
         help="image encoder + multi-label head on a CheXpert-format CSV (Consolidation, Pleural Effusion)",
-        description="Pooled image features -> one logit per label, BCE over the cells the blank and uncertainty "
-        "policies keep (default: blank = 0, uncertain = 0). Test: AUROC and accuracy per label over the 1/0 "
-        "cells (and blanks as negatives unless --blank mask), and their mean. "
-        "--export is frozen (linear probe on the ONNX image embedding).",
-    )
+        description="Multi-label fine-tune (or --export linear probe) of the image tower, scored by AUROC and "
+        "accuracy per label; the policies: docs/FINETUNE.md.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", metavar="RUN_DIR", help="training run folder; fine-tunes RUN_DIR/final's image tower")
     g.add_argument("--export", metavar="DIR", help="ONNX export: linear probe on its image embeddings")
@@ -229,19 +210,14 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     split.add_argument("--valid-csv", metavar="CSV",
                        help="test on this CSV (e.g. CheXpert valid.csv); default: a seeded split of --csv by patient")
     split.add_argument("--split-from", metavar="PAIRS_JSONL",
-                       help="split --csv as this pairs.jsonl splits the images: its train split trains, val and "
-                       "test are tested (the phantom corpus: labels.csv beside pairs.jsonl, so no image the "
-                       "pretraining saw is tested); rows whose image no pair has are skipped and counted")
+                       help="split --csv as this pairs.jsonl splits its images (train trains, val and test test)")
     p.add_argument("--images", required=True, metavar="ROOT", help="folder the CSV's Path column is relative to")
     p.add_argument("--labels", default="Consolidation,Pleural Effusion",
                    help='comma-separated label columns (default "Consolidation,Pleural Effusion")')
     p.add_argument("--uncertain", choices=["zeros", "ones", "ignore", "u-mix"], default="zeros",
-                   help="uncertain (-1) labels in training: zeros = U-Zeros -> 0 (default), ones = U-Ones -> 1, "
-                   "ignore = U-Ignore -> masked, u-mix = U-Ones for Edema and Atelectasis, U-Zeros for the "
-                   "other labels (the CheXpert authors' per-label choice); uncertain test cells are never scored")
+                   help="uncertain (-1) training labels: U-Zeros, U-Ones, U-Ignore or u-mix (default zeros)")
     p.add_argument("--blank", choices=["zero", "mask"], default="zero",
-                   help="blank (not mentioned) label cells: zero = negative, CheXpert's convention (default; "
-                   "blank test cells are scored as negatives), mask = out of the loss and of the test scores")
+                   help="blank label cells: negative, or out of the loss and the test scores (default zero)")
     views = p.add_mutually_exclusive_group()
     views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
                        help="use frontal views only (default)")
@@ -259,14 +235,8 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablate",
         help="the four loss configurations (+ variants) x seeds: train, evaluate, fine-tune, comparison table",
-        description="For each preset (and --variant) and seed: `pertvl train` with loss.preset and train.seed "
-        "overridden (same data, encoders and steps), then the paper's tables on every run: IV = the evaluations "
-        "of the ablate suite (structure with its image controls and counterfactuals, retrieval, zero-shot, "
-        "grounding) on the test split; II = `pertvl finetune chexpert` of the image tower on the corpus' "
-        "labels.csv; III = `pertvl finetune nli` of the text tower on the corpus' NLI set (and MedNLI/RadNLI "
-        "when given); then the comparison table, mean +- std over seeds (Markdown + JSON + PNG). Finished "
-        "stages are skipped on re-run; new weights re-run what depends on them.",
-    )
+        description="Train every preset (and --variant) per seed, make Tables II, III and IV of each run and "
+        "the comparison table (mean +- std over seeds); finished stages are skipped on re-run.")
     p.add_argument("--config", default="configs/demo.yaml", help="training config (default configs/demo.yaml)")
     p.add_argument("--shards", default="shards/demo", help="shard folder (default shards/demo)")
     p.add_argument("--presets", help="comma-separated loss presets (default: the built-in ones, "
@@ -283,32 +253,23 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/ablate", help="folder of the runs and the table (default runs/ablate)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
     p.add_argument("--holdout-type", action="append", metavar="T",
-                   help="leave-one-type-out (repeatable, comma-separated, or `all`): per held-out perturbation "
-                   "type T, train the presets with L_pert (full, no_local) with loss.pert_types = every type but "
-                   "T, the baselines (convirt, gloria) once, evaluate, and write OUT/holdout.{md,json}: one row "
-                   "per T, the structure accuracy on T (original vs T, chance 50 %%)")
+                   help="leave-one-type-out: retrain the L_pert presets without type T and write "
+                   "OUT/holdout.{md,json} (repeatable, comma-separated, or `all`)")
     p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="one more row (repeatable): NAME trained with `pertvl train --set KEY=VALUE` for each pair "
-                   "(values as --set parses them; commas inside [...] belong to the value) in OUT/NAME-s<seed>, "
-                   "evaluated and tabulated like the presets; e.g. the counterfactual-negatives arm: "
-                   "cf_negatives:loss.preset=full,loss.pert_types=[...the nine...,cf_laterality,cf_severity,"
-                   "cf_finding,cf_negation] (docs/FINETUNE.md has the exact command)")
+                   help="one more row NAME trained with `pertvl train --set KEY=VALUE` (repeatable; "
+                   "docs/FINETUNE.md)")
     p.add_argument("--tables", default="II,III,IV",
-                   help="the paper's tables to make per run (default II,III,IV): II = CheXpert-style fine-tune of "
-                   "the image tower, III = NLI fine-tune of the text tower, IV = the ablate evaluations")
+                   help="the paper's tables to make per run (default II,III,IV)")
     p.add_argument("--corpus", metavar="DIR",
-                   help="the phantom corpus of Tables II/III (labels.csv, pairs.jsonl, nli_{train,dev,test}.jsonl "
-                   "from `pertvl data phantom --nli`); default: the folder of the pairs the shards were packed "
-                   "from (manifest inputs.pairs)")
+                   help="the phantom corpus of Tables II/III (default: the folder of the shards' pairs)")
     for option, table, tower, epochs in (("--chexpert-finetune", "II", "image", 5), ("--nli-finetune", "III", "text", 3)):
         p.add_argument(option, metavar="MODE[:EPOCHS]",
-                       help=f"Table {table}: probe (linear probe on the frozen {tower} tower, default) or end-to-end, "
-                       f"optionally :EPOCHS (default: pertvl finetune's, 30 for a probe, {epochs} end to end)")
+                       help=f"Table {table}: probe (frozen {tower} tower, default) or end-to-end, optionally "
+                       f":EPOCHS (default 30 for a probe, {epochs} end to end)")
     p.add_argument("--mednli", metavar="DIR",
-                   help="Table III also on MedNLI: DIR holds mli_{train,dev,test}_v1.jsonl (best dev epoch)")
+                   help="Table III also on MedNLI: DIR holds mli_{train,dev,test}_v1.jsonl")
     p.add_argument("--radnli", metavar="DIR",
-                   help="Table III also on RadNLI: DIR holds radnli_{dev,test}_v1.jsonl (trained on dev, scored on "
-                   "test at the last epoch: the authors' protocol)")
+                   help="Table III also on RadNLI: DIR holds radnli_{dev,test}_v1.jsonl")
     p.set_defaults(handler=_ablate)
 
 
@@ -320,13 +281,9 @@ def _register_report(sub: argparse._SubParsersAction) -> None:
     p = rsub.add_parser(
         "curves",
         help="learning curves: the eval/… metrics of runs trained with train.eval_every, one line per run",
-        description="Structure accuracy with its wrong-image and text-only controls, the image-grounding margin "
-        "(CI band), grounded margins / twin group scores per edit when measured, retrieval R@10 and zero-shot "
-        "AUROC against optimizer steps (epochs on the top axis), one colour per run, chance lines drawn. "
-        "Writes OUT/curves.png, curves.json and curves.md.",
-    )
+        description="The in-training evaluations of each run against optimizer steps, in OUT/curves.png, "
+        "curves.json and curves.md.")
     p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN",
-                   help="training run folders (metrics.jsonl with eval/… rows); LABEL= names the line "
-                   "(default: the folder's name)")
+                   help="training run folders; LABEL= names the line (default: the folder's name)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for curves.png, curves.json, curves.md")
     p.set_defaults(handler=_curves)

@@ -15,15 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Evaluation", "Finetune", "MetricInfo", "Result", "Source", "Suite", "from_json", "non_negative",
-           "to_json"]
-
-
-class Source(enum.Enum):
-    """Where `run`'s `data` comes from."""
-
-    SHARDS = "shards"  # shard samples of --shards/--split (first --limit); pertvl.data.shards.iter_samples
-    OWN = "own"  # Evaluation.load(options): the evaluation's own arguments name its inputs
+__all__ = ["Evaluation", "Finetune", "JsonResult", "MetricInfo", "Result", "Suite", "add_bootstrap_arguments", "from_json",
+           "non_negative", "to_json"]
 
 
 class Suite(enum.Enum):
@@ -82,12 +75,33 @@ class Result(Protocol):
         ...
 
 
+class JsonResult:
+    """A Result dataclass whose JSON is its fields (`to_json` below), read back when its "schema" is one
+    of SCHEMAS ("not a pertvl WHAT result" otherwise); no figures unless it says."""
+
+    SCHEMAS: tuple[str, ...] = ()
+    WHAT = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Any:
+        if not isinstance(d, Mapping) or d.get("schema") not in cls.SCHEMAS:
+            raise ValueError(f"not a pertvl {cls.WHAT} result: schema "
+                             f"{d.get('schema') if isinstance(d, Mapping) else d!r}")
+        return from_json(cls, d)
+
+    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
+        return {}
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluation: `pertvl eval NAME` with its help texts and own arguments; run(encoder, data,
-    options) -> Result. `key` is the file stem and metric prefix (default: name with "_"). `source`:
-    shard samples (--shards/--split/--limit added) or the evaluation's own `load(options)`; for shards
-    a `load` returning None means "read the shards". `text_only`: --text-model is accepted.
+    options) -> Result. `key` is the file stem and metric prefix (default: name with "_"). `shards`:
+    the data are shard samples (--shards/--split/--limit added; a `load` returning None means "read
+    the shards"), else the evaluation's own `load(options)`. `text_only`: --text-model is accepted.
     """
 
     name: str
@@ -99,7 +113,7 @@ class Evaluation:
     schemas: tuple[str, ...]
     title: str
     key: str = ""
-    source: Source = Source.SHARDS
+    shards: bool = True
     load: Callable[[argparse.Namespace], Any] | None = None
     text_only: bool = False
     suites: frozenset[Suite] = frozenset()
@@ -107,10 +121,6 @@ class Evaluation:
     def __post_init__(self) -> None:
         if not self.key:
             object.__setattr__(self, "key", self.name.replace("-", "_"))
-        if self.source is Source.OWN and self.load is None:
-            raise ValueError(f"evaluation {self.name!r}: Source.OWN needs a load(options) function")
-        if not self.schemas:
-            raise ValueError(f"evaluation {self.name!r}: expected at least one schema")
 
     def options(self) -> set[str]:
         """The option strings its own arguments define ("--bootstrap", ...)."""
@@ -138,6 +148,12 @@ def non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
+
+
+def add_bootstrap_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", type=non_negative, default=1000,
+                   help="bootstrap resamples for the 95%% CIs, 0 to skip (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
 def to_json(obj: Any) -> Any:

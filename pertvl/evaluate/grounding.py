@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from pertvl.evaluate.encoder import image_array
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, from_json, non_negative, to_json
-from pertvl.evaluate.report import md_table, new_figure, pct, save_png
+from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite, add_bootstrap_arguments
+from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-grounding/1"
 CONFIDENCE = 0.95
@@ -99,8 +99,10 @@ class GroundingStat:
 
 
 @dataclass
-class GroundingResult:
+class GroundingResult(JsonResult):
     """The grounding evaluation's outcome; its JSON is these fields, "schema" first."""
+
+    SCHEMAS, WHAT = (SCHEMA,), "grounding"
 
     overall: GroundingStat
     per_type: dict[str, GroundingStat]
@@ -114,15 +116,6 @@ class GroundingResult:
     info: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
     items: list[GroundingItem] = field(default_factory=list, repr=False, compare=False)  # not serialized
-
-    def to_json(self) -> dict[str, Any]:
-        return to_json(self)
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> GroundingResult:
-        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
-            raise ValueError(f"not a pertvl grounding result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
-        return from_json(cls, d)
 
     def markdown(self, name: str) -> str:
         from pertvl.data.phantom.findings import FINDING_TYPES
@@ -184,10 +177,6 @@ class GroundingResult:
         return (f"grounding: pointing game {pct(o.pointing)} (chance {pct(o.pointing_chance)}), attention mass in "
                 f"the finding's mask {pct(o.mass)} (area {pct(o.area)}) over {o.items} finding words in "
                 f"{o.images} images")
-
-
-def ci(interval) -> str:
-    return "—" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 GROUNDING_FIGSIZE = (11.0, 4.5)  # → 1100 × 450 px
@@ -315,9 +304,7 @@ def evaluate_grounding(encoder: Any, samples: Iterable[Any], gamma1: float = 4.0
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma1", type=float, default=4.0, help="GLoRIA's attention temperature γ1 (default 4.0)")
-    p.add_argument("--bootstrap", type=non_negative, default=1000,
-                   help="bootstrap resamples (images) for the 95%% CIs, 0 to skip (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    add_bootstrap_arguments(p)
 
 
 def run(encoder: Any, data: Iterable[Any], options: argparse.Namespace) -> GroundingResult:

@@ -29,9 +29,8 @@ EVAL_DIR = "eval"
 def eval_task_names() -> list[str]:
     """The names train.eval_tasks accepts: the evaluations of shard samples that take an image encoder."""
     from pertvl.evaluate.catalog import EVALUATIONS
-    from pertvl.evaluate.evaluation import Source
 
-    return [e.name for e in EVALUATIONS.values() if e.source is Source.SHARDS and not e.text_only]
+    return [e.name for e in EVALUATIONS.values() if e.shards and not e.text_only]
 
 
 def check_tasks(tasks: list[str]) -> None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, from_json, to_json
+from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite
 from pertvl.evaluate.report import md_table, pct
 from pertvl.evaluate.structure_result import TIE_TOLERANCE
 
@@ -28,9 +27,11 @@ DEFAULT_KS = (1, 5, 10)
 
 
 @dataclass
-class RetrievalResult:
+class RetrievalResult(JsonResult):
     """Recall@K in both directions; keys of the recall maps are "R@K". Its JSON is these fields,
     "schema" first."""
+
+    SCHEMAS, WHAT = (SCHEMA,), "retrieval"
 
     image_to_text: dict[str, float]
     text_to_image: dict[str, float]
@@ -46,15 +47,6 @@ class RetrievalResult:
     # First-correct ranks per query (not serialized): what the text-disjoint subset is computed from.
     i2t_ranks: np.ndarray | None = field(default=None, repr=False, compare=False)
     t2i_ranks: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return to_json(self)
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> RetrievalResult:
-        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
-            raise ValueError(f"not a pertvl retrieval result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
-        return from_json(cls, d)
 
     def markdown(self, name: str) -> str:
         ks = list(self.image_to_text)
@@ -81,9 +73,6 @@ class RetrievalResult:
                 + md_table(["", *ks], rows)
                 + f"\n{td['images']} of {self.images} image queries and {td['texts']} of {self.texts} report queries "
                 f"have a report that is none of the {td['train_texts']} distinct training texts; same gallery.\n")
-
-    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
-        return {}
 
     def metrics(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {f"retrieval/image_to_text/{k}": v for k, v in self.image_to_text.items()}

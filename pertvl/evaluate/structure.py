@@ -34,7 +34,7 @@ from pertvl.evaluate.encoder import (
     l2_normalize,
     word_features_unique,
 )
-from pertvl.evaluate.evaluation import Evaluation, Suite, non_negative
+from pertvl.evaluate.evaluation import Evaluation, Suite, add_bootstrap_arguments
 from pertvl.evaluate.grounded_references import (
     NULL_DRAWS,
     GroundedReferences,
@@ -568,9 +568,7 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
     """--types, --bootstrap, --seed (shared with text-structure)."""
     p.add_argument("--types", type=types_arg, default=PERTURBATION_TYPES,
                    help="comma-separated perturbation types (default: the nine)")
-    p.add_argument("--bootstrap", type=non_negative, default=1000,
-                   help="bootstrap resamples for the 95%% CIs, 0 to skip (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    add_bootstrap_arguments(p)
 
 
 def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace, score: str = "global") -> StructureResult:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pertvl.evaluate.evaluation import MetricInfo, from_json, to_json
+from pertvl.evaluate.evaluation import JsonResult, MetricInfo
 from pertvl.evaluate.grounded_references import GroundedReferences, references_markdown
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
@@ -135,9 +134,11 @@ class TextDisjoint:
 
 
 @dataclass
-class StructureResult:
+class StructureResult(JsonResult):
     """The outcome of a (text-)structure evaluation; its JSON is these fields in this order
     (text-structure: without controls, grounded, text_disjoint and score)."""
+
+    SCHEMAS, WHAT = READABLE_SCHEMAS, "structure"
 
     overall: AccuracyStat
     per_type: dict[str, AccuracyStat]
@@ -162,27 +163,18 @@ class StructureResult:
         return self.schema.startswith("pertvl-text-structure")
 
     def to_json(self) -> dict[str, Any]:
-        d = to_json(self)
         image_only = ("controls", "grounded", "text_disjoint", "score") if self.is_text else ()
-        return {k: v for k, v in d.items() if k not in image_only}
+        return {k: v for k, v in super().to_json().items() if k not in image_only}
 
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> StructureResult:
-        """Raises ValueError when `d` is not a pertvl structure result."""
-        schema = d.get("schema") if isinstance(d, Mapping) else None
-        if schema not in READABLE_SCHEMAS:
-            raise ValueError(f"not a pertvl structure result: schema {schema!r}")
-        return from_json(cls, d)
+    def title(self, name: str) -> str:
+        return ("Text-only structure (impression → findings): " if self.is_text
+                else "Clinical semantic structure: ") + name
 
     def markdown(self, name: str) -> str:
-        title = ("Text-only structure (impression → findings): " if self.is_text
-                 else "Clinical semantic structure: ") + name
-        return structure_markdown(self, title)
+        return structure_markdown(self, self.title(name))
 
     def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
-        title = ("Text-only structure (impression → findings): " if self.is_text
-                 else "Clinical semantic structure: ") + name
-        return {"png": plot_structure(self, Path(out_dir) / f"{name}.png", title)}
+        return {"png": plot_structure(self, Path(out_dir) / f"{name}.png", self.title(name))}
 
     @property
     def key(self) -> str:

@@ -24,7 +24,7 @@ from pertvl.data.counterfactual import TEXT_COUNTERFACTUAL_TYPES
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import TextEncoder, embed_texts_unique
-from pertvl.evaluate.evaluation import Evaluation, Source
+from pertvl.evaluate.evaluation import Evaluation
 from pertvl.evaluate.structure import (
     CandidateCounts,
     GlobalScorer,
@@ -233,7 +233,7 @@ EVALUATION = Evaluation(
     result_type=StructureResult,
     schemas=(SCHEMA,),
     title="Text-only structure (impression → findings)",
-    source=Source.OWN,
+    shards=False,
     load=load,
     text_only=True,
 )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.phantom.twins import EDITS
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, non_negative
+from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, add_bootstrap_arguments
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-twins/1"
@@ -412,8 +412,7 @@ def evaluate_twins(encoder: Any, samples: Iterable[Any], scores: Sequence[str] =
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", default="global,local",
                    help="comma-separated: global (cosine), local (S(I, T); needs the local branch) (default both)")
-    p.add_argument("--bootstrap", type=non_negative, default=1000, help="bootstrap resamples for the CIs (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    add_bootstrap_arguments(p)
     p.add_argument("--twins", help="the twin shards (`pertvl data twins --shards`); default: SHARDS/twins when it "
                    "exists, else --shards itself")
 

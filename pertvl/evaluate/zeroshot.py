@@ -24,7 +24,7 @@ import numpy as np
 
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, from_json, to_json
+from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite
 from pertvl.evaluate.report import md_table
 from pertvl.evaluate.stats import auroc
 
@@ -70,9 +70,11 @@ class LabelAUROC:
 
 
 @dataclass
-class ZeroShotResult:
+class ZeroShotResult(JsonResult):
     """Its JSON is these fields, "schema" first; mean_auroc (over the labels with a defined AUROC) and
     labels_defined follow from per_label."""
+
+    SCHEMAS, WHAT = (SCHEMA,), "zero-shot"
 
     per_label: dict[str, LabelAUROC]
     mean_auroc: float | None = field(init=False)
@@ -88,15 +90,6 @@ class ZeroShotResult:
         self.mean_auroc = float(np.mean(vals)) if vals else None
         self.labels_defined = len(vals)
 
-    def to_json(self) -> dict[str, Any]:
-        return to_json(self)
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ZeroShotResult:
-        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
-            raise ValueError(f"not a pertvl zero-shot result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
-        return from_json(cls, d)
-
     def markdown(self, name: str) -> str:
         rows = [
             [label, "undefined (one class)" if v.auroc is None else f"{v.auroc:.3f}", str(v.n_pos), str(v.n_neg),
@@ -109,9 +102,6 @@ class ZeroShotResult:
             + md_table(["label", "AUROC", "positives", "negatives", "uncertain/unknown", "prompts"], rows, "lrrrrl")
             + f"\nMean AUROC over defined labels: {'—' if mean is None else f'{mean:.3f}'}; {self.images} images.\n"
         )
-
-    def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
-        return {}
 
     def metrics(self) -> dict[str, float | None]:
         return {"zeroshot/mean_auroc": self.mean_auroc}
