@@ -50,16 +50,11 @@ def _info(args: argparse.Namespace, encoder_info: dict) -> dict:
     return info
 
 
-def _print_paths(paths: dict) -> None:
-    for kind, path in paths.items():
-        print(f"  {kind}: {path}")
-
-
 @with_out_lock
 def _evaluate(args: argparse.Namespace) -> int:
     """`pertvl eval NAME`: load the data, build the encoder, run, write NAME.json/.md (+ figures)."""
     from pertvl.evaluate.catalog import EVALUATIONS
-    from pertvl.evaluate.report import write_result
+    from pertvl.evaluate.report import print_paths, write_result
 
     evaluation = EVALUATIONS[args.evaluation]
     data = evaluation.load(args) if evaluation.load is not None else None
@@ -73,7 +68,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result.info = {**_info(args, enc_info), **result.info}  # provenance first, the evaluation's own after
     paths = write_result(result, args.out, args.name or evaluation.key)
     print(result.headline())
-    _print_paths(paths)
+    print_paths(paths)
     return 0
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pertvl.evaluate.report import ci, md_table, new_figure, pct, read_metrics_jsonl, save_png
+from pertvl.evaluate.report import ci, md_table, new_figure, pct, print_paths, read_metrics_jsonl, save_png
 from pertvl.files import atomic_write_text, write_json
 
 SCHEMA = "pertvl-curves/1"
@@ -206,6 +206,5 @@ def cli_main(args: Any) -> int:
     except ValueError as e:
         print(f"pertvl: error: {e}", file=sys.stderr)
         return 2
-    for kind, path in paths.items():
-        print(f"  {kind}: {path}")
+    print_paths(paths)
     return 0

@@ -316,10 +316,8 @@ def run(encoder: Any, data: Iterable[Any], options: argparse.Namespace) -> Groun
 EVALUATION = Evaluation(
     name="grounding",
     help="grounding of the local branch on phantoms: pointing game and attention mass in the finding's mask",
-    description="For each test phantom and each word of its report naming a present finding, the word→region "
-    "attention of the local branch against the finding's mask (re-drawn from the phantom's seed): pointing "
-    "game and attention mass inside the mask, against chance, per finding type. Needs shards packed from a "
-    "phantom corpus (extra.render). Writes NAME.json, NAME.md and NAME.png.",
+    description="Pointing game and attention mass of each finding word's word→region attention inside the "
+    "finding's phantom mask, per finding type (needs phantom shards); writes NAME.json, NAME.md and NAME.png.",
     add_arguments=add_arguments,
     run=run,
     result_type=GroundingResult,

@@ -72,6 +72,11 @@ def write_result(result: Any, out_dir: str | os.PathLike, name: str) -> dict[str
     return paths
 
 
+def print_paths(paths: dict[str, Path]) -> None:
+    for kind, path in paths.items():
+        print(f"  {kind}: {path}")
+
+
 def read_metrics_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
     """Rows of a monitor JSONL with a numeric "step", and the count of other lines (skipped and logged: a
     killed run can leave a half-written last line).

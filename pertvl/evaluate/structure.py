@@ -16,6 +16,8 @@ Markdown and figure: pertvl.evaluate.structure_result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -597,36 +599,16 @@ def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace, scor
 
 
 EVALUATION = Evaluation(
-    name="structure",
-    help="zero-shot clinical semantic structure (Table IV): original report vs its perturbations",
-    description="For each image, score its report and the report's valid perturbations by "
-    "cosine(image, text); accuracy overall and per perturbation type with bootstrap CIs. "
-    "Writes NAME.json, NAME.md and NAME.png.",
-    add_arguments=add_structure_arguments,
-    run=run,
-    result_type=StructureResult,
-    schemas=(SCHEMA,),
-    title="Clinical semantic structure (Table IV)",
-    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
-)
-
-
-def run_local(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> StructureResult:
-    return run(encoder, data, options, score="local")
-
+    name="structure", help="zero-shot clinical semantic structure (Table IV): original report vs its perturbations",
+    description="How often cosine(image, report) ranks the report above its perturbations, overall and per "
+    "type with bootstrap CIs; writes NAME.json, NAME.md and NAME.png.",
+    add_arguments=add_structure_arguments, run=run, result_type=StructureResult, schemas=(SCHEMA,),
+    title="Clinical semantic structure (Table IV)", suites=frozenset({Suite.DEMO, Suite.ABLATE}))
 
 # The same test scored by GLoRIA's local S(I, T) on region and word features (a pooled embedding may lose
 # where a finding is): same candidates, controls (no text-only anchor) and schema; metrics structure_local/*.
-LOCAL_EVALUATION = Evaluation(
-    name="structure-local",
+LOCAL_EVALUATION = dataclasses.replace(
+    EVALUATION, name="structure-local", key="",
     help="the structure test (Table IV) scored by the local branch's S(I, T) instead of the global cosine",
-    description="As `pertvl eval structure`, with each candidate report scored by GLoRIA's local "
-    "image-report similarity (region and word features; needs --export or --run). Writes NAME.json, "
-    "NAME.md and NAME.png.",
-    add_arguments=add_structure_arguments,
-    run=run_local,
-    result_type=StructureResult,
-    schemas=(SCHEMA,),
-    title="Clinical semantic structure, local score S(I, T)",
-    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
-)
+    description="As `pertvl eval structure`, scored by GLoRIA's local image-report similarity (needs --export "
+    "or --run).", run=functools.partial(run, score="local"), title="Clinical semantic structure, local score S(I, T)")

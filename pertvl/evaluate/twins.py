@@ -439,10 +439,8 @@ def run(encoder: Any, data: Iterable[Any], options: argparse.Namespace) -> TwinR
 EVALUATION = Evaluation(
     name="twins",
     help="twin-phantom grounding test: text, image and group score on image pairs that differ in one fact",
-    description="On the shards of `pertvl data twins` (--shards, --split test): per twin pair (I0, T0), (I1, T1) the "
-    "text score (each image prefers its own report), image score (each report prefers its own image) and group "
-    "score (both), overall and per edit type with bootstrap CIs, by the global cosine and the local S(I, T). "
-    "Writes NAME.json, NAME.md, NAME.png and NAME_examples.png.",
+    description="Text, image and group score of the twin pairs of `pertvl data twins`, overall and per edit "
+    "type with bootstrap CIs; writes NAME.json, NAME.md, NAME.png and NAME_examples.png.",
     add_arguments=add_arguments,
     run=run,
     load=load,

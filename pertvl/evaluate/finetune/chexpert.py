@@ -77,10 +77,6 @@ class ChexpertTable:
     skipped: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
-    def values(self) -> np.ndarray:
-        """[N, L] float: 1, 0, -1 (uncertain), nan (blank)."""
-        return np.array([r.values for r in self.rows], dtype=np.float64).reshape(len(self.rows), len(self.labels))
-
 
 def group_of(path: str, pattern: re.Pattern[str]) -> str:
     """The split group of an image path: the first capture of `pattern` (the patient folder), else the

@@ -18,7 +18,7 @@ from pertvl.evaluate.finetune.nli import (
     read_nli,
 )
 from pertvl.evaluate.finetune.tasks import format_skips
-from pertvl.evaluate.report import write_result
+from pertvl.evaluate.report import print_paths, write_result
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ def nli_cli_main(args) -> int:
         print(f"NLI: {dev_part}test accuracy {100 * result.test.accuracy:.1f}% (macro F1 "
               f"{result.test.macro_f1:.3f}); " + (f"best epoch {result.best_epoch}" if result.dev is not None
                                                   else f"last epoch {result.best_epoch}"))
-    for kind, path in paths.items():
-        print(f"  {kind}: {path}")
+    print_paths(paths)
     return 0
 
 
@@ -130,6 +129,5 @@ def chexpert_cli_main(args) -> int:
     scores = ", ".join(f"{k} AUROC {format_number(v.auroc)} acc {format_number(v.accuracy, True)}" for k, v in result.per_label.items())
     print(f"CheXpert: {scores}; mean AUROC {format_number(result.mean_auroc)}; images undecodable "
           f"{result.data['images_undecodable']}")
-    for kind, path in paths.items():
-        print(f"  {kind}: {path}")
+    print_paths(paths)
     return 0

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,14 @@ def _nli_class_tables(split: str, m: ClassificationMetrics) -> list[str]:
                      [[lab, *map(str, row)] for lab, row in zip(m.labels, m.confusion, strict=True)])]
 
 
+def _write_predictions(path: Path, splits: Iterable[tuple[str, list[tuple[str, int, int]]]]) -> dict[str, Path]:
+    """NAME.predictions.jsonl: split, where (file:line), gold and predicted label of every scored item."""
+    atomic_write_text(path, "".join(json.dumps({"split": split, "where": where, "gold": NLI_LABELS[gold],
+                                                "predicted": NLI_LABELS[pred]}) + "\n"
+                                    for split, items in splits for where, gold, pred in items))
+    return {"predictions": path}
+
+
 def _truncation_note(d: dict[str, Any]) -> str:
     t = d.get("truncated")
     if not t:
@@ -228,12 +236,7 @@ class NliResult:
         return "\n".join(parts) + "\n"
 
     def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
-        """NAME.predictions.jsonl: split, where (file:line), gold and predicted label of every scored item."""
-        path = Path(out_dir) / f"{name}.predictions.jsonl"
-        lines = [json.dumps({"split": split, "where": where, "gold": NLI_LABELS[gold], "predicted": NLI_LABELS[pred]})
-                 for split, items in self.predictions.items() for where, gold, pred in items]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
-        return {"predictions": path}
+        return _write_predictions(Path(out_dir) / f"{name}.predictions.jsonl", self.predictions.items())
 
     def metrics(self) -> dict[str, float | None]:
         """"nli/DATASET/accuracy" and "nli/DATASET/macro_f1" on the test file (DATASET: info["dataset"],
@@ -453,13 +456,9 @@ class NliCvResult:
         return "\n".join(parts) + "\n"
 
     def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
-        """NAME.predictions.jsonl: every example's out-of-fold prediction (split "foldK")."""
-        path = Path(out_dir) / f"{name}.predictions.jsonl"
-        lines = [json.dumps({"split": f"fold{k}", "where": where, "gold": NLI_LABELS[gold],
-                             "predicted": NLI_LABELS[pred]})
-                 for k, fold in enumerate(self.folds, 1) for where, gold, pred in fold.predictions["test"]]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
-        return {"predictions": path}
+        """Every example's out-of-fold prediction (split "foldK")."""
+        return _write_predictions(Path(out_dir) / f"{name}.predictions.jsonl",
+                                  ((f"fold{k}", fold.predictions["test"]) for k, fold in enumerate(self.folds, 1)))
 
 
 def cross_validate_nli(data: NliFile, folds: int = 5, *, seed: int = 0, run: str | os.PathLike | None = None,
