@@ -89,19 +89,6 @@ def text_prior_values(train: Sequence[tuple[str, Sequence[str]]], texts: Sequenc
     return clf.decision_function(vec.transform(list(texts)))
 
 
-def split_counterfactuals(folder: str, split: str) -> list[tuple[str, list[str]]] | None:
-    """[(report, its counterfactual texts)] of one split of a shard folder; None when the split is
-    missing or carries no counterfactuals."""
-    from pertvl.data.shards import iter_samples
-    from pertvl.data.shards.format import read_shards_manifest
-
-    if split not in read_shards_manifest(folder).get("splits", {}):
-        return None
-    out = [(s.meta.get("text") or "", list((s.meta.get("counterfactuals") or {}).values()))
-           for s in iter_samples(folder, split)]
-    return out if any(cfs for _, cfs in out) else None
-
-
 def references_markdown(overall: Any, per_type: Mapping[str, Any], refs: GroundedReferences) -> str:
     """The model's grounded accuracies beside the empirical null (with its range) and the text prior."""
     from pertvl.evaluate.report import ci, md_table, pct

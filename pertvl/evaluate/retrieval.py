@@ -228,17 +228,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace) -> RetrievalResult:
     """`pertvl eval retrieval`: `evaluate_retrieval` over the shard samples; for a held-out split,
     with the text-disjoint subset against the same shards' training split."""
-    from pertvl.evaluate.structure import split_texts
+    from pertvl.evaluate.structure import training_samples
 
-    train = None
-    shards, split = getattr(options, "shards", None), getattr(options, "split", None)
-    if shards and split and split != "train":
-        try:
-            train = split_texts(shards, "train")
-        except FileNotFoundError as e:
-            print(f"text-disjoint subset not measured: {e}")
+    metas = training_samples(options, "text-disjoint subset")
     r = evaluate_retrieval(encoder, data, ks=options.ks, match=options.match, batch_size=options.batch_size,
-                           train_texts=train)
+                           train_texts=None if metas is None else [m.get("text") or "" for m in metas])
     if r.text_disjoint is not None:
         td = r.text_disjoint
         print(f"text-disjoint subset: {td['images']} of {r.images} image queries, {td['texts']} of {r.texts} "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ from pertvl.evaluate.grounded_references import (
     TextPriorScorer,
     accuracies,
     random_anchor_null,
-    split_counterfactuals,
     text_prior_values,
 )
 from pertvl.evaluate.report import pct
@@ -448,11 +446,8 @@ def evaluate_structure(
     if any(has_cf):
         # The counterfactual texts are embedded in calls of their own, after the others, so the
         # embeddings (and numbers) of the perturbation test are those of a split without them.
-        extra = [c for c in cf_texts if c not in index]
-        if extra and text_emb is not None:
-            cf_index, cf_emb = embed_texts_unique(encoder, extra, batch_size)
-            index = {**index, **{t: len(text_emb) + i for t, i in cf_index.items()}}
-            text_emb = np.concatenate([text_emb, cf_emb.astype(text_emb.dtype)], axis=0)
+        if text_emb is not None:
+            index, text_emb = embed_after(encoder, index, text_emb, cf_texts, batch_size)
             scorer = GlobalScorer(text_emb)
         grounded, grounded_scores = grounded_structure(
             anchors, index, text_emb, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
@@ -466,6 +461,17 @@ def evaluate_structure(
                        ids=ids, controls=controls)
     result.grounded, result.text_disjoint, result.score = grounded, disjoint, score
     return result
+
+
+def embed_after(encoder: Encoder, index: dict[str, int], text_emb: np.ndarray, texts: Iterable[str],
+                batch_size: int) -> tuple[dict[str, int], np.ndarray]:
+    """`index` and `text_emb` extended by the `texts` not yet in `index`, embedded in calls of their own."""
+    extra = [t for t in texts if t not in index]
+    if not extra:
+        return index, text_emb
+    more_index, more = embed_texts_unique(encoder, extra, batch_size)
+    return ({**index, **{t: len(text_emb) + i for t, i in more_index.items()}},
+            np.concatenate([text_emb, more.astype(text_emb.dtype)], axis=0))
 
 
 def grounded_structure(
@@ -544,15 +550,22 @@ def text_disjoint_stats(originals: Sequence[str], train_texts: set[str], scores:
                         per_type=per_type, grounded=grounded)
 
 
-def split_texts(folder: str | os.PathLike, split: str) -> list[str] | None:
-    """The report texts of one split of a shard folder (its sample json), None when the split is
-    not in the manifest (the text-disjoint subset is then not measured)."""
+def training_samples(options: argparse.Namespace, what: str) -> list[Mapping[str, Any]] | None:
+    """The sample json of --shards' training split when a held-out split is evaluated (the data of the
+    text-disjoint subset and the text prior); None otherwise, or when the shards have no training split."""
     from pertvl.data.shards import iter_samples
     from pertvl.data.shards.format import read_shards_manifest
 
-    if split not in read_shards_manifest(folder).get("splits", {}):
+    shards, split = getattr(options, "shards", None), getattr(options, "split", None)
+    if not (shards and split and split != "train"):
         return None
-    return [s.meta.get("text") or "" for s in iter_samples(folder, split)]
+    try:
+        if "train" not in read_shards_manifest(shards).get("splits", {}):
+            return None
+        return [s.meta for s in iter_samples(shards, "train")]
+    except FileNotFoundError as e:  # the samples came from elsewhere: nothing to compare with
+        print(f"{what} not measured: {e}")
+        return None
 
 
 def types_arg(text: str) -> tuple[str, ...]:
@@ -577,14 +590,10 @@ def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace, scor
     """`pertvl eval structure` (and `structure-local`): `evaluate_structure` over the shard samples; for
     a held-out split with the text-disjoint subset and text prior from the same shards' training split.
     """
-    train = train_cf = None
-    shards, split = getattr(options, "shards", None), getattr(options, "split", None)
-    if shards and split and split != "train":
-        try:
-            train = split_texts(shards, "train")
-            train_cf = split_counterfactuals(shards, "train")
-        except FileNotFoundError as e:  # the samples came from elsewhere: nothing to compare with
-            print(f"text-disjoint subset and text prior not measured: {e}")
+    metas = training_samples(options, "text-disjoint subset and text prior")
+    train = None if metas is None else [m.get("text") or "" for m in metas]
+    cfs = [(m.get("text") or "", list((m.get("counterfactuals") or {}).values())) for m in metas or []]
+    train_cf = cfs if any(c for _, c in cfs) else None
     r = evaluate_structure(encoder, data, types=options.types, bootstrap=options.bootstrap, seed=options.seed,
                            batch_size=options.batch_size, train_texts=train, score=score,
                            train_counterfactuals=train_cf)

@@ -17,8 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from pertvl.cli import positive_int
 from pertvl.data.counterfactual import TEXT_COUNTERFACTUAL_TYPES
 from pertvl.data.records import PERTURBATION_TYPES
@@ -31,6 +29,7 @@ from pertvl.evaluate.structure import (
     accuracy_stats,
     add_structure_arguments,
     candidate_scores,
+    embed_after,
     requested_types,
     summarize,
     valid_perturbations,
@@ -162,11 +161,8 @@ def evaluate_text_structure(
                        info=info, ids=kept_ids)
     if counterfactuals is not None:
         # Embedded after the others, in calls of their own: the perturbation numbers stay as without.
-        extra = list(dict.fromkeys(c for row in cf_candidates for c in row if c is not None and c not in index))
-        if extra:
-            cf_index, cf_emb = embed_texts_unique(encoder, extra, batch_size)
-            index = {**index, **{t: len(text_emb) + i for t, i in cf_index.items()}}
-            text_emb = np.concatenate([text_emb, np.asarray(cf_emb, dtype=text_emb.dtype)], axis=0)
+        index, text_emb = embed_after(encoder, index, text_emb,
+                                      [c for row in cf_candidates for c in row if c is not None], batch_size)
         cf_scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, cf_candidates,
                                      len(cf_types))
         result.per_type.update(accuracy_stats(cf_scores, cf_types, cf_counts, bootstrap, seed)[1])
