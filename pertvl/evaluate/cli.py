@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from pertvl.cli import lazy_handler, positive_int, with_out_lock
-from pertvl.evaluate.evaluation import non_negative
+from pertvl.evaluate.evaluation import add_chexpert_image_arguments, non_negative
 
 
 def _build_encoder(args: argparse.Namespace):
@@ -211,14 +211,7 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
                    help='comma-separated label columns (default "Consolidation,Pleural Effusion")')
     p.add_argument("--uncertain", choices=["zeros", "ones", "ignore", "u-mix"], default="zeros",
                    help="uncertain (-1) training labels: U-Zeros, U-Ones, U-Ignore or u-mix (default zeros)")
-    p.add_argument("--blank", choices=["zero", "mask"], default="zero",
-                   help="blank label cells: negative, or out of the loss and the test scores (default zero)")
-    views = p.add_mutually_exclusive_group()
-    views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
-                       help="use frontal views only (default)")
-    views.add_argument("--all-views", dest="frontal_only", action="store_false", help="use frontal and lateral views")
-    p.add_argument("--image-size", type=positive_int,
-                   help="input side in px (default: the export's, else the run's training size, else 224)")
+    add_chexpert_image_arguments(p)
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of patients held out for test without --valid-csv (default 0.2)")
     p.add_argument("--group-pattern", default=r"(?:^|/)(patient\d+|p\d{8})(?=/)",

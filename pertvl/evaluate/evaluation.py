@@ -156,6 +156,20 @@ def add_bootstrap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
+def add_chexpert_image_arguments(p: Any) -> None:
+    """--blank, --frontal-only / --all-views and --image-size of a CheXpert CSV's cells and images."""
+    from pertvl.cli import positive_int
+
+    p.add_argument("--blank", choices=["zero", "mask"], default="zero",
+                   help="blank label cells: negatives, or left out of the loss and the scores (default zero)")
+    views = p.add_mutually_exclusive_group()
+    views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
+                       help="use frontal views only (default)")
+    views.add_argument("--all-views", dest="frontal_only", action="store_false", help="use frontal and lateral views")
+    p.add_argument("--image-size", type=positive_int,
+                   help="input side in px (default: the export's, else the run's training size, else 224)")
+
+
 def to_json(obj: Any) -> Any:
     """A result dataclass as JSON-ready data: dataclasses as dicts ("schema" first, then the fields in
     their order; a field with repr=False, per-item detail, is left out), tuples as lists."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from pertvl.data.text import clean_text
 from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
-from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite
+from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite, add_chexpert_image_arguments
 from pertvl.evaluate.report import md_table
 from pertvl.evaluate.stats import auroc
 
@@ -287,23 +287,13 @@ def _image_size(encoder: Encoder, options: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pertvl.cli import positive_int
-
     p.add_argument("--prompts", metavar="JSON",
                    help='JSON file {label: [positive, negative] or [[pos, neg], ...]} (default: built-in prompts)')
     g = p.add_argument_group("a CheXpert CSV instead of --shards (read as `pertvl finetune chexpert` reads it)")
     g.add_argument("--chexpert-csv", metavar="CSV", help="CheXpert-v1.0[-small] train.csv / valid.csv (or any "
                    "CSV with Path, Frontal/Lateral and the 14 label columns)")
     g.add_argument("--images", metavar="ROOT", help="folder the CSV's Path column is relative to")
-    views = g.add_mutually_exclusive_group()
-    views.add_argument("--frontal-only", dest="frontal_only", action="store_true", default=True,
-                       help="frontal views only (default)")
-    views.add_argument("--all-views", dest="frontal_only", action="store_false", help="frontal and lateral views")
-    g.add_argument("--blank", choices=["zero", "mask"], default="zero",
-                   help="blank label cells: zero = scored as negatives, CheXpert's convention (default); mask = "
-                   "not scored. Uncertain (-1) cells are never scored")
-    g.add_argument("--image-size", type=positive_int,
-                   help="input side in px (default: the export's, else the run's training size, else 224)")
+    add_chexpert_image_arguments(g)
 
 
 def run(encoder: Encoder, data: Iterable[Any] | ChexpertSource, options: argparse.Namespace) -> ZeroShotResult:
