@@ -202,6 +202,18 @@ class LocalScorer:
         return None  # a text has no regions: no text-only control for the local score
 
 
+def anchors_and_scorer(encoder: Any, batcher: ImageBatcher, texts: list[str], local: bool, batch_size: int
+                       ) -> tuple[np.ndarray, dict[str, int], np.ndarray | None, GlobalScorer | LocalScorer]:
+    """(anchors, text index, text embeddings, scorer) of the batcher's images and `texts`: the global
+    embeddings and cosine, or (`local`) the region and word features and the local S (no text embeddings)."""
+    image_emb = batcher.finish()
+    if local:
+        index, words, word_mask = word_features_unique(encoder, texts, batch_size)
+        return batcher.regions(), index, None, LocalScorer(words, word_mask)
+    index, text_emb = embed_texts_unique(encoder, texts, batch_size)
+    return image_emb, index, text_emb, GlobalScorer(text_emb)
+
+
 def candidate_scores(
     anchors: np.ndarray, text_index: dict[str, int], scorer: GlobalScorer | LocalScorer,
     originals: Sequence[str], candidates: Sequence[Sequence[str | None]], num_types: int) -> StructureScores:
@@ -424,19 +436,10 @@ def evaluate_structure(
         has_cf.append(isinstance(meta.get("counterfactuals"), Mapping))
         cf_candidates.append(valid_perturbations(text, meta.get("counterfactuals"), meta.get("cf_unavailable"),
                                                  cf_types, cf_counts) if has_cf[-1] else [None] * len(cf_types))
-    image_emb = batcher.finish()
     all_texts = originals + [c for row in candidates for c in row if c is not None]
     cf_texts = [c for row in cf_candidates for c in row if c is not None]
-    scorer: GlobalScorer | LocalScorer
-    if local:
-        anchors = batcher.regions()
-        index, words, word_mask = word_features_unique(encoder, all_texts + cf_texts, batch_size)
-        text_emb = None  # the scorer holds the word features
-        scorer = LocalScorer(words, word_mask)
-    else:
-        anchors = image_emb
-        index, text_emb = embed_texts_unique(encoder, all_texts, batch_size)
-        scorer = GlobalScorer(text_emb)
+    anchors, index, text_emb, scorer = anchors_and_scorer(encoder, batcher, all_texts + cf_texts if local
+                                                          else all_texts, local, batch_size)
     scores = candidate_scores(anchors, index, scorer, originals, candidates, len(types))
     controls = None
     if originals:

@@ -360,23 +360,14 @@ def collect_pairs(samples: Iterable[Any]) -> tuple[list[TwinPair], list[Any], di
 def model_scores(encoder: Any, samples: Sequence[Any], pairs: Sequence[TwinPair], score: str,
                  batch_size: int = 32) -> np.ndarray:
     """s [P, 2, 2] of the model: s[p, i, t] = s(I_i, T_t) by the global cosine or the local S(I, T)."""
-    from pertvl.evaluate.encoder import ImageBatcher, embed_texts_unique, word_features_unique
-    from pertvl.evaluate.structure import GlobalScorer, LocalScorer
+    from pertvl.evaluate.encoder import ImageBatcher
+    from pertvl.evaluate.structure import anchors_and_scorer
 
     batcher = ImageBatcher(encoder, batch_size, regions=score == "local")
     for sample in samples:
         batcher.add(sample)
-    emb = batcher.finish()
     texts = [t for p in pairs for t in p.texts]
-    scorer: Any
-    if score == "local":
-        anchors = batcher.regions()
-        index, words, mask = word_features_unique(encoder, texts, batch_size)
-        scorer = LocalScorer(words, mask)
-    else:
-        anchors = emb
-        index, text_emb = embed_texts_unique(encoder, texts, batch_size)
-        scorer = GlobalScorer(text_emb)
+    anchors, index, _, scorer = anchors_and_scorer(encoder, batcher, texts, score == "local", batch_size)
     prepared = scorer.prepare(anchors)
     img = np.array([p.images[i] for p in pairs for i in (0, 1) for _ in (0, 1)], dtype=np.int64)
     txt = np.array([index[p.texts[t]] for p in pairs for _ in (0, 1) for t in (0, 1)], dtype=np.int64)
