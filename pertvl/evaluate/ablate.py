@@ -48,8 +48,7 @@ def evaluations() -> list:
 @dataclass(frozen=True)
 class Variant:
     """One more row of the ablation: NAME, trained with `pertvl train --set` overrides on top of the
-    config; a `data.shards=DIR` override trains it on other shards packed from the same pairs.
-    """
+    config; a `data.shards=DIR` override trains it on other shards packed from the same pairs."""
 
     name: str
     overrides: tuple[str, ...]
@@ -279,8 +278,7 @@ def _finetune_stage(run: AblationRun, spec: FinetuneSpec, weights_sha: str) -> p
 
 def check_variants(s: AblationSettings) -> None:
     """Each variant's config must load as `pertvl train` loads it, and cf_* training negatives need
-    shards packed with counterfactuals; ValueError naming the variant otherwise.
-    """
+    shards packed with counterfactuals; ValueError naming the variant otherwise."""
     from pertvl.config import RunConfig, load_config
     from pertvl.data.stream import check_counterfactuals, resolve_source
     from pertvl.losses import LossConfig
@@ -315,8 +313,7 @@ def _check_same_pairs(variant: Path, shards: Path) -> None:
 
 def run_ablation(s: AblationSettings) -> AblationResult:
     """Train, (export,) evaluate and fine-tune every run, then write the comparison (and holdout) table.
-    Raises pipeline.StageError naming the failed stage; FileNotFoundError / ValueError for bad inputs.
-    """
+    Raises pipeline.StageError naming the failed stage; FileNotFoundError / ValueError for bad inputs."""
     config = Path(s.config)
     manifest = Path(s.shards) / "manifest.json"
     if not config.is_file():
@@ -372,8 +369,7 @@ def _result_files(run: AblationRun, specs: list[FinetuneSpec], s: AblationSettin
 
 def write_tables(s: AblationSettings, specs: list[FinetuneSpec]) -> tuple[dict[str, Path], dict[str, Any]]:
     """OUT/comparison.{md,json,png} from every comparison run's result files, and OUT/holdout.{md,json}
-    with --holdout-type. Returns (paths, the comparison table's JSON document).
-    """
+    with --holdout-type. Returns (paths, the comparison table's JSON document)."""
     from pertvl.evaluate.comparison import flatten_metrics, write_comparison_table
 
     out = Path(s.out)
@@ -428,8 +424,7 @@ def _structure_key() -> str:
 def holdout_table(s: AblationSettings, structure: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The leave-one-type-out table: per held-out type T and preset, the structure accuracy on T (pairwise,
     chance 0.5) over seeds (mean, sample std, n, values): the L_pert presets from their runs trained
-    without T, the baselines from their comparison runs.
-    """
+    without T, the baselines from their comparison runs."""
     from statistics import mean, stdev
 
     from pertvl.losses import preset_label
@@ -529,8 +524,7 @@ def holdout_types_arg(values: list[str]) -> tuple[str, ...]:
 
 def parse_variant(text: str) -> Variant:
     """"NAME:key=value[,key=value]" → Variant; a comma inside [...] or {...} belongs to its value, values
-    are parsed as `pertvl train --set` parses them. ValueError naming the --variant and what is wrong.
-    """
+    are parsed as `pertvl train --set` parses them. ValueError naming the --variant and what is wrong."""
     import re
 
     from pertvl.config import parse_override

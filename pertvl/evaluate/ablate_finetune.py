@@ -1,7 +1,6 @@
 """The fine-tunes `pertvl ablate` runs on every run: Table II (`pertvl finetune chexpert` on the
 corpus' labels.csv, split as its pairs.jsonl) and Table III (`pertvl finetune nli` on the corpus'
-nli_*.jsonl, and MedNLI / RadNLI when given). The corpus defaults to the shards' `inputs.pairs` folder.
-"""
+nli_*.jsonl, and MedNLI / RadNLI when given). The corpus defaults to the shards' `inputs.pairs` folder."""
 
 from __future__ import annotations
 
@@ -99,8 +98,7 @@ def _need(folder: Path, names: list[str], option: str, why: str) -> list[Path]:
 def finetune_specs(tables: tuple[str, ...], corpus: Path | None, shards: str, modes: dict[str, FinetuneMode],
                    user_nli: dict[str, str | None]) -> list[FinetuneSpec]:
     """The fine-tunes of the chosen tables with their input files checked; FileNotFoundError / ValueError
-    naming the missing file and the option to give.
-    """
+    naming the missing file and the option to give."""
     if not {"II", "III"} & set(tables):
         return []
     corpus = Path(corpus) if corpus else corpus_from_manifest(shards)

@@ -1,7 +1,6 @@
 """The evaluations (`pertvl eval`, `pertvl ablate`, `pertvl demo`, the reports) and the fine-tunes
 whose results the comparison table reads. Add an evaluation: a module with `EVALUATION =
-Evaluation(...)` and one line in `EVALUATIONS`.
-"""
+Evaluation(...)` and one line in `EVALUATIONS`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """`pertvl eval NAME` for every evaluation of pertvl.evaluate.catalog, `pertvl finetune`, `pertvl
 ablate` and `pertvl report`. The encoder: an ONNX export (--export), a torch run (--run) or, for
-text-only evaluations, a plain HF text model (--text-model).
-"""
+text-only evaluations, a plain HF text model (--text-model)."""
 
 from __future__ import annotations
 

@@ -32,8 +32,7 @@ COMPARISON_FIGSIZE = (15.0, 5.5)  # → 1500 × 550 px
 
 def flatten_metrics(item: Any) -> dict[str, float | None]:
     """Metric key → value for one run: a result, its JSON, a {evaluation key: result or JSON} dict, or an
-    already flat {metric key: number} dict. ValueError on anything else.
-    """
+    already flat {metric key: number} dict. ValueError on anything else."""
 
     if isinstance(item, Result) and not isinstance(item, Mapping):
         return item.metrics()
@@ -114,8 +113,7 @@ def write_comparison_table(results: Mapping[str, Sequence[Any]], out_dir: str | 
                            name: str = "comparison", *, notes: Sequence[str] = ()) -> dict[str, Path]:
     """The ablation table, mean ± sample std over seeds: NAME.json ("pertvl-comparison/1"), NAME.md and
     NAME.png. `results`: config name → one item per seed, anything `flatten_metrics` reads; `notes`:
-    paragraphs under the summary table. Rows follow LOSS_PRESETS, columns the catalog.
-    """
+    paragraphs under the summary table. Rows follow LOSS_PRESETS, columns the catalog."""
     from pertvl.losses import preset_label
 
     if not results:

@@ -1,6 +1,5 @@
 """`pertvl embed` and `pertvl similarity` (parsers in pertvl.evaluate.embed_cli): an ONNX export
-applied to image files and report texts; embeddings, a similarity matrix and attention heatmaps.
-"""
+applied to image files and report texts; embeddings, a similarity matrix and attention heatmaps."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ def _safe_name(text: str, limit: int = 40) -> str:
 def save_attention_pngs(embedder: Embedder, images: np.ndarray, image_names: Sequence[str], texts: list[str],
                         out_dir: str | os.PathLike, gamma1: float = 4.0) -> list[dict[str, Any]]:
     """One PNG heatmap per (image, report, word); returns the index rows {"image", "text", "word_index",
-    "word", "png"}.
-    """
+    "word", "png"}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     img = embedder.image_features(images)
@@ -64,8 +62,7 @@ def read_texts(texts: Sequence[str], texts_file: str | os.PathLike | None) -> li
 
 def check_texts(embedder: Embedder, texts: Sequence[str]) -> list[dict[str, Any]]:
     """Refuse (UserError) a text with no words after the export's cleaning rule; return one {"text",
-    "words", "dropped"} per text cut at the rule's word limit (also logged).
-    """
+    "words", "dropped"} per text cut at the rule's word limit (also logged)."""
     cut = []
     for i, text in enumerate(texts):
         words = clean_text(text, max_words=None, drop_deid=embedder.drop_deid).split()

@@ -59,8 +59,7 @@ def embed_texts_unique(
     encoder: TextEncoder, texts: Iterable[str], batch_size: int = 32
 ) -> tuple[dict[str, int], np.ndarray]:
     """Embed each distinct text once, `batch_size` texts per call: (index, embeddings) with
-    index[text] the row of that text in embeddings [U, D].
-    """
+    index[text] the row of that text in embeddings [U, D]."""
     index = unique_index(texts)
     items = list(index)
     if batch_size < 1:
@@ -100,8 +99,7 @@ def stack_padded(words: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tu
 
 class ImageBatcher:
     """Embeds sample images a full batch at a time, so a shard split streams without holding every image;
-    with `regions=True` also the local branch's region features [N, M, D] (`regions()`).
-    """
+    with `regions=True` also the local branch's region features [N, M, D] (`regions()`)."""
 
     def __init__(self, encoder: Encoder, batch_size: int = 32, *, regions: bool = False):
         if batch_size < 1:
@@ -164,8 +162,7 @@ def word_features_unique(
     encoder: Any, texts: Iterable[str], batch_size: int = 32
 ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     """The local branch's word features of each distinct text, once: (index, words [U, W, D] zero-padded
-    to the longest, word_mask [U, W] bool).
-    """
+    to the longest, word_mask [U, W] bool)."""
     if not hasattr(encoder, "text_features"):
         raise ValueError("word features need the local branch (text_features): an ONNX export (--export) or a "
                          "run (--run)")

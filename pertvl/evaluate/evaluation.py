@@ -1,7 +1,6 @@
 """What an evaluation declares to take part in `pertvl eval`, `pertvl ablate`, `pertvl demo` and the
 reports: a row of pertvl.evaluate.catalog (`Evaluation`) and a Result type that carries its schema,
-JSON, Markdown, flat metrics and headline. Imports nothing heavy (the CLI parser is built from it).
-"""
+JSON, Markdown, flat metrics and headline. Imports nothing heavy (the CLI parser is built from it)."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ class Suite(enum.Enum):
 class MetricInfo:
     """How the comparison table shows one flat metric: its column label, shown ×100 (`percent`) or with
     three decimals, sort `order` within its evaluation, `chance` level, whether it is a `summary`
-    column, and the flat keys (low, high) of its 95 % CI bounds.
-    """
+    column, and the flat keys (low, high) of its 95 % CI bounds."""
 
     label: str
     percent: bool = True
@@ -132,8 +130,7 @@ class Evaluation:
 @dataclass(frozen=True)
 class Finetune:
     """A downstream fine-tune (`pertvl finetune NAME`) whose KEY.json the comparison table reads like an
-    evaluation's result.
-    """
+    evaluation's result."""
 
     name: str
     key: str

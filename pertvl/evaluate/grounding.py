@@ -217,8 +217,7 @@ def plot_grounding(result: GroundingResult, out_png: Path, title: str) -> Path:
 def evaluate_grounding(encoder: Any, samples: Iterable[Any], gamma1: float = 4.0, bootstrap: int = 1000,
                        seed: int = 0, batch_size: int = 32) -> GroundingResult:
     """The grounding evaluation over phantom shard samples. The encoder needs `image_features` and
-    `text_features` (an export or a run; ValueError otherwise); `gamma1` is GLoRIA's attention temperature.
-    """
+    `text_features` (an export or a run; ValueError otherwise); `gamma1` is GLoRIA's attention temperature."""
     from pertvl.data.phantom.grounding import PhantomTruth, finding_words, phantom_masks, region_shares
     from pertvl.infer import attention_maps
 

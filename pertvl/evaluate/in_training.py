@@ -103,8 +103,7 @@ def make_evaluator(config: RunConfig, batch_size: int = 64) -> Callable[[Any, in
 
 def train_cli_main(args: argparse.Namespace) -> int:
     """`pertvl train`: the config checked, the run folder locked on rank 0 (before torch and DeepSpeed
-    load), then the engine's cli_main with train.eval_every's evaluation.
-    """
+    load), then the engine's cli_main with train.eval_every's evaluation."""
     from pertvl.config import load_config
     from pertvl.files import lock_folder
     from pertvl.train.launch import detect_dist_env

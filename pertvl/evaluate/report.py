@@ -1,7 +1,6 @@
 """Writers shared by the evaluations: a result's files, training curves, attention maps, tables.
 Figures are matplotlib Figures on the Agg canvas at fixed sizes (pixel size = figsize × DPI);
-every file is written atomically.
-"""
+every file is written atomically."""
 
 from __future__ import annotations
 
@@ -79,8 +78,7 @@ def print_paths(paths: dict[str, Path]) -> None:
 
 def read_metrics_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
     """Rows of a monitor JSONL with a numeric "step", and the count of other lines (skipped and logged: a
-    killed run can leave a half-written last line).
-    """
+    killed run can leave a half-written last line)."""
     rows, bad = [], 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -118,8 +116,7 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> dict[str, Any]:
     """Every "loss/…" key and "lr" of a monitor JSONL against "step". Returns {"png", "keys", "points",
-    "bad_lines"}; ValueError naming the file when it holds no loss values.
-    """
+    "bad_lines"}; ValueError naming the file when it holds no loss values."""
     rows, bad = read_metrics_jsonl(metrics_jsonl)
     loss_keys = sorted({k for r in rows for k in r if k.startswith("loss/")},
                        key=lambda k: (k != "loss/total", k))
@@ -159,8 +156,7 @@ def save_attention_map(
     image: np.ndarray, attn: np.ndarray, word: str, out_png: str | os.PathLike
 ) -> Path:
     """A word→region attention map attn [h, w] as a heatmap over image [H, W] uint8 (upsampled bilinearly,
-    scaled to [0, 1]), the word as title; 400 × 440 px. ValueError on wrong shapes.
-    """
+    scaled to [0, 1]), the word as title; 400 × 440 px. ValueError on wrong shapes."""
     from PIL import Image
 
     image = np.asarray(image)
@@ -189,8 +185,7 @@ FINDING_ATTENTION_FIGSIZE = (5.2, 4.6)  # → 520 × 460 px
 def save_finding_attention(image: np.ndarray, attn: np.ndarray, mask: np.ndarray, word: str, sentence: str,
                            out_png: str | os.PathLike) -> Path:
     """A finding word's attention attn [h, w] over image [H, W], the finding's true outline (mask [H, W]),
-    a colour bar in the grid's units and the sentence as caption.
-    """
+    a colour bar in the grid's units and the sentence as caption."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from PIL import Image
@@ -232,8 +227,7 @@ def _sentence_of(text: str, index: int) -> str:
 def finding_attention_maps(embedder: Any, pairs: Sequence[Any], images_root: str | os.PathLike,
                            out_dir: str | os.PathLike, limit: int = 6) -> list[tuple[Path, str]]:
     """Attention maps of the words naming a present finding on phantom pairs, from an export; pairs that
-    are not phantoms or were cut by max_length are passed over. [(png, caption)], at most `limit`.
-    """
+    are not phantoms or were cut by max_length are passed over. [(png, caption)], at most `limit`."""
     from pertvl.data.image import read_image
     from pertvl.data.phantom.grounding import PhantomTruth, finding_words, phantom_masks
     from pertvl.infer import attention_maps

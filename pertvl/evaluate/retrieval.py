@@ -107,8 +107,7 @@ class RetrievalResult(JsonResult):
 
 def first_hit_ranks(sim: np.ndarray, hit: np.ndarray) -> np.ndarray:
     """1-based rank [Q] of each query's best correct item in sim [Q, G] (hit [Q, G] marks the correct
-    items), a wrong item within TIE_TOLERANCE ranking ahead. ValueError for a query without a hit.
-    """
+    items), a wrong item within TIE_TOLERANCE ranking ahead. ValueError for a query without a hit."""
     if not hit.any(axis=1).all():
         bad = int(np.flatnonzero(~hit.any(axis=1))[0])
         raise ValueError(f"query {bad} has no correct item in the gallery (check the study ids)")
@@ -168,8 +167,7 @@ def evaluate_retrieval(
     encoder: Encoder, samples: Iterable[Any], ks: Sequence[int] = DEFAULT_KS, match: str = "report",
     batch_size: int = 32, train_texts: Iterable[str] | None = None) -> RetrievalResult:
     """Retrieval over shard samples (`.meta`: text, study_id, id): every image against the gallery of
-    distinct reports; `train_texts` adds the text-disjoint subset.
-    """
+    distinct reports; `train_texts` adds the text-disjoint subset."""
     if match not in ("report", "study"):
         raise ValueError(f"match must be 'report' or 'study', got {match!r}")
     batcher = ImageBatcher(encoder, batch_size)

@@ -7,8 +7,7 @@ import numpy as np
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
     """AUROC of scores [N] for 0/1 targets [N] as the Mann–Whitney U statistic, ties given half credit;
-    None when only one class is present (sklearn raises instead).
-    """
+    None when only one class is present (sklearn raises instead)."""
     from scipy.stats import rankdata
 
     scores = np.asarray(scores, dtype=np.float64)

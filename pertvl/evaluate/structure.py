@@ -104,8 +104,7 @@ def valid_perturbations(
     text: str, perturbations: Mapping[str, Any] | None, unavailable: Mapping[str, Any] | None,
     types: Sequence[str], counts: CandidateCounts) -> list[str | None]:
     """The candidate text of each type for one report, None where it is invalid (counted in `counts`:
-    word-identical to the original, listed as unavailable, or missing from both maps).
-    """
+    word-identical to the original, listed as unavailable, or missing from both maps)."""
     perturbations = perturbations or {}
     unavailable = unavailable or {}
     words = text.split()
@@ -129,8 +128,7 @@ def valid_perturbations(
 
 def requested_types(types: Sequence[str]) -> tuple[str, ...]:
     """The perturbation types to score, in the order asked (the table's columns); ValueError for an
-    unknown or repeated type.
-    """
+    unknown or repeated type."""
     from pertvl.data.perturb import PERTURBATIONS
 
     types = tuple(types)
@@ -174,8 +172,7 @@ class GlobalScorer:
 
 class LocalScorer:
     """GLoRIA's local S(I, T) (pertvl.infer.local_scores) of region features [N, M, D] against the texts'
-    word features.
-    """
+    word features."""
 
     score = "local"
     CHUNK = 256  # rows per local_scores call: bounds the [n, M, W] temporaries
@@ -355,8 +352,7 @@ def structure_controls(
     bootstrap: int, seed: int, scorer: GlobalScorer | LocalScorer | None = None,
     disjoint_partners: bool = False) -> Controls:
     """The control anchors and the image-grounding margin. `image_emb` are the scorer's anchors (region
-    features for a LocalScorer, which has no text-only anchor).
-    """
+    features for a LocalScorer, which has no text-only anchor)."""
     scorer = GlobalScorer(text_emb) if scorer is None else scorer
     n, k = len(originals), len(types)
     anchors = np.asarray(image_emb)
@@ -496,8 +492,7 @@ def grounded_structure(
 ) -> tuple[GroundedStructure, StructureScores]:
     """The structure test with the counterfactuals as candidates, its controls, margin and references.
     Images without a counterfactual record take part in nothing and are counted; wrong-image partners
-    share no positive label with the image.
-    """
+    share no positive label with the image."""
     k = len(cf_types)
     scorer = GlobalScorer(text_emb) if scorer is None else scorer
     scores = candidate_scores(image_emb, text_index, scorer, originals, cf_candidates, k)
@@ -591,8 +586,7 @@ def add_structure_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(encoder: Encoder, data: Iterable[Any], options: argparse.Namespace, score: str = "global") -> StructureResult:
     """`pertvl eval structure` (and `structure-local`): `evaluate_structure` over the shard samples; for
-    a held-out split with the text-disjoint subset and text prior from the same shards' training split.
-    """
+    a held-out split with the text-disjoint subset and text prior from the same shards' training split."""
     metas = training_samples(options, "text-disjoint subset and text prior")
     train = None if metas is None else [m.get("text") or "" for m in metas]
     cfs = [(m.get("text") or "", list((m.get("counterfactuals") or {}).values())) for m in metas or []]

@@ -28,8 +28,7 @@ TIE_TOLERANCE = 1e-6
 class StructureScores:
     """Per-image scores of N anchors against K candidate types: orig [N], pert [N, K] (NaN where
     invalid), valid [N, K], correct [N] (original strictly above every valid candidate), pairwise
-    [N, K] and num_candidates [N] (1 + valid candidates).
-    """
+    [N, K] and num_candidates [N] (1 + valid candidates)."""
 
     orig: np.ndarray
     pert: np.ndarray
@@ -332,8 +331,7 @@ def cos(x: float | None) -> str:
 
 def structure_markdown(result: StructureResult, title: str) -> str:
     """The overall and per-type table, then (image structure) the controls and margin, the grounded
-    structure and the text-disjoint subset.
-    """
+    structure and the text-disjoint subset."""
     type_label = type_name
 
     unit = "reports" if result.is_text else "images"

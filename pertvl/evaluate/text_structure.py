@@ -57,8 +57,7 @@ class ReportSections:
 
 def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> ReportSections:
     """The reports of indiana_reports.csv with both findings and impression (at most `limit`), cleaned.
-    Raises ValueError naming the file when a required column is absent.
-    """
+    Raises ValueError naming the file when a required column is absent."""
     uids: list[str] = []
     findings: list[str] = []
     impressions: list[str] = []
@@ -91,8 +90,7 @@ def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> R
 
 def perturb_findings(sections: ReportSections, perturber: Any, **perturb_kwargs: Any) -> list[tuple[str, Any]]:
     """[(impression, perturbation record of its findings)] in report order, each distinct findings text
-    perturbed once by `perturber.perturb_many`.
-    """
+    perturbed once by `perturber.perturb_many`."""
     distinct = list(dict.fromkeys(sections.findings))
     records = perturber.perturb_many(distinct, **perturb_kwargs)
     if len(records) != len(distinct):

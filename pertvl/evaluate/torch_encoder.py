@@ -153,8 +153,7 @@ class TorchEncoder(_TorchBase):
 
 class HFTextEncoder(_TorchBase):
     """A plain HF text model (e.g. the offline MiniLM) as a text encoder, the untrained baseline; pooling
-    "mean" (token states under the attention mask) or "cls".
-    """
+    "mean" (token states under the attention mask) or "cls"."""
 
     def __init__(self, path: str | os.PathLike, pooling: str = "mean", device: Any = None, batch_size: int = 32,
                  max_length: int = 128):

@@ -120,8 +120,7 @@ class ZeroShotResult(JsonResult):
 
 def normalize_prompts(prompts: Any) -> tuple[LabelPrompts, ...]:
     """LabelPrompts, or {label: (pos, neg) | [(pos, neg), ...]}, with every prompt cleaned; ValueError for
-    a label without a pair or a prompt that cleans to an empty or identical text.
-    """
+    a label without a pair or a prompt that cleans to an empty or identical text."""
     if isinstance(prompts, Mapping):
         items = []
         for label, pairs in prompts.items():
@@ -160,8 +159,7 @@ def _target(value: Any) -> int | None:
 def evaluate_zeroshot(encoder: Encoder, samples: Iterable[Any], prompts: Any = DEFAULT_PROMPTS,
                       batch_size: int = 32) -> ZeroShotResult:
     """Zero-shot AUROC per label over shard samples with `meta["labels"]` ({name: 1.0/0.0/-1.0/NaN});
-    only images with at least one definite label are embedded.
-    """
+    only images with at least one definite label are embedded."""
     prompts = normalize_prompts(prompts)
     lookup = {name.lower(): i for i, lp in enumerate(prompts) for name in lp.names()}
     batcher = ImageBatcher(encoder, batch_size)

@@ -89,8 +89,7 @@ def read_chexpert_csv(path: str | os.PathLike, labels: Sequence[str] = PAPER_CHE
                       frontal_only: bool = True, group_pattern: str = DEFAULT_GROUP_PATTERN) -> ChexpertTable:
     """The rows of a CheXpert-format CSV for `labels` (frontal views only by default), grouped by patient
     (`group_pattern`'s first capture). Bad rows are skipped, counted and named (file:line).
-    FileNotFoundError / ValueError: a missing file or column.
-    """
+    FileNotFoundError / ValueError: a missing file or column."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such CSV")
@@ -195,8 +194,7 @@ def chexpert_targets(values: np.ndarray, uncertain: str = "zeros", blank: str = 
 
 def split_by_group(groups: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
     """Seeded train/test split by group, bool [N] (True = test): the sorted distinct groups permuted by
-    default_rng(seed), the first round(test_fraction × G) (1 to G − 1) tested.
-    """
+    default_rng(seed), the first round(test_fraction × G) (1 to G − 1) tested."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test fraction: expected a number in (0, 1), got {test_fraction}")
     distinct = sorted(set(groups))
@@ -319,8 +317,7 @@ def prepare_chexpert(csv_path: str | os.PathLike, images: str | os.PathLike, *,
                      group_pattern: str = DEFAULT_GROUP_PATTERN, blank: str = "zero",
                      split_from: str | os.PathLike | None = None) -> ChexpertData:
     """Read the CSV(s), split them (valid_csv as given; split_from as a pairs.jsonl splits the images; else
-    by patient, seeded), drop rows whose image is missing (counted, named), and apply the label policies.
-    """
+    by patient, seeded), drop rows whose image is missing (counted, named), and apply the label policies."""
     if uncertain not in UNCERTAIN_POLICIES:
         raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
     if blank not in BLANK_POLICIES:
@@ -389,8 +386,7 @@ def prepare_chexpert(csv_path: str | os.PathLike, images: str | os.PathLike, *,
 def split_as_pairs(rows: Sequence[ChexpertRow], images: Path, pairs: str | os.PathLike,
                    ) -> tuple[list[bool | None], list[ChexpertRow]]:
     """Per row: False when the pairs file puts its image in the train split, True in val or test, None
-    when no pair has it (matched by resolved path); and the rows without a pair.
-    """
+    when no pair has it (matched by resolved path); and the rows without a pair."""
     from pertvl.data.records import read_pairs
 
     pairs = Path(pairs)
@@ -460,8 +456,7 @@ def finetune_chexpert(
     export: str | os.PathLike | None = None, image_size: int | None = None,
     settings: FitSettings | None = None, info: dict[str, Any] | None = None) -> ChexpertResult:
     """Fine-tune (or probe) the image encoder of `run`, or probe the `export` (always frozen), on the
-    training rows and score the test rows: AUROC and accuracy per label and their means.
-    """
+    training rows and score the test rows: AUROC and accuracy per label and their means."""
     import torch
 
     if (run is None) == (export is None):

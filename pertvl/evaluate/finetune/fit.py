@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class FitSettings:
     """AdamW (weight decay on weight matrices only), linear warm-up over `warmup` of the steps then linear
-    decay to 0, gradients clipped at max_grad_norm; precision fp32 or bf16 / fp16 autocast.
-    """
+    decay to 0, gradients clipped at max_grad_norm; precision fp32 or bf16 / fp16 autocast."""
 
     epochs: int = 3
     lr: float = 2e-5
@@ -88,8 +87,7 @@ def fit(module, groups: list[dict], loader, step_loss: Callable[[Any], Any], set
         select: Callable[[dict[str, float | None]], float] | None = None) -> tuple[list[EpochLog], int]:
     """The training loop of both fine-tunes: step_loss(batch) -> loss or None (nothing to learn);
     on_epoch() -> metrics; `select(metrics)` picks the state restored at the end (first best), else
-    the last epoch. Returns (history, best epoch).
-    """
+    the last epoch. Returns (history, best epoch)."""
     import torch
 
     prec = Precision(device, settings.precision)
@@ -158,8 +156,7 @@ def linear_head(in_dim: int, num_labels: int, dropout: float):
 
 def standardize(features: dict[str, Any], fit_on: str, eps: float = 1e-6) -> dict[str, Any]:
     """Z-score every split's [N, D] features with the mean/std of split `fit_on`, so one head learning
-    rate serves encoders whose features differ in scale.
-    """
+    rate serves encoders whose features differ in scale."""
     ref = features[fit_on]
     mean = ref.mean(0, keepdim=True)
     std = ref.std(0, keepdim=True) if len(ref) > 1 else ref.new_ones(1, ref.shape[1])

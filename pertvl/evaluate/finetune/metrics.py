@@ -26,8 +26,7 @@ class ClassScores:
 @dataclass
 class ClassificationMetrics:
     """Single-label scores from one confusion matrix (rows = true, columns = predicted); an undefined
-    precision/recall/F1 is 0.0 (scikit-learn's zero_division=0).
-    """
+    precision/recall/F1 is 0.0 (scikit-learn's zero_division=0)."""
 
     n: int
     accuracy: float
@@ -93,8 +92,7 @@ class LabelScores:
 def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[str],
                       blank: str = "zero") -> dict[str, LabelScores]:
     """AUROC and accuracy per label of probs [N, L] against test values [N, L] (1, 0, -1 uncertain, nan
-    blank): 1/0 scored, blanks as negatives under blank "zero" (excluded under "mask"), uncertain never.
-    """
+    blank): 1/0 scored, blanks as negatives under blank "zero" (excluded under "mask"), uncertain never."""
     if blank not in BLANK_POLICIES:
         raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
     out = {}

@@ -91,8 +91,7 @@ class NliFile:
 
 def nli_folds(examples: Sequence[NliExample], k: int, seed: int) -> list[list[int]]:
     """k label-stratified folds of example indices: each label's examples permuted by default_rng(seed)
-    and dealt round-robin. ValueError for k < 2 or more folds than examples.
-    """
+    and dealt round-robin. ValueError for k < 2 or more folds than examples."""
     if k < 2:
         raise ValueError(f"cross-validation: expected at least 2 folds, got {k}")
     if k > len(examples):
@@ -110,8 +109,7 @@ def nli_folds(examples: Sequence[NliExample], k: int, seed: int) -> list[list[in
 
 def read_nli(path: str | os.PathLike) -> NliFile:
     """A MedNLI/RadNLI jsonl file (sentence1, sentence2, gold_label); bad lines are skipped, counted by
-    reason and named (file:line). FileNotFoundError; ValueError when no example is usable.
-    """
+    reason and named (file:line). FileNotFoundError; ValueError when no example is usable."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such NLI file")
@@ -262,8 +260,7 @@ def finetune_nli(train: NliFile, dev: NliFile | None, test: NliFile, *, run: str
                  info: dict[str, Any] | None = None) -> NliResult:
     """Fine-tune (or probe) a text encoder (exactly one of run / text_model / export) on NLI and score dev
     and test: without dev the last epoch is scored, with dev the best dev epoch. Pairs longer than
-    `max_length` word pieces are truncated and counted per file.
-    """
+    `max_length` word pieces are truncated and counted per file."""
     import torch
 
     if sum(x is not None for x in (run, text_model, export)) != 1:
@@ -467,8 +464,7 @@ def cross_validate_nli(data: NliFile, folds: int = 5, *, seed: int = 0, run: str
                        info: dict[str, Any] | None = None,
                        on_fold: Callable[[int, NliFile, NliFile], None] | None = None) -> NliCvResult:
     """k-fold cross-validation on one file (`nli_folds`): fold k trains a fresh encoder on the other folds
-    (last epoch) and is tested on itself; on_fold(k, train, test) is called before each fold trains.
-    """
+    (last epoch) and is tested on itself; on_fold(k, train, test) is called before each fold trains."""
     settings = settings or FitSettings()
     parts = nli_folds(data.examples, folds, seed)
     results: list[NliResult] = []
