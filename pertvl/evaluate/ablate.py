@@ -203,17 +203,17 @@ class AblationResult:
     skipped_stages: list[str]
 
 
-def _named(stage: str, fn):
-    """fn, with a StageError from inside (launch_train's "training exited with N", a failing
-    `pertvl` call) re-raised naming the stage (StageRunner passes StageErrors through unchanged)."""
+def _stage(name: str, outputs: list[Path], fn: Any, params: dict[str, Any]) -> pipeline.Stage:
+    """A stage whose StageError from inside (launch_train's "training exited with N", a failing `pertvl`
+    call) is re-raised naming the stage (StageRunner passes StageErrors through unchanged)."""
 
     def run() -> None:
         try:
             fn()
         except pipeline.StageError as e:
-            raise pipeline.StageError(f"stage {stage!r} failed: {e}") from e
+            raise pipeline.StageError(f"stage {name!r} failed: {e}") from e
 
-    return run
+    return pipeline.Stage(name, outputs, run, params)
 
 
 def _train_stage(run: AblationRun, s: AblationSettings, config_text: str, shards_sha: str) -> pipeline.Stage:
@@ -230,19 +230,16 @@ def _train_stage(run: AblationRun, s: AblationSettings, config_text: str, shards
         args += ["--max-steps", str(s.max_steps)]
     if s.no_wandb:
         args.append("--no-wandb")
-    return pipeline.Stage(
+    return _stage(
         f"{run.name}.train", [run.dir / "final" / "config.json", run.weights],
-        _named(f"{run.name}.train", lambda: pipeline.launch_train(args, nproc=s.nproc)),
+        lambda: pipeline.launch_train(args, nproc=s.nproc),
         {"args": args, "nproc": s.nproc, "config": config_text, "shards_manifest": shards_sha})
 
 
 def _export_stage(run: AblationRun, weights_sha: str) -> pipeline.Stage:
-    return pipeline.Stage(
-        f"{run.name}.export", [run.export / "pertvl_export.json"],
-        _named(f"{run.name}.export", lambda: pipeline.cli(["export", "--run", str(run.dir), "--out", str(run.export),
-                                                           "--force"], f"export of {run.name}")),
-        {"weights_sha256": weights_sha},
-    )
+    return _stage(f"{run.name}.export", [run.export / "pertvl_export.json"],
+                  lambda: pipeline.cli(["export", "--run", str(run.dir), "--out", str(run.export), "--force"],
+                                       f"export of {run.name}"), {"weights_sha256": weights_sha})
 
 
 def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_sha: str) -> pipeline.Stage:
@@ -257,8 +254,8 @@ def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_
             extra = ["--bootstrap", str(s.bootstrap)] if "--bootstrap" in e.options() else []
             pipeline.cli(["eval", e.name, *common, "--name", e.key, *extra], f"{e.name} evaluation of {run.name}")
 
-    return pipeline.Stage(
-        f"{run.name}.eval", [run.eval_json(e.key) for e in evals], _named(f"{run.name}.eval", evaluate),
+    return _stage(
+        f"{run.name}.eval", [run.eval_json(e.key) for e in evals], evaluate,
         {"weights_sha256": weights_sha, "eval_with": s.eval_with, "split": s.split, "bootstrap": s.bootstrap,
          "shards_manifest": shards_sha, "evaluations": [e.name for e in evals]},
     )
@@ -267,10 +264,9 @@ def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_
 def _finetune_stage(run: AblationRun, spec: FinetuneSpec, weights_sha: str) -> pipeline.Stage:
     """`pertvl finetune …` on the run's weights (Table II or III); re-run when the weights or inputs change."""
     argv = spec.command(run.dir, run.finetune_dir, run.seed)
-    name = f"{run.name}.finetune-{spec.stem}"
-    return pipeline.Stage(
-        name, [run.finetune_dir / f"{spec.stem}.json"],
-        _named(name, lambda: pipeline.cli(argv, f"Table {spec.table} fine-tune {spec.stem} of {run.name}")),
+    return _stage(
+        f"{run.name}.finetune-{spec.stem}", [run.finetune_dir / f"{spec.stem}.json"],
+        lambda: pipeline.cli(argv, f"Table {spec.table} fine-tune {spec.stem} of {run.name}"),
         {"weights_sha256": weights_sha, "argv": argv,
          "inputs": {str(p): sha256_file(p) for p in spec.inputs}},
     )
