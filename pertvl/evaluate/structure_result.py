@@ -202,17 +202,17 @@ class StructureResult(JsonResult):
 
     @classmethod
     def metric_info(cls, key: str) -> MetricInfo:
-        from pertvl.data.perturb import PERTURBATIONS, type_label
-
         prefix, metric = key.split("/", 1)
-        info = cls._metric_info(prefix, metric, PERTURBATIONS, type_label)
+        info = cls._metric_info(prefix, metric)
         if prefix == "structure_local":  # in the summary: the grounded accuracy and margin only (docs/GROUNDING.md)
             info = dataclasses.replace(info, label=info.label + " (local S)",
                                        summary=info.summary and metric in ("grounded", "grounded_margin"))
         return info
 
     @staticmethod
-    def _metric_info(prefix: str, metric: str, perturbations: Any, type_label: Any) -> MetricInfo:
+    def _metric_info(prefix: str, metric: str) -> MetricInfo:
+        from pertvl.data.perturb import PERTURBATIONS, type_label
+
         if metric == "overall":
             return MetricInfo("Text structure overall" if prefix == "text_structure" else "Structure overall",
                               order=(0,), summary=True)
@@ -233,7 +233,7 @@ class StructureResult(JsonResult):
                               summary=not part and base in SUMMARY_CF_MARGINS)
         if metric.startswith("cf_"):  # per counterfactual type: original vs that counterfactual, pairwise
             return MetricInfo(type_name(metric), order=(5, metric), chance=0.5)
-        types = list(perturbations)
+        types = list(PERTURBATIONS)
         # per type: original vs that perturbation, pairwise (chance 50 %)
         return MetricInfo(type_label(metric), order=(1, types.index(metric)) if metric in types else (2, metric),
                           chance=0.5)
@@ -332,17 +332,15 @@ def cos(x: float | None) -> str:
 def structure_markdown(result: StructureResult, title: str) -> str:
     """The overall and per-type table, then (image structure) the controls and margin, the grounded
     structure and the text-disjoint subset."""
-    type_label = type_name
+
+    def row(label: str, st: AccuracyStat, digits: int) -> list[str]:
+        cells = _stat_row(label, st)
+        return [*cells[:5], "—" if st.mean_candidates is None else f"{st.mean_candidates:.{digits}f}", *cells[5:],
+                f"{st.excluded_identical} / {st.unavailable} / {st.missing}"]
 
     unit = "reports" if result.is_text else "images"
-    o = result.overall
-    rows = [["**Overall** (original ranked first)", pct(o.accuracy), ci(o.ci95), str(o.n), pct(o.chance),
-             "—" if o.mean_candidates is None else f"{o.mean_candidates:.2f}", cos(o.cos_original),
-             cos(o.cos_perturbed), f"{o.excluded_identical} / {o.unavailable} / {o.missing}"]]
-    for t, st in result.per_type.items():
-        rows.append([f"{type_label(t)} (`{t}`)", pct(st.accuracy), ci(st.ci95), str(st.n), pct(st.chance),
-                     "—" if st.mean_candidates is None else f"{st.mean_candidates:.0f}", cos(st.cos_original),
-                     cos(st.cos_perturbed), f"{st.excluded_identical} / {st.unavailable} / {st.missing}"])
+    rows = [row("**Overall** (original ranked first)", result.overall, 2)]
+    rows += [row(f"{type_name(t)} (`{t}`)", st, 0) for t, st in result.per_type.items()]
     header = ["", "accuracy", "95% CI", f"n ({unit})", "chance", "candidates", "mean cos original",
               "mean cos negatives", "excluded (identical / unavailable / missing)"]
     b = result.bootstrap
@@ -443,7 +441,6 @@ def controls_markdown(result: StructureResult) -> str:
 
 def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, AccuracyStat], c: Controls,
                      heading: str, score: str = "global") -> str:
-    type_label = type_name
     anchors = {"own": AnchorControl(own_overall, own_per_type), **c.anchors()}
     rows = [[anchor_text(name, score), pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
              cos(a.overall.cos_original), cos(a.overall.cos_perturbed)] for name, a in anchors.items()]
@@ -458,7 +455,7 @@ def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, Accuracy
                  f"{cos(a.per_type[t].cos_perturbed)})" for a in anchors.values()]
         margin = "—" if mt is None or mt.margin is None else f"{100 * mt.margin:+.1f} pts " + (
             "" if mt.ci95 is None else f"[{100 * mt.ci95[0]:+.1f}, {100 * mt.ci95[1]:+.1f}]")
-        per_type.append([f"{type_label(t)} (`{t}`)", *cells, margin])
+        per_type.append([f"{type_name(t)} (`{t}`)", *cells, margin])
     p = c.pairing
     return "\n".join([
         heading,
