@@ -62,15 +62,10 @@ def embed_texts_unique(
     index[text] the row of that text in embeddings [U, D]."""
     index = unique_index(texts)
     items = list(index)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunks = [check_embeddings(encoder.embed_texts(items[i : i + batch_size]), len(items[i : i + batch_size]),
                                "embed_texts") for i in range(0, len(items), batch_size)]
     if not chunks:
         return index, np.zeros((0, 0), dtype=np.float32)
-    dims = {c.shape[1] for c in chunks}
-    if len(dims) != 1:
-        raise ValueError(f"embed_texts: embedding width changed between batches: {sorted(dims)}")
     return index, np.concatenate(chunks)
 
 
@@ -102,8 +97,6 @@ class ImageBatcher:
     with `regions=True` also the local branch's region features [N, M, D] (`regions()`)."""
 
     def __init__(self, encoder: Encoder, batch_size: int = 32, *, regions: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if regions and not hasattr(encoder, "image_features"):
             raise ValueError("region features need the local branch (image_features): an ONNX export (--export) "
                              "or a run (--run)")
@@ -152,8 +145,6 @@ class ImageBatcher:
 
     def regions(self) -> np.ndarray:
         """All region features so far, [N, M, D] (built with regions=True)."""
-        if not self.with_regions:
-            raise ValueError("ImageBatcher was built without regions=True")
         self._flush()
         return np.concatenate(self._regions) if self._regions else np.zeros((0, 0, 0), dtype=np.float32)
 
@@ -163,9 +154,6 @@ def word_features_unique(
 ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     """The local branch's word features of each distinct text, once: (index, words [U, W, D] zero-padded
     to the longest, word_mask [U, W] bool)."""
-    if not hasattr(encoder, "text_features"):
-        raise ValueError("word features need the local branch (text_features): an ONNX export (--export) or a "
-                         "run (--run)")
     index = unique_index(texts)
     unique = list(index)
     parts = [encoder.text_features(unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)]

@@ -31,8 +31,6 @@ def _length_order(texts: list[str]) -> np.ndarray:
 
 class _TorchBase:
     def __init__(self, device: Any, batch_size: int, max_length: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_length = max_length
