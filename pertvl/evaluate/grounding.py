@@ -317,10 +317,5 @@ EVALUATION = Evaluation(
     help="grounding of the local branch on phantoms: pointing game and attention mass in the finding's mask",
     description="Pointing game and attention mass of each finding word's word→region attention inside the "
     "finding's phantom mask, per finding type (needs phantom shards); writes NAME.json, NAME.md and NAME.png.",
-    add_arguments=add_arguments,
-    run=run,
-    result_type=GroundingResult,
-    schemas=(SCHEMA,),
-    title="Grounding of the local branch (phantom masks)",
-    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
-)
+    add_arguments=add_arguments, run=run, result_type=GroundingResult, schemas=(SCHEMA,),
+    title="Grounding of the local branch (phantom masks)", suites=frozenset({Suite.DEMO, Suite.ABLATE}))

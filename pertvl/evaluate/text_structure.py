@@ -222,12 +222,5 @@ EVALUATION = Evaluation(
     help="text-only structure check on Open-I: impression vs findings and their perturbations",
     description="For each report with both sections: anchor = impression, candidates = findings and "
     "its valid perturbations, scored by the text encoder alone.",
-    add_arguments=add_arguments,
-    run=run,
-    result_type=StructureResult,
-    schemas=(SCHEMA,),
-    title="Text-only structure (impression → findings)",
-    shards=False,
-    load=load,
-    text_only=True,
-)
+    add_arguments=add_arguments, run=run, result_type=StructureResult, schemas=(SCHEMA,),
+    title="Text-only structure (impression → findings)", shards=False, load=load, text_only=True)

@@ -432,11 +432,5 @@ EVALUATION = Evaluation(
     help="twin-phantom grounding test: text, image and group score on image pairs that differ in one fact",
     description="Text, image and group score of the twin pairs of `pertvl data twins`, overall and per edit "
     "type with bootstrap CIs; writes NAME.json, NAME.md, NAME.png and NAME_examples.png.",
-    add_arguments=add_arguments,
-    run=run,
-    load=load,
-    result_type=TwinResult,
-    schemas=(SCHEMA,),
-    title="Twin phantoms: image grounding (text / image / group score)",
-    suites=frozenset({Suite.DEMO}),
-)
+    add_arguments=add_arguments, run=run, load=load, result_type=TwinResult, schemas=(SCHEMA,),
+    title="Twin phantoms: image grounding (text / image / group score)", suites=frozenset({Suite.DEMO}))

@@ -317,15 +317,8 @@ def run(encoder: Encoder, data: Iterable[Any] | ChexpertSource, options: argpars
 
 
 EVALUATION = Evaluation(
-    name="zeroshot",
-    help="zero-shot classification from prompt pairs, AUROC per label",
+    name="zeroshot", help="zero-shot classification from prompt pairs, AUROC per label",
     description='Score = cos(image, "finding") - cos(image, "no finding") per label; AUROC over '
     "images with a definite 0/1 label, from a shard split (--shards) or a CheXpert CSV (--chexpert-csv).",
-    add_arguments=add_arguments,
-    run=run,
-    result_type=ZeroShotResult,
-    schemas=(SCHEMA,),
-    load=load_chexpert,
-    title="Zero-shot classification",
-    suites=frozenset({Suite.DEMO, Suite.ABLATE}),
-)
+    add_arguments=add_arguments, run=run, result_type=ZeroShotResult, schemas=(SCHEMA,), load=load_chexpert,
+    title="Zero-shot classification", suites=frozenset({Suite.DEMO, Suite.ABLATE}))
