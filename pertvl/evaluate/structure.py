@@ -383,17 +383,10 @@ def structure_controls(
                     mean_image=controls["mean_image"], margin=margin, margin_per_type=per_type, pairing=pairing)
 
 
-def evaluate_structure(
-    encoder: Encoder,
-    samples: Iterable[Any],
-    types: Sequence[str] = PERTURBATION_TYPES,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    batch_size: int = 32,
-    train_texts: Iterable[str] | None = None,
-    score: str = "global",
-    train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
-) -> StructureResult:
+def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence[str] = PERTURBATION_TYPES,
+                       bootstrap: int = 1000, seed: int = 0, batch_size: int = 32,
+                       train_texts: Iterable[str] | None = None, score: str = "global",
+                       train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None) -> StructureResult:
     """The image→report structure evaluation over shard samples (`.key`, `.image`, `.meta`).
 
     `train_texts` (the training split's reports) adds the text-disjoint subset; `train_counterfactuals`
@@ -474,20 +467,10 @@ def embed_after(encoder: Encoder, index: dict[str, int], text_emb: np.ndarray, t
 
 
 def grounded_structure(
-    image_emb: np.ndarray,
-    text_index: dict[str, int],
-    text_emb: np.ndarray | None,
-    originals: Sequence[str],
-    cf_candidates: Sequence[Sequence[str | None]],
-    cf_types: Sequence[str],
-    cf_counts: CandidateCounts,
-    has_record: np.ndarray,
-    signatures: Sequence[frozenset[str] | None],
-    studies: Sequence[str],
-    *,
-    bootstrap: int,
-    seed: int,
-    scorer: GlobalScorer | LocalScorer | None = None,
+    image_emb: np.ndarray, text_index: dict[str, int], text_emb: np.ndarray | None, originals: Sequence[str],
+    cf_candidates: Sequence[Sequence[str | None]], cf_types: Sequence[str], cf_counts: CandidateCounts,
+    has_record: np.ndarray, signatures: Sequence[frozenset[str] | None], studies: Sequence[str], *,
+    bootstrap: int, seed: int, scorer: GlobalScorer | LocalScorer | None = None,
     train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> tuple[GroundedStructure, StructureScores]:
     """The structure test with the counterfactuals as candidates, its controls, margin and references.
