@@ -30,13 +30,12 @@ def result_sources() -> list[Evaluation | Finetune]:
 
 
 def in_suite(suite: Suite) -> list[Evaluation]:
-    """The evaluations a pipeline runs (table order)."""
-    return [e for e in EVALUATIONS.values() if suite in e.suites]
+    """The evaluations of shard samples a pipeline runs (table order)."""
+    return [e for e in EVALUATIONS.values() if suite in e.suites and e.shards]
 
 
 def demo_evaluations() -> list[Evaluation]:
-    """`pertvl demo`'s evaluations: the DEMO suite's that read shard samples."""
-    return [e for e in in_suite(Suite.DEMO) if e.shards]
+    return in_suite(Suite.DEMO)
 
 
 def by_key(key: str) -> Evaluation | Finetune | None:
