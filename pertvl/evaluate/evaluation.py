@@ -53,24 +53,19 @@ class Result(Protocol):
 
     def markdown(self, name: str) -> str:
         """NAME.md: a titled table."""
-        ...
 
     def figures(self, out_dir: Path, name: str) -> dict[str, Path]:
         """Extra files beside NAME.json / NAME.md ({"png": path}); {} for none."""
-        ...
 
     def metrics(self) -> dict[str, float | None]:
         """Flat "KEY/metric" -> value (KEY = the evaluation's key); the comparison table's cells."""
-        ...
 
     @classmethod
     def metric_info(cls, key: str) -> MetricInfo:
         """Label, unit and order of a flat metric key this result type writes."""
-        ...
 
     def headline(self) -> str:
         """One line for the console ("structure accuracy 61.0% (chance 12.5%) over 40 images")."""
-        ...
 
 
 class JsonResult:
