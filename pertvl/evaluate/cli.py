@@ -37,11 +37,9 @@ def _samples(args: argparse.Namespace):
 
 
 def _info(args: argparse.Namespace, encoder_info: dict) -> dict:
-    import sys
+    from pertvl.evaluate.report import run_info
 
-    from pertvl import __version__
-
-    info = {**encoder_info, "pertvl_version": __version__, "command": " ".join(["pertvl", *sys.argv[1:]])}
+    info = {**encoder_info, **run_info()}
     if getattr(args, "shards", None):
         info.update(shards=str(args.shards), split=args.split)
     if getattr(args, "limit", None):

@@ -71,6 +71,15 @@ def write_result(result: Any, out_dir: str | os.PathLike, name: str) -> dict[str
     return paths
 
 
+def run_info() -> dict[str, Any]:
+    """The pertvl version and the command line, in every result's info."""
+    import sys
+
+    from pertvl import __version__
+
+    return {"pertvl_version": __version__, "command": " ".join(["pertvl", *sys.argv[1:]])}
+
+
 def print_paths(paths: dict[str, Path]) -> None:
     for kind, path in paths.items():
         print(f"  {kind}: {path}")

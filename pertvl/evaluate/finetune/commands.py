@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 from pertvl.evaluate.finetune.chexpert import finetune_chexpert, prepare_chexpert
 from pertvl.evaluate.finetune.fit import FitSettings
@@ -18,15 +17,9 @@ from pertvl.evaluate.finetune.nli import (
     read_nli,
 )
 from pertvl.evaluate.finetune.tasks import format_skips
-from pertvl.evaluate.report import print_paths, write_result
+from pertvl.evaluate.report import print_paths, run_info, write_result
 
 log = logging.getLogger(__name__)
-
-
-def run_info() -> dict[str, Any]:
-    from pertvl import __version__
-
-    return {"pertvl_version": __version__, "command": " ".join(["pertvl", *sys.argv[1:]])}
 
 
 # CLI defaults that depend on the mode: (epochs, head_lr) for end-to-end fine-tuning and for a frozen
