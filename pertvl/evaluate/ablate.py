@@ -550,7 +550,6 @@ def parse_variant(text: str) -> Variant:
 
 
 def cli_main(args) -> int:
-    """`pertvl ablate`."""
     from pertvl.evaluate.ablate_finetune import parse_mode
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -259,7 +259,6 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_report(sub: argparse._SubParsersAction) -> None:
-    """`pertvl report curves`."""
     rep = sub.add_parser("report", help="figures over training runs: learning curves of train.eval_every",
                          description="Reports drawn from training run folders.")
     rsub = rep.add_subparsers(dest="report_command", metavar="REPORT", required=True)

@@ -307,7 +307,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(encoder: Any, data: Iterable[Any], options: argparse.Namespace) -> GroundingResult:
-    """`pertvl eval grounding`: `evaluate_grounding` over the shard samples."""
     return evaluate_grounding(encoder, data, gamma1=options.gamma1, bootstrap=options.bootstrap, seed=options.seed,
                               batch_size=options.batch_size)
 

@@ -561,7 +561,6 @@ def types_arg(text: str) -> tuple[str, ...]:
 
 
 def add_structure_arguments(p: argparse.ArgumentParser) -> None:
-    """--types, --bootstrap, --seed (shared with text-structure)."""
     p.add_argument("--types", type=types_arg, default=PERTURBATION_TYPES,
                    help="comma-separated perturbation types (default: the nine)")
     add_bootstrap_arguments(p)

@@ -208,7 +208,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(encoder: TextEncoder, data: TextStructureData, options: argparse.Namespace) -> StructureResult:
-    """`pertvl eval text-structure`: `evaluate_text_structure` on the perturbed findings."""
     sections = data.sections
     info = {"reports": str(options.reports), "rows_read": sections.rows_read, "rows_left_out": sections.skipped,
             "perturb_seed": options.perturb_seed}

@@ -52,7 +52,6 @@ def nli_protocol(args) -> str:
 
 
 def nli_cli_main(args) -> int:
-    """`pertvl finetune nli`."""
     try:
         protocol = nli_protocol(args)
         if args.export and not args.freeze_encoder:
@@ -103,7 +102,6 @@ def nli_cli_main(args) -> int:
 
 
 def chexpert_cli_main(args) -> int:
-    """`pertvl finetune chexpert`."""
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     try:
         data = prepare_chexpert(args.csv, args.images, valid_csv=args.valid_csv, labels=labels,

@@ -420,7 +420,6 @@ class NliCvResult:
 
     @property
     def std_accuracy(self) -> float:
-        """Sample standard deviation over folds (ddof = 1)."""
         return float(np.std(self.fold_accuracies, ddof=1)) if len(self.folds) > 1 else 0.0
 
     def to_json(self) -> dict[str, Any]:
