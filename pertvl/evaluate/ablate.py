@@ -64,8 +64,6 @@ class Variant:
 
 @dataclass(frozen=True)
 class AblationRun:
-    """One (preset or variant, seed) cell of the ablation and its folders."""
-
     preset: str
     seed: int
     root: Path

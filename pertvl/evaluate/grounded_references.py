@@ -17,8 +17,6 @@ NULL_DRAWS = 200
 
 @dataclass
 class Reference:
-    """One reference line: its accuracy overall and per counterfactual type, a range when it has one."""
-
     overall: float | None
     per_type: dict[str, float | None]
     overall_range: list[float] | None = None

@@ -31,8 +31,6 @@ TIE = 1e-9  # relative: attention within this of the maximum is tied with it
 
 @dataclass
 class GroundingItem:
-    """One (image, finding word): what the attention did and what chance would do."""
-
     image: int  # index among the scored images (the bootstrap's cluster)
     type: str
     word: str

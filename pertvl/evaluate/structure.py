@@ -93,8 +93,6 @@ def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, 
 
 @dataclass
 class CandidateCounts:
-    """Exclusion counts per perturbation type, gathered while building the candidate lists."""
-
     excluded_identical: Counter = field(default_factory=Counter)
     unavailable: Counter = field(default_factory=Counter)
     missing: Counter = field(default_factory=Counter)

@@ -45,8 +45,6 @@ class StructureScores:
 
 @dataclass
 class AccuracyStat:
-    """One accuracy with its uncertainty, sample size, chance level and exclusion counts."""
-
     accuracy: float | None
     ci95: tuple[float, float] | None
     n: int

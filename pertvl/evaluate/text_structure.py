@@ -42,8 +42,6 @@ REQUIRED_COLUMNS = ("uid", "findings", "impression")
 
 @dataclass
 class ReportSections:
-    """Reports of indiana_reports.csv with both sections, cleaned, and what was left out."""
-
     uids: list[str]
     findings: list[str]
     impressions: list[str]
@@ -169,8 +167,6 @@ def evaluate_text_structure(
 
 @dataclass
 class TextStructureData:
-    """What `load` reads and perturbs for `run`: the report sections and one record per report."""
-
     sections: ReportSections
     records: list[tuple[str, Any]]
     counterfactuals: list[Any] | None = None  # text_counterfactual_record of each report's findings

@@ -35,8 +35,6 @@ NULL_SEED = 1  # the random-score null's scores (its bootstrap uses --seed like 
 
 @dataclass(frozen=True)
 class TwinPair:
-    """One twin pair: its edit, the edited finding type, the texts T0, T1 and the rows of I0, I1."""
-
     pair: str
     edit: str
     finding: str
@@ -59,8 +57,6 @@ def outcomes(s: np.ndarray) -> dict[str, np.ndarray]:
 
 @dataclass
 class TwinStat:
-    """Text / image / group score and pairwise preference over `n` pairs, each with a 95 % CI."""
-
     n: int
     values: dict[str, float | None]
     ci95: dict[str, list[float] | None]
@@ -89,8 +85,6 @@ def twin_stat(out: Mapping[str, np.ndarray], rows: np.ndarray, bootstrap: int, s
 
 @dataclass
 class TwinScores:
-    """One score's results: overall, per edit type, and the random-score null on the same pairs."""
-
     overall: TwinStat
     per_edit: dict[str, TwinStat]
     null: TwinStat

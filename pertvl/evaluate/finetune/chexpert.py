@@ -68,8 +68,6 @@ class ChexpertRow:
 
 @dataclass
 class ChexpertTable:
-    """Rows of a CheXpert-format CSV kept for the chosen labels and views, and what was left out."""
-
     path: str
     labels: tuple[str, ...]
     rows: list[ChexpertRow]
@@ -299,8 +297,6 @@ class ChexpertResult:
 
 @dataclass
 class ChexpertData:
-    """The rows a CheXpert fine-tune trains and tests on, after the split and the image check."""
-
     labels: tuple[str, ...]
     train: list[ChexpertRow]
     test: list[ChexpertRow]
