@@ -252,22 +252,19 @@ def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_
             extra = ["--bootstrap", str(s.bootstrap)] if "--bootstrap" in e.options() else []
             pipeline.cli(["eval", e.name, *common, "--name", e.key, *extra], f"{e.name} evaluation of {run.name}")
 
-    return _stage(
-        f"{run.name}.eval", [run.eval_json(e.key) for e in evals], evaluate,
-        {"weights_sha256": weights_sha, "eval_with": s.eval_with, "split": s.split, "bootstrap": s.bootstrap,
-         "shards_manifest": shards_sha, "evaluations": [e.name for e in evals]},
-    )
+    return _stage(f"{run.name}.eval", [run.eval_json(e.key) for e in evals], evaluate,
+                  {"weights_sha256": weights_sha, "eval_with": s.eval_with, "split": s.split,
+                   "bootstrap": s.bootstrap, "shards_manifest": shards_sha,
+                   "evaluations": [e.name for e in evals]})
 
 
 def _finetune_stage(run: AblationRun, spec: FinetuneSpec, weights_sha: str) -> pipeline.Stage:
     """`pertvl finetune …` on the run's weights (Table II or III); re-run when the weights or inputs change."""
     argv = spec.command(run.dir, run.finetune_dir, run.seed)
-    return _stage(
-        f"{run.name}.finetune-{spec.stem}", [run.finetune_dir / f"{spec.stem}.json"],
-        lambda: pipeline.cli(argv, f"Table {spec.table} fine-tune {spec.stem} of {run.name}"),
-        {"weights_sha256": weights_sha, "argv": argv,
-         "inputs": {str(p): sha256_file(p) for p in spec.inputs}},
-    )
+    return _stage(f"{run.name}.finetune-{spec.stem}", [run.finetune_dir / f"{spec.stem}.json"],
+                  lambda: pipeline.cli(argv, f"Table {spec.table} fine-tune {spec.stem} of {run.name}"),
+                  {"weights_sha256": weights_sha, "argv": argv,
+                   "inputs": {str(p): sha256_file(p) for p in spec.inputs}})
 
 
 def check_variants(s: AblationSettings) -> None:

@@ -125,11 +125,9 @@ def write_comparison_table(results: Mapping[str, Sequence[Any]], out_dir: str | 
     rows = []
     for config in _ordered_configs(list(flat)):
         runs = flat[config]
-        rows.append(
-            {"config": config, "label": preset_label(config), "seeds": len(runs),
-             "metrics": {c: _aggregate([m.get(c) for m in runs]) for c in columns},
-             "ci_excludes_zero": {c: _ci_excludes_zero(runs, ci) for c, ci in with_ci.items()}}
-        )
+        rows.append({"config": config, "label": preset_label(config), "seeds": len(runs),
+                     "metrics": {c: _aggregate([m.get(c) for m in runs]) for c in columns},
+                     "ci_excludes_zero": {c: _ci_excludes_zero(runs, ci) for c, ci in with_ci.items()}})
     doc = {"schema": COMPARISON_SCHEMA, "columns": columns, "summary": summary, "notes": list(notes), "rows": rows}
     out = Path(out_dir)
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}
@@ -170,10 +168,8 @@ def comparison_markdown(doc: Mapping[str, Any]) -> str:
                   "and (seeds whose own CI excludes 0 / seeds).", ""]
         parts += [*[p for note in doc.get("notes", []) for p in (note, "")]]
     for title, group in _column_groups(doc["columns"]):
-        rows = [
-            [r["label"], str(r["seeds"]), *[_fmt_mean_std(r["metrics"].get(c), metric_info(c).percent) for c in group]]
-            for r in doc["rows"]
-        ]
+        rows = [[r["label"], str(r["seeds"]), *[_fmt_mean_std(r["metrics"].get(c), metric_info(c).percent)
+                                                for c in group]] for r in doc["rows"]]
         unit = " (%)" if all(metric_info(c).percent for c in group) else ""
         parts += [f"## {title}{unit}", "", md_table(["Method", "seeds", *[metric_info(c).label for c in group]], rows),
                   ""]

@@ -32,10 +32,8 @@ def image_array(sample: Any) -> np.ndarray:
     otherwise."""
     img = np.asarray(sample.image)
     if img.ndim != 2 or img.dtype != np.uint8:
-        raise ValueError(
-            f"sample {getattr(sample, 'key', '?')!r}: expected a uint8 [H, W] grayscale image, "
-            f"got {img.dtype} {tuple(img.shape)}"
-        )
+        raise ValueError(f"sample {getattr(sample, 'key', '?')!r}: expected a uint8 [H, W] grayscale image, "
+                         f"got {img.dtype} {tuple(img.shape)}")
     return (img.astype(np.float32) / 255.0)[None]
 
 
@@ -55,9 +53,8 @@ def check_embeddings(emb: Any, n: int, what: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def embed_texts_unique(
-    encoder: TextEncoder, texts: Iterable[str], batch_size: int = 32
-) -> tuple[dict[str, int], np.ndarray]:
+def embed_texts_unique(encoder: TextEncoder, texts: Iterable[str], batch_size: int = 32
+                       ) -> tuple[dict[str, int], np.ndarray]:
     """Embed each distinct text once, `batch_size` texts per call: (index, embeddings) with
     index[text] the row of that text in embeddings [U, D]."""
     index = unique_index(texts)
@@ -114,10 +111,8 @@ class ImageBatcher:
         if self._shape is None:
             self._shape = arr.shape
         elif arr.shape != self._shape:
-            raise ValueError(
-                f"sample {getattr(sample, 'key', '?')!r}: image shape {arr.shape[1:]} differs from the "
-                f"split's {self._shape[1:]} (shards hold one image size)"
-            )
+            raise ValueError(f"sample {getattr(sample, 'key', '?')!r}: image shape {arr.shape[1:]} differs "
+                             f"from the split's {self._shape[1:]} (shards hold one image size)")
         self._pending.append(arr)
         self._pending_keys.append(str(getattr(sample, "key", "?")))
         if len(self._pending) >= self.batch_size:
@@ -149,9 +144,8 @@ class ImageBatcher:
         return np.concatenate(self._regions) if self._regions else np.zeros((0, 0, 0), dtype=np.float32)
 
 
-def word_features_unique(
-    encoder: Any, texts: Iterable[str], batch_size: int = 32
-) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+def word_features_unique(encoder: Any, texts: Iterable[str], batch_size: int = 32
+                         ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     """The local branch's word features of each distinct text, once: (index, words [U, W, D] zero-padded
     to the longest, word_mask [U, W] bool)."""
     index = unique_index(texts)
