@@ -560,8 +560,7 @@ def cli_main(args) -> int:
             eval_with=args.eval_with, split=args.split, bootstrap=args.bootstrap, no_wandb=args.no_wandb,
             force=args.force, holdout_types=holdout, variants=tuple(parse_variant(v) for v in args.variant or []),
             tables=_csv_list(args.tables, "tables"), corpus=args.corpus, finetune_modes=modes,
-            user_nli={"MedNLI": args.mednli, "RadNLI": args.radnli},
-        )
+            user_nli={"MedNLI": args.mednli, "RadNLI": args.radnli})
         what = f" × held-out types {', '.join(holdout)}" if holdout else ""
         rows = [*settings.presets, *(v.name for v in settings.variants)]
         print(f"ablation: {', '.join(rows)} × seeds {', '.join(map(str, settings.seeds))}{what} "

@@ -20,12 +20,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "embed",
-        help="embed images and reports with an ONNX export (onnxruntime, no torch)",
-        description="Write image_emb.npy, text_emb.npy, similarity.npy and index.json; optionally "
-        "word→region attention maps as PNG heatmaps.",
-    )
+    p = sub.add_parser("embed", help="embed images and reports with an ONNX export (onnxruntime, no torch)",
+                       description="Write image_emb.npy, text_emb.npy, similarity.npy and index.json; "
+                       "optionally word→region attention maps as PNG heatmaps.")
     _export_args(p)
     p.add_argument("--images", nargs="+", default=[], metavar="IMAGE", help="image files")
     p.add_argument("--out", required=True, help="output folder")

@@ -161,9 +161,7 @@ def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.Pat
     return {"png": path, "keys": loss_keys + (["lr"] if has_lr else []), "points": len(rows), "bad_lines": bad}
 
 
-def save_attention_map(
-    image: np.ndarray, attn: np.ndarray, word: str, out_png: str | os.PathLike
-) -> Path:
+def save_attention_map(image: np.ndarray, attn: np.ndarray, word: str, out_png: str | os.PathLike) -> Path:
     """A word→region attention map attn [h, w] as a heatmap over image [H, W] uint8 (upsampled bilinearly,
     scaled to [0, 1]), the word as title; 400 × 440 px. ValueError on wrong shapes."""
     from PIL import Image

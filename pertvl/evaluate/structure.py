@@ -64,9 +64,7 @@ SCORES = ("global", "local")  # S(I, T): cosine of global embeddings (the paper'
 CONFIDENCE = 0.95
 
 
-def scores_from_cosines(
-    orig: np.ndarray, pert: np.ndarray, valid: np.ndarray
-) -> StructureScores:
+def scores_from_cosines(orig: np.ndarray, pert: np.ndarray, valid: np.ndarray) -> StructureScores:
     """StructureScores from precomputed cosines: orig [N], pert [N, K], valid [N, K] bool."""
     orig = np.asarray(orig, dtype=np.float64)
     pert = np.where(valid, np.asarray(pert, dtype=np.float64), np.nan)
@@ -290,9 +288,8 @@ def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
     return frozenset(k for k, v in labels.items() if v == 1.0)
 
 
-def wrong_image_partners(
-    signatures: Sequence[frozenset[str] | None], studies: Sequence[str], seed: int, disjoint: bool = False
-) -> np.ndarray:
+def wrong_image_partners(signatures: Sequence[frozenset[str] | None], studies: Sequence[str], seed: int,
+                         disjoint: bool = False) -> np.ndarray:
     """A seeded derangement: for each image the image whose anchor replaces its own, -1 if none.
 
     A partner is another study's image whose known positive labels differ (`disjoint`: share none).

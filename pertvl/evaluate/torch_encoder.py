@@ -48,10 +48,8 @@ class _TorchBase:
             for start in range(0, len(texts), self.batch_size):
                 chunk = [texts[i] for i in order[start : start + self.batch_size]]
                 enc = encode_texts(tokenizer, chunk, max_length=self.max_length)
-                tensors = {
-                    k: torch.from_numpy(getattr(enc, k)).to(self.device)
-                    for k in ("input_ids", "attention_mask", "word_ids")
-                }
+                tensors = {k: torch.from_numpy(getattr(enc, k)).to(self.device)
+                           for k in ("input_ids", "attention_mask", "word_ids")}
                 emb = forward(**tensors)
                 out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
         emb = np.concatenate(out)

@@ -91,11 +91,9 @@ class ZeroShotResult(JsonResult):
         self.labels_defined = len(vals)
 
     def markdown(self, name: str) -> str:
-        rows = [
-            [label, "undefined (one class)" if v.auroc is None else f"{v.auroc:.3f}", str(v.n_pos), str(v.n_neg),
-             str(v.n_skipped), "; ".join(f'"{p}" vs "{n}"' for p, n in v.prompts)]
-            for label, v in self.per_label.items()
-        ]
+        rows = [[label, "undefined (one class)" if v.auroc is None else f"{v.auroc:.3f}", str(v.n_pos),
+                 str(v.n_neg), str(v.n_skipped), "; ".join(f'"{p}" vs "{n}"' for p, n in v.prompts)]
+                for label, v in self.per_label.items()]
         mean = self.mean_auroc
         return (
             f"# Zero-shot classification: {name}\n\n"

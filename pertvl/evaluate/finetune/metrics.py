@@ -65,14 +65,10 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
     n = int(y_true.size)
     return ClassificationMetrics(
-        n=n,
-        accuracy=float(tp.sum() / n) if n else 0.0,
+        n=n, accuracy=float(tp.sum() / n) if n else 0.0,
         per_class={lab: ClassScores(float(precision[i]), float(recall[i]), float(f1[i]), int(support[i]))
                    for i, lab in enumerate(labels)},
-        macro_f1=float(f1.mean()),
-        labels=list(labels),
-        confusion=cm.tolist(),
-    )
+        macro_f1=float(f1.mean()), labels=list(labels), confusion=cm.tolist())
 
 
 @dataclass
