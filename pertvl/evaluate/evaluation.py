@@ -94,8 +94,7 @@ class Evaluation:
     """One evaluation: `pertvl eval NAME` with its help texts and own arguments; run(encoder, data,
     options) -> Result. `key` is the file stem and metric prefix (default: name with "_"). `shards`:
     the data are shard samples (--shards/--split/--limit added; a `load` returning None means "read
-    the shards"), else the evaluation's own `load(options)`. `text_only`: --text-model is accepted.
-    """
+    the shards"), else the evaluation's own `load(options)`. `text_only`: --text-model is accepted."""
 
     name: str
     help: str

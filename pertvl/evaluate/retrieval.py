@@ -122,8 +122,7 @@ def retrieval_recall(
     """Image→text and text→image Recall@K of image_emb [N, D] and text_emb [M, D] by cosine.
 
     `study_ids` [N] (and `text_study_ids` [M], default `study_ids`) group the correct items; without
-    them row i matches text i. Raises ValueError on inconsistent shapes, bad K or a query without a match.
-    """
+    them row i matches text i. Raises ValueError on inconsistent shapes, bad K or a query without a match."""
     image_emb, text_emb = np.asarray(image_emb), np.asarray(text_emb)
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(

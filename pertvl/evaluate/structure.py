@@ -294,8 +294,7 @@ def wrong_image_partners(signatures: Sequence[frozenset[str] | None], studies: S
 
     A partner is another study's image whose known positive labels differ (`disjoint`: share none).
     A random cycle through all images, rule-breaking pairs repaired by swaps; what no swap repairs
-    is left unpaired.
-    """
+    is left unpaired."""
     n = len(studies)
     partner = np.full(n, -1, dtype=np.int64)
     if n < 2:
@@ -387,8 +386,7 @@ def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence
     `train_texts` (the training split's reports) adds the text-disjoint subset; `train_counterfactuals`
     [(report, its counterfactuals)] adds the text-prior reference of the grounded test; `score` is
     "global" or "local" (region and word features; no text-only control). Returns a StructureResult
-    ("pertvl-structure/3"; `grounded` when the samples carry `counterfactuals`).
-    """
+    ("pertvl-structure/3"; `grounded` when the samples carry `counterfactuals`)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     local = score == "local"

@@ -109,8 +109,7 @@ def evaluate_text_structure(
 
     `records`: (clean impression, findings record with text, perturbations, unavailable); optional
     `ids` and `counterfactuals` (one per record) as in text_counterfactual_record. Returns a
-    StructureResult with schema "pertvl-text-structure/3".
-    """
+    StructureResult with schema "pertvl-text-structure/3"."""
     types = requested_types(types)
     counts = CandidateCounts()
     skipped: Counter = Counter()
