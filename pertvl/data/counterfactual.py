@@ -42,6 +42,8 @@ import numpy as np
 from pertvl.data.phantom.findings import (
     FINDING_TYPES,
     LOCATIONS,
+    NEGATABLE,
+    PARENCHYMAL,
     SEVERITIES,
     SIDES,
     TYPE_KEYWORDS,
@@ -50,7 +52,21 @@ from pertvl.data.phantom.findings import (
     consistent,
     severity_words,
 )
-from pertvl.data.phantom.language import MAX_WORDS, MIN_WORDS, Fact, compose_report, fact_holds
+from pertvl.data.phantom.language import (
+    BONES,
+    HEART_NORMAL,
+    LUNG_VOLUMES,
+    LUNGS_OTHERWISE,
+    LUNGS_PLAIN,
+    MAX_WORDS,
+    MEDIASTINUM,
+    MIN_WORDS,
+    NEG_NOUNS,
+    OTHERWISE_TYPES,
+    Fact,
+    compose_report,
+    fact_holds,
+)
 from pertvl.data.records import read_jsonl, read_pairs, summary_path_for
 from pertvl.data.text import clean_text
 from pertvl.files import atomic_write_text, write_json
@@ -109,32 +125,12 @@ class Kind(StrEnum):
     BONES = "bones"
 
 
-# Tables of phantom.language's templates, restated (the tests check them against its output).
-_HEART_NORMAL = ("heart size is normal", "the heart is normal in size", "normal heart size",
-                 "the cardiomediastinal silhouette is normal", "heart size and mediastinal contours are normal",
-                 "the cardiac silhouette is within normal limits", "the heart size is within normal limits")
-_LUNG_VOLUMES = ("lung volumes are normal", "normal lung volumes")
-_MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
-                "mediastinal contours are within normal limits")
-_BONES = ("no acute bony abnormality", "the osseous structures are intact",
-          "visualized osseous structures are unremarkable", "no acute osseous abnormality")
-_NEG_NOUN_TYPE = {"pneumothorax": "pneumothorax", "pleural effusion": "pleural_effusion",
-                  "effusion": "pleural_effusion", "focal consolidation": "consolidation",
-                  "focal airspace consolidation": "consolidation", "consolidation": "consolidation",
-                  "pulmonary edema": "edema", "edema": "edema", "suspicious pulmonary nodules": "nodule",
-                  "pulmonary nodules": "nodule"}
+_NEG_NOUN_TYPE = {n: t for t, nouns in NEG_NOUNS.items() for n in nouns}
 _NEG_FRAMES = ("no evidence of ", "there is no ", "there are no ", "negative for ", "no ")  # longest first
 _NEG_SUFFIXES = (" is not seen", " are not seen")
-_LUNGS_PLAIN = ("the lungs are clear", "lungs are clear bilaterally", "both lungs are clear",
-                "the lungs are clear bilaterally")
-_LUNGS_OTHERWISE = ("the lungs are otherwise clear", "otherwise the lungs are clear", "lungs are otherwise clear")
 _SIDE_NEGATION = re.compile(r"^(?:(?:there is )?no (?P<s1>left|right) (?P<t1>pleural effusion|pneumothorax)"
                             r"|the (?P<s2>left|right) costophrenic angle is sharp"
                             r"|no pneumothorax on the (?P<s3>left|right))$")
-_PARENCHYMAL = ("consolidation", "nodule", "atelectasis", "edema")
-_NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nodule")
-# A present finding makes the lungs "otherwise" clear; edema leaves no clear lungs at all.
-_OTHERWISE = frozenset({"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
 _ADVERBS = {"mildly": "mild", "moderately": "moderate", "severely": "severe"}
 # Template phrases written for some severities only: a severity edit must keep within them.
 _SEVERITY_BOUND = {("pleural_effusion", "costophrenic"): ("small",),
@@ -217,13 +213,13 @@ def _present_fact(body: str) -> Fact | None:
 def _parse_sentence(text: str, present: frozenset[str]) -> ReportSentence | None:
     """Parse one sentence; `present` = the finding types the report states (for 'the lungs are clear')."""
     body = _body(text)
-    if body in _HEART_NORMAL:
+    if body in HEART_NORMAL:
         return ReportSentence(text, Kind.HEART_NORMAL, (Fact("cardiomegaly", False),))
-    if body in _LUNG_VOLUMES:
+    if body in LUNG_VOLUMES:
         return ReportSentence(text, Kind.LUNG_VOLUMES)
-    if body in _MEDIASTINUM:
+    if body in MEDIASTINUM:
         return ReportSentence(text, Kind.MEDIASTINUM)
-    if body in _BONES:
+    if body in BONES:
         return ReportSentence(text, Kind.BONES)
     m = _SIDE_NEGATION.match(body)
     if m:
@@ -231,11 +227,11 @@ def _parse_sentence(text: str, present: frozenset[str]) -> ReportSentence | None
         t = "pneumothorax" if (m["t1"] == "pneumothorax" or m["s3"]) else "pleural_effusion"
         return ReportSentence(text, Kind.SIDE_NEGATION, (Fact(t, False, side),))
     base, _, rest = body.partition(" without ")
-    if base in _LUNGS_PLAIN or base in _LUNGS_OTHERWISE:
+    if base in LUNGS_PLAIN or base in LUNGS_OTHERWISE:
         nouns = _split_nouns(rest) if rest else ()
         if nouns is None:
             return None
-        facts = [Fact(t, False) for t in _PARENCHYMAL if t not in present]
+        facts = [Fact(t, False) for t in PARENCHYMAL if t not in present]
         facts += [Fact(_NEG_NOUN_TYPE[n], False) for n in nouns]
         return ReportSentence(text, Kind.LUNGS_CLEAR, tuple(facts), nouns, base)
     for suffix in _NEG_SUFFIXES:
@@ -321,17 +317,17 @@ def _absence_bank() -> dict[tuple[str, str], tuple[str, ...]]:
             for s in compose_report(fs, np.random.default_rng([_BANK_SEED, 1, k])):
                 body = _body(s.text)
                 types = tuple(fa.type for fa in s.facts)
-                if body in _HEART_NORMAL:
+                if body in HEART_NORMAL:
                     bank.setdefault((Kind.HEART_NORMAL, "cardiomegaly"), []).append(s.text)
-                elif body.startswith(_LUNGS_PLAIN + _LUNGS_OTHERWISE):
+                elif body.startswith(LUNGS_PLAIN + LUNGS_OTHERWISE):
                     base, _, rest = body.partition(" without ")
-                    key = "otherwise" if base in _LUNGS_OTHERWISE else ""
+                    key = "otherwise" if base in LUNGS_OTHERWISE else ""
                     nouns = _split_nouns(rest) if rest else ()
                     if nouns is not None and len(nouns) <= 1:
                         key += ":" + (_NEG_NOUN_TYPE[nouns[0]] if nouns else "")
                         bank.setdefault((Kind.LUNGS_CLEAR, key), []).append(s.text)
                 elif len(types) == 1 and s.facts[0].side is None and not s.facts[0].present \
-                        and types[0] in _NEGATABLE and body not in _BONES:
+                        and types[0] in NEGATABLE and body not in BONES:
                     bank.setdefault((Kind.NEGATION, types[0]), []).append(s.text)
     return {k: tuple(sorted(v)) for k, v in bank.items()}
 
@@ -408,15 +404,15 @@ def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Findin
     if kinds[Kind.MEDIASTINUM] > ("mediastinal" not in heart[0].text) or kinds[Kind.BONES] > 1:
         return "repeated mediastinum or bones sentence"
     lungs = [s for s in sentences if s.kind is Kind.LUNGS_CLEAR]
-    lungs_normal = not present & set(_PARENCHYMAL)
+    lungs_normal = not present & set(PARENCHYMAL)
     if len(lungs) > 1 or (lungs_normal and not lungs) or ("edema" in present and lungs):
         return "lungs-clear sentence missing, repeated or beside edema"
     if lungs:
-        if (lungs[0].frame in _LUNGS_OTHERWISE) != bool(present & _OTHERWISE):
+        if (lungs[0].frame in LUNGS_OTHERWISE) != bool(present & OTHERWISE_TYPES):
             return "'otherwise' disagrees with the findings"
         if lungs[0].nouns and not lungs_normal:
             return "'without' clause beside a parenchymal finding"
-        if lungs[0].frame in _LUNGS_OTHERWISE:
+        if lungs[0].frame in LUNGS_OTHERWISE:
             at = sentences.index(lungs[0])
             if any(s.kind is Kind.PRESENT and s.facts[0].type != "cardiomegaly" for s in sentences[at + 1:]):
                 return "'otherwise clear' before a finding"
@@ -431,7 +427,7 @@ def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Findin
     negated = [_NEG_NOUN_TYPE[n] for s in sentences for n in s.nouns]
     if len(set(negated)) != len(negated):
         return "a type negated twice"
-    if set(_NEGATABLE) - present and not negated:
+    if set(NEGATABLE) - present and not negated:
         return "no explicit negation"
     n_words = sum(len(s.text.split()) for s in sentences)
     if not MIN_WORDS <= n_words <= MAX_WORDS:
@@ -518,9 +514,9 @@ def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:
         if s.kind is Kind.LUNGS_CLEAR:
             if "edema" in present:
                 continue
-            nouns = () if present & set(_PARENCHYMAL) else s.nouns
+            nouns = () if present & set(PARENCHYMAL) else s.nouns
             frame = s.frame
-            if (frame in _LUNGS_OTHERWISE) != bool(present & _OTHERWISE):
+            if (frame in LUNGS_OTHERWISE) != bool(present & OTHERWISE_TYPES):
                 frame = _OTHERWISE_TWIN[frame]
             body = frame + (" without " + _join(nouns) if nouns else "")
             s = replace(s, text=_capitalize(body), frame=frame, nouns=nouns)
@@ -528,7 +524,7 @@ def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:
             continue
         out.append(s)
     texts = [s.text for s in out]
-    lungs = [i for i, s in enumerate(out) if s.kind is Kind.LUNGS_CLEAR and s.frame in _LUNGS_OTHERWISE]
+    lungs = [i for i, s in enumerate(out) if s.kind is Kind.LUNGS_CLEAR and s.frame in LUNGS_OTHERWISE]
     if lungs:
         last = max((i for i, s in enumerate(out) if s.kind is Kind.PRESENT and s.facts[0].type != "cardiomegaly"),
                    default=-1)
@@ -662,10 +658,10 @@ def _negation(sents: list[ReportSentence], fs: list[Finding], rng: random.Random
             cf = _replace_finding(fs, f, None)
             if f.type == "cardiomegaly":
                 pool = bank[(Kind.HEART_NORMAL, "cardiomegaly")]
-            elif (f.type in _PARENCHYMAL and not {h.type for h in cf} & set(_PARENCHYMAL)
+            elif (f.type in PARENCHYMAL and not {h.type for h in cf} & set(PARENCHYMAL)
                   and not any(s.kind is Kind.LUNGS_CLEAR for s in sents)):
                 # The lungs are now normal, and a report of normal lungs says "the lungs are clear".
-                otherwise = "otherwise" if {h.type for h in cf} & _OTHERWISE else ""
+                otherwise = "otherwise" if {h.type for h in cf} & OTHERWISE_TYPES else ""
                 pool = bank.get((Kind.LUNGS_CLEAR, f"{otherwise}:"), ()) + bank.get(
                     (Kind.LUNGS_CLEAR, f"{otherwise}:{f.type}"), ())
             else:

@@ -20,7 +20,7 @@ import os
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,24 +157,33 @@ def _labels(path: Path) -> dict[tuple[str, str], dict[str, str]]:
     return table
 
 
-def _pair_labels(raw: dict[str, str] | None, where: str) -> tuple[dict[str, float] | None, list[str]]:
-    if raw is None:
-        return None, []
+def split_labels(values: Iterable[tuple[str, str]]) -> tuple[dict[str, float], list[str], str | None]:
+    """(certain 1.0/0.0 labels, names labelled -1 (uncertain), the first name whose value is not 1, 0, -1 or
+    blank) of (CheXpert label name, text) pairs; a blank label is not mentioned."""
     certain, uncertain = {}, []
-    for name, value in raw.items():
+    for name, value in values:
         v = value.strip()
         if not v:
-            continue  # blank: not mentioned
+            continue
         try:
             x = float(v)
         except ValueError:
-            raise MimicError(f"{where}: label {name} = {value!r} is not 1.0, 0.0, -1.0 or blank") from None
+            return certain, uncertain, name
         if x == -1.0:
             uncertain.append(name)
         elif x in (0.0, 1.0):
             certain[name] = x
         else:
-            raise MimicError(f"{where}: label {name} = {value!r} is not 1.0, 0.0, -1.0 or blank")
+            return certain, uncertain, name
+    return certain, uncertain, None
+
+
+def _pair_labels(raw: dict[str, str] | None, where: str) -> tuple[dict[str, float] | None, list[str]]:
+    if raw is None:
+        return None, []
+    certain, uncertain, bad = split_labels(raw.items())
+    if bad is not None:
+        raise MimicError(f"{where}: label {bad} = {raw[bad]!r} is not 1.0, 0.0, -1.0 or blank")
     return certain, uncertain
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pertvl.data.mimic import CHEXPERT_LABELS
+from pertvl.data.mimic import CHEXPERT_LABELS, split_labels
 from pertvl.data.overlap import text_overlap
 from pertvl.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
@@ -120,26 +120,6 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _labels(row: dict[str, Any]) -> tuple[dict[str, float], list[str], str]:
-    """(certain labels, uncertain label names, problem) of a row's CheXpert columns."""
-    certain, uncertain = {}, []
-    for name in CHEXPERT_LABELS:
-        value = _text(row.get(name))
-        if not value:
-            continue
-        try:
-            x = float(value)
-        except ValueError:
-            x = float("nan")
-        if x == -1.0:
-            uncertain.append(name)
-        elif x in (0.0, 1.0):
-            certain[name] = x
-        else:
-            return {}, [], f"label {name} = {value!r} is not 1, 0, -1 or blank"
-    return certain, uncertain, ""
-
-
 def _projection(view: str) -> str:
     v = view.upper()
     return "Frontal" if v in _FRONTAL else "Lateral" if v in _LATERAL else "unknown"
@@ -151,7 +131,7 @@ def _pair(row: dict[str, Any], where: str, images: Path, columns: set[str], text
     image, text = _text(row.get("image")), normalize_report(_text(row.get("report")))
     split_raw = _text(row.get("split"))
     split = _SPLIT_NAMES.get(split_raw.lower()) if split_raw else None
-    certain, uncertain, label_problem = _labels(row)
+    certain, uncertain, bad = split_labels((n, _text(row.get(n))) for n in CHEXPERT_LABELS)
     pair_id = _text(row.get("id")) or image
     if not image:
         return tally.skip("no_image", where, "the image column is empty")
@@ -159,8 +139,9 @@ def _pair(row: dict[str, Any], where: str, images: Path, columns: set[str], text
         return tally.skip("empty_report", where, f"{image}: the report is empty")
     if split is None and "split" in columns:
         return tally.skip("bad_split", where, f"{image}: split {split_raw!r} is not train, val or test")
-    if label_problem:
-        return tally.skip("bad_label", where, f"{image}: {label_problem}")
+    if bad is not None:
+        value = _text(row.get(bad))
+        return tally.skip("bad_label", where, f"{image}: label {bad} = {value!r} is not 1, 0, -1 or blank")
     if pair_id in seen:
         return tally.skip("duplicate_image", where, f"id {pair_id!r} is on an earlier row")
     path = Path(image) if Path(image).is_absolute() else images / image

@@ -166,7 +166,7 @@ def _present_options(f: Finding, where: str | None, w: str | None) -> list[str]:
     return opts
 
 
-_HEART_NORMAL = ("heart size is normal", "the heart is normal in size", "normal heart size",
+HEART_NORMAL = ("heart size is normal", "the heart is normal in size", "normal heart size",
                  "the cardiomediastinal silhouette is normal",
                  "heart size and mediastinal contours are normal",
                  "the cardiac silhouette is within normal limits", "the heart size is within normal limits")
@@ -211,15 +211,16 @@ def _side_negation_options(ftype: str, side: str) -> list[str]:
 
 def _lungs_clear_sentence(present: set[str], extra_neg: Sequence[str], rng: np.random.Generator) -> Sentence:
     """'The lungs are clear.' (or 'otherwise clear'), optionally '... without X or Y'."""
-    base = _pick(rng, _LUNGS_OTHERWISE if present & _OTHERWISE_TYPES else _LUNGS_PLAIN)
+    base = _pick(rng, LUNGS_OTHERWISE if present & OTHERWISE_TYPES else LUNGS_PLAIN)
     if extra_neg:
         base += " without " + _join([_pick(rng, NEG_NOUNS[t]) for t in extra_neg], rng)
     return _lungs_sentence(base, present, extra_neg)
 
 
-_OTHERWISE_TYPES = frozenset({"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
-_LUNGS_OTHERWISE = ("the lungs are otherwise clear", "otherwise the lungs are clear", "lungs are otherwise clear")
-_LUNGS_PLAIN = ("the lungs are clear", "lungs are clear bilaterally", "both lungs are clear",
+OTHERWISE_TYPES = frozenset({"pleural_effusion", "pneumothorax", "consolidation", "nodule", "atelectasis"})
+LUNGS_OTHERWISE = ("the lungs are otherwise clear", "otherwise the lungs are clear",
+                   "lungs are otherwise clear")
+LUNGS_PLAIN = ("the lungs are clear", "lungs are clear bilaterally", "both lungs are clear",
                 "the lungs are clear bilaterally")
 
 
@@ -233,7 +234,7 @@ def lungs_clear_sentences(present: Iterable[str], without: str | None = None) ->
     """The "lungs are (otherwise) clear" sentences the grammar writes beside these present finding
     types, and with `without` (an absent negatable type) also each "... without <it>" variant."""
     present = set(present)
-    frames = _LUNGS_OTHERWISE if present & _OTHERWISE_TYPES else _LUNGS_PLAIN
+    frames = LUNGS_OTHERWISE if present & OTHERWISE_TYPES else LUNGS_PLAIN
     out = [_lungs_sentence(f, present) for f in frames]
     if without is not None and not present & set(PARENCHYMAL):
         out += [_lungs_sentence(f"{f} without {noun}", present, [without]) for f in frames
@@ -243,13 +244,15 @@ def lungs_clear_sentences(present: Iterable[str], without: str | None = None) ->
 
 def is_lungs_clear(sentence: Sentence) -> bool:
     body = sentence.text.rstrip(".").lower()
-    return any(body == f or body.startswith(f + " without ") for f in (*_LUNGS_OTHERWISE, *_LUNGS_PLAIN))
+    return any(body == f or body.startswith(f + " without ") for f in (*LUNGS_OTHERWISE, *LUNGS_PLAIN))
 
 
-_BONES = ("no acute bony abnormality", "the osseous structures are intact",
+LUNG_VOLUMES = ("lung volumes are normal", "normal lung volumes")
+
+BONES = ("no acute bony abnormality", "the osseous structures are intact",
           "visualized osseous structures are unremarkable", "no acute osseous abnormality")
 
-_MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
+MEDIASTINUM = ("the mediastinal contours are normal", "the trachea is midline",
                 "mediastinal contours are within normal limits")
 
 
@@ -265,7 +268,7 @@ def fact_sentences(fact: Fact) -> list[Sentence]:
         texts = [o for where in wheres for w in ws for o in _present_options(f, where, w)]
         return _unique([_sentence(x, [fact], [t]) for x in texts])
     if t == "cardiomegaly":
-        return [_sentence(x, [fact], [t]) for x in _HEART_NORMAL] if fact.side is None else []
+        return [_sentence(x, [fact], [t]) for x in HEART_NORMAL] if fact.side is None else []
     if fact.side is not None:
         if t not in ("pleural_effusion", "pneumothorax") or fact.side not in ("left", "right"):
             return []
@@ -302,7 +305,7 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
     present = {f.type for f in fs}
     by_type = {f.type: f for f in fs}
     heart = (_present_sentence(by_type["cardiomegaly"], rng) if "cardiomegaly" in present
-             else _sentence(_pick(rng, _HEART_NORMAL), [Fact("cardiomegaly", False)], ["cardiomegaly"]))
+             else _sentence(_pick(rng, HEART_NORMAL), [Fact("cardiomegaly", False)], ["cardiomegaly"]))
     findings_s = [_present_sentence(f, rng) for f in fs if f.type != "cardiomegaly"]
     order = rng.permutation(len(findings_s))
     findings_s = [findings_s[i] for i in order]
@@ -339,11 +342,10 @@ def _compose_once(fs: list[Finding], rng: np.random.Generator) -> list[Sentence]
             text = _pick(rng, _side_negation_options(f.type, other))
             optional.append(_sentence(text, [Fact(f.type, False, other)], [f.type]))
     if "atelectasis" not in present and rng.random() < 0.25:
-        optional.append(_sentence(_pick(rng, ["lung volumes are normal", "normal lung volumes"]),
-                                  topics=["atelectasis"]))
+        optional.append(_sentence(_pick(rng, LUNG_VOLUMES), topics=["atelectasis"]))
     if "mediastinal" not in heart.text and rng.random() < 0.3:
-        optional.append(_sentence(_pick(rng, _MEDIASTINUM)))
-    bones = _sentence(_pick(rng, _BONES)) if rng.random() < 0.6 else None
+        optional.append(_sentence(_pick(rng, MEDIASTINUM)))
+    bones = _sentence(_pick(rng, BONES)) if rng.random() < 0.6 else None
 
     # Add optional sentences until the drawn length target is reached.
     target = int(rng.integers(14, 40))
