@@ -455,21 +455,10 @@ def ingest_openi(reports: str | os.PathLike, projections: str | os.PathLike | No
                  split: str | None = None,
                  split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
                  drop_deid: bool = False, seed: int = 0) -> IngestResult:
-    """Read an Open-I release in any of its three layouts into pairs with splits assigned.
-
-    Args:
-        projections: indiana_projections.csv: required for kaggle (looked for beside `reports` when
-            None), optional for xml.
-        images: folder of the image files, each checked unless `text_only`; Pair.image is the absolute
-            path under it (the layout's path when None).
-        section: "findings", "impression", or "both" (joined with one space).
-        split: "study" (whole studies from `seed`, `split_fractions`), "paper" (row order: first 6,000
-            train, the rest test) or "given" (R2Gen's); None: "given" for r2gen, else "study".
-        drop_deid: remove the "XXXX" de-identification token.
-
-    Returns IngestResult(pairs, summary.json's content); OpenIError when the input is not a layout or an
-    option does not fit it.
-    """
+    """Read an Open-I release in any of its three layouts into pairs with splits assigned (the options
+    are `pertvl data openi`'s; `projections` is looked for beside `reports` for kaggle; Pair.image is the
+    absolute path under `images`, the layout's path without it; `split` None: "given" for r2gen, else
+    "study"). OpenIError when the input is not a layout or an option does not fit it."""
     if section not in SECTIONS:
         raise OpenIError(f"unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
     if split is not None and split not in SPLIT_MODES:

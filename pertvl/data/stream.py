@@ -164,18 +164,15 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
 
     src = os.fspath(source)
     man = manifest if isinstance(manifest, dict) or manifest is None else read_shards_manifest(manifest)
-    if _scheme(src) and src.split("?", 1)[0].endswith(".json"):  # the URL of a manifest
-        man = man if man is not None else _remote_manifest(src, retries)
-        entries = split_info(man, split, src)["shards"]
+    counts: list[int | None]
+    remote = bool(_scheme(src)) and src.split("?", 1)[0].endswith(".json")  # the URL of a manifest
+    if remote or os.path.isdir(src):
+        if man is None:
+            man = _remote_manifest(src, retries) if remote else read_shards_manifest(src)
+        entries = split_info(man, split, src if remote else os.path.join(src, MANIFEST_NAME))["shards"]
         base = src.split("?", 1)[0].rsplit("/", 1)[0]
-        urls = [f"{base}/{e['name']}" for e in entries]
+        urls = [f"{base}/{e['name']}" if remote else os.path.join(src, e["name"]) for e in entries]
         counts = [e["num_samples"] for e in entries]
-        named = {e["name"]: e for e in entries}
-    elif os.path.isdir(src):
-        man = man if man is not None else read_shards_manifest(src)
-        entries = split_info(man, split, os.path.join(src, MANIFEST_NAME))["shards"]
-        urls = [os.path.join(src, e["name"]) for e in entries]
-        counts: list[int | None] = [e["num_samples"] for e in entries]
         named = {e["name"]: e for e in entries}
     else:
         if not _scheme(src) and not src.startswith("pipe:") and "{" not in src and not os.path.exists(src):
@@ -191,11 +188,10 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
         named = {}
         if man is not None:
             named = {e["name"]: e for e in split_info(man, split)["shards"]}
-            known = {name: e["num_samples"] for name, e in named.items()}
             for i, u in enumerate(urls):
-                hits = [n for n in known if n in u]
-                if hits:
-                    counts[i] = known[max(hits, key=len)]
+                name = _manifest_name(u, named)
+                if name is not None:
+                    counts[i] = named[name]["num_samples"]
                 elif num_samples is None:
                     raise ConfigError(
                         f"{u}: no shard of split {split!r} in the manifest matches it; pass a shard folder "
@@ -770,27 +766,13 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
                        shuffle_buffer: int = 1000, prefetch_factor: int = 2, multiprocessing_context=None,
                        download_retries: int = 3, pert_types: Sequence[str] = PERTURBATION_TYPES,
                        verify: str = "off", max_damaged_shards: int | None = None) -> TrainStream:
-    """Build the training stream of one rank.
-
-    Args:
-        source: see resolve_source; split: the manifest split.
-        tokenizer: tokenizers.Tokenizer or HF fast tokenizer (pertvl.data.tokenize.load_tokenizer).
-        num_workers: DataLoader workers (0: one stream in this process).
-        seed: shard order, sample shuffle and augmentation all derive from it.
-        epoch, start_batch: where the first pass starts (resume).
-        augment: True for AugmentConfig() defaults, an AugmentConfig, or False.
-        resampled: draw shards with replacement (virtual epochs of num_samples).
-        image_size: resize to this side when it differs from the stored images.
-        multiprocessing_context: how workers start (None: `default_worker_context()`).
-        download_retries: retries with back-off for remote manifests and shards.
-        pert_types: the batches' perturbation columns (loss.pert_types; see collate_samples).
-        verify: check_shards mode before streaming ("size", "sha256", "off").
-        max_damaged_shards: damaged shards tolerated (before training in all; while streaming per stream);
-            beyond it a DamagedDataError. None: any number, counted.
-
-    Raises:
-        ValueError: bad arguments; fewer shards than world_size x workers; fewer samples than one batch
-            per stream.
+    """The training stream of one rank (the plan: module docstring). `source`: see resolve_source;
+    `tokenizer`: pertvl.data.tokenize.load_tokenizer's; `num_workers` 0: one stream in this process; `seed`
+    fixes shard order, sample shuffle and augmentation; (`epoch`, `start_batch`): where the first pass
+    starts; `augment` True: AugmentConfig() defaults; `resampled`: shards drawn with replacement;
+    `verify`: check_shards' mode; `max_damaged_shards` (None: any number, counted): beyond it a
+    DamagedDataError. ValueError: bad arguments, fewer shards than streams, or fewer samples than one
+    batch per stream.
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
         raise ValueError(

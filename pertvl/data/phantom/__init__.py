@@ -1,11 +1,7 @@
 """The embedded phantom corpus: synthetic chest radiographs whose pixels and report say the same thing.
 
-`pertvl data phantom --n N --seed S --size PX --out DIR` writes DIR/images/<id>.png (8-bit grayscale PA
-"radiographs"), DIR/pairs.jsonl (`Pair` records, study-level split from the seed, labels, the findings
-under extra["findings"] and extra["render"] = {generator, seed, index, size}, what re-draws the masks),
-DIR/labels.csv (CheXpert header; 1.0/0.0 for the modeled labels, blank for the others), DIR/summary.json,
-with --nli DIR/nli_{train,dev,test}.jsonl (MedNLI format, split like the phantoms) and with --preview
-DIR/preview.png (docs/DATA.md).
+`pertvl data phantom` writes the images, pairs.jsonl (the findings under extra["findings"], what re-draws
+the masks under extra["render"]), labels.csv and summary.json (docs/DATA.md).
 
 Image convention (radiological, PA): the PATIENT'S LEFT IS ON THE IMAGE RIGHT; every "left"/"right" in
 findings and reports is the patient's side, so augmentations must never flip these images.

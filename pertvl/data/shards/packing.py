@@ -568,9 +568,12 @@ def _merge(folder: Path, found: dict[tuple[int, int], Path], n: int, command: li
     write_json(folder / MANIFEST_NAME, manifest)
     for f in found.values():
         f.unlink()
-    log.info("merged %d part(s) into %s: %s", n, folder / MANIFEST_NAME,
-             ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in splits.items()))  # fmt: skip
+    log.info("merged %d part(s) into %s: %s", n, folder / MANIFEST_NAME, _counts(splits))
     return manifest
+
+
+def _counts(splits: dict[str, dict]) -> str:
+    return ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in splits.items())
 
 
 def command_of(args: argparse.Namespace) -> list[str]:
@@ -596,8 +599,7 @@ def merge_cli_main(args: argparse.Namespace) -> int:
     if m is None:
         print(f"{args.folder}: parts still missing or another task is merging; nothing to do")
         return 0
-    counts = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)" for k, v in m["splits"].items())
-    print(f"{args.folder}: merged {m['parts']} part(s): {counts}; skipped {len(m['skipped'])} {m['skipped_counts']}")
+    print(f"{args.folder}: merged {m['parts']} part(s): {_counts(m['splits'])}; skipped {len(m['skipped'])} {m['skipped_counts']}")
     return 0
 
 
@@ -610,9 +612,7 @@ def pack_cli_main(args: argparse.Namespace) -> int:
                       command=command_of(args), part=args.part,
                       counterfactuals_path=getattr(args, "counterfactuals", None))
     m = result.manifest
-    counts = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shard(s)"
-                       for k, v in m["splits"].items())
-    print(f"{result.folder}: {counts}; skipped {len(m['skipped'])} {m['skipped_counts']}")
+    print(f"{result.folder}: {_counts(m['splits'])}; skipped {len(m['skipped'])} {m['skipped_counts']}")
     if "counterfactual_types" in m:
         print(f"counterfactuals: types {m['counterfactual_types']}; samples without a record (empty maps): "
               f"{m['counterfactuals_missing']}")
