@@ -66,6 +66,7 @@ from pertvl.data.phantom.language import (
     Fact,
     compose_report,
     fact_holds,
+    otherwise_last,
 )
 from pertvl.data.records import read_jsonl, read_pairs, summary_path_for
 from pertvl.data.text import clean_text
@@ -523,14 +524,9 @@ def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:
         if s.kind is Kind.LUNG_VOLUMES and "atelectasis" in present:
             continue
         out.append(s)
-    texts = [s.text for s in out]
-    lungs = [i for i, s in enumerate(out) if s.kind is Kind.LUNGS_CLEAR and s.frame in LUNGS_OTHERWISE]
-    if lungs:
-        last = max((i for i, s in enumerate(out) if s.kind is Kind.PRESENT and s.facts[0].type != "cardiomegaly"),
-                   default=-1)
-        if lungs[0] < last:  # "otherwise" follows the findings it is 'otherwise' to
-            texts.insert(last, texts.pop(lungs[0]))
-    return texts
+    out = otherwise_last(out, lambda s: s.kind is Kind.LUNGS_CLEAR and s.frame in LUNGS_OTHERWISE,
+                         lambda s: s.kind is Kind.PRESENT and s.facts[0].type != "cardiomegaly")
+    return [s.text for s in out]
 
 
 def _with_replaced(texts: list[str], i: int, new: str | None, cf: list[Finding]) -> _Candidate | None:

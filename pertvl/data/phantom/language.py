@@ -9,9 +9,9 @@ antonym-perturbed report describes another image. Left and right are the PATIENT
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -239,6 +239,21 @@ def lungs_clear_sentences(present: Iterable[str], without: str | None = None) ->
     if without is not None and not present & set(PARENCHYMAL):
         out += [_lungs_sentence(f"{f} without {noun}", present, [without]) for f in frames
                 for noun in NEG_NOUNS[without]]
+    return out
+
+
+T = TypeVar("T")
+
+
+def otherwise_last(items: list[T], otherwise: Callable[[T], bool], finding: Callable[[T], bool]) -> list[T]:
+    """`items` with the first "lungs are otherwise clear" sentence (`otherwise`) moved after the last
+    sentence of a finding it is 'otherwise' to (`finding`), where `_compose_once` puts it."""
+    at = next((i for i, x in enumerate(items) if otherwise(x)), None)
+    last = max((i for i, x in enumerate(items) if finding(x)), default=-1)
+    if at is None or last < at:
+        return items
+    out = list(items)
+    out.insert(last, out.pop(at))
     return out
 
 

@@ -42,6 +42,7 @@ from pertvl.data.phantom.language import (
     fact_sentences,
     is_lungs_clear,
     lungs_clear_sentences,
+    otherwise_last,
 )
 from pertvl.data.phantom.render import render_phantom
 from pertvl.data.records import Pair, read_pairs, write_pairs
@@ -238,21 +239,8 @@ def _conform(out: list[Sentence], after: Sequence[Finding], edit: Edit, replaced
     if not present & set(PARENCHYMAL) and replaced is not None and not any(is_lungs_clear(s) for s in res):
         without = edit.before.type if edit.before.type in NEGATABLE else None
         res[replaced] = _nearest(res[replaced], lungs_clear_sentences(present, without))
-    return _otherwise_last(res)
-
-
-def _otherwise_last(sentences: list[Sentence]) -> list[Sentence]:
-    """'The lungs are otherwise clear' after the findings it is 'otherwise' to, as the generator orders it."""
-    at = next((i for i, s in enumerate(sentences) if is_lungs_clear(s) and "otherwise" in s.text.lower()), None)
-    if at is None:
-        return sentences
-    last = max((i for i, s in enumerate(sentences) if any(fa.present and fa.type != "cardiomegaly" for fa in s.facts)),
-               default=-1)
-    if last < at:
-        return sentences
-    out = list(sentences)
-    out.insert(last, out.pop(at))
-    return out
+    return otherwise_last(res, lambda s: is_lungs_clear(s) and "otherwise" in s.text.lower(),
+                          lambda s: any(fa.present and fa.type != "cardiomegaly" for fa in s.facts))
 
 
 def _truth(findings: Sequence[Finding]) -> list[dict[str, Any]]:
