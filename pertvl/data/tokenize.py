@@ -56,15 +56,20 @@ def encode_texts(tokenizer, texts: list[str], max_length: int = 128, pad_to: int
     backend.enable_truncation(max_length=max_length)
     encs = backend.encode_batch([t.split() for t in texts], is_pretokenized=True)
     length = max([len(e.ids) for e in encs] + [pad_to or 0, 1])
-    n = len(encs)
-    input_ids = np.full((n, length), _pad_id(backend), dtype=np.int64)
+    rows = [(e.ids, [-1 if w is None else w for w in e.word_ids]) for e in encs]
+    return _padded(rows, _pad_id(backend), length)
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad: int, length: int) -> Encoded:
+    """(token ids, word ids) rows right-padded to `length` with `pad` (word id -1, attention 0)."""
+    n = len(rows)
+    input_ids = np.full((n, length), pad, dtype=np.int64)
     attention_mask = np.zeros((n, length), dtype=np.int64)
     word_ids = np.full((n, length), -1, dtype=np.int64)
-    for i, e in enumerate(encs):
-        k = len(e.ids)
-        input_ids[i, :k] = e.ids
-        attention_mask[i, :k] = 1
-        word_ids[i, :k] = [-1 if w is None else w for w in e.word_ids]
+    for i, (ids, wids) in enumerate(rows):
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+        word_ids[i, : len(ids)] = wids
     return Encoded(input_ids, attention_mask, word_ids)
 
 
@@ -153,16 +158,7 @@ class CachedTokenizer:
                 if room <= 0:
                     break
             rows.append((ids + self._suffix, wids + [-1] * len(self._suffix)))
-        length = max(len(r[0]) for r in rows)
-        n = len(rows)
-        input_ids = np.full((n, length), self._pad, dtype=np.int64)
-        attention_mask = np.zeros((n, length), dtype=np.int64)
-        word_ids = np.full((n, length), -1, dtype=np.int64)
-        for i, (ids, wids) in enumerate(rows):
-            input_ids[i, : len(ids)] = ids
-            attention_mask[i, : len(ids)] = 1
-            word_ids[i, : len(ids)] = wids
-        return Encoded(input_ids, attention_mask, word_ids)
+        return _padded(rows, self._pad, max(len(r[0]) for r in rows))
 
 
 def tokenization_rule(tokenizer, tokenizer_file: str = "tokenizer.json") -> dict:
