@@ -17,9 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="pretrain the dual encoder with DeepSpeed (any launcher: python, torchrun, deepspeed, srun)",
         description="Train the dual encoder (L = L_global + alpha L_local + beta L_pert) on the shards with "
         "DeepSpeed, checkpointing for exact resume; the final encoders go to RUN_DIR/final. The config file "
-        "feeds the defaults, --set and the flags override it. Exit codes: 0 trained, 2 user error, 75 "
-        "preempted and 70 stalled (re-run with --resume latest), 143 stop signal unanswered, 1 internal "
-        "error (docs/TRAINING.md).",
+        "feeds the defaults, --set and the flags override it (docs/TRAINING.md). Exit codes: 0 trained; 2 a "
+        "user error (one line `pertvl: error: ...`: a bad config key or value, a missing file or folder, "
+        "damaged shards, a run folder in use); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint "
+        "(preempted, a time limit): re-run with --resume latest; 70 stalled (no optimizer step within the "
+        "stall limit; stacks in the log): re-run with --resume latest from the last checkpoint; 143 a stop "
+        "signal not answered within train.stop_grace_s; 1 an internal error (with its traceback).",
     )
     p.add_argument("--config", help="run config YAML (sections data/model/loss/train/wandb), or the name of a "
                    "bundled one (demo, openi_paper, cxr_bert); its relative paths are read from its folder")
