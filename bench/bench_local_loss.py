@@ -2,13 +2,9 @@
 
     python bench/bench_local_loss.py [--quick] [--reps N] [--batch 32 --words 97 --grid 14 --dim 768]
 
-The same loss on the same inputs (GLoRIA's sizes by default): "loop" is GLoRIA's
-gloria_loss.py (pertvl.testing), "batched" pertvl.losses.local_attentive_loss. Each runs in a
-fresh subprocess; peak memory is its ru_maxrss above its size before the first pass; time is the
-best of --reps passes after a warm-up. Targets: batched SPEEDUP_TARGETS[CPU vendor]× faster, a
-peak no higher than the loop's, losses equal to 1e-4 relative; exit 1 otherwise. The loop's cost
-depends on the machine (docs/PERFORMANCE.md "P1 per machine"); --flush-denormal tests whether
-its denormal floats explain that.
+Each variant in a fresh subprocess: peak memory above its size before the first pass, the best of
+--reps passes after a warm-up. Targets: batched SPEEDUP_TARGETS[CPU vendor]x faster, a peak no
+higher, losses equal to 1e-4 relative; exit 1 otherwise (docs/PERFORMANCE.md "P1 per machine").
 """
 
 from __future__ import annotations
@@ -22,8 +18,7 @@ import subprocess
 import sys
 import time
 
-# The loop/batched target by CPU vendor (/proc/cpuinfo vendor_id): the loop is much cheaper on AMD
-# EPYC (docs/PERFORMANCE.md). Unknown vendors get the stricter one.
+# by /proc/cpuinfo's vendor_id: the loop is much cheaper on AMD EPYC; unknown vendors get the stricter one
 SPEEDUP_TARGETS = {"GenuineIntel": 3.0, "AuthenticAMD": 2.0}
 SPEEDUP_TARGET = 3.0
 
@@ -44,7 +39,6 @@ def cpu_info() -> tuple[str, str]:
     return model, vendor
 
 
-# --- one variant in this process ------------------------------------------------------------------
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,29 +1,22 @@
-"""MIMIC-CXR-sized data preparation: ingest, perturbation and packing rates on a generated corpus of
-the real MIMIC-CXR-JPG layout (pertvl.data.mimic.write_mimic_tree), each against its target.
+"""Ingest, perturbation and packing rates on a generated corpus in the MIMIC-CXR-JPG layout.
 
     python bench/bench_mimic.py            # 50,000 studies; 2,000 reports perturbed; 1,000 pairs packed
     python bench/bench_mimic.py --quick    # 5,000 / 500 / 300
 
-Perturbation is timed on random word soup (the worst case) and on report-style findings of the
-phantom templates. Targets (2 cores): ingest of 50,000 studies <= 60 s, perturbation >= 1,000
-reports/s, packing >= 300 pairs/s at 224 px; each line also gives the per-core rate the full
-corpus needs in an hour on 16 cores, the CPU seconds used and the load average. Exits 1 when a
-target is missed.
+Targets (2 cores): ingest of 50,000 studies <= 60 s, perturbation >= 1,000 reports/s (word soup
+and phantom report sentences), packing >= 300 pairs/s at 224 px; exit 1 when one is missed.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import Timed
 
 FULL_STUDIES, FULL_FRONTAL_PAIRS, HOUR_S, CORES = 227_835, 243_000, 3600.0, 16
 WORDS = ("the lungs are clear there is no pleural effusion or pneumothorax heart size is normal mild "
@@ -60,20 +53,6 @@ def _sentence_reports(n: int, seed: int = 0) -> list[str]:
     return [write_report(sample_findings(rng), rng) for _ in range(n)]
 
 
-class _Timed:
-    """Wall and CPU seconds (this process and its finished workers) of a block, and the load average."""
-
-    def __enter__(self) -> _Timed:
-        self.t0, self.c0 = time.perf_counter(), os.times()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        c1 = os.times()
-        self.wall = time.perf_counter() - self.t0
-        self.cpu = sum(getattr(c1, k) - getattr(self.c0, k) for k in ("user", "system", "children_user", "children_system"))
-        self.load = os.getloadavg()[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -105,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         write_mimic_tree(root, studies, reports_zip=True)
         write_s = time.perf_counter() - t0
 
-        with _Timed() as ingest:
+        with Timed() as ingest:
             result = ingest_mimic_cxr(root)
         assert result.summary["pairs_written"] == args.studies, result.summary
 
@@ -117,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         perturber.perturb_many([p.text for p in result.pairs[:16]])
         corpora = {"perturb (word soup)": [p.text for p in result.pairs[: args.perturb]],
                    "perturb (report sentences)": _sentence_reports(args.perturb)}
-        timed: dict[str, tuple[int, _Timed]] = {}
+        timed: dict[str, tuple[int, Timed]] = {}
         for name, texts in corpora.items():
-            with _Timed() as t:
+            with Timed() as t:
                 perturber.perturb_many(texts, workers=args.workers)
             timed[name] = (len(texts), t)
         perturb_pairs_file(sub / "pairs.jsonl", sub / "perturbations.jsonl", perturber=perturber, workers=args.workers)
 
         write_pairs(sub / "pack.jsonl", result.pairs[: args.pack])
-        with _Timed() as t:
+        with Timed() as t:
             pack(sub / "pack.jsonl", sub / "perturbations.jsonl", sub / "shards", images_root=root, image_size=224,
                  maxcount=256, workers=args.workers)  # fmt: skip
         timed["pack"] = (args.pack, t)
@@ -152,5 +131,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())

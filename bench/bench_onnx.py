@@ -1,22 +1,16 @@
-"""onnxruntime vs torch eager, batch 32: image tower (small ResNet and ResNet-50 at 224 px) and text
-tower (MiniLM, ~40-word reports), fp32 and int8.
+"""onnxruntime vs torch eager, batch 32, same threads: the image towers (small ResNet, ResNet-50, 224 px)
+and the text tower (MiniLM, ~40-word reports) in fp32 (goal 1.5x) and int8 (goal 2x); exit 1 when missed.
 
     python bench/bench_onnx.py [--quick] [--threads N] [--variants]
+    python bench/bench_onnx.py --structure-export export/NAME --shards shards/NAME [--split test] [--limit N]
 
-Goals: every tower at least 1.5x faster than torch eager in fp32, 2x in int8 (exit 1 otherwise),
-with the same threads for both; times are the best of interleaved repetitions. `--variants` also
-times the int8 text tower without its residual pass, the other text graphs and torch running the
-unpadded module (information, not a goal).
-
-int8 accuracy hook (a trained export and packed shards; structure within 1 point of fp32):
-
-    python bench/bench_onnx.py --structure-export export/NAME --shards shards/NAME [--split test,val,train] [--limit N]
+`--variants` also times the other text graphs (information). `--structure-export`: int8 structure
+accuracy of a trained export within 1 point of fp32 (docs/EXPORT.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -24,9 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import alternate
 
 FP32_GOAL = 1.5
 INT8_GOAL = 2.0
@@ -48,26 +40,11 @@ def reports_of_about(n_words: int, count: int) -> list[str]:
     return out
 
 
-def timed(fns: dict[str, callable], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Interleaved timing of several callables: {name: [seconds per repetition]}. Each call is
-    timed after an untimed one: a runtime's spinning thread pool slows the next runtime's first call."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def bench_tower(label: str, torch_fn, sessions: dict, feeds: dict, repeats: int, warmup: int) -> list[dict]:
-    fns = {"torch": torch_fn}
-    fns.update({v: (lambda s=s: s.run(None, feeds)) for v, s in sessions.items()})
-    times = timed(fns, repeats, warmup)
+def bench_tower(label: str, torch_fn, others: dict, repeats: int, warmup: int) -> list[dict]:
+    """Rows of the table for one tower: torch_fn, then each of `others` ({name: callable}) beside it."""
+    fns = {"torch": torch_fn} | others
+    steps = {k: (lambda i, f=f: f()) for k, f in fns.items()}
+    _, times, _ = alternate(steps, warmup, repeats, untimed_first=True)
     base = min(times["torch"])
     rows = []
     for name, ts in times.items():
@@ -76,22 +53,13 @@ def bench_tower(label: str, torch_fn, sessions: dict, feeds: dict, repeats: int,
     return rows
 
 
-class _TorchSession:
-    """A torch module behind onnxruntime's session.run(None, feeds) call, for bench_tower."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def run(self, _outputs, feeds):
-        import torch
-
-        with torch.inference_mode():
-            return self.module(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "word_ids")))
+def runs(sessions: dict, feeds: dict) -> dict:
+    """{name: a call of session.run on feeds}, as bench_tower times them."""
+    return {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
 
 
 def structure_hook(args) -> int:
-    """fp32 vs int8 structure accuracy of one export (within STRUCTURE_POINTS points), per split
-    and over all the splits given."""
+    """fp32 vs int8 structure accuracy of one export, per split and over all of them."""
     import itertools
 
     from pertvl.data.shards import iter_samples
@@ -202,8 +170,8 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
                    for r, g in zip(ref_text[:2], got_text[:2], strict=True))
         print(f"text fp32 max abs diff vs torch on the bench batch: {diff:.2e}; "
               f"word masks equal: {bool((ref_text[2] == got_text[2]).all())}")
-        rows += bench_tower("image small ResNet 224px", lambda: img_t(x),
-                            {v: sessions[("image", v)] for v in ("fp32", "int8")}, image_feeds, repeats, warmup)
+        images_runs = runs({v: sessions[("image", v)] for v in ("fp32", "int8")}, image_feeds)
+        rows += bench_tower("image small ResNet 224px", lambda: img_t(x), images_runs, repeats, warmup)
         text_sessions = {v: sessions[("text", v)] for v in ("fp32", "int8")}
         if args.variants and not args.quick:
             for label, trace, fuse in (("fp32 sdpa trace", "sdpa", False), ("fp32 eager trace", "eager", False),
@@ -217,12 +185,13 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
             # the int8 tower without the default residual pass on the FFN input layers
             export_model(model, tmp / "small-nores", image_size=size, quantize="int8", parity=False, int8_residual=())
             text_sessions["int8, no residual pass"] = session(tmp / "small-nores" / "text_encoder.int8.onnx")[0]
-        rows += bench_tower(f"text MiniLM ~{args.words} words", lambda: txt_t(ids, mask, wids), text_sessions,
-                            text_feeds, repeats, warmup)
+        rows += bench_tower(f"text MiniLM ~{args.words} words", lambda: txt_t(ids, mask, wids),
+                            runs(text_sessions, text_feeds), repeats, warmup)
         if args.variants and not args.quick:  # what the same trick does for torch (not a goal)
             unpadded = TextTower(model, unpadded=True).eval()
-            rows += bench_tower(f"text MiniLM ~{args.words} words", lambda: txt_t(ids, mask, wids),
-                                {"torch, unpadded module": _TorchSession(unpadded)}, text_feeds, repeats, warmup)
+            others = {"torch, unpadded module": lambda: unpadded(ids, mask, wids)}
+            rows += bench_tower(f"text MiniLM ~{args.words} words", lambda: txt_t(ids, mask, wids), others,
+                                repeats, warmup)
     sessions.clear()  # free the small model's sessions before ResNet-50
 
     # ResNet-50 image tower, random init
@@ -235,8 +204,8 @@ def run_benchmarks(tmp: Path, args, threads: int, repeats: int, warmup: int) -> 
     quantize_int8(path, path8, "image")
     img_t = ImageTower(model).eval()
     with torch.inference_mode():
-        rows += bench_tower("image ResNet-50 224px", lambda: img_t(x), {"fp32": session(path)[0],
-                            "int8": session(path8)[0]}, image_feeds, repeats, warmup)
+        r50_runs = runs({"fp32": session(path)[0], "int8": session(path8)[0]}, image_feeds)
+        rows += bench_tower("image ResNet-50 224px", lambda: img_t(x), r50_runs, repeats, warmup)
 
     return rows
 

@@ -2,35 +2,25 @@
 
     python bench/bench_perturb.py [--reports indiana_reports.csv] [--quick] [--workers N]
 
-"one-parse" is Perturber.perturb_many (tag each text once, derive all nine types); "naive" tags
-every text again for each type. Outputs are compared record by record. Targets: the whole corpus
-in under 10 s one-parse, and naive/one-parse >= 5x; exits 1 when missed.
+Outputs must be identical; targets: the whole corpus in under 10 s one-parse, naive/one-parse
+>= 5x; exit 1 when missed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import OPENI, load_findings
 
-from pertvl.data.perturb import PerturbationRecord, Perturber, perturb_tagged  # noqa: E402
-from pertvl.data.records import PERTURBATION_TYPES  # noqa: E402
-from pertvl.data.text import clean_text  # noqa: E402
+from pertvl.data.perturb import PerturbationRecord, Perturber, perturb_tagged
+from pertvl.data.records import PERTURBATION_TYPES
+from pertvl.data.text import clean_text
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REPORTS = Path(os.environ.get("PERTVL_OPENI_DIR", REPO.parent / "shared" / "data" / "openi")) / "indiana_reports.csv"
 CORPUS_TARGET_S = 10.0
 RATIO_TARGET = 5.0
-
-
-def load_findings(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [r["findings"] for r in csv.DictReader(f) if r["findings"] and r["findings"].strip()]
 
 
 def naive(perturber: Perturber, texts: list[str], batch_size: int, workers: int) -> list[PerturbationRecord]:
@@ -50,7 +40,7 @@ def naive(perturber: Perturber, texts: list[str], batch_size: int, workers: int)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reports", type=Path, default=DEFAULT_REPORTS, help="Open-I indiana_reports.csv")
+    ap.add_argument("--reports", type=Path, default=OPENI, help="Open-I indiana_reports.csv")
     ap.add_argument("--quick", action="store_true", help="first 300 distinct texts only (ratio target only)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=1)

@@ -3,8 +3,7 @@
     python bench/bench_phantom.py            # 1,000 phantoms per run
     python bench/bench_phantom.py --quick    # 200 phantoms per run
 
-The full pipeline is timed (findings, rendering, report, PNG, pairs.jsonl, labels.csv, summary);
-exits 1 when the one-worker run projects to 60 s or more for 1,000 phantoms.
+Exits 1 when the one-worker run projects to 60 s or more for 1,000 phantoms.
 """
 
 from __future__ import annotations

@@ -2,57 +2,35 @@
 
     python bench/bench_step.py [--quick] [--batch 16] [--image-size 224] [--reps N] [--reports CSV]
 
-Same batch, same encoders (resnet-tiny + the offline MiniLM), same three losses (PretrainLoss,
-preset "full"), same SGD step; only the model design differs:
-  pertvl   image backbone once (global + regions from one ResNet); the text transformer ONCE over
-           the B originals + their valid perturbations, packed several texts per row (block-
-           diagonal attention, positions restarting per text: same outputs, about half the
-           token rows of padding); word features from that same pass.
-  authors  a global ResNet and a second, separate ResNet for the local branch; ten separate text
-           passes (originals, then each of the nine perturbation types for the whole batch, as
-           the authors did, whether the perturbation exists or not); one more text pass over the
-           originals for the local branch's word features.
-With the second ResNet initialised as a copy of the first, both designs compute the same loss in
-eval mode; the bench checks that before timing (so it compares like with like).
-
-The batch: real Open-I findings (../shared/data/openi/indiana_reports.csv or PERTVL_OPENI_DIR)
-drawn at random, cleaned and perturbed by pertvl.data.perturb.Perturber (the real validity
-rules); without the file, built-in report sentences. Images are random [0, 1] pixels.
-Steps alternate pertvl/authors so machine noise hits both alike. The ratio that decides is of
-the best (minimum) wall time of each design: other jobs on a shared machine only ever add time,
-and they hurt the authors' many small passes more (threads spin at every op), which would
-flatter pertvl in the medians; medians and process CPU time are printed beside it.
-Where the time goes in the authors' design besides the extra rows: every pass adds its own dense
-gradient of the 30k×H word-embedding matrix and of every weight into the shared parameters, and
-keeps eleven graphs alive until the backward. Target: authors/pertvl >= 1.5. Exit 1 when missed.
+Same batch, encoders (resnet-tiny + the offline MiniLM), losses (PretrainLoss "full") and SGD step;
+only the design differs. pertvl: one ResNet pass (global + regions) and ONE packed text pass over
+the originals and their valid perturbations. authors: a second ResNet for the local branch and
+eleven text passes (originals, each of the nine perturbation types whether it exists or not, the
+originals again for the word features). Both give the same eval-mode loss (checked before timing).
+The batch: random Open-I findings (PERTVL_OPENI_DIR), else built-in sentences, perturbed by
+Perturber; random images. Steps alternate the designs; the ratio that decides is of the best wall
+times (other jobs only add time), medians and CPU time beside. Target: authors/pertvl >= 1.5.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import os
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from common import OPENI, alternate, load_findings
 
-import torch  # noqa: E402
+from pertvl.data.batch import Batch
+from pertvl.data.records import PERTURBATION_TYPES
+from pertvl.data.tokenize import encode_texts
+from pertvl.losses import PretrainLoss
+from pertvl.model import DualEncoder, DualOutput, ImageOutput, TextOutput, create_model
+from pertvl.model.text import pack_lengths
 
-from pertvl.data.batch import Batch  # noqa: E402
-from pertvl.data.records import PERTURBATION_TYPES  # noqa: E402
-from pertvl.data.tokenize import encode_texts  # noqa: E402
-from pertvl.losses import PretrainLoss  # noqa: E402
-from pertvl.model import DualEncoder, DualOutput, ImageOutput, TextOutput, create_model  # noqa: E402
-from pertvl.model.text import pack_lengths  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REPORTS = Path(os.environ.get("PERTVL_OPENI_DIR", REPO.parent / "shared" / "data" / "openi")) / "indiana_reports.csv"
 TARGET = 1.5
 FALLBACK_SENTENCES = [
     "The heart is normal in size.", "The mediastinum is unremarkable.", "The lungs are clear.",
@@ -66,9 +44,7 @@ FALLBACK_SENTENCES = [
 def load_reports(path: Path, n: int, seed: int) -> tuple[list[str], str]:
     rng = random.Random(seed)
     if path.is_file():
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [r["findings"] for r in csv.DictReader(f) if (r.get("findings") or "").strip()]
-        return rng.sample(rows, n), f"{n} random Open-I findings from {path}"
+        return rng.sample(load_findings(path), n), f"{n} random Open-I findings from {path}"
     reports = [" ".join(rng.sample(FALLBACK_SENTENCES, rng.randint(3, 7))) for _ in range(n)]
     return reports, f"{n} reports from built-in sentences ({path} not found)"
 
@@ -133,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="default 16 (8 with --quick)")
     ap.add_argument("--image-size", type=int, default=None, help="default 224 (128 with --quick)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per design (default 3, 2 with --quick)")
-    ap.add_argument("--reports", type=Path, default=DEFAULT_REPORTS)
+    ap.add_argument("--reports", type=Path, default=OPENI)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     b = args.batch or (8 if args.quick else 16)
@@ -162,29 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  eval-mode loss: pertvl {float(ours):.6f}, authors {float(theirs):.6f} (relative difference {rel:.1e})")
     authors.train()
 
-    designs = {"pertvl": lambda: model(batch), "authors": lambda: authors(batch)}
-    optimizers = {
-        "pertvl": torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9),
-        "authors": torch.optim.SGD([p for p in authors.parameters() if p.requires_grad], lr=1e-4, momentum=0.9),
-    }
+    designs = {"pertvl": model, "authors": authors}
+    optimizers = {name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+                  for name, m in designs.items()}  # fmt: skip
 
-    def step(name: str) -> tuple[float, float]:
-        opt = optimizers[name]
-        t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(designs[name]()).total.backward()
-        opt.step()
-        return time.perf_counter() - t0, time.process_time() - c0
+    def step(name: str) -> None:
+        optimizers[name].zero_grad(set_to_none=True)
+        loss_fn(designs[name](batch)).total.backward()
+        optimizers[name].step()
 
-    for name in designs:  # warm-up
-        step(name)
-    wall: dict[str, list[float]] = {name: [] for name in designs}
-    cpu: dict[str, list[float]] = {name: [] for name in designs}
-    for _ in range(reps):
-        for name in designs:
-            w, c = step(name)
-            wall[name].append(w)
-            cpu[name].append(c)
+    _, wall, cpu = alternate({name: lambda i, n=name: step(n) for name in designs}, warmup=1, rounds=reps)
     for name, ts in wall.items():
         print(f"  {name:8s} best {min(ts):7.3f} s/step, median {statistics.median(ts):7.3f} s wall, "
               f"median {statistics.median(cpu[name]):7.3f} s CPU (wall per step {', '.join(f'{t:.2f}' for t in ts)})")

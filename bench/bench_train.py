@@ -2,20 +2,11 @@
 
     python bench/bench_train.py [--quick] [--config configs/demo.yaml] [--shards DIR] [--steps N]
 
-In one run:
-  1. training throughput: `pertvl train` for N optimizer steps on 1 rank (plain python) and on 2
-     ranks (torchrun), same config and shards; from RUN_DIR/metrics.jsonl, over the steps after the
-     first two (warm-up of allocators and loaders): median samples/s of a step (all ranks), and the
-     fraction of step time a rank spent blocked on next(batch) (sum of perf/data_wait_s over sum of
-     perf/step_time_s);
-  2. loader throughput: the same stream (rank 0 of 2, the config's workers, micro-batch and
-     augmentation) iterated alone, in samples/s of one rank, against what one rank's training
-     step consumes (micro-batch x accumulation / step time, 2-rank run).
-Target: the loader delivers >= 5x what the step consumes. Exit 1 when missed.
-
-Shards: --shards, else shards/demo when it exists (`make demo` writes it), else a phantom corpus
-(1,000 phantoms at 128 px; 256 with --quick) built into a temporary folder.
-The machine may be shared: step times include whatever else runs (see the load average printed).
+Training: N optimizer steps on 1 rank and on 2 (torchrun); over the steps after the first two, the
+median samples/s and the share of step time spent blocked on next(batch). Loader: rank 0's stream
+(of 2) iterated alone, against what one rank's step consumes. Target: the loader delivers >= 5x
+that; exit 1 when missed. Shards: --shards, else shards/demo, else a phantom corpus (1,000 at
+128 px; 256 with --quick) built into a temporary folder.
 """
 
 from __future__ import annotations
@@ -24,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,30 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import REPO, build_shards, demo_stream
 
-REPO = Path(__file__).resolve().parents[1]
+from pertvl.testing import free_port
+
 TARGET = 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def build_shards(folder: Path, n: int) -> Path:
-    """Phantoms -> perturbations -> shards (128 px, 32 samples per shard) in `folder`."""
-    from pertvl.data.perturb import perturb_pairs_file
-    from pertvl.data.phantom import generate_phantoms
-    from pertvl.data.shards import pack
-
-    corpus, shards = folder / "corpus", folder / "shards"
-    generate_phantoms(n, seed=0, size=128, out=corpus, workers=2)
-    perturb_pairs_file(corpus / "pairs.jsonl", corpus / "perturbations.jsonl", seed=0)
-    pack(corpus / "pairs.jsonl", corpus / "perturbations.jsonl", shards, image_size=128, maxcount=32, workers=2)
-    return shards
 
 
 def run_training(nproc: int, config: str, shards: Path, steps: int, out: Path) -> dict:
@@ -65,11 +36,9 @@ def run_training(nproc: int, config: str, shards: Path, steps: int, out: Path) -
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     args = ["train", "--config", config, "--shards", str(shards), "--out", str(out), "--max-steps", str(steps),
             "--no-wandb", "--set", "train.checkpoint_every=0", "--set", "train.log_every=1"]  # fmt: skip
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "pertvl", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "pertvl", *args]  # fmt: skip
+    port = str(free_port())
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "pertvl", *args]
     log = out.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log, "w") as handle:
@@ -97,7 +66,6 @@ def loader_throughput(config: str, shards: Path, batches: int) -> tuple[float, i
     from transformers import AutoTokenizer
 
     from pertvl.config import load_config
-    from pertvl.data.stream import build_train_stream
     from pertvl.model.text import default_text_model
     from pertvl.train.launch import load_ds_config
 
@@ -106,12 +74,7 @@ def loader_throughput(config: str, shards: Path, batches: int) -> tuple[float, i
                         grad_accum=cfg["train"]["grad_accum"])  # fmt: skip
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"].get("text_name_or_path") or default_text_model())
-    dcfg = cfg["data"]
-    stream = build_train_stream(
-        shards, dcfg["split"], tokenizer=tokenizer, batch_size=micro, world_size=2, rank=0,
-        num_workers=int(dcfg["num_workers"]), seed=0, augment=bool(dcfg["augment"]),
-        max_length=int(dcfg["max_length"]), image_size=dcfg["image_size"], shuffle_buffer=int(dcfg["shuffle_buffer"]),
-    )  # fmt: skip
+    stream = demo_stream(cfg, shards, tokenizer, micro, int(cfg["data"]["num_workers"]))
     total = 0
     t0 = None
     epoch = 0
@@ -145,7 +108,7 @@ def main() -> int:
         else:
             n = 256 if args.quick else 1000
             print(f"building {n} phantoms at 128 px into {tmp} ...", flush=True)
-            shards = build_shards(tmp, n)
+            shards = build_shards(tmp / "shards", n, size=128, maxcount=32, workers=2)
         print(f"config {args.config}, shards {shards}, {steps} steps per run, load average "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)  # fmt: skip
         results = [run_training(n, args.config, shards, steps, tmp / f"run{n}") for n in (1, 2)]

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import REPO
 
-from pertvl.data.perturb import load_antonyms, packaged_antonyms_path  # noqa: E402
-from pertvl.data.text import clean_text  # noqa: E402
+from pertvl.data.perturb import load_antonyms, packaged_antonyms_path
+from pertvl.data.text import clean_text
 
-OUT = Path(__file__).resolve().parents[1] / "pertvl" / "data" / "antonyms_paper.tsv"
+OUT = REPO / "pertvl" / "data" / "antonyms_paper.tsv"
 _MARKER = re.compile(r"\((a|p|ip)\)$")  # WordNet's syntactic markers: galore(ip)
 
 HEADER = """\
