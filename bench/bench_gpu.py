@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from common import REPO, build_shards
@@ -93,9 +94,13 @@ def run_training(args, shards: Path, text_model: Path, run: Path) -> tuple[int, 
     return proc.returncode, time.perf_counter() - t0, log
 
 
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def analyse(run: Path, micro_batch: int, warmup: int) -> dict:
     """The numbers of the module doc from RUN_DIR/metrics.jsonl and flops.json."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = metrics(run)
     first_of_epoch = {r["step"] for i, r in enumerate(rows) if i == 0 or r["epoch"] != rows[i - 1]["epoch"]}
     steady = [r for r in rows if r["step"] > warmup and r["step"] not in first_of_epoch] or rows
     step = statistics.median(r["perf/step_time_s"] for r in steady)
@@ -107,10 +112,8 @@ def analyse(run: Path, micro_batch: int, warmup: int) -> dict:
         "pairs_per_s_run": micro_batch * len(rows) / (rows[-1]["time"] - rows[0]["time"] + rows[0]["perf/step_time_s"]),
     }
     # Whole epochs after the first: from the previous epoch's last step to this one's last step.
-    last = {}
-    for r in rows:
-        last[r["epoch"]] = r
-    counts = {e: sum(1 for r in rows if r["epoch"] == e) for e in last}
+    last = {r["epoch"]: r for r in rows}
+    counts = Counter(r["epoch"] for r in rows)
     full = max(counts.values())
     epochs = {}
     for e in sorted(last)[1:]:
@@ -148,8 +151,7 @@ def sweep_levers(names: str | None) -> dict[str, list[str]]:
 
 def warmup_seconds(run: Path, warmup: int, steady_s: float) -> float:
     """Seconds the first `warmup` steps took above the steady median (compilation, allocators)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return sum(max(0.0, r["perf/step_time_s"] - steady_s) for r in rows[:warmup])
+    return sum(max(0.0, r["perf/step_time_s"] - steady_s) for r in metrics(run)[:warmup])
 
 
 def run_sweep(args, shards: Path, text_model: Path, work: Path) -> dict:

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # by /proc/cpuinfo's vendor_id: the loop is much cheaper on AMD EPYC; unknown vendors get the stricter one
 SPEEDUP_TARGETS = {"GenuineIntel": 3.0, "AuthenticAMD": 2.0}
@@ -25,18 +26,14 @@ SPEEDUP_TARGET = 3.0
 
 def cpu_info() -> tuple[str, str]:
     """(model name, vendor id) from /proc/cpuinfo; ("unknown", "") elsewhere."""
-    model, vendor = "unknown", ""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key.strip() == "vendor_id" and not vendor:
-                    vendor = value.strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return model, vendor
+        lines = []
+    info: dict[str, str] = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        info.setdefault(key.strip(), value.strip())
+    return info.get("model name", "unknown"), info.get("vendor_id", "")
 
 
 def _rss_bytes() -> int:
