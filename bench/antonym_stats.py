@@ -52,6 +52,11 @@ def count(records: list[Any]) -> dict[str, Any]:
     return {"reports": len(records), "made": made, "unavailable": dict(sorted(reasons.items()))}
 
 
+def changed(r: Any) -> list[int]:
+    """Indices of the words that the record's antonym negative changed."""
+    return [i for i, (a, b) in enumerate(zip(r.text.split(), r.perturbations[TYPE].split(), strict=True)) if a != b]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reports", type=Path, default=OPENI, help="Open-I indiana_reports.csv")
@@ -69,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     attrs: Counter[str] = Counter()
     for r in after:
         if TYPE in r.perturbations:
-            (i,) = [i for i, (a, b) in enumerate(zip(r.text.split(), r.perturbations[TYPE].split(), strict=True))
-                    if a != b]
+            (i,) = changed(r)
             attrs[now.lexicon.attributes[r.text.split()[i]]] += 1
     result["after_attributes"] = dict(attrs.most_common())
 
@@ -86,14 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in before:
             if TYPE not in r.perturbations:
                 continue
-            a = scope[r.text]
-            changed = [i for i, (x, y) in enumerate(zip(r.text.split(), r.perturbations[TYPE].split(), strict=True))
-                       if x != y]
-            new_words = [r.perturbations[TYPE].split()[i] for i in changed]
+            a, flipped = scope[r.text], changed(r)
+            new_words = [r.perturbations[TYPE].split()[i] for i in flipped]
             flags = {
-                "flips a word inside a negation scope": any(a.negated[i] for i in changed),
-                "flips a word of a fixed phrase": any(a.fixed[i] for i in changed),
-                "flips more than one word": len(changed) > 1,
+                "flips a word inside a negation scope": any(a.negated[i] for i in flipped),
+                "flips a word of a fixed phrase": any(a.fixed[i] for i in flipped),
+                "flips more than one word": len(flipped) > 1,
                 "writes a word outside the reviewed table": any(w not in now.lexicon.pairs for w in new_words),
             }
             faults.update(k for k, v in flags.items() if v)
@@ -109,15 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     reasons = list(ANTONYM_REASONS) + sorted({k for c in cols for k in result[c]["unavailable"]} - set(ANTONYM_REASONS))
     for reason in reasons:
         print(f"| unavailable: `{reason}` | " + " | ".join(str(result[c]["unavailable"].get(reason, 0)) for c in cols) + " |")
-    if args.before:
-        print("\nOld negatives that the current rule would not make:\n")
-        print("| old negative ... | reports |\n|---|---:|")
-        for k, v in result["before_faults"].items():
+    tables = [("Old negatives that the current rule would not make", "old negative ...", "before_faults"),
+              ("Attribute flipped by the current rule", "attribute", "after_attributes")][0 if args.before else 1:]
+    for title, column, key in tables:
+        print(f"\n{title}:\n\n| {column} | reports |\n|---|---:|")
+        for k, v in result[key].items():
             print(f"| {k} | {v} |")
-    print("\nAttribute flipped by the current rule:\n")
-    print("| attribute | reports |\n|---|---:|")
-    for k, v in result["after_attributes"].items():
-        print(f"| {k} | {v} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -94,13 +94,9 @@ def run_training(args, shards: Path, text_model: Path, run: Path) -> tuple[int, 
     return proc.returncode, time.perf_counter() - t0, log
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def analyse(run: Path, micro_batch: int, warmup: int) -> dict:
     """The numbers of the module doc from RUN_DIR/metrics.jsonl and flops.json."""
-    rows = metrics(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first_of_epoch = {r["step"] for i, r in enumerate(rows) if i == 0 or r["epoch"] != rows[i - 1]["epoch"]}
     steady = [r for r in rows if r["step"] > warmup and r["step"] not in first_of_epoch] or rows
     step = statistics.median(r["perf/step_time_s"] for r in steady)
@@ -149,11 +145,6 @@ def sweep_levers(names: str | None) -> dict[str, list[str]]:
     return levers
 
 
-def warmup_seconds(run: Path, warmup: int, steady_s: float) -> float:
-    """Seconds the first `warmup` steps took above the steady median (compilation, allocators)."""
-    return sum(max(0.0, r["perf/step_time_s"] - steady_s) for r in metrics(run)[:warmup])
-
-
 def run_sweep(args, shards: Path, text_model: Path, work: Path) -> dict:
     """Every lever of the sweep as its own run; returns {lever: numbers} (a lever that failed: its error)."""
     results: dict[str, dict] = {}
@@ -174,8 +165,10 @@ def run_sweep(args, shards: Path, text_model: Path, work: Path) -> dict:
             print(f"  {name}: FAILED ({code}); log tail:\n{results[name]['log_tail']}", flush=True)
             continue
         res = analyse(run, args.micro_batch, args.warmup)
-        res.update({"overrides": overrides, "wall_s": wall,
-                    "warmup_s": warmup_seconds(run, args.warmup, res["step_time_median_s"])})
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        # the first steps' time above the steady median: compilation, allocators
+        warm = sum(max(0.0, r["perf/step_time_s"] - res["step_time_median_s"]) for r in rows[: args.warmup])
+        res.update({"overrides": overrides, "wall_s": wall, "warmup_s": warm})
         results[name] = res
         print(f"  {name}: {res['pairs_per_s_steady']:.1f} pairs/s steady, warm-up {res['warmup_s']:.1f} s, "
               f"{wall:.0f} s wall", flush=True)

@@ -13,13 +13,14 @@ time and the largest relative loss difference from the baseline (docs/PERFORMANC
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from common import REPO, alternate, demo_stream
+from common import REPO, alternate, demo_stream, epochs
 
 # variant → the levers it turns on ({} = baseline); the names are the config keys' values
 VARIANTS: dict[str, dict[str, str | bool]] = {
@@ -29,21 +30,6 @@ VARIANTS: dict[str, dict[str, str | bool]] = {
     "channels_last": {"channels_last": True},
     "attention_fp32": {"attention_fp32": True},
 }
-
-
-def load_batches(cfg: dict, shards: Path, n: int, tokenizer) -> list:
-    """The first n micro-batches of rank 0's training stream (world size 2, as the demo)."""
-    stream = demo_stream(cfg, shards, tokenizer, int(cfg["train"]["micro_batch"]), num_workers=0)
-    out: list = []
-    epoch = 0
-    while len(out) < n:
-        stream.set_epoch(epoch)
-        for batch in stream:
-            out.append(batch)
-            if len(out) == n:
-                break
-        epoch += 1
-    return out
 
 
 class Variant:
@@ -126,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     init_single_rank()
     variants = [Variant(n, cfg, ds, table[n]) for n in names]
-    batches = load_batches(cfg, shards, warmup + reps, variants[0].engine.module.tokenizer)
+    stream = demo_stream(cfg, shards, variants[0].engine.module.tokenizer, int(cfg["train"]["micro_batch"]), 0)
+    batches = list(itertools.islice(epochs(stream), warmup + reps))  # the first micro-batches of rank 0 of 2
     texts = [len(b) + int(b.pert_valid.sum()) for b in batches]
     print(f"config {args.config}, shards {shards}: micro-batch {cfg['train']['micro_batch']} pairs "
           f"({statistics.mean(texts):.0f} texts) per step, {warmup} warm-up + {reps} timed steps per variant; "

@@ -92,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         for epoch in range(args.epochs):
             stream.set_epoch(epoch)
             start = time.perf_counter()
-            first = None
             for i, batch in enumerate(stream):
-                now = time.perf_counter()
                 if i == 0:
-                    first = now
+                    first = time.perf_counter()
                 else:
                     steady_n += len(batch)
                 total_n += len(batch)

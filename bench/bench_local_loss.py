@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import alternate
+
 # by /proc/cpuinfo's vendor_id: the loop is much cheaper on AMD EPYC; unknown vendors get the stricter one
 SPEEDUP_TARGETS = {"GenuineIntel": 3.0, "AuthenticAMD": 2.0}
 SPEEDUP_TARGET = 3.0
@@ -76,14 +78,9 @@ def worker(variant: str, b: int, w: int, grid: int, d: int, reps: int, flush_den
     loss = step()
     first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = [] if reps else [first]  # --quick: the warm-up pass is the timing
-    cpu = [] if reps else [first_cpu]
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"variant": variant, "loss": loss, "peak_bytes": peak, "first_s": first, "times_s": times, "cpu_s": cpu,
+    _, times, cpu = alternate({variant: lambda i: step()}, 0, reps)  # --quick (no reps): the warm-up pass
+    return {"variant": variant, "loss": loss, "peak_bytes": peak, "first_s": first,
+            "times_s": times[variant] or [first], "cpu_s": cpu[variant] or [first_cpu],
             "threads": torch.get_num_threads()}
 
 

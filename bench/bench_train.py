@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, build_shards, demo_stream
+from common import REPO, build_shards, demo_stream, epochs
 
 from pertvl.testing import free_port
 
@@ -75,19 +75,11 @@ def loader_throughput(config: str, shards: Path, batches: int) -> tuple[float, i
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"].get("text_name_or_path") or default_text_model())
     stream = demo_stream(cfg, shards, tokenizer, micro, int(cfg["data"]["num_workers"]))
-    total = 0
-    t0 = None
-    epoch = 0
+    it = epochs(stream)
+    next(it)  # the first batch includes starting the workers: not counted
+    t0, total = time.perf_counter(), 0
     while total < batches * micro:
-        stream.set_epoch(epoch)
-        for i, batch in enumerate(stream):
-            if t0 is None:  # the first batch includes starting the workers: not counted
-                t0 = time.perf_counter()
-                continue
-            total += len(batch)
-            if total >= batches * micro or i == len(stream) - 1:
-                break
-        epoch += 1
+        total += len(next(it))
     return total / (time.perf_counter() - t0), micro * accum
 
 

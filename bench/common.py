@@ -4,6 +4,7 @@ phantom shards, the demo's training stream and a timer."""
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import shutil
 import sys
@@ -50,6 +51,13 @@ def demo_stream(cfg, shards: Path, tokenizer, batch_size: int, num_workers: int)
         num_workers=num_workers, seed=0, augment=bool(d["augment"]), max_length=int(d["max_length"]),
         image_size=d["image_size"], shuffle_buffer=int(d["shuffle_buffer"]),
     )  # fmt: skip
+
+
+def epochs(stream):
+    """The stream's batches epoch after epoch (set_epoch 0, 1, …), without end."""
+    for epoch in itertools.count():
+        stream.set_epoch(epoch)
+        yield from stream
 
 
 class Timed:
