@@ -3,9 +3,10 @@
     python bench/bench_levers.py [--quick] [--config configs/demo.yaml] [--shards DIR] [--reps N]
                                  [--variants baseline,compile_text,channels_last,all] [--profile NAME]
 
-One rank's share of the demo step (the config's micro-batch of the demo shards, rank 0 of 2, the
-demo model under DeepSpeed with the config's JSON on a world of one): every variant its own engine
-from the same seed, stepping the same batches; timed rounds alternate baseline, lever, baseline, …
+One rank's share of the demo's training step, dropout on (the config's micro-batch of the demo
+shards, rank 0 of 2, the demo model under DeepSpeed with the config's JSON on a world of one): every
+variant its own engine from the same seed, stepping the same batches; timed rounds alternate
+baseline, lever, baseline, …
 Prints per variant pairs/s (best, median), the ratio to the baseline, CPU s/step, the warm-up
 time and the largest relative loss difference from the baseline (docs/PERFORMANCE.md).
 """
@@ -29,6 +30,7 @@ VARIANTS: dict[str, dict[str, str | bool]] = {
     "compile_all": {"compile": "all"},
     "channels_last": {"channels_last": True},
     "attention_fp32": {"attention_fp32": True},
+    "frozen_eval": {"frozen_text_dropout": False},  # a model key: changes training (no frozen-layer dropout)
 }
 
 
@@ -45,7 +47,7 @@ class Variant:
 
         self.name = name
         seed_everything(0)
-        model = create_model(cfg["model"])
+        model = create_model({**cfg["model"], **{k: v for k, v in levers.items() if k == "frozen_text_dropout"}})
         apply_levers(model, compile=str(levers.get("compile", "off")), channels_last=bool(levers.get("channels_last")),
                      attention_fp32=bool(levers.get("attention_fp32")))
         self.loss_fn = PretrainLoss(cfg["loss"])
@@ -53,6 +55,7 @@ class Variant:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=float(cfg["train"]["lr"]), momentum=float(cfg["train"]["momentum"]))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        self.engine.train()  # the training step, dropout on: from_pretrained leaves the text model in eval mode
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else None
         self.losses: list[float] = []
 
