@@ -141,8 +141,8 @@ class DualEncoder(nn.Module):
         local_dim = config.local_dim or int(backbone.config.hidden_size)
         self.text = TextEncoder(backbone, tokenizer, config.embed_dim, local_dim, config.projection, config.text_pooling,
                                 config.word_features)
-        self.text.freeze(whole=config.freeze_text, layers=config.freeze_text_layers)
-        self.text.frozen_dropout = bool(config.frozen_text_dropout)
+        self.text.freeze(whole=config.freeze_text, layers=config.freeze_text_layers,
+                         dropout=bool(config.frozen_text_dropout))
         supported = packing_supported(backbone)
         if config.text_packing and not supported:
             raise ValueError(f"text_packing: {type(backbone).__name__} does not support packed texts "

@@ -102,9 +102,10 @@ FP32_GRAD_SDPA = "pertvl_sdpa_fp32_grad"
 
 def _sdpa_fp32_grad(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention; where the query needs a gradient (a trainable layer) and the
-    inputs are 16-bit on a CPU, in fp32 and cast back: torch's CPU flash-attention backward is
-    several times slower in bf16 than in fp32 (docs/PERFORMANCE.md). Frozen layers and inference
-    keep the 16-bit kernel (its forward is the fast one)."""
+    inputs are 16-bit on a CPU, in fp32 and cast back. Without attention dropout torch takes its
+    fused CPU kernel, whose bf16 backward is several times slower than fp32's; with dropout it takes
+    the math kernel, which up-casts bf16 itself, so the numbers are the same bit for bit and a few
+    casts are saved (docs/PERFORMANCE.md). Frozen layers and inference keep the 16-bit kernel."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.requires_grad and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
@@ -195,8 +196,10 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
 
-    def freeze(self, whole: bool = False, layers: int = 0) -> None:
-        """Freeze the whole encoder, or its embeddings and first `layers` transformer layers."""
+    def freeze(self, whole: bool = False, layers: int = 0, dropout: bool = True) -> None:
+        """Freeze the whole encoder, or its embeddings and first `layers` transformer layers;
+        `dropout` False keeps what is frozen in eval mode while the rest trains (see `train`)."""
+        self.frozen_dropout = dropout
         if whole:
             self.backbone.requires_grad_(False)
             self.frozen = (self.backbone,)

@@ -1,5 +1,6 @@
 """Speed levers of the training step, switched by the run config (`train.compile`,
-`train.channels_last`); each is off by default and changes no number beyond rounding.
+`train.channels_last`, `train.attention_fp32`); each is off by default and changes no number
+beyond rounding.
 
 compile: "off" | "text" | "all"
     torch.compile (inductor) of the text transformer ("text"), and of the image tower too ("all").
@@ -8,8 +9,9 @@ compile: "off" | "text" | "all"
     The packed text batch changes shape every step (rows and row length); `dynamic=True` makes one
     graph serve every shape, so the step does not recompile (docs/PERFORMANCE.md counts it).
 attention_fp32: the attention of the trainable text layers computes in fp32 when the weights are
-    16-bit on a CPU (pertvl.model.text._sdpa_fp32_grad), where the bf16 flash-attention backward is
-    slow; frozen layers keep the bf16 kernel.
+    16-bit on a CPU (pertvl.model.text._sdpa_fp32_grad): much faster where the attention has no
+    dropout (torch's fused kernel has a slow bf16 backward), the same numbers and a few casts fewer
+    where it has (the math kernel); frozen layers keep the bf16 kernel.
 channels_last: the image tower's convolutions run on NHWC activations (the input is converted
     once; the weights stay as DeepSpeed flattened them).
 """
@@ -41,7 +43,7 @@ def compile_counters() -> dict[str, int]:
     return {
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompiles": int(sum(v for k, v in counters["recompiles"].items())) if "recompiles" in counters else 0,
+        "recompiles": int(sum(counters["recompiles"].values())),
         "frames": int(counters["frames"]["ok"]),
     }
 
