@@ -166,7 +166,7 @@ def test_random_scores_match_the_chance_levels(twins):
     records, edits = _pair_texts_and_truth(twins["twins"])
     r = twin_scores(np.zeros((len(records), 2, 2)), edits, bootstrap=500)
     for m in ("text", "image", "group", "pairwise"):  # the null on the same pairs brackets chance
-        lo, hi = r.null.ci95[m]
+        lo, hi = r.null_random_scores.ci95[m]
         assert lo <= CHANCE[m] <= hi, m
     assert r.overall.values["text"] == r.overall.values["image"] == 0.0  # all ties: strict > fails
     big = outcomes(np.random.default_rng(0).standard_normal((60_000, 2, 2)))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.phantom.twins import EDITS
-from pertvl.evaluate.evaluation import Evaluation, MetricInfo, Suite, add_bootstrap_arguments
+from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite, add_bootstrap_arguments
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-twins/1"
@@ -57,17 +57,25 @@ def outcomes(s: np.ndarray) -> dict[str, np.ndarray]:
 
 @dataclass
 class TwinStat:
+    """Means over `n` pairs (None for n = 0) and their 95 % CIs; the JSON is these fields."""
+
     n: int
-    values: dict[str, float | None]
-    ci95: dict[str, list[float] | None]
+    text: float | None
+    image: float | None
+    group: float | None
+    pairwise: float | None
+    text_ci95: list[float] | None
+    image_ci95: list[float] | None
+    group_ci95: list[float] | None
+    pairwise_ci95: list[float] | None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, **{m: self.values[m] for m in METRICS},
-                **{f"{m}_ci95": self.ci95[m] for m in METRICS}}
+    @property
+    def values(self) -> dict[str, float | None]:
+        return {m: getattr(self, m) for m in METRICS}
 
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TwinStat:
-        return cls(int(d["n"]), {m: d.get(m) for m in METRICS}, {m: d.get(f"{m}_ci95") for m in METRICS})
+    @property
+    def ci95(self) -> dict[str, list[float] | None]:
+        return {m: getattr(self, f"{m}_ci95") for m in METRICS}
 
 
 def twin_stat(out: Mapping[str, np.ndarray], rows: np.ndarray, bootstrap: int, seed: int) -> TwinStat:
@@ -80,23 +88,14 @@ def twin_stat(out: Mapping[str, np.ndarray], rows: np.ndarray, bootstrap: int, s
         for m in METRICS:
             means = out[m][rows][idx].mean(axis=1)
             cis[m] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return TwinStat(n, values, cis)
+    return TwinStat(n, **values, **{f"{m}_ci95": c for m, c in cis.items()})
 
 
 @dataclass
 class TwinScores:
     overall: TwinStat
     per_edit: dict[str, TwinStat]
-    null: TwinStat
-
-    def to_json(self) -> dict[str, Any]:
-        return {"overall": self.overall.to_json(), "per_edit": {e: s.to_json() for e, s in self.per_edit.items()},
-                "null_random_scores": self.null.to_json()}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TwinScores:
-        return cls(TwinStat.from_json(d["overall"]), {e: TwinStat.from_json(s) for e, s in d["per_edit"].items()},
-                   TwinStat.from_json(d["null_random_scores"]))
+    null_random_scores: TwinStat
 
 
 def twin_scores(s: np.ndarray, edits: Sequence[str], bootstrap: int = 1000, seed: int = 0) -> TwinScores:
@@ -109,32 +108,22 @@ def twin_scores(s: np.ndarray, edits: Sequence[str], bootstrap: int = 1000, seed
     return TwinScores(twin_stat(out, every, bootstrap, seed), per_edit, twin_stat(null, every, bootstrap, seed))
 
 
-@dataclass
-class TwinResult:
-    """The twin test's outcome: per score ("global", "local") its TwinScores; `to_json` is the schema."""
+@dataclass(kw_only=True)
+class TwinResult(JsonResult):
+    """The twin test's outcome: per score ("global", "local") its TwinScores; its JSON is these fields,
+    "schema" first."""
 
-    scores: dict[str, TwinScores]
+    SCHEMAS, WHAT = (SCHEMA,), "twins"
+
     pairs: int
     pairs_per_edit: dict[str, int]
+    chance: dict[str, float] = field(default_factory=lambda: dict(CHANCE))
+    scores: dict[str, TwinScores]
     skipped: dict[str, int]
     bootstrap: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
     examples: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)  # not serialized
-
-    def to_json(self) -> dict[str, Any]:
-        return {"schema": self.schema, "pairs": self.pairs, "pairs_per_edit": dict(self.pairs_per_edit),
-                "chance": dict(CHANCE), "scores": {k: v.to_json() for k, v in self.scores.items()},
-                "skipped": dict(self.skipped), "bootstrap": dict(self.bootstrap), "info": dict(self.info)}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> TwinResult:
-        if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
-            raise ValueError(f"not a pertvl twins result: schema {d.get('schema') if isinstance(d, Mapping) else d!r}")
-        return cls({k: TwinScores.from_json(v) for k, v in d["scores"].items()}, int(d["pairs"]),
-                   {k: int(v) for k, v in d.get("pairs_per_edit", {}).items()},
-                   {k: int(v) for k, v in d.get("skipped", {}).items()}, dict(d.get("bootstrap", {})),
-                   dict(d.get("info", {})))
 
     def markdown(self, name: str) -> str:
         return twins_markdown(self, name)
@@ -178,11 +167,10 @@ def headline_lines(r: TwinResult) -> list[str]:
     """The console lines: per score the overall text/image/group with CIs, then per edit type."""
     lines = []
     for score, sc in r.scores.items():
-        o = sc.overall
+        o, null = sc.overall, sc.null_random_scores
         lines.append(f"twins ({SCORE_NAMES.get(score, score)}) over {o.n} pairs: text {_stat_text(o, 'text')}, image "
                      f"{_stat_text(o, 'image')}, group {_stat_text(o, 'group')} (chance 25/25/16.7%; random-score "
-                     f"null {pct(sc.null.values['text'])}/{pct(sc.null.values['image'])}/{pct(sc.null.values['group'])};"
-                     " any text-only scorer: text 0%)")
+                     f"null {pct(null.text)}/{pct(null.image)}/{pct(null.group)}; any text-only scorer: text 0%)")
         lines += [f"  {e} (n={st.n}): text {_stat_text(st, 'text')}, image {_stat_text(st, 'image')}, group "
                   f"{_stat_text(st, 'group')}" for e, st in sc.per_edit.items()]
     return lines
@@ -196,7 +184,7 @@ def twins_markdown(r: TwinResult, name: str) -> str:
     lines = [f"# Twin phantoms (image grounding): {name}", ""]
     for score, sc in r.scores.items():
         rows = [_row("**all**", sc.overall)] + [_row(e, st) for e, st in sc.per_edit.items()]
-        rows += [_row("random-score null (all pairs)", sc.null),
+        rows += [_row("random-score null (all pairs)", sc.null_random_scores),
                  ["chance", "", *[pct(CHANCE[m]) for m in METRICS]],
                  ["any text-only scorer", "", "0.0%", "—", "0.0%", "50.0%"],
                  ["any image-only scorer", "", "—", "0.0%", "0.0%", "—"]]
@@ -390,8 +378,8 @@ def evaluate_twins(encoder: Any, samples: Iterable[Any], scores: Sequence[str] =
     usable = [s for s in scores if s != "local" or hasattr(encoder, "image_features")]
     result = {s: twin_scores(model_scores(encoder, kept, pairs, s, batch_size), edits, bootstrap, seed)
               for s in usable}
-    return TwinResult(result, len(pairs), dict(Counter(edits)), skipped, {"resamples": bootstrap, "seed": seed},
-                      examples=examples_of(pairs, kept))
+    return TwinResult(scores=result, pairs=len(pairs), pairs_per_edit=dict(Counter(edits)), skipped=skipped,
+                      bootstrap={"resamples": bootstrap, "seed": seed}, examples=examples_of(pairs, kept))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
