@@ -267,16 +267,14 @@ def accuracy_stats(scores: StructureScores, types: Sequence[str], counts: Candid
 def summarize(
     scores: StructureScores, types: Sequence[str], counts: CandidateCounts, *, skipped: Mapping[str, int],
     bootstrap: int, seed: int, schema: str = SCHEMA, info: Mapping[str, Any] | None = None,
-    ids: Sequence[str] = (), controls: Controls | None = None) -> StructureResult:
+    ids: Sequence[str] = ()) -> StructureResult:
     """Turn per-image scores into overall and per-type accuracies with bootstrap CIs."""
-    if bootstrap < 0:
-        raise ValueError(f"bootstrap resamples must be >= 0, got {bootstrap}")
     overall, per_type = accuracy_stats(scores, types, counts, bootstrap, seed)
     return StructureResult(
         overall=overall, per_type=per_type, images=len(scores.orig),
         images_without_valid_perturbation=int((~scores.has_candidates).sum()), skipped=dict(skipped),
         bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE, "method": "percentile"},
-        info=dict(info or {}), schema=schema, ids=list(ids), scores=scores, controls=controls)
+        info=dict(info or {}), schema=schema, ids=list(ids), scores=scores)
 
 
 def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
@@ -340,16 +338,13 @@ def _margin(own: np.ndarray, wrong: np.ndarray, rows: np.ndarray, bootstrap: int
 
 
 def structure_controls(
-    image_emb: np.ndarray, own: StructureScores, text_index: dict[str, int], text_emb: np.ndarray | None,
+    anchors: np.ndarray, own: StructureScores, text_index: dict[str, int], scorer: GlobalScorer | LocalScorer,
     originals: Sequence[str], candidates: Sequence[Sequence[str | None]], types: Sequence[str],
     counts: CandidateCounts, signatures: Sequence[frozenset[str] | None], studies: Sequence[str], *,
-    bootstrap: int, seed: int, scorer: GlobalScorer | LocalScorer | None = None,
-    disjoint_partners: bool = False) -> Controls:
-    """The control anchors and the image-grounding margin. `image_emb` are the scorer's anchors (region
-    features for a LocalScorer, which has no text-only anchor)."""
-    scorer = GlobalScorer(text_emb) if scorer is None else scorer
+    bootstrap: int, seed: int, disjoint_partners: bool = False) -> Controls:
+    """The control anchors and the image-grounding margin. `anchors` are the scorer's (region features
+    for a LocalScorer, which has no text-only anchor)."""
     n, k = len(originals), len(types)
-    anchors = np.asarray(image_emb)
     partner = wrong_image_partners(signatures, studies, seed, disjoint_partners)
     paired = partner >= 0
     wrong_anchor = anchors[np.where(paired, partner, np.arange(n))]  # unpaired: left out below
@@ -425,8 +420,8 @@ def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence
     scores = candidate_scores(anchors, index, scorer, originals, candidates, len(types))
     controls = None
     if originals:
-        controls = structure_controls(anchors, scores, index, text_emb, originals, candidates, types, counts,
-                                      signatures, studies, bootstrap=bootstrap, seed=seed, scorer=scorer)
+        controls = structure_controls(anchors, scores, index, scorer, originals, candidates, types, counts,
+                                      signatures, studies, bootstrap=bootstrap, seed=seed)
     grounded = grounded_scores = None
     if any(has_cf):
         # The counterfactual texts are embedded in calls of their own, after the others, so the
@@ -435,16 +430,14 @@ def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence
             index, text_emb = embed_after(encoder, index, text_emb, cf_texts, batch_size)
             scorer = GlobalScorer(text_emb)
         grounded, grounded_scores = grounded_structure(
-            anchors, index, text_emb, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
-            studies, bootstrap=bootstrap, seed=seed, scorer=scorer,
-            train_counterfactuals=train_counterfactuals)
+            anchors, index, scorer, originals, cf_candidates, cf_types, cf_counts, np.array(has_cf), signatures,
+            studies, bootstrap=bootstrap, seed=seed, train_counterfactuals=train_counterfactuals)
     disjoint = None
     if train_texts is not None:
         disjoint = text_disjoint_stats(originals, set(map(clean_text, train_texts)) - {""}, scores, types, counts,
                                        grounded_scores, cf_types, cf_counts, bootstrap=bootstrap, seed=seed)
-    result = summarize(scores, types, counts, skipped=skipped, bootstrap=bootstrap, seed=seed, schema=SCHEMA,
-                       ids=ids, controls=controls)
-    result.grounded, result.text_disjoint, result.score = grounded, disjoint, score
+    result = summarize(scores, types, counts, skipped=skipped, bootstrap=bootstrap, seed=seed, ids=ids)
+    result.controls, result.grounded, result.text_disjoint, result.score = controls, grounded, disjoint, score
     return result
 
 
@@ -460,22 +453,20 @@ def embed_after(encoder: Encoder, index: dict[str, int], text_emb: np.ndarray, t
 
 
 def grounded_structure(
-    image_emb: np.ndarray, text_index: dict[str, int], text_emb: np.ndarray | None, originals: Sequence[str],
+    image_emb: np.ndarray, text_index: dict[str, int], scorer: GlobalScorer | LocalScorer, originals: Sequence[str],
     cf_candidates: Sequence[Sequence[str | None]], cf_types: Sequence[str], cf_counts: CandidateCounts,
     has_record: np.ndarray, signatures: Sequence[frozenset[str] | None], studies: Sequence[str], *,
-    bootstrap: int, seed: int, scorer: GlobalScorer | LocalScorer | None = None,
-    train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None = None,
+    bootstrap: int, seed: int, train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None,
 ) -> tuple[GroundedStructure, StructureScores]:
     """The structure test with the counterfactuals as candidates, its controls, margin and references.
     Images without a counterfactual record take part in nothing and are counted; wrong-image partners
     share no positive label with the image."""
     k = len(cf_types)
-    scorer = GlobalScorer(text_emb) if scorer is None else scorer
     scores = candidate_scores(image_emb, text_index, scorer, originals, cf_candidates, k)
     overall, per_type = accuracy_stats(scores, cf_types, cf_counts, bootstrap, seed)
-    controls = structure_controls(image_emb, scores, text_index, text_emb, originals, cf_candidates, cf_types,
+    controls = structure_controls(image_emb, scores, text_index, scorer, originals, cf_candidates, cf_types,
                                   cf_counts, signatures, studies, bootstrap=bootstrap, seed=seed,
-                                  scorer=scorer, disjoint_partners=True) if len(originals) else None
+                                  disjoint_partners=True) if len(originals) else None
     has_record = np.asarray(has_record, bool)
     references = grounded_references(image_emb, text_index, scorer, originals, cf_candidates, cf_types, seed,
                                      train_counterfactuals) if len(originals) else None

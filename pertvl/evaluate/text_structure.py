@@ -90,10 +90,7 @@ def perturb_findings(sections: ReportSections, perturber: Any, **perturb_kwargs:
     """[(impression, perturbation record of its findings)] in report order, each distinct findings text
     perturbed once by `perturber.perturb_many`."""
     distinct = list(dict.fromkeys(sections.findings))
-    records = perturber.perturb_many(distinct, **perturb_kwargs)
-    if len(records) != len(distinct):
-        raise ValueError(f"perturber returned {len(records)} records for {len(distinct)} texts")
-    by_text = dict(zip(distinct, records, strict=True))
+    by_text = dict(zip(distinct, perturber.perturb_many(distinct, **perturb_kwargs), strict=True))
     return [(imp, by_text[fnd]) for imp, fnd in zip(sections.impressions, sections.findings, strict=True)]
 
 
