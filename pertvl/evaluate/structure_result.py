@@ -316,8 +316,13 @@ def margin_text(m: MarginStat) -> str:
     """"+2.8 pts [−1.4, 6.9] (n=72)": percentage points, its CI, the paired images."""
     if m.margin is None:
         return "n/a (no paired image)"
-    ci_part = "" if m.ci95 is None else f" [{100 * m.ci95[0]:+.1f}, {100 * m.ci95[1]:+.1f}]"
+    ci_part = f" {signed_ci(m.ci95)}" if m.ci95 else ""
     return f"{100 * m.margin:+.1f} pts{ci_part} (n={m.n})"
+
+
+def signed_ci(ci95: tuple[float, float] | None) -> str:
+    """"[−1.4, +6.9]": a difference's CI in percentage points; "" for none."""
+    return "" if ci95 is None else f"[{100 * ci95[0]:+.1f}, {100 * ci95[1]:+.1f}]"
 
 
 STRUCTURE_FIGSIZE = (11.0, 5.0)  # → 1100 × 500 px
@@ -366,7 +371,8 @@ def structure_markdown(result: StructureResult, title: str) -> str:
         notes += ["", "Counterfactual rows (`cf_*`): the same pairwise test against the report's counterfactuals "
                   "(pertvl.data.counterfactual); not candidates of the overall accuracy."]
     if result.controls is not None:
-        notes += ["", controls_markdown(result)]
+        notes += ["", _controls_tables(result.overall, result.per_type, result.controls,
+                                       "## Controls: the same test with another anchor", result.score)]
     if result.grounded is not None:
         notes += ["", grounded_markdown(result.grounded, result.score)]
     if result.text_disjoint is not None:
@@ -430,29 +436,22 @@ def anchor_text(name: str, score: str = "global") -> str:
     return "mean test-image region features" if (name, score) == ("mean_image", "local") else ANCHOR_TEXT[name]
 
 
-def controls_markdown(result: StructureResult) -> str:
-    """Overall accuracy per anchor with mean cosines, the margin, and per type per anchor."""
-    assert result.controls is not None
-    return _controls_tables(result.overall, result.per_type, result.controls,
-                            "## Controls: the same test with another anchor", result.score)
-
-
 def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, AccuracyStat], c: Controls,
-                     heading: str, score: str = "global") -> str:
+                     heading: str, score: str) -> str:
+    """Overall accuracy per anchor with mean cosines, the margin, and per type per anchor."""
     anchors = {"own": AnchorControl(own_overall, own_per_type), **c.anchors()}
     rows = [[anchor_text(name, score), pct(a.overall.accuracy), ci(a.overall.ci95), str(a.overall.n),
              cos(a.overall.cos_original), cos(a.overall.cos_perturbed)] for name, a in anchors.items()]
     m = c.margin
     rows.append(["**image-grounding margin** (own − wrong, paired images)",
                  "—" if m.margin is None else f"{100 * m.margin:+.1f} pts",
-                 "—" if m.ci95 is None else f"[{100 * m.ci95[0]:+.1f}, {100 * m.ci95[1]:+.1f}]", str(m.n), "", ""])
+                 signed_ci(m.ci95) or "—", str(m.n), "", ""])
     per_type = []
     for t in own_per_type:
         mt = c.margin_per_type.get(t)
         cells = [f"{pct(a.per_type[t].accuracy)} ({cos(a.per_type[t].cos_original)} / "
                  f"{cos(a.per_type[t].cos_perturbed)})" for a in anchors.values()]
-        margin = "—" if mt is None or mt.margin is None else f"{100 * mt.margin:+.1f} pts " + (
-            "" if mt.ci95 is None else f"[{100 * mt.ci95[0]:+.1f}, {100 * mt.ci95[1]:+.1f}]")
+        margin = "—" if mt is None or mt.margin is None else f"{100 * mt.margin:+.1f} pts {signed_ci(mt.ci95)}"
         per_type.append([f"{type_name(t)} (`{t}`)", *cells, margin])
     p = c.pairing
     return "\n".join([
@@ -474,7 +473,7 @@ def _controls_tables(own_overall: AccuracyStat, own_per_type: dict[str, Accuracy
     ])
 
 
-def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: str = "") -> Path:
+def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: str) -> Path:
     """Bar chart: overall + one bar per type, CI error bars, the chance level of each bar."""
     from pertvl.data.perturb import type_label
 
@@ -511,7 +510,6 @@ def plot_structure(result: StructureResult, out_png: str | os.PathLike, title: s
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    title = title or "Clinical semantic structure: original report ranked above perturbations"
     if c is not None:
         title += f"\nbars: own image; image-grounding margin (own − wrong image) {margin_text(c.margin)}"
     ax.set_title(title, fontsize=10 if c is not None else None)

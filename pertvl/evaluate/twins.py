@@ -155,25 +155,22 @@ class TwinResult(JsonResult):
                           summary=edit == "all" and metric == "group" and score == "global")
 
     def headline(self) -> str:
-        return "\n    ".join(headline_lines(self))
+        """Per score the overall text/image/group with CIs, then per edit type, one line each."""
+        lines = []
+        for score, sc in self.scores.items():
+            o, null = sc.overall, sc.null_random_scores
+            lines.append(f"twins ({SCORE_NAMES.get(score, score)}) over {o.n} pairs: text {_stat_text(o, 'text')}, "
+                         f"image {_stat_text(o, 'image')}, group {_stat_text(o, 'group')} (chance 25/25/16.7%; "
+                         f"random-score null {pct(null.text)}/{pct(null.image)}/{pct(null.group)}; any text-only "
+                         "scorer: text 0%)")
+            lines += [f"  {e} (n={st.n}): text {_stat_text(st, 'text')}, image {_stat_text(st, 'image')}, group "
+                      f"{_stat_text(st, 'group')}" for e, st in sc.per_edit.items()]
+        return "\n    ".join(lines)
 
 
 def _stat_text(st: TwinStat, m: str) -> str:
     c = st.ci95[m]
     return pct(st.values[m]) + (f" [{100 * c[0]:.0f}, {100 * c[1]:.0f}]" if c else "")
-
-
-def headline_lines(r: TwinResult) -> list[str]:
-    """The console lines: per score the overall text/image/group with CIs, then per edit type."""
-    lines = []
-    for score, sc in r.scores.items():
-        o, null = sc.overall, sc.null_random_scores
-        lines.append(f"twins ({SCORE_NAMES.get(score, score)}) over {o.n} pairs: text {_stat_text(o, 'text')}, image "
-                     f"{_stat_text(o, 'image')}, group {_stat_text(o, 'group')} (chance 25/25/16.7%; random-score "
-                     f"null {pct(null.text)}/{pct(null.image)}/{pct(null.group)}; any text-only scorer: text 0%)")
-        lines += [f"  {e} (n={st.n}): text {_stat_text(st, 'text')}, image {_stat_text(st, 'image')}, group "
-                  f"{_stat_text(st, 'group')}" for e, st in sc.per_edit.items()]
-    return lines
 
 
 def _row(label: str, st: TwinStat) -> list[str]:
