@@ -36,15 +36,6 @@ from pertvl.evaluate.encoder import (
     word_features_unique,
 )
 from pertvl.evaluate.evaluation import Evaluation, Suite, add_bootstrap_arguments
-from pertvl.evaluate.grounded_references import (
-    NULL_DRAWS,
-    GroundedReferences,
-    Reference,
-    TextPriorScorer,
-    accuracies,
-    random_anchor_null,
-    text_prior_values,
-)
 from pertvl.evaluate.report import pct
 from pertvl.evaluate.structure_result import (
     SCHEMA,
@@ -52,14 +43,17 @@ from pertvl.evaluate.structure_result import (
     AccuracyStat,
     AnchorControl,
     Controls,
+    GroundedReferences,
     GroundedStructure,
     MarginStat,
+    Reference,
     StructureResult,
     StructureScores,
     TextDisjoint,
     grounded_text,
 )
 
+NULL_DRAWS = 200  # random-anchor draws of the grounded test's empirical null
 SCORES = ("global", "local")  # S(I, T): cosine of global embeddings (the paper's) | GLoRIA's local score
 CONFIDENCE = 0.95
 
@@ -480,7 +474,7 @@ def grounded_references(anchors: np.ndarray, text_index: dict[str, int], scorer:
                         originals: Sequence[str], cf_candidates: Sequence[Sequence[str | None]],
                         cf_types: Sequence[str], seed: int,
                         train_counterfactuals: Sequence[tuple[str, Sequence[str]]] | None) -> GroundedReferences:
-    """The grounded accuracies' references (pertvl.evaluate.grounded_references) on the same candidates."""
+    """The grounded accuracies' references (GroundedReferences) on the same candidates."""
     k = len(cf_types)
     draws = NULL_DRAWS if scorer.score == "global" else NULL_DRAWS // 4  # the local score costs more per draw
     def score(a: np.ndarray) -> StructureScores:
@@ -513,6 +507,61 @@ def text_disjoint_stats(originals: Sequence[str], train_texts: set[str], scores:
     return TextDisjoint(train_texts=len(train_texts), images=len(originals), images_text_in_train=int(in_train.sum()),
                         texts=len(texts), texts_in_train=len(texts & train_texts), overall=overall,
                         per_type=per_type, grounded=grounded)
+
+
+def accuracies(scores: StructureScores, types: Sequence[str]) -> tuple[float | None, dict[str, float | None]]:
+    """Overall (original above all its valid candidates) and per-type pairwise accuracy of StructureScores."""
+    has = scores.has_candidates
+    overall = float(scores.correct[has].mean()) if has.any() else None
+    per = {t: (float(scores.pairwise[scores.valid[:, j], j].mean()) if scores.valid[:, j].any() else None)
+           for j, t in enumerate(types)}
+    return overall, per
+
+
+def random_anchor_null(anchors: np.ndarray, score_fn: Any, types: Sequence[str], draws: int = NULL_DRAWS,
+                       seed: int = 0) -> Reference:
+    """`score_fn(anchors) -> StructureScores` on `draws` sets of random anchors shaped like `anchors`."""
+    rng = np.random.default_rng(seed)
+    runs = [accuracies(score_fn(rng.standard_normal(np.shape(anchors))), types) for _ in range(draws)]
+
+    def summary(values: list[float | None]) -> tuple[float | None, list[float] | None]:
+        v = np.array([x for x in values if x is not None], dtype=np.float64)
+        if not v.size:
+            return None, None
+        return float(v.mean()), [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+
+    overall, overall_range = summary([r[0] for r in runs])
+    per = {t: summary([r[1][t] for r in runs]) for t in types}
+    return Reference(overall, {t: p[0] for t, p in per.items()}, overall_range, {t: p[1] for t, p in per.items()},
+                     f"random anchor directions, {draws} draws (seed {seed}); range: 2.5-97.5 % of the draws")
+
+
+class TextPriorScorer:
+    """A scorer that ignores the anchor: s(I, T) = the text prior's score of T (a candidate_scores scorer)."""
+
+    score = "text_prior"
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = np.asarray(values, dtype=np.float64)
+
+    def prepare(self, anchors: np.ndarray) -> np.ndarray:
+        return np.asarray(anchors)
+
+    def __call__(self, anchors: np.ndarray, text_rows: np.ndarray) -> np.ndarray:
+        return self.values[np.asarray(text_rows, dtype=np.int64)]
+
+
+def text_prior_values(train: Sequence[tuple[str, Sequence[str]]], texts: Sequence[str]) -> np.ndarray:
+    """log-odds "this is an original, not a counterfactual" of each of `texts`, by word 1-3-gram
+    logistic regression trained on `train` = [(original, its counterfactuals)] (cleaned texts)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    docs = [t for orig, cfs in train for t in (orig, *cfs)]
+    labels = [y for orig, cfs in train for y in (1, *[0] * len(cfs))]
+    vec = CountVectorizer(ngram_range=(1, 3), token_pattern=r"(?u)\b\w+\b")
+    clf = LogisticRegression(max_iter=5000).fit(vec.fit_transform(docs), labels)
+    return clf.decision_function(vec.transform(list(texts)))
 
 
 def training_samples(options: argparse.Namespace, what: str) -> list[Mapping[str, Any]] | None:

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from pertvl.evaluate.evaluation import JsonResult, MetricInfo
-from pertvl.evaluate.grounded_references import GroundedReferences, references_markdown
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-structure/3"
@@ -98,6 +97,26 @@ class Controls:
 
 
 @dataclass
+class Reference:
+    overall: float | None
+    per_type: dict[str, float | None]
+    overall_range: list[float] | None = None
+    per_type_range: dict[str, list[float] | None] | None = None
+    detail: str = ""
+
+
+@dataclass
+class GroundedReferences:
+    """What a grounded accuracy is read against, in place of the 1/(1+k) chance that assumes
+    exchangeable candidates: the empirical null (the same candidates scored from random anchors, mean
+    and 2.5-97.5 % range) and, when the training split has counterfactuals, the text prior (a word
+    1-3-gram logistic regression of originals vs counterfactuals, scoring each candidate by its text alone)."""
+
+    null_random_anchors: Reference
+    text_prior: Reference | None
+
+
+@dataclass
 class GroundedStructure:
     """The structure test with counterfactual reports as the candidates (module docstring)."""
 
@@ -107,7 +126,7 @@ class GroundedStructure:
     images: int  # scored images that carry a counterfactual record
     images_without_valid_counterfactual: int
     samples_without_record: int  # scored images without `counterfactuals` in their json (left out)
-    references: GroundedReferences | None = None  # empirical null, text prior (grounded_references)
+    references: GroundedReferences | None = None
 
 
 @dataclass
@@ -406,6 +425,23 @@ def grounded_markdown(g: GroundedStructure, score: str = "global") -> str:
         parts += ["", _controls_tables(g.overall, g.per_type, g.controls,
                                        "### Grounded structure with another anchor", score)]
     return "\n".join(parts)
+
+
+def references_markdown(overall: AccuracyStat, per_type: dict[str, AccuracyStat], refs: GroundedReferences) -> str:
+    """The model's grounded accuracies beside the empirical null (with its range) and the text prior."""
+    tp = refs.text_prior
+    rows = [["**overall**", pct(overall.accuracy), pct(refs.null_random_anchors.overall), ci(refs.null_random_anchors.overall_range),
+             pct(tp.overall) if tp else "—"]]
+    for t, st in per_type.items():
+        rng = (refs.null_random_anchors.per_type_range or {}).get(t)
+        rows.append([t, pct(st.accuracy), pct(refs.null_random_anchors.per_type.get(t)), ci(rng),
+                     pct(tp.per_type.get(t)) if tp else "—"])
+    return "\n".join([
+        "### Grounded structure against its references", "",
+        md_table(["", "model", "empirical null", "null 95% range", "text prior (no image)"], rows),
+        f"Empirical null: {refs.null_random_anchors.detail}. Text prior: "
+        + (tp.detail if tp else "not measured (no training split with counterfactuals)") + ".",
+    ])
 
 
 def text_disjoint_markdown(result: StructureResult) -> str:
