@@ -150,7 +150,6 @@ def test_structure_hand_built_case():
     assert (rv.unavailable, s.unavailable, s.excluded_identical) == (2, 1, 0)
     assert (o.excluded_identical, o.unavailable, o.missing) == (1, 4, 1)
     assert (r.images, r.images_without_valid_perturbation, r.skipped) == (6, 1, {"empty_text": 1})
-    assert r.ids == [f"img{i}" for i in range(6)]
     # Every distinct text embedded exactly once; images streamed in batches of 2.
     assert len(enc.texts_seen) == len(set(enc.texts_seen)) == 6 + 3 + 3 + 1 + 3 + 2
     assert enc.image_calls == [2, 2, 2]
@@ -593,10 +592,9 @@ def test_text_structure_skips_and_accepts_mappings():
         ("lungs clear", {"text": "lungs clear", "perturbations": {"reverse": "clear lungs"}, "unavailable": {}}),
         ("heart normal", {"text": "heart is normal", "perturbations": {"reverse": "normal is heart"}, "unavailable": {}}),
     ]
-    r = evaluate_text_structure(HashedNgramEncoder(2), records, types=("reverse",), bootstrap=0,
-                                ids=["a", "b", "c", "d", "e", "f"])
+    r = evaluate_text_structure(HashedNgramEncoder(2), records, types=("reverse",), bootstrap=0)
     assert r.skipped == {"empty_impression": 1, "impression_equals_findings": 1}
-    assert r.ids == ["a", "b", "c", "f"] and r.per_type["reverse"].n == 4
+    assert r.per_type["reverse"].n == 4
     # Report f shares no bigram with either candidate: a tie, counted wrong.
     assert r.per_type["reverse"].correct == 3
 

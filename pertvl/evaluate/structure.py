@@ -260,15 +260,14 @@ def accuracy_stats(scores: StructureScores, types: Sequence[str], counts: Candid
 
 def summarize(
     scores: StructureScores, types: Sequence[str], counts: CandidateCounts, *, skipped: Mapping[str, int],
-    bootstrap: int, seed: int, schema: str = SCHEMA, info: Mapping[str, Any] | None = None,
-    ids: Sequence[str] = ()) -> StructureResult:
+    bootstrap: int, seed: int, schema: str = SCHEMA, info: Mapping[str, Any] | None = None) -> StructureResult:
     """Turn per-image scores into overall and per-type accuracies with bootstrap CIs."""
     overall, per_type = accuracy_stats(scores, types, counts, bootstrap, seed)
     return StructureResult(
         overall=overall, per_type=per_type, images=len(scores.orig),
         images_without_valid_perturbation=int((~scores.has_candidates).sum()), skipped=dict(skipped),
         bootstrap={"resamples": bootstrap, "seed": seed, "confidence": CONFIDENCE, "method": "percentile"},
-        info=dict(info or {}), schema=schema, ids=list(ids), scores=scores)
+        info=dict(info or {}), schema=schema, scores=scores)
 
 
 def finding_signature(meta: Mapping[str, Any]) -> frozenset[str] | None:
@@ -383,7 +382,6 @@ def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence
     counts = CandidateCounts()
     skipped: Counter = Counter()
     batcher = ImageBatcher(encoder, batch_size, regions=local)
-    ids: list[str] = []
     originals: list[str] = []
     candidates: list[list[str | None]] = []
     signatures: list[frozenset[str] | None] = []
@@ -399,11 +397,10 @@ def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence
             skipped["empty_text"] += 1
             continue
         batcher.add(sample)
-        ids.append(str(meta.get("id", getattr(sample, "key", len(ids)))))
         originals.append(text)
         candidates.append(valid_perturbations(text, meta.get("perturbations"), meta.get("unavailable"), types, counts))
         signatures.append(finding_signature(meta))
-        studies.append(str(meta.get("study_id", ids[-1])))
+        studies.append(str(meta.get("study_id", meta.get("id", getattr(sample, "key", len(studies))))))
         has_cf.append(isinstance(meta.get("counterfactuals"), Mapping))
         cf_candidates.append(valid_perturbations(text, meta.get("counterfactuals"), meta.get("cf_unavailable"),
                                                  cf_types, cf_counts) if has_cf[-1] else [None] * len(cf_types))
@@ -430,7 +427,7 @@ def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence
     if train_texts is not None:
         disjoint = text_disjoint_stats(originals, set(map(clean_text, train_texts)) - {""}, scores, types, counts,
                                        grounded_scores, cf_types, cf_counts, bootstrap=bootstrap, seed=seed)
-    result = summarize(scores, types, counts, skipped=skipped, bootstrap=bootstrap, seed=seed, ids=ids)
+    result = summarize(scores, types, counts, skipped=skipped, bootstrap=bootstrap, seed=seed)
     result.controls, result.grounded, result.text_disjoint, result.score = controls, grounded, disjoint, score
     return result
 

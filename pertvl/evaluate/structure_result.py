@@ -169,8 +169,7 @@ class StructureResult(JsonResult):
     text_disjoint: TextDisjoint | None = None  # image structure given the training texts
     score: str = "global"  # SCORES: how candidates were scored (image structure)
     info: dict[str, Any] = field(default_factory=dict)  # provenance (encoder, shards, split, ...)
-    # Per-image detail for pictures/debugging; not serialized (repr=False).
-    ids: list[str] = field(default_factory=list, repr=False, compare=False)
+    # Per-image scores; not serialized (repr=False).
     scores: StructureScores | None = field(default=None, repr=False, compare=False)
 
     @property

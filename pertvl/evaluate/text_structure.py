@@ -42,7 +42,6 @@ REQUIRED_COLUMNS = ("uid", "findings", "impression")
 
 @dataclass
 class ReportSections:
-    uids: list[str]
     findings: list[str]
     impressions: list[str]
     rows_read: int
@@ -50,13 +49,12 @@ class ReportSections:
     raw_findings: list[str] = field(default_factory=list)  # the findings as written (the text rules need them)
 
     def __len__(self) -> int:
-        return len(self.uids)
+        return len(self.findings)
 
 
 def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> ReportSections:
     """The reports of indiana_reports.csv with both findings and impression (at most `limit`), cleaned.
     Raises ValueError naming the file when a required column is absent."""
-    uids: list[str] = []
     findings: list[str] = []
     impressions: list[str] = []
     raw: list[str] = []
@@ -68,7 +66,7 @@ def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> R
         if missing:
             raise ValueError(f"{path}: not an indiana_reports.csv: column(s) {missing} missing (header {reader.fieldnames})")
         for row in reader:
-            if limit is not None and len(uids) >= limit:
+            if limit is not None and len(findings) >= limit:
                 break
             rows += 1
             fnd, imp = clean_text(row["findings"]), clean_text(row["impression"])
@@ -79,11 +77,10 @@ def read_report_sections(path: str | os.PathLike, limit: int | None = None) -> R
             elif not imp:
                 skipped["no_impression"] += 1
             else:
-                uids.append(row["uid"])
                 findings.append(fnd)
                 impressions.append(imp)
                 raw.append(row["findings"])
-    return ReportSections(uids, findings, impressions, rows, dict(skipped), raw)
+    return ReportSections(findings, impressions, rows, dict(skipped), raw)
 
 
 def perturb_findings(sections: ReportSections, perturber: Any, **perturb_kwargs: Any) -> list[tuple[str, Any]]:
@@ -101,11 +98,11 @@ def _field(record: Any, name: str) -> Any:
 def evaluate_text_structure(
     encoder: TextEncoder, records: Iterable[tuple[str, Any]], types: Sequence[str] = PERTURBATION_TYPES,
     bootstrap: int = 1000, seed: int = 0, batch_size: int = 32, info: Mapping[str, Any] | None = None,
-    ids: Sequence[str] | None = None, counterfactuals: Sequence[Any] | None = None) -> StructureResult:
+    counterfactuals: Sequence[Any] | None = None) -> StructureResult:
     """Score each report's findings against their perturbations, anchored on its impression.
 
     `records`: (clean impression, findings record with text, perturbations, unavailable); optional
-    `ids` and `counterfactuals` (one per record) as in text_counterfactual_record. Returns a
+    `counterfactuals` (one per record) as in text_counterfactual_record. Returns a
     StructureResult with schema "pertvl-text-structure/3"."""
     types = requested_types(types)
     counts = CandidateCounts()
@@ -113,10 +110,7 @@ def evaluate_text_structure(
     anchors: list[str] = []
     originals: list[str] = []
     candidates: list[list[str | None]] = []
-    kept_ids: list[str] = []
     records = list(records)
-    if ids is not None and len(ids) != len(records):
-        raise ValueError(f"got {len(ids)} ids for {len(records)} records")
     if counterfactuals is not None and len(counterfactuals) != len(records):
         raise ValueError(f"got {len(counterfactuals)} counterfactual records for {len(records)} records")
     cf_types = TEXT_COUNTERFACTUAL_TYPES
@@ -140,7 +134,6 @@ def evaluate_text_structure(
         candidates.append(
             valid_perturbations(text, _field(record, "perturbations"), _field(record, "unavailable"), types, counts)
         )
-        kept_ids.append(str(ids[r]) if ids is not None else str(r))
         if counterfactuals is not None:
             cf = counterfactuals[r]
             cf_candidates.append(valid_perturbations(text, _field(cf, "counterfactuals"), _field(cf, "unavailable"),
@@ -150,7 +143,7 @@ def evaluate_text_structure(
     anchor_emb = text_emb[[index[a] for a in anchors]] if anchors else text_emb[:0]
     scores = candidate_scores(anchor_emb, index, GlobalScorer(text_emb), originals, candidates, len(types))
     result = summarize(scores, types, counts, skipped=skipped, bootstrap=bootstrap, seed=seed, schema=SCHEMA,
-                       info=info, ids=kept_ids)
+                       info=info)
     if counterfactuals is not None:
         # Embedded after the others, in calls of their own: the perturbation numbers stay as without.
         index, text_emb = embed_after(encoder, index, text_emb,
@@ -204,7 +197,7 @@ def run(encoder: TextEncoder, data: TextStructureData, options: argparse.Namespa
     info = {"reports": str(options.reports), "rows_read": sections.rows_read, "rows_left_out": sections.skipped,
             "perturb_seed": options.perturb_seed}
     return evaluate_text_structure(encoder, data.records, types=options.types, bootstrap=options.bootstrap,
-                                   seed=options.seed, batch_size=options.batch_size, info=info, ids=sections.uids,
+                                   seed=options.seed, batch_size=options.batch_size, info=info,
                                    counterfactuals=data.counterfactuals)
 
 
