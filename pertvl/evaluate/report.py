@@ -43,8 +43,8 @@ def save_png(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def pct(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None else f"{100 * x:.{digits}f}%"
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def ci(interval: Sequence[float] | None) -> str:
