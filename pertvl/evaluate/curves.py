@@ -94,9 +94,8 @@ def _matches(panel: Panel, keys: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-def _draw_panel(ax, panel: Panel, curves: dict[str, dict[str, Any]]) -> bool:
+def _draw_panel(ax, panel: Panel, curves: dict[str, dict[str, Any]]) -> None:
     scale = 100.0 if panel.percent else 1.0
-    drawn = False
     for i, (label, c) in enumerate(curves.items()):
         color = f"C{i}"
         matches = _matches(panel, list(c["series"]))
@@ -115,13 +114,11 @@ def _draw_panel(ax, panel: Panel, curves: dict[str, dict[str, Any]]) -> bool:
                 if band:
                     bx, blo, bhi = zip(*band, strict=True)
                     ax.fill_between(bx, [scale * v for v in blo], [scale * v for v in bhi], color=color, alpha=0.15)
-            drawn = True
     for value, text in panel.refs:
         levels = ([c[value] for c in curves.values() if c.get(value) is not None]
                   if isinstance(value, str) else [value])
         for level in sorted(set(levels))[:1]:  # the same test split: one level
             ax.axhline(scale * level, color="0.4", ls="--", lw=0.9, label=f"{text} {scale * level:.3g}")
-    return drawn
 
 
 def plot_curves(curves: dict[str, dict[str, Any]], out_png: str | os.PathLike) -> list[str]:
