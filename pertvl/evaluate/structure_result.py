@@ -19,7 +19,6 @@ from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
 SCHEMA = "pertvl-structure/3"
 TEXT_SCHEMA = "pertvl-text-structure/3"
-READABLE_SCHEMAS = (SCHEMA, TEXT_SCHEMA)
 TIE_TOLERANCE = 1e-6
 
 
@@ -154,7 +153,7 @@ class StructureResult(JsonResult):
     """The outcome of a (text-)structure evaluation; its JSON is these fields in this order
     (text-structure: without controls, grounded, text_disjoint and score)."""
 
-    SCHEMAS, WHAT = READABLE_SCHEMAS, "structure"
+    SCHEMAS, WHAT = (SCHEMA, TEXT_SCHEMA), "structure"
 
     overall: AccuracyStat
     per_type: dict[str, AccuracyStat]
