@@ -12,8 +12,9 @@ empty masks are skipped and counted. Untrained local branches (convirt, no_local
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,18 +228,39 @@ def evaluate_grounding(encoder: Any, samples: Iterable[Any], gamma1: float = 4.0
     items: list[GroundingItem] = []
     no_words = 0
     grid: tuple[int, int] = (0, 0)
-    pending: list[tuple[Any, Any, str, list]] = []
     scored = 0
 
-    def flush() -> None:
-        nonlocal grid, scored
-        if not pending:
-            return
-        images = np.stack([image_array(s) for s, _, _, _ in pending])
+    def with_finding_words() -> Iterator[tuple[Any, Any, str, list]]:
+        """(sample, truth, text, finding words) of the phantoms whose report names a present finding."""
+        nonlocal no_words
+        for sample in samples:
+            meta = sample.meta
+            text = (meta.get("text") or "").strip()
+            if not text:
+                skipped["empty_text"] += 1
+                continue
+            try:
+                truth = PhantomTruth.from_meta(meta)
+            except ValueError:
+                skipped["not_a_phantom"] += 1
+                continue
+            try:
+                fwords = finding_words(truth, text)
+            except ValueError:
+                skipped["report_mismatch"] += 1
+                continue
+            if not fwords:
+                no_words += 1
+                continue
+            yield sample, truth, text, fwords
+
+    pending = with_finding_words()
+    while batch := list(itertools.islice(pending, batch_size)):
+        images = np.stack([image_array(s) for s, _, _, _ in batch])
         img = encoder.image_features(images)
-        txt = encoder.text_features([text for _, _, text, _ in pending])
+        txt = encoder.text_features([text for _, _, text, _ in batch])
         grid = tuple(int(g) for g in img.grid)
-        for row, (_, truth, _, fwords) in enumerate(pending):
+        for row, (_, truth, _, fwords) in enumerate(batch):
             seen = txt.word_lists[row]
             maps = attention_maps(img.regions[row], grid, txt.words[row], txt.word_mask[row], gamma1=gamma1)
             masks = phantom_masks(truth)
@@ -256,31 +278,6 @@ def evaluate_grounding(encoder: Any, samples: Iterable[Any], gamma1: float = 4.0
                 words_seen[w.word] += 1
                 kept += 1
             scored += kept > 0
-        pending.clear()
-
-    for sample in samples:
-        meta = sample.meta
-        text = (meta.get("text") or "").strip()
-        if not text:
-            skipped["empty_text"] += 1
-            continue
-        try:
-            truth = PhantomTruth.from_meta(meta)
-        except ValueError:
-            skipped["not_a_phantom"] += 1
-            continue
-        try:
-            fwords = finding_words(truth, text)
-        except ValueError:
-            skipped["report_mismatch"] += 1
-            continue
-        if not fwords:
-            no_words += 1
-            continue
-        pending.append((sample, truth, text, fwords))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
     by_type: dict[str, list[GroundingItem]] = defaultdict(list)
     for it in items:
         by_type[it.type].append(it)
