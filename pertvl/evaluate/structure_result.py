@@ -427,17 +427,16 @@ def grounded_markdown(g: GroundedStructure, score: str = "global") -> str:
 
 def references_markdown(overall: AccuracyStat, per_type: dict[str, AccuracyStat], refs: GroundedReferences) -> str:
     """The model's grounded accuracies beside the empirical null (with its range) and the text prior."""
-    tp = refs.text_prior
-    rows = [["**overall**", pct(overall.accuracy), pct(refs.null_random_anchors.overall), ci(refs.null_random_anchors.overall_range),
+    null, tp = refs.null_random_anchors, refs.text_prior
+    rows = [["**overall**", pct(overall.accuracy), pct(null.overall), ci(null.overall_range),
              pct(tp.overall) if tp else "—"]]
     for t, st in per_type.items():
-        rng = (refs.null_random_anchors.per_type_range or {}).get(t)
-        rows.append([t, pct(st.accuracy), pct(refs.null_random_anchors.per_type.get(t)), ci(rng),
+        rows.append([t, pct(st.accuracy), pct(null.per_type.get(t)), ci((null.per_type_range or {}).get(t)),
                      pct(tp.per_type.get(t)) if tp else "—"])
     return "\n".join([
         "### Grounded structure against its references", "",
         md_table(["", "model", "empirical null", "null 95% range", "text prior (no image)"], rows),
-        f"Empirical null: {refs.null_random_anchors.detail}. Text prior: "
+        f"Empirical null: {null.detail}. Text prior: "
         + (tp.detail if tp else "not measured (no training split with counterfactuals)") + ".",
     ])
 
