@@ -30,7 +30,7 @@ from torch import nn
 
 from pertvl import __version__
 from pertvl.data.image import pixel_rule
-from pertvl.data.text import DEFAULT_MAX_WORDS, cleaning_rule
+from pertvl.data.text import cleaning_rule
 from pertvl.data.tokenize import tokenization_rule
 from pertvl.export import FORMAT, MANIFEST_NAME, ONNX_FILES, ParityError, tower_metadata
 from pertvl.export.card import CARD_NAME, write_model_card
@@ -51,7 +51,6 @@ from pertvl.export.int8 import (
 from pertvl.export.parity import PARITY_TOLERANCE, check_parity, measure_speed, parity_inputs
 from pertvl.export.samples import phantom_like_images
 from pertvl.export.source import load_for_export
-from pertvl.export.towers import text_transformer_config
 from pertvl.export.unpadded import unpadded_unsupported
 from pertvl.files import sha256_file
 from pertvl.train.rundir import trained_image_size
@@ -80,14 +79,13 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
                  int8_residual: str | Sequence[str] = DEFAULT_RESIDUAL, parity: bool = True,
                  text_graph: str = "auto", tolerance: float = PARITY_TOLERANCE, force: bool = False,
                  source: dict[str, Any] | None = None, command: str | None = None,
-                 max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True,
                  run_config: dict[str, Any] | None = None) -> ExportResult:
     """Export a DualEncoder (moved to CPU float32) to `out_dir` (see the module docstring).
 
     `max_length` defaults to the model config's, else 128; `int8_residual`: text layers whose int8
     input gets a residual pass (pertvl.export.int8; unpadded graph only); `text_graph`: "auto",
     "unpadded", "fused" or "traced" (as traced); `source`, `command`, `run_config` are recorded
-    in the manifest and the model card; `max_words`, `drop_deid`: the training's clean_text rule.
+    in the manifest and the model card.
     Raises FileExistsError (`out_dir` exists, no `force`), ParityError (nothing written) and
     ValueError (an unknown option, or "unpadded" for a backbone without support).
     """
@@ -139,7 +137,7 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
             },
             "text": {
                 "inputs": text_io[0], "outputs": text_io[1],
-                "cleaning": cleaning_rule(max_words, drop_deid),
+                "cleaning": cleaning_rule(),
                 "max_length": max_length,
                 "tokenization": tokenization_rule(model.tokenizer),
                 "output_norm": {"text_emb": "L2 (unit length: cosine = dot product)", "words": "none",
@@ -196,11 +194,10 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
     return ExportResult(out_dir, manifest)
 
 
-def _model_config(model: nn.Module) -> dict[str, Any] | None:
+def _model_config(model: nn.Module) -> dict[str, Any]:
     """The model's config without its own max_length: the export's one is text.max_length."""
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else None
-    if config is not None:
-        config.pop("max_length", None)
+    config = model.config.to_dict()
+    config.pop("max_length", None)
     return config
 
 
@@ -210,7 +207,7 @@ def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int
 
     backbone = model.text.backbone
     reason = unpadded_unsupported(backbone)
-    if reason is None and getattr(model.text, "needs_word_states", False):
+    if reason is None and model.text.needs_word_states:
         reason = (f"word_features {model.text.word_features!r} needs intermediate hidden states, which the "
                   "unpadded graph does not return")
     if text_graph == "unpadded" and reason:
@@ -225,8 +222,8 @@ def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int
         info["contrib_ops"] = {"MultiHeadAttention": ops.count("MultiHeadAttention")}
     else:
         info["eager_attention_for"] = switched
-    cfg = text_transformer_config(model)
-    if mode == "fused" and cfg is not None:
+    cfg = backbone.config
+    if mode == "fused" and getattr(cfg, "num_attention_heads", None) and getattr(cfg, "hidden_size", None):
         info["tool"] = "onnxruntime.transformers.optimizer (model_type=bert, opt_level=0)"
         info["fused"] = optimize_text_graph(path, cfg.num_attention_heads, cfg.hidden_size)
         if not info["fused"].get("Attention"):

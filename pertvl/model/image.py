@@ -30,7 +30,7 @@ IMAGE_ARCHS: dict[str, dict] = {
     "resnet50": dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
                      layer_type="bottleneck"),
     "resnet18": dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic"),
-    # CPU demo: basic blocks, one per stage; ~0.5 GFLOP per 224 px image, 14×14 regions at 224 px.
+    # CPU demo: basic blocks, one per stage; 14×14 regions at 224 px.
     "resnet-tiny": dict(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic"),
 }
 
