@@ -352,7 +352,7 @@ def test_paper_resnet50_configuration_builds():
     net = build_resnet("resnet50")
     assert net.config.hidden_sizes == [256, 512, 1024, 2048] and net.config.layer_type == "bottleneck"
     with pytest.raises(ValueError, match="image_arch: expected one of"):
-        build_resnet("resnet51")
+        DualEncoderConfig(image_arch="resnet51")
 
 
 def test_trust_remote_code_is_opt_in_and_passed_through(monkeypatch):

@@ -82,7 +82,7 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
                  run_config: dict[str, Any] | None = None) -> ExportResult:
     """Export a DualEncoder (moved to CPU float32) to `out_dir` (see the module docstring).
 
-    `max_length` defaults to the model config's, else 128; `int8_residual`: text layers whose int8
+    `max_length` defaults to the model config's; `int8_residual`: text layers whose int8
     input gets a residual pass (pertvl.export.int8; unpadded graph only); `text_graph`: "auto",
     "unpadded", "fused" or "traced" (as traced); `source`, `command`, `run_config` are recorded
     in the manifest and the model card.
@@ -100,7 +100,7 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
     if text_graph not in TEXT_GRAPHS:
         raise ValueError(f"text_graph: expected one of {TEXT_GRAPHS}, got {text_graph!r}")
     int8_residual = parse_residual_layers(int8_residual if isinstance(int8_residual, str) else ",".join(int8_residual))
-    max_length = int(max_length or getattr(getattr(model, "config", None), "max_length", 128) or 128)
+    max_length = int(max_length or model.config.max_length)
     model = model.to("cpu", torch.float32).eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -124,7 +124,8 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command,
             "source": source or {},
-            "model_config": _model_config(model),
+            # the model's config less its max_length: the export's own is text.max_length
+            "model_config": {k: v for k, v in model.config.to_dict().items() if k != "max_length"},
             "opset": opset,
             "embedding_dim": embedding_dim,
             "local_dim": local_dim,
@@ -192,13 +193,6 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir, manifest)
-
-
-def _model_config(model: nn.Module) -> dict[str, Any]:
-    """The model's config without its own max_length: the export's one is text.max_length."""
-    config = model.config.to_dict()
-    config.pop("max_length", None)
-    return config
 
 
 def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int, text_graph: str) -> dict[str, Any]:
