@@ -200,16 +200,13 @@ class Embedder:
     def image_features(self, images: np.ndarray) -> ImageFeatures:
         """Global embeddings and region features of images [N, 1, S, S] float32 in [0, 1]."""
         images = self._check_images(images)
-        embs, regions = [], []
-        for start in range(0, len(images), self.batch_size):
-            emb, reg = self.image_session.run(list(IMAGE_OUTPUTS), {IMAGE_INPUTS[0]: images[start : start + self.batch_size]})
-            embs.append(emb)
-            regions.append(reg)
-        if not embs:
+        parts = [self.image_session.run(list(IMAGE_OUTPUTS), {IMAGE_INPUTS[0]: images[s : s + self.batch_size]})
+                 for s in range(0, len(images), self.batch_size)]
+        if not parts:
             m = self.grid[0] * self.grid[1]
             return ImageFeatures(np.zeros((0, self.embedding_dim), np.float32),
                                  np.zeros((0, m, self.local_dim), np.float32), self.grid)
-        return ImageFeatures(np.concatenate(embs), np.concatenate(regions), self.grid)
+        return ImageFeatures(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), self.grid)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """[N, D] float32 L2-normalized embeddings of images [N, 1, S, S] float32 in [0, 1]."""
@@ -248,9 +245,7 @@ class Embedder:
         """Global embeddings, word features and word masks of report texts (cleaned here)."""
         cleaned = self.clean(texts)
         n = len(cleaned)
-        parts = []
-        for idx, enc, (emb, words, mask) in self._run_texts(cleaned, TEXT_OUTPUTS):
-            parts.append((idx, enc, emb, words, mask))
+        parts = [(idx, enc, *outs) for idx, enc, outs in self._run_texts(cleaned, TEXT_OUTPUTS)]
         width = max([p[3].shape[1] for p in parts] + [0])
         emb_all = np.zeros((n, self.embedding_dim), np.float32)
         words_all = np.zeros((n, width, self.local_dim), np.float32)

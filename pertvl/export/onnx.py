@@ -268,7 +268,7 @@ def cli_main(args) -> int:
     try:
         result = export_model(
             model, args.out, image_size=image_size, max_length=max_length, opset=args.opset,
-            quantize=args.quantize, int8_residual=parse_residual_layers(args.int8_residual),
+            quantize=args.quantize, int8_residual=args.int8_residual,
             parity=not args.no_parity, text_graph=args.text_graph,
             tolerance=args.tolerance, force=args.force, source=source,
             command=" ".join(["pertvl", *sys.argv[1:]]), run_config=cfg,
