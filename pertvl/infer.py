@@ -96,9 +96,9 @@ def attention_maps(image_regions: np.ndarray, grid: Sequence[int], words: np.nda
 
 
 def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, gamma1: float = 4.0,
-                 gamma2: float = 5.0, aggregation: str = "sum") -> np.ndarray:
+                 gamma2: float = 5.0) -> np.ndarray:
     """GLoRIA's similarity S(I_n, T_n) of row-paired images and reports: the diagonal of
-    pertvl.losses.local_similarity in numpy (float64 inside). regions [N, M, Dl], words [N, W, Dl],
+    pertvl.losses.local_similarity (aggregation "sum") in numpy (float64 inside). regions [N, M, Dl], words [N, W, Dl],
     word_mask [N, W] -> [N] float64, -inf for a report without words."""
     r = np.asarray(regions, dtype=np.float64)
     x = np.asarray(words, dtype=np.float64)
@@ -108,8 +108,6 @@ def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, 
                          f"and {x.shape}")
     if mask.shape != x.shape[:2]:
         raise ValueError(f"local_scores: expected word_mask {list(x.shape[:2])}, got shape {list(mask.shape)}")
-    if aggregation not in ("sum", "mean"):
-        raise ValueError(f"local_scores: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     has_words = mask.any(axis=1)
     real = mask | ~has_words[:, None]  # a report without words: unmasked here, -inf below (as the loss)
     p = np.einsum("nmd,nwd->nmw", r, x)
@@ -121,8 +119,6 @@ def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, 
     z = np.where(real, gamma2 * cos, -np.inf)
     top = z.max(axis=1, keepdims=True)
     s = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0]
-    if aggregation == "mean":
-        s = s - np.log(np.maximum(real.sum(axis=1), 1))
     return np.where(has_words, s, -np.inf)
 
 
@@ -204,16 +200,13 @@ class Embedder:
     def image_features(self, images: np.ndarray) -> ImageFeatures:
         """Global embeddings and region features of images [N, 1, S, S] float32 in [0, 1]."""
         images = self._check_images(images)
-        embs, regions = [], []
-        for start in range(0, len(images), self.batch_size):
-            emb, reg = self.image_session.run(list(IMAGE_OUTPUTS), {IMAGE_INPUTS[0]: images[start : start + self.batch_size]})
-            embs.append(emb)
-            regions.append(reg)
-        if not embs:
+        parts = [self.image_session.run(list(IMAGE_OUTPUTS), {IMAGE_INPUTS[0]: images[s : s + self.batch_size]})
+                 for s in range(0, len(images), self.batch_size)]
+        if not parts:
             m = self.grid[0] * self.grid[1]
             return ImageFeatures(np.zeros((0, self.embedding_dim), np.float32),
                                  np.zeros((0, m, self.local_dim), np.float32), self.grid)
-        return ImageFeatures(np.concatenate(embs), np.concatenate(regions), self.grid)
+        return ImageFeatures(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), self.grid)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """[N, D] float32 L2-normalized embeddings of images [N, 1, S, S] float32 in [0, 1]."""
@@ -252,9 +245,7 @@ class Embedder:
         """Global embeddings, word features and word masks of report texts (cleaned here)."""
         cleaned = self.clean(texts)
         n = len(cleaned)
-        parts = []
-        for idx, enc, (emb, words, mask) in self._run_texts(cleaned, TEXT_OUTPUTS):
-            parts.append((idx, enc, emb, words, mask))
+        parts = [(idx, enc, *outs) for idx, enc, outs in self._run_texts(cleaned, TEXT_OUTPUTS)]
         width = max([p[3].shape[1] for p in parts] + [0])
         emb_all = np.zeros((n, self.embedding_dim), np.float32)
         words_all = np.zeros((n, width, self.local_dim), np.float32)

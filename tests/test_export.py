@@ -42,6 +42,17 @@ def words_text(n: int, offset: int = 0) -> str:
     return " ".join(MEDICAL_WORDS[(offset + i) % len(MEDICAL_WORDS)] for i in range(n))
 
 
+def tokenize(model, texts: list[str]) -> dict:
+    """Reports -> input_ids/attention_mask/word_ids tensors [N, L] (clean_text, then encode_texts)."""
+    import torch
+
+    from pertvl.data.text import clean_text
+    from pertvl.data.tokenize import encode_texts
+
+    enc = encode_texts(model.tokenizer, [clean_text(t) for t in texts], model.config.max_length)
+    return {k: torch.from_numpy(getattr(enc, k)) for k in ("input_ids", "attention_mask", "word_ids")}
+
+
 def build_tiny_run(base: Path, minilm_path: str) -> Path:
     """RUN/final (save_pretrained after 2 SGD steps) + RUN/config.yaml; built once per session."""
     if "run" in _CACHE:
@@ -65,7 +76,7 @@ def build_tiny_run(base: Path, minilm_path: str) -> Path:
     model = create_model(model_cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     images = torch.from_numpy(phantom_like_images(4, IMAGE_SIZE, seed=3))
-    tokens = model.tokenize([clean_text(t) for t in REAL_REPORTS[:4]])
+    tokens = tokenize(model, [clean_text(t) for t in REAL_REPORTS[:4]])
     model.train()
     for _ in range(2):
         img, txt = model.encode_image(images), model.encode_text(**tokens)
@@ -469,6 +480,8 @@ _DS_SCRIPT = textwrap.dedent("""
     from pertvl.model import create_model
     from pertvl.losses import global_contrastive_loss
     from pertvl.export.samples import phantom_like_images, REAL_REPORTS
+    from pertvl.data.text import clean_text
+    from pertvl.data.tokenize import encode_texts
     run, model_cfg, ds_config = sys.argv[1], yaml.safe_load(sys.argv[2]), sys.argv[3]
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "config.yaml"), "w") as f:
@@ -481,7 +494,8 @@ _DS_SCRIPT = textwrap.dedent("""
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
                                            config=cfg)
     images = torch.from_numpy(phantom_like_images(4, 64))
-    tok = model.tokenize(list(REAL_REPORTS[:4]))
+    enc = encode_texts(model.tokenizer, [clean_text(t) for t in REAL_REPORTS[:4]], model.config.max_length)
+    tok = {k: torch.from_numpy(getattr(enc, k)) for k in ("input_ids", "attention_mask", "word_ids")}
     loss = global_contrastive_loss(engine.module.encode_image(images).global_emb,
                                    engine.module.encode_text(**tok).global_emb)
     engine.backward(loss)

@@ -15,12 +15,11 @@ from pertvl.export.int8 import parse_residual_layers
 _export = with_out_lock(lazy_handler("pertvl.export.onnx", "cli_main"), beside=True)
 
 
-def _residual_layers(text: str) -> str:
+def _residual_layers(text: str) -> tuple[str, ...]:
     try:
-        parse_residual_layers(text)
+        return parse_residual_layers(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def register(sub: argparse._SubParsersAction) -> None:

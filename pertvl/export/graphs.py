@@ -22,22 +22,14 @@ from pertvl.export.towers import ImageTower, TextTower, eager_attention
 _TWO_GB = 2**31 - 1
 
 
-@contextlib.contextmanager
-def _quiet_export():
-    """Silence the TorchScript exporter's deprecation and tracer warnings (checked by the parity
-    step instead: every traced constant is exercised at other batch sizes and lengths)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 def export_image_tower(model: nn.Module, path: Path, image_size: int, opset: int, regions_shape: Sequence[int]) -> None:
     """Trace the image tower to `path` (dynamic batch; example batch 2: size-1 dims get fixed).
 
     `regions_shape` (M, Dl) is written into the graph's output type, which the tracer leaves
-    symbolic after a transpose."""
+    symbolic after a transpose. The exporter's tracer warnings are silenced: the parity step
+    exercises every traced constant at other batch sizes and lengths."""
     example = torch.from_numpy(phantom_like_images(2, image_size, seed=123))
-    with torch.no_grad(), _quiet_export():
+    with torch.no_grad(), warnings.catch_warnings(action="ignore"):
         torch.onnx.export(
             ImageTower(model).eval(), (example,), os.fspath(path),
             input_names=list(IMAGE_INPUTS), output_names=list(IMAGE_OUTPUTS),
@@ -66,23 +58,18 @@ def set_output_dims(path: Path, dims: dict[str, list[int | str]]) -> None:
     onnx.save_model(model, os.fspath(path))
 
 
-TEXT_TRACES = ("unpadded", "unpadded-split", "eager", "sdpa")
-
-
 def export_text_tower(model: nn.Module, path: Path, max_length: int, opset: int, trace: str = "unpadded") -> list[str]:
     """Trace the text tower to `path` (dynamic batch and sequence). trace: "unpadded"
     (pertvl.export.unpadded), "unpadded-split" (the same with [CLS]/[SEP] rows apart: the int8
     source graph), "eager" (the backbone under eager attention: the pattern onnxruntime's fusion
     recognizes) or "sdpa" (the backbone as it is). Returns the modules switched to eager attention."""
-    if trace not in TEXT_TRACES:
-        raise ValueError(f"trace: expected one of {TEXT_TRACES}, got {trace!r}")
     # two reports of different lengths: the trace sees padding
     texts = [clean_text(REAL_REPORTS[0]), clean_text(REAL_REPORTS[2])]
     enc = encode_texts(model.tokenizer, texts, max_length=max_length)
     example = tuple(torch.from_numpy(getattr(enc, k)) for k in TEXT_INPUTS)
     seq = {0: "batch", 1: "sequence"}
     attention = eager_attention(model) if trace == "eager" else contextlib.nullcontext([])
-    with torch.no_grad(), _quiet_export(), attention as switched:
+    with torch.no_grad(), warnings.catch_warnings(action="ignore"), attention as switched:
         torch.onnx.export(
             TextTower(model, unpadded=trace.startswith("unpadded"), split_special=trace == "unpadded-split").eval(),
             example, os.fspath(path),

@@ -30,7 +30,7 @@ from torch import nn
 
 from pertvl import __version__
 from pertvl.data.image import pixel_rule
-from pertvl.data.text import DEFAULT_MAX_WORDS, cleaning_rule
+from pertvl.data.text import cleaning_rule
 from pertvl.data.tokenize import tokenization_rule
 from pertvl.export import FORMAT, MANIFEST_NAME, ONNX_FILES, ParityError, tower_metadata
 from pertvl.export.card import CARD_NAME, write_model_card
@@ -51,7 +51,6 @@ from pertvl.export.int8 import (
 from pertvl.export.parity import PARITY_TOLERANCE, check_parity, measure_speed, parity_inputs
 from pertvl.export.samples import phantom_like_images
 from pertvl.export.source import load_for_export
-from pertvl.export.towers import text_transformer_config
 from pertvl.export.unpadded import unpadded_unsupported
 from pertvl.files import sha256_file
 from pertvl.train.rundir import trained_image_size
@@ -80,14 +79,13 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
                  int8_residual: str | Sequence[str] = DEFAULT_RESIDUAL, parity: bool = True,
                  text_graph: str = "auto", tolerance: float = PARITY_TOLERANCE, force: bool = False,
                  source: dict[str, Any] | None = None, command: str | None = None,
-                 max_words: int | None = DEFAULT_MAX_WORDS, drop_deid: bool = True,
                  run_config: dict[str, Any] | None = None) -> ExportResult:
     """Export a DualEncoder (moved to CPU float32) to `out_dir` (see the module docstring).
 
-    `max_length` defaults to the model config's, else 128; `int8_residual`: text layers whose int8
+    `max_length` defaults to the model config's; `int8_residual`: text layers whose int8
     input gets a residual pass (pertvl.export.int8; unpadded graph only); `text_graph`: "auto",
     "unpadded", "fused" or "traced" (as traced); `source`, `command`, `run_config` are recorded
-    in the manifest and the model card; `max_words`, `drop_deid`: the training's clean_text rule.
+    in the manifest and the model card.
     Raises FileExistsError (`out_dir` exists, no `force`), ParityError (nothing written) and
     ValueError (an unknown option, or "unpadded" for a backbone without support).
     """
@@ -102,7 +100,7 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
     if text_graph not in TEXT_GRAPHS:
         raise ValueError(f"text_graph: expected one of {TEXT_GRAPHS}, got {text_graph!r}")
     int8_residual = parse_residual_layers(int8_residual if isinstance(int8_residual, str) else ",".join(int8_residual))
-    max_length = int(max_length or getattr(getattr(model, "config", None), "max_length", 128) or 128)
+    max_length = int(max_length or model.config.max_length)
     model = model.to("cpu", torch.float32).eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -126,7 +124,8 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": command,
             "source": source or {},
-            "model_config": _model_config(model),
+            # the model's config less its max_length: the export's own is text.max_length
+            "model_config": {k: v for k, v in model.config.to_dict().items() if k != "max_length"},
             "opset": opset,
             "embedding_dim": embedding_dim,
             "local_dim": local_dim,
@@ -139,7 +138,7 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
             },
             "text": {
                 "inputs": text_io[0], "outputs": text_io[1],
-                "cleaning": cleaning_rule(max_words, drop_deid),
+                "cleaning": cleaning_rule(),
                 "max_length": max_length,
                 "tokenization": tokenization_rule(model.tokenizer),
                 "output_norm": {"text_emb": "L2 (unit length: cosine = dot product)", "words": "none",
@@ -196,21 +195,13 @@ def export_model(model: nn.Module, out_dir: str | os.PathLike, *, image_size: in
     return ExportResult(out_dir, manifest)
 
 
-def _model_config(model: nn.Module) -> dict[str, Any] | None:
-    """The model's config without its own max_length: the export's one is text.max_length."""
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else None
-    if config is not None:
-        config.pop("max_length", None)
-    return config
-
-
 def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int, text_graph: str) -> dict[str, Any]:
     """Write the text tower's graph in the `text_graph` form; returns its manifest entry."""
     import onnx
 
     backbone = model.text.backbone
     reason = unpadded_unsupported(backbone)
-    if reason is None and getattr(model.text, "needs_word_states", False):
+    if reason is None and model.text.needs_word_states:
         reason = (f"word_features {model.text.word_features!r} needs intermediate hidden states, which the "
                   "unpadded graph does not return")
     if text_graph == "unpadded" and reason:
@@ -225,8 +216,8 @@ def _export_text_graph(model: nn.Module, path: Path, max_length: int, opset: int
         info["contrib_ops"] = {"MultiHeadAttention": ops.count("MultiHeadAttention")}
     else:
         info["eager_attention_for"] = switched
-    cfg = text_transformer_config(model)
-    if mode == "fused" and cfg is not None:
+    cfg = backbone.config
+    if mode == "fused" and getattr(cfg, "num_attention_heads", None) and getattr(cfg, "hidden_size", None):
         info["tool"] = "onnxruntime.transformers.optimizer (model_type=bert, opt_level=0)"
         info["fused"] = optimize_text_graph(path, cfg.num_attention_heads, cfg.hidden_size)
         if not info["fused"].get("Attention"):
@@ -277,7 +268,7 @@ def cli_main(args) -> int:
     try:
         result = export_model(
             model, args.out, image_size=image_size, max_length=max_length, opset=args.opset,
-            quantize=args.quantize, int8_residual=parse_residual_layers(args.int8_residual),
+            quantize=args.quantize, int8_residual=args.int8_residual,
             parity=not args.no_parity, text_graph=args.text_graph,
             tolerance=args.tolerance, force=args.force, source=source,
             command=" ".join(["pertvl", *sys.argv[1:]]), run_config=cfg,

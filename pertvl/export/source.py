@@ -64,14 +64,12 @@ def _consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_deepspeed_checkpoint(checkpoint: Path, config_path: Path | None = None):
-    """(DualEncoder, config, CheckpointInfo) from a DeepSpeed checkpoint (any ZeRO stage) and the
-    run's config.yaml: FileNotFoundError without either, ExportError when the weights do not fit."""
+def load_deepspeed_checkpoint(checkpoint: Path, info, config_path: Path | None = None):
+    """(DualEncoder, config) from the DeepSpeed checkpoint `info` (CheckpointInfo, any ZeRO stage)
+    found at `checkpoint` and the run's config.yaml: FileNotFoundError without the config,
+    ExportError when the weights do not fit."""
     from pertvl.model import create_model
 
-    info = _deepspeed_checkpoint(checkpoint)
-    if info is None:
-        raise FileNotFoundError(f"{checkpoint}: no complete DeepSpeed checkpoint there")
     config_path = config_path or find_run_config(info.path)
     if config_path is None or not Path(config_path).is_file():
         raise FileNotFoundError(
@@ -97,17 +95,15 @@ def load_deepspeed_checkpoint(checkpoint: Path, config_path: Path | None = None)
             f"{info.path}: weights do not fit the model of {config_path}: missing {sorted(missing)[:8]}, "
             f"unexpected {sorted(unexpected)[:8]}"
         )
-    return model.eval(), cfg, info
+    return model.eval(), cfg
 
 
 def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
                     config: str | os.PathLike | None = None):
-    """(model, source facts, run config or None) from `--run RUN_DIR` (RUN_DIR/final) or
-    `--checkpoint PATH` (a save_pretrained folder or a DeepSpeed checkpoint folder)."""
+    """(model, source facts, run config or None) from exactly one of `--run RUN_DIR` (RUN_DIR/final)
+    or `--checkpoint PATH` (a save_pretrained folder or a DeepSpeed checkpoint folder)."""
     from pertvl.model import DualEncoder
 
-    if (run is None) == (checkpoint is None):
-        raise ValueError("give exactly one of run / checkpoint")
     if run is not None:
         run_dir = RunDir(run)
         model, _ = run_dir.load_model()
@@ -118,8 +114,9 @@ def load_for_export(run: str | os.PathLike | None = None, checkpoint: str | os.P
         cfg = read_run_config(cfg_path) if cfg_path else None
         return (DualEncoder.from_pretrained(checkpoint).eval(),
                 {"kind": "pretrained", "path": str(checkpoint.resolve())}, cfg)
-    if checkpoint.is_dir() and _deepspeed_checkpoint(checkpoint) is not None:
-        model, cfg, info = load_deepspeed_checkpoint(checkpoint, Path(config) if config else None)
+    info = _deepspeed_checkpoint(checkpoint) if checkpoint.is_dir() else None
+    if info is not None:
+        model, cfg = load_deepspeed_checkpoint(checkpoint, info, Path(config) if config else None)
         return model, {"kind": "deepspeed", "path": str(info.path.resolve()), "tag": info.tag, "step": info.step}, cfg
     raise NotFoundError(
         f"{checkpoint}: neither a save_pretrained folder (config.json + model.safetensors) nor a DeepSpeed "

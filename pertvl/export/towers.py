@@ -73,12 +73,3 @@ def eager_attention(model: nn.Module) -> Iterator[list[str]]:
     finally:
         for module, previous in switched:
             module.set_attn_implementation(previous)
-
-
-def text_transformer_config(model: nn.Module):
-    """The HF config of the text transformer (heads and hidden size for the fusion), or None."""
-    backbone = getattr(getattr(model, "text", None), "backbone", None)
-    cfg = getattr(backbone, "config", None)
-    if cfg is not None and getattr(cfg, "num_attention_heads", None) and getattr(cfg, "hidden_size", None):
-        return cfg
-    return None

@@ -3,9 +3,9 @@
 The same hidden states as `BertModel(input_ids, attention_mask).last_hidden_state` (zeroed on
 padding), from the same weights, with the embeddings, QKV, attention output, FFN and layer norms
 on a [T, H] matrix of the batch's T real tokens; only the attention core uses the [B, L] layout,
-as onnxruntime's `com.microsoft.MultiHeadAttention` contrib op. onnxruntime's own BERT fusion
-keeps every padded row (and its CPU SkipLayerNormalization is slow; docs/EXPORT.md). Supported:
-transformers' BertModel with absolute position embeddings, as an encoder.
+as onnxruntime's `com.microsoft.MultiHeadAttention` contrib op (onnxruntime's own BERT fusion
+keeps every padded row). Supported: transformers' BertModel with absolute position embeddings, as an
+encoder.
 """
 
 from __future__ import annotations

@@ -49,22 +49,11 @@ WEIGHTS_NAME = "model.safetensors"
 TEXT_DIR = "text_encoder"
 IMAGE_DIR = "image_encoder"
 
-# The paper's configuration (needs the hub: CXR-BERT's remote code and, optionally, ResNet-50
-# ImageNet weights). trust_remote_code stays an explicit user choice: pass it in your config.
-PAPER_CONFIG: dict[str, Any] = {
-    "image_arch": "resnet50",
-    "image_pretrained": "microsoft/resnet-50",
-    "text_name_or_path": "microsoft/BiomedVLP-CXR-BERT-specialized",
-    "trust_remote_code": True,
-    "embed_dim": 128,
-    "local_dim": 768,
-}
-
 
 @dataclass
 class DualEncoderConfig:
     """The `model:` section of a run config: everything needed to build the model (the paper's
-    values: PAPER_CONFIG)."""
+    values: configs/openi_paper.yaml and configs/cxr_bert.yaml)."""
 
     embed_dim: int = 128  # d_e (paper: 128, CXR-BERT's projection size)
     local_dim: int | None = None  # Dl of regions and words; None: the text hidden size (GLoRIA)
@@ -178,14 +167,6 @@ class DualEncoder(nn.Module):
         """[N, L] ids/mask/word_ids (encode_texts) → TextOutput; W = num_words or L (static)."""
         return self.text(input_ids, attention_mask, word_ids, num_words=num_words, need_local=need_local)
 
-    def tokenize(self, texts: list[str], clean: bool = True) -> dict[str, torch.Tensor]:
-        """Reports → input_ids/attention_mask/word_ids tensors [N, L] (clean_text, then encode_texts)."""
-        from pertvl.data.text import clean_text
-        from pertvl.data.tokenize import encode_texts
-
-        enc = encode_texts(self.tokenizer, [clean_text(t) if clean else t for t in texts], self.config.max_length)
-        return {k: torch.from_numpy(getattr(enc, k)) for k in ("input_ids", "attention_mask", "word_ids")}
-
     def scale(self) -> torch.Tensor | None:
         """1/τ for L_global when learnable (CLIP's cap of 100), else None."""
         if self.logit_scale is None:
@@ -198,7 +179,6 @@ class DualEncoder(nn.Module):
         (region and word features) and `need_perturbations` come from `PretrainLoss.model_kwargs()`.
         Heads a preset does not use get no gradient (DDP: find_unused_parameters or freeze them)."""
         ids, mask, word_ids = batch.input_ids, batch.attention_mask, batch.word_ids
-        _check_batch(batch, need_perturbations)
         b = ids.shape[0]
         image = self.image(batch.images, need_local=need_local)
         if need_perturbations:
@@ -289,25 +269,6 @@ def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     if x.shape[1] >= length:
         return x[:, :length]
     return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=value)
-
-
-def _check_batch(batch: Batch, need_perturbations: bool) -> None:
-    b, length = batch.input_ids.shape
-    if batch.images.dim() != 4 or batch.images.shape[0] != b:
-        raise ValueError(f"Batch.images: expected [B={b}, 1|3, H, W], got {tuple(batch.images.shape)}")
-    for name in ("attention_mask", "word_ids"):
-        if tuple(getattr(batch, name).shape) != (b, length):
-            raise ValueError(f"Batch.{name}: expected shape {(b, length)} like input_ids, got "
-                             f"{tuple(getattr(batch, name).shape)}")
-    if need_perturbations:
-        p = batch.pert_input_ids
-        if p.dim() != 3 or p.shape[0] != b:
-            raise ValueError(f"Batch.pert_input_ids: expected [B={b}, K, Lp], got {tuple(p.shape)}")
-        if tuple(batch.pert_attention_mask.shape) != tuple(p.shape):
-            raise ValueError(f"Batch.pert_attention_mask: expected {tuple(p.shape)}, got "
-                             f"{tuple(batch.pert_attention_mask.shape)}")
-        if tuple(batch.pert_valid.shape) != tuple(p.shape[:2]):
-            raise ValueError(f"Batch.pert_valid: expected {tuple(p.shape[:2])}, got {tuple(batch.pert_valid.shape)}")
 
 
 def _save_hf(model: nn.Module, directory: Path) -> None:

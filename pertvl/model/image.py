@@ -30,7 +30,7 @@ IMAGE_ARCHS: dict[str, dict] = {
     "resnet50": dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
                      layer_type="bottleneck"),
     "resnet18": dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic"),
-    # CPU demo: basic blocks, one per stage; ~0.5 GFLOP per 224 px image, 14×14 regions at 224 px.
+    # CPU demo: basic blocks, one per stage; 14×14 regions at 224 px.
     "resnet-tiny": dict(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic"),
 }
 
@@ -105,15 +105,14 @@ class ImageOutput:
 
 def build_resnet(arch: str, pretrained: str | None = None) -> ResNetModel:
     """A ResNetModel: weights from `pretrained` (local folder or hub id, e.g. microsoft/resnet-50)
-    when given, else the named configuration with random initialization."""
+    when given, else the named configuration with random initialization. `arch`: a key of IMAGE_ARCHS
+    (DualEncoderConfig checks it)."""
     if pretrained:
         model = ResNetModel.from_pretrained(pretrained)
-        if arch in IMAGE_ARCHS and list(model.config.hidden_sizes) != IMAGE_ARCHS[arch]["hidden_sizes"]:
+        if list(model.config.hidden_sizes) != IMAGE_ARCHS[arch]["hidden_sizes"]:
             log.warning("image_pretrained %s has hidden sizes %s, not those of %r; using the checkpoint's",
                         pretrained, model.config.hidden_sizes, arch)
         return model
-    if arch not in IMAGE_ARCHS:
-        raise ValueError(f"image_arch: expected one of {sorted(IMAGE_ARCHS)}, got {arch!r}")
     return ResNetModel(ResNetConfig(**IMAGE_ARCHS[arch]))
 
 

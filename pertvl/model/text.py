@@ -10,7 +10,7 @@
 
 Packing (training): `states(..., pack=True)` places several texts in one row (best-fit
 decreasing), restarts the position ids per text and masks attention block-diagonally: the padded
-pass's outputs at about half the token rows, in ONE transformer call (BertModel with sdpa/eager
+pass's outputs from fewer token rows, in ONE transformer call (BertModel with sdpa/eager
 attention only: `packing_supported`). The word mean is one batched matmul with a one-hot [N, W, L]
 matrix; W is static (`num_words=None`: W = L) so an exported graph has no data-dependent shape.
 """
@@ -102,10 +102,9 @@ FP32_GRAD_SDPA = "pertvl_sdpa_fp32_grad"
 
 def _sdpa_fp32_grad(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention; where the query needs a gradient (a trainable layer) and the
-    inputs are 16-bit on a CPU, in fp32 and cast back. Without attention dropout torch takes its
-    fused CPU kernel, whose bf16 backward is several times slower than fp32's; with dropout it takes
-    the math kernel, which up-casts bf16 itself, so the numbers are the same bit for bit and a few
-    casts are saved (docs/PERFORMANCE.md). Frozen layers and inference keep the 16-bit kernel."""
+    inputs are 16-bit on a CPU, in fp32 and cast back: torch's fused CPU kernel has a slow bf16
+    backward, and with dropout its math kernel up-casts bf16 itself, so the numbers are the same bit
+    for bit (docs/PERFORMANCE.md). Frozen layers and inference keep the 16-bit kernel."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.requires_grad and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
@@ -192,10 +191,6 @@ class TextEncoder(nn.Module):
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.backbone.config.hidden_size)
-
     def freeze(self, whole: bool = False, layers: int = 0, dropout: bool = True) -> None:
         """Freeze the whole encoder, or its embeddings and first `layers` transformer layers;
         `dropout` False keeps what is frozen in eval mode while the rest trains (see `train`)."""
@@ -250,9 +245,6 @@ class TextEncoder(nn.Module):
         [N, L, H]: the sum of the last 4 hidden states for 'gloria' when `need_words`, else None)."""
         if not pack:
             return self._call(need_words, input_ids=input_ids, attention_mask=attention_mask)
-        if not packing_supported(self.backbone):
-            raise ValueError(f"text packing needs a BertModel with sdpa/eager attention, got "
-                             f"{type(self.backbone).__name__}; set text_packing: false")
         n, length = input_ids.shape
         lengths = attention_mask.sum(1)
         capacity = max(1, int(lengths.max()))
@@ -301,8 +293,6 @@ class TextEncoder(nn.Module):
         if self.word_features == "paper":
             words, mask = aggregate_words(hidden, word_ids, num_words)
         else:
-            if input_ids is None:
-                raise ValueError("word_features 'gloria': words() needs input_ids to find [CLS] (word 0)")
             first = torch.zeros_like(word_ids, dtype=torch.bool)
             first[:, 0] = True
             ids = torch.where(word_ids >= 0, word_ids + 1, word_ids)
