@@ -184,6 +184,7 @@ def test_table_i_all_nine_rows(paper):
     rec = paper.perturb("The lungs are clear. There is no pleural effusion or pneumothorax.")
     assert rec.text == EXAMPLE and rec.unavailable == {}
     assert set(rec.perturbations) == set(TABLE_I) == set(PERTURBATION_TYPES)
+    assert tuple(P.PERTURBATIONS) == PERTURBATION_TYPES  # the rule table and the data formats' names
     for ptype in ("swap_adjacent", "reverse", "antonym_adjectives"):
         assert rec.perturbations[ptype] == TABLE_I[ptype], ptype
     tagged = paper.analyze([EXAMPLE])[0]

@@ -489,9 +489,6 @@ PERTURBATIONS = {t.name: t for t in (
     PerturbationType("antonym_adjectives", lambda x: _antonym(x.words, x.pos, x.lexicon, x.rng, *x.scope()),
                      "Adjectives → antonyms"),
 )}
-if tuple(PERTURBATIONS) != PERTURBATION_TYPES:  # the table and the data formats' names must agree
-    raise ImportError(f"pertvl.data.perturb: the rule table {list(PERTURBATIONS)} does not match "
-                      f"PERTURBATION_TYPES {list(PERTURBATION_TYPES)} (pertvl/data/records.py)")
 
 
 def type_label(name: str) -> str:
@@ -550,11 +547,7 @@ def perturb_tagged(text: str, pos: Sequence[str], *, seed: int = 0, types: Seque
         if isinstance(result, str):
             unavailable[ptype] = result
         else:
-            perturbed = " ".join(result)
-            if perturbed == text:  # guarded by every rule above; kept as the last line of defence
-                unavailable[ptype] = IDENTICAL
-            else:
-                perturbations[ptype] = perturbed
+            perturbations[ptype] = " ".join(result)
     return PerturbationRecord(text=text, perturbations=perturbations, unavailable=unavailable, seed=seed)
 
 
@@ -798,17 +791,13 @@ class PerturbSummary:
         return asdict(self)
 
 
-def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturber | None = None,
-                       spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
-                       types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
-                       antonyms: str = DEFAULT_ANTONYMS, workers: int = 1, batch_size: int = 256,
-                       progress: bool = False) -> PerturbSummary:
+def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturber | None = None, seed: int = 0,
+                       workers: int = 1, batch_size: int = 256, progress: bool = False) -> PerturbSummary:
     """Write one record per distinct cleaned text of a pairs.jsonl (first-seen order) and the summary
-    beside it (`summary_path_for(out)`); `perturber`, when given, decides model, seed, types, cap and rule."""
+    beside it (`summary_path_for(out)`); `perturber` defaults to `Perturber(seed=seed)`."""
     t0 = time.perf_counter()
     if perturber is None:
-        perturber = Perturber(spacy_model=spacy_model, seed=seed, types=types, max_words=max_words,
-                              antonyms=antonyms)
+        perturber = Perturber(seed=seed)
     records_in = list(read_pairs(pairs))
     raw_texts = list(dict.fromkeys(p.text for p in records_in))
     t1 = time.perf_counter()
@@ -819,8 +808,7 @@ def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturb
     atomic_write_text(out, "".join(lines))
 
     made: Counter[str] = Counter()
-    listed = (*PERTURBATION_TYPES, *(t for t in perturber.types if t not in PERTURBATION_TYPES))
-    missing: dict[str, Counter[str]] = {t: Counter() for t in listed}
+    missing: dict[str, Counter[str]] = {t: Counter() for t in PERTURBATION_TYPES}
     for r in by_text.values():
         made.update(r.perturbations.keys())
         for t, reason in r.unavailable.items():
@@ -831,8 +819,8 @@ def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturb
                              reports=len({p.study_id for p in records_in}), distinct_texts=len(by_text),
                              empty_texts=sum(1 for t in by_text if not t),
                              non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()),
-                             capped_texts=capped, perturbations={t: made.get(t, 0) for t in listed},
-                             unavailable={t: dict(sorted(missing[t].items())) for t in listed},
+                             capped_texts=capped, perturbations={t: made.get(t, 0) for t in PERTURBATION_TYPES},
+                             unavailable={t: dict(sorted(missing[t].items())) for t in PERTURBATION_TYPES},
                              seed=perturber.seed, types=list(perturber.types),
                              spacy_model=perturber.spacy_model, antonym_words=len(perturber.lexicon.pairs),
                              antonyms=perturber.antonyms, max_words=cap, workers=workers,
@@ -848,8 +836,7 @@ def cli_main(args: Any) -> int:
     try:
         if bool(args.pairs) == (args.text is not None):
             raise ValueError("give either --pairs FILE or --text TEXT")
-        types = select_types(args.types)
-        perturber = Perturber(spacy_model=args.spacy_model, seed=args.seed, types=types,
+        perturber = Perturber(spacy_model=args.spacy_model, seed=args.seed, types=args.types,
                               max_words=args.max_words, antonyms=args.antonyms)
         if args.text is not None:
             print(json.dumps(perturber.perturb(args.text).to_json(), indent=2, ensure_ascii=False))
