@@ -50,6 +50,7 @@ from pertvl.data.phantom.findings import (
     Finding,
     as_findings,
     consistent,
+    other_side,
     severity_words,
 )
 from pertvl.data.phantom.language import (
@@ -153,10 +154,6 @@ class ReportSentence:
     nouns: tuple[str, ...] = ()
     frame: str = ""
 
-    @property
-    def words(self) -> list[str]:
-        return _WORD.findall(self.text.lower())
-
 
 def _body(sentence: str) -> str:
     return sentence.strip().rstrip(".").lower()
@@ -205,10 +202,9 @@ def _present_fact(body: str) -> Fact | None:
         if t == "atelectasis":
             loc = f"{side} lower lobe"
     try:
-        f = Finding(t, sev, side, loc)
+        return Fact.of(Finding(t, sev, side, loc))
     except ValueError:
         return None
-    return Fact(f.type, True, f.side, f.severity, f.location)
 
 
 def _parse_sentence(text: str, present: frozenset[str]) -> ReportSentence | None:
@@ -302,9 +298,8 @@ _BANK_DRAWS = 48
 @cache
 def _present_bank(f: Finding) -> tuple[str, ...]:
     """The sentences the generator writes for finding `f`: _BANK_DRAWS draws, sorted, repeats kept."""
-    fact = Fact(f.type, True, f.side, f.severity, f.location)
     texts = [s.text for k in range(_BANK_DRAWS) for s in compose_report([f], np.random.default_rng([_BANK_SEED, k]))
-             if s.facts == (fact,)]
+             if s.facts == (Fact.of(f),)]
     return tuple(sorted(texts))
 
 
@@ -378,10 +373,6 @@ def holds(fact: Fact, findings: Sequence[Finding]) -> bool:
     return fact_holds(fact, findings)
 
 
-def _full_fact(f: Finding) -> Fact:
-    return Fact(f.type, True, f.side, f.severity, f.location)
-
-
 def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Finding]) -> str | None:
     """None when `sentences` form a report the generator could write for `findings`, else the first
     rule broken: every fact holds, plus `compose_report`'s report-level rules (one heart sentence, "the
@@ -395,7 +386,7 @@ def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Findin
             if not holds(fa, fs):
                 return f"false for the findings: {s.text!r}"
     stated = sorted((s.facts[0] for s in sentences if s.kind is Kind.PRESENT), key=repr)
-    if stated != sorted((_full_fact(f) for f in fs), key=repr):
+    if stated != sorted((Fact.of(f) for f in fs), key=repr):
         return "the findings are not stated one sentence each"
     kinds = Counter(s.kind for s in sentences)
     heart = [s for s in sentences if s.kind is Kind.HEART_NORMAL
@@ -423,7 +414,7 @@ def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Findin
                   and f.side in ("left", "right")}
     side_neg = [s.facts[0] for s in sentences if s.kind is Kind.SIDE_NEGATION]
     if len({fa.type for fa in side_neg}) != len(side_neg) or any(
-            (fa.type, "left" if fa.side == "right" else "right") not in unilateral for fa in side_neg):
+            (fa.type, other_side(fa.side)) not in unilateral for fa in side_neg):
         return "side negation without a finding on the other side"
     negated = [_NEG_NOUN_TYPE[n] for s in sentences for n in s.nouns]
     if len(set(negated)) != len(negated):
@@ -503,7 +494,7 @@ def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:
     for s in sents:
         if s.kind is Kind.SIDE_NEGATION:
             fa = s.facts[0]
-            if (fa.type, "left" if fa.side == "right" else "right") not in unilateral:
+            if (fa.type, other_side(fa.side)) not in unilateral:
                 continue
         if s.kind in (Kind.NEGATION, Kind.LUNGS_CLEAR):
             kept: ReportSentence | None = s
@@ -710,7 +701,7 @@ def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, 
     if wrong:
         raise ValueError(f"the report states {wrong[0]} which its findings {fs} contradict")
     stated = {s.facts[0] for s in sents if s.kind is Kind.PRESENT}
-    if stated != {_full_fact(f) for f in fs}:
+    if stated != {Fact.of(f) for f in fs}:
         raise ValueError(f"the report does not state its findings {fs} one sentence each")
     cleaned = clean_text(report)
     out: dict[str, Counterfactual | Reason] = {}

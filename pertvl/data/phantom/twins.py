@@ -33,6 +33,7 @@ from pertvl.data.phantom.findings import (
     Finding,
     as_findings,
     consistent,
+    other_side,
 )
 from pertvl.data.phantom.language import (
     NEG_NOUNS,
@@ -66,17 +67,13 @@ class Edit:
     after: Finding | None
 
 
-def _other(side: str) -> str:
-    return "left" if side == "right" else "right"
-
-
 def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
     """(whether `kind` applies to `f`, the edited finding or None for absent)."""
     t = f.type
     if kind == "laterality":
         if f.side not in ("left", "right") or f.location == "right middle lobe":
             return False, None
-        side = _other(f.side)
+        side = other_side(f.side)
         return True, Finding(t, f.severity, side, f.location.replace(f.side, side, 1) if f.location else None)
     if kind == "severity":
         scale = SEVERITIES[t]
@@ -147,10 +144,10 @@ def _twin_facts(fact: Fact, edit: Edit) -> list[Fact]:
         if fact.type != f0.type:
             return []
         if f1 is not None:
-            return [Fact(f1.type, True, f1.side, f1.severity, f1.location)]
+            return [Fact.of(f1)]
         return [Fact(f0.type, False)]  # never "no left effusion": the grammar writes it only opposite one
     if fact.side is not None:  # "no right effusion" of a left one that moved right
-        return [Fact(fact.type, False, _other(fact.side))]
+        return [Fact(fact.type, False, other_side(fact.side))]
     if f1 is not None and fact.type == f1.type:  # "no consolidation" when the nodule became one
         return [Fact(f0.type, False)]
     return []
@@ -228,7 +225,7 @@ def _conform(out: list[Sentence], after: Sequence[Finding], edit: Edit, replaced
     for i, s in enumerate(out):
         fa = s.facts[0] if len(s.facts) == 1 else None
         if fa is not None and not fa.present and fa.side in ("left", "right") and (
-                (fa.type, _other(fa.side)) not in one_sided):
+                (fa.type, other_side(fa.side)) not in one_sided):
             replaced = replaced - 1 if replaced is not None and replaced > i else replaced
             continue
         if is_lungs_clear(s):
