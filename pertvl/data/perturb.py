@@ -11,8 +11,8 @@ scope and fixed phrase (`NegationScope`).
 
 Tagging runs without NER and with the parser disabled (spaCy then tags "is" AUX instead of VERB, and
 verbs are VERB ∪ AUX here); the parser runs afterwards, only on texts with a word of the antonym table,
-to widen the negation scopes. `Perturber(reference=True)` runs without the fast path's shortcuts
-(`_PosOfTag`, batched parsing, worker processes); the tests hold the fast path to it byte for byte.
+to widen the negation scopes. The tests hold the fast path (`_PosOfTag`, batched parsing, worker
+processes) byte for byte to the attribute ruler run in the pipeline on one text at a time.
 """
 
 from __future__ import annotations
@@ -643,12 +643,11 @@ class Perturber:
             widens the negation scopes).
         types: the types to compute (None = all nine); max_words: clean_text's word cap (0/None: none).
         antonyms: a name of ANTONYM_RULES (its packaged table).
-        reference: no fast-path shortcuts (see the module docstring).
     """
 
     def __init__(self, spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
                  types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
-                 antonyms: str = DEFAULT_ANTONYMS, reference: bool = False) -> None:
+                 antonyms: str = DEFAULT_ANTONYMS) -> None:
         from spacy.tokens import Doc
 
         self.spacy_model = spacy_model
@@ -657,9 +656,8 @@ class Perturber:
         if max_words is not None and max_words < 0:
             raise ValueError(f"max_words must be >= 0 (0 = no cap), got {max_words}")
         self.max_words = max_words or None
-        self.reference = reference
         self._config = {"spacy_model": spacy_model, "seed": self.seed, "types": self.types,
-                        "max_words": max_words, "antonyms": antonyms, "reference": reference}
+                        "max_words": max_words, "antonyms": antonyms}
         t0 = time.perf_counter()
         self.nlp = load_pipeline(spacy_model)
         self.load_seconds = time.perf_counter() - t0
@@ -667,7 +665,7 @@ class Perturber:
         self.lexicon = antonym_lexicon(antonyms)
         self.scope = NegationScope(self.nlp.vocab)
         self._parser = self.nlp.get_pipe("parser") if "parser" in self.nlp.component_names else None
-        self._pos_of = None if reference else _PosOfTag(self.nlp)
+        self._pos_of = _PosOfTag(self.nlp)
         self._doc = Doc
 
     def clean(self, text: str | None) -> str:
@@ -734,7 +732,7 @@ class Perturber:
         from spacy.attrs import POS, TAG
         from spacy.parts_of_speech import IDS
 
-        pos_of = self._pos_of if self._pos_of is not None and self._pos_of.usable else None
+        pos_of = self._pos_of if self._pos_of.usable else None
         docs = list(self.nlp.pipe((self._doc(self.nlp.vocab, words=t.split()) for t in texts), batch_size=batch_size,
                                   disable=["attribute_ruler"] if pos_of else []))
         tags: list[list[str]] = []
@@ -750,10 +748,7 @@ class Perturber:
             tags.append(pos)
             if self._parser is not None and any(self.lexicon.replacement(w, p) for w, p in zip(words, pos, strict=True)):
                 to_parse.append(k)
-        if self.reference:
-            for k in to_parse:
-                docs[k] = self._parser(docs[k])
-        elif to_parse:
+        if to_parse:
             if pos_of:  # the scope reads POS on parsed Docs
                 for k in to_parse:
                     docs[k].from_array([POS], np.array([IDS[p] for p in tags[k]], dtype="uint64"))
