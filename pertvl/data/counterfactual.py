@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from functools import cache, lru_cache
+from itertools import islice
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -709,9 +710,7 @@ def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, 
         if cftype not in COUNTERFACTUAL_TYPES:
             raise ValueError(f"unknown counterfactual type {cftype!r}; expected one of {tuple(COUNTERFACTUAL_TYPES)}")
         out[cftype] = _no_candidate_reason(cftype, fs)
-        for n, (texts, cf) in enumerate(_EDITS[cftype](sents, fs, _rng(seed, cftype, cleaned))):
-            if n >= _MAX_TRIES:
-                break
+        for texts, cf in islice(_EDITS[cftype](sents, fs, _rng(seed, cftype, cleaned)), _MAX_TRIES):
             new = " ".join(texts)
             try:
                 parsed = parse_report(new)  # the words alone decide what the edit asserts
