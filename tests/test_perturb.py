@@ -533,15 +533,15 @@ class _NoShuffle(random.Random):
 
 def test_redraw_fallback_and_unavailable_reasons():
     words = "a b c d e".split()
-    assert P._shuffle_positions(words, [0, 1, 2], _NoShuffle()) == "b c a d e".split()
-    assert P._shuffle_within_trigrams(words, _NoShuffle()) == "b c a d e".split()
+    assert P._shuffle_groups(words, [[0, 1, 2]], _NoShuffle()) == "b c a d e".split()
+    assert P._shuffle_groups(words, [[0, 1, 2], [3, 4]], _NoShuffle()) == "b c a d e".split()
     assert P._shuffle_trigrams(words, _NoShuffle()) == "d e a b c".split()
     assert _is_block_permutation("d e a b c".split(), words) and _is_block_permutation("a b c d e".split(), words)
     assert not _is_block_permutation("b a c d e".split(), words)
     assert not _is_block_permutation("a b d e c".split(), words)
-    assert P._shuffle_positions(["x", "x", "y"], [0, 1], _NoShuffle()) == "no_distinct_order"
-    assert P._shuffle_positions(words, [3], _NoShuffle()) == "too_few_words"
-    assert P._shuffle_within_trigrams("x x x y".split(), _NoShuffle()) == "no_distinct_order"
+    assert P._shuffle_groups(["x", "x", "y"], [[0, 1]], _NoShuffle()) == "no_distinct_order"
+    assert P._shuffle_groups(words, [[3]], _NoShuffle()) == "too_few_words"
+    assert P._shuffle_groups("x x x y".split(), [[0, 1, 2], [3]], _NoShuffle()) == "no_distinct_order"
     assert P._shuffle_trigrams("a b c a b c".split(), random.Random(0)) == "no_distinct_order"
     assert P._shuffle_trigrams("a a a a".split(), random.Random(0)) == "no_distinct_order"
     assert P._shuffle_trigrams("a b c".split(), random.Random(0)) == "too_few_words"

@@ -315,49 +315,8 @@ def read_perturbations(path: str | Path) -> Iterator[PerturbationRecord]:
 
 Result = list[str] | str  # the perturbed words, or an unavailable reason
 
-def _shuffle_positions(words: list[str], positions: list[int], rng: random.Random) -> Result:
-    """Permute the words at `positions` among themselves; all other words stay."""
-    if len(positions) < 2:
-        return TOO_FEW_WORDS
-    values = [words[i] for i in positions]
-    if len(set(values)) < 2:
-        return NO_DISTINCT_ORDER
-    drawn = list(values)
-    for _ in range(MAX_DRAWS):
-        rng.shuffle(drawn)
-        if drawn != values:
-            break
-    else:  # a rotation of a sequence with two distinct values always differs from it
-        drawn = values[1:] + values[:1]
-    out = list(words)
-    for i, w in zip(positions, drawn, strict=True):
-        out[i] = w
-    return out
-
-
 def _blocks(n: int) -> list[range]:
     return [range(i, min(i + 3, n)) for i in range(0, n, 3)]
-
-
-def _shuffle_within_trigrams(words: list[str], rng: random.Random) -> Result:
-    blocks = [b for b in _blocks(len(words)) if len(b) >= 2]
-    if not blocks:
-        return TOO_FEW_WORDS
-    movable = [b for b in blocks if len({words[i] for i in b}) >= 2]
-    if not movable:
-        return NO_DISTINCT_ORDER
-    for _ in range(MAX_DRAWS):
-        out = list(words)
-        for b in blocks:
-            vals = [words[i] for i in b]
-            rng.shuffle(vals)
-            out[b.start:b.stop] = vals
-        if out != words:
-            return out
-    b = movable[0]  # rotating one block with two distinct words changes the text
-    out = list(words)
-    out[b.start:b.stop] = words[b.start + 1:b.stop] + words[b.start:b.start + 1]
-    return out
 
 
 def _shuffle_trigrams(words: list[str], rng: random.Random) -> Result:
@@ -395,9 +354,9 @@ def _positions(pos: Sequence[str], keep: Callable[[str], bool]) -> list[int]:
     return [i for i, p in enumerate(pos) if keep(p)]
 
 
-def _shuffle_classes(words: list[str], groups: list[list[int]], rng: random.Random) -> Result:
+def _shuffle_groups(words: list[str], groups: list[list[int]], rng: random.Random) -> Result:
     """Permute the words of each group of positions among that group only (one permutation per
-    group, drawn in group order); all other words stay. Table I's "shuffle nouns and adjectives"."""
+    group, drawn in group order); all other words stay."""
     movable = [g for g in groups if len(g) >= 2]
     if not movable:
         return TOO_FEW_WORDS
@@ -468,24 +427,24 @@ class PerturbationType:
 
 # The nine types of Table I: name -> rule, label (the paper's wording, shortened for axis labels).
 PERTURBATIONS = {t.name: t for t in (
-    PerturbationType("shuffle_all", lambda x: _shuffle_positions(x.words, list(range(len(x.words))), x.rng),
+    PerturbationType("shuffle_all", lambda x: _shuffle_groups(x.words, [list(range(len(x.words)))], x.rng),
                      "Shuffle all words"),
     PerturbationType("swap_adjacent", lambda x: _deterministic(x.words, _swap_adjacent(x.words)),
                      "Swap adjacent words"),
     PerturbationType("reverse", lambda x: _deterministic(x.words, x.words[::-1]), "Reverse sentence"),
-    PerturbationType("shuffle_within_trigrams", lambda x: _shuffle_within_trigrams(x.words, x.rng),
-                     "Shuffle within trigrams"),
+    PerturbationType("shuffle_within_trigrams", lambda x: _shuffle_groups(
+        x.words, [list(b) for b in _blocks(len(x.words))], x.rng), "Shuffle within trigrams"),
     PerturbationType("shuffle_trigrams", lambda x: _shuffle_trigrams(x.words, x.rng), "Shuffle trigrams"),
     # two permutations: every slot keeps its class
-    PerturbationType("shuffle_nouns_adjectives", lambda x: _shuffle_classes(
+    PerturbationType("shuffle_nouns_adjectives", lambda x: _shuffle_groups(
         x.words, [_positions(x.pos, lambda p: p in NOUN_POS), _positions(x.pos, lambda p: p in ADJ_POS)], x.rng),
         "Shuffle nouns & adjectives"),
     # one pool: Table I mixes DET/PRON/AUX slots
-    PerturbationType("shuffle_all_but_nouns_adjectives", lambda x: _shuffle_positions(
-        x.words, _positions(x.pos, lambda p: p not in _NOUN_ADJ_POS), x.rng), "Shuffle all but nouns & adj."),
+    PerturbationType("shuffle_all_but_nouns_adjectives", lambda x: _shuffle_groups(
+        x.words, [_positions(x.pos, lambda p: p not in _NOUN_ADJ_POS)], x.rng), "Shuffle all but nouns & adj."),
     # one pool: Table I puts "is" in a noun slot
-    PerturbationType("shuffle_nouns_verbs_adjectives", lambda x: _shuffle_positions(
-        x.words, _positions(x.pos, lambda p: p in _NOUN_VERB_ADJ_POS), x.rng), "Shuffle nouns, verbs & adj."),
+    PerturbationType("shuffle_nouns_verbs_adjectives", lambda x: _shuffle_groups(
+        x.words, [_positions(x.pos, lambda p: p in _NOUN_VERB_ADJ_POS)], x.rng), "Shuffle nouns, verbs & adj."),
     PerturbationType("antonym_adjectives", lambda x: _antonym(x.words, x.pos, x.lexicon, x.rng, *x.scope()),
                      "Adjectives → antonyms"),
 )}
