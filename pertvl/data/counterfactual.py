@@ -134,7 +134,6 @@ _NEG_SUFFIXES = (" is not seen", " are not seen")
 _SIDE_NEGATION = re.compile(r"^(?:(?:there is )?no (?P<s1>left|right) (?P<t1>pleural effusion|pneumothorax)"
                             r"|the (?P<s2>left|right) costophrenic angle is sharp"
                             r"|no pneumothorax on the (?P<s3>left|right))$")
-_ADVERBS = {"mildly": "mild", "moderately": "moderate", "severely": "severe"}
 # Template phrases written for some severities only: a severity edit must keep within them.
 _SEVERITY_BOUND = {("pleural_effusion", "costophrenic"): ("small",),
                    ("pleural_effusion", "meniscus"): ("moderate", "large"),
@@ -172,9 +171,7 @@ def _present_fact(body: str) -> Fact | None:
     if len(types) != 1:
         return None
     t = types[0]
-    sev_of = {w: s for s in SEVERITIES[t] for w in severity_words(t, s)}
-    if t == "cardiomegaly":
-        sev_of.update(_ADVERBS)
+    sev_of = {w: s for s in SEVERITIES[t] for w in severity_words(t, s)}  # adverbs included
     sevs = {sev_of[w] for w in words if w in sev_of}
     if len(sevs) != 1:
         return None
@@ -563,11 +560,7 @@ def _far_severities(f: Finding, rng: random.Random) -> list[str]:
 def _severity_words_map(t: str, old: str, new: str) -> dict[str, str]:
     """Word-for-word severity substitution (focal -> dense, mildly -> severely, small -> large)."""
     a, b = severity_words(t, old), severity_words(t, new)
-    mapping = {x: b[min(j, len(b) - 1)] for j, x in enumerate(a)}
-    if t == "cardiomegaly":
-        adv = {v: k for k, v in _ADVERBS.items()}
-        mapping[adv[old]] = adv[new]
-    return mapping
+    return {x: b[min(j, len(b) - 1)] for j, x in enumerate(a)}
 
 
 def _severity(sents: list[ReportSentence], fs: list[Finding], rng: random.Random) -> Iterable[_Candidate]:
