@@ -117,9 +117,7 @@ class Finding:
         side = {"left": "L ", "right": "R ", "bilateral": "bilat ", None: ""}[self.side]
         where = self.location.split(" ", 1)[1].replace(" lobe", "") + " " if self.location else ""
         name = {"pleural_effusion": "effusion", "pneumothorax": "PTX"}.get(self.type, self.type)
-        if self.location:
-            return f"{side}{where}{name} ({self.severity})"
-        return f"{side}{name} ({self.severity})"
+        return f"{side}{where}{name} ({self.severity})"
 
 
 def as_findings(findings: Iterable[Finding | dict[str, Any]]) -> list[Finding]:
