@@ -309,20 +309,15 @@ def _absence_bank() -> dict[tuple[str, str], tuple[str, ...]]:
     for k in range(8 * _BANK_DRAWS):
         for fs in ([], [ptx]):
             for s in compose_report(fs, np.random.default_rng([_BANK_SEED, 1, k])):
-                body = _body(s.text)
-                types = tuple(fa.type for fa in s.facts)
-                if body in HEART_NORMAL:
-                    bank.setdefault((Kind.HEART_NORMAL, "cardiomegaly"), []).append(s.text)
-                elif body.startswith(LUNGS_PLAIN + LUNGS_OTHERWISE):
-                    base, _, rest = body.partition(" without ")
-                    key = "otherwise" if base in LUNGS_OTHERWISE else ""
-                    nouns = _split_nouns(rest) if rest else ()
-                    if nouns is not None and len(nouns) <= 1:
-                        key += ":" + (_NEG_NOUN_TYPE[nouns[0]] if nouns else "")
-                        bank.setdefault((Kind.LUNGS_CLEAR, key), []).append(s.text)
-                elif len(types) == 1 and s.facts[0].side is None and not s.facts[0].present \
-                        and types[0] in NEGATABLE and body not in BONES:
-                    bank.setdefault((Kind.NEGATION, types[0]), []).append(s.text)
+                p = _parse_sentence(s.text, frozenset())
+                types = ":".join(_NEG_NOUN_TYPE[n] for n in p.nouns)
+                if p.kind is Kind.HEART_NORMAL:
+                    bank.setdefault((p.kind, "cardiomegaly"), []).append(s.text)
+                elif p.kind is Kind.LUNGS_CLEAR and len(p.nouns) <= 1:
+                    otherwise = "otherwise" if p.frame in LUNGS_OTHERWISE else ""
+                    bank.setdefault((p.kind, f"{otherwise}:{types}"), []).append(s.text)
+                elif p.kind is Kind.NEGATION and len(p.nouns) == 1:
+                    bank.setdefault((p.kind, types), []).append(s.text)
     return {k: tuple(sorted(v)) for k, v in bank.items()}
 
 
