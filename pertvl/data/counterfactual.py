@@ -902,16 +902,11 @@ def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: 
         except ValueError as e:
             raise ValueError(f"{pairs_jsonl}: pair {pid!r}: {e}") from e
     atomic_write_text(out_jsonl, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records))
-    made: Counter[str] = Counter()
-    missing: dict[str, Counter[str]] = {t: Counter() for t in COUNTERFACTUAL_TYPES}
-    for r in records:
-        made.update(r.counterfactuals.keys())
-        for t, reason in r.unavailable.items():
-            missing[t][reason] += 1
     summary = CounterfactualSummary(
         pairs_file=str(pairs_jsonl), out=str(out_jsonl), pairs=len(pairs), distinct_texts=len(records),
-        counterfactuals={t: made.get(t, 0) for t in COUNTERFACTUAL_TYPES},
-        unavailable={t: dict(sorted(missing[t].items())) for t in COUNTERFACTUAL_TYPES}, seed=seed)
+        counterfactuals={t: sum(t in r.counterfactuals for r in records) for t in COUNTERFACTUAL_TYPES},
+        unavailable={t: dict(sorted(Counter(r.unavailable[t] for r in records if t in r.unavailable).items()))
+                     for t in COUNTERFACTUAL_TYPES}, seed=seed)
     write_json(summary_path_for(out_jsonl), summary.to_json())
     return summary
 

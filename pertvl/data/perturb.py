@@ -605,8 +605,6 @@ class Perturber:
     def __init__(self, spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
                  types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
                  antonyms: str = DEFAULT_ANTONYMS) -> None:
-        from spacy.tokens import Doc
-
         self.spacy_model = spacy_model
         self.seed = int(seed)
         self.types = select_types(types)
@@ -623,11 +621,6 @@ class Perturber:
         self.scope = NegationScope(self.nlp.vocab)
         self._parser = self.nlp.get_pipe("parser") if "parser" in self.nlp.component_names else None
         self._pos_of = _PosOfTag(self.nlp)
-        self._doc = Doc
-
-    def clean(self, text: str | None) -> str:
-        """The cleaning rule with this perturber's word cap."""
-        return clean_text(text, max_words=self.max_words)
 
     def analyze(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
                 progress: bool = False) -> list[Tagged]:
@@ -647,7 +640,7 @@ class Perturber:
     def perturb_many(self, texts: Sequence[str | None], batch_size: int = 256, workers: int = 1,
                      progress: bool = False) -> list[PerturbationRecord]:
         """Clean, tag each distinct text once, perturb; one record per input text, in order."""
-        cleaned = [self.clean(t) for t in texts]
+        cleaned = [clean_text(t, max_words=self.max_words) for t in texts]
         distinct = [t for t in dict.fromkeys(cleaned) if t]
         records = dict(zip(distinct, self._map("_records_chunk", distinct, batch_size, workers, progress),
                            strict=True))
@@ -688,9 +681,10 @@ class Perturber:
     def _analyze_chunk(self, texts: list[str], batch_size: int) -> list[Tagged]:
         from spacy.attrs import POS, TAG
         from spacy.parts_of_speech import IDS
+        from spacy.tokens import Doc
 
         pos_of = self._pos_of if self._pos_of.usable else None
-        docs = list(self.nlp.pipe((self._doc(self.nlp.vocab, words=t.split()) for t in texts), batch_size=batch_size,
+        docs = list(self.nlp.pipe((Doc(self.nlp.vocab, words=t.split()) for t in texts), batch_size=batch_size,
                                   disable=["attribute_ruler"] if pos_of else []))
         tags: list[list[str]] = []
         to_parse: list[int] = []
@@ -757,19 +751,15 @@ def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturb
     lines = [json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in by_text.values()]
     atomic_write_text(out, "".join(lines))
 
-    made: Counter[str] = Counter()
-    missing: dict[str, Counter[str]] = {t: Counter() for t in PERTURBATION_TYPES}
-    for r in by_text.values():
-        made.update(r.perturbations.keys())
-        for t, reason in r.unavailable.items():
-            missing[t][reason] += 1
+    made = {t: sum(t in r.perturbations for r in by_text.values()) for t in PERTURBATION_TYPES}
+    missing = {t: Counter(r.unavailable[t] for r in by_text.values() if t in r.unavailable) for t in PERTURBATION_TYPES}
     cap = perturber.max_words
     capped = 0 if cap is None else sum(len(clean_text(t, max_words=None).split()) > cap for t in raw_texts)
     summary = PerturbSummary(pairs_file=str(pairs), out=str(out), pairs=len(records_in),
                              reports=len({p.study_id for p in records_in}), distinct_texts=len(by_text),
                              empty_texts=sum(1 for t in by_text if not t),
                              non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()),
-                             capped_texts=capped, perturbations={t: made.get(t, 0) for t in PERTURBATION_TYPES},
+                             capped_texts=capped, perturbations=made,
                              unavailable={t: dict(sorted(missing[t].items())) for t in PERTURBATION_TYPES},
                              seed=perturber.seed, types=list(perturber.types),
                              spacy_model=perturber.spacy_model, antonym_words=len(perturber.lexicon.pairs),
