@@ -273,27 +273,20 @@ def fact_sentences(fact: Fact) -> list[Sentence]:
         wheres = _lobe_phrases(f.location) if t in ("consolidation", "nodule") else [None]
         ws = severity_words(t, f.severity) if t == "consolidation" else (None,)
         texts = [o for where in wheres for w in ws for o in _present_options(f, where, w)]
-        return _unique([_sentence(x, [fact], [t]) for x in texts])
+        return [_sentence(x, [fact], [t]) for x in texts]
     if t == "cardiomegaly":
         return [_sentence(x, [fact], [t]) for x in HEART_NORMAL] if fact.side is None else []
     if fact.side is not None:
         if t not in ("pleural_effusion", "pneumothorax") or fact.side not in ("left", "right"):
             return []
-        return _unique([_sentence(x, [fact], [t]) for x in _side_negation_options(t, fact.side)])
+        return [_sentence(x, [fact], [t]) for x in _side_negation_options(t, fact.side)]
     if t not in NEG_NOUNS:
         return []
     out = []
     for noun in NEG_NOUNS[t]:
         verb = "are" if noun.endswith("nodules") else "is"
         out += [_sentence(x, [fact], [t]) for x in _negation_options(noun, verb, single=True)]
-    return _unique(out)
-
-
-def _unique(sentences: list[Sentence]) -> list[Sentence]:
-    seen: dict[str, Sentence] = {}
-    for s in sentences:
-        seen.setdefault(s.text, s)
-    return list(seen.values())
+    return out
 
 
 def compose_report(findings: Sequence[Finding | dict[str, Any]], rng: np.random.Generator) -> list[Sentence]:
