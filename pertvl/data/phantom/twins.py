@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pertvl.data.counterfactual import fits_findings, parse_report
+from pertvl.data.phantom.corpus import _streams
 from pertvl.data.phantom.findings import (
     FINDING_TYPES,
     NEGATABLE,
@@ -32,6 +34,7 @@ from pertvl.data.phantom.findings import (
     SEVERITIES,
     Finding,
     as_findings,
+    chexpert_labels,
     consistent,
     other_side,
 )
@@ -39,13 +42,14 @@ from pertvl.data.phantom.language import (
     NEG_NOUNS,
     Fact,
     Sentence,
+    compose_report,
     fact_holds,
     fact_sentences,
     is_lungs_clear,
     lungs_clear_sentences,
     otherwise_last,
 )
-from pertvl.data.phantom.render import render_phantom
+from pertvl.data.phantom.render import encode_png, render_phantom
 from pertvl.data.records import Pair, read_pairs, write_pairs
 from pertvl.files import atomic_write_bytes, write_json
 
@@ -88,11 +92,11 @@ def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
     return t == "cardiomegaly", None  # cardiomegaly
 
 
-def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Finding]]], dict[str, int]]:
+def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Finding]]], Counter[str]]:
     """Every edit of every finding that gives a valid twin truth, with that truth, in canonical finding
     order then EDITS order; and the skips as {"<kind>: <reason>": count}."""
     out: list[tuple[Edit, list[Finding]]] = []
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     for f in findings:
         for kind in EDITS:
             applies, after = _edited(f, kind)
@@ -104,8 +108,7 @@ def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Findi
             except ValueError:  # the other finding type is already there
                 twin = None
             if twin is None or not consistent(twin):
-                key = f"{kind}: twin truth the sampler cannot draw"
-                skipped[key] = skipped.get(key, 0) + 1
+                skipped[f"{kind}: twin truth the sampler cannot draw"] += 1
                 continue
             out.append((Edit(kind, f, after), twin))
     return out, skipped
@@ -246,12 +249,6 @@ def _truth(findings: Sequence[Finding]) -> list[dict[str, Any]]:
 
 def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
     """The twin pairs (two Pair records each) of one corpus phantom; images written to `images_dir`."""
-    from pertvl.data.counterfactual import fits_findings, parse_report
-    from pertvl.data.phantom.corpus import _streams
-    from pertvl.data.phantom.findings import chexpert_labels
-    from pertvl.data.phantom.language import compose_report
-    from pertvl.data.phantom.render import encode_png
-
     ref = pair.extra.get("render") or {}
     seed, index, size = int(ref["seed"]), int(ref["index"]), int(ref["size"])
     before = as_findings(pair.extra.get("findings") or [])
