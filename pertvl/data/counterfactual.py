@@ -51,6 +51,7 @@ from pertvl.data.phantom.findings import (
     Finding,
     as_findings,
     consistent,
+    mirrored,
     other_side,
     severity_words,
 )
@@ -450,15 +451,6 @@ def _swap_words(text: str, mapping: Mapping[str, str]) -> str:
     return re.sub(pattern, sub, text, flags=re.IGNORECASE)
 
 
-def _mirror(f: Finding) -> Finding | None:
-    other = {"left": "right", "right": "left"}
-    try:
-        return Finding(f.type, f.severity, other[f.side],
-                       None if f.location is None else other[f.side] + f.location[len(f.side):])
-    except ValueError:  # the right middle lobe has no twin on the left
-        return None
-
-
 def _replace_finding(fs: Sequence[Finding], old: Finding | None, new: Finding | None) -> list[Finding]:
     out = [f for f in fs if f != old] + ([new] if new is not None else [])
     return sorted(out, key=lambda f: FINDING_TYPES.index(f.type))
@@ -526,7 +518,7 @@ def _present_index(sents: Sequence[ReportSentence], t: str) -> int:
 def _laterality(sents: list[ReportSentence], fs: list[Finding], rng: random.Random) -> Iterable[_Candidate]:
     texts = [s.text for s in sents]
     for f in rng.sample(fs, len(fs)):
-        g = _mirror(f) if f.side in ("left", "right") else None
+        g = mirrored(f)
         if g is None:
             continue
         cf = _replace_finding(fs, f, g)

@@ -140,6 +140,18 @@ def consistent(findings: Sequence[Finding]) -> bool:
     return not (nod and cons and nod.location == cons.location)
 
 
+def mirrored(f: Finding) -> Finding | None:
+    """`f` moved to the other side (its lobe too); None when it is not one-sided or has no twin lobe
+    (the right middle lobe)."""
+    if f.side not in ("left", "right"):
+        return None
+    side = other_side(f.side)
+    try:
+        return Finding(f.type, f.severity, side, None if f.location is None else side + f.location[len(f.side):])
+    except ValueError:
+        return None
+
+
 def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
     """The modeled CheXpert labels (1.0/0.0) of a phantom."""
     present = {CHEXPERT_OF_TYPE[f.type] for f in findings}

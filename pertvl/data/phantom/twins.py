@@ -36,6 +36,7 @@ from pertvl.data.phantom.findings import (
     as_findings,
     chexpert_labels,
     consistent,
+    mirrored,
     other_side,
 )
 from pertvl.data.phantom.language import (
@@ -75,10 +76,8 @@ def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
     """(whether `kind` applies to `f`, the edited finding or None for absent)."""
     t = f.type
     if kind == "laterality":
-        if f.side not in ("left", "right") or f.location == "right middle lobe":
-            return False, None
-        side = other_side(f.side)
-        return True, Finding(t, f.severity, side, f.location.replace(f.side, side, 1) if f.location else None)
+        g = mirrored(f)
+        return g is not None, g
     if kind == "severity":
         scale = SEVERITIES[t]
         return True, replace(f, severity=scale[0] if f.severity == scale[-1] else scale[-1])
