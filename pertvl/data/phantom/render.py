@@ -9,6 +9,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -77,15 +78,12 @@ def _sample_patient(rng: np.random.Generator) -> _Patient:
                     noise=u(0.008, 0.025), mottle=u(0.01, 0.03))
 
 
-_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
+@cache
 def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates in [0, 1] (x right, y down), cached per size."""
-    if size not in _GRIDS:
-        p = (np.arange(size, dtype=np.float32) + 0.5) / size
-        _GRIDS[size] = tuple(np.meshgrid(p, p))  # type: ignore[assignment]
-    return _GRIDS[size]
+    p = (np.arange(size, dtype=np.float32) + 0.5) / size
+    x, y = np.meshgrid(p, p)
+    return x, y
 
 
 def _f32(v: float) -> np.float32:
