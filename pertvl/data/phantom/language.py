@@ -171,10 +171,8 @@ NEG_NOUNS = {"pneumothorax": ("pneumothorax",), "pleural_effusion": ("pleural ef
 
 
 def _join(nouns: Sequence[str], rng: np.random.Generator) -> str:
-    if len(nouns) == 1:
-        return nouns[0]
-    if len(nouns) == 2:
-        return f"{nouns[0]} or {nouns[1]}"
+    if len(nouns) <= 2:
+        return " or ".join(nouns)
     comma = pick(rng, [", or ", " or "])
     return ", ".join(nouns[:-1]) + comma + nouns[-1]
 
