@@ -216,7 +216,7 @@ def sample_findings(rng: np.random.Generator) -> list[Finding]:
         else:
             eff_side = pick(rng, ["left", "right", "bilateral"], [4, 4, 2])
         if ptx_side is not None and eff_side in (ptx_side, "bilateral"):
-            eff_side = "left" if ptx_side == "right" else "right"
+            eff_side = other_side(ptx_side)
         out.append(Finding("pleural_effusion", pick(rng, ["small", "moderate", "large"], [5, 3.5, 1.5]), eff_side))
     if "atelectasis" in chosen:
         side = pick(rng, ["left", "right"], [1, 1])
