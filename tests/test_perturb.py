@@ -184,6 +184,7 @@ def test_table_i_all_nine_rows(paper):
     rec = paper.perturb("The lungs are clear. There is no pleural effusion or pneumothorax.")
     assert rec.text == EXAMPLE and rec.unavailable == {}
     assert set(rec.perturbations) == set(TABLE_I) == set(PERTURBATION_TYPES)
+    assert tuple(P.PERTURBATIONS) == PERTURBATION_TYPES  # the rule table and the data formats' names
     for ptype in ("swap_adjacent", "reverse", "antonym_adjectives"):
         assert rec.perturbations[ptype] == TABLE_I[ptype], ptype
     tagged = paper.analyze([EXAMPLE])[0]
@@ -532,15 +533,15 @@ class _NoShuffle(random.Random):
 
 def test_redraw_fallback_and_unavailable_reasons():
     words = "a b c d e".split()
-    assert P._shuffle_positions(words, [0, 1, 2], _NoShuffle()) == "b c a d e".split()
-    assert P._shuffle_within_trigrams(words, _NoShuffle()) == "b c a d e".split()
+    assert P._shuffle_groups(words, [[0, 1, 2]], _NoShuffle()) == "b c a d e".split()
+    assert P._shuffle_groups(words, [[0, 1, 2], [3, 4]], _NoShuffle()) == "b c a d e".split()
     assert P._shuffle_trigrams(words, _NoShuffle()) == "d e a b c".split()
     assert _is_block_permutation("d e a b c".split(), words) and _is_block_permutation("a b c d e".split(), words)
     assert not _is_block_permutation("b a c d e".split(), words)
     assert not _is_block_permutation("a b d e c".split(), words)
-    assert P._shuffle_positions(["x", "x", "y"], [0, 1], _NoShuffle()) == "no_distinct_order"
-    assert P._shuffle_positions(words, [3], _NoShuffle()) == "too_few_words"
-    assert P._shuffle_within_trigrams("x x x y".split(), _NoShuffle()) == "no_distinct_order"
+    assert P._shuffle_groups(["x", "x", "y"], [[0, 1]], _NoShuffle()) == "no_distinct_order"
+    assert P._shuffle_groups(words, [[3]], _NoShuffle()) == "too_few_words"
+    assert P._shuffle_groups("x x x y".split(), [[0, 1, 2], [3]], _NoShuffle()) == "no_distinct_order"
     assert P._shuffle_trigrams("a b c a b c".split(), random.Random(0)) == "no_distinct_order"
     assert P._shuffle_trigrams("a a a a".split(), random.Random(0)) == "no_distinct_order"
     assert P._shuffle_trigrams("a b c".split(), random.Random(0)) == "too_few_words"
@@ -643,8 +644,9 @@ def test_fast_path_writes_the_reference_file(tmp_path, perturber, paper, rule):
                         for i, t in enumerate(texts)])
     fast = perturber if rule == "reviewed" else paper
     assert fast._pos_of.usable  # en_core_web_sm's ruler qualifies for the memo
-    perturb_pairs_file(pairs, tmp_path / "ref.jsonl", perturber=Perturber(reference=True, antonyms=rule),
-                       batch_size=256)
+    ref = Perturber(antonyms=rule)
+    ref._pos_of.usable = False  # the attribute ruler runs in the pipeline, the parser on one text at a time
+    perturb_pairs_file(pairs, tmp_path / "ref.jsonl", perturber=ref, batch_size=1)
     perturb_pairs_file(pairs, tmp_path / "fast.jsonl", perturber=fast, batch_size=32, workers=2)
     assert (tmp_path / "fast.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     assert len((tmp_path / "ref.jsonl").read_text().splitlines()) == len(set(map(clean_text, texts)))

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from functools import cache, lru_cache
+from itertools import islice
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -50,6 +51,8 @@ from pertvl.data.phantom.findings import (
     Finding,
     as_findings,
     consistent,
+    mirrored,
+    other_side,
     severity_words,
 )
 from pertvl.data.phantom.language import (
@@ -132,7 +135,6 @@ _NEG_SUFFIXES = (" is not seen", " are not seen")
 _SIDE_NEGATION = re.compile(r"^(?:(?:there is )?no (?P<s1>left|right) (?P<t1>pleural effusion|pneumothorax)"
                             r"|the (?P<s2>left|right) costophrenic angle is sharp"
                             r"|no pneumothorax on the (?P<s3>left|right))$")
-_ADVERBS = {"mildly": "mild", "moderately": "moderate", "severely": "severe"}
 # Template phrases written for some severities only: a severity edit must keep within them.
 _SEVERITY_BOUND = {("pleural_effusion", "costophrenic"): ("small",),
                    ("pleural_effusion", "meniscus"): ("moderate", "large"),
@@ -153,10 +155,6 @@ class ReportSentence:
     nouns: tuple[str, ...] = ()
     frame: str = ""
 
-    @property
-    def words(self) -> list[str]:
-        return _WORD.findall(self.text.lower())
-
 
 def _body(sentence: str) -> str:
     return sentence.strip().rstrip(".").lower()
@@ -174,9 +172,7 @@ def _present_fact(body: str) -> Fact | None:
     if len(types) != 1:
         return None
     t = types[0]
-    sev_of = {w: s for s in SEVERITIES[t] for w in severity_words(t, s)}
-    if t == "cardiomegaly":
-        sev_of.update(_ADVERBS)
+    sev_of = {w: s for s in SEVERITIES[t] for w in severity_words(t, s)}  # adverbs included
     sevs = {sev_of[w] for w in words if w in sev_of}
     if len(sevs) != 1:
         return None
@@ -205,10 +201,9 @@ def _present_fact(body: str) -> Fact | None:
         if t == "atelectasis":
             loc = f"{side} lower lobe"
     try:
-        f = Finding(t, sev, side, loc)
+        return Fact.of(Finding(t, sev, side, loc))
     except ValueError:
         return None
-    return Fact(f.type, True, f.side, f.severity, f.location)
 
 
 def _parse_sentence(text: str, present: frozenset[str]) -> ReportSentence | None:
@@ -302,9 +297,8 @@ _BANK_DRAWS = 48
 @cache
 def _present_bank(f: Finding) -> tuple[str, ...]:
     """The sentences the generator writes for finding `f`: _BANK_DRAWS draws, sorted, repeats kept."""
-    fact = Fact(f.type, True, f.side, f.severity, f.location)
     texts = [s.text for k in range(_BANK_DRAWS) for s in compose_report([f], np.random.default_rng([_BANK_SEED, k]))
-             if s.facts == (fact,)]
+             if s.facts == (Fact.of(f),)]
     return tuple(sorted(texts))
 
 
@@ -316,20 +310,15 @@ def _absence_bank() -> dict[tuple[str, str], tuple[str, ...]]:
     for k in range(8 * _BANK_DRAWS):
         for fs in ([], [ptx]):
             for s in compose_report(fs, np.random.default_rng([_BANK_SEED, 1, k])):
-                body = _body(s.text)
-                types = tuple(fa.type for fa in s.facts)
-                if body in HEART_NORMAL:
-                    bank.setdefault((Kind.HEART_NORMAL, "cardiomegaly"), []).append(s.text)
-                elif body.startswith(LUNGS_PLAIN + LUNGS_OTHERWISE):
-                    base, _, rest = body.partition(" without ")
-                    key = "otherwise" if base in LUNGS_OTHERWISE else ""
-                    nouns = _split_nouns(rest) if rest else ()
-                    if nouns is not None and len(nouns) <= 1:
-                        key += ":" + (_NEG_NOUN_TYPE[nouns[0]] if nouns else "")
-                        bank.setdefault((Kind.LUNGS_CLEAR, key), []).append(s.text)
-                elif len(types) == 1 and s.facts[0].side is None and not s.facts[0].present \
-                        and types[0] in NEGATABLE and body not in BONES:
-                    bank.setdefault((Kind.NEGATION, types[0]), []).append(s.text)
+                p = _parse_sentence(s.text, frozenset())
+                types = ":".join(_NEG_NOUN_TYPE[n] for n in p.nouns)
+                if p.kind is Kind.HEART_NORMAL:
+                    bank.setdefault((p.kind, "cardiomegaly"), []).append(s.text)
+                elif p.kind is Kind.LUNGS_CLEAR and len(p.nouns) <= 1:
+                    otherwise = "otherwise" if p.frame in LUNGS_OTHERWISE else ""
+                    bank.setdefault((p.kind, f"{otherwise}:{types}"), []).append(s.text)
+                elif p.kind is Kind.NEGATION and len(p.nouns) == 1:
+                    bank.setdefault((p.kind, types), []).append(s.text)
     return {k: tuple(sorted(v)) for k, v in bank.items()}
 
 
@@ -378,10 +367,6 @@ def holds(fact: Fact, findings: Sequence[Finding]) -> bool:
     return fact_holds(fact, findings)
 
 
-def _full_fact(f: Finding) -> Fact:
-    return Fact(f.type, True, f.side, f.severity, f.location)
-
-
 def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Finding]) -> str | None:
     """None when `sentences` form a report the generator could write for `findings`, else the first
     rule broken: every fact holds, plus `compose_report`'s report-level rules (one heart sentence, "the
@@ -395,7 +380,7 @@ def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Findin
             if not holds(fa, fs):
                 return f"false for the findings: {s.text!r}"
     stated = sorted((s.facts[0] for s in sentences if s.kind is Kind.PRESENT), key=repr)
-    if stated != sorted((_full_fact(f) for f in fs), key=repr):
+    if stated != sorted((Fact.of(f) for f in fs), key=repr):
         return "the findings are not stated one sentence each"
     kinds = Counter(s.kind for s in sentences)
     heart = [s for s in sentences if s.kind is Kind.HEART_NORMAL
@@ -423,7 +408,7 @@ def fits_findings(sentences: Sequence[ReportSentence], findings: Sequence[Findin
                   and f.side in ("left", "right")}
     side_neg = [s.facts[0] for s in sentences if s.kind is Kind.SIDE_NEGATION]
     if len({fa.type for fa in side_neg}) != len(side_neg) or any(
-            (fa.type, "left" if fa.side == "right" else "right") not in unilateral for fa in side_neg):
+            (fa.type, other_side(fa.side)) not in unilateral for fa in side_neg):
         return "side negation without a finding on the other side"
     negated = [_NEG_NOUN_TYPE[n] for s in sentences for n in s.nouns]
     if len(set(negated)) != len(negated):
@@ -466,15 +451,6 @@ def _swap_words(text: str, mapping: Mapping[str, str]) -> str:
     return re.sub(pattern, sub, text, flags=re.IGNORECASE)
 
 
-def _mirror(f: Finding) -> Finding | None:
-    other = {"left": "right", "right": "left"}
-    try:
-        return Finding(f.type, f.severity, other[f.side],
-                       None if f.location is None else other[f.side] + f.location[len(f.side):])
-    except ValueError:  # the right middle lobe has no twin on the left
-        return None
-
-
 def _replace_finding(fs: Sequence[Finding], old: Finding | None, new: Finding | None) -> list[Finding]:
     out = [f for f in fs if f != old] + ([new] if new is not None else [])
     return sorted(out, key=lambda f: FINDING_TYPES.index(f.type))
@@ -503,7 +479,7 @@ def _repair(texts: list[str], cf: Sequence[Finding]) -> list[str] | None:
     for s in sents:
         if s.kind is Kind.SIDE_NEGATION:
             fa = s.facts[0]
-            if (fa.type, "left" if fa.side == "right" else "right") not in unilateral:
+            if (fa.type, other_side(fa.side)) not in unilateral:
                 continue
         if s.kind in (Kind.NEGATION, Kind.LUNGS_CLEAR):
             kept: ReportSentence | None = s
@@ -542,7 +518,7 @@ def _present_index(sents: Sequence[ReportSentence], t: str) -> int:
 def _laterality(sents: list[ReportSentence], fs: list[Finding], rng: random.Random) -> Iterable[_Candidate]:
     texts = [s.text for s in sents]
     for f in rng.sample(fs, len(fs)):
-        g = _mirror(f) if f.side in ("left", "right") else None
+        g = mirrored(f)
         if g is None:
             continue
         cf = _replace_finding(fs, f, g)
@@ -571,11 +547,7 @@ def _far_severities(f: Finding, rng: random.Random) -> list[str]:
 def _severity_words_map(t: str, old: str, new: str) -> dict[str, str]:
     """Word-for-word severity substitution (focal -> dense, mildly -> severely, small -> large)."""
     a, b = severity_words(t, old), severity_words(t, new)
-    mapping = {x: b[min(j, len(b) - 1)] for j, x in enumerate(a)}
-    if t == "cardiomegaly":
-        adv = {v: k for k, v in _ADVERBS.items()}
-        mapping[adv[old]] = adv[new]
-    return mapping
+    return {x: b[min(j, len(b) - 1)] for j, x in enumerate(a)}
 
 
 def _severity(sents: list[ReportSentence], fs: list[Finding], rng: random.Random) -> Iterable[_Candidate]:
@@ -710,7 +682,7 @@ def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, 
     if wrong:
         raise ValueError(f"the report states {wrong[0]} which its findings {fs} contradict")
     stated = {s.facts[0] for s in sents if s.kind is Kind.PRESENT}
-    if stated != {_full_fact(f) for f in fs}:
+    if stated != {Fact.of(f) for f in fs}:
         raise ValueError(f"the report does not state its findings {fs} one sentence each")
     cleaned = clean_text(report)
     out: dict[str, Counterfactual | Reason] = {}
@@ -718,9 +690,7 @@ def phantom_counterfactuals(report: str, findings: Iterable[Finding | dict[str, 
         if cftype not in COUNTERFACTUAL_TYPES:
             raise ValueError(f"unknown counterfactual type {cftype!r}; expected one of {tuple(COUNTERFACTUAL_TYPES)}")
         out[cftype] = _no_candidate_reason(cftype, fs)
-        for n, (texts, cf) in enumerate(_EDITS[cftype](sents, fs, _rng(seed, cftype, cleaned))):
-            if n >= _MAX_TRIES:
-                break
+        for texts, cf in islice(_EDITS[cftype](sents, fs, _rng(seed, cftype, cleaned)), _MAX_TRIES):
             new = " ".join(texts)
             try:
                 parsed = parse_report(new)  # the words alone decide what the edit asserts
@@ -924,16 +894,11 @@ def write_counterfactuals(pairs_jsonl: str | Path, out_jsonl: str | Path, seed: 
         except ValueError as e:
             raise ValueError(f"{pairs_jsonl}: pair {pid!r}: {e}") from e
     atomic_write_text(out_jsonl, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records))
-    made: Counter[str] = Counter()
-    missing: dict[str, Counter[str]] = {t: Counter() for t in COUNTERFACTUAL_TYPES}
-    for r in records:
-        made.update(r.counterfactuals.keys())
-        for t, reason in r.unavailable.items():
-            missing[t][reason] += 1
     summary = CounterfactualSummary(
         pairs_file=str(pairs_jsonl), out=str(out_jsonl), pairs=len(pairs), distinct_texts=len(records),
-        counterfactuals={t: made.get(t, 0) for t in COUNTERFACTUAL_TYPES},
-        unavailable={t: dict(sorted(missing[t].items())) for t in COUNTERFACTUAL_TYPES}, seed=seed)
+        counterfactuals={t: sum(t in r.counterfactuals for r in records) for t in COUNTERFACTUAL_TYPES},
+        unavailable={t: dict(sorted(Counter(r.unavailable[t] for r in records if t in r.unavailable).items()))
+                     for t in COUNTERFACTUAL_TYPES}, seed=seed)
     write_json(summary_path_for(out_jsonl), summary.to_json())
     return summary
 

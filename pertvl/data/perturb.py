@@ -11,8 +11,8 @@ scope and fixed phrase (`NegationScope`).
 
 Tagging runs without NER and with the parser disabled (spaCy then tags "is" AUX instead of VERB, and
 verbs are VERB ∪ AUX here); the parser runs afterwards, only on texts with a word of the antonym table,
-to widen the negation scopes. `Perturber(reference=True)` runs without the fast path's shortcuts
-(`_PosOfTag`, batched parsing, worker processes); the tests hold the fast path to it byte for byte.
+to widen the negation scopes. The tests hold the fast path (`_PosOfTag`, batched parsing, worker
+processes) byte for byte to the attribute ruler run in the pipeline on one text at a time.
 """
 
 from __future__ import annotations
@@ -197,11 +197,9 @@ class NegationScope:
         from spacy.matcher import PhraseMatcher
 
         self.matcher = PhraseMatcher(vocab, attr="LOWER")
-        make = vocab.strings.add
         for label, phrases in (("PRE", PRE_NEGATIONS), ("POST", POST_NEGATIONS),
                                ("TERM", TERMINATIONS), ("FIXED", FIXED_PHRASES)):
-            self.matcher.add(label, [_words_doc(vocab, p) for p in phrases])
-            make(label)
+            self.matcher.add(label, [_words_doc(vocab, p) for p in phrases])  # adds the label to the vocab
         self._labels = {vocab.strings[name]: name for name in ("PRE", "POST", "TERM", "FIXED")}
 
     def __call__(self, doc: Any) -> tuple[list[bool], list[bool]]:
@@ -315,49 +313,8 @@ def read_perturbations(path: str | Path) -> Iterator[PerturbationRecord]:
 
 Result = list[str] | str  # the perturbed words, or an unavailable reason
 
-def _shuffle_positions(words: list[str], positions: list[int], rng: random.Random) -> Result:
-    """Permute the words at `positions` among themselves; all other words stay."""
-    if len(positions) < 2:
-        return TOO_FEW_WORDS
-    values = [words[i] for i in positions]
-    if len(set(values)) < 2:
-        return NO_DISTINCT_ORDER
-    drawn = list(values)
-    for _ in range(MAX_DRAWS):
-        rng.shuffle(drawn)
-        if drawn != values:
-            break
-    else:  # a rotation of a sequence with two distinct values always differs from it
-        drawn = values[1:] + values[:1]
-    out = list(words)
-    for i, w in zip(positions, drawn, strict=True):
-        out[i] = w
-    return out
-
-
 def _blocks(n: int) -> list[range]:
     return [range(i, min(i + 3, n)) for i in range(0, n, 3)]
-
-
-def _shuffle_within_trigrams(words: list[str], rng: random.Random) -> Result:
-    blocks = [b for b in _blocks(len(words)) if len(b) >= 2]
-    if not blocks:
-        return TOO_FEW_WORDS
-    movable = [b for b in blocks if len({words[i] for i in b}) >= 2]
-    if not movable:
-        return NO_DISTINCT_ORDER
-    for _ in range(MAX_DRAWS):
-        out = list(words)
-        for b in blocks:
-            vals = [words[i] for i in b]
-            rng.shuffle(vals)
-            out[b.start:b.stop] = vals
-        if out != words:
-            return out
-    b = movable[0]  # rotating one block with two distinct words changes the text
-    out = list(words)
-    out[b.start:b.stop] = words[b.start + 1:b.stop] + words[b.start:b.start + 1]
-    return out
 
 
 def _shuffle_trigrams(words: list[str], rng: random.Random) -> Result:
@@ -395,9 +352,9 @@ def _positions(pos: Sequence[str], keep: Callable[[str], bool]) -> list[int]:
     return [i for i, p in enumerate(pos) if keep(p)]
 
 
-def _shuffle_classes(words: list[str], groups: list[list[int]], rng: random.Random) -> Result:
+def _shuffle_groups(words: list[str], groups: list[list[int]], rng: random.Random) -> Result:
     """Permute the words of each group of positions among that group only (one permutation per
-    group, drawn in group order); all other words stay. Table I's "shuffle nouns and adjectives"."""
+    group, drawn in group order); all other words stay."""
     movable = [g for g in groups if len(g) >= 2]
     if not movable:
         return TOO_FEW_WORDS
@@ -468,30 +425,27 @@ class PerturbationType:
 
 # The nine types of Table I: name -> rule, label (the paper's wording, shortened for axis labels).
 PERTURBATIONS = {t.name: t for t in (
-    PerturbationType("shuffle_all", lambda x: _shuffle_positions(x.words, list(range(len(x.words))), x.rng),
+    PerturbationType("shuffle_all", lambda x: _shuffle_groups(x.words, [list(range(len(x.words)))], x.rng),
                      "Shuffle all words"),
     PerturbationType("swap_adjacent", lambda x: _deterministic(x.words, _swap_adjacent(x.words)),
                      "Swap adjacent words"),
     PerturbationType("reverse", lambda x: _deterministic(x.words, x.words[::-1]), "Reverse sentence"),
-    PerturbationType("shuffle_within_trigrams", lambda x: _shuffle_within_trigrams(x.words, x.rng),
-                     "Shuffle within trigrams"),
+    PerturbationType("shuffle_within_trigrams", lambda x: _shuffle_groups(
+        x.words, [list(b) for b in _blocks(len(x.words))], x.rng), "Shuffle within trigrams"),
     PerturbationType("shuffle_trigrams", lambda x: _shuffle_trigrams(x.words, x.rng), "Shuffle trigrams"),
     # two permutations: every slot keeps its class
-    PerturbationType("shuffle_nouns_adjectives", lambda x: _shuffle_classes(
+    PerturbationType("shuffle_nouns_adjectives", lambda x: _shuffle_groups(
         x.words, [_positions(x.pos, lambda p: p in NOUN_POS), _positions(x.pos, lambda p: p in ADJ_POS)], x.rng),
         "Shuffle nouns & adjectives"),
     # one pool: Table I mixes DET/PRON/AUX slots
-    PerturbationType("shuffle_all_but_nouns_adjectives", lambda x: _shuffle_positions(
-        x.words, _positions(x.pos, lambda p: p not in _NOUN_ADJ_POS), x.rng), "Shuffle all but nouns & adj."),
+    PerturbationType("shuffle_all_but_nouns_adjectives", lambda x: _shuffle_groups(
+        x.words, [_positions(x.pos, lambda p: p not in _NOUN_ADJ_POS)], x.rng), "Shuffle all but nouns & adj."),
     # one pool: Table I puts "is" in a noun slot
-    PerturbationType("shuffle_nouns_verbs_adjectives", lambda x: _shuffle_positions(
-        x.words, _positions(x.pos, lambda p: p in _NOUN_VERB_ADJ_POS), x.rng), "Shuffle nouns, verbs & adj."),
+    PerturbationType("shuffle_nouns_verbs_adjectives", lambda x: _shuffle_groups(
+        x.words, [_positions(x.pos, lambda p: p in _NOUN_VERB_ADJ_POS)], x.rng), "Shuffle nouns, verbs & adj."),
     PerturbationType("antonym_adjectives", lambda x: _antonym(x.words, x.pos, x.lexicon, x.rng, *x.scope()),
                      "Adjectives → antonyms"),
 )}
-if tuple(PERTURBATIONS) != PERTURBATION_TYPES:  # the table and the data formats' names must agree
-    raise ImportError(f"pertvl.data.perturb: the rule table {list(PERTURBATIONS)} does not match "
-                      f"PERTURBATION_TYPES {list(PERTURBATION_TYPES)} (pertvl/data/records.py)")
 
 
 def type_label(name: str) -> str:
@@ -550,11 +504,7 @@ def perturb_tagged(text: str, pos: Sequence[str], *, seed: int = 0, types: Seque
         if isinstance(result, str):
             unavailable[ptype] = result
         else:
-            perturbed = " ".join(result)
-            if perturbed == text:  # guarded by every rule above; kept as the last line of defence
-                unavailable[ptype] = IDENTICAL
-            else:
-                perturbations[ptype] = perturbed
+            perturbations[ptype] = " ".join(result)
     return PerturbationRecord(text=text, perturbations=perturbations, unavailable=unavailable, seed=seed)
 
 
@@ -650,23 +600,19 @@ class Perturber:
             widens the negation scopes).
         types: the types to compute (None = all nine); max_words: clean_text's word cap (0/None: none).
         antonyms: a name of ANTONYM_RULES (its packaged table).
-        reference: no fast-path shortcuts (see the module docstring).
     """
 
     def __init__(self, spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
                  types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
-                 antonyms: str = DEFAULT_ANTONYMS, reference: bool = False) -> None:
-        from spacy.tokens import Doc
-
+                 antonyms: str = DEFAULT_ANTONYMS) -> None:
         self.spacy_model = spacy_model
         self.seed = int(seed)
         self.types = select_types(types)
         if max_words is not None and max_words < 0:
             raise ValueError(f"max_words must be >= 0 (0 = no cap), got {max_words}")
         self.max_words = max_words or None
-        self.reference = reference
         self._config = {"spacy_model": spacy_model, "seed": self.seed, "types": self.types,
-                        "max_words": max_words, "antonyms": antonyms, "reference": reference}
+                        "max_words": max_words, "antonyms": antonyms}
         t0 = time.perf_counter()
         self.nlp = load_pipeline(spacy_model)
         self.load_seconds = time.perf_counter() - t0
@@ -674,12 +620,7 @@ class Perturber:
         self.lexicon = antonym_lexicon(antonyms)
         self.scope = NegationScope(self.nlp.vocab)
         self._parser = self.nlp.get_pipe("parser") if "parser" in self.nlp.component_names else None
-        self._pos_of = None if reference else _PosOfTag(self.nlp)
-        self._doc = Doc
-
-    def clean(self, text: str | None) -> str:
-        """The cleaning rule with this perturber's word cap."""
-        return clean_text(text, max_words=self.max_words)
+        self._pos_of = _PosOfTag(self.nlp)
 
     def analyze(self, texts: Sequence[str], batch_size: int = 256, workers: int = 1,
                 progress: bool = False) -> list[Tagged]:
@@ -699,7 +640,7 @@ class Perturber:
     def perturb_many(self, texts: Sequence[str | None], batch_size: int = 256, workers: int = 1,
                      progress: bool = False) -> list[PerturbationRecord]:
         """Clean, tag each distinct text once, perturb; one record per input text, in order."""
-        cleaned = [self.clean(t) for t in texts]
+        cleaned = [clean_text(t, max_words=self.max_words) for t in texts]
         distinct = [t for t in dict.fromkeys(cleaned) if t]
         records = dict(zip(distinct, self._map("_records_chunk", distinct, batch_size, workers, progress),
                            strict=True))
@@ -740,16 +681,15 @@ class Perturber:
     def _analyze_chunk(self, texts: list[str], batch_size: int) -> list[Tagged]:
         from spacy.attrs import POS, TAG
         from spacy.parts_of_speech import IDS
+        from spacy.tokens import Doc
 
-        pos_of = self._pos_of if self._pos_of is not None and self._pos_of.usable else None
-        docs = list(self.nlp.pipe((self._doc(self.nlp.vocab, words=t.split()) for t in texts), batch_size=batch_size,
+        pos_of = self._pos_of if self._pos_of.usable else None
+        docs = list(self.nlp.pipe((Doc(self.nlp.vocab, words=t.split()) for t in texts), batch_size=batch_size,
                                   disable=["attribute_ruler"] if pos_of else []))
         tags: list[list[str]] = []
         to_parse: list[int] = []
         for k, (text, doc) in enumerate(zip(texts, docs, strict=True)):
-            words = text.split()
-            if len(doc) != len(words):
-                raise ValueError(f"spaCy changed the word count of {text[:60]!r}")
+            words = text.split()  # the Doc's words
             pos = pos_of(words, doc.to_array(TAG).tolist()) if pos_of else [t.pos_ for t in doc]
             if words and not any(pos):
                 raise ValueError(f"spaCy pipeline {self.spacy_model!r} assigns no POS tags "
@@ -757,10 +697,7 @@ class Perturber:
             tags.append(pos)
             if self._parser is not None and any(self.lexicon.replacement(w, p) for w, p in zip(words, pos, strict=True)):
                 to_parse.append(k)
-        if self.reference:
-            for k in to_parse:
-                docs[k] = self._parser(docs[k])
-        elif to_parse:
+        if to_parse:
             if pos_of:  # the scope reads POS on parsed Docs
                 for k in to_parse:
                     docs[k].from_array([POS], np.array([IDS[p] for p in tags[k]], dtype="uint64"))
@@ -798,17 +735,13 @@ class PerturbSummary:
         return asdict(self)
 
 
-def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturber | None = None,
-                       spacy_model: str = DEFAULT_SPACY_MODEL, seed: int = 0,
-                       types: Iterable[str] | str | None = None, max_words: int | None = DEFAULT_MAX_WORDS,
-                       antonyms: str = DEFAULT_ANTONYMS, workers: int = 1, batch_size: int = 256,
-                       progress: bool = False) -> PerturbSummary:
+def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturber | None = None, seed: int = 0,
+                       workers: int = 1, batch_size: int = 256, progress: bool = False) -> PerturbSummary:
     """Write one record per distinct cleaned text of a pairs.jsonl (first-seen order) and the summary
-    beside it (`summary_path_for(out)`); `perturber`, when given, decides model, seed, types, cap and rule."""
+    beside it (`summary_path_for(out)`); `perturber` defaults to `Perturber(seed=seed)`."""
     t0 = time.perf_counter()
     if perturber is None:
-        perturber = Perturber(spacy_model=spacy_model, seed=seed, types=types, max_words=max_words,
-                              antonyms=antonyms)
+        perturber = Perturber(seed=seed)
     records_in = list(read_pairs(pairs))
     raw_texts = list(dict.fromkeys(p.text for p in records_in))
     t1 = time.perf_counter()
@@ -818,21 +751,16 @@ def perturb_pairs_file(pairs: str | Path, out: str | Path, *, perturber: Perturb
     lines = [json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in by_text.values()]
     atomic_write_text(out, "".join(lines))
 
-    made: Counter[str] = Counter()
-    listed = (*PERTURBATION_TYPES, *(t for t in perturber.types if t not in PERTURBATION_TYPES))
-    missing: dict[str, Counter[str]] = {t: Counter() for t in listed}
-    for r in by_text.values():
-        made.update(r.perturbations.keys())
-        for t, reason in r.unavailable.items():
-            missing[t][reason] += 1
+    made = {t: sum(t in r.perturbations for r in by_text.values()) for t in PERTURBATION_TYPES}
+    missing = {t: Counter(r.unavailable[t] for r in by_text.values() if t in r.unavailable) for t in PERTURBATION_TYPES}
     cap = perturber.max_words
     capped = 0 if cap is None else sum(len(clean_text(t, max_words=None).split()) > cap for t in raw_texts)
     summary = PerturbSummary(pairs_file=str(pairs), out=str(out), pairs=len(records_in),
                              reports=len({p.study_id for p in records_in}), distinct_texts=len(by_text),
                              empty_texts=sum(1 for t in by_text if not t),
                              non_ascii_texts=sum(1 for t in raw_texts if not t.isascii()),
-                             capped_texts=capped, perturbations={t: made.get(t, 0) for t in listed},
-                             unavailable={t: dict(sorted(missing[t].items())) for t in listed},
+                             capped_texts=capped, perturbations=made,
+                             unavailable={t: dict(sorted(missing[t].items())) for t in PERTURBATION_TYPES},
                              seed=perturber.seed, types=list(perturber.types),
                              spacy_model=perturber.spacy_model, antonym_words=len(perturber.lexicon.pairs),
                              antonyms=perturber.antonyms, max_words=cap, workers=workers,
@@ -848,8 +776,7 @@ def cli_main(args: Any) -> int:
     try:
         if bool(args.pairs) == (args.text is not None):
             raise ValueError("give either --pairs FILE or --text TEXT")
-        types = select_types(args.types)
-        perturber = Perturber(spacy_model=args.spacy_model, seed=args.seed, types=types,
+        perturber = Perturber(spacy_model=args.spacy_model, seed=args.seed, types=args.types,
                               max_words=args.max_words, antonyms=args.antonyms)
         if args.text is not None:
             print(json.dumps(perturber.perturb(args.text).to_json(), indent=2, ensure_ascii=False))

@@ -123,19 +123,9 @@ def _labels_csv(pairs: Sequence[Pair]) -> str:
 def _preview_indices(made: Sequence[_Made], k: int = 16) -> list[int]:
     """Up to k phantoms for the contact sheet: a normal one and one showing each finding type first."""
     chosen: list[int] = []
-    wanted = [None, *FINDING_TYPES]
-    for want in wanted:
-        for m in made:
-            types = [f["type"] for f in m.findings]
-            if (want is None and not types) or (want is not None and types == [want]):
-                if m.index not in chosen:
-                    chosen.append(m.index)
-                break
-    for m in made:
-        if len(chosen) >= k:
-            break
-        if m.index not in chosen:
-            chosen.append(m.index)
+    for want in ([], *([t] for t in FINDING_TYPES)):
+        chosen += [m.index for m in made if [f["type"] for f in m.findings] == want][:1]
+    chosen += [m.index for m in made if m.index not in chosen]
     return chosen[:k]
 
 
@@ -222,10 +212,9 @@ def generate_phantoms(n: int, seed: int, size: int, out: str | os.PathLike, work
 
     nli_counts: dict[str, Any] | None = None
     if nli:
-        split_of = {phantom_id(seed, m.index): p.split for m, p in zip(made, pairs, strict=True)}
         per: dict[str, list[dict[str, str]]] = {name: [] for name in NLI_SPLIT_NAMES.values()}
-        for m in made:
-            per[NLI_SPLIT_NAMES[split_of[phantom_id(seed, m.index)]]].extend(m.nli)
+        for m, p in zip(made, pairs, strict=True):
+            per[NLI_SPLIT_NAMES[p.split]].extend(m.nli)
         for name, items in per.items():
             atomic_write_text(out / f"nli_{name}.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n"
                                                                  for it in items))

@@ -60,6 +60,11 @@ PARENCHYMAL = ("consolidation", "nodule", "atelectasis", "edema")
 NEGATABLE = ("pneumothorax", "pleural_effusion", "consolidation", "edema", "nodule")
 
 
+def other_side(side: str) -> str:
+    """The other side of a one-sided finding (left <-> right)."""
+    return "left" if side == "right" else "right"
+
+
 def severity_words(ftype: str, severity: str) -> tuple[str, ...]:
     """The words a report may use for `severity` of a finding of type `ftype`."""
     return SEVERITY_WORDS.get((ftype, severity), (severity,))
@@ -112,9 +117,7 @@ class Finding:
         side = {"left": "L ", "right": "R ", "bilateral": "bilat ", None: ""}[self.side]
         where = self.location.split(" ", 1)[1].replace(" lobe", "") + " " if self.location else ""
         name = {"pleural_effusion": "effusion", "pneumothorax": "PTX"}.get(self.type, self.type)
-        if self.location:
-            return f"{side}{where}{name} ({self.severity})"
-        return f"{side}{name} ({self.severity})"
+        return f"{side}{where}{name} ({self.severity})"
 
 
 def as_findings(findings: Iterable[Finding | dict[str, Any]]) -> list[Finding]:
@@ -135,6 +138,18 @@ def consistent(findings: Sequence[Finding]) -> bool:
         return False
     nod, cons = by.get("nodule"), by.get("consolidation")
     return not (nod and cons and nod.location == cons.location)
+
+
+def mirrored(f: Finding) -> Finding | None:
+    """`f` moved to the other side (its lobe too); None when it is not one-sided or has no twin lobe
+    (the right middle lobe)."""
+    if f.side not in ("left", "right"):
+        return None
+    side = other_side(f.side)
+    try:
+        return Finding(f.type, f.severity, side, None if f.location is None else side + f.location[len(f.side):])
+    except ValueError:
+        return None
 
 
 def chexpert_labels(findings: Sequence[Finding]) -> dict[str, float]:
@@ -174,9 +189,12 @@ _LOBE_WEIGHT = {
 }
 
 
-def _choice(rng: np.random.Generator, options: Sequence[Any], p: Sequence[float]) -> Any:
-    w = np.asarray(p, dtype=float)
-    return options[int(rng.choice(len(options), p=w / w.sum()))]
+def pick(rng: np.random.Generator, options: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
+    """One of `options`, uniformly or with probabilities proportional to `weights`."""
+    if weights is None:
+        return options[int(rng.integers(len(options)))]
+    p = np.asarray(weights, dtype=float)
+    return options[int(rng.choice(len(options), p=p / p.sum()))]
 
 
 def sample_findings(rng: np.random.Generator) -> list[Finding]:
@@ -186,36 +204,36 @@ def sample_findings(rng: np.random.Generator) -> list[Finding]:
     for _ in range(k):
         cand = [t for t in FINDING_TYPES if t not in chosen]
         w = [_TYPE_WEIGHT[t] * math.prod(_AFFINITY.get(frozenset((t, c)), 1.0) for c in chosen) for t in cand]
-        chosen.append(_choice(rng, cand, w))
+        chosen.append(pick(rng, cand, w))
     out: list[Finding] = []
     ptx_side = eff_side = None
     if "pneumothorax" in chosen:
-        ptx_side = _choice(rng, ["left", "right"], [1, 1])
-        out.append(Finding("pneumothorax", _choice(rng, ["small", "moderate", "large"], [5, 3, 2]), ptx_side))
+        ptx_side = pick(rng, ["left", "right"], [1, 1])
+        out.append(Finding("pneumothorax", pick(rng, ["small", "moderate", "large"], [5, 3, 2]), ptx_side))
     if "pleural_effusion" in chosen:
         if "edema" in chosen:
-            eff_side = _choice(rng, ["bilateral", "left", "right"], [7, 1.5, 1.5])
+            eff_side = pick(rng, ["bilateral", "left", "right"], [7, 1.5, 1.5])
         else:
-            eff_side = _choice(rng, ["left", "right", "bilateral"], [4, 4, 2])
+            eff_side = pick(rng, ["left", "right", "bilateral"], [4, 4, 2])
         if ptx_side is not None and eff_side in (ptx_side, "bilateral"):
-            eff_side = "left" if ptx_side == "right" else "right"
-        out.append(Finding("pleural_effusion", _choice(rng, ["small", "moderate", "large"], [5, 3.5, 1.5]), eff_side))
+            eff_side = other_side(ptx_side)
+        out.append(Finding("pleural_effusion", pick(rng, ["small", "moderate", "large"], [5, 3.5, 1.5]), eff_side))
     if "atelectasis" in chosen:
-        side = _choice(rng, ["left", "right"], [1, 1])
+        side = pick(rng, ["left", "right"], [1, 1])
         if eff_side in ("left", "right") and rng.random() < 0.7:
             side = eff_side
-        out.append(Finding("atelectasis", _choice(rng, ["mild", "moderate"], [6, 4]), side, f"{side} lower lobe"))
+        out.append(Finding("atelectasis", pick(rng, ["mild", "moderate"], [6, 4]), side, f"{side} lower lobe"))
     cons_lobe = None
     if "consolidation" in chosen:
-        cons_lobe = _choice(rng, LOBES, [_LOBE_WEIGHT["consolidation"][lb] for lb in LOBES])
-        out.append(Finding("consolidation", _choice(rng, ["small", "large"], [55, 45]), cons_lobe.split()[0], cons_lobe))
+        cons_lobe = pick(rng, LOBES, [_LOBE_WEIGHT["consolidation"][lb] for lb in LOBES])
+        out.append(Finding("consolidation", pick(rng, ["small", "large"], [55, 45]), cons_lobe.split()[0], cons_lobe))
     if "nodule" in chosen:
         lobes = [lb for lb in LOBES if lb != cons_lobe]
         w = [_LOBE_WEIGHT["nodule"][lb] for lb in lobes]
-        lobe = _choice(rng, lobes, w)
-        out.append(Finding("nodule", _choice(rng, ["small", "large"], [65, 35]), lobe.split()[0], lobe))
+        lobe = pick(rng, lobes, w)
+        out.append(Finding("nodule", pick(rng, ["small", "large"], [65, 35]), lobe.split()[0], lobe))
     if "cardiomegaly" in chosen:
-        out.append(Finding("cardiomegaly", _choice(rng, ["mild", "moderate", "severe"], [45, 35, 20])))
+        out.append(Finding("cardiomegaly", pick(rng, ["mild", "moderate", "severe"], [45, 35, 20])))
     if "edema" in chosen:
-        out.append(Finding("edema", _choice(rng, ["mild", "moderate", "severe"], [45, 35, 20]), "bilateral"))
+        out.append(Finding("edema", pick(rng, ["mild", "moderate", "severe"], [45, 35, 20]), "bilateral"))
     return as_findings(out)

@@ -9,6 +9,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -77,15 +78,12 @@ def _sample_patient(rng: np.random.Generator) -> _Patient:
                     noise=u(0.008, 0.025), mottle=u(0.01, 0.03))
 
 
-_GRIDS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
+@cache
 def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates in [0, 1] (x right, y down), cached per size."""
-    if size not in _GRIDS:
-        p = (np.arange(size, dtype=np.float32) + 0.5) / size
-        _GRIDS[size] = tuple(np.meshgrid(p, p))  # type: ignore[assignment]
-    return _GRIDS[size]
+    p = (np.arange(size, dtype=np.float32) + 0.5) / size
+    x, y = np.meshgrid(p, p)
+    return x, y
 
 
 def _f32(v: float) -> np.float32:
@@ -404,19 +402,13 @@ _DRAW = {"pleural_effusion": _draw_effusion, "pneumothorax": _draw_pneumothorax,
 
 @dataclass
 class _Prepared:
-    """What the image and the finding masks share: the patient, the anatomy the findings are
-    placed by, and the scene with every finding drawn (each drawer's footprint kept)."""
+    """What the image and the finding masks share: the scene with every finding drawn (the patient,
+    canvas, lungs and heart in it), the mediastinum, the vessels, each drawer's footprint, and the
+    generator of the noise."""
 
-    pt: _Patient
-    cv: _Canvas
-    L: np.ndarray
-    lung: _Lung
-    thick: np.ndarray
-    heart: np.ndarray
-    med: np.ndarray
-    top_h: float
-    vessels: np.ndarray
     scene: _Scene
+    med: np.ndarray
+    vessels: np.ndarray
     footprints: dict[str, np.ndarray]
     r_noise: np.random.Generator
 
@@ -467,7 +459,7 @@ def _prepare(findings: Sequence[Finding | dict[str, Any]], size: int, rng: np.ra
     footprints = {ftype: draw(scene, fs[ftype], rngs[ftype]) for ftype, draw in _DRAW.items() if ftype in fs}
     if "cardiomegaly" in fs:  # drawn as anatomy (_adjust_anatomy): the enlarged heart is its place
         footprints["cardiomegaly"] = heart
-    return _Prepared(pt, cv, L, lung, thick, heart, med, top_h, vessels, scene, footprints, r_noise)
+    return _Prepared(scene, med, vessels, footprints, r_noise)
 
 
 MASK_LEVEL = 0.5  # a pixel belongs to a finding where its drawn layer reaches half strength
@@ -498,9 +490,11 @@ def render_phantom(findings: Sequence[Finding | dict[str, Any]], size: int, rng:
     """
     prep = _prepare(findings, size, rng, finding_rngs)
     size = int(size)
-    pt, cv, L, lung, scene = prep.pt, prep.cv, prep.L, prep.lung, prep.scene
-    heart, med, top_h, r_noise = prep.heart, prep.med, prep.top_h, prep.r_noise
-    xa, ya, d, ad = cv.xa, cv.ya, cv.d, cv.ad
+    scene, med, r_noise = prep.scene, prep.med, prep.r_noise
+    cv, lung, heart = scene.cv, scene.lung, scene.heart
+    pt, xa, ya, d, ad = cv.pt, cv.xa, cv.ya, cv.d, cv.ad
+    L = cv.per_side(pt.lung_w)
+    top_h = pt.heart_cy - pt.heart_ry
 
     # Body outline: neck, sloping shoulders, chest wall widening slightly downward.
     wall = _f32(0.465 * pt.body_w) + _f32(0.02) * np.clip(ya - _f32(0.3), 0, 1)

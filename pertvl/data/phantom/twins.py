@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pertvl.data.counterfactual import fits_findings, parse_report
+from pertvl.data.phantom.corpus import _streams
 from pertvl.data.phantom.findings import (
     FINDING_TYPES,
     NEGATABLE,
@@ -32,19 +34,23 @@ from pertvl.data.phantom.findings import (
     SEVERITIES,
     Finding,
     as_findings,
+    chexpert_labels,
     consistent,
+    mirrored,
+    other_side,
 )
 from pertvl.data.phantom.language import (
     NEG_NOUNS,
     Fact,
     Sentence,
+    compose_report,
     fact_holds,
     fact_sentences,
     is_lungs_clear,
     lungs_clear_sentences,
     otherwise_last,
 )
-from pertvl.data.phantom.render import render_phantom
+from pertvl.data.phantom.render import encode_png, render_phantom
 from pertvl.data.records import Pair, read_pairs, write_pairs
 from pertvl.files import atomic_write_bytes, write_json
 
@@ -66,18 +72,12 @@ class Edit:
     after: Finding | None
 
 
-def _other(side: str) -> str:
-    return "left" if side == "right" else "right"
-
-
 def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
     """(whether `kind` applies to `f`, the edited finding or None for absent)."""
     t = f.type
     if kind == "laterality":
-        if f.side not in ("left", "right") or f.location == "right middle lobe":
-            return False, None
-        side = _other(f.side)
-        return True, Finding(t, f.severity, side, f.location.replace(f.side, side, 1) if f.location else None)
+        g = mirrored(f)
+        return g is not None, g
     if kind == "severity":
         scale = SEVERITIES[t]
         return True, replace(f, severity=scale[0] if f.severity == scale[-1] else scale[-1])
@@ -91,11 +91,11 @@ def _edited(f: Finding, kind: str) -> tuple[bool, Finding | None]:
     return t == "cardiomegaly", None  # cardiomegaly
 
 
-def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Finding]]], dict[str, int]]:
+def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Finding]]], Counter[str]]:
     """Every edit of every finding that gives a valid twin truth, with that truth, in canonical finding
     order then EDITS order; and the skips as {"<kind>: <reason>": count}."""
     out: list[tuple[Edit, list[Finding]]] = []
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     for f in findings:
         for kind in EDITS:
             applies, after = _edited(f, kind)
@@ -107,8 +107,7 @@ def twin_edits(findings: Sequence[Finding]) -> tuple[list[tuple[Edit, list[Findi
             except ValueError:  # the other finding type is already there
                 twin = None
             if twin is None or not consistent(twin):
-                key = f"{kind}: twin truth the sampler cannot draw"
-                skipped[key] = skipped.get(key, 0) + 1
+                skipped[f"{kind}: twin truth the sampler cannot draw"] += 1
                 continue
             out.append((Edit(kind, f, after), twin))
     return out, skipped
@@ -147,10 +146,10 @@ def _twin_facts(fact: Fact, edit: Edit) -> list[Fact]:
         if fact.type != f0.type:
             return []
         if f1 is not None:
-            return [Fact(f1.type, True, f1.side, f1.severity, f1.location)]
+            return [Fact.of(f1)]
         return [Fact(f0.type, False)]  # never "no left effusion": the grammar writes it only opposite one
     if fact.side is not None:  # "no right effusion" of a left one that moved right
-        return [Fact(fact.type, False, _other(fact.side))]
+        return [Fact(fact.type, False, other_side(fact.side))]
     if f1 is not None and fact.type == f1.type:  # "no consolidation" when the nodule became one
         return [Fact(f0.type, False)]
     return []
@@ -228,7 +227,7 @@ def _conform(out: list[Sentence], after: Sequence[Finding], edit: Edit, replaced
     for i, s in enumerate(out):
         fa = s.facts[0] if len(s.facts) == 1 else None
         if fa is not None and not fa.present and fa.side in ("left", "right") and (
-                (fa.type, _other(fa.side)) not in one_sided):
+                (fa.type, other_side(fa.side)) not in one_sided):
             replaced = replaced - 1 if replaced is not None and replaced > i else replaced
             continue
         if is_lungs_clear(s):
@@ -249,12 +248,6 @@ def _truth(findings: Sequence[Finding]) -> list[dict[str, Any]]:
 
 def _phantom_twins(pair: Any, images_dir: Path, skipped: Counter) -> list[Pair]:
     """The twin pairs (two Pair records each) of one corpus phantom; images written to `images_dir`."""
-    from pertvl.data.counterfactual import fits_findings, parse_report
-    from pertvl.data.phantom.corpus import _streams
-    from pertvl.data.phantom.findings import chexpert_labels
-    from pertvl.data.phantom.language import compose_report
-    from pertvl.data.phantom.render import encode_png
-
     ref = pair.extra.get("render") or {}
     seed, index, size = int(ref["seed"]), int(ref["index"]), int(ref["size"])
     before = as_findings(pair.extra.get("findings") or [])
