@@ -25,15 +25,8 @@ if TYPE_CHECKING:
     from pertvl.model.dual import DualOutput
 
 _EPS = 1e-8  # GLoRIA's cosine_similarity clamps |a|·|b| at 1e-8
-REDUCTIONS = ("mean", "sum")  # how a contrastive loss combines its image→text and text→image terms
-
-
-def _check_reduction(fn: str, name: str, value: Any) -> float:
-    """The factor on CE(image→text) + CE(text→image): 0.5 for "mean", 1 for "sum"."""
-    if value not in REDUCTIONS:
-        raise ValueError(f"{fn}: expected {name} 'mean' or 'sum' (of the image→text and text→image "
-                         f"cross-entropies), got {value!r}")
-    return 0.5 if value == "mean" else 1.0
+# A contrastive loss's reduction -> the factor on CE(image→text) + CE(text→image).
+REDUCTIONS = {"mean": 0.5, "sum": 1.0}
 
 
 def _temperature(temperature: float | torch.Tensor) -> float | torch.Tensor:
@@ -72,8 +65,7 @@ def global_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
     gradient; the same b on every rank): the mean over ranks is the one-process loss on the whole
     batch. `temperature`: τ, a float or a one-element tensor. Returns a float32 scalar.
     """
-    fn = "global_contrastive_loss"
-    factor = _check_reduction(fn, "reduction", reduction)
+    factor = REDUCTIONS[reduction]
     tau = _temperature(temperature)
     with torch.autocast(image_emb.device.type, enabled=False):
         img = F.normalize(_upcast(image_emb), dim=-1)
@@ -222,11 +214,6 @@ def local_similarity(region_feats: torch.Tensor, word_feats: torch.Tensor, word_
     report with no words gets S = -inf. `matmul_dtype` "bf16": bf16 matmul inputs with fp32
     accumulation (agrees with fp32 to 2^-8 relative); `max_chunk_elements` bounds memory.
     """
-    fn = "local_similarity"
-    if aggregation not in ("sum", "mean"):
-        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
-    if matmul_dtype not in LOCAL_DTYPES:
-        raise ValueError(f"{fn}: expected matmul_dtype in {sorted(LOCAL_DTYPES)}, got {matmul_dtype!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
         has_words = word_mask.any(-1)
         # A report without words would make the masked softmax NaN; compute it unmasked and
@@ -250,9 +237,6 @@ def printed_local_similarity(region_feats: torch.Tensor, word_feats: torch.Tenso
 
     Plain autograd over [B, B, M, W] (~3·B²·M·W floats kept): for paper- and demo-sized batches.
     """
-    fn = "printed_local_similarity"
-    if aggregation not in ("sum", "mean"):
-        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
         r, x = _upcast(region_feats), _upcast(word_feats)
         p = torch.einsum("jmd,iwd->jimw", r, x.to(r.dtype))  # r_m · x_w for every image j, report i
@@ -271,10 +255,7 @@ def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, w
     report→image over logits γ3·S (form "gloria") or S/τ (form "printed"), combined by `reduction`.
     A report with no word is out of every softmax and the mean; with no word at all the loss is 0
     (still connected to the graph)."""
-    fn = "local_attentive_loss"
-    factor = _check_reduction(fn, "reduction", reduction)
-    if form not in LOCAL_FORMS:
-        raise ValueError(f"{fn}: expected form in {list(LOCAL_FORMS)}, got {form!r}")
+    factor = REDUCTIONS[reduction]
     with torch.autocast(region_feats.device.type, enabled=False):
         if form == "printed":
             logits = printed_local_similarity(region_feats, word_feats, word_mask, aggregation) / temperature
@@ -462,7 +443,9 @@ class LossConfig:
             raise ValueError("LossConfig: local_dtype applies to local_form 'gloria' only (the printed form "
                              "runs in fp32)")
         for name in ("global_reduction", "local_reduction"):
-            _check_reduction("LossConfig", name, getattr(self, name))
+            if getattr(self, name) not in REDUCTIONS:
+                raise ValueError(f"LossConfig: expected {name} 'mean' or 'sum' (of the image→text and text→image "
+                                 f"cross-entropies), got {getattr(self, name)!r}")
         for name in ("alpha", "beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LossConfig: expected {name} >= 0, got {getattr(self, name)}")

@@ -131,8 +131,6 @@ def test_local_reduction_sum_is_the_papers_addition_and_mean_is_the_old_value():
     assert paper.total.item() == (g + 0.1 * (i2t + t2i)).item()
     old = PretrainLoss({"preset": "gloria", "local_reduction": "mean"})(out)
     assert old.terms["local"].item() == (0.5 * (i2t + t2i)).item()
-    with pytest.raises(ValueError, match=r"local_attentive_loss: expected reduction 'mean' or 'sum'.*got 'max'"):
-        local_attentive_loss(regions, word_feats, mask, reduction="max")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,8 +168,6 @@ def test_global_loss_is_the_papers_equation_averaged_over_both_directions():
     assert PretrainLoss({"preset": "convirt"})(out).total.item() == pytest.approx(paper, rel=1e-12, abs=0)
     assert PretrainLoss({"preset": "convirt", "global_reduction": "sum"})(out).total.item() == pytest.approx(
         text_to_image + image_to_text, rel=1e-12, abs=0)
-    with pytest.raises(ValueError, match=r"global_contrastive_loss: expected reduction 'mean' or 'sum'.*got 'avg'"):
-        global_contrastive_loss(img, txt, reduction="avg")
 
 
 def test_demo_config_keeps_the_old_loss_bit_for_bit():
@@ -332,18 +328,6 @@ def test_perturbation_loss_without_any_valid_perturbation_is_zero_with_grad():
 
 
 # ----------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------
-def test_option_errors_say_what_was_expected():
-    e3 = torch.randn(4, 3, 8)
-    mask = torch.ones(4, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"'sum' or 'mean', got 'max'"):
-        local_attentive_loss(e3, e3, mask, aggregation="max")
-    with pytest.raises(ValueError, match=r"matmul_dtype in \['bf16', 'fp32'\], got 'fp8'"):
-        local_similarity(e3, e3, mask, matmul_dtype="fp8")
-
-
-# ----------------------------------------------------------------------------------------------
 # presets and the weighted sum
 # ----------------------------------------------------------------------------------------------
 def _fake_output(b=4, k=3, d=8, m=6, w=5, dtype=torch.float32, logit_scale=None):
@@ -452,9 +436,6 @@ def test_local_dtype_option_reaches_the_loss_and_is_validated():
     assert LossConfig().local_dtype == "fp32"
     with pytest.raises(ValueError, match="local_dtype"):
         LossConfig(local_dtype="fp16")
-    with pytest.raises(ValueError, match="matmul_dtype"):
-        local_attentive_loss(torch.zeros(2, 4, 8), torch.zeros(2, 3, 8), torch.ones(2, 3, dtype=torch.bool),
-                             matmul_dtype="half")
 
 
 def _printed_reference(regions, words, lens, tau):
