@@ -86,10 +86,7 @@ class TrainConfig:
     eval_split: str = "val"
     eval_limit: int | None = None  # only the split's first N samples (None: all)
     # Failing fast (pertvl.train.watchdog; docs/TRAINING.md "What happens when something fails"):
-    failure_timeout_s: float = 30.0  # a rank that raised is gone this long after, whatever blocks its clean-up
     stall_timeout_s: float | None = 1800.0  # no optimizer step for this long: stacks in the log, exit 70
-    stall_factor: float | None = 50.0  # ... or for this many median step times (after 5 steps)
-    stall_min_s: float = 120.0  # ... but never less than this
     stop_grace_s: float | None = 300.0  # SIGTERM/SIGUSR1 unanswered by a step boundary this long: exit 143
 
     def __post_init__(self) -> None:

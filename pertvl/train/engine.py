@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pertvl.config import RunConfig, TrainConfig, load_config, save_config
+from pertvl.config import RunConfig, load_config, save_config
 from pertvl.errors import UserError
 from pertvl.files import FolderLock, atomic_write_text, lock_folder
 from pertvl.train import checkpoint as ckpt
@@ -396,7 +396,6 @@ class Trainer:
         flag = PreemptionFlag().install()
         train = self.config.train
         self.watchdog = Watchdog(rank=self.rank, stall_timeout_s=train.stall_timeout_s,
-                                 stall_factor=train.stall_factor, min_stall_s=train.stall_min_s,
                                  stop_grace_s=train.stop_grace_s, stop_requested=lambda: flag.requested)
         self.watchdog.start()
         bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
@@ -702,13 +701,6 @@ class Trainer:
         atomic_write_text(path, json.dumps(info, indent=1) + "\n")
 
 
-def _failure_timeout(cfg: dict[str, Any]) -> float:
-    try:
-        return float(cfg["train"]["failure_timeout_s"])
-    except (KeyError, TypeError, ValueError):  # the config itself is what failed
-        return TrainConfig.failure_timeout_s
-
-
 def train(cfg: dict[str, Any], local_rank: int | None = None,
           evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> TrainResult:
     """Run (or resume) the training of a resolved config on this rank; `evaluate` is train.eval_every's,
@@ -723,7 +715,7 @@ def train(cfg: dict[str, Any], local_rank: int | None = None,
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         if not isinstance(err, KeyboardInterrupt | UserError):  # the CLI prints a UserError as one line
             log.error("rank %s failed:\n%s", rank, "".join(traceback.format_exception(err)).rstrip())
-        exit_deadline(_failure_timeout(cfg), f"rank {rank} failed with {type(err).__name__}")
+        exit_deadline(f"rank {rank} failed with {type(err).__name__}")
         raise
     finally:
         # Collect reference cycles holding the process group while it is alive: gloo objects
