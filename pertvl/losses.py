@@ -317,20 +317,18 @@ def perturbation_loss(image_emb: torch.Tensor, original_emb: torch.Tensor, pertu
 
 
 # -- named terms, presets, and the weighted sum ------------------------------------------------------
-# fn(out, config, rank, world_size) -> scalar float32 tensor
-TermFn = Callable[["DualOutput", "LossConfig", int, int], torch.Tensor]
 # The forward keywords of `DualEncoder.forward` that turn on a feature beyond the global embeddings.
 NEEDS = ("need_local", "need_perturbations")
 
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One named term: `weight` None (unscaled as L_global in Eq. 1, unless `LossConfig.weights`
-    names it) or the LossConfig field holding it; `needs`: the forward keywords it reads."""
+    """One named term: `fn(out, config, rank, world_size)` -> a float32 scalar; `weight` None
+    (unscaled as L_global in Eq. 1, unless `LossConfig.weights` names it) or the LossConfig field
+    holding it; `needs`: the forward keywords whose features it reads."""
 
-    fn: TermFn
+    fn: Callable[[DualOutput, LossConfig, int, int], torch.Tensor]
     weight: str | None
-    label: str
     needs: tuple[str, ...] = ()
 
 
@@ -357,9 +355,9 @@ def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> 
 
 # The paper's three terms (§III-B 1-3). A new term: its function above and one line here.
 LOSS_TERMS = {
-    "global": LossTerm(_global_term, None, "L_global"),
-    "local": LossTerm(_local_term, "alpha", "L_local", ("need_local",)),
-    "pert": LossTerm(_pert_term, "beta", "L_pert", ("need_perturbations",)),
+    "global": LossTerm(_global_term, None),
+    "local": LossTerm(_local_term, "alpha", ("need_local",)),
+    "pert": LossTerm(_pert_term, "beta", ("need_perturbations",)),
 }
 # `loss.preset` -> the terms it sums, in this order (the order is part of the numerics), and its
 # row label in reports; the paper's ablations (Tables II-IV) in its row order.
