@@ -273,19 +273,6 @@ def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, w
         return factor * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, gamma1: float = 4.0) -> torch.Tensor:
-    """Word→region attention [W, M] of one image ([M, D] or [1, M, D]) and its report's real words
-    ([W, D] or [1, W, D]), as GLoRIA's attention_fn: row w sums to 1 over the regions."""
-    if isinstance(region_feats, torch.Tensor) and region_feats.dim() == 3 and region_feats.shape[0] == 1:
-        region_feats = region_feats[0]
-    if isinstance(word_feats, torch.Tensor) and word_feats.dim() == 3 and word_feats.shape[0] == 1:
-        word_feats = word_feats[0]
-    with torch.autocast(region_feats.device.type, enabled=False):
-        p = _upcast(region_feats) @ _upcast(word_feats).to(_upcast(region_feats).dtype).T  # [M, W]
-        a = torch.softmax(gamma1 * torch.softmax(p, dim=-1), dim=0)  # words, then regions
-        return a.T.contiguous()
-
-
 # -- L_pert ------------------------------------------------------------------------------------------
 def perturbation_loss(image_emb: torch.Tensor, original_emb: torch.Tensor, perturbed_emb: torch.Tensor,
                       valid: torch.Tensor, temperature: float | torch.Tensor = 0.07) -> torch.Tensor:

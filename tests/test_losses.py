@@ -16,7 +16,6 @@ from pertvl.losses import (
     LossConfig,
     PretrainLoss,
     global_contrastive_loss,
-    local_attention_maps,
     local_attentive_loss,
     local_similarity,
     perturbation_loss,
@@ -73,6 +72,19 @@ def test_local_similarity_chunking_and_padding_invariance():
     torch.testing.assert_close(whole, local_similarity(regions, other_padding, mask), rtol=1e-12, atol=0)
     # Truncating W to the longest caption changes nothing either.
     torch.testing.assert_close(whole, local_similarity(regions, word_feats[:, :9], mask[:, :9]), rtol=1e-12, atol=0)
+
+
+def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, gamma1: float = 4.0) -> torch.Tensor:
+    """Word→region attention [W, M] of one image ([M, D] or [1, M, D]) and its report's real words
+    ([W, D] or [1, W, D]), as GLoRIA's attention_fn: row w sums to 1 over the regions."""
+    if isinstance(region_feats, torch.Tensor) and region_feats.dim() == 3 and region_feats.shape[0] == 1:
+        region_feats = region_feats[0]
+    if isinstance(word_feats, torch.Tensor) and word_feats.dim() == 3 and word_feats.shape[0] == 1:
+        word_feats = word_feats[0]
+    with torch.autocast(region_feats.device.type, enabled=False):
+        p = region_feats @ word_feats.to(region_feats.dtype).T  # [M, W]
+        a = torch.softmax(gamma1 * torch.softmax(p, dim=-1), dim=0)  # words, then regions
+        return a.T.contiguous()
 
 
 def test_local_attention_maps_equal_gloria_attention():
