@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from pertvl.config import from_mapping
+from pertvl.data.records import PERTURBATION_TYPES
 
 if TYPE_CHECKING:
     from pertvl.model.dual import DualOutput
@@ -361,17 +362,12 @@ def preset_label(name: str) -> str:
     return LOSS_PRESETS[name][1] if name in LOSS_PRESETS else name
 
 
-def _paper_pert_types() -> tuple[str, ...]:
-    from pertvl.data.records import PERTURBATION_TYPES
-
-    return PERTURBATION_TYPES
-
-
 def _check_pert_types(value: Any) -> list[str]:
     """`loss.pert_types` validated: a non-empty list of distinct types, returned in the batch's column
     order (PERTURBATION_TYPES order, then counterfactual types in COUNTERFACTUAL_TYPES order)."""
     from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
-    from pertvl.data.records import PERTURBATION_TYPES as known
+
+    known = PERTURBATION_TYPES
 
     if isinstance(value, str):
         value = [value]
@@ -412,7 +408,7 @@ class LossConfig:
     local_dtype: str = "fp32"  # L_local's matmul inputs: fp32 | bf16 (tensor cores; fp32 accumulation)
     local_form: str = "gloria"  # gloria (GLoRIA's, the cited reference) | printed (the paper's equations; LOCAL_FORMS)
     weights: dict[str, float] = field(default_factory=dict)
-    pert_types: list[str] = field(default_factory=lambda: list(_paper_pert_types()))
+    pert_types: list[str] = field(default_factory=lambda: list(PERTURBATION_TYPES))
 
     def __post_init__(self) -> None:
         self.pert_types = _check_pert_types(self.pert_types)
