@@ -196,19 +196,19 @@ DEFAULTS: dict[str, Any] = RunConfig().to_dict()
 _OPEN_SECTIONS = {"model", "loss"}
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any], *, path: str = "", strict: bool = True) -> dict:
-    """Return `base` updated by `update`; with `strict`, keys absent from `base` are an error
-    except inside the open sections."""
+def deep_merge(base: dict[str, Any], update: dict[str, Any], *, path: str = "") -> dict:
+    """Return `base` updated by `update`; keys absent from `base` are an error except inside the
+    open sections."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         where = f"{path}.{key}" if path else key
         if key not in out:
-            if strict and path.split(".")[0] not in _OPEN_SECTIONS:
+            if path.split(".")[0] not in _OPEN_SECTIONS:
                 known = ", ".join(sorted(out)) or "(none)"
                 raise ConfigError(f"unknown config key {where!r}; known keys here: {known}")
             out[key] = copy.deepcopy(value)
         elif isinstance(out[key], dict) and isinstance(value, dict):
-            out[key] = deep_merge(out[key], value, path=where, strict=strict)
+            out[key] = deep_merge(out[key], value, path=where)
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -187,11 +187,9 @@ class Watchdog:
                 return
 
 
-def exit_deadline(reason: str, seconds: float = FAILURE_TIMEOUT_S, code: int = 1) -> threading.Timer:
-    """End this process `seconds` from now unless it has exited by then (a daemon timer)."""
-    timer = threading.Timer(
-        seconds, end_process, args=(f"{reason}; still alive {seconds:g} s later: forcing the exit", code),
-    )
+def exit_deadline(reason: str) -> None:
+    """End this process (exit 1) FAILURE_TIMEOUT_S from now unless it has exited by then (a daemon timer)."""
+    message = f"{reason}; still alive {FAILURE_TIMEOUT_S:g} s later: forcing the exit"
+    timer = threading.Timer(FAILURE_TIMEOUT_S, end_process, args=(message, 1))
     timer.daemon = True
     timer.start()
-    return timer
