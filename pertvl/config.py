@@ -86,10 +86,7 @@ class TrainConfig:
     eval_split: str = "val"
     eval_limit: int | None = None  # only the split's first N samples (None: all)
     # Failing fast (pertvl.train.watchdog; docs/TRAINING.md "What happens when something fails"):
-    failure_timeout_s: float = 30.0  # a rank that raised is gone this long after, whatever blocks its clean-up
     stall_timeout_s: float | None = 1800.0  # no optimizer step for this long: stacks in the log, exit 70
-    stall_factor: float | None = 50.0  # ... or for this many median step times (after 5 steps)
-    stall_min_s: float = 120.0  # ... but never less than this
     stop_grace_s: float | None = 300.0  # SIGTERM/SIGUSR1 unanswered by a step boundary this long: exit 143
 
     def __post_init__(self) -> None:
@@ -199,19 +196,19 @@ DEFAULTS: dict[str, Any] = RunConfig().to_dict()
 _OPEN_SECTIONS = {"model", "loss"}
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any], *, path: str = "", strict: bool = True) -> dict:
-    """Return `base` updated by `update`; with `strict`, keys absent from `base` are an error
-    except inside the open sections."""
+def deep_merge(base: dict[str, Any], update: dict[str, Any], *, path: str = "") -> dict:
+    """Return `base` updated by `update`; keys absent from `base` are an error except inside the
+    open sections."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         where = f"{path}.{key}" if path else key
         if key not in out:
-            if strict and path.split(".")[0] not in _OPEN_SECTIONS:
+            if path.split(".")[0] not in _OPEN_SECTIONS:
                 known = ", ".join(sorted(out)) or "(none)"
                 raise ConfigError(f"unknown config key {where!r}; known keys here: {known}")
             out[key] = copy.deepcopy(value)
         elif isinstance(out[key], dict) and isinstance(value, dict):
-            out[key] = deep_merge(out[key], value, path=where, strict=strict)
+            out[key] = deep_merge(out[key], value, path=where)
         else:
             out[key] = copy.deepcopy(value)
     return out

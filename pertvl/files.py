@@ -82,11 +82,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = _HASH_CHUNK) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(_HASH_CHUNK):
             h.update(block)
     return h.hexdigest()
 

@@ -20,20 +20,14 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from pertvl.config import from_mapping
+from pertvl.data.records import PERTURBATION_TYPES
 
 if TYPE_CHECKING:
     from pertvl.model.dual import DualOutput
 
 _EPS = 1e-8  # GLoRIA's cosine_similarity clamps |a|·|b| at 1e-8
-REDUCTIONS = ("mean", "sum")  # how a contrastive loss combines its image→text and text→image terms
-
-
-def _check_reduction(fn: str, name: str, value: Any) -> float:
-    """The factor on CE(image→text) + CE(text→image): 0.5 for "mean", 1 for "sum"."""
-    if value not in REDUCTIONS:
-        raise ValueError(f"{fn}: expected {name} 'mean' or 'sum' (of the image→text and text→image "
-                         f"cross-entropies), got {value!r}")
-    return 0.5 if value == "mean" else 1.0
+# A contrastive loss's reduction -> the factor on CE(image→text) + CE(text→image).
+REDUCTIONS = {"mean": 0.5, "sum": 1.0}
 
 
 def _temperature(temperature: float | torch.Tensor) -> float | torch.Tensor:
@@ -72,8 +66,7 @@ def global_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
     gradient; the same b on every rank): the mean over ranks is the one-process loss on the whole
     batch. `temperature`: τ, a float or a one-element tensor. Returns a float32 scalar.
     """
-    fn = "global_contrastive_loss"
-    factor = _check_reduction(fn, "reduction", reduction)
+    factor = REDUCTIONS[reduction]
     tau = _temperature(temperature)
     with torch.autocast(image_emb.device.type, enabled=False):
         img = F.normalize(_upcast(image_emb), dim=-1)
@@ -222,11 +215,6 @@ def local_similarity(region_feats: torch.Tensor, word_feats: torch.Tensor, word_
     report with no words gets S = -inf. `matmul_dtype` "bf16": bf16 matmul inputs with fp32
     accumulation (agrees with fp32 to 2^-8 relative); `max_chunk_elements` bounds memory.
     """
-    fn = "local_similarity"
-    if aggregation not in ("sum", "mean"):
-        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
-    if matmul_dtype not in LOCAL_DTYPES:
-        raise ValueError(f"{fn}: expected matmul_dtype in {sorted(LOCAL_DTYPES)}, got {matmul_dtype!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
         has_words = word_mask.any(-1)
         # A report without words would make the masked softmax NaN; compute it unmasked and
@@ -250,9 +238,6 @@ def printed_local_similarity(region_feats: torch.Tensor, word_feats: torch.Tenso
 
     Plain autograd over [B, B, M, W] (~3·B²·M·W floats kept): for paper- and demo-sized batches.
     """
-    fn = "printed_local_similarity"
-    if aggregation not in ("sum", "mean"):
-        raise ValueError(f"{fn}: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     with torch.autocast(region_feats.device.type, enabled=False):
         r, x = _upcast(region_feats), _upcast(word_feats)
         p = torch.einsum("jmd,iwd->jimw", r, x.to(r.dtype))  # r_m · x_w for every image j, report i
@@ -271,10 +256,7 @@ def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, w
     report→image over logits γ3·S (form "gloria") or S/τ (form "printed"), combined by `reduction`.
     A report with no word is out of every softmax and the mean; with no word at all the loss is 0
     (still connected to the graph)."""
-    fn = "local_attentive_loss"
-    factor = _check_reduction(fn, "reduction", reduction)
-    if form not in LOCAL_FORMS:
-        raise ValueError(f"{fn}: expected form in {list(LOCAL_FORMS)}, got {form!r}")
+    factor = REDUCTIONS[reduction]
     with torch.autocast(region_feats.device.type, enabled=False):
         if form == "printed":
             logits = printed_local_similarity(region_feats, word_feats, word_mask, aggregation) / temperature
@@ -290,19 +272,6 @@ def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, w
             return factor * (F.cross_entropy(logits[idx], idx) + F.cross_entropy(logits.T[idx], idx))
         labels = torch.arange(logits.shape[0], device=logits.device)
         return factor * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
-def local_attention_maps(region_feats: torch.Tensor, word_feats: torch.Tensor, gamma1: float = 4.0) -> torch.Tensor:
-    """Word→region attention [W, M] of one image ([M, D] or [1, M, D]) and its report's real words
-    ([W, D] or [1, W, D]), as GLoRIA's attention_fn: row w sums to 1 over the regions."""
-    if isinstance(region_feats, torch.Tensor) and region_feats.dim() == 3 and region_feats.shape[0] == 1:
-        region_feats = region_feats[0]
-    if isinstance(word_feats, torch.Tensor) and word_feats.dim() == 3 and word_feats.shape[0] == 1:
-        word_feats = word_feats[0]
-    with torch.autocast(region_feats.device.type, enabled=False):
-        p = _upcast(region_feats) @ _upcast(word_feats).to(_upcast(region_feats).dtype).T  # [M, W]
-        a = torch.softmax(gamma1 * torch.softmax(p, dim=-1), dim=0)  # words, then regions
-        return a.T.contiguous()
 
 
 # -- L_pert ------------------------------------------------------------------------------------------
@@ -336,20 +305,18 @@ def perturbation_loss(image_emb: torch.Tensor, original_emb: torch.Tensor, pertu
 
 
 # -- named terms, presets, and the weighted sum ------------------------------------------------------
-# fn(out, config, rank, world_size) -> scalar float32 tensor
-TermFn = Callable[["DualOutput", "LossConfig", int, int], torch.Tensor]
 # The forward keywords of `DualEncoder.forward` that turn on a feature beyond the global embeddings.
 NEEDS = ("need_local", "need_perturbations")
 
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One named term: `weight` None (unscaled as L_global in Eq. 1, unless `LossConfig.weights`
-    names it) or the LossConfig field holding it; `needs`: the forward keywords it reads."""
+    """One named term: `fn(out, config, rank, world_size)` -> a float32 scalar; `weight` None
+    (unscaled as L_global in Eq. 1, unless `LossConfig.weights` names it) or the LossConfig field
+    holding it; `needs`: the forward keywords whose features it reads."""
 
-    fn: TermFn
+    fn: Callable[[DualOutput, LossConfig, int, int], torch.Tensor]
     weight: str | None
-    label: str
     needs: tuple[str, ...] = ()
 
 
@@ -376,9 +343,9 @@ def _pert_term(out: DualOutput, cfg: LossConfig, rank: int, world_size: int) -> 
 
 # The paper's three terms (§III-B 1-3). A new term: its function above and one line here.
 LOSS_TERMS = {
-    "global": LossTerm(_global_term, None, "L_global"),
-    "local": LossTerm(_local_term, "alpha", "L_local", ("need_local",)),
-    "pert": LossTerm(_pert_term, "beta", "L_pert", ("need_perturbations",)),
+    "global": LossTerm(_global_term, None),
+    "local": LossTerm(_local_term, "alpha", ("need_local",)),
+    "pert": LossTerm(_pert_term, "beta", ("need_perturbations",)),
 }
 # `loss.preset` -> the terms it sums, in this order (the order is part of the numerics), and its
 # row label in reports; the paper's ablations (Tables II-IV) in its row order.
@@ -395,17 +362,12 @@ def preset_label(name: str) -> str:
     return LOSS_PRESETS[name][1] if name in LOSS_PRESETS else name
 
 
-def _paper_pert_types() -> tuple[str, ...]:
-    from pertvl.data.records import PERTURBATION_TYPES
-
-    return PERTURBATION_TYPES
-
-
 def _check_pert_types(value: Any) -> list[str]:
     """`loss.pert_types` validated: a non-empty list of distinct types, returned in the batch's column
     order (PERTURBATION_TYPES order, then counterfactual types in COUNTERFACTUAL_TYPES order)."""
     from pertvl.data.counterfactual import COUNTERFACTUAL_TYPES
-    from pertvl.data.records import PERTURBATION_TYPES as known
+
+    known = PERTURBATION_TYPES
 
     if isinstance(value, str):
         value = [value]
@@ -446,7 +408,7 @@ class LossConfig:
     local_dtype: str = "fp32"  # L_local's matmul inputs: fp32 | bf16 (tensor cores; fp32 accumulation)
     local_form: str = "gloria"  # gloria (GLoRIA's, the cited reference) | printed (the paper's equations; LOCAL_FORMS)
     weights: dict[str, float] = field(default_factory=dict)
-    pert_types: list[str] = field(default_factory=lambda: list(_paper_pert_types()))
+    pert_types: list[str] = field(default_factory=lambda: list(PERTURBATION_TYPES))
 
     def __post_init__(self) -> None:
         self.pert_types = _check_pert_types(self.pert_types)
@@ -462,7 +424,9 @@ class LossConfig:
             raise ValueError("LossConfig: local_dtype applies to local_form 'gloria' only (the printed form "
                              "runs in fp32)")
         for name in ("global_reduction", "local_reduction"):
-            _check_reduction("LossConfig", name, getattr(self, name))
+            if getattr(self, name) not in REDUCTIONS:
+                raise ValueError(f"LossConfig: expected {name} 'mean' or 'sum' (of the image→text and text→image "
+                                 f"cross-entropies), got {getattr(self, name)!r}")
         for name in ("alpha", "beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LossConfig: expected {name} >= 0, got {getattr(self, name)}")

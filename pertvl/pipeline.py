@@ -98,7 +98,7 @@ def cli(argv: Sequence[str], what: str) -> None:
         raise StageError(f"{what}: `pertvl {shlex.join(argv)}` exited with {code}")
 
 
-def launch_train(args: Sequence[str], *, nproc: int = 2, log_file: Path | None = None) -> None:
+def launch_train(args: Sequence[str], *, nproc: int = 2) -> None:
     """`pertvl train ARGS…` on `nproc` local ranks under torchrun (1 rank: plain python)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -110,12 +110,6 @@ def launch_train(args: Sequence[str], *, nproc: int = 2, log_file: Path | None =
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"  $ {shlex.join(cmd)}", flush=True)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as f:
-            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    else:
-        proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        where = f" (log: {log_file})" if log_file else ""
-        raise StageError(f"training exited with {proc.returncode}{where}")
+        raise StageError(f"training exited with {proc.returncode}")

@@ -27,7 +27,7 @@ from pertvl.data.tokenize import encode_texts
 from pertvl.errors import ConfigError
 from pertvl.losses import PretrainLoss
 from pertvl.model import create_model
-from pertvl.train.speed import apply_levers, compile_counters
+from pertvl.train.speed import apply_levers
 
 STEPS = 20
 K = 3
@@ -45,6 +45,18 @@ REPORTS = [
     "calcified granuloma in the right upper lobe.",
     "the heart is normal in size. the mediastinum is unremarkable. no acute disease.",
 ]
+
+
+def compile_counters() -> dict[str, int]:
+    """Graphs compiled, graph breaks and recompilations so far in this process (torch._dynamo)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "recompiles": int(sum(counters["recompiles"].values())),
+        "frames": int(counters["frames"]["ok"]),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ TOY_EVALUATION = Evaluation(
 @pytest.fixture
 def toys(monkeypatch):
     """The toy term, its preset and the toy evaluation in the tables for one test."""
-    monkeypatch.setitem(LOSS_TERMS, TOY_TERM, LossTerm(_embed_norm, None, "mean |v|²"))
+    monkeypatch.setitem(LOSS_TERMS, TOY_TERM, LossTerm(_embed_norm, None))
     monkeypatch.setitem(LOSS_PRESETS, TOY_PRESET, (("global", TOY_TERM), TOY_PRESET_LABEL))
     monkeypatch.setitem(EVALUATIONS, TOY_EVAL, TOY_EVALUATION)
 

@@ -159,21 +159,17 @@ def _weights_only_engine_class() -> type:
     return WeightsOnlyCheckpointEngine
 
 
-def use_weights_only_loading(engine: Any) -> bool:
-    """Make `engine.load_checkpoint` load with weights_only=True; False (warned) for a
-    non-default checkpoint engine, which is left alone."""
+def use_weights_only_loading(engine: Any) -> None:
+    """Make `engine.load_checkpoint` load with weights_only=True; a non-default checkpoint engine is
+    left alone (warned)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     current = engine.checkpoint_engine
-    weights_only_cls = _weights_only_engine_class()
-    if type(current).__name__ == weights_only_cls.__name__:
-        return True
-    if type(current) is not TorchCheckpointEngine:
+    if type(current) is TorchCheckpointEngine:
+        engine.checkpoint_engine = _weights_only_engine_class()(engine._config)
+    elif type(current).__name__ != "WeightsOnlyCheckpointEngine":
         log.warning("checkpoint engine %s is not DeepSpeed's default; loading with its own rules",
                     type(current))
-        return False
-    engine.checkpoint_engine = weights_only_cls(engine._config)
-    return True
 
 
 # --------------------------------------------------------------------------- markers & listing

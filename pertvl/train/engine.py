@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pertvl.config import RunConfig, TrainConfig, load_config, save_config
+from pertvl.config import RunConfig, load_config, save_config
 from pertvl.errors import UserError
 from pertvl.files import FolderLock, atomic_write_text, lock_folder
 from pertvl.train import checkpoint as ckpt
@@ -396,7 +396,6 @@ class Trainer:
         flag = PreemptionFlag().install()
         train = self.config.train
         self.watchdog = Watchdog(rank=self.rank, stall_timeout_s=train.stall_timeout_s,
-                                 stall_factor=train.stall_factor, min_stall_s=train.stall_min_s,
                                  stop_grace_s=train.stop_grace_s, stop_requested=lambda: flag.requested)
         self.watchdog.start()
         bar = self.monitor.progress(self.plan.total_steps, initial=global_step)
@@ -410,7 +409,6 @@ class Trainer:
                 batches = iter(self.stream)
                 fresh_iterator = True
                 while step_in_epoch < self.plan.steps_per_epoch and global_step < self.plan.total_steps:
-                    self.instruments.before_step(global_step + 1)
                     metrics, ids = self._train_step(batches, fresh_iterator)
                     self.watchdog.beat()
                     fresh_iterator = False
@@ -484,11 +482,9 @@ class Trainer:
 
     def _train_step(self, batches, fresh_iterator: bool) -> tuple[dict[str, Any], list[str]]:
         """One optimizer step: A micro-batches through forward, backward and engine.step()."""
-        engine = self.engine
-        timer = self.instruments.step_timer(engine.global_steps)
-        phase = self.instruments.phase_of(timer)
+        engine, instruments = self.engine, self.instruments
+        instruments.start_step(engine.global_steps + 1)
         t_start = time.perf_counter()
-        flops = 0.0
         lr = float(engine.get_lr()[0])
         wait = 0.0
         names = self.loss_fn.names  # "total" and the preset's terms, whatever they are
@@ -501,22 +497,22 @@ class Trainer:
             # The DataLoader iterator draws its seed from the global torch RNG: isolate it so that
             # dropout's stream does not depend on where an epoch was entered (fresh or resumed).
             ctx = self._fork_rng() if fresh_iterator and micro == 0 else contextlib.nullcontext()
-            with ctx, phase("data_wait"):
+            with ctx, instruments.phase("data_wait"):
                 batch = next(batches)
             wait += time.perf_counter() - t_wait
             ids.extend(batch.ids)
             if self.pert_counting:
                 pert_used += batch.pert_valid.to(torch.bool).sum(0).cpu()
-            flops += self.instruments.batch_flops(batch, self.monitor)
-            with phase("to_device"):
+            instruments.count(batch, self.monitor)
+            with instruments.phase("to_device"):
                 batch = batch.to(self.device, image_dtype=self.image_dtype)
-            with phase("forward"), self.instruments.forward_hooks(timer, engine.module):
+            with instruments.phase("forward"), instruments.forward(engine.module):
                 out = engine(batch, **self.model_kwargs)
-            with phase("losses"):
+            with instruments.phase("losses"):
                 losses = self.loss_fn(out, rank=self.rank, world_size=self.world_size)  # fp32
-            with phase("backward"):
+            with instruments.phase("backward"):
                 engine.backward(losses.total)
-            with phase("optimizer"):
+            with instruments.phase("optimizer"):
                 engine.step()
             sums += losses.stacked(names).detach().to(torch.float64)
         sync_float_buffers(engine.module, self.world_size)
@@ -531,7 +527,7 @@ class Trainer:
             "perf/data_wait_frac": wait / step_time,
             **memory_metrics(self.device),
         }
-        metrics.update(self.instruments.step_metrics(flops, step_time, timer))
+        metrics.update(instruments.end_step(step_time))
         if engine.fp16_enabled():
             metrics["train/skipped_steps"] = int(engine.skipped_steps)
         return metrics, ids
@@ -568,24 +564,23 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         return torch.random.fork_rng(devices=devices)
 
-    def _reduced_losses(self, sums: torch.Tensor) -> dict[str, float]:
-        """"loss/{name}" of the total and of every term, averaged over ranks."""
-        values = sums.to(self.device, torch.float64)
+    def _summed(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the ranks, on the CPU."""
+        values = values.to(self.device)
         if self.world_size > 1:
             dist.all_reduce(values)
-            values = values / self.world_size
-        values = values.cpu()
+        return values.cpu()
+
+    def _reduced_losses(self, sums: torch.Tensor) -> dict[str, float]:
+        """"loss/{name}" of the total and of every term, averaged over ranks."""
+        values = self._summed(sums.to(torch.float64)) / self.world_size
         return {f"loss/{name}": float(v) for name, v in zip(self.loss_fn.names, values, strict=True)}
 
     def _pert_metrics(self, used: torch.Tensor | None) -> dict[str, int]:
         """data/pert_negatives(/<type>): L_pert's negatives of this step over all ranks."""
         if used is None:
             return {}
-        if self.world_size > 1:
-            used = used.to(self.device)
-            dist.all_reduce(used)
-            used = used.cpu()
-        counts = [int(v) for v in used.tolist()]
+        counts = [int(v) for v in self._summed(used).tolist()]
         return {"data/pert_negatives": sum(counts),
                 **{f"data/pert_negatives/{t}": v for t, v in zip(self.loss_fn.config.pert_types, counts, strict=True)}}
 
@@ -595,10 +590,8 @@ class Trainer:
         names = [f"skipped/{k}" for k in (*SKIP_REASONS, "ignored_members")] + [f"masked/{k}" for k in MASK_REASONS]
         local = [*(self.stream.skipped.get(k, 0) for k in (*SKIP_REASONS, "ignored_members")),
                  *(self.stream.masked.get(k, 0) for k in MASK_REASONS)]  # fmt: skip
-        counts = torch.tensor(local, dtype=torch.int64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(counts)
-        out = Counter({name: int(v) for name, v in zip(names, counts.cpu().tolist(), strict=True)})
+        counts = self._summed(torch.tensor(local, dtype=torch.int64))
+        out = Counter({name: int(v) for name, v in zip(names, counts.tolist(), strict=True)})
         skipped = sum(v for k, v in out.items() if k.startswith("skipped/"))
         if self.rank == 0:
             (log.warning if skipped else log.info)(
@@ -702,13 +695,6 @@ class Trainer:
         atomic_write_text(path, json.dumps(info, indent=1) + "\n")
 
 
-def _failure_timeout(cfg: dict[str, Any]) -> float:
-    try:
-        return float(cfg["train"]["failure_timeout_s"])
-    except (KeyError, TypeError, ValueError):  # the config itself is what failed
-        return TrainConfig.failure_timeout_s
-
-
 def train(cfg: dict[str, Any], local_rank: int | None = None,
           evaluate: Evaluator | None = None, lock: FolderLock | None = None) -> TrainResult:
     """Run (or resume) the training of a resolved config on this rank; `evaluate` is train.eval_every's,
@@ -723,7 +709,7 @@ def train(cfg: dict[str, Any], local_rank: int | None = None,
         rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
         if not isinstance(err, KeyboardInterrupt | UserError):  # the CLI prints a UserError as one line
             log.error("rank %s failed:\n%s", rank, "".join(traceback.format_exception(err)).rstrip())
-        exit_deadline(_failure_timeout(cfg), f"rank {rank} failed with {type(err).__name__}")
+        exit_deadline(f"rank {rank} failed with {type(err).__name__}")
         raise
     finally:
         # Collect reference cycles holding the process group while it is alive: gloo objects

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,11 @@ FLOPS_FILE = "flops.json"
 _NO_PHASE = contextlib.nullcontext()
 
 
-def _no_phase(_name: str) -> contextlib.AbstractContextManager:
-    return _NO_PHASE
-
-
 class Instruments:
-    """What the engine measures and injects besides training; `profile_steps`: the first optimizer
-    steps timed phase by phase (0: none)."""
+    """What the engine measures and injects besides training, one optimizer step at a time:
+    `start_step`, `phase(name)` around each part and `forward(module)` around the forward,
+    `count(batch)` per micro-batch, then `end_step` -> the step's perf/* metrics. `profile_steps`:
+    the first optimizer steps timed phase by phase (0: none)."""
 
     def __init__(self, rank: int, run_dir: Path, profile_steps: int, device: torch.device) -> None:
         self.rank, self.run_dir, self.profile_steps = rank, Path(run_dir), profile_steps
@@ -40,6 +37,8 @@ class Instruments:
         self.faults = faults.active("rank-")
         self._reported = False
         self._flops_sum = self._flops_time = 0.0
+        self._step_timer: StepTimer | None = None  # the timer while a profiled step runs
+        self._step_flops = 0.0
 
     def count_model(self, model: torch.nn.Module, image_size: int, terms: tuple[str, ...], **model_kwargs: bool) -> None:
         """Rank 0: the FLOP counter of this model and loss preset; none (and a warning) when the
@@ -56,33 +55,29 @@ class Instruments:
         if self.flops is not None:
             self.peak = device_peak(device, dtype)
 
-    def before_step(self, step: int) -> None:
-        """PERTVL_FAULT's rank faults, before optimizer step `step` (from 1)."""
+    def start_step(self, step: int) -> None:
+        """Before optimizer step `step` (from 1): PERTVL_FAULT's rank faults, then the breakdown's
+        timer when the step is among the profiled ones."""
         if self.faults:
             faults.at_rank_step(self.faults, rank=self.rank, step=step)
+        self._step_flops = 0.0
+        self._step_timer = self.timer if self.timer is not None and step <= self.profile_steps else None
+        if self._step_timer is not None:
+            self._step_timer.start()
 
-    def step_timer(self, global_steps: int) -> StepTimer | None:
-        """The breakdown's timer for this step (started), or None."""
-        if self.timer is None or global_steps >= self.profile_steps:
-            return None
-        self.timer.start()
-        return self.timer
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self._step_timer.phase(name) if self._step_timer is not None else _NO_PHASE
 
-    @staticmethod
-    def phase_of(timer: StepTimer | None) -> Callable[[str], contextlib.AbstractContextManager]:
-        return timer.phase if timer is not None else _no_phase
+    def forward(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return self._step_timer.hooks(module) if self._step_timer is not None else _NO_PHASE
 
-    @staticmethod
-    def forward_hooks(timer: StepTimer | None, module: torch.nn.Module) -> contextlib.AbstractContextManager:
-        return timer.hooks(module) if timer is not None else _NO_PHASE
-
-    def batch_flops(self, batch: Any, monitor: Any) -> float:
-        """The FLOPs of one micro-batch (0 without a counter); the first one is reported."""
+    def count(self, batch: Any, monitor: Any) -> None:
+        """Add the FLOPs of one micro-batch (rank 0 with a counter); the first one is reported."""
         if self.flops is None:
-            return 0.0
+            return
         if not self._reported:
             self._report(batch, monitor)
-        return self.flops.batch_flops(batch)
+        self._step_flops += self.flops.batch_flops(batch)
 
     def _report(self, batch: Any, monitor: Any) -> None:
         """Once per run: RUN_DIR/flops.json, a log line and the summary's flops/* keys."""
@@ -100,9 +95,10 @@ class Instruments:
         monitor.summary({f"flops/per_pair_gflop/{k}": v for k, v in g.items()}
                         | ({"flops/peak_tflop_s": peak.flops_per_s / 1e12} if peak else {}))
 
-    def step_metrics(self, flops: float, step_time: float, timer: StepTimer | None) -> dict[str, float]:
+    def end_step(self, step_time: float) -> dict[str, float]:
         """perf/tflop_s and perf/mfu (rank 0's counted FLOPs), and the breakdown's perf/time/*."""
         out: dict[str, float] = {}
+        flops, timer = self._step_flops, self._step_timer
         if self.peak is not None:
             self._flops_sum, self._flops_time = self._flops_sum + flops, self._flops_time + step_time
             out["perf/tflop_s"] = flops / step_time / 1e12

@@ -115,8 +115,7 @@ class Monitor:
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], enabled_wandb: bool, project: str | None,
                  run_name: str | None, tags: list[str] | tuple[str, ...] | None, rank: int,
-                 resume_run_id: str | None = None, *, mode: str | None = None, resume_step: int | None = None,
-                 console: bool = True) -> None:
+                 resume_run_id: str | None = None, *, mode: str | None = None, resume_step: int | None = None) -> None:
         keys = _find_api_keys(config)
         if keys:
             raise ValueError(f"the config holds an API key ({', '.join(keys)}); remove it and export "
@@ -124,7 +123,6 @@ class Monitor:
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.active = rank == 0
-        self.console = console
         self.run_id: str | None = None
         self.wandb_mode: str | None = None
         self._run: Any = None
@@ -184,13 +182,12 @@ class Monitor:
         self._jsonl.write(json.dumps(record) + "\n")
         if self._run is not None:
             self._run.log(values, step=int(step))
-        if self.console:
-            short = {k.split("/")[-1]: v for k, v in values.items() if isinstance(v, float | int)}
-            if self._bar is not None and not self._bar.disable:
-                self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(short.items())[:6]}, refresh=True)
-            else:
-                line = " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float | int))
-                print(f"step {step}: {line}", flush=True)
+        short = {k.split("/")[-1]: v for k, v in values.items() if isinstance(v, float | int)}
+        if self._bar is not None and not self._bar.disable:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(short.items())[:6]}, refresh=True)
+        else:
+            line = " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float | int))
+            print(f"step {step}: {line}", flush=True)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Final/best numbers: W&B run summary and RUN_DIR/summary.json (merged with earlier calls)."""

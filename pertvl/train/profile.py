@@ -75,10 +75,7 @@ class StepTimer:
     def hooks(self, model: Any) -> Iterator[None]:
         """Time the image tower and the text transformer inside the forward of `model` (a DualEncoder)."""
         handles = []
-        for name, module in (("image_fwd", getattr(model, "image", None)),
-                             ("text_fwd", getattr(getattr(model, "text", None), "backbone", None))):
-            if module is None:
-                continue
+        for name, module in (("image_fwd", model.image), ("text_fwd", model.text.backbone)):
             begin: list[_Mark] = []
 
             def pre(_m, _a, _begin=begin):

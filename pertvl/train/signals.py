@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -19,18 +18,15 @@ if TYPE_CHECKING:
 
 PREEMPTED_EXIT_CODE = 75  # stopped on SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL)
 
-DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
-
 
 @dataclass
 class PreemptionFlag:
     """Set by SIGTERM/SIGUSR1, read by the training loop: `PreemptionFlag().install()` (main thread
     only); `signal_name`: the first signal that arrived."""
 
-    signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
     requested: bool = False
     signal_name: str | None = None
-    received_at: float | None = None
     _previous: dict[signal.Signals, Any] = field(default_factory=dict, repr=False)
 
     def install(self) -> PreemptionFlag:
@@ -52,7 +48,6 @@ class PreemptionFlag:
         # Async-signal context: set plain attributes only (no logging, no I/O, no locks).
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
-            self.received_at = time.time()
         self.requested = True
 
     def agreed(self, device: torch.device | str | None = None) -> bool:

@@ -35,15 +35,3 @@ def apply_levers(model: nn.Module, compile: str = "off", channels_last: bool = F
     if compile == "all":
         model.image.compile(dynamic=True)
 
-
-def compile_counters() -> dict[str, int]:
-    """Graphs compiled, graph breaks and recompilations so far in this process (torch._dynamo)."""
-    from torch._dynamo.utils import counters
-
-    return {
-        "graphs": int(counters["stats"]["unique_graphs"]),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompiles": int(sum(counters["recompiles"].values())),
-        "frames": int(counters["frames"]["ok"]),
-    }
-

@@ -4,9 +4,8 @@ A rank can stay alive without training: a step that never completes (a deadlocke
 a dead peer in a collective), an exit that blocks after an error, a stop signal whose step never
 ends. `Watchdog` is a daemon thread per rank: with no `beat()` for longer than the limit, or a stop
 signal unanswered for `stop_grace_s`, it writes every Python stack (the loader workers' too), kills
-the workers and calls `os._exit`. The limit is `stall_timeout_s`, tightened to `stall_factor` × the
-median step time (at least `min_stall_s`) once steps are timed; a `phase` (a checkpoint) gets the
-absolute limit only. `exit_deadline` arms the same ending for a rank that is already failing.
+the workers and calls `os._exit`. The limit is `stall_timeout_s`, also while in a `phase` (a
+checkpoint). `exit_deadline` arms the same ending for a rank that is already failing.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import faulthandler
 import logging
 import os
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ log = logging.getLogger(__name__)
 
 STALLED_EXIT_CODE = 70  # ended by the watchdog or the failure deadline (EX_SOFTWARE)
 TERMINATED_EXIT_CODE = 143  # a stop signal not answered within the grace period (128 + SIGTERM)
+FAILURE_TIMEOUT_S = 30.0  # a rank that raised is gone this long after, whatever blocks its clean-up
 
 
 def dump_all_stacks(reason: str) -> None:
@@ -104,22 +103,16 @@ class Watchdog:
     `on_expire` replaces `end_process` (tests)."""
 
     def __init__(self, *, rank: int = 0, stall_timeout_s: float | None = 1800.0,
-                 stall_factor: float | None = 50.0, min_stall_s: float = 120.0, warmup_beats: int = 5,
                  stop_grace_s: float | None = None, stop_requested: Callable[[], bool] | None = None,
                  poll_s: float | None = None, on_expire: Callable[[str, int], None] | None = None) -> None:
         self.rank = rank
         self.stall_timeout_s = stall_timeout_s if stall_timeout_s and stall_timeout_s > 0 else None
-        self.stall_factor = stall_factor if stall_factor and stall_factor > 0 else None
-        self.min_stall_s = float(min_stall_s)
-        self.warmup_beats = int(warmup_beats)
         self.stop_grace_s = stop_grace_s
         self.stop_requested = stop_requested or (lambda: False)
-        limits = [x for x in (self.stall_timeout_s, self.min_stall_s if self.stall_factor else None,
-                              stop_grace_s) if x]  # fmt: skip
+        limits = [x for x in (self.stall_timeout_s, stop_grace_s) if x]
         self.poll_s = poll_s if poll_s is not None else min(5.0, max(0.2, min(limits, default=50.0) / 10))
         self.on_expire = on_expire or end_process
         self._last = time.monotonic()
-        self._durations: list[float] = []
         self._phase: str | None = None
         self._stop_seen_at: float | None = None
         self._beats_at_stop = 0
@@ -142,17 +135,13 @@ class Watchdog:
 
     def beat(self) -> None:
         """One optimizer step completed."""
-        now = time.monotonic()
-        if self._phase is None:
-            self._durations.append(now - self._last)
-            del self._durations[:-200]  # the median of recent steps
-        self._last = now
+        self._last = time.monotonic()
         self.beats += 1
         self._arm_backstop()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Something known to take longer than a step (a checkpoint): the absolute limit only."""
+        """Something other than a step (a checkpoint): named in the stall message."""
         outer, self._phase, self._last = self._phase, name, time.monotonic()
         self._arm_backstop()
         try:
@@ -169,17 +158,6 @@ class Watchdog:
             self._thread.join(timeout=self.poll_s * 2 + 1)
 
     # -- the thread -------------------------------------------------------------------------------
-    def limit(self) -> tuple[float | None, str]:
-        """The current limit between beats and how it was set."""
-        if self._phase is None and self.stall_factor and len(self._durations) >= self.warmup_beats:
-            median = statistics.median(self._durations[1:] or self._durations)  # the first step is slow
-            relative = max(self.min_stall_s, self.stall_factor * median)
-            if self.stall_timeout_s is None or relative < self.stall_timeout_s:
-                return relative, f"{self.stall_factor:g} x the median step time {median:.2f} s (at least {self.min_stall_s:g} s)"
-        if self.stall_timeout_s is None:
-            return None, "no limit"
-        return self.stall_timeout_s, "train.stall_timeout_s"
-
     def check(self, now: float | None = None) -> tuple[str, int] | None:
         """(reason, exit code) when the rank must end now, else None."""
         now = time.monotonic() if now is None else now
@@ -191,12 +169,12 @@ class Watchdog:
             return (f"rank {self.rank}: a stop signal arrived {now - self._stop_seen_at:.0f} s ago and no step "
                     f"boundary was reached within train.stop_grace_s = {self.stop_grace_s:g} s; ending without "
                     "a checkpoint (the last one stays)", TERMINATED_EXIT_CODE)  # fmt: skip
-        limit, why = self.limit()
+        limit = self.stall_timeout_s
         idle = now - self._last
         if limit is not None and idle > limit:
             what = f"the {self._phase}" if self._phase else f"optimizer step {self.beats + 1}"
-            return (f"rank {self.rank}: no progress for {idle:.0f} s in {what} (limit {limit:.0f} s: {why}); "
-                    "the run is stalled", STALLED_EXIT_CODE)  # fmt: skip
+            return (f"rank {self.rank}: no progress for {idle:.0f} s in {what} (limit {limit:.0f} s: "
+                    "train.stall_timeout_s); the run is stalled", STALLED_EXIT_CODE)  # fmt: skip
         return None
 
     def _watch(self) -> None:
@@ -209,12 +187,9 @@ class Watchdog:
                 return
 
 
-def exit_deadline(seconds: float, reason: str, code: int = 1) -> threading.Timer:
-    """End this process `seconds` from now unless it has exited by then (a daemon timer)."""
-    timer = threading.Timer(
-        seconds, end_process,
-        args=(f"{reason}; still alive {seconds:g} s later (train.failure_timeout_s): forcing the exit", code),
-    )  # fmt: skip
+def exit_deadline(reason: str) -> None:
+    """End this process (exit 1) FAILURE_TIMEOUT_S from now unless it has exited by then (a daemon timer)."""
+    message = f"{reason}; still alive {FAILURE_TIMEOUT_S:g} s later: forcing the exit"
+    timer = threading.Timer(FAILURE_TIMEOUT_S, end_process, args=(message, 1))
     timer.daemon = True
     timer.start()
-    return timer
