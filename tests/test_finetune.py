@@ -20,26 +20,28 @@ import pytest
 
 from pertvl.cli import main as pertvl_main
 from pertvl.evaluate.finetune.chexpert import (
+    CHEXPERT_LABELS,
     DEFAULT_GROUP_PATTERN,
+    PAPER_CHEXPERT_LABELS,
     chexpert_targets,
     finetune_chexpert,
+    multilabel_scores,
     prepare_chexpert,
     read_chexpert_csv,
     split_by_group,
 )
-from pertvl.evaluate.finetune.commands import FINETUNE_DEFAULTS, PROBE_DEFAULTS, fit_settings
-from pertvl.evaluate.finetune.fit import FitSettings
-from pertvl.evaluate.finetune.metrics import classification_metrics, multilabel_scores
+from pertvl.evaluate.finetune.fit import FINETUNE_DEFAULTS, PROBE_DEFAULTS, FitSettings, fit_settings
 from pertvl.evaluate.finetune.nli import (
+    NLI_LABELS,
     NLI_MAX_LENGTH,
     NliExample,
     NliFile,
+    classification_metrics,
     finetune_nli,
     nli_folds,
     nli_truncation,
     read_nli,
 )
-from pertvl.evaluate.finetune.tasks import CHEXPERT_LABELS, NLI_LABELS, PAPER_CHEXPERT_LABELS
 from tests.conftest import chexpert_csv_row as _csv_row
 from tests.conftest import chexpert_png as _png
 from tests.conftest import write_chexpert_csv as _write_csv

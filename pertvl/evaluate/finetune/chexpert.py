@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,35 +23,38 @@ import numpy as np
 from pertvl.data.image import ImageReadError, read_image
 from pertvl.evaluate.evaluation import Finetune, MetricInfo
 from pertvl.evaluate.finetune.fit import (
+    MAX_LISTED_PROBLEMS,
     EpochLog,
     FitSettings,
     Precision,
     feature_loader,
     fit,
+    fit_settings,
+    format_number,
+    format_skips,
     linear_head,
     param_groups,
     seeded_generator,
     standardize,
 )
-from pertvl.evaluate.finetune.metrics import LabelScores, format_number, mean_defined, multilabel_scores
-from pertvl.evaluate.finetune.tasks import (
-    BLANK_POLICIES,
-    CHEXPERT_LABELS,
-    CHEXPERT_SCHEMA,
-    MAX_LISTED_PROBLEMS,
-    PAPER_CHEXPERT_LABELS,
-    U_MIX_ONES,
-    UNCERTAIN_NAMES,
-    UNCERTAIN_POLICIES,
-    format_skips,
-)
-from pertvl.evaluate.report import md_table
+from pertvl.evaluate.report import md_table, pct, print_paths, run_info, write_result
+from pertvl.evaluate.stats import auroc
 from pertvl.evaluate.torch_encoder import pick_device
 from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+CHEXPERT_SCHEMA = "pertvl-finetune-chexpert/1"
+CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                   "Pleural Other", "Fracture", "Support Devices")
+PAPER_CHEXPERT_LABELS = ("Consolidation", "Pleural Effusion")
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore", "u-mix")
+UNCERTAIN_NAMES = {"zeros": "U-Zeros", "ones": "U-Ones", "ignore": "U-Ignore",
+                   "u-mix": "U-mix (U-Ones for Edema and Atelectasis, U-Zeros otherwise)"}
+U_MIX_ONES = ("Edema", "Atelectasis")  # the labels "u-mix" maps uncertain to 1; U-Zeros for the others
+BLANK_POLICIES = ("zero", "mask")
 VIEW_COLUMN = "Frontal/Lateral"
 
 # The patient folder of CheXpert ("…/patient00001/study1/…") or MIMIC-CXR ("…/p10/p10000032/s5…/…").
@@ -205,6 +209,47 @@ def split_by_group(groups: Sequence[str], test_fraction: float, seed: int) -> np
 
 
 @dataclass
+class LabelScores:
+    """Test scores of one CheXpert label over its definite (0/1) cells."""
+
+    auroc: float | None  # None when only one class is present
+    accuracy: float | None  # threshold 0.5 on the predicted probability
+    n: int
+    n_pos: int
+    n_neg: int
+    excluded_uncertain: int
+    excluded_blank: int
+    blank_negatives: int = 0  # blank cells scored as negatives (blank policy "zero")
+
+
+def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[str],
+                      blank: str = "zero") -> dict[str, LabelScores]:
+    """AUROC and accuracy per label of probs [N, L] against test values [N, L] (1, 0, -1 uncertain, nan
+    blank): 1/0 scored, blanks as negatives under blank "zero" (excluded under "mask"), uncertain never."""
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
+    out = {}
+    for j, name in enumerate(labels):
+        v, p = values[:, j], probs[:, j]
+        is_blank = np.isnan(v)
+        scored = (v == 1.0) | (v == 0.0) | (is_blank if blank == "zero" else False)
+        y = (v[scored] == 1.0).astype(np.int64)
+        out[name] = LabelScores(
+            auroc=auroc(p[scored], y) if scored.any() else None,
+            accuracy=float(((p[scored] >= 0.5) == (y == 1)).mean()) if scored.any() else None,
+            n=int(scored.sum()), n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()),
+            excluded_uncertain=int((v == -1.0).sum()),
+            excluded_blank=int(is_blank.sum()) if blank == "mask" else 0,
+            blank_negatives=int(is_blank.sum()) if blank == "zero" else 0)
+    return out
+
+
+def mean_defined(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+@dataclass
 class ChexpertResult:
     per_label: dict[str, LabelScores]
     history: list[EpochLog]
@@ -239,10 +284,10 @@ class ChexpertResult:
                    settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
 
     def markdown(self, name: str) -> str:
-        rows = [[name, format_number(s.auroc), format_number(s.accuracy, True), str(s.n), str(s.n_pos), str(s.n_neg),
+        rows = [[name, format_number(s.auroc), pct(s.accuracy), str(s.n), str(s.n_pos), str(s.n_neg),
                  str(s.blank_negatives), f"{s.excluded_uncertain} / {s.excluded_blank}"]
                 for name, s in self.per_label.items()]
-        rows.append(["**mean**", format_number(self.mean_auroc), format_number(self.mean_accuracy, True), "", "", "", "", ""])
+        rows.append(["**mean**", format_number(self.mean_auroc), pct(self.mean_accuracy), "", "", "", "", ""])
         d = self.data
         return "\n".join([
             f"# CheXpert fine-tuning: {name}", "",
@@ -604,6 +649,29 @@ def _features(loader, encode, problems: ImageProblems, device, settings: FitSett
     if not feats:
         raise _nothing_decoded("", loader.dataset.root, len(loader.dataset), problems)
     return torch.cat(idx_all), torch.cat(feats)
+
+
+def chexpert_cli_main(args) -> int:
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    try:
+        data = prepare_chexpert(args.csv, args.images, valid_csv=args.valid_csv, labels=labels,
+                                uncertain=args.uncertain, blank=args.blank, frontal_only=args.frontal_only,
+                                test_fraction=args.test_fraction, seed=args.seed, group_pattern=args.group_pattern,
+                                split_from=getattr(args, "split_from", None))
+        s = data.summary
+        print(f"CheXpert: {s['train_rows']} train / {s['test_rows']} test rows ({s['split']['method']}); left out: "
+              f"{format_skips(s['rows_skipped'])}; images missing: {s['images_missing']}", flush=True)
+        result = finetune_chexpert(data, args.images, run=args.run, export=args.export, image_size=args.image_size,
+                                   settings=fit_settings(args, "chexpert"), info=run_info())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pertvl finetune chexpert: {e}", file=sys.stderr)
+        return 2
+    paths = write_result(result, args.out, args.name or "chexpert")
+    scores = ", ".join(f"{k} AUROC {format_number(v.auroc)} acc {pct(v.accuracy)}" for k, v in result.per_label.items())
+    print(f"CheXpert: {scores}; mean AUROC {format_number(result.mean_auroc)}; images undecodable "
+          f"{result.data['images_undecodable']}")
+    print_paths(paths)
+    return 0
 
 
 FINETUNE = Finetune("chexpert", "chexpert", "Table II: CheXpert-style fine-tuning of the image tower", ChexpertResult,

@@ -1,4 +1,5 @@
-"""The fit loop shared by both fine-tunes: settings, precision, optimizer groups, warm-up + linear decay, seeding, heads and loaders."""
+"""What both fine-tunes share: the fit loop (settings and their CLI defaults, precision, optimizer groups,
+warm-up + linear decay, seeding, heads and loaders), the problem-list limit and the number formats."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 1000  # problems named in the JSON; all are counted
+
+# CLI defaults that depend on the mode: (epochs, head_lr) for end-to-end fine-tuning and for a frozen
+# encoder. A linear probe on precomputed features costs little per epoch and needs more, larger steps.
+FINETUNE_DEFAULTS = {"nli": (3, 1e-3), "chexpert": (5, 1e-3)}
+PROBE_DEFAULTS = (30, 1e-2)
 
 
 @dataclass
@@ -42,6 +50,23 @@ class FitSettings:
             raise ValueError(f"warmup and dropout: expected fractions in [0, 1), got {self.warmup} / {self.dropout}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+
+
+def fit_settings(args, task: str) -> FitSettings:
+    frozen = bool(args.freeze_encoder or args.export)
+    epochs, head_lr = PROBE_DEFAULTS if frozen else FINETUNE_DEFAULTS[task]
+    return FitSettings(epochs=args.epochs or epochs, lr=args.lr, head_lr=args.head_lr or head_lr,
+                       batch_size=args.batch_size, weight_decay=args.weight_decay, warmup=args.warmup,
+                       dropout=args.dropout, seed=args.seed, device=args.device, precision=args.precision,
+                       workers=getattr(args, "workers", 0), freeze_encoder=frozen)
+
+
+def format_skips(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{k} ×{v}" for k, v in skipped.items()) or "none"
+
+
+def format_number(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 class Precision:
