@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from pertvl.evaluate.evaluation import Finetune, MetricInfo
+from pertvl.evaluate.evaluation import Finetune, JsonResult, MetricInfo, to_json
 from pertvl.evaluate.finetune.fit import (
     MAX_LISTED_PROBLEMS,
     EpochLog,
     FitSettings,
-    Precision,
     encode_all,
     feature_loader,
     fit,
@@ -71,15 +70,6 @@ class ClassificationMetrics:
     labels: list[str]
     confusion: list[list[int]]
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ClassificationMetrics:
-        return cls(n=int(d["n"]), accuracy=float(d["accuracy"]),
-                   per_class={k: ClassScores(**v) for k, v in d["per_class"].items()},
-                   macro_f1=float(d["macro_f1"]), labels=list(d["labels"]), confusion=[list(r) for r in d["confusion"]])
-
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
                            labels: Sequence[str] = NLI_LABELS) -> ClassificationMetrics:
@@ -87,10 +77,6 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
     classification_report in the tests)."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     k = len(labels)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"expected y_true and y_pred of one shape [N], got {y_true.shape} and {y_pred.shape}")
-    if y_true.size and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= k):
-        raise ValueError(f"class indices must be in [0, {k})")
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     tp = np.diag(cm).astype(np.float64)
@@ -130,14 +116,17 @@ class NliFile:
         counts = Counter(NLI_LABELS[e.label] for e in self.examples)
         return {lab: counts.get(lab, 0) for lab in NLI_LABELS}
 
+    def counts_text(self) -> str:
+        """"entailment N, contradiction N, neutral N"."""
+        return ", ".join(f"{lab} {n}" for lab, n in self.label_counts().items())
+
     def summary(self) -> dict[str, Any]:
         return {"file": self.path, "lines": self.lines, "examples": len(self.examples),
                 "labels": self.label_counts(), "skipped": dict(self.skipped), "problems": self.problems}
 
     def describe(self) -> str:
         """One line: examples per label, lines read, skips (printed by the CLI)."""
-        per_label = ", ".join(f"{lab} {n}" for lab, n in self.label_counts().items())
-        return (f"{self.path}: {len(self.examples)} examples ({per_label}; {self.lines} lines; "
+        return (f"{self.path}: {len(self.examples)} examples ({self.counts_text()}; {self.lines} lines; "
                 f"skipped: {format_skips(self.skipped)})")
 
     def subset(self, indices: Sequence[int], name: str) -> NliFile:
@@ -241,7 +230,12 @@ def _truncation_note(d: dict[str, Any]) -> str:
 
 
 @dataclass
-class NliResult:
+class NliResult(JsonResult):
+    """Its JSON: schema, info, settings, data, history, best_epoch, dev, test (the per-item predictions
+    live in NAME.predictions.jsonl)."""
+
+    SCHEMAS, WHAT = (NLI_SCHEMA,), "NLI fine-tune"
+
     dev: ClassificationMetrics | None  # None without a dev file (train/test protocol)
     test: ClassificationMetrics
     history: list[EpochLog]
@@ -254,18 +248,8 @@ class NliResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
-                "history": [asdict(h) for h in self.history], "best_epoch": self.best_epoch,
-                "dev": None if self.dev is None else self.dev.to_json(), "test": self.test.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> NliResult:
-        """Read NAME.json back (the per-item predictions live in NAME.predictions.jsonl, not here)."""
-        if d.get("schema") != NLI_SCHEMA:
-            raise ValueError(f"not a pertvl NLI fine-tune result: schema {d.get('schema')!r}")
-        return cls(dev=None if d.get("dev") is None else ClassificationMetrics.from_json(d["dev"]),
-                   test=ClassificationMetrics.from_json(d["test"]),
-                   history=[EpochLog(**h) for h in d.get("history", [])], best_epoch=int(d.get("best_epoch", 0)),
-                   data=dict(d.get("data", {})), settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
+                "history": to_json(self.history), "best_epoch": self.best_epoch, "dev": to_json(self.dev),
+                "test": to_json(self.test)}
 
     def markdown(self, name: str) -> str:
         scored = [(s, m) for s, m in (("dev", self.dev), ("test", self.test)) if m is not None]
@@ -406,14 +390,8 @@ def finetune_nli(train: NliFile, dev: NliFile | None, test: NliFile, *, run: str
             return loss_fn(head(encode(batch)).float(), batch["labels"].to(device))
 
         def predict(name: str) -> np.ndarray:
-            f = {"dev": dev, "test": test}[name]
-            assert f is not None
-            out = []
-            with torch.inference_mode():
-                for batch in item_loader(f.examples, collate, settings.batch_size):
-                    with Precision(device, settings.precision).autocast():
-                        out.append(head(encode(batch)).float().argmax(1).cpu().numpy())
-            return np.concatenate(out)
+            loader = item_loader({"dev": dev, "test": test}[name].examples, collate, settings.batch_size)
+            return encode_all(lambda batch: head(encode(batch)), loader, device, settings).argmax(1).numpy()
 
         groups = param_groups(backbone.parameters(), head.parameters(), settings)
 
@@ -480,11 +458,11 @@ class NliCvResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
-                "folds": [{"fold": k, "history": [asdict(h) for h in f.history], "train": f.data["train"],
-                           "test": {**f.data["test"], "metrics": f.test.to_json()}}
+                "folds": [{"fold": k, "history": to_json(f.history), "train": f.data["train"],
+                           "test": {**f.data["test"], "metrics": to_json(f.test)}}
                           for k, f in enumerate(self.folds, 1)],
                 "accuracy": {"per_fold": self.fold_accuracies, "mean": self.mean_accuracy, "std": self.std_accuracy},
-                "pooled": self.pooled.to_json()}
+                "pooled": to_json(self.pooled)}
 
     def markdown(self, name: str) -> str:
         d = self.data["file"]
@@ -578,8 +556,7 @@ def _pair_embeddings(embedder, examples: Sequence[NliExample]):
 
 def nli_protocol(args) -> str:
     """"train/dev/test", "train/test" or "cv" from the CLI arguments; ValueError for a bad mix."""
-    cv = getattr(args, "cv", None)
-    if cv is not None:
+    if args.cv is not None:
         if args.dev or args.test:
             raise ValueError("--cv K cross-validates on --train alone; drop --dev/--test (or drop --cv for the "
                              "train/dev/test or train/test protocol)")
@@ -596,7 +573,7 @@ def nli_cli_main(args) -> int:
         if args.export and not args.freeze_encoder:
             print("note: --export holds no torch weights: the ONNX encoder stays frozen and a linear probe "
                   "is trained on its embeddings (fine-tuning needs --run)", flush=True)
-        info = {**run_info(), **({"dataset": args.dataset} if getattr(args, "dataset", None) else {})}
+        info = {**run_info(), **({"dataset": args.dataset} if args.dataset else {})}
         common = dict(run=args.run, text_model=args.text_model, export=args.export,
                       settings=fit_settings(args, "nli"), max_length=args.max_length, info=info)
         if protocol == "cv":
@@ -606,10 +583,8 @@ def nli_cli_main(args) -> int:
                   "last epoch of each fold)", flush=True)
 
             def on_fold(k: int, train: NliFile, test: NliFile) -> None:
-                print(f"fold {k}/{args.cv}: train {len(train.examples)} ("
-                      + ", ".join(f"{lab} {n}" for lab, n in train.label_counts().items()) + f"), test "
-                      f"{len(test.examples)} (" + ", ".join(f"{lab} {n}" for lab, n in test.label_counts().items())
-                      + ")", flush=True)
+                print(f"fold {k}/{args.cv}: train {len(train.examples)} ({train.counts_text()}), test "
+                      f"{len(test.examples)} ({test.counts_text()})", flush=True)
 
             result: NliResult | NliCvResult = cross_validate_nli(data, args.cv, seed=args.seed, on_fold=on_fold,
                                                                  **common)
