@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pertvl.evaluate.finetune.tasks import CHEXPERT_LABELS
+from pertvl.evaluate.finetune.chexpert import CHEXPERT_LABELS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -61,9 +61,8 @@ def _ft_value(row: str, seed: int, shift: float) -> float:
 
 def _fabricated_finetune(task: str, row: str, seed: int, dataset: str | None) -> dict:
     """A CheXpert or NLI fine-tune result whose numbers are known from (row, seed)."""
-    from pertvl.evaluate.finetune.chexpert import ChexpertResult
-    from pertvl.evaluate.finetune.metrics import ClassificationMetrics, LabelScores
-    from pertvl.evaluate.finetune.nli import NliResult
+    from pertvl.evaluate.finetune.chexpert import ChexpertResult, LabelScores
+    from pertvl.evaluate.finetune.nli import ClassificationMetrics, NliResult
 
     if task == "chexpert":
         per_label = {lab: LabelScores(auroc=_ft_value(row, seed, 0.05 * i), accuracy=_ft_value(row, seed, 0.1 * i),

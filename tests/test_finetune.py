@@ -20,26 +20,28 @@ import pytest
 
 from pertvl.cli import main as pertvl_main
 from pertvl.evaluate.finetune.chexpert import (
+    CHEXPERT_LABELS,
     DEFAULT_GROUP_PATTERN,
+    PAPER_CHEXPERT_LABELS,
     chexpert_targets,
     finetune_chexpert,
+    multilabel_scores,
     prepare_chexpert,
     read_chexpert_csv,
     split_by_group,
 )
-from pertvl.evaluate.finetune.commands import FINETUNE_DEFAULTS, PROBE_DEFAULTS, fit_settings
-from pertvl.evaluate.finetune.fit import FitSettings
-from pertvl.evaluate.finetune.metrics import classification_metrics, multilabel_scores
+from pertvl.evaluate.finetune.fit import FINETUNE_DEFAULTS, PROBE_DEFAULTS, FitSettings, fit_settings
 from pertvl.evaluate.finetune.nli import (
+    NLI_LABELS,
     NLI_MAX_LENGTH,
     NliExample,
     NliFile,
+    classification_metrics,
     finetune_nli,
     nli_folds,
     nli_truncation,
     read_nli,
 )
-from pertvl.evaluate.finetune.tasks import CHEXPERT_LABELS, NLI_LABELS, PAPER_CHEXPERT_LABELS
 from tests.conftest import chexpert_csv_row as _csv_row
 from tests.conftest import chexpert_png as _png
 from tests.conftest import write_chexpert_csv as _write_csv
@@ -401,17 +403,6 @@ def test_uncertain_policies_on_known_rows(chexpert, blank):
                                     frontal_only=False, blank=blank)
     assert len(all_views.train) == 4 and all_views.train[3].view == "Lateral"
     np.testing.assert_array_equal(all_views.train_targets[3], [1, 1])
-
-
-def test_chexpert_targets_reject_unknown_values_and_policies():
-    with pytest.raises(ValueError, match="expected 1, 0, -1 or nan"):
-        chexpert_targets(np.array([[2.0]]))
-    with pytest.raises(ValueError, match="uncertain policy"):
-        chexpert_targets(np.array([[1.0]]), "maybe")
-    with pytest.raises(ValueError, match=r"blank policy: expected one of \('zero', 'mask'\), got 'drop'"):
-        chexpert_targets(np.array([[1.0]]), blank="drop")
-    with pytest.raises(ValueError, match="'u-mix' needs the 1 label names"):
-        chexpert_targets(np.array([[-1.0]]), "u-mix")
 
 
 def test_blank_cells_are_negatives_by_default_in_a_chexpert_csv(tmp_path):

@@ -28,6 +28,7 @@ from pertvl.files import sha256_file
 
 log = logging.getLogger(__name__)
 
+STRUCTURE = "structure"  # the key of the structure evaluation (Table IV; the holdout table reads its JSON)
 
 
 def paper_presets() -> tuple[str, ...]:
@@ -156,8 +157,7 @@ class AblationSettings:
                     raise ValueError(f"--holdout-type {t}: counterfactual types are evaluation-only for "
                                      f"--holdout-type (they are training negatives only when loss.pert_types "
                                      f"names them); hold out one of {list(PERTURBATION_TYPES)}")
-                others = [x for x in PERTURBATION_TYPES if x != t]
-                if t not in PERTURBATION_TYPES or not others:
+                if t not in PERTURBATION_TYPES:
                     LossConfig(pert_types=[t])  # raises the message naming the known types
             if not self.pert_presets:
                 raise ValueError(f"--holdout-type needs a preset that trains L_pert (e.g. full, no_local); "
@@ -191,14 +191,6 @@ class AblationSettings:
     def holdout_runs(self, seed: int) -> list[AblationRun]:
         """The leave-one-type-out runs of one seed (their baselines are the comparison runs)."""
         return [AblationRun(p, seed, Path(self.out), t) for t in self.holdout_types for p in self.pert_presets]
-
-
-@dataclass
-class AblationResult:
-    paths: dict[str, Path]  # the comparison table's json / markdown / png
-    table: dict[str, Any]  # its JSON document
-    runs: list[AblationRun]
-    skipped_stages: list[str]
 
 
 def _stage(name: str, outputs: list[Path], fn: Any, params: dict[str, Any]) -> pipeline.Stage:
@@ -244,7 +236,7 @@ def _eval_stage(run: AblationRun, s: AblationSettings, weights_sha: str, shards_
     """Every evaluation of the ABLATE suite; a leave-one-type-out run only the structure one (its table's)."""
     source = ["--export", str(run.export)] if s.eval_with == "export" else ["--run", str(run.dir)]
     common = [*source, "--shards", s.shards, "--split", s.split, "--out", str(run.eval_dir)]
-    evals = evaluations() if run.holdout is None else [e for e in evaluations() if e.key == _structure_key()]
+    evals = evaluations() if run.holdout is None else [e for e in evaluations() if e.key == STRUCTURE]
 
     def evaluate() -> None:
         for e in evals:
@@ -302,9 +294,9 @@ def _check_same_pairs(variant: Path, shards: Path) -> None:
                          f"inputs.pairs_sha256 {mine} vs {theirs}): a row must train on the same pairs")
 
 
-def run_ablation(s: AblationSettings) -> AblationResult:
-    """Train, (export,) evaluate and fine-tune every run, then write the comparison (and holdout) table.
-    Raises pipeline.StageError naming the failed stage; FileNotFoundError / ValueError for bad inputs."""
+def run_ablation(s: AblationSettings) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Train, (export,) evaluate and fine-tune every run, then write the comparison (and holdout) table:
+    (paths, the comparison table's JSON document) as write_tables returns them. Raises pipeline.StageError naming the failed stage; FileNotFoundError / ValueError for bad inputs."""
     config = Path(s.config)
     manifest = Path(s.shards) / "manifest.json"
     if not config.is_file():
@@ -349,7 +341,7 @@ def run_ablation(s: AblationSettings) -> AblationResult:
                   "results": [str(p) for p in _result_files(r, specs, s)]} for r in runs],
         "stage_seconds": runner.timings, "stages_skipped": runner.skipped,
     })
-    return AblationResult(paths, table, runs, list(runner.skipped))
+    return paths, table
 
 
 def _result_files(run: AblationRun, specs: list[FinetuneSpec], s: AblationSettings) -> list[Path]:
@@ -374,10 +366,9 @@ def write_tables(s: AblationSettings, specs: list[FinetuneSpec]) -> tuple[dict[s
     paths = write_comparison_table(results, out, "comparison", notes=table_notes(s, specs))
     table = json.loads(paths["json"].read_text(encoding="utf-8"))
     if s.holdout_types:
-        structure = _structure_key()
         runs = [r for seed in s.seeds for r in (*s.comparison_runs(seed), *s.holdout_runs(seed))
                 if r.holdout or r.preset in s.baseline_presets]
-        held = holdout_table(s, {r.name: json.loads(r.eval_json(structure).read_text(encoding="utf-8")) for r in runs})
+        held = holdout_table(s, {r.name: json.loads(r.eval_json(STRUCTURE).read_text(encoding="utf-8")) for r in runs})
         paths.update({f"holdout_{k}": v for k, v in write_holdout_table(held, out).items()})
     return paths, table
 
@@ -402,14 +393,6 @@ def table_notes(s: AblationSettings, specs: list[FinetuneSpec]) -> list[str]:
                  + ", ".join(spec.stem.removeprefix("nli_") for spec in mine))
         notes.append(f"Table {table}, {TABLES[table]}: {mode.describe(task)}; {where}.{paper}")
     return notes
-
-
-def _structure_key() -> str:
-    """The file stem of the structure evaluation's JSON in RUN/eval."""
-    for e in evaluations():
-        if e.name == "structure":
-            return e.key
-    raise ValueError("--holdout-type needs the structure evaluation in the ablate suite (pertvl.evaluate.catalog)")
 
 
 def holdout_table(s: AblationSettings, structure: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -551,7 +534,7 @@ def cli_main(args) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     try:
         presets = _csv_list(args.presets, "presets") if args.presets else paper_presets()
-        holdout = holdout_types_arg(getattr(args, "holdout_type", None) or [])
+        holdout = holdout_types_arg(args.holdout_type or [])
         modes = {t: parse_mode(v, option) for t, v, option in (
             ("II", args.chexpert_finetune, "--chexpert-finetune"), ("III", args.nli_finetune, "--nli-finetune")) if v}
         settings = AblationSettings(
@@ -565,17 +548,17 @@ def cli_main(args) -> int:
         rows = [*settings.presets, *(v.name for v in settings.variants)]
         print(f"ablation: {', '.join(rows)} × seeds {', '.join(map(str, settings.seeds))}{what} "
               f"({len(settings.runs())} runs; tables {', '.join(settings.tables)}) → {settings.out}", flush=True)
-        result = run_ablation(settings)
+        paths, table = run_ablation(settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"pertvl ablate: {e}", file=sys.stderr)
         return 2
     except pipeline.StageError as e:
         print(f"pertvl ablate: {e}", file=sys.stderr)
         return 1
-    print("\n".join(["", "Ablation complete.", *structure_summary(result.table)]))
-    print(f"Comparison table: {result.paths['markdown']}")
+    print("\n".join(["", "Ablation complete.", *structure_summary(table)]))
+    print(f"Comparison table: {paths['markdown']}")
     for kind in ("json", "png"):
-        print(f"  {kind}: {result.paths[kind]}")
+        print(f"  {kind}: {paths[kind]}")
     if holdout:
-        print(f"Leave-one-type-out table: {result.paths['holdout_markdown']}\n  json: {result.paths['holdout_json']}")
+        print(f"Leave-one-type-out table: {paths['holdout_markdown']}\n  json: {paths['holdout_json']}")
     return 0

@@ -43,7 +43,7 @@ class FinetuneMode:
 
     def describe(self, task: str) -> str:
         """"a linear probe on the frozen tower, 30 epochs" (task: "chexpert" or "nli", for the default epochs)."""
-        from pertvl.evaluate.finetune.commands import FINETUNE_DEFAULTS, PROBE_DEFAULTS
+        from pertvl.evaluate.finetune.fit import FINETUNE_DEFAULTS, PROBE_DEFAULTS
 
         epochs = self.epochs or (PROBE_DEFAULTS if self.mode == "probe" else FINETUNE_DEFAULTS[task])[0]
         what = "a linear probe on the frozen tower" if self.mode == "probe" else "fine-tuned end to end"

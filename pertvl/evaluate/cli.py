@@ -69,8 +69,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_finetune_nli = lazy_handler("pertvl.evaluate.finetune.commands", "nli_cli_main")
-_finetune_chexpert = lazy_handler("pertvl.evaluate.finetune.commands", "chexpert_cli_main")
+_finetune_nli = lazy_handler("pertvl.evaluate.finetune.nli", "nli_cli_main")
+_finetune_chexpert = lazy_handler("pertvl.evaluate.finetune.chexpert", "chexpert_cli_main")
 _ablate = lazy_handler("pertvl.evaluate.ablate", "cli_main", lock_out=True)
 _curves = lazy_handler("pertvl.evaluate.curves", "cli_main")
 

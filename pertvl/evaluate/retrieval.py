@@ -116,37 +116,21 @@ def first_hit_ranks(sim: np.ndarray, hit: np.ndarray) -> np.ndarray:
     return 1 + ahead.sum(axis=1)
 
 
-def retrieval_recall(
-    image_emb: np.ndarray, text_emb: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
-    study_ids: Sequence[Any] | None = None, text_study_ids: Sequence[Any] | None = None) -> RetrievalResult:
-    """Image→text and text→image Recall@K of image_emb [N, D] and text_emb [M, D] by cosine.
-
-    `study_ids` [N] (and `text_study_ids` [M], default `study_ids`) group the correct items; without
-    them row i matches text i. Raises ValueError on inconsistent shapes, bad K or a query without a match."""
+def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *,
+                     study_ids: Sequence[Any], text_study_ids: Sequence[Any] | None = None) -> RetrievalResult:
+    """Image→text and text→image Recall@K of image_emb [N, D] and text_emb [M, D] by cosine; an image and
+    a text match when their `study_ids` [N] and `text_study_ids` [M] (default `study_ids`) are equal.
+    Raises ValueError on inconsistent shapes or a query without a match."""
     image_emb, text_emb = np.asarray(image_emb), np.asarray(text_emb)
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
             f"expected image_emb [N, D] and text_emb [M, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
         )
     n, m = len(image_emb), len(text_emb)
-    ks = tuple(int(k) for k in ks)
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    if study_ids is None:
-        if text_study_ids is not None or n != m:
-            raise ValueError(f"without study_ids, images and texts pair row by row: got {n} images and {m} texts")
-        img_groups = txt_groups = np.arange(n)
-        match = "pairs"
-    else:
-        img_groups = np.asarray(list(study_ids), dtype=object)
-        txt_groups = img_groups if text_study_ids is None else np.asarray(list(text_study_ids), dtype=object)
-        if len(img_groups) != n or len(txt_groups) != m:
-            raise ValueError(
-                f"expected {n} image study ids and {m} text study ids, got {len(img_groups)} and {len(txt_groups)}"
-            )
-        match = "study"
     if n == 0 or m == 0:
         raise ValueError("retrieval needs at least one image and one text")
+    img_groups = np.asarray(list(study_ids), dtype=object)
+    txt_groups = img_groups if text_study_ids is None else np.asarray(list(text_study_ids), dtype=object)
     sim = l2_normalize(image_emb) @ l2_normalize(text_emb).T
     hit = img_groups[:, None] == txt_groups[None, :]
     i2t = first_hit_ranks(sim, hit)
@@ -155,7 +139,7 @@ def retrieval_recall(
         image_to_text={f"R@{k}": float(np.mean(i2t <= k)) for k in ks},
         text_to_image={f"R@{k}": float(np.mean(t2i <= k)) for k in ks},
         median_rank={"image_to_text": float(np.median(i2t)), "text_to_image": float(np.median(t2i))},
-        images=n, texts=m, match=match, i2t_ranks=i2t, t2i_ranks=t2i)
+        images=n, texts=m, match="study", i2t_ranks=i2t, t2i_ranks=t2i)
 
 
 def _recalls(ranks: np.ndarray, ks: Sequence[str]) -> dict[str, float | None]:

@@ -35,6 +35,13 @@ class _TorchBase:
         self.batch_size = batch_size
         self.max_length = max_length
 
+    def _tokens(self, tokenizer, texts: list[str]):
+        """(encode_texts' encoding, its input_ids / attention_mask / word_ids as tensors on the device)."""
+        import torch
+
+        enc = encode_texts(tokenizer, texts, max_length=self.max_length)
+        return enc, {k: torch.from_numpy(getattr(enc, k)).to(self.device) for k in ("input_ids", "attention_mask", "word_ids")}
+
     def _embed_texts(self, texts: list[str], tokenizer, forward) -> np.ndarray:
         import torch
         import torch.nn.functional as F
@@ -46,12 +53,8 @@ class _TorchBase:
         out: list[np.ndarray] = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                chunk = [texts[i] for i in order[start : start + self.batch_size]]
-                enc = encode_texts(tokenizer, chunk, max_length=self.max_length)
-                tensors = {k: torch.from_numpy(getattr(enc, k)).to(self.device)
-                           for k in ("input_ids", "attention_mask", "word_ids")}
-                emb = forward(**tensors)
-                out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+                _, tensors = self._tokens(tokenizer, [texts[i] for i in order[start : start + self.batch_size]])
+                out.append(F.normalize(forward(**tensors).float(), dim=-1).cpu().numpy())
         emb = np.concatenate(out)
         result = np.empty_like(emb)
         result[order] = emb
@@ -74,21 +77,25 @@ class TorchEncoder(_TorchBase):
         model, _ = RunDir(run_dir).load_model()
         return cls(model, **kwargs)
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray:
+    def _image_batches(self, images: np.ndarray) -> list:
+        """images [N, 1, H, W] float in [0, 1] as float32 CPU tensors of `batch_size` images."""
         import torch
-        import torch.nn.functional as F
 
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images [N, 1, H, W] float in [0, 1], got shape {tuple(images.shape)}")
-        if len(images) == 0:
+        return [torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size], dtype=np.float32))
+                for start in range(0, len(images), self.batch_size)]
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        batches = self._image_batches(images)
+        if not batches:
             return np.zeros((0, 0), dtype=np.float32)
-        out = []
         with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size], dtype=np.float32))
-                emb = self.model.encode_image(x.to(self.device)).global_emb
-                out.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+            out = [F.normalize(self.model.encode_image(x.to(self.device)).global_emb.float(), dim=-1).cpu().numpy() for x in batches]
         return np.concatenate(out)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -105,19 +112,13 @@ class TorchEncoder(_TorchBase):
 
         from pertvl.infer import ImageFeatures
 
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images [N, 1, H, W] float in [0, 1], got shape {tuple(images.shape)}")
         embs, regions, grid = [], [], (0, 0)
         with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size], dtype=np.float32))
+            for x in self._image_batches(images):
                 out = self.model.encode_image(x.to(self.device), need_local=True)
                 embs.append(F.normalize(out.global_emb.float(), dim=-1).cpu().numpy())
                 regions.append(out.regions.float().cpu().numpy())
                 grid = tuple(out.grid)
-        if not embs:
-            raise ValueError("image_features: no images")
         return ImageFeatures(np.concatenate(embs), np.concatenate(regions), grid)
 
     def text_features(self, texts: list[str]):
@@ -133,10 +134,7 @@ class TorchEncoder(_TorchBase):
         parts = []
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
-                chunk = texts[start : start + self.batch_size]
-                enc = encode_texts(self.model.tokenizer, chunk, max_length=self.max_length)
-                tensors = {k: torch.from_numpy(getattr(enc, k)).to(self.device)
-                           for k in ("input_ids", "attention_mask", "word_ids")}
+                enc, tensors = self._tokens(self.model.tokenizer, texts[start : start + self.batch_size])
                 out = self.model.encode_text(**tensors)
                 parts.append((F.normalize(out.global_emb.float(), dim=-1).cpu().numpy(),
                               out.words.float().cpu().numpy(), out.word_mask.bool().cpu().numpy(), enc.num_words))
@@ -155,8 +153,6 @@ class HFTextEncoder(_TorchBase):
                  max_length: int = 128):
         from transformers import AutoModel, AutoTokenizer
 
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         super().__init__(device, batch_size, max_length)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: not a model folder")

@@ -237,7 +237,7 @@ class ChexpertSource:
             yield Sample(row.path, image, {"labels": labels})
 
     def info(self, size: int) -> dict[str, Any]:
-        from pertvl.evaluate.finetune.tasks import MAX_LISTED_PROBLEMS
+        from pertvl.evaluate.finetune.fit import MAX_LISTED_PROBLEMS
 
         t = self.table
         return {"chexpert": {
@@ -256,8 +256,7 @@ def load_chexpert(options: argparse.Namespace) -> ChexpertSource | None:
     if not options.images:
         raise SystemExit("pertvl eval zeroshot: --chexpert-csv needs --images ROOT (the folder its Path column "
                          "is relative to)")
-    from pertvl.evaluate.finetune.chexpert import read_chexpert_csv
-    from pertvl.evaluate.finetune.tasks import CHEXPERT_LABELS
+    from pertvl.evaluate.finetune.chexpert import CHEXPERT_LABELS, read_chexpert_csv
 
     root = Path(options.images)
     if not root.is_dir():

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,37 +21,40 @@ from typing import Any
 import numpy as np
 
 from pertvl.data.image import ImageReadError, read_image
-from pertvl.evaluate.evaluation import Finetune, MetricInfo
+from pertvl.evaluate.evaluation import Finetune, JsonResult, MetricInfo
 from pertvl.evaluate.finetune.fit import (
+    MAX_LISTED_PROBLEMS,
     EpochLog,
     FitSettings,
-    Precision,
+    autocast,
     feature_loader,
     fit,
+    fit_settings,
+    format_number,
+    format_skips,
     linear_head,
     param_groups,
     seeded_generator,
     standardize,
 )
-from pertvl.evaluate.finetune.metrics import LabelScores, format_number, mean_defined, multilabel_scores
-from pertvl.evaluate.finetune.tasks import (
-    BLANK_POLICIES,
-    CHEXPERT_LABELS,
-    CHEXPERT_SCHEMA,
-    MAX_LISTED_PROBLEMS,
-    PAPER_CHEXPERT_LABELS,
-    U_MIX_ONES,
-    UNCERTAIN_NAMES,
-    UNCERTAIN_POLICIES,
-    format_skips,
-)
-from pertvl.evaluate.report import md_table
+from pertvl.evaluate.report import md_table, pct, print_paths, run_info, write_result
+from pertvl.evaluate.stats import auroc
 from pertvl.evaluate.torch_encoder import pick_device
 from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+CHEXPERT_SCHEMA = "pertvl-finetune-chexpert/1"
+CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                   "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                   "Pleural Other", "Fracture", "Support Devices")
+PAPER_CHEXPERT_LABELS = ("Consolidation", "Pleural Effusion")
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore", "u-mix")
+UNCERTAIN_NAMES = {"zeros": "U-Zeros", "ones": "U-Ones", "ignore": "U-Ignore",
+                   "u-mix": "U-mix (U-Ones for Edema and Atelectasis, U-Zeros otherwise)"}
+U_MIX_ONES = ("Edema", "Atelectasis")  # the labels "u-mix" maps uncertain to 1; U-Zeros for the others
+BLANK_POLICIES = ("zero", "mask")
 VIEW_COLUMN = "Frontal/Lateral"
 
 # The patient folder of CheXpert ("…/patient00001/study1/…") or MIMIC-CXR ("…/p10/p10000032/s5…/…").
@@ -158,25 +162,11 @@ def _label_value(cell: str) -> float | None:
 
 def chexpert_targets(values: np.ndarray, uncertain: str = "zeros", blank: str = "zero",
                      labels: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(targets, loss mask) float32 [N, L] from label values [N, L] (1, 0, -1 uncertain, nan blank) under
-    the `uncertain` policy (zeros, ones, ignore, u-mix: needs `labels`) and the `blank` policy (zero, mask).
-    """
-    if uncertain not in UNCERTAIN_POLICIES:
-        raise ValueError(f"uncertain policy: expected one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
-    if blank not in BLANK_POLICIES:
-        raise ValueError(f"blank policy: expected one of {BLANK_POLICIES}, got {blank!r}")
+    """(targets, loss mask) float32 [N, L] from label values [N, L] (1, 0, -1 uncertain, nan blank, as
+    read_chexpert_csv keeps them) under the `uncertain` policy (zeros, ones, ignore, u-mix: needs the column
+    `labels`) and the `blank` policy (zero, mask), both checked by prepare_chexpert."""
     values = np.asarray(values, dtype=np.float64)
-    if uncertain == "u-mix":
-        if labels is None or len(labels) != values.shape[-1]:
-            raise ValueError(f"uncertain policy 'u-mix' needs the {values.shape[-1]} label names of the columns, "
-                             f"got {labels!r}")
-        unknown = [name for name in labels if name not in CHEXPERT_LABELS]
-        if unknown:
-            raise ValueError(f"uncertain policy 'u-mix': unknown label(s) {unknown}; expected CheXpert's")
     known = ~np.isnan(values)
-    bad = known & ~np.isin(values, (1.0, 0.0, -1.0))
-    if bad.any():
-        raise ValueError(f"label values: expected 1, 0, -1 or nan, got {sorted(set(values[bad].tolist()))}")
     is_unc = values == -1.0
     targets = np.where(values == 1.0, 1.0, 0.0)  # 0 for 0, -1 and blank so far
     mask = known.astype(np.float64) if blank == "mask" else np.ones_like(values)
@@ -205,7 +195,48 @@ def split_by_group(groups: Sequence[str], test_fraction: float, seed: int) -> np
 
 
 @dataclass
-class ChexpertResult:
+class LabelScores:
+    """Test scores of one CheXpert label over its definite (0/1) cells."""
+
+    auroc: float | None  # None when only one class is present
+    accuracy: float | None  # threshold 0.5 on the predicted probability
+    n: int
+    n_pos: int
+    n_neg: int
+    excluded_uncertain: int
+    excluded_blank: int
+    blank_negatives: int = 0  # blank cells scored as negatives (blank policy "zero")
+
+
+def multilabel_scores(probs: np.ndarray, values: np.ndarray, labels: Sequence[str],
+                      blank: str = "zero") -> dict[str, LabelScores]:
+    """AUROC and accuracy per label of probs [N, L] against test values [N, L] (1, 0, -1 uncertain, nan
+    blank): 1/0 scored, blanks as negatives under blank "zero" (excluded under "mask"), uncertain never."""
+    out = {}
+    for j, name in enumerate(labels):
+        v, p = values[:, j], probs[:, j]
+        is_blank = np.isnan(v)
+        scored = (v == 1.0) | (v == 0.0) | (is_blank if blank == "zero" else False)
+        y = (v[scored] == 1.0).astype(np.int64)
+        out[name] = LabelScores(
+            auroc=auroc(p[scored], y) if scored.any() else None,
+            accuracy=float(((p[scored] >= 0.5) == (y == 1)).mean()) if scored.any() else None,
+            n=int(scored.sum()), n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()),
+            excluded_uncertain=int((v == -1.0).sum()),
+            excluded_blank=int(is_blank.sum()) if blank == "mask" else 0,
+            blank_negatives=int(is_blank.sum()) if blank == "zero" else 0)
+    return out
+
+
+def mean_defined(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+@dataclass
+class ChexpertResult(JsonResult):
+    SCHEMAS, WHAT = (CHEXPERT_SCHEMA,), "CheXpert fine-tune"
+
     per_label: dict[str, LabelScores]
     history: list[EpochLog]
     data: dict[str, Any]
@@ -232,17 +263,13 @@ class ChexpertResult:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ChexpertResult:
         """Read NAME.json back (the per-item predictions live in NAME.predictions.csv, not here)."""
-        if d.get("schema") != CHEXPERT_SCHEMA:
-            raise ValueError(f"not a pertvl CheXpert fine-tune result: schema {d.get('schema')!r}")
-        return cls(per_label={k: LabelScores(**v) for k, v in d["test"]["per_label"].items()},
-                   history=[EpochLog(**h) for h in d.get("history", [])], data=dict(d.get("data", {})),
-                   settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
+        return super().from_json({**d, "per_label": d["test"]["per_label"]} if d.get("schema") == CHEXPERT_SCHEMA else d)
 
     def markdown(self, name: str) -> str:
-        rows = [[name, format_number(s.auroc), format_number(s.accuracy, True), str(s.n), str(s.n_pos), str(s.n_neg),
+        rows = [[name, format_number(s.auroc), pct(s.accuracy), str(s.n), str(s.n_pos), str(s.n_neg),
                  str(s.blank_negatives), f"{s.excluded_uncertain} / {s.excluded_blank}"]
                 for name, s in self.per_label.items()]
-        rows.append(["**mean**", format_number(self.mean_auroc), format_number(self.mean_accuracy, True), "", "", "", "", ""])
+        rows.append(["**mean**", format_number(self.mean_auroc), pct(self.mean_accuracy), "", "", "", "", ""])
         d = self.data
         return "\n".join([
             f"# CheXpert fine-tuning: {name}", "",
@@ -329,32 +356,28 @@ def prepare_chexpert(csv_path: str | os.PathLike, images: str | os.PathLike, *,
     if valid_csv is not None and split_from is not None:
         raise ValueError("give one of valid_csv (--valid-csv) and split_from (--split-from), not both")
     table = read_chexpert_csv(csv_path, labels, frontal_only, group_pattern)
-    if split_from is not None:
-        is_test, outside = split_as_pairs(table.rows, root, split_from)
-        kept_rows = [(r, t) for r, t in zip(table.rows, is_test, strict=True) if t is not None]
-        if outside:  # counted and named like the other skipped rows
-            table.skipped["image not in the pairs file"] = len(outside)
-            room = max(0, MAX_LISTED_PROBLEMS - len(table.problems))
-            table.problems += [f"{r.where}: image not in {split_from}" for r in outside[:room]]
-        train_rows = [r for r, t in kept_rows if not t]
-        test_rows = [r for r, t in kept_rows if t]
-        split = {"method": "as the pairs file splits the images: train -> train; val, test -> test",
-                 "split_from": str(split_from)}
-        tables = [table]
-    elif valid_csv is not None:
-        test_table = read_chexpert_csv(valid_csv, labels, frontal_only, group_pattern)
-        train_rows, test_rows = table.rows, test_table.rows
+    tables = [table]
+    if valid_csv is not None:
+        tables.append(read_chexpert_csv(valid_csv, labels, frontal_only, group_pattern))
+        train_rows, test_rows = table.rows, tables[1].rows
         split = {"method": "given", "valid_csv": str(valid_csv)}
-        tables = [table, test_table]
     else:
-        is_test = split_by_group([r.group for r in table.rows], test_fraction, seed)
-        train_rows = [r for r, t in zip(table.rows, is_test, strict=True) if not t]
+        if split_from is not None:
+            is_test = split_as_pairs(table.rows, root, split_from)
+            outside = [r for r, t in zip(table.rows, is_test, strict=True) if t is None]
+            if outside:  # counted and named like the other skipped rows
+                table.skipped["image not in the pairs file"] = len(outside)
+                room = max(0, MAX_LISTED_PROBLEMS - len(table.problems))
+                table.problems += [f"{r.where}: image not in {split_from}" for r in outside[:room]]
+        else:
+            is_test = split_by_group([r.group for r in table.rows], test_fraction, seed)
+        train_rows = [r for r, t in zip(table.rows, is_test, strict=True) if t is not None and not t]
         test_rows = [r for r, t in zip(table.rows, is_test, strict=True) if t]
-        n_groups = len({r.group for r in table.rows})
-        split = {"method": "seeded split by patient (Path prefix; else per image)", "test_fraction": test_fraction,
-                 "seed": seed, "groups": n_groups, "test_groups": len({r.group for r in test_rows}),
-                 "group_pattern": group_pattern}
-        tables = [table]
+        split = ({"method": "as the pairs file splits the images: train -> train; val, test -> test",
+                  "split_from": str(split_from)} if split_from is not None else
+                 {"method": "seeded split by patient (Path prefix; else per image)", "test_fraction": test_fraction,
+                  "seed": seed, "groups": len({r.group for r in table.rows}),
+                  "test_groups": len({r.group for r in test_rows}), "group_pattern": group_pattern})
     missing: list[str] = []
     kept = {}
     for name, rows in (("train", train_rows), ("test", test_rows)):
@@ -379,10 +402,9 @@ def prepare_chexpert(csv_path: str | os.PathLike, images: str | os.PathLike, *,
                         _values(kept["test"], labels), summary)
 
 
-def split_as_pairs(rows: Sequence[ChexpertRow], images: Path, pairs: str | os.PathLike,
-                   ) -> tuple[list[bool | None], list[ChexpertRow]]:
+def split_as_pairs(rows: Sequence[ChexpertRow], images: Path, pairs: str | os.PathLike) -> list[bool | None]:
     """Per row: False when the pairs file puts its image in the train split, True in val or test, None
-    when no pair has it (matched by resolved path); and the rows without a pair."""
+    when no pair has it (matched by resolved path)."""
     from pertvl.data.records import read_pairs
 
     pairs = Path(pairs)
@@ -393,7 +415,7 @@ def split_as_pairs(rows: Sequence[ChexpertRow], images: Path, pairs: str | os.Pa
     for r in rows:
         split = split_of.get((images / r.path).resolve())
         flags.append(None if split is None else split != "train")
-    return flags, [r for r, f in zip(rows, flags, strict=True) if f is None]
+    return flags
 
 
 def _values(rows: Sequence[ChexpertRow], labels: Sequence[str]) -> np.ndarray:
@@ -552,58 +574,69 @@ def finetune_chexpert(
             return masked_bce(head(encode(imgs)), idx)
 
         def predict() -> tuple[np.ndarray, np.ndarray]:
-            idx_all, probs = [], []
-            with torch.inference_mode(), Precision(device, settings.precision).autocast():
-                for idx, imgs, bad in image_loader(data.test):
-                    problems.add(bad)
-                    if imgs is not None:
-                        idx_all.append(idx.numpy())
-                        probs.append(torch.sigmoid(head(encode(imgs)).float()).cpu().numpy())
-            if not probs:
-                raise _nothing_decoded("test ", root, len(data.test), problems)
-            return np.concatenate(idx_all), np.concatenate(probs)
+            idx, probs = _features(image_loader(data.test), lambda imgs: torch.sigmoid(head(encode(imgs)).float()),
+                                   problems, device, settings, "test ")
+            return idx.numpy(), probs.numpy()
 
         groups = param_groups(backbone.backbone.parameters(), head.parameters(), settings)
 
     history, _ = fit(module, groups, loader, step, settings, device)
     test_idx, probs = predict()
-    per_label = multilabel_scores(probs, data.test_values[test_idx], data.labels,
-                                  data.summary.get("blank_policy", "zero"))
+    blank = data.summary["blank_policy"]
+    per_label = multilabel_scores(probs, data.test_values[test_idx], data.labels, blank)
     summary = dict(data.summary)
     summary["images_undecodable"] = len(problems.items)
     summary["image_problems"] = (summary["image_problems"] + list(problems.items))[:MAX_LISTED_PROBLEMS]
     summary["test_images_scored"] = int(len(test_idx))
     settings_json = {**asdict(settings), "device": str(device), "image_size": size,
                      "selection": "last epoch", "threshold": 0.5,
-                     "scored": ("1/0 test labels and blanks as negatives; uncertain excluded"
-                                if data.summary.get("blank_policy", "zero") == "zero"
+                     "scored": ("1/0 test labels and blanks as negatives; uncertain excluded" if blank == "zero"
                                 else "definite test labels only (1/0); uncertain and blank excluded")}
     predictions = [(data.test[i].path, data.test[i].values, tuple(float(x) for x in p))
                    for i, p in zip(test_idx.tolist(), probs, strict=True)]
     return ChexpertResult(per_label, history, summary, settings_json, info, predictions)
 
 
-def _nothing_decoded(which: str, root: Path, rows: int, problems: ImageProblems) -> ValueError:
-    """The error when not one image of a set could be read: names the image root, the row count and
-    the first problem met."""
-    first = next(iter(problems.items), "none recorded")
-    return ValueError(f"{root}: no {which}image could be decoded ({rows} rows; first problem: {first})")
-
-
-def _features(loader, encode, problems: ImageProblems, device, settings: FitSettings):
-    """(row indices [N'], features [N', D]) of every decodable image, the encoder frozen."""
+def _features(loader, encode, problems: ImageProblems, device, settings: FitSettings, which: str = ""):
+    """(row indices [N'], encode(images) [N', D]) of every decodable image, without gradients; ValueError
+    naming the image root, the row count and the first problem when no image of the set decodes."""
     import torch
 
     idx_all, feats = [], []
-    with torch.inference_mode(), Precision(device, settings.precision).autocast():
+    with torch.inference_mode(), autocast(device, settings.precision):
         for idx, imgs, bad in loader:
             problems.add(bad)
             if imgs is not None:
                 idx_all.append(idx)
                 feats.append(encode(imgs).float().cpu())
     if not feats:
-        raise _nothing_decoded("", loader.dataset.root, len(loader.dataset), problems)
+        first = next(iter(problems.items), "none recorded")
+        raise ValueError(f"{loader.dataset.root}: no {which}image could be decoded ({len(loader.dataset)} rows; "
+                         f"first problem: {first})")
     return torch.cat(idx_all), torch.cat(feats)
+
+
+def chexpert_cli_main(args) -> int:
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    try:
+        data = prepare_chexpert(args.csv, args.images, valid_csv=args.valid_csv, labels=labels,
+                                uncertain=args.uncertain, blank=args.blank, frontal_only=args.frontal_only,
+                                test_fraction=args.test_fraction, seed=args.seed, group_pattern=args.group_pattern,
+                                split_from=args.split_from)
+        s = data.summary
+        print(f"CheXpert: {s['train_rows']} train / {s['test_rows']} test rows ({s['split']['method']}); left out: "
+              f"{format_skips(s['rows_skipped'])}; images missing: {s['images_missing']}", flush=True)
+        result = finetune_chexpert(data, args.images, run=args.run, export=args.export, image_size=args.image_size,
+                                   settings=fit_settings(args, "chexpert"), info=run_info())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pertvl finetune chexpert: {e}", file=sys.stderr)
+        return 2
+    paths = write_result(result, args.out, args.name or "chexpert")
+    scores = ", ".join(f"{k} AUROC {format_number(v.auroc)} acc {pct(v.accuracy)}" for k, v in result.per_label.items())
+    print(f"CheXpert: {scores}; mean AUROC {format_number(result.mean_auroc)}; images undecodable "
+          f"{result.data['images_undecodable']}")
+    print_paths(paths)
+    return 0
 
 
 FINETUNE = Finetune("chexpert", "chexpert", "Table II: CheXpert-style fine-tuning of the image tower", ChexpertResult,

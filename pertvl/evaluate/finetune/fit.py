@@ -1,4 +1,5 @@
-"""The fit loop shared by both fine-tunes: settings, precision, optimizer groups, warm-up + linear decay, seeding, heads and loaders."""
+"""What both fine-tunes share: the fit loop (settings and their CLI defaults, precision, optimizer groups,
+warm-up + linear decay, seeding, heads and loaders), the problem-list limit and the number formats."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 1000  # problems named in the JSON; all are counted
+
+# CLI defaults that depend on the mode: (epochs, head_lr) for end-to-end fine-tuning and for a frozen
+# encoder. A linear probe on precomputed features costs little per epoch and needs more, larger steps.
+FINETUNE_DEFAULTS = {"nli": (3, 1e-3), "chexpert": (5, 1e-3)}
+PROBE_DEFAULTS = (30, 1e-2)
 
 
 @dataclass
@@ -33,33 +41,34 @@ class FitSettings:
     workers: int = 0
     freeze_encoder: bool = False
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size: expected >= 1, got {self.epochs} / {self.batch_size}")
+    def __post_init__(self) -> None:  # the other fields are checked where the CLI parses them
         if self.lr <= 0 or self.head_lr <= 0:
             raise ValueError(f"learning rates: expected > 0, got lr {self.lr}, head_lr {self.head_lr}")
-        if not 0.0 <= self.warmup < 1.0 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"warmup and dropout: expected fractions in [0, 1), got {self.warmup} / {self.dropout}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
 
 
-class Precision:
-    """Autocast + (fp16) gradient scaling for one device; a no-op in fp32."""
+def fit_settings(args, task: str) -> FitSettings:
+    frozen = bool(args.freeze_encoder or args.export)
+    epochs, head_lr = PROBE_DEFAULTS if frozen else FINETUNE_DEFAULTS[task]
+    return FitSettings(epochs=args.epochs or epochs, lr=args.lr, head_lr=args.head_lr or head_lr,
+                       batch_size=args.batch_size, weight_decay=args.weight_decay, warmup=args.warmup,
+                       dropout=args.dropout, seed=args.seed, device=args.device, precision=args.precision,
+                       workers=getattr(args, "workers", 0), freeze_encoder=frozen)
 
-    def __init__(self, device, precision: str):
-        import torch
 
-        self.device, self.precision = device, precision
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+def format_skips(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{k} ×{v}" for k, v in skipped.items()) or "none"
 
-    def autocast(self):
-        import torch
 
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+def format_number(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def autocast(device, precision: str):
+    """bf16 / fp16 autocast on `device`; a no-op in fp32."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def param_groups(encoder_params: Iterable, head_params: Iterable, settings: FitSettings) -> list[dict]:
@@ -90,7 +99,7 @@ def fit(module, groups: list[dict], loader, step_loss: Callable[[Any], Any], set
     the last epoch. Returns (history, best epoch)."""
     import torch
 
-    prec = Precision(device, settings.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     optimizer = torch.optim.AdamW(groups)
     total = settings.epochs * max(1, len(loader))
     warm = int(round(settings.warmup * total))
@@ -108,16 +117,16 @@ def fit(module, groups: list[dict], loader, step_loss: Callable[[Any], Any], set
         module.train()
         losses = []
         for batch in loader:
-            with prec.autocast():
+            with autocast(device, settings.precision):
                 loss = step_loss(batch)
             if loss is None:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            prec.scaler.scale(loss).backward()
-            prec.scaler.unscale_(optimizer)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            prec.scaler.step(optimizer)
-            prec.scaler.update()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             losses.append(float(loss.detach()))
         module.eval()
@@ -171,11 +180,10 @@ def feature_loader(features, *tensors, batch_size: int, shuffle: bool, generator
                       batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def item_loader(items: Sequence, collate, batch_size: int, shuffle: bool = False, generator=None, workers: int = 0):
+def item_loader(items: Sequence, collate, batch_size: int, shuffle: bool = False, generator=None):
     from torch.utils.data import DataLoader
 
-    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate,
-                      num_workers=workers)
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
 
 def encode_all(encode, loader, device, settings: FitSettings):
@@ -183,7 +191,7 @@ def encode_all(encode, loader, device, settings: FitSettings):
     import torch
 
     out = []
-    with torch.inference_mode(), Precision(device, settings.precision).autocast():
+    with torch.inference_mode(), autocast(device, settings.precision):
         for batch in loader:
             out.append(encode(batch).float().cpu())
     return torch.cat(out)

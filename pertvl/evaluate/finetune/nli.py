@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,29 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from pertvl.evaluate.evaluation import Finetune, MetricInfo
+from pertvl.evaluate.evaluation import Finetune, JsonResult, MetricInfo, to_json
 from pertvl.evaluate.finetune.fit import (
+    MAX_LISTED_PROBLEMS,
     EpochLog,
     FitSettings,
-    Precision,
     encode_all,
     feature_loader,
     fit,
+    fit_settings,
+    format_number,
+    format_skips,
     item_loader,
     linear_head,
     param_groups,
     seeded_generator,
     standardize,
 )
-from pertvl.evaluate.finetune.metrics import ClassificationMetrics, classification_metrics, format_number
-from pertvl.evaluate.finetune.tasks import (
-    MAX_LISTED_PROBLEMS,
-    NLI_CV_SCHEMA,
-    NLI_LABELS,
-    NLI_SCHEMA,
-    format_skips,
-)
-from pertvl.evaluate.report import md_table
+from pertvl.evaluate.report import md_table, pct, print_paths, run_info, write_result
 from pertvl.evaluate.torch_encoder import pick_device
 from pertvl.files import atomic_write_text
 from pertvl.train.rundir import RunDir
@@ -49,6 +45,52 @@ log = logging.getLogger(__name__)
 # vocabularies; 256 covers them (the authors used 512, which only pads). Longer pairs are truncated
 # and reported; the value is capped at the encoder's max_position_embeddings.
 NLI_MAX_LENGTH = 256
+NLI_SCHEMA = "pertvl-finetune-nli/1"
+NLI_CV_SCHEMA = "pertvl-finetune-nli-cv/1"
+NLI_LABELS = ("entailment", "contradiction", "neutral")
+
+
+@dataclass
+class ClassScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass
+class ClassificationMetrics:
+    """Single-label scores from one confusion matrix (rows = true, columns = predicted); an undefined
+    precision/recall/F1 is 0.0 (scikit-learn's zero_division=0)."""
+
+    n: int
+    accuracy: float
+    per_class: dict[str, ClassScores]
+    macro_f1: float
+    labels: list[str]
+    confusion: list[list[int]]
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
+                           labels: Sequence[str] = NLI_LABELS) -> ClassificationMetrics:
+    """Accuracy, per-class precision/recall/F1/support and macro F1 (checked against sklearn's
+    classification_report in the tests)."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    k = len(labels)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    n = int(y_true.size)
+    return ClassificationMetrics(
+        n=n, accuracy=float(tp.sum() / n) if n else 0.0,
+        per_class={lab: ClassScores(float(precision[i]), float(recall[i]), float(f1[i]), int(support[i]))
+                   for i, lab in enumerate(labels)},
+        macro_f1=float(f1.mean()), labels=list(labels), confusion=cm.tolist())
 
 
 @dataclass
@@ -74,14 +116,17 @@ class NliFile:
         counts = Counter(NLI_LABELS[e.label] for e in self.examples)
         return {lab: counts.get(lab, 0) for lab in NLI_LABELS}
 
+    def counts_text(self) -> str:
+        """"entailment N, contradiction N, neutral N"."""
+        return ", ".join(f"{lab} {n}" for lab, n in self.label_counts().items())
+
     def summary(self) -> dict[str, Any]:
         return {"file": self.path, "lines": self.lines, "examples": len(self.examples),
                 "labels": self.label_counts(), "skipped": dict(self.skipped), "problems": self.problems}
 
     def describe(self) -> str:
         """One line: examples per label, lines read, skips (printed by the CLI)."""
-        per_label = ", ".join(f"{lab} {n}" for lab, n in self.label_counts().items())
-        return (f"{self.path}: {len(self.examples)} examples ({per_label}; {self.lines} lines; "
+        return (f"{self.path}: {len(self.examples)} examples ({self.counts_text()}; {self.lines} lines; "
                 f"skipped: {format_skips(self.skipped)})")
 
     def subset(self, indices: Sequence[int], name: str) -> NliFile:
@@ -185,7 +230,12 @@ def _truncation_note(d: dict[str, Any]) -> str:
 
 
 @dataclass
-class NliResult:
+class NliResult(JsonResult):
+    """Its JSON: schema, info, settings, data, history, best_epoch, dev, test (the per-item predictions
+    live in NAME.predictions.jsonl)."""
+
+    SCHEMAS, WHAT = (NLI_SCHEMA,), "NLI fine-tune"
+
     dev: ClassificationMetrics | None  # None without a dev file (train/test protocol)
     test: ClassificationMetrics
     history: list[EpochLog]
@@ -198,18 +248,8 @@ class NliResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
-                "history": [asdict(h) for h in self.history], "best_epoch": self.best_epoch,
-                "dev": None if self.dev is None else self.dev.to_json(), "test": self.test.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> NliResult:
-        """Read NAME.json back (the per-item predictions live in NAME.predictions.jsonl, not here)."""
-        if d.get("schema") != NLI_SCHEMA:
-            raise ValueError(f"not a pertvl NLI fine-tune result: schema {d.get('schema')!r}")
-        return cls(dev=None if d.get("dev") is None else ClassificationMetrics.from_json(d["dev"]),
-                   test=ClassificationMetrics.from_json(d["test"]),
-                   history=[EpochLog(**h) for h in d.get("history", [])], best_epoch=int(d.get("best_epoch", 0)),
-                   data=dict(d.get("data", {})), settings=dict(d.get("settings", {})), info=dict(d.get("info", {})))
+                "history": to_json(self.history), "best_epoch": self.best_epoch, "dev": to_json(self.dev),
+                "test": to_json(self.test)}
 
     def markdown(self, name: str) -> str:
         scored = [(s, m) for s, m in (("dev", self.dev), ("test", self.test)) if m is not None]
@@ -218,7 +258,7 @@ class NliResult:
         parts = [f"# NLI fine-tuning: {name}", "",
                  f"Encoder: {self.info.get('encoder')} ({self.info.get('mode')}); {selection}.", "",
                  md_table(["split", "n", "accuracy", "macro F1"],
-                          [[s, str(m.n), format_number(m.accuracy, True), format_number(m.macro_f1)]
+                          [[s, str(m.n), pct(m.accuracy), format_number(m.macro_f1)]
                            for s, m in scored])]
         for split, m in scored:
             parts += _nli_class_tables(split, m)
@@ -350,14 +390,8 @@ def finetune_nli(train: NliFile, dev: NliFile | None, test: NliFile, *, run: str
             return loss_fn(head(encode(batch)).float(), batch["labels"].to(device))
 
         def predict(name: str) -> np.ndarray:
-            f = {"dev": dev, "test": test}[name]
-            assert f is not None
-            out = []
-            with torch.inference_mode():
-                for batch in item_loader(f.examples, collate, settings.batch_size):
-                    with Precision(device, settings.precision).autocast():
-                        out.append(head(encode(batch)).float().argmax(1).cpu().numpy())
-            return np.concatenate(out)
+            loader = item_loader({"dev": dev, "test": test}[name].examples, collate, settings.batch_size)
+            return encode_all(lambda batch: head(encode(batch)), loader, device, settings).argmax(1).numpy()
 
         groups = param_groups(backbone.parameters(), head.parameters(), settings)
 
@@ -424,11 +458,11 @@ class NliCvResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "info": self.info, "settings": self.settings, "data": self.data,
-                "folds": [{"fold": k, "history": [asdict(h) for h in f.history], "train": f.data["train"],
-                           "test": {**f.data["test"], "metrics": f.test.to_json()}}
+                "folds": [{"fold": k, "history": to_json(f.history), "train": f.data["train"],
+                           "test": {**f.data["test"], "metrics": to_json(f.test)}}
                           for k, f in enumerate(self.folds, 1)],
                 "accuracy": {"per_fold": self.fold_accuracies, "mean": self.mean_accuracy, "std": self.std_accuracy},
-                "pooled": self.pooled.to_json()}
+                "pooled": to_json(self.pooled)}
 
     def markdown(self, name: str) -> str:
         d = self.data["file"]
@@ -438,13 +472,13 @@ class NliCvResult:
             tr, te = f.data["train"], f.data["test"]
             rows.append([str(k), str(tr["examples"]), str(te["examples"]),
                          " / ".join(str(te["labels"][lab]) for lab in NLI_LABELS),
-                         format_number(f.test.accuracy, True), format_number(f.test.macro_f1)])
+                         pct(f.test.accuracy), format_number(f.test.macro_f1)])
         parts = [f"# NLI cross-validation: {name}", "",
                  f"Encoder: {self.info.get('encoder')} ({self.info.get('mode')}); "
                  f"{self.settings['protocol']} on {d['file']} ({d['examples']} examples: {labels}); "
                  f"label-stratified folds (seed {self.settings['fold_seed']}); last epoch of each fold.", "",
-                 f"Accuracy: mean {format_number(self.mean_accuracy, True)} ± {100 * self.std_accuracy:.1f} (std over "
-                 f"folds); pooled out-of-fold accuracy {format_number(self.pooled.accuracy, True)}, macro F1 "
+                 f"Accuracy: mean {pct(self.mean_accuracy)} ± {100 * self.std_accuracy:.1f} (std over "
+                 f"folds); pooled out-of-fold accuracy {pct(self.pooled.accuracy)}, macro F1 "
                  f"{format_number(self.pooled.macro_f1)}.", "",
                  md_table(["fold", "train", "test", "test entailment / contradiction / neutral", "accuracy",
                            "macro F1"], rows)]
@@ -518,6 +552,67 @@ def _pair_embeddings(embedder, examples: Sequence[NliExample]):
     u = emb[[index[e.premise] for e in examples]]
     v = emb[[index[e.hypothesis] for e in examples]]
     return torch.from_numpy(np.concatenate([u, v, np.abs(u - v), u * v], axis=1).astype(np.float32))
+
+
+def nli_protocol(args) -> str:
+    """"train/dev/test", "train/test" or "cv" from the CLI arguments; ValueError for a bad mix."""
+    if args.cv is not None:
+        if args.dev or args.test:
+            raise ValueError("--cv K cross-validates on --train alone; drop --dev/--test (or drop --cv for the "
+                             "train/dev/test or train/test protocol)")
+        return "cv"
+    if not args.test:
+        raise ValueError("give --test JSONL (train/test or train/dev/test protocol) or --cv K (cross-validation "
+                         "on --train)")
+    return "train/dev/test" if args.dev else "train/test"
+
+
+def nli_cli_main(args) -> int:
+    try:
+        protocol = nli_protocol(args)
+        if args.export and not args.freeze_encoder:
+            print("note: --export holds no torch weights: the ONNX encoder stays frozen and a linear probe "
+                  "is trained on its embeddings (fine-tuning needs --run)", flush=True)
+        info = {**run_info(), **({"dataset": args.dataset} if args.dataset else {})}
+        common = dict(run=args.run, text_model=args.text_model, export=args.export,
+                      settings=fit_settings(args, "nli"), max_length=args.max_length, info=info)
+        if protocol == "cv":
+            data = read_nli(args.train)
+            print(data.describe(), flush=True)
+            print(f"protocol: {args.cv}-fold cross-validation on {data.path} (label-stratified, seed {args.seed}; "
+                  "last epoch of each fold)", flush=True)
+
+            def on_fold(k: int, train: NliFile, test: NliFile) -> None:
+                print(f"fold {k}/{args.cv}: train {len(train.examples)} ({train.counts_text()}), test "
+                      f"{len(test.examples)} ({test.counts_text()})", flush=True)
+
+            result: NliResult | NliCvResult = cross_validate_nli(data, args.cv, seed=args.seed, on_fold=on_fold,
+                                                                 **common)
+        else:
+            train = read_nli(args.train)
+            dev = read_nli(args.dev) if args.dev else None
+            test = read_nli(args.test)
+            for f in (train, dev, test):
+                if f is not None:
+                    print(f.describe(), flush=True)
+            print(f"protocol: {protocol}" + (" (best dev epoch)" if dev else " (last epoch; no dev set)"), flush=True)
+            result = finetune_nli(train, dev, test, **common)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pertvl finetune nli: {e}", file=sys.stderr)
+        return 2
+    paths = write_result(result, args.out, args.name or "nli")
+    if isinstance(result, NliCvResult):
+        print(f"NLI {args.cv}-fold CV: accuracy {100 * result.mean_accuracy:.1f}% ± {100 * result.std_accuracy:.1f} "
+              f"(per fold: {', '.join(f'{100 * a:.1f}%' for a in result.fold_accuracies)}); pooled out-of-fold "
+              f"accuracy {100 * result.pooled.accuracy:.1f}% (macro F1 {result.pooled.macro_f1:.3f})")
+    else:
+        dev_part = (f"dev accuracy {100 * result.dev.accuracy:.1f}% (macro F1 {result.dev.macro_f1:.3f}), "
+                    if result.dev is not None else "")
+        print(f"NLI: {dev_part}test accuracy {100 * result.test.accuracy:.1f}% (macro F1 "
+              f"{result.test.macro_f1:.3f}); " + (f"best epoch {result.best_epoch}" if result.dev is not None
+                                                  else f"last epoch {result.best_epoch}"))
+    print_paths(paths)
+    return 0
 
 
 FINETUNE = Finetune("nli", "nli", "Table III: NLI fine-tuning of the text tower", NliResult, (NLI_SCHEMA,))
