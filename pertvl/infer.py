@@ -68,9 +68,10 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 def attention_maps(image_regions: np.ndarray, grid: Sequence[int], words: np.ndarray,
                    word_mask: np.ndarray | None = None, gamma1: float = 4.0) -> np.ndarray:
-    """Word→region attention of one image/report pair: pertvl.losses.local_attention_maps in numpy
-    (float64 inside). image_regions [M, Dl] with grid (h, w); words [W, Dl] (word_mask [W], None:
-    all real) -> [n, h, w] float32 for the n real words, each summing to 1 over the regions.
+    """Word→region attention of one image/report pair, as GLoRIA's attention_fn (softmax over words,
+    then γ1-scaled softmax over regions; float64 inside). image_regions [M, Dl] with grid (h, w);
+    words [W, Dl] (word_mask [W], None: all real) -> [n, h, w] float32 for the n real words, each
+    summing to 1 over the regions.
     ValueError on inconsistent shapes or a report without words."""
     regions = np.asarray(image_regions, dtype=np.float64)
     words = np.asarray(words, dtype=np.float64)
