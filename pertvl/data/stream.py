@@ -12,8 +12,8 @@ The epoch plan comes from the manifest and the arguments only, never from counti
 - A stream keeps the first Q = P x B *good* samples of its shards, wrapping to its first shard when
   they run out: bad samples and truncated shards are counted, logged and replaced, so a corrupt
   sample never makes one rank shorter (and DDP hang).
-- The Q samples pass a shuffle buffer seeded by (seed, epoch, rank, stream), are decoded with an
-  allow-list (PNG, json, txt; nothing unpickled), augmented (parameters from (seed, epoch, key)),
+- The Q samples pass a shuffle buffer seeded by (seed, epoch, rank, stream), are decoded (the PNG by
+  pertvl.data.image.decode_png_gray, the json; nothing unpickled), augmented (parameters from (seed, epoch, key)),
   tokenized and collated *inside the worker*; the DataLoader takes batches round-robin, so rank
   batch i is batch i // W of stream i mod W.
 - Resume at (epoch, b): stream w drops its first ceil((b - w) / W) batches as raw samples (never
@@ -49,6 +49,7 @@ import torch
 
 from pertvl.data.augment import AugmentConfig, apply_augmentation, sample_params
 from pertvl.data.batch import Batch
+from pertvl.data.image import decode_png_gray
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.shards import (
     ALLOWED_MEMBERS,
@@ -90,9 +91,9 @@ class ShardSource:
     image_size: int | None
     label_names: tuple[str, ...]
     description: str
-    counterfactual_types: tuple[str, ...] | None = None  # the manifest's (); None: no manifest
-    shard_bytes: tuple[int | None, ...] = ()  # the manifest's size and sha256 of each shard
-    shard_sha256: tuple[str | None, ...] = ()
+    counterfactual_types: tuple[str, ...] | None  # the manifest's (); None: no manifest
+    shard_bytes: tuple[int | None, ...]  # the manifest's size and sha256 of each shard
+    shard_sha256: tuple[str | None, ...]
 
 
 def _shard_name(url: str) -> str:
@@ -229,8 +230,7 @@ def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int
         return []
     problems = []
     for i in range(rank, len(src.urls), world_size):
-        url, size = src.urls[i], src.shard_bytes[i] if i < len(src.shard_bytes) else None
-        digest = src.shard_sha256[i] if i < len(src.shard_sha256) else None
+        url, size, digest = src.urls[i], src.shard_bytes[i], src.shard_sha256[i]
         if _scheme(url) or url.startswith("pipe:") or size is None:
             continue
         name = _shard_name(url)
@@ -249,15 +249,6 @@ def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int
     for problem in problems:
         log.warning("damaged shard %s (allowed by data.max_damaged_shards = %d)", problem, max_damaged)
     return problems
-
-
-def make_decoder():
-    """webdataset's Decoder with an explicit allow-list (PNG as 8-bit grayscale, json, txt) and no
-    default handlers: nothing is unpickled or torch.load-ed."""
-    import webdataset as wds
-
-    return wds.Decoder([wds.imagehandler("l8", extensions=["png"]), wds.handle_extension("json", json.loads),
-                        wds.handle_extension("txt", lambda b: b.decode("utf-8"))], pre=[], post=[])
 
 
 def collate_samples(samples: Sequence[Sample], tokenizer, *, max_length: int = 128,
@@ -475,20 +466,14 @@ def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Itera
 
 
 def _decoded(items: Iterator[tuple], stats: Counter) -> Iterator[Sample]:
-    decoder = make_decoder()
-    for raw, _ in items:
+    for raw, meta in items:
         try:
-            members = {k: v for k, v in raw.members.items() if k in ALLOWED_MEMBERS}
-            out = decoder({"__key__": raw.key, **members})
-            image, meta = out["png"], out["json"]
-            if not isinstance(image, np.ndarray) or image.ndim != 2:
-                raise ValueError(f"decoded image has shape {getattr(image, 'shape', None)}")
+            image = decode_png_gray(raw.members["png"])
         except Exception as e:  # a decoder failure on bad bytes: skip and fill
             stats["decode_error"] += 1
-            log.warning("skipping sample %s in shard %s: cannot decode: %s", raw.key, raw.shard,
-                        e.__cause__ or e)
+            log.warning("skipping sample %s in shard %s: cannot decode: %s", raw.key, raw.shard, e)
             continue
-        yield Sample(key=raw.key, image=image, meta=meta, shard=raw.shard)
+        yield Sample(key=raw.key, image=image, meta=meta)
 
 
 def _stream_batches(
@@ -614,10 +599,9 @@ class TrainStream:
     """
 
     def __init__(self, plan: _Plan, *, epoch: int, start_batch: int, num_workers: int,
-                 prefetch_factor: int, multiprocessing_context) -> None:  # fmt: skip
+                 multiprocessing_context) -> None:  # fmt: skip
         self._plan = plan
         self.num_workers = num_workers
-        self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.batches_per_epoch = plan.batches_per_stream * plan.streams
         self.skipped: dict[str, int] = {}
@@ -660,7 +644,6 @@ class TrainStream:
                 _RunDataset(self._plan, epoch, start, epochs=None),
                 batch_size=None,  # batches are made inside the workers
                 num_workers=self.num_workers,
-                prefetch_factor=self.prefetch_factor,
                 multiprocessing_context=context,
             )
             workers = self._workers = _Workers(loader, epoch)
@@ -763,7 +746,7 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
                        epoch: int = 0, start_batch: int = 0, augment: bool | AugmentConfig = True,
                        max_length: int = 128, resampled: bool = False, image_size: int | None = None,
                        manifest: str | os.PathLike | dict | None = None, num_samples: int | None = None,
-                       shuffle_buffer: int = 1000, prefetch_factor: int = 2, multiprocessing_context=None,
+                       shuffle_buffer: int = 1000, multiprocessing_context=None,
                        download_retries: int = 3, pert_types: Sequence[str] = PERTURBATION_TYPES,
                        verify: str = "off", max_damaged_shards: int | None = None) -> TrainStream:
     """The training stream of one rank (the plan: module docstring). `source`: see resolve_source;
@@ -813,4 +796,4 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
                  shuffle_buffer=shuffle_buffer, faults=injected, download_retries=download_retries,
                  pert_types=pert_types, max_damaged_shards=max_damaged_shards)
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
-                       prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip
+                       multiprocessing_context=multiprocessing_context)
