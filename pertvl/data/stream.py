@@ -12,10 +12,10 @@ The epoch plan comes from the manifest and the arguments only, never from counti
 - A stream keeps the first Q = P x B *good* samples of its shards, wrapping to its first shard when
   they run out: bad samples and truncated shards are counted, logged and replaced, so a corrupt
   sample never makes one rank shorter (and DDP hang).
-- The Q samples pass a shuffle buffer seeded by (seed, epoch, rank, stream), are decoded (the PNG by
-  pertvl.data.image.decode_png_gray, the json; nothing unpickled), augmented (parameters from (seed, epoch, key)),
-  tokenized and collated *inside the worker*; the DataLoader takes batches round-robin, so rank
-  batch i is batch i // W of stream i mod W.
+- The Q samples pass a shuffle buffer seeded by (seed, epoch, rank, stream), are decoded (PNG by
+  pertvl.data.image.decode_png_gray, json; nothing unpickled), augmented (parameters from (seed,
+  epoch, key)), tokenized and collated *inside the worker*; the DataLoader takes batches
+  round-robin, so rank batch i is batch i // W of stream i mod W.
 - Resume at (epoch, b): stream w drops its first ceil((b - w) / W) batches as raw samples (never
   decoded), and worker j plays stream (j + b) mod W; the remaining batches equal the uninterrupted
   epoch's. (A PNG with a good CRC that still fails to decode before the resume point shifts its
@@ -529,16 +529,13 @@ class _RunDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = info.id if info is not None else 0
         if info is not None:
             # SLURM's SIGTERM reaches every process of the job; the rank decides when to stop
             # (pertvl.train.signals) and ends its workers itself (TrainStream.close).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True)
             die_with_parent()  # a rank killed by the OOM killer leaves no worker behind
-        w = self.plan.streams
-        if workers != w:
-            raise RuntimeError(f"the stream was planned for {w} worker(s) but runs in {workers}")
         return self._epochs(worker)
 
     def _epochs(self, worker: int) -> Iterator[Batch | _WorkerReport]:
@@ -785,10 +782,10 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
     from pertvl import faults
 
     injected = tuple(faults.active("worker-"))
+    backend = backend_of(tokenizer)
     if num_workers > 0:
         preflight_imports(bool(augment))
-    backend = backend_of(tokenizer)
-    if num_workers > 0:  # tokenizers' own thread pool does not survive fork; workers parallelize instead
+        # tokenizers' own thread pool does not survive fork; workers parallelize instead
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan = _Plan(source=src, tokenizer=CachedTokenizer(backend, max_length), batch_size=batch_size,
                  world_size=world_size, rank=rank, streams=streams, seed=seed, augment=augment or None,

@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 from pertvl import __version__
 from pertvl.data.image import SHARD_IMAGE_ENCODING, ImageReadError, encode_image_file
@@ -85,18 +84,6 @@ class _SplitState:
     skipped: list[dict] = field(default_factory=list)  # skips among those pairs, in order
 
 
-class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what goes through it."""
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.sha.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -108,41 +95,30 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> dict:
     """Write one shard atomically from (key, png bytes, json bytes) samples, with fixed member
     metadata (webdataset's TarWriter stamps the time); returns its manifest entry."""
-    with atomic_open(path, "wb", durable=True) as f:
-        writer = _HashingWriter(f)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for key, png, meta in samples:
-                tar.addfile(*_member(f"{key}.png", png))
-                tar.addfile(*_member(f"{key}.json", meta))
-    return {"name": path.name, "num_samples": len(samples), "bytes": writer.size,
-            "sha256": writer.sha.hexdigest()}
+    with atomic_open(path, "wb", durable=True) as f, \
+            tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for key, png, meta in samples:
+            tar.addfile(*_member(f"{key}.png", png))
+            tar.addfile(*_member(f"{key}.json", meta))
+    return {"name": path.name, "num_samples": len(samples), "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}
 
 
-def _join_table(path: str | os.PathLike, records, field: str) -> dict[str, dict]:
-    """{cleaned text: {field, unavailable}} from parsed records; two different records for the same
-    text are an error naming the file, exact repeats are fine."""
+def _join_table(path: Path, field: str) -> dict[str, dict]:
+    """perturbations.jsonl ("perturbations") or counterfactuals.jsonl ("counterfactuals"), read and
+    validated by its module, as pack's join table {cleaned text: {field, unavailable}}; two different
+    records for the same text are an error naming the file, exact repeats are fine."""
+    if field == "perturbations":
+        from pertvl.data.perturb import read_perturbations as read  # no spaCy import at module load
+    else:
+        from pertvl.data.counterfactual import read_counterfactuals as read
     table: dict[str, dict] = {}
-    for rec in records:
+    for rec in read(path):
         slim = {field: getattr(rec, field), "unavailable": rec.unavailable}
         if table.get(rec.text, slim) != slim:
             raise ValueError(f"{path}: a second, different record for the same text {rec.text[:60]!r}")
         table[rec.text] = slim
     return table
-
-
-def perturbations_by_text(path: str | os.PathLike) -> dict[str, dict]:
-    """perturbations.jsonl -> {cleaned text: {perturbations, unavailable}}, pack's join table
-    (validated by pertvl.data.perturb; two different records for one text are an error)."""
-    from pertvl.data.perturb import read_perturbations  # no spaCy import at module load
-
-    return _join_table(path, read_perturbations(path), "perturbations")
-
-
-def counterfactuals_by_text(path: str | os.PathLike) -> dict[str, dict]:
-    """counterfactuals.jsonl -> {cleaned text: {counterfactuals, unavailable}} (as perturbations_by_text)."""
-    from pertvl.data.counterfactual import read_counterfactuals
-
-    return _join_table(path, read_counterfactuals(path), "counterfactuals")
 
 
 # What a sample without a counterfactual record gets (counted in the manifest, never a skip).
@@ -283,8 +259,8 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
         counterfactuals_path = Path(counterfactuals_path)
         inputs["counterfactuals"] = str(counterfactuals_path.resolve())
         inputs["counterfactuals_sha256"] = sha256_file(counterfactuals_path)
-        cf_records = counterfactuals_by_text(counterfactuals_path)
-    records = perturbations_by_text(perturbations_path)
+        cf_records = _join_table(counterfactuals_path, "counterfactuals")
+    records = _join_table(perturbations_path, "perturbations")
     pairs = list(read_pairs(pairs_path))
     keys = _assign_keys(pairs, str(pairs_path))
 
