@@ -400,11 +400,10 @@ def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *,
     return root
 
 
-def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike, *, reports_zip: bool = True,
-                           quality: int = 95) -> Path:  # fmt: skip
+def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Rewrite a phantom corpus as a MIMIC-CXR-JPG tree (one study per phantom: a PA JPEG, its
-    report as the FINDINGS section, its labels and split), which `pertvl data mimic-cxr` reads back to
-    the same texts, labels and splits."""
+    report as the FINDINGS section, its labels and split; reports zipped), which `pertvl data
+    mimic-cxr` reads back to the same texts, labels and splits."""
     from PIL import Image
 
     from pertvl.data.records import read_pairs
@@ -414,10 +413,10 @@ def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike, *,
     studies = []
     for i, pair in enumerate(read_pairs(corpus / "pairs.jsonl")):
         buf = io.BytesIO()
-        Image.open(corpus / pair.image).convert("L").save(buf, format="JPEG", quality=quality)
+        Image.open(corpus / pair.image).convert("L").save(buf, format="JPEG", quality=95)
         subject, study = f"1{i // 3:07d}", f"5{i:07d}"  # a few studies per subject, as in MIMIC
         labels = {k: f"{v:.1f}" for k, v in (pair.labels or {}).items() if k in CHEXPERT_LABELS}
         studies.append(TreeStudy(subject, study, to_official.get(pair.split, pair.split),
                                  mimic_report_text(pair.text, indication="___ year old with dyspnea"),
                                  ((f"{pair.id.replace('.', '-')}", "PA", buf.getvalue()),), labels))  # fmt: skip
-    return write_mimic_tree(out, studies, reports_zip=reports_zip)
+    return write_mimic_tree(out, studies, reports_zip=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import functools
 import hashlib
 import importlib
 import itertools
@@ -61,7 +62,7 @@ from pertvl.data.shards import (
     read_shards_manifest,
     split_info,
 )
-from pertvl.data.tokenize import CachedTokenizer, Encoded, backend_of, encode_texts
+from pertvl.data.tokenize import CachedTokenizer, backend_of, encode_texts
 from pertvl.errors import ConfigError, DamagedDataError, NotFoundError
 from pertvl.files import sha256_file
 from pertvl.process import die_with_parent
@@ -285,10 +286,7 @@ def collate_samples(samples: Sequence[Sample], tokenizer, *, max_length: int = 1
     if isinstance(tokenizer, CachedTokenizer):
         encode = tokenizer
     else:
-
-        def encode(texts: list[str]) -> Encoded:
-            return encode_texts(tokenizer, texts, max_length=max_length)
-
+        encode = functools.partial(encode_texts, tokenizer, max_length=max_length)
     enc = encode([s.meta["text"] for s in samples])
     available = np.zeros((b, k), dtype=bool)
     flat = []
@@ -634,14 +632,11 @@ class TrainStream:
         workers = self._workers
         if workers is None or workers.next_epoch != epoch or start != 0:
             self.close()
-            context = self.multiprocessing_context
-            if context is None:
-                context = default_worker_context()
             loader = torch.utils.data.DataLoader(
                 _RunDataset(self._plan, epoch, start, epochs=None),
                 batch_size=None,  # batches are made inside the workers
                 num_workers=self.num_workers,
-                multiprocessing_context=context,
+                multiprocessing_context=self.multiprocessing_context or default_worker_context(),
             )
             workers = self._workers = _Workers(loader, epoch)
             self.workers_started += 1
@@ -679,9 +674,7 @@ class TrainStream:
             self._workers.next_epoch = epoch + 1
         if produced != expected:  # would desynchronise ranks: fail loudly instead of hanging a collective
             raise RuntimeError(f"rank {self._plan.rank}: produced {produced} batches, planned {expected}")
-        self.skipped = {k: stats[k] for k in SKIP_REASONS if stats[k]}
-        if stats["ignored_members"]:
-            self.skipped["ignored_members"] = stats["ignored_members"]
+        self.skipped = {k: stats[k] for k in (*SKIP_REASONS, "ignored_members") if stats[k]}
         self.masked = {k: stats[k] for k in MASK_REASONS}
         self.start_batch = 0
         level = logging.WARNING if self.skipped else logging.INFO
