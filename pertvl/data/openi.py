@@ -553,7 +553,7 @@ def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, spli
         + ("XXXX removed" if inputs["drop_deid"] else "XXXX kept"),
         "inputs": inputs,
         "skipped_examples": {r: tally.examples[r] for r in sorted(tally.examples)},
-        "text_overlap": text_overlap(pairs).to_json(),
+        "text_overlap": text_overlap(pairs),
     }
     if len(pairs) + sum(skipped.values()) != summary["considered"]:  # a bug in this module, never the input
         raise RuntimeError(f"Open-I counts do not reconcile: {summary}")

@@ -234,9 +234,9 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
 
     A pair joins the perturbation record whose text is clean_text(pair.text); pairs without one, or
     without a readable image, are skipped (manifest["skipped"]). `image_size`: side of the stored square
-    images (shorter side resized, center crop). `maxcount`: pairs per shard. `part` (i, n): of every
-    split, shards floor(S·i/n) .. floor(S·(i+1)/n) − 1, written with `manifest.part-I-of-N.json` instead
-    (parts may run at once in one folder). `counterfactuals_path`: every sample json gains
+    images (shorter side resized, center crop). `maxcount`: pairs per shard. `part` (i, n), 0 <= i < n:
+    of every split, shards floor(S·i/n) .. floor(S·(i+1)/n) − 1, written with `manifest.part-I-of-N.json`
+    instead (parts may run at once in one folder). `counterfactuals_path`: every sample json gains
     `counterfactuals` and `cf_unavailable`, joined by cleaned text (empty maps without a record, counted
     in `counterfactuals_missing`); without it the shards carry no counterfactual keys.
     Reconciliation: pairs in == samples written + skipped (for a part: its pairs).
@@ -244,8 +244,6 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
     if image_size < 1 or maxcount < 1 or workers < 1:
         raise ValueError(f"image_size, maxcount and workers must be >= 1, got {image_size}, {maxcount}, "
                          f"{workers}")
-    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
-        raise ValueError(f"part must be I/N with 0 <= I < N, got {part[0]}/{part[1]}")
     partial_name = PARTIAL_NAME if part is None else part_name(part, partial=True)
     pairs_path, perturbations_path, out = Path(pairs_path), Path(perturbations_path), Path(out)
     root = Path(images_root) if images_root is not None else pairs_path.parent
