@@ -75,13 +75,6 @@ SKIP_REASONS = ("corrupt_png", "bad_json", "missing_member", "decode_error", "tr
 MASK_REASONS = ("unavailable_perturbations", "identical_perturbations")
 
 
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1, num_workers: int = 0) -> int:
-    """Batches every rank yields per epoch: floor(N / (B R)) rounded down to a multiple of W
-    (num_workers 0 counts as one stream)."""
-    streams = world_size * max(1, num_workers)
-    return (num_samples // (batch_size * streams)) * max(1, num_workers)
-
-
 @dataclass(frozen=True)
 class ShardSource:
     """Where the shards of one split are and what the manifest says about them."""

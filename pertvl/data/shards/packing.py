@@ -41,7 +41,7 @@ from pertvl.process import die_with_parent
 log = logging.getLogger(__name__)
 
 # Temporary shard files of a crashed run (pertvl.files.atomic_open's names).
-_TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_]+-\d{6}\.tar" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+$")
+_TEMP_NAME = re.compile(r"^\.([A-Za-z0-9_]+)-(\d{6})\.tar" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+$")
 
 # Skip reasons of packing (manifest["skipped"][i]["reason"]).
 MISSING_IMAGE = "missing_image"
@@ -199,14 +199,12 @@ def _part_range(n_pairs: int, maxcount: int, part: tuple[int, int] | None) -> tu
     return min(first * maxcount, n_pairs), min(last * maxcount, n_pairs)
 
 
-def _in_part(temp_name: str, part: tuple[int, int], pairs: list[Pair], maxcount: int) -> bool:
-    """Whether a crashed run's temp shard file belongs to this part (others may be writing theirs)."""
-    m = re.match(r"^\.([A-Za-z0-9_]+)-(\d{6})\.tar", temp_name)
-    if m is None:
-        return False
-    n = sum(p.split == m.group(1) for p in pairs)
+def _in_part(temp: re.Match, part: tuple[int, int], pairs: list[Pair], maxcount: int) -> bool:
+    """Whether a crashed run's temp shard file (its _TEMP_NAME match: split, shard index) belongs to
+    this part (others may be writing theirs)."""
+    n = sum(p.split == temp.group(1) for p in pairs)
     lo, hi = _part_range(n, maxcount, part)
-    return lo <= int(m.group(2)) * maxcount < hi
+    return lo <= int(temp.group(2)) * maxcount < hi
 
 
 def _kept_prefix(out: Path, entries: list[dict]) -> list[dict]:
@@ -263,7 +261,8 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
     keys = _assign_keys(pairs, str(pairs_path))
 
     for leftover in out.iterdir():  # temp files of a crashed run are never shards
-        if _TEMP_NAME.match(leftover.name) and (part is None or _in_part(leftover.name, part, pairs, maxcount)):
+        temp = _TEMP_NAME.match(leftover.name)
+        if temp and (part is None or _in_part(temp, part, pairs, maxcount)):
             log.info("removing %s left by an interrupted run", leftover.name)
             leftover.unlink(missing_ok=True)
     prev = _load_previous(out, inputs, partial_name, MANIFEST_NAME if part is None else part_name(part))
