@@ -117,7 +117,7 @@ def _parent_pid(pid: int) -> int:
 
 
 def _worker_processes(s) -> list:
-    return list(s._workers.iterator._workers)
+    return list(s._loader._workers)
 
 
 def test_one_set_of_workers_serves_consecutive_epochs_and_resumes(folder, tok):
@@ -145,7 +145,7 @@ def test_one_set_of_workers_serves_consecutive_epochs_and_resumes(folder, tok):
     it = iter(s)
     first = next(it)
     it.close()
-    assert s.workers_started == 1 and s._workers is None and not any(p.is_alive() for p in procs)
+    assert s.workers_started == 1 and s._loader is None and not any(p.is_alive() for p in procs)
     s.set_epoch(3)
     again = list(s)
     assert s.workers_started == 2 and len(again) == 8
@@ -164,7 +164,7 @@ def test_a_failing_worker_raises_and_leaves_no_process(folder, tok, monkeypatch)
     s = stream(folder, tok)
     with pytest.raises(InjectedFault, match="injected failure in rank 0 worker 1 sample 9"):
         list(s)
-    assert s._workers is None  # closed on the way out: nothing is left to block the exit
+    assert s._loader is None  # closed on the way out: nothing is left to block the exit
 
 
 def test_a_missing_worker_dependency_fails_before_the_first_batch(folder, tok, monkeypatch):

@@ -544,38 +544,6 @@ class _RunDataset(torch.utils.data.IterableDataset):
             epoch, start = epoch + 1, 0
 
 
-class _Workers:
-    """A DataLoader iterator whose workers serve consecutive epochs, and where it is."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, epoch: int):
-        self.iterator = iter(loader)
-        self.next_epoch = epoch  # the epoch whose first item comes next
-        self._closed = False
-        # Runs before multiprocessing's own exit hook (atexit is LIFO), which would SIGTERM the
-        # workers (ignored: see _RunDataset) and then join them forever.
-        atexit.register(self.close)
-
-    def close(self) -> None:
-        """Stop the workers: torch's shutdown (a done event, then join), then SIGKILL any still alive."""
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.close)
-        it = self.iterator
-        workers = list(getattr(it, "_workers", []))
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            try:
-                shutdown()
-            except Exception as e:  # noqa: BLE001 - a broken queue must not stop the kill below
-                log.warning("loader shutdown: %s: %s", type(e).__name__, e)
-        # torch's shutdown ends a hung worker with SIGTERM, which ours ignore (_RunDataset).
-        for proc in workers:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-
-
 class TrainStream:
     """Iterable over the Batches of one epoch of one rank (the plan: module docstring).
 
@@ -595,7 +563,8 @@ class TrainStream:
         self.skipped: dict[str, int] = {}
         self.masked: dict[str, int] = {}
         self.workers_started = 0  # sets of loader workers started so far (tests, logs)
-        self._workers: _Workers | None = None
+        self._loader = None  # the DataLoader iterator whose workers serve consecutive epochs
+        self._next_epoch = epoch  # the epoch whose first item it yields next
         self.set_epoch(epoch, start_batch)
 
     @property
@@ -614,16 +583,29 @@ class TrainStream:
         return self.batches_per_epoch - self.start_batch
 
     def close(self) -> None:
-        """End the loader workers (idempotent; the next pass starts new ones)."""
-        workers, self._workers = self._workers, None
-        if workers is not None:
-            workers.close()
+        """End the loader workers (idempotent; the next pass starts new ones): torch's shutdown (a done
+        event, then join), then SIGKILL any still alive."""
+        it, self._loader = self._loader, None
+        if it is None:
+            return
+        atexit.unregister(self.close)
+        workers = list(getattr(it, "_workers", []))
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception as e:  # noqa: BLE001 - a broken queue must not stop the kill below
+                log.warning("loader shutdown: %s: %s", type(e).__name__, e)
+        # torch's shutdown ends a hung worker with SIGTERM, which ours ignore (_RunDataset).
+        for proc in workers:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
 
     def _items(self, epoch: int, start: int) -> Iterator[Batch | _WorkerReport]:
         if self.num_workers == 0:
             return iter(_RunDataset(self._plan, epoch, start, epochs=1))
-        workers = self._workers
-        if workers is None or workers.next_epoch != epoch or start != 0:
+        if self._loader is None or self._next_epoch != epoch or start != 0:
             self.close()
             loader = torch.utils.data.DataLoader(
                 _RunDataset(self._plan, epoch, start, epochs=None),
@@ -631,9 +613,12 @@ class TrainStream:
                 num_workers=self.num_workers,
                 multiprocessing_context=self.multiprocessing_context or default_worker_context(),
             )
-            workers = self._workers = _Workers(loader, epoch)
+            self._loader, self._next_epoch = iter(loader), epoch
+            # Runs before multiprocessing's own exit hook (atexit is LIFO), which would SIGTERM the
+            # workers (ignored: see _RunDataset) and then join them forever.
+            atexit.register(self.close)
             self.workers_started += 1
-        return workers.iterator
+        return self._loader
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self.epoch, self.start_batch
@@ -663,8 +648,7 @@ class TrainStream:
         finally:
             if not complete:  # abandoned or failed half-way: these workers are mid-epoch
                 self.close()
-        if self._workers is not None:
-            self._workers.next_epoch = epoch + 1
+        self._next_epoch = epoch + 1
         if produced != expected:  # would desynchronise ranks: fail loudly instead of hanging a collective
             raise RuntimeError(f"rank {self._plan.rank}: produced {produced} batches, planned {expected}")
         self.skipped = {k: stats[k] for k in (*SKIP_REASONS, "ignored_members") if stats[k]}
