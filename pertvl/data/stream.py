@@ -159,7 +159,6 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
 
     src = os.fspath(source)
     man = manifest if isinstance(manifest, dict) or manifest is None else read_shards_manifest(manifest)
-    counts: list[int | None]
     remote = bool(_scheme(src)) and src.split("?", 1)[0].endswith(".json")  # the URL of a manifest
     if remote or os.path.isdir(src):
         if man is None:
@@ -167,8 +166,6 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
         entries = split_info(man, split, src if remote else os.path.join(src, MANIFEST_NAME))["shards"]
         base = src.split("?", 1)[0].rsplit("/", 1)[0]
         urls = [f"{base}/{e['name']}" if remote else os.path.join(src, e["name"]) for e in entries]
-        counts = [e["num_samples"] for e in entries]
-        named = {e["name"]: e for e in entries}
     else:
         if not _scheme(src) and not src.startswith("pipe:") and "{" not in src and not os.path.exists(src):
             raise NotFoundError(f"shard folder {src} does not exist; pack one with `pertvl pack --out {src}` "
@@ -179,32 +176,27 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
         local = all(_shard_name(u) == os.path.basename(u) for u in urls)
         if man is None and local and (Path(urls[0]).parent / MANIFEST_NAME).is_file():
             man = read_shards_manifest(Path(urls[0]).parent)
-        counts = [None] * len(urls)
-        named = {}
-        if man is not None:
-            named = {e["name"]: e for e in split_info(man, split)["shards"]}
-            for i, u in enumerate(urls):
-                name = _manifest_name(u, named)
-                if name is not None:
-                    counts[i] = named[name]["num_samples"]
-                elif num_samples is None:
-                    raise ConfigError(
-                        f"{u}: no shard of split {split!r} in the manifest matches it; pass a shard folder "
-                        "with its manifest.json (--shards FOLDER; in Python, num_samples=)")
+        named = {e["name"]: e for e in split_info(man, split)["shards"]} if man is not None else {}
+        entries = [named.get(_manifest_name(u, named)) for u in urls]  # None: not in the manifest
+        unmatched = [u for u, e in zip(urls, entries, strict=True) if e is None]
+        if man is not None and unmatched and num_samples is None:
+            raise ConfigError(f"{unmatched[0]}: no shard of split {split!r} in the manifest matches it; "
+                              "pass a shard folder with its manifest.json (--shards FOLDER; in Python, "
+                              "num_samples=)")
+    counts = [e["num_samples"] if e else None for e in entries]
     if num_samples is None:
-        if any(c is None for c in counts):
+        if None in counts:
             raise ConfigError(f"{src}: no manifest.json beside these shards to count their samples; pass a "
                               "shard folder written by `pertvl pack` (--shards FOLDER; in Python, manifest= or "
                               "num_samples=)")  # fmt: skip
-        num_samples = sum(c for c in counts if c is not None)
-    entries_of = [named.get(_manifest_name(u, named)) or {} for u in urls]
+        num_samples = sum(counts)
     return ShardSource(urls=tuple(urls), shard_counts=tuple(counts), num_samples=int(num_samples),
                        image_size=man.get("image_size") if man else None,
                        label_names=tuple(man.get("label_names", [])) if man else (),
                        description=f"{src} [{split}]",
                        counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
-                       shard_bytes=tuple(e.get("bytes") for e in entries_of),
-                       shard_sha256=tuple(e.get("sha256") for e in entries_of))
+                       shard_bytes=tuple(e.get("bytes") if e else None for e in entries),
+                       shard_sha256=tuple(e.get("sha256") if e else None for e in entries))
 
 
 def _manifest_name(url: str, named: dict) -> str | None:
@@ -518,7 +510,7 @@ class _RunDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan, self.epoch, self.start_batch, self.epochs = plan, epoch, start_batch, epochs
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch | _WorkerReport]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None:
@@ -527,9 +519,6 @@ class _RunDataset(torch.utils.data.IterableDataset):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True)
             die_with_parent()  # a rank killed by the OOM killer leaves no worker behind
-        return self._epochs(worker)
-
-    def _epochs(self, worker: int) -> Iterator[Batch | _WorkerReport]:
         w, total = self.plan.streams, self.plan.batches_per_stream * self.plan.streams
         epoch, start = self.epoch, self.start_batch
         while self.epochs is None or epoch < self.epoch + self.epochs:
