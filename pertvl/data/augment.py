@@ -78,9 +78,6 @@ def apply_augmentation(images: torch.Tensor, params: AugmentParams) -> torch.Ten
     from kornia.enhance import adjust_brightness, adjust_contrast_with_mean_subtraction
     from kornia.geometry.transform import get_affine_matrix2d, warp_affine
 
-    if images.ndim != 4 or images.shape[0] != params.angle_deg.shape[0]:
-        raise ValueError(f"expected images [B, C, H, W] with B = {params.angle_deg.shape[0]}, "
-                         f"got {tuple(images.shape)}")
     b, _, h, w = images.shape
     dev, dt = images.device, images.dtype
     x = adjust_contrast_with_mean_subtraction(images, params.contrast.to(dev, dt))

@@ -178,15 +178,6 @@ def split_labels(values: Iterable[tuple[str, str]]) -> tuple[dict[str, float], l
     return certain, uncertain, None
 
 
-def _pair_labels(raw: dict[str, str] | None, where: str) -> tuple[dict[str, float] | None, list[str]]:
-    if raw is None:
-        return None, []
-    certain, uncertain, bad = split_labels(raw.items())
-    if bad is not None:
-        raise MimicError(f"{where}: label {bad} = {raw[bad]!r} is not 1.0, 0.0, -1.0 or blank")
-    return certain, uncertain
-
-
 def _projection(view: str) -> str:
     v = view.strip().upper()
     return "Frontal" if v in _FRONTAL else "Lateral" if v in _LATERAL else "unknown"
@@ -275,7 +266,10 @@ def ingest_mimic_cxr(root: str | os.PathLike, reports: str | os.PathLike | None 
             tally.skip(reason, record, _Reports.relative(subject, study))
             continue
         label_row = label_table.get(key) if label_table is not None else None
-        certain, uncertain = _pair_labels(label_row, f"{label_path} subject {subject} study {study}")
+        certain, uncertain, bad = split_labels((label_row or {}).items())
+        if bad is not None:
+            raise MimicError(f"{label_path} subject {subject} study {study}: label {bad} = {label_row[bad]!r} "
+                             "is not 1.0, 0.0, -1.0 or blank")
         extra: dict[str, Any] = {"subject_id": subject, "view": view}
         for k in ("StudyDate", "StudyTime", "Rows", "Columns"):
             if meta.get(k):
@@ -285,7 +279,7 @@ def ingest_mimic_cxr(root: str | os.PathLike, reports: str | os.PathLike | None 
         if label_table is not None and label_row is None:
             extra["labels_missing"] = True
         pairs.append(Pair(id=dicom, study_id=study, image=rel_image, projection=_projection(view), text=text,
-                          split=split, labels=certain if label_table is not None and label_row is not None else None,
+                          split=split, labels=certain if label_row is not None else None,
                           source="mimic-cxr", extra=extra))  # fmt: skip
 
     projections = Counter(p.projection for p in pairs)
@@ -400,11 +394,10 @@ def write_mimic_tree(root: str | os.PathLike, studies: Sequence[TreeStudy], *,
     return root
 
 
-def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike, *, reports_zip: bool = True,
-                           quality: int = 95) -> Path:  # fmt: skip
+def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Rewrite a phantom corpus as a MIMIC-CXR-JPG tree (one study per phantom: a PA JPEG, its
-    report as the FINDINGS section, its labels and split), which `pertvl data mimic-cxr` reads back to
-    the same texts, labels and splits."""
+    report as the FINDINGS section, its labels and split; reports zipped), which `pertvl data
+    mimic-cxr` reads back to the same texts, labels and splits."""
     from PIL import Image
 
     from pertvl.data.records import read_pairs
@@ -414,10 +407,10 @@ def phantoms_to_mimic_tree(corpus: str | os.PathLike, out: str | os.PathLike, *,
     studies = []
     for i, pair in enumerate(read_pairs(corpus / "pairs.jsonl")):
         buf = io.BytesIO()
-        Image.open(corpus / pair.image).convert("L").save(buf, format="JPEG", quality=quality)
+        Image.open(corpus / pair.image).convert("L").save(buf, format="JPEG", quality=95)
         subject, study = f"1{i // 3:07d}", f"5{i:07d}"  # a few studies per subject, as in MIMIC
         labels = {k: f"{v:.1f}" for k, v in (pair.labels or {}).items() if k in CHEXPERT_LABELS}
         studies.append(TreeStudy(subject, study, to_official.get(pair.split, pair.split),
                                  mimic_report_text(pair.text, indication="___ year old with dyspnea"),
                                  ((f"{pair.id.replace('.', '-')}", "PA", buf.getvalue()),), labels))  # fmt: skip
-    return write_mimic_tree(out, studies, reports_zip=reports_zip)
+    return write_mimic_tree(out, studies, reports_zip=True)

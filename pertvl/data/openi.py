@@ -237,19 +237,12 @@ def _iter_xml(folder: Path, projections: Path | None, tally: Tally) -> Iterator[
     # 2.xml before 10.xml: the output follows the release's numbering
     files = sorted((f for f in folder.glob("*.xml") if f.is_file()),
                    key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", f.name)])
-    for path in _progress(files, "openi xml"):
+    from tqdm import tqdm  # a bar on a terminal: large folders take a while
+
+    for path in tqdm(files, desc="openi xml", unit="file", disable=None, leave=False):
         report = _read_xml_report(path, projection_of, tally)
         if report is not None:
             yield report
-
-
-def _progress(items: list[Any], desc: str) -> Any:
-    """A tqdm bar on a terminal (large folders take a while); plain iteration otherwise."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency, but a progress bar is not worth failing for
-        return items
-    return tqdm(items, desc=desc, unit="file", disable=None, leave=False)
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str], str | None]]:
@@ -560,7 +553,7 @@ def _summary(pairs: list[Pair], tally: Tally, *, layout: str, section: str, spli
         + ("XXXX removed" if inputs["drop_deid"] else "XXXX kept"),
         "inputs": inputs,
         "skipped_examples": {r: tally.examples[r] for r in sorted(tally.examples)},
-        "text_overlap": text_overlap(pairs).to_json(),
+        "text_overlap": text_overlap(pairs),
     }
     if len(pairs) + sum(skipped.values()) != summary["considered"]:  # a bug in this module, never the input
         raise RuntimeError(f"Open-I counts do not reconcile: {summary}")

@@ -79,12 +79,11 @@ class Pair:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Pair:
-        known = {k: d[k] for k in ("id", "study_id", "image", "projection", "text") if k in d}
-        missing = {"id", "study_id", "image", "projection", "text"} - set(known)
+        missing = [k for k in ("id", "study_id", "image", "projection", "text") if k not in d]
         if missing:
             raise ValueError(f"pair record {d.get('id', '?')!r} lacks field(s) {sorted(missing)}")
-        return cls(**known, split=d.get("split", "train"), labels=d.get("labels"), source=d.get("source", ""),
-                   extra=d.get("extra", {}) or {})
+        return cls(d["id"], d["study_id"], d["image"], d["projection"], d["text"], split=d.get("split", "train"),
+                   labels=d.get("labels"), source=d.get("source", ""), extra=d.get("extra") or {})
 
 
 @dataclass

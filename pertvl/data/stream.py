@@ -12,10 +12,10 @@ The epoch plan comes from the manifest and the arguments only, never from counti
 - A stream keeps the first Q = P x B *good* samples of its shards, wrapping to its first shard when
   they run out: bad samples and truncated shards are counted, logged and replaced, so a corrupt
   sample never makes one rank shorter (and DDP hang).
-- The Q samples pass a shuffle buffer seeded by (seed, epoch, rank, stream), are decoded with an
-  allow-list (PNG, json, txt; nothing unpickled), augmented (parameters from (seed, epoch, key)),
-  tokenized and collated *inside the worker*; the DataLoader takes batches round-robin, so rank
-  batch i is batch i // W of stream i mod W.
+- The Q samples pass a shuffle buffer seeded by (seed, epoch, rank, stream), are decoded (PNG by
+  pertvl.data.image.decode_png_gray, json; nothing unpickled), augmented (parameters from (seed,
+  epoch, key)), tokenized and collated *inside the worker*; the DataLoader takes batches
+  round-robin, so rank batch i is batch i // W of stream i mod W.
 - Resume at (epoch, b): stream w drops its first ceil((b - w) / W) batches as raw samples (never
   decoded), and worker j plays stream (j + b) mod W; the remaining batches equal the uninterrupted
   epoch's. (A PNG with a good CRC that still fails to decode before the resume point shifts its
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import functools
 import hashlib
 import importlib
 import itertools
@@ -49,6 +50,7 @@ import torch
 
 from pertvl.data.augment import AugmentConfig, apply_augmentation, sample_params
 from pertvl.data.batch import Batch
+from pertvl.data.image import decode_png_gray
 from pertvl.data.records import PERTURBATION_TYPES
 from pertvl.data.shards import (
     ALLOWED_MEMBERS,
@@ -60,7 +62,7 @@ from pertvl.data.shards import (
     read_shards_manifest,
     split_info,
 )
-from pertvl.data.tokenize import CachedTokenizer, Encoded, backend_of, encode_texts
+from pertvl.data.tokenize import CachedTokenizer, backend_of, encode_texts
 from pertvl.errors import ConfigError, DamagedDataError, NotFoundError
 from pertvl.files import sha256_file
 from pertvl.process import die_with_parent
@@ -73,13 +75,6 @@ SKIP_REASONS = ("corrupt_png", "bad_json", "missing_member", "decode_error", "tr
 MASK_REASONS = ("unavailable_perturbations", "identical_perturbations")
 
 
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1, num_workers: int = 0) -> int:
-    """Batches every rank yields per epoch: floor(N / (B R)) rounded down to a multiple of W
-    (num_workers 0 counts as one stream)."""
-    streams = world_size * max(1, num_workers)
-    return (num_samples // (batch_size * streams)) * max(1, num_workers)
-
-
 @dataclass(frozen=True)
 class ShardSource:
     """Where the shards of one split are and what the manifest says about them."""
@@ -90,9 +85,9 @@ class ShardSource:
     image_size: int | None
     label_names: tuple[str, ...]
     description: str
-    counterfactual_types: tuple[str, ...] | None = None  # the manifest's (); None: no manifest
-    shard_bytes: tuple[int | None, ...] = ()  # the manifest's size and sha256 of each shard
-    shard_sha256: tuple[str | None, ...] = ()
+    counterfactual_types: tuple[str, ...] | None  # the manifest's (); None: no manifest
+    shard_bytes: tuple[int | None, ...]  # the manifest's size and sha256 of each shard
+    shard_sha256: tuple[str | None, ...]
 
 
 def _shard_name(url: str) -> str:
@@ -164,7 +159,6 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
 
     src = os.fspath(source)
     man = manifest if isinstance(manifest, dict) or manifest is None else read_shards_manifest(manifest)
-    counts: list[int | None]
     remote = bool(_scheme(src)) and src.split("?", 1)[0].endswith(".json")  # the URL of a manifest
     if remote or os.path.isdir(src):
         if man is None:
@@ -172,8 +166,6 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
         entries = split_info(man, split, src if remote else os.path.join(src, MANIFEST_NAME))["shards"]
         base = src.split("?", 1)[0].rsplit("/", 1)[0]
         urls = [f"{base}/{e['name']}" if remote else os.path.join(src, e["name"]) for e in entries]
-        counts = [e["num_samples"] for e in entries]
-        named = {e["name"]: e for e in entries}
     else:
         if not _scheme(src) and not src.startswith("pipe:") and "{" not in src and not os.path.exists(src):
             raise NotFoundError(f"shard folder {src} does not exist; pack one with `pertvl pack --out {src}` "
@@ -184,32 +176,27 @@ def resolve_source(source: str | os.PathLike, split: str = "train", *,
         local = all(_shard_name(u) == os.path.basename(u) for u in urls)
         if man is None and local and (Path(urls[0]).parent / MANIFEST_NAME).is_file():
             man = read_shards_manifest(Path(urls[0]).parent)
-        counts = [None] * len(urls)
-        named = {}
-        if man is not None:
-            named = {e["name"]: e for e in split_info(man, split)["shards"]}
-            for i, u in enumerate(urls):
-                name = _manifest_name(u, named)
-                if name is not None:
-                    counts[i] = named[name]["num_samples"]
-                elif num_samples is None:
-                    raise ConfigError(
-                        f"{u}: no shard of split {split!r} in the manifest matches it; pass a shard folder "
-                        "with its manifest.json (--shards FOLDER; in Python, num_samples=)")
+        named = {e["name"]: e for e in split_info(man, split)["shards"]} if man is not None else {}
+        entries = [named.get(_manifest_name(u, named)) for u in urls]  # None: not in the manifest
+        unmatched = [u for u, e in zip(urls, entries, strict=True) if e is None]
+        if man is not None and unmatched and num_samples is None:
+            raise ConfigError(f"{unmatched[0]}: no shard of split {split!r} in the manifest matches it; "
+                              "pass a shard folder with its manifest.json (--shards FOLDER; in Python, "
+                              "num_samples=)")
+    counts = [e["num_samples"] if e else None for e in entries]
     if num_samples is None:
-        if any(c is None for c in counts):
+        if None in counts:
             raise ConfigError(f"{src}: no manifest.json beside these shards to count their samples; pass a "
                               "shard folder written by `pertvl pack` (--shards FOLDER; in Python, manifest= or "
                               "num_samples=)")  # fmt: skip
-        num_samples = sum(c for c in counts if c is not None)
-    entries_of = [named.get(_manifest_name(u, named)) or {} for u in urls]
+        num_samples = sum(counts)
     return ShardSource(urls=tuple(urls), shard_counts=tuple(counts), num_samples=int(num_samples),
                        image_size=man.get("image_size") if man else None,
                        label_names=tuple(man.get("label_names", [])) if man else (),
                        description=f"{src} [{split}]",
                        counterfactual_types=tuple(man.get("counterfactual_types", [])) if man else None,
-                       shard_bytes=tuple(e.get("bytes") for e in entries_of),
-                       shard_sha256=tuple(e.get("sha256") for e in entries_of))
+                       shard_bytes=tuple(e.get("bytes") if e else None for e in entries),
+                       shard_sha256=tuple(e.get("sha256") if e else None for e in entries))
 
 
 def _manifest_name(url: str, named: dict) -> str | None:
@@ -229,8 +216,7 @@ def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int
         return []
     problems = []
     for i in range(rank, len(src.urls), world_size):
-        url, size = src.urls[i], src.shard_bytes[i] if i < len(src.shard_bytes) else None
-        digest = src.shard_sha256[i] if i < len(src.shard_sha256) else None
+        url, size, digest = src.urls[i], src.shard_bytes[i], src.shard_sha256[i]
         if _scheme(url) or url.startswith("pipe:") or size is None:
             continue
         name = _shard_name(url)
@@ -249,15 +235,6 @@ def check_shards(src: ShardSource, mode: str, max_damaged: int = 0, *, rank: int
     for problem in problems:
         log.warning("damaged shard %s (allowed by data.max_damaged_shards = %d)", problem, max_damaged)
     return problems
-
-
-def make_decoder():
-    """webdataset's Decoder with an explicit allow-list (PNG as 8-bit grayscale, json, txt) and no
-    default handlers: nothing is unpickled or torch.load-ed."""
-    import webdataset as wds
-
-    return wds.Decoder([wds.imagehandler("l8", extensions=["png"]), wds.handle_extension("json", json.loads),
-                        wds.handle_extension("txt", lambda b: b.decode("utf-8"))], pre=[], post=[])
 
 
 def collate_samples(samples: Sequence[Sample], tokenizer, *, max_length: int = 128,
@@ -294,10 +271,7 @@ def collate_samples(samples: Sequence[Sample], tokenizer, *, max_length: int = 1
     if isinstance(tokenizer, CachedTokenizer):
         encode = tokenizer
     else:
-
-        def encode(texts: list[str]) -> Encoded:
-            return encode_texts(tokenizer, texts, max_length=max_length)
-
+        encode = functools.partial(encode_texts, tokenizer, max_length=max_length)
     enc = encode([s.meta["text"] for s in samples])
     available = np.zeros((b, k), dtype=bool)
     flat = []
@@ -475,20 +449,14 @@ def _good_samples(plan: _Plan, epoch: int, stream: int, stats: Counter) -> Itera
 
 
 def _decoded(items: Iterator[tuple], stats: Counter) -> Iterator[Sample]:
-    decoder = make_decoder()
-    for raw, _ in items:
+    for raw, meta in items:
         try:
-            members = {k: v for k, v in raw.members.items() if k in ALLOWED_MEMBERS}
-            out = decoder({"__key__": raw.key, **members})
-            image, meta = out["png"], out["json"]
-            if not isinstance(image, np.ndarray) or image.ndim != 2:
-                raise ValueError(f"decoded image has shape {getattr(image, 'shape', None)}")
+            image = decode_png_gray(raw.members["png"])
         except Exception as e:  # a decoder failure on bad bytes: skip and fill
             stats["decode_error"] += 1
-            log.warning("skipping sample %s in shard %s: cannot decode: %s", raw.key, raw.shard,
-                        e.__cause__ or e)
+            log.warning("skipping sample %s in shard %s: cannot decode: %s", raw.key, raw.shard, e)
             continue
-        yield Sample(key=raw.key, image=image, meta=meta, shard=raw.shard)
+        yield Sample(key=raw.key, image=image, meta=meta)
 
 
 def _stream_batches(
@@ -542,21 +510,15 @@ class _RunDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan, self.epoch, self.start_batch, self.epochs = plan, epoch, start_batch, epochs
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch | _WorkerReport]:
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = info.id if info is not None else 0
         if info is not None:
             # SLURM's SIGTERM reaches every process of the job; the rank decides when to stop
             # (pertvl.train.signals) and ends its workers itself (TrainStream.close).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True)
             die_with_parent()  # a rank killed by the OOM killer leaves no worker behind
-        w = self.plan.streams
-        if workers != w:
-            raise RuntimeError(f"the stream was planned for {w} worker(s) but runs in {workers}")
-        return self._epochs(worker)
-
-    def _epochs(self, worker: int) -> Iterator[Batch | _WorkerReport]:
         w, total = self.plan.streams, self.plan.batches_per_stream * self.plan.streams
         epoch, start = self.epoch, self.start_batch
         while self.epochs is None or epoch < self.epoch + self.epochs:
@@ -571,38 +533,6 @@ class _RunDataset(torch.utils.data.IterableDataset):
             epoch, start = epoch + 1, 0
 
 
-class _Workers:
-    """A DataLoader iterator whose workers serve consecutive epochs, and where it is."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, epoch: int):
-        self.iterator = iter(loader)
-        self.next_epoch = epoch  # the epoch whose first item comes next
-        self._closed = False
-        # Runs before multiprocessing's own exit hook (atexit is LIFO), which would SIGTERM the
-        # workers (ignored: see _RunDataset) and then join them forever.
-        atexit.register(self.close)
-
-    def close(self) -> None:
-        """Stop the workers: torch's shutdown (a done event, then join), then SIGKILL any still alive."""
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.close)
-        it = self.iterator
-        workers = list(getattr(it, "_workers", []))
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            try:
-                shutdown()
-            except Exception as e:  # noqa: BLE001 - a broken queue must not stop the kill below
-                log.warning("loader shutdown: %s: %s", type(e).__name__, e)
-        # torch's shutdown ends a hung worker with SIGTERM, which ours ignore (_RunDataset).
-        for proc in workers:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-
-
 class TrainStream:
     """Iterable over the Batches of one epoch of one rank (the plan: module docstring).
 
@@ -614,16 +544,16 @@ class TrainStream:
     """
 
     def __init__(self, plan: _Plan, *, epoch: int, start_batch: int, num_workers: int,
-                 prefetch_factor: int, multiprocessing_context) -> None:  # fmt: skip
+                 multiprocessing_context) -> None:  # fmt: skip
         self._plan = plan
         self.num_workers = num_workers
-        self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.batches_per_epoch = plan.batches_per_stream * plan.streams
         self.skipped: dict[str, int] = {}
         self.masked: dict[str, int] = {}
         self.workers_started = 0  # sets of loader workers started so far (tests, logs)
-        self._workers: _Workers | None = None
+        self._loader = None  # the DataLoader iterator whose workers serve consecutive epochs
+        self._next_epoch = epoch  # the epoch whose first item it yields next
         self.set_epoch(epoch, start_batch)
 
     @property
@@ -642,30 +572,42 @@ class TrainStream:
         return self.batches_per_epoch - self.start_batch
 
     def close(self) -> None:
-        """End the loader workers (idempotent; the next pass starts new ones)."""
-        workers, self._workers = self._workers, None
-        if workers is not None:
-            workers.close()
+        """End the loader workers (idempotent; the next pass starts new ones): torch's shutdown (a done
+        event, then join), then SIGKILL any still alive."""
+        it, self._loader = self._loader, None
+        if it is None:
+            return
+        atexit.unregister(self.close)
+        workers = list(getattr(it, "_workers", []))
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception as e:  # noqa: BLE001 - a broken queue must not stop the kill below
+                log.warning("loader shutdown: %s: %s", type(e).__name__, e)
+        # torch's shutdown ends a hung worker with SIGTERM, which ours ignore (_RunDataset).
+        for proc in workers:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
 
     def _items(self, epoch: int, start: int) -> Iterator[Batch | _WorkerReport]:
         if self.num_workers == 0:
             return iter(_RunDataset(self._plan, epoch, start, epochs=1))
-        workers = self._workers
-        if workers is None or workers.next_epoch != epoch or start != 0:
+        if self._loader is None or self._next_epoch != epoch or start != 0:
             self.close()
-            context = self.multiprocessing_context
-            if context is None:
-                context = default_worker_context()
             loader = torch.utils.data.DataLoader(
                 _RunDataset(self._plan, epoch, start, epochs=None),
                 batch_size=None,  # batches are made inside the workers
                 num_workers=self.num_workers,
-                prefetch_factor=self.prefetch_factor,
-                multiprocessing_context=context,
+                multiprocessing_context=self.multiprocessing_context or default_worker_context(),
             )
-            workers = self._workers = _Workers(loader, epoch)
+            self._loader, self._next_epoch = iter(loader), epoch
+            # Runs before multiprocessing's own exit hook (atexit is LIFO), which would SIGTERM the
+            # workers (ignored: see _RunDataset) and then join them forever.
+            atexit.register(self.close)
             self.workers_started += 1
-        return workers.iterator
+        return self._loader
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self.epoch, self.start_batch
@@ -695,13 +637,10 @@ class TrainStream:
         finally:
             if not complete:  # abandoned or failed half-way: these workers are mid-epoch
                 self.close()
-        if self._workers is not None:
-            self._workers.next_epoch = epoch + 1
+        self._next_epoch = epoch + 1
         if produced != expected:  # would desynchronise ranks: fail loudly instead of hanging a collective
             raise RuntimeError(f"rank {self._plan.rank}: produced {produced} batches, planned {expected}")
-        self.skipped = {k: stats[k] for k in SKIP_REASONS if stats[k]}
-        if stats["ignored_members"]:
-            self.skipped["ignored_members"] = stats["ignored_members"]
+        self.skipped = {k: stats[k] for k in (*SKIP_REASONS, "ignored_members") if stats[k]}
         self.masked = {k: stats[k] for k in MASK_REASONS}
         self.start_batch = 0
         level = logging.WARNING if self.skipped else logging.INFO
@@ -763,7 +702,7 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
                        epoch: int = 0, start_batch: int = 0, augment: bool | AugmentConfig = True,
                        max_length: int = 128, resampled: bool = False, image_size: int | None = None,
                        manifest: str | os.PathLike | dict | None = None, num_samples: int | None = None,
-                       shuffle_buffer: int = 1000, prefetch_factor: int = 2, multiprocessing_context=None,
+                       shuffle_buffer: int = 1000, multiprocessing_context=None,
                        download_retries: int = 3, pert_types: Sequence[str] = PERTURBATION_TYPES,
                        verify: str = "off", max_damaged_shards: int | None = None) -> TrainStream:
     """The training stream of one rank (the plan: module docstring). `source`: see resolve_source;
@@ -802,10 +741,10 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
     from pertvl import faults
 
     injected = tuple(faults.active("worker-"))
+    backend = backend_of(tokenizer)
     if num_workers > 0:
         preflight_imports(bool(augment))
-    backend = backend_of(tokenizer)
-    if num_workers > 0:  # tokenizers' own thread pool does not survive fork; workers parallelize instead
+        # tokenizers' own thread pool does not survive fork; workers parallelize instead
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan = _Plan(source=src, tokenizer=CachedTokenizer(backend, max_length), batch_size=batch_size,
                  world_size=world_size, rank=rank, streams=streams, seed=seed, augment=augment or None,
@@ -813,4 +752,4 @@ def build_train_stream(source: str | os.PathLike, split: str = "train", *, token
                  shuffle_buffer=shuffle_buffer, faults=injected, download_retries=download_retries,
                  pert_types=pert_types, max_damaged_shards=max_damaged_shards)
     return TrainStream(plan, epoch=epoch, start_batch=start_batch, num_workers=num_workers,
-                       prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context)  # fmt: skip
+                       multiprocessing_context=multiprocessing_context)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pertvl.data.mimic import CHEXPERT_LABELS, split_labels
-from pertvl.data.overlap import text_overlap
+from pertvl.data.overlap import describe_overlap, text_overlap
 from pertvl.data.records import (
     DEFAULT_SPLIT_FRACTIONS,
     PROJECTIONS,
@@ -212,7 +212,7 @@ def _summary(path: Path, fmt: str, images_root: Path, text_only: bool, columns: 
         "studies": {s: len({p.study_id for p in pairs if p.split == s}) for s in SPLITS},
         "projections": {p: projections.get(p, 0) for p in PROJECTIONS},
         "text_normalization": "whitespace collapsed",
-        "text_overlap": text_overlap(pairs).to_json(),
+        "text_overlap": text_overlap(pairs),
         "inputs": {"table": str(path), "images": str(images_root), "text_only": text_only},
         "skipped_examples": {r: tally.examples[r] for r in SKIP_REASONS if r in tally.examples},
     }
@@ -243,7 +243,7 @@ def cli_main(args: Any) -> int:
     if s["split_group"] == "image":
         print("  note: the table has no study or subject column, so the split is by image: the views of one "
               "study may land in both train and test")
-    print(f"  held-out text also in train: {text_overlap(result.pairs).describe()}")
+    print(f"  held-out text also in train: {describe_overlap(s['text_overlap'])}")
     for reason, n in s["skipped"].items():
         print(f"  skipped {n} ({reason}), e.g. {s['skipped_examples'][reason][0]}")
     print(f"next: pertvl perturb --pairs {out / 'pairs.jsonl'} --out {out / 'perturbations.jsonl'}")

@@ -48,14 +48,14 @@ def backend_of(tokenizer):
     return backend
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int = 128, pad_to: int | None = None) -> Encoded:
-    """Tokenize cleaned texts as pre-split words, truncate to `max_length`, pad to the longest
-    (or to `pad_to`). Empty texts give just [CLS] [SEP]."""
+def encode_texts(tokenizer, texts: list[str], max_length: int = 128) -> Encoded:
+    """Tokenize cleaned texts as pre-split words, truncate to `max_length`, pad to the longest.
+    Empty texts give just [CLS] [SEP]."""
     backend = backend_of(tokenizer)
     backend.no_padding()
     backend.enable_truncation(max_length=max_length)
     encs = backend.encode_batch([t.split() for t in texts], is_pretokenized=True)
-    length = max([len(e.ids) for e in encs] + [pad_to or 0, 1])
+    length = max([len(e.ids) for e in encs] + [1])
     rows = [(e.ids, [-1 if w is None else w for w in e.word_ids]) for e in encs]
     return _padded(rows, _pad_id(backend), length)
 
@@ -103,13 +103,10 @@ class CachedTokenizer:
         self._budget = 0
         self._pad = 0
 
-    def reference(self, texts: list[str]) -> Encoded:
-        return encode_texts(self.backend, texts, max_length=self.max_length)
-
     def __call__(self, texts: list[str]) -> Encoded:
         if self._mode == "fast":
             return self._fast(texts)
-        reference = self.reference(texts)
+        reference = encode_texts(self.backend, texts, max_length=self.max_length)
         if self._mode is None:
             fast = self._fast(texts) if self._setup() else None
             same = fast is not None and all(np.array_equal(getattr(reference, f), getattr(fast, f))
@@ -133,7 +130,7 @@ class CachedTokenizer:
             return False
         self._prefix, self._suffix = full[: starts[0]], full[starts[0] + len(bare) :]
         self._budget = self.max_length - len(self._prefix) - len(self._suffix)
-        self._pad = int(encode_texts(b, ["", "a b c"], max_length=self.max_length).input_ids[0, -1])
+        self._pad = _pad_id(b)
         return self._budget > 0
 
     def _fast(self, texts: list[str]) -> Encoded:

@@ -26,8 +26,8 @@ _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 def key_of(pair_id: str) -> str:
     """The WebDataset key of a pair id: every character outside [A-Za-z0-9_-] becomes "_" (webdataset
     splits member names at the first "."); pack makes colliding keys unique (`_assign_keys`)."""
-    key = _UNSAFE_KEY_CHARS.sub("_", pair_id)
-    return key or "_"
+    return _UNSAFE_KEY_CHARS.sub("_", pair_id) or "_"
+
 
 def split_member_name(name: str) -> tuple[str | None, str]:
     """("dir/key", "ext") of a tar member, webdataset's rule: the extension starts at the first dot

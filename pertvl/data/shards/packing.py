@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 from pertvl import __version__
 from pertvl.data.image import SHARD_IMAGE_ENCODING, ImageReadError, encode_image_file
@@ -42,7 +41,7 @@ from pertvl.process import die_with_parent
 log = logging.getLogger(__name__)
 
 # Temporary shard files of a crashed run (pertvl.files.atomic_open's names).
-_TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_]+-\d{6}\.tar" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+$")
+_TEMP_NAME = re.compile(r"^\.([A-Za-z0-9_]+)-(\d{6})\.tar" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+$")
 
 # Skip reasons of packing (manifest["skipped"][i]["reason"]).
 MISSING_IMAGE = "missing_image"
@@ -85,18 +84,6 @@ class _SplitState:
     skipped: list[dict] = field(default_factory=list)  # skips among those pairs, in order
 
 
-class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what goes through it."""
-
-    def __init__(self, f: IO[bytes]):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.sha.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -108,41 +95,30 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> dict:
     """Write one shard atomically from (key, png bytes, json bytes) samples, with fixed member
     metadata (webdataset's TarWriter stamps the time); returns its manifest entry."""
-    with atomic_open(path, "wb", durable=True) as f:
-        writer = _HashingWriter(f)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for key, png, meta in samples:
-                tar.addfile(*_member(f"{key}.png", png))
-                tar.addfile(*_member(f"{key}.json", meta))
-    return {"name": path.name, "num_samples": len(samples), "bytes": writer.size,
-            "sha256": writer.sha.hexdigest()}
+    with atomic_open(path, "wb", durable=True) as f, \
+            tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for key, png, meta in samples:
+            tar.addfile(*_member(f"{key}.png", png))
+            tar.addfile(*_member(f"{key}.json", meta))
+    return {"name": path.name, "num_samples": len(samples), "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}
 
 
-def _join_table(path: str | os.PathLike, records, field: str) -> dict[str, dict]:
-    """{cleaned text: {field, unavailable}} from parsed records; two different records for the same
-    text are an error naming the file, exact repeats are fine."""
+def _join_table(path: Path, field: str) -> dict[str, dict]:
+    """perturbations.jsonl ("perturbations") or counterfactuals.jsonl ("counterfactuals"), read and
+    validated by its module, as pack's join table {cleaned text: {field, unavailable}}; two different
+    records for the same text are an error naming the file, exact repeats are fine."""
+    if field == "perturbations":
+        from pertvl.data.perturb import read_perturbations as read  # no spaCy import at module load
+    else:
+        from pertvl.data.counterfactual import read_counterfactuals as read
     table: dict[str, dict] = {}
-    for rec in records:
+    for rec in read(path):
         slim = {field: getattr(rec, field), "unavailable": rec.unavailable}
         if table.get(rec.text, slim) != slim:
             raise ValueError(f"{path}: a second, different record for the same text {rec.text[:60]!r}")
         table[rec.text] = slim
     return table
-
-
-def perturbations_by_text(path: str | os.PathLike) -> dict[str, dict]:
-    """perturbations.jsonl -> {cleaned text: {perturbations, unavailable}}, pack's join table
-    (validated by pertvl.data.perturb; two different records for one text are an error)."""
-    from pertvl.data.perturb import read_perturbations  # no spaCy import at module load
-
-    return _join_table(path, read_perturbations(path), "perturbations")
-
-
-def counterfactuals_by_text(path: str | os.PathLike) -> dict[str, dict]:
-    """counterfactuals.jsonl -> {cleaned text: {counterfactuals, unavailable}} (as perturbations_by_text)."""
-    from pertvl.data.counterfactual import read_counterfactuals
-
-    return _join_table(path, read_counterfactuals(path), "counterfactuals")
 
 
 # What a sample without a counterfactual record gets (counted in the manifest, never a skip).
@@ -223,14 +199,12 @@ def _part_range(n_pairs: int, maxcount: int, part: tuple[int, int] | None) -> tu
     return min(first * maxcount, n_pairs), min(last * maxcount, n_pairs)
 
 
-def _in_part(temp_name: str, part: tuple[int, int], pairs: list[Pair], maxcount: int) -> bool:
-    """Whether a crashed run's temp shard file belongs to this part (others may be writing theirs)."""
-    m = re.match(r"^\.([A-Za-z0-9_]+)-(\d{6})\.tar", temp_name)
-    if m is None:
-        return False
-    n = sum(p.split == m.group(1) for p in pairs)
+def _in_part(temp: re.Match, part: tuple[int, int], pairs: list[Pair], maxcount: int) -> bool:
+    """Whether a crashed run's temp shard file (its _TEMP_NAME match: split, shard index) belongs to
+    this part (others may be writing theirs)."""
+    n = sum(p.split == temp.group(1) for p in pairs)
     lo, hi = _part_range(n, maxcount, part)
-    return lo <= int(m.group(2)) * maxcount < hi
+    return lo <= int(temp.group(2)) * maxcount < hi
 
 
 def _kept_prefix(out: Path, entries: list[dict]) -> list[dict]:
@@ -258,9 +232,9 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
 
     A pair joins the perturbation record whose text is clean_text(pair.text); pairs without one, or
     without a readable image, are skipped (manifest["skipped"]). `image_size`: side of the stored square
-    images (shorter side resized, center crop). `maxcount`: pairs per shard. `part` (i, n): of every
-    split, shards floor(S·i/n) .. floor(S·(i+1)/n) − 1, written with `manifest.part-I-of-N.json` instead
-    (parts may run at once in one folder). `counterfactuals_path`: every sample json gains
+    images (shorter side resized, center crop). `maxcount`: pairs per shard. `part` (i, n), 0 <= i < n:
+    of every split, shards floor(S·i/n) .. floor(S·(i+1)/n) − 1, written with `manifest.part-I-of-N.json`
+    instead (parts may run at once in one folder). `counterfactuals_path`: every sample json gains
     `counterfactuals` and `cf_unavailable`, joined by cleaned text (empty maps without a record, counted
     in `counterfactuals_missing`); without it the shards carry no counterfactual keys.
     Reconciliation: pairs in == samples written + skipped (for a part: its pairs).
@@ -268,8 +242,6 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
     if image_size < 1 or maxcount < 1 or workers < 1:
         raise ValueError(f"image_size, maxcount and workers must be >= 1, got {image_size}, {maxcount}, "
                          f"{workers}")
-    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
-        raise ValueError(f"part must be I/N with 0 <= I < N, got {part[0]}/{part[1]}")
     partial_name = PARTIAL_NAME if part is None else part_name(part, partial=True)
     pairs_path, perturbations_path, out = Path(pairs_path), Path(perturbations_path), Path(out)
     root = Path(images_root) if images_root is not None else pairs_path.parent
@@ -283,13 +255,14 @@ def pack(pairs_path: str | os.PathLike, perturbations_path: str | os.PathLike, o
         counterfactuals_path = Path(counterfactuals_path)
         inputs["counterfactuals"] = str(counterfactuals_path.resolve())
         inputs["counterfactuals_sha256"] = sha256_file(counterfactuals_path)
-        cf_records = counterfactuals_by_text(counterfactuals_path)
-    records = perturbations_by_text(perturbations_path)
+        cf_records = _join_table(counterfactuals_path, "counterfactuals")
+    records = _join_table(perturbations_path, "perturbations")
     pairs = list(read_pairs(pairs_path))
     keys = _assign_keys(pairs, str(pairs_path))
 
     for leftover in out.iterdir():  # temp files of a crashed run are never shards
-        if _TEMP_NAME.match(leftover.name) and (part is None or _in_part(leftover.name, part, pairs, maxcount)):
+        temp = _TEMP_NAME.match(leftover.name)
+        if temp and (part is None or _in_part(temp, part, pairs, maxcount)):
             log.info("removing %s left by an interrupted run", leftover.name)
             leftover.unlink(missing_ok=True)
     prev = _load_previous(out, inputs, partial_name, MANIFEST_NAME if part is None else part_name(part))

@@ -118,12 +118,11 @@ def check_raw_sample(raw: RawSample, *, decode_png: bool = False) -> tuple[dict 
 
 @dataclass
 class Sample:
-    """One decoded sample: image np.uint8 [H, W], the json meta, and where it came from."""
+    """One decoded sample: image np.uint8 [H, W] and the json meta."""
 
     key: str
     image: np.ndarray
     meta: dict
-    shard: str = ""
 
 
 def iter_samples(folder: str | os.PathLike, split: str) -> Iterator[Sample]:
@@ -147,7 +146,7 @@ def iter_samples(folder: str | os.PathLike, split: str) -> Iterator[Sample]:
                         raise ValueError(f"{folder / name}: sample {raw.key!r}: {problem} "
                                          "(run `pertvl shards verify`)")
                     count += 1
-                    yield Sample(key=raw.key, image=image, meta=meta, shard=name)
+                    yield Sample(key=raw.key, image=image, meta=meta)
         except ShardReadError as e:
             raise ValueError(f"{folder / name}: damaged shard: {e.reason} after key {e.after_key!r}") from e
         if count != entry["num_samples"]:
