@@ -9,6 +9,7 @@ parsed as YAML); unknown keys and values of the wrong type fail loudly, by their
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -194,6 +195,10 @@ DEFAULTS: dict[str, Any] = RunConfig().to_dict()
 
 # Sections whose keys are free-form (validated by the component that consumes them).
 _OPEN_SECTIONS = {"model", "loss"}
+# Keys that run configs saved by pertvl 0.1 before the single stall limit still hold: a config file's
+# are dropped with a warning, so that `--config RUN_DIR/config.yaml` reads those runs.
+RETIRED_KEYS = {"train": ("stall_factor", "stall_min_s", "failure_timeout_s")}
+log = logging.getLogger(__name__)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any], *, path: str = "") -> dict:
@@ -246,6 +251,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(from_file, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(from_file).__name__}")
+        for section, keys in RETIRED_KEYS.items():
+            values = from_file.get(section)
+            for key in [k for k in keys if isinstance(values, dict) and k in values]:
+                log.warning("%s: %s.%s is retired (the stall limit is train.stall_timeout_s); ignored",
+                            path, section, key)
+                del values[key]
         try:
             cfg = deep_merge(cfg, _resolve_paths(from_file, path.parent))
         except ConfigError as e:

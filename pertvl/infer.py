@@ -97,9 +97,9 @@ def attention_maps(image_regions: np.ndarray, grid: Sequence[int], words: np.nda
 
 
 def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, gamma1: float = 4.0,
-                 gamma2: float = 5.0) -> np.ndarray:
+                 gamma2: float = 5.0, aggregation: str = "sum") -> np.ndarray:
     """GLoRIA's similarity S(I_n, T_n) of row-paired images and reports: the diagonal of
-    pertvl.losses.local_similarity (aggregation "sum") in numpy (float64 inside). regions [N, M, Dl], words [N, W, Dl],
+    pertvl.losses.local_similarity in numpy (float64 inside). regions [N, M, Dl], words [N, W, Dl],
     word_mask [N, W] -> [N] float64, -inf for a report without words."""
     r = np.asarray(regions, dtype=np.float64)
     x = np.asarray(words, dtype=np.float64)
@@ -109,6 +109,8 @@ def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, 
                          f"and {x.shape}")
     if mask.shape != x.shape[:2]:
         raise ValueError(f"local_scores: expected word_mask {list(x.shape[:2])}, got shape {list(mask.shape)}")
+    if aggregation not in ("sum", "mean"):
+        raise ValueError(f"local_scores: expected aggregation 'sum' or 'mean', got {aggregation!r}")
     has_words = mask.any(axis=1)
     real = mask | ~has_words[:, None]  # a report without words: unmasked here, -inf below (as the loss)
     p = np.einsum("nmd,nwd->nmw", r, x)
@@ -120,6 +122,8 @@ def local_scores(regions: np.ndarray, words: np.ndarray, word_mask: np.ndarray, 
     z = np.where(real, gamma2 * cos, -np.inf)
     top = z.max(axis=1, keepdims=True)
     s = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0]
+    if aggregation == "mean":
+        s = s - np.log(np.maximum(real.sum(axis=1), 1))
     return np.where(has_words, s, -np.inf)
 
 

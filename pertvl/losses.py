@@ -87,6 +87,7 @@ LOCAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # loss.local_dtype: the m
 # loss.local_form: "gloria" (the cited reference: softmax over words, then γ1-softmax over regions,
 # γ2-scaled cosines, logits γ3·S) or "printed" (the paper's equations: one softmax, logits S/τ).
 LOCAL_FORMS = ("gloria", "printed")
+AGGREGATIONS = {"sum": False, "mean": True}  # loss.local_aggregation -> S averages over words (log-mean-exp)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
@@ -223,7 +224,7 @@ def local_similarity(region_feats: torch.Tensor, word_feats: torch.Tensor, word_
         regions = _upcast(region_feats)
         s = _LocalSimilarity.apply(
             regions, _upcast(word_feats).to(regions.dtype), pad, float(gamma1), float(gamma2),
-            aggregation == "mean", int(max_chunk_elements), LOCAL_DTYPES[matmul_dtype],
+            AGGREGATIONS[aggregation], int(max_chunk_elements), LOCAL_DTYPES[matmul_dtype],
         )
         return s.masked_fill(~has_words.unsqueeze(0), float("-inf"))
 
@@ -243,7 +244,7 @@ def printed_local_similarity(region_feats: torch.Tensor, word_feats: torch.Tenso
         p = torch.einsum("jmd,iwd->jimw", r, x.to(r.dtype))  # r_m · x_w for every image j, report i
         n = (torch.softmax(p, dim=2) * p).sum(2)  # c_w · x_w = Σ_m a_wm (r_m · x_w)  [j, i, w]
         s = torch.logsumexp(n.masked_fill(~word_mask.unsqueeze(0), float("-inf")), dim=-1)
-        if aggregation == "mean":
+        if AGGREGATIONS[aggregation]:
             s = s - word_mask.sum(-1).clamp(min=1).to(s.dtype).log()
         return s.masked_fill(~word_mask.any(-1).unsqueeze(0), float("-inf"))
 
@@ -260,6 +261,8 @@ def local_attentive_loss(region_feats: torch.Tensor, word_feats: torch.Tensor, w
     with torch.autocast(region_feats.device.type, enabled=False):
         if form == "printed":
             logits = printed_local_similarity(region_feats, word_feats, word_mask, aggregation) / temperature
+        elif form != "gloria":
+            raise ValueError(f"local_attentive_loss: expected form in {list(LOCAL_FORMS)}, got {form!r}")
         else:
             s = local_similarity(region_feats, word_feats, word_mask, gamma1, gamma2, aggregation,
                                  matmul_dtype=matmul_dtype)
@@ -414,7 +417,7 @@ class LossConfig:
         self.pert_types = _check_pert_types(self.pert_types)
         if self.preset not in LOSS_PRESETS:
             raise ValueError(f"LossConfig: expected preset in {sorted(LOSS_PRESETS)}, got {self.preset!r}")
-        if self.local_aggregation not in ("sum", "mean"):
+        if self.local_aggregation not in AGGREGATIONS:
             raise ValueError(f"LossConfig: expected local_aggregation 'sum' or 'mean', got {self.local_aggregation!r}")
         if self.local_dtype not in LOCAL_DTYPES:
             raise ValueError(f"LossConfig: expected local_dtype in {sorted(LOCAL_DTYPES)}, got {self.local_dtype!r}")

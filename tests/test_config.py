@@ -34,6 +34,18 @@ def test_typos_fail_loudly(tmp_path):
         parse_override("max_steps=3")
 
 
+def test_a_saved_run_config_with_retired_keys_loads_with_a_warning(tmp_path, caplog):
+    cfg = load_config(None)
+    cfg["train"].update(stall_factor=50.0, stall_min_s=120.0, failure_timeout_s=30.0, stall_timeout_s=99.0)
+    save_config(cfg, tmp_path / "config.yaml")
+    with caplog.at_level("WARNING", logger="pertvl.config"):
+        loaded = load_config(tmp_path / "config.yaml")
+    assert loaded == load_config(None, ["train.stall_timeout_s=99.0"])
+    assert sum("is retired" in r.getMessage() for r in caplog.records) == 3
+    with pytest.raises(KeyError, match="train.stall_factor"):  # on the command line it is a typo
+        load_config(None, ["train.stall_factor=2"])
+
+
 def test_shipped_configs_load():
     from pathlib import Path
 

@@ -101,6 +101,14 @@ def test_local_attention_maps_equal_gloria_attention():
     assert one.shape == (3, 12)
 
 
+@pytest.mark.parametrize("option", [{"aggregation": "max"}, {"form": "printd"}, {"reduction": "avg"},
+                                    {"matmul_dtype": "fp8"}, {"form": "printed", "aggregation": "max"}])
+def test_an_unknown_local_loss_option_raises_instead_of_falling_back(option):
+    img, words, _, mask = _local_inputs(3)
+    with pytest.raises((KeyError, ValueError)):
+        local_attentive_loss(img.flatten(2).transpose(1, 2), words.transpose(1, 2), mask, **option)
+
+
 def test_local_loss_report_without_words_is_left_out():
     img, words, lens, mask = _local_inputs(3, lens=(9, 3, 0, 1, 5))
     regions, word_feats = img.flatten(2).transpose(1, 2), words.transpose(1, 2)

@@ -75,10 +75,10 @@ def test_local_scores_equal_the_loss_similarity_diagonal():
     mask = np.ones((4, 6), bool)
     mask[1, 2:] = False
     mask[2] = False  # a report without words: -inf, as the loss
-    for agg in ("sum",):
+    for agg in ("sum", "mean"):
         ref = local_similarity(torch.from_numpy(r).float(), torch.from_numpy(x).float(), torch.from_numpy(mask),
                                aggregation=agg).numpy()
-        got = local_scores(r, x, mask)
+        got = local_scores(r, x, mask, aggregation=agg)
         assert np.isneginf(got[2]) and np.isneginf(ref[2, 2])
         keep = [0, 1, 3]
         np.testing.assert_allclose(got[keep], np.diag(ref)[keep], rtol=1e-5, atol=1e-5 * np.abs(ref[keep][:, keep]).max())

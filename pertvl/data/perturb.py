@@ -503,6 +503,8 @@ def perturb_tagged(text: str, pos: Sequence[str], *, seed: int = 0, types: Seque
         result = rule(RuleInput(words, pos, _rng(seed, ptype, text), lexicon, scope))
         if isinstance(result, str):
             unavailable[ptype] = result
+        elif " ".join(result) == text:  # a rule that can return the text unchanged (the table is open)
+            unavailable[ptype] = IDENTICAL
         else:
             perturbations[ptype] = " ".join(result)
     return PerturbationRecord(text=text, perturbations=perturbations, unavailable=unavailable, seed=seed)
@@ -689,7 +691,9 @@ class Perturber:
         tags: list[list[str]] = []
         to_parse: list[int] = []
         for k, (text, doc) in enumerate(zip(texts, docs, strict=True)):
-            words = text.split()  # the Doc's words
+            words = text.split()
+            if len(doc) != len(words):  # a pipeline component that merges or splits tokens
+                raise ValueError(f"spaCy changed the word count of {text[:60]!r}")
             pos = pos_of(words, doc.to_array(TAG).tolist()) if pos_of else [t.pos_ for t in doc]
             if words and not any(pos):
                 raise ValueError(f"spaCy pipeline {self.spacy_model!r} assigns no POS tags "
