@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from pertvl import __version__
 from pertvl.data.image import SHARD_IMAGE_ENCODING, ImageReadError, encode_image_file
@@ -84,6 +85,18 @@ class _SplitState:
     skipped: list[dict] = field(default_factory=list)  # skips among those pairs, in order
 
 
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what goes through it (no second read)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -95,13 +108,14 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> dict:
     """Write one shard atomically from (key, png bytes, json bytes) samples, with fixed member
     metadata (webdataset's TarWriter stamps the time); returns its manifest entry."""
-    with atomic_open(path, "wb", durable=True) as f, \
-            tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for key, png, meta in samples:
-            tar.addfile(*_member(f"{key}.png", png))
-            tar.addfile(*_member(f"{key}.json", meta))
-    return {"name": path.name, "num_samples": len(samples), "bytes": path.stat().st_size,
-            "sha256": sha256_file(path)}
+    with atomic_open(path, "wb", durable=True) as f:
+        writer = _HashingWriter(f)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for key, png, meta in samples:
+                tar.addfile(*_member(f"{key}.png", png))
+                tar.addfile(*_member(f"{key}.json", meta))
+    return {"name": path.name, "num_samples": len(samples), "bytes": writer.size,
+            "sha256": writer.sha.hexdigest()}
 
 
 def _join_table(path: Path, field: str) -> dict[str, dict]:
