@@ -7,7 +7,7 @@ non-normalized encoder cannot change a ranking.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -35,6 +35,17 @@ def image_array(sample: Any) -> np.ndarray:
         raise ValueError(f"sample {getattr(sample, 'key', '?')!r}: expected a uint8 [H, W] grayscale image, "
                          f"got {img.dtype} {tuple(img.shape)}")
     return (img.astype(np.float32) / 255.0)[None]
+
+
+def with_text(samples: Iterable[Any], skipped: MutableMapping[str, int]) -> Iterator[tuple[Any, str]]:
+    """(sample, stripped report text) of the shard samples that have one; the others are counted in
+    skipped["empty_text"]."""
+    for sample in samples:
+        text = (sample.meta.get("text") or "").strip()
+        if text:
+            yield sample, text
+        else:
+            skipped["empty_text"] += 1
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pertvl.evaluate.encoder import image_array
+from pertvl.evaluate.encoder import image_array, with_text
 from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite, add_bootstrap_arguments
 from pertvl.evaluate.report import ci, md_table, new_figure, pct, save_png
 
@@ -233,14 +233,9 @@ def evaluate_grounding(encoder: Any, samples: Iterable[Any], gamma1: float = 4.0
     def with_finding_words() -> Iterator[tuple[Any, Any, str, list]]:
         """(sample, truth, text, finding words) of the phantoms whose report names a present finding."""
         nonlocal no_words
-        for sample in samples:
-            meta = sample.meta
-            text = (meta.get("text") or "").strip()
-            if not text:
-                skipped["empty_text"] += 1
-                continue
+        for sample, text in with_text(samples, skipped):
             try:
-                truth = PhantomTruth.from_meta(meta)
+                truth = PhantomTruth.from_meta(sample.meta)
             except ValueError:
                 skipped["not_a_phantom"] += 1
                 continue

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize
+from pertvl.evaluate.encoder import Encoder, ImageBatcher, embed_texts_unique, l2_normalize, with_text
 from pertvl.evaluate.evaluation import Evaluation, JsonResult, MetricInfo, Suite
 from pertvl.evaluate.report import md_table, pct
 from pertvl.evaluate.structure_result import TIE_TOLERANCE
@@ -158,12 +158,8 @@ def evaluate_retrieval(
     image_groups: list[Any] = []
     image_texts: list[str] = []
     gallery: dict[tuple[Any, str], int] = {}
-    for sample in samples:
+    for sample, text in with_text(samples, skipped):
         meta = sample.meta
-        text = (meta.get("text") or "").strip()
-        if not text:
-            skipped["empty_text"] += 1
-            continue
         group = text if match == "report" else str(meta.get("study_id", meta.get("id", sample.key)))
         batcher.add(sample)
         image_groups.append(group)

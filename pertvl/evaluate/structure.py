@@ -33,6 +33,7 @@ from pertvl.evaluate.encoder import (
     ImageBatcher,
     embed_texts_unique,
     l2_normalize,
+    with_text,
     word_features_unique,
 )
 from pertvl.evaluate.evaluation import Evaluation, Suite, add_bootstrap_arguments
@@ -390,12 +391,8 @@ def evaluate_structure(encoder: Encoder, samples: Iterable[Any], types: Sequence
     cf_counts = CandidateCounts()
     cf_candidates: list[list[str | None]] = []
     has_cf: list[bool] = []
-    for sample in samples:
+    for sample, text in with_text(samples, skipped):
         meta = sample.meta
-        text = (meta.get("text") or "").strip()
-        if not text:
-            skipped["empty_text"] += 1
-            continue
         batcher.add(sample)
         originals.append(text)
         candidates.append(valid_perturbations(text, meta.get("perturbations"), meta.get("unavailable"), types, counts))
