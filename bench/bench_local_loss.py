@@ -56,7 +56,7 @@ def worker(variant: str, b: int, w: int, grid: int, d: int, reps: int, flush_den
     mask = torch.ones(b, w, dtype=torch.bool)
 
     if variant == "loop":
-        from pertvl.testing import gloria_local_loss  # GLoRIA's per-caption loop, as the tests check it
+        from tests.gloria_reference import gloria_local_loss  # GLoRIA's per-caption loop, the tests' oracle
 
         def run():
             loss0, loss1, _ = gloria_local_loss(img, words.transpose(1, 2), lens)

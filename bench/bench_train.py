@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, build_shards, demo_stream, epochs
-
-from pertvl.testing import free_port
+from common import REPO, build_shards, demo_stream, epochs, free_port
 
 TARGET = 5.0
 

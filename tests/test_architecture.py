@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(pertvl.__file__).parent
 # Layers in data-flow order; a module belongs to the longest prefix listed (a prefix covers a
 # module and everything under it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("pertvl", "pertvl.__main__", "pertvl.cli", "pertvl.files", "pertvl.faults", "pertvl.testing",
+    ("base", ("pertvl", "pertvl.__main__", "pertvl.cli", "pertvl.files", "pertvl.faults",
               "pertvl.config", "pertvl.pipeline", "pertvl.errors", "pertvl.process")),
     ("ingest", ("pertvl.data", "pertvl.data.cli", "pertvl.data.records", "pertvl.data.text", "pertvl.data.tokenize",
                 "pertvl.data.image", "pertvl.data.openi", "pertvl.data.phantom")),

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
-from pertvl.testing import free_port
 from pertvl.train import checkpoint as ck
 from pertvl.train.launch import (
     check_precision,

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
-from pertvl.testing import free_port
 from pertvl.train.launch import (
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import free_port
+from gloria_reference import gloria_local_loss
 
 from pertvl.losses import (
     LossConfig,
@@ -21,7 +23,6 @@ from pertvl.losses import (
     perturbation_loss,
     printed_local_similarity,
 )
-from pertvl.testing import free_port, gloria_local_loss
 
 
 def _local_inputs(seed, b=5, d=24, grid=(3, 4), w=9, lens=(9, 3, 6, 1, 5), dtype=torch.float64):

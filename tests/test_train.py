@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
-from pertvl.testing import free_port
 from pertvl.train.engine import plan_steps, resolve_config
 from pertvl.train.signals import PREEMPTED_EXIT_CODE
 

@@ -1,11 +1,9 @@
-"""What tests and benchmarks share: GLoRIA's local loss as its gloria/loss/gloria_loss.py writes it
+"""GLoRIA's local loss as its gloria/loss/gloria_loss.py writes it
 (a Python loop over captions; images [B, D, ih, iw], words [B, D, W]), the reference the tests
 hold pertvl.losses.local_attentive_loss to and bench/bench_local_loss.py times it against.
 """
 
 from __future__ import annotations
-
-import socket
 
 import torch
 import torch.nn as nn
@@ -61,10 +59,3 @@ def gloria_local_loss(img_features, words_emb, cap_lens, temp1=4.0, temp2=5.0, t
     loss0 = F.cross_entropy(similarities, labels)
     loss1 = F.cross_entropy(similarities.transpose(0, 1), labels)
     return loss0, loss1, att_maps
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for MASTER_PORT of local multi-rank runs)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
