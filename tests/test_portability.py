@@ -21,6 +21,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NUMERIC_FILES = ("test_losses.py", "test_model.py", "test_export.py", "test_unpadded.py", "test_int8.py",
                  "test_infer.py")  # fmt: skip
+# Tests of those files that check plumbing (a DeepSpeed checkpoint's reader, CLI choices that count
+# graph nodes), not floating-point agreement; the parity they reach is what the other tests check.
+NOT_NUMERIC = ("test_export.py::test_export_from_deepspeed_checkpoint",
+               "test_export.py::test_int8_residual_layers_from_the_command_line")  # fmt: skip
 VARIANTS = {
     "1-thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     "4-threads": {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"},
@@ -37,8 +41,9 @@ def test_numeric_tests_pass_under_other_threads_and_isa(variant: str, tmp_path: 
     files = [str(REPO / "tests" / f) for f in NUMERIC_FILES]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
-         *files],
+         *files, *(f"--deselect=tests/{t}" for t in NOT_NUMERIC)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, f"{variant} {VARIANTS[variant]}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
-    assert " passed" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    last = proc.stdout.splitlines()[-1]
+    assert " passed" in last and f"{len(NOT_NUMERIC)} deselected" in last, proc.stdout[-2000:]
