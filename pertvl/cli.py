@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -175,5 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def run() -> None:
+    """The process entry (the `pertvl` script, `python -m pertvl`): main, then exit without the
+    collector's last pass over every object of torch, transformers and DeepSpeed (~3 s at each
+    exit). Files, loggers, W&B and loader workers are closed by then (their context managers and
+    atexit hooks), so the pass would only free memory that the exit returns anyway."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()
