@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import REPO, alternate, demo_stream, epochs, free_port
+from common import REPO, alternate, demo_stream, epochs
 
 # variant → the levers it turns on ({} = baseline); the names are the config keys' values
 VARIANTS: dict[str, dict[str, str | bool]] = {
@@ -72,6 +72,7 @@ class Variant:
 def init_single_rank() -> None:
     import deepspeed
 
+    from pertvl.train.launch import free_port
 
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(free_port())}.items():  # fmt: skip

@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, build_shards, demo_stream, epochs, free_port
+from common import REPO, build_shards, demo_stream, epochs
+
+from pertvl.train.launch import free_port
 
 TARGET = 5.0
 

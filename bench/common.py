@@ -7,7 +7,6 @@ import csv
 import itertools
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -98,10 +97,3 @@ def alternate(steps: dict[str, Callable[[int], object]], warmup: int, rounds: in
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return warm, wall, cpu
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for MASTER_PORT of local multi-rank runs)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

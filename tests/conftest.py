@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -168,10 +167,3 @@ def chexpert(tmp_path_factory) -> dict[str, Path]:
     write_chexpert_csv(root / "train.csv", rows)
     write_chexpert_csv(root / "known.csv", rows[:5])
     return {"root": root, "images": images, "csv": root / "train.csv", "known": root / "known.csv"}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for MASTER_PORT of local multi-rank runs)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

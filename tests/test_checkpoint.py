@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 from torch import nn
 
 from pertvl.train import checkpoint as ck
 from pertvl.train.launch import (
     check_precision,
     detect_dist_env,
+    free_port,
     init_distributed,
     load_ds_config,
     shutdown_distributed,

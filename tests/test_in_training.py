@@ -194,7 +194,7 @@ def test_curves_series_panels_and_errors(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_ranks_bf16_evaluate_on_rank_0_and_finish_together(tiny_train, tmp_path: Path) -> None:
     """torchrun, ZeRO-1 bf16: rank 0 scores an fp32 copy of the 16-bit weights while rank 1 waits."""
-    from conftest import free_port
+    from pertvl.train.launch import free_port
 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "MASTER_"))}

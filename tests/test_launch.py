@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from pertvl.train.launch import (
     SLURM_PORT_BASE,
@@ -22,6 +21,7 @@ from pertvl.train.launch import (
     default_num_threads,
     detect_dist_env,
     expand_hostlist,
+    free_port,
     load_ds_config,
     parse_tasks_per_node,
     slurm_master_port,

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import free_port
 from gloria_reference import gloria_local_loss
 
 from pertvl.losses import (
@@ -23,6 +22,7 @@ from pertvl.losses import (
     perturbation_loss,
     printed_local_similarity,
 )
+from pertvl.train.launch import free_port
 
 
 def _local_inputs(seed, b=5, d=24, grid=(3, 4), w=9, lens=(9, 3, 6, 1, 5), dtype=torch.float64):

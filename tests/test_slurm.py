@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
+from pertvl.train.launch import free_port
 from pertvl.train.signals import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slurm

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
 
 from pertvl.train.engine import plan_steps, resolve_config
+from pertvl.train.launch import free_port
 from pertvl.train.signals import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]

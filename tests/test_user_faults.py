@@ -24,6 +24,7 @@ from pertvl.cli import main
 from pertvl.config import CONFIGS_DIR, find_config, load_config
 from pertvl.errors import ConfigError, UserError
 from pertvl.files import LOCK_NAME, lock_folder
+from pertvl.train.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -176,7 +177,7 @@ def test_a_sigkilled_rank_of_a_two_rank_run_leaves_no_process(tiny_train, tmp_pa
     everything of rank 0, end with the job."""
     tag = uuid.uuid4().hex
     log = tmp_path / "kill.log"
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "pertvl"]
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "pertvl"]
     proc = _start([*launcher, *_train(tiny_train, tmp_path / "run", "--max-steps", "50")[3:]], log, tmp_path,
                   env={"PERTVL_TEST_TAG": tag, "PERTVL_FAULT": "rank-kill:rank=1,step=3"})  # fmt: skip
     _wait_until(lambda: len(_forkserver_processes(tag)) >= 2 * 3, 180, proc, log)  # 2 ranks x (server + 2 workers)
@@ -228,14 +229,6 @@ def _free(folder: Path) -> bool:
     except UserError:
         return False
     return True
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ damaged shards

@@ -206,8 +206,9 @@ def default_num_threads(env: DistEnv, environ: Mapping[str, str] = os.environ) -
     return max(1, cores // max(1, env.local_world_size))
 
 
-def _free_port() -> int:
-    """A port nothing listens on right now (single-process runs only: nobody else must agree on it)."""
+def free_port() -> int:
+    """A TCP port nothing listens on right now, for a rendezvous that only this machine uses (a
+    single-process run, local multi-rank runs); other hosts cannot agree on it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
@@ -236,7 +237,7 @@ def init_distributed(env: DistEnv, backend: str | None = None, timeout_s: float 
     else:
         device = torch.device("cpu")
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    port = env.master_port or _free_port()
+    port = env.master_port or free_port()
     # deepspeed.init_distributed (env:// rendezvous) reads exactly these.
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
