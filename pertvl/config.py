@@ -195,8 +195,9 @@ DEFAULTS: dict[str, Any] = RunConfig().to_dict()
 
 # Sections whose keys are free-form (validated by the component that consumes them).
 _OPEN_SECTIONS = {"model", "loss"}
-# Keys that run configs saved by pertvl 0.1 before the single stall limit still hold: a config file's
-# are dropped with a warning, so that `--config RUN_DIR/config.yaml` reads those runs.
+# Keys that older saved run configs hold and this version no longer reads (its one stall limit is
+# train.stall_timeout_s): a config file's are dropped with a warning, so `--config RUN_DIR/config.yaml`
+# still loads such a run; on the command line they are unknown keys.
 RETIRED_KEYS = {"train": ("stall_factor", "stall_min_s", "failure_timeout_s")}
 log = logging.getLogger(__name__)
 

@@ -503,10 +503,10 @@ def perturb_tagged(text: str, pos: Sequence[str], *, seed: int = 0, types: Seque
         result = rule(RuleInput(words, pos, _rng(seed, ptype, text), lexicon, scope))
         if isinstance(result, str):
             unavailable[ptype] = result
-        elif " ".join(result) == text:  # a rule that can return the text unchanged (the table is open)
+        elif (joined := " ".join(result)) == text:  # a rule that can return the text unchanged (the table is open)
             unavailable[ptype] = IDENTICAL
         else:
-            perturbations[ptype] = " ".join(result)
+            perturbations[ptype] = joined
     return PerturbationRecord(text=text, perturbations=perturbations, unavailable=unavailable, seed=seed)
 
 
